@@ -1,0 +1,85 @@
+"""Typed records of the event and experiment contracts (DESIGN §4).
+
+These are plain frozen dataclasses: what every other layer passes around once
+bytes have been validated (see ``schemas.validate``). Pure stdlib.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_STRATA_EDGES: tuple[float, ...] = (0, 1, 2, 4, 8, 15, 22, 29)
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """A unit's exposure to a variant. The first one per (experiment, unit) counts."""
+
+    event_id: str
+    experiment_id: str
+    unit_id: str
+    variant: str
+    ts: int  # epoch ms, event time
+    pre_activity: float | None = None  # active days in the 28 days before (0..28)
+    type: str = "exposure"
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """A metric observation. Without experiment_id it counts for every experiment
+    the unit is exposed in, inside that unit's window [exposure_ts, exposure_ts + W)."""
+
+    event_id: str
+    unit_id: str
+    metric: str
+    value: float
+    ts: int
+    experiment_id: str | None = None
+    type: str = "metric"
+
+
+Event = Exposure | Metric
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A metric of an experiment. ``direction`` is the good direction;
+    a guardrail alerts when the effect is beyond ``guardrail_threshold`` in the bad one."""
+
+    name: str
+    direction: str = "increase"  # "increase" | "decrease"
+    guardrail_threshold: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentConfig:
+    """Experiment registry record (topic ``liftstream.experiments``, key = id)."""
+
+    experiment_id: str
+    variants: tuple[str, ...] = ("control", "treatment")
+    control: str = "control"
+    metrics: tuple[MetricSpec, ...] = (MetricSpec("value"),)
+    strata_edges: tuple[float, ...] = DEFAULT_STRATA_EDGES
+    bucket_seconds: int = 86_400
+    window_seconds: int = 7 * 86_400
+    lateness_seconds: int = 300
+    dedupe_seconds: int = 86_400
+    started_at: int | None = None  # epoch ms; else the first exposure's ts
+    target_shares: tuple[float, ...] | None = None  # per stratum, sums to 1
+    allocation: tuple[float, ...] | None = None  # expected exposure share per variant
+    alert_thresholds: dict[str, float] = field(default_factory=dict)
+    status: str = "running"  # "running" | "stopped"
+    prior_sd_logit_p: float = 0.5
+
+    @property
+    def n_strata(self) -> int:
+        return len(self.strata_edges) - 1
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.metrics)
+
+    @property
+    def treatments(self) -> tuple[str, ...]:
+        return tuple(v for v in self.variants if v != self.control)
