@@ -1,0 +1,89 @@
+"""What each posterior draw says about the questions people ask (DESIGN §6).
+
+Per draw: population shares π_s (N_s / Σ N_s, or the configured target
+shares), the adjusted effect Σ_s π_s τ_ks and lift (÷ Σ_s π_s μ_0s), and the
+naive effect: the same τ_ks weighted by the matured units' shares, which is
+what a dashboard's difference in means over matured units estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from kernels.backend import Array
+from kernels.data import ModelData
+from kernels.gibbs import State
+
+
+@dataclass
+class Draws:
+    """Estimands; one draw per chain is [P, C, …], a trace is [P, C, T, …]."""
+
+    adj_effect: Array  # [P, C, K]
+    adj_lift: Array  # [P, C, K]
+    naive_effect: Array  # [P, C, K]
+    naive_lift: Array  # [P, C, K]
+    tau: Array  # [P, C, K, S]
+    share: Array  # [P, C, S] population shares used by the adjusted estimate
+
+    def arrays(self) -> dict[str, Array]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def matured_weights(data: ModelData) -> Array:
+    """[P, K, S] share of stratum s among matured units of control and arm k."""
+    xp = data.xp
+    pair = data.n[:, :1, :] + data.n[:, 1:, :]
+    tot = pair.sum(-1, keepdims=True)
+    S = data.n.shape[2]
+    even = data.smask / xp.maximum(data.smask.sum(-1, keepdims=True), 1)
+    return xp.where(tot > 0, pair / xp.maximum(tot, 1.0), even[:, None, :])
+
+
+def population_shares(state: State, data: ModelData) -> Array:
+    """[P, C, S]: target shares where configured, else N_s / Σ N_s; for problems
+    that cannot be adjusted (``data.adjustable`` false) the matured shares of
+    the first arm pair, so adjusted equals naive there."""
+    xp = data.xp
+    sm = data.smask[:, None, :]
+    pop = xp.where(sm, state.pop, 0.0)
+    tot = pop.sum(-1, keepdims=True)
+    est = pop / xp.where(tot > 0, tot, 1.0)
+    tgt = xp.where(xp.isfinite(data.target) & data.smask, data.target, 0.0)
+    tgt = tgt / xp.maximum(tgt.sum(-1, keepdims=True), 1e-300)
+    has_tgt = xp.isfinite(data.target).any(-1)[:, None, None]
+    shares = xp.where(has_tgt, tgt[:, None, :], est)
+    fallback = matured_weights(data)[:, None, 0, :]
+    ok = data.adjustable[:, None, None] & (has_tgt | (tot > 0))
+    return xp.where(ok, shares, fallback)
+
+
+def estimands(state: State, data: ModelData) -> Draws:
+    xp = data.xp
+    pi = population_shares(state, data)  # [P,C,S]
+    w = matured_weights(data)[:, None]  # [P,1,K,S]
+    # where adjustment is unavailable, each arm uses its own pair's matured weights
+    adj_ok = data.adjustable[:, None, None, None]
+    pik = xp.where(adj_ok, pi[:, :, None, :], w)  # [P,C,K,S]
+    mu0 = state.mu0[:, :, None, :]
+    adj = (pik * state.tau).sum(-1)
+    adj_base = (pik * mu0).sum(-1)
+    naive = (w * state.tau).sum(-1)
+    naive_base = (w * mu0).sum(-1)
+    return Draws(
+        adj_effect=adj,
+        adj_lift=adj / adj_base,
+        naive_effect=naive,
+        naive_lift=naive / naive_base,
+        tau=state.tau,
+        share=pi,
+    )
+
+
+def stack(draws: list[Draws]) -> Draws:
+    """Trace [P, C, T, …] from a list of per-sweep draws."""
+    from kernels.backend import array_module
+
+    xp = array_module(draws[0].adj_effect)
+    return Draws(**{k: xp.stack([getattr(d, k) for d in draws], axis=2)
+                    for k in draws[0].arrays()})

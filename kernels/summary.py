@@ -1,0 +1,91 @@
+"""Posterior summaries of a trace: the numeric part of the estimate record.
+
+``summarize`` turns a trace [P, C, T, …] into, per problem and treatment, a
+dict with every numeric field of DESIGN §6's estimate record; the streaming
+layer adds names, ids, units and timestamps. Intervals are central 95%.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.backend import to_numpy
+from kernels.data import ModelData
+from kernels.diagnostics import ess_bulk, ess_tail, split_rhat
+from kernels.estimands import Draws
+
+LO, HI = 0.025, 0.975
+
+
+def _interval(x: np.ndarray) -> dict[str, np.ndarray]:
+    """x [..., C, T] → mean, sd, lo, hi over the last two axes."""
+    flat = x.reshape(x.shape[:-2] + (-1,))
+    q = np.quantile(flat, [LO, HI], axis=-1)
+    return {"mean": flat.mean(-1), "sd": flat.std(-1, ddof=1) if flat.shape[-1] > 1
+            else np.zeros(flat.shape[:-1]), "lo": q[0], "hi": q[1]}
+
+
+def _f(x) -> float | None:
+    v = float(x)
+    return v if np.isfinite(v) else None
+
+
+def summarize(trace: Draws, data: ModelData, direction=None) -> list[list[dict]]:
+    """Per problem p, per treatment k: the estimate's numeric fields.
+
+    ``direction`` [P]: +1 when higher is better (default), -1 when lower is;
+    expected loss is E[max(0, -direction · effect)], the effect given up, in the
+    metric's units, by shipping the treatment if it is in fact worse.
+    """
+    tr = {k: to_numpy(v) for k, v in trace.arrays().items()}
+    P, C, T, K = tr["adj_effect"].shape
+    S = tr["share"].shape[-1]
+    sign = np.ones(P) if direction is None else np.asarray(direction, float)
+    # put the chain/draw axes last
+    eff = np.moveaxis(tr["adj_effect"], 3, 1)  # [P,K,C,T]
+    lift = np.moveaxis(tr["adj_lift"], 3, 1)
+    neff = np.moveaxis(tr["naive_effect"], 3, 1)
+    nlift = np.moveaxis(tr["naive_lift"], 3, 1)
+    tau = np.moveaxis(tr["tau"], (3, 4), (1, 2))  # [P,K,S,C,T]
+    share = np.moveaxis(tr["share"], 3, 1)  # [P,S,C,T]
+
+    ie, il, ine, inl = _interval(eff), _interval(lift), _interval(neff), _interval(nlift)
+    itau, ish = _interval(tau), _interval(share)
+    flat = eff.reshape(P, K, -1)
+    nflat = neff.reshape(P, K, -1)
+    p_pos = (flat > 0).mean(-1)
+    np_pos = (nflat > 0).mean(-1)
+    loss = np.maximum(0.0, -sign[:, None, None] * flat).mean(-1)
+    rhat = split_rhat(eff)
+    essb = ess_bulk(eff)
+    esst = ess_tail(eff)
+
+    adjustable = to_numpy(data.adjustable)
+    smask = to_numpy(data.smask)
+    out: list[list[dict]] = []
+    for p in range(P):
+        row = []
+        for k in range(K):
+            def iv(d, p=p, k=k):
+                return {key: _f(d[key][p, k]) for key in ("mean", "sd", "lo", "hi")}
+
+            strata = [
+                {
+                    "stratum": s,
+                    "share_population": {key: _f(ish[key][p, s]) for key in ("mean", "lo", "hi")},
+                    "effect": {key: _f(itau[key][p, k, s]) for key in ("mean", "lo", "hi")},
+                }
+                for s in range(S)
+                if smask[p, s]
+            ]
+            row.append({
+                "adjustment": "stratified" if adjustable[p] else "unavailable",
+                "adjusted": {"effect": iv(ie), "lift": iv(il), "p_positive": _f(p_pos[p, k]),
+                             "expected_loss": _f(loss[p, k])},
+                "naive": {"effect": iv(ine), "lift": iv(inl), "p_positive": _f(np_pos[p, k])},
+                "strata": strata,
+                "diagnostics": {"rhat": _f(rhat[p, k]), "ess_bulk": _f(essb[p, k]),
+                                "ess_tail": _f(esst[p, k]), "chains": C, "draws": C * T},
+            })
+        out.append(row)
+    return out

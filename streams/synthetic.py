@@ -1,0 +1,110 @@
+"""Synthetic experiments with a known population effect (pure NumPy, no I/O).
+
+The one generator used by the statistical tests, ``liftstream simulate`` and
+the demo, so all three mean the same thing by "the truth".
+
+A population of units, each with pre-experiment activity a (active days of the
+last 28) and per-day visit probability p = max(a, 0.5)/28. A unit is first
+exposed on the first day it visits (geometric in p): heavy users first. Its
+outcome in its metric window is
+
+    Y = base0 + base_slope · a + τ(a) · treated + noise,
+    τ(a) = effect + effect_slope · (log p − mean log p over the population),
+
+so the population (ship-to) effect is ``effect`` up to finite-population noise,
+and early adopters, with high log p, see a different effect when
+``effect_slope`` ≠ 0. ``true_effect`` is the exact finite-population mean of τ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_EDGES = (0, 1, 2, 4, 8, 15, 22, 29)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    n_units: int = 20_000
+    activity_beta: tuple[float, float] = (0.5, 1.2)  # a/28 ~ Beta: many light users
+    base0: float = 1.0
+    base_slope: float = 0.15
+    noise_sd: float = 2.0
+    effect: float = 0.10  # population-average effect τ̄
+    effect_slope: float = 0.12  # per unit of log p: heavier users benefit more
+    variants: tuple[str, ...] = ("control", "treatment")
+    allocation: tuple[float, ...] = (0.5, 0.5)
+    strata_edges: tuple[float, ...] = DEFAULT_EDGES
+
+
+@dataclass
+class Population:
+    activity: np.ndarray  # [M] active days 0..28
+    p_day: np.ndarray  # [M] per-day visit probability
+    arrival: np.ndarray  # [M] first exposure time in days (float; day = floor)
+    variant: np.ndarray  # [M] variant index, 0 = control
+    tau: np.ndarray  # [M] the unit's own effect
+    y: np.ndarray  # [M] outcome in the unit's metric window
+    scenario: Scenario = field(repr=False)
+
+    @property
+    def true_effect(self) -> float:
+        """Population effect: the mean of τ over *all* units, arrived or not."""
+        return float(self.tau.mean())
+
+    @property
+    def true_baseline(self) -> float:
+        s = self.scenario
+        return float(np.mean(s.base0 + s.base_slope * self.activity))
+
+    @property
+    def true_lift(self) -> float:
+        return self.true_effect / self.true_baseline
+
+    def stratum(self, edges=None) -> np.ndarray:
+        e = np.asarray(edges or self.scenario.strata_edges, float)
+        return np.clip(np.searchsorted(e, self.activity, side="right") - 1, 0, len(e) - 2)
+
+
+def population(sc: Scenario, rng: np.random.Generator) -> Population:
+    M = sc.n_units
+    a = np.round(28 * rng.beta(*sc.activity_beta, size=M))
+    p = np.maximum(a, 0.5) / 28.0
+    day = rng.geometric(p) - 1  # first visit day: 0, 1, 2, …
+    arrival = day + rng.random(M)
+    variant = rng.choice(len(sc.variants), size=M, p=np.asarray(sc.allocation))
+    logp = np.log(p)
+    tau = sc.effect + sc.effect_slope * (logp - logp.mean())
+    treated = variant > 0
+    y = sc.base0 + sc.base_slope * a + tau * treated + sc.noise_sd * rng.standard_normal(M)
+    return Population(a, p, arrival, variant, tau, y, sc)
+
+
+def cell_stats(pop: Population, day: float, bucket_days: float = 1.0) -> dict[str, np.ndarray]:
+    """Sufficient statistics at time ``day`` when every unit that arrived is
+    matured (zero-length window): cells [K1, S], arrivals by stratum, D."""
+    sc = pop.scenario
+    K1 = len(sc.variants)
+    S = len(sc.strata_edges) - 1
+    s = pop.stratum()
+    D = int(np.floor(day / bucket_days))
+    arrived = pop.arrival < day
+    n = np.zeros((K1, S))
+    sy = np.zeros((K1, S))
+    syy = np.zeros((K1, S))
+    np.add.at(n, (pop.variant[arrived], s[arrived]), 1.0)
+    np.add.at(sy, (pop.variant[arrived], s[arrived]), pop.y[arrived])
+    np.add.at(syy, (pop.variant[arrived], s[arrived]), pop.y[arrived] ** 2)
+    bucket = np.floor(pop.arrival / bucket_days)
+    done = pop.arrival < D * bucket_days
+    arr = np.bincount(s[done], minlength=S).astype(float)
+    dsum = np.bincount(s[done], weights=bucket[done], minlength=S)
+    act_sum = np.bincount(s[arrived], weights=pop.activity[arrived], minlength=S)
+    act_n = np.bincount(s[arrived], minlength=S)
+    edges = np.asarray(sc.strata_edges, float)
+    mid = 0.5 * (edges[:-1] + np.minimum(edges[1:], 28))
+    activity = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), mid)
+    return {"n": n, "sy": sy, "syy": syy, "arrived": arr, "dsum": dsum, "D": D,
+            "activity": activity}
