@@ -1,0 +1,690 @@
+"""Validation of raw bytes into typed records, with stable reasons (DESIGN §4).
+
+Ingest runs :func:`parse_event` once per Kafka message, so it is hand-written:
+one ``orjson.loads``, exact-type checks and one precompiled regex per id. No
+jsonschema on the hot path (it is ~100x slower); the JSON Schema files in this
+package describe the same rules for other languages and are checked against
+this module by a differential test (``tests/test_schemas.py``).
+
+Every rejection is an :class:`InvalidRecord` whose ``code`` is stable (counted
+in metrics, written to the dead-letter topic) and whose ``message`` is for a
+person reading the dead-letter record. Nothing else escapes for bytes input:
+a malformed event must never stop a worker.
+
+Identifier rule (why two classes):
+
+* **opaque ids** -- ``event_id``, ``unit_id`` -- match ``[A-Za-z0-9._:@/+=-]{1,128}``.
+  They come from producers (UUIDs, ``user:42``, e-mail-like ids, base64) and
+  appear in Redis only inside a hash-tagged key or as the *last* key segment /
+  a set member, so ``:``, ``/``, ``+``, ``=``, ``@`` are harmless there.
+* **names** -- ``experiment_id``, ``variant``, ``metric`` -- match
+  ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``. They are *inner* fields of composite
+  keys: the Redis key ``lr:{e:<experiment_id>}:estimate:<metric>:<variant>``
+  would be ambiguous if ``metric``/``variant`` could contain ``:``
+  (``a:b``+``c`` vs ``a``+``b:c``); the Kafka key ``<experiment_id>|<metric>|<variant>``
+  and the hash tag ``{e:<id>}`` need no ``|``, ``{``, ``}``; experiment ids
+  are URL path segments of the HTTP API (no ``/``) and CLI arguments (no
+  leading ``-``; no ``.``/``..``).
+
+Neither class admits whitespace, control characters, quotes, ``{``, ``}``,
+``|``, ``*``, ``?``, ``[``, ``]`` (Redis ``SCAN MATCH`` glob metacharacters) or
+non-ASCII, so keys built from them never need escaping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import orjson
+
+from schemas.records import (
+    DEFAULT_STRATA_EDGES,
+    ExperimentConfig,
+    Exposure,
+    Metric,
+    MetricSpec,
+)
+
+__all__ = [
+    "CODES",
+    "DEFAULT_MAX_FUTURE_MS",
+    "ID_PATTERN",
+    "InvalidRecord",
+    "MAX_ABS_VALUE",
+    "MAX_EVENT_BYTES",
+    "MAX_EXPERIMENT_BYTES",
+    "MAX_ID_LENGTH",
+    "MAX_TS_MS",
+    "MIN_TS_MS",
+    "NAME_PATTERN",
+    "PRE_ACTIVITY_MAX",
+    "SCHEMA_VERSION",
+    "experiment_to_dict",
+    "is_valid_id",
+    "is_valid_name",
+    "parse_event",
+    "parse_experiment",
+]
+
+SCHEMA_VERSION = 1
+"""The only ``schema_version`` this code reads and writes. Absent means 1."""
+
+MAX_EVENT_BYTES = 64 * 1024
+"""Events are a few hundred bytes; anything near this is a producer bug or an attack."""
+
+MAX_EXPERIMENT_BYTES = 256 * 1024
+MAX_ID_LENGTH = 128
+MIN_TS_MS = 946_684_800_000
+"""2000-01-01T00:00:00Z. Earlier is a unit mistake (seconds instead of ms) or garbage."""
+
+MAX_TS_MS = 2**53 - 1
+"""Largest integer a JSON double (and JavaScript) represents exactly."""
+
+DEFAULT_MAX_FUTURE_MS = 86_400_000
+MAX_ABS_VALUE = 1e12
+PRE_ACTIVITY_MAX = 28
+
+ID_PATTERN = r"[A-Za-z0-9._:@/+=-]{1,128}"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID_RE = re.compile(ID_PATTERN)
+_NAME_RE = re.compile(NAME_PATTERN)
+
+CODES: frozenset[str] = frozenset(
+    {
+        "not_json",  # undecodable: not UTF-8 JSON, empty, a tombstone
+        "not_object",  # JSON, but not an object at the top level
+        "unknown_type",  # "type" is a string other than exposure|metric
+        "missing_field",  # a required field is absent
+        "bad_type",  # a field has the wrong JSON type (bools are not numbers)
+        "not_finite",  # NaN / Infinity (non-standard JSON, e.g. Python's json.dumps)
+        "out_of_range",  # number outside its sane bounds
+        "too_large",  # raw message larger than the limit
+        "bad_id",  # id/name empty, too long, or outside its charset
+        "ts_in_future",  # ts beyond now + max_future_ms (clock skew, ms/us mix-up)
+        "unsupported_version",  # schema_version other than 1
+        "bad_config",  # experiment config invalid (see InvalidRecord.field)
+    }
+)
+"""Codes produced by this module. Other layers may add their own snake_case codes
+for the dead-letter topic (e.g. ``unknown_experiment``); these never change meaning."""
+
+
+class InvalidRecord(Exception):
+    """A record that cannot be accepted, with a stable machine ``code``, a
+    sentence for people (``message``) and, where one is to blame, the ``field``."""
+
+    code: str
+    message: str
+    field: str | None
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(code, message, field)  # args kept so it pickles
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def as_dict(self) -> dict[str, str]:
+        """The ``reason`` object of a dead-letter record."""
+        d = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            d["field"] = self.field
+        return d
+
+
+# --------------------------------------------------------------------------- helpers
+
+_MISSING: Any = object()
+_JSON_TYPE = {
+    dict: "object",
+    list: "array",
+    tuple: "array",
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _jtype(v: Any) -> str:
+    return _JSON_TYPE.get(type(v), type(v).__name__)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """A bounded repr for messages: dead-letter reasons must stay small."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _fail(code: str, message: str, field: str | None = None) -> NoReturn:
+    raise InvalidRecord(code, message, field)
+
+
+def is_valid_id(s: object) -> bool:
+    """Whether ``s`` may be used as an event_id / unit_id (see module docs)."""
+    return type(s) is str and _ID_RE.fullmatch(s) is not None
+
+
+def is_valid_name(s: object) -> bool:
+    """Whether ``s`` may be used as an experiment_id / variant / metric name."""
+    return type(s) is str and _NAME_RE.fullmatch(s) is not None
+
+
+def _bad_ident(field: str, v: Any, *, name: bool) -> NoReturn:
+    """Diagnose why ``v`` failed the id/name regex (error path only)."""
+    if v is _MISSING:
+        _fail("missing_field", f"required field '{field}' is missing", field)
+    if type(v) is not str:
+        _fail("bad_type", f"field '{field}' must be a string, got {_jtype(v)}", field)
+    if not v:
+        _fail("bad_id", f"field '{field}' is empty", field)
+    if len(v) > MAX_ID_LENGTH:
+        _fail("bad_id", f"field '{field}' is {len(v)} characters long (max {MAX_ID_LENGTH})", field)
+    if name:
+        rule = "letters, digits and . _ - (starting with a letter or digit)"
+    else:
+        rule = "letters, digits and . _ : @ / + = -"
+    _fail("bad_id", f"field '{field}' = {_short(v)} has characters outside {rule}", field)
+
+
+def _ts_error(field: str, v: Any) -> NoReturn:
+    if v is _MISSING:
+        _fail("missing_field", f"required field '{field}' is missing", field)
+    if type(v) is float:
+        if not math.isfinite(v):
+            _fail("not_finite", f"field '{field}' is {v}", field)
+        _fail("bad_type", f"field '{field}' must be an integer (epoch ms), got {v!r}", field)
+    _fail("bad_type", f"field '{field}' must be an integer (epoch ms), got {_jtype(v)}", field)
+
+
+def _ts_range(field: str, v: int) -> NoReturn:
+    if MIN_TS_MS // 1000 <= v < MIN_TS_MS // 10:
+        hint = " (it looks like seconds; epoch milliseconds are expected)"
+    else:
+        hint = ""
+    _fail(
+        "out_of_range",
+        f"field '{field}' = {v} is outside [{MIN_TS_MS}, {MAX_TS_MS}] epoch ms{hint}",
+        field,
+    )
+
+
+def _num_error(field: str, v: Any) -> NoReturn:
+    if v is _MISSING:
+        _fail("missing_field", f"required field '{field}' is missing", field)
+    if type(v) is float and not math.isfinite(v):
+        _fail("not_finite", f"field '{field}' is {v}", field)
+    _fail("bad_type", f"field '{field}' must be a number, got {_jtype(v)}", field)
+
+
+def _find_non_finite(obj: Any, path: str = "", depth: int = 0) -> str | None:
+    """Path of the first NaN/Infinity in a stdlib-decoded value (error path only)."""
+    if depth > 64:
+        return None
+    if type(obj) is float:
+        return None if math.isfinite(obj) else (path or "$")
+    if type(obj) is dict:
+        for k, v in obj.items():
+            p = _find_non_finite(v, f"{path}.{k}" if path else str(k), depth + 1)
+            if p is not None:
+                return p
+    elif type(obj) is list:
+        for i, v in enumerate(obj):
+            p = _find_non_finite(v, f"{path}[{i}]", depth + 1)
+            if p is not None:
+                return p
+    return None
+
+
+def _not_json(raw: bytes | bytearray | memoryview, exc: Exception) -> NoReturn:
+    """Turn a decode failure into the most useful reason.
+
+    Producers written with Python's ``json.dumps`` emit ``NaN``/``Infinity`` and
+    overflowing literals (``1e400``), which strict JSON (orjson) rejects. Saying
+    ``not_finite`` with the field beats ``unexpected character``; the stdlib
+    re-parse only happens on this error path.
+    """
+    detail = str(exc)
+    b = bytes(raw)
+    if b"NaN" in b or b"Infinity" in b or "infinity" in detail:
+        try:
+            obj = json.loads(b)
+        except (ValueError, RecursionError):
+            obj = _MISSING
+        if obj is not _MISSING:
+            where = _find_non_finite(obj)
+            if where is not None:
+                field = where.split(".", 1)[0].split("[", 1)[0] if where != "$" else None
+                _fail(
+                    "not_finite",
+                    f"'{where}' is NaN, Infinity or overflows a double; "
+                    "JSON numbers must be finite "
+                    "(Python: json.dumps(..., allow_nan=False) catches this at the producer)",
+                    field,
+                )
+    _fail("not_json", f"not valid JSON: {detail}")
+
+
+def _decode_object(raw: Any, limit: int) -> dict[str, Any]:
+    """Bytes -> dict, with size, JSON and top-level-type checks."""
+    tr = type(raw)
+    if tr is bytes or tr is bytearray:
+        n = len(raw)
+    elif tr is memoryview:
+        n = raw.nbytes
+    elif tr is str:
+        try:
+            raw = raw.encode()
+        except UnicodeEncodeError:
+            _fail("not_json", "not valid JSON: string is not encodable as UTF-8")
+        n = len(raw)
+    elif raw is None:
+        _fail("not_json", "message has no value (a tombstone?)")
+    else:
+        raise TypeError(f"expected bytes, got {tr.__name__}")
+    if n > limit:
+        _fail("too_large", f"message is {n} bytes (max {limit})")
+    if n == 0:
+        _fail("not_json", "message is empty")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        _not_json(raw, e)
+    if type(obj) is not dict:
+        _fail("not_object", f"top-level JSON value must be an object, got {_jtype(obj)}")
+    return obj
+
+
+def _check_version(v: Any) -> None:
+    if v is None or v is _MISSING:
+        return
+    if type(v) is bool or not isinstance(v, int | float):
+        _fail(
+            "bad_type",
+            f"field 'schema_version' must be an integer, got {_jtype(v)}",
+            "schema_version",
+        )
+    if v != SCHEMA_VERSION:
+        _fail(
+            "unsupported_version",
+            f"schema_version {_short(v)} is not supported (this reader knows {SCHEMA_VERSION})",
+            "schema_version",
+        )
+
+
+# --------------------------------------------------------------------------- events
+
+
+def parse_event(
+    raw: bytes | bytearray | memoryview | str,
+    *,
+    now_ms: int | None = None,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> Exposure | Metric:
+    """Validate one event's bytes (a Kafka value) into an Exposure or Metric.
+
+    ``now_ms`` (default: the wall clock) bounds ``ts`` from above with
+    ``max_future_ms`` of tolerance; pass it explicitly when replaying old data
+    or in tests. Unknown extra fields are ignored (producers may add fields).
+    Integral floats (``1.7e12``) are accepted where integers are required,
+    as JSON Schema does. Raises :class:`InvalidRecord`, and only that, for any
+    bytes; ``TypeError`` only for a non-bytes-like argument (a caller bug).
+    """
+    obj = _decode_object(raw, MAX_EVENT_BYTES)
+    get = obj.get
+    t = get("type", _MISSING)
+    if t == "exposure":
+        is_exposure = True
+    elif t == "metric":
+        is_exposure = False
+    elif t is _MISSING:
+        _fail("missing_field", "required field 'type' is missing", "type")
+    elif type(t) is not str:
+        _fail("bad_type", f"field 'type' must be a string, got {_jtype(t)}", "type")
+    else:
+        _fail("unknown_type", f"type {_short(t)} is not one of exposure, metric", "type")
+
+    sv = get("schema_version", _MISSING)
+    if sv is not _MISSING:
+        _check_version(sv)
+
+    idm = _ID_RE.fullmatch
+    nm = _NAME_RE.fullmatch
+
+    event_id = get("event_id", _MISSING)
+    if type(event_id) is not str or idm(event_id) is None:
+        _bad_ident("event_id", event_id, name=False)
+    unit_id = get("unit_id", _MISSING)
+    if type(unit_id) is not str or idm(unit_id) is None:
+        _bad_ident("unit_id", unit_id, name=False)
+
+    if is_exposure:
+        experiment_id = get("experiment_id", _MISSING)
+        if type(experiment_id) is not str or nm(experiment_id) is None:
+            _bad_ident("experiment_id", experiment_id, name=True)
+        variant = get("variant", _MISSING)
+        if type(variant) is not str or nm(variant) is None:
+            _bad_ident("variant", variant, name=True)
+    else:
+        experiment_id = get("experiment_id")
+        if experiment_id is not None and (
+            type(experiment_id) is not str or nm(experiment_id) is None
+        ):
+            _bad_ident("experiment_id", experiment_id, name=True)
+        metric = get("metric", _MISSING)
+        if type(metric) is not str or nm(metric) is None:
+            _bad_ident("metric", metric, name=True)
+
+    ts = get("ts", _MISSING)
+    if type(ts) is not int:
+        if type(ts) is float and ts.is_integer():
+            ts = int(ts)
+        else:
+            _ts_error("ts", ts)
+    if ts < MIN_TS_MS or ts > MAX_TS_MS:
+        _ts_range("ts", ts)
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    if ts > now_ms + max_future_ms:
+        hint = " (it looks like microseconds)" if ts > 100 * now_ms > 0 else ""
+        _fail(
+            "ts_in_future",
+            f"ts {ts} is {ts - now_ms} ms ahead of now ({now_ms}); "
+            f"at most {max_future_ms} ms is tolerated{hint}",
+            "ts",
+        )
+
+    if is_exposure:
+        pa = get("pre_activity")
+        if pa is not None:
+            tp = type(pa)
+            if tp is not int and tp is not float:
+                _num_error("pre_activity", pa)
+            if not 0 <= pa <= PRE_ACTIVITY_MAX:
+                if tp is float and not math.isfinite(pa):
+                    _num_error("pre_activity", pa)
+                _fail(
+                    "out_of_range",
+                    f"field 'pre_activity' = {pa!r} is outside [0, {PRE_ACTIVITY_MAX}] "
+                    "(active days in the 28 days before the experiment)",
+                    "pre_activity",
+                )
+            pa = float(pa)
+        return Exposure(event_id, experiment_id, unit_id, variant, ts, pa)
+
+    value = get("value", _MISSING)
+    tv = type(value)
+    if tv is not float and tv is not int:
+        _num_error("value", value)
+    if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+        if tv is float and not math.isfinite(value):
+            _num_error("value", value)
+        _fail(
+            "out_of_range",
+            f"field 'value' = {_short(value)} exceeds {MAX_ABS_VALUE:g} in absolute value",
+            "value",
+        )
+    return Metric(event_id, unit_id, metric, float(value), ts, experiment_id)
+
+
+# --------------------------------------------------------------------------- experiments
+
+_MAX_VARIANTS = 64
+_MAX_METRICS = 64
+_MAX_STRATA = 64
+_MAX_DURATION_S = 366 * 86_400
+_SHARE_TOL = 1e-6
+
+
+def _cfg(message: str, field: str | None) -> NoReturn:
+    _fail("bad_config", message, field)
+
+
+def _is_number(v: Any) -> bool:
+    # numbers.Real admits NumPy scalars handed in by Python callers; bool is excluded.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _cfg_number(v: Any, field: str) -> float | int:
+    if not _is_number(v):
+        _cfg(f"'{field}' must be a number, got {_jtype(v)}", field)
+    if isinstance(v, numbers.Integral):  # exact; math.isfinite would overflow on huge ints
+        return int(v)
+    if not math.isfinite(v):
+        _cfg(f"'{field}' must be finite, got {v}", field)
+    return float(v)
+
+
+def _cfg_int(v: Any, field: str, lo: int, hi: int) -> int:
+    x = _cfg_number(v, field)
+    if isinstance(x, float):
+        if not x.is_integer():
+            _cfg(f"'{field}' must be an integer, got {x!r}", field)
+        x = int(x)
+    if not lo <= x <= hi:
+        _cfg(f"'{field}' = {x} is outside [{lo}, {hi}]", field)
+    return x
+
+
+def _cfg_array(v: Any, field: str) -> list[Any] | tuple[Any, ...]:
+    if type(v) is not list and type(v) is not tuple:
+        _cfg(f"'{field}' must be an array, got {_jtype(v)}", field)
+    return v
+
+
+def _cfg_name(v: Any, field: str) -> str:
+    if not is_valid_name(v):
+        try:
+            _bad_ident(field, v, name=True)
+        except InvalidRecord as e:
+            _cfg(e.message, field)
+    return v
+
+
+def _cfg_shares(v: Any, field: str, n: int, what: str, *, positive: bool) -> tuple[float, ...]:
+    arr = _cfg_array(v, field)
+    if len(arr) != n:
+        _cfg(f"'{field}' has {len(arr)} entries; it needs one per {what} ({n})", field)
+    out = tuple(float(_cfg_number(x, f"{field}[{i}]")) for i, x in enumerate(arr))
+    for i, x in enumerate(out):
+        if x < 0 or (positive and x == 0):
+            bound = "positive" if positive else "non-negative"
+            _cfg(f"'{field}[{i}]' = {x!r} must be {bound}", field)
+    total = math.fsum(out)
+    if abs(total - 1.0) > _SHARE_TOL:
+        _cfg(f"'{field}' sums to {total!r}; it must sum to 1 (within {_SHARE_TOL:g})", field)
+    return out
+
+
+def _cfg_metric(v: Any, i: int) -> MetricSpec:
+    field = f"metrics[{i}]"
+    if type(v) is str:  # shorthand: a bare name
+        return MetricSpec(_cfg_name(v, field))
+    if not isinstance(v, Mapping):
+        _cfg(f"'{field}' must be an object or a name, got {_jtype(v)}", field)
+    if "name" not in v:
+        _cfg(f"'{field}' has no 'name'", field)
+    name = _cfg_name(v["name"], f"{field}.name")
+    direction = v.get("direction")
+    if direction is None:
+        direction = "increase"
+    elif direction not in ("increase", "decrease"):
+        _cfg(
+            f"'{field}.direction' = {_short(direction)} must be 'increase' or 'decrease'",
+            f"{field}.direction",
+        )
+    thr = v.get("guardrail_threshold")
+    if thr is not None:
+        thr = float(_cfg_number(thr, f"{field}.guardrail_threshold"))
+    return MetricSpec(name, direction, thr)
+
+
+def _cfg_edges(v: Any) -> tuple[float, ...]:
+    field = "strata_edges"
+    arr = _cfg_array(v, field)
+    if not 2 <= len(arr) <= _MAX_STRATA + 1:
+        _cfg(f"'{field}' needs 2..{_MAX_STRATA + 1} edges, got {len(arr)}", field)
+    edges = tuple(_cfg_number(x, f"{field}[{i}]") for i, x in enumerate(arr))
+    if edges[0] != 0:
+        _cfg(f"'{field}' must start at 0 (pre_activity is 0..28), got {edges[0]!r}", field)
+    for i in range(1, len(edges)):
+        if not edges[i] > edges[i - 1]:
+            _cfg(
+                f"'{field}' must be strictly increasing; "
+                f"edge {i} ({edges[i]!r}) <= edge {i - 1} ({edges[i - 1]!r})",
+                field,
+            )
+    if not edges[-1] > PRE_ACTIVITY_MAX:
+        _cfg(
+            f"'{field}' must end above {PRE_ACTIVITY_MAX} so that pre_activity "
+            f"{PRE_ACTIVITY_MAX} falls in the last stratum [lo, hi), got {edges[-1]!r}",
+            field,
+        )
+    return edges
+
+
+def parse_experiment(
+    raw_or_dict: bytes | bytearray | memoryview | str | Mapping[str, Any] | ExperimentConfig,
+) -> ExperimentConfig:
+    """Validate an experiment config (topic ``liftstream.experiments``) into a record.
+
+    Accepts the JSON bytes/str, an already-decoded mapping (arrays may be lists
+    or tuples), or an :class:`ExperimentConfig` built in Python (to validate
+    it). Absent or ``null`` optional fields take the record's defaults; unknown
+    fields are ignored so that a newer writer does not break an older reader.
+    Content errors raise ``InvalidRecord("bad_config", ..., field=...)``;
+    undecodable input raises ``not_json`` / ``not_object`` / ``too_large``;
+    a ``schema_version`` other than 1 raises ``unsupported_version``.
+    """
+    if isinstance(raw_or_dict, ExperimentConfig):
+        d: Mapping[str, Any] = experiment_to_dict(raw_or_dict)
+    elif isinstance(raw_or_dict, Mapping):
+        d = raw_or_dict
+    else:
+        d = _decode_object(raw_or_dict, MAX_EXPERIMENT_BYTES)
+    _check_version(d.get("schema_version"))
+
+    def opt(key: str) -> Any:
+        v = d.get(key)
+        return _MISSING if v is None else v
+
+    if d.get("experiment_id") is None:
+        _cfg("required field 'experiment_id' is missing", "experiment_id")
+    experiment_id = _cfg_name(d["experiment_id"], "experiment_id")
+
+    kw: dict[str, Any] = {}
+    if (v := opt("variants")) is not _MISSING:
+        arr = _cfg_array(v, "variants")
+        if not 2 <= len(arr) <= _MAX_VARIANTS:
+            _cfg(f"'variants' needs 2..{_MAX_VARIANTS} entries, got {len(arr)}", "variants")
+        variants = tuple(_cfg_name(x, f"variants[{i}]") for i, x in enumerate(arr))
+        if len(set(variants)) != len(variants):
+            dup = sorted({x for x in variants if variants.count(x) > 1})
+            _cfg(f"'variants' has duplicates: {dup}", "variants")
+        kw["variants"] = variants
+    else:
+        variants = ExperimentConfig.__dataclass_fields__["variants"].default
+    if (v := opt("control")) is not _MISSING:
+        kw["control"] = control = _cfg_name(v, "control")
+    else:
+        control = ExperimentConfig.__dataclass_fields__["control"].default
+    if control not in variants:
+        _cfg(f"control {control!r} is not among variants {list(variants)}", "control")
+
+    if (v := opt("metrics")) is not _MISSING:
+        arr = _cfg_array(v, "metrics")
+        if not 1 <= len(arr) <= _MAX_METRICS:
+            _cfg(f"'metrics' needs 1..{_MAX_METRICS} entries, got {len(arr)}", "metrics")
+        metrics = tuple(_cfg_metric(x, i) for i, x in enumerate(arr))
+        names = [m.name for m in metrics]
+        if len(set(names)) != len(names):
+            dup = sorted({x for x in names if names.count(x) > 1})
+            _cfg(f"'metrics' has duplicate names: {dup}", "metrics")
+        kw["metrics"] = metrics
+
+    edges = _cfg_edges(v) if (v := opt("strata_edges")) is not _MISSING else DEFAULT_STRATA_EDGES
+    if edges is not DEFAULT_STRATA_EDGES:
+        kw["strata_edges"] = edges
+
+    if (v := opt("bucket_seconds")) is not _MISSING:
+        kw["bucket_seconds"] = _cfg_int(v, "bucket_seconds", 1, _MAX_DURATION_S)
+    if (v := opt("window_seconds")) is not _MISSING:
+        kw["window_seconds"] = _cfg_int(v, "window_seconds", 1, _MAX_DURATION_S)
+    # 0 is meaningful for these two: no allowed lateness / no dedupe window.
+    if (v := opt("lateness_seconds")) is not _MISSING:
+        kw["lateness_seconds"] = _cfg_int(v, "lateness_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("dedupe_seconds")) is not _MISSING:
+        kw["dedupe_seconds"] = _cfg_int(v, "dedupe_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("started_at")) is not _MISSING:
+        kw["started_at"] = _cfg_int(v, "started_at", MIN_TS_MS, MAX_TS_MS)
+
+    if (v := opt("target_shares")) is not _MISSING:
+        kw["target_shares"] = _cfg_shares(
+            v, "target_shares", len(edges) - 1, "stratum", positive=False
+        )
+    if (v := opt("allocation")) is not _MISSING:
+        kw["allocation"] = _cfg_shares(v, "allocation", len(variants), "variant", positive=True)
+
+    if (v := opt("alert_thresholds")) is not _MISSING:
+        if not isinstance(v, Mapping):
+            _cfg(f"'alert_thresholds' must be an object, got {_jtype(v)}", "alert_thresholds")
+        thresholds: dict[str, float] = {}
+        for k, x in v.items():
+            key = _cfg_name(k, "alert_thresholds")
+            thresholds[key] = float(_cfg_number(x, f"alert_thresholds.{key}"))
+        kw["alert_thresholds"] = thresholds
+
+    if (v := opt("status")) is not _MISSING:
+        if v not in ("running", "stopped"):
+            _cfg(f"'status' = {_short(v)} must be 'running' or 'stopped'", "status")
+        kw["status"] = v
+    if (v := opt("prior_sd_logit_p")) is not _MISSING:
+        x = float(_cfg_number(v, "prior_sd_logit_p"))
+        if not 0 < x <= 10:
+            _cfg(f"'prior_sd_logit_p' = {x!r} must be in (0, 10]", "prior_sd_logit_p")
+        kw["prior_sd_logit_p"] = x
+
+    return ExperimentConfig(experiment_id, **kw)
+
+
+def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The JSON form of a config (``schema_version`` 1, every field explicit).
+
+    ``parse_experiment(experiment_to_dict(cfg)) == cfg`` for every valid config;
+    encode with :func:`schemas.codec.dumps`. Does not validate: pass the result
+    to :func:`parse_experiment` for that.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "experiment_id": cfg.experiment_id,
+        "variants": list(cfg.variants),
+        "control": cfg.control,
+        "metrics": [
+            {
+                "name": m.name,
+                "direction": m.direction,
+                "guardrail_threshold": m.guardrail_threshold,
+            }
+            for m in cfg.metrics
+        ],
+        "strata_edges": list(cfg.strata_edges),
+        "bucket_seconds": cfg.bucket_seconds,
+        "window_seconds": cfg.window_seconds,
+        "lateness_seconds": cfg.lateness_seconds,
+        "dedupe_seconds": cfg.dedupe_seconds,
+        "started_at": cfg.started_at,
+        "target_shares": None if cfg.target_shares is None else list(cfg.target_shares),
+        "allocation": None if cfg.allocation is None else list(cfg.allocation),
+        "alert_thresholds": dict(cfg.alert_thresholds),
+        "status": cfg.status,
+        "prior_sd_logit_p": cfg.prior_sd_logit_p,
+    }
