@@ -80,17 +80,17 @@ def find_mode(n, T, D, m, sd, steps: int = NEWTON_STEPS):
     """Batched damped Newton on the log posterior; returns (mode, curvature)."""
     xp = _xp(n)
     x = m + 0.0 * n
+    def curvature(x):
+        h = 1e-4 * xp.maximum(1.0, xp.abs(x))
+        up, down = grad_log_density(x + h, n, T, D, m, sd), grad_log_density(x - h, n, T, D, m, sd)
+        return (up - down) / (2 * h)
+
     for _ in range(steps):
         g = grad_log_density(x, n, T, D, m, sd)
-        h = 1e-4 * xp.maximum(1.0, xp.abs(x))
-        H = (grad_log_density(x + h, n, T, D, m, sd) - grad_log_density(x - h, n, T, D, m, sd)) / (
-            2 * h
-        )
+        H = curvature(x)
         step = xp.where(H < 0, -g / xp.where(H < 0, H, -1.0), xp.sign(g) * 0.5)
         x = x + xp.clip(step, -2.0, 2.0)
-    h = 1e-4 * xp.maximum(1.0, xp.abs(x))
-    H = (grad_log_density(x + h, n, T, D, m, sd) - grad_log_density(x - h, n, T, D, m, sd)) / (2 * h)
-    return x, H
+    return x, curvature(x)
 
 
 def _tabulate(xp, lo, hi, n, T, D, m, sd, G):

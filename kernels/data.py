@@ -108,12 +108,15 @@ def make_data(
     smask=None,
     kmask=None,
     target=None,
+    hyper: Hyper | None = None,
     xp=np,
 ) -> ModelData:
     """Build a ModelData from host arrays (padded already), on module ``xp``.
 
     ``activity_days`` [P, S]: each stratum's mean active days in the 28 days
     before the experiment; sets the arrival prior and the regressor ``z``.
+    ``hyper`` overrides the data-scaled priors (simulation-based calibration
+    needs priors that do not depend on the data).
     """
     from kernels import arrival
 
@@ -146,18 +149,27 @@ def make_data(
         kmask=xp.asarray(kmask),
         target=xp.asarray(tgt),
     )
-    data.hyper = _hyper(data)
+    data.hyper = _hyper(data) if hyper is None else hyper
     data.grid = arrival.build_grid(data)
     return data
 
 
+def scaled_hyper(m: Array, s: Array) -> Hyper:
+    """The default prior shapes at location m and scale s (arrays [P])."""
+    return Hyper(m=m, s=s, mu0_sd=2.0 * s, sig_a=1.0 + 0.0 * s, sig_b=s * s,
+                 theta_sd=s, beta_sd=s, omega_nu=3.0, omega_scale=0.5 * s)
+
+
+def fixed_hyper(P: int, m: float = 0.0, s: float = 1.0, xp=np) -> Hyper:
+    """Data-independent priors (for simulation-based calibration)."""
+    return scaled_hyper(xp.full((P,), float(m)), xp.full((P,), float(s)))
+
+
 def _hyper(d: ModelData) -> Hyper:
+    """Priors scaled by the pooled mean and sd of the matured outcomes."""
     xp = d.xp
     N = d.n.sum(axis=(1, 2))
     m = xp.where(N > 0, d.sy.sum(axis=(1, 2)) / xp.maximum(N, 1), 0.0)
     var = xp.where(N > 1, d.syy.sum(axis=(1, 2)) / xp.maximum(N, 1) - m * m, 1.0)
     s = xp.sqrt(xp.where(var > 1e-12 * (1 + m * m), var, 1.0))
-    return Hyper(
-        m=m, s=s, mu0_sd=2.0 * s, sig_a=xp.ones_like(s), sig_b=s * s,
-        theta_sd=s, beta_sd=s, omega_nu=3.0, omega_scale=0.5 * s,
-    )
+    return scaled_hyper(m, s)

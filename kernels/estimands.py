@@ -35,7 +35,6 @@ def matured_weights(data: ModelData) -> Array:
     xp = data.xp
     pair = data.n[:, :1, :] + data.n[:, 1:, :]
     tot = pair.sum(-1, keepdims=True)
-    S = data.n.shape[2]
     even = data.smask / xp.maximum(data.smask.sum(-1, keepdims=True), 1)
     return xp.where(tot > 0, pair / xp.maximum(tot, 1.0), even[:, None, :])
 

@@ -5,8 +5,9 @@ the demo, so all three mean the same thing by "the truth".
 
 A population of units, each with pre-experiment activity a (active days of the
 last 28) and per-day visit probability p = max(a, 0.5)/28. A unit is first
-exposed on the first day it visits (geometric in p): heavy users first. Its
-outcome in its metric window is
+exposed on the first day a visit exposes it (geometric in exposure_rate · p,
+so the model's activity-based arrival prior is deliberately off): heavy users
+first. Its outcome in its metric window is
 
     Y = base0 + base_slope · a + τ(a) · treated + noise,
     τ(a) = effect + effect_slope · (log p − mean log p over the population),
@@ -29,6 +30,9 @@ DEFAULT_EDGES = (0, 1, 2, 4, 8, 15, 22, 29)
 class Scenario:
     n_units: int = 20_000
     activity_beta: tuple[float, float] = (0.5, 1.2)  # a/28 ~ Beta: many light users
+    # not every visit exposes the unit: its daily exposure probability is
+    # exposure_rate · p, so the arrival prior (which assumes p) is off by this factor
+    exposure_rate: float = 0.7
     base0: float = 1.0
     base_slope: float = 0.15
     noise_sd: float = 2.0
@@ -72,7 +76,7 @@ def population(sc: Scenario, rng: np.random.Generator) -> Population:
     M = sc.n_units
     a = np.round(28 * rng.beta(*sc.activity_beta, size=M))
     p = np.maximum(a, 0.5) / 28.0
-    day = rng.geometric(p) - 1  # first visit day: 0, 1, 2, …
+    day = rng.geometric(sc.exposure_rate * p) - 1  # first exposure day: 0, 1, 2, …
     arrival = day + rng.random(M)
     variant = rng.choice(len(sc.variants), size=M, p=np.asarray(sc.allocation))
     logp = np.log(p)

@@ -1,0 +1,127 @@
+"""(b) The arrival block against numerical integration of its density.
+
+For D ∈ {1, 2, 5, 30} and n ∈ {10, 10³, 10⁶} arrivals, the draws of logit p
+(inverse CDF on the kernel's grid) are compared by a KS test with the CDF
+obtained by adaptive quadrature of the density written here independently
+(scipy), and the draws of N are compared with E[N] and sd[N] obtained by
+integrating the negative-binomial moments over that density.
+"""
+
+import numpy as np
+import pytest
+from scipy import integrate, optimize, special, stats
+
+from kernels.arrival import draw_logit_p, draw_population
+from kernels.backend import Rng
+from kernels.data import make_data
+
+DS = [1, 2, 5, 30]
+NS = [10, 1_000, 1_000_000]
+DRAWS = 20_000
+
+
+def truncated_geometric_sum(n, p, D, rng):
+    """Σ d over n entry buckets from p(1-p)^d truncated to d < D."""
+    d = np.arange(D)
+    w = p * (1 - p) ** d
+    counts = rng.multinomial(n, w / w.sum())
+    return float((counts * d).sum())
+
+
+def log_post(x, n, T, D, m, sd):
+    p = special.expit(x)
+    lq = np.log(-np.expm1(D * np.log1p(-p)))
+    return stats.norm.logpdf(x, m, sd) + n * np.log(p) + T * np.log1p(-p) - n * lq
+
+
+def numeric_posterior(n, T, D, m, sd):
+    """Normalised density on x with its mode and a support that holds the mass."""
+    res = optimize.minimize_scalar(lambda x: -log_post(x, n, T, D, m, sd),
+                                   bounds=(m - 20, m + 20), method="bounded",
+                                   options={"xatol": 1e-12})
+    mode = res.x
+    top = log_post(mode, n, T, D, m, sd)
+    h = 1e-4
+    up, down = log_post(mode + h, n, T, D, m, sd), log_post(mode - h, n, T, D, m, sd)
+    curv = -(up - 2 * top + down) / h**2
+    w = 1 / np.sqrt(max(curv, 1e-12))
+    lo, hi = mode - 40 * w, mode + 40 * w
+
+    def dens(x):
+        return np.exp(log_post(x, n, T, D, m, sd) - top)
+
+    Z = integrate.quad(dens, lo, hi, points=[mode], limit=500, epsabs=0, epsrel=1e-10)[0]
+    return dens, Z, lo, hi, mode
+
+
+CASES = [(D, n) for D in DS for n in NS]
+
+
+@pytest.fixture(scope="module")
+def arrival_draws():
+    rng = np.random.default_rng(7)
+    p_true, p_prior = 0.05, 0.08  # the prior is off, as it will be in practice
+    rows = [(D, n, truncated_geometric_sum(n, p_true, D, rng)) for D, n in CASES]
+    P = len(rows)
+    arrived = np.array([[r[1]] for r in rows], float)
+    dsum = np.array([[r[2]] for r in rows], float)
+    Ds = np.array([r[0] for r in rows], float)
+    # activity that gives per-bucket prior p_prior: 1-(1-a/28) = p_prior
+    act = np.full((P, 1), 28 * p_prior)
+    data = make_data(np.zeros((P, 2, 1)), np.zeros((P, 2, 1)), np.zeros((P, 2, 1)),
+                     arrived, dsum, Ds, act)
+    r = Rng(99)
+    x = draw_logit_p(data.grid, r, DRAWS)  # [P, C, 1]
+    pop = draw_population(x, data.arrived, data.D, r)
+    return rows, data, x[:, :, 0], pop[:, :, 0]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"D{D}-n{n}" for D, n in CASES])
+def test_logit_p_matches_quadrature(arrival_draws, i):
+    rows, data, x, _ = arrival_draws
+    D, n, T = rows[i]
+    m, sd = float(data.logit_p0[i, 0]), 0.5
+    dens, Z, lo, hi, mode = numeric_posterior(n, T, D, m, sd)
+    grid = np.linspace(lo, hi, 200_001)
+    cdf_vals = integrate.cumulative_simpson(dens(grid), x=grid, initial=0.0) / Z
+    assert cdf_vals[-1] == pytest.approx(1.0, abs=1e-6)  # Simpson and quad agree
+
+    def cdf(v):
+        return np.interp(v, grid, cdf_vals)
+
+    ks = stats.kstest(x[i], cdf)
+    assert ks.pvalue > 1e-3, (D, n, ks)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"D{D}-n{n}" for D, n in CASES])
+def test_population_moments_match_quadrature(arrival_draws, i):
+    rows, data, _, pop = arrival_draws
+    D, n, T = rows[i]
+    m, sd = float(data.logit_p0[i, 0]), 0.5
+    dens, Z, lo, hi, mode = numeric_posterior(n, T, D, m, sd)
+
+    def q(x):
+        return -np.expm1(D * np.log1p(-special.expit(x)))
+
+    def mean_n(x):  # E[N | p] = n / q
+        return n / q(x)
+
+    def second(x):  # E[N² | p] = Var + mean², Var = n (1-q) / q²
+        qq = q(x)
+        return n * (1 - qq) / qq**2 + (n / qq) ** 2
+
+    EN = integrate.quad(lambda x: mean_n(x) * dens(x), lo, hi, points=[mode], limit=500)[0] / Z
+    EN2 = integrate.quad(lambda x: second(x) * dens(x), lo, hi, points=[mode], limit=500)[0] / Z
+    sdN = np.sqrt(max(EN2 - EN**2, 0.0))
+    draws = pop[i]
+    se = sdN / np.sqrt(DRAWS)
+    assert abs(draws.mean() - EN) < 5 * se + 1e-9 * EN, (D, n, draws.mean(), EN, sdN)
+    assert draws.std() == pytest.approx(sdN, rel=0.05, abs=1e-6 * EN)
+
+
+def test_d1_posterior_is_the_prior(arrival_draws):
+    rows, data, x, _ = arrival_draws
+    i = CASES.index((1, 1000))
+    m = float(data.logit_p0[i, 0])
+    ks = stats.kstest(x[i], stats.norm(m, 0.5).cdf)
+    assert ks.pvalue > 1e-3
