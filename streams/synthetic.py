@@ -112,3 +112,45 @@ def cell_stats(pop: Population, day: float, bucket_days: float = 1.0) -> dict[st
     activity = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), mid)
     return {"n": n, "sy": sy, "syy": syy, "arrived": arr, "dsum": dsum, "D": D,
             "activity": activity}
+
+
+def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
+           until_day: float, rng: np.random.Generator, metric: str = "value",
+           day_ms: int = 86_400_000, max_parts: int = 3) -> list[dict]:
+    """The population as an event stream (DESIGN §4), sorted by event time.
+
+    Every unit that arrives before ``until_day`` gets an exposure at its
+    arrival and its outcome Y split into 1..``max_parts`` metric events spread
+    over its window; events after ``until_day`` are not emitted.
+    """
+    sc = pop.scenario
+    end = started_at + int(until_day * day_ms)
+    idx = np.flatnonzero(pop.arrival < until_day)
+    t_exp = started_at + (pop.arrival[idx] * day_ms).astype(np.int64)
+    out: list[tuple[int, dict]] = []
+    for j, i in enumerate(idx):
+        uid = f"u{i}"
+        te = int(t_exp[j])
+        out.append((te, {"type": "exposure", "event_id": f"{experiment_id}-x{i}",
+                         "experiment_id": experiment_id, "unit_id": uid,
+                         "variant": sc.variants[pop.variant[i]], "ts": te,
+                         "pre_activity": float(pop.activity[i])}))
+        parts = int(rng.integers(1, max_parts + 1))
+        w = rng.dirichlet(np.ones(parts))
+        when = np.sort(te + (rng.random(parts) * window_ms).astype(np.int64))
+        for q in range(parts):
+            ts = int(when[q])
+            if ts < end:
+                out.append((ts, {"type": "metric", "event_id": f"{experiment_id}-m{i}-{q}",
+                                 "experiment_id": experiment_id, "unit_id": uid,
+                                 "metric": metric, "value": float(pop.y[i] * w[q]), "ts": ts}))
+    out.sort(key=lambda t: t[0])
+    return [e for _, e in out]
+
+
+def truth(pop: Population) -> dict:
+    """The ground truth a simulator writes next to its events."""
+    s = pop.stratum()
+    shares = np.bincount(s, minlength=len(pop.scenario.strata_edges) - 1) / len(s)
+    return {"effect": pop.true_effect, "lift": pop.true_lift, "baseline": pop.true_baseline,
+            "population_shares": shares.tolist(), "n_units": int(len(s))}

@@ -1,0 +1,83 @@
+"""The ``liftstream`` command line (DESIGN §8).
+
+Subcommands import what they need lazily, so ``liftstream --help`` is fast and
+a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _env(name: str, default):
+    return os.environ.get(f"LIFTSTREAM_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="liftstream", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="offline estimates from JSONL experiments and events")
+    a.add_argument("--experiments", required=True, help="JSONL file of experiment configs")
+    a.add_argument("events", help="JSONL file of events (DESIGN §4)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--chains", type=int, default=8)
+    a.add_argument("--sweeps", type=int, default=1000, help="total sweeps; first half warm-up")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("sampler", help="sweeps/s and ESS/s, liftstream vs NumPyro NUTS")
+    bs.add_argument("--problems", type=int, default=100)
+    bs.add_argument("--chains", type=int, default=8)
+    bs.add_argument("--strata", type=int, default=7)
+    bs.add_argument("--sweeps", type=int, default=400)
+    bs.add_argument("--numpyro", choices=("auto", "yes", "no"), default="auto",
+                    help="run the NumPyro baseline (auto: when installed and P ≤ 1000)")
+    bs.add_argument("--device", default=_env("DEVICE", "auto"))
+    bs.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("simulate", help="synthetic experiment traffic with known truth")
+    s.add_argument("--units", type=int, default=20_000)
+    s.add_argument("--days", type=float, default=14.0)
+    s.add_argument("--experiment", default="sim")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--window-seconds", type=int, default=86_400)
+    s.add_argument("--started-at", type=int, default=1_767_225_600_000, help="epoch ms")
+    s.add_argument("--out", help="write events JSONL here instead of producing to Kafka")
+    s.add_argument("--experiments-out", help="write the experiment config JSONL here")
+    s.add_argument("--truth", help="write the ground truth JSON here")
+    s.add_argument("--bootstrap-servers", default=_env("BOOTSTRAP_SERVERS", None))
+    s.add_argument("--topic", default=_env("TOPIC_EVENTS", "liftstream.events"))
+    s.add_argument("--rate", type=float, default=0.0, help="events/s when producing (0 = max)")
+
+    d = sub.add_parser("demo", help="embedded broker + Redis + worker + traffic, live table")
+    d.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+    d.add_argument("--no-traffic", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "analyze":
+        from streams.analyze import main as run
+
+        return run(args)
+    if args.command == "bench" and args.bench == "sampler":
+        from streams.bench import sampler_main
+
+        return sampler_main(args)
+    if args.command == "simulate":
+        from streams.simulate import main as run
+
+        return run(args)
+    if args.command == "demo":
+        from streams.demo import main as run
+
+        return run(args)
+    raise SystemExit(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
