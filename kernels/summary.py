@@ -30,8 +30,12 @@ def _f(x) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def summarize(trace: Draws, data: ModelData, direction=None) -> list[list[dict]]:
+def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
+              adjustable=None, smask=None) -> list[list[dict]]:
     """Per problem p, per treatment k: the estimate's numeric fields.
+
+    ``adjustable`` [P] and ``smask`` [P, S] come from ``data`` unless given
+    (the streaming sampler summarises stored windows without a ModelData).
 
     ``direction`` [P]: +1 when higher is better (default), -1 when lower is;
     expected loss is E[max(0, -direction · effect)], the effect given up, in the
@@ -60,8 +64,8 @@ def summarize(trace: Draws, data: ModelData, direction=None) -> list[list[dict]]
     essb = ess_bulk(eff)
     esst = ess_tail(eff)
 
-    adjustable = to_numpy(data.adjustable)
-    smask = to_numpy(data.smask)
+    adjustable = to_numpy(data.adjustable if adjustable is None else adjustable)
+    smask = to_numpy(data.smask if smask is None else smask)
     out: list[list[dict]] = []
     for p in range(P):
         row = []

@@ -1,0 +1,74 @@
+"""Take one problem's chains out of a padded batch and put them back.
+
+Chains are persisted per problem (experiment × metric) without padding, so a
+problem can join a batch of any shape on the next tick: ``unpad`` slices a
+problem's rows to its own K treatments and S strata, ``pad_into`` writes
+stored rows into a freshly initialised padded state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.backend import to_numpy
+from kernels.estimands import Draws
+from kernels.gibbs import State
+
+# which trailing axes of each State array are (variants, strata)
+_STATE_AXES = {
+    "mu0": ("S",), "tau": ("K", "S"), "sigma2": ("K1", "S"), "theta": ("K",),
+    "beta": ("K",), "omega2": ("K",), "logit_p": ("S",), "pop": ("S",),
+}
+_DRAW_AXES = {
+    "adj_effect": ("K",), "adj_lift": ("K",), "naive_effect": ("K",), "naive_lift": ("K",),
+    "tau": ("K", "S"), "share": ("S",),
+}
+
+
+def _index(axes, K: int, S: int):
+    size = {"K": K, "K1": K + 1, "S": S}
+    return tuple(slice(0, size[a]) for a in axes)
+
+
+def unpad_state(state: State, p: int, K: int, S: int) -> dict[str, np.ndarray]:
+    """Problem ``p``'s chains as host arrays [C, …] trimmed to K treatments, S strata."""
+    out = {}
+    for name, axes in _STATE_AXES.items():
+        arr = to_numpy(getattr(state, name)[p])
+        out[name] = np.ascontiguousarray(arr[(slice(None),) + _index(axes, K, S)])
+    out["iteration"] = np.asarray(int(to_numpy(state.iteration)[p]))
+    return out
+
+
+def pad_into(state: State, p: int, stored: dict[str, np.ndarray]) -> None:
+    """Overwrite problem ``p``'s rows of ``state`` with stored chains (in place)."""
+    from kernels.backend import array_module
+
+    xp = array_module(state.mu0)
+    for name in _STATE_AXES:
+        arr = stored[name]
+        target = getattr(state, name)
+        idx = (p, slice(0, arr.shape[0])) + tuple(slice(0, n) for n in arr.shape[1:])
+        target[idx] = xp.asarray(arr)
+    state.iteration[p] = int(stored["iteration"])
+
+
+def stored_shape(stored: dict[str, np.ndarray]) -> tuple[int, int, int]:
+    """(chains, K, S) of stored chains."""
+    C, K, S = stored["tau"].shape
+    return C, K, S
+
+
+def unpad_draws(trace: Draws, p: int, K: int, S: int) -> dict[str, np.ndarray]:
+    """Problem ``p``'s trace [C, T, …] trimmed to its own K and S."""
+    out = {}
+    for name, axes in _DRAW_AXES.items():
+        arr = to_numpy(getattr(trace, name)[p])
+        out[name] = np.ascontiguousarray(arr[(slice(None), slice(None)) + _index(axes, K, S)])
+    return out
+
+
+def stack_draws(per_problem: list[dict[str, np.ndarray]], xp=np) -> Draws:
+    """A trace [P, C, T, …] from per-problem traces of equal C, T, K and S."""
+    return Draws(**{name: xp.asarray(np.stack([d[name] for d in per_problem]))
+                    for name in _DRAW_AXES})
