@@ -1,0 +1,124 @@
+"""Ingest: one micro-batch of raw messages from one source partition → Redis.
+
+Synchronous and free of Kafka: the Faust agent (``streams.app``) hands each
+batch here on a worker thread and acks only after ``process`` returned, so an
+event is acked (and its offset committed) only once it is applied. Order:
+
+1. validate every message (``schemas.validate``); failures become dead-letter
+   records with reason and source position;
+2. look up configs (Redis registry); unknown experiments are auto-registered
+   when configured, else dead-lettered with ``unknown_experiment``; exposures
+   with a variant the config lacks are dead-lettered with ``unknown_variant``;
+3. route (unit index) and apply per experiment with one Lua call each
+   (``streams.state``): idempotent per source offset, so a replay of the
+   batch after a crash applies nothing twice;
+4. record the partition's ingest watermark (the last offset fully applied),
+   which a restarted worker seeks to when Redis is behind Kafka's commit.
+
+Returns the dead-letter records to publish, the experiments touched (their
+dirty notices) and counts. Publishing happens in the agent, before the ack.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.contracts import dead_letter_record
+from schemas.records import Event, ExperimentConfig, Exposure
+from schemas.validate import InvalidRecord, parse_event
+from streams.registry import Registry
+from streams.state import apply_batch, route_batch
+
+INGEST_OFFSETS = "lr:ingest:offsets"  # hash "<topic>|<partition>" -> last fully applied offset
+
+
+@dataclass
+class BatchResult:
+    dead_letters: list[dict] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    counts: Counter = field(default_factory=Counter)
+    new_experiments: list[ExperimentConfig] = field(default_factory=list)
+
+
+class Ingestor:
+    def __init__(self, r: Any, registry: Registry, auto_register: bool = False):
+        self.r = r
+        self.registry = registry
+        self.auto_register = auto_register
+
+    def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
+                now_ms: int) -> BatchResult:
+        res = BatchResult()
+        res.counts["received"] += len(messages)
+        good: list[tuple[int, Event]] = []
+        raw_of: dict[int, bytes | None] = {}
+        for off, raw in messages:
+            raw_of[off] = raw
+            try:
+                if raw is None:
+                    raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
+                good.append((off, parse_event(raw, now_ms=now_ms)))
+            except InvalidRecord as err:
+                self._dead(res, raw, err, topic, partition, off, now_ms)
+
+        ids = {ev.experiment_id for _, ev in good if ev.experiment_id is not None}
+        known = self.registry.get_many(ids)
+        for eid in sorted(ids - known.keys()):
+            if self.auto_register and any(
+                isinstance(ev, Exposure) and ev.experiment_id == eid for _, ev in good
+            ):
+                cfg = ExperimentConfig(experiment_id=eid)
+                self.registry.put(cfg)
+                known[eid] = cfg
+                res.new_experiments.append(cfg)
+
+        accepted: list[tuple[int, Event]] = []
+        for off, ev in good:
+            cfg = known.get(ev.experiment_id) if ev.experiment_id is not None else None
+            if ev.experiment_id is not None and cfg is None:
+                err = InvalidRecord("unknown_experiment",
+                                    f"experiment {ev.experiment_id!r} is not registered "
+                                    "(create it on the experiments topic first)",
+                                    "experiment_id")
+                self._dead(res, raw_of[off], err, topic, partition, off, now_ms)
+            elif isinstance(ev, Exposure) and ev.variant not in cfg.variants:
+                err = InvalidRecord("unknown_variant",
+                                    f"variant {ev.variant!r} is not one of experiment "
+                                    f"{cfg.experiment_id!r}'s {list(cfg.variants)}", "variant")
+                self._dead(res, raw_of[off], err, topic, partition, off, now_ms)
+            else:
+                accepted.append((off, ev))
+
+        # metrics without experiment_id may belong to any registered experiment
+        if any(ev.experiment_id is None for _, ev in accepted):
+            known.update(self.registry.get_many(self.registry.ids()))
+        rejected: list = []
+        routed = route_batch(self.r, accepted, known, topic, partition, rejected)
+        for _, _, why in rejected:
+            res.counts[why] += 1
+        for eid, part in routed.items():
+            out = apply_batch(self.r, known[eid], topic, partition, part)
+            res.touched.add(eid)
+            for k, v in out.items():
+                if isinstance(v, int) and k not in ("offset", "max_ts", "watermark", "dirty_seq"):
+                    res.counts[k] += v
+        if messages:
+            self.r.hset(INGEST_OFFSETS, f"{topic}|{partition}", max(o for o, _ in messages))
+        return res
+
+    @staticmethod
+    def _dead(res: BatchResult, raw, err: InvalidRecord, topic, partition, off, now_ms) -> None:
+        res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
+        res.counts[f"dead_letter:{err.code}"] += 1
+
+
+def ingest_offsets(r: Any, topic: str) -> dict[int, int]:
+    """Last fully applied offset per partition of ``topic``, as Redis knows it."""
+    out = {}
+    for k, v in r.hgetall(INGEST_OFFSETS).items():
+        t, _, p = (k.decode() if isinstance(k, bytes) else k).rpartition("|")
+        if t == topic:
+            out[int(p)] = int(v)
+    return out

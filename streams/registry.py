@@ -1,0 +1,62 @@
+"""The experiment registry, materialised in Redis.
+
+The source of truth is the compacted topic ``liftstream.experiments`` (key =
+experiment id). Whichever worker consumes it writes each config to
+``lr:{e:<id>}:cfg`` and the id to the set ``lr:experiments``, so every worker,
+whatever partitions it owns, reads configs from Redis (cached for a few
+seconds, re-read on a miss).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from schemas.codec import dumps, loads
+from schemas.records import ExperimentConfig
+from schemas.validate import experiment_to_dict, parse_experiment
+from streams.state import experiment_key
+
+EXPERIMENTS_SET = "lr:experiments"
+
+
+class Registry:
+    def __init__(self, r: Any, ttl: float = 5.0):
+        self.r = r
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, ExperimentConfig | None]] = {}
+
+    def put(self, cfg: ExperimentConfig) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(experiment_key(cfg.experiment_id, "cfg"), dumps(experiment_to_dict(cfg)))
+        pipe.sadd(EXPERIMENTS_SET, cfg.experiment_id)
+        pipe.execute()
+        self._cache[cfg.experiment_id] = (time.monotonic(), cfg)
+
+    def delete(self, experiment_id: str) -> None:
+        """A tombstone on the topic stops the experiment (its state is kept)."""
+        self.r.srem(EXPERIMENTS_SET, experiment_id)
+        self._cache.pop(experiment_id, None)
+
+    def get(self, experiment_id: str, fresh: bool = False) -> ExperimentConfig | None:
+        hit = self._cache.get(experiment_id)
+        if hit is not None and not fresh and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        raw = self.r.get(experiment_key(experiment_id, "cfg"))
+        cfg = parse_experiment(loads(raw)) if raw else None
+        self._cache[experiment_id] = (time.monotonic(), cfg)
+        return cfg
+
+    def get_many(self, ids) -> dict[str, ExperimentConfig]:
+        out = {}
+        for e in ids:
+            cfg = self.get(e)
+            if cfg is None:
+                cfg = self.get(e, fresh=True)
+            if cfg is not None:
+                out[e] = cfg
+        return out
+
+    def ids(self) -> list[str]:
+        return sorted(x.decode() if isinstance(x, bytes) else x
+                      for x in self.r.smembers(EXPERIMENTS_SET))

@@ -1,0 +1,154 @@
+"""Sampler service: owns experiments, advances their chains, publishes.
+
+Ownership comes from Kafka: an experiment is owned by the worker that
+consumes the partition of ``liftstream.dirty`` its id hashes to. Each tick:
+load snapshots and stored chains of the owned experiments that need work
+(new data since their last tick, or chains not yet converged / window not yet
+full) → ``streams.advance`` (one batched kernel call) → store chains, the
+read model and history in Redis and return the records for the estimates
+topic. Chains are stored *with* the estimate, so a successor after a
+rebalance or crash resumes at the stored iteration.
+
+Redis read model (all per-experiment keys tagged ``{e:<id>}``):
+
+| key | type | contents |
+|---|---|---|
+| ``lr:{e:<id>}:chain:<metric>`` | string | chain blob (``streams.chains``) |
+| ``lr:{e:<id>}:estimate:<metric>:<variant>`` | string | latest estimate JSON (as on the topic) |
+| ``lr:{e:<id>}:history:<metric>:<variant>`` | list | recent estimates, compact, newest first |
+| ``lr:estimates`` | pub/sub | notice per new estimate: ids, computed_at, watermark |
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from schemas.codec import dumps, loads
+from streams.advance import StoredChains, TickConfig, advance
+from streams.chains import decode, encode
+from streams.registry import Registry
+from streams.state import experiment_key, read_snapshot
+
+NOTICE_CHANNEL = "lr:estimates"
+HISTORY_LEN = 2000
+
+
+def chain_key(eid: str, metric: str) -> str:
+    return experiment_key(eid, f"chain:{metric}")
+
+
+def estimate_key(eid: str, metric: str, variant: str) -> str:
+    return experiment_key(eid, f"estimate:{metric}:{variant}")
+
+
+def history_key(eid: str, metric: str, variant: str) -> str:
+    return experiment_key(eid, f"history:{metric}:{variant}")
+
+
+def history_point(rec: dict) -> dict:
+    a, n = rec["adjusted"]["effect"], rec["naive"]["effect"]
+    return {"t": rec["watermark"]["event_time"], "computed_at": rec["computed_at"],
+            "adjusted": [a["mean"], a["lo"], a["hi"]], "naive": [n["mean"], n["lo"], n["hi"]],
+            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"]}
+
+
+class SamplerService:
+    def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
+                 rhat_done: float = 1.01):
+        self.r = r
+        self.registry = registry
+        self.tick_cfg = tick
+        self.xp = xp
+        self.rhat_done = rhat_done
+        self.owned: set[str] = set()
+        self.idle_at_seq: dict[str, int | None] = {}  # experiments with nothing to do
+
+    def own(self, eid: str) -> None:
+        self.owned.add(eid)
+        self.idle_at_seq.pop(eid, None)  # a dirty notice: look again
+
+    def disown_all(self) -> None:
+        self.owned.clear()
+        self.idle_at_seq.clear()
+
+    def load(self, eids: list[str]):
+        cfgs = self.registry.get_many(eids)
+        snaps = [read_snapshot(self.r, cfgs[e]) for e in eids if e in cfgs]
+        keys = [(s.experiment_id, m) for s in snaps for m in s.config.metric_names]
+        stored: dict[tuple[str, str], StoredChains] = {}
+        if keys:
+            blobs = self.r.mget([chain_key(e, m) for e, m in keys])
+            for key, blob in zip(keys, blobs, strict=True):
+                if blob:
+                    arrays, meta = decode(blob)
+                    state = {k[2:]: v for k, v in arrays.items() if k.startswith("s.")}
+                    window = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")} or None
+                    stored[key] = StoredChains(state, window, meta.get("seq"))
+        return snaps, stored
+
+    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for (eid, metric), st in chains.items():
+            arrays = {f"s.{k}": v for k, v in st.state.items()}
+            if st.window is not None:
+                arrays.update({f"w.{k}": v for k, v in st.window.items()})
+            pipe.set(chain_key(eid, metric), encode(arrays, {"seq": st.seq}))
+        for rec in recs:
+            e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
+            pipe.set(estimate_key(e, m, v), dumps(rec))
+            pipe.lpush(history_key(e, m, v), dumps(history_point(rec)))
+            pipe.ltrim(history_key(e, m, v), 0, HISTORY_LEN - 1)
+            pipe.publish(NOTICE_CHANNEL, dumps({
+                "experiment_id": e, "metric": m, "variant": v,
+                "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]}))
+        pipe.execute()
+
+    def due(self) -> list[str]:
+        """Owned experiments with work to do."""
+        out = []
+        if not self.owned:
+            return out
+        seqs = self.r.mget([experiment_key(e, "dirty_seq") for e in sorted(self.owned)])
+        for e, s in zip(sorted(self.owned), seqs, strict=True):
+            seq = None if s is None else int(s)
+            if e in self.idle_at_seq and self.idle_at_seq[e] == seq:
+                continue
+            out.append(e)
+        return out
+
+    def tick(self, now_ms: int | None = None) -> list[dict]:
+        """One tick over the due experiments; returns the published records."""
+        eids = self.due()
+        if not eids:
+            return []
+        snaps, stored = self.load(eids)
+        now_ms = now_ms or int(time.time() * 1000)
+        recs, chains = advance(snaps, stored, self.tick_cfg, now_ms, xp=self.xp)
+        self.store(chains, recs)
+        self._mark_idle(snaps, chains, recs)
+        return recs
+
+    def _mark_idle(self, snaps, chains, recs) -> None:
+        """Converged, full window, data unchanged: stop until the next dirty notice."""
+        worst: dict[str, float] = {}
+        for rec in recs:
+            rh = rec["diagnostics"]["rhat"]
+            worst[rec["experiment_id"]] = max(worst.get(rec["experiment_id"], 0.0),
+                                              rh if rh is not None else 9.9)
+        for s in snaps:
+            full = all(
+                st.window is not None and st.window["tau"].shape[1] >= self.tick_cfg.window
+                for (e, _), st in chains.items() if e == s.experiment_id
+            )
+            if full and worst.get(s.experiment_id, 9.9) < self.rhat_done:
+                self.idle_at_seq[s.experiment_id] = s.seq
+
+
+def read_estimates(r: Any, eid: str) -> list[dict]:
+    """Every latest estimate of an experiment from the read model."""
+    keys = sorted(k.decode() if isinstance(k, bytes) else k
+                  for k in r.scan_iter(match=experiment_key(eid, "estimate:*"), count=500))
+    return [loads(v) for v in r.mget(keys) if v] if keys else []
