@@ -52,6 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topic", default=_env("TOPIC_EVENTS", "liftstream.events"))
     s.add_argument("--rate", type=float, default=0.0, help="events/s when producing (0 = max)")
 
+    from streams.settings import add_arguments
+
+    w = sub.add_parser("worker", help="run a stream-processing worker")
+    w.add_argument("--role", choices=("ingest", "sampler", "all"),
+                   default=_env("ROLE", "all"))
+    w.add_argument("--without-web", action="store_true", help="no HTTP API in this worker")
+    add_arguments(w)
+
+    x = sub.add_parser("experiments", help="create or list experiments")
+    xsub = x.add_subparsers(dest="action", required=True)
+    xc = xsub.add_parser("create", help="publish a config to the experiments topic")
+    xc.add_argument("config", help="JSON file (or - for stdin) with one experiment config")
+    add_arguments(xc)
+    xl = xsub.add_parser("list", help="registered experiments (from Redis)")
+    add_arguments(xl)
+
+    e = sub.add_parser("estimates", help="latest estimates of an experiment (from Redis)")
+    e.add_argument("experiment")
+    add_arguments(e)
+    wt = sub.add_parser("watch", help="print each new estimate as it is published")
+    wt.add_argument("experiment", nargs="?", help="only this experiment")
+    add_arguments(wt)
+
     d = sub.add_parser("demo", help="embedded broker + Redis + worker + traffic, live table")
     d.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
     d.add_argument("--no-traffic", action="store_true")
@@ -72,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         from streams.simulate import main as run
 
         return run(args)
+    if args.command == "worker":
+        from streams.worker import main as run
+
+        return run(args)
+    if args.command in ("experiments", "estimates", "watch"):
+        from streams import admin
+
+        return getattr(admin, args.command)(args)
     if args.command == "demo":
         from streams.demo import main as run
 

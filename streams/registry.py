@@ -60,3 +60,51 @@ class Registry:
     def ids(self) -> list[str]:
         return sorted(x.decode() if isinstance(x, bytes) else x
                       for x in self.r.smembers(EXPERIMENTS_SET))
+
+
+def bootstrap_from_topic(bootstrap: str, topic: str, registry: Registry,
+                         timeout: float = 30.0) -> int:
+    """Read the whole (compacted) experiments topic into the Redis registry.
+
+    Run before a worker starts its agents, so ingest never sees an event of an
+    experiment whose config is on the topic but not yet in Redis. Stops at the
+    partitions' high watermarks as reported with fetched messages (Tansu's
+    ListOffsets(latest) is unreliable, see ``streams.embedded``).
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "liftstream-registry-bootstrap",
+                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        parts = list(md.topics[topic].partitions) if topic in md.topics else []
+        if not parts:
+            return 0
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        latest: dict[bytes, bytes | None] = {}
+        deadline = time.monotonic() + timeout
+
+        def caught_up(p: int) -> bool:
+            pos = c.position([TopicPartition(topic, p)])[0].offset
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+            return high <= 0 or pos >= high
+
+        while time.monotonic() < deadline:
+            msg = c.poll(0.3)
+            if msg is None:
+                if all(caught_up(p) for p in parts):
+                    break
+                continue
+            if not msg.error():
+                latest[msg.key()] = msg.value()
+        for key, raw in latest.items():
+            if raw is None:
+                registry.delete(key.decode())
+            else:
+                try:
+                    registry.put(parse_experiment(raw))
+                except Exception:  # noqa: BLE001 - bad configs are skipped, as by the agent
+                    continue
+        return len(latest)
+    finally:
+        c.close()

@@ -1,0 +1,204 @@
+"""The Faust application: agents wiring Kafka to ingest, registry and sampler.
+
+Roles (``liftstream worker --role``): ``ingest`` consumes events, ``sampler``
+owns experiments through the partitions of the dirty topic and publishes
+estimates, ``all`` does both in one process. Each role is its own consumer
+group (``<app_id>-<role>``), so workers of different roles never share an
+assignment; do not mix ``all`` workers with split-role workers of the same
+app id.
+
+Delivery: Faust acks an event once the agent moved past it, and commits
+acked offsets. Ingest therefore finishes a batch (Redis applied, dead letters
+and dirty notices delivered) before taking the next one, retries Redis errors
+with backoff forever, and on any other error exits the process at once
+(``os._exit``) so nothing unapplied is committed; the restart replays from
+the last commit and Redis's per-partition offsets skip what was applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+import redis
+
+from schemas.codec import dumps
+from schemas.validate import InvalidRecord, experiment_to_dict, parse_experiment
+from streams.advance import TickConfig
+from streams.embedded import FAUST_BROKER_SETTINGS
+from streams.ingest import Ingestor
+from streams.registry import Registry
+from streams.sampler import SamplerService
+from streams.settings import Settings
+
+log = logging.getLogger("liftstream")
+
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+             redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition the Kafka default (murmur2) partitioner gives ``key``, as
+    Faust's producer does; the sampler uses it to know which experiments its
+    dirty-topic partitions make it own."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def fatal(msg: str, exc: BaseException | None = None) -> None:
+    """Stop the worker without committing anything not yet applied."""
+    log.critical("fatal: %s", msg, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+async def with_retry(fn, *args, what: str, max_backoff: float = 5.0):
+    """Run blocking ``fn`` on a thread; retry transient Redis errors forever."""
+    loop = asyncio.get_running_loop()
+    delay = 0.1
+    while True:
+        try:
+            return await loop.run_in_executor(None, fn, *args)
+        except TRANSIENT as e:
+            log.warning("%s: redis unavailable (%s); retrying in %.1fs", what, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(max_backoff, delay * 2)
+
+
+def create_app(settings: Settings, role: str = "all") -> faust.App:
+    if role not in ("ingest", "sampler", "all"):
+        raise ValueError(f"role must be ingest|sampler|all, not {role!r}")
+    app = faust.App(
+        f"{settings.app_id}-{role}",
+        broker=f"kafka://{settings.bootstrap_servers}",
+        store="memory://",
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        topic_allow_declare=False,  # ``streams.topics.ensure_topics`` creates them
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        **FAUST_BROKER_SETTINGS,
+    )
+    r = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    registry = Registry(r)
+    topics = {name: app.topic(name, value_serializer="raw", key_serializer="raw",
+                              partitions=spec["partitions"])
+              for name, spec in settings.topics().items()}
+    t_events = topics[settings.topic_events]
+    t_experiments = topics[settings.topic_experiments]
+    t_dirty = topics[settings.topic_dirty]
+    t_estimates = topics[settings.topic_estimates]
+    t_dead = topics[settings.topic_deadletter]
+    app.liftstream = {"settings": settings, "redis": r, "registry": registry, "role": role}
+
+    @app.agent(t_experiments, name="registry")
+    async def registry_agent(stream):
+        async for event in stream.events():
+            key, raw = event.key, event.value
+            try:
+                if raw is None:
+                    await with_retry(registry.delete, key.decode(), what="registry")
+                    continue
+                cfg = parse_experiment(raw)
+            except InvalidRecord as err:
+                log.warning("bad experiment config at offset %s: %s", event.message.offset,
+                            err.message)
+                continue
+            await with_retry(registry.put, cfg, what="registry")
+
+    if role in ("ingest", "all"):
+        ingestor = Ingestor(r, registry, auto_register=settings.auto_register)
+
+        @app.agent(t_events, name="ingest")
+        async def ingest_agent(stream):
+            async for batch in stream.take_events(settings.batch_size,
+                                                  within=settings.batch_seconds):
+                try:
+                    await ingest_batch(batch)
+                except Exception as e:  # noqa: BLE001 - anything else must not be acked
+                    fatal("ingest batch failed", e)
+
+        async def ingest_batch(batch) -> None:
+            groups: dict[tuple[str, int], list] = defaultdict(list)
+            for ev in batch:
+                m = ev.message
+                groups[(m.topic, m.partition)].append((m.offset, m.value))
+            now_ms = int(time.time() * 1000)
+            for (topic, part), msgs in groups.items():
+                res = await with_retry(ingestor.process, topic, part, msgs, now_ms,
+                                       what="ingest")
+                waits = []
+                for cfg in res.new_experiments:
+                    waits.append(await t_experiments.send(
+                        key=cfg.experiment_id.encode(), value=dumps(experiment_to_dict(cfg))))
+                for dl in res.dead_letters:
+                    waits.append(await t_dead.send(value=dumps(dl)))
+                for eid in sorted(res.touched):
+                    waits.append(await t_dirty.send(key=eid.encode(), value=eid.encode()))
+                if waits:
+                    await asyncio.gather(*waits)  # delivered before the batch is acked
+                app.liftstream.setdefault("counts", defaultdict(int))
+                for k, v in res.counts.items():
+                    app.liftstream["counts"][k] += v
+
+    if role in ("sampler", "all"):
+        from kernels.backend import get_xp
+
+        service = SamplerService(r, registry, TickConfig(
+            chains=settings.chains, sweeps=settings.sweeps_per_tick,
+            window=settings.window_draws, warmup=settings.warmup, seed=settings.seed),
+            xp=get_xp(settings.device))
+        app.liftstream["sampler"] = service
+        sampler_pool = ThreadPoolExecutor(1, thread_name_prefix="sampler")
+
+        @app.agent(t_dirty, name="dirty")
+        async def dirty_agent(stream):
+            async for eid in stream:
+                service.own(eid.decode())
+
+        def owned_partitions() -> set[int]:
+            try:
+                return {tp.partition for tp in app.consumer.assignment()
+                        if tp.topic == settings.topic_dirty}
+            except Exception:  # noqa: BLE001 - consumer not started yet
+                return set()
+
+        @app.timer(settings.tick_seconds)
+        async def sampler_tick():
+            parts = owned_partitions()
+            if not parts:
+                service.disown_all()
+                return
+            loop = asyncio.get_running_loop()
+            ids = await with_retry(registry.ids, what="sampler")
+            mine = {e for e in ids if partition_for(e.encode(), settings.partitions) in parts}
+            service.owned &= mine
+            for e in mine - service.owned:
+                service.own(e)
+            try:
+                recs = await loop.run_in_executor(sampler_pool, service.tick)
+            except TRANSIENT as e:
+                log.warning("sampler tick: redis unavailable (%s)", e)
+                return
+            except Exception as e:  # noqa: BLE001
+                log.exception("sampler tick failed: %s", e)
+                return
+            for rec in recs:
+                key = f"{rec['experiment_id']}|{rec['metric']}|{rec['variant']}".encode()
+                await t_estimates.send(key=key, value=dumps(rec))
+
+    from streams.web import register_pages
+
+    register_pages(app, r, registry)
+    return app

@@ -1,0 +1,68 @@
+"""HTTP API on Faust's web server (bound to loopback by default).
+
+Read-only views of the Redis read model: experiments, their latest
+estimates and history, health. Blocking Redis calls run on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from schemas.codec import loads
+from schemas.validate import experiment_to_dict, is_valid_name
+from streams.sampler import read_estimates
+from streams.state import experiment_key
+
+
+def register_pages(app, r: Any, registry) -> None:
+    async def call(fn, *a):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        try:
+            await call(r.ping)
+        except Exception as e:  # noqa: BLE001
+            return web.json({"status": "redis unavailable", "error": str(e)}, status=503)
+        return web.json({"status": "ready"})
+
+    @app.page("/experiments")
+    async def experiments(web, request):
+        ids = await call(registry.ids)
+        return web.json({"experiments": ids})
+
+    @app.page("/experiments/{experiment_id}")
+    async def experiment(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        cfg = await call(registry.get, experiment_id)
+        if cfg is None:
+            return web.json({"error": "unknown experiment"}, status=404)
+        return web.json(experiment_to_dict(cfg))
+
+    @app.page("/experiments/{experiment_id}/estimates")
+    async def estimates(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        recs = await call(read_estimates, r, experiment_id)
+        return web.json({"experiment_id": experiment_id, "estimates": recs})
+
+    @app.page("/experiments/{experiment_id}/history")
+    async def history(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+
+        def read():
+            out = {}
+            pattern = experiment_key(experiment_id, "history:*")
+            for k in r.scan_iter(match=pattern, count=500):
+                name = (k.decode() if isinstance(k, bytes) else k).split(":history:", 1)[1]
+                out[name] = [loads(x) for x in r.lrange(k, 0, 499)][::-1]
+            return out
+
+        return web.json({"experiment_id": experiment_id, "history": await call(read)})
