@@ -1,0 +1,323 @@
+"""Differential test: Redis/Lua ingest (streams.state) == reference reducer
+(streams.semantics), on random event streams, against a real redis-server.
+
+Random streams over 2-3 experiments with windows, buckets, lateness and dedupe
+horizons of a few seconds (so maturation, late metrics and dedupe expiry all
+happen), with duplicates, disorder, unknown units/variants/metrics/experiments,
+pre-exposure and outside-window metrics, metrics without experiment_id,
+conflicts and missing pre_activity. The stream is cut into random batches
+(increasing offsets on one partition) and fed through route_batch +
+apply_batch, with simulated crashes (after routing only; after applying to some
+experiments) followed by the full batch, and replays of earlier batches, which
+must be no-ops. Snapshots must be equal with every float bit-identical; unit
+states and the pending set too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.semantics import Reducer
+from streams.state import (
+    applied_offset,
+    apply_batch,
+    min_applied_offsets,
+    read_pending,
+    read_snapshot,
+    read_units,
+    route_batch,
+)
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000
+TOPIC = "liftstream.events"
+PART = 3
+UNITS = ("u0", "u1", "u2", "u10", "Z", "z", "é", "u 1")
+
+
+def bits(x):
+    """Canonical form with floats as hex: equality means bit equality
+    (distinguishes 0.0 from -0.0, unlike ==)."""
+    if isinstance(x, float):
+        return ("f", x.hex())
+    if isinstance(x, dict):
+        return {k: bits(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [bits(v) for v in x]
+    if hasattr(x, "__dataclass_fields__") and not isinstance(x, ExperimentConfig):
+        return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__ if f != "seq"}
+    return x
+
+
+@st.composite
+def configs(draw):
+    out = []
+    for i in range(draw(st.integers(2, 3))):
+        out.append(ExperimentConfig(
+            experiment_id=f"e{i}",
+            variants=draw(st.sampled_from([("control", "treatment"), ("c", "t1", "t2")])),
+            metrics=tuple(MetricSpec(m) for m in draw(
+                st.sampled_from([("rev",), ("rev", "clicks")]))),
+            strata_edges=draw(st.sampled_from([(0, 1, 4, 29), (0, 2.5), (0,)])),
+            window_seconds=draw(st.integers(0, 5)),
+            bucket_seconds=draw(st.integers(1, 3)),
+            lateness_seconds=draw(st.integers(0, 2)),
+            dedupe_seconds=draw(st.integers(0, 4)),
+            started_at=draw(st.none() | st.integers(-3000, 3000).map(lambda d: T0 + d)),
+        ))
+    return out
+
+
+values = (st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+          | st.sampled_from([0.1, 0.2, 1e-300, 1e15, -0.0, 3.0, 1 / 3]))
+activities = st.none() | st.sampled_from([0, 0.5, 1, 2.5, 3.7, 4, 28, 29, 35]) | st.floats(0, 40)
+
+
+@st.composite
+def streams(draw, cfgs):
+    exp_ids = [c.experiment_id for c in cfgs]
+    all_variants = sorted({v for c in cfgs for v in c.variants} | {"zz"})
+    n = draw(st.integers(1, 60))
+    t = 0
+    events = []
+    exposures: list[Exposure] = []  # metrics mostly target exposed units, so they land
+    for _ in range(n):
+        if events and draw(st.integers(0, 9)) == 0:  # exact re-send
+            events.append(draw(st.sampled_from(events)))
+            continue
+        if draw(st.integers(0, 5)) == 0:  # straggler: far behind, clock stays
+            ts = T0 + t - draw(st.integers(0, 9000))
+        else:
+            t += draw(st.integers(-500, 2500))
+            ts = T0 + t
+        eid = f"k{draw(st.integers(0, 20))}"
+        if draw(st.booleans()):
+            x = Exposure(eid, draw(st.sampled_from(exp_ids + ["ghost"])),
+                         draw(st.sampled_from(UNITS)), draw(st.sampled_from(all_variants)),
+                         ts, draw(activities))
+            exposures.append(x)
+            events.append(x)
+        else:
+            exp = draw(st.sampled_from([None, None, None, "ghost", *exp_ids]))
+            unit = draw(st.sampled_from(UNITS))
+            if exposures and draw(st.integers(0, 2)) > 0:
+                # anchored at an earlier exposure: inside or around its window,
+                # often long after it closed (late) when the clock has moved on
+                x = draw(st.sampled_from(exposures))
+                unit, ts = x.unit_id, x.ts + draw(st.integers(-300, 6000))
+                exp = draw(st.sampled_from([None, None, x.experiment_id, exp]))
+            name = draw(st.sampled_from(["rev", "rev", "clicks", "bogus"]))
+            events.append(Metric(eid, unit, name, draw(values), ts, exp))
+    return events
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_lua_equals_reducer(redis_url, data):
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    cfgs = data.draw(configs(), label="configs")
+    events = data.draw(streams(cfgs), label="events")
+    known = {c.experiment_id: c for c in cfgs}
+
+    # oracle
+    red = Reducer(cfgs)
+    red.apply_all(events)
+
+    # offsets with gaps, then random batch cuts
+    off = data.draw(st.integers(0, 1000))
+    with_offsets = []
+    for ev in events:
+        with_offsets.append((off, ev))
+        off += data.draw(st.integers(1, 3))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(events)), max_size=8))))
+    bounds = [0, *[c for c in cuts if c < len(events)], len(events)]
+    batches = [with_offsets[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    rejected: list = []
+    for i, batch in enumerate(batches):
+        crash = data.draw(st.sampled_from(["none", "none", "after_route", "partial"]))
+        if crash == "after_route":
+            route_batch(r, batch, known, TOPIC, PART)
+        elif crash == "partial":
+            routed = route_batch(r, batch, known, TOPIC, PART)
+            for e, evs in routed.items():
+                if data.draw(st.booleans()):
+                    apply_batch(r, known[e], TOPIC, PART, evs)
+        routed = route_batch(r, batch, known, TOPIC, PART, rejected=rejected)
+        for e, evs in routed.items():
+            res = apply_batch(r, known[e], TOPIC, PART, evs)
+            assert res["offset"] == evs[-1][0]
+        if data.draw(st.integers(0, 2)) == 0:  # replay an earlier batch: no-op
+            j = data.draw(st.integers(0, i))
+            seq_before = {e: r.get(f"lr:{{e:{e}}}:dirty_seq") for e in known}
+            for e, evs in route_batch(r, batches[j], known, TOPIC, PART).items():
+                res = apply_batch(r, known[e], TOPIC, PART, evs)
+                assert res["applied"] == 0 and res["skipped"] == len(evs)
+            assert seq_before == {e: r.get(f"lr:{{e:{e}}}:dirty_seq") for e in known}
+
+    reasons = [why for _, _, why in rejected]
+    assert reasons.count("unrouted") == red.counters["unrouted"]
+    assert reasons.count("unknown_experiment") == red.counters["unknown_experiment"]
+
+    for c in cfgs:
+        want = red.states[c.experiment_id]
+        got = read_snapshot(r, c)
+        assert bits(got) == bits(want.snapshot()), c.experiment_id
+        assert got == want.snapshot()
+        assert bits(read_units(r, c)) == bits(want.units)
+        assert read_pending(r, c.experiment_id) == want.pending_units()
+    r.close()
+
+
+# ---------------------------------------------------------------- targeted cases
+
+
+def _cfg(eid="e1", **kw) -> ExperimentConfig:
+    base = dict(experiment_id=eid, metrics=(MetricSpec("rev"),), window_seconds=10,
+                bucket_seconds=2, lateness_seconds=1, dedupe_seconds=5)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def _both(r, cfgs, events, batch_size):
+    """Feed ``events`` through Redis in batches and through the reducer."""
+    known = {c.experiment_id: c for c in cfgs}
+    batch = list(enumerate(events))
+    for k in range(0, len(batch), batch_size):
+        for e, part in route_batch(r, batch[k:k + batch_size], known, TOPIC, 0).items():
+            apply_batch(r, known[e], TOPIC, 0, part)
+    red = Reducer(cfgs).apply_all(events)
+    for c in cfgs:
+        assert bits(read_snapshot(r, c)) == bits(red.snapshots()[c.experiment_id])
+        assert bits(read_units(r, c)) == bits(red.states[c.experiment_id].units)
+        assert read_pending(r, c.experiment_id) == red.states[c.experiment_id].pending_units()
+    return red
+
+
+def _x(eid, unit, t, variant="control", exp="e1", pre=1.0):
+    return Exposure(eid, exp, unit, variant, T0 + t, pre)
+
+
+def _m(eid, unit, t, value=1.0, exp="e1"):
+    return Metric(eid, unit, "rev", value, T0 + t, exp)
+
+
+TRICKY = {
+    # an exposure whose window closed before the watermark matures at once,
+    # so its metric is late even though the watermark did not move
+    "late_exposure": [_m("a", "w", 30_000), _x("b", "old", 0), _m("c", "old", 500)],
+    # dedupe boundary (DD = 5 s): 0 >= 5000 - 5000 is a duplicate ...
+    "dedupe_edge": [_m("a", "u", 0), _m("b", "u", 5000), _m("a", "u", 0)],
+    # ... one ms later it has expired; the new sighting overwrites the old
+    "dedupe_expiry_overwrite": [_m("a", "u", 0), _m("b", "u", 5001), _m("a", "u", 4000),
+                                _m("c", "u", 9000), _m("a", "u", 1)],
+    # fold order (close_ts, unit bytes) shows in the float sum
+    "fold_order": [_x("1", "c", 0), _x("2", "b", 0), _x("3", "A", 0),
+                   _m("4", "c", 5, 1.0), _m("5", "A", 5, 1e16), _m("6", "b", 5, -1e16),
+                   _m("7", "z", 20_000)],
+    "conflict_repeat": [_x("1", "u", 0), _x("2", "u", 10, "treatment"), _x("3", "u", 20),
+                        _x("4", "u", 30, "nope"), _m("5", "u", 40, 2.5)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY))
+@pytest.mark.parametrize("batch_size", [1, 2, 100])
+def test_tricky_sequences(redis_url, name, batch_size):
+    r = redis.Redis.from_url(redis_url)
+    _both(r, [_cfg()], TRICKY[name], batch_size)
+
+
+def test_crash_between_index_write_and_lua_does_not_reroute(redis_url):
+    """A metric without experiment_id *before* the unit's exposure in the same
+    batch goes nowhere; after a crash that left the index written but not the
+    experiment, the replay must still route it nowhere (a plain set index
+    would route it to e1 and count unknown_unit there)."""
+    r = redis.Redis.from_url(redis_url)
+    c = _cfg()
+    batch = [(10, Metric("m", "u", "rev", 1.0, T0 + 50_000)),
+             (11, Exposure("x", "e1", "u", "control", T0, 2.0))]
+    route_batch(r, batch, {"e1": c}, TOPIC, 0)  # crash here
+    routed = route_batch(r, batch, {"e1": c}, TOPIC, 0)
+    assert routed == {"e1": [batch[1]]}
+    apply_batch(r, c, TOPIC, 0, routed["e1"])
+    want = Reducer([c]).apply_all(e for _, e in batch).snapshots()["e1"]
+    assert read_snapshot(r, c) == want
+    assert want.max_ts == T0  # the metric's ts did not move e1's clock
+
+
+def test_partial_apply_then_replay_is_exactly_once(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    c1, c2 = _cfg("e1"), _cfg("e2")
+    known = {"e1": c1, "e2": c2}
+    batch = [(0, Exposure("x1", "e1", "u", "control", T0)),
+             (1, Exposure("x2", "e2", "u", "treatment", T0)),
+             (2, Metric("m", "u", "rev", 0.1, T0 + 5))]
+    routed = route_batch(r, batch, known, TOPIC, 0)
+    assert routed == {"e1": [batch[0], batch[2]], "e2": [batch[1], batch[2]]}
+    apply_batch(r, c1, TOPIC, 0, routed["e1"])  # crash before e2
+    for e, evs in route_batch(r, batch, known, TOPIC, 0).items():
+        apply_batch(r, known[e], TOPIC, 0, evs)
+    red = Reducer([c1, c2]).apply_all(e for _, e in batch)
+    for c in (c1, c2):
+        assert read_snapshot(r, c) == red.snapshots()[c.experiment_id]
+    assert read_units(r, c1)["u"].totals == [0.1]
+    assert read_units(r, c2)["u"].totals == [0.1]
+
+
+def test_offsets_api(redis_url):
+    r = redis.Redis.from_url(redis_url, decode_responses=True)  # str replies work too
+    c1, c2 = _cfg("e1"), _cfg("e2")
+    apply_batch(r, c1, TOPIC, 0, [(7, Exposure("a", "e1", "u", "control", T0))])
+    apply_batch(r, c1, TOPIC, 1, [(30, Exposure("b", "e1", "v", "control", T0))])
+    apply_batch(r, c2, TOPIC, 0, [(4, Exposure("c", "e2", "w", "control", T0))])
+    apply_batch(r, c2, "other", 0, [(1, Exposure("d", "e2", "y", "control", T0))])
+    assert applied_offset(r, "e1", TOPIC, 0) == 7
+    assert applied_offset(r, "e1", TOPIC, 2) is None
+    assert min_applied_offsets(r, ["e1", "e2", "e3"], TOPIC) == {0: 4, 1: 30}
+    assert min_applied_offsets(r, [], TOPIC) == {}
+    snap = read_snapshot(r, c1)
+    assert snap.seq == 2 and snap.exposed == {"control": 2, "treatment": 0}
+
+
+def test_apply_batch_rejects_foreign_and_non_finite(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    c = _cfg()
+    with pytest.raises(ValueError):
+        apply_batch(r, c, TOPIC, 0, [(0, Exposure("a", "e2", "u", "control", T0))])
+    with pytest.raises(ValueError):
+        apply_batch(r, c, TOPIC, 0, [(0, Metric("a", "u", "rev", math.inf, T0))])
+    assert apply_batch(r, c, TOPIC, 0, []) == {"applied": 0, "skipped": 0}
+    assert r.dbsize() == 0
+
+
+def test_float_sums_bit_equal_on_long_stream(redis_url):
+    """Many small, awkward values into one cell: Σy and Σy² must match to the
+    bit (no %.14g, no long double anywhere on the Lua side)."""
+    r = redis.Redis.from_url(redis_url)
+    c = _cfg(window_seconds=1, lateness_seconds=0)
+    evs = []
+    for i in range(400):
+        u = f"u{i}"
+        evs.append(Exposure(f"x{i}", "e1", u, "control", T0 + i * 10, 3.3))
+        evs.append(Metric(f"m{i}", u, "rev", 0.1 * (i % 7) + 1 / 3, T0 + i * 10 + 1))
+        evs.append(Metric(f"n{i}", u, "rev", 1e-3 / (i + 1), T0 + i * 10 + 2))
+    evs.append(Metric("end", "u0", "rev", 0.0, T0 + 10_000_000))
+    batch = list(enumerate(evs))
+    for k in range(0, len(batch), 97):
+        for part in route_batch(r, batch[k:k + 97], {"e1": c}, TOPIC, 0).values():
+            apply_batch(r, c, TOPIC, 0, part)
+    want = Reducer([c]).apply_all(evs).snapshots()["e1"]
+    got = read_snapshot(r, c)
+    assert bits(got) == bits(want)
+    assert got.matured["control"] == 400
+    assert got.activity_sum[2] == want.activity_sum[2] and got.activity_n[2] == 400
