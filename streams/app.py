@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,8 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_bind=settings.web_host,
+        datadir=os.environ.get("LIFTSTREAM_DATADIR") or os.path.join(
+            tempfile.gettempdir(), f"liftstream-{settings.app_id}-{role}"),
         **FAUST_BROKER_SETTINGS,
     )
     r = redis.Redis.from_url(settings.redis_url, health_check_interval=10)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="embedded broker + Redis + worker + traffic, live table")
     d.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
     d.add_argument("--no-traffic", action="store_true")
+    d.add_argument("--speed", type=float, default=10.0, help="simulated days per minute")
+    d.add_argument("--seed", type=int, default=0)
     return p
 
 

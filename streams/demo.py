@@ -1,0 +1,180 @@
+"""``liftstream demo``: the whole system on one machine, nothing to install.
+
+Starts the embedded broker (Tansu) and Redis on free loopback ports, creates
+the topics, registers a demo experiment, runs a worker (role ``all``) and a
+traffic simulator whose event clock runs at ``--speed`` simulated days per
+minute: heavy users arrive first and the effect grows with activity, so the
+naive estimate starts high and drifts down while the adjusted one sits near
+the known population effect. A live table shows both. Ctrl-C or
+``--duration`` stops everything; no process is left behind.
+
+``--no-traffic`` starts the same stack without the simulator and prints one
+JSON line with the addresses for external producers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import redis
+
+from schemas.codec import dumps, loads
+from schemas.records import ExperimentConfig
+from streams.embedded import free_port, kafka_broker, redis_server
+from streams.registry import Registry
+from streams.sampler import estimate_key
+from streams.settings import Settings
+from streams.synthetic import Scenario, events, population, truth
+
+DAY_MS = 86_400_000
+DEMO_EXPERIMENT = "demo-checkout"
+
+
+class Traffic(threading.Thread):
+    """Produces the simulated events in event-time order, paced on a
+    compressed clock (``days_per_minute``)."""
+
+    def __init__(self, bootstrap: str, topic: str, evs: list[dict], start_ms: int,
+                 days_per_minute: float):
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.evs = bootstrap, topic, evs
+        self.start_ms, self.speed = start_ms, days_per_minute
+        self.stop_flag = threading.Event()
+        self.sent = 0
+        self.sim_ms = start_ms
+
+    def run(self) -> None:
+        from confluent_kafka import Producer
+
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 50})
+        t0 = time.monotonic()
+        ms_per_s = self.speed * DAY_MS / 60.0
+        i = 0
+        while i < len(self.evs) and not self.stop_flag.is_set():
+            self.sim_ms = self.start_ms + int((time.monotonic() - t0) * ms_per_s)
+            while i < len(self.evs) and self.evs[i]["ts"] <= self.sim_ms:
+                e = self.evs[i]
+                try:
+                    p.produce(self.topic, key=e["unit_id"].encode(), value=dumps(e))
+                    i += 1
+                except BufferError:
+                    p.poll(0.05)
+            self.sent = i
+            p.poll(0)
+            time.sleep(0.05)
+        p.flush(10)
+
+
+def _fmt(iv: dict | None) -> str:
+    if not iv or iv.get("mean") is None:
+        return "—".center(26)
+    return f"{iv['mean']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
+
+
+def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool) -> str:
+    head = f"liftstream demo — experiment {DEMO_EXPERIMENT}, event time day {sim_day:5.2f}, " \
+           f"{sent} events sent"
+    if rec is None:
+        body = "waiting for the first estimate (units mature one day after exposure)…"
+    else:
+        d = rec["diagnostics"]
+        u = rec["units"]
+        body = "\n".join([
+            f"{'':10} {'effect (95% interval)':>28} {'lift':>8}",
+            f"{'naive':10} {_fmt(rec['naive']['effect']):>28} "
+            f"{rec['naive']['lift']['mean'] or 0:+8.2%}",
+            f"{'adjusted':10} {_fmt(rec['adjusted']['effect']):>28} "
+            f"{rec['adjusted']['lift']['mean'] or 0:+8.2%}",
+            f"{'truth':10} {tr['effect']:+28.3f} {tr['lift']:+8.2%}",
+            f"units exposed {sum(u['exposed'].values())}, matured {sum(u['matured'].values())}"
+            f" | D={rec['watermark']['completed_buckets']} days | R-hat {d['rhat'] or 0:.3f}, "
+            f"ESS {d['ess_bulk'] or 0:.0f}, iteration {d['iteration']}",
+        ])
+    text = head + "\n" + body
+    return ("\x1b[H\x1b[J" + text) if tty else text
+
+
+def main(args) -> int:
+    duration = args.duration
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with kafka_broker() as kafka, redis_server() as rds:
+        port = free_port()
+        s = Settings.from_env(bootstrap_servers=kafka.url, redis_url=rds.url, web_port=port,
+                              auto_register=True, chains=4, sweeps_per_tick=40,
+                              tick_seconds=1.0, partitions=4)
+        env = dict(os.environ, LIFTSTREAM_BOOTSTRAP_SERVERS=kafka.url,
+                   LIFTSTREAM_REDIS_URL=rds.url, LIFTSTREAM_WEB_PORT=str(port),
+                   LIFTSTREAM_AUTO_REGISTER="true", LIFTSTREAM_CHAINS="4",
+                   LIFTSTREAM_SWEEPS_PER_TICK="40", LIFTSTREAM_PARTITIONS="4",
+                   LIFTSTREAM_TICK_SECONDS="1.0")
+        from streams.topics import ensure_topics
+        from streams.worker import topic_specs
+
+        ensure_topics(s.bootstrap_servers, topic_specs(s))
+        start_ms = int(time.time() * 1000) - 15 * DAY_MS
+        cfg = ExperimentConfig(experiment_id=DEMO_EXPERIMENT, window_seconds=86_400,
+                               started_at=start_ms)
+        from streams.admin import publish_experiment
+
+        publish_experiment(kafka.url, s.topic_experiments, cfg)
+        Registry(redis.Redis.from_url(rds.url)).put(cfg)
+        logf = open(os.path.join(rds.workdir, "worker.log"), "wb")  # noqa: SIM115
+        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--role", "all"],
+                                  env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        traffic = None
+        try:
+            http = f"http://127.0.0.1:{port}"
+            if args.no_traffic:
+                print(dumps({"bootstrap_servers": kafka.url, "redis_url": rds.url,
+                             "http": http}).decode(), flush=True)
+                t_end = None if duration is None else time.monotonic() + duration
+                while not stop.is_set() and (t_end is None or time.monotonic() < t_end):
+                    if worker.poll() is not None:
+                        raise SystemExit("worker exited; see its log")
+                    time.sleep(0.5)
+                return 0
+            rng = np.random.default_rng(args.seed if hasattr(args, "seed") else 0)
+            pop = population(Scenario(n_units=40_000), rng)
+            evs = events(pop, DEMO_EXPERIMENT, start_ms, DAY_MS, 14.0, rng)
+            tr = truth(pop)
+            traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, args.speed)
+            traffic.start()
+            r = redis.Redis.from_url(rds.url)
+            tty = sys.stdout.isatty()
+            t_end = None if duration is None else time.monotonic() + duration
+            last = 0.0
+            while not stop.is_set() and (t_end is None or time.monotonic() < t_end):
+                if worker.poll() is not None:
+                    raise SystemExit("worker exited unexpectedly")
+                if time.monotonic() - last >= (1.0 if tty else 5.0):
+                    last = time.monotonic()
+                    raw = r.get(estimate_key(DEMO_EXPERIMENT, "value", "treatment"))
+                    rec = loads(raw) if raw else None
+                    day = (traffic.sim_ms - start_ms) / DAY_MS
+                    print(render(rec, tr, day, traffic.sent, tty), flush=True)
+                    if not tty:
+                        print()
+                time.sleep(0.1)
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if traffic is not None:
+                traffic.stop_flag.set()
+                traffic.join(15)
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+            logf.close()
