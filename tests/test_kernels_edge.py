@@ -117,3 +117,19 @@ def test_summary_has_every_numeric_field():
     # expected loss flips with the metric's direction
     eff = tr.adj_effect[1, :, :, 0].ravel()
     assert out[1][0]["adjusted"]["expected_loss"] == pytest.approx(np.maximum(0, eff).mean())
+
+
+def test_thirty_strata_and_two_treatments_finite_and_sane():
+    rng = np.random.default_rng(12)
+    P, K1, S = 3, 3, 30
+    n = rng.integers(0, 50, (P, K1, S)).astype(float)
+    y = rng.normal(5, 1, (P, K1, S))
+    sy = n * y
+    syy = n * (y**2 + 1.0)
+    arrived = n.sum(1) + rng.integers(0, 20, (P, S))
+    act = np.tile(np.linspace(0.5, 28, S), (P, 1))
+    data = make_data(n, sy, syy, arrived, arrived * 1.5, 4, act)
+    state, tr = sample(data, seed=4, warmup=100, draws=200)
+    finite_state(state)
+    np.testing.assert_allclose(tr.share.sum(-1), 1.0)
+    assert np.all(np.abs(tr.adj_effect.mean(axis=(1, 2))) < 2.0)
