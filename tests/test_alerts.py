@@ -1,0 +1,382 @@
+"""streams.alerts: edge-triggered alert records from estimate records.
+
+Each kind fires on a constructed estimate record and resolves when the
+condition goes away; nothing is re-emitted while a condition stays; the
+hysteresis band holds a firing alert; every emitted record validates against
+``schemas/alert.schema.json``; ids are deterministic; the state survives a
+JSON round trip (it lives in Redis between calls).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import jsonschema
+import orjson
+import pytest
+
+from schemas.contracts import load_schema
+from schemas.records import ExperimentConfig, MetricSpec
+from streams.alerts import (
+    ALERT_KINDS,
+    DEFAULT_THRESHOLDS,
+    alert_id,
+    evaluate,
+    initial_state,
+    thresholds,
+    unknown_threshold_keys,
+)
+
+ALERT_SCHEMA = jsonschema.Draft202012Validator(load_schema("alert"))
+ESTIMATE_SCHEMA = jsonschema.Draft202012Validator(load_schema("estimate"))
+WM = 1_700_000_000_000
+
+
+def config(**kw) -> ExperimentConfig:
+    base = dict(
+        experiment_id="exp-1",
+        variants=("control", "treatment"),
+        metrics=(MetricSpec("revenue", "increase", 0.5), MetricSpec("latency", "decrease")),
+    )
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def record(metric: str = "revenue", variant: str = "treatment", *,
+           mean: float = 0.1, sd: float = 0.1, lo: float | None = None,
+           hi: float | None = None, p_positive: float = 0.8,
+           naive_mean: float | None = None, rhat: float | None = 1.001,
+           ess: float | None = 1000.0, iteration: int = 5000,
+           exposed: dict | None = None, adjustment: str = "stratified",
+           watermark: int = WM, computed_at: int = WM + 1000,
+           experiment_id: str = "exp-1") -> dict:
+    """An estimate record shaped like ``streams.problems.records`` output."""
+    lo = mean - 1.96 * sd if lo is None else lo
+    hi = mean + 1.96 * sd if hi is None else hi
+    nm = mean if naive_mean is None else naive_mean
+    interval = {"mean": mean, "sd": sd, "lo": lo, "hi": hi}
+    rec = {
+        "schema_version": 1,
+        "experiment_id": experiment_id,
+        "metric": metric,
+        "variant": variant,
+        "control": "control",
+        "adjustment": adjustment,
+        "adjusted": {"effect": interval, "lift": {"mean": None, "sd": None, "lo": None, "hi": None},
+                     "p_positive": p_positive, "expected_loss": 0.01},
+        "naive": {"effect": {"mean": nm, "sd": sd * 0.8, "lo": nm - 1.6 * sd, "hi": nm + 1.6 * sd},
+                  "lift": {"mean": None, "sd": None, "lo": None, "hi": None},
+                  "p_positive": 0.5},
+        "strata": [],
+        "units": {"exposed": exposed or {"control": 5000, "treatment": 5000},
+                  "matured": {"control": 4000, "treatment": 4000}},
+        "diagnostics": {"rhat": rhat, "ess_bulk": ess, "ess_tail": ess, "chains": 8,
+                        "draws": 4000, "iteration": iteration},
+        "watermark": {"event_time": watermark, "completed_buckets": 3},
+        "computed_at": computed_at,
+    }
+    ESTIMATE_SCHEMA.validate(rec)
+    return rec
+
+
+class Monitor:
+    """The caller's loop: state stored as JSON between calls, every alert validated."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.state: dict | None = None
+        self.now = WM + 10_000
+        self.log: list[dict] = []
+
+    def __call__(self, *recs: dict, cfg: ExperimentConfig | None = None) -> list[dict]:
+        self.now += 1000
+        before = copy.deepcopy(self.state)
+        alerts, state = evaluate(cfg or self.cfg, list(recs), self.state, self.now)
+        assert self.state == before  # the previous state is not mutated
+        self.state = orjson.loads(orjson.dumps(state))  # JSON-able, as in Redis
+        for a in alerts:
+            ALERT_SCHEMA.validate(a)
+            assert orjson.loads(orjson.dumps(a)) == a
+            assert a["created_at"] == self.now
+            assert a["message"].endswith(".") and a["message"].count(". ") == 0
+        self.log.extend(alerts)
+        return alerts
+
+
+def kinds(alerts: list[dict], state: str | None = None) -> set[str]:
+    return {a["kind"] for a in alerts if state is None or a["state"] == state}
+
+
+# --------------------------------------------------------------------------- all kinds
+
+
+def test_every_kind_fires_and_resolves():
+    cfg = config(allocation=(0.5, 0.5))
+    mon = Monitor(cfg)
+    bad = record(mean=-1.0, sd=0.2, p_positive=0.001, naive_mean=0.5,
+                 exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900)
+    stuck = record(metric="latency", rhat=1.3, ess=40, iteration=3000,
+                   exposed={"control": 5600, "treatment": 4400})
+    fired = mon(bad, stuck)
+    assert kinds(fired, "firing") == set(ALERT_KINDS)
+    assert all(a["state"] == "firing" for a in fired)
+    assert not mon(bad, stuck)  # no repetition while firing
+    assert not mon(bad, stuck)
+    good = record(mean=0.0, sd=0.2, p_positive=0.5,
+                  exposed={"control": 50_000, "treatment": 50_000})
+    calm = record(metric="latency", rhat=1.001, exposed={"control": 50_000, "treatment": 50_000})
+    resolved = mon(good, calm)
+    assert kinds(resolved, "resolved") == set(ALERT_KINDS)
+    assert all(a["state"] == "resolved" for a in resolved)
+    assert mon.state["active"] == {}
+    assert not mon(good, calm)
+    # each firing has exactly one resolved with the same id
+    ids_f = sorted(a["alert_id"] for a in fired)
+    ids_r = sorted(a["alert_id"] for a in resolved)
+    assert ids_f == ids_r and len(set(ids_f)) == len(ids_f)
+
+
+def test_alert_ids_are_deterministic():
+    assert alert_id("exp-1", "decision_ready", "revenue", "treatment") == \
+        "exp-1|decision_ready|revenue|treatment"
+    assert alert_id("exp-1", "sample_ratio_mismatch") == "exp-1|sample_ratio_mismatch||"
+    cfg = config()
+    recs = [record(mean=-1.0, sd=0.2, p_positive=0.001)]
+    a1, s1 = evaluate(cfg, recs, None, WM + 5)
+    a2, s2 = evaluate(cfg, copy.deepcopy(recs), {}, WM + 5)
+    assert a1 == a2 and s1 == s2
+    assert {a["alert_id"] for a in a1} == {
+        "exp-1|guardrail_breach|revenue|treatment",
+        "exp-1|decision_ready|revenue|treatment",
+    }
+    assert [a["alert_id"] for a in a1] == sorted(a["alert_id"] for a in a1)
+
+
+# --------------------------------------------------------------------------- guardrail
+
+
+@pytest.mark.parametrize("g", [0.5, -0.5])
+def test_guardrail_breach_increase_metric(g):
+    mon = Monitor(config(metrics=(MetricSpec("revenue", "increase", g),)))
+    # P(effect < -0.5) for N(-1, 0.2) = Phi(2.5) = 0.994
+    a = mon(record(mean=-1.0, sd=0.2))
+    assert [x["kind"] for x in a] == ["guardrail_breach"]
+    ev = a[0]["evidence"]
+    assert ev["p_breach"] == pytest.approx(0.99379, abs=1e-4)
+    assert ev["threshold"] == -0.5 and a[0]["metric"] == "revenue"
+    assert a[0]["variant"] == "treatment" and a[0]["watermark"] == {"event_time": WM}
+    # in the hysteresis band (0.90 <= P <= 0.95): still firing, nothing emitted
+    assert not mon(record(mean=-0.8, sd=0.2))  # Phi(1.5) = 0.933
+    a = mon(record(mean=-0.3, sd=0.2))  # Phi(-1) = 0.16
+    assert [(x["kind"], x["state"]) for x in a] == [("guardrail_breach", "resolved")]
+    # the band does not fire from cold
+    assert not mon(record(mean=-0.8, sd=0.2))
+
+
+def test_guardrail_breach_decrease_metric_and_unguarded_metrics():
+    cfg = config(metrics=(MetricSpec("latency", "decrease", 20.0), MetricSpec("clicks")))
+    mon = Monitor(cfg)
+    assert not mon(record("latency", mean=10.0, sd=5.0), record("clicks", mean=-50, sd=1))
+    a = mon(record("latency", mean=40.0, sd=5.0))
+    assert [(x["kind"], x["metric"]) for x in a] == [("guardrail_breach", "latency")]
+    assert a[0]["evidence"]["threshold"] == 20.0
+    # sd = 0: a point mass
+    mon2 = Monitor(cfg)
+    assert kinds(mon2(record("latency", mean=21.0, sd=0.0, lo=21.0, hi=21.0))) == \
+        {"guardrail_breach"}
+
+
+# --------------------------------------------------------------------------- decision ready
+
+
+def test_decision_ready_fires_with_gates_and_hysteresis():
+    mon = Monitor(config(metrics=(MetricSpec("revenue"),)))
+    # decisive but not trustworthy yet: R-hat gate, then ESS gate
+    assert not mon(record(p_positive=0.97, rhat=1.02))
+    assert not mon(record(p_positive=0.97, ess=350))
+    a = mon(record(p_positive=0.97, rhat=1.005, ess=800))
+    assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "firing")]
+    assert a[0]["evidence"]["p_positive"] == 0.97 and a[0]["evidence"]["rhat"] == 1.005
+    assert "better" in a[0]["message"]
+    assert not mon(record(p_positive=0.93, rhat=1.015, ess=350))  # inside the hysteresis band
+    a = mon(record(p_positive=0.93, rhat=1.03))
+    assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "resolved")]
+    assert "trustworthy" in a[0]["message"]
+    # the other side: clearly worse also supports a decision
+    a = mon(record(mean=-0.3, p_positive=0.02))
+    assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "firing")]
+    assert "worse" in a[0]["message"]
+    a = mon(record(mean=0.0, p_positive=0.5))
+    assert [x["state"] for x in a] == ["resolved"]
+    # null diagnostics (too few draws): cannot be trusted
+    assert not mon(record(p_positive=0.99, rhat=None, ess=None))
+
+
+def test_decision_ready_respects_metric_direction_in_message():
+    mon = Monitor(config(metrics=(MetricSpec("latency", "decrease"),)))
+    a = mon(record("latency", p_positive=0.99))
+    assert "worse" in a[0]["message"] and a[0]["evidence"]["p_better"] == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------------- not converged
+
+
+def test_not_converged_after_min_iteration_with_hysteresis():
+    mon = Monitor(config(metrics=(MetricSpec("revenue"),)))
+    assert not mon(record(rhat=1.2, iteration=1000))  # warm-up
+    a = mon(record(rhat=1.2, iteration=2500))
+    assert [(x["kind"], x["state"]) for x in a] == [("not_converged", "firing")]
+    assert a[0]["evidence"]["iteration"] == 2500
+    assert not mon(record(rhat=1.04, iteration=3000))  # band: 1.03 < 1.04 <= 1.05
+    assert not mon(record(rhat=None, iteration=3100))  # undefined: no change
+    a = mon(record(rhat=1.02, iteration=3200))
+    assert [(x["kind"], x["state"]) for x in a] == [("not_converged", "resolved")]
+
+
+# --------------------------------------------------------------------------- early-adopter bias
+
+
+def test_early_adopter_bias_interval_criterion():
+    mon = Monitor(config(metrics=(MetricSpec("revenue"),)))
+    # adjusted 0.1 [-0.1, 0.3] (half-width 0.2); naive 0.5 lies 2 half-widths away
+    a = mon(record(mean=0.1, sd=0.1, lo=-0.1, hi=0.3, naive_mean=0.5, p_positive=0.84))
+    assert [(x["kind"], x["state"]) for x in a] == [("early_adopter_bias", "firing")]
+    ev = a[0]["evidence"]
+    assert ev["naive_mean"] == 0.5 and ev["interval_distance"] == pytest.approx(2.0)
+    assert not mon(record(mean=0.1, sd=0.1, lo=-0.1, hi=0.3, naive_mean=0.29,
+                          p_positive=0.84))  # 0.95 half-widths: in the band
+    a = mon(record(mean=0.1, sd=0.1, lo=-0.1, hi=0.3, naive_mean=0.25, p_positive=0.84))
+    assert [(x["kind"], x["state"]) for x in a] == [("early_adopter_bias", "resolved")]
+
+
+def test_early_adopter_bias_sign_criterion_and_unavailable_adjustment():
+    mon = Monitor(config(metrics=(MetricSpec("revenue"),)))
+    # naive mean inside the adjusted interval but positive, where the adjusted
+    # posterior has only 3% of its mass (ESS low so that decision_ready stays out)
+    a = mon(record(mean=-0.2, sd=0.12, lo=-0.5, hi=0.05, naive_mean=0.04, p_positive=0.03,
+                   ess=100))
+    assert [(x["kind"], x["state"]) for x in a] == [("early_adopter_bias", "firing")]
+    assert a[0]["evidence"]["adjusted_mass_on_naive_side"] == pytest.approx(0.03)
+    assert not mon(record(mean=-0.2, sd=0.12, lo=-0.5, hi=0.05, naive_mean=0.04,
+                          p_positive=0.07, ess=100))  # band: 0.05 <= 0.07 < 0.10
+    # (naive 0.01: 0.84 half-widths, inside the interval band too)
+    a = mon(record(mean=-0.2, sd=0.12, lo=-0.5, hi=0.05, naive_mean=0.01, p_positive=0.2,
+                   ess=100))
+    assert [x["state"] for x in a] == ["resolved"]
+    # one stratum: adjusted is naive, never an alert
+    mon2 = Monitor(config(metrics=(MetricSpec("revenue"),)))
+    assert not mon2(record(mean=0.1, lo=-0.1, hi=0.3, naive_mean=0.9, adjustment="unavailable"))
+
+
+# --------------------------------------------------------------------------- SRM
+
+
+def test_srm_fires_keeps_running_max_and_resolves_on_floor():
+    cfg = config(metrics=(MetricSpec("revenue"),), allocation=(0.5, 0.5))
+    mon = Monitor(cfg)
+    assert not mon(record(exposed={"control": 520, "treatment": 480}))
+    assert mon.state["srm"]["log_bf_max"] <= math.log(1000)
+    a = mon(record(exposed={"control": 5600, "treatment": 4400}))
+    assert [(x["kind"], x["state"], x["metric"], x["variant"]) for x in a] == \
+        [("sample_ratio_mismatch", "firing", None, None)]
+    ev = a[0]["evidence"]
+    assert ev["p_value"] < 1e-3 and ev["n"] == 10_000
+    assert ev["share.control"] == 0.56 and ev["allocation.treatment"] == 0.5
+    assert ev["max_rel_deviation"] == pytest.approx(0.12)
+    lmax = mon.state["srm"]["log_bf_max"]
+    assert lmax >= math.log(1000)
+    # the bug is fixed: balanced traffic dilutes the deviation; the running max stays
+    assert not mon(record(exposed={"control": 60_600, "treatment": 59_400}))  # 1.0% > 0.8%
+    assert mon.state["srm"]["log_bf_max"] >= lmax
+    a = mon(record(exposed={"control": 100_600, "treatment": 99_400}))  # 0.6% <= 0.8%
+    assert [(x["kind"], x["state"]) for x in a] == [("sample_ratio_mismatch", "resolved")]
+    assert a[0]["evidence"]["p_value"] < 1e-3  # still significant, no longer material
+
+
+def test_srm_state_is_the_running_max():
+    cfg = config(metrics=(MetricSpec("revenue"),))
+    rec = record(exposed={"control": 105, "treatment": 95})  # 5% of an arm, n = 200
+    # alone: nowhere near significant
+    a, state = evaluate(cfg, [rec], None, WM)
+    assert not a and state["srm"]["log_bf_max"] < 1.0
+    # an earlier look had crossed 1/alpha: anytime-valid p stays small, so it alarms
+    prior = {"version": 1, "active": {}, "srm": dict(state["srm"], log_bf_max=10.0)}
+    a, state2 = evaluate(cfg, [rec], prior, WM)
+    assert kinds(a) == {"sample_ratio_mismatch"}
+    assert state2["srm"]["log_bf_max"] == 10.0
+    # a changed allocation is a new null: the max restarts
+    a, state3 = evaluate(config(metrics=(MetricSpec("revenue"),), allocation=(0.4, 0.6)),
+                         [rec], prior, WM)
+    assert state3["srm"]["log_bf_max"] != 10.0
+
+
+def test_srm_unequal_allocation_and_three_arms():
+    cfg = config(variants=("control", "a", "b"), allocation=(0.5, 0.25, 0.25),
+                 metrics=(MetricSpec("revenue"),))
+    exposed = {"control": 50_000, "a": 25_000, "b": 25_000}
+    mon = Monitor(cfg)
+    assert not mon(record(variant="a", exposed=exposed), record(variant="b", exposed=exposed))
+    exposed = {"control": 50_000, "a": 25_000, "b": 22_000}  # arm b lost 12% of its units
+    a = mon(record(variant="a", exposed=exposed), record(variant="b", exposed=exposed))
+    assert kinds(a) == {"sample_ratio_mismatch"} and len(a) == 1
+
+
+def test_srm_no_units_changes_nothing():
+    mon = Monitor(config())
+    assert not mon(record(exposed={"control": 0, "treatment": 0}))
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+def test_missing_records_keep_alerts_and_removed_config_resolves():
+    cfg = config()
+    mon = Monitor(cfg)
+    a = mon(record(mean=-1.0, sd=0.2, p_positive=0.5))
+    assert kinds(a) == {"guardrail_breach"}
+    # a tick that only re-estimated another metric: no news, no change
+    assert not mon(record("latency"))
+    assert "exp-1|guardrail_breach|revenue|treatment" in mon.state["active"]
+    # the guardrail is removed from the config
+    cfg2 = config(metrics=(MetricSpec("revenue", "increase", None), MetricSpec("latency")))
+    a = mon(record("latency"), cfg=cfg2)
+    assert [(x["kind"], x["state"]) for x in a] == [("guardrail_breach", "resolved")]
+    assert "no longer" in a[0]["message"] and a[0]["watermark"] == {"event_time": WM}
+
+
+def test_other_experiments_ignored_and_latest_record_wins():
+    cfg = config(metrics=(MetricSpec("revenue"),))
+    old = record(p_positive=0.99, computed_at=WM + 1)
+    new = record(p_positive=0.5, computed_at=WM + 2)
+    other = record(p_positive=0.99, experiment_id="exp-2")
+    a, _ = evaluate(cfg, [new, old, other], None, WM)
+    assert not a
+    a, _ = evaluate(cfg, [old], initial_state(), WM)
+    assert kinds(a) == {"decision_ready"}
+
+
+def test_threshold_overrides_derived_resolve_levels_and_clamping():
+    t = thresholds(None)
+    assert t == DEFAULT_THRESHOLDS
+    t = thresholds({"guardrail_prob": 0.8})
+    assert t["guardrail_prob"] == 0.8 and t["guardrail_resolve_prob"] == pytest.approx(0.75)
+    # an explicit resolve level on the firing side is clamped to the firing level
+    t = thresholds({"guardrail_prob": 0.8, "guardrail_resolve_prob": 0.9,
+                    "decision_rhat": 1.05, "decision_resolve_rhat": 1.0})
+    assert t["guardrail_resolve_prob"] == 0.8 and t["decision_resolve_rhat"] == 1.05
+    # out-of-domain values fall back to the defaults instead of breaking the sampler
+    t = thresholds({"srm_alpha": 2.0, "decision_prob": 0.3, "bias_prob": float("nan")})
+    assert t["srm_alpha"] == 0.001 and t["decision_prob"] == 0.95 and t["bias_prob"] == 0.05
+    assert unknown_threshold_keys({"srm_alpha": 0.01, "typo_prob": 1.0}) == ["typo_prob"]
+
+
+def test_config_overrides_change_behaviour():
+    cfg = config(metrics=(MetricSpec("revenue"),), alert_thresholds={"decision_prob": 0.99})
+    a, _ = evaluate(cfg, [record(p_positive=0.97)], None, WM)
+    assert not a
+    a, _ = evaluate(cfg, [record(p_positive=0.995)], None, WM)
+    assert kinds(a) == {"decision_ready"}
+    cfg = config(metrics=(MetricSpec("revenue"),), alert_thresholds={"srm_floor": 0.2})
+    a, _ = evaluate(cfg, [record(exposed={"control": 5600, "treatment": 4400})], None, WM)
+    assert not a  # 12% deviation is under a 20% floor
