@@ -30,6 +30,7 @@ import redis
 
 from schemas.codec import dumps
 from schemas.validate import InvalidRecord, experiment_to_dict, parse_experiment
+from streams import alerting
 from streams.advance import TickConfig
 from streams.embedded import FAUST_BROKER_SETTINGS
 from streams.ingest import Ingestor
@@ -103,6 +104,7 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
     t_dirty = topics[settings.topic_dirty]
     t_estimates = topics[settings.topic_estimates]
     t_dead = topics[settings.topic_deadletter]
+    t_alerts = topics[settings.topic_alerts]
     app.liftstream = {"settings": settings, "redis": r, "registry": registry, "role": role}
 
     @app.agent(t_experiments, name="registry")
@@ -189,8 +191,12 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             service.owned &= mine
             for e in mine - service.owned:
                 service.own(e)
+            def tick_and_alert():
+                recs = service.tick()
+                return recs, alerting.process(r, registry, recs, int(time.time() * 1000))
+
             try:
-                recs = await loop.run_in_executor(sampler_pool, service.tick)
+                recs, alerts = await loop.run_in_executor(sampler_pool, tick_and_alert)
             except TRANSIENT as e:
                 log.warning("sampler tick: redis unavailable (%s)", e)
                 return
@@ -200,6 +206,8 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             for rec in recs:
                 key = f"{rec['experiment_id']}|{rec['metric']}|{rec['variant']}".encode()
                 await t_estimates.send(key=key, value=dumps(rec))
+            for alert in alerts:
+                await t_alerts.send(key=alert["alert_id"].encode(), value=dumps(alert))
 
     from streams.web import register_pages
 

@@ -77,9 +77,10 @@ def _fmt(iv: dict | None) -> str:
     return f"{iv['mean']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
 
 
-def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool) -> str:
+def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
+           http: str = "") -> str:
     head = f"liftstream demo — experiment {DEMO_EXPERIMENT}, event time day {sim_day:5.2f}, " \
-           f"{sent} events sent"
+           f"{sent} events sent" + (f" — dashboard {http}" if http else "")
     if rec is None:
         body = "waiting for the first estimate (units mature one day after exposure)…"
     else:
@@ -145,6 +146,9 @@ def main(args) -> int:
             pop = population(Scenario(n_units=40_000), rng)
             evs = events(pop, DEMO_EXPERIMENT, start_ms, DAY_MS, 14.0, rng)
             tr = truth(pop)
+            from streams.web import truth_key
+
+            redis.Redis.from_url(rds.url).set(truth_key(DEMO_EXPERIMENT), dumps(tr))
             traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, args.speed)
             traffic.start()
             r = redis.Redis.from_url(rds.url)
@@ -159,7 +163,7 @@ def main(args) -> int:
                     raw = r.get(estimate_key(DEMO_EXPERIMENT, "value", "treatment"))
                     rec = loads(raw) if raw else None
                     day = (traffic.sim_ms - start_ms) / DAY_MS
-                    print(render(rec, tr, day, traffic.sent, tty), flush=True)
+                    print(render(rec, tr, day, traffic.sent, tty, http), flush=True)
                     if not tty:
                         print()
                 time.sleep(0.1)

@@ -7,17 +7,30 @@ estimates and history, health. Blocking Redis calls run on a thread.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from schemas.codec import loads
 from schemas.validate import experiment_to_dict, is_valid_name
+from streams.alerting import recent as recent_alerts
 from streams.sampler import read_estimates
 from streams.state import experiment_key
+
+DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+
+
+def truth_key(eid: str) -> str:
+    """Ground truth a simulator may publish for its experiment (dashboard only)."""
+    return experiment_key(eid, "truth")
 
 
 def register_pages(app, r: Any, registry) -> None:
     async def call(fn, *a):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
+
+    @app.page("/")
+    async def dashboard(web, request):
+        return web.html(DASHBOARD.read_text())
 
     @app.page("/healthz")
     async def healthz(web, request):
@@ -43,7 +56,17 @@ def register_pages(app, r: Any, registry) -> None:
         cfg = await call(registry.get, experiment_id)
         if cfg is None:
             return web.json({"error": "unknown experiment"}, status=404)
-        return web.json(experiment_to_dict(cfg))
+        out = experiment_to_dict(cfg)
+        truth = await call(r.get, truth_key(experiment_id))
+        out["truth"] = loads(truth) if truth else None
+        return web.json(out)
+
+    @app.page("/experiments/{experiment_id}/alerts")
+    async def alerts(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        return web.json({"experiment_id": experiment_id,
+                         "alerts": await call(recent_alerts, r, experiment_id)})
 
     @app.page("/experiments/{experiment_id}/estimates")
     async def estimates(web, request, experiment_id: str):
