@@ -74,6 +74,14 @@ class ArrivalGrid:
 
     x: Array  # [P, S, G] grid points
     cdf: Array  # [P, S, G] normalised CDF (0 … 1)
+    flat: Array | None = None  # cdf rows shifted by 2·row, flattened: one sorted array
+
+    def __post_init__(self) -> None:
+        if self.flat is None:
+            xp = _xp(self.cdf)
+            P, S, _ = self.cdf.shape
+            off = 2.0 * xp.arange(P * S, dtype=float).reshape(P, S, 1)
+            self.flat = (self.cdf + off).ravel()
 
 
 def find_mode(n, T, D, m, sd, steps: int = NEWTON_STEPS):
@@ -135,11 +143,10 @@ def draw_logit_p(grid: ArrivalGrid, rng: Rng, n_chains: int) -> Array:
     xp = rng.xp
     P, S, G = grid.cdf.shape
     u = rng.uniform((P, S, n_chains))
-    # one sorted 1-D array: row r's CDF shifted by 2r, so rows never interleave
+    # one sorted 1-D array (built once per grid): row r's CDF shifted by 2r
     off = 2.0 * xp.arange(P * S, dtype=float).reshape(P, S, 1)
-    flat = (grid.cdf + off).ravel()
     q = (u + off).ravel()
-    idx = xp.searchsorted(flat, q, side="right").reshape(P, S, n_chains)
+    idx = xp.searchsorted(grid.flat, q, side="right").reshape(P, S, n_chains)
     base = (xp.arange(P * S).reshape(P, S, 1)) * G
     j = xp.clip(idx - base, 1, G - 1)  # cdf[j-1] <= u < cdf[j]
     c0 = xp.take_along_axis(grid.cdf, j - 1, axis=-1)
