@@ -34,6 +34,7 @@ from streams import alerting
 from streams.advance import TickConfig
 from streams.embedded import FAUST_BROKER_SETTINGS
 from streams.ingest import Ingestor
+from streams.metrics import Metrics
 from streams.registry import Registry
 from streams.sampler import SamplerService
 from streams.settings import Settings
@@ -105,7 +106,9 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
     t_estimates = topics[settings.topic_estimates]
     t_dead = topics[settings.topic_deadletter]
     t_alerts = topics[settings.topic_alerts]
-    app.liftstream = {"settings": settings, "redis": r, "registry": registry, "role": role}
+    metrics = Metrics()
+    app.liftstream = {"settings": settings, "redis": r, "registry": registry, "role": role,
+                      "metrics": metrics, "ingest_next": {}, "latest": {}}
 
     @app.agent(t_experiments, name="registry")
     async def registry_agent(stream):
@@ -141,8 +144,10 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                 groups[(m.topic, m.partition)].append((m.offset, m.value))
             now_ms = int(time.time() * 1000)
             for (topic, part), msgs in groups.items():
+                t0 = time.perf_counter()
                 res = await with_retry(ingestor.process, topic, part, msgs, now_ms,
                                        what="ingest")
+                metrics.observe("liftstream_ingest_batch_seconds", time.perf_counter() - t0)
                 waits = []
                 for cfg in res.new_experiments:
                     waits.append(await t_experiments.send(
@@ -153,9 +158,12 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                     waits.append(await t_dirty.send(key=eid.encode(), value=eid.encode()))
                 if waits:
                     await asyncio.gather(*waits)  # delivered before the batch is acked
-                app.liftstream.setdefault("counts", defaultdict(int))
                 for k, v in res.counts.items():
-                    app.liftstream["counts"][k] += v
+                    if k.startswith("dead_letter:"):
+                        metrics.inc("liftstream_dead_letters_total", v, reason=k.split(":", 1)[1])
+                    else:
+                        metrics.inc("liftstream_events_total", v, outcome=k)
+                app.liftstream["ingest_next"][(topic, part)] = msgs[-1][0] + 1
 
     if role in ("sampler", "all"):
         from kernels.backend import get_xp
@@ -203,7 +211,13 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             except Exception as e:  # noqa: BLE001
                 log.exception("sampler tick failed: %s", e)
                 return
+            if recs:
+                metrics.inc("liftstream_sampler_sweeps_total", settings.sweeps_per_tick)
             for rec in recs:
+                app.liftstream["latest"][(rec["experiment_id"], rec["metric"],
+                                          rec["variant"])] = rec
+                metrics.set("liftstream_chain_iterations", rec["diagnostics"]["iteration"],
+                            experiment=rec["experiment_id"], metric=rec["metric"])
                 key = f"{rec['experiment_id']}|{rec['metric']}|{rec['variant']}".encode()
                 await t_estimates.send(key=key, value=dumps(rec))
             for alert in alerts:

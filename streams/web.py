@@ -7,6 +7,7 @@ estimates and history, health. Blocking Redis calls run on a thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,25 @@ def register_pages(app, r: Any, registry) -> None:
     @app.page("/healthz")
     async def healthz(web, request):
         return web.json({"status": "ok"})
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        m = app.liftstream["metrics"]
+        now = time.time()
+        for (e, met, v), rec in list(app.liftstream["latest"].items()):
+            m.set("liftstream_estimate_age_seconds", now - rec["computed_at"] / 1000,
+                  experiment=e, metric=met, variant=v)
+        for (topic, part), nxt in list(app.liftstream["ingest_next"].items()):
+            try:
+                from faust.types import TP
+
+                high = app.consumer.highwater(TP(topic, part))
+            except Exception:  # noqa: BLE001 - consumer not running
+                continue
+            if high is not None:
+                m.set("liftstream_consumer_lag_messages", max(0, high - nxt),
+                      topic=topic, partition=str(part))
+        return web.text(m.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/readyz")
     async def readyz(web, request):

@@ -1,0 +1,82 @@
+"""Prometheus metrics of one worker process, in the text exposition format.
+
+Kept in-process (each worker is scraped on its own ``/metrics``) and written
+without a client library: a handful of counters, gauges and one histogram.
+Names follow Prometheus conventions (``_total`` counters, base units).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HELP = {
+    "liftstream_events_total": ("counter", "Events by outcome (received, applied categories, "
+                                "dead_letter, late, duplicate, ...)."),
+    "liftstream_dead_letters_total": ("counter", "Dead-lettered messages by reason code."),
+    "liftstream_ingest_batch_seconds": ("histogram", "Wall time to apply one micro-batch."),
+    "liftstream_sampler_sweeps_total": ("counter", "Gibbs sweeps run (each over all chains)."),
+    "liftstream_chain_iterations": ("gauge", "Chain iteration count per experiment and metric."),
+    "liftstream_estimate_age_seconds": ("gauge", "Wall time since the latest estimate "
+                                        "of an experiment/metric/variant was computed."),
+    "liftstream_estimate_lag_seconds": ("gauge", "Event time between the newest event and the "
+                                        "data the latest estimate reflects."),
+    "liftstream_consumer_lag_messages": ("gauge", "High watermark minus next offset to "
+                                         "process, per events partition."),
+}
+
+
+def _labels(lb: tuple[tuple[str, str], ...]) -> str:
+    if not lb:
+        return ""
+    esc = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in lb)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(lb, esc, strict=True)) + "}"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self.gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
+        self.hist: dict[str, dict] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self.gauges[name][tuple(sorted(labels.items()))] = value
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            h = self.hist.setdefault(name, {"buckets": [0] * len(LATENCY_BUCKETS),
+                                            "sum": 0.0, "count": 0})
+            for i, b in enumerate(LATENCY_BUCKETS):
+                if seconds <= b:
+                    h["buckets"][i] += 1
+            h["sum"] += seconds
+            h["count"] += 1
+
+    def render(self) -> str:
+        out: list[str] = []
+        with self._lock:
+            names = set(self.counters) | set(self.gauges) | set(self.hist)
+            for name in sorted(names):
+                kind, text = HELP.get(name, ("untyped", name))
+                out.append(f"# HELP {name} {text}")
+                out.append(f"# TYPE {name} {kind}")
+                for lb, v in sorted(self.counters.get(name, {}).items()):
+                    out.append(f"{name}{_labels(lb)} {v:g}")
+                for lb, v in sorted(self.gauges.get(name, {}).items()):
+                    out.append(f"{name}{_labels(lb)} {v:g}")
+                h = self.hist.get(name)
+                if h:
+                    for b, c in zip(LATENCY_BUCKETS, h["buckets"], strict=True):
+                        out.append(f'{name}_bucket{{le="{b:g}"}} {c}')
+                    out.append(f'{name}_bucket{{le="+Inf"}} {h["count"]}')
+                    out.append(f"{name}_sum {h['sum']:g}")
+                    out.append(f"{name}_count {h['count']}")
+        return "\n".join(out) + "\n"
