@@ -12,15 +12,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Test-only tool not (yet) in pyproject's [dev] extra: kubernetes-validate
-# (bundles the Kubernetes JSON schemas; tests/test_deploy.py checks deploy/k8s/).
-TEST_TOOLS := kubernetes-validate>=1.31
-TOOLS_STAMP := $(VENV)/.test-tools
-
-$(TOOLS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q '$(TEST_TOOLS)'
-	touch $@
-
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -29,20 +20,20 @@ demo: $(STAMP)
 # The broker-dependent tests run against Apache Kafka (deploy/kafka/run-kafka.sh)
 # when java and mvn are on PATH, else against the embedded Tansu broker;
 # LIFTSTREAM_TEST_BROKER=tansu|apache|HOST:PORT chooses (tests/conftest.py).
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-tansu: $(STAMP) $(TOOLS_STAMP)
+test-tansu: $(STAMP)
 	LIFTSTREAM_TEST_BROKER=tansu $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-apache: $(STAMP) $(TOOLS_STAMP)
+test-apache: $(STAMP)
 	LIFTSTREAM_TEST_BROKER=apache $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A local Apache Kafka on 127.0.0.1:9092 until Ctrl-C (ARGS="--port N" etc.).
 kafka:
 	deploy/kafka/run-kafka.sh $(ARGS)
 
-test-slow: $(STAMP) $(TOOLS_STAMP)
+test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)

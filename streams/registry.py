@@ -9,15 +9,17 @@ seconds, re-read on a miss).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig
-from schemas.validate import experiment_to_dict, parse_experiment
+from schemas.validate import InvalidRecord, experiment_to_dict, parse_experiment
 from streams.state import experiment_key
 
 EXPERIMENTS_SET = "lr:experiments"
+log = logging.getLogger("liftstream.registry")
 
 
 class Registry:
@@ -43,7 +45,12 @@ class Registry:
         if hit is not None and not fresh and time.monotonic() - hit[0] < self.ttl:
             return hit[1]
         raw = self.r.get(experiment_key(experiment_id, "cfg"))
-        cfg = parse_experiment(loads(raw)) if raw else None
+        try:
+            cfg = parse_experiment(loads(raw)) if raw else None
+        except (InvalidRecord, ValueError) as e:
+            # a bad stored config must not stop ingest: treat it as unregistered
+            log.warning("experiment %s: stored config is invalid (%s)", experiment_id, e)
+            cfg = None
         self._cache[experiment_id] = (time.monotonic(), cfg)
         return cfg
 
