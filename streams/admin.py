@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import sys
 
-import redis
-
 from schemas.codec import dumps, loads
 from schemas.validate import InvalidRecord, experiment_to_dict, parse_experiment
 from streams.registry import Registry
 from streams.sampler import NOTICE_CHANNEL, estimate_key, read_estimates
-from streams.settings import from_args
+from streams.settings import from_args, kafka_config, redis_client
 
 
-def publish_experiment(bootstrap: str, topic: str, cfg) -> None:
+def publish_experiment(bootstrap, topic: str, cfg) -> None:
+    """``bootstrap``: a bootstrap string, or a client config (``kafka_config``)."""
     from confluent_kafka import Producer
 
-    p = Producer({"bootstrap.servers": bootstrap})
+    conf = kafka_config(bootstrap)
+    p = Producer(conf)
     p.produce(topic, key=cfg.experiment_id.encode(), value=dumps(experiment_to_dict(cfg)))
     if p.flush(30):
-        raise RuntimeError(f"experiment config not delivered to {bootstrap}")
+        raise RuntimeError(f"experiment config not delivered to {conf['bootstrap.servers']}")
 
 
 def experiments(args) -> int:
@@ -34,13 +34,13 @@ def experiments(args) -> int:
         from streams.topics import ensure_topics
         from streams.worker import topic_specs
 
-        ensure_topics(s.bootstrap_servers, topic_specs(s))
-        publish_experiment(s.bootstrap_servers, s.topic_experiments, cfg)
+        ensure_topics(kafka_config(s), topic_specs(s))
+        publish_experiment(kafka_config(s), s.topic_experiments, cfg)
         # also straight into the registry, so traffic sent right after is recognised
-        Registry(redis.Redis.from_url(s.redis_url)).put(cfg)
+        Registry(redis_client(s)).put(cfg)
         print(dumps(experiment_to_dict(cfg)).decode())
         return 0
-    reg = Registry(redis.Redis.from_url(s.redis_url))
+    reg = Registry(redis_client(s))
     for eid in reg.ids():
         cfg = reg.get(eid)
         print(dumps(experiment_to_dict(cfg)).decode() if cfg else eid)
@@ -49,14 +49,14 @@ def experiments(args) -> int:
 
 def estimates(args) -> int:
     s = from_args(args)
-    for rec in read_estimates(redis.Redis.from_url(s.redis_url), args.experiment):
+    for rec in read_estimates(redis_client(s), args.experiment):
         print(dumps(rec).decode())
     return 0
 
 
 def watch(args) -> int:
     s = from_args(args)
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s)
     ps = r.pubsub()
     ps.subscribe(NOTICE_CHANNEL)
     try:

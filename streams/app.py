@@ -37,7 +37,7 @@ from streams.ingest import Ingestor
 from streams.metrics import Metrics
 from streams.registry import Registry
 from streams.sampler import SamplerService
-from streams.settings import Settings
+from streams.settings import Settings, faust_broker_settings, redis_client
 
 log = logging.getLogger("liftstream")
 
@@ -79,7 +79,7 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
         raise ValueError(f"role must be ingest|sampler|all, not {role!r}")
     app = faust.App(
         f"{settings.app_id}-{role}",
-        broker=f"kafka://{settings.bootstrap_servers}",
+        **faust_broker_settings(settings),  # URL, SASL/TLS credentials, size limit
         store="memory://",
         value_serializer="raw",
         key_serializer="raw",
@@ -95,7 +95,7 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             tempfile.gettempdir(), f"liftstream-{settings.app_id}-{role}"),
         **FAUST_BROKER_SETTINGS,
     )
-    r = redis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    r = redis_client(settings, health_check_interval=10)
     registry = Registry(r)
     topics = {name: app.topic(name, value_serializer="raw", key_serializer="raw",
                               partitions=spec["partitions"])

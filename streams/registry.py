@@ -69,19 +69,23 @@ class Registry:
                       for x in self.r.smembers(EXPERIMENTS_SET))
 
 
-def bootstrap_from_topic(bootstrap: str, topic: str, registry: Registry,
+def bootstrap_from_topic(bootstrap, topic: str, registry: Registry,
                          timeout: float = 30.0) -> int:
     """Read the whole (compacted) experiments topic into the Redis registry.
 
     Run before a worker starts its agents, so ingest never sees an event of an
     experiment whose config is on the topic but not yet in Redis. Stops at the
     partitions' high watermarks as reported with fetched messages (Tansu's
-    ListOffsets(latest) is unreliable, see ``streams.embedded``).
+    ListOffsets(latest) is unreliable, see ``streams.embedded``). ``bootstrap``:
+    a bootstrap string or a client config (``streams.settings.kafka_config``).
     """
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "liftstream-registry-bootstrap",
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    from streams.settings import kafka_config
+
+    c = Consumer(kafka_config(bootstrap, **{"group.id": "liftstream-registry-bootstrap",
+                                            "enable.auto.commit": False,
+                                            "auto.offset.reset": "earliest"}))
     try:
         md = c.list_topics(topic, timeout=10)
         parts = list(md.topics[topic].partitions) if topic in md.topics else []

@@ -1,13 +1,43 @@
 """Worker configuration: flags over ``LIFTSTREAM_*`` environment variables over
 safe defaults (12-factor). One dataclass, so every component reads the same
 names; ``add_arguments`` exposes each field as ``--kebab-case`` flag.
+
+Security (``docs/security.md``): Kafka SASL/TLS and Redis AUTH/TLS come from
+settings and reach every client through exactly one helper per client kind:
+
+* :func:`kafka_config` -- confluent-kafka (admin, producers, consumers);
+* :func:`faust_broker_settings` -- Faust/aiokafka (``broker_credentials``,
+  ``producer_max_request_size``, ``broker`` URL);
+* :func:`redis_client` -- redis-py (``rediss://`` + CA file, password in the URL).
+
+Secrets (``kafka_sasl_password``, the password of ``redis_url``) never appear
+in ``repr(settings)`` (so not in logs or tracebacks that print settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password"})
+REDACTED = "***"
+#: Largest record any liftstream producer may send (librdkafka ``message.max.bytes``,
+#: aiokafka ``max_request_size``); Kafka's own default. Events are limited far
+#: lower by validation (``schemas.validate.MAX_EVENT_BYTES``); dead-letter records
+#: carry at most ``DEAD_LETTER_MAX_ORIGINAL_BYTES`` of the original, base64-encoded.
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@]*:)(?P<pw>[^@/]*)(?P<tail>@)", re.I)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password part of its userinfo replaced by ``***``."""
+    return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["tail"], url)
 
 
 def _bool(s: str) -> bool:
@@ -40,7 +70,63 @@ class Settings:
     web_port: int = 6066
     log_level: str = "warning"
     seed: int = 0
+    # -- security (docs/security.md)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_ssl_check_hostname: bool = True
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    redis_password: str = ""
+    redis_tls_ca: str = ""
+    redis_tls_certfile: str = ""
+    redis_tls_keyfile: str = ""
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kafka_security_protocol = self.kafka_security_protocol.upper()
+        self.kafka_sasl_mechanism = self.kafka_sasl_mechanism.upper()
+        if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"kafka_security_protocol must be one of {SECURITY_PROTOCOLS}, "
+                             f"not {self.kafka_security_protocol!r}")
+        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"kafka_sasl_mechanism must be one of {SASL_MECHANISMS}, "
+                             f"not {self.kafka_sasl_mechanism!r}")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs "
+                             "kafka_sasl_username (and kafka_sasl_password)")
+        from schemas.contracts import DEAD_LETTER_MAX_ORIGINAL_BYTES
+
+        floor = 4 * DEAD_LETTER_MAX_ORIGINAL_BYTES // 3 + 4096  # a dead letter must fit
+        if self.max_message_bytes < floor:
+            raise ValueError(f"max_message_bytes must be >= {floor} (a dead-letter record "
+                             f"carries up to {DEAD_LETTER_MAX_ORIGINAL_BYTES} original bytes)")
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            if not f.repr:
+                continue
+            v = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and v:
+                v = REDACTED
+            elif f.name == "redis_url":
+                v = redact_url(v)
+            parts.append(f"{f.name}={v!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def secrets(self) -> list[str]:
+        """The secret values set (for tests that check they are never logged)."""
+        out = [getattr(self, n) for n in sorted(SECRET_FIELDS) if getattr(self, n)]
+        m = _URL_PASSWORD.search(self.redis_url)
+        if m and m["pw"]:
+            out.append(m["pw"])
+        return out
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
@@ -67,6 +153,92 @@ class Settings:
             self.topic_alerts: {"partitions": 1, "replication": r},
             self.topic_deadletter: {"partitions": 1, "replication": r},
         }
+
+
+# ---------------------------------------------------------------- clients
+
+
+def kafka_config(s: Settings | Mapping[str, Any] | str, **extra: Any) -> dict[str, Any]:
+    """The confluent-kafka (librdkafka) config for ``s``, plus ``extra``.
+
+    The one place settings become a Kafka client config: security protocol,
+    SASL, TLS files and the message size limit. A ``Mapping`` (an already built
+    config) is copied, a ``str`` is a bare bootstrap list (tests, PLAINTEXT),
+    so helpers taking "bootstrap" accept all three.
+    """
+    if isinstance(s, str):
+        return {"bootstrap.servers": s, **extra}
+    if isinstance(s, Mapping):
+        return {**s, **extra}
+    conf: dict[str, Any] = {"bootstrap.servers": s.bootstrap_servers,
+                            "security.protocol": s.kafka_security_protocol.lower(),
+                            "message.max.bytes": s.max_message_bytes}
+    if s.kafka_security_protocol.startswith("SASL"):
+        conf.update({"sasl.mechanism": s.kafka_sasl_mechanism,
+                     "sasl.username": s.kafka_sasl_username,
+                     "sasl.password": s.kafka_sasl_password})
+    if s.kafka_security_protocol.endswith("SSL"):
+        if s.kafka_ssl_cafile:
+            conf["ssl.ca.location"] = s.kafka_ssl_cafile
+        if s.kafka_ssl_certfile:
+            conf["ssl.certificate.location"] = s.kafka_ssl_certfile
+        if s.kafka_ssl_keyfile:
+            conf["ssl.key.location"] = s.kafka_ssl_keyfile
+        conf["ssl.endpoint.identification.algorithm"] = (
+            "https" if s.kafka_ssl_check_hostname else "none")
+    conf.update(extra)
+    return conf
+
+
+def kafka_ssl_context(s: Settings):
+    """An ``ssl.SSLContext`` for Faust/aiokafka (None without TLS): verifies
+    the broker against ``kafka_ssl_cafile`` (else the system CAs), hostname
+    checked unless turned off, client certificate when given."""
+    if not s.kafka_security_protocol.endswith("SSL"):
+        return None
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=s.kafka_ssl_cafile or None)
+    ctx.check_hostname = s.kafka_ssl_check_hostname
+    if s.kafka_ssl_certfile:
+        ctx.load_cert_chain(s.kafka_ssl_certfile, s.kafka_ssl_keyfile or None)
+    return ctx
+
+
+def faust_broker_settings(s: Settings) -> dict[str, Any]:
+    """``faust.App`` keyword arguments for the broker: URL, credentials, the
+    producer's request size limit (same number as librdkafka's, above)."""
+    import faust
+
+    proto = s.kafka_security_protocol
+    ctx = kafka_ssl_context(s)
+    if proto.startswith("SASL"):
+        creds: Any = faust.SASLCredentials(username=s.kafka_sasl_username,
+                                           password=s.kafka_sasl_password,
+                                           ssl_context=ctx, mechanism=s.kafka_sasl_mechanism)
+    elif proto == "SSL":
+        creds = faust.SSLCredentials(ctx)
+    else:
+        creds = None
+    hosts = [f"kafka://{h.strip()}" for h in s.bootstrap_servers.split(",") if h.strip()]
+    return {"broker": hosts, "broker_credentials": creds,
+            "producer_max_request_size": s.max_message_bytes}
+
+
+def redis_client(s: Settings, **kw: Any):
+    """A ``redis.Redis`` for ``s``: the URL (``redis://`` or ``rediss://``, may
+    carry ``user:password@``), ``redis_password`` when set, TLS CA/client files."""
+    import redis
+
+    if s.redis_password:
+        kw.setdefault("password", s.redis_password)
+    if s.redis_url.lower().startswith("rediss://"):
+        if s.redis_tls_ca:
+            kw.setdefault("ssl_ca_certs", s.redis_tls_ca)
+        if s.redis_tls_certfile:
+            kw.setdefault("ssl_certfile", s.redis_tls_certfile)
+            kw.setdefault("ssl_keyfile", s.redis_tls_keyfile or None)
+    return redis.Redis.from_url(s.redis_url, **kw)
 
 
 def _convert(tp, raw: str):

@@ -28,12 +28,17 @@ def make_traffic(units: int, days: float, experiment: str, seed: int, window_sec
     return cfg, evs, truth(pop)
 
 
-def produce(evs: list[dict], bootstrap: str, topic: str, rate: float = 0.0) -> None:
+def produce(evs: list[dict], bootstrap, topic: str, rate: float = 0.0) -> None:
+    """``bootstrap``: a bootstrap string or a client config (``kafka_config``)."""
     from confluent_kafka import Producer
     from tqdm import tqdm
 
-    prod = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
-                     "enable.idempotence": False, "compression.type": "none"})
+    from streams.settings import kafka_config
+
+    conf = kafka_config(bootstrap, **{"linger.ms": 20, "enable.idempotence": False,
+                                      "compression.type": "none"})
+    bootstrap = conf["bootstrap.servers"]
+    prod = Producer(conf)
     t0 = time.monotonic()
     for i, e in enumerate(tqdm(evs, unit="ev", disable=not sys.stderr.isatty())):
         while True:
@@ -66,7 +71,11 @@ def main(args) -> int:
             for e in evs:
                 f.write(dumps(e) + b"\n")
     elif args.bootstrap_servers:
-        produce(evs, args.bootstrap_servers, args.topic, args.rate)
+        from streams.settings import Settings, kafka_config
+
+        # security settings (SASL/TLS) from LIFTSTREAM_* like every client
+        produce(evs, kafka_config(Settings.from_env(bootstrap_servers=args.bootstrap_servers)),
+                args.topic, args.rate)
     else:
         raise SystemExit("give --out FILE or --bootstrap-servers HOST:PORT")
     print(dumps({"events": len(evs), "truth": tr}).decode(), file=sys.stderr)

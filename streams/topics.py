@@ -59,7 +59,7 @@ class TopicMismatch(RuntimeError):
     """An existing topic has a different partition count than its spec."""
 
 
-def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 10.0,
+def ensure_topics(bootstrap: str | Mapping, specs: Iterable[TopicSpec], timeout: float = 10.0,
                   strict: bool = False) -> dict[str, str]:
     """Create the topics in ``specs`` that do not exist yet.
 
@@ -67,6 +67,8 @@ def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 1
     (configs are not altered); if its partition count differs from the spec,
     that is logged, or raised as ``TopicMismatch`` with ``strict=True`` (a
     wrong count usually means something auto-created it first).
+    ``bootstrap``: a bootstrap string or a client config
+    (``streams.settings.kafka_config``, for SASL/TLS).
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -75,7 +77,9 @@ def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 1
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate topic names in {names}")
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from streams.settings import kafka_config
+
+    admin = AdminClient(kafka_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
     result: dict[str, str] = {}
     todo: list[TopicSpec] = []

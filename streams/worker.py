@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from streams.settings import Settings
+from streams.settings import Settings, kafka_config, redis_client
 from streams.topics import TopicSpec, ensure_topics
 
 
@@ -25,13 +25,13 @@ def run_worker(settings: Settings, role: str, web: bool = True) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format='{"t":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","msg":"%(message)s"}')
-    ensure_topics(settings.bootstrap_servers, topic_specs(settings))
-    import redis
-
+    log = logging.getLogger("liftstream")
+    log.info("worker role=%s settings %r", role, settings)  # repr redacts secrets
+    ensure_topics(kafka_config(settings), topic_specs(settings))
     from streams.registry import Registry, bootstrap_from_topic
 
-    bootstrap_from_topic(settings.bootstrap_servers, settings.topic_experiments,
-                         Registry(redis.Redis.from_url(settings.redis_url)))
+    bootstrap_from_topic(kafka_config(settings), settings.topic_experiments,
+                         Registry(redis_client(settings)))
     app = create_app(settings, role)
     faust_level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(),
                                                                settings.log_level.lower())
