@@ -37,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the NumPyro baseline (auto: when installed and P ≤ 1000)")
     bs.add_argument("--device", default=_env("DEVICE", "auto"))
     bs.add_argument("--json", action="store_true")
+    # --- bench async (platform prior, exact asynchronous Gibbs; streams.platform_prior) ---
+    ba = bsub.add_parser("async", help="platform prior: sync vs exact/uncorrected async Gibbs")
+    ba.add_argument("--experiments", type=int, default=200)
+    ba.add_argument("--workers", type=int, default=4)
+    ba.add_argument("--staleness", default="0,1,4,16", help="comma-separated levels k")
+    ba.add_argument("--engine", choices=("sim", "redis"), default="sim",
+                    help="in-process simulator (fast) or worker threads on a real redis-server")
+    ba.add_argument("--sweeps", type=int, default=None)
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--redis-url", default=None, help="redis engine: default an embedded server")
+    ba.add_argument("--json", action="store_true")
+    # --- end bench async ---
 
     s = sub.add_parser("simulate", help="synthetic experiment traffic with known truth")
     s.add_argument("--units", type=int, default=20_000)
@@ -93,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from streams.bench import sampler_main
 
         return sampler_main(args)
+    if args.command == "bench" and args.bench == "async":  # --- bench async ---
+        from streams.platform_prior import bench_main as run_async_bench
+
+        return run_async_bench(args)
     if args.command == "simulate":
         from streams.simulate import main as run
 

@@ -1,0 +1,338 @@
+"""A platform-wide prior over experiments that share a metric (DESIGN §6, phase 2).
+
+Model, in *standardised* units (each experiment's effect divided by the sd of
+its flat-prior estimate, so every experiment has unit measurement noise and a
+single (λ, ψ²) can describe experiments of any size):
+
+    z_e = ȳ_e / sd_e ~ N(φ_e, 1)          φ_e = θ_e / sd_e     (e = 1..E)
+    φ_e ~ N(λ, ψ²)
+    λ ~ N(0, 1),   ψ² ~ InvGamma(a, b),   a = 2, b = 1
+
+ȳ_e, sd_e are the posterior mean and sd of the flat-prior effect that the
+per-experiment sampler already publishes (``kernels.gibbs``); summarising each
+experiment by a normal likelihood is what keeps the platform level a cheap
+conjugate model, and is accurate once an experiment has a few hundred units.
+
+Why these hyperpriors. λ and ψ are in units of a standard error. λ ~ N(0, 1):
+a typical effect of one standard error either way is plausible, a typical
+effect of 3 is not (most experiments do not move their metric). ψ² ~ IG(2, 1):
+prior mean 1 (effects spread about as much as the noise), mode 1/3, no finite
+variance — a heavy right tail, so a platform whose experiments really do differ
+a lot is not shrunk towards zero; and a > 1 keeps the prior density at ψ² → 0
+zero, which keeps the sampler off the ψ² = 0 funnel that an IG(ε, ε) would
+allow. It weighs as 2a = 4 pseudo-experiments, 2 % of 200 experiments.
+
+Gibbs conditionals (vectorised over chains and experiments):
+
+    φ_e | λ, ψ², z_e ~ N(m, v),   v = 1 / (1 + 1/ψ²),   m = v (z_e + λ/ψ²)
+    ψ² | λ, φ        ~ IG(a + E/2, b + Σ(φ_e − λ)²/2)
+    λ | ψ², φ        ~ N(M, V),   V = 1 / (1 + E/ψ²),   M = V Σφ_e/ψ²
+
+The last two need only the sufficient statistics (E, Σφ, Σφ²), which is what the
+Redis parameter server keeps (``streams.platform_prior``). One *platform
+update* draws ψ² | λ then λ | ψ² from them.
+
+Exact asynchronous Gibbs (Terenin, Simpson & Draper, AISTATS 2020). A worker
+that owns experiment e drew φ' from its conditional under hyperparameters
+h_s = (λ_s, ψ²_s) that it read earlier; by commit time another worker may
+have moved them to h_c. Treat the stale conditional as an *independence
+proposal* q(φ') = p(φ' | h_s, z_e) for a Metropolis–Hastings step whose target
+is the conditional under the current values, π(φ) = p(φ | h_c, z_e). For an
+independence proposal the MH ratio is
+
+    α = min(1, [π(φ') q(φ)] / [π(φ) q(φ')])
+      = min(1, [p(φ' | h_c) p(φ | h_s)] / [p(φ | h_c) p(φ' | h_s)])
+
+with φ the experiment's current (committed) value. With both densities normal,
+
+    log α = ℓ_c(φ') − ℓ_c(φ) − ℓ_s(φ') + ℓ_s(φ),
+    ℓ_h(x) = −(x − m_h)² / (2 v_h)      (the −½ log 2πv_h terms cancel pairwise).
+
+This step leaves π — the exact full conditional of φ_e given the current
+hyperparameters — invariant, which is all a Gibbs update needs; when h_s = h_c
+the ratio is 1 and it *is* the Gibbs update. The experiments' conditionals are
+independent given (λ, ψ²), so a batch is corrected experiment by experiment
+(a composition of per-coordinate kernels, each exact). Accepting always
+(α := 1) is the uncorrected asynchronous Gibbs sampler, whose stationary
+distribution is wrong whenever experiments are drawn under different stale
+values; ``async_gibbs(correct=False)`` measures how wrong.
+
+The sampler itself uses a fixed hyperprior; the algorithm in the paper states
+the same correction (their Algorithm "Exact Asynchronous Gibbs": propose from
+the full conditional given the worker's stale copy, accept against the
+current state with the MH ratio above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class HyperPrior:
+    """λ ~ N(lam_mean, lam_var), ψ² ~ InvGamma(a, b); see the module docstring."""
+
+    a: float = 2.0
+    b: float = 1.0
+    lam_mean: float = 0.0
+    lam_var: float = 1.0
+
+
+PRIOR = HyperPrior()
+
+
+# --------------------------------------------------------------------------- conditionals
+
+def theta_conditional(z: Array, lam: Array | float, psi2: Array | float) -> tuple[Array, Array]:
+    """Mean and variance of φ_e | λ, ψ², z_e (broadcasts)."""
+    v = 1.0 / (1.0 + 1.0 / np.asarray(psi2))
+    return v * (z + np.asarray(lam) / np.asarray(psi2)), v
+
+
+def draw_theta(z: Array, lam: Array | float, psi2: Array | float,
+               rng: np.random.Generator) -> Array:
+    """One exact draw of φ | λ, ψ², z (shape of the broadcast)."""
+    m, v = theta_conditional(z, lam, psi2)
+    m, v = np.broadcast_arrays(m, v)
+    return m + np.sqrt(v) * rng.standard_normal(m.shape)
+
+
+def log_conditional(phi: Array, z: Array, lam: Array | float, psi2: Array | float) -> Array:
+    """log p(φ | λ, ψ², z) up to a constant *in φ only* (the −½ log v term is
+    omitted: it cancels in the correction ratio, which evaluates each
+    conditional at two points)."""
+    m, v = theta_conditional(z, lam, psi2)
+    return -0.5 * (phi - m) ** 2 / v
+
+
+def correction_log_ratio(phi_new: Array, phi_old: Array, z: Array,
+                         stale: tuple[Array | float, Array | float],
+                         current: tuple[Array | float, Array | float]) -> Array:
+    """log of the exact-asynchronous-Gibbs MH ratio (module docstring):
+    log p(φ'|h_c) − log p(φ|h_c) − log p(φ'|h_s) + log p(φ|h_s)."""
+    lam_s, psi2_s = stale
+    lam_c, psi2_c = current
+    return (log_conditional(phi_new, z, lam_c, psi2_c) - log_conditional(phi_old, z, lam_c, psi2_c)
+            - log_conditional(phi_new, z, lam_s, psi2_s)
+            + log_conditional(phi_old, z, lam_s, psi2_s))
+
+
+def platform_update(n: Array | float, s1: Array, s2: Array, lam: Array,
+                    rng: np.random.Generator,
+                    prior: HyperPrior = PRIOR) -> tuple[Array, Array]:
+    """One platform update from the sufficient statistics n = E, s1 = Σφ,
+    s2 = Σφ²: ψ² | λ, φ (inverse gamma) then λ | ψ², φ (normal).
+
+    Σ(φ−λ)² = s2 − 2λ s1 + nλ², so no per-experiment values are needed; this is
+    why any worker can do it from the parameter server's running sums.
+    """
+    s1, s2, lam = np.asarray(s1, float), np.asarray(s2, float), np.asarray(lam, float)
+    ss = np.maximum(s2 - 2.0 * lam * s1 + n * lam * lam, 0.0)
+    shape = prior.a + 0.5 * n
+    psi2 = (prior.b + 0.5 * ss) / rng.gamma(shape, 1.0, size=np.shape(ss))
+    prec = 1.0 / prior.lam_var + n / psi2
+    mean = (prior.lam_mean / prior.lam_var + s1 / psi2) / prec
+    lam_new = mean + rng.standard_normal(np.shape(mean)) / np.sqrt(prec)
+    return lam_new, psi2
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Synthetic:
+    """E experiments with known effects drawn from a known platform prior."""
+
+    ybar: Array  # flat-prior effect estimates (raw units)
+    sd: Array  # their standard errors
+    theta: Array  # true effects (raw units)
+    lam: float
+    psi2: float
+
+    @property
+    def z(self) -> Array:
+        return self.ybar / self.sd
+
+
+def synthetic(n_experiments: int = 200, lam: float = 0.3, psi2: float = 0.5,
+              seed: int = 0) -> Synthetic:
+    """True standardised effects φ_e ~ N(lam, psi2), θ_e = sd_e φ_e with
+    standard errors spread over a decade (experiments of different sizes), and
+    ȳ_e ~ N(θ_e, sd_e²)."""
+    rng = np.random.default_rng(seed)
+    sd = 0.01 * np.exp(rng.uniform(np.log(0.3), np.log(3.0), n_experiments))
+    phi = lam + np.sqrt(psi2) * rng.standard_normal(n_experiments)
+    theta = sd * phi
+    ybar = theta + sd * rng.standard_normal(n_experiments)
+    return Synthetic(ybar, sd, theta, lam, psi2)
+
+
+# --------------------------------------------------------------------------- samplers
+
+@dataclass
+class Draws:
+    """Post-warm-up draws, [chains, draws(, experiments)], standardised φ."""
+
+    lam: Array
+    psi2: Array
+    phi: Array
+    acceptance: float = 1.0  # of the correction step (1 for synchronous / uncorrected)
+    extra: dict[str, int] = field(default_factory=dict)  # e.g. version races (Redis runs)
+
+
+def _init(z: Array, n_chains: int, rng: np.random.Generator) -> tuple[Array, Array, Array]:
+    """Over-dispersed start: λ, ψ² from the hyperprior-ish range, φ from z."""
+    lam = rng.normal(0.0, 1.0, n_chains)
+    psi2 = np.exp(rng.normal(0.0, 1.0, n_chains))
+    phi = z[None, :] + rng.standard_normal((n_chains, z.size))
+    return lam, psi2, phi
+
+
+def sync_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0,
+               prior: HyperPrior = PRIOR) -> Draws:
+    """Reference (i): the synchronous two-block Gibbs sampler over the joint
+    model, vectorised over chains; the first half of the sweeps is warm-up."""
+    rng = np.random.default_rng(seed)
+    E = z.size
+    lam, psi2, phi = _init(z, n_chains, rng)
+    keep = n_sweeps - n_sweeps // 2
+    out_l, out_p = np.empty((n_chains, keep)), np.empty((n_chains, keep))
+    out_phi = np.empty((n_chains, keep, E))
+    for t in range(n_sweeps):
+        phi = draw_theta(z[None, :], lam[:, None], psi2[:, None], rng)
+        lam, psi2 = platform_update(E, phi.sum(1), (phi * phi).sum(1), lam, rng, prior)
+        if (j := t - n_sweeps // 2) >= 0:
+            out_l[:, j], out_p[:, j], out_phi[:, j] = lam, psi2, phi
+    return Draws(out_l, out_p, out_phi)
+
+
+def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0,
+                n_workers: int = 4, batch: int = 10, staleness: int = 0,
+                correct: bool = True, prior: HyperPrior = PRIOR) -> Draws:
+    """(ii)/(iii): asynchronous Gibbs with injected staleness, simulated in
+    one process (the Redis version is ``streams.platform_prior``).
+
+    Experiments are dealt to ``n_workers`` workers; an *event* is one worker
+    committing one batch of ``batch`` experiments, then doing a platform update
+    from the current sufficient statistics. Events come from workers in random
+    order (workers run at unequal speeds). Each batch is drawn under the
+    hyperparameters of k platform updates ago, k ~ Uniform{0..staleness} drawn
+    per batch and per chain — i.e. the worker read them k updates before it
+    committed — and, if ``correct``, each experiment is accepted with the MH
+    ratio against the current ones. One recorded draw per E/batch events (as
+    many experiment updates as a synchronous sweep).
+    """
+    rng = np.random.default_rng(seed)
+    E = z.size
+    lam, psi2, phi = _init(z, n_chains, rng)
+    H = staleness + 1
+    hist_l = np.repeat(lam[:, None], H, 1)  # ring buffer, slot (pos - k) % H = k ago
+    hist_p = np.repeat(psi2[:, None], H, 1)
+    pos = 0
+    owners = np.array_split(np.arange(E), n_workers)
+    batches = [np.array_split(o, max(1, -(-o.size // batch))) for o in owners]
+    next_batch = [0] * n_workers
+    per_sweep = sum(len(b) for b in batches)
+    keep = n_sweeps - n_sweeps // 2
+    out_l, out_p = np.empty((n_chains, keep)), np.empty((n_chains, keep))
+    out_phi = np.empty((n_chains, keep, E))
+    s1, s2 = phi.sum(1), (phi * phi).sum(1)
+    acc_n = acc_d = 0
+    chains = np.arange(n_chains)
+    for t in range(n_sweeps):
+        for _ in range(per_sweep):
+            w = int(rng.integers(n_workers))
+            idx = batches[w][next_batch[w]]
+            next_batch[w] = (next_batch[w] + 1) % len(batches[w])
+            k = rng.integers(0, H, n_chains)
+            slot = (pos - k) % H
+            lam_s, psi2_s = hist_l[chains, slot][:, None], hist_p[chains, slot][:, None]
+            zb, old = z[None, idx], phi[:, idx]
+            new = draw_theta(zb, lam_s, psi2_s, rng)
+            if correct:
+                log_a = correction_log_ratio(new, old, zb, (lam_s, psi2_s),
+                                             (lam[:, None], psi2[:, None]))
+                ok = np.log(rng.uniform(size=new.shape)) < np.minimum(log_a, 0.0)
+                new = np.where(ok, new, old)
+                if t >= n_sweeps // 2:
+                    acc_n += int(ok.sum())
+                    acc_d += ok.size
+            phi[:, idx] = new
+            s1 += (new - old).sum(1)
+            s2 += (new * new - old * old).sum(1)
+            lam, psi2 = platform_update(E, s1, s2, lam, rng, prior)
+            pos = (pos + 1) % H
+            hist_l[:, pos], hist_p[:, pos] = lam, psi2
+        # refresh the running sums once per sweep (no floating-point drift)
+        s1, s2 = phi.sum(1), (phi * phi).sum(1)
+        if (j := t - n_sweeps // 2) >= 0:
+            out_l[:, j], out_p[:, j], out_phi[:, j] = lam, psi2, phi
+    return Draws(out_l, out_p, out_phi, acc_n / acc_d if acc_d else 1.0)
+
+
+# --------------------------------------------------------------------------- summaries
+
+def mcse_mean(x: Array) -> tuple[float, float]:
+    """Posterior mean of draws [chains, draws] and its Monte Carlo standard
+    error sd/√ESS, ESS from ``kernels.diagnostics.ess_bulk``."""
+    from kernels.diagnostics import ess_bulk
+
+    ess = float(ess_bulk(x))
+    return float(x.mean()), float(x.std() / np.sqrt(max(ess, 1.0)))
+
+
+def shrinkage_report(draws: Draws, data: Synthetic) -> dict[str, float]:
+    """MSE and 95 %-interval coverage of shrunk vs flat effects against the
+    true effects, in raw units (θ_e = sd_e φ_e)."""
+    theta = draws.phi.reshape(-1, data.sd.size) * data.sd
+    shrunk = theta.mean(0)
+    lo, hi = np.quantile(theta, [0.025, 0.975], axis=0)
+    half = 1.959963984540054 * data.sd
+    return {
+        "mse_shrunk": float(np.mean((shrunk - data.theta) ** 2)),
+        "mse_flat": float(np.mean((data.ybar - data.theta) ** 2)),
+        "coverage_shrunk": float(np.mean((lo <= data.theta) & (data.theta <= hi))),
+        "coverage_flat": float(np.mean(np.abs(data.ybar - data.theta) <= half)),
+        "mean_interval_width_ratio": float(np.mean((hi - lo) / (2 * half))),
+    }
+
+
+def posterior_summary(draws: Draws, sample: Array | None = None) -> dict[str, object]:
+    """Means, sds and MCSEs of λ, ψ² and of the φ_e in ``sample``."""
+    out: dict[str, object] = {}
+    for name, x in (("lambda", draws.lam), ("psi2", draws.psi2)):
+        m, se = mcse_mean(x)
+        out[name] = {"mean": m, "sd": float(x.std()), "mcse": se}
+    phi = draws.phi
+    out["phi_mean_abs_mean"] = float(np.abs(phi.mean((0, 1))).mean())
+    out["phi_mean_sd"] = float(phi.std((0, 1)).mean())
+    if sample is not None:
+        out["phi_sample"] = {int(e): dict(zip(("mean", "mcse"), mcse_mean(phi[:, :, e]),
+                                              strict=True)) for e in sample}
+    out["acceptance"] = draws.acceptance
+    return out
+
+
+def exact_hyper_posterior(z: Array, prior: HyperPrior = PRIOR) -> dict[str, dict[str, float]]:
+    """Posterior mean and sd of λ and ψ² by quadrature on a 2-d grid, with φ
+    integrated out (z_e | λ, ψ² ~ N(λ, 1 + ψ²)): the ground truth that the
+    samplers are checked against."""
+    se = 1.0 / np.sqrt(z.size)
+    lam = np.linspace(z.mean() - 10 * se * z.std(), z.mean() + 10 * se * z.std(), 601)[:, None]
+    hi = max(4.0 * z.var(), 1.0)
+    psi2 = np.linspace(hi / 4000, hi, 2000)[None, :]
+    lp = (-0.5 * (lam - prior.lam_mean) ** 2 / prior.lam_var
+          - (prior.a + 1) * np.log(psi2) - prior.b / psi2)
+    V = 1.0 + psi2
+    ss = (z * z).sum() - 2 * lam * z.sum() + z.size * lam * lam
+    lp = lp - 0.5 * z.size * np.log(V) - 0.5 * ss / V
+    w = np.exp(lp - lp.max())
+    w /= w.sum()
+    out = {}
+    for name, x in (("lambda", lam), ("psi2", psi2)):
+        m = float((w * x).sum())
+        out[name] = {"mean": m, "sd": float(np.sqrt((w * x * x).sum() - m * m))}
+    return out
