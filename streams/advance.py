@@ -37,6 +37,15 @@ class StoredChains:
     state: dict[str, np.ndarray]
     window: dict[str, np.ndarray] | None
     seq: int | None = None  # dirty_seq of the data last sampled
+    #: iteration at which the chains began sampling the data of ``seq``: draws
+    #: after it are on that data, draws up to it on older data (None: unknown)
+    fresh_from: int | None = None
+
+    def window_is_fresh(self) -> bool:
+        """Every draw in the window was made on the data of ``seq``."""
+        if self.window is None or self.fresh_from is None:
+            return False
+        return int(self.state["iteration"]) - self.fresh_from >= self.window["tau"].shape[1]
 
 
 @dataclass
@@ -85,8 +94,11 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
             old_window is None else old_window
         new_state = unpad_state(state, i, K, S)
         assert int(new_state["iteration"]) == it_end
-        out[(p.experiment_id, p.metric)] = StoredChains(new_state, window,
-                                                        seq_of[p.experiment_id])
+        seq = seq_of[p.experiment_id]
+        same_data = (old is not None and its[i] > 0 and old.fresh_from is not None
+                     and old.seq == seq)
+        fresh_from = old.fresh_from if same_data else its[i]
+        out[(p.experiment_id, p.metric)] = StoredChains(new_state, window, seq, fresh_from)
 
     recs = _summaries(problems, out, data, snaps, cfg, computed_at)
     return recs, out

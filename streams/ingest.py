@@ -8,7 +8,11 @@ event is acked (and its offset committed) only once it is applied. Order:
    records with reason and source position;
 2. look up configs (Redis registry); unknown experiments are auto-registered
    when configured, else dead-lettered with ``unknown_experiment``; exposures
-   with a variant the config lacks are dead-lettered with ``unknown_variant``;
+   with a variant the config lacks get a dead-letter record ``unknown_variant``
+   (so operators see the mismatch) *and* go on to the experiment, where they
+   count as ``unknown_variant`` and move its event-time clock and dedupe
+   sightings exactly as in the reference semantics (``streams.semantics``), so
+   the streaming state stays equal to ``liftstream analyze`` on the same events;
 3. route (unit index) and apply per experiment with one Lua call each
    (``streams.state``): idempotent per source offset, so a replay of the
    batch after a crash applies nothing twice;
@@ -88,6 +92,7 @@ class Ingestor:
                                     f"variant {ev.variant!r} is not one of experiment "
                                     f"{cfg.experiment_id!r}'s {list(cfg.variants)}", "variant")
                 self._dead(res, raw_of[off], err, topic, partition, off, now_ms)
+                accepted.append((off, ev))  # still applied: counted, clock and dedupe
             else:
                 accepted.append((off, ev))
 

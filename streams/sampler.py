@@ -86,7 +86,8 @@ class SamplerService:
                     arrays, meta = decode(blob)
                     state = {k[2:]: v for k, v in arrays.items() if k.startswith("s.")}
                     window = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")} or None
-                    stored[key] = StoredChains(state, window, meta.get("seq"))
+                    stored[key] = StoredChains(state, window, meta.get("seq"),
+                                               meta.get("fresh_from"))
         return snaps, stored
 
     def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]) -> None:
@@ -95,7 +96,8 @@ class SamplerService:
             arrays = {f"s.{k}": v for k, v in st.state.items()}
             if st.window is not None:
                 arrays.update({f"w.{k}": v for k, v in st.window.items()})
-            pipe.set(chain_key(eid, metric), encode(arrays, {"seq": st.seq}))
+            pipe.set(chain_key(eid, metric),
+                     encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from}))
         for rec in recs:
             e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
             pipe.set(estimate_key(e, m, v), dumps(rec))
@@ -132,7 +134,10 @@ class SamplerService:
         return recs
 
     def _mark_idle(self, snaps, chains, recs) -> None:
-        """Converged, full window, data unchanged: stop until the next dirty notice."""
+        """Converged, and a full window drawn entirely on the current data: stop
+        until the next dirty notice. (Full alone is not enough: right after new
+        data the window still holds draws made on the old data, and stopping
+        then would leave a stale mixture published at the new watermark.)"""
         worst: dict[str, float] = {}
         for rec in recs:
             rh = rec["diagnostics"]["rhat"]
@@ -141,6 +146,7 @@ class SamplerService:
         for s in snaps:
             full = all(
                 st.window is not None and st.window["tau"].shape[1] >= self.tick_cfg.window
+                and st.window_is_fresh()
                 for (e, _), st in chains.items() if e == s.experiment_id
             )
             if full and worst.get(s.experiment_id, 9.9) < self.rhat_done:
