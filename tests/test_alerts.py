@@ -200,7 +200,8 @@ def test_decision_ready_fires_with_gates_and_hysteresis():
     assert a[0]["evidence"]["p_positive"] == 0.97 and a[0]["evidence"]["rhat"] == 1.005
     assert "better" in a[0]["message"]
     assert not mon(record(p_positive=0.93, rhat=1.015, ess=350))  # inside the hysteresis band
-    a = mon(record(p_positive=0.93, rhat=1.03))
+    assert not mon(record(p_positive=0.93, rhat=1.03))  # a transient R-hat rise holds it
+    a = [x for x in mon(record(p_positive=0.93, rhat=1.06)) if x["kind"] == "decision_ready"]
     assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "resolved")]
     assert "trustworthy" in a[0]["message"]
     # the other side: clearly worse also supports a decision
