@@ -1,0 +1,19 @@
+"""The OpenAPI file documents exactly the routes the web module registers."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_openapi_paths_match_registered_pages():
+    spec = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+    assert spec["openapi"].startswith("3.")
+    documented = set(spec["paths"])
+    source = (ROOT / "streams" / "web.py").read_text()
+    registered = set(re.findall(r'@app\.page\("([^"]+)"\)', source))
+    assert documented == registered
+    for path, item in spec["paths"].items():
+        assert "get" in item and "200" in item["get"]["responses"], path
