@@ -137,6 +137,36 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                 except Exception as e:  # noqa: BLE001 - anything else must not be acked
                     fatal("ingest batch failed", e)
 
+        if os.environ.get("LIFTSTREAM_INGEST_CATCHUP", "1").lower() not in ("0", "false", "no"):
+            from streams.catchup import catch_up
+            from streams.settings import kafka_config
+
+            async def catch_up_on_assign(sender, assigned, **_kw) -> None:
+                """Redis behind Kafka's commit (lost writes): replay the gap
+                before Faust resumes the paused partitions (streams.catchup)."""
+                parts = sorted(tp.partition for tp in assigned
+                               if tp.topic == settings.topic_events)
+                if not parts:
+                    return
+                try:
+                    rep = await with_retry(
+                        catch_up, r, ingestor, kafka_config(settings), app.conf.id,
+                        settings.topic_events, parts, settings.batch_size, what="catch-up")
+                    waits = []
+                    for cfg in rep.result.new_experiments:
+                        waits.append(await t_experiments.send(
+                            key=cfg.experiment_id.encode(),
+                            value=dumps(experiment_to_dict(cfg))))
+                    for eid in sorted(rep.result.touched):
+                        waits.append(await t_dirty.send(key=eid.encode(), value=eid.encode()))
+                    if waits:
+                        await asyncio.gather(*waits)
+                except Exception as e:  # noqa: BLE001 - resuming would skip lost events
+                    fatal("catch-up on partition assignment failed", e)
+
+            app.on_partitions_assigned.connect(catch_up_on_assign)
+            app.liftstream["catch_up"] = catch_up_on_assign  # keep a strong reference
+
         async def ingest_batch(batch) -> None:
             groups: dict[tuple[str, int], list] = defaultdict(list)
             for ev in batch:
