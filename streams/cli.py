@@ -49,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--redis-url", default=None, help="redis engine: default an embedded server")
     ba.add_argument("--json", action="store_true")
     # --- end bench async ---
+    # --- bench ingest / bench latency (streams.bench_ingest) ---
+    bi = bsub.add_parser("ingest", help="ingest vs a raw confluent-kafka + orjson consumer")
+    bi.add_argument("--events", type=int, default=100_000)
+    bi.add_argument("--partitions", type=int, default=3)
+    bi.add_argument("--batch-size", type=int, default=None,
+                    help="records per batch (default: the worker's, settings.batch_size)")
+    bi.add_argument("--bootstrap-servers", default=None, help="default: an embedded broker")
+    bi.add_argument("--redis-url", default=None, help="default: an embedded redis-server")
+    bi.add_argument("--no-worker", action="store_true", help="skip (c), the Faust worker")
+    bi.add_argument("--no-profile", action="store_true", help="skip the cProfile run of (b)")
+    bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--json", action="store_true")
+    bl = bsub.add_parser("latency", help="p50/p99 from an event's production to an estimate")
+    bl.add_argument("--rate", type=float, default=200.0, help="events/s produced")
+    bl.add_argument("--seconds", type=float, default=15.0)
+    bl.add_argument("--bootstrap-servers", default=None, help="default: an embedded broker")
+    bl.add_argument("--redis-url", default=None, help="default: an embedded redis-server")
+    bl.add_argument("--json", action="store_true")
+    # --- end bench ingest / bench latency ---
 
     s = sub.add_parser("simulate", help="synthetic experiment traffic with known truth")
     s.add_argument("--units", type=int, default=20_000)
@@ -109,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from streams.platform_prior import bench_main as run_async_bench
 
         return run_async_bench(args)
+    if args.command == "bench" and args.bench in ("ingest", "latency"):  # --- bench ingest ---
+        from streams import bench_ingest
+
+        return getattr(bench_ingest, f"{args.bench}_main")(args)
     if args.command == "simulate":
         from streams.simulate import main as run
 
