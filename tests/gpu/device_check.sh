@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# GPU device check (issue 6): one NVIDIA H200, a driver and Python, nothing else.
+#
+#   bash tests/gpu/device_check.sh            # from the repository root; < 8 minutes
+#
+# 1. a fresh venv ($VENV, default /tmp/liftstream-gpu-venv) with the project
+#    (--no-deps) and only what the GPU tests and `bench sampler` import:
+#    numpy, scipy, orjson, tqdm, pytest, pytest-timeout, cupy-cuda12x.
+#    Offline machine: put the wheels in tests/gpu/wheels/ beforehand, e.g.
+#      pip download -d tests/gpu/wheels --only-binary=:all: --python-version 3.11 \
+#          --platform manylinux2014_x86_64 cupy-cuda12x numpy scipy orjson tqdm \
+#          pytest pytest-timeout
+#    and they are installed from there with --no-index; without that folder,
+#    from PyPI (`pip install cupy-cuda12x`).
+# 2. `pytest -m gpu` (tests/test_gpu.py): closed form, arrival KS, CPU-vs-GPU.
+# 3. `liftstream bench sampler --device gpu` for P = 100, 1000, 10000, 100000
+#    problems × 8 chains × 8 strata (--numpyro no), and `--device cpu` for
+#    P ≤ 1000; JSON in $OUT (default ./gpu-check-out), then the table
+#    (tests/gpu/bandwidth.py): sweeps/s, ESS/s, GPU/CPU ratios, bytes per
+#    sweep and the fraction of 4.8 TB/s.
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+OUT="${OUT:-$REPO/gpu-check-out}"
+VENV="${VENV:-/tmp/liftstream-gpu-venv}"
+PY="${PYTHON:-python3}"
+GPU_P="${GPU_P:-100 1000 10000 100000}"
+CPU_MAX_P="${CPU_MAX_P:-1000}"
+SWEEPS="${SWEEPS:-200}"          # timed sweeps (warm-up: half as many)
+mkdir -p "$OUT"
+cd "$REPO"
+t0=$(date +%s)
+say() { echo "[device_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+say "venv $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV" || { echo "python venv failed"; exit 3; }
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+DEPS=(numpy scipy orjson tqdm pytest pytest-timeout)
+if compgen -G "$HERE/wheels/*.whl" > /dev/null; then
+  say "installing from $HERE/wheels (no index)"
+  "${PIP[@]}" --no-index --find-links "$HERE/wheels" "${DEPS[@]}" cupy-cuda12x || exit 3
+  "${PIP[@]}" --no-index --find-links "$HERE/wheels" --no-deps --no-build-isolation -e "$REPO" \
+    || "${PIP[@]}" --no-index --find-links "$HERE/wheels" --no-deps -e "$REPO" || exit 3
+else
+  say "installing from PyPI"
+  "${PIP[@]}" "${DEPS[@]}" cupy-cuda12x || exit 3
+  "${PIP[@]}" --no-deps -e "$REPO" || exit 3
+fi
+export PATH="$VENV/bin:$PATH"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+say "CuPy"
+python - <<'PY' | tee "$OUT/cupy.txt"
+import cupy
+from kernels.backend import cupy_or_none
+print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
+print("device", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+assert cupy_or_none() is not None, "kernels.backend.cupy_or_none() found no GPU"
+print("ok", float(cupy.arange(10.0).sum()))
+PY
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "CuPy does not work here"; exit 4; }
+
+say "pytest -m gpu"
+python -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+PYTEST_RC=${PIPESTATUS[0]}
+
+for P in $GPU_P; do
+  say "bench sampler --device gpu P=$P"
+  timeout 240 liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
+    --sweeps "$SWEEPS" --numpyro no --device gpu --json > "$OUT/gpu_$P.json" \
+    2> "$OUT/gpu_$P.err" || { say "gpu P=$P failed"; tail -5 "$OUT/gpu_$P.err"; rm -f "$OUT/gpu_$P.json"; }
+  if [ "$P" -le "$CPU_MAX_P" ]; then
+    say "bench sampler --device cpu P=$P"
+    timeout 180 liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
+      --sweeps "$SWEEPS" --numpyro no --device cpu --json > "$OUT/cpu_$P.json" \
+      2> "$OUT/cpu_$P.err" || { say "cpu P=$P failed"; rm -f "$OUT/cpu_$P.json"; }
+  fi
+done
+
+say "table"
+python -m tests.gpu.bandwidth "$OUT" | tee "$OUT/table.txt"
+say "done: pytest -m gpu exit $PYTEST_RC; results in $OUT"
+exit "$PYTEST_RC"

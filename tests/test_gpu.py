@@ -1,0 +1,200 @@
+"""The kernels on CuPy (issue 6): skipped unless ``kernels.backend.cupy_or_none()``
+finds a CUDA device.
+
+* closed form: one stratum, large n -- the adjusted effect's posterior is the
+  conjugate normal (as ``tests/test_kernels_closed_form.py``, on the GPU);
+* arrival block: KS of the GPU's logit-p draws against the quadrature CDF and
+  the population moments (``tests/test_arrival.py``, fewer cases);
+* CPU vs GPU: (1) the same random numbers (drawn on the host, copied to each
+  device) give the same chain to ~1e-9 over a few sweeps -- the arithmetic of
+  every block agrees; (2) independent runs on the same data give posterior
+  means of the adjusted effect that agree within Monte Carlo error
+  (``streams.bench.agreement``).
+
+Run on a GPU machine with ``pytest -m gpu`` (``tests/gpu/device_check.sh``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.backend import Rng, cupy_or_none, to_numpy
+
+
+def _skip_reason() -> str:
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken CUDA install
+        return f"CuPy not installed ({type(e).__name__}: {e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001
+        return f"no CUDA device (CuPy {cupy.__version__}: {type(e).__name__}: {e})"
+    return f"no CUDA device (CuPy {cupy.__version__} sees {n})"
+
+
+cp = cupy_or_none()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(cp is None, reason=cp is None and _skip_reason() or "")]
+
+
+def _sample(data, seed: int, xp, chains: int = 4, warmup: int = 200, draws: int = 1500):
+    from kernels.gibbs import init
+    from kernels.sampler import run
+
+    rng = Rng(seed, xp=xp)
+    state = init(data, rng, chains)
+    state, _ = run(state, data, rng, warmup, thin=warmup)
+    return run(state, data, rng, draws)
+
+
+# ------------------------------------------------------------------ (a) closed form
+
+@pytest.mark.parametrize("n_units", [2_000, 10_000_000])
+def test_gpu_one_stratum_matches_conjugate(n_units):
+    from kernels.data import make_data
+
+    rng = np.random.default_rng(3)
+    means, sds = np.array([5.0, 5.3]), np.array([2.0, 2.5])
+    n = np.full((1, 2, 1), float(n_units))
+    xbar = means + sds / np.sqrt(n_units) * rng.standard_normal(2)
+    ss = sds**2 * rng.chisquare(n_units - 1, size=2)
+    sy = (xbar * n_units).reshape(1, 2, 1)
+    syy = (ss + n_units * xbar**2).reshape(1, 2, 1)
+    data = make_data(n, sy, syy, arrived=[[n_units]], dsum=[[0.0]], D=1,
+                     activity_days=[[10.0]], xp=cp)
+    assert type(data.n).__module__.startswith("cupy")
+    _, tr = _sample(data, seed=11, xp=cp)
+    eff = to_numpy(tr.adj_effect)[0, :, :, 0].ravel()
+    s2 = ss / (n_units - 1)
+    want_mean = xbar[1] - xbar[0]
+    want_sd = np.sqrt(s2[1] / n_units + s2[0] / n_units)
+    mcse = want_sd / np.sqrt(len(eff) / 5)
+    assert abs(eff.mean() - want_mean) < 4 * mcse
+    assert eff.std() == pytest.approx(want_sd, rel=0.08)
+    np.testing.assert_allclose(to_numpy(tr.naive_effect), to_numpy(tr.adj_effect))
+
+
+# ------------------------------------------------------------------ (b) arrival block
+
+ARRIVAL_CASES = [(1, 10), (2, 1_000), (5, 1_000_000), (30, 10), (30, 1_000_000)]
+DRAWS = 20_000
+
+
+@pytest.fixture(scope="module")
+def gpu_arrival_draws():
+    from kernels.arrival import draw_logit_p, draw_population
+    from kernels.data import make_data
+    from tests.test_arrival import truncated_geometric_sum
+
+    rng = np.random.default_rng(7)
+    p_true, p_prior = 0.05, 0.08
+    rows = [(D, n, truncated_geometric_sum(n, p_true, D, rng)) for D, n in ARRIVAL_CASES]
+    P = len(rows)
+    data = make_data(np.zeros((P, 2, 1)), np.zeros((P, 2, 1)), np.zeros((P, 2, 1)),
+                     np.array([[r[1]] for r in rows], float),
+                     np.array([[r[2]] for r in rows], float),
+                     np.array([r[0] for r in rows], float), np.full((P, 1), 28 * p_prior),
+                     xp=cp)
+    r = Rng(99, xp=cp)
+    x = draw_logit_p(data.grid, r, DRAWS)
+    pop = draw_population(x, data.arrived, data.D, r)
+    return rows, to_numpy(data.logit_p0), to_numpy(x)[:, :, 0], to_numpy(pop)[:, :, 0]
+
+
+@pytest.mark.parametrize("i", range(len(ARRIVAL_CASES)),
+                         ids=[f"D{D}-n{n}" for D, n in ARRIVAL_CASES])
+def test_gpu_logit_p_matches_quadrature(gpu_arrival_draws, i):
+    from scipy import integrate, stats
+
+    from tests.test_arrival import numeric_posterior
+
+    rows, logit_p0, x, _ = gpu_arrival_draws
+    D, n, T = rows[i]
+    dens, Z, lo, hi, _mode = numeric_posterior(n, T, D, float(logit_p0[i, 0]), 0.5)
+    grid = np.linspace(lo, hi, 200_001)
+    cdf_vals = integrate.cumulative_simpson(dens(grid), x=grid, initial=0.0) / Z
+    ks = stats.kstest(x[i], lambda v: np.interp(v, grid, cdf_vals))
+    assert ks.pvalue > 1e-3, (D, n, ks)
+
+
+@pytest.mark.parametrize("i", range(len(ARRIVAL_CASES)),
+                         ids=[f"D{D}-n{n}" for D, n in ARRIVAL_CASES])
+def test_gpu_population_mean_matches_quadrature(gpu_arrival_draws, i):
+    from scipy import integrate, special
+
+    from tests.test_arrival import numeric_posterior
+
+    rows, logit_p0, _, pop = gpu_arrival_draws
+    D, n, T = rows[i]
+    dens, Z, lo, hi, mode = numeric_posterior(n, T, D, float(logit_p0[i, 0]), 0.5)
+
+    def q(x):
+        return -np.expm1(D * np.log1p(-special.expit(x)))
+
+    EN = integrate.quad(lambda x: n / q(x) * dens(x), lo, hi, points=[mode], limit=500)[0] / Z
+    EN2 = integrate.quad(lambda x: (n * (1 - q(x)) / q(x) ** 2 + (n / q(x)) ** 2) * dens(x),
+                         lo, hi, points=[mode], limit=500)[0] / Z
+    sdN = np.sqrt(max(EN2 - EN**2, 0.0))
+    assert abs(pop[i].mean() - EN) < 5 * sdN / np.sqrt(DRAWS) + 1e-9 * EN
+    assert pop[i].std() == pytest.approx(sdN, rel=0.05, abs=1e-6 * EN)
+
+
+# ------------------------------------------------------------------ (c) CPU vs GPU
+
+class HostRng(Rng):
+    """The same random numbers on either device: drawn by numpy on the host
+    (parameters copied back first), then copied to the device of ``xp``."""
+
+    def __init__(self, seed: int, xp):
+        self.xp = xp
+        self._h = np.random.default_rng(seed)
+
+    def normal(self, shape):
+        return self.xp.asarray(self._h.standard_normal(shape))
+
+    def uniform(self, shape):
+        return self.xp.asarray(self._h.random(shape))
+
+    def gamma(self, shape_param):
+        return self.xp.asarray(self._h.standard_gamma(to_numpy(shape_param)))
+
+    def poisson(self, lam):
+        return self.xp.asarray(self._h.poisson(to_numpy(lam)))
+
+
+def _bench_data(P: int, S: int, xp):
+    from streams.bench import model_data, synthetic_problems
+
+    return model_data(synthetic_problems(P, S, seed=1), xp)
+
+
+def test_same_draws_same_chain_on_cpu_and_gpu():
+    from kernels.estimands import estimands
+    from kernels.gibbs import init, sweep
+
+    P, S, C = 12, 8, 4
+    dn, dc = _bench_data(P, S, np), _bench_data(P, S, cp)
+    np.testing.assert_allclose(to_numpy(dc.grid.cdf), dn.grid.cdf, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(dc.grid.x), dn.grid.x, rtol=1e-9, atol=1e-12)
+    rn, rc = HostRng(5, np), HostRng(5, cp)
+    sn, sc = init(dn, rn, C), init(dc, rc, C)
+    for _ in range(3):
+        sn, sc = sweep(sn, dn, rn), sweep(sc, dc, rc)
+    for name, a in sn.arrays().items():
+        np.testing.assert_allclose(to_numpy(getattr(sc, name)), a, rtol=1e-7, atol=1e-9,
+                                   err_msg=name)
+    en, ec = estimands(sn, dn), estimands(sc, dc)
+    np.testing.assert_allclose(to_numpy(ec.adj_effect), en.adj_effect, rtol=1e-7, atol=1e-9)
+
+
+def test_posterior_means_agree_cpu_vs_gpu():
+    from streams.bench import agreement
+
+    P, S = 20, 8
+    _, tn = _sample(_bench_data(P, S, np), seed=21, xp=np, chains=8, warmup=150, draws=400)
+    _, tc = _sample(_bench_data(P, S, cp), seed=22, xp=cp, chains=8, warmup=150, draws=400)
+    ag = agreement(to_numpy(tn.adj_effect)[..., 0], to_numpy(tc.adj_effect)[..., 0])
+    assert ag["agree"], ag
+    assert 0.8 < ag["sd_ratio_median"] < 1.25, ag
