@@ -452,3 +452,147 @@ def ingest_main(args) -> int:
     else:
         print(format_report(res))
     return 0
+
+
+# ---------------------------------------------------------------- bench latency
+
+
+def run_latency(rate: float = 200.0, seconds: float = 15.0, bootstrap: str | None = None,
+                redis_url: str | None = None) -> dict:
+    """p50/p99 from producing an event to an estimate reflecting it: one worker
+    (role all, default sampler cadence), one events partition, event time = wall
+    time, lateness 0; an estimate reflects event i when its watermark >= ts_i
+    (as ``tests/test_streaming.py::test_latency``), timed at its pub/sub notice."""
+    import threading
+
+    import numpy as np
+    import redis
+    from confluent_kafka import Producer
+
+    from schemas.codec import dumps, loads
+    from schemas.records import ExperimentConfig
+    from streams.admin import publish_experiment
+    from streams.embedded import kafka_broker, redis_server
+    from streams.registry import Registry
+    from streams.sampler import NOTICE_CHANNEL
+    from streams.topics import ensure_topics
+    from streams.worker import topic_specs
+
+    with ExitStack() as stack:
+        if bootstrap is None:
+            bootstrap = stack.enter_context(kafka_broker()).url
+        if redis_url is None:
+            redis_url = stack.enter_context(redis_server()).url
+        uid = uuid.uuid4().hex[:8]
+        pre = f"bench.lat.{uid}"
+        vals = {"bootstrap_servers": bootstrap, "redis_url": redis_url, "app_id": f"lat-{uid}",
+                "topic_events": f"{pre}.events", "topic_experiments": f"{pre}.experiments",
+                "topic_dirty": f"{pre}.dirty", "topic_estimates": f"{pre}.estimates",
+                "topic_alerts": f"{pre}.alerts", "topic_deadletter": f"{pre}.dead-letter",
+                "partitions": 1, "device": "cpu", "log_level": "warning"}
+        settings = Settings.from_env({}, **vals)
+        ensure_topics(bootstrap, topic_specs(settings))
+        now = int(time.time() * 1000)
+        cfg = ExperimentConfig(experiment_id="lat", window_seconds=5, bucket_seconds=10,
+                               lateness_seconds=0, started_at=now)
+        publish_experiment(bootstrap, settings.topic_experiments, cfg)
+        r = redis.Redis.from_url(redis_url)
+        Registry(r).put(cfg)
+        notices: list[tuple[float, int]] = []
+        stop = threading.Event()
+        ps = r.pubsub()
+        ps.subscribe(NOTICE_CHANNEL)
+
+        def listen() -> None:
+            while not stop.is_set():
+                m = ps.get_message(timeout=0.1)
+                if m and m["type"] == "message":
+                    n = loads(m["data"])
+                    if n["experiment_id"] == "lat" and n["watermark"] is not None:
+                        notices.append((time.time(), n["watermark"]))
+
+        threading.Thread(target=listen, daemon=True).start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIFTSTREAM_")
+               or k == "LIFTSTREAM_TANSU"}
+        env.update({f"LIFTSTREAM_{k.upper()}": str(v) for k, v in vals.items()})
+        workdir = tempfile.mkdtemp(prefix="liftstream-lat-")
+        env.update({"LIFTSTREAM_DATADIR": workdir, "OMP_NUM_THREADS": "1"})
+        with open(os.path.join(workdir, "worker.log"), "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--role",
+                                     "all", "--without-web"], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        p = Producer(kafka_config(settings, **{"linger.ms": 1}))
+        rng = np.random.default_rng(0)
+        sent: list[tuple[float, int]] = []
+        last_ts = 0
+
+        def send(ev: dict) -> None:
+            nonlocal last_ts
+            t = time.time()
+            last_ts = ev["ts"] = max(last_ts, int(t * 1000))
+            p.produce(settings.topic_events, key=ev["unit_id"].encode(), value=dumps(ev))
+            p.poll(0)
+            sent.append((t, ev["ts"]))
+
+        def wait(pred, timeout: float, what: str) -> None:
+            end = time.monotonic() + timeout
+            while not pred():
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"bench latency: no {what}")
+                time.sleep(0.05)
+
+        try:
+            send({"type": "exposure", "event_id": "w0", "experiment_id": "lat",
+                  "unit_id": "w0", "variant": "control", "pre_activity": 3.0})
+            p.flush(10)
+            wait(lambda: notices, 90, "first estimate")
+            sent.clear()
+            t_start, i, units = time.time(), 0, []
+            while time.time() - t_start < seconds:
+                while i < int((time.time() - t_start) * rate):
+                    if not units or rng.random() < 0.4:
+                        units = (units + [f"u{i}"])[-2000:]
+                        send({"type": "exposure", "event_id": f"x{i}", "experiment_id": "lat",
+                              "unit_id": units[-1], "variant": ["control", "treatment"][i % 2],
+                              "pre_activity": float(rng.integers(0, 29))})
+                    else:
+                        send({"type": "metric", "event_id": f"m{i}", "experiment_id": "lat",
+                              "unit_id": units[int(rng.integers(len(units)))],
+                              "metric": "value", "value": float(rng.normal(1.0, 1.0))})
+                    i += 1
+                time.sleep(0.002)
+            p.flush(30)
+            wait(lambda: max(wm for _, wm in notices) >= sent[-1][1], 60, "final estimate")
+        finally:
+            stop.set()
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+            r.close()
+        nt = np.array([t for t, _ in notices])
+        nw = np.maximum.accumulate(np.array([w for _, w in notices]))
+        lat = []
+        for t, ts in sent:
+            k = np.searchsorted(nw, ts, side="left")
+            if k < len(nt):
+                lat.append(max(nt[k:][nt[k:] >= t].min(initial=np.inf) - t, 0.0))
+        lat = np.array([v for v in lat if np.isfinite(v)])
+        return {"rate": rate, "seconds": seconds, "events": len(sent), "measured": len(lat),
+                "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+                "max_s": float(lat.max()), "estimates": len(notices)}
+
+
+def latency_main(args) -> int:
+    res = run_latency(args.rate, args.seconds, args.bootstrap_servers, args.redis_url)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"bench latency: {res['events']} events at {res['rate']:.0f}/s for "
+              f"{res['seconds']:.0f} s, one partition, worker role all (tick 1 s): "
+              f"produce -> estimate p50 {res['p50_s']:.2f} s, p99 {res['p99_s']:.2f} s, "
+              f"max {res['max_s']:.2f} s ({res['estimates']} estimates)")
+    return 0
