@@ -16,8 +16,10 @@ event is acked (and its offset committed) only once it is applied. Order:
 3. route (unit index) and apply per experiment with one Lua call each
    (``streams.state``): idempotent per source offset, so a replay of the
    batch after a crash applies nothing twice;
-4. record the partition's ingest watermark (the last offset fully applied),
-   which a restarted worker seeks to when Redis is behind Kafka's commit.
+4. record the partition's ingest watermark (the last offset fully applied);
+   when Redis is behind Kafka's committed offset (it lost its last writes), a
+   worker that gets the partition assigned replays the gap first
+   (``streams.catchup``), so Kafka's commit is only a hint.
 
 Returns the dead-letter records to publish, the experiments touched (their
 dirty notices) and counts. Publishing happens in the agent, before the ack.
