@@ -152,7 +152,7 @@ def sweep(state: State, data: ModelData, rng: Rng) -> State:
     return State(mu0, tau, sigma2, theta, beta, omega2, logit_p, pop, state.iteration + 1)
 
 
-OMEGA_GRID = 64
+OMEGA_GRID = 32  # with the MH correction a coarse grid is exact; 64 gave the same ESS, 30% slower
 OMEGA_RANGE = (-12.0, 2.5)  # log(ω / s): from 6e-6 s to 12 s
 
 
