@@ -52,6 +52,9 @@ class MetricSpec:
     guardrail_threshold: float | None = None
 
 
+PRIORS = ("flat", "platform")
+
+
 @dataclass(frozen=True, slots=True)
 class ExperimentConfig:
     """Experiment registry record (topic ``liftstream.experiments``, key = id)."""
@@ -71,6 +74,9 @@ class ExperimentConfig:
     alert_thresholds: dict[str, float] = field(default_factory=dict)
     status: str = "running"  # "running" | "stopped"
     prior_sd_logit_p: float = 0.5
+    #: "flat": each experiment on its own; "platform": also shrunk towards the
+    #: prior learned from all opted-in experiments sharing a metric (issue 7)
+    prior: str = "flat"
 
     @property
     def n_strata(self) -> int:

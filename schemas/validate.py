@@ -45,6 +45,7 @@ import orjson
 
 from schemas.records import (
     DEFAULT_STRATA_EDGES,
+    PRIORS,
     ExperimentConfig,
     Exposure,
     Metric,
@@ -652,6 +653,10 @@ def parse_experiment(
         if not 0 < x <= 10:
             _cfg(f"'prior_sd_logit_p' = {x!r} must be in (0, 10]", "prior_sd_logit_p")
         kw["prior_sd_logit_p"] = x
+    if (v := opt("prior")) is not _MISSING:
+        if v not in PRIORS:
+            _cfg(f"'prior' = {_short(v)} must be one of {', '.join(map(repr, PRIORS))}", "prior")
+        kw["prior"] = v
 
     return ExperimentConfig(experiment_id, **kw)
 
@@ -687,4 +692,5 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "alert_thresholds": dict(cfg.alert_thresholds),
         "status": cfg.status,
         "prior_sd_logit_p": cfg.prior_sd_logit_p,
+        "prior": cfg.prior,
     }

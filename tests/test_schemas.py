@@ -374,6 +374,7 @@ FULL_CONFIG: dict[str, Any] = {
     "alert_thresholds": {"srm_p_value": 0.001, "rhat_max": 1.05},
     "status": "running",
     "prior_sd_logit_p": 0.5,
+    "prior": "platform",
 }
 
 
@@ -438,6 +439,7 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
         dedupe_seconds=draw(st.integers(0, 86_400 * 7)),
         started_at=draw(st.none() | st.integers(MIN_TS_MS, MAX_TS_MS)),
         target_shares=shares(n_strata, False),
+        prior=draw(st.sampled_from(["flat", "platform"])),
         allocation=shares(len(variants), True),
         alert_thresholds=draw(st.dictionaries(_names, st.floats(-1e9, 1e9), max_size=3)),
         status=draw(st.sampled_from(["running", "stopped"])),
@@ -514,6 +516,7 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("status", cfg_with(status="paused"), "status", True),
     ("prior sd zero", cfg_with(prior_sd_logit_p=0), "prior_sd_logit_p", True),
     ("prior sd huge", cfg_with(prior_sd_logit_p=100), "prior_sd_logit_p", True),
+    ("prior unknown", cfg_with(prior="hierarchical"), "prior", True),
 ]
 
 
