@@ -17,6 +17,14 @@ take longer than the benchmark, so a few populations are simulated and the
 rest are perturbed copies of their sufficient statistics (cell sizes
 rescaled, outcomes shifted and scaled affinely), which keeps every problem a
 valid data set of the same shape with different posteriors.
+
+Memory: on a GPU the problems are advanced in chunks sized to a fraction of
+the device's free memory (``chunk_problems``): at P = 100,000 the arrival
+grids alone are ~6.6 GB each and building them peaks near 80 GB. Each chunk
+is its own batch (data, grids, chains); timings and ESS are summed/pooled
+over chunks. With the Philox RNG (the GPU default) every problem is keyed by
+its index in the whole benchmark, so its draws do not depend on the chunking.
+On the CPU everything runs as one batch, as before.
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from kernels.backend import Rng, get_xp, to_numpy
+from kernels.arrival import GRID_POINTS
+from kernels.backend import Rng, default_rng_kind, get_xp, to_numpy
 from kernels.data import ModelData, make_data
 from kernels.diagnostics import ess_bulk, ndtri, split_rhat
-from kernels.gibbs import init
+from kernels.gibbs import OMEGA_GRID, init
+from kernels.philox import keys_for
 from kernels.sampler import run
 from streams.synthetic import DEFAULT_EDGES, Scenario, cell_stats, population
 
@@ -45,6 +55,7 @@ DAY = 7.0
 BASE_POPULATIONS = 8  # simulated populations; the other problems perturb these
 CHUNK = 50  # sweeps per ``run`` call: bounds the trace's memory at P = 10,000
 AGREE_ALPHA = 1e-3  # family-wise false-alarm rate of the agreement check
+GPU_MEMORY_FRACTION = 0.5  # of the device's free memory, for one chunk of problems
 
 
 class BenchUnavailable(RuntimeError):
@@ -131,10 +142,63 @@ def model_data(stats: dict[str, np.ndarray], xp: Any = np) -> ModelData:
 @dataclass
 class GibbsResult:
     """Timings and the adjusted effect of the first treatment over the timed
-    sweeps, [P, C, T] on the host."""
+    sweeps, [P, C, T] on the host; per-problem bulk ESS and split R-hat."""
 
     stats: dict[str, Any]
     adj_effect: np.ndarray
+    ess: np.ndarray | None = None
+    rhat: np.ndarray | None = None
+
+
+def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINTS) -> int:
+    """Peak device bytes one problem needs, roughly (float64).
+
+    Calibrated with tracemalloc on numpy (C = 8, K1 = 2, S = 8: ``make_data``
+    peaks at ~790 kB per problem, ~12 [S, G] arrays alive while the grids are
+    built, and keeps 3 of them; a sweep adds ~270 kB, mostly the ω grid's
+    [C, K, OMEGA_GRID, S] temporaries), plus the trace of one ``run`` call and
+    the timed draws; doubled for the memory pool's rounding and fragmentation.
+    """
+    K = K1 - 1
+    grid = S * G * 8
+    build = 12 * grid
+    sweep = 3 * grid + 8 * (8 * chains * K * OMEGA_GRID * S + 60 * chains * K1 * S)
+    trace = 8 * chains * (CHUNK * (4 * K + K * S + S) + sweeps)
+    return 2 * (max(build, sweep) + trace)
+
+
+def chunk_problems(P: int, chains: int, K1: int, S: int, sweeps: int, xp: Any,
+                   budget_bytes: float | None = None) -> int:
+    """Problems per batch: all of them on the CPU (unless a budget is given),
+    else as many as fit in ``budget_bytes`` (default: GPU_MEMORY_FRACTION of
+    the device's free memory)."""
+    if budget_bytes is None:
+        if xp is np:
+            return P
+        free, _total = xp.cuda.runtime.memGetInfo()
+        budget_bytes = GPU_MEMORY_FRACTION * free
+    per = problem_bytes(chains, K1, S, sweeps)
+    return int(max(1, min(P, budget_bytes // per)))
+
+
+def chunk_bounds(P: int, chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each batch. A trailing batch of exactly two problems joins
+    the one before: ``kernels.gibbs.sweep`` draws ``rng.normal((2, P, C, K))``
+    and with P = 2 Philox cannot tell the problem axis from the leading 2, so
+    those draws would differ from the same problems' draws in a larger batch."""
+    bounds = [(lo, min(P, lo + chunk)) for lo in range(0, P, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 2:
+        bounds[-2:] = [(bounds[-2][0], P)]
+    return bounds
+
+
+def _slice_stats(stats: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    return {k: v[lo:hi] for k, v in stats.items()}
+
+
+def _free_device_memory(xp: Any) -> None:
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
 
 
 def _sync(xp: Any) -> None:
@@ -143,13 +207,24 @@ def _sync(xp: Any) -> None:
         xp.cuda.Stream.null.synchronize()
 
 
+def bench_rng(seed: int, xp: Any, kind: str | None = None, lo: int = 0,
+              hi: int | None = None, whole: bool = True) -> Rng:
+    """The benchmark's RNG for problems lo..hi-1 of the whole run: Philox keyed
+    by each problem's global index; PCG64 one stream per batch (``whole``:
+    the batch is every problem, seeded as before chunking existed)."""
+    kind = kind or default_rng_kind(xp)
+    if kind == "philox":
+        return Rng([seed, 1], xp=xp, kind=kind, keys=keys_for([seed, 1], range(lo, hi)))
+    return Rng([seed, 1] if whole else [seed, 1, lo], xp=xp, kind=kind)
+
+
 def bench_gibbs(data: ModelData, chains: int, warmup: int, sweeps: int, seed: int = 0,
-                progress: Any = None) -> GibbsResult:
+                progress: Any = None, rng: Rng | None = None) -> GibbsResult:
     """``init``, ``warmup`` untimed-for-ESS sweeps, then ``sweeps`` timed ones
     through ``kernels.sampler.run`` (the streaming sampler's own entry point)."""
     xp = data.xp
     P = data.shape[0]
-    rng = Rng([seed, 1], xp=xp)
+    rng = rng if rng is not None else bench_rng(seed, xp, hi=P)
     tick = progress.update if progress is not None else None
     t0 = time.perf_counter()
     state = init(data, rng, chains)
@@ -181,6 +256,7 @@ def bench_gibbs(data: ModelData, chains: int, warmup: int, sweeps: int, seed: in
     rhat = to_numpy(split_rhat(adj)) if chains >= 2 else np.full(P, np.nan)
     stats = {
         "device": "gpu" if xp is not np else "cpu",
+        "rng": getattr(rng, "kind", None),
         "init_s": init_s,
         "warmup_sweeps": warmup,
         "warmup_s": warm_s,
@@ -191,7 +267,44 @@ def bench_gibbs(data: ModelData, chains: int, warmup: int, sweeps: int, seed: in
         **_ess_summary(ess, sample_s),
         "rhat_max": _finite_max(rhat),
     }
-    return GibbsResult(stats, to_numpy(adj))
+    return GibbsResult(stats, to_numpy(adj), ess, rhat)
+
+
+def bench_gibbs_chunked(stats: dict[str, np.ndarray], xp: Any, chains: int, warmup: int,
+                        sweeps: int, seed: int = 0, progress: Any = None,
+                        chunk: int | None = None, rng_kind: str | None = None) -> GibbsResult:
+    """``bench_gibbs`` over problems in batches of ``chunk`` (default: what
+    fits, ``chunk_problems``), each built, sampled and freed in turn; times
+    are summed, so rates are those of advancing all P problems."""
+    P, K1, S = stats["n"].shape
+    chunk = chunk or chunk_problems(P, chains, K1, S, sweeps, xp)
+    results, data_s = [], 0.0
+    for lo, hi in chunk_bounds(P, chunk):
+        t0 = time.perf_counter()
+        data = model_data(_slice_stats(stats, lo, hi), xp)
+        _sync(xp)
+        data_s += time.perf_counter() - t0
+        rng = bench_rng(seed, xp, rng_kind, lo, hi, whole=(lo == 0 and hi == P))
+        g = bench_gibbs(data, chains, warmup, sweeps, seed, progress=progress, rng=rng)
+        del data, rng
+        _free_device_memory(xp)
+        results.append(g)
+    if len(results) == 1:
+        out = results[0]
+    else:
+        keys = ("init_s", "warmup_s", "sample_s")
+        st = dict(results[0].stats)
+        st.update({k: sum(r.stats[k] for r in results) for k in keys})
+        ess = np.concatenate([r.ess for r in results])
+        rhat = np.concatenate([r.rhat for r in results])
+        st.update(sweeps_per_s=sweeps / st["sample_s"],
+                  chain_sweeps_per_s=P * chains * sweeps / st["sample_s"],
+                  **_ess_summary(ess, st["sample_s"]), rhat_max=_finite_max(rhat))
+        out = GibbsResult(st, np.concatenate([r.adj_effect for r in results]), ess, rhat)
+    out.stats["make_data_s"] = data_s
+    out.stats["chunk_problems"] = chunk
+    out.stats["chunks"] = len(results)
+    return out
 
 
 def _finite_max(x: np.ndarray) -> float | None:
@@ -315,8 +428,12 @@ def _clean(x: Any) -> Any:
 
 def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str = "auto",
               device: str = "auto", seed: int = 0, warmup: int | None = None,
-              nuts_warmup: int | None = None, nuts_samples: int | None = None) -> dict[str, Any]:
-    """The whole benchmark as one JSON-able dict (``sampler_main`` prints it)."""
+              nuts_warmup: int | None = None, nuts_samples: int | None = None,
+              rng_kind: str | None = None, chunk: int | None = None) -> dict[str, Any]:
+    """The whole benchmark as one JSON-able dict (``sampler_main`` prints it).
+
+    ``rng_kind``: pcg|philox (default: pcg on the CPU, philox on a GPU);
+    ``chunk``: problems per batch (default: all on the CPU, what fits on a GPU)."""
     try:
         xp = get_xp(device)
     except (RuntimeError, ValueError) as e:
@@ -325,18 +442,16 @@ def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str
     t0 = time.perf_counter()
     stats = synthetic_problems(problems, strata, seed)
     gen_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    data = model_data(stats, xp)
-    _sync(xp)
-    data_s = time.perf_counter() - t0
 
-    bar = _progress(warmup + sweeps, "liftstream")
+    chunk = chunk or chunk_problems(problems, chains, 2, strata, sweeps, xp)
+    n_chunks = len(chunk_bounds(problems, chunk))
+    bar = _progress((warmup + sweeps) * n_chunks, "liftstream")
     try:
-        g = bench_gibbs(data, chains, warmup, sweeps, seed, progress=bar)
+        g = bench_gibbs_chunked(stats, xp, chains, warmup, sweeps, seed, progress=bar,
+                                chunk=chunk, rng_kind=rng_kind)
     finally:
         if bar is not None:
             bar.close()
-    g.stats["make_data_s"] = data_s
 
     out: dict[str, Any] = {
         "machine": machine_info(xp),
@@ -362,7 +477,7 @@ def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str
 
     nw = sweeps if nuts_warmup is None else nuts_warmup
     ns = sweeps if nuts_samples is None else nuts_samples
-    r = run_nuts(data, chains, nw, ns, seed=seed, log=_log)
+    r = run_nuts(model_data(stats, xp), chains, nw, ns, seed=seed, log=_log)
     ess = ess_bulk(r.adj_effect[..., 0])
     r.stats.update(_ess_summary(ess, r.stats["sample_s"]))
     r.stats["rhat_max"] = _finite_max(split_rhat(r.adj_effect[..., 0])) if chains >= 2 else None
@@ -435,7 +550,9 @@ def sampler_main(args: Any) -> int:
                         seed=getattr(args, "seed", 0) or 0,
                         warmup=getattr(args, "warmup", None),
                         nuts_warmup=getattr(args, "nuts_warmup", None),
-                        nuts_samples=getattr(args, "nuts_samples", None))
+                        nuts_samples=getattr(args, "nuts_samples", None),
+                        rng_kind=getattr(args, "rng", None),
+                        chunk=getattr(args, "chunk_problems", None))
     except BenchUnavailable as e:
         print(f"liftstream bench sampler: {e}", file=sys.stderr)
         return 2
