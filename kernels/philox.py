@@ -117,7 +117,8 @@ def philox4x64(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
     w0, w1 = xp.uint64(W0_64), xp.uint64(W1_64)
     for r in range(rounds):
         if r:
-            k0, k1 = k0 + w0, k1 + w1  # wraps mod 2^64
+            with np.errstate(over="ignore"):  # wraps mod 2^64, as it should
+                k0, k1 = k0 + w0, k1 + w1
         hi0, lo0 = _mulhilo64(xp, x0, M0_64)
         hi1, lo1 = _mulhilo64(xp, x2, M1_64)
         x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
