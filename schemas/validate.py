@@ -70,6 +70,7 @@ __all__ = [
     "is_valid_id",
     "is_valid_name",
     "parse_event",
+    "parse_event_row",
     "parse_experiment",
 ]
 
@@ -340,6 +341,45 @@ def parse_event(
     as JSON Schema does. Raises :class:`InvalidRecord`, and only that, for any
     bytes; ``TypeError`` only for a non-bytes-like argument (a caller bug).
     """
+    _, kind, event_id, experiment_id, unit_id, name, ts, num = parse_event_row(
+        raw, 0, now_ms=now_ms, max_future_ms=max_future_ms)
+    if kind == "x":
+        return Exposure(event_id, experiment_id, unit_id, name, ts, num)
+    return Metric(event_id, unit_id, name, num, ts, experiment_id)
+
+
+# Names (experiment_id, variant, metric) that passed the regex: a handful of
+# distinct strings repeated in every event, so a set lookup replaces the
+# regex on the hot path. Bounded: cleared when it grows past the limit.
+_NAMES_OK: set[str] = set()
+_NAMES_OK_MAX = 4096
+
+
+def _name_ok(v: str) -> bool:
+    """Regex check of a str not in the cache; caches it when it passes."""
+    if _NAME_RE.fullmatch(v) is None:
+        return False
+    if len(_NAMES_OK) >= _NAMES_OK_MAX:
+        _NAMES_OK.clear()
+    _NAMES_OK.add(v)
+    return True
+
+
+def parse_event_row(
+    raw: bytes | bytearray | memoryview | str,
+    offset: int,
+    *,
+    now_ms: int | None = None,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> tuple:
+    """:func:`parse_event` without the dataclass, for the ingest hot path:
+    the same checks, reasons and messages, returning the row
+    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num)`` with
+    kind ``"x"`` (exposure: name = variant, num = pre_activity as a float or
+    None) or ``"m"`` (metric: name = metric, num = value as a float,
+    experiment_id possibly None); ts is an int. ``offset`` is passed through
+    (the source position; see ``streams.state``'s rows).
+    """
     obj = _decode_object(raw, MAX_EVENT_BYTES)
     get = obj.get
     t = get("type", _MISSING)
@@ -359,7 +399,6 @@ def parse_event(
         _check_version(sv)
 
     idm = _ID_RE.fullmatch
-    nm = _NAME_RE.fullmatch
 
     event_id = get("event_id", _MISSING)
     if type(event_id) is not str or idm(event_id) is None:
@@ -370,20 +409,23 @@ def parse_event(
 
     if is_exposure:
         experiment_id = get("experiment_id", _MISSING)
-        if type(experiment_id) is not str or nm(experiment_id) is None:
+        if type(experiment_id) is not str or (
+            experiment_id not in _NAMES_OK and not _name_ok(experiment_id)
+        ):
             _bad_ident("experiment_id", experiment_id, name=True)
-        variant = get("variant", _MISSING)
-        if type(variant) is not str or nm(variant) is None:
-            _bad_ident("variant", variant, name=True)
+        name = get("variant", _MISSING)
+        if type(name) is not str or (name not in _NAMES_OK and not _name_ok(name)):
+            _bad_ident("variant", name, name=True)
     else:
         experiment_id = get("experiment_id")
         if experiment_id is not None and (
-            type(experiment_id) is not str or nm(experiment_id) is None
+            type(experiment_id) is not str
+            or (experiment_id not in _NAMES_OK and not _name_ok(experiment_id))
         ):
             _bad_ident("experiment_id", experiment_id, name=True)
-        metric = get("metric", _MISSING)
-        if type(metric) is not str or nm(metric) is None:
-            _bad_ident("metric", metric, name=True)
+        name = get("metric", _MISSING)
+        if type(name) is not str or (name not in _NAMES_OK and not _name_ok(name)):
+            _bad_ident("metric", name, name=True)
 
     ts = get("ts", _MISSING)
     if type(ts) is not int:
@@ -420,7 +462,7 @@ def parse_event(
                     "pre_activity",
                 )
             pa = float(pa)
-        return Exposure(event_id, experiment_id, unit_id, variant, ts, pa)
+        return (offset, "x", event_id, experiment_id, unit_id, name, ts, pa)
 
     value = get("value", _MISSING)
     tv = type(value)
@@ -434,7 +476,7 @@ def parse_event(
             f"field 'value' = {_short(value)} exceeds {MAX_ABS_VALUE:g} in absolute value",
             "value",
         )
-    return Metric(event_id, unit_id, metric, float(value), ts, experiment_id)
+    return (offset, "m", event_id, experiment_id, unit_id, name, ts, float(value))
 
 
 # --------------------------------------------------------------------------- experiments

@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.contracts import dead_letter_record
-from schemas.records import Event, ExperimentConfig, Exposure
-from schemas.validate import InvalidRecord, parse_event
+from schemas.records import ExperimentConfig
+from schemas.validate import InvalidRecord, parse_event_row
 from streams.registry import Registry
-from streams.state import apply_batch, route_batch
+from streams.state import apply_rows, route_rows
 
 INGEST_OFFSETS = "lr:ingest:offsets"  # hash "<topic>|<partition>" -> last fully applied offset
+
+_NOT_COUNTED = frozenset(("offset", "max_ts", "watermark", "dirty_seq"))
 
 
 @dataclass
@@ -58,58 +60,67 @@ class Ingestor:
                 now_ms: int) -> BatchResult:
         res = BatchResult()
         res.counts["received"] += len(messages)
-        good: list[tuple[int, Event]] = []
-        raw_of: dict[int, bytes | None] = {}
+        # Events travel as rows (see streams.state), not dataclasses: validation
+        # is the same as parse_event's, reasons and messages included.
+        rows: list[tuple] = []
+        append = rows.append
         for off, raw in messages:
-            raw_of[off] = raw
             try:
                 if raw is None:
                     raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
-                good.append((off, parse_event(raw, now_ms=now_ms)))
+                append(parse_event_row(raw, off, now_ms=now_ms))
             except InvalidRecord as err:
                 self._dead(res, raw, err, topic, partition, off, now_ms)
 
-        ids = {ev.experiment_id for _, ev in good if ev.experiment_id is not None}
+        ids = {row[3] for row in rows}
+        ids.discard(None)
         known = self.registry.get_many(ids)
-        for eid in sorted(ids - known.keys()):
-            if self.auto_register and any(
-                isinstance(ev, Exposure) and ev.experiment_id == eid for _, ev in good
-            ):
-                cfg = ExperimentConfig(experiment_id=eid)
-                self.registry.put(cfg)
-                known[eid] = cfg
-                res.new_experiments.append(cfg)
+        if len(known) < len(ids) and self.auto_register:
+            exposed = {row[3] for row in rows if row[1] == "x"}
+            for eid in sorted(ids - known.keys()):
+                if eid in exposed:
+                    cfg = ExperimentConfig(experiment_id=eid)
+                    self.registry.put(cfg)
+                    known[eid] = cfg
+                    res.new_experiments.append(cfg)
 
-        accepted: list[tuple[int, Event]] = []
-        for off, ev in good:
-            cfg = known.get(ev.experiment_id) if ev.experiment_id is not None else None
-            if ev.experiment_id is not None and cfg is None:
-                err = InvalidRecord("unknown_experiment",
-                                    f"experiment {ev.experiment_id!r} is not registered "
-                                    "(create it on the experiments topic first)",
-                                    "experiment_id")
-                self._dead(res, raw_of[off], err, topic, partition, off, now_ms)
-            elif isinstance(ev, Exposure) and ev.variant not in cfg.variants:
-                err = InvalidRecord("unknown_variant",
-                                    f"variant {ev.variant!r} is not one of experiment "
-                                    f"{cfg.experiment_id!r}'s {list(cfg.variants)}", "variant")
-                self._dead(res, raw_of[off], err, topic, partition, off, now_ms)
-                accepted.append((off, ev))  # still applied: counted, clock and dedupe
-            else:
-                accepted.append((off, ev))
+        accepted = rows
+        unknown = ids - known.keys()
+        if unknown or any(row[1] == "x" and row[5] not in known[row[3]].variants
+                          for row in rows):
+            raw_of = dict(messages)
+            accepted = []
+            for row in rows:
+                eid = row[3]
+                if eid in unknown:
+                    err = InvalidRecord("unknown_experiment",
+                                        f"experiment {eid!r} is not registered "
+                                        "(create it on the experiments topic first)",
+                                        "experiment_id")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                    continue
+                if row[1] == "x" and row[5] not in known[eid].variants:
+                    cfg = known[eid]
+                    err = InvalidRecord("unknown_variant",
+                                        f"variant {row[5]!r} is not one of experiment "
+                                        f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
+                                        "variant")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                accepted.append(row)  # unknown variants still applied: counted, clock, dedupe
 
         # metrics without experiment_id may belong to any registered experiment
-        if any(ev.experiment_id is None for _, ev in accepted):
+        if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
-        rejected: list = []
-        routed = route_batch(self.r, accepted, known, topic, partition, rejected)
-        for _, _, why in rejected:
+        rejected: list[tuple[int, str]] = []
+        routed = route_rows(self.r, accepted, known, topic, partition, rejected)
+        for _, why in rejected:
             res.counts[why] += 1
-        for eid, part in routed.items():
-            out = apply_batch(self.r, known[eid], topic, partition, part)
+        for eid, idx in routed.items():
+            part = accepted if len(idx) == len(accepted) else [accepted[i] for i in idx]
+            out = apply_rows(self.r, known[eid], topic, partition, part)
             res.touched.add(eid)
             for k, v in out.items():
-                if isinstance(v, int) and k not in ("offset", "max_ts", "watermark", "dirty_seq"):
+                if isinstance(v, int) and k not in _NOT_COUNTED:
                     res.counts[k] += v
         if messages:
             self.r.hset(INGEST_OFFSETS, f"{topic}|{partition}", max(o for o, _ in messages))

@@ -59,8 +59,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import orjson
-
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.semantics import (
     COUNTERS,
@@ -111,19 +109,26 @@ def offsets_field(topic: str, partition: int) -> str:
     return f"{topic}|{int(partition)}"
 
 
-# ---------------------------------------------------------------- the script
+# ---------------------------------------------------------------- the scripts
 
-_script_obj: Any = None
+ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
+
+_scripts: dict[Path, Any] = {}
+
+
+def _script(r: Any, path: Path) -> Any:
+    """A registered script (redis-py ``Script``: EVALSHA, and SCRIPT LOAD only
+    when the server does not know the sha yet). One object serves every
+    client: the sha is the same, each call names its client."""
+    sc = _scripts.get(path)
+    if sc is None:
+        sc = _scripts[path] = r.register_script(path.read_text())
+    return sc
 
 
 def ingest_script(r: Any) -> Any:
-    """The registered ingest script (redis-py ``Script``: EVALSHA, and SCRIPT
-    LOAD only when the server does not know the sha yet). One object serves
-    every client: the sha is the same, each call names its client."""
-    global _script_obj
-    if _script_obj is None:
-        _script_obj = r.register_script(LUA_PATH.read_text())
-    return _script_obj
+    """The registered ingest script (``streams/lua/ingest.lua``)."""
+    return _script(r, LUA_PATH)
 
 
 def _num(x: float, what: str) -> str:
@@ -161,6 +166,77 @@ def _int(x: Any) -> int:
         return int(float(s))
 
 
+# ---------------------------------------------------------------- rows
+#
+# The ingest path carries events as plain tuples ("rows"), not dataclasses:
+#   (offset, kind, event_id, experiment_id, unit_id, name, ts, num)
+# kind "x" (exposure: name = variant, num = pre_activity or None) or "m"
+# (metric: name = metric, num = value; experiment_id may be None); ts an int,
+# num a float. ``schemas.validate.parse_event_row`` makes them from bytes;
+# ``event_row`` from an Event.
+
+
+def event_row(offset: int, ev: Event) -> tuple:
+    """The row of an Event (the ``route_batch`` / ``apply_batch`` API)."""
+    if isinstance(ev, Exposure):
+        return (int(offset), "x", ev.event_id, ev.experiment_id, ev.unit_id, ev.variant,
+                int(ev.ts), None if ev.pre_activity is None else float(ev.pre_activity))
+    if isinstance(ev, Metric):
+        return (int(offset), "m", ev.event_id, ev.experiment_id, ev.unit_id, ev.metric,
+                int(ev.ts), float(ev.value))
+    raise TypeError(f"not an event: {type(ev).__name__}")
+
+
+def _pack_rows(eid: str, rows: Sequence[tuple]) -> str:
+    """The packed events argument of ingest.lua (format in its header).
+
+    Checks what the script relies on: every row belongs to ``eid``, numbers
+    are finite, and no field contains a separator (validated ids cannot)."""
+    isfinite = math.isfinite
+    parts = []
+    append = parts.append
+    for off, kind, _eid, exp, uid, name, ts, num in rows:
+        if exp != eid and (kind == "x" or exp is not None):
+            what = "exposure" if kind == "x" else "metric"
+            raise ValueError(f"{what} for {exp!r} in a batch for {eid!r}")
+        if num is None:
+            append(f"{off}\x1f{kind}\x1f{_eid}\x1f{uid}\x1f{ts}\x1f{name}\x1f\x1e")
+        elif isfinite(num):
+            append(f"{off}\x1f{kind}\x1f{_eid}\x1f{uid}\x1f{ts}\x1f{name}\x1f{num!r}\x1e")
+        else:
+            what = "pre_activity" if kind == "x" else "metric value"
+            raise ValueError(f"non-finite {what}: {num!r}")
+    blob = "".join(parts)
+    if blob.count("\x1f") != 6 * len(rows) or blob.count("\x1e") != len(rows):
+        raise ValueError("an event field contains a separator character (\\x1e or \\x1f)")
+    return blob
+
+
+def _lua_result(raw: list, cfg: ExperimentConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i in range(0, len(raw), 2):
+        k, v = _s(raw[i]), raw[i + 1]
+        if k in ("offset", "max_ts"):
+            sv = _s(v)
+            out[k] = _int(sv) if sv else None
+        else:
+            out[k] = int(v)
+    out["watermark"] = None if out.get("max_ts") is None else out["max_ts"] - config_ms(cfg)[2]
+    return out
+
+
+def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
+               rows: Sequence[tuple]) -> dict[str, Any]:
+    """``apply_batch`` on rows (the ingest path; see the rows note above)."""
+    if not rows:
+        return {"applied": 0, "skipped": 0}
+    eid = cfg.experiment_id
+    argv = config_argv(cfg, source_topic, partition)
+    argv.append(_pack_rows(eid, rows))
+    raw = ingest_script(r)(keys=experiment_keys(eid).for_lua(), args=argv, client=r)
+    return _lua_result(raw, cfg)
+
+
 def apply_batch(
     r: Any,
     cfg: ExperimentConfig,
@@ -177,37 +253,8 @@ def apply_batch(
     ``offset`` (stored offset after the call), ``max_ts``, ``watermark``,
     ``dirty_seq`` and the count of each event category that occurred.
     """
-    if not events_with_offsets:
-        return {"applied": 0, "skipped": 0}
-    eid = cfg.experiment_id
-    argv: list[Any] = config_argv(cfg, source_topic, partition)
-    rows: list[tuple[str, ...]] = []
-    for off, ev in events_with_offsets:
-        if isinstance(ev, Exposure):
-            if ev.experiment_id != eid:
-                raise ValueError(f"exposure for {ev.experiment_id!r} in a batch for {eid!r}")
-            pre = "" if ev.pre_activity is None else _num(ev.pre_activity, "pre_activity")
-            rows.append((str(int(off)), "x", ev.event_id, ev.unit_id, str(int(ev.ts)),
-                         ev.variant, pre))
-        elif isinstance(ev, Metric):
-            if ev.experiment_id is not None and ev.experiment_id != eid:
-                raise ValueError(f"metric for {ev.experiment_id!r} in a batch for {eid!r}")
-            rows.append((str(int(off)), "m", ev.event_id, ev.unit_id, str(int(ev.ts)),
-                         ev.metric, _num(ev.value, "metric value")))
-        else:
-            raise TypeError(f"not an event: {type(ev).__name__}")
-    argv.append(orjson.dumps(rows))
-    raw = ingest_script(r)(keys=experiment_keys(eid).for_lua(), args=argv, client=r)
-    out: dict[str, Any] = {}
-    for i in range(0, len(raw), 2):
-        k, v = _s(raw[i]), raw[i + 1]
-        if k in ("offset", "max_ts"):
-            sv = _s(v)
-            out[k] = _int(sv) if sv else None
-        else:
-            out[k] = int(v)
-    out["watermark"] = None if out.get("max_ts") is None else out["max_ts"] - config_ms(cfg)[2]
-    return out
+    return apply_rows(r, cfg, source_topic, partition,
+                      [event_row(off, ev) for off, ev in events_with_offsets])
 
 
 # ---------------------------------------------------------------- routing
@@ -236,6 +283,112 @@ def _exposed_before(marker: str, topic: str | None, partition: int | None, offse
         return True
 
 
+def _is_cluster(r: Any) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py always has it
+        return False
+    return isinstance(r, RedisCluster)
+
+
+def _index_round_trip(r: Any, lookup: list[str], writes: dict[tuple[str, str], int],
+                      topic: str | None, partition: int | None) -> list:
+    """Read the index of the ``lookup`` units, then HSETNX the ``writes``
+    ((unit, experiment) -> offset of the exposure), in one round trip: one
+    call of ``streams/lua/route.lua`` (its KEYS are the unit index keys, so on
+    a Redis Cluster, where they lie in many slots, a pipeline instead).
+    Returns the HGETALL replies of ``lookup``, as flat [field, value, ...]
+    lists or dicts."""
+    if _is_cluster(r):
+        pipe = r.pipeline(transaction=False)
+        for u in lookup:
+            pipe.hgetall(unit_index_key(u))
+        for (u, e), off in writes.items():
+            pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
+        return pipe.execute()[: len(lookup)]
+    keys = [f"lr:{{u:{u}}}:x" for u in lookup]
+    keys += [f"lr:{{u:{u}}}:x" for u, _ in writes]
+    prefix = "" if topic is None or partition is None else f"{topic}|{int(partition)}|"
+    blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in writes.items()])
+    if blob.count("\x1f") != len(writes) or blob.count("\x1e") != len(writes):
+        raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
+    return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(lookup), prefix, blob], client=r)
+
+
+def route_rows(
+    r: Any,
+    rows: Sequence[tuple],
+    known: dict[str, ExperimentConfig],
+    source_topic: str | None = None,
+    partition: int | None = None,
+    rejected: list[tuple[int, str]] | None = None,
+) -> dict[str, list[int]]:
+    """``route_batch`` on rows: experiment id -> indices into ``rows`` (in
+    order); ``rejected`` gets (index, reason)."""
+    lookup: list[str] = []
+    lookup_set: set[str] = set()
+    writes: dict[tuple[str, str], int] = {}
+    variants_of = {e: c.variants for e, c in known.items()}
+    for row in rows:
+        if row[1] == "m":
+            if row[3] is None and row[4] not in lookup_set:
+                lookup_set.add(row[4])
+                lookup.append(row[4])
+        else:
+            vs = variants_of.get(row[3])
+            if vs is not None and row[5] in vs:
+                key = (row[4], row[3])
+                if key not in writes:
+                    writes[key] = row[0]
+    index: dict[str, dict[str, str]] = {}
+    if lookup or writes:
+        res = _index_round_trip(r, lookup, writes, source_topic, partition)
+        for u, h in zip(lookup, res, strict=True):
+            if isinstance(h, dict):
+                index[u] = {_s(k): _s(v) for k, v in h.items()}
+            else:
+                index[u] = {_s(h[i]): _s(h[i + 1]) for i in range(0, len(h), 2)}
+
+    out: dict[str, list[int]] = {}
+    in_batch: dict[str, set[str]] = {}
+    for i, row in enumerate(rows):
+        exp = row[3]
+        if row[1] == "x":
+            vs = variants_of.get(exp)
+            if vs is None:
+                if rejected is not None:
+                    rejected.append((i, "unknown_experiment"))
+                continue
+            if row[5] in vs:
+                in_batch.setdefault(row[4], set()).add(exp)
+            lst = out.get(exp)
+            if lst is None:
+                out[exp] = [i]
+            else:
+                lst.append(i)
+        elif exp is not None:
+            if exp not in known:
+                if rejected is not None:
+                    rejected.append((i, "unknown_experiment"))
+                continue
+            lst = out.get(exp)
+            if lst is None:
+                out[exp] = [i]
+            else:
+                lst.append(i)
+        else:
+            uid, off = row[4], row[0]
+            targets = set(in_batch.get(uid, ()))
+            for e, mk in index.get(uid, {}).items():
+                if e in known and _exposed_before(mk, source_topic, partition, off):
+                    targets.add(e)
+            if not targets and rejected is not None:
+                rejected.append((i, "unrouted"))
+            for e in sorted(targets):
+                out.setdefault(e, []).append(i)
+    return dict(sorted(out.items()))
+
+
 def route_batch(
     r: Any,
     batch: Sequence[tuple[int, Event]],
@@ -256,58 +409,12 @@ def route_batch(
     this batch. Events reaching no experiment are appended to ``rejected`` as
     (offset, event, "unknown_experiment" | "unrouted").
     """
-    lookup: list[str] = []
-    lookup_set: set[str] = set()
-    writes: dict[tuple[str, str], str] = {}
-    for off, ev in batch:
-        if isinstance(ev, Metric):
-            if ev.experiment_id is None and ev.unit_id not in lookup_set:
-                lookup_set.add(ev.unit_id)
-                lookup.append(ev.unit_id)
-        else:
-            cfg = known.get(ev.experiment_id)
-            if cfg is not None and ev.variant in cfg.variants:
-                writes.setdefault((ev.unit_id, ev.experiment_id),
-                                  _marker(source_topic, partition, off))
-    index: dict[str, dict[str, str]] = {}
-    if lookup or writes:
-        pipe = r.pipeline(transaction=False)
-        for u in lookup:
-            pipe.hgetall(unit_index_key(u))
-        for (u, e), mk in writes.items():
-            pipe.hsetnx(unit_index_key(u), e, mk)
-        res = pipe.execute()
-        for u, h in zip(lookup, res[: len(lookup)], strict=True):
-            index[u] = {_s(k): _s(v) for k, v in h.items()}
-
-    out: dict[str, list[tuple[int, Event]]] = {}
-    in_batch: dict[str, set[str]] = {}
-    for off, ev in batch:
-        if isinstance(ev, Exposure):
-            cfg = known.get(ev.experiment_id)
-            if cfg is None:
-                if rejected is not None:
-                    rejected.append((off, ev, "unknown_experiment"))
-                continue
-            if ev.variant in cfg.variants:
-                in_batch.setdefault(ev.unit_id, set()).add(ev.experiment_id)
-            out.setdefault(ev.experiment_id, []).append((off, ev))
-        elif ev.experiment_id is not None:
-            if ev.experiment_id not in known:
-                if rejected is not None:
-                    rejected.append((off, ev, "unknown_experiment"))
-                continue
-            out.setdefault(ev.experiment_id, []).append((off, ev))
-        else:
-            targets = set(in_batch.get(ev.unit_id, ()))
-            for e, mk in index.get(ev.unit_id, {}).items():
-                if e in known and _exposed_before(mk, source_topic, partition, off):
-                    targets.add(e)
-            if not targets and rejected is not None:
-                rejected.append((off, ev, "unrouted"))
-            for e in sorted(targets):
-                out.setdefault(e, []).append((off, ev))
-    return dict(sorted(out.items()))
+    rows = [event_row(off, ev) for off, ev in batch]
+    rej: list[tuple[int, str]] = []
+    routed = route_rows(r, rows, known, source_topic, partition, rej)
+    if rejected is not None:
+        rejected.extend((batch[i][0], batch[i][1], why) for i, why in rej)
+    return {e: [batch[i] for i in idx] for e, idx in routed.items()}
 
 
 # ---------------------------------------------------------------- reading

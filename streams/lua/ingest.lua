@@ -14,29 +14,45 @@ KEYS (all tagged {e:<id>}, one Redis Cluster slot):
 ARGV:
   offsets-field "<topic>|<partition>", W, B, L, DD (ms), started_at_cfg ('' = none),
   n_edges, edges..., n_variants, variants..., n_metrics, metrics...,
-  then ONE JSON array of events, each an array of 7 strings: offset, kind
-  ('x' exposure | 'm' metric), event_id, unit_id, ts, variant|metric,
-  pre_activity|value ('' = none). All strings, numbers included, so cjson
-  never parses a number: tonumber does, exactly. (One JSON argument instead of
-  7 per event: redis-py packs thousands of arguments slowly.)
+  then ONE packed string of events: per event 7 fields, each followed by a
+  separator, \31 (ASCII unit separator) after the first six and \30 (record
+  separator) after the seventh: offset, kind ('x' exposure | 'm' metric),
+  event_id, unit_id, ts, variant|metric, pre_activity|value ('' = none).
+  Numbers are decimal text (integers) or Python repr (floats), read back
+  exactly by tonumber. One string parsed with one string.gmatch instead of
+  7 ARGV per event (redis-py packs thousands of arguments slowly) or a JSON
+  array (cjson builds a table per event). The fields never contain \30 or
+  \31 (streams.state checks the separator counts).
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
 dirty_seq and the count of every category that occurred.
 
 Floats: never tostring()/concat on numbers (%.14g), never HINCRBYFLOAT (long
 double). Numbers go to Redis as string.format('%.17g') (round-trips a double
-exactly) and come back with tonumber; all arithmetic is Lua doubles, in the
-same order as the Python reducer. Times and counts are integer-valued doubles
-< 2^53, so they are exact too.
+exactly) or, for integer-valued ones (times, counts, indices: all < 2^53),
+'%d', which writes the same digits; they come back with tonumber; all
+arithmetic is Lua doubles, in the same order as the Python reducer.
 
 Unit state (hash field = unit id): "<variant_index> <stratum> <bucket>
 <exposure_ts> <matured 0|1> <total_1> ... <total_M>" (variant index and
 total order follow the config's variants / metrics, which are append-only).
+In this script a unit is a table {v=, s=, b=, ets=, m=, [1..M] = totals}.
+
+Speed (DESIGN §5 keeps one call per experiment per batch; this keeps the work
+per event small): every key is read at most once per batch (ZMSCORE / HMGET
+prefetch in chunks) and written at most once per batch (HSET / ZADD in
+chunks, counters aggregated locally). Maturation is lazy but exact: see
+"Maturation" below.
 ]]
 
 local K_UNITS, K_PENDING, K_CELLS, K_ARR = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_META, K_SEEN, K_OFF, K_DIRTY = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
-local function fmt(x) return string.format('%.17g', x) end
+local call, tonumber, format, match, gmatch = redis.call, tonumber, string.format,
+  string.match, string.gmatch
+local unpack, floor, min = unpack, math.floor, math.min
+
+local function fmt(x) return format('%.17g', x) end
+local function fmti(x) return format('%d', x) end  -- integer-valued doubles < 2^53
 
 local CHUNK = 400  -- elements per variadic call (well under Lua's C stack)
 
@@ -60,287 +76,332 @@ for k = 1, n_var do local v = nextarg(); variants[k] = v; var_index[v] = k - 1 e
 local n_met = tonumber(nextarg())
 local metrics, met_index = {}, {}
 for k = 1, n_met do local m = nextarg(); metrics[k] = m; met_index[m] = k end
-local first_event = p
+local blob = nextarg()
+
+-- one string.format per unit record: 5 integers, then the M totals
+local UNIT_FMT = '%d %d %d %d %d' .. string.rep(' %.17g', n_met)
+local EVENT_PAT = '([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\30]*)\30'
 
 -- ---------------------------------------------------------------- state
-local mraw = redis.call('HMGET', K_META, 'max_ts', 'started_at')
+local mraw = call('HMGET', K_META, 'max_ts', 'started_at')
 local max_ts = tonumber(mraw[1])
 local started = tonumber(mraw[2])
 local max_ts_dirty, started_dirty = false, false
-local stored = tonumber(redis.call('HGET', K_OFF, off_field))
+local stored = tonumber(call('HGET', K_OFF, off_field))
 
 -- Integer floor division on integer-valued doubles, exact: a/b may round up
 -- to the next integer, so correct the quotient by one if needed.
 local function floordiv(a, b)
-  local q = math.floor(a / b)
+  local q = floor(a / b)
   if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
   return q
 end
 
-local function add(tbl, order, key, d)
-  local v = tbl[key]
-  if v == nil then order[#order + 1] = key; v = 0 end
-  tbl[key] = v + d
+local function chunked(cmd, key, list)
+  for i = 1, #list, CHUNK do
+    call(cmd, key, unpack(list, i, min(i + CHUNK - 1, #list)))
+  end
 end
 
-local counts, count_order = {}, {}
-local meta_incr, meta_incr_order = {}, {}
-local arr_incr, arr_order = {}, {}
+-- ---------------------------------------------------------------- events
+-- Pass 1: split the packed events into columns, skipping offsets already
+-- applied, and collect the distinct event ids and unit ids to prefetch.
+local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B = {}, {}, {}, {}, {}, {}, {}
+local n, skipped = 0, 0
+local eids, uids, want_e, want_u = {}, {}, {}, {}
+do
+  local hi = stored
+  for off, kind, eid, uid, ts, a, b in gmatch(blob, EVENT_PAT) do
+    off = tonumber(off)
+    if hi ~= nil and off <= hi then
+      skipped = skipped + 1
+    else
+      hi = off
+      n = n + 1
+      E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n] =
+        off, kind, eid, uid, ts, a, b
+      if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
+      if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
+    end
+  end
+end
 
+-- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
+local seen = {}
+for i = 1, #eids, CHUNK do
+  local j = min(i + CHUNK - 1, #eids)
+  local sc = call('ZMSCORE', K_SEEN, unpack(eids, i, j))
+  for k = i, j do seen[eids[k]] = tonumber(sc[k - i + 1]) or false end
+end
+local seen_txt, seen_order = {}, {}   -- new sightings (score text), first-seen order
+
+-- Units: units[uid] = table, false (no state), nil (not read yet).
 local units, units_dirty, units_order = {}, {}, {}
 local function parse_unit(raw)
   if not raw then return false end
-  local f = {}
-  for tok in string.gmatch(raw, '%S+') do f[#f + 1] = tok end
-  local u = {v = tonumber(f[1]), s = tonumber(f[2]), b = tonumber(f[3]),
-             ets = tonumber(f[4]), m = tonumber(f[5]), t = {}}
-  for k = 1, n_met do u.t[k] = tonumber(f[5 + k]) or 0.0 end
-  return u
-end
-local function get_unit(uid)
-  local u = units[uid]
-  if u == nil then
-    u = parse_unit(redis.call('HGET', K_UNITS, uid))
-    units[uid] = u
+  local v, s, b, e, m, rest = match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+)(.*)$')
+  local u = {v = tonumber(v), s = tonumber(s), b = tonumber(b), ets = tonumber(e),
+             m = tonumber(m)}
+  local k = 0
+  if rest then
+    for tok in gmatch(rest, '%S+') do
+      if k >= n_met then break end
+      k = k + 1
+      u[k] = tonumber(tok) or 0.0
+    end
   end
+  for j = k + 1, n_met do u[j] = 0.0 end
   return u
 end
+local function fetch_units(list)
+  for i = 1, #list, CHUNK do
+    local j = min(i + CHUNK - 1, #list)
+    local raw = call('HMGET', K_UNITS, unpack(list, i, j))
+    for k = i, j do units[list[k]] = parse_unit(raw[k - i + 1]) end
+  end
+end
+fetch_units(uids)
 local function touch_unit(uid)
   if not units_dirty[uid] then units_dirty[uid] = true; units_order[#units_order + 1] = uid end
 end
 
-local cells, cells_order = {}, {}
-local function get_cell(f)
-  local c = cells[f]
-  if c == nil then
-    local raw = redis.call('HGET', K_CELLS, f)
-    if raw then
-      local a, b, d = string.match(raw, '^(%S+) (%S+) (%S+)$')
-      c = {tonumber(a), tonumber(b), tonumber(d)}
-    else
-      c = {0, 0.0, 0.0}
+-- Aggregated increments, written once at the end.
+local counts, count_order = {}, {}
+local exposed, matured = {}, {}          -- by variant index (0-based)
+local act_n, act_sum = {}, {}            -- by stratum
+local arr, arr_order = {}, {}            -- "stratum|bucket" -> new units
+
+-- Cells: cell_of[v][s] = {cell_1, ..., cell_M}, each {n, sum_y, sum_y2},
+-- read from Redis on first use.
+local cells, cells_order, cell_rows = {}, {}, {}
+local function row_of(v, s)
+  local rv = cell_rows[v]
+  if rv == nil then rv = {}; cell_rows[v] = rv end
+  local row = rv[s]
+  if row == nil then
+    row = {}
+    local sfx = '|' .. variants[v + 1] .. '|' .. fmti(s)
+    local fields = {}
+    for k = 1, n_met do fields[k] = metrics[k] .. sfx end
+    local raw = call('HMGET', K_CELLS, unpack(fields))
+    for k = 1, n_met do
+      local c
+      if raw[k] then
+        local a, b, d = match(raw[k], '^(%S+) (%S+) (%S+)$')
+        c = {tonumber(a), tonumber(b), tonumber(d)}
+      else
+        c = {0, 0.0, 0.0}
+      end
+      row[k] = c
+      cells[fields[k]] = c
+      cells_order[#cells_order + 1] = fields[k]
     end
-    cells[f] = c
-    cells_order[#cells_order + 1] = f
+    rv[s] = row
   end
-  return c
+  return row
 end
 
-local act, act_order = {}, {}
-local function get_act(f)
-  local v = act[f]
-  if v == nil then
-    v = tonumber(redis.call('HGET', K_META, f)) or 0.0
-    act_order[#act_order + 1] = f
-  end
-  return v
-end
-
-local seen, seen_dirty, seen_order = {}, {}, {}
-
--- Smallest pending close_ts (nil: none), kept locally so that the pending
--- set is only queried when something is actually due.
-local next_due
+-- Maturation. The reducer folds, after every non-duplicate event, every
+-- pending unit with close_ts <= watermark, in (close_ts, unit_id) order
+-- (ZSET order). Units it folds at different events have disjoint, increasing
+-- close_ts ranges (each event folds (previous watermark, watermark]), so the
+-- whole batch's folds are one pass in ZSET order at the end -- except for a
+-- unit *created* with its window already closed (a very late exposure), which
+-- the reducer folds at once: there the pass runs up to the previous
+-- watermark first, then again with the new unit. Until a unit is folded, "is
+-- it matured" is answered as the reducer would: close_ts <= watermark.
+-- New pending units are buffered and ZADDed before any pass (and at the end).
+local pend_new = {}            -- ZADD arguments: close, uid, close, uid, ...
+local next_due                 -- smallest pending close_ts (nil: none)
 local function refresh_next_due()
-  local first = redis.call('ZRANGE', K_PENDING, 0, 0, 'WITHSCORES')
+  local first = call('ZRANGE', K_PENDING, 0, 0, 'WITHSCORES')
   next_due = tonumber(first[2])
 end
 refresh_next_due()
 
--- Fold every pending unit with close_ts <= wm, in ZSET order.
 local function mature(wm)
-  if next_due == nil or next_due > wm then return end
-  local due = redis.call('ZRANGEBYSCORE', K_PENDING, '-inf', fmt(wm))
+  if wm == nil or next_due == nil or next_due > wm then return end
+  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new); pend_new = {} end
+  local due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm))
+  local miss = {}
   for _, uid in ipairs(due) do
-    local u = get_unit(uid)
-    local vname = u and variants[u.v + 1]
-    if u and u.m == 0 and vname == nil then
-      -- the config lost this unit's variant (configs must only grow): do not
-      -- fold into a cell that no longer exists, but do not stop ingest either
-      u.m = 1
-      touch_unit(uid)
-    elseif u and u.m == 0 then
-      local sfx = '|' .. vname .. '|' .. fmt(u.s)
-      for k = 1, n_met do
-        local y = u.t[k]
-        local c = get_cell(metrics[k] .. sfx)
-        c[1] = c[1] + 1
-        c[2] = c[2] + y
-        c[3] = c[3] + y * y
+    if units[uid] == nil then miss[#miss + 1] = uid end
+  end
+  fetch_units(miss)
+  for _, uid in ipairs(due) do
+    local u = units[uid]
+    if u and u.m == 0 then
+      if variants[u.v + 1] == nil then
+        -- the config lost this unit's variant (configs must only grow): do not
+        -- fold into a cell that no longer exists, but do not stop ingest either
+        u.m = 1
+        touch_unit(uid)
+      else
+        local row = row_of(u.v, u.s)
+        for k = 1, n_met do
+          local y = u[k]
+          local c = row[k]
+          c[1] = c[1] + 1
+          c[2] = c[2] + y
+          c[3] = c[3] + y * y
+        end
+        matured[u.v] = (matured[u.v] or 0) + 1
+        u.m = 1
+        touch_unit(uid)
       end
-      add(meta_incr, meta_incr_order, 'matured:' .. vname, 1)
-      u.m = 1
-      touch_unit(uid)
     end
   end
-  for i = 1, #due, CHUNK do
-    redis.call('ZREM', K_PENDING, unpack(due, i, math.min(i + CHUNK - 1, #due)))
-  end
+  chunked('ZREM', K_PENDING, due)
   refresh_next_due()
 end
 
--- ---------------------------------------------------------------- events
-local applied, skipped = 0, 0
-local events = cjson.decode(ARGV[first_event])
-
--- Prefetch the dedupe sightings and unit states of the events to apply: one
--- ZMSCORE / HMGET per chunk instead of one call per event (Redis >= 6.2).
-do
-  local eids, uids, seen_e, seen_u = {}, {}, {}, {}
-  local hi = stored
-  for _, e in ipairs(events) do
-    local off = tonumber(e[1])
-    if hi == nil or off > hi then
-      hi = off
-      if not seen_e[e[3]] then seen_e[e[3]] = true; eids[#eids + 1] = e[3] end
-      if not seen_u[e[4]] then seen_u[e[4]] = true; uids[#uids + 1] = e[4] end
-    end
-  end
-  for i = 1, #eids, CHUNK do
-    local j = math.min(i + CHUNK - 1, #eids)
-    local sc = redis.call('ZMSCORE', K_SEEN, unpack(eids, i, j))
-    for k = i, j do seen[eids[k]] = tonumber(sc[k - i + 1]) or false end
-  end
-  for i = 1, #uids, CHUNK do
-    local j = math.min(i + CHUNK - 1, #uids)
-    local raw = redis.call('HMGET', K_UNITS, unpack(uids, i, j))
-    for k = i, j do units[uids[k]] = parse_unit(raw[k - i + 1]) end
-  end
-end
-for _, e in ipairs(events) do
-  local off = tonumber(e[1])
-  if stored ~= nil and off <= stored then
-    skipped = skipped + 1
+-- Pass 2: the rules, event by event.
+local wm = max_ts and max_ts - L
+local any_counted = false      -- a non-duplicate event: the reducer matures after it
+for i = 1, n do
+  local eid = E_EID[i]
+  local ts = tonumber(E_TS[i])
+  local cat
+  -- 1. dedupe (against max_ts before this event)
+  local prev = seen[eid]
+  if prev and max_ts ~= nil and prev >= max_ts - DD then
+    cat = 'duplicate'
   else
-    stored = off
-    applied = applied + 1
-    local kind, eid, uid = e[2], e[3], e[4]
-    local ts, a, b = tonumber(e[5]), e[6], e[7]
-    local cat
-    -- 1. dedupe (against max_ts before this event)
-    local prev = seen[eid]
-    if prev == nil then
-      prev = tonumber(redis.call('ZSCORE', K_SEEN, eid)) or false
-      seen[eid] = prev
-    end
-    if prev and max_ts ~= nil and prev >= max_ts - DD then
-      cat = 'duplicate'
-    else
-      seen[eid] = ts
-      if not seen_dirty[eid] then seen_dirty[eid] = true; seen_order[#seen_order + 1] = eid end
-      -- 2. event time
-      local check = false
-      if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true; check = true end
-      local wm = max_ts - L
-      if kind == 'x' then
-        -- 3. exposure
-        local vi = var_index[a]
-        if vi == nil then
-          cat = 'unknown_variant'
-        else
-          local u = get_unit(uid)
-          if u then
-            if u.v == vi then cat = 'repeat_exposure' else cat = 'conflict' end
-          else
-            if started == nil then
-              started = started_cfg or ts
-              started_dirty = true
-            end
-            local x = tonumber(b)
-            local st = S
-            if x ~= nil and S > 0 then
-              st = 0
-              for k = S, 1, -1 do
-                if x >= edges[k] then st = k - 1; break end
-              end
-            end
-            local bucket = floordiv(ts - started, B)
-            if bucket < 0 then bucket = 0 end
-            u = {v = vi, s = st, b = bucket, ets = ts, m = 0, t = {}}
-            for k = 1, n_met do u.t[k] = 0.0 end
-            units[uid] = u
-            touch_unit(uid)
-            add(arr_incr, arr_order, fmt(st) .. '|' .. fmt(bucket), 1)
-            if x ~= nil then
-              local f = 'act_sum:' .. fmt(st)
-              act[f] = get_act(f) + x
-              add(meta_incr, meta_incr_order, 'act_n:' .. fmt(st), 1)
-            end
-            add(meta_incr, meta_incr_order, 'exposed:' .. a, 1)
-            redis.call('ZADD', K_PENDING, fmt(ts + W), uid)
-            if next_due == nil or ts + W < next_due then next_due = ts + W end
-            if ts + W <= wm then check = true end
-            cat = 'exposures'
-          end
-        end
+    any_counted = true
+    if not seen_txt[eid] then seen_order[#seen_order + 1] = eid end
+    seen[eid] = ts
+    seen_txt[eid] = E_TS[i]
+    -- 2. event time
+    local wm_before = wm
+    if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true; wm = ts - L end
+    local uid = E_UID[i]
+    if E_KIND[i] == 'x' then
+      -- 3. exposure
+      local vi = var_index[E_A[i]]
+      if vi == nil then
+        cat = 'unknown_variant'
       else
-        -- 4. metric
-        local u = get_unit(uid)
-        local mi = met_index[a]
-        if not u then cat = 'unknown_unit'
-        elseif mi == nil then cat = 'unknown_metric'
-        elseif ts < u.ets then cat = 'pre_exposure'
-        elseif ts >= u.ets + W then cat = 'outside_window'
-        elseif u.m == 1 then cat = 'late'
+        local u = units[uid]
+        if u then
+          if u.v == vi then cat = 'repeat_exposure' else cat = 'conflict' end
         else
-          u.t[mi] = u.t[mi] + tonumber(b)
+          if started == nil then
+            started = started_cfg or ts
+            started_dirty = true
+          end
+          local x = tonumber(E_B[i])
+          local st = S
+          if x ~= nil and S > 0 then
+            st = 0
+            for k = S, 1, -1 do
+              if x >= edges[k] then st = k - 1; break end
+            end
+          end
+          local bucket = floordiv(ts - started, B)
+          if bucket < 0 then bucket = 0 end
+          local close = ts + W
+          local late = close <= wm
+          if late then mature(wm_before) end  -- what the reducer folded before
+          u = {v = vi, s = st, b = bucket, ets = ts, m = 0}
+          for k = 1, n_met do u[k] = 0.0 end
+          units[uid] = u
           touch_unit(uid)
-          cat = 'metric_applied'
+          local ak = format('%d|%d', st, bucket)
+          local c = arr[ak]
+          if c == nil then arr_order[#arr_order + 1] = ak; c = 0 end
+          arr[ak] = c + 1
+          if x ~= nil then
+            local sum = act_sum[st]
+            if sum == nil then
+              sum = tonumber(call('HGET', K_META, 'act_sum:' .. fmti(st))) or 0.0
+            end
+            act_sum[st] = sum + x
+            act_n[st] = (act_n[st] or 0) + 1
+          end
+          exposed[vi] = (exposed[vi] or 0) + 1
+          pend_new[#pend_new + 1] = fmti(close)
+          pend_new[#pend_new + 1] = uid
+          if next_due == nil or close < next_due then next_due = close end
+          if late then mature(wm) end
+          cat = 'exposures'
         end
       end
-      -- 5. maturation (nothing new can be due unless the watermark moved or
-      -- a unit was created with its window already closed)
-      if check then mature(wm) end
+    else
+      -- 4. metric
+      local u = units[uid]
+      local mi = met_index[E_A[i]]
+      if not u then cat = 'unknown_unit'
+      elseif mi == nil then cat = 'unknown_metric'
+      elseif ts < u.ets then cat = 'pre_exposure'
+      elseif ts >= u.ets + W then cat = 'outside_window'
+      elseif u.m == 1 or u.ets + W <= wm then cat = 'late'  -- matured (maybe not folded yet)
+      else
+        u[mi] = u[mi] + tonumber(E_B[i])
+        touch_unit(uid)
+        cat = 'metric_applied'
+      end
     end
-    add(counts, count_order, cat, 1)
   end
+  local c = counts[cat]
+  if c == nil then count_order[#count_order + 1] = cat; c = 0 end
+  counts[cat] = c + 1
 end
+-- 5. maturation for the whole batch, in ZSET order
+if any_counted then mature(wm) end
 
 -- ---------------------------------------------------------------- write back
-local seq = tonumber(redis.call('GET', K_DIRTY)) or 0
-if applied > 0 then
-  local buf = {}
+local seq = tonumber(call('GET', K_DIRTY)) or 0
+if n > 0 then
+  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new) end
+  local buf, nb = {}, 0
   local function flush(cmd, key)
-    if #buf > 0 then redis.call(cmd, key, unpack(buf)); buf = {} end
+    if nb > 0 then call(cmd, key, unpack(buf, 1, nb)); nb = 0 end
   end
   local function push2(cmd, key, x, y)
-    buf[#buf + 1] = x; buf[#buf + 1] = y
-    if #buf >= CHUNK then flush(cmd, key) end
+    buf[nb + 1] = x; buf[nb + 2] = y; nb = nb + 2
+    if nb >= CHUNK then flush(cmd, key) end
   end
   for _, uid in ipairs(units_order) do
     local u = units[uid]
-    local parts = {fmt(u.v), fmt(u.s), fmt(u.b), fmt(u.ets), fmt(u.m)}
-    for k = 1, n_met do parts[5 + k] = fmt(u.t[k]) end
-    push2('HSET', K_UNITS, uid, table.concat(parts, ' '))
+    push2('HSET', K_UNITS, uid, format(UNIT_FMT, u.v, u.s, u.b, u.ets, u.m, unpack(u, 1, n_met)))
   end
   flush('HSET', K_UNITS)
   for _, f in ipairs(cells_order) do
     local c = cells[f]
-    push2('HSET', K_CELLS, f, fmt(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]))
+    push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]))
   end
   flush('HSET', K_CELLS)
-  for _, f in ipairs(arr_order) do redis.call('HINCRBY', K_ARR, f, fmt(arr_incr[f])) end
-  for _, f in ipairs(meta_incr_order) do redis.call('HINCRBY', K_META, f, fmt(meta_incr[f])) end
-  for _, name in ipairs(count_order) do redis.call('HINCRBY', K_META, 'c:' .. name, fmt(counts[name])) end
-  for _, f in ipairs(act_order) do push2('HSET', K_META, f, fmt(act[f])) end
-  if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmt(max_ts)) end
-  if started_dirty then push2('HSET', K_META, 'started_at', fmt(started)) end
+  for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
+  for v = 0, n_var - 1 do
+    if exposed[v] then call('HINCRBY', K_META, 'exposed:' .. variants[v + 1], exposed[v]) end
+    if matured[v] then call('HINCRBY', K_META, 'matured:' .. variants[v + 1], matured[v]) end
+  end
+  for st = 0, S do
+    if act_n[st] then
+      call('HINCRBY', K_META, 'act_n:' .. fmti(st), act_n[st])
+      push2('HSET', K_META, 'act_sum:' .. fmti(st), fmt(act_sum[st]))
+    end
+  end
+  for _, name in ipairs(count_order) do call('HINCRBY', K_META, 'c:' .. name, counts[name]) end
+  if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmti(max_ts)) end
+  if started_dirty then push2('HSET', K_META, 'started_at', fmti(started)) end
   flush('HSET', K_META)
-  for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, fmt(seen[eid]), eid) end
+  for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen_txt[eid], eid) end
   flush('ZADD', K_SEEN)
   -- Sightings below max_ts - DD can never mark a duplicate again (max_ts
   -- only grows), so dropping them cannot change any outcome.
   if max_ts ~= nil then
-    redis.call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmt(max_ts - DD))
+    call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(max_ts - DD))
   end
-  redis.call('HSET', K_OFF, off_field, fmt(stored))
-  seq = redis.call('INCR', K_DIRTY)
+  call('HSET', K_OFF, off_field, fmti(E_OFF[n]))
+  seq = call('INCR', K_DIRTY)
 end
 
-local out = {'applied', applied, 'skipped', skipped,
+local out = {'applied', n, 'skipped', skipped,
              'offset', stored and fmt(stored) or '',
              'max_ts', max_ts and fmt(max_ts) or '',
              'dirty_seq', seq}
+if n > 0 then out[6] = fmti(E_OFF[n]) end
 for _, name in ipairs(count_order) do
   out[#out + 1] = name
   out[#out + 1] = counts[name]
