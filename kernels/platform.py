@@ -33,12 +33,11 @@ Redis parameter server keeps (``streams.platform_prior``). One *platform
 update* draws ψ² | λ then λ | ψ² from them.
 
 Exact asynchronous Gibbs (Terenin, Simpson & Draper, AISTATS 2020). A worker
-that owns experiment e drew φ' from its conditional under hyperparameters
+that owns experiment e draws φ' from its conditional under hyperparameters
 h_s = (λ_s, ψ²_s) that it read earlier; by commit time another worker may
-have moved them to h_c. Treat the stale conditional as an *independence
-proposal* q(φ') = p(φ' | h_s, z_e) for a Metropolis–Hastings step whose target
-is the conditional under the current values, π(φ) = p(φ | h_c, z_e). For an
-independence proposal the MH ratio is
+have moved them to h_c. Treat the stale conditional as a proposal
+q(φ') = p(φ' | h_s, z_e) for a Metropolis–Hastings step whose target is the
+conditional under the current values, π(φ) = p(φ | h_c, z_e):
 
     α = min(1, [π(φ') q(φ)] / [π(φ) q(φ')])
       = min(1, [p(φ' | h_c) p(φ | h_s)] / [p(φ | h_c) p(φ' | h_s)])
@@ -48,23 +47,34 @@ with φ the experiment's current (committed) value. With both densities normal,
     log α = ℓ_c(φ') − ℓ_c(φ) − ℓ_s(φ') + ℓ_s(φ),
     ℓ_h(x) = −(x − m_h)² / (2 v_h)      (the −½ log 2πv_h terms cancel pairwise).
 
-This step leaves π — the exact full conditional of φ_e given the current
-hyperparameters — invariant, which is all a Gibbs update needs; when h_s = h_c
-the ratio is 1 and it *is* the Gibbs update. The experiments' conditionals are
-independent given (λ, ψ²), so a batch is corrected experiment by experiment
-(a composition of per-coordinate kernels, each exact). Accepting always
-(α := 1) is the uncorrected asynchronous Gibbs sampler, whose stationary
-distribution is wrong whenever experiments are drawn under different stale
-values; ``async_gibbs(correct=False)`` measures how wrong.
+When h_s = h_c the ratio is 1 and the step *is* the Gibbs update. Accepting
+always (α := 1) is the uncorrected asynchronous sampler.
 
-Caveat, measured (tests/test_platform_prior.py, ``liftstream bench async``):
-the argument above treats the stale values as independent of φ_e, but stale
-values read *after* φ_e's last commit were drawn given it, so the proposal
-depends on the current state through them. With staleness injected as "the
-values of k platform updates ago" the corrected sampler is then biased: ψ²
-mean 0.537 ± 0.002 at k = 16 (32 chains × 1500 draws) vs 0.579 exact; at k = 0
-it agrees. The paper's Algorithm text was not re-checked here (not retrievable
-from this workspace); the ratio is the one stated in the issue.
+**When the step is exact, and why the chain's own stale values are not
+enough.** For a *fixed* h_s the step is an independence-MH kernel that leaves
+π invariant. A random h_s keeps that property only if h_s is independent of
+the current φ_e (given the rest of the state): then the kernel is a mixture,
+over h_s, of π-invariant kernels. The chain's own (λ, ψ²) of k updates ago
+fail this: they were drawn from sums that contain φ_e, and φ_e has often not
+changed since (it was rejected, or not yet revisited). Measured
+(``liftstream bench async``, ``tests/test_platform_prior.py``): ψ² mean
+0.537 ± 0.002 at k = 16 against 0.579 exact, ~20 Monte Carlo standard errors.
+
+The fix used here: every chain c has a **pilot chain** c′, an uncorrected
+asynchronous Gibbs chain over the same experiments that never reads chain c.
+Workers propose chain c's φ' under the pilot's (possibly stale) (λ, ψ²) and
+correct against chain c's current values. The pilot's values are a function of
+the pilot's own randomness and the data only, hence independent of chain c's
+state at any staleness, so the step above is exactly π-invariant; the pilot
+itself may be as biased as it likes (it only shapes proposals, which the MH
+ratio corrects). Two rules keep the independence: the pilot draws its own φ
+with fresh random numbers (reusing chain c's proposal as the pilot's value
+would let the pilot's (λ, ψ²) depend on chain c's accepted values), and one
+pilot serves one chain (a pilot shared by all chains makes the chains track
+it together: each stays exact, but they are no longer independent, and
+between-chain diagnostics lose their meaning). Cost: the platform level does
+twice the work — a few conjugate draws per experiment per tick — against the
+per-experiment sampler's sweeps, which it does not touch.
 """
 
 from __future__ import annotations
@@ -144,6 +154,56 @@ def platform_update(n: Array | float, s1: Array, s2: Array, lam: Array,
     return lam_new, psi2
 
 
+def shrunk_effects(ybar: Array, sd: Array, lam: Array, psi2: Array,
+                   level: float = 0.95) -> list[dict[str, object]]:
+    """Each experiment's effect under the platform prior, in raw units, as the
+    Rao–Blackwellised mixture over hyperparameter draws (λ_j, ψ²_j):
+
+        θ_e | data ≈ (1/J) Σ_j N(sd_e m_ej, sd_e² v_ej),
+        (m_ej, v_ej) = ``theta_conditional``(ȳ_e / sd_e, λ_j, ψ²_j).
+
+    Exact given the draws (no Monte Carlo error from φ itself). Returns per
+    experiment ``{"effect": {mean, sd, lo, hi}, "p_positive"}``; the interval
+    is the mixture's central ``level`` interval (bisection on its CDF)."""
+    from kernels.diagnostics import erfc, ndtri
+
+    ybar, sd = np.asarray(ybar, float), np.asarray(sd, float)
+    m, v = theta_conditional((ybar / sd)[:, None], np.asarray(lam)[None, :],
+                             np.asarray(psi2)[None, :])
+    mu, s = sd[:, None] * m, sd[:, None] * np.sqrt(v)  # [E, J]
+    mean = mu.mean(1)
+    var = np.maximum((s * s + mu * mu).mean(1) - mean * mean, 0.0)
+
+    def cdf(x: Array) -> Array:  # mixture CDF at x[E]
+        return (0.5 * erfc(-(x[:, None] - mu) / (s * np.sqrt(2.0)))).mean(1)
+
+    def quantile(q: float) -> Array:
+        """Safeguarded Newton on the mixture CDF: Newton steps from the normal
+        approximation, bisection whenever a step leaves the bracket."""
+        lo, hi = (mu - 9 * s).min(1), (mu + 9 * s).max(1)
+        x = mean + float(ndtri(np.array(q))) * np.sqrt(var)
+        tol = 1e-9 * s.min(1)
+        for _ in range(60):
+            u = (x[:, None] - mu) / s
+            f = (np.exp(-0.5 * u * u) / (s * np.sqrt(2 * np.pi))).mean(1)
+            err = cdf(x) - q
+            lo, hi = np.where(err < 0, x, lo), np.where(err < 0, hi, x)
+            nxt = x - err / np.maximum(f, 1e-300)
+            nxt = np.where((nxt >= lo) & (nxt <= hi), nxt, 0.5 * (lo + hi))
+            done = np.abs(nxt - x) <= tol
+            x = nxt
+            if done.all():
+                break
+        return x
+
+    a = 0.5 * (1.0 - level)
+    qlo, qhi = quantile(a), quantile(1.0 - a)
+    p_pos = 1.0 - cdf(np.zeros_like(mean))
+    return [{"effect": {"mean": float(mean[e]), "sd": float(np.sqrt(var[e])),
+                        "lo": float(qlo[e]), "hi": float(qhi[e])},
+             "p_positive": float(p_pos[e])} for e in range(mean.size)]
+
+
 # --------------------------------------------------------------------------- data
 
 @dataclass
@@ -213,9 +273,13 @@ def sync_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0,
     return Draws(out_l, out_p, out_phi)
 
 
+PROPOSALS = ("pilot", "own")
+
+
 def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0,
                 n_workers: int = 4, batch: int = 10, staleness: int = 0,
-                correct: bool = True, prior: HyperPrior = PRIOR) -> Draws:
+                correct: bool = True, proposal: str = "pilot",
+                prior: HyperPrior = PRIOR) -> Draws:
     """(ii)/(iii): asynchronous Gibbs with injected staleness, simulated in
     one process (the Redis version is ``streams.platform_prior``).
 
@@ -225,13 +289,23 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
     order (workers run at unequal speeds). Each batch is drawn under the
     hyperparameters of k platform updates ago, k ~ Uniform{0..staleness} drawn
     per batch and per chain — i.e. the worker read them k updates before it
-    committed — and, if ``correct``, each experiment is accepted with the MH
-    ratio against the current ones. One recorded draw per E/batch events (as
-    many experiment updates as a synchronous sweep).
+    committed. One recorded draw per E/batch events (as many experiment
+    updates as a synchronous sweep).
+
+    ``correct=True`` is the exact sampler: proposals are drawn under the stale
+    values of the chain's *pilot* (``proposal="pilot"``, module docstring) and
+    accepted with the MH ratio against the chain's current values;
+    ``proposal="own"`` proposes under the chain's own stale values instead
+    (the construction as first specified, biased at high staleness — kept to
+    measure that). ``correct=False``: own stale values, always accepted.
     """
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, not {proposal!r}")
     rng = np.random.default_rng(seed)
     E = z.size
-    lam, psi2, phi = _init(z, n_chains, rng)
+    pilots = correct and proposal == "pilot"
+    C = 2 * n_chains if pilots else n_chains  # chains [n_chains, 2 n_chains) are pilots
+    lam, psi2, phi = _init(z, C, rng)
     H = staleness + 1
     hist_l = np.repeat(lam[:, None], H, 1)  # ring buffer, slot (pos - k) % H = k ago
     hist_p = np.repeat(psi2[:, None], H, 1)
@@ -245,25 +319,31 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
     out_phi = np.empty((n_chains, keep, E))
     s1, s2 = phi.sum(1), (phi * phi).sum(1)
     acc_n = acc_d = 0
-    chains = np.arange(n_chains)
+    chains = np.arange(C)
+    # whose stale values each chain proposes under: its pilot's, or its own
+    source = np.concatenate([chains[n_chains:]] * 2) if pilots else chains
+    corrected = chains < n_chains if correct else np.zeros(C, bool)
     for t in range(n_sweeps):
         for _ in range(per_sweep):
             w = int(rng.integers(n_workers))
             idx = batches[w][next_batch[w]]
             next_batch[w] = (next_batch[w] + 1) % len(batches[w])
-            k = rng.integers(0, H, n_chains)
+            k = rng.integers(0, H, C)
+            if pilots:  # a chain and its pilot read at the same moment
+                k[:n_chains] = k[n_chains:]
             slot = (pos - k) % H
-            lam_s, psi2_s = hist_l[chains, slot][:, None], hist_p[chains, slot][:, None]
+            lam_s, psi2_s = hist_l[source, slot][:, None], hist_p[source, slot][:, None]
             zb, old = z[None, idx], phi[:, idx]
             new = draw_theta(zb, lam_s, psi2_s, rng)
             if correct:
                 log_a = correction_log_ratio(new, old, zb, (lam_s, psi2_s),
                                              (lam[:, None], psi2[:, None]))
-                ok = np.log(rng.uniform(size=new.shape)) < np.minimum(log_a, 0.0)
+                ok = (np.log(rng.uniform(size=new.shape)) < np.minimum(log_a, 0.0)) \
+                    | ~corrected[:, None]
                 new = np.where(ok, new, old)
                 if t >= n_sweeps // 2:
-                    acc_n += int(ok.sum())
-                    acc_d += ok.size
+                    acc_n += int(ok[:n_chains].sum())
+                    acc_d += ok[:n_chains].size
             phi[:, idx] = new
             s1 += (new - old).sum(1)
             s2 += (new * new - old * old).sum(1)
@@ -273,7 +353,8 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
         # refresh the running sums once per sweep (no floating-point drift)
         s1, s2 = phi.sum(1), (phi * phi).sum(1)
         if (j := t - n_sweeps // 2) >= 0:
-            out_l[:, j], out_p[:, j], out_phi[:, j] = lam, psi2, phi
+            out_l[:, j], out_p[:, j] = lam[:n_chains], psi2[:n_chains]
+            out_phi[:, j] = phi[:n_chains]
     return Draws(out_l, out_p, out_phi, acc_n / acc_d if acc_d else 1.0)
 
 

@@ -35,6 +35,7 @@ from streams.advance import TickConfig
 from streams.embedded import FAUST_BROKER_SETTINGS
 from streams.ingest import Ingestor
 from streams.metrics import Metrics
+from streams.platform_prior import PlatformConfig, PlatformPrior
 from streams.registry import Registry
 from streams.sampler import SamplerService
 from streams.settings import Settings, faust_broker_settings, redis_client
@@ -201,7 +202,9 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
         service = SamplerService(r, registry, TickConfig(
             chains=settings.chains, sweeps=settings.sweeps_per_tick,
             window=settings.window_draws, warmup=settings.warmup, seed=settings.seed),
-            xp=get_xp(settings.device))
+            xp=get_xp(settings.device),
+            platform=PlatformPrior(r, PlatformConfig(chains=settings.platform_chains,
+                                                     seed=settings.seed)))
         app.liftstream["sampler"] = service
         sampler_pool = ThreadPoolExecutor(1, thread_name_prefix="sampler")
 

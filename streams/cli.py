@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the NumPyro baseline (auto: when installed and P ≤ 1000)")
     bs.add_argument("--device", default=_env("DEVICE", "auto"))
     bs.add_argument("--json", action="store_true")
-    # --- bench async (platform prior, exact asynchronous Gibbs; streams.platform_prior) ---
+    # --- bench async (platform prior, exact asynchronous Gibbs; streams.bench_platform) ---
     ba = bsub.add_parser("async", help="platform prior: sync vs exact/uncorrected async Gibbs")
     ba.add_argument("--experiments", type=int, default=200)
     ba.add_argument("--workers", type=int, default=4)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return sampler_main(args)
     if args.command == "bench" and args.bench == "async":  # --- bench async ---
-        from streams.platform_prior import bench_main as run_async_bench
+        from streams.bench_platform import bench_main as run_async_bench
 
         return run_async_bench(args)
     if args.command == "bench" and args.bench in ("ingest", "latency"):  # --- bench ingest ---

@@ -29,6 +29,7 @@ import numpy as np
 from schemas.codec import dumps, loads
 from streams.advance import StoredChains, TickConfig, advance
 from streams.chains import decode, encode
+from streams.platform_prior import PlatformPrior
 from streams.registry import Registry
 from streams.state import experiment_key, read_snapshot
 
@@ -57,8 +58,9 @@ def history_point(rec: dict) -> dict:
 
 class SamplerService:
     def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
-                 rhat_done: float = 1.01):
+                 rhat_done: float = 1.01, platform: PlatformPrior | None = None):
         self.r = r
+        self.platform = platform  # None: ``prior: "platform"`` configs get no shrinkage
         self.registry = registry
         self.tick_cfg = tick
         self.xp = xp
@@ -129,6 +131,10 @@ class SamplerService:
         snaps, stored = self.load(eids)
         now_ms = now_ms or int(time.time() * 1000)
         recs, chains = advance(snaps, stored, self.tick_cfg, now_ms, xp=self.xp)
+        if self.platform is not None:
+            opted = {s.experiment_id for s in snaps if s.config.prior == "platform"}
+            if opted:
+                recs = self.platform.apply(recs, opted.__contains__)
         self.store(chains, recs)
         self._mark_idle(snaps, chains, recs)
         return recs

@@ -58,6 +58,7 @@ class Settings:
     partitions: int = 6
     replication: int = 1
     chains: int = 8
+    platform_chains: int = 4  # per metric, for experiments with prior "platform"
     sweeps_per_tick: int = 50
     tick_seconds: float = 1.0
     window_draws: int = 200

@@ -27,6 +27,7 @@ import random
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,6 +137,7 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
     st = new_stack("e2e", partitions=1)
     cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11, window_seconds=86_400,
                                    started_at=START)
+    cfg = replace(cfg, prior="platform")  # opted in: estimates also carry the shrunk effect
     st.register([cfg])
     w = workers.start(st, "all")
     t0 = time.monotonic()
@@ -174,6 +176,9 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
     assert rec["watermark"]["event_time"] == final_wm
     assert rec["units"]["matured"] == want.matured and rec["units"]["exposed"] == want.exposed
     Draft202012Validator(load_schema("estimate")).validate(rec)
+    plat = rec["platform"]  # the only member of its metric's platform prior
+    assert plat["experiments"] == 1 and plat["chains"] == 4, plat
+    assert plat["effect"]["lo"] < plat["effect"]["mean"] < plat["effect"]["hi"]
 
     # (a) the same JSON on the estimates topic
     key = b"e2e|value|treatment"
