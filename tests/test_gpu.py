@@ -9,7 +9,12 @@ finds a CUDA device.
   device) give the same chain to ~1e-9 over a few sweeps -- the arithmetic of
   every block agrees; (2) independent runs on the same data give posterior
   means of the adjusted effect that agree within Monte Carlo error
-  (``streams.bench.agreement``).
+  (``streams.bench.agreement``);
+* Philox (``kernels.philox``, the GPU's default RNG): the same counters and
+  keys give bit-identical words on cupy and numpy, the same uniforms, and
+  normals/gammas/Poissons equal to rounding; whole sweeps on the GPU and the
+  CPU with Philox give the same chains to ~1e-9; the memory-budgeted chunks of
+  ``bench sampler`` leave every problem's draws unchanged.
 
 Run on a GPU machine with ``pytest -m gpu`` (``tests/gpu/device_check.sh``).
 """
@@ -149,6 +154,8 @@ class HostRng(Rng):
 
     def __init__(self, seed: int, xp):
         self.xp = xp
+        self.kind = "host"
+        self._ph = None
         self._h = np.random.default_rng(seed)
 
     def normal(self, shape):
@@ -198,3 +205,96 @@ def test_posterior_means_agree_cpu_vs_gpu():
     ag = agreement(to_numpy(tn.adj_effect)[..., 0], to_numpy(tc.adj_effect)[..., 0])
     assert ag["agree"], ag
     assert 0.8 < ag["sd_ratio_median"] < 1.25, ag
+
+
+# ------------------------------------------------------------------ (d) Philox
+
+
+@pytest.mark.parametrize("rounds", [7, 10])
+def test_philox_words_identical_on_cupy_and_numpy(rounds):
+    """The fused cupy kernel, the array code on cupy and the array code on
+    numpy: the same words; the fused kernel is the one in use."""
+    from kernels import philox
+    from kernels.philox import philox4x32, philox4x32_arrays, philox4x64
+
+    rng = np.random.default_rng(0)
+    ctr = rng.integers(0, 2**32, size=(4, 100_000), dtype=np.uint64)
+    key = rng.integers(0, 2**32, size=(2, 100_000), dtype=np.uint64)
+    want = philox4x32(*ctr, *key, rounds=rounds)
+    dev = [cp.asarray(c) for c in ctr] + [cp.asarray(k) for k in key]
+    assert philox._fused_philox(rounds) is not None, "fused kernel did not build"
+    for got in (philox4x32(*dev, rounds=rounds), philox4x32_arrays(*dev, rounds=rounds)):
+        for g, w in zip(got, want, strict=True):
+            assert type(g).__module__.startswith("cupy")
+            np.testing.assert_array_equal(to_numpy(g), w)
+    # broadcasting as the sampler calls it: [P, 1] keys against [1, n] counters
+    b = philox4x32(dev[0][None, :50], dev[1][None, :50], 3, 5, dev[4][:6, None],
+                   dev[5][:6, None], rounds=rounds)
+    w = philox4x32(ctr[0][None, :50], ctr[1][None, :50], 3, 5, key[0][:6, None],
+                   key[1][:6, None], rounds=rounds)
+    for g, x in zip(b, w, strict=True):
+        np.testing.assert_array_equal(to_numpy(g), x)
+    ctr64 = rng.integers(0, 2**64, size=(4, 1000), dtype=np.uint64)
+    key64 = rng.integers(0, 2**64, size=(2, 1000), dtype=np.uint64)
+    want = philox4x64(*ctr64, *key64)
+    got = philox4x64(*(cp.asarray(c) for c in ctr64), *(cp.asarray(k) for k in key64))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(to_numpy(g), w)
+
+
+def test_philox_draws_match_on_cupy_and_numpy():
+    """Same keys and call sequence: uniforms bit-identical; transcendental-based
+    draws equal to a few ulps (the GPU's log/cos differ in the last bit); the
+    rejection samplers' integer/accept decisions identical."""
+    from kernels.philox import keys_for
+
+    P = 7
+    keys = keys_for(3, range(100, 100 + P))
+    rn = Rng(3, xp=np, kind="philox", keys=keys)
+    rc = Rng(3, xp=cp, kind="philox", keys=keys)
+    assert Rng(3, xp=cp).kind == "philox"  # the GPU default
+    for r in (rn, rc):
+        r.begin_sweep(np.arange(P) * 3)
+    np.testing.assert_array_equal(to_numpy(rc.uniform((P, 8, 2, 8))), rn.uniform((P, 8, 2, 8)))
+    np.testing.assert_allclose(to_numpy(rc.normal((P, 8, 8))), rn.normal((P, 8, 8)),
+                               rtol=1e-13, atol=1e-13)
+    a = np.broadcast_to(np.geomspace(0.05, 1e6, 64), (P, 8, 64)).copy()
+    np.testing.assert_allclose(to_numpy(rc.gamma(cp.asarray(a))), rn.gamma(a), rtol=1e-11)
+    lam = np.broadcast_to(np.geomspace(1e-3, 1e7, 64), (P, 8, 64)).copy()
+    np.testing.assert_array_equal(to_numpy(rc.poisson(cp.asarray(lam))), rn.poisson(lam))
+
+
+def test_philox_sweeps_match_on_cupy_and_numpy():
+    """init + 3 sweeps through ``kernels.sampler.run`` with Philox on each
+    device, no host round trip of the random numbers: the same chains."""
+    from kernels.estimands import estimands
+    from kernels.gibbs import init
+    from kernels.philox import keys_for
+    from kernels.sampler import run
+
+    P, S, C = 12, 8, 4
+    dn, dc = _bench_data(P, S, np), _bench_data(P, S, cp)
+    keys = keys_for(5, range(P))
+    rn = Rng(5, xp=np, kind="philox", keys=keys)
+    rc = Rng(5, xp=cp, kind="philox", keys=keys)
+    sn, sc = init(dn, rn, C), init(dc, rc, C)
+    sn, _ = run(sn, dn, rn, 3)
+    sc, _ = run(sc, dc, rc, 3)
+    for name, a in sn.arrays().items():
+        np.testing.assert_allclose(to_numpy(getattr(sc, name)), a, rtol=1e-7, atol=1e-9,
+                                   err_msg=name)
+    en, ec = estimands(sn, dn), estimands(sc, dc)
+    np.testing.assert_allclose(to_numpy(ec.adj_effect), en.adj_effect, rtol=1e-7, atol=1e-9)
+
+
+def test_gpu_chunks_do_not_change_the_draws():
+    from streams.bench import bench_gibbs_chunked, chunk_problems, synthetic_problems
+
+    st = synthetic_problems(9, 8, seed=2)
+    a = bench_gibbs_chunked(st, cp, 4, 5, 10)
+    b = bench_gibbs_chunked(st, cp, 4, 5, 10, chunk=4)
+    assert a.stats["rng"] == "philox" and b.stats["chunks"] == 3
+    np.testing.assert_allclose(b.adj_effect, a.adj_effect, rtol=1e-9, atol=1e-12)
+    # the device check's P = 100,000 row: a chunk that fits, and not a tiny one
+    n = chunk_problems(100_000, 8, 2, 8, 200, cp)
+    assert 1000 <= n <= 100_000, n
