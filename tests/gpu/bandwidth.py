@@ -10,7 +10,8 @@ array sizes, float64, in two models:
   gathers, each a 32-byte sector on a GPU). A fully fused sweep with a
   counter-based RNG reaches this.
 * ``as_written``: adds what the array-at-a-time code materialises: every
-  random draw written and read back once, the ω grid's [P, C, K, 64, S]
+  random draw's Philox block (one fused kernel writing four words) and its
+  conversion to a double (~RNG_BYTES_PER_DRAW), the ω grid's [P, C, K, G, S]
   temporaries (about six arrays written and read: om2+v, log, square/ratio,
   where, sum input) and ~40 elementwise [P, C, K1, S] temporaries (two reads,
   one write each). A rough upper figure, for orientation only.
@@ -32,8 +33,14 @@ from pathlib import Path
 F8 = 8
 SECTOR = 32
 H200_BYTES_PER_S = 4.8e12
-ARRIVAL_GRID = 1024  # kernels.arrival.GRID_POINTS
-OMEGA_GRID = 64  # kernels.gibbs.OMEGA_GRID
+try:  # the sampler's own grid sizes, so the estimate follows the code
+    from kernels.arrival import GRID_POINTS as ARRIVAL_GRID
+    from kernels.gibbs import OMEGA_GRID
+except ImportError:  # pragma: no cover - run from elsewhere
+    ARRIVAL_GRID, OMEGA_GRID = 1024, 32
+# Philox draw as written: the fused block writes 4 uint64 words and they are
+# read back; to_double / Box–Muller make ~8 more [elements] float64 passes
+RNG_BYTES_PER_DRAW = 4 * 2 * F8 + 8 * 3 * F8
 
 
 def sweep_bytes(P: int, C: int, K1: int, S: int, G: int = ARRIVAL_GRID,
@@ -52,7 +59,7 @@ def sweep_bytes(P: int, C: int, K1: int, S: int, G: int = ARRIVAL_GRID,
     omega_cdf = pck * (omega_depth + 3) * SECTOR  # its own inverse CDF + log_q gathers
     minimal = state_read + state_write + data_read + arrival + omega_cdf
     draws = cell + 4 * pck + pcs * 5 + pcks  # σ² gamma, ω/θβ normals+uniforms, μ0, arrival, τ
-    rng = draws * 2 * F8
+    rng = draws * RNG_BYTES_PER_DRAW
     omega_tmp = pck * Gw * S * 6 * 2 * F8 + pck * Gw * 8 * 2 * F8
     elementwise = cell * 40 * 3 * F8
     return {"state": state_read + state_write, "data": data_read,

@@ -12,12 +12,17 @@
 #          pytest pytest-timeout
 #    and they are installed from there with --no-index; without that folder,
 #    from PyPI (`pip install cupy-cuda12x`).
-# 2. `pytest -m gpu` (tests/test_gpu.py): closed form, arrival KS, CPU-vs-GPU.
+# 2. `pytest -m gpu` (tests/test_gpu.py): closed form, arrival KS, CPU-vs-GPU,
+#    Philox on cupy vs numpy (words bit for bit, draws, whole sweeps), chunk
+#    invariance; then tests/test_philox.py (the RNG's CPU tests, ~20 s).
 # 3. `liftstream bench sampler --device gpu` for P = 100, 1000, 10000, 100000
-#    problems × 8 chains × 8 strata (--numpyro no), and `--device cpu` for
-#    P ≤ 1000; JSON in $OUT (default ./gpu-check-out), then the table
-#    (tests/gpu/bandwidth.py): sweeps/s, ESS/s, GPU/CPU ratios, bytes per
-#    sweep and the fraction of 4.8 TB/s.
+#    problems × 8 chains × 8 strata (--numpyro no; the GPU uses Philox and
+#    advances problems in chunks that fit half the free GPU memory), and
+#    `--device cpu` for P ≤ 1000; JSON in $OUT (default ./gpu-check-out),
+#    then the table (tests/gpu/bandwidth.py): sweeps/s, ESS/s, GPU/CPU
+#    ratios, bytes per sweep and the fraction of 4.8 TB/s.
+#    A bench run starts only while the whole script is within $BUDGET_S
+#    (default 450 s) and is cut at what is left, so the script stays < 8 min.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -27,10 +32,13 @@ PY="${PYTHON:-python3}"
 GPU_P="${GPU_P:-100 1000 10000 100000}"
 CPU_MAX_P="${CPU_MAX_P:-1000}"
 SWEEPS="${SWEEPS:-200}"          # timed sweeps (warm-up: half as many)
+BUDGET_S="${BUDGET_S:-450}"      # wall-clock budget of the whole script
 mkdir -p "$OUT"
 cd "$REPO"
 t0=$(date +%s)
 say() { echo "[device_check +$(( $(date +%s) - t0 ))s] $*"; }
+# seconds a step may take: min(cap, what is left of BUDGET_S); 0 = skip it
+left() { local l=$(( BUDGET_S - ($(date +%s) - t0) )); [ "$l" -lt 20 ] && l=0; [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
@@ -65,17 +73,27 @@ PY
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "CuPy does not work here"; exit 4; }
 
 say "pytest -m gpu"
-python -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
+T=$(left 200); [ "$T" = 0 ] && T=1
+timeout "$T" python -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 \
+  | tee "$OUT/pytest_gpu.txt"
 PYTEST_RC=${PIPESTATUS[0]}
+say "pytest tests/test_philox.py (CPU)"
+T=$(left 60); [ "$T" = 0 ] && T=1
+timeout "$T" python -m pytest -p no:cacheprovider -q tests/test_philox.py 2>&1 \
+  | tail -3 | tee "$OUT/pytest_philox.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || [ "$PYTEST_RC" != 0 ] || PYTEST_RC=1
 
 for P in $GPU_P; do
-  say "bench sampler --device gpu P=$P"
-  timeout 240 liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
+  T=$(left 240)
+  if [ "$T" = 0 ]; then say "out of time: skipping P=$P and larger"; break; fi
+  say "bench sampler --device gpu P=$P (limit ${T}s)"
+  timeout "$T" liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
     --sweeps "$SWEEPS" --numpyro no --device gpu --json > "$OUT/gpu_$P.json" \
     2> "$OUT/gpu_$P.err" || { say "gpu P=$P failed"; tail -5 "$OUT/gpu_$P.err"; rm -f "$OUT/gpu_$P.json"; }
-  if [ "$P" -le "$CPU_MAX_P" ]; then
-    say "bench sampler --device cpu P=$P"
-    timeout 180 liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
+  T=$(left 180)
+  if [ "$P" -le "$CPU_MAX_P" ] && [ "$T" != 0 ]; then
+    say "bench sampler --device cpu P=$P (limit ${T}s)"
+    timeout "$T" liftstream bench sampler --problems "$P" --chains 8 --strata 8 \
       --sweeps "$SWEEPS" --numpyro no --device cpu --json > "$OUT/cpu_$P.json" \
       2> "$OUT/cpu_$P.err" || { say "cpu P=$P failed"; rm -f "$OUT/cpu_$P.json"; }
   fi
