@@ -294,8 +294,10 @@ class PhiloxStream:
         self._keys_host = None if keys is None else np.asarray(keys, dtype=np.uint64)
         self._k = None  # (k0, k1) on the device, [P]
         self.P: int | None = None if keys is None else len(self._keys_host)
+        self._positional = keys is None  # keys_for(seed, range(P)), P from the draws
         self._iter = None  # [P] uint64 on the device, inside a sweep
-        self._site = 0  # draw calls since begin_sweep, or since creation if free
+        self._site = 0  # draw calls since begin_sweep
+        self._free = 0  # draw calls outside any sweep, since creation
         if self._keys_host is not None:
             self._upload_keys()
 
@@ -305,8 +307,12 @@ class PhiloxStream:
         k = self.xp.asarray(self._keys_host)
         self._k = (k[:, 0], k[:, 1])
 
-    def _ensure_keys(self, P: int) -> None:
-        if self.P is None:
+    def _ensure_keys(self, P: int, shape: tuple[int, ...] | None = None) -> None:
+        """Positional keys for P problems, derived on first use, and again if
+        draws for a batch of another size come (no axis of the old P)."""
+        new_P = self.P is None or (self._positional and shape is not None
+                                   and self.P not in shape)
+        if new_P:
             self.P = P
             self._keys_host = keys_for(self._seed, range(P))
             self._upload_keys()
@@ -328,7 +334,7 @@ class PhiloxStream:
     def _problem_axis(self, shape: tuple[int, ...]) -> int:
         if not shape:
             raise ValueError("Philox draws need a problem axis")
-        self._ensure_keys(int(shape[0]))
+        self._ensure_keys(int(shape[0]), shape)
         if shape[0] == self.P:
             return 0
         for ax, n in enumerate(shape):
@@ -342,8 +348,12 @@ class PhiloxStream:
         xp = self.xp
         shape = tuple(int(n) for n in shape)
         ax = self._problem_axis(shape)
-        site = self._site
-        self._site += 1
+        if self._iter is not None:
+            site = self._site
+            self._site += 1
+        else:
+            site = self._free
+            self._free += 1
         others = [i for i in range(len(shape)) if i != ax]
 
         def along(i: int, v):

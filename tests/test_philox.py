@@ -352,3 +352,26 @@ def test_posterior_with_philox_agrees_with_pcg():
     ag = agreement(out[0], out[1])
     assert ag["agree"], ag
     assert 0.8 < ag["sd_ratio_median"] < 1.25, ag
+
+
+def test_draws_outside_sweeps_never_repeat():
+    """Init-style draws between sweeps have their own call counter: a sweep
+    resetting its site counter must not make later free draws reuse one."""
+    r = Rng(8, kind="philox")
+    seen = {r.uniform((3, 4)).tobytes()}
+    for it in range(3):
+        r.begin_sweep(np.full(3, it))
+        seen.add(r.uniform((3, 4)).tobytes())
+        r.end_sweep()
+        seen.add(r.uniform((3, 4)).tobytes())
+    assert len(seen) == 7
+
+
+def test_positional_keys_follow_the_batch_size():
+    r = Rng(8, kind="philox")
+    a = r.uniform((3, 4))
+    b = r.uniform((5, 4))  # another batch size: keys_for(seed, range(5))
+    assert a.shape == (3, 4) and b.shape == (5, 4)
+    fixed = Rng(8, kind="philox", keys=keys_for(8, range(3)))
+    with pytest.raises(ValueError):
+        fixed.uniform((5, 4))
