@@ -55,9 +55,12 @@ partition), on the first run and on every replay alike.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from redis.client import NEVER_DECODE
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.semantics import (
@@ -187,29 +190,38 @@ def event_row(offset: int, ev: Event) -> tuple:
     raise TypeError(f"not an event: {type(ev).__name__}")
 
 
-def _pack_rows(eid: str, rows: Sequence[tuple]) -> str:
+_EVENT_HEAD = struct.Struct("<cdddHHH").pack
+_KIND = {"x": b"x", "m": b"m"}
+_NAN = math.nan
+
+
+def _pack_rows(eid: str, rows: Sequence[tuple]) -> bytes:
     """The packed events argument of ingest.lua (format in its header).
 
-    Checks what the script relies on: every row belongs to ``eid``, numbers
-    are finite, and no field contains a separator (validated ids cannot)."""
+    Checks what the script relies on: every row belongs to ``eid`` and
+    numbers are finite (NaN stands for "no pre_activity")."""
     isfinite = math.isfinite
-    parts = []
+    head = _EVENT_HEAD
+    parts: list[bytes] = []
     append = parts.append
-    for off, kind, _eid, exp, uid, name, ts, num in rows:
-        if exp != eid and (kind == "x" or exp is not None):
-            what = "exposure" if kind == "x" else "metric"
-            raise ValueError(f"{what} for {exp!r} in a batch for {eid!r}")
-        if num is None:
-            append(f"{off}\x1f{kind}\x1f{_eid}\x1f{uid}\x1f{ts}\x1f{name}\x1f\x1e")
-        elif isfinite(num):
-            append(f"{off}\x1f{kind}\x1f{_eid}\x1f{uid}\x1f{ts}\x1f{name}\x1f{num!r}\x1e")
-        else:
-            what = "pre_activity" if kind == "x" else "metric value"
-            raise ValueError(f"non-finite {what}: {num!r}")
-    blob = "".join(parts)
-    if blob.count("\x1f") != 6 * len(rows) or blob.count("\x1e") != len(rows):
-        raise ValueError("an event field contains a separator character (\\x1e or \\x1f)")
-    return blob
+    try:
+        for off, kind, ev_id, exp, uid, name, ts, num in rows:
+            if exp != eid and (kind == "x" or exp is not None):
+                what = "exposure" if kind == "x" else "metric"
+                raise ValueError(f"{what} for {exp!r} in a batch for {eid!r}")
+            if num is None:
+                num = _NAN
+            elif not isfinite(num):
+                what = "pre_activity" if kind == "x" else "metric value"
+                raise ValueError(f"non-finite {what}: {num!r}")
+            e, u, n = ev_id.encode(), uid.encode(), name.encode()
+            append(head(_KIND[kind], off, ts, num, len(e), len(u), len(n)))
+            append(e)
+            append(u)
+            append(n)
+    except struct.error as err:  # an id longer than 65535 bytes (validated ids: 128)
+        raise ValueError(f"event not packable: {err}") from err
+    return b"".join(parts)
 
 
 def _lua_result(raw: list, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -483,8 +495,20 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
     )
 
 
+_UNIT_HEAD = struct.Struct("<BHHBdd")
+
+
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
-    """Unpack a ``units`` hash value (format in the module docstring)."""
+    """Unpack a ``units`` hash value: binary (format in ingest.lua's header:
+    version byte 1, variant index, stratum, matured, bucket, exposure ts,
+    totals) or the earlier text form (module docstring, note 1)."""
+    if isinstance(packed, bytes) and packed[:1] == b"\x01":
+        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
+        nt = (len(packed) - _UNIT_HEAD.size) // 8
+        totals = list(struct.unpack_from(f"<{nt}d", packed, _UNIT_HEAD.size))
+        totals += [0.0] * (len(cfg.metrics) - len(totals))
+        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[: len(cfg.metrics)],
+                         m == 1)
     f = _s(packed).split(" ")
     totals = [float(x) for x in f[5:]]
     totals += [0.0] * (len(cfg.metrics) - len(totals))
@@ -494,7 +518,10 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
 
 def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
     """All unit states of an experiment (debugging and tests; HGETALL)."""
-    raw = r.hgetall(experiment_key(cfg.experiment_id, "units"))
+    raw = r.execute_command("HGETALL", experiment_key(cfg.experiment_id, "units"),
+                            **{NEVER_DECODE: True})  # binary values, whatever the client
+    if isinstance(raw, list):
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
     return {_s(u): decode_unit(v, cfg) for u, v in raw.items()}
 
 

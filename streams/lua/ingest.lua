@@ -14,28 +14,33 @@ KEYS (all tagged {e:<id>}, one Redis Cluster slot):
 ARGV:
   offsets-field "<topic>|<partition>", W, B, L, DD (ms), started_at_cfg ('' = none),
   n_edges, edges..., n_variants, variants..., n_metrics, metrics...,
-  then ONE packed string of events: per event 7 fields, each followed by a
-  separator, \31 (ASCII unit separator) after the first six and \30 (record
-  separator) after the seventh: offset, kind ('x' exposure | 'm' metric),
-  event_id, unit_id, ts, variant|metric, pre_activity|value ('' = none).
-  Numbers are decimal text (integers) or Python repr (floats), read back
-  exactly by tonumber. One string parsed with one string.gmatch instead of
-  7 ARGV per event (redis-py packs thousands of arguments slowly) or a JSON
-  array (cjson builds a table per event). The fields never contain \30 or
-  \31 (streams.state checks the separator counts).
+  then ONE binary string of events, per event (lua struct / Python struct,
+  little-endian) '<c1dddHHH': kind ('x' exposure | 'm' metric), offset, ts,
+  pre_activity|value (doubles: exact; NaN = no pre_activity), then the byte
+  lengths of event_id, unit_id, variant|metric, followed by those three
+  strings. One struct.unpack per event (numbers arrive as doubles, no
+  tonumber) instead of 7 ARGV per event (redis-py packs thousands of
+  arguments slowly), a JSON array (cjson builds a table per event) or text
+  (pattern matching and tonumber cost 3x more).
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
 dirty_seq and the count of every category that occurred.
 
 Floats: never tostring()/concat on numbers (%.14g), never HINCRBYFLOAT (long
 double). Numbers go to Redis as string.format('%.17g') (round-trips a double
 exactly) or, for integer-valued ones (times, counts, indices: all < 2^53),
-'%d', which writes the same digits; they come back with tonumber; all
+'%d', which writes the same digits; numbers passed to redis.call as numbers
+are written by Redis itself with '%.17g'; they come back with tonumber; all
 arithmetic is Lua doubles, in the same order as the Python reducer.
 
-Unit state (hash field = unit id): "<variant_index> <stratum> <bucket>
-<exposure_ts> <matured 0|1> <total_1> ... <total_M>" (variant index and
-total order follow the config's variants / metrics, which are append-only).
-In this script a unit is a table {v=, s=, b=, ets=, m=, [1..M] = totals}.
+Unit state (hash field = unit id), binary (struct '<BHHBdd' + M x 'd'):
+version 1, variant index, stratum, matured 0|1, entry bucket, exposure ts,
+total_1 ... total_M (variant index and total order follow the config's
+variants / metrics, which are append-only; a record with fewer totals than
+metrics reads the missing ones as 0). Records in the earlier text form
+"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
+... <total_M>" (first byte a digit, never \1) are still read, and rewritten
+in binary when next written. In this script a unit is a table
+{v=, s=, b=, ets=, m=, [1..M] = totals}.
 
 Speed (DESIGN §5 keeps one call per experiment per batch; this keeps the work
 per event small): every key is read at most once per batch (ZMSCORE / HMGET
@@ -49,7 +54,8 @@ local K_META, K_SEEN, K_OFF, K_DIRTY = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 local call, tonumber, format, match, gmatch = redis.call, tonumber, string.format,
   string.match, string.gmatch
-local unpack, floor, min = unpack, math.floor, math.min
+local unpack, floor, min, sub, byte = unpack, math.floor, math.min, string.sub, string.byte
+local spack, sunpack = struct.pack, struct.unpack
 
 local function fmt(x) return format('%.17g', x) end
 local function fmti(x) return format('%d', x) end  -- integer-valued doubles < 2^53
@@ -78,9 +84,10 @@ local metrics, met_index = {}, {}
 for k = 1, n_met do local m = nextarg(); metrics[k] = m; met_index[m] = k end
 local blob = nextarg()
 
--- one string.format per unit record: 5 integers, then the M totals
-local UNIT_FMT = '%d %d %d %d %d' .. string.rep(' %.17g', n_met)
-local EVENT_PAT = '([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\30]*)\30'
+local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
+local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
+local unit_fmts = {[n_met] = UNIT_FMT}   -- by number of stored totals
+local EVENT_FMT = '<c1dddHHH'
 
 -- ---------------------------------------------------------------- state
 local mraw = call('HMGET', K_META, 'max_ts', 'started_at')
@@ -111,15 +118,19 @@ local n, skipped = 0, 0
 local eids, uids, want_e, want_u = {}, {}, {}, {}
 do
   local hi = stored
-  for off, kind, eid, uid, ts, a, b in gmatch(blob, EVENT_PAT) do
-    off = tonumber(off)
+  local pos, len = 1, #blob
+  while pos <= len do
+    local kind, off, ts, b, la, lu, lx, q = sunpack(EVENT_FMT, blob, pos)
+    pos = q + la + lu + lx
     if hi ~= nil and off <= hi then
       skipped = skipped + 1
     else
       hi = off
       n = n + 1
+      local eid, uid = sub(blob, q, q + la - 1), sub(blob, q + la, q + la + lu - 1)
+      if b ~= b then b = nil end  -- NaN: no pre_activity
       E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n] =
-        off, kind, eid, uid, ts, a, b
+        off, kind, eid, uid, ts, sub(blob, q + la + lu, pos - 1), b
       if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
       if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
     end
@@ -133,12 +144,11 @@ for i = 1, #eids, CHUNK do
   local sc = call('ZMSCORE', K_SEEN, unpack(eids, i, j))
   for k = i, j do seen[eids[k]] = tonumber(sc[k - i + 1]) or false end
 end
-local seen_txt, seen_order = {}, {}   -- new sightings (score text), first-seen order
+local seen_new, seen_order = {}, {}   -- new sightings, first-seen order
 
 -- Units: units[uid] = table, false (no state), nil (not read yet).
 local units, units_dirty, units_order = {}, {}, {}
-local function parse_unit(raw)
-  if not raw then return false end
+local function parse_unit_text(raw)
   local v, s, b, e, m, rest = match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+)(.*)$')
   local u = {v = tonumber(v), s = tonumber(s), b = tonumber(b), ets = tonumber(e),
              m = tonumber(m)}
@@ -151,6 +161,19 @@ local function parse_unit(raw)
     end
   end
   for j = k + 1, n_met do u[j] = 0.0 end
+  return u
+end
+local function parse_unit(raw)
+  if not raw then return false end
+  if byte(raw, 1) ~= 1 then return parse_unit_text(raw) end
+  local nt = (#raw - UNIT_HEAD_LEN) / 8
+  local f = unit_fmts[nt]
+  if f == nil then f = UNIT_HEAD .. string.rep('d', nt); unit_fmts[nt] = f end
+  local t = {sunpack(f, raw)}
+  local u = {v = t[2], s = t[3], m = t[4], b = t[5], ets = t[6]}
+  for k = 1, n_met do
+    if k <= nt then u[k] = t[6 + k] else u[k] = 0.0 end  -- (t[7 + nt]: next position)
+  end
   return u
 end
 local function fetch_units(list)
@@ -260,7 +283,7 @@ local wm = max_ts and max_ts - L
 local any_counted = false      -- a non-duplicate event: the reducer matures after it
 for i = 1, n do
   local eid = E_EID[i]
-  local ts = tonumber(E_TS[i])
+  local ts = E_TS[i]
   local cat
   -- 1. dedupe (against max_ts before this event)
   local prev = seen[eid]
@@ -268,9 +291,8 @@ for i = 1, n do
     cat = 'duplicate'
   else
     any_counted = true
-    if not seen_txt[eid] then seen_order[#seen_order + 1] = eid end
+    if not seen_new[eid] then seen_new[eid] = true; seen_order[#seen_order + 1] = eid end
     seen[eid] = ts
-    seen_txt[eid] = E_TS[i]
     -- 2. event time
     local wm_before = wm
     if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true; wm = ts - L end
@@ -289,7 +311,7 @@ for i = 1, n do
             started = started_cfg or ts
             started_dirty = true
           end
-          local x = tonumber(E_B[i])
+          local x = E_B[i]
           local st = S
           if x ~= nil and S > 0 then
             st = 0
@@ -319,7 +341,7 @@ for i = 1, n do
             act_n[st] = (act_n[st] or 0) + 1
           end
           exposed[vi] = (exposed[vi] or 0) + 1
-          pend_new[#pend_new + 1] = fmti(close)
+          pend_new[#pend_new + 1] = close
           pend_new[#pend_new + 1] = uid
           if next_due == nil or close < next_due then next_due = close end
           if late then mature(wm) end
@@ -336,7 +358,7 @@ for i = 1, n do
       elseif ts >= u.ets + W then cat = 'outside_window'
       elseif u.m == 1 or u.ets + W <= wm then cat = 'late'  -- matured (maybe not folded yet)
       else
-        u[mi] = u[mi] + tonumber(E_B[i])
+        u[mi] = u[mi] + E_B[i]
         touch_unit(uid)
         cat = 'metric_applied'
       end
@@ -363,7 +385,7 @@ if n > 0 then
   end
   for _, uid in ipairs(units_order) do
     local u = units[uid]
-    push2('HSET', K_UNITS, uid, format(UNIT_FMT, u.v, u.s, u.b, u.ets, u.m, unpack(u, 1, n_met)))
+    push2('HSET', K_UNITS, uid, spack(UNIT_FMT, 1, u.v, u.s, u.m, u.b, u.ets, unpack(u, 1, n_met)))
   end
   flush('HSET', K_UNITS)
   for _, f in ipairs(cells_order) do
@@ -386,7 +408,7 @@ if n > 0 then
   if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmti(max_ts)) end
   if started_dirty then push2('HSET', K_META, 'started_at', fmti(started)) end
   flush('HSET', K_META)
-  for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen_txt[eid], eid) end
+  for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
   flush('ZADD', K_SEEN)
   -- Sightings below max_ts - DD can never mark a duplicate again (max_ts
   -- only grows), so dropping them cannot change any outcome.
