@@ -210,11 +210,12 @@ def run_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: int,
 #: (label, how to find the function in the profile: (file suffix, function name))
 PROFILE_PARTS = [
     ("kafka consume (librdkafka poll)", ("~", "<method 'consume' of 'cimpl.Consumer' objects>")),
-    ("validation (parse_event)", ("schemas/validate.py", "parse_event")),
+    ("validation (parse_event_row)", ("schemas/validate.py", "parse_event_row")),
+    ("  of which: orjson.loads", ("~", "<orjson.loads>")),
     ("registry lookups (Registry.get_many)", ("streams/registry.py", "get_many")),
-    ("routing (route_batch: unit index round trip)", ("streams/state.py", "route_batch")),
-    ("apply (apply_batch: Lua call, argv, reply)", ("streams/state.py", "apply_batch")),
-    ("  of which: building argv (config_argv, _s/_num)", ("streams/state.py", "config_argv")),
+    ("routing (route_rows: unit index, one script call)", ("streams/state.py", "route_rows")),
+    ("apply (apply_rows: Lua call, argv, reply)", ("streams/state.py", "apply_rows")),
+    ("  of which: packing the events (_pack_rows)", ("streams/state.py", "_pack_rows")),
     ("dead-letter records", ("schemas/contracts.py", "dead_letter_record")),
     ("ingest watermark (HSET)", ("redis/commands/core.py", "hset")),
     ("all Redis socket reads (waiting on the server)",
@@ -234,14 +235,25 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
     try:
         Registry(r).put(cfg)
         _, lu0 = lua_usec(r)
+        cs0 = r.info("commandstats")
         t0 = time.perf_counter()
         prof.enable()
         ingest_loop(conf, topic, partitions, n, batch_size, r)
         prof.disable()
         wall = time.perf_counter() - t0
         _, lu1 = lua_usec(r)
+        cs1 = r.info("commandstats")
     finally:
         r.close()
+    # the commands the scripts ran inside Redis (their own time, not the Lua around them)
+    cmds = []
+    for k, v in cs1.items():
+        calls = int(v["calls"]) - int(cs0.get(k, {}).get("calls", 0))
+        usec = int(v["usec"]) - int(cs0.get(k, {}).get("usec", 0))
+        if calls > 0 and k not in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_info"):
+            cmds.append({"command": k.removeprefix("cmdstat_").upper(), "calls": calls,
+                         "seconds": usec / 1e6})
+    cmds.sort(key=lambda c: -c["seconds"])
     st = pstats.Stats(prof)
     total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
     parts = []
@@ -249,13 +261,14 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
         ct = sum(v[3] for (f, _, name), v in st.stats.items()  # type: ignore[attr-defined]
                  if name == fname and f.endswith(fsuffix))
         parts.append({"part": label, "seconds": ct, "share": ct / total if total else 0.0})
-    parts.append({"part": "Redis server time in Lua (INFO commandstats)",
+    parts.append({"part": "Redis server time in Lua (INFO commandstats, wall)",
                   "seconds": (lu1 - lu0) / 1e6,
                   "share": (lu1 - lu0) / 1e6 / total if total else 0.0})
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
     tott = [{"function": f"{os.path.relpath(f, REPO) if f.startswith('/') else f}:{ln}({name})",
              "tottime_s": v[2], "calls": v[1]} for (f, ln, name), v in rows]
-    return {"profiled_s": total, "wall_s": wall, "parts": parts, "top_tottime": tott}
+    return {"profiled_s": total, "wall_s": wall, "parts": parts, "top_tottime": tott,
+            "redis_commands": cmds}
 
 
 # ---------------------------------------------------------------- (c) worker
@@ -437,6 +450,10 @@ def format_report(res: dict) -> str:
                      "or 'all'):")
         for part in p["parts"]:
             lines.append(f"  {part['part']:52}{part['seconds']:8.2f} s {part['share']:6.1%}")
+        if p.get("redis_commands"):
+            lines.append("  Redis commands run by the scripts (server time): " + ", ".join(
+                f"{c['command']} {c['seconds']:.3f} s/{c['calls']}"
+                for c in p["redis_commands"][:6]))
         lines.append("  top functions by own time:")
         for t in p["top_tottime"][:10]:
             lines.append(f"    {t['tottime_s']:7.3f} s {t['calls']:>8}  {t['function']}")

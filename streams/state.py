@@ -9,7 +9,8 @@ routes events to experiments, and reads snapshots back in the reducer's shape.
 
 Key schema. Every per-experiment key carries the hash tag `{e:<id>}`, so one
 Lua call touches one Redis Cluster slot. Floats are stored as `%.17g` text,
-which round-trips an IEEE double; integers as decimal text.
+which round-trips an IEEE double; integers as decimal text; unit records are
+binary (1).
 
 | key | type | contents |
 |---|---|---|
@@ -24,9 +25,14 @@ which round-trips an IEEE double; integers as decimal text.
 | `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every batch that applied an event |
 | `lr:{u:<unit_id>}:x` | hash | routing index: experiment_id -> first exposure (5) |
 
-1. `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
-   ... <total_M>"`; indices and total order follow the config's `variants`
-   and `metrics`, which must therefore only ever be appended to.
+1. Binary, little-endian (struct `<BHHBdd` then M doubles): version byte 1,
+   variant index, stratum, matured 0|1, entry bucket, exposure ts, total_1 ...
+   total_M; indices and total order follow the config's `variants` and
+   `metrics`, which must therefore only ever be appended to (a record with
+   fewer totals reads the missing ones as 0). The earlier text form
+   `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
+   ... <total_M>"` (%.17g) is still read, by the script and ``read_units``,
+   and rewritten in binary when the unit is next written.
 2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
    `liftstream.events|0`.
 3. `max_ts`, `started_at`, `exposed:<variant>`, `matured:<variant>`,
@@ -43,8 +49,9 @@ activity" (S = len(strata_edges) - 1). Counters (``c:<name>``) are listed in
 ``streams.semantics.COUNTERS``.
 
 Why the routing index stores the first exposure's position rather than being
-a plain set: it lives in another slot, so it is written (idempotently, HSETNX)
-by Python *before* the experiment's Lua call. After a crash between those two
+a plain set: it lives in another slot, so it is written (idempotently, HSETNX;
+one call of ``streams/lua/route.lua`` per batch, or a pipeline on a Redis
+Cluster) *before* the experiment's Lua call. After a crash between those two
 steps, a replay would otherwise see the unit as already exposed and route a
 metric that preceded its exposure in the stream to the experiment. With the
 position, a metric is routed only to experiments whose first exposure of the

@@ -23,5 +23,5 @@ def test_bench_ingest_small(kafka_bootstrap, redis_url):
     assert b["lua_calls"] >= 1
     assert res["ratio"] == pytest.approx(b["rate"] / res["raw"]["rate"])
     assert {p["part"] for p in res["profile"]["parts"]} >= {
-        "validation (parse_event)", "apply (apply_batch: Lua call, argv, reply)"}
+        "validation (parse_event_row)", "apply (apply_rows: Lua call, argv, reply)"}
     assert "(b)/(a)" in format_report(res)
