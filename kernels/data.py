@@ -59,6 +59,8 @@ class ModelData:
     target: Array  # [P, S] target population shares, NaN where not configured
     hyper: Hyper = field(init=False)
     grid: object = field(init=False, default=None)  # arrival.ArrivalGrid, set by make_data
+    #: data-only arrays the kernels derive once per snapshot (not once per sweep)
+    cache: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     @property
     def xp(self):

@@ -34,3 +34,78 @@ def test_one_stratum_matches_conjugate(n_units):
     # naive equals adjusted with one stratum
     np.testing.assert_allclose(tr.naive_effect, tr.adj_effect)
     assert not bool(data.adjustable[0])
+
+
+class _FixedNormals:
+    """An Rng stand-in whose normal draws are given (to read a Gaussian draw's
+    mean and Cholesky factor off the sampler)."""
+
+    xp = np
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def normal(self, shape):
+        return self.eps.reshape(shape)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_theta_beta_block_is_the_dense_marginal(K):
+    """Block 3 draws (θ, β) | σ², ω with μ_0 and τ integrated out through a
+    Sherman–Morrison form per stratum; its mean and covariance must equal the
+    (θ, β) block of the dense joint Gaussian of (μ_0, θ, β), including empty
+    cells, an empty control cell and a padded stratum."""
+    from kernels import gibbs
+
+    rng = np.random.default_rng(K)
+    P, C, S = 2, 3, 5
+    n = rng.integers(0, 5, (P, K + 1, S)).astype(float)
+    n[0, 0, 0] = 0
+    n[1, 1, :2] = 0
+    sy = n * rng.normal(0, 1, n.shape)
+    syy = sy**2 / np.maximum(n, 1) + n
+    smask = np.ones((P, S), bool)
+    smask[1, -1] = False
+    data = make_data(n, sy, syy, np.full((P, S), 10.0), np.zeros((P, S)), 2,
+                     rng.uniform(1, 20, (P, S)), smask=smask)
+    c = gibbs._derived(data)
+    h = data.hyper
+    sigma2 = np.exp(rng.normal(0, 1, (P, C, K + 1, S)))
+    omega2 = np.exp(rng.normal(0, 1, (P, C, K)))
+    d = data.n[:, None] / sigma2
+    ybar = c["ybar"]
+    v = sigma2[:, :, 1:] * c["inv_n_t"] + (1 - c["hasf"])
+    w = c["hasf"] / (omega2[..., None] + v)
+    prec0 = c["inv_v0"] + d[:, :, 0]
+    h0 = c["m_v0"] + ybar[:, :, 0] * d[:, :, 0]
+    W = w.sum(2)
+    gam = 1 / (prec0 + W)
+    e = c["ybar_t"] - (h0 / prec0)[:, :, None]
+
+    def draw(eps):
+        return np.concatenate(gibbs._draw_theta_beta(w, e, prec0, W, gam, c,
+                                                     _FixedNormals(eps)), -1)
+
+    m = 2 * K
+    mean = draw(np.zeros((P, C, m)))
+    root = np.stack([draw(np.eye(m)[i] + np.zeros((P, C, m))) - mean for i in range(m)], -1)
+    cov = root @ np.swapaxes(root, -1, -2)
+    z = data.z
+    for p in range(P):
+        for ch in range(C):
+            N = S + m  # dense joint of (μ_0, θ, β), τ integrated out
+            Q, lin = np.zeros((N, N)), np.zeros(N)
+            for s in range(S):
+                Q[s, s] += 1 / h.mu0_sd[p] ** 2 + d[p, ch, 0, s]
+                lin[s] += h.m[p] / h.mu0_sd[p] ** 2 + d[p, ch, 0, s] * ybar[p, 0, 0, s]
+                for k in range(K):
+                    if data.n[p, k + 1, s] > 0 and smask[p, s]:
+                        a = np.zeros(N)
+                        a[[s, S + k, S + K + k]] = 1.0, 1.0, z[p, s]
+                        Q += w[p, ch, k, s] * np.outer(a, a)
+                        lin += w[p, ch, k, s] * ybar[p, 0, k + 1, s] * a
+            Q[S:S + K, S:S + K] += np.eye(K) / h.theta_sd[p] ** 2
+            Q[S + K:, S + K:] += np.eye(K) / h.beta_sd[p] ** 2
+            cov_ref = np.linalg.inv(Q)
+            np.testing.assert_allclose(mean[p, ch], (cov_ref @ lin)[S:], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(cov[p, ch], cov_ref[S:, S:], rtol=1e-10, atol=1e-14)
