@@ -286,7 +286,11 @@ def keys_for(seed: Any, ids) -> np.ndarray:
 
 class PhiloxStream:
     """The per-problem draws of a batch: ``keys`` [P, 2], and per sweep the
-    problems' iterations (``begin_sweep``) and a site counter."""
+    problems' iterations (``begin_sweep``) and a site counter.
+
+    The problem axis of a draw's shape is axis 0 when its length is P, else
+    the first axis of length P: call sites should put problems first (a shape
+    like (2, P, …) is ambiguous when P = 2, and batch invariance then fails)."""
 
     def __init__(self, seed: Any, xp=np, keys=None):
         self.xp = xp

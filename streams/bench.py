@@ -182,14 +182,8 @@ def chunk_problems(P: int, chains: int, K1: int, S: int, sweeps: int, xp: Any,
 
 
 def chunk_bounds(P: int, chunk: int) -> list[tuple[int, int]]:
-    """[lo, hi) of each batch. A trailing batch of exactly two problems joins
-    the one before: ``kernels.gibbs.sweep`` draws ``rng.normal((2, P, C, K))``
-    and with P = 2 Philox cannot tell the problem axis from the leading 2, so
-    those draws would differ from the same problems' draws in a larger batch."""
-    bounds = [(lo, min(P, lo + chunk)) for lo in range(0, P, chunk)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 2:
-        bounds[-2:] = [(bounds[-2][0], P)]
-    return bounds
+    """[lo, hi) of each batch of at most ``chunk`` problems."""
+    return [(lo, min(P, lo + chunk)) for lo in range(0, P, chunk)]
 
 
 def _slice_stats(stats: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
