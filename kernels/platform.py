@@ -72,7 +72,11 @@ with fresh random numbers (reusing chain c's proposal as the pilot's value
 would let the pilot's (λ, ψ²) depend on chain c's accepted values), and one
 pilot serves one chain (a pilot shared by all chains makes the chains track
 it together: each stays exact, but they are no longer independent, and
-between-chain diagnostics lose their meaning). Cost: the platform level does
+between-chain diagnostics lose their meaning). Each corrected independence
+step is followed by a random-walk MH step under the current values
+(``random_walk_step``): an independence sampler cannot leave tails where its
+proposal is narrower than its target, and a chain started at a large ψ² was
+seen stuck there for 1000 sweeps without it. Cost: the platform level does
 twice the work — a few conjugate draws per experiment per tick — against the
 per-experiment sampler's sweeps, which it does not touch.
 """
@@ -133,6 +137,29 @@ def correction_log_ratio(phi_new: Array, phi_old: Array, z: Array,
     return (log_conditional(phi_new, z, lam_c, psi2_c) - log_conditional(phi_old, z, lam_c, psi2_c)
             - log_conditional(phi_new, z, lam_s, psi2_s)
             + log_conditional(phi_old, z, lam_s, psi2_s))
+
+
+RW_SCALE = 2.4  # random-walk step in sds of the conditional (~44 % acceptance in 1-d)
+
+
+def random_walk_step(phi: Array, z: Array, current: tuple[Array | float, Array | float],
+                     eps: Array, log_u: Array) -> Array:
+    """A random-walk MH step on φ targeting p(φ | h_c, z): φ + 2.4 √v_c ε,
+    accepted with the ratio of the conditional at the two points.
+
+    Why it follows the independence step: an independence sampler whose
+    proposal is narrower than its target cannot leave the target's tails
+    (moves inward have small ratio), and the pilot's conditional *is*
+    narrower whenever the chain's ψ² is larger than the pilot's — in our runs
+    a chain started at large ψ² stayed there for 1000 sweeps. The random walk
+    needs no stale value and moves inward readily; being symmetric and built
+    from the current h_c only (not from φ), it is an exact MH step too, so the
+    composition stays π-invariant."""
+    lam_c, psi2_c = current
+    _, v = theta_conditional(z, lam_c, psi2_c)
+    prop = phi + RW_SCALE * np.sqrt(v) * eps
+    log_a = log_conditional(prop, z, lam_c, psi2_c) - log_conditional(phi, z, lam_c, psi2_c)
+    return np.where(log_u < np.minimum(log_a, 0.0), prop, phi)
 
 
 def platform_update(n: Array | float, s1: Array, s2: Array, lam: Array,
@@ -341,6 +368,11 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
                 ok = (np.log(rng.uniform(size=new.shape)) < np.minimum(log_a, 0.0)) \
                     | ~corrected[:, None]
                 new = np.where(ok, new, old)
+                if pilots:  # then a random-walk step (``random_walk_step``)
+                    walked = random_walk_step(new, zb, (lam[:, None], psi2[:, None]),
+                                              rng.standard_normal(new.shape),
+                                              np.log(rng.uniform(size=new.shape)))
+                    new = np.where(corrected[:, None], walked, new)
                 if t >= n_sweeps // 2:
                     acc_n += int(ok[:n_chains].sum())
                     acc_d += ok[:n_chains].size

@@ -200,7 +200,8 @@ def async_step(chain: ParameterServer, pilot: ParameterServer | None, ids: list[
     of ``stale_k`` updates ago; the pilot commits its own, independently drawn
     values uncorrected (it is an uncorrected asynchronous chain) and updates;
     the chain corrects its proposal against its current values, read at commit
-    time, and retries the correction on a version race. ``pilot=None`` is the
+    time, follows it with a random-walk step under the same values, and
+    retries both on a version race (same random numbers). ``pilot=None`` is the
     uncorrected sampler (iii): the chain's own stale values, always accepted.
     ``pause`` runs between the proposal and the commit (a worker's compute
     time, or injected delay)."""
@@ -208,6 +209,7 @@ def async_step(chain: ParameterServer, pilot: ParameterServer | None, ids: list[
     lam_s, psi2_s = src.read_stale(stale_k)
     new = kp.draw_theta(z, lam_s, psi2_s, rng)
     log_u = np.log(rng.uniform(size=new.shape))
+    eps, log_u_rw = rng.standard_normal(new.shape), np.log(rng.uniform(size=new.shape))
     if pilot is not None:  # the pilot's own value: fresh random numbers, never the chain's
         pilot.commit(None, dict(zip(ids, kp.draw_theta(z, lam_s, psi2_s, rng).tolist(),
                                     strict=True)))
@@ -216,16 +218,17 @@ def async_step(chain: ParameterServer, pilot: ParameterServer | None, ids: list[
         pause()
     res = StepResult(proposed=len(ids))
     while True:
-        if pilot is None:
-            ok, hver = np.ones(new.shape, bool), None
+        if pilot is None:  # uncorrected: the proposal, always
+            ok, hver, value = np.ones(new.shape, bool), None, new
         else:
             lam_c, psi2_c, hver, old = chain.read_current(ids)
             joined = np.isnan(old)  # a new member: its first value is a draw, not a move
-            log_a = kp.correction_log_ratio(new, np.where(joined, new, old), z,
-                                            (lam_s, psi2_s), (lam_c, psi2_c))
+            old = np.where(joined, new, old)
+            log_a = kp.correction_log_ratio(new, old, z, (lam_s, psi2_s), (lam_c, psi2_c))
             ok = joined | (log_u < np.minimum(log_a, 0.0))
-        if chain.commit(hver, {k: v for k, v, a in zip(ids, new.tolist(), ok, strict=True)
-                               if a}):
+            value = kp.random_walk_step(np.where(ok, new, old), z, (lam_c, psi2_c), eps,
+                                        log_u_rw)
+        if chain.commit(hver, dict(zip(ids, value.tolist(), strict=True))):
             break
         res.commit_races += 1
     res.accepted = int(ok.sum())
