@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.backend import Rng
+from kernels.backend import Rng, default_rng_kind
 from kernels.batching import pad_into, stack_draws, stored_shape, unpad_draws, unpad_state
 from kernels.gibbs import init
+from kernels.philox import keys_for
 from kernels.sampler import run
 from kernels.summary import summarize
 from streams.chains import append_window
@@ -68,8 +69,11 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
     data, problems = build_batch(snaps, xp=xp)
     its = [int(stored[(p.experiment_id, p.metric)].state["iteration"])
            if (p.experiment_id, p.metric) in stored else 0 for p in problems]
-    ids = "|".join(f"{p.experiment_id}/{p.metric}" for p in problems).encode()
-    rng = Rng([cfg.seed, zlib.crc32(ids), sum(its) % 2**32], xp=xp)
+    names = [f"{p.experiment_id}/{p.metric}" for p in problems]
+    if default_rng_kind(xp) == "philox":  # GPU: each problem's draws keyed by its name
+        rng = Rng(cfg.seed, xp=xp, kind="philox", keys=keys_for(cfg.seed, names))
+    else:
+        rng = Rng([cfg.seed, zlib.crc32("|".join(names).encode()), sum(its) % 2**32], xp=xp)
     state = init(data, rng, cfg.chains)
     shapes = [(len(p.order) - 1, len(p.strata)) for p in problems]
     for i, p in enumerate(problems):

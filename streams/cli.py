@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--numpyro", choices=("auto", "yes", "no"), default="auto",
                     help="run the NumPyro baseline (auto: when installed and P ≤ 1000)")
     bs.add_argument("--device", default=_env("DEVICE", "auto"))
+    bs.add_argument("--rng", choices=("pcg", "philox"), default=None,
+                    help="random numbers: default Philox on a GPU, PCG64 on the CPU")
+    bs.add_argument("--chunk-problems", type=int, default=None,
+                    help="problems per batch (default: all on the CPU, sized to GPU memory)")
     bs.add_argument("--json", action="store_true")
     # --- bench async (platform prior, exact asynchronous Gibbs; streams.bench_platform) ---
     ba = bsub.add_parser("async", help="platform prior: sync vs exact/uncorrected async Gibbs")
