@@ -228,54 +228,86 @@ end
 -- pending unit with close_ts <= watermark, in (close_ts, unit_id) order
 -- (ZSET order). Units it folds at different events have disjoint, increasing
 -- close_ts ranges (each event folds (previous watermark, watermark]), so the
--- whole batch's folds are one pass in ZSET order at the end -- except for a
--- unit *created* with its window already closed (a very late exposure), which
--- the reducer folds at once: there the pass runs up to the previous
--- watermark first, then again with the new unit. Until a unit is folded, "is
--- it matured" is answered as the reducer would: close_ts <= watermark.
--- New pending units are buffered and ZADDed before any pass (and at the end).
+-- whole batch's folds are one pass in ZSET order at the end (settle). The
+-- exception is a unit *created* with its window already closed (a very late
+-- exposure, common when one source partition runs ahead of another), which
+-- the reducer folds at once, after everything due at the previous watermark:
+-- such a unit is not added to the pending set but noted as a marker
+-- (previous watermark, unit), and settle folds it in the walk over the due
+-- units right after those with close_ts <= that watermark. (If the same
+-- event also moved the watermark -- only possible with W = L = 0 -- the unit
+-- goes through the pending set and settle runs before and after it.)
+-- Until a unit is folded, "is it matured" is answered as the reducer would:
+-- close_ts <= watermark. New pending units are buffered and ZADDed by settle.
 local pend_new = {}            -- ZADD arguments: close, uid, close, uid, ...
-local next_due                 -- smallest pending close_ts (nil: none)
+local marks_t, marks_u = {}, {}  -- late-created units: previous watermark, unit
+local next_due                 -- smallest close_ts in the pending set (nil: none)
 local function refresh_next_due()
   local first = call('ZRANGE', K_PENDING, 0, 0, 'WITHSCORES')
   next_due = tonumber(first[2])
 end
 refresh_next_due()
 
-local function mature(wm)
-  if wm == nil or next_due == nil or next_due > wm then return end
-  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new); pend_new = {} end
-  local due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm))
-  local miss = {}
-  for _, uid in ipairs(due) do
-    if units[uid] == nil then miss[#miss + 1] = uid end
-  end
-  fetch_units(miss)
-  for _, uid in ipairs(due) do
-    local u = units[uid]
-    if u and u.m == 0 then
-      if variants[u.v + 1] == nil then
-        -- the config lost this unit's variant (configs must only grow): do not
-        -- fold into a cell that no longer exists, but do not stop ingest either
-        u.m = 1
-        touch_unit(uid)
-      else
-        local row = row_of(u.v, u.s)
-        for k = 1, n_met do
-          local y = u[k]
-          local c = row[k]
-          c[1] = c[1] + 1
-          c[2] = c[2] + y
-          c[3] = c[3] + y * y
-        end
-        matured[u.v] = (matured[u.v] or 0) + 1
-        u.m = 1
-        touch_unit(uid)
+local function fold(uid)
+  local u = units[uid]
+  if u and u.m == 0 then
+    if variants[u.v + 1] == nil then
+      -- the config lost this unit's variant (configs must only grow): do not
+      -- fold into a cell that no longer exists, but do not stop ingest either
+      u.m = 1
+      touch_unit(uid)
+    else
+      local row = row_of(u.v, u.s)
+      for k = 1, n_met do
+        local y = u[k]
+        local c = row[k]
+        c[1] = c[1] + 1
+        c[2] = c[2] + y
+        c[3] = c[3] + y * y
       end
+      matured[u.v] = (matured[u.v] or 0) + 1
+      u.m = 1
+      touch_unit(uid)
     end
   end
-  chunked('ZREM', K_PENDING, due)
-  refresh_next_due()
+end
+
+-- Fold, in the reducer's order, every pending unit with close_ts <= wm and
+-- every marker (all markers have a threshold <= wm).
+local function settle(wm)
+  if wm == nil then return end
+  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new); pend_new = {} end
+  local due, step = {}, 1
+  if next_due ~= nil and next_due <= wm then
+    if #marks_u > 0 then
+      due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm), 'WITHSCORES')
+      step = 2
+    else
+      due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm))
+    end
+  end
+  local miss = {}
+  for j = 1, #due, step do
+    if units[due[j]] == nil then miss[#miss + 1] = due[j] end
+  end
+  fetch_units(miss)
+  local j = 1
+  for k = 1, #marks_u do
+    local t = marks_t[k]
+    while j <= #due and tonumber(due[j + 1]) <= t do fold(due[j]); j = j + 2 end
+    fold(marks_u[k])
+  end
+  marks_t, marks_u = {}, {}
+  while j <= #due do fold(due[j]); j = j + step end
+  if #due > 0 then
+    if step == 2 then
+      local uids_due = {}
+      for q = 1, #due, 2 do uids_due[#uids_due + 1] = due[q] end
+      due = uids_due
+    end
+    chunked('ZREM', K_PENDING, due)
+    refresh_next_due()
+  end
 end
 
 -- Pass 2: the rules, event by event.
@@ -323,7 +355,8 @@ for i = 1, n do
           if bucket < 0 then bucket = 0 end
           local close = ts + W
           local late = close <= wm
-          if late then mature(wm_before) end  -- what the reducer folded before
+          local marker = late and wm == wm_before
+          if late and not marker then settle(wm_before) end
           u = {v = vi, s = st, b = bucket, ets = ts, m = 0}
           for k = 1, n_met do u[k] = 0.0 end
           units[uid] = u
@@ -341,10 +374,15 @@ for i = 1, n do
             act_n[st] = (act_n[st] or 0) + 1
           end
           exposed[vi] = (exposed[vi] or 0) + 1
-          pend_new[#pend_new + 1] = close
-          pend_new[#pend_new + 1] = uid
-          if next_due == nil or close < next_due then next_due = close end
-          if late then mature(wm) end
+          if marker then
+            marks_t[#marks_t + 1] = wm_before
+            marks_u[#marks_u + 1] = uid
+          else
+            pend_new[#pend_new + 1] = close
+            pend_new[#pend_new + 1] = uid
+            if next_due == nil or close < next_due then next_due = close end
+            if late then settle(wm) end
+          end
           cat = 'exposures'
         end
       end
@@ -369,7 +407,7 @@ for i = 1, n do
   counts[cat] = c + 1
 end
 -- 5. maturation for the whole batch, in ZSET order
-if any_counted then mature(wm) end
+if any_counted then settle(wm) end
 
 -- ---------------------------------------------------------------- write back
 local seq = tonumber(call('GET', K_DIRTY)) or 0
