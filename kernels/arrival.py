@@ -68,6 +68,26 @@ def _xp(x):
     return array_module(x)
 
 
+def loglinear_masses(l0: Array, l1: Array) -> Array:
+    """Mass of a cell of the density exp(l) interpolated log-linearly between
+    its ends l0, l1 (unit width): ∫₀¹ exp(l0 + Δ t) dt, Δ = l1 − l0, written as
+    e^{max(l0, l1)} (1 − e^{−|Δ|})/|Δ| so nothing overflows for l ≤ 0."""
+    xp = _xp(l0)
+    gap = xp.abs(l1 - l0)
+    psi = xp.where(gap > 0, -xp.expm1(-gap) / xp.where(gap > 0, gap, 1.0), 1.0)
+    return xp.exp(xp.maximum(l0, l1)) * psi
+
+
+def loglinear_position(delta: Array, f: Array) -> Array:
+    """Inverse CDF inside a cell whose density is ∝ exp(Δ t), t ∈ [0, 1): the
+    position t for a uniform f (decreasing side sampled directly, increasing
+    side mirrored)."""
+    xp = _xp(delta)
+    a = xp.abs(delta)
+    s = xp.where(a > 0, -xp.log1p(f * xp.expm1(-a)) / xp.where(a > 0, a, 1.0), f)
+    return xp.where(delta > 0, 1.0 - s, s)
+
+
 @dataclass
 class ArrivalGrid:
     """Per (problem, stratum) inverse-CDF tables over x = logit p."""
@@ -77,11 +97,17 @@ class ArrivalGrid:
     flat: Array | None = None  # cdf rows shifted by 2·row, flattened: one sorted array
 
     def __post_init__(self) -> None:
+        # everything a draw needs besides the uniforms, once per grid
+        xp = _xp(self.cdf)
+        P, S, G = self.cdf.shape
+        row = xp.arange(P * S).reshape(P, 1, S)  # row of (p, s), laid out like a [P, C, S] draw
         if self.flat is None:
-            xp = _xp(self.cdf)
-            P, S, _ = self.cdf.shape
-            off = 2.0 * xp.arange(P * S, dtype=float).reshape(P, S, 1)
-            self.flat = (self.cdf + off).ravel()
+            self.flat = (self.cdf + 2.0 * row.reshape(P, S, 1)).reshape(-1)
+        self.off = 2.0 * row  # [P, 1, S] shift of row (p, s) in ``flat``
+        self.first = row * G + 1  # flat index of the row's second point
+        self.last = row * G + (G - 1)  # … and of its last
+        self.cdf_flat = xp.ascontiguousarray(self.cdf).reshape(-1)
+        self.x_flat = xp.ascontiguousarray(self.x).reshape(-1)
 
 
 def find_mode(n, T, D, m, sd, steps: int = NEWTON_STEPS):
@@ -139,39 +165,35 @@ def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
 
 
 def draw_logit_p(grid: ArrivalGrid, rng: Rng, n_chains: int) -> Array:
-    """[P, C, S] draws of logit p_s by inverse CDF (batched searchsorted)."""
+    """[P, C, S] draws of logit p_s by inverse CDF: the cell by one searchsorted
+    over all rows (flattened, row r shifted by 2r), then linear inside the cell."""
     xp = rng.xp
     P, S, G = grid.cdf.shape
-    u = rng.uniform((P, S, n_chains))
-    # one sorted 1-D array (built once per grid): row r's CDF shifted by 2r
-    off = 2.0 * xp.arange(P * S, dtype=float).reshape(P, S, 1)
-    q = (u + off).ravel()
-    idx = xp.searchsorted(grid.flat, q, side="right").reshape(P, S, n_chains)
-    base = (xp.arange(P * S).reshape(P, S, 1)) * G
-    j = xp.clip(idx - base, 1, G - 1)  # cdf[j-1] <= u < cdf[j]
-    c0 = xp.take_along_axis(grid.cdf, j - 1, axis=-1)
-    c1 = xp.take_along_axis(grid.cdf, j, axis=-1)
-    x0 = xp.take_along_axis(grid.x, j - 1, axis=-1)
-    x1 = xp.take_along_axis(grid.x, j, axis=-1)
+    u = rng.uniform((P, n_chains, S))
+    idx = xp.searchsorted(grid.flat, (u + grid.off).reshape(-1), side="right").reshape(u.shape)
+    j = xp.minimum(xp.maximum(idx, grid.first), grid.last)  # cdf[j-1] <= u < cdf[j], flat
+    c0 = xp.take(grid.cdf_flat, j - 1)
+    c1 = xp.take(grid.cdf_flat, j)
+    x0 = xp.take(grid.x_flat, j - 1)
+    x1 = xp.take(grid.x_flat, j)
     frac = xp.where(c1 > c0, (u - c0) / xp.where(c1 > c0, c1 - c0, 1.0), 0.5)
-    x = x0 + frac * (x1 - x0)
-    return xp.moveaxis(x, -1, 1)  # [P, C, S]
+    return x0 + frac * (x1 - x0)
 
 
 POISSON_EXACT_MAX = 1e7
 
 
 def draw_population(logit_p: Array, arrived: Array, D: Array, rng: Rng) -> Array:
-    """[P, C, S] draws of N_s given p_s: n_s + NegBin(n_s, q_s)."""
+    """[P, C, S] draws of N_s given p_s: n_s + NegBin(n_s, q_s), as a Gamma–Poisson
+    mixture with rate Gamma(n_s) · (1 − q_s)/q_s; (1 − q)/q = 1/expm1(D·(−log(1−p)))."""
     xp = rng.xp
-    n = arrived[:, None, :] + 0.0 * logit_p
-    Dn = D[:, None, None] + 0.0 * logit_p
-    sp = _softplus(xp, logit_p)  # -log(1-p)
-    q = -xp.expm1(-xp.maximum(Dn, 1.0) * sp)
-    odds_miss = xp.exp(-xp.maximum(Dn, 1.0) * sp) / q  # (1-q)/q
-    lam = rng.gamma(xp.maximum(n, 1.0)) * odds_miss
-    small = xp.minimum(lam, POISSON_EXACT_MAX)
-    pois = rng.poisson(small).astype(float)
+    n = arrived[:, None, :]
+    Dn = D[:, None, None]
+    a = xp.maximum(Dn, 1.0) * _softplus(xp, logit_p)  # -log(1-q) = D · (-log(1-p))
+    odds_miss = 1.0 / xp.expm1(xp.minimum(a, 700.0))  # below e^-700 λ is 0 for every purpose
+    shape = xp.ascontiguousarray(xp.broadcast_to(xp.maximum(n, 1.0), logit_p.shape))
+    lam = rng.gamma(shape) * odds_miss
+    pois = rng.poisson(xp.minimum(lam, POISSON_EXACT_MAX)).astype(float)
     z = rng.normal(lam.shape)
     extra = xp.where(lam > POISSON_EXACT_MAX, lam + xp.sqrt(lam) * z, pois)
     return xp.where((n > 0) & (Dn >= 1), n + extra, n)

@@ -39,31 +39,47 @@ def matured_weights(data: ModelData) -> Array:
     return xp.where(tot > 0, pair / xp.maximum(tot, 1.0), even[:, None, :])
 
 
+def _derived(data: ModelData) -> dict:
+    """The data-only parts of the estimands, once per ModelData (``data.cache``)."""
+    c = data.cache.get("estimands")
+    if c is None:
+        xp = data.xp
+        tgt = xp.where(xp.isfinite(data.target) & data.smask, data.target, 0.0)
+        tgt = tgt / xp.maximum(tgt.sum(-1, keepdims=True), 1e-300)
+        w = matured_weights(data)
+        c = {
+            "smask": data.smask[:, None, :],  # [P,1,S]
+            "target": tgt[:, None, :],
+            "has_target": xp.isfinite(data.target).any(-1)[:, None, None],  # [P,1,1]
+            "adjustable": data.adjustable[:, None, None],
+            "fallback": w[:, None, 0, :],  # [P,1,S]
+            "matured": w[:, None],  # [P,1,K,S]
+        }
+        data.cache["estimands"] = c
+    return c
+
+
 def population_shares(state: State, data: ModelData) -> Array:
     """[P, C, S]: target shares where configured, else N_s / Σ N_s; for problems
     that cannot be adjusted (``data.adjustable`` false) the matured shares of
     the first arm pair, so adjusted equals naive there."""
     xp = data.xp
-    sm = data.smask[:, None, :]
-    pop = xp.where(sm, state.pop, 0.0)
+    c = _derived(data)
+    pop = xp.where(c["smask"], state.pop, 0.0)
     tot = pop.sum(-1, keepdims=True)
     est = pop / xp.where(tot > 0, tot, 1.0)
-    tgt = xp.where(xp.isfinite(data.target) & data.smask, data.target, 0.0)
-    tgt = tgt / xp.maximum(tgt.sum(-1, keepdims=True), 1e-300)
-    has_tgt = xp.isfinite(data.target).any(-1)[:, None, None]
-    shares = xp.where(has_tgt, tgt[:, None, :], est)
-    fallback = matured_weights(data)[:, None, 0, :]
-    ok = data.adjustable[:, None, None] & (has_tgt | (tot > 0))
-    return xp.where(ok, shares, fallback)
+    shares = xp.where(c["has_target"], c["target"], est)
+    ok = c["adjustable"] & (c["has_target"] | (tot > 0))
+    return xp.where(ok, shares, c["fallback"])
 
 
 def estimands(state: State, data: ModelData) -> Draws:
     xp = data.xp
+    c = _derived(data)
     pi = population_shares(state, data)  # [P,C,S]
-    w = matured_weights(data)[:, None]  # [P,1,K,S]
+    w = c["matured"]  # [P,1,K,S]
     # where adjustment is unavailable, each arm uses its own pair's matured weights
-    adj_ok = data.adjustable[:, None, None, None]
-    pik = xp.where(adj_ok, pi[:, :, None, :], w)  # [P,C,K,S]
+    pik = xp.where(c["adjustable"][..., None], pi[:, :, None, :], w)  # [P,C,K,S]
     mu0 = state.mu0[:, :, None, :]
     adj = (pik * state.tau).sum(-1)
     adj_base = (pik * mu0).sum(-1)
