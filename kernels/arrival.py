@@ -8,13 +8,19 @@ x = logit p given n arrivals in D completed buckets with Σ d·a_d = T is
 
 It does not depend on any other parameter of the model, so a draw from it is
 an *exact independent* draw: the block cannot mix badly in any regime. We
-draw it by inverse-CDF on a fine grid over x, built once per data snapshot:
-a few batched Newton steps find the mode and the curvature; a first grid
-(mode ± 12 Laplace sd) gives the posterior mean and sd, and a second grid
-over mean ± 12 sd (clipped to the first grid's support widened by the prior
-sd) is the one sampled from. This handles the early small-D, small-p regime,
-where the truncation term cancels most of the likelihood and the posterior is
-skewed and close to the prior, as well as n = 10⁶, where it is a needle.
+draw it by inverse CDF of the density interpolated log-linearly between the
+points of a grid over x (exact cell masses, then an exact inverse CDF inside
+the cell), built once per data snapshot: a few batched Newton steps find the
+mode and the curvature; a first grid (mode ± 12 Laplace sd) gives the
+posterior mean and sd, and a second grid over mean ± 12 sd (clipped to the
+first grid's support widened by the prior sd) is the one sampled from. With
+512 points (spacing ~0.05 sd) the sampled density is within ~1e-4 of the
+true one in L1 (40× closer than the 1024-point trapezoid with a flat density
+per cell that this replaced; the largest CDF error, ~4e-5, is about the same)
+in half the memory.
+This handles the early small-D, small-p regime, where the truncation term
+cancels most of the likelihood and the posterior is skewed and close to the
+prior, as well as n = 10⁶, where it is a needle.
 
 Then N_s - n_s | p_s ~ NegativeBinomial(n_s, q_s), q_s = 1 - (1-p_s)^D,
 drawn as a Gamma–Poisson mixture (both backends have those).
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 
 from kernels.backend import Array, Rng
 
-GRID_POINTS = 1024
+GRID_POINTS = 512
 NEWTON_STEPS = 40
 GRID_HALF_WIDTH = 12.0
 
@@ -92,8 +98,9 @@ def loglinear_position(delta: Array, f: Array) -> Array:
 class ArrivalGrid:
     """Per (problem, stratum) inverse-CDF tables over x = logit p."""
 
-    x: Array  # [P, S, G] grid points
-    cdf: Array  # [P, S, G] normalised CDF (0 … 1)
+    x: Array  # [P, S, G] grid points (equally spaced per row)
+    cdf: Array  # [P, S, G] normalised CDF (0 … 1) of the log-linear interpolant
+    logw: Array  # [P, S, G] log density at the points, relative to the row's maximum
     flat: Array | None = None  # cdf rows shifted by 2·row, flattened: one sorted array
 
     def __post_init__(self) -> None:
@@ -108,6 +115,7 @@ class ArrivalGrid:
         self.last = row * G + (G - 1)  # … and of its last
         self.cdf_flat = xp.ascontiguousarray(self.cdf).reshape(-1)
         self.x_flat = xp.ascontiguousarray(self.x).reshape(-1)
+        self.logw_flat = xp.ascontiguousarray(self.logw).reshape(-1)
 
 
 def find_mode(n, T, D, m, sd, steps: int = NEWTON_STEPS):
@@ -128,17 +136,17 @@ def find_mode(n, T, D, m, sd, steps: int = NEWTON_STEPS):
 
 
 def _tabulate(xp, lo, hi, n, T, D, m, sd, G):
+    """Grid points, log density (max 0, floored at -10⁴) and the normalised CDF
+    of its log-linear interpolant (``loglinear_masses``) over [lo, hi]."""
     u = xp.linspace(0.0, 1.0, G)
     x = lo[..., None] + (hi - lo)[..., None] * u
     lp = log_density(x, n[..., None], T[..., None], D[..., None], m[..., None], sd[..., None])
-    lp = lp - lp.max(axis=-1, keepdims=True)
-    w = xp.exp(lp)
-    # trapezoid masses between grid points
-    seg = 0.5 * (w[..., 1:] + w[..., :-1]) * (x[..., 1:] - x[..., :-1])
+    lp = xp.maximum(lp - lp.max(axis=-1, keepdims=True), -1e4)
+    seg = loglinear_masses(lp[..., :-1], lp[..., 1:])  # × the spacing, the same along a row
     cdf = xp.concatenate([xp.zeros_like(seg[..., :1]), xp.cumsum(seg, axis=-1)], axis=-1)
     total = cdf[..., -1:]
     cdf = cdf / xp.where(total > 0, total, 1.0)
-    return x, w, cdf
+    return x, lp, cdf
 
 
 def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
@@ -151,7 +159,7 @@ def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
     lap = 1.0 / xp.sqrt(xp.maximum(-H, 1.0 / sd**2 * 1e-6))
     lap = xp.minimum(lap, sd * 4.0)
     lo1, hi1 = mode - GRID_HALF_WIDTH * lap, mode + GRID_HALF_WIDTH * lap
-    x1, w1, cdf1 = _tabulate(xp, lo1, hi1, n, T, D, m, sd, G)
+    x1, _, cdf1 = _tabulate(xp, lo1, hi1, n, T, D, m, sd, G)
     # moments of the first pass, then a grid centred on them
     mass = xp.diff(cdf1, axis=-1)
     mid = 0.5 * (x1[..., 1:] + x1[..., :-1])
@@ -160,13 +168,14 @@ def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
     gsd = xp.sqrt(xp.maximum(var, (1e-3 * lap) ** 2))
     lo = xp.maximum(mean - GRID_HALF_WIDTH * gsd, lo1 - sd)
     hi = xp.minimum(mean + GRID_HALF_WIDTH * gsd, hi1 + sd)
-    x, _, cdf = _tabulate(xp, lo, hi, n, T, D, m, sd, G)
-    return ArrivalGrid(x=x, cdf=cdf)
+    x, logw, cdf = _tabulate(xp, lo, hi, n, T, D, m, sd, G)
+    return ArrivalGrid(x=x, cdf=cdf, logw=logw)
 
 
 def draw_logit_p(grid: ArrivalGrid, rng: Rng, n_chains: int) -> Array:
     """[P, C, S] draws of logit p_s by inverse CDF: the cell by one searchsorted
-    over all rows (flattened, row r shifted by 2r), then linear inside the cell."""
+    over all rows (flattened, row r shifted by 2r), then the point inside the
+    cell by the inverse CDF of the log-linear density there."""
     xp = rng.xp
     P, S, G = grid.cdf.shape
     u = rng.uniform((P, n_chains, S))
@@ -177,7 +186,8 @@ def draw_logit_p(grid: ArrivalGrid, rng: Rng, n_chains: int) -> Array:
     x0 = xp.take(grid.x_flat, j - 1)
     x1 = xp.take(grid.x_flat, j)
     frac = xp.where(c1 > c0, (u - c0) / xp.where(c1 > c0, c1 - c0, 1.0), 0.5)
-    return x0 + frac * (x1 - x0)
+    t = loglinear_position(xp.take(grid.logw_flat, j) - xp.take(grid.logw_flat, j - 1), frac)
+    return x0 + t * (x1 - x0)
 
 
 POISSON_EXACT_MAX = 1e7
