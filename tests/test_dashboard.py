@@ -22,6 +22,7 @@ Skipped when chromium is not installed (``.ci/run`` installs it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -121,7 +122,7 @@ def f3_js_ok(shown: str, x: float) -> bool:
 def shown_numbers(dom: Dom) -> dict[str, str]:
     return {k: dom.text.get(k, "").strip() for k in
             ("adjusted-mean", "adjusted-interval", "naive-mean", "naive-interval", "truth",
-             "diag")}
+             "diag", "platform-mean", "platform-interval")}
 
 
 @pytest.fixture()
@@ -142,6 +143,7 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
     st.create_topics()
     cfg, evs, truth = make_traffic(2500, 8, EID, seed=3, window_seconds=86_400,
                                    started_at=START)
+    cfg = dataclasses.replace(cfg, prior="platform")  # the page shows the shrunk row too
     st.register([cfg])
     r = redis.Redis.from_url(redis_url)
     r.set(truth_key(EID), dumps(truth))
@@ -218,6 +220,10 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
         lo, hi = shown[key].strip("[]").split(", ")
         assert f3_js_ok(lo, e["lo"]) and f3_js_ok(hi, e["hi"]), (key, shown[key], e)
     assert f3_js_ok(shown["truth"], truth["effect"]), (shown["truth"], truth)
+    pl = rec["platform"]["effect"]  # opted in: every estimate carries the shrunk effect
+    assert f3_js_ok(shown["platform-mean"], pl["mean"]), (shown, pl)
+    lo, hi = shown["platform-interval"].strip("[]").split(", ")
+    assert f3_js_ok(lo, pl["lo"]) and f3_js_ok(hi, pl["hi"]), (shown, pl)
     exps = api("/experiments")["experiments"]
     assert EID in exps
 
