@@ -4,6 +4,11 @@ Chains are persisted per problem (experiment × metric) without padding, so a
 problem can join a batch of any shape on the next tick: ``unpad`` slices a
 problem's rows to its own K treatments and S strata, ``pad_into`` writes
 stored rows into a freshly initialised padded state.
+
+The unpad functions are called once per problem; the whole batch is copied to
+the host once (on the first call for a state or trace, kept on that object)
+and each problem is sliced from the host copy, rather than one device-to-host
+copy per problem and array.
 """
 
 from __future__ import annotations
@@ -30,13 +35,22 @@ def _index(axes, K: int, S: int):
     return tuple(slice(0, size[a]) for a in axes)
 
 
+def _host(obj, names) -> dict[str, np.ndarray]:
+    """Host copies of ``obj``'s arrays ``names``, made once per object."""
+    cache = obj.__dict__.get("_host_arrays")
+    if cache is None:
+        cache = {name: to_numpy(getattr(obj, name)) for name in names}
+        obj.__dict__["_host_arrays"] = cache
+    return cache
+
+
 def unpad_state(state: State, p: int, K: int, S: int) -> dict[str, np.ndarray]:
     """Problem ``p``'s chains as host arrays [C, …] trimmed to K treatments, S strata."""
+    host = _host(state, (*_STATE_AXES, "iteration"))
     out = {}
     for name, axes in _STATE_AXES.items():
-        arr = to_numpy(getattr(state, name)[p])
-        out[name] = np.ascontiguousarray(arr[(slice(None),) + _index(axes, K, S)])
-    out["iteration"] = np.asarray(int(to_numpy(state.iteration)[p]))
+        out[name] = np.ascontiguousarray(host[name][(p, slice(None)) + _index(axes, K, S)])
+    out["iteration"] = np.asarray(int(host["iteration"][p]))
     return out
 
 
@@ -45,6 +59,7 @@ def pad_into(state: State, p: int, stored: dict[str, np.ndarray]) -> None:
     from kernels.backend import array_module
 
     xp = array_module(state.mu0)
+    state.__dict__.pop("_host_arrays", None)  # the state changes: drop any host copy
     for name in _STATE_AXES:
         arr = stored[name]
         target = getattr(state, name)
@@ -61,10 +76,11 @@ def stored_shape(stored: dict[str, np.ndarray]) -> tuple[int, int, int]:
 
 def unpad_draws(trace: Draws, p: int, K: int, S: int) -> dict[str, np.ndarray]:
     """Problem ``p``'s trace [C, T, …] trimmed to its own K and S."""
+    host = _host(trace, _DRAW_AXES)
     out = {}
     for name, axes in _DRAW_AXES.items():
-        arr = to_numpy(getattr(trace, name)[p])
-        out[name] = np.ascontiguousarray(arr[(slice(None), slice(None)) + _index(axes, K, S)])
+        idx = (p, slice(None), slice(None)) + _index(axes, K, S)
+        out[name] = np.ascontiguousarray(host[name][idx])
     return out
 
 
