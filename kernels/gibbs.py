@@ -12,8 +12,10 @@ with m, s the pooled outcome mean and sd (``kernels.data.Hyper``).
 Blocks, in this order (a partially collapsed Gibbs sampler, van Dyk & Park 2008):
  1. σ²_ks | μ, τ                         inverse gamma
  2. ω_k | μ_0, σ², θ, β   (τ integrated)  independence MH, proposal = the
-    conditional tabulated on a log-ω grid (acceptance ≈ 1, exact)
- 3. (θ_k, β_k) | μ_0, σ², ω (τ integrated) 2-dim Gaussian regression
+    conditional tabulated on a 16-point log-ω grid, log-linear in between
+    (acceptance ≈ 0.9; the MH ratio makes it exact for any grid)
+ 3. (θ_k, β_k) | σ², ω   (μ_0, τ integrated) 2K-dim Gaussian (Sherman–Morrison
+    per stratum, see ``_draw_theta_beta``)
  4. (μ_0s, τ_·s) | σ², θ, β, ω            jointly per stratum: μ_0s from its
     marginal with τ integrated out, then τ_ks | μ_0s — an exact draw from the
     (K+1)-dim Gaussian; one-at-a-time updates mix badly because μ_0 and τ are
@@ -21,7 +23,9 @@ Blocks, in this order (a partially collapsed Gibbs sampler, van Dyk & Park 2008)
  5. (p_s, N_s) | arrivals                 exact independent draws (``kernels.arrival``)
 Integrating τ out of blocks 2–3 removes the funnel between ω and the τ of
 data-poor strata (early on, light users' cells): bulk ESS of the adjusted
-effect rose ~8× over the plain Gibbs sweep (τ | ω then ω | τ) in our runs.
+effect rose ~8× over the plain Gibbs sweep (τ | ω then ω | τ) in our runs;
+integrating μ_0 out of block 3 as well doubled it again. Blocks 3 then 4 draw
+(θ, β, μ_0, τ) | σ², ω exactly, so no block conditions on a stale μ_0 or τ.
 The half-t is evaluated directly (no auxiliary variable) since block 2 is MH.
 """
 
@@ -219,7 +223,8 @@ def _draw_theta_beta(w, e, prec0, W, gam, c, rng):
     Atb = block(1, None)
     Abb = block(2, c["prior_prec_beta"])
     A = xp.concatenate([xp.concatenate([Att, Atb], -1), xp.concatenate([Atb, Abb], -1)], -2)
-    phi = _gaussian_draw(A, b, rng.normal((P, C, 2 * K)))
+    eps = rng.normal((P, C, 2, K))  # [θ | β] by treatment: padding K moves no draw (Philox)
+    phi = _gaussian_draw(A, b, xp.concatenate([eps[:, :, 0], eps[:, :, 1]], -1))
     return phi[..., :K], phi[..., K:]
 
 

@@ -82,9 +82,9 @@ def test_theta_beta_block_is_the_dense_marginal(K):
     gam = 1 / (prec0 + W)
     e = c["ybar_t"] - (h0 / prec0)[:, :, None]
 
-    def draw(eps):
-        return np.concatenate(gibbs._draw_theta_beta(w, e, prec0, W, gam, c,
-                                                     _FixedNormals(eps)), -1)
+    def draw(eps):  # eps [P, C, 2K] ordered (θ_1..θ_K, β_1..β_K), as the kernel uses them
+        return np.concatenate(gibbs._draw_theta_beta(w, e, prec0, W, gam, c, _FixedNormals(
+            np.stack([eps[..., :K], eps[..., K:]], axis=2))), -1)
 
     m = 2 * K
     mean = draw(np.zeros((P, C, m)))
