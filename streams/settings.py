@@ -67,6 +67,9 @@ class Settings:
     auto_register: bool = False
     batch_size: int = 500
     batch_seconds: float = 0.2
+    # ingest worker: run Faust's per-message delivery inline when it does not block,
+    # raw bytes events without the serializer registry (streams.app, fast path)
+    ingest_fast_path: bool = True
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "warning"
