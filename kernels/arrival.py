@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kernels import fused
 from kernels.backend import Array, Rng
 
 GRID_POINTS = 512
@@ -179,6 +180,8 @@ def draw_logit_p(grid: ArrivalGrid, rng: Rng, n_chains: int) -> Array:
     xp = rng.xp
     P, S, G = grid.cdf.shape
     u = rng.uniform((P, n_chains, S))
+    if fused.enabled(xp):  # on cupy: one kernel (kernels/cuda/sweep.cu), the same arithmetic
+        return fused.arrival_draw(u, grid.cdf, grid.x, grid.logw)
     idx = xp.searchsorted(grid.flat, (u + grid.off).reshape(-1), side="right").reshape(u.shape)
     j = xp.minimum(xp.maximum(idx, grid.first), grid.last)  # cdf[j-1] <= u < cdf[j], flat
     c0 = xp.take(grid.cdf_flat, j - 1)

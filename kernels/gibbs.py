@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from kernels import arrival
+from kernels import arrival, fused
 from kernels.backend import Array, Rng
 from kernels.data import ModelData
 
@@ -282,6 +282,13 @@ def _draw_omega2(omega2_cur, resid, v, has, c, rng):
     G = OMEGA_GRID
     step = c["omega_step"]
     u0 = c["omega_u0"]  # [P,1,1]
+    if fused.enabled(xp):  # on cupy: this whole block as one kernel (kernels/cuda/sweep.cu),
+        # from the same two draws in the same order
+        u_x = rng.uniform((P, C, K))
+        u_acc = rng.uniform((P, C, K))
+        return fused.omega_step(resid, v, has, omega2_cur, u_x, u_acc, c["omega_grid_om2"],
+                                c["omega_grid_prior"], u0, c["omega_log_A"], c["omega_nu"],
+                                step)
     n_rows = P * C * K
     rows = _rows(c, (P, C, K))
     # the table [G,P,C,K]: strata then grid points lead, so the sum over strata
