@@ -37,7 +37,7 @@ from kernels.backend import Array, array_module
 SOURCE_PATH = Path(__file__).parent / "cuda" / "sweep.cu"
 # FMA contraction off: the device code then rounds like the NumPy code, operation
 # for operation (the tests' C build uses -ffp-contract=off for the same reason)
-NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")
+NVRTC_OPTIONS = ("--fmad=false",)
 THREADS = 128
 MAX_BLOCKS = 1 << 20  # the kernels are grid-stride loops
 KERNELS = ("ls_omega_step", "ls_arrival_draw")

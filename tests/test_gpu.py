@@ -298,3 +298,61 @@ def test_gpu_chunks_do_not_change_the_draws():
     # the device check's P = 100,000 row: a chunk that fits, and not a tiny one
     n = chunk_problems(100_000, 8, 2, 8, 200, cp)
     assert 1000 <= n <= 100_000, n
+
+
+# ------------------------------------------------------------------ (e) fused kernels
+
+
+def test_fused_kernels_on_device_equal_numpy_blocks():
+    """``kernels/cuda/sweep.cu`` through cupy.RawModule (tests/test_fused.py checks
+    the same source built as C): the ω step and the arrival draw on the device
+    against the NumPy blocks, the same uniforms; the decisions identical, the
+    values to the last bits of the device's log/exp."""
+    from kernels import fused, gibbs
+    from kernels.arrival import draw_logit_p
+    from tests.test_fused import ListRng, _omega_inputs, _random_data, _rel
+
+    assert fused.enabled(cp)
+    for P, C, K1, S in [(40, 4, 2, 1), (25, 3, 3, 7), (20, 8, 2, 8), (10, 2, 3, 17)]:
+        data = _random_data(100 + S, P, K1, S)
+        c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, C, seed=S)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            want = gibbs._draw_omega2(omega2, resid, v, c["has"], c, ListRng(u_x, u_acc))
+        d = cp.asarray
+        got = to_numpy(fused.omega_step(
+            d(resid), d(v), d(c["has"]), d(omega2), d(u_x), d(u_acc), d(c["omega_grid_om2"]),
+            d(c["omega_grid_prior"]), d(c["omega_u0"]), d(c["omega_log_A"]), c["omega_nu"],
+            c["omega_step"]))
+        np.testing.assert_array_equal(got == omega2, want == omega2, err_msg=f"S={S}")
+        assert _rel(got, want).max() <= 1e-11, (S, _rel(got, want).max())
+    for P, C, S in [(30, 8, 1), (20, 5, 7), (10, 3, 12)]:
+        data = _random_data(200 + S, P, 2, S)
+        u = np.random.default_rng(S).random((P, C, S))
+        want = draw_logit_p(data.grid, ListRng(u), C)
+        g = data.grid
+        got = to_numpy(fused.arrival_draw(cp.asarray(u), cp.asarray(g.cdf), cp.asarray(g.x),
+                                          cp.asarray(g.logw)))
+        assert _rel(got, want).max() <= 1e-11, (S, _rel(got, want).max())
+
+
+def test_sweeps_fused_equal_unfused_on_device(monkeypatch):
+    """init + 5 sweeps on the GPU with Philox, LIFTSTREAM_FUSED=1 against =0 and
+    against the NumPy path: the same chains (the same draws, the arithmetic equal
+    to rounding)."""
+    from kernels.gibbs import init
+    from kernels.philox import keys_for
+    from kernels.sampler import run
+
+    P, S, C = 12, 8, 4
+    keys = keys_for(5, range(P))
+    out = {}
+    for mode, xp in (("1", cp), ("0", cp), ("cpu", np)):
+        monkeypatch.setenv("LIFTSTREAM_FUSED", "0" if mode == "0" else "1")
+        data = _bench_data(P, S, xp)
+        rng = Rng(5, xp=xp, kind="philox", keys=keys)
+        state = init(data, rng, C)
+        out[mode], _ = run(state, data, rng, 5)
+    for name, a in out["cpu"].arrays().items():
+        for mode in ("1", "0"):
+            np.testing.assert_allclose(to_numpy(getattr(out[mode], name)), a, rtol=1e-7,
+                                       atol=1e-9, err_msg=f"{name} fused={mode}")
