@@ -20,7 +20,8 @@ valid data set of the same shape with different posteriors.
 
 Memory: on a GPU the problems are advanced in chunks sized to a fraction of
 the device's free memory (``chunk_problems``): at P = 100,000 the arrival
-grids alone are ~6.6 GB each and building them peaks near 80 GB. Each chunk
+grids alone are ~3.3 GB each ([P, S, 512] float64) and building them peaks
+near 40 GB. Each chunk
 is its own batch (data, grids, chains); timings and ESS are summed/pooled
 over chunks. With the Philox RNG (the GPU default) every problem is keyed by
 its index in the whole benchmark, so its draws do not depend on the chunking.
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from kernels import fused
 from kernels.arrival import GRID_POINTS
 from kernels.backend import Rng, default_rng_kind, get_xp, to_numpy
 from kernels.data import ModelData, make_data
@@ -150,19 +152,28 @@ class GibbsResult:
     rhat: np.ndarray | None = None
 
 
-def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINTS) -> int:
+def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINTS,
+                  fused: bool = False) -> int:
     """Peak device bytes one problem needs, roughly (float64).
 
-    Calibrated with tracemalloc on numpy (C = 8, K1 = 2, S = 8: ``make_data``
-    peaks at ~790 kB per problem, ~12 [S, G] arrays alive while the grids are
-    built, and keeps 3 of them; a sweep adds ~270 kB, mostly the ω grid's
-    [C, K, OMEGA_GRID, S] temporaries), plus the trace of one ``run`` call and
-    the timed draws; doubled for the memory pool's rounding and fragmentation.
+    Calibrated with tracemalloc on numpy (C = 8, K1 = 2, S = 8, G = 512, Philox,
+    200 problems): ``make_data`` peaks at 395 kB per problem, 12 [S, G] arrays
+    alive while the grids are built, and keeps 4 of them (cdf, x, log w and the
+    shifted flat CDF: 132 kB); a sweep adds 33 kB above the state: the ω step's
+    [S, G_ω, C, K] table (3 arrays: 24 kB) on top of ~12 [C, K1, S] arrays
+    alive, and the population draw's Philox gamma/Poisson words (~44 [C, S]
+    arrays: 22 kB). With the fused kernels (``fused``; measured the same way
+    with the C build of ``kernels/cuda/sweep.cu`` standing in for the GPU) the
+    ω step allocates nothing but its uniforms (0.8 kB), so the population draw
+    sets the sweep's peak. Plus the trace of one ``run`` call (64 kB at
+    CHUNK = 50) and the timed draws; doubled for the memory pool's rounding
+    and fragmentation.
     """
     K = K1 - 1
     grid = S * G * 8
     build = 12 * grid
-    sweep = 3 * grid + 8 * (8 * chains * K * OMEGA_GRID * S + 60 * chains * K1 * S)
+    omega_table = 0 if fused else 3 * chains * K * OMEGA_GRID * S
+    sweep = 4 * grid + 8 * (max(omega_table, 44 * chains * S) + 12 * chains * K1 * S)
     trace = 8 * chains * (CHUNK * (4 * K + K * S + S) + sweeps)
     return 2 * (max(build, sweep) + trace)
 
@@ -177,7 +188,7 @@ def chunk_problems(P: int, chains: int, K1: int, S: int, sweeps: int, xp: Any,
             return P
         free, _total = xp.cuda.runtime.memGetInfo()
         budget_bytes = GPU_MEMORY_FRACTION * free
-    per = problem_bytes(chains, K1, S, sweeps)
+    per = problem_bytes(chains, K1, S, sweeps, fused=fused.enabled(xp))
     return int(max(1, min(P, budget_bytes // per)))
 
 
