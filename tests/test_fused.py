@@ -336,3 +336,15 @@ def test_nvrtc_reports_errors():
     rc, log, _ = nvrtc_ptx(fused.source() + "\nstatic __device__ int oops(double *p) "
                            "{ return p->x; }\n", (*fused.NVRTC_OPTIONS, *fused.defines(16)))
     assert rc != 0 and "error" in log
+
+
+def test_bandwidth_model_follows_the_code():
+    """tests/gpu/bandwidth.py: the grid sizes are the kernels', and fusing the
+    ω step and the arrival draw cuts those blocks' bytes (≥ 3× together)."""
+    from kernels.arrival import GRID_POINTS
+    from tests.gpu import bandwidth as bw
+
+    assert (bw.ARRIVAL_GRID, bw.OMEGA_GRID) == (GRID_POINTS, gibbs.OMEGA_GRID)
+    b = bw.sweep_bytes(10_000, 8, 2, 8)
+    assert b["minimal"] < b["fused"] < b["unfused"]
+    assert b["omega_fused"] + b["arrival_fused"] < (b["omega_unfused"] + b["arrival_unfused"]) / 3
