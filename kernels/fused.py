@@ -74,13 +74,19 @@ def _omega_grid() -> int:
 
 def cupy_launcher(omega_grid: int) -> Launch:
     """Launch on the current CUDA device: one thread per row, THREADS a block."""
+    return _launcher(omega_grid)
+
+
+@functools.cache
+def _launcher(omega_grid: int) -> Launch:
     mod = _module(omega_grid)
+    funcs = {name: mod.get_function(name) for name in KERNELS}
 
     def launch(name: str, n: int, args: tuple) -> None:
         if n == 0:
             return
         blocks = max(1, min((n + THREADS - 1) // THREADS, MAX_BLOCKS))
-        mod.get_function(name)((blocks,), (THREADS,), args)
+        funcs[name]((blocks,), (THREADS,), args)
 
     return launch
 
