@@ -252,10 +252,10 @@ class _RawEventSchema(faust.Schema):
 
     def compile(self, app, *, on_key_decode_error=None, on_value_decode_error=None,
                 default_propagate: bool = False):
-        create_event = app.create_event
+        event_cls = app.conf.Event  # what app.create_event builds, looked up once
 
         async def decode(message, *, propagate: bool = default_propagate):
-            return create_event(message.key, message.value, message.headers, message)
+            return event_cls(app, message.key, message.value, message.headers, message)
 
         return decode
 
