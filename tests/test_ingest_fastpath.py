@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from streams import app as app_mod
+from streams import faust_fastpath as fp
 from streams.settings import Settings
 
 
@@ -30,7 +31,7 @@ def _drive(coro):
         first = coro.send(None)
     except StopIteration as stop:
         return True, stop.value
-    return False, asyncio.ensure_future(app_mod._resume(coro, first))
+    return False, asyncio.ensure_future(fp._resume(coro, first))
 
 
 def test_resume_finishes_a_suspended_coroutine():
@@ -84,12 +85,12 @@ def test_create_app_wires_the_fast_path(fast, tmp_path, monkeypatch):
     ev_topic = next(a.channel for a in app.agents.values() if a.name.endswith("ingest"))
     assert ev_topic.topics == (s.topic_events,)
     if fast:
-        assert app_mod._stock_drain_matches(), "faust changed: re-check the copied loop"
+        assert fp._stock_drain_matches(), "faust changed: re-check the copied loop"
         assert consumer_cls == "_FastDrainConsumer"
-        assert isinstance(ev_topic.schema, app_mod._RawEventSchema)
+        assert isinstance(ev_topic.schema, fp.RawEventSchema)
     else:
         assert consumer_cls != "_FastDrainConsumer"
-        assert not isinstance(ev_topic.schema, app_mod._RawEventSchema)
+        assert not isinstance(ev_topic.schema, fp.RawEventSchema)
 
 
 def test_raw_schema_decodes_like_the_raw_serializer(tmp_path, monkeypatch):
@@ -99,7 +100,7 @@ def test_raw_schema_decodes_like_the_raw_serializer(tmp_path, monkeypatch):
     monkeypatch.setenv("LIFTSTREAM_DATADIR", str(tmp_path))
     app = app_mod.create_app(Settings(), "ingest")
     stock = faust.Schema(key_serializer="raw", value_serializer="raw").compile(app)
-    fast = app_mod._RawEventSchema().compile(app)
+    fast = fp.RawEventSchema().compile(app)
 
     async def main():
         for key, value in [(b"k", b'{"a": 1}'), (None, b"x"), (b"k", None), (None, None)]:
