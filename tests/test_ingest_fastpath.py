@@ -85,8 +85,10 @@ def test_create_app_wires_the_fast_path(fast, tmp_path, monkeypatch):
     ev_topic = next(a.channel for a in app.agents.values() if a.name.endswith("ingest"))
     assert ev_topic.topics == (s.topic_events,)
     if fast:
-        assert fp._stock_drain_matches(), "faust changed: re-check the copied loop"
-        assert consumer_cls == "_FastDrainConsumer"
+        # another faust-streaming than 0.15.3 gets its own drain loop back (the copy
+        # in streams/faust_fastpath.py is only used over the exact source it copies)
+        known = fp._stock_drain_matches()
+        assert (consumer_cls == "_FastDrainConsumer") == known, (consumer_cls, known)
         assert isinstance(ev_topic.schema, fp.RawEventSchema)
     else:
         assert consumer_cls != "_FastDrainConsumer"
