@@ -274,7 +274,7 @@ class Draws:
     extra: dict[str, int] = field(default_factory=dict)  # e.g. version races (Redis runs)
 
 
-def _init(z: Array, n_chains: int, rng: np.random.Generator) -> tuple[Array, Array, Array]:
+def initial_state(z: Array, n_chains: int, rng: np.random.Generator) -> tuple[Array, Array, Array]:
     """Over-dispersed start: λ, ψ² from the hyperprior-ish range, φ from z."""
     lam = rng.normal(0.0, 1.0, n_chains)
     psi2 = np.exp(rng.normal(0.0, 1.0, n_chains))
@@ -288,7 +288,7 @@ def sync_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0,
     model, vectorised over chains; the first half of the sweeps is warm-up."""
     rng = np.random.default_rng(seed)
     E = z.size
-    lam, psi2, phi = _init(z, n_chains, rng)
+    lam, psi2, phi = initial_state(z, n_chains, rng)
     keep = n_sweeps - n_sweeps // 2
     out_l, out_p = np.empty((n_chains, keep)), np.empty((n_chains, keep))
     out_phi = np.empty((n_chains, keep, E))
@@ -332,7 +332,7 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
     E = z.size
     pilots = correct and proposal == "pilot"
     C = 2 * n_chains if pilots else n_chains  # chains [n_chains, 2 n_chains) are pilots
-    lam, psi2, phi = _init(z, C, rng)
+    lam, psi2, phi = initial_state(z, C, rng)
     H = staleness + 1
     hist_l = np.repeat(lam[:, None], H, 1)  # ring buffer, slot (pos - k) % H = k ago
     hist_p = np.repeat(psi2[:, None], H, 1)

@@ -53,7 +53,7 @@ def run_async(redis_url: str, z: np.ndarray, *, n_sweeps: int = 400, n_workers: 
     r0 = redis.Redis.from_url(redis_url)
     hist = max(staleness + 1, 2)
     rng0 = np.random.default_rng(seed)
-    lam0, psi20, phi0 = kp._init(z, 2, rng0)
+    lam0, psi20, phi0 = kp.initial_state(z, 2, rng0)
     for c, name in enumerate((chain, f"{chain}p")):
         ParameterServer(r0, metric, name, hist).init(
             {i: float(v) for i, v in zip(ids, phi0[c], strict=True)},
