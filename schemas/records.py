@@ -68,6 +68,9 @@ class ExperimentConfig:
     window_seconds: int = 7 * 86_400
     lateness_seconds: int = 300
     dedupe_seconds: int = 86_400
+    #: I: how far (event time) a source partition may lag the fastest one and
+    #: still hold the watermark back (DESIGN §5 per-partition watermark)
+    partition_skew_seconds: int = 3600
     started_at: int | None = None  # epoch ms; else the first exposure's ts
     target_shares: tuple[float, ...] | None = None  # per stratum, sums to 1
     allocation: tuple[float, ...] | None = None  # expected exposure share per variant

@@ -667,6 +667,8 @@ def parse_experiment(
         kw["lateness_seconds"] = _cfg_int(v, "lateness_seconds", 0, _MAX_DURATION_S)
     if (v := opt("dedupe_seconds")) is not _MISSING:
         kw["dedupe_seconds"] = _cfg_int(v, "dedupe_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("partition_skew_seconds")) is not _MISSING:
+        kw["partition_skew_seconds"] = _cfg_int(v, "partition_skew_seconds", 0, _MAX_DURATION_S)
     if (v := opt("started_at")) is not _MISSING:
         kw["started_at"] = _cfg_int(v, "started_at", MIN_TS_MS, MAX_TS_MS)
 
@@ -728,6 +730,7 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "window_seconds": cfg.window_seconds,
         "lateness_seconds": cfg.lateness_seconds,
         "dedupe_seconds": cfg.dedupe_seconds,
+        "partition_skew_seconds": cfg.partition_skew_seconds,
         "started_at": cfg.started_at,
         "target_shares": None if cfg.target_shares is None else list(cfg.target_shares),
         "allocation": None if cfg.allocation is None else list(cfg.allocation),

@@ -12,12 +12,23 @@ summed in exactly the order the Lua script sums them (IEEE doubles on both
 sides, so equal order gives equal bits).
 
 Rules, per experiment ``e`` with config ``c`` (all times in ms: W window,
-B bucket, L allowed lateness, DD dedupe horizon):
+B bucket, L allowed lateness, DD dedupe horizon, I partition skew bound):
 
 1. Dedupe: an ``event_id`` already sighted in ``e`` whose sighting ts is
    ``>= max_ts - DD`` is a ``duplicate`` and changes nothing else. Otherwise the
    sighting is recorded (a later sighting overwrites an earlier one).
-2. ``max_ts = max(max_ts, ts)``; ``watermark = max_ts - L``.
+2. Event time, per source partition ``p`` of the event (``"<topic>|<partition>"``,
+   the identity of the exactly-once offsets): ``max_ts_p = max(max_ts_p, ts)``,
+   ``max_ts = max(max_ts, ts)`` (= max over p; dedupe uses it), and
+   ``watermark = max(watermark, min_p max(max_ts_p, max_ts - I) - L)`` over the
+   partitions seen so far (by this experiment, non-duplicate events). Since
+   ``min_p max(a_p, c) = max(min_p a_p, c)`` this is
+   ``max(min_p max_ts_p, max_ts - I) - L``: a partition behind the fastest one
+   holds the watermark back by at most I, so its metrics are not ``late``
+   merely because another partition ran ahead (backfill, catch-up, a consumer
+   reading partitions one after another). With one partition it is exactly
+   ``max_ts - L``. The max with the previous value keeps it monotone when a
+   new partition first shows up behind the others.
 3. Exposure: unknown variant -> ``unknown_variant``; first exposure of a unit
    creates its state (variant, stratum, entry bucket, exposure ts, zero totals)
    -> ``exposures``; later ones -> ``repeat_exposure`` (same variant) or
@@ -102,6 +113,19 @@ def config_ms(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
             "window/lateness/dedupe seconds >= 0"
         )
     return W, B, L, DD
+
+
+def skew_ms(cfg: ExperimentConfig) -> int:
+    """I in ms: how far a source partition may lag the fastest and still hold
+    the watermark back (``partition_skew_seconds``), checked >= 0."""
+    I = int(cfg.partition_skew_seconds) * 1000
+    if I < 0:
+        raise ValueError(f"experiment {cfg.experiment_id!r}: partition_skew_seconds must be >= 0")
+    return I
+
+
+#: The source of events applied without one (a single partition).
+DEFAULT_SOURCE = "-|0"
 
 
 def n_activity_strata(cfg: ExperimentConfig) -> int:
@@ -199,6 +223,7 @@ class ExperimentState:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.W, self.B, self.L, self.DD = config_ms(config)
+        self.I = skew_ms(config)
         self.edges = tuple(float(e) for e in config.strata_edges)
         self.S = n_activity_strata(config)
         self.variants = tuple(config.variants)
@@ -210,6 +235,9 @@ class ExperimentState:
         self._seen: dict[str, int] = {}
         self._seen_prune_at = 4096
         self.max_ts: int | None = None
+        #: per source partition, its max event ts (rule 2)
+        self.max_ts_p: dict[str, int] = {}
+        self._watermark: int | None = None
         self.started_at: int | None = None  # fixed by the first unit creation
         n_tot = self.S + 1
         self.arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
@@ -229,15 +257,17 @@ class ExperimentState:
 
     @property
     def watermark(self) -> int | None:
-        return None if self.max_ts is None else self.max_ts - self.L
+        return self._watermark
 
-    def apply(self, event: Event) -> str:
-        """Apply one event; return its category (the counter it incremented)."""
-        cat = self._apply(event)
+    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
+        """Apply one event that came from source partition ``source``
+        (``"<topic>|<partition>"``); return its category (the counter it
+        incremented)."""
+        cat = self._apply(event, source)
         self.counters[cat] = self.counters.get(cat, 0) + 1
         return cat
 
-    def _apply(self, ev: Event) -> str:
+    def _apply(self, ev: Event, source: str) -> str:
         ts = int(ev.ts)
         # 1. dedupe against the sighting, using max_ts *before* this event
         prev = self._seen.get(ev.event_id)
@@ -247,7 +277,13 @@ class ExperimentState:
         # 2. event time
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
-        wm = self.max_ts - self.L
+        mp = self.max_ts_p.get(source)
+        if mp is None or ts > mp:
+            self.max_ts_p[source] = ts
+            cand = max(min(self.max_ts_p.values()), self.max_ts - self.I) - self.L
+            if self._watermark is None or cand > self._watermark:
+                self._watermark = cand
+        wm = self._watermark
         # 3./4.
         if isinstance(ev, Exposure):
             cat = self._exposure(ev, ts)
@@ -393,13 +429,21 @@ class Reducer:
             self.counters["unrouted"] += 1
         return targets
 
-    def apply(self, event: Event) -> list[tuple[str, str]]:
-        """Route and apply one event; [(experiment_id, category), ...]."""
-        return [(e, self.states[e].apply(event)) for e in self.route(event)]
+    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> list[tuple[str, str]]:
+        """Route and apply one event from source partition ``source``
+        (``"<topic>|<partition>"``); [(experiment_id, category), ...]."""
+        return [(e, self.states[e].apply(event, source)) for e in self.route(event)]
 
-    def apply_all(self, events: Iterable[Event]) -> Reducer:
+    def apply_all(self, events: Iterable[Event], source: str = DEFAULT_SOURCE) -> Reducer:
+        """Apply events that all came from ``source``."""
         for ev in events:
-            self.apply(ev)
+            self.apply(ev, source)
+        return self
+
+    def apply_sourced(self, events: Iterable[tuple[str, Event]]) -> Reducer:
+        """Apply (source, event) pairs, each from its own source partition."""
+        for src, ev in events:
+            self.apply(ev, src)
         return self
 
     def snapshots(self) -> dict[str, ExperimentSnapshot]:

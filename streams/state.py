@@ -37,7 +37,12 @@ binary (1).
    `liftstream.events|0`.
 3. `max_ts`, `started_at`, `exposed:<variant>`, `matured:<variant>`,
    `act_sum:<stratum>` (float), `act_n:<stratum>`, `c:<counter>` (the
-   counters are `streams.semantics.COUNTERS`).
+   counters are `streams.semantics.COUNTERS`); the event-time clock:
+   `max_ts` (max event ts over all source partitions), `mx:<topic>|<partition>`
+   (max event ts from that source partition) and `wm`, the watermark
+   `max(wm, max(min_p mx:p, max_ts - I) - L)` (rule 2 of
+   ``streams.semantics``). State written before `wm` existed has none; its
+   watermark reads as `max_ts - L`, the rule it was made with.
 4. Dedupe. Entries with score < max_ts - DD are pruned by every batch: they
    can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
@@ -77,6 +82,7 @@ from streams.semantics import (
     completed_buckets,
     config_ms,
     n_activity_strata,
+    skew_ms,
 )
 
 LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
@@ -152,7 +158,7 @@ def _num(x: float, what: str) -> str:
 def config_argv(cfg: ExperimentConfig, topic: str, partition: int) -> list[str]:
     """The config part of the script's ARGV (see the header of ingest.lua)."""
     W, B, L, DD = config_ms(cfg)
-    argv = [offsets_field(topic, partition), str(W), str(B), str(L), str(DD),
+    argv = [offsets_field(topic, partition), str(W), str(B), str(L), str(DD), str(skew_ms(cfg)),
             "" if cfg.started_at is None else str(int(cfg.started_at)),
             str(len(cfg.strata_edges))]
     argv += [_num(e, "strata edge") for e in cfg.strata_edges]
@@ -235,12 +241,11 @@ def _lua_result(raw: list, cfg: ExperimentConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i in range(0, len(raw), 2):
         k, v = _s(raw[i]), raw[i + 1]
-        if k in ("offset", "max_ts"):
+        if k in ("offset", "max_ts", "watermark"):
             sv = _s(v)
             out[k] = _int(sv) if sv else None
         else:
             out[k] = int(v)
-    out["watermark"] = None if out.get("max_ts") is None else out["max_ts"] - config_ms(cfg)[2]
     return out
 
 
@@ -460,7 +465,10 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
 
     max_ts = _int(meta["max_ts"]) if "max_ts" in meta else None
     started = _int(meta["started_at"]) if "started_at" in meta else cfg.started_at
-    wm = None if max_ts is None else max_ts - L
+    if "wm" in meta:
+        wm: int | None = _int(meta["wm"])
+    else:  # nothing applied yet, or state from before per-partition watermarks
+        wm = None if max_ts is None else max_ts - L
 
     arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
     for f, v in arr_raw.items():

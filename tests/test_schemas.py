@@ -368,6 +368,7 @@ FULL_CONFIG: dict[str, Any] = {
     "window_seconds": 86_400,
     "lateness_seconds": 0,
     "dedupe_seconds": 86_400,
+    "partition_skew_seconds": 7200,
     "started_at": NOW - 86_400_000,
     "target_shares": [0.5, 0.3, 0.2],
     "allocation": [0.5, 0.25, 0.25],
@@ -389,7 +390,17 @@ def test_full_config_parses() -> None:
     assert cfg.metrics[1] == MetricSpec("latency_ms", "decrease", 25.0)
     assert cfg.n_strata == 3 and cfg.target_shares == (0.5, 0.3, 0.2)
     assert cfg.lateness_seconds == 0 and cfg.alert_thresholds["rhat_max"] == 1.05
+    assert cfg.partition_skew_seconds == 7200
     assert experiment_to_dict(cfg) == FULL_CONFIG
+
+
+def test_partition_skew_default_and_zero() -> None:
+    assert parse_experiment({"experiment_id": "e"}).partition_skew_seconds == 3600
+    assert parse_experiment({"experiment_id": "e", "partition_skew_seconds": None}) \
+        .partition_skew_seconds == 3600
+    cfg = parse_experiment({"experiment_id": "e", "partition_skew_seconds": 0})
+    assert cfg.partition_skew_seconds == 0
+    assert parse_experiment(experiment_to_dict(cfg)) == cfg
 
 
 def test_metric_shorthand_and_config_object() -> None:
@@ -437,6 +448,7 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
         window_seconds=draw(st.integers(1, 31_622_400)),
         lateness_seconds=draw(st.integers(0, 3600)),
         dedupe_seconds=draw(st.integers(0, 86_400 * 7)),
+        partition_skew_seconds=draw(st.integers(0, 86_400 * 7)),
         started_at=draw(st.none() | st.integers(MIN_TS_MS, MAX_TS_MS)),
         target_shares=shares(n_strata, False),
         prior=draw(st.sampled_from(["flat", "platform"])),
@@ -501,6 +513,9 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("window absurd", cfg_with(window_seconds=10**9), "window_seconds", True),
     ("lateness negative", cfg_with(lateness_seconds=-1), "lateness_seconds", True),
     ("dedupe bool", cfg_with(dedupe_seconds=True), "dedupe_seconds", True),
+    ("skew negative", cfg_with(partition_skew_seconds=-1), "partition_skew_seconds", True),
+    ("skew fractional", cfg_with(partition_skew_seconds=0.5), "partition_skew_seconds", True),
+    ("skew absurd", cfg_with(partition_skew_seconds=10**9), "partition_skew_seconds", True),
     ("started_at seconds", cfg_with(started_at=NOW // 1000), "started_at", True),
     ("shares wrong length", cfg_with(target_shares=[0.5, 0.5]), "target_shares", False),
     ("shares negative", cfg_with(target_shares=[1.2, -0.2, 0.0]), "target_shares", True),

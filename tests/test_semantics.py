@@ -151,6 +151,62 @@ def test_max_ts_and_watermark_never_go_back():
     assert st.watermark == T0 + 4000  # L = 1 s
 
 
+P0, P1 = "t|0", "t|1"
+
+
+def test_per_partition_watermark_waits_for_a_slow_partition():
+    """One partition far ahead (within I): the slow one holds the watermark
+    back, so its metrics are applied, not late; beyond I they are late."""
+    st = ExperimentState(cfg(partition_skew_seconds=60))  # I = 60 s, W = 10 s, L = 1 s
+    assert st.apply(X("a", t=0), P0) == "exposures"
+    assert st.apply(X("b", t=0), P1) == "exposures"
+    # P0 runs 50 s ahead (a backfill); one clock would say 49 s and mature b
+    assert st.apply(M("a", 1.0, 50_000, eid="far"), P0) == "outside_window"
+    assert st.max_ts == T0 + 50_000 and st.max_ts_p == {P0: T0 + 50_000, P1: T0}
+    assert st.watermark == T0 - 1000  # min(50 s, 0 s) - L
+    assert not st.units["b"].matured
+    assert st.apply(M("b", 2.5, 3000), P1) == "metric_applied"
+    assert st.units["b"].totals[0] == 2.5
+    # P1 catches up to 4 s: the watermark follows it
+    assert st.apply(M("b", 0.5, 4000), P1) == "metric_applied"
+    assert st.watermark == T0 + 3000
+    # P0 runs beyond I: P1 no longer holds the clock back past max_ts - I
+    assert st.apply(X("c", t=100_000), P0) == "exposures"
+    assert st.watermark == T0 + 100_000 - 60_000 - 1000
+    assert st.units["a"].matured and st.units["b"].matured
+    assert st.apply(M("b", 7.0, 5000), P1) == "late"
+    assert st.units["b"].totals[0] == 3.0
+
+
+def test_per_partition_watermark_monotone_and_single_partition_rule():
+    st = ExperimentState(cfg(partition_skew_seconds=60))
+    run(st, M("u", 1.0, 5000))  # default source: one partition, max_ts - L
+    assert st.watermark == T0 + 4000
+    # a new partition first seen far behind cannot pull the watermark back
+    st.apply(M("u", 1.0, 0, eid="behind"), P1)
+    assert st.watermark == T0 + 4000
+    # I = 0: one clock over all partitions, as before per-partition watermarks
+    one = ExperimentState(cfg(partition_skew_seconds=0))
+    one.apply(M("u", 1.0, 9000), P0)
+    one.apply(M("u", 1.0, 0), P1)
+    assert one.watermark == T0 + 8000
+    # duplicates move no clock, not even their partition's
+    d = ExperimentState(cfg())
+    d.apply(M("u", 1.0, 100, eid="same"), P0)
+    assert d.apply(M("u", 1.0, 200, eid="same"), P1) == "duplicate"
+    assert d.max_ts_p == {P0: T0 + 100}
+
+
+def test_reducer_apply_sourced():
+    c = cfg(partition_skew_seconds=60)
+    evs = [(P0, X("a", t=0)), (P1, X("b", t=0)), (P0, M("a", 1.0, 30_000)),
+           (P1, M("b", 2.0, 1000))]
+    red = Reducer([c]).apply_sourced(evs)
+    assert red.states["e1"].counters["metric_applied"] == 1
+    assert red.snapshots()["e1"].watermark == T0
+    assert Reducer([c]).apply_all(e for _, e in evs).states["e1"].counters["late"] == 1
+
+
 # ---------------------------------------------------------------- 3. exposure
 
 

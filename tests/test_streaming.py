@@ -380,15 +380,22 @@ def finish_and_compare(st, w, r, cfgs, events, clock) -> Reducer:
     from streams.state import read_pending, read_units
 
     ids = [c.experiment_id for c in cfgs]
-    reducer = Reducer(cfgs).apply_all(as_records(events))
+    # the reducer gets each event with the partition it came from (the
+    # watermark is per source partition): a unit's events share its key, so
+    # its partition, as the consumed records show
+    recs = consume_all(st.bootstrap, st.events_topic, lambda out: len(out) >= len(events), 60)
+    part_of = {m.key().decode(): m.partition() for m in recs}
+    reducer = Reducer(cfgs).apply_sourced(
+        (f"{st.events_topic}|{part_of[e.unit_id]}", e) for e in as_records(events))
     routed = sum(sum(s.counters.values()) for s in reducer.snapshots().values())
     wait_until(lambda: events_counted(r, ids) >= routed, 120, "every event applied",
                workers=[w], info=lambda: f"{events_counted(r, ids)} of {routed}")
     # before the clock: nothing matured, nothing late, whatever the interleaving
     assert events_counted(r, ids) == routed
     assert all(counters(r, e).get("late", 0) == 0 for e in ids)
-    produce(st.bootstrap, st.events_topic, clock)
-    reducer.apply_all(as_records(clock))
+    where = produce(st.bootstrap, st.events_topic, clock)
+    reducer.apply_sourced((f"{st.events_topic}|{p}", e)
+                          for (p, _), e in zip(where, as_records(clock), strict=True))
     wait_until(lambda: events_counted(r, ids) >= routed + len(clock), 60, "the clock events",
                workers=[w])
     assert w.stop() == 0, w.log_tail()
@@ -462,7 +469,11 @@ def test_crash_and_replay(new_stack, workers, r, n_kills, units):
     share a key, so their relative order is fixed; and the remaining sums over
     units (pre_activity, integer-valued) are exact in any order. Once all is
     applied, one "clock" event per experiment moves the watermark past every
-    window, and every unit matures in ONE Lua call, in the (close_ts, unit_id)
+    window (the watermark is per source partition, but the clock's partition
+    is then more than ``partition_skew_seconds`` ahead of the others, so it
+    ends at clock ts - I - L whatever the interleaving; the reducer gets each
+    event's partition from the consumed records), and every unit matures in ONE
+    Lua call, in the (close_ts, unit_id)
     order both implementations use, so even the float cell sums are
     bit-identical. Comparing with a normal lateness instead would make "late"
     and the cell sums depend on the interleaving (which is legitimate

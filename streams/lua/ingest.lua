@@ -12,7 +12,7 @@ skipped, so replaying a batch after a crash changes nothing.
 KEYS (all tagged {e:<id>}, one Redis Cluster slot):
   1 units  2 pending  3 cells  4 arrivals  5 meta  6 seen  7 offsets  8 dirty_seq
 ARGV:
-  offsets-field "<topic>|<partition>", W, B, L, DD (ms), started_at_cfg ('' = none),
+  offsets-field "<topic>|<partition>", W, B, L, DD, I (ms), started_at_cfg ('' = none),
   n_edges, edges..., n_variants, variants..., n_metrics, metrics...,
   then ONE binary string of events, per event (lua struct / Python struct,
   little-endian) '<c1dddHHH': kind ('x' exposure | 'm' metric), offset, ts,
@@ -23,7 +23,16 @@ ARGV:
   arguments slowly), a JSON array (cjson builds a table per event) or text
   (pattern matching and tonumber cost 3x more).
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
-dirty_seq and the count of every category that occurred.
+watermark, dirty_seq and the count of every category that occurred.
+
+Watermark (rule 2 of streams/semantics.py): meta keeps max_ts (over all
+partitions), mx:<topic>|<partition> (this experiment's max event ts from that
+source partition) and wm (the watermark, monotone). A batch comes from ONE
+partition p, so the min of mx over the *other* partitions is fixed for the
+batch (read once: the partitions are the fields of the offsets hash); per
+event only mx:p and max_ts move, and the watermark is
+max(wm, max(min(mx_p, min_other), max_ts - I) - L). State written before
+wm existed has none: its watermark was max_ts - L, which is where it resumes.
 
 Floats: never tostring()/concat on numbers (%.14g), never HINCRBYFLOAT (long
 double). Numbers go to Redis as string.format('%.17g') (round-trips a double
@@ -70,6 +79,7 @@ local W = tonumber(nextarg())
 local B = tonumber(nextarg())
 local L = tonumber(nextarg())
 local DD = tonumber(nextarg())
+local I = tonumber(nextarg())
 local started_cfg = tonumber(nextarg())          -- '' -> nil
 local n_edges = tonumber(nextarg())
 local edges = {}
@@ -90,10 +100,30 @@ local unit_fmts = {[n_met] = UNIT_FMT}   -- by number of stored totals
 local EVENT_FMT = '<c1dddHHH'
 
 -- ---------------------------------------------------------------- state
-local mraw = call('HMGET', K_META, 'max_ts', 'started_at')
+local MX_FIELD = 'mx:' .. off_field
+local mraw = call('HMGET', K_META, 'max_ts', 'started_at', 'wm', MX_FIELD)
 local max_ts = tonumber(mraw[1])
 local started = tonumber(mraw[2])
-local max_ts_dirty, started_dirty = false, false
+local wm = tonumber(mraw[3])
+if wm == nil and max_ts ~= nil then wm = max_ts - L end  -- state from before 'wm'
+local mx_p = tonumber(mraw[4])
+local max_ts_dirty, started_dirty, mx_p_dirty = false, false, false
+-- min over the other source partitions of their max ts (nil: none seen)
+local mx_other
+do
+  local parts = call('HKEYS', K_OFF)
+  local fields = {}
+  for _, f in ipairs(parts) do
+    if f ~= off_field then fields[#fields + 1] = 'mx:' .. f end
+  end
+  for i = 1, #fields, CHUNK do
+    local raw = call('HMGET', K_META, unpack(fields, i, min(i + CHUNK - 1, #fields)))
+    for k = 1, #raw do
+      local v = tonumber(raw[k])
+      if v ~= nil and (mx_other == nil or v < mx_other) then mx_other = v end
+    end
+  end
+end
 local stored = tonumber(call('HGET', K_OFF, off_field))
 
 -- Integer floor division on integer-valued doubles, exact: a/b may round up
@@ -311,7 +341,6 @@ local function settle(wm)
 end
 
 -- Pass 2: the rules, event by event.
-local wm = max_ts and max_ts - L
 local any_counted = false      -- a non-duplicate event: the reducer matures after it
 for i = 1, n do
   local eid = E_EID[i]
@@ -327,7 +356,15 @@ for i = 1, n do
     seen[eid] = ts
     -- 2. event time
     local wm_before = wm
-    if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true; wm = ts - L end
+    if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true end
+    if mx_p == nil or ts > mx_p then
+      mx_p = ts; mx_p_dirty = true
+      local lo = ts
+      if mx_other ~= nil and mx_other < lo then lo = mx_other end
+      if max_ts - I > lo then lo = max_ts - I end
+      lo = lo - L
+      if wm == nil or lo > wm then wm = lo end
+    end
     local uid = E_UID[i]
     if E_KIND[i] == 'x' then
       -- 3. exposure
@@ -444,6 +481,8 @@ if n > 0 then
   end
   for _, name in ipairs(count_order) do call('HINCRBY', K_META, 'c:' .. name, counts[name]) end
   if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmti(max_ts)) end
+  if mx_p_dirty then push2('HSET', K_META, MX_FIELD, fmti(mx_p)) end
+  if wm ~= nil then push2('HSET', K_META, 'wm', fmti(wm)) end
   if started_dirty then push2('HSET', K_META, 'started_at', fmti(started)) end
   flush('HSET', K_META)
   for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
@@ -460,6 +499,7 @@ end
 local out = {'applied', n, 'skipped', skipped,
              'offset', stored and fmt(stored) or '',
              'max_ts', max_ts and fmt(max_ts) or '',
+             'watermark', wm and fmt(wm) or '',
              'dirty_seq', seq}
 if n > 0 then out[6] = fmti(E_OFF[n]) end
 for _, name in ipairs(count_order) do
