@@ -119,6 +119,21 @@ def streams(draw, cfgs):
     return events
 
 
+def assert_redis_equals_reducer(r, cfgs, red: Reducer, rejected) -> None:
+    """Redis (snapshot, unit records, pending set) equals the reference reducer
+    bit for bit, and the routing rejections equal its counters."""
+    reasons = [why for _, _, why in rejected]
+    assert reasons.count("unrouted") == red.counters["unrouted"]
+    assert reasons.count("unknown_experiment") == red.counters["unknown_experiment"]
+    for c in cfgs:
+        want = red.states[c.experiment_id]
+        got = read_snapshot(r, c)
+        assert bits(got) == bits(want.snapshot()), c.experiment_id
+        assert got == want.snapshot()
+        assert bits(read_units(r, c)) == bits(want.units)
+        assert read_pending(r, c.experiment_id) == want.pending_units()
+
+
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
@@ -166,17 +181,7 @@ def test_lua_equals_reducer(redis_url, data):
                 assert res["applied"] == 0 and res["skipped"] == len(evs)
             assert seq_before == {e: r.get(f"lr:{{e:{e}}}:dirty_seq") for e in known}
 
-    reasons = [why for _, _, why in rejected]
-    assert reasons.count("unrouted") == red.counters["unrouted"]
-    assert reasons.count("unknown_experiment") == red.counters["unknown_experiment"]
-
-    for c in cfgs:
-        want = red.states[c.experiment_id]
-        got = read_snapshot(r, c)
-        assert bits(got) == bits(want.snapshot()), c.experiment_id
-        assert got == want.snapshot()
-        assert bits(read_units(r, c)) == bits(want.units)
-        assert read_pending(r, c.experiment_id) == want.pending_units()
+    assert_redis_equals_reducer(r, cfgs, red, rejected)
     r.close()
 
 
@@ -464,13 +469,5 @@ def test_lua_equals_reducer_over_partitions(redis_url, data):
             for e, evs in route_batch(r, old, known, TOPIC, q).items():
                 assert apply_batch(r, known[e], TOPIC, q, evs)["applied"] == 0
 
-    reasons = [why for _, _, why in rejected]
-    assert reasons.count("unrouted") == red.counters["unrouted"]
-    assert reasons.count("unknown_experiment") == red.counters["unknown_experiment"]
-    for c in cfgs:
-        want = red.states[c.experiment_id]
-        got = read_snapshot(r, c)
-        assert bits(got) == bits(want.snapshot()), c.experiment_id
-        assert bits(read_units(r, c)) == bits(want.units)
-        assert read_pending(r, c.experiment_id) == want.pending_units()
+    assert_redis_equals_reducer(r, cfgs, red, rejected)
     r.close()
