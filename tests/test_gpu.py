@@ -58,23 +58,12 @@ def _sample(data, seed: int, xp, chains: int = 4, warmup: int = 200, draws: int 
 
 @pytest.mark.parametrize("n_units", [2_000, 10_000_000])
 def test_gpu_one_stratum_matches_conjugate(n_units):
-    from kernels.data import make_data
+    from tests.kernel_helpers import one_stratum_conjugate
 
-    rng = np.random.default_rng(3)
-    means, sds = np.array([5.0, 5.3]), np.array([2.0, 2.5])
-    n = np.full((1, 2, 1), float(n_units))
-    xbar = means + sds / np.sqrt(n_units) * rng.standard_normal(2)
-    ss = sds**2 * rng.chisquare(n_units - 1, size=2)
-    sy = (xbar * n_units).reshape(1, 2, 1)
-    syy = (ss + n_units * xbar**2).reshape(1, 2, 1)
-    data = make_data(n, sy, syy, arrived=[[n_units]], dsum=[[0.0]], D=1,
-                     activity_days=[[10.0]], xp=cp)
+    data, want_mean, want_sd = one_stratum_conjugate(n_units, xp=cp)
     assert type(data.n).__module__.startswith("cupy")
     _, tr = _sample(data, seed=11, xp=cp)
     eff = to_numpy(tr.adj_effect)[0, :, :, 0].ravel()
-    s2 = ss / (n_units - 1)
-    want_mean = xbar[1] - xbar[0]
-    want_sd = np.sqrt(s2[1] / n_units + s2[0] / n_units)
     mcse = want_sd / np.sqrt(len(eff) / 5)
     assert abs(eff.mean() - want_mean) < 4 * mcse
     assert eff.std() == pytest.approx(want_sd, rel=0.08)

@@ -34,6 +34,7 @@ from streams.state import (
     read_units,
     route_batch,
 )
+from tests.streaming_harness import bits
 
 pytestmark = pytest.mark.integration
 
@@ -41,20 +42,6 @@ T0 = 1_700_000_000_000
 TOPIC = "liftstream.events"
 PART = 3
 UNITS = ("u0", "u1", "u2", "u10", "Z", "z", "é", "u 1")
-
-
-def bits(x):
-    """Canonical form with floats as hex: equality means bit equality
-    (distinguishes 0.0 from -0.0, unlike ==)."""
-    if isinstance(x, float):
-        return ("f", x.hex())
-    if isinstance(x, dict):
-        return {k: bits(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [bits(v) for v in x]
-    if hasattr(x, "__dataclass_fields__") and not isinstance(x, ExperimentConfig):
-        return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__ if f != "seq"}
-    return x
 
 
 @st.composite
