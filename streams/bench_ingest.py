@@ -59,6 +59,19 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- set-up
 
 
+def stop_worker(proc: subprocess.Popen) -> None:
+    """SIGTERM a worker's process group, SIGKILL it after 20 s, and reap it."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+
 def traffic(n: int, seed: int = 0, experiment: str | None = None):
     """``n`` simulated events of one experiment, in event-time order; event
     times a month in the past (workers reject the future)."""
@@ -350,13 +363,7 @@ def run_worker(bootstrap: str, topic: str, partitions: int, n: int, batch_size: 
             time.sleep(0.02)
         applied = events_counted(r, cfg.experiment_id)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+        stop_worker(proc)
         r.close()
     span = max(t_end - first, 1e-9)
     counted = n - n0
@@ -582,13 +589,7 @@ def run_latency(rate: float = 200.0, seconds: float = 15.0, bootstrap: str | Non
             wait(lambda: max(wm for _, wm in notices) >= sent[-1][1], 60, "final estimate")
         finally:
             stop.set()
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+            stop_worker(proc)
             r.close()
         # each event's estimate: the first notice published after it was sent
         # whose (running max) watermark reaches its event time

@@ -154,6 +154,8 @@ _LIVE: weakref.WeakSet[Worker] = weakref.WeakSet()
 class Worker:
     """One ``liftstream worker`` subprocess, in its own process group."""
 
+    cli_extra: tuple[str, ...] = ("--without-web",)  # a subclass serving HTTP drops it
+
     def __init__(self, stack: Stack, role: str, name: str | None = None, **env: Any):
         self.stack, self.role = stack, role
         self.env = stack.env(**env)
@@ -171,7 +173,7 @@ class Worker:
             log.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker", "--role", self.role,
-                 "--without-web"],
+                 *self.cli_extra],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.monotonic()

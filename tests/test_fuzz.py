@@ -80,23 +80,11 @@ EID = "fz"
 class WebWorker(Worker):
     """A harness ``Worker`` that serves the HTTP API on ``port`` (127.0.0.1)."""
 
+    cli_extra = ()
+
     def __init__(self, stack, role: str, port: int, name: str | None = None, **env):
         super().__init__(stack, role, name, web_port=port, web_host="127.0.0.1", **env)
         self.port = port
-
-    def start(self) -> WebWorker:
-        if self.alive():
-            raise RuntimeError("worker already running")
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts} at {time.time():.3f} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker", "--role", self.role],
-                cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        self.started_at = time.monotonic()
-        return self
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
