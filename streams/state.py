@@ -531,6 +531,17 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
                      totals, _int(f[4]) == 1)
 
 
+def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
+    """The experiment's event counters (``c:<name>`` in its meta hash, note 3):
+    every event applied to it increments exactly one of them."""
+    out = {}
+    for k, v in r.hgetall(experiment_key(experiment_id, "meta")).items():
+        k = _s(k)
+        if k.startswith("c:"):
+            out[k[2:]] = int(v)
+    return out
+
+
 def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
     """All unit states of an experiment (debugging and tests; HGETALL)."""
     raw = r.execute_command("HGETALL", experiment_key(cfg.experiment_id, "units"),

@@ -39,6 +39,7 @@ from typing import Any
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
 from streams.settings import Settings
+from streams.state import read_counters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -387,21 +388,10 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 
 # ---------------------------------------------------------------- Redis reads
 
-def counters(r, experiment_id: str) -> dict[str, int]:
-    """The experiment's event counters (``c:*`` in its meta hash)."""
-    meta = r.hgetall(f"lr:{{e:{experiment_id}}}:meta")
-    out = {}
-    for k, v in meta.items():
-        k = k.decode() if isinstance(k, bytes) else k
-        if k.startswith("c:"):
-            out[k[2:]] = int(v)
-    return out
-
-
 def events_counted(r, experiment_ids: Iterable[str]) -> int:
     """Events counted over experiments (each event routed to an experiment
     increments exactly one of its counters)."""
-    return sum(sum(counters(r, e).values()) for e in experiment_ids)
+    return sum(sum(read_counters(r, e).values()) for e in experiment_ids)
 
 
 def bits(x: Any) -> Any:

@@ -41,13 +41,12 @@ from streams.ingest import ingest_offsets
 from streams.sampler import chain_key, estimate_key, history_key
 from streams.semantics import Reducer
 from streams.simulate import make_traffic
-from streams.state import read_snapshot
+from streams.state import read_counters, read_snapshot
 from tests.streaming_harness import (
     Workers,
     bits,
     committed_offsets,
     consume_all,
-    counters,
     events_counted,
     make_stack,
     produce,
@@ -146,7 +145,7 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
 
     # all events applied: each event increments exactly one counter
     wait_until(lambda: events_counted(r, ["e2e"]) >= len(evs), 120, "all events applied",
-               workers=[w], info=lambda: str(counters(r, "e2e")))
+               workers=[w], info=lambda: str(read_counters(r, "e2e")))
     t_applied = time.monotonic()
     assert events_counted(r, ["e2e"]) == len(evs)
 
@@ -392,7 +391,7 @@ def finish_and_compare(st, w, r, cfgs, events, clock) -> Reducer:
                workers=[w], info=lambda: f"{events_counted(r, ids)} of {routed}")
     # before the clock: nothing matured, nothing late, whatever the interleaving
     assert events_counted(r, ids) == routed
-    assert all(counters(r, e).get("late", 0) == 0 for e in ids)
+    assert all(read_counters(r, e).get("late", 0) == 0 for e in ids)
     where = produce(st.bootstrap, st.events_topic, clock)
     reducer.apply_sourced((f"{st.events_topic}|{p}", e)
                           for (p, _), e in zip(where, as_records(clock), strict=True))
