@@ -203,38 +203,47 @@ def event_row(offset: int, ev: Event) -> tuple:
     raise TypeError(f"not an event: {type(ev).__name__}")
 
 
-_EVENT_HEAD = struct.Struct("<cdddHHH").pack
-_KIND = {"x": b"x", "m": b"m"}
+_EVENT_HEAD = "cHdddHH"  # one event's head in ingest.lua's first blob
 _NAN = math.nan
 
 
-def _pack_rows(eid: str, rows: Sequence[tuple]) -> bytes:
-    """The packed events argument of ingest.lua (format in its header).
+def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes]:
+    """The two packed events arguments of ingest.lua (format in its header):
+    the heads, with each variant or metric as its 1-based index in the
+    config (0: not one of them), and the ids.
 
-    Checks what the script relies on: every row belongs to ``eid`` and
+    Checks what the script relies on: every row belongs to the experiment and
     numbers are finite (NaN stands for "no pre_activity")."""
+    eid = cfg.experiment_id
+    variant_no = {v: i + 1 for i, v in enumerate(cfg.variants)}
+    metric_no = {m: i + 1 for i, m in enumerate(cfg.metric_names)}
     isfinite = math.isfinite
-    head = _EVENT_HEAD
-    parts: list[bytes] = []
-    append = parts.append
-    try:
-        for off, kind, ev_id, exp, uid, name, ts, num in rows:
-            if exp != eid and (kind == "x" or exp is not None):
-                what = "exposure" if kind == "x" else "metric"
-                raise ValueError(f"{what} for {exp!r} in a batch for {eid!r}")
+    head: list = []
+    ids: list[bytes] = []
+    add_head, add_id = head.extend, ids.append
+    for off, kind, ev_id, exp, uid, name, ts, num in rows:
+        if kind == "x":
+            if exp != eid:
+                raise ValueError(f"exposure for {exp!r} in a batch for {eid!r}")
+            no = variant_no.get(name, 0)
             if num is None:
                 num = _NAN
             elif not isfinite(num):
-                what = "pre_activity" if kind == "x" else "metric value"
-                raise ValueError(f"non-finite {what}: {num!r}")
-            e, u, n = ev_id.encode(), uid.encode(), name.encode()
-            append(head(_KIND[kind], off, ts, num, len(e), len(u), len(n)))
-            append(e)
-            append(u)
-            append(n)
+                raise ValueError(f"non-finite pre_activity: {num!r}")
+        else:
+            if exp != eid and exp is not None:
+                raise ValueError(f"metric for {exp!r} in a batch for {eid!r}")
+            no = metric_no.get(name, 0)
+            if not isfinite(num):
+                raise ValueError(f"non-finite metric value: {num!r}")
+        e, u = ev_id.encode(), uid.encode()
+        add_head((b"x" if kind == "x" else b"m", no, off, ts, num, len(e), len(u)))
+        add_id(e)
+        add_id(u)
+    try:
+        return struct.pack("<" + _EVENT_HEAD * len(rows), *head), b"".join(ids)
     except struct.error as err:  # an id longer than 65535 bytes (validated ids: 128)
         raise ValueError(f"event not packable: {err}") from err
-    return b"".join(parts)
 
 
 def _lua_result(raw: list, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -256,7 +265,7 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
         return {"applied": 0, "skipped": 0}
     eid = cfg.experiment_id
     argv = config_argv(cfg, source_topic, partition)
-    argv.append(_pack_rows(eid, rows))
+    argv += _pack_rows(cfg, rows)
     raw = ingest_script(r)(keys=experiment_keys(eid).for_lua(), args=argv, client=r)
     return _lua_result(raw, cfg)
 

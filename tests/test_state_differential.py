@@ -28,6 +28,9 @@ from streams.semantics import Reducer
 from streams.state import (
     applied_offset,
     apply_batch,
+    config_argv,
+    experiment_keys,
+    ingest_script,
     min_applied_offsets,
     read_pending,
     read_snapshot,
@@ -291,6 +294,30 @@ def test_apply_batch_rejects_foreign_and_non_finite(redis_url):
         apply_batch(r, c, TOPIC, 0, [(0, Metric("a", "u", "rev", math.inf, T0))])
     assert apply_batch(r, c, TOPIC, 0, []) == {"applied": 0, "skipped": 0}
     assert r.dbsize() == 0
+
+
+def test_script_rejects_malformed_event_blobs(redis_url):
+    """The script checks what a caller other than ``apply_rows`` could get
+    wrong: a name index beyond the config's lists, heads that are not whole,
+    ids that do not add up to the heads' lengths. Nothing is written."""
+    import struct
+
+    r = redis.Redis.from_url(redis_url)
+    c = _cfg()
+    keys = experiment_keys(c.experiment_id).for_lua()
+    argv = config_argv(c, TOPIC, 0)
+
+    def head(no: int, la: int = 1, lu: int = 1) -> bytes:
+        return struct.pack("<cHdddHH", b"x", no, 0, T0, math.nan, la, lu)
+
+    for blobs, why in [((head(len(c.variants) + 1), b"au"), "name index"),
+                       ((head(1)[:-1], b"au"), "event heads"),
+                       ((head(1), b"a"), "event strings")]:
+        with pytest.raises(redis.ResponseError, match=why):
+            ingest_script(r)(keys=keys, args=argv + list(blobs), client=r)
+    assert r.dbsize() == 0
+    ingest_script(r)(keys=keys, args=argv + [head(1), b"au"], client=r)  # well formed
+    assert read_snapshot(r, c).exposed["control"] == 1
 
 
 def test_float_sums_bit_equal_on_long_stream(redis_url):

@@ -14,14 +14,18 @@ KEYS (all tagged {e:<id>}, one Redis Cluster slot):
 ARGV:
   offsets-field "<topic>|<partition>", W, B, L, DD, I (ms), started_at_cfg ('' = none),
   n_edges, edges..., n_variants, variants..., n_metrics, metrics...,
-  then ONE binary string of events, per event (lua struct / Python struct,
-  little-endian) '<c1dddHHH': kind ('x' exposure | 'm' metric), offset, ts,
-  pre_activity|value (doubles: exact; NaN = no pre_activity), then the byte
-  lengths of event_id, unit_id, variant|metric, followed by those three
-  strings. One struct.unpack per event (numbers arrive as doubles, no
-  tonumber) instead of 7 ARGV per event (redis-py packs thousands of
-  arguments slowly), a JSON array (cjson builds a table per event) or text
-  (pattern matching and tonumber cost 3x more).
+  then TWO binary strings. The first holds a fixed-size head per event
+  (lua struct / Python struct, little-endian, 31 bytes) '<c1HdddHH': kind
+  ('x' exposure | 'm' metric), the 1-based index of its variant (exposure)
+  or metric (metric) in the lists above, 0 when it is not one of them,
+  offset, ts, pre_activity|value (doubles: exact; NaN = no pre_activity),
+  and the byte lengths of event_id and unit_id. The second holds those two
+  strings of every event, in order. One struct.unpack per event (numbers
+  arrive as doubles, no tonumber; unpacking many heads per call is no
+  faster: the table it fills costs what the calls save), instead of 7
+  ARGV per event (redis-py packs thousands of arguments slowly), a JSON
+  array (cjson builds a table per event) or text (pattern matching and
+  tonumber cost 3x more).
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
 watermark, dirty_seq and the count of every category that occurred.
 
@@ -48,8 +52,10 @@ variants / metrics, which are append-only; a record with fewer totals than
 metrics reads the missing ones as 0). Records in the earlier text form
 "<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
 ... <total_M>" (first byte a digit, never \1) are still read, and rewritten
-in binary when next written. In this script a unit is a table
-{v=, s=, b=, ets=, m=, [1..M] = totals}.
+in binary when next written. In this script a unit is the array the binary
+record unpacks to, {1, variant, stratum, matured, bucket, exposure_ts,
+total_1, ..., total_M} (fields U_V .. U_ETS, total k at U_ETS + k), so
+reading one is one struct.unpack and writing one is one struct.pack.
 
 Speed (DESIGN §5 keeps one call per experiment per batch; this keeps the work
 per event small): every key is read at most once per batch (ZMSCORE / HMGET
@@ -87,17 +93,19 @@ for k = 1, n_edges do edges[k] = tonumber(nextarg()) end
 local S = n_edges - 1
 if S < 0 then S = 0 end
 local n_var = tonumber(nextarg())
-local variants, var_index = {}, {}
-for k = 1, n_var do local v = nextarg(); variants[k] = v; var_index[v] = k - 1 end
+local variants = {}
+for k = 1, n_var do variants[k] = nextarg() end
 local n_met = tonumber(nextarg())
-local metrics, met_index = {}, {}
-for k = 1, n_met do local m = nextarg(); metrics[k] = m; met_index[m] = k end
-local blob = nextarg()
+local metrics = {}
+for k = 1, n_met do metrics[k] = nextarg() end
+local heads = nextarg()
+local strs = nextarg()
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
 local unit_fmts = {[n_met] = UNIT_FMT}   -- by number of stored totals
-local EVENT_FMT = '<c1dddHHH'
+local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
+local HEAD_FMT, HEAD_LEN = '<c1HdddHH', 31
 
 -- ---------------------------------------------------------------- state
 local MX_FIELD = 'mx:' .. off_field
@@ -148,23 +156,30 @@ local n, skipped = 0, 0
 local eids, uids, want_e, want_u = {}, {}, {}, {}
 do
   local hi = stored
-  local pos, len = 1, #blob
-  while pos <= len do
-    local kind, off, ts, b, la, lu, lx, q = sunpack(EVENT_FMT, blob, pos)
-    pos = q + la + lu + lx
+  local n_ev = #heads / HEAD_LEN
+  if n_ev ~= floor(n_ev) then return redis.error_reply('ERR event heads: bad length') end
+  local spos = 1
+  for hpos = 1, #heads, HEAD_LEN do
+    local kind, ni, off, ts, b, la, lu = sunpack(HEAD_FMT, heads, hpos)
+    local q = spos
+    spos = q + la + lu
     if hi ~= nil and off <= hi then
       skipped = skipped + 1
     else
       hi = off
       n = n + 1
-      local eid, uid = sub(blob, q, q + la - 1), sub(blob, q + la, q + la + lu - 1)
+      if ni > (kind == 'x' and n_var or n_met) then
+        return redis.error_reply('ERR event head: name index out of range')
+      end
+      local eid, uid = sub(strs, q, q + la - 1), sub(strs, q + la, spos - 1)
       if b ~= b then b = nil end  -- NaN: no pre_activity
       E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n] =
-        off, kind, eid, uid, ts, sub(blob, q + la + lu, pos - 1), b
+        off, kind, eid, uid, ts, ni, b
       if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
       if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
     end
   end
+  if spos ~= #strs + 1 then return redis.error_reply('ERR event strings: bad length') end
 end
 
 -- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
@@ -180,17 +195,16 @@ local seen_new, seen_order = {}, {}   -- new sightings, first-seen order
 local units, units_dirty, units_order = {}, {}, {}
 local function parse_unit_text(raw)
   local v, s, b, e, m, rest = match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+)(.*)$')
-  local u = {v = tonumber(v), s = tonumber(s), b = tonumber(b), ets = tonumber(e),
-             m = tonumber(m)}
+  local u = {1, tonumber(v), tonumber(s), tonumber(m), tonumber(b), tonumber(e)}
   local k = 0
   if rest then
     for tok in gmatch(rest, '%S+') do
       if k >= n_met then break end
       k = k + 1
-      u[k] = tonumber(tok) or 0.0
+      u[U_ETS + k] = tonumber(tok) or 0.0
     end
   end
-  for j = k + 1, n_met do u[j] = 0.0 end
+  for j = k + 1, n_met do u[U_ETS + j] = 0.0 end
   return u
 end
 local function parse_unit(raw)
@@ -199,11 +213,8 @@ local function parse_unit(raw)
   local nt = (#raw - UNIT_HEAD_LEN) / 8
   local f = unit_fmts[nt]
   if f == nil then f = UNIT_HEAD .. string.rep('d', nt); unit_fmts[nt] = f end
-  local t = {sunpack(f, raw)}
-  local u = {v = t[2], s = t[3], m = t[4], b = t[5], ets = t[6]}
-  for k = 1, n_met do
-    if k <= nt then u[k] = t[6 + k] else u[k] = 0.0 end  -- (t[7 + nt]: next position)
-  end
+  local u = {sunpack(f, raw)}  -- then u[U_ETS + nt + 1] = the next position, never read
+  for k = nt + 1, n_met do u[U_ETS + k] = 0.0 end
   return u
 end
 local function fetch_units(list)
@@ -280,23 +291,23 @@ refresh_next_due()
 
 local function fold(uid)
   local u = units[uid]
-  if u and u.m == 0 then
-    if variants[u.v + 1] == nil then
+  if u and u[U_M] == 0 then
+    if variants[u[U_V] + 1] == nil then
       -- the config lost this unit's variant (configs must only grow): do not
       -- fold into a cell that no longer exists, but do not stop ingest either
-      u.m = 1
+      u[U_M] = 1
       touch_unit(uid)
     else
-      local row = row_of(u.v, u.s)
+      local row = row_of(u[U_V], u[U_S])
       for k = 1, n_met do
-        local y = u[k]
+        local y = u[U_ETS + k]
         local c = row[k]
         c[1] = c[1] + 1
         c[2] = c[2] + y
         c[3] = c[3] + y * y
       end
-      matured[u.v] = (matured[u.v] or 0) + 1
-      u.m = 1
+      matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
+      u[U_M] = 1
       touch_unit(uid)
     end
   end
@@ -368,13 +379,13 @@ for i = 1, n do
     local uid = E_UID[i]
     if E_KIND[i] == 'x' then
       -- 3. exposure
-      local vi = var_index[E_A[i]]
-      if vi == nil then
+      local vi = E_A[i] - 1
+      if vi < 0 then
         cat = 'unknown_variant'
       else
         local u = units[uid]
         if u then
-          if u.v == vi then cat = 'repeat_exposure' else cat = 'conflict' end
+          if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
         else
           if started == nil then
             started = started_cfg or ts
@@ -394,8 +405,8 @@ for i = 1, n do
           local late = close <= wm
           local marker = late and wm == wm_before
           if late and not marker then settle(wm_before) end
-          u = {v = vi, s = st, b = bucket, ets = ts, m = 0}
-          for k = 1, n_met do u[k] = 0.0 end
+          u = {1, vi, st, 0, bucket, ts}
+          for k = 1, n_met do u[U_ETS + k] = 0.0 end
           units[uid] = u
           touch_unit(uid)
           local ak = format('%d|%d', st, bucket)
@@ -426,14 +437,15 @@ for i = 1, n do
     else
       -- 4. metric
       local u = units[uid]
-      local mi = met_index[E_A[i]]
+      local mi = E_A[i]
       if not u then cat = 'unknown_unit'
-      elseif mi == nil then cat = 'unknown_metric'
-      elseif ts < u.ets then cat = 'pre_exposure'
-      elseif ts >= u.ets + W then cat = 'outside_window'
-      elseif u.m == 1 or u.ets + W <= wm then cat = 'late'  -- matured (maybe not folded yet)
+      elseif mi == 0 then cat = 'unknown_metric'
+      elseif ts < u[U_ETS] then cat = 'pre_exposure'
+      elseif ts >= u[U_ETS] + W then cat = 'outside_window'
+      elseif u[U_M] == 1 or u[U_ETS] + W <= wm then cat = 'late'  -- matured (maybe not folded yet)
       else
-        u[mi] = u[mi] + E_B[i]
+        local c = U_ETS + mi
+        u[c] = u[c] + E_B[i]
         touch_unit(uid)
         cat = 'metric_applied'
       end
@@ -460,7 +472,7 @@ if n > 0 then
   end
   for _, uid in ipairs(units_order) do
     local u = units[uid]
-    push2('HSET', K_UNITS, uid, spack(UNIT_FMT, 1, u.v, u.s, u.m, u.b, u.ets, unpack(u, 1, n_met)))
+    push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(u, 1, U_ETS + n_met)))
   end
   flush('HSET', K_UNITS)
   for _, f in ipairs(cells_order) do
