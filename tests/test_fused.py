@@ -348,3 +348,33 @@ def test_bandwidth_model_follows_the_code():
     b = bw.sweep_bytes(10_000, 8, 2, 8)
     assert b["minimal"] < b["fused"] < b["unfused"]
     assert b["omega_fused"] + b["arrival_fused"] < (b["omega_unfused"] + b["arrival_unfused"]) / 3
+
+
+def test_device_check_plumbing_on_cpu(tmp_path):
+    """What ``tests/gpu/device_check.sh`` runs after the GPU tests, on the CPU:
+    the script parses (``bash -n``), ``bench sampler --json`` writes what
+    ``tests/gpu/bandwidth.py`` reads, and the table's ratios come from the
+    runs (a run against itself: 1.0). So a GPU session's minutes are not
+    spent on a script error."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.gpu import bandwidth as bw
+
+    script = Path(__file__).parent / "gpu" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "bench", "sampler", "--problems", "3",
+         "--chains", "2", "--strata", "8", "--sweeps", "10", "--numpyro", "no",
+         "--device", "cpu", "--json"], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("gpu_3.json", "gpu0_3.json", "cpu_3.json"):
+        (tmp_path / name).write_text(out.stdout)
+    assert bw.main([str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "table.json").read_text())
+    assert (r["P"], r["C"], r["S"]) == (3, 2, 8)
+    assert r["ratio_sweeps"] == r["ratio_fused"] == 1.0
+    assert r["gpu_sweeps_per_s"] > 0 and r["bytes_fused"] < r["bytes_unfused"]

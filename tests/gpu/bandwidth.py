@@ -145,7 +145,8 @@ def table(rows: list[dict], device: str = "") -> str:
     head = (f"{'P':>7} {'GPU sw/s':>9} {'unfused':>8} {'×fused':>7} {'GPU ESS/s':>10} "
             f"{'CPU sw/s':>9} {'×sweeps':>8} {'×ESS':>7} {'MB fused':>9} {'MB unf.':>8} "
             f"{'BW fused':>8} {'BW unf.':>8} {'BW min':>7}")
-    lines = [f"liftstream sampler on {device or 'GPU'}: C=8 chains, S=8 strata; GPU = fused "
+    shape = ", ".join(sorted({f"C={r['C']} chains, S={r['S']} strata" for r in rows}))
+    lines = [f"liftstream sampler on {device or 'GPU'}: {shape}; GPU = fused "
              "kernels, unfused = LIFTSTREAM_FUSED=0; bandwidth = estimated bytes per sweep "
              "(tests/gpu/bandwidth.py) / time / 4.8 TB/s", head]
     for r in rows:
