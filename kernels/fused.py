@@ -72,13 +72,9 @@ def _omega_grid() -> int:
     return OMEGA_GRID
 
 
+@functools.cache
 def cupy_launcher(omega_grid: int) -> Launch:
     """Launch on the current CUDA device: one thread per row, THREADS a block."""
-    return _launcher(omega_grid)
-
-
-@functools.cache
-def _launcher(omega_grid: int) -> Launch:
     mod = _module(omega_grid)
     funcs = {name: mod.get_function(name) for name in KERNELS}
 

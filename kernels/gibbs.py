@@ -31,9 +31,8 @@ The half-t is evaluated directly (no auxiliary variable) since block 2 is MH.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-
-import numpy as np
 
 from kernels import arrival, fused
 from kernels.backend import Array, Rng
@@ -338,7 +337,7 @@ def _rows(c: dict, shape: tuple) -> Array:
     r = c["rows"].get(shape)
     if r is None:
         xp = _xp(c["omega_u0"])
-        r = c["rows"][shape] = xp.arange(int(np.prod(shape))).reshape(shape)
+        r = c["rows"][shape] = xp.arange(math.prod(shape)).reshape(shape)
     return r
 
 

@@ -153,7 +153,7 @@ class GibbsResult:
 
 
 def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINTS,
-                  fused: bool = False) -> int:
+                  fused_kernels: bool = False) -> int:
     """Peak device bytes one problem needs, roughly (float64).
 
     Calibrated with tracemalloc on numpy (C = 8, K1 = 2, S = 8, G = 512, Philox,
@@ -162,7 +162,7 @@ def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINT
     shifted flat CDF: 132 kB); a sweep adds 33 kB above the state: the ω step's
     [S, G_ω, C, K] table (3 arrays: 24 kB) on top of ~12 [C, K1, S] arrays
     alive, and the population draw's Philox gamma/Poisson words (~44 [C, S]
-    arrays: 22 kB). With the fused kernels (``fused``; measured the same way
+    arrays: 22 kB). With the fused kernels (``fused_kernels``; measured the same way
     with the C build of ``kernels/cuda/sweep.cu`` standing in for the GPU) the
     ω step allocates nothing but its uniforms (0.8 kB), so the population draw
     sets the sweep's peak. Plus the trace of one ``run`` call (64 kB at
@@ -172,7 +172,7 @@ def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINT
     K = K1 - 1
     grid = S * G * 8
     build = 12 * grid
-    omega_table = 0 if fused else 3 * chains * K * OMEGA_GRID * S
+    omega_table = 0 if fused_kernels else 3 * chains * K * OMEGA_GRID * S
     sweep = 4 * grid + 8 * (max(omega_table, 44 * chains * S) + 12 * chains * K1 * S)
     trace = 8 * chains * (CHUNK * (4 * K + K * S + S) + sweeps)
     return 2 * (max(build, sweep) + trace)
@@ -188,7 +188,7 @@ def chunk_problems(P: int, chains: int, K1: int, S: int, sweeps: int, xp: Any,
             return P
         free, _total = xp.cuda.runtime.memGetInfo()
         budget_bytes = GPU_MEMORY_FRACTION * free
-    per = problem_bytes(chains, K1, S, sweeps, fused=fused.enabled(xp))
+    per = problem_bytes(chains, K1, S, sweeps, fused_kernels=fused.enabled(xp))
     return int(max(1, min(P, budget_bytes // per)))
 
 

@@ -56,6 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from streams.embedded import stop_group
 from streams.settings import Settings, kafka_config
 from streams.state import read_counters
 
@@ -64,19 +65,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- set-up
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    """SIGTERM a worker's process group, SIGKILL it after 20 s, and reap it."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-
 
 
 def traffic(n: int, seed: int = 0, experiment: str | None = None):
@@ -125,6 +113,15 @@ def command_diff(before: dict, after: dict) -> dict[str, tuple[int, int]]:
         if calls > c0:
             out[k] = (calls - c0, usec - u0)
     return out
+
+
+def split_commands(cmds: dict[str, tuple[int, int]]) -> tuple[int, float, dict]:
+    """A ``command_diff`` split into (script calls, script seconds, the other
+    commands -- those the scripts ran, and the client's own -- without INFO)."""
+    calls = sum(cmds.get(k, (0, 0))[0] for k in SCRIPT_COMMANDS)
+    secs = sum(cmds.get(k, (0, 0))[1] for k in SCRIPT_COMMANDS) / 1e6
+    rest = {k: v for k, v in cmds.items() if k not in SCRIPT_COMMANDS + ("cmdstat_info",)}
+    return calls, secs, rest
 
 
 class PartitionReader:
@@ -256,7 +253,7 @@ def run_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: int,
         wall = time.perf_counter() - clock["t0"]
         cpu = time.process_time() - clock["c0"]
         rcpu = redis_cpu(r) - rc0
-        cmds = command_diff(cs0, command_usec(r))
+        lua_calls, lua_s, state_cmds = split_commands(command_diff(cs0, command_usec(r)))
         cnt = read_counters(r, cfg.experiment_id)
     finally:
         r.close()
@@ -264,10 +261,8 @@ def run_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: int,
     return {"events": got, "applied": sum(cnt.values()), "late_share": late_share(cnt),
             "dead_letters": dead,
             "counts": dict(total.counts), "wall_s": wall, "cpu_s": cpu, "redis_cpu_s": rcpu,
-            "lua_calls": sum(cmds.get(k, (0, 0))[0] for k in SCRIPT_COMMANDS),
-            "lua_server_s": sum(cmds.get(k, (0, 0))[1] for k in SCRIPT_COMMANDS) / 1e6,
-            "command_server_s": sum(u for k, (_, u) in cmds.items()
-                                    if k not in SCRIPT_COMMANDS + ("cmdstat_info",)) / 1e6,
+            "lua_calls": lua_calls, "lua_server_s": lua_s,
+            "command_server_s": sum(u for _, u in state_cmds.values()) / 1e6,
             "rate": got / wall, "rate_per_core": got / (cpu + rcpu)}
 
 
@@ -338,16 +333,12 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
         ingest_loop(conf, topic, partitions, n, batch_size, r)
         prof.disable()
         wall = time.perf_counter() - t0
-        cmd = command_diff(cs0, command_usec(r))
+        _, lua_s, state_cmds = split_commands(command_diff(cs0, command_usec(r)))
     finally:
         r.close()
     # the commands the scripts ran inside Redis (their own time, not the Lua around them)
-    lua_s = sum(cmd.get(k, (0, 0))[1] for k in SCRIPT_COMMANDS) / 1e6
-    cmds = []
-    for k, (calls, usec) in cmd.items():
-        if k not in SCRIPT_COMMANDS + ("cmdstat_info",):
-            cmds.append({"command": k.removeprefix("cmdstat_").upper(), "calls": calls,
-                         "seconds": usec / 1e6})
+    cmds = [{"command": k.removeprefix("cmdstat_").upper(), "calls": calls,
+             "seconds": usec / 1e6} for k, (calls, usec) in state_cmds.items()]
     cmds.sort(key=lambda c: -c["seconds"])
     st = pstats.Stats(prof)
     total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
@@ -444,7 +435,7 @@ def run_worker(bootstrap: str, topic: str, partitions: int, n: int, batch_size: 
             time.sleep(0.02)
         cnt = read_counters(r, cfg.experiment_id)
     finally:
-        stop_worker(proc)
+        stop_group(proc)
         r.close()
     span = max(t_end - first, 1e-9)
     counted = n - n0
@@ -681,7 +672,7 @@ def run_latency(rate: float = 200.0, seconds: float = 15.0, bootstrap: str | Non
             wait(lambda: max(wm for _, wm in notices) >= sent[-1][1], 60, "final estimate")
         finally:
             stop.set()
-            stop_worker(proc)
+            stop_group(proc)
             r.close()
         # each event's estimate: the first notice published after it was sent
         # whose (running max) watermark reaches its event time

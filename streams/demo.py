@@ -26,7 +26,7 @@ import redis
 
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig
-from streams.embedded import free_port, kafka_broker, redis_server
+from streams.embedded import free_port, kafka_broker, redis_server, stop_group
 from streams.registry import Registry
 from streams.sampler import estimate_key
 from streams.settings import Settings
@@ -176,11 +176,5 @@ def main(args) -> int:
             if traffic is not None:
                 traffic.stop_flag.set()
                 traffic.join(15)
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait()
+            stop_group(worker)
             logf.close()

@@ -435,13 +435,33 @@ def _kafka_cluster_id() -> str:
             return cid
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group of ``proc`` (the script and any JVM it started)."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session``:
+    a script and any JVM it started, a worker and its threads' children) and
+    reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
+    """Graceful stop of ``proc``'s process group: SIGTERM (a liftstream worker
+    then commits and leaves its consumer groups), SIGKILL after ``timeout``,
+    stragglers of the group killed either way. Returns the exit code, None if
+    it had to be killed."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    kill_group(proc)
+    return rc
 
 
 def _wait_apache_ready(bootstrap: str, port: int, proc: subprocess.Popen, cluster_id: str,
@@ -527,7 +547,7 @@ def start_apache_kafka(port: int | None = None, workdir: str | None = None,
             return svc
         except (TimeoutError, RuntimeError) as exc:
             error = str(exc)
-            _kill_group(proc)
+            kill_group(proc)
             tail = (_log_tail(log_path) + "\n--- server.log ---\n"
                     + _log_tail(os.path.join(wd, "logs", "server.log"))
                     + _log_tail(os.path.join(wd, "logs", "stdout.log")))

@@ -246,7 +246,7 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
         raise ValueError(f"event not packable: {err}") from err
 
 
-def _lua_result(raw: list, cfg: ExperimentConfig) -> dict[str, Any]:
+def _lua_result(raw: list) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i in range(0, len(raw), 2):
         k, v = _s(raw[i]), raw[i + 1]
@@ -267,7 +267,7 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     argv = config_argv(cfg, source_topic, partition)
     argv += _pack_rows(cfg, rows)
     raw = ingest_script(r)(keys=experiment_keys(eid).for_lua(), args=argv, client=r)
-    return _lua_result(raw, cfg)
+    return _lua_result(raw)
 
 
 def apply_batch(

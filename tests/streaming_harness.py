@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
+from streams.embedded import kill_group, stop_group
 from streams.settings import Settings
 from streams.state import read_counters
 
@@ -194,32 +194,13 @@ class Worker:
 
     def kill9(self) -> None:
         """SIGKILL the worker's whole process group and reap it."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        if self.proc is not None:
+            kill_group(self.proc)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Clean shutdown (SIGTERM: Faust commits and leaves the group); SIGKILL
         after ``timeout``. Returns the exit code (None if it had to be killed)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is not None:
-            self.kill9()  # reap stragglers of the group, if any
-            return self.proc.returncode
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        self.kill9()
-        return rc
+        return None if self.proc is None else stop_group(self.proc, timeout)
 
     def log_tail(self, n: int = 4000) -> str:
         try:
