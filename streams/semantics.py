@@ -84,14 +84,22 @@ COUNTERS: tuple[str, ...] = (
     "repeat_exposure",
     "conflict",
     "unknown_variant",
-    "unknown_unit",
+    "too_old",
     "unknown_metric",
     "pre_exposure",
     "outside_window",
-    "late",
     "metric_applied",
+    "corrected",
+    "held",
+    "expired",
+    "late",
     "duplicate",
 )
+
+#: Counters whose events were not applied and are lost to the estimate (the
+#: ``data_loss`` alert's numerator): past the correction horizon, held too
+#: long, exposures too old to store. Dead letters add to it.
+DROPPED: tuple[str, ...] = ("late", "expired", "too_old")
 
 #: Counters kept by the Reducer (events that reach no experiment state).
 REDUCER_COUNTERS: tuple[str, ...] = ("unknown_experiment", "unrouted")
@@ -211,6 +219,9 @@ class ExperimentSnapshot:
     cells: dict[str, list[list[tuple[int, float, float]]]]
     counters: dict[str, int]
     seq: int | None = field(default=None, compare=False)
+    #: dead letters attributed to this experiment, by reason (the ingest counts
+    #: them in ``lr:{e:<id>}:meta`` ``dl:<reason>``; the reducer has none)
+    dead_letters: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 class ExperimentState:
