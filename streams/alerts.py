@@ -51,6 +51,9 @@ bias_prob                     0.05     fire when adjusted P(naive's side of 0) <
 bias_resolve_prob             0.10     (= 2 fire) ... resolves when >= this
 bias_interval                 1.0      or when |naive - adj mean| > this x the 95% half-width
 bias_resolve_interval         0.9      (= 0.9 fire) ... resolves when <= this
+data_loss_share               0.005    fire when the window's dropped share > this
+data_loss_resolve_share       0.0025   (= 0.5 fire) resolve when it is <= this
+data_loss_min_events          1000     events a window needs before it is judged
 ============================  =======  =======================================
 
 The conditions, per metric and treatment variant unless said otherwise:
@@ -84,6 +87,23 @@ The conditions, per metric and treatment variant unless said otherwise:
   or the adjusted posterior puts less than ``bias_prob`` on the naive mean's
   side of zero (``p_positive`` or ``1 - p_positive``, from draws, rather than a
   normal approximation).
+- ``data_loss`` (experiment-level): events lost to the estimate (``late``,
+  ``expired``, ``too_old``, dead letters: the record's ``data_quality.dropped``)
+  as a share of the events that arrived *recently*. The record's totals are
+  cumulative, and a cumulative share never comes back down once drops stop, so
+  the state keeps *marks*: the (events, dropped) totals at earlier evaluations
+  (``state["data_loss"]``), starting from an implicit (0, 0). The window runs
+  from the newest mark at least ``data_loss_min_events`` events behind the
+  current totals up to them; its share = new dropped / new events. With fewer
+  new events than that there is no window and nothing changes, so an idle
+  experiment neither fires nor resolves, and a handful of events cannot flap
+  it. A mark is added when the events grew by a quarter of
+  ``data_loss_min_events`` since the last one, and marks older than the window's
+  start are pruned, so the state holds a few marks. Totals that went down
+  (the experiment's state was rebuilt) restart the marks at (0, 0). The first
+  evaluation judges everything counted so far. Held metrics that expire on an
+  experiment receiving no events raise ``dropped`` but not ``events``: they
+  count in the next window that has enough events.
 
 An alert whose metric, variant or guardrail has been removed from the
 configuration resolves with a message saying so. A (metric, variant) missing
@@ -119,6 +139,7 @@ ALERT_KINDS: tuple[str, ...] = (
     "sample_ratio_mismatch",
     "not_converged",
     "early_adopter_bias",
+    "data_loss",
 )
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
@@ -141,6 +162,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "bias_resolve_prob": 0.10,
     "bias_interval": 1.0,
     "bias_resolve_interval": 0.9,
+    "data_loss_share": 0.005,
+    "data_loss_resolve_share": 0.0025,
+    "data_loss_min_events": 1000.0,
 }
 
 # Domain of each firing/plain key: (lo, hi, lo_open, hi_open). Out of domain -> default.
@@ -156,6 +180,8 @@ _DOMAIN: dict[str, tuple[float, float, bool, bool]] = {
     "not_converged_min_iteration": (0.0, math.inf, False, True),
     "bias_prob": (0.0, 0.5, True, False),
     "bias_interval": (0.0, math.inf, True, True),
+    "data_loss_share": (0.0, 1.0, True, True),
+    "data_loss_min_events": (1.0, math.inf, False, True),
 }
 
 # resolve key -> (firing key, derived default from the firing level, clamp to non-firing side)
@@ -171,6 +197,7 @@ _RESOLVE: dict[str, tuple[str, Any, Any]] = {
     "not_converged_resolve_rhat": ("not_converged_rhat", lambda f: 1.0 + 0.6 * (f - 1.0), min),
     "bias_resolve_prob": ("bias_prob", lambda f: min(0.5, 2.0 * f), max),
     "bias_resolve_interval": ("bias_interval", lambda f: 0.9 * f, min),
+    "data_loss_resolve_share": ("data_loss_share", lambda f: 0.5 * f, min),
 }
 
 
@@ -212,7 +239,7 @@ def alert_id(experiment_id: str, kind: str, metric: str | None = None,
 
 def initial_state() -> dict:
     """The state before the first evaluation (what to use when Redis holds none)."""
-    return {"version": STATE_VERSION, "active": {}, "srm": None}
+    return {"version": STATE_VERSION, "active": {}, "srm": None, "data_loss": None}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -393,6 +420,8 @@ def _bias(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _Decis
     return _Decision(firing, ev, msg)
 
 
+_EXPERIMENT_LEVEL = frozenset(("sample_ratio_mismatch", "data_loss"))
+
 _PER_RECORD = (
     ("guardrail_breach", _guardrail),
     ("decision_ready", _decision),
@@ -455,6 +484,71 @@ def _srm(config: ExperimentConfig, rec: dict, srm_state: dict | None, was: bool,
     return _Decision(firing, ev, msg), new_state
 
 
+# the counters of data_quality.dropped (streams.semantics.DROPPED); dead letters are the rest
+_LOSS_PARTS = ("late", "expired", "too_old")
+
+
+def _loss_totals(dq: Any) -> dict[str, int] | None:
+    """events, dropped and the dropped parts of a record's ``data_quality``;
+    None when it is missing or malformed (no information)."""
+    if not isinstance(dq, Mapping):
+        return None
+    out: dict[str, int] = {}
+    for key in ("events", "dropped", *_LOSS_PARTS):
+        v = dq.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return None
+        out[key] = v
+    # the dead letters in ``dropped`` (those not also counted by a counter)
+    out["dead_letters"] = out["dropped"] - sum(out[k] for k in _LOSS_PARTS)
+    return out
+
+
+def _data_loss(rec: dict, loss_state: dict | None, was: bool, t: dict[str, float]
+               ) -> tuple[_Decision, dict | None]:
+    """The experiment-level data_loss decision and the new marks (module docstring)."""
+    cur = _loss_totals(rec.get("data_quality"))
+    if cur is None:
+        return _Decision(None, {}, ""), loss_state
+    zero = {k: 0 for k in cur}
+    marks = [dict(m) for m in (loss_state or {}).get("marks") or []
+             if isinstance(m, Mapping) and all(isinstance(m.get(k), int) for k in cur)]
+    if not marks or cur["events"] < marks[-1]["events"] or cur["dropped"] < marks[-1]["dropped"]:
+        marks = [zero]  # first evaluation, or the totals restarted
+    min_n = t["data_loss_min_events"]
+    base = None
+    for i in range(len(marks) - 1, -1, -1):
+        if cur["events"] - marks[i]["events"] >= min_n:
+            base = i
+            break
+    if base is not None:
+        marks = marks[base:]  # older marks can never start a window again
+    if cur["events"] - marks[-1]["events"] >= max(1.0, min_n / 4.0):
+        marks.append(dict(cur))
+    new_state = {"marks": marks}
+    if base is None:
+        return _Decision(None, {}, ""), new_state
+    w = {k: cur[k] - marks[0][k] for k in cur}
+    share = min(1.0, w["dropped"] / w["events"])
+    level = t["data_loss_resolve_share"] if was else t["data_loss_share"]
+    firing = share > level
+    dq = rec["data_quality"]
+    ev = _evidence(window_events=w["events"], window_dropped=w["dropped"], window_share=share,
+                   level=level, min_events=min_n, events=cur["events"], dropped=cur["dropped"],
+                   dropped_share=dq.get("dropped_share"))
+    for k in (*_LOSS_PARTS, "dead_letters"):
+        ev[f"window_{k}"] = float(w[k])
+    parts = (f"late {w['late']}, expired {w['expired']}, too old {w['too_old']}, "
+             f"dead letters {w['dead_letters']}")
+    if firing:
+        msg = (f"Data loss: {_pct(share)} of the last {w['events']} events were dropped "
+               f"({parts}), over the {100 * level:g}% limit, so the estimate misses them.")
+    else:
+        msg = (f"Data loss stopped: {_pct(share)} of the last {w['events']} events were "
+               f"dropped ({parts}), at most {100 * level:g}%.")
+    return _Decision(firing, ev, msg), new_state
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -498,6 +592,7 @@ def evaluate(config: ExperimentConfig, records_for_experiment: Iterable[dict],
     prev = dict(previous_state or {})
     active: dict[str, dict] = {k: dict(v) for k, v in (prev.get("active") or {}).items()}
     srm_state = prev.get("srm")
+    loss_state = prev.get("data_loss")
     latest: dict[tuple[str, str], dict] = {}
     for rec in records_for_experiment:
         if rec.get("experiment_id") != config.experiment_id:
@@ -540,11 +635,18 @@ def evaluate(config: ExperimentConfig, records_for_experiment: Iterable[dict],
         aid = alert_id(config.experiment_id, "sample_ratio_mismatch")
         d, srm_state = _srm(config, newest, srm_state, aid in active, t)
         transition("sample_ratio_mismatch", None, None, d, _record_time(newest)[0])
+        # experiment-level too: the newest record that carries data_quality
+        with_dq = [r for r in latest.values() if "data_quality" in r]
+        if with_dq:
+            newest = max(with_dq, key=_record_time)
+            aid = alert_id(config.experiment_id, "data_loss")
+            d, loss_state = _data_loss(newest, loss_state, aid in active, t)
+            transition("data_loss", None, None, d, _record_time(newest)[0])
 
     # alerts about things the configuration no longer has resolve explicitly
     for aid, a in sorted(active.items()):
         kind, metric, variant = a["kind"], a.get("metric"), a.get("variant")
-        if kind == "sample_ratio_mismatch":
+        if kind in _EXPERIMENT_LEVEL:
             continue
         spec = specs.get(metric) if metric is not None else None
         gone = (spec is None or variant not in config.treatments
@@ -558,4 +660,5 @@ def evaluate(config: ExperimentConfig, records_for_experiment: Iterable[dict],
             del active[aid]
 
     out.sort(key=lambda r: (r["alert_id"], r["state"]))
-    return out, {"version": STATE_VERSION, "active": active, "srm": srm_state}
+    return out, {"version": STATE_VERSION, "active": active, "srm": srm_state,
+                 "data_loss": loss_state}

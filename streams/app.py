@@ -273,6 +273,7 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                                           rec["variant"])] = rec
                 metrics.set("liftstream_chain_iterations", rec["diagnostics"]["iteration"],
                             experiment=rec["experiment_id"], metric=rec["metric"])
+                metrics.set_data_quality(rec)  # per-experiment data_quality gauges
                 key = f"{rec['experiment_id']}|{rec['metric']}|{rec['variant']}".encode()
                 await t_estimates.send(key=key, value=dumps(rec))
             for alert in alerts:

@@ -7,8 +7,11 @@ Names follow Prometheus conventions (``_total`` counters, base units).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
+
+from streams.data_quality import outcomes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -25,7 +28,27 @@ HELP = {
                                         "data the latest estimate reflects."),
     "liftstream_consumer_lag_messages": ("gauge", "High watermark minus next offset to "
                                          "process, per events partition."),
+    "liftstream_experiment_events": ("gauge", "Events of an experiment so far by outcome, from "
+                                     "its latest estimate's data_quality (applied, corrected, "
+                                     "held (now), expired, late, too_old, ..., dead_letter); "
+                                     "the outcomes sum to its events."),
+    "liftstream_experiment_dead_letters": ("gauge", "Dead letters attributed to an experiment "
+                                           "so far, by reason code."),
+    "liftstream_experiment_dropped_share": ("gauge", "Share of an experiment's events dropped "
+                                            "(late, expired, too old, dead-lettered) so far."),
 }
+
+
+def _value(v: float) -> str:
+    """Exact for whole numbers (``:g`` would round a count of 1234567 to 6 digits)."""
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    if f.is_integer() and abs(f) < 2**53:
+        return str(int(f))
+    return repr(f)
 
 
 def _labels(lb: tuple[tuple[str, str], ...]) -> str:
@@ -50,6 +73,22 @@ class Metrics:
         with self._lock:
             self.gauges[name][tuple(sorted(labels.items()))] = value
 
+    def set_data_quality(self, rec: dict) -> None:
+        """Set an experiment's data-quality gauges from one of its estimate records
+        (its ``data_quality``, DESIGN §5): ``liftstream_experiment_events{outcome}``
+        (``streams.data_quality.OUTCOMES``), ``liftstream_experiment_dead_letters{reason}``,
+        ``liftstream_experiment_dropped_share``. A record without one changes nothing."""
+        dq = rec.get("data_quality")
+        if not isinstance(dq, dict):
+            return
+        e = rec["experiment_id"]
+        for outcome, n in outcomes(dq).items():
+            self.set("liftstream_experiment_events", n, experiment=e, outcome=outcome)
+        for reason, n in (dq.get("dead_letters") or {}).items():
+            self.set("liftstream_experiment_dead_letters", n, experiment=e, reason=reason)
+        self.set("liftstream_experiment_dropped_share", dq.get("dropped_share", 0.0),
+                 experiment=e)
+
     def observe(self, name: str, seconds: float) -> None:
         with self._lock:
             h = self.hist.setdefault(name, {"buckets": [0] * len(LATENCY_BUCKETS),
@@ -69,9 +108,9 @@ class Metrics:
                 out.append(f"# HELP {name} {text}")
                 out.append(f"# TYPE {name} {kind}")
                 for lb, v in sorted(self.counters.get(name, {}).items()):
-                    out.append(f"{name}{_labels(lb)} {v:g}")
+                    out.append(f"{name}{_labels(lb)} {_value(v)}")
                 for lb, v in sorted(self.gauges.get(name, {}).items()):
-                    out.append(f"{name}{_labels(lb)} {v:g}")
+                    out.append(f"{name}{_labels(lb)} {_value(v)}")
                 h = self.hist.get(name)
                 if h:
                     for b, c in zip(LATENCY_BUCKETS, h["buckets"], strict=True):

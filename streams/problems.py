@@ -5,7 +5,8 @@ of a set of snapshots into one ``kernels.data.ModelData`` (control first, then
 the treatments in config order; the activity strata, then the "unknown
 activity" stratum when any unit lacks ``pre_activity``). ``records`` turns the
 kernels' numeric summaries into estimate records (DESIGN §6,
-``schemas/estimate.schema.json``). ``analyze`` and the streaming sampler both
+``schemas/estimate.schema.json``), each with its experiment's ``data_quality``
+(``streams.data_quality``). ``analyze`` and the streaming sampler both
 go through here, so they publish the same thing for the same state.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.data import ModelData, make_data
+from streams.data_quality import data_quality
 from streams.semantics import ExperimentSnapshot
 
 SCHEMA_VERSION = 1
@@ -150,5 +152,6 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "diagnostics": {**row["diagnostics"], "iteration": int(it)},
                 "watermark": {"event_time": snap.watermark, "completed_buckets": snap.D},
                 "computed_at": computed_at,
+                "data_quality": data_quality(snap),  # per experiment, in each of its records
             })
     return out

@@ -27,6 +27,8 @@ from streams.alerts import (
     thresholds,
     unknown_threshold_keys,
 )
+from streams.data_quality import data_quality_of
+from streams.semantics import COUNTERS
 
 ALERT_SCHEMA = jsonschema.Draft202012Validator(load_schema("alert"))
 ESTIMATE_SCHEMA = jsonschema.Draft202012Validator(load_schema("estimate"))
@@ -50,7 +52,7 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
            ess: float | None = 1000.0, iteration: int = 5000,
            exposed: dict | None = None, adjustment: str = "stratified",
            watermark: int = WM, computed_at: int = WM + 1000,
-           experiment_id: str = "exp-1") -> dict:
+           experiment_id: str = "exp-1", dq: dict | None = None) -> dict:
     """An estimate record shaped like ``streams.problems.records`` output."""
     lo = mean - 1.96 * sd if lo is None else lo
     hi = mean + 1.96 * sd if hi is None else hi
@@ -76,6 +78,8 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
         "watermark": {"event_time": watermark, "completed_buckets": 3},
         "computed_at": computed_at,
     }
+    if dq is not None:
+        rec["data_quality"] = dq
     ESTIMATE_SCHEMA.validate(rec)
     return rec
 
@@ -104,6 +108,11 @@ class Monitor:
         return alerts
 
 
+def quality(dead_letters: dict | None = None, **counters: int) -> dict:
+    """A record's ``data_quality`` from counters (``streams.semantics.COUNTERS``)."""
+    return data_quality_of({k: counters.get(k, 0) for k in COUNTERS}, dead_letters)
+
+
 def kinds(alerts: list[dict], state: str | None = None) -> set[str]:
     return {a["kind"] for a in alerts if state is None or a["state"] == state}
 
@@ -114,18 +123,21 @@ def kinds(alerts: list[dict], state: str | None = None) -> set[str]:
 def test_every_kind_fires_and_resolves():
     cfg = config(allocation=(0.5, 0.5))
     mon = Monitor(cfg)
+    lossy = quality(exposures=2000, metric_applied=7800, late=200)  # 2% dropped
     bad = record(mean=-1.0, sd=0.2, p_positive=0.001, naive_mean=0.5,
-                 exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900)
+                 exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900, dq=lossy)
     stuck = record(metric="latency", rhat=1.3, ess=40, iteration=3000,
-                   exposed={"control": 5600, "treatment": 4400})
+                   exposed={"control": 5600, "treatment": 4400}, dq=lossy)
     fired = mon(bad, stuck)
     assert kinds(fired, "firing") == set(ALERT_KINDS)
     assert all(a["state"] == "firing" for a in fired)
     assert not mon(bad, stuck)  # no repetition while firing
     assert not mon(bad, stuck)
+    clean = quality(exposures=4000, metric_applied=15_800, late=200)  # no new drops
     good = record(mean=0.0, sd=0.2, p_positive=0.5,
-                  exposed={"control": 50_000, "treatment": 50_000})
-    calm = record(metric="latency", rhat=1.001, exposed={"control": 50_000, "treatment": 50_000})
+                  exposed={"control": 50_000, "treatment": 50_000}, dq=clean)
+    calm = record(metric="latency", rhat=1.001, exposed={"control": 50_000, "treatment": 50_000},
+                  dq=clean)
     resolved = mon(good, calm)
     assert kinds(resolved, "resolved") == set(ALERT_KINDS)
     assert all(a["state"] == "resolved" for a in resolved)
@@ -381,3 +393,155 @@ def test_config_overrides_change_behaviour():
     cfg = config(metrics=(MetricSpec("revenue"),), alert_thresholds={"srm_floor": 0.2})
     a, _ = evaluate(cfg, [record(exposed={"control": 5600, "treatment": 4400})], None, WM)
     assert not a  # 12% deviation is under a 20% floor
+
+
+# --------------------------------------------------------------------------- data loss
+
+
+class Traffic:
+    """Cumulative counters of an experiment: each ``tick`` adds new events."""
+
+    def __init__(self) -> None:
+        self.c = {k: 0 for k in COUNTERS}
+        self.dl: dict[str, int] = {}
+
+    def tick(self, exposures: int = 1000, metrics: int = 4000, late: int = 0,
+             expired: int = 0, dead: int = 0) -> dict:
+        self.c["exposures"] += exposures
+        self.c["metric_applied"] += metrics - late - expired - dead  # dead: rejected metrics
+        self.c["late"] += late
+        self.c["expired"] += expired
+        if dead:
+            self.dl["ts_in_future"] = self.dl.get("ts_in_future", 0) + dead
+        return data_quality_of(self.c, self.dl)
+
+
+def loss_config(**thresholds) -> ExperimentConfig:
+    return config(metrics=(MetricSpec("revenue"),), alert_thresholds=thresholds)
+
+
+def quiet(**kw) -> dict:
+    """A record about which no other kind has anything to say."""
+    return record(p_positive=0.6, **kw)
+
+
+def test_data_loss_fires_once_and_resolves_when_drops_stop():
+    mon, tr = Monitor(loss_config()), Traffic()
+    # 2% of the new metrics are dropped (80 of 4000 a tick; 1.6% of all new events)
+    a = mon(quiet(dq=tr.tick(late=60, expired=10, dead=10)))
+    assert [(x["kind"], x["state"], x["metric"], x["variant"]) for x in a] == \
+        [("data_loss", "firing", None, None)]
+    assert a[0]["alert_id"] == "exp-1|data_loss||"
+    ev = a[0]["evidence"]
+    assert ev["window_events"] == 5000 and ev["window_dropped"] == 80
+    assert ev["window_share"] == pytest.approx(0.016) and ev["level"] == 0.005
+    assert (ev["window_late"], ev["window_expired"], ev["window_dead_letters"]) == (60, 10, 10)
+    assert "1.6%" in a[0]["message"] and "late 60" in a[0]["message"]
+    for _ in range(4):  # edge-triggered: nothing while the drops go on
+        assert not mon(quiet(dq=tr.tick(late=80)))
+    assert "exp-1|data_loss||" in mon.state["active"]
+    assert len(mon.state["data_loss"]["marks"]) <= 6
+    a = mon(quiet(dq=tr.tick()))  # drops stop
+    assert [(x["kind"], x["state"]) for x in a] == [("data_loss", "resolved")]
+    assert a[0]["evidence"]["window_dropped"] == 0 and "stopped" in a[0]["message"]
+    for _ in range(5):
+        assert not mon(quiet(dq=tr.tick()))
+    # the cumulative share is still above the limit: only the window resolved it
+    assert tr.tick(0, 0)["dropped_share"] > 0.005
+    assert mon.state["active"] == {}
+
+
+def test_data_loss_small_drops_never_fire():
+    mon, tr = Monitor(loss_config()), Traffic()
+    for _ in range(20):  # 0.1% of the new metrics
+        assert not mon(quiet(dq=tr.tick(late=4)))
+    # small ticks: one drop per 1000 events, unevenly spread
+    for i in range(40):
+        assert not mon(quiet(dq=tr.tick(exposures=50, metrics=200, late=int(i % 4 == 3))))
+    assert len(mon.state["data_loss"]["marks"]) <= 6
+
+
+def test_data_loss_idle_experiment_does_not_flap():
+    mon, tr = Monitor(loss_config()), Traffic()
+    dq = tr.tick(late=100)
+    assert kinds(mon(quiet(dq=dq))) == {"data_loss"}
+    state = copy.deepcopy(mon.state)
+    for _ in range(10):  # no new events: the same totals again and again
+        assert not mon(quiet(dq=dq))
+    assert mon.state["data_loss"] == state["data_loss"]
+    # a trickle of clean events: nothing until a full window of them
+    for _ in range(9):
+        assert not mon(quiet(dq=tr.tick(exposures=20, metrics=80)))
+    a = mon(quiet(dq=tr.tick(exposures=20, metrics=80)))  # 1000 clean events now
+    assert [(x["kind"], x["state"]) for x in a] == [("data_loss", "resolved")]
+    # from cold, an idle experiment with few events and some drops: no window, no alert
+    mon2, tr2 = Monitor(loss_config()), Traffic()
+    dq2 = tr2.tick(exposures=100, metrics=300, late=30)  # 7.5%, but 400 events
+    for _ in range(10):
+        assert not mon2(quiet(dq=dq2))
+    # held metrics expiring on an idle experiment: dropped grows, events do not
+    dq3 = {**dq2, "expired": 20, "dropped": 50, "dropped_share": 50 / 400}
+    for _ in range(3):
+        assert not mon2(quiet(dq=dq3))
+
+
+def test_data_loss_thresholds_restart_and_old_records():
+    tr = Traffic()
+    dq = tr.tick(late=80)
+    a, _ = evaluate(loss_config(data_loss_share=0.05), [quiet(dq=dq)], None, WM)
+    assert not a  # 1.6% under a 5% limit
+    a, _ = evaluate(loss_config(data_loss_min_events=10_000), [quiet(dq=dq)], None, WM)
+    assert not a  # 5000 events are not a window yet
+    a, state = evaluate(loss_config(), [quiet(dq=dq)], None, WM)
+    assert kinds(a) == {"data_loss"}
+    # hysteresis: 0.4% keeps it firing (resolve level 0.25%), 0.2% resolves it
+    a, state = evaluate(loss_config(), [quiet(dq=tr.tick(late=20))], state, WM)
+    assert not a
+    a, state = evaluate(loss_config(), [quiet(dq=tr.tick(late=10))], state, WM)
+    assert [x["state"] for x in a] == ["resolved"]
+    # the experiment's state was rebuilt: totals went down, the marks restart
+    fresh = Traffic()
+    a, state = evaluate(loss_config(), [quiet(dq=fresh.tick(late=100))], state, WM)
+    assert kinds(a) == {"data_loss"} and state["data_loss"]["marks"][0]["events"] == 0
+    # records without data_quality (written before it) change nothing
+    a, state2 = evaluate(loss_config(), [quiet()], state, WM)
+    assert not a and state2["data_loss"] == state["data_loss"]
+    assert "exp-1|data_loss||" in state2["active"]
+    t = thresholds({"data_loss_share": 0.02})
+    assert t["data_loss_resolve_share"] == 0.01 and t["data_loss_min_events"] == 1000
+    assert thresholds({"data_loss_share": 1.5})["data_loss_share"] == 0.005
+
+
+def test_data_loss_through_redis(redis_url):
+    """The alerting layer keeps the marks in Redis between ticks (real redis-server)."""
+    import redis
+
+    from streams import alerting  # imports the Redis state layer: only here
+    from streams.registry import Registry
+
+    r = redis.Redis.from_url(redis_url)
+    registry = Registry(r)
+    cfg = loss_config()
+    registry.put(cfg)
+    tr, now, log = Traffic(), WM + 10_000, []
+
+    def tick(**kw) -> list[dict]:
+        nonlocal now
+        now += 1000
+        out = alerting.process(r, registry, [quiet(dq=tr.tick(**kw))], now)
+        for a in out:
+            ALERT_SCHEMA.validate(a)
+        log.extend(out)
+        return out
+
+    assert [(a["kind"], a["state"]) for a in tick(late=80)] == [("data_loss", "firing")]
+    assert not tick(late=80) and not tick(late=80)
+    stored = orjson.loads(r.get(alerting.state_key("exp-1")))
+    assert stored["data_loss"]["marks"][-1]["events"] == 15_000
+    assert "exp-1|data_loss||" in stored["active"]
+    assert [(a["kind"], a["state"]) for a in tick()] == [("data_loss", "resolved")]
+    assert not tick() and not tick()
+    # the API's log, newest first
+    assert [(a["kind"], a["state"]) for a in alerting.recent(r, "exp-1")] == \
+        [("data_loss", "resolved"), ("data_loss", "firing")]
+    r.close()
