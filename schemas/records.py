@@ -66,11 +66,18 @@ class ExperimentConfig:
     strata_edges: tuple[float, ...] = DEFAULT_STRATA_EDGES
     bucket_seconds: int = 86_400
     window_seconds: int = 7 * 86_400
+    #: L: a unit matures when its source partition's clock (max event ts seen
+    #: on the partition) minus L passes its window close (DESIGN §5)
     lateness_seconds: int = 300
     dedupe_seconds: int = 86_400
-    #: I: how far (event time) a source partition may lag the fastest one and
-    #: still hold the watermark back (DESIGN §5 per-partition watermark)
-    partition_skew_seconds: int = 3600
+    #: H: an in-window metric arriving after its unit matured corrects the
+    #: matured cell until the partition clock minus L passes close + H; later
+    #: it is dropped (``late``), and an exposure already that old is ``too_old``
+    correction_seconds: int = 7 * 86_400
+    #: metrics that arrive before their unit's exposure are held per unit for
+    #: at most ``hold_seconds`` of event time and ``hold_max`` metrics a unit
+    hold_seconds: int = 86_400
+    hold_max: int = 64
     started_at: int | None = None  # epoch ms; else the first exposure's ts
     target_shares: tuple[float, ...] | None = None  # per stratum, sums to 1
     allocation: tuple[float, ...] | None = None  # expected exposure share per variant

@@ -88,7 +88,7 @@ MIN_TS_MS = 946_684_800_000
 MAX_TS_MS = 2**53 - 1
 """Largest integer a JSON double (and JavaScript) represents exactly."""
 
-DEFAULT_MAX_FUTURE_MS = 86_400_000
+DEFAULT_MAX_FUTURE_MS = 300_000
 MAX_ABS_VALUE = 1e12
 PRE_ACTIVITY_MAX = 28
 
@@ -667,8 +667,15 @@ def parse_experiment(
         kw["lateness_seconds"] = _cfg_int(v, "lateness_seconds", 0, _MAX_DURATION_S)
     if (v := opt("dedupe_seconds")) is not _MISSING:
         kw["dedupe_seconds"] = _cfg_int(v, "dedupe_seconds", 0, _MAX_DURATION_S)
-    if (v := opt("partition_skew_seconds")) is not _MISSING:
-        kw["partition_skew_seconds"] = _cfg_int(v, "partition_skew_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("correction_seconds")) is not _MISSING:
+        kw["correction_seconds"] = _cfg_int(v, "correction_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("hold_seconds")) is not _MISSING:
+        kw["hold_seconds"] = _cfg_int(v, "hold_seconds", 0, _MAX_DURATION_S)
+    if (v := opt("hold_max")) is not _MISSING:
+        kw["hold_max"] = _cfg_int(v, "hold_max", 0, 4096)
+    # partition_skew_seconds (the cross-partition watermark's skew bound) is
+    # obsolete since maturity is per source partition: accepted, ignored.
+    opt("partition_skew_seconds")
     if (v := opt("started_at")) is not _MISSING:
         kw["started_at"] = _cfg_int(v, "started_at", MIN_TS_MS, MAX_TS_MS)
 
@@ -730,7 +737,9 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "window_seconds": cfg.window_seconds,
         "lateness_seconds": cfg.lateness_seconds,
         "dedupe_seconds": cfg.dedupe_seconds,
-        "partition_skew_seconds": cfg.partition_skew_seconds,
+        "correction_seconds": cfg.correction_seconds,
+        "hold_seconds": cfg.hold_seconds,
+        "hold_max": cfg.hold_max,
         "started_at": cfg.started_at,
         "target_shares": None if cfg.target_shares is None else list(cfg.target_shares),
         "allocation": None if cfg.allocation is None else list(cfg.allocation),

@@ -5,68 +5,78 @@ This module is the *definition* of what an event does to an experiment's state
 
 * the offline ``liftstream analyze`` tool, which folds a file of events with it;
 * the tests, where it is the oracle the Redis/Lua implementation
-  (``streams/lua/ingest.lua`` via ``streams.state``) must equal bit for bit.
+  (``streams/lua/ingest.lua`` via ``streams.state``) must equal bit for bit on
+  the same sequence of calls.
 
-So it is deliberately plain: no I/O, no numpy, one event at a time, floats
-summed in exactly the order the Lua script sums them (IEEE doubles on both
-sides, so equal order gives equal bits).
+So it is deliberately plain: no I/O, no numpy, floats summed in exactly the
+order the Lua script sums them (IEEE doubles on both sides).
 
-Rules, per experiment ``e`` with config ``c`` (all times in ms: W window,
-B bucket, L allowed lateness, DD dedupe horizon, I partition skew bound):
+**Order independence** (DESIGN §5). Everything an event's fate depends on is
+a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
+events share one, key = unit_id), never of how partitions interleave:
 
-1. Dedupe: an ``event_id`` already sighted in ``e`` whose sighting ts is
-   ``>= max_ts - DD`` is a ``duplicate`` and changes nothing else. Otherwise the
-   sighting is recorded (a later sighting overwrites an earlier one).
-2. Event time, per source partition ``p`` of the event (``"<topic>|<partition>"``,
-   the identity of the exactly-once offsets): ``max_ts_p = max(max_ts_p, ts)``,
-   ``max_ts = max(max_ts, ts)`` (= max over p; dedupe uses it), and
-   ``watermark = max(watermark, min_p max(max_ts_p, max_ts - I) - L)`` over the
-   partitions seen so far (by this experiment, non-duplicate events). Since
-   ``min_p max(a_p, c) = max(min_p a_p, c)`` this is
-   ``max(min_p max_ts_p, max_ts - I) - L``: a partition behind the fastest one
-   holds the watermark back by at most I, so its metrics are not ``late``
-   merely because another partition ran ahead (backfill, catch-up, a consumer
-   reading partitions one after another). With one partition it is exactly
-   ``max_ts - L``. The max with the previous value keeps it monotone when a
-   new partition first shows up behind the others.
-3. Exposure: unknown variant -> ``unknown_variant``; first exposure of a unit
-   creates its state (variant, stratum, entry bucket, exposure ts, zero totals)
-   -> ``exposures``; later ones -> ``repeat_exposure`` (same variant) or
-   ``conflict`` (other variant; the unit stays in its first).
-4. Metric: ``unknown_unit``, ``unknown_metric``, ``pre_exposure`` (ts before the
-   exposure), ``outside_window`` (ts >= exposure_ts + W), ``late`` (unit already
-   matured), else the value is added to the unit's total -> ``metric_applied``.
-5. Maturation: after every non-duplicate event, every pending unit whose window
-   close ``exposure_ts + W`` is ``<= watermark`` is folded into its cells, in
-   (close_ts, unit_id bytes) order (Redis ZSET order).
+* the partition clock ``clk_p`` = max event ts seen on p (every valid event of
+  p counts, whichever experiment it is for), or the wall clock once p is
+  caught up and idle (``Reducer.advance``). Each call gets the clock after
+  each of its events (``clk``) and after the whole source batch (``clk_end``);
+* a unit *matures* once ``close = exposure_ts + W <= clk_p - L`` and is *final*
+  once ``close + H <= clk_p - L`` (H = ``correction_seconds``).
+
+So the state after a set of events equals the fold over the time-sorted
+events, whatever the partition interleaving, as long as each partition's own
+disorder stays within the bounds (L, H, the hold bounds): counts exactly,
+float sums up to rounding.
+
+Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
+
+1. Dedupe: an ``event_id`` already sighted in ``e`` *on the same partition*
+   with sighting ts ``>= clk - DD`` is a ``duplicate``; otherwise its sighting
+   ts is recorded. (A re-send keeps its key, so its partition; per-partition
+   sightings make dedupe independent of other partitions' clocks.)
+2. Exposure: variant not in the config -> ``unknown_variant``; unit known ->
+   ``repeat_exposure`` / ``conflict``; ``close + H <= T`` -> ``too_old`` (no
+   state; ingest dead-letters it); else the unit is created (variant, stratum,
+   entry bucket, exposure ts, zero totals) -> ``exposures``, pending on its
+   source partition, and the metrics held for it are released (rule 4).
+3. Metric: name not in the config -> ``unknown_metric``; no unit yet -> held
+   (rule 4); ``ts < exposure_ts`` -> ``pre_exposure``; ``ts >= close`` ->
+   ``outside_window``; ``close + H <= T`` -> ``late`` (dropped); ``close <= T``
+   -> ``corrected``: added to the unit's total and, if the unit was already
+   folded, to its cell as ``Σy += v, Σy² += (t+v)² - t²`` (t = the total
+   before, n unchanged); else added to the total -> ``metric_applied``.
+4. Holds: a metric whose unit has no state is ``held`` (at most ``hold_max``
+   per unit, beyond that ``expired``). The unit's exposure releases them, in
+   arrival order, through rule 3 (``held`` -1, their category +1). A unit's
+   held metrics expire together (``held`` -n, ``expired`` +n) once the newest
+   is older than ``clk - hold_seconds`` of its partition, at the end of a call.
+   Metrics *without* experiment_id that find no exposed experiment are held
+   per unit by the ``Reducer`` (not an experiment) and released to every
+   experiment whose first exposure of the unit arrives within the hold bound.
+5. Maturation: at the end of each call, the source partition's pending units
+   with ``close <= clk_end - L`` are folded into their cells in (close_ts,
+   unit_id bytes) order (Redis ZSET order), at most ``fold_limit`` a call (the
+   rest at the next call: one script call does bounded work). ``matured`` in
+   the unit state means folded.
+
+Entry buckets are counted on a grid anchored at ``config.started_at`` when the
+experiment has one when its first unit is created, else at the epoch, so a
+bucket never depends on which unit arrived first. Without a configured start
+``started_at`` is the start of the earliest entry bucket (min over units, an
+order-independent value).
 
 Resolutions of points the contract left open (the Lua script does the same):
 
 * An exposure with a variant not in the config is ``unknown_variant`` even if
-  the unit is already known (checked before repeat/conflict); it creates no
-  state and does not fix ``started_at``.
-* ``started_at`` (when the config has none) is fixed by the first exposure that
-  *creates unit state*; when the config has one, the first unit creation fixes
-  that value, so a later config edit cannot re-bucket existing units.
-* Maturation is checked after every non-duplicate event, not only when the
-  watermark advanced: an exposure whose window already closed before the
-  watermark (a very late exposure) matures at once. "When the watermark
-  advanced" alone would leave such a unit pending, collecting metrics, until
-  some later event moves the watermark; the invariant "no pending unit has
-  close_ts <= watermark" is simpler and is what both implementations keep.
-* ``pre_activity`` below the first edge falls in stratum 0 (edges are
-  ``0, 1, ...`` and validation rejects negative activity, so this is only
-  defensive). A config with fewer than two edges has no activity strata:
-  every unit goes to the single stratum 0 (= the "unknown" index S = 0).
+  the unit is already known; it creates no state.
+* ``pre_activity`` below the first edge falls in stratum 0; a config with
+  fewer than two edges has no activity strata (single stratum 0 = index S).
 * Routing of metrics without ``experiment_id``: to every experiment for which
-  an exposure of the unit *with a variant of that experiment's config* came
-  earlier in the stream (whether or not that exposure created state: it may
-  have been a duplicate). Routed metrics for units without state count as
-  ``unknown_unit`` there. A metric routed nowhere counts ``unrouted`` on the
-  Reducer; an event naming an experiment without config counts
-  ``unknown_experiment`` on the Reducer.
-* After maturation a unit keeps its totals (they are its final Y), so unit
-  state is the same before and after apart from the ``matured`` flag.
+  an exposure of the unit with a variant of that experiment's config arrived
+  earlier on the stream; if there is none, the Reducer holds it (rule 4). A
+  metric without experiment_id that overtook some but not all of its unit's
+  exposures counts only for those that arrived before it (a stated bound).
+* After maturation a unit keeps its totals (they are its final Y) until its
+  correction horizon passed.
 """
 
 from __future__ import annotations
@@ -102,7 +112,7 @@ COUNTERS: tuple[str, ...] = (
 DROPPED: tuple[str, ...] = ("late", "expired", "too_old")
 
 #: Counters kept by the Reducer (events that reach no experiment state).
-REDUCER_COUNTERS: tuple[str, ...] = ("unknown_experiment", "unrouted")
+REDUCER_COUNTERS: tuple[str, ...] = ("unknown_experiment", "unrouted", "unrouted_expired")
 
 
 def config_ms(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
@@ -123,14 +133,18 @@ def config_ms(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
     return W, B, L, DD
 
 
-def skew_ms(cfg: ExperimentConfig) -> int:
-    """I in ms: how far a source partition may lag the fastest and still hold
-    the watermark back (``partition_skew_seconds``), checked >= 0."""
-    I = int(cfg.partition_skew_seconds) * 1000
-    if I < 0:
-        raise ValueError(f"experiment {cfg.experiment_id!r}: partition_skew_seconds must be >= 0")
-    return I
+def horizons_ms(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(H, Hh, HM): correction horizon and hold horizon in ms, hold count."""
+    H = int(cfg.correction_seconds) * 1000
+    Hh = int(cfg.hold_seconds) * 1000
+    HM = int(cfg.hold_max)
+    if H < 0 or Hh < 0 or HM < 0:
+        raise ValueError(f"experiment {cfg.experiment_id!r}: correction/hold bounds must be >= 0")
+    return H, Hh, HM
 
+
+#: Units folded (and held units expired) per call at most (rule 5).
+FOLD_LIMIT = 10_000
 
 #: The source of events applied without one (a single partition).
 DEFAULT_SOURCE = "-|0"
@@ -154,13 +168,14 @@ def stratum_of(pre_activity: float | None, edges: tuple[float, ...]) -> int:
     return 0
 
 
-def bucket_of(ts: int, started_at: int, B: int) -> int:
-    """Entry bucket: floor((ts - started_at) / B), never negative.
+def bucket_of(ts: int, anchor: int, B: int) -> int:
+    """Entry bucket on the grid anchored at ``anchor``: floor((ts - anchor) / B),
+    never negative when the anchor is a configured start (ts before it).
 
     Integer floor division, which the Lua script reproduces exactly with
     integer-valued doubles (all operands are < 2**53).
     """
-    return max(0, (ts - started_at) // B)
+    return max(0, (ts - anchor) // B) if anchor else ts // B
 
 
 def completed_buckets(watermark: int | None, started_at: int | None, B: int) -> int:
@@ -181,7 +196,9 @@ def _finite(x: float, what: str) -> float:
 
 @dataclass(slots=True)
 class UnitState:
-    """One unit in one experiment. ``totals`` follows ``config.metrics`` order."""
+    """One unit in one experiment. ``totals`` follows ``config.metrics`` order;
+    ``bucket`` is on the experiment's anchor grid (see ``bucket_of``);
+    ``matured`` means folded into the cells."""
 
     variant: str
     stratum: int
@@ -197,10 +214,11 @@ class ExperimentSnapshot:
 
     Produced identically by ``ExperimentState.snapshot()`` and
     ``streams.state.read_snapshot``. ``arrivals[s]`` maps every entry bucket
-    seen so far (also those >= D) to its count; the model uses d < D.
+    (relative to ``started_at``) to its count; the model uses d < D.
     ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2)`` over matured
-    units. ``seq`` is Redis's ``dirty_seq`` at read time (None from the
-    reducer) and does not take part in equality.
+    units. ``watermark`` = completeness clock - L (DESIGN §5). ``seq`` is
+    Redis's ``dirty_seq`` at read time (None from the reducer) and does not
+    take part in equality.
     """
 
     experiment_id: str
@@ -224,32 +242,57 @@ class ExperimentSnapshot:
     dead_letters: dict[str, int] = field(default_factory=dict, compare=False)
 
 
-class ExperimentState:
-    """The state of one experiment, advanced one event at a time.
+def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: int
+                         ) -> tuple[int | None, tuple[dict[int, int], ...]]:
+    """(started_at, arrivals relative to it) from anchor-grid arrivals: a
+    configured anchor is the start; the epoch anchor (0) starts at the
+    earliest bucket that has a unit."""
+    if anchor is None:
+        return None, tuple({} for _ in arrivals)
+    if anchor:
+        return anchor, tuple(dict(sorted(a.items())) for a in arrivals)
+    lo = min((b for a in arrivals for b in a), default=0)
+    return lo * B, tuple({b - lo: n for b, n in sorted(a.items())} for a in arrivals)
 
-    The caller routes (see ``Reducer``); this class applies rules 1-5 to
-    whatever it is given.
+
+#: One event in a call: (event, its partition clock after it, released?).
+#: ``released`` marks a metric the Reducer held without experiment_id and now
+#: hands to the experiment right after the exposure that released it.
+Item = tuple[Event, int, bool]
+
+
+class ExperimentState:
+    """The state of one experiment, advanced one call at a time.
+
+    ``apply_batch`` is one call of ``streams/lua/ingest.lua``: events of one
+    source partition (already routed to this experiment), each with its
+    partition clock, then maturation and hold expiry at ``clk_end``.
     """
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT) -> None:
         self.config = config
         self.W, self.B, self.L, self.DD = config_ms(config)
-        self.I = skew_ms(config)
+        self.H, self.Hh, self.HM = horizons_ms(config)
+        self.fold_limit = fold_limit
         self.edges = tuple(float(e) for e in config.strata_edges)
         self.S = n_activity_strata(config)
         self.variants = tuple(config.variants)
         self.metrics = config.metric_names
         self._metric_index = {m: i for i, m in enumerate(self.metrics)}
         self.units: dict[str, UnitState] = {}
-        # heap of (close_ts, unit_id utf-8 bytes, unit_id): Redis ZSET order
-        self._pending: list[tuple[int, bytes, str]] = []
-        self._seen: dict[str, int] = {}
+        #: per source: heap of (close_ts, unit_id utf-8 bytes, unit_id)
+        self._pending: dict[str, list[tuple[int, bytes, str]]] = {}
+        #: per unit: held (metric index, ts, value) in arrival order; per source:
+        #: unit -> newest held ts (the expiry order)
+        self.held: dict[str, list[tuple[int, int, float]]] = {}
+        self._held_q: dict[str, dict[str, int]] = {}
+        #: per source: event_id -> ts of its last counted sighting
+        self._seen: dict[str, dict[str, int]] = {}
         self._seen_prune_at = 4096
         self.max_ts: int | None = None
-        #: per source partition, its max event ts (rule 2)
-        self.max_ts_p: dict[str, int] = {}
-        self._watermark: int | None = None
-        self.started_at: int | None = None  # fixed by the first unit creation
+        #: per source partition, the last clock a call brought
+        self.clk: dict[str, int] = {}
+        self.anchor: int | None = None  # fixed by the first unit creation
         n_tot = self.S + 1
         self.arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
         self.activity_sum: list[float] = [0.0] * n_tot
@@ -264,89 +307,136 @@ class ExperimentState:
         self._vindex = {v: i for i, v in enumerate(self.variants)}
         self.counters: dict[str, int] = {}
 
-    # -- rules -------------------------------------------------------------
+    # -- one call ------------------------------------------------------------
 
-    @property
-    def watermark(self) -> int | None:
-        return self._watermark
+    def apply_batch(self, source: str, items: Iterable[Item], clk_end: int) -> list[str]:
+        """Apply ``items`` from ``source`` in order, then mature and expire
+        holds at ``clk_end`` (>= every item's clock); categories in order
+        (released metrics included, after their exposure)."""
+        out = []
+        for ev, clk, released in items:
+            cat = self._event(ev, int(clk), source, released)
+            if cat is not None:
+                self._count(cat)
+                out.append(cat)
+        self.settle(source, clk_end)
+        return out
 
-    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
-        """Apply one event that came from source partition ``source``
-        (``"<topic>|<partition>"``); return its category (the counter it
-        incremented)."""
-        cat = self._apply(event, source)
-        self.counters[cat] = self.counters.get(cat, 0) + 1
-        return cat
+    def settle(self, source: str, clk_end: int) -> bool:
+        """Rule 5 and hold expiry on ``source`` at ``clk_end`` (also a call of
+        its own: a quiet experiment, an idle partition). True if work is
+        left for the next call (more than ``fold_limit`` due)."""
+        prev = self.clk.get(source)
+        if prev is None or clk_end > prev:
+            self.clk[source] = clk_end
+        clk = self.clk[source]
+        more = self._fold(source, clk - self.L)
+        more = self._expire(source, clk - self.Hh) or more
+        seen = self._seen.get(source)
+        if seen is not None and len(seen) > self._seen_prune_at:
+            # sightings below clk - DD can never mark a duplicate again (clk
+            # only grows): forgetting them changes no outcome (Lua: every call)
+            cut = clk - self.DD
+            self._seen[source] = {k: t for k, t in seen.items() if t >= cut}
+            self._seen_prune_at = max(4096, 2 * len(self._seen[source]))
+        return more
 
-    def _apply(self, ev: Event, source: str) -> str:
+    def _count(self, cat: str, n: int = 1) -> None:
+        self.counters[cat] = self.counters.get(cat, 0) + n
+
+    def _event(self, ev: Event, clk: int, source: str, released: bool) -> str | None:
         ts = int(ev.ts)
-        # 1. dedupe against the sighting, using max_ts *before* this event
-        prev = self._seen.get(ev.event_id)
-        if prev is not None and self.max_ts is not None and prev >= self.max_ts - self.DD:
+        seen = self._seen.setdefault(source, {})
+        prev = seen.get(ev.event_id)
+        if prev is not None and prev >= clk - self.DD:
             return "duplicate"
-        self._seen[ev.event_id] = ts
-        # 2. event time
+        seen[ev.event_id] = ts
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
-        mp = self.max_ts_p.get(source)
-        if mp is None or ts > mp:
-            self.max_ts_p[source] = ts
-            cand = max(min(self.max_ts_p.values()), self.max_ts - self.I) - self.L
-            if self._watermark is None or cand > self._watermark:
-                self._watermark = cand
-        wm = self._watermark
-        # 3./4.
+        T = clk - self.L
         if isinstance(ev, Exposure):
-            cat = self._exposure(ev, ts)
-        elif isinstance(ev, Metric):
-            cat = self._metric(ev, ts)
-        else:  # pragma: no cover - the Event union has two members
-            raise TypeError(f"not an event: {type(ev).__name__}")
-        # 5. maturation (cheap heap peek, so done after every non-duplicate event)
-        self._mature(wm)
-        if len(self._seen) > self._seen_prune_at:
-            self._prune_seen()
-        return cat
+            return self._exposure(ev, ts, T, source)
+        if isinstance(ev, Metric):
+            mi = self._metric_index.get(ev.metric)
+            if mi is None:
+                return "unknown_metric"
+            v = _finite(ev.value, "metric value")
+            u = self.units.get(ev.unit_id)
+            if u is None:
+                return self._hold(ev.unit_id, mi, ts, v, source)
+            return self._metric(u, mi, ts, v, T)
+        raise TypeError(f"not an event: {type(ev).__name__}")  # pragma: no cover
 
-    def _exposure(self, ev: Exposure, ts: int) -> str:
+    def _exposure(self, ev: Exposure, ts: int, T: int, source: str) -> str:
         if ev.variant not in self._vindex:
             return "unknown_variant"
         u = self.units.get(ev.unit_id)
         if u is not None:
             return "repeat_exposure" if u.variant == ev.variant else "conflict"
+        close = ts + self.W
+        if close + self.H <= T:
+            return "too_old"
         x = None if ev.pre_activity is None else _finite(ev.pre_activity, "pre_activity")
-        if self.started_at is None:
-            self.started_at = self.config.started_at if self.config.started_at is not None else ts
+        if self.anchor is None:
+            self.anchor = self.config.started_at if self.config.started_at is not None else 0
         s = stratum_of(x, self.edges)
-        b = bucket_of(ts, self.started_at, self.B)
-        self.units[ev.unit_id] = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics))
+        b = bucket_of(ts, self.anchor, self.B)
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics))
+        self.units[ev.unit_id] = u
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
             self.activity_sum[s] = self.activity_sum[s] + x
             self.activity_n[s] += 1
         self.exposed[ev.variant] += 1
-        heapq.heappush(self._pending, (ts + self.W, ev.unit_id.encode("utf-8"), ev.unit_id))
-        return "exposures"
+        heapq.heappush(self._pending.setdefault(source, []),
+                       (close, ev.unit_id.encode("utf-8"), ev.unit_id))
+        self._count("exposures")
+        held = self.held.pop(ev.unit_id, None)
+        if held is not None:
+            self._held_q.get(source, {}).pop(ev.unit_id, None)
+            self._count("held", -len(held))
+            for mi, mts, v in held:
+                self._count(self._metric(u, mi, mts, v, T))
+        return None  # counted above, before the released metrics
 
-    def _metric(self, ev: Metric, ts: int) -> str:
-        u = self.units.get(ev.unit_id)
-        if u is None:
-            return "unknown_unit"
-        mi = self._metric_index.get(ev.metric)
-        if mi is None:
-            return "unknown_metric"
+    def _metric(self, u: UnitState, mi: int, ts: int, v: float, T: int) -> str:
+        close = u.exposure_ts + self.W
         if ts < u.exposure_ts:
             return "pre_exposure"
-        if ts >= u.exposure_ts + self.W:
+        if ts >= close:
             return "outside_window"
-        if u.matured:
+        if close + self.H <= T:
             return "late"
-        u.totals[mi] = u.totals[mi] + _finite(ev.value, "metric value")
-        return "metric_applied"
+        t = u.totals[mi]
+        u.totals[mi] = t + v
+        if close > T:
+            return "metric_applied"
+        if u.matured:
+            c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
+            c[1] = c[1] + v
+            c[2] = c[2] + ((t + v) * (t + v) - t * t)
+        return "corrected"
 
-    def _mature(self, wm: int) -> None:
-        pend = self._pending
-        while pend and pend[0][0] <= wm:
+    def _hold(self, uid: str, mi: int, ts: int, v: float, source: str) -> str:
+        lst = self.held.get(uid)
+        if lst is None:
+            lst = self.held[uid] = []
+        if len(lst) >= self.HM:
+            if not lst:
+                del self.held[uid]
+            return "expired"
+        lst.append((mi, ts, v))
+        q = self._held_q.setdefault(source, {})
+        if uid not in q or ts > q[uid]:
+            q[uid] = ts
+        return "held"
+
+    def _fold(self, source: str, T: int) -> bool:
+        pend = self._pending.get(source)
+        n = 0
+        while pend and pend[0][0] <= T:
+            if n >= self.fold_limit:
+                return True
             _, _, uid = heapq.heappop(pend)
             u = self.units[uid]
             vi = self._vindex[u.variant]
@@ -358,28 +448,43 @@ class ExperimentState:
                 c[2] = c[2] + y * y
             self.matured[u.variant] += 1
             u.matured = True
+            n += 1
+        return False
 
-    def _prune_seen(self) -> None:
-        """Forget sightings that can never again mark a duplicate.
-
-        A sighting counts only while its ts >= max_ts - DD; max_ts never
-        decreases, so one below that now is dead forever. Same rule as Lua.
-        """
-        if self.max_ts is not None:
-            cut = self.max_ts - self.DD
-            self._seen = {k: t for k, t in self._seen.items() if t >= cut}
-        self._seen_prune_at = max(4096, 2 * len(self._seen))
+    def _expire(self, source: str, cut: int) -> bool:
+        """Drop the held metrics of units whose newest held ts < cut, in
+        (newest ts, unit_id bytes) order, at most ``fold_limit`` units."""
+        q = self._held_q.get(source)
+        if not q:
+            return False
+        due = sorted((t, u.encode("utf-8"), u) for u, t in q.items() if t < cut)
+        for _t, _, uid in due[: self.fold_limit]:
+            del q[uid]
+            n = len(self.held.pop(uid, ()))  # none: released by an exposure elsewhere
+            self._count("held", -n)
+            self._count("expired", n)
+        return len(due) > self.fold_limit
 
     # -- views ------------------------------------------------------------
 
-    def pending_units(self) -> list[tuple[str, int]]:
-        """Pending (unit_id, close_ts) in Redis ZSET order."""
-        return [(uid, c) for c, _, uid in sorted(self._pending)]
+    def pending_units(self, source: str = DEFAULT_SOURCE) -> list[tuple[str, int]]:
+        """Pending (unit_id, close_ts) of ``source`` in Redis ZSET order."""
+        return [(uid, c) for c, _, uid in sorted(self._pending.get(source, []))]
 
-    def snapshot(self) -> ExperimentSnapshot:
-        """An immutable copy of the state the sampler and analyze consume."""
-        started = self.started_at if self.started_at is not None else self.config.started_at
-        wm = self.watermark
+    def completeness(self) -> int | None:
+        """The experiment's own completeness clock: min over the partitions
+        it has seen (``Reducer`` and the live worker know better)."""
+        return min(self.clk.values()) if self.clk else None
+
+    def snapshot(self, completeness: int | None = None) -> ExperimentSnapshot:
+        """An immutable copy of the state the sampler and analyze consume;
+        ``completeness``: the clock the data is complete up to (default:
+        ``self.completeness()``); the watermark is it minus L."""
+        c = self.completeness() if completeness is None else completeness
+        wm = None if c is None else c - self.L
+        started, arrivals = started_and_arrivals(self.anchor, self.arrivals, self.B)
+        if started is None:
+            started = self.config.started_at
         counters = {k: 0 for k in COUNTERS}
         counters.update(self.counters)
         return ExperimentSnapshot(
@@ -391,7 +496,7 @@ class ExperimentState:
             max_ts=self.max_ts,
             watermark=wm,
             D=completed_buckets(wm, started, self.B),
-            arrivals=tuple(dict(sorted(a.items())) for a in self.arrivals),
+            arrivals=arrivals,
             activity_sum=tuple(self.activity_sum),
             activity_n=tuple(self.activity_n),
             exposed=dict(self.exposed),
@@ -405,57 +510,131 @@ class ExperimentState:
 
 
 class Reducer:
-    """All experiments plus the unit -> experiments routing index.
+    """All experiments, the partition clocks, the unit -> experiments routing
+    index and the holds of metrics without experiment_id.
 
-    ``apply`` routes one event exactly as ``streams.state.route_batch`` does and
-    applies it to each target experiment's state.
+    ``apply_batch`` is one ``Ingestor.process`` call: events of one source
+    partition, in order. It moves the partition clock over every event,
+    routes exactly as ``streams.state.route_rows`` does and applies each
+    experiment's events in one ``ExperimentState.apply_batch`` call.
     """
 
-    def __init__(self, configs: Iterable[ExperimentConfig]) -> None:
+    def __init__(self, configs: Iterable[ExperimentConfig], fold_limit: int = FOLD_LIMIT,
+                 hold_seconds: int = 86_400, hold_max: int = 64) -> None:
         self.configs: dict[str, ExperimentConfig] = {c.experiment_id: c for c in configs}
         self.states: dict[str, ExperimentState] = {
-            e: ExperimentState(c) for e, c in self.configs.items()
+            e: ExperimentState(c, fold_limit) for e, c in self.configs.items()
         }
         self.index: dict[str, set[str]] = {}
+        self.clocks: dict[str, int] = {}
+        #: unit -> held metrics without experiment_id: (source, ts, event);
+        #: per source, unit -> newest held ts (the expiry order)
+        self.unit_held: dict[str, list[tuple[str, int, Metric]]] = {}
+        self._unit_held_q: dict[str, dict[str, int]] = {}
+        self.hold_ms = int(hold_seconds) * 1000
+        self.hold_max = int(hold_max)
         self.counters: dict[str, int] = {k: 0 for k in REDUCER_COUNTERS}
 
-    def route(self, ev: Event) -> list[str]:
-        """Experiment ids the event goes to (sorted); updates the index for
-        exposures. Empty means it reaches none (and is counted)."""
+    def apply_batch(self, source: str, events: Iterable[Event]) -> dict[str, list[str]]:
+        """Apply one source batch; categories per experiment."""
+        clk = self.clocks.get(source)
+        per: dict[str, list[Item]] = {}
+        for ev in events:
+            ts = int(ev.ts)
+            clk = ts if clk is None or ts > clk else clk
+            for e, item in self._route(ev, clk, source):
+                per.setdefault(e, []).append(item)
+        if clk is None:
+            return {}
+        self.clocks[source] = clk
+        out = {e: self.states[e].apply_batch(source, items, clk)
+               for e, items in sorted(per.items())}
+        self._expire_unit_holds(source, clk)
+        return out
+
+    def _route(self, ev: Event, clk: int, source: str) -> list[tuple[str, Item]]:
         if isinstance(ev, Exposure):
             cfg = self.configs.get(ev.experiment_id)
             if cfg is None:
                 self.counters["unknown_experiment"] += 1
                 return []
-            if ev.variant in cfg.variants:
-                self.index.setdefault(ev.unit_id, set()).add(ev.experiment_id)
-            return [ev.experiment_id]
+            out = [(ev.experiment_id, (ev, clk, False))]
+            if ev.variant in cfg.variants and not self._too_old(ev, clk):
+                seen = self.index.setdefault(ev.unit_id, set())
+                if ev.experiment_id not in seen:
+                    seen.add(ev.experiment_id)
+                    for _, _, m in self.unit_held.get(ev.unit_id, ()):
+                        out.append((ev.experiment_id, (m, clk, True)))
+            return out
         if ev.experiment_id is not None:
             if ev.experiment_id not in self.configs:
                 self.counters["unknown_experiment"] += 1
                 return []
-            return [ev.experiment_id]
+            return [(ev.experiment_id, (ev, clk, False))]
         targets = sorted(self.index.get(ev.unit_id, ()))
         if not targets:
-            self.counters["unrouted"] += 1
-        return targets
+            held = self.unit_held.setdefault(ev.unit_id, [])
+            if len(held) >= self.hold_max:
+                self.counters["unrouted_expired"] += 1
+            else:
+                held.append((source, int(ev.ts), ev))
+                q = self._unit_held_q.setdefault(source, {})
+                q[ev.unit_id] = max(q.get(ev.unit_id, int(ev.ts)), int(ev.ts))
+                self.counters["unrouted"] += 1
+        return [(e, (ev, clk, False)) for e in targets]
+
+    def _too_old(self, ev: Exposure, clk: int) -> bool:
+        """Rule 2's too_old, decided before routing (streams.ingest does the
+        same): such an exposure is not recorded in the routing index."""
+        st = self.states[ev.experiment_id]
+        return int(ev.ts) + st.W + st.H <= clk - st.L
+
+    def _expire_unit_holds(self, source: str, clk: int) -> None:
+        """Drop unit-level holds of ``source`` whose newest held ts is older
+        than clk - hold; those never released count ``unrouted_expired``."""
+        q = self._unit_held_q.get(source)
+        if not q:
+            return
+        cut = clk - self.hold_ms
+        for uid in [u for u, t in q.items() if t < cut]:
+            del q[uid]
+            lst = self.unit_held.pop(uid, [])
+            if uid not in self.index:
+                self.counters["unrouted_expired"] += len(lst)
+
+    def advance(self, source: str, clock_ms: int) -> None:
+        """The partition is caught up and idle: its clock moves to
+        ``clock_ms`` (wall clock) if that is later, and every experiment
+        matures and expires holds on it, until no work is left."""
+        clk = max(self.clocks.get(source, clock_ms), clock_ms)
+        self.clocks[source] = clk
+        for st in self.states.values():
+            while st.settle(source, clk):
+                pass
+        self._expire_unit_holds(source, clk)
 
     def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> list[tuple[str, str]]:
-        """Route and apply one event from source partition ``source``
-        (``"<topic>|<partition>"``); [(experiment_id, category), ...]."""
-        return [(e, self.states[e].apply(event, source)) for e in self.route(event)]
+        """A batch of one event; [(experiment_id, category), ...]."""
+        return [(e, c) for e, cats in self.apply_batch(source, [event]).items() for c in cats]
 
-    def apply_all(self, events: Iterable[Event], source: str = DEFAULT_SOURCE) -> Reducer:
-        """Apply events that all came from ``source``."""
+    def apply_all(self, events: Iterable[Event], source: str = DEFAULT_SOURCE,
+                  batch: int = 1) -> Reducer:
+        """Apply events that all came from ``source``, ``batch`` at a time."""
+        buf: list[Event] = []
         for ev in events:
-            self.apply(ev, source)
+            buf.append(ev)
+            if len(buf) >= batch:
+                self.apply_batch(source, buf)
+                buf = []
+        if buf:
+            self.apply_batch(source, buf)
         return self
 
-    def apply_sourced(self, events: Iterable[tuple[str, Event]]) -> Reducer:
-        """Apply (source, event) pairs, each from its own source partition."""
-        for src, ev in events:
-            self.apply(ev, src)
-        return self
+    def completeness(self) -> int | None:
+        """Min over the partitions seen of their clock (every one is caught up
+        at the end of a file: DESIGN §5's rule with no backlog anywhere)."""
+        return min(self.clocks.values()) if self.clocks else None
 
-    def snapshots(self) -> dict[str, ExperimentSnapshot]:
-        return {e: s.snapshot() for e, s in sorted(self.states.items())}
+    def snapshots(self, completeness: int | None = None) -> dict[str, ExperimentSnapshot]:
+        c = self.completeness() if completeness is None else completeness
+        return {e: s.snapshot(c) for e, s in sorted(self.states.items())}

@@ -72,17 +72,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
 from redis.client import NEVER_DECODE
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.semantics import (
     COUNTERS,
+    FOLD_LIMIT,
     ExperimentSnapshot,
     UnitState,
     completed_buckets,
     config_ms,
+    horizons_ms,
     n_activity_strata,
-    skew_ms,
+    started_and_arrivals,
 )
 
 LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
@@ -100,11 +103,15 @@ class ExperimentKeys(NamedTuple):
     seen: str
     offsets: str
     dirty_seq: str
+    held: str
+    heldq: str
 
-    def for_lua(self) -> list[str]:
-        """KEYS of ingest.lua, in its order."""
-        return [self.units, self.pending, self.cells, self.arrivals, self.meta,
-                self.seen, self.offsets, self.dirty_seq]
+    def for_lua(self, source: str) -> list[str]:
+        """KEYS of ingest.lua, in its order, for source partition ``source``
+        (``"<topic>|<partition>"``): pending units, dedupe sightings and the
+        hold queue are per source partition, each on its own clock."""
+        return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
+                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held, f"{self.heldq}:{source}"]
 
 
 def experiment_key(experiment_id: str, kind: str) -> str:
@@ -126,8 +133,6 @@ def offsets_field(topic: str, partition: int) -> str:
 
 
 # ---------------------------------------------------------------- the scripts
-
-ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
 
 _scripts: dict[Path, Any] = {}
 
@@ -155,11 +160,14 @@ def _num(x: float, what: str) -> str:
     return repr(v)
 
 
-def config_argv(cfg: ExperimentConfig, topic: str, partition: int) -> list[str]:
+def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
+                fold_limit: int = FOLD_LIMIT) -> list[str]:
     """The config part of the script's ARGV (see the header of ingest.lua)."""
     W, B, L, DD = config_ms(cfg)
-    argv = [offsets_field(topic, partition), str(W), str(B), str(L), str(DD), str(skew_ms(cfg)),
-            "" if cfg.started_at is None else str(int(cfg.started_at)),
+    H, Hh, HM = horizons_ms(cfg)
+    argv = [offsets_field(topic, partition), str(W), str(B), str(L), str(DD), str(H), str(Hh),
+            str(HM), str(int(fold_limit)),
+            "" if cfg.started_at is None else str(int(cfg.started_at)), str(int(clk_end)),
             str(len(cfg.strata_edges))]
     argv += [_num(e, "strata edge") for e in cfg.strata_edges]
     argv.append(str(len(cfg.variants)))
@@ -203,14 +211,16 @@ def event_row(offset: int, ev: Event) -> tuple:
     raise TypeError(f"not an event: {type(ev).__name__}")
 
 
-_EVENT_HEAD = "cHdddHH"  # one event's head in ingest.lua's first blob
+_EVENT_HEAD = "cHddddHH"  # one event's head in ingest.lua's first blob
 _NAN = math.nan
+_KIND = {"x": b"x", "m": b"m", "h": b"h"}
 
 
 def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes]:
     """The two packed events arguments of ingest.lua (format in its header):
     the heads, with each variant or metric as its 1-based index in the
-    config (0: not one of them), and the ids.
+    config (0: not one of them) and the partition clock after the event, and
+    the ids. ``rows`` are clocked rows (a row plus its clock, see above).
 
     Checks what the script relies on: every row belongs to the experiment and
     numbers are finite (NaN stands for "no pre_activity")."""
@@ -221,7 +231,7 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
     head: list = []
     ids: list[bytes] = []
     add_head, add_id = head.extend, ids.append
-    for off, kind, ev_id, exp, uid, name, ts, num in rows:
+    for off, kind, ev_id, exp, uid, name, ts, num, clk in rows:
         if kind == "x":
             if exp != eid:
                 raise ValueError(f"exposure for {exp!r} in a batch for {eid!r}")
@@ -231,13 +241,13 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
             elif not isfinite(num):
                 raise ValueError(f"non-finite pre_activity: {num!r}")
         else:
-            if exp != eid and exp is not None:
+            if exp != eid and exp is not None and kind != "h":
                 raise ValueError(f"metric for {exp!r} in a batch for {eid!r}")
             no = metric_no.get(name, 0)
             if not isfinite(num):
                 raise ValueError(f"non-finite metric value: {num!r}")
         e, u = ev_id.encode(), uid.encode()
-        add_head((b"x" if kind == "x" else b"m", no, off, ts, num, len(e), len(u)))
+        add_head((_KIND[kind], no, off, ts, num, clk, len(e), len(u)))
         add_id(e)
         add_id(u)
     try:
@@ -250,7 +260,7 @@ def _lua_result(raw: list) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i in range(0, len(raw), 2):
         k, v = _s(raw[i]), raw[i + 1]
-        if k in ("offset", "max_ts", "watermark"):
+        if k in ("offset", "max_ts"):
             sv = _s(v)
             out[k] = _int(sv) if sv else None
         else:
@@ -259,15 +269,147 @@ def _lua_result(raw: list) -> dict[str, Any]:
 
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
-               rows: Sequence[tuple]) -> dict[str, Any]:
-    """``apply_batch`` on rows (the ingest path; see the rows note above)."""
-    if not rows:
-        return {"applied": 0, "skipped": 0}
-    eid = cfg.experiment_id
-    argv = config_argv(cfg, source_topic, partition)
+               rows: Sequence[tuple], clk_end: int) -> dict[str, Any]:
+    """One call of ingest.lua: clocked ``rows`` of one source partition
+    (routed to ``cfg``'s experiment, increasing offsets), then maturation and
+    hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
+
+    Events at or below the offset already stored for (topic, partition) are
+    skipped, so a replay after a crash is a no-op. Returns ``applied``,
+    ``skipped``, ``offset``, ``max_ts``, ``more`` (1: call again to settle
+    the rest), ``dirty_seq`` and the net change of each counter that moved.
+    """
+    argv = config_argv(cfg, source_topic, partition, clk_end)
     argv += _pack_rows(cfg, rows)
-    raw = ingest_script(r)(keys=experiment_keys(eid).for_lua(), args=argv, client=r)
-    return _lua_result(raw)
+    keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
+    return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
+
+
+def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int) -> int:
+    """Mature and expire holds of one experiment on one source partition at
+    ``clk``, in bounded calls until none is left (``ExperimentState.settle``
+    until it returns False); the number of calls that did work."""
+    calls = 0
+    while True:
+        out = apply_rows(r, cfg, source_topic, partition, (), clk)
+        calls += 1
+        if not out.get("more"):
+            return calls
+
+
+# ---------------------------------------------------------------- partition clocks
+
+#: hash "<topic>|<partition>" -> the partition clock (ms): max event ts seen on
+#: it, or the wall clock an idle caught-up partition was advanced to
+PARTITION_CLOCKS = "lr:ingest:clocks"
+#: hash "<topic>|<partition>" -> last offset fully applied (every experiment)
+INGEST_OFFSETS = "lr:ingest:offsets"
+#: string: the completeness clock (min over the events topic's partitions with
+#: a backlog of their clock, KIP-695); snapshots' watermark = it - L
+COMPLETENESS = "lr:ingest:watermark"
+
+
+def unit_hold_key(unit_id: str) -> str:
+    """``lr:{u:<unit_id>}:held``: metrics without experiment_id held for the
+    unit until one of its exposures arrives (field ``<topic>|<p>|<offset>``)."""
+    return f"lr:{{u:{unit_id}}}:held"
+
+
+def unit_hold_queue(topic: str, partition: int) -> str:
+    """zset unit_id -> newest held ts, the expiry order of unit-level holds."""
+    return f"lr:ingest:held:{offsets_field(topic, partition)}"
+
+
+def partition_clock(r: Any, topic: str, partition: int) -> int | None:
+    v = r.hget(PARTITION_CLOCKS, offsets_field(topic, partition))
+    return None if v is None else _int(v)
+
+
+def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
+    """Rows with the partition clock after each appended (running max of ts
+    from ``clk``), and the clock after the last."""
+    out = []
+    for row in rows:
+        ts = row[6]
+        if clk is None or ts > clk:
+            clk = ts
+        out.append((*row, clk))
+    return out, clk
+
+
+def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
+    """Rule 2's too_old: the exposure's window closed before the correction
+    horizon of its partition clock (``streams.semantics``)."""
+    W, _, L, _ = config_ms(cfg)
+    H, _, _ = horizons_ms(cfg)
+    return ts + W + H <= clk - L
+
+
+def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
+                       rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
+                       rejected: list[tuple[int, str]] | None = None,
+                       ) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """One source batch into Redis: ``Reducer.apply_batch``.
+
+    Moves the partition clock over every row, routes (``route_rows``), makes
+    one ``apply_rows`` call per experiment at the batch's end clock, expires
+    unit-level holds, then records the partition's clock and last offset
+    (after every experiment applied: a replay starts from a clock that
+    belongs to its first offset). Returns per-experiment Lua results and the
+    clock; ``rejected`` gets (row index, reason) of rows reaching no
+    experiment (``unknown_experiment``, ``unrouted`` = held without
+    experiment, ``unrouted_expired`` = over the hold bound)."""
+    if not rows:
+        return {}, partition_clock(r, topic, partition)
+    crows, clk = clocked(rows, partition_clock(r, topic, partition))
+    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk) for e, lst in routed.items()}
+    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    f = offsets_field(topic, partition)
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(INGEST_OFFSETS, f, max(row[0] for row in rows))
+    pipe.hset(PARTITION_CLOCKS, f, clk)
+    pipe.execute()
+    return out, clk
+
+
+def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
+                      clock_ms: int, hold_seconds: int = 86_400) -> int:
+    """``Reducer.advance``: an idle, caught-up partition's clock moves to
+    ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
+    old = partition_clock(r, topic, partition)
+    clk = clock_ms if old is None or clock_ms > old else old
+    r.hset(PARTITION_CLOCKS, offsets_field(topic, partition), clk)
+    for cfg in configs:
+        settle(r, cfg, topic, partition, clk)
+    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    return clk
+
+
+def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000
+                      ) -> int:
+    """Drop unit-level holds of the partition whose newest held ts < ``cut``;
+    returns how many held metrics of units never exposed were dropped (the
+    ``unrouted_expired`` count)."""
+    q = unit_hold_queue(topic, partition)
+    lost = 0
+    while True:
+        uids = [_s(u) for u in r.zrangebyscore(q, "-inf", f"({cut}", start=0, num=limit)]
+        if not uids:
+            return lost
+        pipe = r.pipeline(transaction=False)
+        for u in uids:
+            pipe.hlen(unit_hold_key(u))
+            pipe.exists(unit_index_key(u))
+        res = pipe.execute()
+        lost += sum(n for n, exposed in zip(res[::2], res[1::2], strict=True) if not exposed)
+        pipe = r.pipeline(transaction=False)
+        for u in uids:
+            pipe.delete(unit_hold_key(u))
+        pipe.zrem(q, *uids)
+        pipe.execute()
+        if len(uids) < limit:
+            return lost
 
 
 def apply_batch(
@@ -276,18 +418,17 @@ def apply_batch(
     source_topic: str,
     partition: int,
     events_with_offsets: Sequence[tuple[int, Event]],
+    clk_end: int | None = None,
 ) -> dict[str, Any]:
-    """Apply one source partition's batch to one experiment, in one Lua call.
-
-    ``events_with_offsets`` must be the events routed to ``cfg``'s experiment
-    (``route_batch``), in source order with increasing offsets. Events at or
-    below the offset already stored for (topic, partition) are skipped, so a
-    replay after a crash is a no-op. Returns ``applied``, ``skipped``,
-    ``offset`` (stored offset after the call), ``max_ts``, ``watermark``,
-    ``dirty_seq`` and the count of each event category that occurred.
-    """
-    return apply_rows(r, cfg, source_topic, partition,
-                      [event_row(off, ev) for off, ev in events_with_offsets])
+    """``apply_rows`` for Events (tests): clocks from the experiment's own
+    events, starting at the partition clock stored for the source."""
+    rows = [event_row(off, ev) for off, ev in events_with_offsets]
+    crows, clk = clocked(rows, None)
+    if clk_end is not None:
+        clk = clk_end if clk is None or clk_end > clk else clk
+    if clk is None:
+        return {"applied": 0, "skipped": 0}
+    return apply_rows(r, cfg, source_topic, partition, crows, clk)
 
 
 # ---------------------------------------------------------------- routing
@@ -299,8 +440,8 @@ def _marker(topic: str | None, partition: int | None, offset: int) -> str:
     return f"{topic}|{int(partition)}|{int(offset)}"
 
 
-def _exposed_before(marker: str, topic: str | None, partition: int | None, offset: int) -> bool:
-    """Did the exposure recorded by ``marker`` come before ``offset``?
+def _before(marker: str, topic: str | None, partition: int | None, offset: int) -> bool:
+    """Did the event recorded at position ``marker`` come before ``offset``?
 
     Comparable only within one (topic, partition); a marker from elsewhere (or
     without a position) was written by an earlier batch, so it counts.
@@ -316,38 +457,6 @@ def _exposed_before(marker: str, topic: str | None, partition: int | None, offse
         return True
 
 
-def _is_cluster(r: Any) -> bool:
-    try:
-        from redis.cluster import RedisCluster
-    except ImportError:  # pragma: no cover - redis-py always has it
-        return False
-    return isinstance(r, RedisCluster)
-
-
-def _index_round_trip(r: Any, lookup: list[str], writes: dict[tuple[str, str], int],
-                      topic: str | None, partition: int | None) -> list:
-    """Read the index of the ``lookup`` units, then HSETNX the ``writes``
-    ((unit, experiment) -> offset of the exposure), in one round trip: one
-    call of ``streams/lua/route.lua`` (its KEYS are the unit index keys, so on
-    a Redis Cluster, where they lie in many slots, a pipeline instead).
-    Returns the HGETALL replies of ``lookup``, as flat [field, value, ...]
-    lists or dicts."""
-    if _is_cluster(r):
-        pipe = r.pipeline(transaction=False)
-        for u in lookup:
-            pipe.hgetall(unit_index_key(u))
-        for (u, e), off in writes.items():
-            pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
-        return pipe.execute()[: len(lookup)]
-    keys = [f"lr:{{u:{u}}}:x" for u in lookup]
-    keys += [f"lr:{{u:{u}}}:x" for u, _ in writes]
-    prefix = "" if topic is None or partition is None else f"{topic}|{int(partition)}|"
-    blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in writes.items()])
-    if blob.count("\x1f") != len(writes) or blob.count("\x1e") != len(writes):
-        raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
-    return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(lookup), prefix, blob], client=r)
-
-
 def route_rows(
     r: Any,
     rows: Sequence[tuple],
@@ -355,71 +464,113 @@ def route_rows(
     source_topic: str | None = None,
     partition: int | None = None,
     rejected: list[tuple[int, str]] | None = None,
-) -> dict[str, list[int]]:
-    """``route_batch`` on rows: experiment id -> indices into ``rows`` (in
-    order); ``rejected`` gets (index, reason)."""
-    lookup: list[str] = []
-    lookup_set: set[str] = set()
-    writes: dict[tuple[str, str], int] = {}
+    hold_max: int = 64,
+) -> dict[str, list[tuple]]:
+    """Split clocked rows of one source batch by experiment (``Reducer._route``):
+    experiment id -> its clocked rows, in order, with released held metrics
+    (kind ``h``) right after the exposure that releases them.
+
+    Two pipelined round trips, reads then idempotent writes, so a crash
+    between them or a replay routes the same way:
+
+    * exposures (variant in the config, not ``too_old``) record the unit's
+      first exposure position in ``lr:{u:<unit>}:x`` (HSETNX). The exposure
+      whose position is the recorded one releases the unit's held metrics
+      without experiment_id that arrived before it;
+    * metrics without experiment_id go to every experiment whose recorded
+      exposure came before them (or an exposure earlier in the batch); with
+      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
+    """
     variants_of = {e: c.variants for e, c in known.items()}
+    lookup: dict[str, None] = {}
+    exposing: dict[tuple[str, str], int] = {}
     for row in rows:
         if row[1] == "m":
-            if row[3] is None and row[4] not in lookup_set:
-                lookup_set.add(row[4])
-                lookup.append(row[4])
+            if row[3] is None:
+                lookup[row[4]] = None
         else:
             vs = variants_of.get(row[3])
-            if vs is not None and row[5] in vs:
-                key = (row[4], row[3])
-                if key not in writes:
-                    writes[key] = row[0]
+            if (vs is not None and row[5] in vs and (row[4], row[3]) not in exposing
+                    and not too_old(known[row[3]], row[6], row[8])):
+                exposing[(row[4], row[3])] = row[0]
+                lookup[row[4]] = None
     index: dict[str, dict[str, str]] = {}
-    if lookup or writes:
-        res = _index_round_trip(r, lookup, writes, source_topic, partition)
-        for u, h in zip(lookup, res, strict=True):
-            if isinstance(h, dict):
-                index[u] = {_s(k): _s(v) for k, v in h.items()}
-            else:
-                index[u] = {_s(h[i]): _s(h[i + 1]) for i in range(0, len(h), 2)}
+    holds: dict[str, dict[str, bytes]] = {}
+    if lookup:
+        pipe = r.pipeline(transaction=False)
+        for u in lookup:
+            pipe.hgetall(unit_index_key(u))
+            pipe.hgetall(unit_hold_key(u))
+        res = pipe.execute()
+        for u, h, hd in zip(lookup, res[::2], res[1::2], strict=True):
+            index[u] = {_s(k): _s(v) for k, v in h.items()}
+            holds[u] = {_s(k): v for k, v in hd.items()}
 
-    out: dict[str, list[int]] = {}
+    out: dict[str, list[tuple]] = {}
     in_batch: dict[str, set[str]] = {}
+    new_holds: list[tuple[str, str, bytes, int]] = []  # unit, field, value, ts
     for i, row in enumerate(rows):
-        exp = row[3]
+        exp, uid = row[3], row[4]
         if row[1] == "x":
-            vs = variants_of.get(exp)
-            if vs is None:
+            if exp not in variants_of:
                 if rejected is not None:
                     rejected.append((i, "unknown_experiment"))
                 continue
-            if row[5] in vs:
-                in_batch.setdefault(row[4], set()).add(exp)
-            lst = out.get(exp)
-            if lst is None:
-                out[exp] = [i]
-            else:
-                lst.append(i)
+            out.setdefault(exp, []).append(row)
+            if exposing.get((uid, exp)) == row[0]:
+                in_batch.setdefault(uid, set()).add(exp)
+                mk = _marker(source_topic, partition, row[0])
+                if index[uid].get(exp, mk) == mk:  # the first exposure: release
+                    for f, v in sorted(holds[uid].items(), key=_hold_order):
+                        if _before(f, source_topic, partition, row[0]):
+                            ev_id, metric, ts, value = orjson.loads(v)
+                            out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
+                                             row[8]))
         elif exp is not None:
             if exp not in known:
                 if rejected is not None:
                     rejected.append((i, "unknown_experiment"))
                 continue
-            lst = out.get(exp)
-            if lst is None:
-                out[exp] = [i]
-            else:
-                lst.append(i)
+            out.setdefault(exp, []).append(row)
         else:
-            uid, off = row[4], row[0]
             targets = set(in_batch.get(uid, ()))
             for e, mk in index.get(uid, {}).items():
-                if e in known and _exposed_before(mk, source_topic, partition, off):
+                if e in known and _before(mk, source_topic, partition, row[0]):
                     targets.add(e)
-            if not targets and rejected is not None:
-                rejected.append((i, "unrouted"))
             for e in sorted(targets):
-                out.setdefault(e, []).append(i)
+                out.setdefault(e, []).append(row)
+            if not targets:
+                f = _marker(source_topic, partition, row[0])
+                h = holds.setdefault(uid, {})
+                if f not in h and len(h) >= hold_max:
+                    why = "unrouted_expired"
+                else:
+                    why = "unrouted"
+                    v = orjson.dumps([row[2], row[5], row[6], row[7]])
+                    h[f] = v
+                    new_holds.append((uid, f, v, row[6]))
+                if rejected is not None:
+                    rejected.append((i, why))
+    if exposing or new_holds:
+        pipe = r.pipeline(transaction=False)
+        for (u, e), off in exposing.items():
+            pipe.hsetnx(unit_index_key(u), e, _marker(source_topic, partition, off))
+        if new_holds and source_topic is not None and partition is not None:
+            q = unit_hold_queue(source_topic, partition)
+            for u, f, v, ts in new_holds:
+                pipe.hset(unit_hold_key(u), f, v)
+                pipe.zadd(q, {u: ts}, gt=True)
+        pipe.execute()
     return dict(sorted(out.items()))
+
+
+def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:
+    """Held metrics in stream order: by source, then offset."""
+    src, _, off = item[0].rpartition("|")
+    try:
+        return src, int(off)
+    except ValueError:
+        return src, -1
 
 
 def route_batch(
@@ -430,32 +581,34 @@ def route_batch(
     partition: int | None = None,
     rejected: list[tuple[int, Event, str]] | None = None,
 ) -> dict[str, list[tuple[int, Event]]]:
-    """Split a batch of one source partition by experiment, in one round trip.
-
-    Exposures go to their experiment (if ``known``) and are recorded in the
-    unit's routing index (HSETNX, idempotent) when their variant is one of the
-    config's: this must precede the experiment's ``apply_batch``. Metrics with
-    an experiment_id go there; without, to every known experiment the unit was
-    exposed in before the metric: per the index (first-exposure position
-    earlier than the metric's offset, see the module docstring; pass
-    ``source_topic`` and ``partition`` for that) or per an exposure earlier in
-    this batch. Events reaching no experiment are appended to ``rejected`` as
-    (offset, event, "unknown_experiment" | "unrouted").
-    """
-    rows = [event_row(off, ev) for off, ev in batch]
+    """``route_rows`` for Events without clocks (tests of the routing index)."""
+    rows, _ = clocked([event_row(off, ev) for off, ev in batch], None)
     rej: list[tuple[int, str]] = []
     routed = route_rows(r, rows, known, source_topic, partition, rej)
     if rejected is not None:
         rejected.extend((batch[i][0], batch[i][1], why) for i, why in rej)
-    return {e: [batch[i] for i in idx] for e, idx in routed.items()}
+    by_off = {off: ev for off, ev in batch}
+    return {e: [(row[0], by_off[row[0]]) for row in lst if row[1] != "h"]
+            for e, lst in routed.items()}
 
 
 # ---------------------------------------------------------------- reading
 
 
-def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
+def read_completeness(r: Any) -> int | None:
+    """The completeness clock the ingest worker published (``COMPLETENESS``)."""
+    v = r.get(COMPLETENESS)
+    return None if v is None else _int(v)
+
+
+def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
+                  ) -> ExperimentSnapshot:
     """The experiment's snapshot, read atomically (MULTI/EXEC, one round trip),
-    in exactly the shape and values of ``ExperimentState.snapshot()``."""
+    in exactly the shape and values of ``ExperimentState.snapshot()``.
+
+    The watermark is ``completeness`` - L; by default the completeness clock
+    the ingest worker publishes (``read_completeness``), else, like the
+    reducer's default, the lowest partition clock the experiment has seen."""
     k = experiment_keys(cfg.experiment_id)
     pipe = r.pipeline(transaction=True)
     pipe.hgetall(k.meta)
@@ -473,11 +626,12 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
     metrics = cfg.metric_names
 
     max_ts = _int(meta["max_ts"]) if "max_ts" in meta else None
-    started = _int(meta["started_at"]) if "started_at" in meta else cfg.started_at
-    if "wm" in meta:
-        wm: int | None = _int(meta["wm"])
-    else:  # nothing applied yet, or state from before per-partition watermarks
-        wm = None if max_ts is None else max_ts - L
+    if completeness is None:
+        completeness = read_completeness(r)
+    if completeness is None:
+        clocks = [_int(v) for f, v in meta.items() if f.startswith("clk:")]
+        completeness = min(clocks) if clocks else None
+    wm = None if completeness is None else completeness - L
 
     arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
     for f, v in arr_raw.items():
@@ -485,6 +639,10 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
         si = int(s)
         if 0 <= si < n_tot:
             arrivals[si][int(b)] = int(v)
+    anchor = meta.get("anchor", meta.get("started_at"))  # started_at: state from before
+    started, arr = started_and_arrivals(None if anchor is None else _int(anchor), arrivals, B)
+    if started is None:
+        started = cfg.started_at
 
     cells = {m: [[(0, 0.0, 0.0) for _ in range(n_tot)] for _ in variants] for m in metrics}
     for f, v in cells_raw.items():
@@ -508,7 +666,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
         max_ts=max_ts,
         watermark=wm,
         D=completed_buckets(wm, started, B),
-        arrivals=tuple(dict(sorted(a.items())) for a in arrivals),
+        arrivals=arr,
         activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),
         activity_n=tuple(int(meta.get(f"act_n:{s}", 0)) for s in range(n_tot)),
         exposed={v: int(meta.get(f"exposed:{v}", 0)) for v in variants},
@@ -516,6 +674,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig) -> ExperimentSnapshot:
         cells=cells,
         counters=counters,
         seq=None if seq_raw is None else int(seq_raw),
+        dead_letters={f[3:]: int(v) for f, v in meta.items() if f.startswith("dl:")},
     )
 
 
@@ -560,9 +719,11 @@ def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
     return {_s(u): decode_unit(v, cfg) for u, v in raw.items()}
 
 
-def read_pending(r: Any, experiment_id: str) -> list[tuple[str, int]]:
-    """Pending (unit_id, close_ts), in maturation order."""
-    raw = r.zrange(experiment_key(experiment_id, "pending"), 0, -1, withscores=True)
+def read_pending(r: Any, experiment_id: str, source: str) -> list[tuple[str, int]]:
+    """Pending (unit_id, close_ts) of source partition ``source``
+    (``"<topic>|<partition>"``), in maturation order."""
+    raw = r.zrange(f"{experiment_key(experiment_id, 'pending')}:{source}", 0, -1,
+                   withscores=True)
     return [(_s(u), int(s)) for u, s in raw]
 
 

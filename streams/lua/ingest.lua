@@ -1,74 +1,63 @@
 --[[
-liftstream ingest: apply one batch of one source partition to ONE experiment.
+liftstream ingest: one call applies one batch of ONE source partition to ONE
+experiment, then matures and expires holds on that partition.
 
-This is the Redis side of streams/semantics.py (the reference reducer); the
-differential test proves the two equal bit for bit. Every rule, and every
-ambiguity resolution, is documented there; the comments here say how.
+This is the Redis side of streams/semantics.py (the reference reducer:
+ExperimentState.apply_batch); the differential tests prove the two equal bit
+for bit on the same calls. Every rule and every ambiguity resolution is
+documented there; the comments here say how.
 
 Atomic (one script = one step for every other client), idempotent per source
 offset: events with offset <= the stored offset of (topic, partition) are
-skipped, so replaying a batch after a crash changes nothing.
+skipped, so replaying a batch after a crash changes nothing. A call with no
+events only settles (matures, expires holds) at the given clock: folding is a
+function of the clock, so repeating it changes nothing either.
 
 KEYS (all tagged {e:<id>}, one Redis Cluster slot):
-  1 units  2 pending  3 cells  4 arrivals  5 meta  6 seen  7 offsets  8 dirty_seq
+  1 units  2 pending:<src>  3 cells  4 arrivals  5 meta  6 seen:<src>  7 offsets
+  8 dirty_seq  9 held  10 heldq:<src>
 ARGV:
-  offsets-field "<topic>|<partition>", W, B, L, DD, I (ms), started_at_cfg ('' = none),
-  n_edges, edges..., n_variants, variants..., n_metrics, metrics...,
-  then TWO binary strings. The first holds a fixed-size head per event
-  (lua struct / Python struct, little-endian, 31 bytes) '<c1HdddHH': kind
-  ('x' exposure | 'm' metric), the 1-based index of its variant (exposure)
-  or metric (metric) in the lists above, 0 when it is not one of them,
-  offset, ts, pre_activity|value (doubles: exact; NaN = no pre_activity),
-  and the byte lengths of event_id and unit_id. The second holds those two
-  strings of every event, in order. One struct.unpack per event (numbers
-  arrive as doubles, no tonumber; unpacking many heads per call is no
-  faster: the table it fills costs what the calls save), instead of 7
-  ARGV per event (redis-py packs thousands of arguments slowly), a JSON
-  array (cjson builds a table per event) or text (pattern matching and
-  tonumber cost 3x more).
+  src "<topic>|<partition>", W, B, L, DD, H, Hh (ms), HM, fold_limit,
+  started_at_cfg ('' = none), clk_end, n_edges, edges..., n_variants,
+  variants..., n_metrics, metrics..., then TWO binary strings. The first
+  holds a fixed-size head per event (struct, little-endian, 39 bytes)
+  '<c1HddddHH': kind ('x' exposure | 'm' metric | 'h' a metric held without
+  experiment_id, released by the exposure just before it, whose offset it
+  shares), the 1-based index of its variant (exposure) or metric (metric) in
+  the lists above, 0 when it is not one of them, offset, ts,
+  pre_activity|value (NaN = no pre_activity), the partition clock after the
+  event, and the byte lengths of event_id and unit_id. The second holds
+  those two strings of every event, in order.
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
-watermark, dirty_seq and the count of every category that occurred.
-
-Watermark (rule 2 of streams/semantics.py): meta keeps max_ts (over all
-partitions), mx:<topic>|<partition> (this experiment's max event ts from that
-source partition) and wm (the watermark, monotone). A batch comes from ONE
-partition p, so the min of mx over the *other* partitions is fixed for the
-batch (read once: the partitions are the fields of the offsets hash); per
-event only mx:p and max_ts move, and the watermark is
-max(wm, max(min(mx_p, min_other), max_ts - I) - L). State written before
-wm existed has none: its watermark was max_ts - L, which is where it resumes.
+more (1: more than fold_limit units were due; call again), dirty_seq and
+the net change of every counter that moved.
 
 Floats: never tostring()/concat on numbers (%.14g), never HINCRBYFLOAT (long
-double). Numbers go to Redis as string.format('%.17g') (round-trips a double
-exactly) or, for integer-valued ones (times, counts, indices: all < 2^53),
-'%d', which writes the same digits; numbers passed to redis.call as numbers
-are written by Redis itself with '%.17g'; they come back with tonumber; all
-arithmetic is Lua doubles, in the same order as the Python reducer.
+double). Numbers go to Redis as '%.17g' (round-trips a double) or '%d' for
+integer-valued ones (< 2^53); all arithmetic is Lua doubles, in the same
+order as the Python reducer.
 
 Unit state (hash field = unit id), binary (struct '<BHHBdd' + M x 'd'):
-version 1, variant index, stratum, matured 0|1, entry bucket, exposure ts,
-total_1 ... total_M (variant index and total order follow the config's
-variants / metrics, which are append-only; a record with fewer totals than
-metrics reads the missing ones as 0). Records in the earlier text form
-"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
-... <total_M>" (first byte a digit, never \1) are still read, and rewritten
-in binary when next written. In this script a unit is the array the binary
-record unpacks to, {1, variant, stratum, matured, bucket, exposure_ts,
-total_1, ..., total_M} (fields U_V .. U_ETS, total k at U_ETS + k), so
-reading one is one struct.unpack and writing one is one struct.pack.
+version 1, variant index, stratum, matured (folded) 0|1, entry bucket (on
+the anchor grid), exposure ts, total_1 ... total_M (indices follow the
+config's variants / metrics, which are append-only; a record with fewer
+totals reads the missing ones as 0). In this script a unit is the array the
+record unpacks to: {1, variant, stratum, matured, bucket, exposure_ts,
+total_1, ...} (fields U_V .. U_ETS, total k at U_ETS + k).
+Held metrics (hash field = unit id): records '<Hdd' (metric index, ts,
+value) in arrival order; heldq:<src> scores each unit by its newest held ts.
 
-Speed (DESIGN §5 keeps one call per experiment per batch; this keeps the work
-per event small): every key is read at most once per batch (ZMSCORE / HMGET
-prefetch in chunks) and written at most once per batch (HSET / ZADD in
-chunks, counters aggregated locally). Maturation is lazy but exact: see
-"Maturation" below.
+meta: max_ts, anchor (the entry-bucket grid's origin: the configured start
+at the first unit creation, else 0 = the epoch; state from before has
+started_at, which is read as the anchor), clk:<src> (the last clock a call
+brought), exposed:<v>, matured:<v>, act_sum:<s>, act_n:<s>, c:<counter>.
 ]]
 
 local K_UNITS, K_PENDING, K_CELLS, K_ARR = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_META, K_SEEN, K_OFF, K_DIRTY = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_HELD, K_HELDQ = KEYS[9], KEYS[10]
 
-local call, tonumber, format, match, gmatch = redis.call, tonumber, string.format,
-  string.match, string.gmatch
+local call, tonumber, format, match = redis.call, tonumber, string.format, string.match
 local unpack, floor, min, sub, byte = unpack, math.floor, math.min, string.sub, string.byte
 local spack, sunpack = struct.pack, struct.unpack
 
@@ -80,13 +69,17 @@ local CHUNK = 400  -- elements per variadic call (well under Lua's C stack)
 -- ---------------------------------------------------------------- config
 local p = 1
 local function nextarg() local v = ARGV[p]; p = p + 1; return v end
-local off_field = nextarg()
+local src = nextarg()
 local W = tonumber(nextarg())
 local B = tonumber(nextarg())
 local L = tonumber(nextarg())
 local DD = tonumber(nextarg())
-local I = tonumber(nextarg())
+local H = tonumber(nextarg())
+local Hh = tonumber(nextarg())
+local HM = tonumber(nextarg())
+local FOLD_LIMIT = tonumber(nextarg())
 local started_cfg = tonumber(nextarg())          -- '' -> nil
+local clk_end = tonumber(nextarg())
 local n_edges = tonumber(nextarg())
 local edges = {}
 for k = 1, n_edges do edges[k] = tonumber(nextarg()) end
@@ -105,34 +98,17 @@ local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
 local unit_fmts = {[n_met] = UNIT_FMT}   -- by number of stored totals
 local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
-local HEAD_FMT, HEAD_LEN = '<c1HdddHH', 31
+local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
+local HELD_FMT, HELD_LEN = '<Hdd', 18
 
 -- ---------------------------------------------------------------- state
-local MX_FIELD = 'mx:' .. off_field
-local mraw = call('HMGET', K_META, 'max_ts', 'started_at', 'wm', MX_FIELD)
+local CLK_FIELD = 'clk:' .. src
+local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD)
 local max_ts = tonumber(mraw[1])
-local started = tonumber(mraw[2])
-local wm = tonumber(mraw[3])
-if wm == nil and max_ts ~= nil then wm = max_ts - L end  -- state from before 'wm'
-local mx_p = tonumber(mraw[4])
-local max_ts_dirty, started_dirty, mx_p_dirty = false, false, false
--- min over the other source partitions of their max ts (nil: none seen)
-local mx_other
-do
-  local parts = call('HKEYS', K_OFF)
-  local fields = {}
-  for _, f in ipairs(parts) do
-    if f ~= off_field then fields[#fields + 1] = 'mx:' .. f end
-  end
-  for i = 1, #fields, CHUNK do
-    local raw = call('HMGET', K_META, unpack(fields, i, min(i + CHUNK - 1, #fields)))
-    for k = 1, #raw do
-      local v = tonumber(raw[k])
-      if v ~= nil and (mx_other == nil or v < mx_other) then mx_other = v end
-    end
-  end
-end
-local stored = tonumber(call('HGET', K_OFF, off_field))
+local anchor = tonumber(mraw[2]) or tonumber(mraw[3])
+local clk_prev = tonumber(mraw[4])
+local max_ts_dirty, anchor_dirty = false, false
+local stored = tonumber(call('HGET', K_OFF, src))
 
 -- Integer floor division on integer-valued doubles, exact: a/b may round up
 -- to the next integer, so correct the quotient by one if needed.
@@ -151,30 +127,35 @@ end
 -- ---------------------------------------------------------------- events
 -- Pass 1: split the packed events into columns, skipping offsets already
 -- applied, and collect the distinct event ids and unit ids to prefetch.
-local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B = {}, {}, {}, {}, {}, {}, {}
+local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B, E_CLK = {}, {}, {}, {}, {}, {}, {}, {}
 local n, skipped = 0, 0
 local eids, uids, want_e, want_u = {}, {}, {}, {}
 do
   local hi = stored
+  local last_skipped = false
   local n_ev = #heads / HEAD_LEN
   if n_ev ~= floor(n_ev) then return redis.error_reply('ERR event heads: bad length') end
   local spos = 1
   for hpos = 1, #heads, HEAD_LEN do
-    local kind, ni, off, ts, b, la, lu = sunpack(HEAD_FMT, heads, hpos)
+    local kind, ni, off, ts, b, clk, la, lu = sunpack(HEAD_FMT, heads, hpos)
     local q = spos
     spos = q + la + lu
-    if hi ~= nil and off <= hi then
+    local skip
+    if kind == 'h' then skip = last_skipped
+    else skip = hi ~= nil and off <= hi; last_skipped = skip end
+    if skip then
       skipped = skipped + 1
     else
-      hi = off
+      if kind ~= 'h' then hi = off end
       n = n + 1
       if ni > (kind == 'x' and n_var or n_met) then
         return redis.error_reply('ERR event head: name index out of range')
       end
+      if clk > clk_end then return redis.error_reply('ERR event head: clock beyond clk_end') end
       local eid, uid = sub(strs, q, q + la - 1), sub(strs, q + la, spos - 1)
       if b ~= b then b = nil end  -- NaN: no pre_activity
-      E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n] =
-        off, kind, eid, uid, ts, ni, b
+      E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n], E_CLK[n] =
+        off, kind, eid, uid, ts, ni, b, clk
       if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
       if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
     end
@@ -191,14 +172,17 @@ for i = 1, #eids, CHUNK do
 end
 local seen_new, seen_order = {}, {}   -- new sightings, first-seen order
 
--- Units: units[uid] = table, false (no state), nil (not read yet).
+-- Units: units[uid] = array, false (no state), nil (not read yet).
 local units, units_dirty, units_order = {}, {}, {}
+-- Records in the earliest text form "<variant_index> <stratum> <bucket>
+-- <exposure_ts> <matured 0|1> <total_1> ... <total_M>" (first byte a digit,
+-- never \1) are still read, and rewritten in binary when next written.
 local function parse_unit_text(raw)
   local v, s, b, e, m, rest = match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+)(.*)$')
   local u = {1, tonumber(v), tonumber(s), tonumber(m), tonumber(b), tonumber(e)}
   local k = 0
   if rest then
-    for tok in gmatch(rest, '%S+') do
+    for tok in string.gmatch(rest, '%S+') do
       if k >= n_met then break end
       k = k + 1
       u[U_ETS + k] = tonumber(tok) or 0.0
@@ -229,13 +213,42 @@ local function touch_unit(uid)
   if not units_dirty[uid] then units_dirty[uid] = true; units_order[#units_order + 1] = uid end
 end
 
+-- Held metrics: held[uid] = array of {mi, ts, v}, false (none), nil (not read).
+local held, held_dirty, held_order = {}, {}, {}
+local held_exists = call('EXISTS', K_HELD) == 1
+local function parse_held(raw)
+  if not raw then return false end
+  local lst = {}
+  for pos = 1, #raw, HELD_LEN do
+    local mi, ts, v = sunpack(HELD_FMT, raw, pos)
+    lst[#lst + 1] = {mi, ts, v}
+  end
+  return lst
+end
+local function held_of(uid)
+  local h = held[uid]
+  if h == nil then
+    if held_exists then h = parse_held(call('HGET', K_HELD, uid)) else h = false end
+    held[uid] = h
+  end
+  return h
+end
+local function touch_held(uid)
+  if not held_dirty[uid] then held_dirty[uid] = true; held_order[#held_order + 1] = uid end
+end
+
 -- Aggregated increments, written once at the end.
 local counts, count_order = {}, {}
+local function count(cat, k)
+  local c = counts[cat]
+  if c == nil then count_order[#count_order + 1] = cat; c = 0 end
+  counts[cat] = c + (k or 1)
+end
 local exposed, matured = {}, {}          -- by variant index (0-based)
 local act_n, act_sum = {}, {}            -- by stratum
 local arr, arr_order = {}, {}            -- "stratum|bucket" -> new units
 
--- Cells: cell_of[v][s] = {cell_1, ..., cell_M}, each {n, sum_y, sum_y2},
+-- Cells: row_of(v, s) = {cell_1, ..., cell_M}, each {n, sum_y, sum_y2},
 -- read from Redis on first use.
 local cells, cells_order, cell_rows = {}, {}, {}
 local function row_of(v, s)
@@ -265,253 +278,250 @@ local function row_of(v, s)
   return row
 end
 
--- Maturation. The reducer folds, after every non-duplicate event, every
--- pending unit with close_ts <= watermark, in (close_ts, unit_id) order
--- (ZSET order). Units it folds at different events have disjoint, increasing
--- close_ts ranges (each event folds (previous watermark, watermark]), so the
--- whole batch's folds are one pass in ZSET order at the end (settle). The
--- exception is a unit *created* with its window already closed (a very late
--- exposure, common when one source partition runs ahead of another), which
--- the reducer folds at once, after everything due at the previous watermark:
--- such a unit is not added to the pending set but noted as a marker
--- (previous watermark, unit), and settle folds it in the walk over the due
--- units right after those with close_ts <= that watermark. (If the same
--- event also moved the watermark -- only possible with W = L = 0 -- the unit
--- goes through the pending set and settle runs before and after it.)
--- Until a unit is folded, "is it matured" is answered as the reducer would:
--- close_ts <= watermark. New pending units are buffered and ZADDed by settle.
+-- Rule 3 for a unit that exists (also a released held metric).
+local function metric_rule(uid, u, mi, ts, v, T)
+  local ets = u[U_ETS]
+  local close = ets + W
+  if ts < ets then return 'pre_exposure' end
+  if ts >= close then return 'outside_window' end
+  if close + H <= T then return 'late' end
+  local c = U_ETS + mi
+  local t = u[c]
+  u[c] = t + v
+  touch_unit(uid)
+  if close > T then return 'metric_applied' end
+  if u[U_M] == 1 and variants[u[U_V] + 1] ~= nil then
+    local cell = row_of(u[U_V], u[U_S])[mi]
+    cell[2] = cell[2] + v
+    cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
+  end
+  return 'corrected'
+end
+
 local pend_new = {}            -- ZADD arguments: close, uid, close, uid, ...
-local marks_t, marks_u = {}, {}  -- late-created units: previous watermark, unit
-local next_due                 -- smallest close_ts in the pending set (nil: none)
-local function refresh_next_due()
-  local first = call('ZRANGE', K_PENDING, 0, 0, 'WITHSCORES')
-  next_due = tonumber(first[2])
-end
-refresh_next_due()
-
-local function fold(uid)
-  local u = units[uid]
-  if u and u[U_M] == 0 then
-    if variants[u[U_V] + 1] == nil then
-      -- the config lost this unit's variant (configs must only grow): do not
-      -- fold into a cell that no longer exists, but do not stop ingest either
-      u[U_M] = 1
-      touch_unit(uid)
-    else
-      local row = row_of(u[U_V], u[U_S])
-      for k = 1, n_met do
-        local y = u[U_ETS + k]
-        local c = row[k]
-        c[1] = c[1] + 1
-        c[2] = c[2] + y
-        c[3] = c[3] + y * y
-      end
-      matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
-      u[U_M] = 1
-      touch_unit(uid)
-    end
-  end
-end
-
--- Fold, in the reducer's order, every pending unit with close_ts <= wm and
--- every marker (all markers have a threshold <= wm).
-local function settle(wm)
-  if wm == nil then return end
-  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new); pend_new = {} end
-  local due, step = {}, 1
-  if next_due ~= nil and next_due <= wm then
-    if #marks_u > 0 then
-      due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm), 'WITHSCORES')
-      step = 2
-    else
-      due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(wm))
-    end
-  end
-  local miss = {}
-  for j = 1, #due, step do
-    if units[due[j]] == nil then miss[#miss + 1] = due[j] end
-  end
-  fetch_units(miss)
-  local j = 1
-  for k = 1, #marks_u do
-    local t = marks_t[k]
-    while j <= #due and tonumber(due[j + 1]) <= t do fold(due[j]); j = j + 2 end
-    fold(marks_u[k])
-  end
-  marks_t, marks_u = {}, {}
-  while j <= #due do fold(due[j]); j = j + step end
-  if #due > 0 then
-    if step == 2 then
-      local uids_due = {}
-      for q = 1, #due, 2 do uids_due[#uids_due + 1] = due[q] end
-      due = uids_due
-    end
-    chunked('ZREM', K_PENDING, due)
-    refresh_next_due()
-  end
-end
 
 -- Pass 2: the rules, event by event.
-local any_counted = false      -- a non-duplicate event: the reducer matures after it
 for i = 1, n do
-  local eid = E_EID[i]
-  local ts = E_TS[i]
+  local eid, ts, clk, uid = E_EID[i], E_TS[i], E_CLK[i], E_UID[i]
   local cat
-  -- 1. dedupe (against max_ts before this event)
   local prev = seen[eid]
-  if prev and max_ts ~= nil and prev >= max_ts - DD then
+  if prev and prev >= clk - DD then
     cat = 'duplicate'
   else
-    any_counted = true
     if not seen_new[eid] then seen_new[eid] = true; seen_order[#seen_order + 1] = eid end
     seen[eid] = ts
-    -- 2. event time
-    local wm_before = wm
     if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true end
-    if mx_p == nil or ts > mx_p then
-      mx_p = ts; mx_p_dirty = true
-      local lo = ts
-      if mx_other ~= nil and mx_other < lo then lo = mx_other end
-      if max_ts - I > lo then lo = max_ts - I end
-      lo = lo - L
-      if wm == nil or lo > wm then wm = lo end
-    end
-    local uid = E_UID[i]
+    local T = clk - L
     if E_KIND[i] == 'x' then
-      -- 3. exposure
       local vi = E_A[i] - 1
+      local u = units[uid]
       if vi < 0 then
         cat = 'unknown_variant'
+      elseif u then
+        if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
+      elseif ts + W + H <= T then
+        cat = 'too_old'
       else
-        local u = units[uid]
-        if u then
-          if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
-        else
-          if started == nil then
-            started = started_cfg or ts
-            started_dirty = true
+        if anchor == nil then anchor = started_cfg or 0; anchor_dirty = true end
+        local x = E_B[i]
+        local st = S
+        if x ~= nil and S > 0 then
+          st = 0
+          for k = S, 1, -1 do
+            if x >= edges[k] then st = k - 1; break end
           end
-          local x = E_B[i]
-          local st = S
-          if x ~= nil and S > 0 then
-            st = 0
-            for k = S, 1, -1 do
-              if x >= edges[k] then st = k - 1; break end
-            end
-          end
-          local bucket = floordiv(ts - started, B)
+        end
+        local bucket
+        if anchor ~= 0 then
+          bucket = floordiv(ts - anchor, B)
           if bucket < 0 then bucket = 0 end
-          local close = ts + W
-          local late = close <= wm
-          local marker = late and wm == wm_before
-          if late and not marker then settle(wm_before) end
-          u = {1, vi, st, 0, bucket, ts}
-          for k = 1, n_met do u[U_ETS + k] = 0.0 end
-          units[uid] = u
-          touch_unit(uid)
-          local ak = format('%d|%d', st, bucket)
-          local c = arr[ak]
-          if c == nil then arr_order[#arr_order + 1] = ak; c = 0 end
-          arr[ak] = c + 1
-          if x ~= nil then
-            local sum = act_sum[st]
-            if sum == nil then
-              sum = tonumber(call('HGET', K_META, 'act_sum:' .. fmti(st))) or 0.0
-            end
-            act_sum[st] = sum + x
-            act_n[st] = (act_n[st] or 0) + 1
+        else
+          bucket = floordiv(ts, B)
+        end
+        u = {1, vi, st, 0, bucket, ts}
+        for k = 1, n_met do u[U_ETS + k] = 0.0 end
+        units[uid] = u
+        touch_unit(uid)
+        local ak = format('%d|%d', st, bucket)
+        local c = arr[ak]
+        if c == nil then arr_order[#arr_order + 1] = ak; c = 0 end
+        arr[ak] = c + 1
+        if x ~= nil then
+          local sum = act_sum[st]
+          if sum == nil then
+            sum = tonumber(call('HGET', K_META, 'act_sum:' .. fmti(st))) or 0.0
           end
-          exposed[vi] = (exposed[vi] or 0) + 1
-          if marker then
-            marks_t[#marks_t + 1] = wm_before
-            marks_u[#marks_u + 1] = uid
-          else
-            pend_new[#pend_new + 1] = close
-            pend_new[#pend_new + 1] = uid
-            if next_due == nil or close < next_due then next_due = close end
-            if late then settle(wm) end
+          act_sum[st] = sum + x
+          act_n[st] = (act_n[st] or 0) + 1
+        end
+        exposed[vi] = (exposed[vi] or 0) + 1
+        pend_new[#pend_new + 1] = ts + W
+        pend_new[#pend_new + 1] = uid
+        count('exposures')
+        local h = held_of(uid)
+        if h then
+          held[uid] = false
+          touch_held(uid)
+          count('held', -#h)
+          for k = 1, #h do
+            local r = h[k]
+            count(metric_rule(uid, u, r[1], r[2], r[3], T))
           end
-          cat = 'exposures'
         end
       end
     else
-      -- 4. metric
-      local u = units[uid]
       local mi = E_A[i]
-      if not u then cat = 'unknown_unit'
-      elseif mi == 0 then cat = 'unknown_metric'
-      elseif ts < u[U_ETS] then cat = 'pre_exposure'
-      elseif ts >= u[U_ETS] + W then cat = 'outside_window'
-      elseif u[U_M] == 1 or u[U_ETS] + W <= wm then cat = 'late'  -- matured (maybe not folded yet)
+      local u = units[uid]
+      if mi == 0 then
+        cat = 'unknown_metric'
+      elseif u then
+        cat = metric_rule(uid, u, mi, ts, E_B[i], T)
       else
-        local c = U_ETS + mi
-        u[c] = u[c] + E_B[i]
-        touch_unit(uid)
-        cat = 'metric_applied'
+        local h = held_of(uid)
+        if (h and #h or 0) >= HM then
+          cat = 'expired'
+        else
+          if not h then h = {}; held[uid] = h end
+          h[#h + 1] = {mi, ts, E_B[i]}
+          touch_held(uid)
+          cat = 'held'
+        end
       end
     end
   end
-  local c = counts[cat]
-  if c == nil then count_order[#count_order + 1] = cat; c = 0 end
-  counts[cat] = c + 1
+  if cat then count(cat) end
 end
--- 5. maturation for the whole batch, in ZSET order
-if any_counted then settle(wm) end
+
+-- ---------------------------------------------------------------- settle
+-- Rule 5 and hold expiry at the partition clock (max of the stored one and
+-- clk_end), after the new pending units and holds are in Redis, so that the
+-- ZSET order decides both, as in the reducer.
+-- A call whose events were all applied before (a replay) does not settle:
+-- its clk_end may be later than the original call's (the partition clock was
+-- stored after it), and settling belongs to the calls that bring events or
+-- to explicit settle calls (no events).
+local clk = clk_prev
+local settling = #heads == 0 or n > 0
+if settling and (clk == nil or clk_end > clk) then clk = clk_end end
+if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new) end
+for _, uid in ipairs(held_order) do
+  local h = held[uid]
+  if h and #h > 0 then
+    local buf, newest = {}, nil
+    for k = 1, #h do
+      local r = h[k]
+      buf[k] = spack(HELD_FMT, r[1], r[2], r[3])
+      if newest == nil or r[2] > newest then newest = r[2] end
+    end
+    call('HSET', K_HELD, uid, table.concat(buf))
+    call('ZADD', K_HELDQ, newest, uid)
+  else
+    call('HDEL', K_HELD, uid)
+    call('ZREM', K_HELDQ, uid)
+  end
+end
+
+local more = 0
+local work = false
+if settling and clk ~= nil then
+  local due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(clk - L), 'LIMIT', 0, FOLD_LIMIT + 1)
+  if #due > FOLD_LIMIT then more = 1; due[FOLD_LIMIT + 1] = nil end
+  if #due > 0 then
+    work = true
+    local miss = {}
+    for j = 1, #due do
+      if units[due[j]] == nil then miss[#miss + 1] = due[j] end
+    end
+    fetch_units(miss)
+    for j = 1, #due do
+      local uid = due[j]
+      local u = units[uid]
+      if u and u[U_M] == 0 then
+        -- a unit whose variant the config lost (configs must only grow) is
+        -- marked folded without a cell, rather than stopping ingest
+        if variants[u[U_V] + 1] ~= nil then
+          local row = row_of(u[U_V], u[U_S])
+          for k = 1, n_met do
+            local y = u[U_ETS + k]
+            local c = row[k]
+            c[1] = c[1] + 1
+            c[2] = c[2] + y
+            c[3] = c[3] + y * y
+          end
+          matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
+        end
+        u[U_M] = 1
+        touch_unit(uid)
+      end
+    end
+    chunked('ZREM', K_PENDING, due)
+  end
+end
+if settling and clk ~= nil then
+  local due = call('ZRANGEBYSCORE', K_HELDQ, '-inf', '(' .. fmti(clk - Hh),
+                   'LIMIT', 0, FOLD_LIMIT + 1)
+  if #due > FOLD_LIMIT then more = 1; due[FOLD_LIMIT + 1] = nil end
+  if #due > 0 then
+    work = true
+    for j = 1, #due do
+      local h = held_of(due[j])
+      local k = h and #h or 0
+      if k > 0 then count('held', -k); count('expired', k) end
+    end
+    chunked('HDEL', K_HELD, due)
+    chunked('ZREM', K_HELDQ, due)
+  end
+end
 
 -- ---------------------------------------------------------------- write back
 local seq = tonumber(call('GET', K_DIRTY)) or 0
-if n > 0 then
-  if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new) end
-  local buf, nb = {}, 0
-  local function flush(cmd, key)
-    if nb > 0 then call(cmd, key, unpack(buf, 1, nb)); nb = 0 end
-  end
-  local function push2(cmd, key, x, y)
-    buf[nb + 1] = x; buf[nb + 2] = y; nb = nb + 2
-    if nb >= CHUNK then flush(cmd, key) end
-  end
-  for _, uid in ipairs(units_order) do
-    local u = units[uid]
-    push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(u, 1, U_ETS + n_met)))
-  end
-  flush('HSET', K_UNITS)
-  for _, f in ipairs(cells_order) do
-    local c = cells[f]
-    push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]))
-  end
-  flush('HSET', K_CELLS)
-  for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
-  for v = 0, n_var - 1 do
-    if exposed[v] then call('HINCRBY', K_META, 'exposed:' .. variants[v + 1], exposed[v]) end
-    if matured[v] then call('HINCRBY', K_META, 'matured:' .. variants[v + 1], matured[v]) end
-  end
-  for st = 0, S do
-    if act_n[st] then
-      call('HINCRBY', K_META, 'act_n:' .. fmti(st), act_n[st])
-      push2('HSET', K_META, 'act_sum:' .. fmti(st), fmt(act_sum[st]))
-    end
-  end
-  for _, name in ipairs(count_order) do call('HINCRBY', K_META, 'c:' .. name, counts[name]) end
-  if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmti(max_ts)) end
-  if mx_p_dirty then push2('HSET', K_META, MX_FIELD, fmti(mx_p)) end
-  if wm ~= nil then push2('HSET', K_META, 'wm', fmti(wm)) end
-  if started_dirty then push2('HSET', K_META, 'started_at', fmti(started)) end
-  flush('HSET', K_META)
-  for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
-  flush('ZADD', K_SEEN)
-  -- Sightings below max_ts - DD can never mark a duplicate again (max_ts
-  -- only grows), so dropping them cannot change any outcome.
-  if max_ts ~= nil then
-    call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(max_ts - DD))
-  end
-  call('HSET', K_OFF, off_field, fmti(E_OFF[n]))
-  seq = call('INCR', K_DIRTY)
+local buf, nb = {}, 0
+local function flush(cmd, key)
+  if nb > 0 then call(cmd, key, unpack(buf, 1, nb)); nb = 0 end
 end
+local function push2(cmd, key, x, y)
+  buf[nb + 1] = x; buf[nb + 2] = y; nb = nb + 2
+  if nb >= CHUNK then flush(cmd, key) end
+end
+for _, uid in ipairs(units_order) do
+  push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(units[uid], 1, U_ETS + n_met)))
+end
+flush('HSET', K_UNITS)
+for _, f in ipairs(cells_order) do
+  local c = cells[f]
+  push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]))
+end
+flush('HSET', K_CELLS)
+for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
+for v = 0, n_var - 1 do
+  if exposed[v] then call('HINCRBY', K_META, 'exposed:' .. variants[v + 1], exposed[v]) end
+  if matured[v] then call('HINCRBY', K_META, 'matured:' .. variants[v + 1], matured[v]) end
+end
+for st = 0, S do
+  if act_n[st] then
+    call('HINCRBY', K_META, 'act_n:' .. fmti(st), act_n[st])
+    push2('HSET', K_META, 'act_sum:' .. fmti(st), fmt(act_sum[st]))
+  end
+end
+for _, name in ipairs(count_order) do
+  if counts[name] ~= 0 then call('HINCRBY', K_META, 'c:' .. name, counts[name]) end
+end
+if max_ts_dirty then push2('HSET', K_META, 'max_ts', fmti(max_ts)) end
+if anchor_dirty then push2('HSET', K_META, 'anchor', fmti(anchor)) end
+if clk ~= clk_prev then push2('HSET', K_META, CLK_FIELD, fmti(clk)) end
+flush('HSET', K_META)
+for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
+flush('ZADD', K_SEEN)
+-- A sighting counts while its ts >= clk - DD; clk only grows, so older
+-- sightings of this partition can never mark a duplicate again.
+if clk ~= nil then call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(clk - DD)) end
+if n > 0 then call('HSET', K_OFF, src, fmti(E_OFF[n])) end
+if n > 0 or work then seq = call('INCR', K_DIRTY) end
 
 local out = {'applied', n, 'skipped', skipped,
              'offset', stored and fmt(stored) or '',
              'max_ts', max_ts and fmt(max_ts) or '',
-             'watermark', wm and fmt(wm) or '',
+             'more', more,
              'dirty_seq', seq}
 if n > 0 then out[6] = fmti(E_OFF[n]) end
 for _, name in ipairs(count_order) do
