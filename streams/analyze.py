@@ -68,11 +68,25 @@ def estimate(snaps: list[ExperimentSnapshot], chains: int = 8, sweeps: int = 100
                    iteration=state.iteration, computed_at=int(time.time() * 1000))
 
 
+def fold(configs: list[ExperimentConfig], events: str | Path, rejected: Counter,
+         as_of: int | None = None) -> Reducer:
+    """The reference fold of a file: its events in file order as one source
+    partition (a live worker's partitions are subsequences of it, and the
+    state does not depend on how they interleave), then the idle advance a
+    caught-up worker makes: every clock moves to ``as_of`` (ms; default the
+    wall clock) if later, so the units whose window closed by then mature."""
+    reducer = Reducer(configs).apply_all(read_events(events, rejected), batch=500)
+    now = int(time.time() * 1000) if as_of is None else as_of
+    for src in list(reducer.clocks):
+        reducer.advance(src, now)
+    return reducer
+
+
 def analyze(experiments: str | Path, events: str | Path, *, seed: int = 0, chains: int = 8,
-            sweeps: int = 1000) -> tuple[list[dict], dict]:
+            sweeps: int = 1000, as_of: int | None = None) -> tuple[list[dict], dict]:
     configs = read_experiments(experiments)
     rejected: Counter = Counter()
-    reducer = Reducer(configs).apply_all(read_events(events, rejected))
+    reducer = fold(configs, events, rejected, as_of)
     snaps = list(reducer.snapshots().values())
     recs = estimate(snaps, chains=chains, sweeps=sweeps, seed=seed)
     counts = {"rejected": dict(rejected), "reducer": dict(reducer.counters),
@@ -84,7 +98,7 @@ def main(args) -> int:
     from schemas.codec import dumps
 
     recs, counts = analyze(args.experiments, args.events, seed=args.seed, chains=args.chains,
-                           sweeps=args.sweeps)
+                           sweeps=args.sweeps, as_of=getattr(args, "as_of", None))
     out = sys.stdout.buffer
     for r in recs:
         out.write(dumps(r) + b"\n")

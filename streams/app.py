@@ -135,7 +135,57 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             await with_retry(registry.put, cfg, what="registry")
 
     if role in ("ingest", "all"):
-        ingestor = Ingestor(r, registry, auto_register=settings.auto_register)
+        ingestor = Ingestor(r, registry, auto_register=settings.auto_register,
+                            hold_seconds=settings.hold_seconds, hold_max=settings.hold_max,
+                            max_future_ms=settings.max_future_seconds * 1000)
+        state_lock = asyncio.Lock()  # batches and idle advances change clocks one at a time
+        from streams.clocks import ClockService
+
+        clock_service = ClockService(
+            r, settings.topic_events, settings.idle_seconds,
+            lambda: registry.get_many(registry.ids()).values(), settings.hold_seconds)
+
+        def events_highwaters() -> tuple[dict[int, int], set[int]]:
+            """High watermark of every events partition: Faust's (from fetch
+            responses; right on every broker) for the assigned ones, else
+            librdkafka's ListOffsets; and the assigned partitions."""
+            from confluent_kafka import TopicPartition as CTP
+
+            owned = {tp.partition for tp in app.consumer.assignment()
+                     if tp.topic == settings.topic_events}
+            out: dict[int, int] = {}
+            c = app.liftstream.get("meta_consumer")
+            if c is None:
+                from confluent_kafka import Consumer
+
+                from streams.settings import kafka_config
+                c = app.liftstream["meta_consumer"] = Consumer(kafka_config(
+                    settings, **{"group.id": f"{app.conf.id}-clocks",
+                                 "enable.auto.commit": False}))
+            md = c.list_topics(settings.topic_events, timeout=5)
+            for p in md.topics[settings.topic_events].partitions:
+                hw = None
+                if p in owned:
+                    for tp in app.consumer.assignment():
+                        if tp.topic == settings.topic_events and tp.partition == p:
+                            hw = app.consumer.highwater(tp)
+                if hw is None:
+                    _, hw = c.get_watermark_offsets(CTP(settings.topic_events, p), timeout=5)
+                out[p] = int(hw)
+            return out, owned
+
+        @app.timer(1.0)
+        async def event_clocks():
+            """Publish the completeness watermark; advance idle partitions."""
+            try:
+                high, owned = await asyncio.get_running_loop().run_in_executor(
+                    None, events_highwaters)
+            except Exception as e:  # noqa: BLE001 - metadata not available yet
+                log.debug("event clocks: no metadata (%s)", e)
+                return
+            async with state_lock:
+                await with_retry(clock_service.tick, high, owned, int(time.time() * 1000),
+                                 what="event clocks")
 
         @app.agent(t_events, name="ingest")
         async def ingest_agent(stream):
@@ -188,8 +238,9 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             results = []
             for (topic, part), msgs in groups.items():
                 t0 = time.perf_counter()
-                res = await with_retry(ingestor.process, topic, part, msgs, now_ms,
-                                       what="ingest")
+                async with state_lock:
+                    res = await with_retry(ingestor.process, topic, part, msgs, now_ms,
+                                           what="ingest")
                 metrics.observe("liftstream_ingest_batch_seconds", time.perf_counter() - t0)
                 results.append(res)
             # one round of sends for the whole batch (not one per partition): the

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--chains", type=int, default=8)
     a.add_argument("--sweeps", type=int, default=1000, help="total sweeps; first half warm-up")
+    a.add_argument("--as-of", type=int, default=None,
+                   help="epoch ms the partitions are idle-advanced to at the end, as a "
+                        "caught-up worker does (default: now)")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

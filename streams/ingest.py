@@ -27,19 +27,32 @@ dirty notices) and counts. Publishing happens in the agent, before the ack.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
-from schemas.validate import InvalidRecord, parse_event_row
+from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
 from streams.registry import Registry
-from streams.state import apply_rows, route_rows
+from streams.state import (
+    INGEST_OFFSETS,
+    apply_source_batch,
+    clocked,
+    experiment_key,
+    offsets_field,
+    partition_clock,
+    settle,
+    too_old,
+)
 
-INGEST_OFFSETS = "lr:ingest:offsets"  # hash "<topic>|<partition>" -> last fully applied offset
+_ID = re.compile(ID_PATTERN)
 
-_NOT_COUNTED = frozenset(("offset", "max_ts", "watermark", "dirty_seq"))
+_NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "applied", "skipped"))
 
 
 @dataclass
@@ -51,10 +64,23 @@ class BatchResult:
 
 
 class Ingestor:
-    def __init__(self, r: Any, registry: Registry, auto_register: bool = False):
+    """Applies micro-batches of one source partition (see the module docstring).
+
+    ``hold_seconds``/``hold_max`` bound the unit-level holds of metrics without
+    experiment_id; ``settle_every_ms`` how often (wall time, per partition)
+    the experiments without events in a batch are matured on its clock."""
+
+    def __init__(self, r: Any, registry: Registry, auto_register: bool = False,
+                 hold_seconds: int = 86_400, hold_max: int = 64,
+                 settle_every_ms: int = 1000, max_future_ms: int = DEFAULT_MAX_FUTURE_MS):
+        self.max_future_ms = max_future_ms
         self.r = r
         self.registry = registry
         self.auto_register = auto_register
+        self.hold_seconds = hold_seconds
+        self.hold_max = hold_max
+        self.settle_every_ms = settle_every_ms
+        self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
 
     def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
                 now_ms: int) -> BatchResult:
@@ -68,7 +94,8 @@ class Ingestor:
             try:
                 if raw is None:
                     raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
-                append(parse_event_row(raw, off, now_ms=now_ms))
+                append(parse_event_row(raw, off, now_ms=now_ms,
+                                       max_future_ms=self.max_future_ms))
             except InvalidRecord as err:
                 self._dead(res, raw, err, topic, partition, off, now_ms)
 
@@ -84,52 +111,106 @@ class Ingestor:
                     known[eid] = cfg
                     res.new_experiments.append(cfg)
 
-        accepted = rows
+        raw_of = dict(messages)
+        accepted = []
         unknown = ids - known.keys()
-        if unknown or any(row[1] == "x" and row[5] not in known[row[3]].variants
-                          for row in rows):
-            raw_of = dict(messages)
-            accepted = []
-            for row in rows:
-                eid = row[3]
-                if eid in unknown:
-                    err = InvalidRecord("unknown_experiment",
-                                        f"experiment {eid!r} is not registered "
-                                        "(create it on the experiments topic first)",
-                                        "experiment_id")
-                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
-                    continue
-                if row[1] == "x" and row[5] not in known[eid].variants:
-                    cfg = known[eid]
+        crows, _ = clocked(rows, partition_clock(self.r, topic, partition))
+        for row, crow in zip(rows, crows, strict=True):
+            eid = row[3]
+            if eid in unknown:
+                err = InvalidRecord("unknown_experiment",
+                                    f"experiment {eid!r} is not registered "
+                                    "(create it on the experiments topic first)",
+                                    "experiment_id")
+                self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                continue
+            if row[1] == "x":
+                cfg = known[eid]
+                if row[5] not in cfg.variants:
                     err = InvalidRecord("unknown_variant",
                                         f"variant {row[5]!r} is not one of experiment "
                                         f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
                                         "variant")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
-                accepted.append(row)  # unknown variants still applied: counted, clock, dedupe
+                elif too_old(cfg, row[6], crow[8]):
+                    err = InvalidRecord(
+                        "exposure_too_old",
+                        f"exposure at ts {row[6]}: its window closed more than "
+                        f"correction_seconds ({cfg.correction_seconds}) before the "
+                        f"partition clock {crow[8]} minus lateness", "ts")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+            # unknown variants and too-old exposures still go to the experiment,
+            # which counts them (exactly once) as in streams.semantics
+            accepted.append(row)
 
         # metrics without experiment_id may belong to any registered experiment
         if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
         rejected: list[tuple[int, str]] = []
-        routed = route_rows(self.r, accepted, known, topic, partition, rejected)
+        out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
+                                      self.hold_seconds, self.hold_max, rejected)
         for _, why in rejected:
             res.counts[why] += 1
-        for eid, idx in routed.items():
-            part = accepted if len(idx) == len(accepted) else [accepted[i] for i in idx]
-            out = apply_rows(self.r, known[eid], topic, partition, part)
+        for eid, lua in out.items():
             res.touched.add(eid)
-            for k, v in out.items():
+            for k, v in lua.items():
                 if isinstance(v, int) and k not in _NOT_COUNTED:
                     res.counts[k] += v
-        if messages:
-            self.r.hset(INGEST_OFFSETS, f"{topic}|{partition}", max(o for o, _ in messages))
+        if messages and len(accepted) < len(messages):
+            # dead letters are read too: the offset covers them
+            self.r.hset(INGEST_OFFSETS, offsets_field(topic, partition),
+                        max(o for o, _ in messages))
+        if clk is not None:
+            res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys())
         return res
 
-    @staticmethod
-    def _dead(res: BatchResult, raw, err: InvalidRecord, topic, partition, off, now_ms) -> None:
+    def settle_quiet(self, topic: str, partition: int, clk: int, now_ms: int,
+                     skip: Iterable[str] = ()) -> set[str]:
+        """Mature the experiments that had no events in this source's batch on
+        its clock (a quiet experiment on a busy partition), at most every
+        ``settle_every_ms`` of wall time per partition and only when the clock
+        moved. Returns the experiments whose state changed."""
+        f = offsets_field(topic, partition)
+        last = self._settled.get(f)
+        if last is not None and (now_ms - last[0] < self.settle_every_ms or clk <= last[1]):
+            return set()
+        self._settled[f] = (now_ms, clk)
+        skip = set(skip)
+        changed = set()
+        for eid, cfg in sorted(self.registry.get_many(self.registry.ids()).items()):
+            if eid not in skip and settle(self.r, cfg, topic, partition, clk):
+                changed.add(eid)
+        return changed
+
+    def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
+              now_ms) -> None:
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
         res.counts[f"dead_letter:{err.code}"] += 1
+        if err.code in _COUNTED_BY_EXPERIMENT:
+            return
+        eid = _experiment_of(raw)
+        if eid is not None and self.registry.get_many({eid}):
+            # per experiment, for data_quality (at least once: a replay of the
+            # batch counts it again)
+            self.r.hincrby(experiment_key(eid, "meta"), f"dl:{err.code}", 1)
+
+
+#: dead-letter reasons whose events also reach the experiment's counters
+_COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
+
+
+def _experiment_of(raw: bytes | None) -> str | None:
+    """The experiment_id of an invalid event, if it has a plausible one."""
+    if not raw:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    eid = obj.get("experiment_id") if isinstance(obj, dict) else None
+    if isinstance(eid, str) and _ID.fullmatch(eid):
+        return eid
+    return None
 
 
 def ingest_offsets(r: Any, topic: str) -> dict[int, int]:

@@ -255,6 +255,18 @@ def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: 
     return lo * B, tuple({b - lo: n for b, n in sorted(a.items())} for a in arrivals)
 
 
+def watermark_of(completeness: int | None, max_ts: int | None, L: int) -> int | None:
+    """What an estimate reflects: the completeness clock, but no later than
+    the experiment's own latest event, minus L. The cap keeps an idle
+    advance (wall clock) from adding empty entry buckets to D after the
+    experiment's traffic ended: D counts the buckets its arrivals were
+    observed over."""
+    if completeness is None:
+        return None
+    c = completeness if max_ts is None else min(completeness, max_ts)
+    return c - L
+
+
 #: One event in a call: (event, its partition clock after it, released?).
 #: ``released`` marks a metric the Reducer held without experiment_id and now
 #: hands to the experiment right after the exposure that released it.
@@ -321,6 +333,13 @@ class ExperimentState:
                 out.append(cat)
         self.settle(source, clk_end)
         return out
+
+    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
+        """One event alone from ``source`` (a call of one): its category."""
+        prev = self.clk.get(source)
+        clk = int(event.ts) if prev is None or int(event.ts) > prev else prev
+        cats = self.apply_batch(source, [(event, clk, False)], clk)
+        return cats[0] if cats else "exposures"
 
     def settle(self, source: str, clk_end: int) -> bool:
         """Rule 5 and hold expiry on ``source`` at ``clk_end`` (also a call of
@@ -481,7 +500,7 @@ class ExperimentState:
         ``completeness``: the clock the data is complete up to (default:
         ``self.completeness()``); the watermark is it minus L."""
         c = self.completeness() if completeness is None else completeness
-        wm = None if c is None else c - self.L
+        wm = watermark_of(c, self.max_ts, self.L)
         started, arrivals = started_and_arrivals(self.anchor, self.arrivals, self.B)
         if started is None:
             started = self.config.started_at

@@ -67,6 +67,14 @@ class Settings:
     auto_register: bool = False
     batch_size: int = 500
     batch_seconds: float = 0.2
+    # event time (DESIGN §5): a ts more than this ahead of the wall clock is
+    # dead-lettered ts_in_future; a partition caught up and without events for
+    # idle_seconds advances its clock to the wall clock; metrics without
+    # experiment_id that precede every exposure of their unit are held per unit
+    max_future_seconds: int = 300
+    idle_seconds: float = 30.0
+    hold_seconds: int = 86_400
+    hold_max: int = 64
     # ingest worker: run Faust's per-message delivery inline when it does not block,
     # raw bytes events without the serializer registry (streams.app, fast path)
     ingest_fast_path: bool = True

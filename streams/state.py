@@ -86,6 +86,7 @@ from streams.semantics import (
     horizons_ms,
     n_activity_strata,
     started_and_arrivals,
+    watermark_of,
 )
 
 LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
@@ -285,16 +286,15 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
 
 
-def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int) -> int:
+def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int) -> bool:
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
-    until it returns False); the number of calls that did work."""
-    calls = 0
+    until it returns False); True if anything changed."""
+    before = r.get(experiment_key(cfg.experiment_id, "dirty_seq"))
     while True:
         out = apply_rows(r, cfg, source_topic, partition, (), clk)
-        calls += 1
         if not out.get("more"):
-            return calls
+            return str(out.get("dirty_seq")) != _s(before or b"0")
 
 
 # ---------------------------------------------------------------- partition clocks
@@ -631,7 +631,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     if completeness is None:
         clocks = [_int(v) for f, v in meta.items() if f.startswith("clk:")]
         completeness = min(clocks) if clocks else None
-    wm = None if completeness is None else completeness - L
+    wm = watermark_of(completeness, max_ts, L)
 
     arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
     for f, v in arr_raw.items():
