@@ -112,7 +112,8 @@ class ExperimentKeys(NamedTuple):
         (``"<topic>|<partition>"``): pending units, dedupe sightings and the
         hold queue are per source partition, each on its own clock."""
         return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
-                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held, f"{self.heldq}:{source}"]
+                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held,
+                f"{self.heldq}:{source}"]
 
 
 def experiment_key(experiment_id: str, kind: str) -> str:

@@ -48,8 +48,6 @@ pytestmark = pytest.mark.integration
 T0 = 1_700_000_000_000
 TOPIC = "liftstream.events"
 UNITS = ("u0", "u1", "u2", "u10", "Z", "z", "é", "u 1")
-from hypothesis import Phase
-PH = (Phase.explicit, Phase.reuse, Phase.generate)
 HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
@@ -174,7 +172,7 @@ class Both:
                     want.pending_units(src(p))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=HEALTH, phases=PH)
+@settings(max_examples=80, deadline=None, suppress_health_check=HEALTH)
 @given(data=st.data())
 def test_lua_equals_reducer(redis_url, data):
     r = redis.Redis.from_url(redis_url)
@@ -234,7 +232,7 @@ def keyed_history(draw, cfgs):
             hist.append(Metric(f"m{k}", x.unit_id, draw(st.sampled_from(["rev", "clicks"])),
                                draw(values), T0 + t, exp))
     arrival = {p: [ev for ev in hist if part_of[ev.unit_id] == p] for p in range(n_parts)}
-    for p, evs in arrival.items():
+    for evs in arrival.values():
         for i in range(len(evs)):
             ev = evs[i]
             if isinstance(ev, Metric) and draw(st.integers(0, 4)) == 0:
@@ -301,7 +299,7 @@ def _lenient(cfgs):
                     dedupe_seconds=10**6) for c in cfgs]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=HEALTH, phases=PH)
+@settings(max_examples=60, deadline=None, suppress_health_check=HEALTH)
 @given(data=st.data())
 def test_any_interleaving_equals_time_sorted_fold(redis_url, data):
     r = redis.Redis.from_url(redis_url)
