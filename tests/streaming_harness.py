@@ -24,6 +24,7 @@ broker and redis-server (``tests/conftest.py``):
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import subprocess
 import sys
@@ -38,8 +39,9 @@ from typing import Any
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
 from streams.embedded import kill_group, stop_group
+from streams.semantics import Reducer
 from streams.settings import Settings
-from streams.state import read_counters
+from streams.state import advance_partition, read_counters, read_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -387,6 +389,63 @@ def bits(x: Any) -> Any:
     if hasattr(x, "__dataclass_fields__") and not isinstance(x, ExperimentConfig):
         return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__ if f != "seq"}
     return x
+
+
+def reference(cfgs: Iterable[ExperimentConfig], events: Sequence, where: Sequence[tuple[int, int]],
+              topic: str) -> Reducer:
+    """The reducer fed as a worker is: each event from its partition (``where``,
+    as ``produce`` returns it), in produced order, one event a call."""
+    red = Reducer(list(cfgs))
+    for (p, _), ev in zip(where, events, strict=True):
+        red.apply_batch(f"{topic}|{p}", [ev])
+    return red
+
+
+def settle_all(r, red: Reducer, cfgs: Iterable[ExperimentConfig], topic: str,
+               partitions: Iterable[int], clock: int) -> None:
+    """Advance every partition to ``clock``, in Redis as the worker's idle
+    advance does (``streams.state.advance_partition``) and in the reducer, so
+    that both have matured everything due by then."""
+    cfgs = list(cfgs)
+    for p in partitions:
+        advance_partition(r, cfgs, topic, p, clock)
+        red.advance(f"{topic}|{p}", clock)
+
+
+def close_diff(got: Any, want: Any, path: str = "") -> list[str]:
+    """Where two values differ beyond float rounding: integers and strings
+    exactly, floats within 1e-9 relative (batch boundaries change the order
+    in which units are folded into a cell, so its sums' last bits)."""
+    if isinstance(want, float) or isinstance(got, float):
+        ok = isinstance(got, int | float) and isinstance(want, int | float) and math.isclose(
+            got, want, rel_tol=1e-9, abs_tol=1e-9)
+        return [] if ok else [f"{path}: {got!r} != {want!r}"]
+    if hasattr(want, "__dataclass_fields__") and not isinstance(want, ExperimentConfig):
+        return [d for f in want.__dataclass_fields__ if f not in ("seq", "dead_letters")
+                for d in close_diff(getattr(got, f), getattr(want, f), f"{path}.{f}")]
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or set(got) != set(want):
+            return [f"{path}: keys {sorted(got) if isinstance(got, dict) else got!r:.200} != "
+                    f"{sorted(want)!r:.200}"]
+        return [d for k in want for d in close_diff(got[k], want[k], f"{path}[{k!r}]")]
+    if isinstance(want, list | tuple):
+        if not isinstance(got, list | tuple) or len(got) != len(want):
+            return [f"{path}: {got!r:.200} != {want!r:.200}"]
+        return [d for i, (g, w) in enumerate(zip(got, want, strict=True))
+                for d in close_diff(g, w, f"{path}[{i}]")]
+    return [] if got == want else [f"{path}: {got!r:.200} != {want!r:.200}"]
+
+
+def assert_state_close(r, cfgs: Iterable[ExperimentConfig], red: Reducer) -> None:
+    """Redis snapshots == the reducer's: counts exactly, sums within 1e-9
+    relative, the watermark from the reducer's completeness clock."""
+    c = red.completeness()
+    for cfg in cfgs:
+        got = read_snapshot(r, cfg, completeness=c)
+        want = red.states[cfg.experiment_id].snapshot(c)
+        diffs = close_diff(got, want)
+        assert not diffs, f"{cfg.experiment_id}: Redis differs from the reducer:\n" + \
+            "\n".join(diffs[:20])
 
 
 def snapshot_diff(got: Any, want: Any) -> str:

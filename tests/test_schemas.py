@@ -108,7 +108,7 @@ def test_metric_parses_to_record() -> None:
         (with_(EXPOSURE, extra={"nested": [1, None]}, source="web"), {}),  # extras ignored
         (with_(EXPOSURE, schema_version=1), {}),
         (with_(EXPOSURE, schema_version=None), {}),
-        (with_(EXPOSURE, ts=NOW + 86_400_000), {"ts": NOW + 86_400_000}),  # at the limit
+        (with_(EXPOSURE, ts=NOW + 300_000), {"ts": NOW + 300_000}),  # at the limit (5 min)
         (with_(EXPOSURE, unit_id="a.b_c:d@e/f+g=h-i"), {"unit_id": "a.b_c:d@e/f+g=h-i"}),
         (with_(EXPOSURE, unit_id="x" * 128), {"unit_id": "x" * 128}),
         (with_(EXPOSURE, experiment_id="0exp_A.1-b"), {"experiment_id": "0exp_A.1-b"}),
@@ -368,7 +368,10 @@ FULL_CONFIG: dict[str, Any] = {
     "window_seconds": 86_400,
     "lateness_seconds": 0,
     "dedupe_seconds": 86_400,
-    "partition_skew_seconds": 7200,
+    "correction_seconds": 7200,
+    "hold_seconds": 600,
+    "hold_max": 8,
+    "partition_skew_seconds": 7200,  # obsolete: accepted, ignored
     "started_at": NOW - 86_400_000,
     "target_shares": [0.5, 0.3, 0.2],
     "allocation": [0.5, 0.25, 0.25],
@@ -390,16 +393,19 @@ def test_full_config_parses() -> None:
     assert cfg.metrics[1] == MetricSpec("latency_ms", "decrease", 25.0)
     assert cfg.n_strata == 3 and cfg.target_shares == (0.5, 0.3, 0.2)
     assert cfg.lateness_seconds == 0 and cfg.alert_thresholds["rhat_max"] == 1.05
-    assert cfg.partition_skew_seconds == 7200
-    assert experiment_to_dict(cfg) == FULL_CONFIG
+    assert (cfg.correction_seconds, cfg.hold_seconds, cfg.hold_max) == (7200, 600, 8)
+    obsolete = {"partition_skew_seconds"}  # accepted on input, not written back
+    assert experiment_to_dict(cfg) == {k: v for k, v in FULL_CONFIG.items() if k not in obsolete}
 
 
-def test_partition_skew_default_and_zero() -> None:
-    assert parse_experiment({"experiment_id": "e"}).partition_skew_seconds == 3600
-    assert parse_experiment({"experiment_id": "e", "partition_skew_seconds": None}) \
-        .partition_skew_seconds == 3600
-    cfg = parse_experiment({"experiment_id": "e", "partition_skew_seconds": 0})
-    assert cfg.partition_skew_seconds == 0
+def test_event_time_bounds_default_and_zero() -> None:
+    cfg = parse_experiment({"experiment_id": "e"})
+    assert (cfg.correction_seconds, cfg.hold_seconds, cfg.hold_max) == (7 * 86_400, 86_400, 64)
+    cfg = parse_experiment({"experiment_id": "e", "correction_seconds": None, "hold_max": None})
+    assert (cfg.correction_seconds, cfg.hold_max) == (7 * 86_400, 64)
+    cfg = parse_experiment({"experiment_id": "e", "correction_seconds": 0, "hold_seconds": 0,
+                            "hold_max": 0, "partition_skew_seconds": 0})
+    assert (cfg.correction_seconds, cfg.hold_seconds, cfg.hold_max) == (0, 0, 0)
     assert parse_experiment(experiment_to_dict(cfg)) == cfg
 
 
@@ -448,7 +454,9 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
         window_seconds=draw(st.integers(1, 31_622_400)),
         lateness_seconds=draw(st.integers(0, 3600)),
         dedupe_seconds=draw(st.integers(0, 86_400 * 7)),
-        partition_skew_seconds=draw(st.integers(0, 86_400 * 7)),
+        correction_seconds=draw(st.integers(0, 86_400 * 7)),
+        hold_seconds=draw(st.integers(0, 86_400)),
+        hold_max=draw(st.integers(0, 4096)),
         started_at=draw(st.none() | st.integers(MIN_TS_MS, MAX_TS_MS)),
         target_shares=shares(n_strata, False),
         prior=draw(st.sampled_from(["flat", "platform"])),
@@ -513,9 +521,11 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("window absurd", cfg_with(window_seconds=10**9), "window_seconds", True),
     ("lateness negative", cfg_with(lateness_seconds=-1), "lateness_seconds", True),
     ("dedupe bool", cfg_with(dedupe_seconds=True), "dedupe_seconds", True),
-    ("skew negative", cfg_with(partition_skew_seconds=-1), "partition_skew_seconds", True),
-    ("skew fractional", cfg_with(partition_skew_seconds=0.5), "partition_skew_seconds", True),
-    ("skew absurd", cfg_with(partition_skew_seconds=10**9), "partition_skew_seconds", True),
+    ("correction negative", cfg_with(correction_seconds=-1), "correction_seconds", True),
+    ("correction fractional", cfg_with(correction_seconds=0.5), "correction_seconds", True),
+    ("correction absurd", cfg_with(correction_seconds=10**9), "correction_seconds", True),
+    ("hold absurd", cfg_with(hold_seconds=10**9), "hold_seconds", True),
+    ("hold_max absurd", cfg_with(hold_max=10**6), "hold_max", True),
     ("started_at seconds", cfg_with(started_at=NOW // 1000), "started_at", True),
     ("shares wrong length", cfg_with(target_shares=[0.5, 0.5]), "target_shares", False),
     ("shares negative", cfg_with(target_shares=[1.2, -0.2, 0.0]), "target_shares", True),
