@@ -277,7 +277,8 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             window=settings.window_draws, warmup=settings.warmup, seed=settings.seed),
             xp=get_xp(settings.device),
             platform=PlatformPrior(r, PlatformConfig(chains=settings.platform_chains,
-                                                     seed=settings.seed)))
+                                                     seed=settings.seed)),
+            events_topic=settings.topic_events)
         app.liftstream["sampler"] = service
         sampler_pool = ThreadPoolExecutor(1, thread_name_prefix="sampler")
 

@@ -5,7 +5,7 @@ watermark, and the idle advance of caught-up partitions.
   clock, ignoring partitions with no backlog (the consumer's applied offset is
   at the high watermark): KIP-695's rule. A partition with a backlog and no
   clock yet (never read) makes it unknown. Published at
-  ``streams.state.COMPLETENESS``; an estimate's ``watermark.event_time`` and
+  ``streams.state.completeness_key(topic)``; an estimate's ``watermark.event_time`` and
   the arrival block's D come from it (minus the experiment's lateness).
 * **Idle advance**: a partition that is caught up and whose clock has not
   moved for ``idle_seconds`` of wall time advances its clock to the wall
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams.state import (
-    COMPLETENESS,
     INGEST_OFFSETS,
     PARTITION_CLOCKS,
     advance_partition,
+    completeness_key,
     offsets_field,
 )
 
@@ -98,9 +98,9 @@ class ClockService:
                 self.idle.since[p] = (clocks[p], now_ms)
         c = completeness({p: clocks.get(p) for p in high}, applied, high)
         if c is None:
-            self.r.delete(COMPLETENESS)
+            self.r.delete(completeness_key(self.topic))
         else:
-            self.r.set(COMPLETENESS, c)
+            self.r.set(completeness_key(self.topic), c)
         return c
 
 

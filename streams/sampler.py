@@ -31,7 +31,7 @@ from streams.advance import StoredChains, TickConfig, advance
 from streams.chains import decode, encode
 from streams.platform_prior import PlatformPrior
 from streams.registry import Registry
-from streams.state import experiment_key, read_snapshot
+from streams.state import experiment_key, read_completeness, read_snapshot
 
 NOTICE_CHANNEL = "lr:estimates"
 HISTORY_LEN = 2000
@@ -58,8 +58,12 @@ def history_point(rec: dict) -> dict:
 
 class SamplerService:
     def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
-                 rhat_done: float = 1.01, platform: PlatformPrior | None = None):
+                 rhat_done: float = 1.01, platform: PlatformPrior | None = None,
+                 events_topic: str | None = None):
         self.r = r
+        #: whose completeness clock (DESIGN §5) the estimates reflect; None:
+        #: each experiment's own lowest partition clock
+        self.events_topic = events_topic
         self.platform = platform  # None: ``prior: "platform"`` configs get no shrinkage
         self.registry = registry
         self.tick_cfg = tick
@@ -78,7 +82,8 @@ class SamplerService:
 
     def load(self, eids: list[str]):
         cfgs = self.registry.get_many(eids)
-        snaps = [read_snapshot(self.r, cfgs[e]) for e in eids if e in cfgs]
+        c = None if self.events_topic is None else read_completeness(self.r, self.events_topic)
+        snaps = [read_snapshot(self.r, cfgs[e], completeness=c) for e in eids if e in cfgs]
         keys = [(s.experiment_id, m) for s in snaps for m in s.config.metric_names]
         stored: dict[tuple[str, str], StoredChains] = {}
         if keys:

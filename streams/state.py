@@ -305,9 +305,11 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
 PARTITION_CLOCKS = "lr:ingest:clocks"
 #: hash "<topic>|<partition>" -> last offset fully applied (every experiment)
 INGEST_OFFSETS = "lr:ingest:offsets"
-#: string: the completeness clock (min over the events topic's partitions with
-#: a backlog of their clock, KIP-695); snapshots' watermark = it - L
-COMPLETENESS = "lr:ingest:watermark"
+def completeness_key(topic: str) -> str:
+    """string: the completeness clock of events topic ``topic`` (min over its
+    partitions with a backlog of their clock, KIP-695); an estimate's
+    watermark is it (capped by the experiment's latest event) minus L."""
+    return f"lr:ingest:watermark:{topic}"
 
 
 def unit_hold_key(unit_id: str) -> str:
@@ -596,9 +598,9 @@ def route_batch(
 # ---------------------------------------------------------------- reading
 
 
-def read_completeness(r: Any) -> int | None:
-    """The completeness clock the ingest worker published (``COMPLETENESS``)."""
-    v = r.get(COMPLETENESS)
+def read_completeness(r: Any, topic: str) -> int | None:
+    """The completeness clock the ingest worker published for ``topic``."""
+    v = r.get(completeness_key(topic))
     return None if v is None else _int(v)
 
 
@@ -607,9 +609,10 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     """The experiment's snapshot, read atomically (MULTI/EXEC, one round trip),
     in exactly the shape and values of ``ExperimentState.snapshot()``.
 
-    The watermark is ``completeness`` - L; by default the completeness clock
-    the ingest worker publishes (``read_completeness``), else, like the
-    reducer's default, the lowest partition clock the experiment has seen."""
+    The watermark is ``completeness`` (the ingest worker publishes it:
+    ``read_completeness``), capped by the experiment's latest event, minus L;
+    by default, like the reducer's, the lowest partition clock the experiment
+    has seen."""
     k = experiment_keys(cfg.experiment_id)
     pipe = r.pipeline(transaction=True)
     pipe.hgetall(k.meta)
@@ -627,8 +630,6 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     metrics = cfg.metric_names
 
     max_ts = _int(meta["max_ts"]) if "max_ts" in meta else None
-    if completeness is None:
-        completeness = read_completeness(r)
     if completeness is None:
         clocks = [_int(v) for f, v in meta.items() if f.startswith("clk:")]
         completeness = min(clocks) if clocks else None

@@ -402,14 +402,20 @@ def reference(cfgs: Iterable[ExperimentConfig], events: Sequence, where: Sequenc
 
 
 def settle_all(r, red: Reducer, cfgs: Iterable[ExperimentConfig], topic: str,
-               partitions: Iterable[int], clock: int) -> None:
-    """Advance every partition to ``clock``, in Redis as the worker's idle
-    advance does (``streams.state.advance_partition``) and in the reducer, so
-    that both have matured everything due by then."""
+               partitions: Iterable[int], clock: int | None = None) -> None:
+    """Advance every partition to ``clock`` (None: each to the reducer's clock
+    of it, i.e. only settle), in Redis as the worker's idle advance does
+    (``streams.state.advance_partition``) and in the reducer, so that both
+    have matured everything due by then: the worker settles experiments
+    without events in a batch at wall-clock moments, the reducer does not."""
     cfgs = list(cfgs)
     for p in partitions:
-        advance_partition(r, cfgs, topic, p, clock)
-        red.advance(f"{topic}|{p}", clock)
+        src = f"{topic}|{p}"
+        c = red.clocks.get(src) if clock is None else clock
+        if c is None:
+            continue
+        advance_partition(r, cfgs, topic, p, c)
+        red.advance(src, c)
 
 
 def close_diff(got: Any, want: Any, path: str = "") -> list[str]:

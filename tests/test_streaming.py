@@ -41,9 +41,10 @@ from streams.ingest import ingest_offsets
 from streams.sampler import chain_key, estimate_key, history_key
 from streams.semantics import Reducer
 from streams.simulate import make_traffic
-from streams.state import read_counters, read_snapshot
+from streams.state import read_counters
 from tests.streaming_harness import (
     Workers,
+    assert_state_close,
     bits,
     committed_offsets,
     consume_all,
@@ -51,7 +52,8 @@ from tests.streaming_harness import (
     make_stack,
     produce,
     producer,
-    snapshot_diff,
+    reference,
+    settle_all,
     wait_until,
 )
 
@@ -88,15 +90,6 @@ def r(redis_url):
 def as_records(evs) -> list:
     """Events as the worker sees them: JSON bytes through ``parse_event``."""
     return [parse_event(dumps(e), now_ms=2**53 - 1) for e in evs]
-
-
-def assert_same_state(r, cfgs, reducer: Reducer) -> None:
-    want = reducer.snapshots()
-    for c in cfgs:
-        got = read_snapshot(r, c)
-        assert bits(got) == bits(want[c.experiment_id]), (
-            f"{c.experiment_id}: Redis differs from the reducer\n"
-            + snapshot_diff(got, want[c.experiment_id]))
 
 
 def chain_iterations(r, eid: str, metrics) -> dict[str, int]:
@@ -140,7 +133,7 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
     st.register([cfg])
     w = workers.start(st, "all")
     t0 = time.monotonic()
-    produce(st.bootstrap, st.events_topic, evs)
+    where = produce(st.bootstrap, st.events_topic, evs)
     t_produced = time.monotonic()
 
     # all events applied: each event increments exactly one counter
@@ -149,10 +142,13 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
     t_applied = time.monotonic()
     assert events_counted(r, ["e2e"]) == len(evs)
 
-    # (b) Redis state == reference reducer on the same events, exactly
-    reducer = Reducer([cfg]).apply_all(as_records(evs))
+    # (b) Redis state == reference reducer on the same events, once both are
+    # advanced to the wall clock as the caught-up worker's idle advance does
+    reducer = reference([cfg], as_records(evs), where, st.events_topic)
+    settle_all(r, reducer, [cfg], st.events_topic, [0], int(time.time() * 1000))
     want = reducer.snapshots()["e2e"]
-    assert_same_state(r, [cfg], reducer)
+    assert_state_close(r, [cfg], reducer)
+    assert sum(want.matured.values()) == sum(want.exposed.values())  # all windows closed
     final_wm = want.watermark
     assert want.matured["treatment"] > 1000 and want.D == 7
 
@@ -303,29 +299,35 @@ def test_differential_through_kafka(new_stack, workers, r):
     prod_events = 0
     dead = Counter()
     cases = []
+    all_cfgs, all_events, all_where = [], [], []
     for i in range(n_cases):
         cfgs, events = random_case(rng, f"c{i}")
         st.register(cfgs)
         where = produce(st.bootstrap, st.events_topic, events)
         assert {p for p, _ in where} == {0}
         cases.append((cfgs, events, where[-1][1]))
+        all_cfgs += cfgs
+        all_events += events
+        all_where += where
         prod_events += len(events)
     last = cases[-1][2]
     wait_until(lambda: ingest_offsets(r, st.events_topic).get(0, -1) >= last, 120,
                "the worker to apply every case", workers=[w],
                info=lambda: str(ingest_offsets(r, st.events_topic)))
+    # the cases share the partition, so its clock: one reducer over all, fed as
+    # the worker was; then both settled at the end of the event time
+    reducer = reference(all_cfgs, all_events, all_where, st.events_topic)
+    settle_all(r, reducer, all_cfgs, st.events_topic, [0], reducer.clocks[f"{st.events_topic}|0"])
+    assert_state_close(r, all_cfgs, reducer)
     cats = Counter()
     matured = 0
-    for cfgs, events, _ in cases:
-        reducer = Reducer(cfgs).apply_all(events)
-        assert_same_state(r, cfgs, reducer)
-        for s in reducer.snapshots().values():
-            cats.update({k: v for k, v in s.counters.items() if v})
-            matured += sum(s.matured.values())
-        dead.update(reducer.counters)
+    for s in reducer.snapshots().values():
+        cats.update({k: v for k, v in s.counters.items() if v})
+        matured += sum(s.matured.values())
+    dead.update(reducer.counters)
     assert matured > 100
     # the streams did exercise what they are meant to
-    for c in ("duplicate", "late", "pre_exposure", "unknown_unit", "conflict", "unknown_variant",
+    for c in ("duplicate", "corrected", "held", "pre_exposure", "conflict", "unknown_variant",
               "unknown_metric", "outside_window", "metric_applied", "repeat_exposure"):
         assert cats[c] > 0, (c, cats)
     assert dead["unknown_experiment"] > 0 and dead["unrouted"] > 0
@@ -349,7 +351,7 @@ def replay_case(units_a: int, units_b: int, seed: int):
     the unit index, to every experiment the unit was exposed in before) and 2%
     of all events are re-sent a few positions later (same key, so same
     partition, after the original: a duplicate). Returns the configs, the
-    events, and the two "clock" events sent once everything else is applied.
+    events, and a clock past every window's lateness, to settle at the end.
     """
     from dataclasses import replace
 
@@ -366,43 +368,40 @@ def replay_case(units_a: int, units_b: int, seed: int):
     for i in sorted(rng.sample(range(len(events)), len(events) // 50), reverse=True):
         events.insert(min(len(events), i + rng.randint(1, 50)), dict(events[i]))
     last = max(e["ts"] for e in events)
-    clock = [{"type": "metric", "event_id": f"clock-{c.experiment_id}", "unit_id": "clock",
-              "metric": "value", "value": 0.0, "experiment_id": c.experiment_id,
-              "ts": last + (LONG_L + 2 * 86_400) * 1000} for c in cfgs]
-    return cfgs, events, clock
+    return cfgs, events, last + (LONG_L + 2 * 86_400) * 1000
 
 
 def finish_and_compare(st, w, r, cfgs, events, clock) -> Reducer:
-    """Wait until every event is applied, send the clock events (which mature
-    every unit at once), wait for them, stop the worker cleanly, and compare
-    the whole state with the reducer's, bit for bit."""
+    """Wait until every event is applied, stop the worker cleanly, settle
+    every partition past every window (``clock``: the ts after the last
+    window's lateness) in Redis and in the reducer, and compare the whole
+    state with the reducer's."""
     from streams.state import read_pending, read_units
 
     ids = [c.experiment_id for c in cfgs]
-    # the reducer gets each event with the partition it came from (the
-    # watermark is per source partition): a unit's events share its key, so
-    # its partition, as the consumed records show
+    # the reducer gets each event from the partition it came from: a unit's
+    # events share its key, so its partition, as the consumed records show
     recs = consume_all(st.bootstrap, st.events_topic, lambda out: len(out) >= len(events), 60)
     part_of = {m.key().decode(): m.partition() for m in recs}
-    reducer = Reducer(cfgs).apply_sourced(
-        (f"{st.events_topic}|{part_of[e.unit_id]}", e) for e in as_records(events))
+    reducer = Reducer(cfgs)
+    for e in as_records(events):
+        reducer.apply_batch(f"{st.events_topic}|{part_of[e.unit_id]}", [e])
     routed = sum(sum(s.counters.values()) for s in reducer.snapshots().values())
     wait_until(lambda: events_counted(r, ids) >= routed, 120, "every event applied",
                workers=[w], info=lambda: f"{events_counted(r, ids)} of {routed}")
-    # before the clock: nothing matured, nothing late, whatever the interleaving
+    # nothing matured yet, nothing late, whatever the interleaving
     assert events_counted(r, ids) == routed
     assert all(read_counters(r, e).get("late", 0) == 0 for e in ids)
-    where = produce(st.bootstrap, st.events_topic, clock)
-    reducer.apply_sourced((f"{st.events_topic}|{p}", e)
-                          for (p, _), e in zip(where, as_records(clock), strict=True))
-    wait_until(lambda: events_counted(r, ids) >= routed + len(clock), 60, "the clock events",
-               workers=[w])
     assert w.stop() == 0, w.log_tail()
-    assert_same_state(r, cfgs, reducer)
+    parts = sorted(set(part_of.values()))
+    settle_all(r, reducer, cfgs, st.events_topic, parts, clock)
+    assert_state_close(r, cfgs, reducer)
     for c in cfgs:
         want = reducer.states[c.experiment_id]
         assert bits(read_units(r, c)) == bits(want.units), c.experiment_id
-        assert read_pending(r, c.experiment_id) == want.pending_units() == []
+        for p in parts:
+            src = f"{st.events_topic}|{p}"
+            assert read_pending(r, c.experiment_id, src) == want.pending_units(src) == []
     snaps = reducer.snapshots()
     assert all(s.counters["duplicate"] > 0 and s.counters["metric_applied"] > 0
                and sum(s.matured.values()) == sum(s.exposed.values()) > 0
@@ -426,7 +425,7 @@ def test_ingest_throughput(new_stack, workers, r):
                     interval=0.01, workers=[w])
     t1 = time.monotonic()
     total = sum(sum(s.counters.values())
-                for s in Reducer(cfgs).apply_all(as_records(events)).snapshots().values())
+                for s in Reducer(cfgs).apply_all(as_records(events), "p|0").snapshots().values())
     wait_until(lambda: events_counted(r, ids) >= total, 120, "all events", interval=0.01,
                workers=[w])
     t2 = time.monotonic()
@@ -612,7 +611,7 @@ def test_chain_continuity(new_stack, workers, r):
 
     # more data: estimates keep coming, at the new watermark, iterations growing
     produce(st.bootstrap, st.events_topic, evs[cut:])
-    final_wm = Reducer([cfg]).apply_all(as_records(evs)).snapshots()["ch"].watermark
+    final_wm = max(e["ts"] for e in evs) - cfg.lateness_seconds * 1000  # capped by max_ts
     rec = wait_until(lambda: (e := r.get(estimate_key("ch", "value", "treatment")))
                      and (e := loads(e))["watermark"]["event_time"] == final_wm
                      and e["diagnostics"]["iteration"] >= it1 + 2 * sweeps and e, 90,
