@@ -114,8 +114,11 @@ class Ingestor:
         raw_of = dict(messages)
         accepted = []
         unknown = ids - known.keys()
-        crows, _ = clocked(rows, partition_clock(self.r, topic, partition))
-        for row, crow in zip(rows, crows, strict=True):
+        # the partition clock after each event (dead letters move none)
+        live = [row for row in rows if row[3] not in unknown]
+        clk_of = {crow[0]: crow[8] for crow in
+                  clocked(live, partition_clock(self.r, topic, partition))[0]}
+        for row in rows:
             eid = row[3]
             if eid in unknown:
                 err = InvalidRecord("unknown_experiment",
@@ -132,12 +135,12 @@ class Ingestor:
                                         f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
                                         "variant")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
-                elif too_old(cfg, row[6], crow[8]):
+                elif too_old(cfg, row[6], clk_of[row[0]]):
                     err = InvalidRecord(
                         "exposure_too_old",
                         f"exposure at ts {row[6]}: its window closed more than "
                         f"correction_seconds ({cfg.correction_seconds}) before the "
-                        f"partition clock {crow[8]} minus lateness", "ts")
+                        f"partition clock {clk_of[row[0]]} minus lateness", "ts")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
             # unknown variants and too-old exposures still go to the experiment,
             # which counts them (exactly once) as in streams.semantics

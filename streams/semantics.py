@@ -16,7 +16,8 @@ a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
 events share one, key = unit_id), never of how partitions interleave:
 
 * the partition clock ``clk_p`` = max event ts seen on p (every valid event of
-  p counts, whichever experiment it is for), or the wall clock once p is
+  p counts, whichever experiment it is for; dead letters such as events of an
+  unregistered experiment do not), or the wall clock once p is
   caught up and idle (``Reducer.advance``). Each call gets the clock after
   each of its events (``clk``) and after the whole source batch (``clk_end``);
 * a unit *matures* once ``close = exposure_ts + W <= clk_p - L`` and is *final*
@@ -559,6 +560,9 @@ class Reducer:
         clk = self.clocks.get(source)
         per: dict[str, list[Item]] = {}
         for ev in events:
+            if ev.experiment_id is not None and ev.experiment_id not in self.configs:
+                self.counters["unknown_experiment"] += 1  # dead-lettered: moves no clock
+                continue
             ts = int(ev.ts)
             clk = ts if clk is None or ts > clk else clk
             for e, item in self._route(ev, clk, source):
@@ -573,10 +577,7 @@ class Reducer:
 
     def _route(self, ev: Event, clk: int, source: str) -> list[tuple[str, Item]]:
         if isinstance(ev, Exposure):
-            cfg = self.configs.get(ev.experiment_id)
-            if cfg is None:
-                self.counters["unknown_experiment"] += 1
-                return []
+            cfg = self.configs[ev.experiment_id]
             out = [(ev.experiment_id, (ev, clk, False))]
             if ev.variant in cfg.variants and not self._too_old(ev, clk):
                 seen = self.index.setdefault(ev.unit_id, set())
@@ -586,9 +587,6 @@ class Reducer:
                         out.append((ev.experiment_id, (m, clk, True)))
             return out
         if ev.experiment_id is not None:
-            if ev.experiment_id not in self.configs:
-                self.counters["unknown_experiment"] += 1
-                return []
             return [(ev.experiment_id, (ev, clk, False))]
         targets = sorted(self.index.get(ev.unit_id, ()))
         if not targets:

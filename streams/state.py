@@ -354,7 +354,8 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
-    Moves the partition clock over every row, routes (``route_rows``), makes
+    Moves the partition clock over every row of a registered experiment (or
+    without one: dead letters move no clock), routes (``route_rows``), makes
     one ``apply_rows`` call per experiment at the batch's end clock, expires
     unit-level holds, then records the partition's clock and last offset
     (after every experiment applied: a replay starts from a clock that
@@ -362,15 +363,22 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
     experiment, ``unrouted_expired`` = over the hold bound)."""
-    if not rows:
+    kept = []
+    for i, row in enumerate(rows):
+        if row[3] is not None and row[3] not in known:  # dead-lettered: moves no clock
+            if rejected is not None:
+                rejected.append((i, "unknown_experiment"))
+        else:
+            kept.append(row)
+    if not kept:
         return {}, partition_clock(r, topic, partition)
-    crows, clk = clocked(rows, partition_clock(r, topic, partition))
+    crows, clk = clocked(kept, partition_clock(r, topic, partition))
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk) for e, lst in routed.items()}
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
     f = offsets_field(topic, partition)
     pipe = r.pipeline(transaction=True)
-    pipe.hset(INGEST_OFFSETS, f, max(row[0] for row in rows))
+    pipe.hset(INGEST_OFFSETS, f, max(row[0] for row in rows))  # dead letters read too
     pipe.hset(PARTITION_CLOCKS, f, clk)
     pipe.execute()
     return out, clk

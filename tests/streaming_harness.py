@@ -211,6 +211,15 @@ class Worker:
             return ""
         return data[-n:].decode("utf-8", "replace")
 
+    def ready(self) -> bool:
+        """Has the current run (since the last start) finished starting up
+        (Faust's "Worker]: Ready")? A SIGTERM before that ends it with -15."""
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return False
+        return b"Worker]: Ready" in data[data.rfind(b"===== start #"):]
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"{self.role} worker exited with code {self.proc.returncode}"

@@ -392,6 +392,7 @@ def finish_and_compare(st, w, r, cfgs, events, clock) -> Reducer:
     # nothing matured yet, nothing late, whatever the interleaving
     assert events_counted(r, ids) == routed
     assert all(read_counters(r, e).get("late", 0) == 0 for e in ids)
+    wait_until(w.ready, 60, "the last restart to finish starting", workers=[w])
     assert w.stop() == 0, w.log_tail()
     parts = sorted(set(part_of.values()))
     settle_all(r, reducer, cfgs, st.events_topic, parts, clock)
