@@ -16,52 +16,60 @@ binary (1).
 |---|---|---|
 | `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
 | `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
-| `lr:{e:<id>}:pending` | zset | unit_id -> window close ts, for units not matured yet |
+| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts, units of source partition `<src>` not matured yet |
 | `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> `"n sum_y sum_y2"` |
 | `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
-| `lr:{e:<id>}:meta` | hash | clock, per-variant and per-stratum totals, counters (3) |
-| `lr:{e:<id>}:seen` | zset | event_id -> ts of its last counted sighting (4) |
+| `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
+| `lr:{e:<id>}:seen:<src>` | zset | event_id -> ts of its last counted sighting on `<src>` (4) |
+| `lr:{e:<id>}:held` | hash | unit_id -> metrics held for the unit's exposure (`<Hdd` records) |
+| `lr:{e:<id>}:heldq:<src>` | zset | unit_id -> newest held ts (expiry order) |
 | `lr:{e:<id>}:offsets` | hash | `topic`, `partition` (2) -> last applied source offset |
-| `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every batch that applied an event |
+| `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every call that changed the state |
 | `lr:{u:<unit_id>}:x` | hash | routing index: experiment_id -> first exposure (5) |
+| `lr:{u:<unit_id>}:held` | hash | `<src>|<offset>` -> a metric without experiment_id held (6) |
+| `lr:ingest:clocks` | hash | `<src>` -> the partition clock |
+| `lr:ingest:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
+| `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
+| `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.clocks``) |
+
+`<src>` is `<topic>|<partition>`, a source partition.
 
 1. Binary, little-endian (struct `<BHHBdd` then M doubles): version byte 1,
-   variant index, stratum, matured 0|1, entry bucket, exposure ts, total_1 ...
-   total_M; indices and total order follow the config's `variants` and
-   `metrics`, which must therefore only ever be appended to (a record with
-   fewer totals reads the missing ones as 0). The earlier text form
-   `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1> <total_1>
-   ... <total_M>"` (%.17g) is still read, by the script and ``read_units``,
-   and rewritten in binary when the unit is next written.
+   variant index, stratum, matured (folded) 0|1, entry bucket (on the anchor
+   grid), exposure ts, total_1 ... total_M; indices and total order follow
+   the config's `variants` and `metrics`, which must therefore only ever be
+   appended to (a record with fewer totals reads the missing ones as 0). The
+   earlier text form `"<variant_index> <stratum> <bucket> <exposure_ts>
+   <matured 0|1> <total_1> ... <total_M>"` (%.17g) is still read, by the
+   script and ``read_units``, and rewritten in binary when next written.
 2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
    `liftstream.events|0`.
-3. `max_ts`, `started_at`, `exposed:<variant>`, `matured:<variant>`,
-   `act_sum:<stratum>` (float), `act_n:<stratum>`, `c:<counter>` (the
-   counters are `streams.semantics.COUNTERS`); the event-time clock:
-   `max_ts` (max event ts over all source partitions), `mx:<topic>|<partition>`
-   (max event ts from that source partition) and `wm`, the watermark
-   `max(wm, max(min_p mx:p, max_ts - I) - L)` (rule 2 of
-   ``streams.semantics``). State written before `wm` existed has none; its
-   watermark reads as `max_ts - L`, the rule it was made with.
-4. Dedupe. Entries with score < max_ts - DD are pruned by every batch: they
-   can never mark a duplicate again.
+3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
+   `started_at`, read as the anchor), `clk:<src>` (the last partition clock
+   a call brought), `exposed:<variant>`, `matured:<variant>`,
+   `act_sum:<stratum>` (float), `act_n:<stratum>`, `c:<counter>`
+   (``streams.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
+   experiment, at least once).
+4. Dedupe per source partition; entries with score < clk - DD are pruned by
+   every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
    set of experiments the unit was exposed in.
+6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
+   exposure's call) to each experiment whose first exposure of the unit
+   arrives later, dropped after `hold_seconds` (Ingestor setting).
 
 Stratum indices run 0..S-1 for the activity strata and S for "unknown
-activity" (S = len(strata_edges) - 1). Counters (``c:<name>``) are listed in
-``streams.semantics.COUNTERS``.
+activity" (S = len(strata_edges) - 1).
 
 Why the routing index stores the first exposure's position rather than being
-a plain set: it lives in another slot, so it is written (idempotently, HSETNX;
-one call of ``streams/lua/route.lua`` per batch, or a pipeline on a Redis
-Cluster) *before* the experiment's Lua call. After a crash between those two
-steps, a replay would otherwise see the unit as already exposed and route a
-metric that preceded its exposure in the stream to the experiment. With the
-position, a metric is routed only to experiments whose first exposure of the
-unit came before it (same topic and partition; units are keyed to one
-partition), on the first run and on every replay alike.
+a plain set: it lives in another slot, so it is written (idempotently, HSETNX,
+in a pipeline) *before* the experiment's Lua call. After a crash between
+those two steps, a replay would otherwise see the unit as already exposed and
+route a metric that preceded its exposure in the stream to the experiment.
+With the position, a metric is routed only to experiments whose first
+exposure of the unit came before it, and held metrics are released only by
+that exposure, on the first run and on every replay alike.
 """
 
 from __future__ import annotations
