@@ -16,7 +16,7 @@ binary (1).
 |---|---|---|
 | `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
 | `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
-| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts, units of source partition `<src>` not matured yet |
+| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts, not matured yet |
 | `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> `"n sum_y sum_y2"` |
 | `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
 | `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
