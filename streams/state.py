@@ -279,7 +279,8 @@ def _lua_result(raw: list) -> dict[str, Any]:
 
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
-               rows: Sequence[tuple], clk_end: int) -> dict[str, Any]:
+               rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT
+               ) -> dict[str, Any]:
     """One call of ingest.lua: clocked ``rows`` of one source partition
     (routed to ``cfg``'s experiment, increasing offsets), then maturation and
     hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
@@ -289,19 +290,20 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     ``skipped``, ``offset``, ``max_ts``, ``more`` (1: call again to settle
     the rest), ``dirty_seq`` and the net change of each counter that moved.
     """
-    argv = config_argv(cfg, source_topic, partition, clk_end)
+    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit)
     argv += _pack_rows(cfg, rows)
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
     return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
 
 
-def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int) -> bool:
+def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
+           fold_limit: int = FOLD_LIMIT) -> bool:
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
     until it returns False); True if anything changed."""
     before = r.get(experiment_key(cfg.experiment_id, "dirty_seq"))
     while True:
-        out = apply_rows(r, cfg, source_topic, partition, (), clk)
+        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit)
         if not out.get("more"):
             return str(out.get("dirty_seq")) != _s(before or b"0")
 
@@ -359,6 +361,7 @@ def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
 def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
                        rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
                        rejected: list[tuple[int, str]] | None = None,
+                       fold_limit: int = FOLD_LIMIT,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -382,7 +385,8 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
         return {}, partition_clock(r, topic, partition)
     crows, clk = clocked(kept, partition_clock(r, topic, partition))
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
-    out = {e: apply_rows(r, known[e], topic, partition, lst, clk) for e, lst in routed.items()}
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit)
+           for e, lst in routed.items()}
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
     f = offsets_field(topic, partition)
     pipe = r.pipeline(transaction=True)

@@ -153,7 +153,7 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
     assert want.matured["treatment"] > 1000 and want.D == 7
 
     # an estimate of the final data from a window of draws made entirely on it:
-    # the first estimate seen at the final watermark has iteration i0, the tick
+    # the first estimate seen of the final data has iteration i0, the tick
     # that made it began at i0 - sweeps, so i0 - sweeps + window suffices
     def est():
         raw = r.get(estimate_key("e2e", "value", "treatment"))
@@ -161,8 +161,9 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
 
     sweeps, window = st.settings["sweeps_per_tick"], st.settings["window_draws"]
     _, first = wait_until(lambda: (e := est()) and e[1]["watermark"]["event_time"] == final_wm
-                          and e, 120, "an estimate at the final watermark", workers=[w],
-                          info=lambda: str(est() and est()[1]["watermark"]))
+                          and e[1]["units"]["matured"] == want.matured and e, 120,
+                          "an estimate of the final data", workers=[w],
+                          info=lambda: str(est() and est()[1]["units"]))
     need = first["diagnostics"]["iteration"] - sweeps + window
     raw, rec = wait_until(lambda: (e := est()) and e[1]["diagnostics"]["iteration"] >= need
                           and e, 120, f"an estimate at iteration >= {need}", workers=[w],

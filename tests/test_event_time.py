@@ -1,0 +1,177 @@
+"""Event time beyond the reducer (DESIGN §5): the completeness watermark and the
+idle advance (``streams.clocks``), bounded maturation, dead letters that move
+no clock, and the ``data_loss`` alert on a real stream of late metrics."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from schemas.codec import dumps
+from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.clocks import ClockService, IdleTracker, completeness
+from streams.data_quality import data_quality
+from streams.ingest import Ingestor
+from streams.registry import Registry
+from streams.semantics import Reducer
+from streams.state import (
+    apply_source_batch,
+    event_row,
+    partition_clock,
+    read_completeness,
+    read_snapshot,
+    settle,
+)
+from tests.streaming_harness import assert_state_close, event_dict
+
+T0 = 1_700_000_000_000
+TOPIC = "ev"
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def test_completeness_ignores_partitions_without_backlog():
+    clocks = {0: 100, 1: 50, 2: 70}
+    # partition 1 is caught up (applied 9, high 10): ignored (KIP-695)
+    assert completeness(clocks, {0: 3, 1: 9, 2: 4}, {0: 10, 1: 10, 2: 10}) == 70
+    # all caught up: the lowest clock
+    assert completeness(clocks, {0: 9, 1: 9, 2: 9}, {0: 10, 1: 10, 2: 10}) == 50
+    # a partition with a backlog that was never read: unknown
+    assert completeness({0: 100}, {0: 3}, {0: 10, 1: 5}) is None
+    # a never-used, empty partition does not count
+    assert completeness({0: 100}, {0: 9}, {0: 10, 1: 0}) == 100
+    assert completeness({}, {}, {0: 0}) is None
+
+
+def test_idle_tracker_needs_a_still_clock_while_caught_up():
+    t = IdleTracker(idle_ms=1000)
+    assert not t.idle(0, 5, True, 0)
+    assert not t.idle(0, 5, True, 999)
+    assert t.idle(0, 5, True, 1000)
+    assert not t.idle(0, 6, True, 1500)  # the clock moved: start again
+    assert not t.idle(0, 6, False, 3000)  # a backlog: start again
+    assert not t.idle(0, 6, True, 3500)
+    assert t.idle(0, 6, True, 4500)
+
+
+# ---------------------------------------------------------------- with Redis
+
+
+def cfg(**kw) -> ExperimentConfig:
+    base = dict(experiment_id="e1", metrics=(MetricSpec("rev"),), window_seconds=10,
+                bucket_seconds=5, lateness_seconds=1, correction_seconds=20, hold_seconds=30)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+@pytest.fixture()
+def r(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.mark.integration
+def test_clock_service_publishes_completeness_and_advances_idle_partitions(r):
+    c = cfg()
+    known = {"e1": c}
+    apply_source_batch(r, known, TOPIC, 0, [event_row(0, Exposure("a", "e1", "u", "control",
+                                                                  T0, 1.0))])
+    apply_source_batch(r, known, TOPIC, 1, [event_row(0, Exposure("b", "e1", "v", "control",
+                                                                  T0 + 5000, 1.0))])
+    svc = ClockService(r, TOPIC, idle_seconds=2.0, configs=lambda: [c])
+    high = {0: 1, 1: 1, 2: 0}  # both read to the end; partition 2 empty
+    assert svc.tick(high, owned={0, 1}, now_ms=T0 + 60_000) == T0
+    assert read_completeness(r, TOPIC) == T0
+    assert read_snapshot(r, c).matured["control"] == 0
+    svc.tick(high, {0, 1}, T0 + 61_000)
+    assert read_snapshot(r, c).matured["control"] == 0  # idle 1 s of 2
+    assert svc.tick(high, {0, 1}, T0 + 62_000) == T0 + 62_000  # idle: wall clock
+    assert partition_clock(r, TOPIC, 0) == T0 + 62_000
+    assert read_snapshot(r, c).matured["control"] == 2  # both windows closed by then
+    # a backlog on partition 1 again: its clock bounds completeness
+    assert svc.tick({0: 1, 1: 3, 2: 0}, {0, 1}, T0 + 63_000) == T0 + 62_000
+    # the watermark of an estimate stops at the experiment's latest event
+    assert read_snapshot(r, c, completeness=T0 + 62_000).watermark == T0 + 5000 - 1000
+
+
+@pytest.mark.integration
+def test_maturation_folds_in_bounded_calls(r):
+    """30 units due at once, 7 a call: five calls, the same cells as the reducer."""
+    c = cfg()
+    evs = [Exposure(f"x{i}", "e1", f"u{i:02d}", "control", T0 + i, 1.0) for i in range(30)]
+    red = Reducer([c], fold_limit=7)
+    red.apply_batch(f"{TOPIC}|0", evs)
+    apply_source_batch(r, {"e1": c}, TOPIC, 0, [event_row(i, e) for i, e in enumerate(evs)],
+                       fold_limit=7)
+    late = T0 + 60_000
+    assert settle(r, c, TOPIC, 0, late, fold_limit=7)
+    while red.states["e1"].settle(f"{TOPIC}|0", late):
+        pass
+    red.clocks[f"{TOPIC}|0"] = late
+    assert read_snapshot(r, c).matured["control"] == 30
+    assert_state_close(r, [c], red)
+
+
+@pytest.mark.integration
+def test_future_and_too_old_events_are_dead_letters_that_move_no_clock(r):
+    c = cfg()
+    reg = Registry(r)
+    reg.put(c)
+    ing = Ingestor(r, reg)
+    now = T0 + 100_000
+    first = [Exposure("a", "e1", "u", "control", now - 1000, 1.0)]
+    res = ing.process(TOPIC, 0, [(0, dumps(event_dict(first[0])))], now)
+    assert not res.dead_letters and partition_clock(r, TOPIC, 0) == now - 1000
+    bad = [Exposure("f", "e1", "v", "control", now + 301_000, 1.0),  # > now + 5 min
+           Exposure("o", "e1", "w", "control", now - 60_000, 1.0)]  # 40+10+20 <= 99-1 s
+    res = ing.process(TOPIC, 0, [(i + 1, dumps(event_dict(e))) for i, e in enumerate(bad)], now)
+    assert [(d["reason"]["code"], d["source"]["offset"]) for d in res.dead_letters] == \
+        [("ts_in_future", 1), ("exposure_too_old", 2)]
+    assert partition_clock(r, TOPIC, 0) == now - 1000  # neither moved the clock
+    snap = read_snapshot(r, c)
+    assert snap.counters["too_old"] == 1 and snap.exposed["control"] == 1
+    assert snap.dead_letters == {"ts_in_future": 1}
+
+
+@pytest.mark.integration
+def test_data_loss_alert_on_a_stream_with_late_metrics(r):
+    """2% of the metrics arrive past the correction horizon: data_loss fires
+    once; when they stop, it resolves (the alert judges a recent window)."""
+    from streams import alerting
+    from tests.test_alerts import quiet
+
+    c = cfg(experiment_id="exp-1", correction_seconds=2, window_seconds=5, lateness_seconds=0)
+    reg = Registry(r)
+    reg.put(c)
+    known = {"exp-1": c}
+    off, t = 0, T0
+
+    def tick(late: bool) -> list[dict]:
+        nonlocal off, t
+        evs = []
+        for i in range(250):
+            uid = f"u{off + i}"
+            evs.append(Exposure(f"x{off + i}", "exp-1", uid, "control", t, 1.0))
+            for k in range(3):
+                evs.append(Metric(f"m{off + i}.{k}", uid, "rev", 1.0, t + 1000 * k, "exp-1"))
+        if late:  # 15 of 750 metrics (2%): in units' windows long past close + H
+            evs += [Metric(f"l{off + i}", f"u{i}", "rev", 1.0, T0 + 100, "exp-1")
+                    for i in range(15)]
+        apply_source_batch(r, known, TOPIC, 0, [event_row(off + j, e) for j, e in
+                                                 enumerate(evs)])
+        off += len(evs)
+        t += 60_000
+        dq = data_quality(read_snapshot(r, c))
+        return alerting.process(r, reg, [quiet(dq=dq)], t)
+
+    assert not tick(False)
+    fired = tick(True)
+    assert [(a["kind"], a["state"]) for a in fired] == [("data_loss", "firing")]
+    assert not tick(True) and not tick(True)  # edge-triggered
+    resolved = []
+    for _ in range(3):
+        resolved += tick(False)
+    assert [(a["kind"], a["state"]) for a in resolved] == [("data_loss", "resolved")]
+    assert read_snapshot(r, c).counters["late"] == 45
