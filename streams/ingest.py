@@ -46,6 +46,7 @@ from streams.state import (
     experiment_key,
     offsets_field,
     partition_clock,
+    record_position,
     settle,
     too_old,
 )
@@ -161,8 +162,7 @@ class Ingestor:
                     res.counts[k] += v
         if messages and len(accepted) < len(messages):
             # dead letters are read too: the offset covers them
-            self.r.hset(INGEST_OFFSETS, offsets_field(topic, partition),
-                        max(o for o, _ in messages))
+            record_position(self.r, topic, partition, max(o for o, _ in messages), None)
         if clk is not None:
             res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys())
         return res

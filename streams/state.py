@@ -144,7 +144,7 @@ def offsets_field(topic: str, partition: int) -> str:
 
 # ---------------------------------------------------------------- the scripts
 
-_scripts: dict[Path, Any] = {}
+_scripts: dict[Path | None, Any] = {}
 
 
 def _script(r: Any, path: Path) -> Any:
@@ -358,6 +358,23 @@ def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
     return ts + W + H <= clk - L
 
 
+def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
+                  rows: Sequence[tuple], rejected: list[tuple[int, str]] | None = None,
+                  ) -> tuple[list[tuple], int | None]:
+    """The rows of a source batch that reach the state, clocked from the
+    stored partition clock, and the clock after them. Rows of unregistered
+    experiments are dead letters: they move no clock (``rejected`` gets them
+    as ``unknown_experiment``)."""
+    kept = []
+    for i, row in enumerate(rows):
+        if row[3] is not None and row[3] not in known:
+            if rejected is not None:
+                rejected.append((i, "unknown_experiment"))
+        else:
+            kept.append(row)
+    return clocked(kept, partition_clock(r, topic, partition))
+
+
 def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
                        rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
                        rejected: list[tuple[int, str]] | None = None,
@@ -374,35 +391,45 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
     experiment, ``unrouted_expired`` = over the hold bound)."""
-    kept = []
-    for i, row in enumerate(rows):
-        if row[3] is not None and row[3] not in known:  # dead-lettered: moves no clock
-            if rejected is not None:
-                rejected.append((i, "unknown_experiment"))
-        else:
-            kept.append(row)
-    if not kept:
-        return {}, partition_clock(r, topic, partition)
-    crows, clk = clocked(kept, partition_clock(r, topic, partition))
+    crows, clk = clocked_batch(r, known, topic, partition, rows, rejected)
+    if not crows:
+        return {}, clk
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit)
            for e, lst in routed.items()}
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
-    f = offsets_field(topic, partition)
-    pipe = r.pipeline(transaction=True)
-    pipe.hset(INGEST_OFFSETS, f, max(row[0] for row in rows))  # dead letters read too
-    pipe.hset(PARTITION_CLOCKS, f, clk)
-    pipe.execute()
+    record_position(r, topic, partition, max(row[0] for row in rows), clk)  # dead letters too
     return out, clk
+
+
+_RECORD_POSITION = """
+for i = 1, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
+  local v = ARGV[i + 1]
+  if v ~= '' and (cur == nil or tonumber(v) > cur) then redis.call('HSET', KEYS[i], ARGV[1], v) end
+end
+"""
+
+
+def record_position(r: Any, topic: str, partition: int, offset: int | None,
+                    clock: int | None) -> None:
+    """The partition's last fully applied offset and its clock, each only ever
+    moving forward (a replay of older offsets, a racing idle advance), in one
+    atomic step."""
+    sc = _scripts.get(None)
+    if sc is None:
+        sc = _scripts[None] = r.register_script(_RECORD_POSITION)
+    sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS], client=r,
+       args=[offsets_field(topic, partition), "" if offset is None else int(offset),
+             "" if clock is None else int(clock)])
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
                       clock_ms: int, hold_seconds: int = 86_400) -> int:
     """``Reducer.advance``: an idle, caught-up partition's clock moves to
     ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
-    old = partition_clock(r, topic, partition)
-    clk = clock_ms if old is None or clock_ms > old else old
-    r.hset(PARTITION_CLOCKS, offsets_field(topic, partition), clk)
+    record_position(r, topic, partition, None, clock_ms)
+    clk = partition_clock(r, topic, partition)
     for cfg in configs:
         settle(r, cfg, topic, partition, clk)
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)

@@ -158,9 +158,9 @@ def test_failover(kafka_bootstrap, kafka_kind, redis_url, tmp_path, n_exp, units
 
         # the state: both settled on every partition's clock (the workers
         # settle quiet experiments at wall-clock moments), counts exact
-        for w in ing:  # no batch in flight while the test settles
-            if w.alive():
-                w.stop()
+        ing[1].check_alive()  # the surviving ingest worker ran to the end ...
+        assert ing[1].stop() == 0, ing[1].log_tail()  # ... and stops cleanly: no batch
+        #                                  in flight while the test settles
         settle_all(r, reducer, cfgs, st.events_topic, range(PARTITIONS))
         assert_state_close(r, cfgs, reducer)
         # chains only grow; the moved ones continued past their stored iteration
@@ -183,8 +183,7 @@ def test_failover(kafka_bootstrap, kafka_kind, redis_url, tmp_path, n_exp, units
               f"iterations at kill->end (moved) "
               f"{ {e: (it_at_kill.get(e), final[e]) for e in moved[:4]} }; "
               f"total {time.monotonic() - t_start:.0f}s")
-        for w in (ing[1], smp[1]):
-            w.check_alive()
+        smp[1].check_alive()
     finally:
         feeder.quit.set()
         stop_poll.set()

@@ -31,7 +31,9 @@ from streams.semantics import Reducer
 from streams.state import (
     advance_partition,
     apply_batch,
+    apply_rows,
     apply_source_batch,
+    clocked_batch,
     config_argv,
     event_row,
     experiment_keys,
@@ -40,6 +42,7 @@ from streams.state import (
     read_pending,
     read_snapshot,
     read_units,
+    route_rows,
 )
 from tests.streaming_harness import bits
 
@@ -134,11 +137,9 @@ class Both:
         rows = [event_row(first + i, ev) for i, ev in enumerate(events)]
         self.offsets[p] = first + len(events)
         if crash != "none":  # a run that died part-way, then the full replay
-            from streams.state import clocked, partition_clock, route_rows
-            crows, clk = clocked(rows, partition_clock(self.r, TOPIC, p))
-            routed = route_rows(self.r, crows, self.known, TOPIC, p)
+            crows, clk = clocked_batch(self.r, self.known, TOPIC, p, rows)
+            routed = route_rows(self.r, crows, self.known, TOPIC, p) if crows else {}
             if crash == "partial":
-                from streams.state import apply_rows
                 for e, lst in routed.items():
                     if pick is None or pick():
                         apply_rows(self.r, self.known[e], TOPIC, p, lst, clk)
@@ -164,7 +165,9 @@ class Both:
         for c in self.cfgs:
             want = self.red.states[c.experiment_id]
             got = read_snapshot(self.r, c, completeness=c_all)
-            assert got.counters == want.snapshot(c_all).counters, c.experiment_id
+            w = want.snapshot(c_all)
+            assert got.counters == w.counters, (c.experiment_id, got.counters, w.counters)
+            assert got.matured == w.matured, (c.experiment_id, got.matured, w.matured)
             assert bits(got) == bits(want.snapshot(c_all)), c.experiment_id
             assert bits(read_units(self.r, c)) == bits(want.units)
             for p in self.offsets:
