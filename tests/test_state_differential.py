@@ -330,6 +330,15 @@ def test_any_interleaving_equals_time_sorted_fold(redis_url, data):
 # ---------------------------------------------------------------- targeted cases
 
 
+@pytest.fixture()
+def fresh(redis_url):
+    """A client of an empty redis-server."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    yield r
+    r.close()
+
+
 def _cfg(eid="e1", **kw) -> ExperimentConfig:
     base = dict(experiment_id=eid, metrics=(MetricSpec("rev"),), window_seconds=10,
                 bucket_seconds=2, lateness_seconds=1, dedupe_seconds=5, correction_seconds=20,
@@ -346,12 +355,10 @@ def _m(eid, unit, t, value=1.0, exp="e1"):
     return Metric(eid, unit, "rev", value, T0 + t, exp)
 
 
-def test_metric_after_maturation_corrects_the_cell(redis_url):
+def test_metric_after_maturation_corrects_the_cell(fresh):
     """close = 10 s, matured when the partition clock passes 11 s; a metric at
     9 s arriving after that corrects n=1 cell: Σy 2+3, Σy² 25."""
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg()])
+    both = Both(fresh, [_cfg()])
     both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _m("b", "v", 12_000, exp="e2")])
     both.batch(0, [_x("y", "w", 12_000)])
     both.batch(0, [_m("c", "u", 9_000, 3.0)])
@@ -364,10 +371,8 @@ def test_metric_after_maturation_corrects_the_cell(redis_url):
     both.check()
 
 
-def test_metric_before_exposure_is_held_and_released(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg(), _cfg("e2")])
+def test_metric_before_exposure_is_held_and_released(fresh):
+    both = Both(fresh, [_cfg(), _cfg("e2")])
     both.batch(0, [_m("a", "u", 100, 2.0), _m("b", "u", 200, 1.0, exp=None)])
     assert both.red.states["e1"].counters["held"] == 1
     assert both.red.counters["unrouted"] == 1
@@ -378,10 +383,8 @@ def test_metric_before_exposure_is_held_and_released(redis_url):
     assert e1.counters["held"] == 0 and e1.counters["metric_applied"] == 2
 
 
-def test_held_metrics_expire_and_are_counted(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg(hold_max=2)])
+def test_held_metrics_expire_and_are_counted(fresh):
+    both = Both(fresh, [_cfg(hold_max=2)])
     both.batch(0, [_m("a", "u", 0), _m("b", "u", 1), _m("c", "u", 2)])  # third: over hold_max
     assert both.red.states["e1"].counters == {"held": 2, "expired": 1}
     both.batch(0, [_x("x", "v", 40_000)])  # newest held (2 ms) + 30 s < 40 s: expired
@@ -389,22 +392,18 @@ def test_held_metrics_expire_and_are_counted(redis_url):
     both.check()
 
 
-def test_too_old_exposure_creates_no_state(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg()])
+def test_too_old_exposure_creates_no_state(fresh):
+    both = Both(fresh, [_cfg()])
     both.batch(0, [_x("a", "u", 100_000), _x("b", "old", 60_000)])  # 60+10+20 <= 100-1
     assert both.red.states["e1"].counters["too_old"] == 1
     assert "old" not in both.red.states["e1"].units
     both.check()
 
 
-def test_quiet_experiment_matures_on_a_busy_partition(redis_url):
+def test_quiet_experiment_matures_on_a_busy_partition(fresh):
     """e1's unit matures when e2's traffic moves the shared partition clock
     and the worker settles e1 there (advance)."""
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg(), _cfg("e2")])
+    both = Both(fresh, [_cfg(), _cfg("e2")])
     both.batch(0, [_x("a", "u", 0)])
     both.batch(0, [_x("b", "v", 30_000, exp="e2")])
     assert both.red.states["e1"].matured["control"] == 0
@@ -413,21 +412,17 @@ def test_quiet_experiment_matures_on_a_busy_partition(redis_url):
     both.check()
 
 
-def test_partial_apply_then_replay_is_exactly_once(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg(), _cfg("e2")])
+def test_partial_apply_then_replay_is_exactly_once(fresh):
+    both = Both(fresh, [_cfg(), _cfg("e2")])
     both.batch(0, [_x("a", "u", 0), _x("b", "v", 1, exp="e2"), _m("c", "u", 5, exp=None)],
                crash="partial", pick=iter([True, False]).__next__)
     both.check()
 
 
-def test_offsets_api(redis_url):
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    both = Both(r, [_cfg(), _cfg("e2")])
+def test_offsets_api(fresh):
+    both = Both(fresh, [_cfg(), _cfg("e2")])
     both.batch(3, [_x("a", "u", 0), _x("b", "v", 1, exp="e2")])
-    assert min_applied_offsets(r, ["e1", "e2"], TOPIC) == {3: 0}
+    assert min_applied_offsets(fresh, ["e1", "e2"], TOPIC) == {3: 0}
 
 
 def test_apply_batch_rejects_foreign_and_non_finite(redis_url):
