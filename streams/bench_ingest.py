@@ -306,7 +306,7 @@ PROFILE_PARTS = [
     ("validation (parse_event_row)", ("schemas/validate.py", "parse_event_row")),
     ("  of which: orjson.loads", ("~", "<orjson.loads>")),
     ("registry lookups (Registry.get_many)", ("streams/registry.py", "get_many")),
-    ("routing (route_rows: unit index, 2 round trips)", ("streams/state.py", "route_rows")),
+    ("routing (route_rows: unit index, one script call)", ("streams/state.py", "route_rows")),
     ("apply (apply_rows: Lua call, argv, reply)", ("streams/state.py", "apply_rows")),
     ("  of which: packing the events (_pack_rows)", ("streams/state.py", "_pack_rows")),
     ("dead-letter records", ("schemas/contracts.py", "dead_letter_record")),

@@ -48,7 +48,7 @@ from streams.state import (
     partition_clock,
     record_position,
     settle,
-    too_old,
+    too_old_margin,
 )
 
 _ID = re.compile(ID_PATTERN)
@@ -119,6 +119,14 @@ class Ingestor:
         live = [row for row in rows if row[3] not in unknown]
         clk_of = {crow[0]: crow[8] for crow in
                   clocked(live, partition_clock(self.r, topic, partition))[0]}
+        margins: dict[str, int] = {}
+
+        def margin(eid: str) -> int:
+            m = margins.get(eid)
+            if m is None:
+                m = margins[eid] = too_old_margin(known[eid])
+            return m
+
         for row in rows:
             eid = row[3]
             if eid in unknown:
@@ -136,7 +144,7 @@ class Ingestor:
                                         f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
                                         "variant")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
-                elif too_old(cfg, row[6], clk_of[row[0]]):
+                elif row[6] + margin(eid) <= clk_of[row[0]]:  # too_old (streams.state)
                     err = InvalidRecord(
                         "exposure_too_old",
                         f"exposure at ts {row[6]}: its window closed more than "

@@ -98,6 +98,7 @@ from streams.semantics import (
 )
 
 LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
+ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
 
 
 class ExperimentKeys(NamedTuple):
@@ -350,12 +351,16 @@ def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | 
     return out, clk
 
 
+def too_old_margin(cfg: ExperimentConfig) -> int:
+    """W + H + L (ms): an exposure at ts is too old once ts + this <= clk."""
+    W, _, L, _ = config_ms(cfg)
+    return W + horizons_ms(cfg)[0] + L
+
+
 def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
     """Rule 2's too_old: the exposure's window closed before the correction
     horizon of its partition clock (``streams.semantics``)."""
-    W, _, L, _ = config_ms(cfg)
-    H, _, _ = horizons_ms(cfg)
-    return ts + W + H <= clk - L
+    return ts + too_old_margin(cfg) <= clk
 
 
 def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
@@ -520,8 +525,9 @@ def route_rows(
     experiment id -> its clocked rows, in order, with released held metrics
     (kind ``h``) right after the exposure that releases them.
 
-    Two pipelined round trips, reads then idempotent writes, so a crash
-    between them or a replay routes the same way:
+    One round trip (``streams/lua/route.lua``: idempotent writes, then the
+    reads), plus one more when metrics are held, so a crash between them or a
+    replay routes the same way:
 
     * exposures (variant in the config, not ``too_old``) record the unit's
       first exposure position in ``lr:{u:<unit>}:x`` (HSETNX). The exposure
@@ -532,29 +538,36 @@ def route_rows(
       none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
     """
     variants_of = {e: c.variants for e, c in known.items()}
-    lookup: dict[str, None] = {}
+    margin: dict[str, int] = {}  # too_old_margin per experiment, once a batch
+    metric_units: dict[str, None] = {}  # units of metrics without experiment_id
     exposing: dict[tuple[str, str], int] = {}
     for row in rows:
         if row[1] == "m":
             if row[3] is None:
-                lookup[row[4]] = None
+                metric_units[row[4]] = None
         else:
             vs = variants_of.get(row[3])
+            if vs is not None and row[3] not in margin:
+                margin[row[3]] = too_old_margin(known[row[3]])
             if (vs is not None and row[5] in vs and (row[4], row[3]) not in exposing
-                    and not too_old(known[row[3]], row[6], row[8])):
+                    and row[6] + margin[row[3]] > row[8]):
                 exposing[(row[4], row[3])] = row[0]
-                lookup[row[4]] = None
-    index: dict[str, dict[str, str]] = {}
-    holds: dict[str, dict[str, bytes]] = {}
-    if lookup:
-        pipe = r.pipeline(transaction=False)
-        for u in lookup:
-            pipe.hgetall(unit_index_key(u))
-            pipe.hgetall(unit_hold_key(u))
-        res = pipe.execute()
-        for u, h, hd in zip(lookup, res[::2], res[1::2], strict=True):
-            index[u] = {_s(k): _s(v) for k, v in h.items()}
-            holds[u] = {_s(k): v for k, v in hd.items()}
+    # an exposure releases held metrics only if its partition holds any (a
+    # unit's events share its partition): else its unit needs no look-up
+    held_here = (source_topic is not None and partition is not None and exposing
+                 and r.exists(unit_hold_queue(source_topic, partition)))
+    lookup = list(metric_units)
+    if held_here:
+        lookup += list({u: None for u, _ in exposing if u not in metric_units})
+    index: dict[str, dict[str, str]] = {u: {} for u in lookup}
+    holds: dict[str, dict[str, bytes]] = {u: {} for u in lookup}
+    if lookup or exposing:
+        res = _index_round_trip(r, lookup, len(metric_units), exposing, source_topic,
+                                partition)
+        for u, got in zip(lookup, res, strict=True):
+            if got:  # 0: exposed in the batch, nothing held
+                index[u] = {_s(k): _s(v) for k, v in _pairs(got[0])}
+                holds[u] = dict(_pairs(got[1]))
 
     out: dict[str, list[tuple]] = {}
     in_batch: dict[str, set[str]] = {}
@@ -570,8 +583,8 @@ def route_rows(
             if exposing.get((uid, exp)) == row[0]:
                 in_batch.setdefault(uid, set()).add(exp)
                 mk = _marker(source_topic, partition, row[0])
-                if index[uid].get(exp, mk) == mk:  # the first exposure: release
-                    for f, v in sorted(holds[uid].items(), key=_hold_order):
+                if index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
+                    for f, v in sorted(holds.get(uid, {}).items(), key=_hold_order):
                         if _before(f, source_topic, partition, row[0]):
                             ev_id, metric, ts, value = orjson.loads(v)
                             out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
@@ -601,17 +614,57 @@ def route_rows(
                     new_holds.append((uid, f, v, row[6]))
                 if rejected is not None:
                     rejected.append((i, why))
-    if exposing or new_holds:
+    if new_holds and source_topic is not None and partition is not None:  # rare
+        q = unit_hold_queue(source_topic, partition)
         pipe = r.pipeline(transaction=False)
-        for (u, e), off in exposing.items():
-            pipe.hsetnx(unit_index_key(u), e, _marker(source_topic, partition, off))
-        if new_holds and source_topic is not None and partition is not None:
-            q = unit_hold_queue(source_topic, partition)
-            for u, f, v, ts in new_holds:
-                pipe.hset(unit_hold_key(u), f, v)
-                pipe.zadd(q, {u: ts}, gt=True)
+        for u, f, v, ts in new_holds:
+            pipe.hset(unit_hold_key(u), f, v)
+            pipe.zadd(q, {u: ts}, gt=True)
         pipe.execute()
     return dict(sorted(out.items()))
+
+
+def _pairs(h: Any) -> list[tuple[Any, Any]]:
+    """HGETALL's reply as pairs, whether a dict (pipeline) or a flat list (Lua)."""
+    if isinstance(h, dict):
+        return list(h.items())
+    return [(_s(h[i]), h[i + 1]) for i in range(0, len(h), 2)]
+
+
+def _is_cluster(r: Any) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py always has it
+        return False
+    return isinstance(r, RedisCluster)
+
+
+def _index_round_trip(r: Any, units: list[str], n_always: int,
+                      exposing: dict[tuple[str, str], int], topic: str | None,
+                      partition: int | None) -> list:
+    """Record the exposures' positions (HSETNX), then read the index and the
+    held metrics of ``units``, in one round trip: one call of
+    ``streams/lua/route.lua`` (on a Redis Cluster, whose unit keys lie in many
+    slots, a pipeline of the same commands). Returns per unit [index, held],
+    or 0 for one past the first ``n_always`` that has nothing held."""
+    if _is_cluster(r):
+        pipe = r.pipeline(transaction=False)
+        for (u, e), off in exposing.items():
+            pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
+        for u in units:
+            pipe.hgetall(unit_index_key(u))
+            pipe.hgetall(unit_hold_key(u))
+        got = pipe.execute()[len(exposing):]
+        return [[h, hd] if i < n_always or hd else 0
+                for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
+    keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]
+    keys += [unit_index_key(u) for u, _ in exposing]
+    prefix = "" if topic is None or partition is None else f"{topic}|{int(partition)}|"
+    blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in exposing.items()])
+    if blob.count("\x1f") != len(exposing) or blob.count("\x1e") != len(exposing):
+        raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
+    return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(units), n_always, prefix, blob],
+                                      client=r)
 
 
 def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:
