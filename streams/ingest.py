@@ -53,7 +53,9 @@ from streams.state import (
 
 _ID = re.compile(ID_PATTERN)
 
-_NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "applied", "skipped"))
+#: Lua reply fields that are no event counts: positions, and ``held``, a net
+#: change that can be negative (per-experiment gauges show it: streams.metrics)
+_NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "held"))
 
 
 @dataclass

@@ -212,7 +212,7 @@ def _int(x: Any) -> int:
 
 
 def event_row(offset: int, ev: Event) -> tuple:
-    """The row of an Event (the ``route_batch`` / ``apply_batch`` API)."""
+    """The row of an Event (``apply_batch``, the tests, the reducer's peers)."""
     if isinstance(ev, Exposure):
         return (int(offset), "x", ev.event_id, ev.experiment_id, ev.unit_id, ev.variant,
                 int(ev.ts), None if ev.pre_activity is None else float(ev.pre_activity))
@@ -674,25 +674,6 @@ def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:
         return src, int(off)
     except ValueError:
         return src, -1
-
-
-def route_batch(
-    r: Any,
-    batch: Sequence[tuple[int, Event]],
-    known: dict[str, ExperimentConfig],
-    source_topic: str | None = None,
-    partition: int | None = None,
-    rejected: list[tuple[int, Event, str]] | None = None,
-) -> dict[str, list[tuple[int, Event]]]:
-    """``route_rows`` for Events without clocks (tests of the routing index)."""
-    rows, _ = clocked([event_row(off, ev) for off, ev in batch], None)
-    rej: list[tuple[int, str]] = []
-    routed = route_rows(r, rows, known, source_topic, partition, rej)
-    if rejected is not None:
-        rejected.extend((batch[i][0], batch[i][1], why) for i, why in rej)
-    by_off = {off: ev for off, ev in batch}
-    return {e: [(row[0], by_off[row[0]]) for row in lst if row[1] != "h"]
-            for e, lst in routed.items()}
 
 
 # ---------------------------------------------------------------- reading
