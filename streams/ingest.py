@@ -42,10 +42,9 @@ from streams.registry import Registry
 from streams.state import (
     INGEST_OFFSETS,
     apply_source_batch,
-    clocked,
+    clocked_batch,
     experiment_key,
     offsets_field,
-    partition_clock,
     record_position,
     settle,
     too_old_margin,
@@ -118,9 +117,8 @@ class Ingestor:
         accepted = []
         unknown = ids - known.keys()
         # the partition clock after each event (dead letters move none)
-        live = [row for row in rows if row[3] not in unknown]
-        clk_of = {crow[0]: crow[8] for crow in
-                  clocked(live, partition_clock(self.r, topic, partition))[0]}
+        crows, clk0 = clocked_batch(self.r, known, topic, partition, rows)
+        clk_of = {crow[0]: crow[8] for crow in crows}
         margins: dict[str, int] = {}
 
         def margin(eid: str) -> int:
@@ -162,7 +160,8 @@ class Ingestor:
             known.update(self.registry.get_many(self.registry.ids()))
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
-                                      self.hold_seconds, self.hold_max, rejected)
+                                      self.hold_seconds, self.hold_max, rejected,
+                                      clocked_rows=(crows, clk0))  # accepted = crows' rows
         for _, why in rejected:
             res.counts[why] += 1
         for eid, lua in out.items():

@@ -384,6 +384,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
                        rejected: list[tuple[int, str]] | None = None,
                        fold_limit: int = FOLD_LIMIT,
+                       clocked_rows: tuple[list[tuple], int | None] | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -395,8 +396,11 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     belongs to its first offset). Returns per-experiment Lua results and the
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
-    experiment, ``unrouted_expired`` = over the hold bound)."""
-    crows, clk = clocked_batch(r, known, topic, partition, rows, rejected)
+    experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
+    ``clocked_batch``'s result for ``rows``, when the caller already has it."""
+    if clocked_rows is None:
+        clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
+    crows, clk = clocked_rows
     if not crows:
         return {}, clk
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
