@@ -1,10 +1,19 @@
 """Validation of raw bytes into typed records, with stable reasons (DESIGN §4).
 
-Ingest runs :func:`parse_event` once per Kafka message, so it is hand-written:
-one ``orjson.loads``, exact-type checks and one precompiled regex per id. No
-jsonschema on the hot path (it is ~100x slower); the JSON Schema files in this
-package describe the same rules for other languages and are checked against
-this module by a differential test (``tests/test_schemas.py``).
+Ingest runs :func:`parse_event_row` once per Kafka message. Its fast path is
+msgspec: one ``Decoder`` into tagged Structs whose constraints are the
+contract's (id patterns, ts range, value bounds), ~0.8 µs per event against
+~4 µs for ``orjson.loads`` plus the hand-written checks. Only what msgspec
+accepts *and* passes the remaining check (ts not in the future) takes it;
+everything else goes through the hand-written reference validator
+(:func:`parse_event`'s rules), which gives the stable reason codes and
+messages. msgspec is stricter than the reference in places (``1.0`` for an
+int, ``schema_version: 1.0``), never looser: those inputs take the reference
+path and get its verdict (a differential test, ``tests/test_schemas.py``,
+checks both paths agree on valid and mutated events). No jsonschema on the
+hot path (it is ~100x slower); the JSON Schema files in this package describe
+the same rules for other languages and are checked against this module by a
+differential test too.
 
 Every rejection is an :class:`InvalidRecord` whose ``code`` is stable (counted
 in metrics, written to the dead-letter topic) and whose ``message`` is for a
@@ -39,8 +48,9 @@ import numbers
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
+import msgspec
 import orjson
 
 from schemas.records import (
@@ -71,6 +81,7 @@ __all__ = [
     "is_valid_name",
     "parse_event",
     "parse_event_row",
+    "parse_event_row_reference",
     "parse_experiment",
 ]
 
@@ -365,6 +376,37 @@ def _name_ok(v: str) -> bool:
     return True
 
 
+# ---- the msgspec fast path (see the module docstring)
+
+_FastId = Annotated[str, msgspec.Meta(pattern=r"\A" + ID_PATTERN + r"\Z")]
+_FastName = Annotated[str, msgspec.Meta(pattern=r"\A" + NAME_PATTERN + r"\Z")]
+_FastTs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+
+
+class _FastExposure(msgspec.Struct, tag="exposure", tag_field="type"):
+    event_id: _FastId
+    experiment_id: _FastName
+    unit_id: _FastId
+    variant: _FastName
+    ts: _FastTs
+    pre_activity: Annotated[float, msgspec.Meta(ge=0, le=PRE_ACTIVITY_MAX)] | None = None
+    schema_version: Literal[1] | None = None  # SCHEMA_VERSION
+
+
+class _FastMetric(msgspec.Struct, tag="metric", tag_field="type"):
+    event_id: _FastId
+    unit_id: _FastId
+    metric: _FastName
+    value: Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+    ts: _FastTs
+    experiment_id: _FastName | None = None
+    schema_version: Literal[1] | None = None
+
+
+_FAST_DECODE = msgspec.json.Decoder(_FastExposure | _FastMetric).decode
+_FAST_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
 def parse_event_row(
     raw: bytes | bytearray | memoryview | str,
     offset: int,
@@ -373,7 +415,42 @@ def parse_event_row(
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
 ) -> tuple:
     """:func:`parse_event` without the dataclass, for the ingest hot path:
-    the same checks, reasons and messages, returning the row
+    the same verdicts, reasons and messages, returning the row
+    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num)`` with
+    kind ``"x"`` (exposure: name = variant, num = pre_activity as a float or
+    None) or ``"m"`` (metric: name = metric, num = value as a float,
+    experiment_id possibly None); ts is an int. ``offset`` is passed through
+    (the source position; see ``streams.state``'s rows).
+
+    msgspec first; what it rejects (or a ts in the future) goes to
+    :func:`parse_event_row_reference`, which raises the reason."""
+    # ASCII only: msgspec does not check the UTF-8 of fields it skips
+    if type(raw) is bytes and len(raw) <= MAX_EVENT_BYTES and raw.isascii():
+        try:
+            ev = _FAST_DECODE(raw)
+        except _FAST_ERRORS:
+            pass
+        else:
+            if now_ms is None:
+                now_ms = int(time.time() * 1000)
+            if ev.ts <= now_ms + max_future_ms:
+                if type(ev) is _FastExposure:
+                    return (offset, "x", ev.event_id, ev.experiment_id, ev.unit_id,
+                            ev.variant, ev.ts, ev.pre_activity)
+                return (offset, "m", ev.event_id, ev.experiment_id, ev.unit_id, ev.metric,
+                        ev.ts, ev.value)
+    return parse_event_row_reference(raw, offset, now_ms=now_ms, max_future_ms=max_future_ms)
+
+
+def parse_event_row_reference(
+    raw: bytes | bytearray | memoryview | str,
+    offset: int,
+    *,
+    now_ms: int | None = None,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> tuple:
+    """The hand-written validator behind :func:`parse_event_row`: the same
+    checks as :func:`parse_event`, reasons and messages, returning the row
     ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num)`` with
     kind ``"x"`` (exposure: name = variant, num = pre_activity as a float or
     None) or ``"m"`` (metric: name = metric, num = value as a float,

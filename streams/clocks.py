@@ -23,7 +23,7 @@ the I/O for the ingest worker (``streams.app``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,15 +86,18 @@ class ClockService:
                 out[int(p)] = int(v)
         return out
 
-    def tick(self, high: dict[int, int], owned: Iterable[int], now_ms: int) -> int | None:
+    def tick(self, high: dict[int, int], owned: Mapping[int, int | None], now_ms: int
+             ) -> int | None:
+        """``owned``: the partitions this worker owns -> its owner epoch
+        (``streams.state.claim_partition``; None: not fenced)."""
         applied = self._read(INGEST_OFFSETS)
         clocks: dict[int, int | None] = dict(self._read(PARTITION_CLOCKS))
-        for p in sorted(set(owned)):
+        for p in sorted(owned):
             caught_up = applied.get(p, -1) + 1 >= high.get(p, 0)
             if self.idle.idle(p, clocks.get(p), caught_up, now_ms) and clocks.get(p) is not None \
                     and clocks[p] < now_ms:
                 clocks[p] = advance_partition(self.r, list(self.configs()), self.topic, p,
-                                              now_ms, self.hold_seconds)
+                                              now_ms, self.hold_seconds, owned[p])
                 self.idle.since[p] = (clocks[p], now_ms)
         c = completeness({p: clocks.get(p) for p in high}, applied, high)
         if c is None:

@@ -17,9 +17,9 @@ event is acked (and its offset committed) only once it is applied. Order:
    (``streams.state``): idempotent per source offset, so a replay of the
    batch after a crash applies nothing twice;
 4. record the partition's ingest watermark (the last offset fully applied);
-   when Redis is behind Kafka's committed offset (it lost its last writes), a
-   worker that gets the partition assigned replays the gap first
-   (``streams.catchup``), so Kafka's commit is only a hint.
+   a worker that gets the partition assigned starts after it
+   (``streams.events_plane``), so Kafka's commit is only a hint and a Redis
+   that lost its last writes is refilled from Kafka.
 
 Returns the dead-letter records to publish, the experiments touched (their
 dirty notices) and counts. Publishing happens in the agent, before the ack.
@@ -85,7 +85,12 @@ class Ingestor:
         self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
 
     def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
-                now_ms: int) -> BatchResult:
+                now_ms: int, epoch: int | None = None) -> BatchResult:
+        """Apply ``messages`` (offset, value) of one source partition, in offset
+        order. ``epoch``: the caller's owner epoch of the partition; every
+        state write carries it and raises ``streams.state.Fenced`` once a
+        newer owner claimed the partition (nothing of this batch after that
+        write is applied)."""
         res = BatchResult()
         res.counts["received"] += len(messages)
         # Events travel as rows (see streams.state), not dataclasses: validation
@@ -161,7 +166,8 @@ class Ingestor:
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                       self.hold_seconds, self.hold_max, rejected,
-                                      clocked_rows=(crows, clk0))  # accepted = crows' rows
+                                      clocked_rows=(crows, clk0),  # accepted = crows' rows
+                                      epoch=epoch)
         for _, why in rejected:
             res.counts[why] += 1
         for eid, lua in out.items():
@@ -171,13 +177,14 @@ class Ingestor:
                     res.counts[k] += v
         if messages and len(accepted) < len(messages):
             # dead letters are read too: the offset covers them
-            record_position(self.r, topic, partition, max(o for o, _ in messages), None)
+            record_position(self.r, topic, partition, max(o for o, _ in messages), None, epoch)
         if clk is not None:
-            res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys())
+            res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys(),
+                                             epoch=epoch)
         return res
 
     def settle_quiet(self, topic: str, partition: int, clk: int, now_ms: int,
-                     skip: Iterable[str] = ()) -> set[str]:
+                     skip: Iterable[str] = (), epoch: int | None = None) -> set[str]:
         """Mature the experiments that had no events in this source's batch on
         its clock (a quiet experiment on a busy partition), at most every
         ``settle_every_ms`` of wall time per partition and only when the clock
@@ -190,7 +197,7 @@ class Ingestor:
         skip = set(skip)
         changed = set()
         for eid, cfg in sorted(self.registry.get_many(self.registry.ids()).items()):
-            if eid not in skip and settle(self.r, cfg, topic, partition, clk):
+            if eid not in skip and settle(self.r, cfg, topic, partition, clk, epoch=epoch):
                 changed.add(eid)
         return changed
 

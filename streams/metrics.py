@@ -27,7 +27,12 @@ HELP = {
     "liftstream_estimate_lag_seconds": ("gauge", "Event time between the newest event and the "
                                         "data the latest estimate reflects."),
     "liftstream_consumer_lag_messages": ("gauge", "High watermark minus next offset to "
-                                         "process, per events partition."),
+                                         "process, per owned events partition."),
+    "liftstream_ingest_partitions_owned": ("gauge", "Events partitions this worker owns "
+                                           "(its events consumer's assignment)."),
+    "liftstream_ingest_fenced_batches_total": ("counter", "Batches dropped because a newer "
+                                               "owner claimed their partition (zombie "
+                                               "fencing)."),
     "liftstream_experiment_events": ("gauge", "Events of an experiment so far by outcome, from "
                                      "its latest estimate's data_quality (applied, corrected, "
                                      "held (now), expired, late, too_old, ..., dead_letter); "

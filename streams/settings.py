@@ -75,9 +75,6 @@ class Settings:
     idle_seconds: float = 30.0
     hold_seconds: int = 86_400
     hold_max: int = 64
-    # ingest worker: run Faust's per-message delivery inline when it does not block,
-    # raw bytes events without the serializer registry (streams.app, fast path)
-    ingest_fast_path: bool = True
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "warning"

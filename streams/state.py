@@ -29,6 +29,7 @@ binary (1).
 | `lr:{u:<unit_id>}:held` | hash | `<src>|<offset>` -> a metric without experiment_id held (6) |
 | `lr:ingest:clocks` | hash | `<src>` -> the partition clock |
 | `lr:ingest:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
+| `lr:ingest:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
 | `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
 | `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.clocks``) |
 
@@ -46,7 +47,8 @@ binary (1).
    `liftstream.events|0`.
 3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
-   a call brought), `exposed:<variant>`, `matured:<variant>`,
+   a call brought), `own:<src>` (the newest owner epoch that wrote here),
+   `exposed:<variant>`, `matured:<variant>`,
    `act_sum:<stratum>` (float), `act_n:<stratum>`, `c:<counter>`
    (``streams.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
    experiment, at least once).
@@ -77,11 +79,13 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 from redis.client import NEVER_DECODE
+from redis.exceptions import ResponseError
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.semantics import (
@@ -172,11 +176,12 @@ def _num(x: float, what: str) -> str:
 
 
 def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
-                fold_limit: int = FOLD_LIMIT) -> list[str]:
+                fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> list[str]:
     """The config part of the script's ARGV (see the header of ingest.lua)."""
     W, B, L, DD = config_ms(cfg)
     H, Hh, HM = horizons_ms(cfg)
-    argv = [offsets_field(topic, partition), str(W), str(B), str(L), str(DD), str(H), str(Hh),
+    argv = [offsets_field(topic, partition), "" if epoch is None else str(int(epoch)),
+            str(W), str(B), str(L), str(DD), str(H), str(Hh),
             str(HM), str(int(fold_limit)),
             "" if cfg.started_at is None else str(int(cfg.started_at)), str(int(clk_end)),
             str(len(cfg.strata_edges))]
@@ -280,8 +285,8 @@ def _lua_result(raw: list) -> dict[str, Any]:
 
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
-               rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT
-               ) -> dict[str, Any]:
+               rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
+               epoch: int | None = None) -> dict[str, Any]:
     """One call of ingest.lua: clocked ``rows`` of one source partition
     (routed to ``cfg``'s experiment, increasing offsets), then maturation and
     hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
@@ -290,23 +295,55 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     skipped, so a replay after a crash is a no-op. Returns ``applied``,
     ``skipped``, ``offset``, ``max_ts``, ``more`` (1: call again to settle
     the rest), ``dirty_seq`` and the net change of each counter that moved.
+
+    ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
+    the script raises ``Fenced`` when a newer owner wrote the experiment.
     """
-    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit)
+    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
-    return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
+    with fencing():
+        return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
 
 
 def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
-           fold_limit: int = FOLD_LIMIT) -> bool:
+           fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> bool:
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
     until it returns False); True if anything changed."""
     before = r.get(experiment_key(cfg.experiment_id, "dirty_seq"))
     while True:
-        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit)
+        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
         if not out.get("more"):
             return str(out.get("dirty_seq")) != _s(before or b"0")
+
+
+# ---------------------------------------------------------------- owner epochs
+
+#: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim)
+PARTITION_EPOCHS = "lr:ingest:epochs"
+
+
+class Fenced(Exception):
+    """A state write refused: a newer owner claimed the source partition."""
+
+
+@contextmanager
+def fencing():
+    """Turn a script's ``FENCED`` error reply into ``Fenced``."""
+    try:
+        yield
+    except ResponseError as e:
+        if str(e).startswith("FENCED"):
+            raise Fenced(str(e)) from None
+        raise
+
+
+def claim_partition(r: Any, topic: str, partition: int) -> int:
+    """A new owner epoch for the partition, higher than every earlier one:
+    writes carrying an older epoch are refused from now on (by the scripts,
+    once this owner wrote the experiment; by ``record_position`` at once)."""
+    return int(r.hincrby(PARTITION_EPOCHS, offsets_field(topic, partition), 1))
 
 
 # ---------------------------------------------------------------- partition clocks
@@ -385,6 +422,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        rejected: list[tuple[int, str]] | None = None,
                        fold_limit: int = FOLD_LIMIT,
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
+                       epoch: int | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -397,21 +435,27 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
     experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
-    ``clocked_batch``'s result for ``rows``, when the caller already has it."""
+    ``clocked_batch``'s result for ``rows``, when the caller already has it;
+    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale)."""
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
     if not crows:
         return {}, clk
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
-    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit)
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch)
            for e, lst in routed.items()}
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
-    record_position(r, topic, partition, max(row[0] for row in rows), clk)  # dead letters too
+    record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
+                    epoch)
     return out, clk
 
 
 _RECORD_POSITION = """
+local owner = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+if ARGV[4] ~= '' and owner ~= nil and tonumber(ARGV[4]) < owner then
+  return redis.error_reply('FENCED ' .. ARGV[1] .. ' is owned by epoch ' .. owner)
+end
 for i = 1, 2 do
   local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
   local v = ARGV[i + 1]
@@ -421,26 +465,28 @@ end
 
 
 def record_position(r: Any, topic: str, partition: int, offset: int | None,
-                    clock: int | None) -> None:
+                    clock: int | None, epoch: int | None = None) -> None:
     """The partition's last fully applied offset and its clock, each only ever
     moving forward (a replay of older offsets, a racing idle advance), in one
-    atomic step."""
+    atomic step; refused (``Fenced``) when ``epoch`` is older than the
+    partition's current owner's."""
     sc = _scripts.get(None)
     if sc is None:
         sc = _scripts[None] = r.register_script(_RECORD_POSITION)
-    sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS], client=r,
-       args=[offsets_field(topic, partition), "" if offset is None else int(offset),
-             "" if clock is None else int(clock)])
+    with fencing():
+        sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
+           args=[offsets_field(topic, partition), "" if offset is None else int(offset),
+                 "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
-                      clock_ms: int, hold_seconds: int = 86_400) -> int:
+                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None) -> int:
     """``Reducer.advance``: an idle, caught-up partition's clock moves to
     ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
-    record_position(r, topic, partition, None, clock_ms)
+    record_position(r, topic, partition, None, clock_ms, epoch)
     clk = partition_clock(r, topic, partition)
     for cfg in configs:
-        settle(r, cfg, topic, partition, clk)
+        settle(r, cfg, topic, partition, clk, epoch=epoch)
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
     return clk
 

@@ -44,16 +44,12 @@ def register_pages(app, r: Any, registry) -> None:
         for (e, met, v), rec in list(app.liftstream["latest"].items()):
             m.set("liftstream_estimate_age_seconds", now - rec["computed_at"] / 1000,
                   experiment=e, metric=met, variant=v)
-        for (topic, part), nxt in list(app.liftstream["ingest_next"].items()):
-            try:
-                from faust.types import TP
-
-                high = app.consumer.highwater(TP(topic, part))
-            except Exception:  # noqa: BLE001 - consumer not running
-                continue
-            if high is not None:
-                m.set("liftstream_consumer_lag_messages", max(0, high - nxt),
-                      topic=topic, partition=str(part))
+        plane = app.liftstream.get("plane")
+        if plane is not None:
+            topic = app.liftstream["settings"].topic_events
+            for part, lag in plane.lag().items():
+                m.set("liftstream_consumer_lag_messages", lag, topic=topic, partition=str(part))
+            m.set("liftstream_ingest_partitions_owned", len(plane.owned()))
         return web.text(m.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/readyz")
@@ -62,6 +58,13 @@ def register_pages(app, r: Any, registry) -> None:
             await call(r.ping)
         except Exception as e:  # noqa: BLE001
             return web.json({"status": "redis unavailable", "error": str(e)}, status=503)
+        plane = app.liftstream.get("plane")
+        if plane is not None:  # the ingest role: its events consumer must be running
+            if not plane.alive:
+                return web.json({"status": "events consumer not running",
+                                 "error": plane.status.error}, status=503)
+            # a worker beyond the partition count owns none and is still ready
+            return web.json({"status": "ready", "events_partitions": sorted(plane.owned())})
         return web.json({"status": "ready"})
 
     @app.page("/experiments")

@@ -26,9 +26,10 @@ import redis
 from schemas.codec import dumps, loads
 from schemas.validate import experiment_to_dict
 from streams.analyze import fold, read_experiments
-from streams.sampler import estimate_key
+from streams.chains import decode
+from streams.sampler import chain_key, estimate_key
 from streams.simulate import make_traffic
-from streams.state import read_counters, read_snapshot
+from streams.state import experiment_key, read_counters, read_snapshot
 from tests.streaming_harness import (
     Workers,
     close_diff,
@@ -44,6 +45,11 @@ DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 40) * DAY_MS
 PARTITIONS = 6
 LOST = ("late", "expired", "too_old")
+WINDOW = 200  # draws per chain in an estimate (the harness's window_draws)
+
+
+def dirty_key(eid: str) -> str:
+    return experiment_key(eid, "dirty_seq")
 
 
 def backlog_file(tmp_path):
@@ -119,12 +125,19 @@ def test_backlog_equals_analyze(kafka_bootstrap, redis_url, tmp_path, workers, k
     final_wm = {c.experiment_id: want[c.experiment_id].watermark for c in cfgs}
 
     def estimates():
+        """Each experiment's estimate once its whole window of draws was made
+        on the final data (the chain's ``fresh_from``, streams.advance)."""
         out = {}
         for e in ids:
             raw = r.get(estimate_key(e, "value", "treatment"))
             rec = raw and loads(raw)
-            if not rec or rec["watermark"]["event_time"] != final_wm[e] \
-                    or rec["diagnostics"]["iteration"] < 1500:
+            if not rec or rec["watermark"]["event_time"] != final_wm[e]:
+                return None
+            blob = r.get(chain_key(e, "value"))
+            meta = decode(blob)[1] if blob else {}
+            fresh_from = meta.get("fresh_from")
+            if fresh_from is None or meta.get("seq") != int(r.get(dirty_key(e)) or 0) \
+                    or rec["diagnostics"]["iteration"] - fresh_from < WINDOW:
                 return None
             out[e] = rec
         return out

@@ -82,16 +82,16 @@ def test_clock_service_publishes_completeness_and_advances_idle_partitions(r):
                                                                   T0 + 5000, 1.0))])
     svc = ClockService(r, TOPIC, idle_seconds=2.0, configs=lambda: [c])
     high = {0: 1, 1: 1, 2: 0}  # both read to the end; partition 2 empty
-    assert svc.tick(high, owned={0, 1}, now_ms=T0 + 60_000) == T0
+    assert svc.tick(high, owned={0: None, 1: None}, now_ms=T0 + 60_000) == T0
     assert read_completeness(r, TOPIC) == T0
     assert read_snapshot(r, c).matured["control"] == 0
-    svc.tick(high, {0, 1}, T0 + 61_000)
+    svc.tick(high, {0: None, 1: None}, T0 + 61_000)
     assert read_snapshot(r, c).matured["control"] == 0  # idle 1 s of 2
-    assert svc.tick(high, {0, 1}, T0 + 62_000) == T0 + 62_000  # idle: wall clock
+    assert svc.tick(high, {0: None, 1: None}, T0 + 62_000) == T0 + 62_000  # idle: wall clock
     assert partition_clock(r, TOPIC, 0) == T0 + 62_000
     assert read_snapshot(r, c).matured["control"] == 2  # both windows closed by then
     # a backlog on partition 1 again: its clock bounds completeness
-    assert svc.tick({0: 1, 1: 3, 2: 0}, {0, 1}, T0 + 63_000) == T0 + 62_000
+    assert svc.tick({0: 1, 1: 3, 2: 0}, {0: None, 1: None}, T0 + 63_000) == T0 + 62_000
     # the watermark of an estimate stops at the experiment's latest event
     assert read_snapshot(r, c, completeness=T0 + 62_000).watermark == T0 + 5000 - 1000
 

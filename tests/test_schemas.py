@@ -39,6 +39,8 @@ from schemas.validate import (
     is_valid_id,
     is_valid_name,
     parse_event,
+    parse_event_row,
+    parse_event_row_reference,
     parse_experiment,
 )
 
@@ -902,3 +904,64 @@ def test_parse_event_throughput() -> None:
     print(f"parse_event: {rate:,.0f} events/s")
     assert bad == 5000
     assert rate > 20_000
+
+
+# ---------------------------------------------------------------- the msgspec fast path
+
+
+def _row_or_reason(fn, raw: bytes, now_ms: int) -> tuple:
+    try:
+        return ("row", fn(raw, 7, now_ms=now_ms))
+    except InvalidRecord as e:
+        return ("reason", e.code, e.field, e.message)
+
+
+def _same_verdict(raw: bytes, now_ms: int = NOW) -> None:
+    """parse_event_row (msgspec first) == the reference validator: the same
+    row, or the same reason, field and message."""
+    fast = _row_or_reason(parse_event_row, raw, now_ms)
+    ref = _row_or_reason(parse_event_row_reference, raw, now_ms)
+    assert fast == ref, raw
+    if fast[0] == "row":  # numbers of the same type too (a float is never an int)
+        assert [type(x) for x in fast[1]] == [type(x) for x in ref[1]], raw
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_events(), st.sampled_from([NOW, MAX_TS_MS]))
+def test_fast_path_agrees_with_reference(d: dict[str, Any], now_ms: int) -> None:
+    _same_verdict(orjson.dumps(d), now_ms)
+
+
+def test_fast_path_agrees_on_edge_cases() -> None:
+    raws = [c[1] for c in BAD_EVENTS] + [enc(EXPOSURE), enc(METRIC),
+                                         enc({**METRIC, "experiment_id": None}),
+                                         without(METRIC, "experiment_id"),
+                                         without(EXPOSURE, "pre_activity"),
+                                         with_(EXPOSURE, pre_activity=None),
+                                         with_(EXPOSURE, pre_activity=28),
+                                         with_(METRIC, value=3), with_(METRIC, value=-0.0),
+                                         with_(EXPOSURE, ts=float(TS)),
+                                         with_(EXPOSURE, schema_version=1.0),
+                                         with_(EXPOSURE, schema_version=None),
+                                         with_(EXPOSURE, ts=NOW + 300_000),
+                                         with_(EXPOSURE, ts=NOW + 300_001),
+                                         with_(METRIC, value=1e30),
+                                         with_(EXPOSURE, extra={"deep": [1, {"x": None}]})]
+    raws += [b'{"type":"metric","type":"exposure","event_id":"e","unit_id":"u",'
+             b'"metric":"m","value":1,"ts":%d}' % TS,
+             b'{"type":"metric","event_id":"e","event_id":"f","unit_id":"u",'
+             b'"metric":"m","value":1,"ts":%d}' % TS,
+             b'{"type":"metric","event_id":"e","unit_id":"u","metric":"m","value":1,'
+             b'"ts":%d,"x":"\\ud800"}' % TS,  # a lone surrogate in an ignored field
+             b'{"type":"metric","event_id":"e","unit_id":"u","metric":"m","value":1,'
+             b'"ts":%d,"x":"\xff"}' % TS,  # invalid UTF-8 in an ignored field
+             b' {"type":"metric","event_id":"e","unit_id":"u","metric":"m","value":1e0,'
+             b'"ts":%d} ' % TS,
+             b'{"type":"metric","event_id":"e","unit_id":"u","metric":"m","value":1,'
+             b'"ts":%d}x' % TS,
+             b'{"type":"metric","event_id":"e","unit_id":"u","metric":"m",'
+             b'"value":1000000000000000000000000000000,"ts":%d}' % TS,
+             b'{"type":"metric","event_id":"e","unit_id":"u","metric":"m","value":1,'
+             b'"ts":%d000000000000000000000}' % TS]
+    for raw in raws:
+        _same_verdict(raw)

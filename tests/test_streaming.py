@@ -510,7 +510,7 @@ def test_crash_and_replay(new_stack, workers, r, n_kills, units):
     t_kills = time.monotonic() - t0
     assert kills >= n_kills and stops >= 1
     finish_and_compare(st, w, r, cfgs, events, clock)
-    done = committed_offsets(st.bootstrap, f"{st.app_id}-ingest", st.events_topic)
+    done = committed_offsets(st.bootstrap, f"{st.app_id}-events", st.events_topic)
     assert sum(done.values()) == len(events), done  # resumed and committed
     print(f"\n[crash] {len(events)} events, {kills} kill -9 + {stops} SIGTERM in "
           f"{t_kills:.0f}s ({early} during start-up, {late_kills} after production ended); "

@@ -17,7 +17,8 @@ KEYS (all tagged {e:<id>}, one Redis Cluster slot):
   1 units  2 pending:<src>  3 cells  4 arrivals  5 meta  6 seen:<src>  7 offsets
   8 dirty_seq  9 held  10 heldq:<src>
 ARGV:
-  src "<topic>|<partition>", W, B, L, DD, H, Hh (ms), HM, fold_limit,
+  src "<topic>|<partition>", epoch (the caller's owner epoch of src, '' = not
+  fenced: tests and tools), W, B, L, DD, H, Hh (ms), HM, fold_limit,
   started_at_cfg ('' = none), clk_end, n_edges, edges..., n_variants,
   variants..., n_metrics, metrics..., then TWO binary strings. The first
   holds a fixed-size head per event (struct, little-endian, 39 bytes)
@@ -28,6 +29,8 @@ ARGV:
   pre_activity|value (NaN = no pre_activity), the partition clock after the
   event, and the byte lengths of event_id and unit_id. The second holds
   those two strings of every event, in order.
+Fencing: meta field own:<src> keeps the newest epoch that wrote here; a call
+with an older one is refused (error FENCED) before it reads anything.
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
 more (1: more than fold_limit units were due; call again), dirty_seq and
 the net change of every counter that moved.
@@ -70,6 +73,7 @@ local CHUNK = 400  -- elements per variadic call (well under Lua's C stack)
 local p = 1
 local function nextarg() local v = ARGV[p]; p = p + 1; return v end
 local src = nextarg()
+local epoch = tonumber(nextarg())                -- '' -> nil
 local W = tonumber(nextarg())
 local B = tonumber(nextarg())
 local L = tonumber(nextarg())
@@ -103,6 +107,14 @@ local HELD_FMT, HELD_LEN = '<Hdd', 18
 
 -- ---------------------------------------------------------------- state
 local CLK_FIELD = 'clk:' .. src
+if epoch ~= nil then
+  local own_field = 'own:' .. src
+  local owner = tonumber(call('HGET', K_META, own_field))
+  if owner ~= nil and epoch < owner then
+    return redis.error_reply('FENCED ' .. src .. ' is owned by epoch ' .. fmti(owner))
+  end
+  if owner ~= epoch then call('HSET', K_META, own_field, fmti(epoch)) end
+end
 local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD)
 local max_ts = tonumber(mraw[1])
 local anchor = tonumber(mraw[2]) or tonumber(mraw[3])
