@@ -119,40 +119,62 @@ def install_events_plane(app: faust.App, settings: Settings, r, registry: Regist
         r, settings.topic_events, settings.idle_seconds,
         lambda: registry.get_many(registry.ids()).values(), settings.hold_seconds)
     meta: dict = {}
+    others: dict[int, int] = {}  # high watermarks of the partitions others own
 
-    def highwaters() -> dict[int, int]:
-        """High watermark of every events partition: the plane's cached one
-        for the partitions it owns, else librdkafka's ListOffsets."""
+    def fetch_others() -> None:
+        """High watermarks of the events partitions this worker does not own
+        (librdkafka's ListOffsets), and the partition list."""
         from confluent_kafka import Consumer
         from confluent_kafka import TopicPartition as CTP
 
-        out = plane.highwaters()
         c = meta.get("c")
         if c is None:
             c = meta["c"] = Consumer(kafka_config(settings, **{
                 "group.id": f"{settings.app_id}-events-clocks", "enable.auto.commit": False}))
         md = c.list_topics(settings.topic_events, timeout=5)
-        for p in md.topics[settings.topic_events].partitions:
-            if p not in out:
-                out[p] = int(c.get_watermark_offsets(CTP(settings.topic_events, p), timeout=5)[1])
-        return out
+        owned = plane.owned()
+        got = {p: int(c.get_watermark_offsets(CTP(settings.topic_events, p), timeout=5)[1])
+               for p in md.topics[settings.topic_events].partitions if p not in owned}
+        others.clear()
+        others.update(got)
+        meta["partitions"] = set(md.topics[settings.topic_events].partitions)
 
-    def tick() -> None:
-        try:
-            high = highwaters()
-        except Exception as e:  # noqa: BLE001 - metadata not available yet
-            log.debug("event clocks: no metadata (%s)", e)
+    def tick(fetch: bool) -> None:
+        """ClockService's tick over every partition's high watermark: the
+        plane's own (from fetch responses; right on every broker) for the
+        partitions it owns, the last ListOffsets for the others (refreshed
+        when ``fetch``: the 1 s timer; the plane ticks after every batch
+        without it, so the completeness follows the data at once)."""
+        if fetch:
+            try:
+                fetch_others()
+            except Exception as e:  # noqa: BLE001 - metadata not available yet
+                log.debug("event clocks: no metadata (%s)", e)
+                return
+        if "partitions" not in meta:
             return
+        high = {p: h for p, h in others.items() if p in meta["partitions"]}
+        high.update(plane.highwaters())
+        if set(high) != meta["partitions"]:
+            return  # a partition just moved: the next fetch sees it
         with state_lock:
             try:
                 clock_service.tick(high, plane.owned(), int(time.time() * 1000))
             except Fenced as e:  # a newer owner took a partition; the plane hears soon
                 log.info("event clocks: %s", e)
 
+    def tick_after_batch() -> None:
+        try:
+            tick(fetch=False)
+        except TRANSIENT as e:  # the timer tries again within a second
+            log.debug("event clocks after a batch: %s", e)
+
+    plane.after_batch = tick_after_batch
+
     @app.timer(1.0)
     async def event_clocks():
         """Publish the completeness watermark; advance idle partitions."""
-        await with_retry(tick, what="event clocks")
+        await with_retry(tick, True, what="event clocks")
 
     return plane
 

@@ -125,6 +125,9 @@ class EventsPlane:
         self._consumer: Any = None
         self._producer: Any = None
         self._high: dict[int, int] = {}  # partition -> high watermark (fetch responses)
+        #: called in the plane's thread after each batch (the clock service's
+        #: tick: completeness follows the data without waiting for its timer)
+        self.after_batch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -205,6 +208,8 @@ class EventsPlane:
                 if msgs:
                     self._batch(msgs)
                 self._refresh_highwaters()
+                if msgs and self.after_batch is not None:
+                    self.after_batch()
         except BaseException as e:  # noqa: BLE001 - stop: nothing unapplied is committed
             self.status.error = f"{type(e).__name__}: {e}"
             if not self._stopped.is_set():

@@ -965,3 +965,20 @@ def test_fast_path_agrees_on_edge_cases() -> None:
              b'"ts":%d000000000000000000000}' % TS]
     for raw in raws:
         _same_verdict(raw)
+
+
+_LITERALS = [b"1e999", b"-1e400", b"1e308", b"1E+309", b"9" * 19, b"9" * 20, b"1" + b"0" * 400,
+             b"NaN", b"Infinity", b"-0", b"0.0e0", b"1.5e-400", b"[1,1e999]", b'{"a":1e999}',
+             b'"\\u0000"', b'"\\ud800"', b'"a\tb"', b"true", b"null", b"01", b"1.",
+             b'"' + b"\\" + b'"', b"[" * 50 + b"]" * 50, b"{}", b'"x"']
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([EXPOSURE, METRIC]), st.sampled_from(_LITERALS),
+       st.sampled_from(["extra", "value", "ts", "pre_activity", "schema_version", "unit_id"]))
+def test_fast_path_agrees_on_raw_literals(base: dict[str, Any], lit: bytes, field: str) -> None:
+    """Number and string literals spliced in as the JSON text itself (what
+    orjson.dumps cannot write), in known and unknown fields."""
+    d = {k: v for k, v in base.items() if k != field}
+    raw = enc(d)[:-1] + b',"' + field.encode() + b'":' + lit + b"}"
+    _same_verdict(raw)
