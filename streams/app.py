@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import faust
 import mode
-import redis
 
 from schemas.codec import dumps
 from schemas.validate import InvalidRecord, parse_experiment
@@ -42,12 +41,11 @@ from streams.platform_prior import PlatformConfig, PlatformPrior
 from streams.registry import Registry
 from streams.sampler import SamplerService
 from streams.settings import Settings, faust_broker_settings, kafka_config, redis_client
-from streams.state import Fenced
+from streams.state import TRANSIENT_REDIS, Fenced
 
 log = logging.getLogger("liftstream")
 
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-             redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+TRANSIENT = TRANSIENT_REDIS
 
 
 def partition_for(key: bytes, partitions: int) -> int:

@@ -44,34 +44,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
 from streams.ingest import BatchResult, Ingestor, ingest_offsets
-from streams.state import Fenced, claim_partition
+from streams.state import TRANSIENT_REDIS, Fenced, claim_partition, transient_reason
 
 log = logging.getLogger("liftstream.events")
 
-#: Redis errors worth retrying: the server is away or busy, not the request wrong
-TRANSIENT_REDIS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                   redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
-
-
 def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Event,
-                    max_backoff: float = 5.0) -> Any:
-    """``fn(*args)``, retried with backoff while Redis is unavailable (forever,
-    until ``stopped``: then the last error is raised)."""
+                    status: PlaneStatus | None = None, max_backoff: float = 5.0) -> Any:
+    """``fn(*args)``, retried with backoff while Redis cannot take it
+    (``streams.state.TRANSIENT_REDIS``: away, loading, out of memory, read
+    only), forever, until ``stopped`` (then the last error is raised). While
+    it waits, ``status.stalled`` says why (/readyz, /metrics)."""
     delay = 0.1
     while True:
         try:
-            return fn(*args)
+            out = fn(*args)
         except TRANSIENT_REDIS as e:
             if stopped.is_set():
                 raise
-            log.warning("%s: redis unavailable (%s); retrying in %.1fs", what, e, delay)
+            if status is not None:
+                status.stalled = (transient_reason(e), str(e))
+            log.warning("%s: redis cannot take it (%s); retrying in %.1fs", what, e, delay)
             stopped.wait(delay)
             delay = min(max_backoff, delay * 2)
+        else:
+            if status is not None:
+                status.stalled = None
+            return out
 
 
 @dataclass
@@ -107,6 +108,9 @@ class PlaneStatus:
     error: str | None = None
     owned: dict[int, PartitionRun] = field(default_factory=dict)
     fenced_batches: int = 0
+    #: (reason, message) while ingest waits for Redis (out of memory, read
+    #: only, away): no batch is taken, nothing is acked or lost
+    stalled: tuple[str, str] | None = None
 
 
 class EventsPlane:
@@ -172,10 +176,10 @@ class EventsPlane:
         topic = self.conf.topic_events
         mine = [tp for tp in partitions if tp.topic == topic]
         applied = retry_transient(ingest_offsets, self.r, topic, what="assign",
-                                  stopped=self._stopped)
+                                  stopped=self._stopped, status=self.status)
         for tp in mine:
             epoch = retry_transient(claim_partition, self.r, topic, tp.partition,
-                                    what="assign", stopped=self._stopped)
+                                    what="assign", stopped=self._stopped, status=self.status)
             nxt = applied.get(tp.partition, -1) + 1
             tp.offset = nxt  # 0 = the log start (earliest reset if retention took it)
             self.status.owned[tp.partition] = PartitionRun(epoch, nxt)
@@ -247,7 +251,8 @@ class EventsPlane:
             try:
                 with self.state_lock:
                     res = retry_transient(self.ingestor.process, topic, p, lst, now_ms,
-                                          run.epoch, what="ingest", stopped=self._stopped)
+                                          run.epoch, what="ingest", stopped=self._stopped,
+                                          status=self.status)
             except Fenced as e:
                 # another worker owns the partition now: drop what we read;
                 # librdkafka reports the loss at the next rebalance callback

@@ -30,6 +30,9 @@ HELP = {
                                          "process, per owned events partition."),
     "liftstream_ingest_partitions_owned": ("gauge", "Events partitions this worker owns "
                                            "(its events consumer's assignment)."),
+    "liftstream_ingest_stalled": ("gauge", "1 while ingest waits for Redis, by reason "
+                                  "(redis_oom: maxmemory reached; redis_readonly: a "
+                                  "replica; ...); batches wait, none is acked or lost."),
     "liftstream_ingest_fenced_batches_total": ("counter", "Batches dropped because a newer "
                                                "owner claimed their partition (zombie "
                                                "fencing)."),

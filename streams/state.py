@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
+from redis import exceptions as redis_exceptions
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
@@ -302,7 +303,7 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
-    with fencing():
+    with script_errors():
         return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
 
 
@@ -318,6 +319,30 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
             return str(out.get("dirty_seq")) != _s(before or b"0")
 
 
+# ---------------------------------------------------------------- Redis faults
+
+#: Redis errors that say the server cannot take the request now, not that the
+#: request is wrong: callers retry them with backoff (and report the stall)
+#: rather than stop. OOM: ``maxmemory`` reached under ``noeviction`` (a write
+#: script is refused before its first write, so nothing is half applied);
+#: READONLY: connected to a replica, e.g. right after a failover.
+TRANSIENT_REDIS = (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError,
+                   redis_exceptions.BusyLoadingError, redis_exceptions.TryAgainError,
+                   redis_exceptions.ClusterDownError, redis_exceptions.OutOfMemoryError,
+                   redis_exceptions.ReadOnlyError)
+
+
+def transient_reason(e: BaseException) -> str:
+    """A short label for a transient Redis error (metrics, /readyz)."""
+    if isinstance(e, redis_exceptions.OutOfMemoryError):
+        return "redis_oom"
+    if isinstance(e, redis_exceptions.ReadOnlyError):
+        return "redis_readonly"
+    if isinstance(e, redis_exceptions.BusyLoadingError):
+        return "redis_loading"
+    return "redis_unavailable"
+
+
 # ---------------------------------------------------------------- owner epochs
 
 #: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim)
@@ -329,13 +354,23 @@ class Fenced(Exception):
 
 
 @contextmanager
-def fencing():
-    """Turn a script's ``FENCED`` error reply into ``Fenced``."""
+def script_errors():
+    """A script's error replies as the exceptions callers handle: ``FENCED``
+    as ``Fenced``; a command the script ran refused for memory (OOM) or on a
+    replica (READONLY) as redis-py's ``OutOfMemoryError`` / ``ReadOnlyError``,
+    which ``TRANSIENT_REDIS`` retries. (Redis wraps those in "Error running
+    script"; it refuses only a script's *first* write for memory, so such a
+    script changed nothing.)"""
     try:
         yield
     except ResponseError as e:
-        if str(e).startswith("FENCED"):
-            raise Fenced(str(e)) from None
+        msg = str(e)
+        if msg.startswith("FENCED"):
+            raise Fenced(msg) from None
+        if "OOM command not allowed" in msg:
+            raise redis_exceptions.OutOfMemoryError(msg) from None
+        if "READONLY" in msg:
+            raise redis_exceptions.ReadOnlyError(msg) from None
         raise
 
 
@@ -473,7 +508,7 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
     sc = _scripts.get(None)
     if sc is None:
         sc = _scripts[None] = r.register_script(_RECORD_POSITION)
-    with fencing():
+    with script_errors():
         sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
            args=[offsets_field(topic, partition), "" if offset is None else int(offset),
                  "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
@@ -713,7 +748,8 @@ def _index_round_trip(r: Any, units: list[str], n_always: int,
     blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in exposing.items()])
     if blob.count("\x1f") != len(exposing) or blob.count("\x1e") != len(exposing):
         raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
-    return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(units), n_always, prefix, blob],
+    with script_errors():
+        return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(units), n_always, prefix, blob],
                                       client=r)
 
 

@@ -50,6 +50,10 @@ def register_pages(app, r: Any, registry) -> None:
             for part, lag in plane.lag().items():
                 m.set("liftstream_consumer_lag_messages", lag, topic=topic, partition=str(part))
             m.set("liftstream_ingest_partitions_owned", len(plane.owned()))
+            stalled = plane.status.stalled
+            for reason in ("redis_oom", "redis_readonly", "redis_loading", "redis_unavailable"):
+                m.set("liftstream_ingest_stalled", 1 if stalled and stalled[0] == reason else 0,
+                      reason=reason)
         return web.text(m.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/readyz")
@@ -63,6 +67,10 @@ def register_pages(app, r: Any, registry) -> None:
             if not plane.alive:
                 return web.json({"status": "events consumer not running",
                                  "error": plane.status.error}, status=503)
+            stalled = plane.status.stalled
+            if stalled is not None:  # e.g. Redis out of memory: batches wait, none is lost
+                return web.json({"status": "ingest stalled", "reason": stalled[0],
+                                 "error": stalled[1]}, status=503)
             # a worker beyond the partition count owns none and is still ready
             return web.json({"status": "ready", "events_partitions": sorted(plane.owned())})
         return web.json({"status": "ready"})

@@ -242,6 +242,48 @@ class Workers:
             w.kill9()
 
 
+# ------------------------------------------------------------------ a worker with web
+
+class WebWorker(Worker):
+    """A harness ``Worker`` that serves the HTTP API on ``port`` (127.0.0.1)."""
+
+    cli_extra = ()
+
+    def __init__(self, stack, role: str, port: int, name: str | None = None, **env):
+        super().__init__(stack, role, name, web_port=port, web_host="127.0.0.1", **env)
+        self.port = port
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, timeout: float = 5.0) -> bytes | None:
+        """The body of a 2xx answer; None for an error status or no answer."""
+        status, body = self.request(path, timeout)
+        return body if status is not None and 200 <= status < 300 else None
+
+    def request(self, path: str, timeout: float = 5.0) -> tuple[int | None, bytes | None]:
+        """(HTTP status, body), or (None, None) when nothing answered."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return None, None
+
+
+def start_web_worker(workers: Workers, stack, role: str, **env) -> WebWorker:
+    from streams.embedded import free_port
+
+    w = WebWorker(stack, role, free_port(), **env)
+    workers.all.append(w)  # killed at teardown like every harness worker
+    return w.start()
+
+
+
 @atexit.register
 def _kill_leftovers() -> None:  # pragma: no cover - only when pytest is interrupted
     for w in list(_LIVE):

@@ -36,8 +36,7 @@ import redis
 
 from schemas.codec import dumps
 from streams.web import truth_key
-from tests.streaming_harness import Workers, make_stack, produce, wait_until
-from tests.test_fuzz import start_web_worker
+from tests.streaming_harness import Workers, make_stack, produce, start_web_worker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -42,7 +42,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from base64 import b64decode
 from collections import Counter
 
@@ -52,20 +51,19 @@ import redis
 from schemas.codec import loads
 from schemas.records import Exposure
 from schemas.validate import MAX_EVENT_BYTES, InvalidRecord, parse_event
-from streams.embedded import free_port
 from streams.ingest import ingest_offsets
 from streams.semantics import Reducer
 from streams.simulate import make_traffic
 from streams.state import too_old
 from tests.streaming_harness import (
     REPO,
-    Worker,
     Workers,
     assert_state_close,
     consume_all,
     make_stack,
     producer,
     settle_all,
+    start_web_worker,
     wait_until,
 )
 
@@ -73,34 +71,6 @@ DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
 SEED = 20_240_417
 EID = "fz"
-
-
-# ------------------------------------------------------------------ a worker with web
-
-class WebWorker(Worker):
-    """A harness ``Worker`` that serves the HTTP API on ``port`` (127.0.0.1)."""
-
-    cli_extra = ()
-
-    def __init__(self, stack, role: str, port: int, name: str | None = None, **env):
-        super().__init__(stack, role, name, web_port=port, web_host="127.0.0.1", **env)
-        self.port = port
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def get(self, path: str, timeout: float = 5.0) -> bytes | None:
-        try:
-            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
-                return resp.read()
-        except OSError:
-            return None
-
-
-def start_web_worker(workers: Workers, stack, role: str, **env) -> WebWorker:
-    w = WebWorker(stack, role, free_port(), **env)
-    workers.all.append(w)  # killed at teardown like every harness worker
-    return w.start()
 
 
 _SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')

@@ -1,0 +1,98 @@
+"""Redis refusing writes (issue 14 item 5; issue 15 item 2): ingest waits, says
+why, loses nothing, and resumes by itself.
+
+A redis-server of the test's own gets ``maxmemory`` set just above what it
+uses while an ingest worker is applying a stream (``noeviction``, as compose
+runs it): every write script is refused with OOM before its first write.
+Then, on the same worker:
+
+* batches stop being applied (the counted events stand still) and nothing is
+  acked past what was applied;
+* ``/readyz`` answers 503 ``ingest stalled`` with reason ``redis_oom``, and
+  ``/metrics`` has ``liftstream_ingest_stalled{reason="redis_oom"} 1``;
+* the worker stays up; once ``maxmemory`` is lifted it resumes without a
+  restart, ``/readyz`` is 200 again, and the final state equals the
+  reference fold of the same events (counts exact, sums within 1e-9).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from streams.embedded import start_redis
+from tests.scale_helpers import as_records, pinned_case, pinned_producer, produce_pinned
+from tests.streaming_harness import (
+    Workers,
+    assert_state_close,
+    events_counted,
+    make_stack,
+    settle_all,
+    start_web_worker,
+    wait_until,
+)
+from tests.test_fuzz import scrape
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PARTITIONS = 2
+
+
+def test_ingest_waits_out_redis_oom(kafka_bootstrap, tmp_path):
+    from streams.semantics import Reducer
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    svc = start_redis(workdir=str(rdir))
+    r = redis.Redis.from_url(svc.url)
+    ws = Workers()
+    try:
+        st = make_stack(kafka_bootstrap, svc.url, tmp_path, "oom", partitions=PARTITIONS)
+        st.create_topics()
+        cfgs, pairs = pinned_case(2, 1500, 8, seed=3, partitions=PARTITIONS, tag="om")
+        ids = [c.experiment_id for c in cfgs]
+        st.register(cfgs)
+        w = start_web_worker(ws, st, "ingest")
+        wait_until(lambda: w.get("/readyz") is not None, 90, "the worker ready", workers=[w])
+        prod = pinned_producer(st.bootstrap)
+        cut = len(pairs) // 3
+        produce_pinned(prod, st.events_topic, pairs[:cut])
+        wait_until(lambda: events_counted(r, ids) > 0, 60, "the first events applied",
+                   workers=[w])
+
+        # Redis full: maxmemory just above what it uses, no eviction
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 64 * 1024)
+        produce_pinned(prod, st.events_topic, pairs[cut:])
+        wait_until(lambda: w.request("/readyz")[0] == 503, 60, "/readyz says ingest stalled",
+                   workers=[w])
+        status, body = w.request("/readyz")
+        assert b"redis_oom" in body, body
+        metrics = w.get("/metrics").decode()
+        assert scrape(metrics, "liftstream_ingest_stalled")['reason="redis_oom"'] == 1.0
+        stuck = events_counted(r, ids)
+        time.sleep(3)
+        assert events_counted(r, ids) == stuck < len(pairs)  # waiting, not skipping
+        assert w.alive()
+
+        # memory freed: it resumes by itself
+        r.config_set("maxmemory", 0)
+        wait_until(lambda: events_counted(r, ids) >= len(pairs), 90, "the rest applied",
+                   workers=[w])
+        wait_until(lambda: w.request("/readyz")[0] == 200, 30, "/readyz ready again",
+                   workers=[w])
+        metrics = w.get("/metrics").decode()
+        assert scrape(metrics, "liftstream_ingest_stalled")['reason="redis_oom"'] == 0.0
+        assert w.stop() == 0, w.log_tail()
+        red = Reducer(cfgs)
+        for (p, _), e in zip(pairs, as_records([e for _, e in pairs]), strict=True):
+            red.apply_batch(f"{st.events_topic}|{p}", [e])
+        settle_all(r, red, cfgs, st.events_topic, range(PARTITIONS))
+        assert events_counted(r, ids) == len(pairs)
+        assert_state_close(r, cfgs, red)
+    finally:
+        ws.close()
+        r.close()
+        svc.stop()
