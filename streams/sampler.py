@@ -49,6 +49,12 @@ def history_key(eid: str, metric: str, variant: str) -> str:
     return experiment_key(eid, f"history:{metric}:{variant}")
 
 
+def estimates_index_key(eid: str) -> str:
+    """``lr:{e:<id>}:estimates``: set of ``<metric>:<variant>`` with an
+    estimate (and a history), so readers never scan the keyspace."""
+    return experiment_key(eid, "estimates")
+
+
 def history_point(rec: dict) -> dict:
     a, n = rec["adjusted"]["effect"], rec["naive"]["effect"]
     return {"t": rec["watermark"]["event_time"], "computed_at": rec["computed_at"],
@@ -108,6 +114,7 @@ class SamplerService:
         for rec in recs:
             e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
             pipe.set(estimate_key(e, m, v), dumps(rec))
+            pipe.sadd(estimates_index_key(e), f"{m}:{v}")
             pipe.lpush(history_key(e, m, v), dumps(history_point(rec)))
             pipe.ltrim(history_key(e, m, v), 0, HISTORY_LEN - 1)
             pipe.publish(NOTICE_CHANNEL, dumps({
@@ -164,8 +171,32 @@ class SamplerService:
                 self.idle_at_seq[s.experiment_id] = s.seq
 
 
+def estimate_names(r: Any, eid: str) -> list[tuple[str, str]]:
+    """(metric, variant) of every estimate of an experiment, sorted: its
+    index set, O(its estimates) whatever else Redis holds."""
+    out = []
+    for x in r.smembers(estimates_index_key(eid)):
+        m, _, v = (x.decode() if isinstance(x, bytes) else x).partition(":")
+        out.append((m, v))
+    return sorted(out)
+
+
 def read_estimates(r: Any, eid: str) -> list[dict]:
     """Every latest estimate of an experiment from the read model."""
-    keys = sorted(k.decode() if isinstance(k, bytes) else k
-                  for k in r.scan_iter(match=experiment_key(eid, "estimate:*"), count=500))
-    return [loads(v) for v in r.mget(keys) if v] if keys else []
+    names = estimate_names(r, eid)
+    if not names:
+        return []
+    return [loads(v) for v in r.mget([estimate_key(eid, m, v) for m, v in names]) if v]
+
+
+def read_history(r: Any, eid: str, limit: int = 500) -> dict[str, list[dict]]:
+    """``"<metric>:<variant>"`` -> its last ``limit`` history points, oldest
+    first, in one round trip."""
+    names = estimate_names(r, eid)
+    if not names:
+        return {}
+    pipe = r.pipeline(transaction=False)
+    for m, v in names:
+        pipe.lrange(history_key(eid, m, v), 0, limit - 1)
+    return {f"{m}:{v}": [loads(x) for x in pts][::-1]
+            for (m, v), pts in zip(names, pipe.execute(), strict=True)}

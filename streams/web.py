@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from schemas.codec import loads
 from schemas.validate import experiment_to_dict, is_valid_name
 from streams.alerting import recent as recent_alerts
-from streams.sampler import read_estimates
+from streams.sampler import read_estimates, read_history
 from streams.state import experiment_key
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
@@ -26,8 +27,12 @@ def truth_key(eid: str) -> str:
 
 
 def register_pages(app, r: Any, registry) -> None:
+    # the API's Redis reads run on threads of their own, so a burst of
+    # requests never queues behind (or ahead of) the workers' own Redis calls
+    pool = ThreadPoolExecutor(4, thread_name_prefix="web")
+
     async def call(fn, *a):
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *a)
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
 
     @app.page("/")
     async def dashboard(web, request):
@@ -111,12 +116,5 @@ def register_pages(app, r: Any, registry) -> None:
         if not is_valid_name(experiment_id):
             return web.json({"error": "bad experiment id"}, status=400)
 
-        def read():
-            out = {}
-            pattern = experiment_key(experiment_id, "history:*")
-            for k in r.scan_iter(match=pattern, count=500):
-                name = (k.decode() if isinstance(k, bytes) else k).split(":history:", 1)[1]
-                out[name] = [loads(x) for x in r.lrange(k, 0, 499)][::-1]
-            return out
-
-        return web.json({"experiment_id": experiment_id, "history": await call(read)})
+        return web.json({"experiment_id": experiment_id,
+                         "history": await call(read_history, r, experiment_id)})
