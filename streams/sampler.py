@@ -16,6 +16,7 @@ Redis read model (all per-experiment keys tagged ``{e:<id>}``):
 | ``lr:{e:<id>}:chain:<metric>`` | string | chain blob (``streams.chains``) |
 | ``lr:{e:<id>}:estimate:<metric>:<variant>`` | string | latest estimate JSON (as on the topic) |
 | ``lr:{e:<id>}:history:<metric>:<variant>`` | list | recent estimates, compact, newest first |
+| ``lr:{e:<id>}:estimates`` | set | ``<metric>:<variant>`` of every estimate (readers use it) |
 | ``lr:estimates`` | pub/sub | notice per new estimate: ids, computed_at, watermark |
 """
 
