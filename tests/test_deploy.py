@@ -96,6 +96,8 @@ def test_compose_services(compose):
     cmd = cmd if isinstance(cmd, list) else cmd.split()
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
     assert cmd[cmd.index("--appendfsync") + 1] == "everysec"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert cmd[cmd.index("--maxmemory") + 1]  # set: a full Redis stalls ingest, never evicts
     assert "redis-cli" in redis["healthcheck"]["test"]
 
     for name, role in (("ingest", "ingest"), ("sampler", "sampler"), ("sampler-gpu", "sampler")):
