@@ -79,6 +79,10 @@ class ExperimentConfig:
     hold_seconds: int = 86_400
     hold_max: int = 64
     started_at: int | None = None  # epoch ms; else the first exposure's ts
+    #: epoch ms: exposures at or after it are counted ``after_end`` and not
+    #: applied (units exposed before keep their metrics until their windows
+    #: close); ``liftstream experiments stop`` sets it with status "stopped"
+    end_at: int | None = None
     target_shares: tuple[float, ...] | None = None  # per stratum, sums to 1
     allocation: tuple[float, ...] | None = None  # expected exposure share per variant
     alert_thresholds: dict[str, float] = field(default_factory=dict)

@@ -765,6 +765,8 @@ def parse_experiment(
     opt("partition_skew_seconds")
     if (v := opt("started_at")) is not _MISSING:
         kw["started_at"] = _cfg_int(v, "started_at", MIN_TS_MS, MAX_TS_MS)
+    if (v := opt("end_at")) is not _MISSING and v is not None:
+        kw["end_at"] = _cfg_int(v, "end_at", MIN_TS_MS, MAX_TS_MS)
 
     if (v := opt("target_shares")) is not _MISSING:
         kw["target_shares"] = _cfg_shares(
@@ -828,6 +830,7 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "hold_seconds": cfg.hold_seconds,
         "hold_max": cfg.hold_max,
         "started_at": cfg.started_at,
+        "end_at": cfg.end_at,
         "target_shares": None if cfg.target_shares is None else list(cfg.target_shares),
         "allocation": None if cfg.allocation is None else list(cfg.allocation),
         "alert_thresholds": dict(cfg.alert_thresholds),

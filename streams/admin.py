@@ -1,4 +1,4 @@
-"""Small operator commands: ``experiments create|list``, ``estimates``, ``watch``."""
+"""Small operator commands: ``experiments create|list|stop|delete``, ``estimates``, ``watch``."""
 
 from __future__ import annotations
 
@@ -40,10 +40,49 @@ def experiments(args) -> int:
         Registry(redis_client(s)).put(cfg)
         print(dumps(experiment_to_dict(cfg)).decode())
         return 0
+    if args.action == "stop":
+        return stop_experiment(s, args.experiment, args.at)
+    if args.action == "delete":
+        return delete_experiment(s, args.experiment)
     reg = Registry(redis_client(s))
     for eid in reg.ids():
         cfg = reg.get(eid)
         print(dumps(experiment_to_dict(cfg)).decode() if cfg else eid)
+    return 0
+
+
+def stop_experiment(s, experiment_id: str, at_ms: int | None = None) -> int:
+    """Publish the experiment's config with status "stopped" and end_at (now
+    unless given); also straight into the registry."""
+    import dataclasses
+    import time
+
+    reg = Registry(redis_client(s))
+    cfg = reg.get(experiment_id, fresh=True)
+    if cfg is None:
+        print(f"unknown experiment {experiment_id!r}", file=sys.stderr)
+        return 2
+    end = int(time.time() * 1000) if at_ms is None else int(at_ms)
+    cfg = dataclasses.replace(cfg, status="stopped", end_at=end)
+    publish_experiment(kafka_config(s), s.topic_experiments, cfg)
+    reg.put(cfg)
+    print(dumps(experiment_to_dict(cfg)).decode())
+    return 0
+
+
+def delete_experiment(s, experiment_id: str) -> int:
+    """A tombstone on the experiments topic (workers delete the state when
+    they read it, and once more after their config cache expired), and the
+    state deleted here at once."""
+    from confluent_kafka import Producer
+
+    p = Producer(kafka_config(s))
+    p.produce(s.topic_experiments, key=experiment_id.encode(), value=None)
+    if p.flush(30):
+        print("tombstone not delivered", file=sys.stderr)
+        return 1
+    n = Registry(redis_client(s)).delete(experiment_id)
+    print(f"deleted {experiment_id}: {n} keys removed")
     return 0
 
 

@@ -217,8 +217,16 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
         async for event in stream.events():
             key, raw = event.key, event.value
             try:
-                if raw is None:
-                    await with_retry(registry.delete, key.decode(), what="registry")
+                if raw is None:  # deleted: every key of it goes, and again once
+                    eid = key.decode()  # no worker can still hold its cached config
+                    await with_retry(registry.delete, eid, what="registry")
+
+                    async def sweep_again(eid=eid):
+                        await asyncio.sleep(2 * registry.ttl + 1)
+                        await with_retry(registry.delete, eid, what="registry")
+
+                    app.liftstream.setdefault("sweeps", set()).add(
+                        asyncio.ensure_future(sweep_again()))
                     continue
                 cfg = parse_experiment(raw)
             except InvalidRecord as err:

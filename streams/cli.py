@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(xc)
     xl = xsub.add_parser("list", help="registered experiments (from Redis)")
     add_arguments(xl)
+    xs = xsub.add_parser("stop", help="stop an experiment: exposures from now (or --at) on "
+                         "are counted after_end and not applied; exposed units keep "
+                         "their metrics until their windows close")
+    xs.add_argument("experiment")
+    xs.add_argument("--at", type=int, default=None,
+                    help="end time, epoch ms (default: now)")
+    add_arguments(xs)
+    xd = xsub.add_parser("delete", help="delete an experiment: a tombstone on the "
+                         "experiments topic; every key of it is removed and its events "
+                         "are dead-lettered unknown_experiment from then on")
+    xd.add_argument("experiment")
+    add_arguments(xd)
 
     e = sub.add_parser("estimates", help="latest estimates of an experiment (from Redis)")
     e.add_argument("experiment")

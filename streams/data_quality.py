@@ -31,7 +31,8 @@ from streams.semantics import COUNTERS, DROPPED, ExperimentSnapshot
 #: are reported together as ``applied``).
 REPORTED: tuple[str, ...] = (
     "corrected", "held", "expired", "late", "too_old", "outside_window", "pre_exposure",
-    "duplicate", "conflict", "repeat_exposure", "unknown_variant", "unknown_metric",
+    "duplicate", "conflict", "repeat_exposure", "after_end", "unknown_variant",
+    "unknown_metric",
 )
 
 #: The outcomes that partition ``events`` (what ``/metrics`` exposes per outcome):

@@ -22,6 +22,26 @@ EXPERIMENTS_SET = "lr:experiments"
 log = logging.getLogger("liftstream.registry")
 
 
+def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
+    """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``): its
+    config, unit records, cells, chains, estimates, history, alerts. A rare
+    operator action, so a SCAN of the keyspace is acceptable here (request
+    paths never scan). The unit routing index (``lr:{u:<unit>}:x``) keeps
+    the experiment's field until the unit's entry expires; routing ignores
+    experiments not in the registry."""
+    pattern = experiment_key(experiment_id, "*")  # names hold no glob characters
+    n = 0
+    buf: list = []
+    for k in r.scan_iter(match=pattern, count=batch):
+        buf.append(k)
+        if len(buf) >= batch:
+            n += r.unlink(*buf)
+            buf = []
+    if buf:
+        n += r.unlink(*buf)
+    return n
+
+
 class Registry:
     def __init__(self, r: Any, ttl: float = 5.0):
         self.r = r
@@ -35,10 +55,15 @@ class Registry:
         pipe.execute()
         self._cache[cfg.experiment_id] = (time.monotonic(), cfg)
 
-    def delete(self, experiment_id: str) -> None:
-        """A tombstone on the topic stops the experiment (its state is kept)."""
+    def delete(self, experiment_id: str) -> int:
+        """A tombstone on the topic deletes the experiment: out of the
+        registry (ingest dead-letters its events ``unknown_experiment``, the
+        API answers 404) and every key of it removed (``delete_state``).
+        Returns the number of keys removed. Workers that cached its config
+        may write for up to ``ttl`` more seconds: call again after that."""
         self.r.srem(EXPERIMENTS_SET, experiment_id)
         self._cache.pop(experiment_id, None)
+        return delete_state(self.r, experiment_id)
 
     def get(self, experiment_id: str, fresh: bool = False) -> ExperimentConfig | None:
         hit = self._cache.get(experiment_id)

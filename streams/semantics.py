@@ -36,7 +36,9 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    sightings make dedupe independent of other partitions' clocks.)
 2. Exposure: variant not in the config -> ``unknown_variant``; unit known ->
    ``repeat_exposure`` / ``conflict``; ``close + H <= T`` -> ``too_old`` (no
-   state; ingest dead-letters it); else the unit is created (variant, stratum,
+   state; ingest dead-letters it); ``ts >= end_at`` (config) -> ``after_end``
+   (no state: the experiment stopped; not recorded in the routing index
+   either); else the unit is created (variant, stratum,
    entry bucket, exposure ts, zero totals) -> ``exposures``, pending on its
    source partition, and the metrics held for it are released (rule 4).
 3. Metric: name not in the config -> ``unknown_metric``; no unit yet -> held
@@ -96,6 +98,7 @@ COUNTERS: tuple[str, ...] = (
     "conflict",
     "unknown_variant",
     "too_old",
+    "after_end",
     "unknown_metric",
     "pre_exposure",
     "outside_window",
@@ -285,6 +288,7 @@ class ExperimentState:
     def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT) -> None:
         self.config = config
         self.W, self.B, self.L, self.DD = config_ms(config)
+        self.E = config.end_at  # exposures at or after it: after_end
         self.H, self.Hh, self.HM = horizons_ms(config)
         self.fold_limit = fold_limit
         self.edges = tuple(float(e) for e in config.strata_edges)
@@ -396,6 +400,8 @@ class ExperimentState:
         close = ts + self.W
         if close + self.H <= T:
             return "too_old"
+        if self.E is not None and ts >= self.E:
+            return "after_end"
         x = None if ev.pre_activity is None else _finite(ev.pre_activity, "pre_activity")
         if self.anchor is None:
             self.anchor = self.config.started_at if self.config.started_at is not None else 0
@@ -579,7 +585,8 @@ class Reducer:
         if isinstance(ev, Exposure):
             cfg = self.configs[ev.experiment_id]
             out = [(ev.experiment_id, (ev, clk, False))]
-            if ev.variant in cfg.variants and not self._too_old(ev, clk):
+            if ev.variant in cfg.variants and not self._too_old(ev, clk) \
+                    and (cfg.end_at is None or int(ev.ts) < cfg.end_at):
                 seen = self.index.setdefault(ev.unit_id, set())
                 if ev.experiment_id not in seen:
                     seen.add(ev.experiment_id)

@@ -184,7 +184,8 @@ def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
     argv = [offsets_field(topic, partition), "" if epoch is None else str(int(epoch)),
             str(W), str(B), str(L), str(DD), str(H), str(Hh),
             str(HM), str(int(fold_limit)),
-            "" if cfg.started_at is None else str(int(cfg.started_at)), str(int(clk_end)),
+            "" if cfg.started_at is None else str(int(cfg.started_at)),
+            "" if cfg.end_at is None else str(int(cfg.end_at)), str(int(clk_end)),
             str(len(cfg.strata_edges))]
     argv += [_num(e, "strata edge") for e in cfg.strata_edges]
     argv.append(str(len(cfg.variants)))
@@ -623,6 +624,7 @@ def route_rows(
       none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
     """
     variants_of = {e: c.variants for e, c in known.items()}
+    ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
     margin: dict[str, int] = {}  # too_old_margin per experiment, once a batch
     metric_units: dict[str, None] = {}  # units of metrics without experiment_id
     exposing: dict[tuple[str, str], int] = {}
@@ -635,7 +637,8 @@ def route_rows(
             if vs is not None and row[3] not in margin:
                 margin[row[3]] = too_old_margin(known[row[3]])
             if (vs is not None and row[5] in vs and (row[4], row[3]) not in exposing
-                    and row[6] + margin[row[3]] > row[8]):
+                    and row[6] + margin[row[3]] > row[8]
+                    and (ends[row[3]] is None or row[6] < ends[row[3]])):
                 exposing[(row[4], row[3])] = row[0]
     # an exposure releases held metrics only if its partition holds any (a
     # unit's events share its partition): else its unit needs no look-up

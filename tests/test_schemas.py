@@ -375,6 +375,7 @@ FULL_CONFIG: dict[str, Any] = {
     "hold_max": 8,
     "partition_skew_seconds": 7200,  # obsolete: accepted, ignored
     "started_at": NOW - 86_400_000,
+    "end_at": NOW + 86_400_000,
     "target_shares": [0.5, 0.3, 0.2],
     "allocation": [0.5, 0.25, 0.25],
     "alert_thresholds": {"srm_p_value": 0.001, "rhat_max": 1.05},

@@ -124,6 +124,29 @@ def test_repeat_conflict_unknown_variant():
     assert st.snapshot().arrivals[1] == {0: 1}
 
 
+def test_exposures_from_end_at_are_counted_not_applied():
+    """A stopped experiment (config end_at): new units from end_at on are
+    ``after_end`` (no state, not routed); units exposed before keep their
+    metrics until their windows close; known units still count repeats."""
+    from streams.semantics import Reducer
+
+    st = ExperimentState(cfg(end_at=T0 + 5000))
+    out = run(st, X("u1", t=0), X("u2", t=4999), X("u3", t=5000), X("u1", t=6000),
+              M("u2", 2.0, t=7000), M("u3", 1.0, t=7000))
+    assert out == ["exposures", "exposures", "after_end", "repeat_exposure",
+                   "metric_applied", "held"]
+    assert set(st.units) == {"u1", "u2"} and st.exposed == {"control": 2, "treatment": 0}
+    assert st.units["u2"].totals[0] == 2.0
+    # routing: an after_end exposure is not recorded, so a metric without
+    # experiment_id for that unit reaches no experiment
+    red = Reducer([cfg(end_at=T0 + 5000)])
+    red.apply_batch("t|0", [X("v1", t=100), X("v2", t=6000), M("v1", 1.0, 200, exp=None),
+                            M("v2", 1.0, 6100, exp=None)])
+    c = red.snapshots()["e1"].counters
+    assert (c["exposures"], c["after_end"], c["metric_applied"]) == (1, 1, 1)
+    assert red.counters["unrouted"] == 1
+
+
 # ---------------------------------------------------------------- 4. metric
 
 

@@ -76,6 +76,7 @@ def configs(draw):
             hold_seconds=draw(st.integers(0, 6)),
             hold_max=draw(st.integers(0, 3)),
             started_at=draw(st.none() | st.integers(-3000, 3000).map(lambda d: T0 + d)),
+            end_at=draw(st.none() | st.none() | st.integers(0, 30000).map(lambda d: T0 + d)),
         ))
     return out
 

@@ -19,7 +19,7 @@ KEYS (all tagged {e:<id>}, one Redis Cluster slot):
 ARGV:
   src "<topic>|<partition>", epoch (the caller's owner epoch of src, '' = not
   fenced: tests and tools), W, B, L, DD, H, Hh (ms), HM, fold_limit,
-  started_at_cfg ('' = none), clk_end, n_edges, edges..., n_variants,
+  started_at_cfg ('' = none), end_at ('' = none), clk_end, n_edges, edges..., n_variants,
   variants..., n_metrics, metrics..., then TWO binary strings. The first
   holds a fixed-size head per event (struct, little-endian, 39 bytes)
   '<c1HddddHH': kind ('x' exposure | 'm' metric | 'h' a metric held without
@@ -83,6 +83,7 @@ local Hh = tonumber(nextarg())
 local HM = tonumber(nextarg())
 local FOLD_LIMIT = tonumber(nextarg())
 local started_cfg = tonumber(nextarg())          -- '' -> nil
+local end_at = tonumber(nextarg())               -- '' -> nil: exposures from it on: after_end
 local clk_end = tonumber(nextarg())
 local n_edges = tonumber(nextarg())
 local edges = {}
@@ -333,6 +334,8 @@ for i = 1, n do
         if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
       elseif ts + W + H <= T then
         cat = 'too_old'
+      elseif end_at ~= nil and ts >= end_at then
+        cat = 'after_end'
       else
         if anchor == nil then anchor = started_cfg or 0; anchor_dirty = true end
         local x = E_B[i]
