@@ -182,10 +182,16 @@ def bucket_of(ts: int, anchor: int, B: int) -> int:
     return max(0, (ts - anchor) // B) if anchor else ts // B
 
 
-def completed_buckets(watermark: int | None, started_at: int | None, B: int) -> int:
-    """D = max(0, floor((watermark - started_at) / B)); 0 before any data."""
+def completed_buckets(watermark: int | None, started_at: int | None, B: int,
+                      end_at: int | None = None) -> int:
+    """D = max(0, floor((min(watermark, end_at) - started_at) / B)); 0 before
+    any data. A stopped experiment takes no new units from ``end_at`` on, so
+    the buckets after it (and the one it cuts) are no evidence of the
+    arrival rate: they are left out of the arrival model."""
     if watermark is None or started_at is None:
         return 0
+    if end_at is not None and end_at < watermark:
+        watermark = end_at
     return max(0, (watermark - started_at) // B)
 
 
@@ -521,7 +527,7 @@ class ExperimentState:
             started_at=started,
             max_ts=self.max_ts,
             watermark=wm,
-            D=completed_buckets(wm, started, self.B),
+            D=completed_buckets(wm, started, self.B, self.config.end_at),
             arrivals=arrivals,
             activity_sum=tuple(self.activity_sum),
             activity_n=tuple(self.activity_n),

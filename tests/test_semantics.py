@@ -145,6 +145,14 @@ def test_exposures_from_end_at_are_counted_not_applied():
     c = red.snapshots()["e1"].counters
     assert (c["exposures"], c["after_end"], c["metric_applied"]) == (1, 1, 1)
     assert red.counters["unrouted"] == 1
+    # the arrival model stops at the end: buckets after it (and the one it
+    # cuts) hold no arrivals because of the stop, not for want of units
+    assert completed_buckets(T0 + 20_000, T0, 2000) == 10
+    assert completed_buckets(T0 + 20_000, T0, 2000, end_at=T0 + 5000) == 2
+    assert completed_buckets(T0 + 3000, T0, 2000, end_at=T0 + 5000) == 1
+    st = ExperimentState(cfg(end_at=T0 + 5000, started_at=T0))
+    run(st, X("w1", t=0), M("w1", 1.0, t=30_000))
+    assert st.snapshot().D == 2
 
 
 # ---------------------------------------------------------------- 4. metric
