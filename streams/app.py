@@ -277,7 +277,8 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                 service.own(e)
             def tick_and_alert():
                 recs = service.tick()
-                return recs, alerting.process(r, registry, recs, int(time.time() * 1000))
+                alerts = alerting.process(r, registry, recs, int(time.time() * 1000))
+                return recs + service.conclude_due(), alerts
 
             try:
                 recs, alerts = await loop.run_in_executor(sampler_pool, tick_and_alert)

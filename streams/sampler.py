@@ -32,6 +32,7 @@ from streams.advance import StoredChains, TickConfig, advance
 from streams.chains import decode, encode
 from streams.platform_prior import PlatformPrior
 from streams.registry import Registry
+from streams.semantics import config_ms, horizons_ms
 from streams.state import experiment_key, read_completeness, read_snapshot
 
 NOTICE_CHANNEL = "lr:estimates"
@@ -48,6 +49,12 @@ def estimate_key(eid: str, metric: str, variant: str) -> str:
 
 def history_key(eid: str, metric: str, variant: str) -> str:
     return experiment_key(eid, f"history:{metric}:{variant}")
+
+
+def lifecycle_key(eid: str) -> str:
+    """``lr:{e:<id>}:lifecycle``: ``concluded`` once the final estimates are
+    out (absent while running or stopped: the config's status says which)."""
+    return experiment_key(eid, "lifecycle")
 
 
 def estimates_index_key(eid: str) -> str:
@@ -128,12 +135,44 @@ class SamplerService:
         out = []
         if not self.owned:
             return out
-        seqs = self.r.mget([experiment_key(e, "dirty_seq") for e in sorted(self.owned)])
-        for e, s in zip(sorted(self.owned), seqs, strict=True):
+        owned = sorted(self.owned)
+        got = self.r.mget([experiment_key(e, "dirty_seq") for e in owned]
+                          + [lifecycle_key(e) for e in owned])
+        seqs, states = got[:len(owned)], got[len(owned):]
+        for e, s, lc in zip(owned, seqs, states, strict=True):
             seq = None if s is None else int(s)
+            if lc is not None:  # concluded: its final estimates stand
+                continue
             if e in self.idle_at_seq and self.idle_at_seq[e] == seq:
                 continue
             out.append(e)
+        return out
+
+    def conclude_due(self) -> list[dict]:
+        """Conclude the owned stopped experiments that are done: every window
+        closed and the correction horizon passed on every partition (the
+        completeness clock minus L is past end_at + W + H), and their chains
+        converged with a full window drawn on the final data (idle at the
+        current dirty_seq). Returns their final records (``final: true``)."""
+        idle = sorted(e for e in self.owned if e in self.idle_at_seq)
+        if not idle or self.events_topic is None:
+            return []
+        c = read_completeness(self.r, self.events_topic)
+        if c is None:
+            return []
+        seqs = dict(zip(idle, self.r.mget([experiment_key(e, "dirty_seq") for e in idle]),
+                        strict=True))
+        out: list[dict] = []
+        for e, cfg in sorted(self.registry.get_many(idle).items()):
+            seq = None if seqs[e] is None else int(seqs[e])
+            if cfg.end_at is None or self.idle_at_seq.get(e) != seq:
+                continue
+            W, _, L, _ = config_ms(cfg)
+            if c - L < cfg.end_at + W + horizons_ms(cfg)[0]:
+                continue
+            out += conclude(self.r, cfg)
+            self.owned.discard(e)
+            self.idle_at_seq.pop(e, None)
         return out
 
     def tick(self, now_ms: int | None = None) -> list[dict]:
@@ -170,6 +209,38 @@ class SamplerService:
             )
             if full and worst.get(s.experiment_id, 9.9) < self.rhat_done:
                 self.idle_at_seq[s.experiment_id] = s.seq
+
+
+def conclude(r: Any, cfg) -> list[dict]:
+    """Mark the experiment concluded: its latest estimates rewritten with
+    ``final: true`` (returned, to publish), and its working state deleted in
+    the same transaction: unit records, pending sets, dedupe sightings, held
+    metrics and chains. Cells, arrivals, counters, estimates, history and the
+    config stay. Events that still arrive for it are counted, not estimated."""
+    eid = cfg.experiment_id
+    recs = read_estimates(r, eid)
+    for rec in recs:
+        rec["final"] = True
+    srcs = [x.decode() if isinstance(x, bytes) else x
+            for x in r.hkeys(experiment_key(eid, "offsets"))]
+    drop = [experiment_key(eid, k) for k in ("units", "held")]
+    drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
+             for k in ("pending", "seen", "heldq")]
+    drop += [chain_key(eid, m) for m in cfg.metric_names]
+    pipe = r.pipeline(transaction=True)  # one slot: {e:<id>}
+    for rec in recs:
+        pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
+    pipe.set(lifecycle_key(eid), "concluded")
+    pipe.unlink(*drop)
+    pipe.execute()
+    return recs
+
+
+def read_lifecycle(r: Any, cfg) -> str:
+    """``running``, ``stopped`` (config status or end_at) or ``concluded``."""
+    if r.get(lifecycle_key(cfg.experiment_id)) is not None:
+        return "concluded"
+    return "stopped" if cfg.status == "stopped" or cfg.end_at is not None else "running"
 
 
 def estimate_names(r: Any, eid: str) -> list[tuple[str, str]]:

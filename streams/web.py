@@ -15,7 +15,7 @@ from typing import Any
 from schemas.codec import loads
 from schemas.validate import experiment_to_dict, is_valid_name
 from streams.alerting import recent as recent_alerts
-from streams.sampler import read_estimates, read_history
+from streams.sampler import read_estimates, read_history, read_lifecycle
 from streams.state import experiment_key
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
@@ -93,6 +93,7 @@ def register_pages(app, r: Any, registry) -> None:
         if cfg is None:
             return web.json({"error": "unknown experiment"}, status=404)
         out = experiment_to_dict(cfg)
+        out["lifecycle"] = await call(read_lifecycle, r, cfg)
         truth = await call(r.get, truth_key(experiment_id))
         out["truth"] = loads(truth) if truth else None
         return web.json(out)

@@ -1,6 +1,6 @@
 """The experiment lifecycle on a real broker and redis-server (issue 14 item 1;
-the ``concluded`` step is not built yet): ``running`` -> ``stopped`` ->
-``deleted``, through the CLI a user runs.
+``running`` -> ``stopped`` -> ``concluded`` -> ``deleted``, through the CLI
+a user runs.
 
 Two experiments on a worker of role ``all``. The first half of the traffic
 (event time before ``cut``) is applied; ``liftstream experiments stop A --at
@@ -10,6 +10,10 @@ cut``; the second half is produced. Then:
   units exposed before keep their metrics; B is untouched: both states equal
   the reference fold of the same events under the stopped config (counts
   exact, sums within 1e-9);
+* concluded: with the partitions idle and advanced past end_at + W + H,
+  A's estimates are republished ``final: true`` and stop changing; its
+  working state (unit records, pending sets, dedupe, chains) is deleted,
+  its cells, counters, estimates and history stay;
 * ``liftstream experiments delete A``: every key of A is gone (and stays gone
   once the workers' config caches expired), B keeps all of its keys, A is
   out of the registry and a new event of A is dead-lettered
@@ -30,6 +34,7 @@ import redis
 from schemas.codec import loads
 from schemas.records import ExperimentConfig
 from streams.registry import Registry
+from streams.sampler import read_estimates, read_history, read_lifecycle
 from streams.semantics import Reducer
 from streams.state import experiment_key, read_counters
 from tests.scale_helpers import as_records, pinned_case, pinned_producer, produce_pinned
@@ -103,8 +108,29 @@ def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
         assert_state_close(r, stopped, red)
         stopped_keys = keys_of(r, a)
 
+        # concluded: caught up and idle, the partitions advance to the wall
+        # clock, past end_at + W + H; once A's chains are done on the final
+        # data its estimates are published final and its working state goes
+        w = ws.start(st, "all", name="all-idle", idle_seconds=2)
+        final = wait_until(lambda: (recs := read_estimates(r, a)) and all(
+            rec.get("final") for rec in recs) and recs, 120, "A's final estimates",
+            workers=[w])
+        assert read_lifecycle(r, stopped[0]) == "concluded"
+        assert read_lifecycle(r, cfgs[1]) == "running"
+        gone = ["units", "held", "chain:value"] + [
+            f"{k}:{st.events_topic}|{p}" for k in ("pending", "seen") for p in range(PARTITIONS)]
+        assert not any(r.exists(experiment_key(a, k)) for k in gone)
+        for k in ("cfg", "cells", "arrivals", "meta", "estimates"):
+            assert r.exists(experiment_key(a, k)), k
+        assert read_history(r, a) and read_counters(r, a)["after_end"] > 0
+        assert not any(rec.get("final") for rec in read_estimates(r, b))
+        concluded_keys = keys_of(r, a)
+        it = {rec["variant"]: rec["diagnostics"]["iteration"] for rec in final}
+        time.sleep(3)  # no further ticks for A
+        assert {rec["variant"]: rec["diagnostics"]["iteration"]
+                for rec in read_estimates(r, a)} == it
+
         # delete A: its keys go, B's stay, its events are dead letters
-        w.start()
         b_keys = keys_of(r, b)
         cli(st, "experiments", "delete", a)
         assert keys_of(r, a) == 0
@@ -122,7 +148,8 @@ def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
         assert keys_of(r, a) == 0
         assert keys_of(r, b) == b_keys
         print(f"\n[lifecycle] keys of {a}: running {running_keys}, stopped {stopped_keys}, "
-              f"deleted 0; {want[a].counters['after_end']} exposures after the end")
+              f"concluded {concluded_keys}, deleted 0; "
+              f"{want[a].counters['after_end']} exposures after the end")
     finally:
         ws.close()
         r.close()
