@@ -95,7 +95,7 @@ def estimates(args) -> int:
 
 def watch(args) -> int:
     s = from_args(args)
-    r = redis_client(s)
+    r = redis_client(s, socket_timeout=None)  # listen() waits for notices indefinitely
     ps = r.pubsub()
     ps.subscribe(NOTICE_CHANNEL)
     try:

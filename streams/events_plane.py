@@ -66,6 +66,7 @@ def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Even
                 raise
             if status is not None:
                 status.stalled = (transient_reason(e), str(e))
+                status.heartbeat = time.monotonic()  # waiting, not stuck
             log.warning("%s: redis cannot take it (%s); retrying in %.1fs", what, e, delay)
             stopped.wait(delay)
             delay = min(max_backoff, delay * 2)
@@ -111,6 +112,9 @@ class PlaneStatus:
     #: (reason, message) while ingest waits for Redis (out of memory, read
     #: only, away): no batch is taken, nothing is acked or lost
     stalled: tuple[str, str] | None = None
+    #: time.monotonic() of the loop's last round (a consume, a batch, a retry):
+    #: /healthz fails when it is too old (the thread is stuck)
+    heartbeat: float = field(default_factory=time.monotonic)
 
 
 class EventsPlane:
@@ -209,6 +213,7 @@ class EventsPlane:
         try:
             while not self._stopped.is_set():
                 msgs = c.consume(self.conf.batch_size, self.conf.batch_seconds)
+                self.status.heartbeat = time.monotonic()
                 if msgs:
                     self._batch(msgs)
                 self._refresh_highwaters()

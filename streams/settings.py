@@ -78,6 +78,14 @@ class Settings:
     idle_seconds: float = 30.0
     hold_seconds: int = 86_400
     hold_max: int = 64
+    # Redis client: a half-open connection fails a call after this long (then
+    # it is retried) instead of hanging it; every ingest call is bounded
+    # (FOLD_LIMIT), so well under it
+    redis_socket_timeout: float = 15.0
+    redis_connect_timeout: float = 5.0
+    # /healthz fails when the ingest loop has not come round for this long
+    # (stuck, not waiting on Redis: that is /readyz's "ingest stalled")
+    liveness_seconds: float = 120.0
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "warning"
@@ -244,6 +252,8 @@ def redis_client(s: Settings, **kw: Any):
 
     if s.redis_password:
         kw.setdefault("password", s.redis_password)
+    kw.setdefault("socket_timeout", s.redis_socket_timeout or None)
+    kw.setdefault("socket_connect_timeout", s.redis_connect_timeout or None)
     if s.redis_url.lower().startswith("rediss://"):
         if s.redis_tls_ca:
             kw.setdefault("ssl_ca_certs", s.redis_tls_ca)

@@ -40,6 +40,13 @@ def register_pages(app, r: Any, registry) -> None:
 
     @app.page("/healthz")
     async def healthz(web, request):
+        plane = app.liftstream.get("plane")
+        if plane is not None and plane.alive:
+            stuck = time.monotonic() - plane.status.heartbeat
+            limit = app.liftstream["settings"].liveness_seconds
+            if limit and stuck > limit:  # the ingest loop has not come round: restart me
+                return web.json({"status": "ingest loop stuck",
+                                 "error": f"no round for {stuck:.0f} s"}, status=503)
         return web.json({"status": "ok"})
 
     @app.page("/metrics")

@@ -96,3 +96,32 @@ def test_ingest_waits_out_redis_oom(kafka_bootstrap, tmp_path):
         ws.close()
         r.close()
         svc.stop()
+
+
+def test_a_stalled_redis_fails_calls_instead_of_hanging_them(tmp_path):
+    """A Redis that stops answering (DEBUG SLEEP: the server blocks, the socket
+    stays open, as with a half-open connection) makes a call fail after the
+    client's socket timeout with an error ingest retries, instead of hanging
+    the batch for ever; once it answers again, calls go through."""
+    import threading
+
+    from streams.settings import Settings, redis_client
+    from streams.state import TRANSIENT_REDIS
+
+    svc = start_redis(workdir=str(tmp_path))
+    try:
+        r = redis_client(Settings(redis_url=svc.url, redis_socket_timeout=0.5))
+        r.set("k", "v")
+        other = redis.Redis.from_url(svc.url)
+        t = threading.Thread(target=lambda: other.execute_command("DEBUG", "SLEEP", 3))
+        t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(TRANSIENT_REDIS) as ei:
+            r.get("k")
+        assert isinstance(ei.value, redis.TimeoutError)
+        assert time.monotonic() - t0 < 2.5  # the timeout, not the 3 s stall
+        t.join()
+        assert r.get("k") == b"v"
+    finally:
+        svc.stop()
