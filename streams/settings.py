@@ -25,7 +25,7 @@ from typing import Any
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password"})
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "redis_password", "api_token"})
 REDACTED = "***"
 #: Largest record any liftstream producer may send (librdkafka ``message.max.bytes``,
 #: aiokafka ``max_request_size``); Kafka's own default. Events are limited far
@@ -88,6 +88,9 @@ class Settings:
     liveness_seconds: float = 120.0
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # when set, every HTTP route but /healthz and /readyz needs it:
+    # "Authorization: Bearer <token>" (or ?token=<token>, for the dashboard)
+    api_token: str = ""
     log_level: str = "warning"
     seed: int = 0
     # -- security (docs/security.md)

@@ -7,6 +7,8 @@ estimates and history, health. Blocking Redis calls run on a thread.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +28,21 @@ def truth_key(eid: str) -> str:
     return experiment_key(eid, "truth")
 
 
+def authorized(request, token: str) -> bool:
+    """No token configured, or the request carries it: ``Authorization:
+    Bearer <token>``, or ``?token=<token>`` (the dashboard passes its own
+    query's token on to the API). Compared in constant time."""
+    if not token:
+        return True
+    got = ""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        got = auth[len("Bearer "):].strip()
+    else:
+        got = request.query.get("token", "")
+    return hmac.compare_digest(got.encode(), token.encode())
+
+
 def register_pages(app, r: Any, registry) -> None:
     # the API's Redis reads run on threads of their own, so a burst of
     # requests never queues behind (or ahead of) the workers' own Redis calls
@@ -34,11 +51,28 @@ def register_pages(app, r: Any, registry) -> None:
     async def call(fn, *a):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
 
-    @app.page("/")
+    token = app.liftstream["settings"].api_token
+
+    def page(path: str, open_: bool = False):
+        """``app.page``, behind the API token unless ``open_`` (health)."""
+        def wrap(handler):
+            if open_:
+                return app.page(path)(handler)
+
+            @functools.wraps(handler)
+            async def guarded(web, request, **kw):
+                if not authorized(request, token):
+                    return web.json({"error": "unauthorized"}, status=401)
+                return await handler(web, request, **kw)
+
+            return app.page(path)(guarded)
+        return wrap
+
+    @page("/")
     async def dashboard(web, request):
         return web.html(DASHBOARD.read_text())
 
-    @app.page("/healthz")
+    @page("/healthz", open_=True)
     async def healthz(web, request):
         plane = app.liftstream.get("plane")
         if plane is not None and plane.alive:
@@ -49,7 +83,7 @@ def register_pages(app, r: Any, registry) -> None:
                                  "error": f"no round for {stuck:.0f} s"}, status=503)
         return web.json({"status": "ok"})
 
-    @app.page("/metrics")
+    @page("/metrics")
     async def metrics_page(web, request):
         m = app.liftstream["metrics"]
         now = time.time()
@@ -68,7 +102,7 @@ def register_pages(app, r: Any, registry) -> None:
                       reason=reason)
         return web.text(m.render(), content_type="text/plain; version=0.0.4")
 
-    @app.page("/readyz")
+    @page("/readyz", open_=True)
     async def readyz(web, request):
         try:
             await call(r.ping)
@@ -87,12 +121,12 @@ def register_pages(app, r: Any, registry) -> None:
             return web.json({"status": "ready", "events_partitions": sorted(plane.owned())})
         return web.json({"status": "ready"})
 
-    @app.page("/experiments")
+    @page("/experiments")
     async def experiments(web, request):
         ids = await call(registry.ids)
         return web.json({"experiments": ids})
 
-    @app.page("/experiments/{experiment_id}")
+    @page("/experiments/{experiment_id}")
     async def experiment(web, request, experiment_id: str):
         if not is_valid_name(experiment_id):
             return web.json({"error": "bad experiment id"}, status=400)
@@ -105,21 +139,21 @@ def register_pages(app, r: Any, registry) -> None:
         out["truth"] = loads(truth) if truth else None
         return web.json(out)
 
-    @app.page("/experiments/{experiment_id}/alerts")
+    @page("/experiments/{experiment_id}/alerts")
     async def alerts(web, request, experiment_id: str):
         if not is_valid_name(experiment_id):
             return web.json({"error": "bad experiment id"}, status=400)
         return web.json({"experiment_id": experiment_id,
                          "alerts": await call(recent_alerts, r, experiment_id)})
 
-    @app.page("/experiments/{experiment_id}/estimates")
+    @page("/experiments/{experiment_id}/estimates")
     async def estimates(web, request, experiment_id: str):
         if not is_valid_name(experiment_id):
             return web.json({"error": "bad experiment id"}, status=400)
         recs = await call(read_estimates, r, experiment_id)
         return web.json({"experiment_id": experiment_id, "estimates": recs})
 
-    @app.page("/experiments/{experiment_id}/history")
+    @page("/experiments/{experiment_id}/history")
     async def history(web, request, experiment_id: str):
         if not is_valid_name(experiment_id):
             return web.json({"error": "bad experiment id"}, status=400)

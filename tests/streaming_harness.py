@@ -261,13 +261,15 @@ class WebWorker(Worker):
         status, body = self.request(path, timeout)
         return body if status is not None and 200 <= status < 300 else None
 
-    def request(self, path: str, timeout: float = 5.0) -> tuple[int | None, bytes | None]:
+    def request(self, path: str, timeout: float = 5.0, headers: dict | None = None
+                ) -> tuple[int | None, bytes | None]:
         """(HTTP status, body), or (None, None) when nothing answered."""
         import urllib.error
         import urllib.request
 
+        req = urllib.request.Request(self.url(path), headers=headers or {})
         try:
-            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

@@ -13,7 +13,7 @@ def test_openapi_paths_match_registered_pages():
     assert spec["openapi"].startswith("3.")
     documented = set(spec["paths"])
     source = (ROOT / "streams" / "web.py").read_text()
-    registered = set(re.findall(r'@app\.page\("([^"]+)"\)', source))
+    registered = set(re.findall(r'@(?:app\.)?page\("([^"]+)"', source))
     assert documented == registered
     for path, item in spec["paths"].items():
         assert "get" in item and "200" in item["get"]["responses"], path

@@ -148,3 +148,32 @@ def test_worker_log_has_no_secrets(kafka_bootstrap, redis_url, tmp_path):
         ws.close()
         admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_api_token_guards_every_route_but_the_probes(kafka_bootstrap, redis_url, tmp_path):
+    """With LIFTSTREAM_API_TOKEN set, a real worker's HTTP API answers 401
+    without the token, 200 with it as a bearer token or ``?token=``; the
+    probes answer without it; the token never reaches the log."""
+    from streams.embedded import free_port
+    from tests.streaming_harness import WebWorker, Workers, make_stack, wait_until
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "tok", partitions=1)
+    st.create_topics()
+    ws = Workers()
+    try:
+        w = WebWorker(st, "sampler", free_port(), api_token=SECRET)
+        ws.all.append(w)
+        w.start()
+        wait_until(lambda: w.request("/healthz")[0] == 200, 90, "the web server", workers=[w])
+        assert w.request("/readyz")[0] == 200
+        for path in ("/", "/metrics", "/experiments", "/experiments/x/estimates",
+                     "/experiments/x/history", "/experiments/x/alerts"):
+            assert w.request(path)[0] == 401, path
+            assert w.request(f"{path}?token=wrong")[0] == 401, path
+            assert w.request(f"{path}?token={SECRET}")[0] == 200, path
+            assert w.request(path, headers={"Authorization": f"Bearer {SECRET}"})[0] == 200
+        assert SECRET not in w.log_tail(200_000)
+    finally:
+        ws.close()
