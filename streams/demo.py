@@ -26,7 +26,7 @@ import redis
 
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig
-from streams.embedded import free_port, kafka_broker, redis_server, stop_group
+from streams.embedded import dies_with_parent, free_port, kafka_broker, redis_server, stop_group
 from streams.registry import Registry
 from streams.sampler import estimate_key
 from streams.settings import Settings
@@ -104,7 +104,10 @@ def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
 def main(args) -> int:
     duration = args.duration
     stop = threading.Event()
+    # Ctrl-C and SIGTERM alike: leave the loop, stop the traffic and the
+    # worker, then the broker and Redis (children die with the demo anyway)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     with kafka_broker() as kafka, redis_server() as rds:
         port = free_port()
         s = Settings.from_env(bootstrap_servers=kafka.url, redis_url=rds.url, web_port=port,
@@ -131,7 +134,8 @@ def main(args) -> int:
         logf = open(os.path.join(rds.workdir, "worker.log"), "wb")  # noqa: SIM115
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--role", "all"],
                                   env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                  preexec_fn=dies_with_parent())
         traffic = None
         try:
             http = f"http://127.0.0.1:{port}"

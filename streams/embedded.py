@@ -98,6 +98,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# ---------------------------------------------------------------- child lifetime
+
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once here: the preexec function must not import or allocate much
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") \
+        else None
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    _prctl = None
+
+
+def dies_with_parent():
+    """A ``preexec_fn`` that makes the child get SIGKILL when the thread that
+    started it dies (Linux ``PR_SET_PDEATHSIG``; kept across ``exec``), so a
+    ``liftstream demo`` or test run killed with -9 leaves no broker, Redis or
+    worker behind. None elsewhere (no equivalent; the process groups and
+    ``stop_group`` still clean up on a normal exit). Start children from the
+    main thread: the signal follows the starting *thread*."""
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl
+            os._exit(1)
+
+    return preexec
+
 #: librdkafka settings for consumers in a group on Tansu: JoinGroup is held for
 #: half the session timeout, so 6 s (Apache Kafka's minimum) means a ~3 s
 #: rebalance on Tansu and still works on a real cluster.
@@ -194,7 +224,7 @@ def start_redis(port: int | None = None, appendonly: bool = True, workdir: str |
         "--loglevel", "warning", "--logfile", os.path.join(workdir, "redis.log"),
     ] + (extra or [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=dies_with_parent())
     try:
         wait_for_port(port)
     except TimeoutError:
@@ -344,7 +374,7 @@ def start_broker(port: int | None = None, workdir: str | None = None,
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=dies_with_parent())
         svc = Service("kafka", f"127.0.0.1:{p}", p, proc, workdir, stop_signal=signal.SIGINT)
         try:
             _wait_port_or_exit(p, proc, timeout)
@@ -540,7 +570,8 @@ def start_apache_kafka(port: int | None = None, workdir: str | None = None,
             args += ["--set", f"{k}={v}"]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=wd, start_new_session=True)
+                                    stderr=subprocess.STDOUT, cwd=wd, start_new_session=True,
+                                    preexec_fn=dies_with_parent())
         svc = Service("kafka", f"127.0.0.1:{p}", p, proc, wd, stop_signal=signal.SIGTERM)
         try:
             _wait_apache_ready(svc.url, p, proc, cluster_id, timeout)

@@ -38,7 +38,7 @@ from typing import Any
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
-from streams.embedded import kill_group, stop_group
+from streams.embedded import dies_with_parent, kill_group, stop_group
 from streams.semantics import Reducer
 from streams.settings import Settings
 from streams.state import advance_partition, read_counters, read_snapshot
@@ -178,7 +178,8 @@ class Worker:
                 [sys.executable, "-m", "streams.cli", "worker", "--role", self.role,
                  *self.cli_extra],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=dies_with_parent())
         self.started_at = time.monotonic()
         _LIVE.add(self)
         return self
