@@ -290,6 +290,8 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                 return
             if recs:
                 metrics.inc("liftstream_sampler_sweeps_total", settings.sweeps_per_tick)
+            metrics.set("liftstream_sampler_bad_chains_total", service.bad_chains)
+            metrics.set("liftstream_sampler_stale_writes_total", service.stale_writes)
             for rec in recs:
                 app.liftstream["latest"][(rec["experiment_id"], rec["metric"],
                                           rec["variant"])] = rec

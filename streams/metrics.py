@@ -30,6 +30,11 @@ HELP = {
                                          "process, per owned events partition."),
     "liftstream_ingest_partitions_owned": ("gauge", "Events partitions this worker owns "
                                            "(its events consumer's assignment)."),
+    "liftstream_sampler_bad_chains_total": ("counter", "Stored chains that could not be "
+                                            "read and were restarted."),
+    "liftstream_sampler_stale_writes_total": ("counter", "Chain writes refused because a "
+                                              "newer iteration was stored (a sampler that "
+                                              "lost the experiment was still in a tick)."),
     "liftstream_ingest_stalled": ("gauge", "1 while ingest waits for Redis, by reason "
                                   "(redis_oom: maxmemory reached; redis_readonly: a "
                                   "replica; ...); batches wait, none is acked or lost."),

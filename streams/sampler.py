@@ -17,11 +17,13 @@ Redis read model (all per-experiment keys tagged ``{e:<id>}``):
 | ``lr:{e:<id>}:estimate:<metric>:<variant>`` | string | latest estimate JSON (as on the topic) |
 | ``lr:{e:<id>}:history:<metric>:<variant>`` | list | recent estimates, compact, newest first |
 | ``lr:{e:<id>}:estimates`` | set | ``<metric>:<variant>`` of every estimate (readers use it) |
+| ``lr:{e:<id>}:chainver`` | hash | metric -> iteration of the stored chain (only goes forward) |
 | ``lr:estimates`` | pub/sub | notice per new estimate: ids, computed_at, watermark |
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -35,6 +37,7 @@ from streams.registry import Registry
 from streams.semantics import config_ms, horizons_ms
 from streams.state import experiment_key, read_completeness, read_snapshot
 
+log = logging.getLogger("liftstream.sampler")
 NOTICE_CHANNEL = "lr:estimates"
 HISTORY_LEN = 2000
 
@@ -70,6 +73,19 @@ def history_point(rec: dict) -> dict:
             "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"]}
 
 
+#: Write a chain blob only if its iteration is beyond the stored one.
+#: KEYS: chain key, the experiment's ``chainver`` hash (metric -> iteration);
+#: ARGV: metric, iteration, blob. Returns 1 if written, 0 if stale.
+STORE_CHAIN = """
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
+local it = tonumber(ARGV[2])
+if cur ~= nil and it <= cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class SamplerService:
     def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
                  rhat_done: float = 1.01, platform: PlatformPrior | None = None,
@@ -85,6 +101,9 @@ class SamplerService:
         self.rhat_done = rhat_done
         self.owned: set[str] = set()
         self.idle_at_seq: dict[str, int | None] = {}  # experiments with nothing to do
+        self.bad_chains = 0  # unreadable chain blobs restarted (liftstream_bad_chains_total)
+        self.stale_writes = 0  # chain writes refused: a newer iteration was stored
+        self._store_chain = None
 
     def own(self, eid: str) -> None:
         self.owned.add(eid)
@@ -104,21 +123,51 @@ class SamplerService:
             blobs = self.r.mget([chain_key(e, m) for e, m in keys])
             for key, blob in zip(keys, blobs, strict=True):
                 if blob:
-                    arrays, meta = decode(blob)
+                    try:
+                        arrays, meta = decode(blob)
+                    except Exception as e:  # noqa: BLE001 - one bad blob must not stop the rest
+                        log.error("chain %s of %s unreadable (%s): restarting that chain",
+                                  key[1], key[0], e)
+                        self.bad_chains += 1
+                        # its iteration restarts at 0: forget the stored one
+                        self.r.hdel(experiment_key(key[0], "chainver"), key[1])
+                        continue
                     state = {k[2:]: v for k, v in arrays.items() if k.startswith("s.")}
                     window = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")} or None
                     stored[key] = StoredChains(state, window, meta.get("seq"),
                                                meta.get("fresh_from"))
         return snaps, stored
 
-    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]) -> None:
+    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]
+              ) -> list[dict]:
+        """Write the chains, each only if its iteration is beyond the stored
+        one (``STORE_CHAIN``: a sampler that lost the experiment in a
+        rebalance but is still inside a tick cannot write back an older or
+        equal iteration), then the estimates of the chains written. Returns
+        those estimates: the ones to publish."""
+        written: set[tuple[str, str]] = set()
+        sc = self.r.register_script(STORE_CHAIN) if self._store_chain is None \
+            else self._store_chain
+        self._store_chain = sc
         pipe = self.r.pipeline(transaction=False)
-        for (eid, metric), st in chains.items():
+        order = list(chains)
+        for eid, metric in order:
+            st = chains[(eid, metric)]
             arrays = {f"s.{k}": v for k, v in st.state.items()}
             if st.window is not None:
                 arrays.update({f"w.{k}": v for k, v in st.window.items()})
-            pipe.set(chain_key(eid, metric),
-                     encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from}))
+            sc(keys=[chain_key(eid, metric), experiment_key(eid, "chainver")],
+               args=[metric, int(st.state["iteration"]),
+                     encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})], client=pipe)
+        for key, ok in zip(order, pipe.execute(), strict=True):
+            if ok:
+                written.add(key)
+            else:
+                self.stale_writes += 1
+                log.warning("chain %s of %s not written: a newer iteration is stored "
+                            "(another sampler owns it now)", key[1], key[0])
+        recs = [rec for rec in recs if (rec["experiment_id"], rec["metric"]) in written]
+        pipe = self.r.pipeline(transaction=False)
         for rec in recs:
             e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
             pipe.set(estimate_key(e, m, v), dumps(rec))
@@ -129,6 +178,7 @@ class SamplerService:
                 "experiment_id": e, "metric": m, "variant": v,
                 "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]}))
         pipe.execute()
+        return recs
 
     def due(self) -> list[str]:
         """Owned experiments with work to do."""
@@ -187,7 +237,7 @@ class SamplerService:
             opted = {s.experiment_id for s in snaps if s.config.prior == "platform"}
             if opted:
                 recs = self.platform.apply(recs, opted.__contains__)
-        self.store(chains, recs)
+        recs = self.store(chains, recs)
         self._mark_idle(snaps, chains, recs)
         return recs
 
@@ -223,7 +273,7 @@ def conclude(r: Any, cfg) -> list[dict]:
         rec["final"] = True
     srcs = [x.decode() if isinstance(x, bytes) else x
             for x in r.hkeys(experiment_key(eid, "offsets"))]
-    drop = [experiment_key(eid, k) for k in ("units", "held")]
+    drop = [experiment_key(eid, k) for k in ("units", "held", "chainver")]
     drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
              for k in ("pending", "seen", "heldq")]
     drop += [chain_key(eid, m) for m in cfg.metric_names]

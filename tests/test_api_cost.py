@@ -11,10 +11,11 @@ reads sent; none of them is ``SCAN`` or ``KEYS``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import redis
 
-from streams.advance import TickConfig
+from streams.advance import StoredChains, TickConfig
 from streams.registry import Registry
 from streams.sampler import SamplerService, read_estimates, read_history
 
@@ -49,7 +50,9 @@ def test_reads_do_not_grow_with_unrelated_keys(redis_url):
     names = [("value", "treatment"), ("value", "treatment_b"), ("revenue", "treatment"),
              ("revenue", "treatment_b")]
     for i in range(1, 4):  # three ticks
-        svc.store({}, [_rec(m, v, i) for m, v in names])
+        chains = {("api", m): StoredChains({"iteration": np.array(50 * i)}, None)
+                  for m in {m for m, _ in names}}
+        assert len(svc.store(chains, [_rec(m, v, i) for m, v in names])) == len(names)
     est, hist, sent = _reads(r)
     assert sorted((e["metric"], e["variant"]) for e in est) == sorted(names)
     assert all(e["diagnostics"]["iteration"] == 150 for e in est)
