@@ -147,6 +147,17 @@ def as_records(evs) -> list:
     return [parse_event(dumps(e), now_ms=2**53 - 1) for e in evs]
 
 
+def fed(cfgs, pairs, topic: str = "t"):
+    """The reference reducer fed (partition, event) pairs as the worker is:
+    each event from its partition, in order."""
+    from streams.semantics import Reducer
+
+    red = Reducer(cfgs)
+    for p, e in zip((p for p, _ in pairs), as_records([e for _, e in pairs]), strict=True):
+        red.apply_batch(f"{topic}|{p}", [e])
+    return red
+
+
 def group_members(bootstrap: str, group: str) -> dict[str, set[tuple[str, int]]]:
     """member id -> assigned (topic, partition) of a consumer group (AdminClient)."""
     from confluent_kafka.admin import AdminClient

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -285,6 +286,19 @@ def start_web_worker(workers: Workers, stack, role: str, **env) -> WebWorker:
     workers.all.append(w)  # killed at teardown like every harness worker
     return w.start()
 
+
+
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
+
+
+def scrape(text: str, name: str) -> dict[str, float]:
+    """``{label-string: value}`` of the samples of ``name`` in Prometheus text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if m and m.group(1) == name:
+            out[m.group(2)] = float(m.group(3))
+    return out
 
 
 @atexit.register

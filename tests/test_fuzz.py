@@ -62,6 +62,7 @@ from tests.streaming_harness import (
     consume_all,
     make_stack,
     producer,
+    scrape,
     settle_all,
     start_web_worker,
     wait_until,
@@ -71,19 +72,6 @@ DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
 SEED = 20_240_417
 EID = "fz"
-
-
-_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
-
-
-def scrape(text: str, name: str) -> dict[str, float]:
-    """``{label-string: value}`` of the samples of ``name`` in Prometheus text."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line.strip())
-        if m and m.group(1) == name:
-            out[m.group(2)] = float(m.group(3))
-    return out
 
 
 # ------------------------------------------------------------------ the generator

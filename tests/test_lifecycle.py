@@ -32,12 +32,10 @@ import pytest
 import redis
 
 from schemas.codec import loads
-from schemas.records import ExperimentConfig
 from streams.registry import Registry
 from streams.sampler import read_estimates, read_history, read_lifecycle
-from streams.semantics import Reducer
 from streams.state import experiment_key, read_counters
-from tests.scale_helpers import as_records, pinned_case, pinned_producer, produce_pinned
+from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     REPO,
     Workers,
@@ -63,13 +61,6 @@ def cli(st, *args: str) -> str:
                          env=st.env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
-
-
-def fold(cfgs: list[ExperimentConfig], pairs, topic: str) -> Reducer:
-    red = Reducer(cfgs)
-    for (p, _), e in zip(pairs, as_records([e for _, e in pairs]), strict=True):
-        red.apply_batch(f"{topic}|{p}", [e])
-    return red
 
 
 def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
@@ -99,7 +90,7 @@ def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
         wait_until(lambda: events_counted(r, [a, b]) >= len(pairs), 120, "the second half",
                    workers=[w])
         stopped = [dataclasses.replace(cfgs[0], status="stopped", end_at=cut), cfgs[1]]
-        red = fold(stopped, pairs, st.events_topic)
+        red = fed(stopped, pairs, st.events_topic)
         want = red.snapshots()
         assert read_counters(r, a)["after_end"] == want[a].counters["after_end"] > 0
         assert read_counters(r, b).get("after_end", 0) == 0

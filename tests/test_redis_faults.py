@@ -23,17 +23,17 @@ import pytest
 import redis
 
 from streams.embedded import start_redis
-from tests.scale_helpers import as_records, pinned_case, pinned_producer, produce_pinned
+from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     Workers,
     assert_state_close,
     events_counted,
     make_stack,
+    scrape,
     settle_all,
     start_web_worker,
     wait_until,
 )
-from tests.test_fuzz import scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -41,8 +41,6 @@ PARTITIONS = 2
 
 
 def test_ingest_waits_out_redis_oom(kafka_bootstrap, tmp_path):
-    from streams.semantics import Reducer
-
     rdir = tmp_path / "redis"
     rdir.mkdir()
     svc = start_redis(workdir=str(rdir))
@@ -86,9 +84,7 @@ def test_ingest_waits_out_redis_oom(kafka_bootstrap, tmp_path):
         metrics = w.get("/metrics").decode()
         assert scrape(metrics, "liftstream_ingest_stalled")['reason="redis_oom"'] == 0.0
         assert w.stop() == 0, w.log_tail()
-        red = Reducer(cfgs)
-        for (p, _), e in zip(pairs, as_records([e for _, e in pairs]), strict=True):
-            red.apply_batch(f"{st.events_topic}|{p}", [e])
+        red = fed(cfgs, pairs, st.events_topic)
         settle_all(r, red, cfgs, st.events_topic, range(PARTITIONS))
         assert events_counted(r, ids) == len(pairs)
         assert_state_close(r, cfgs, red)

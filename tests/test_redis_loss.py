@@ -28,8 +28,7 @@ import redis
 
 from streams.embedded import start_redis
 from streams.ingest import ingest_offsets
-from streams.semantics import Reducer
-from tests.scale_helpers import as_records, pinned_case, pinned_producer, produce_pinned
+from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     Workers,
     assert_state_close,
@@ -43,14 +42,6 @@ from tests.streaming_harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PARTITIONS = 4
-
-
-def fed(cfgs, pairs, topic: str = "t") -> Reducer:
-    """The reducer fed as the worker is: each event from its partition."""
-    red = Reducer(cfgs)
-    for p, e in zip((p for p, _ in pairs), as_records([e for _, e in pairs]), strict=True):
-        red.apply_batch(f"{topic}|{p}", [e])
-    return red
 
 
 def routed(cfgs, pairs) -> int:
