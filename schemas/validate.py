@@ -80,6 +80,7 @@ __all__ = [
     "is_valid_id",
     "is_valid_name",
     "parse_event",
+    "incompatible_change",
     "parse_event_row",
     "parse_event_row_reference",
     "parse_experiment",
@@ -799,6 +800,27 @@ def parse_experiment(
         kw["prior"] = v
 
     return ExperimentConfig(experiment_id, **kw)
+
+
+def incompatible_change(old: ExperimentConfig, new: ExperimentConfig) -> str | None:
+    """Why ``new`` cannot replace ``old`` for an experiment that already has
+    state, or None. Unit records store variant and metric *indices*, cells
+    and arrivals are keyed by stratum and entry bucket, and a unit's outcome
+    is defined by its window: so variants and metrics may only be appended
+    (same order), and control, window, buckets and strata are fixed once units
+    exist. Everything else (thresholds, priors, end_at, status, ...) may
+    change. Callers reject such a config with code ``incompatible_config``."""
+    if new.variants[:len(old.variants)] != old.variants:
+        return (f"variants may only be appended: {list(old.variants)} -> "
+                f"{list(new.variants)}")
+    if new.metric_names[:len(old.metric_names)] != old.metric_names:
+        return (f"metrics may only be appended: {list(old.metric_names)} -> "
+                f"{list(new.metric_names)}")
+    for name in ("control", "window_seconds", "bucket_seconds", "strata_edges"):
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            return f"{name} is fixed once the experiment has units: {a!r} -> {b!r}"
+    return None
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -35,9 +35,14 @@ def experiments(args) -> int:
         from streams.worker import topic_specs
 
         ensure_topics(kafka_config(s), topic_specs(s))
+        # into the registry first (so traffic sent right after is recognised):
+        # it refuses a change the experiment's state cannot take
+        try:
+            Registry(redis_client(s)).put(cfg)
+        except InvalidRecord as e:
+            print(f"config refused: {e.message}", file=sys.stderr)
+            return 2
         publish_experiment(kafka_config(s), s.topic_experiments, cfg)
-        # also straight into the registry, so traffic sent right after is recognised
-        Registry(redis_client(s)).put(cfg)
         print(dumps(experiment_to_dict(cfg)).decode())
         return 0
     if args.action == "stop":

@@ -30,6 +30,7 @@ import faust
 import mode
 
 from schemas.codec import dumps
+from schemas.contracts import dead_letter_record
 from schemas.validate import InvalidRecord, parse_experiment
 from streams import alerting
 from streams.advance import TickConfig
@@ -208,6 +209,7 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
     t_dirty = topics[settings.topic_dirty]
     t_estimates = topics[settings.topic_estimates]
     t_alerts = topics[settings.topic_alerts]
+    t_dead = topics[settings.topic_deadletter]
     metrics = Metrics()
     app.liftstream = {"settings": settings, "redis": r, "registry": registry, "role": role,
                       "metrics": metrics, "plane": None, "latest": {}}
@@ -229,11 +231,13 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
                         asyncio.ensure_future(sweep_again()))
                     continue
                 cfg = parse_experiment(raw)
-            except InvalidRecord as err:
-                log.warning("bad experiment config at offset %s: %s", event.message.offset,
-                            err.message)
-                continue
-            await with_retry(registry.put, cfg, what="registry")
+                await with_retry(registry.put, cfg, what="registry")
+            except InvalidRecord as err:  # bad, or a change its state cannot take
+                m = event.message
+                log.warning("experiment config at offset %s refused: %s", m.offset, err.message)
+                rec = dead_letter_record(raw, err, m.topic, m.partition, m.offset,
+                                         int(time.time() * 1000))
+                await (await t_dead.send(value=dumps(rec)))
 
     if role in ("ingest", "all"):
         install_events_plane(app, settings, r, registry, metrics)

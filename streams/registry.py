@@ -15,7 +15,12 @@ from typing import Any
 
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig
-from schemas.validate import InvalidRecord, experiment_to_dict, parse_experiment
+from schemas.validate import (
+    InvalidRecord,
+    experiment_to_dict,
+    incompatible_change,
+    parse_experiment,
+)
 from streams.state import experiment_key
 
 EXPERIMENTS_SET = "lr:experiments"
@@ -49,6 +54,17 @@ class Registry:
         self._cache: dict[str, tuple[float, ExperimentConfig | None]] = {}
 
     def put(self, cfg: ExperimentConfig) -> None:
+        """Register ``cfg``. A change that an experiment with state cannot
+        take (``schemas.validate.incompatible_change``) raises
+        ``InvalidRecord("incompatible_config")``; the running config stays."""
+        old = self.get(cfg.experiment_id, fresh=True)
+        if old is not None and self.r.exists(experiment_key(cfg.experiment_id, "units"),
+                                              experiment_key(cfg.experiment_id, "cells")):
+            why = incompatible_change(old, cfg)
+            if why is not None:
+                raise InvalidRecord("incompatible_config",
+                                    f"experiment {cfg.experiment_id!r}: {why}; the running "
+                                    "config stays", None)
         pipe = self.r.pipeline(transaction=False)
         pipe.set(experiment_key(cfg.experiment_id, "cfg"), dumps(experiment_to_dict(cfg)))
         pipe.sadd(EXPERIMENTS_SET, cfg.experiment_id)
@@ -125,7 +141,10 @@ def bootstrap_from_topic(bootstrap, topic: str, registry: Registry,
             _, high = c.get_watermark_offsets(TopicPartition(topic, p), cached=True)
             return high <= 0 or pos >= high
 
-        while time.monotonic() < deadline:
+        while True:
+            if time.monotonic() > deadline:  # a partial registry would drop real events
+                raise TimeoutError(f"registry bootstrap: {topic} not read to its end in "
+                                   f"{timeout:.0f} s; not starting on a partial registry")
             msg = c.poll(0.3)
             if msg is None:
                 if all(caught_up(p) for p in parts):
@@ -139,8 +158,8 @@ def bootstrap_from_topic(bootstrap, topic: str, registry: Registry,
             else:
                 try:
                     registry.put(parse_experiment(raw))
-                except Exception:  # noqa: BLE001 - bad configs are skipped, as by the agent
-                    continue
+                except InvalidRecord as e:  # bad or incompatible: skipped, as by the agent
+                    log.warning("registry bootstrap: %s", e.message)
         return len(latest)
     finally:
         c.close()

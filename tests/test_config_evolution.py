@@ -1,0 +1,107 @@
+"""Config evolution (issue 15 item 1): a running experiment's config may only
+change in ways its stored state can take.
+
+Unit records keep variant and metric *indices*, cells and arrivals are keyed
+by stratum and entry bucket, outcomes by the window: so once units exist,
+variants and metrics may only be appended and control, window, buckets and
+strata are fixed. A config that breaks this is refused everywhere configs
+are accepted (the registry, so the CLI, the registry agent and the
+bootstrap), dead-lettered ``incompatible_config`` by the agent, and the
+running config stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from base64 import b64decode
+
+import pytest
+import redis
+
+from schemas.codec import dumps, loads
+from schemas.records import ExperimentConfig, Exposure, MetricSpec
+from schemas.validate import InvalidRecord, incompatible_change
+from streams.admin import publish_experiment
+from streams.ingest import Ingestor
+from streams.registry import Registry
+from tests.streaming_harness import (
+    Workers,
+    consume_all,
+    event_dict,
+    make_stack,
+    produce,
+    wait_until,
+)
+
+T0 = int(time.time() * 1000) - 3_600_000
+BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
+                        metrics=(MetricSpec("rev"),), window_seconds=3600)
+
+
+@pytest.mark.parametrize("change, ok", [
+    (dict(variants=("control", "t1", "t2")), True),           # appended
+    (dict(metrics=(MetricSpec("rev"), MetricSpec("clicks"))), True),
+    (dict(end_at=T0, status="stopped", alert_thresholds={"rhat_max": 1.1}), True),
+    (dict(variants=("t1", "control"), control="t1"), False),   # reordered
+    (dict(variants=("control",)), False),                      # removed
+    (dict(variants=("control", "t2")), False),                 # renamed
+    (dict(metrics=(MetricSpec("clicks"), MetricSpec("rev"))), False),
+    (dict(metrics=()), False),
+    (dict(window_seconds=7200), False),
+    (dict(bucket_seconds=3600), False),
+    (dict(strata_edges=(0, 5, 29)), False),
+])
+def test_incompatible_change(change, ok):
+    assert (incompatible_change(BASE, dataclasses.replace(BASE, **change)) is None) == ok
+
+
+@pytest.mark.integration
+def test_registry_refuses_what_state_cannot_take(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    reg = Registry(r)
+    reg.put(BASE)
+    reg.put(dataclasses.replace(BASE, window_seconds=7200))  # no units yet: any change
+    reg.put(BASE)
+    Ingestor(r, reg).process("t", 0, [(0, dumps(event_dict(
+        Exposure("x0", "ev1", "u0", "t1", T0, 1.0))))], T0 + 1000)
+    with pytest.raises(InvalidRecord) as ei:
+        reg.put(dataclasses.replace(BASE, variants=("t1", "control"), control="t1"))
+    assert ei.value.code == "incompatible_config"
+    assert reg.get("ev1", fresh=True) == BASE  # the running config stays
+    grown = dataclasses.replace(BASE, variants=("control", "t1", "t2"))
+    reg.put(grown)
+    assert reg.get("ev1", fresh=True) == grown
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_agent_dead_letters_an_incompatible_config(kafka_bootstrap, redis_url, tmp_path):
+    r = redis.Redis.from_url(redis_url)
+    ws = Workers()
+    try:
+        st = make_stack(kafka_bootstrap, redis_url, tmp_path, "evo", partitions=1)
+        st.create_topics()
+        st.register([BASE])
+        w = ws.start(st, "ingest")
+        produce(st.bootstrap, st.events_topic,
+                [Exposure(f"x{i}", "ev1", f"u{i}", "control", T0 + i, 1.0) for i in range(5)])
+        wait_until(lambda: r.hget("lr:{e:ev1}:meta", "c:exposures") == b"5", 90,
+                   "the exposures applied", workers=[w])
+        bad = dataclasses.replace(BASE, window_seconds=60)
+        publish_experiment(st.bootstrap, st.topics["topic_experiments"], bad)
+
+        def ours(m) -> bool:
+            rec = loads(m.value())
+            return rec["reason"]["code"] == "incompatible_config" and \
+                b"window_seconds" in rec["reason"]["message"].encode()
+
+        dead = consume_all(st.bootstrap, st.deadletter_topic,
+                           lambda ms: any(ours(m) for m in ms), 60)
+        rec = loads(next(m.value() for m in dead if ours(m)))
+        assert loads(b64decode(rec["original_b64"]))["window_seconds"] == 60
+        assert Registry(r).get("ev1", fresh=True) == BASE
+    finally:
+        ws.close()
+        r.close()
