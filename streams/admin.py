@@ -1,4 +1,5 @@
-"""Small operator commands: ``experiments create|list|stop|delete``, ``estimates``, ``watch``."""
+"""Small operator commands: ``experiments create|list|stop|delete``, ``admin reset-offsets``,
+``estimates``, ``watch``."""
 
 from __future__ import annotations
 
@@ -88,6 +89,24 @@ def delete_experiment(s, experiment_id: str) -> int:
         return 1
     n = Registry(redis_client(s)).delete(experiment_id)
     print(f"deleted {experiment_id}: {n} keys removed")
+    return 0
+
+
+def admin(args) -> int:
+    """``liftstream admin reset-offsets --topic T [--yes]``."""
+    from streams.state import TOPIC_IDS, reset_topic_offsets
+
+    s = from_args(args)
+    r = redis_client(s)
+    if not args.yes:
+        known = r.hget(TOPIC_IDS, args.topic)
+        print(f"would forget every applied offset, partition clock and owner epoch of "
+              f"{args.topic!r} (recorded topic id: {known.decode() if known else 'none'}) and "
+              "each experiment's offsets of it; the experiments' state stays. "
+              "Stop the ingest workers first; run again with --yes.")
+        return 0
+    n = reset_topic_offsets(r, args.topic, Registry(r).ids())
+    print(f"reset {args.topic}: {n} fields removed")
     return 0
 
 

@@ -42,7 +42,7 @@ from streams.platform_prior import PlatformConfig, PlatformPrior
 from streams.registry import Registry
 from streams.sampler import SamplerService
 from streams.settings import Settings, faust_broker_settings, kafka_config, redis_client
-from streams.state import TRANSIENT_REDIS, Fenced
+from streams.state import TRANSIENT_REDIS, Fenced, TopicMismatch
 
 log = logging.getLogger("liftstream")
 
@@ -87,7 +87,10 @@ class EventsPlaneService(mode.Service):
         self.plane = plane
 
     async def on_start(self) -> None:
-        self.plane.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.plane.start)
+        except TopicMismatch as e:  # a clear stop, not a crash loop of skipped events
+            fatal(str(e))
 
     async def on_stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.plane.stop)

@@ -118,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     xd.add_argument("experiment")
     add_arguments(xd)
 
+    ad = sub.add_parser("admin", help="operator commands on the state in Redis")
+    asub = ad.add_subparsers(dest="action", required=True)
+    ar = asub.add_parser("reset-offsets", help="forget every applied offset, clock and id "
+                         "of an events topic (after it was deleted and created again); the "
+                         "experiments' state stays. Stop the ingest workers first.")
+    ar.add_argument("--topic", required=True)
+    ar.add_argument("--yes", action="store_true", help="do it (else: say what would go)")
+    add_arguments(ar)
+
     e = sub.add_parser("estimates", help="latest estimates of an experiment (from Redis)")
     e.add_argument("experiment")
     add_arguments(e)
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         from streams.worker import main as run
 
         return run(args)
-    if args.command in ("experiments", "estimates", "watch"):
+    if args.command in ("experiments", "estimates", "watch", "admin"):
         from streams import admin
 
         return getattr(admin, args.command)(args)

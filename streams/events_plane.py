@@ -47,7 +47,13 @@ from typing import Any
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
 from streams.ingest import BatchResult, Ingestor, ingest_offsets
-from streams.state import TRANSIENT_REDIS, Fenced, claim_partition, transient_reason
+from streams.state import (
+    TRANSIENT_REDIS,
+    Fenced,
+    check_topic_id,
+    claim_partition,
+    transient_reason,
+)
 
 log = logging.getLogger("liftstream.events")
 
@@ -153,6 +159,7 @@ class EventsPlane:
         # the sampler (Faust, aiokafka's partitioner) computes for its id
         self._producer = Producer({**k, "partitioner": "murmur2_random",
                                    "enable.idempotence": True, "linger.ms": 5})
+        self._check_topic()  # before anything is read: raises TopicMismatch
         self._consumer.subscribe([self.conf.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.status.running = True
@@ -168,6 +175,23 @@ class EventsPlane:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _check_topic(self) -> None:
+        """The events topic must be the one Redis's offsets belong to
+        (``streams.state.check_topic_id``); a broker that reports no topic id
+        skips the check."""
+        from confluent_kafka import TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        topic = self.conf.topic_events
+        admin = AdminClient(self.conf.kafka)
+        desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
+        tid = str(desc.topic_id) if desc.topic_id is not None else ""
+        if tid.strip("A=") == "":  # the null id
+            log.warning("events topic %s: the broker reports no topic id; not checked", topic)
+            return
+        retry_transient(check_topic_id, self.r, topic, tid, what="topic id",
+                        stopped=self._stopped, status=self.status)
 
     # ------------------------------------------------------------ rebalance
 

@@ -30,6 +30,7 @@ binary (1).
 | `lr:ingest:clocks` | hash | `<src>` -> the partition clock |
 | `lr:ingest:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
 | `lr:ingest:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
+| `lr:ingest:topic_ids` | hash | topic -> its Kafka topic id (``check_topic_id``) |
 | `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
 | `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.clocks``) |
 
@@ -348,6 +349,50 @@ def transient_reason(e: BaseException) -> str:
 
 #: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim)
 PARTITION_EPOCHS = "lr:ingest:epochs"
+#: hash topic -> the Kafka topic id the applied offsets belong to
+TOPIC_IDS = "lr:ingest:topic_ids"
+
+
+class TopicMismatch(Exception):
+    """The events topic is not the one Redis's applied offsets belong to (it
+    was deleted and created again): its offsets would skip new events."""
+
+
+def check_topic_id(r: Any, topic: str, topic_id: str) -> None:
+    """Record ``topic``'s Kafka id on first sight; raise ``TopicMismatch`` if
+    Redis holds offsets of another topic by that name."""
+    if r.hsetnx(TOPIC_IDS, topic, topic_id):
+        return
+    known = _s(r.hget(TOPIC_IDS, topic))
+    if known != topic_id:
+        raise TopicMismatch(
+            f"events topic {topic!r} has id {topic_id}, but Redis's applied offsets belong "
+            f"to topic id {known}: the topic was deleted and created again, and its new "
+            f"events would be skipped as already applied. Run `liftstream admin "
+            f"reset-offsets --topic {topic}` to forget the old topic's positions (the "
+            "experiments' state stays), or restore the old topic.")
+
+
+def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> int:
+    """Forget every position of ``topic``: its applied offsets, partition
+    clocks, owner epochs, completeness and recorded id, and each experiment's
+    per-partition offsets and clocks of it. The experiments' state (units,
+    cells, ...) stays. Returns the number of fields removed."""
+    prefix = f"{topic}|"
+    n = 0
+    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS):
+        fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
+        if fields:
+            n += r.hdel(h, *fields)
+    n += r.hdel(TOPIC_IDS, topic) + r.delete(completeness_key(topic))
+    for eid in experiment_ids:
+        offs = experiment_key(eid, "offsets")
+        fields = [f for f in (_s(x) for x in r.hkeys(offs)) if f.startswith(prefix)]
+        if fields:
+            n += r.hdel(offs, *fields)
+            n += r.hdel(experiment_key(eid, "meta"),
+                        *[f"{k}:{f}" for f in fields for k in ("clk", "own")])
+    return n
 
 
 class Fenced(Exception):
