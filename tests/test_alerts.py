@@ -545,3 +545,37 @@ def test_data_loss_through_redis(redis_url):
     assert [(a["kind"], a["state"]) for a in alerting.recent(r, "exp-1")] == \
         [("data_loss", "resolved"), ("data_loss", "firing")]
     r.close()
+
+
+def test_racing_samplers_fire_a_transition_once(redis_url, monkeypatch):
+    """Two samplers evaluate the same records at once (a rebalance): the
+    second one's state changed between its read and its write, so it
+    evaluates again on the new state and fires nothing (WATCH)."""
+    import redis
+
+    from streams import alerting
+    from streams.registry import Registry
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    registry = Registry(r)
+    registry.put(loss_config())
+    rec = quiet(dq=Traffic().tick(late=80))
+    real = alerting.evaluate
+    other: list[dict] = []
+
+    def evaluate_while_the_other_writes(cfg, recs, state, now):
+        out = real(cfg, recs, state, now)
+        if not other:  # the other sampler's whole transition lands in between
+            monkeypatch.setattr(alerting, "evaluate", real)
+            other.extend(alerting.process(r, registry, [rec], WM + 11_000))
+            monkeypatch.setattr(alerting, "evaluate", evaluate_while_the_other_writes)
+        return out
+
+    monkeypatch.setattr(alerting, "evaluate", evaluate_while_the_other_writes)
+    mine = alerting.process(r, registry, [rec], WM + 11_000)
+    assert [(a["kind"], a["state"]) for a in other] == [("data_loss", "firing")]
+    assert mine == []  # re-evaluated on the other's state: nothing new
+    assert [(a["kind"], a["state"]) for a in alerting.recent(r, "exp-1")] == \
+        [("data_loss", "firing")]
+    r.close()
