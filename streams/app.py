@@ -42,11 +42,10 @@ from streams.platform_prior import PlatformConfig, PlatformPrior
 from streams.registry import Registry
 from streams.sampler import SamplerService
 from streams.settings import Settings, faust_broker_settings, kafka_config, redis_client
-from streams.state import TRANSIENT_REDIS, Fenced, TopicMismatch
+from streams.state import Fenced, TopicMismatch, transient
 
 log = logging.getLogger("liftstream")
 
-TRANSIENT = TRANSIENT_REDIS
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -72,7 +71,9 @@ async def with_retry(fn, *args, what: str, max_backoff: float = 5.0):
     while True:
         try:
             return await loop.run_in_executor(None, fn, *args)
-        except TRANSIENT as e:
+        except Exception as exc:  # noqa: BLE001 - only the transient ones are retried
+            if (e := transient(exc)) is None:
+                raise
             log.warning("%s: redis unavailable (%s); retrying in %.1fs", what, e, delay)
             await asyncio.sleep(delay)
             delay = min(max_backoff, delay * 2)
@@ -168,7 +169,9 @@ def install_events_plane(app: faust.App, settings: Settings, r, registry: Regist
     def tick_after_batch() -> None:
         try:
             tick(fetch=False)
-        except TRANSIENT as e:  # the timer tries again within a second
+        except Exception as e:  # noqa: BLE001 - the timer tries again within a second
+            if transient(e) is None:
+                raise
             log.debug("event clocks after a batch: %s", e)
 
     plane.after_batch = tick_after_batch
@@ -289,10 +292,10 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
 
             try:
                 recs, alerts = await loop.run_in_executor(sampler_pool, tick_and_alert)
-            except TRANSIENT as e:
-                log.warning("sampler tick: redis unavailable (%s)", e)
-                return
             except Exception as e:  # noqa: BLE001
+                if transient(e) is not None:
+                    log.warning("sampler tick: redis cannot take it (%s)", e)
+                    return
                 log.exception("sampler tick failed: %s", e)
                 return
             if recs:

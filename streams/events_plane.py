@@ -48,10 +48,10 @@ from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
 from streams.ingest import BatchResult, Ingestor, ingest_offsets
 from streams.state import (
-    TRANSIENT_REDIS,
     Fenced,
     check_topic_id,
     claim_partition,
+    transient,
     transient_reason,
 )
 
@@ -67,8 +67,9 @@ def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Even
     while True:
         try:
             out = fn(*args)
-        except TRANSIENT_REDIS as e:
-            if stopped.is_set():
+        except Exception as exc:  # noqa: BLE001 - only the transient ones are retried
+            e = transient(exc)
+            if e is None or stopped.is_set():
                 raise
             if status is not None:
                 status.stalled = (transient_reason(e), str(e))

@@ -334,6 +334,21 @@ TRANSIENT_REDIS = (redis_exceptions.ConnectionError, redis_exceptions.TimeoutErr
                    redis_exceptions.ReadOnlyError)
 
 
+class RedisBusy(redis_exceptions.ResponseError):
+    """BUSY: another client's script is past ``lua-time-limit``; the server
+    answers again once it ends or is killed."""
+
+
+def transient(e: BaseException) -> BaseException | None:
+    """``e`` as an error worth retrying, or None: a ``TRANSIENT_REDIS``, or a
+    BUSY reply (which redis-py raises as a plain ResponseError), as RedisBusy."""
+    if isinstance(e, TRANSIENT_REDIS):
+        return e
+    if isinstance(e, redis_exceptions.ResponseError) and str(e).startswith("BUSY"):
+        return RedisBusy(str(e))
+    return None
+
+
 def transient_reason(e: BaseException) -> str:
     """A short label for a transient Redis error (metrics, /readyz)."""
     if isinstance(e, redis_exceptions.OutOfMemoryError):
@@ -342,6 +357,8 @@ def transient_reason(e: BaseException) -> str:
         return "redis_readonly"
     if isinstance(e, redis_exceptions.BusyLoadingError):
         return "redis_loading"
+    if isinstance(e, RedisBusy):
+        return "redis_busy"
     return "redis_unavailable"
 
 

@@ -97,7 +97,8 @@ def register_pages(app, r: Any, registry) -> None:
                 m.set("liftstream_consumer_lag_messages", lag, topic=topic, partition=str(part))
             m.set("liftstream_ingest_partitions_owned", len(plane.owned()))
             stalled = plane.status.stalled
-            for reason in ("redis_oom", "redis_readonly", "redis_loading", "redis_unavailable"):
+            for reason in ("redis_oom", "redis_readonly", "redis_loading", "redis_busy",
+                           "redis_unavailable"):
                 m.set("liftstream_ingest_stalled", 1 if stalled and stalled[0] == reason else 0,
                       reason=reason)
         return web.text(m.render(), content_type="text/plain; version=0.0.4")

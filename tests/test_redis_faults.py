@@ -121,3 +121,46 @@ def test_a_stalled_redis_fails_calls_instead_of_hanging_them(tmp_path):
         assert r.get("k") == b"v"
     finally:
         svc.stop()
+
+
+def test_a_busy_redis_is_waited_out(tmp_path):
+    """BUSY (another client's script past lua-time-limit) is retried like the
+    other transient faults, with the reason reported, until the server
+    answers again (here: the script is killed)."""
+    import threading
+
+    from streams.events_plane import PlaneStatus, retry_transient
+
+    svc = start_redis(workdir=str(tmp_path))
+    try:
+        r = redis.Redis.from_url(svc.url)
+        r.config_set("lua-time-limit", 100)
+        r.set("k", "v")
+        hog = redis.Redis.from_url(svc.url)
+        t = threading.Thread(target=lambda: _swallow(
+            lambda: hog.eval("local i = 0 while true do i = i + 1 end", 0)))
+        t.start()
+        time.sleep(0.5)  # the script is now past lua-time-limit: others get BUSY
+        status, seen = PlaneStatus(), []
+
+        def watch_and_kill() -> None:
+            wait_until(lambda: status.stalled is not None, 10, "the BUSY retry")
+            seen.append(status.stalled[0])
+            redis.Redis.from_url(svc.url).script_kill()
+
+        killer = threading.Thread(target=watch_and_kill)
+        killer.start()
+        assert retry_transient(r.get, "k", what="test", stopped=threading.Event(),
+                               status=status) == b"v"
+        killer.join()
+        t.join()
+        assert seen == ["redis_busy"] and status.stalled is None
+    finally:
+        svc.stop()
+
+
+def _swallow(fn) -> None:
+    try:
+        fn()
+    except redis.ResponseError:  # the killed script's caller gets an error
+        pass
