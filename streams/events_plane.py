@@ -181,12 +181,16 @@ class EventsPlane:
         """The events topic must be the one Redis's offsets belong to
         (``streams.state.check_topic_id``); a broker that reports no topic id
         skips the check."""
-        from confluent_kafka import TopicCollection
+        from confluent_kafka import KafkaException, TopicCollection
         from confluent_kafka.admin import AdminClient
 
         topic = self.conf.topic_events
         admin = AdminClient(self.conf.kafka)
-        desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
+        try:
+            desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
+        except KafkaException as e:  # an old broker or a slow one: ingest still starts
+            log.warning("events topic %s: no topic id (%s); not checked", topic, e)
+            return
         tid = str(desc.topic_id) if desc.topic_id is not None else ""
         if tid.strip("A=") == "":  # the null id
             log.warning("events topic %s: the broker reports no topic id; not checked", topic)
