@@ -273,8 +273,16 @@ def create_app(settings: Settings, role: str = "all") -> faust.App:
             except Exception:  # noqa: BLE001 - consumer not started yet
                 return set()
 
+        app.liftstream["sampler_beat"] = time.monotonic()
+
         @app.timer(settings.tick_seconds)
         async def sampler_tick():
+            try:
+                await sampler_round()
+            finally:  # /healthz: the sampler loop came round
+                app.liftstream["sampler_beat"] = time.monotonic()
+
+        async def sampler_round():
             parts = owned_partitions()
             if not parts:
                 service.disown_all()

@@ -43,6 +43,15 @@ def authorized(request, token: str) -> bool:
     return hmac.compare_digest(got.encode(), token.encode())
 
 
+def stuck_loops(now: float, beats: dict[str, float], limit: float) -> list[str]:
+    """The worker's loops (ingest, sampler) whose last round (time.monotonic()
+    in ``beats``) is more than ``limit`` seconds ago; none if ``limit`` is 0."""
+    if not limit:
+        return []
+    return [f"{name} loop: no round for {now - t:.0f} s" for name, t in sorted(beats.items())
+            if now - t > limit]
+
+
 def register_pages(app, r: Any, registry) -> None:
     # the API's Redis reads run on threads of their own, so a burst of
     # requests never queues behind (or ahead of) the workers' own Redis calls
@@ -74,13 +83,15 @@ def register_pages(app, r: Any, registry) -> None:
 
     @page("/healthz", open_=True)
     async def healthz(web, request):
+        beats = {}
         plane = app.liftstream.get("plane")
         if plane is not None and plane.alive:
-            stuck = time.monotonic() - plane.status.heartbeat
-            limit = app.liftstream["settings"].liveness_seconds
-            if limit and stuck > limit:  # the ingest loop has not come round: restart me
-                return web.json({"status": "ingest loop stuck",
-                                 "error": f"no round for {stuck:.0f} s"}, status=503)
+            beats["ingest"] = plane.status.heartbeat
+        if "sampler_beat" in app.liftstream:
+            beats["sampler"] = app.liftstream["sampler_beat"]
+        stuck = stuck_loops(time.monotonic(), beats, app.liftstream["settings"].liveness_seconds)
+        if stuck:  # a loop has not come round: restart me
+            return web.json({"status": "stuck", "error": "; ".join(stuck)}, status=503)
         return web.json({"status": "ok"})
 
     @page("/metrics")

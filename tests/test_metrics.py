@@ -24,3 +24,14 @@ def test_render_is_valid_exposition():
     assert 'liftstream_ingest_batch_seconds_bucket{le="1"} 3' in text
     assert 'liftstream_ingest_batch_seconds_bucket{le="+Inf"} 4' in text
     assert "liftstream_ingest_batch_seconds_count 4" in text
+
+
+def test_stuck_loops_are_named_after_the_limit():
+    from streams.web import stuck_loops
+
+    beats = {"ingest": 1000.0, "sampler": 1090.0}
+    assert stuck_loops(1100.0, beats, 120) == []
+    assert stuck_loops(1150.0, beats, 120) == ["ingest loop: no round for 150 s"]
+    assert stuck_loops(1300.0, beats, 120) == ["ingest loop: no round for 300 s",
+                                               "sampler loop: no round for 210 s"]
+    assert stuck_loops(1e9, beats, 0) == []  # 0: the check is off
