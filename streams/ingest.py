@@ -43,6 +43,7 @@ from streams.state import (
     INGEST_OFFSETS,
     apply_source_batch,
     clocked_batch,
+    due_to_settle,
     experiment_key,
     offsets_field,
     record_position,
@@ -195,10 +196,12 @@ class Ingestor:
             return set()
         self._settled[f] = (now_ms, clk)
         skip = set(skip)
+        cfgs = [cfg for eid, cfg in sorted(self.registry.get_many(self.registry.ids()).items())
+                if eid not in skip]
         changed = set()
-        for eid, cfg in sorted(self.registry.get_many(self.registry.ids()).items()):
-            if eid not in skip and settle(self.r, cfg, topic, partition, clk, epoch=epoch):
-                changed.add(eid)
+        for cfg in due_to_settle(self.r, cfgs, topic, partition, clk):
+            if settle(self.r, cfg, topic, partition, clk, epoch=epoch):
+                changed.add(cfg.experiment_id)
         return changed
 
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,

@@ -321,6 +321,30 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
             return str(out.get("dirty_seq")) != _s(before or b"0")
 
 
+def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partition: int,
+                  clk: int) -> list[ExperimentConfig]:
+    """The experiments with something for ``settle`` to do on the partition at
+    ``clk``: a pending unit whose window closed (score <= clk - L) or a held
+    unit past the hold horizon (score < clk - Hh), the scripts' own queries,
+    LIMIT 1, in one pipeline. Settling the others would change nothing but
+    their stored clock, so a quiet partition's settle costs two native
+    commands per experiment instead of a script call each."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        return []
+    src = offsets_field(topic, partition)
+    pipe = r.pipeline(transaction=False)
+    for cfg in cfgs:
+        _, _, L, _ = config_ms(cfg)
+        Hh = horizons_ms(cfg)[1]
+        keys = experiment_keys(cfg.experiment_id)
+        pipe.zrangebyscore(f"{keys.pending}:{src}", "-inf", clk - L, start=0, num=1)
+        pipe.zrangebyscore(f"{keys.heldq}:{src}", "-inf", f"({clk - Hh}", start=0, num=1)
+    got = pipe.execute()
+    return [cfg for cfg, due, held in zip(cfgs, got[::2], got[1::2], strict=True)
+            if due or held]
+
+
 # ---------------------------------------------------------------- Redis faults
 
 #: Redis errors that say the server cannot take the request now, not that the

@@ -19,6 +19,7 @@ from streams.state import (
     event_row,
     partition_clock,
     read_completeness,
+    read_counters,
     read_snapshot,
     settle,
 )
@@ -175,3 +176,30 @@ def test_data_loss_alert_on_a_stream_with_late_metrics(r):
         resolved += tick(False)
     assert [(a["kind"], a["state"]) for a in resolved] == [("data_loss", "resolved")]
     assert read_snapshot(r, c).counters["late"] == 45
+
+
+@pytest.mark.integration
+def test_quiet_settle_calls_only_experiments_with_work(r):
+    """``Ingestor.settle_quiet`` runs the settle script only for experiments
+    with a due pending unit or an expired hold on the partition (one
+    pipeline of two native commands each for the others), with the same
+    result as settling every one of them."""
+    reg = Registry(r)
+    cfgs = [cfg(experiment_id=f"q{i:02d}") for i in range(40)]
+    for c in cfgs:
+        reg.put(c)
+    ing = Ingestor(r, reg)
+    # q00: a unit whose window closes at T0 + 10 s; q01: a held metric; the rest: nothing
+    ing.process(TOPIC, 0, [(0, dumps(event_dict(Exposure("x", "q00", "u", "control", T0,
+                                                         1.0)))),
+                           (1, dumps(event_dict(Metric("m", "v", "rev", 1.0, T0 + 1, "q01"))))],
+                T0 + 2000)
+    before = {k: int(v["calls"]) for k, v in r.info("commandstats").items()}
+    clk = T0 + 45_000  # past q00's close + L and q01's hold horizon
+    changed = ing.settle_quiet(TOPIC, 0, clk, T0 + 10 * 60_000)
+    calls = {k: int(v["calls"]) - before.get(k, 0) for k, v in r.info("commandstats").items()}
+    assert changed == {"q00", "q01"}
+    assert calls.get("cmdstat_evalsha", 0) == 2  # one settle call each, none for the 38
+    snap = read_snapshot(r, cfgs[0])
+    assert snap.matured["control"] == 1
+    assert read_counters(r, "q01")["expired"] == 1
