@@ -93,7 +93,7 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
         for r, v in enumerate(prob.order):
             kmask[i, r] = True
             for c, s in enumerate(prob.strata):
-                n[i, r, c], sy[i, r, c], syy[i, r, c] = cells[v][s]
+                n[i, r, c], sy[i, r, c], syy[i, r, c] = cells[v][s][:3]
         for c, s in enumerate(prob.strata):
             smask[i, c] = True
             done = [(d, a) for d, a in snap.arrivals[s].items() if d < snap.D]

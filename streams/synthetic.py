@@ -41,6 +41,12 @@ class Scenario:
     variants: tuple[str, ...] = ("control", "treatment")
     allocation: tuple[float, ...] = (0.5, 0.5)
     strata_edges: tuple[float, ...] = DEFAULT_EDGES
+    #: CUPED (issue 18): None = units carry no pre-experiment value. Else each
+    #: unit has x = base0 + base_slope · a + noise_sd · (ρ ε + √(1−ρ²) η): the
+    #: same metric over an equally long pre-period, whose noise correlates ρ
+    #: with the in-experiment noise ε (so corr(x, Y) = ρ within a cell)
+    covariate_rho: float | None = None
+    covariate_missing: float = 0.0  # share of units without x (new users)
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Population:
     tau: np.ndarray  # [M] the unit's own effect
     y: np.ndarray  # [M] outcome in the unit's metric window
     scenario: Scenario = field(repr=False)
+    #: [M] pre-experiment value of the metric, NaN where the unit has none;
+    #: None when the scenario has no covariate
+    x: np.ndarray | None = None
 
     @property
     def true_effect(self) -> float:
@@ -82,8 +91,16 @@ def population(sc: Scenario, rng: np.random.Generator) -> Population:
     logp = np.log(p)
     tau = sc.effect + sc.effect_slope * (logp - logp.mean())
     treated = variant > 0
-    y = sc.base0 + sc.base_slope * a + tau * treated + sc.noise_sd * rng.standard_normal(M)
-    return Population(a, p, arrival, variant, tau, y, sc)
+    eps = rng.standard_normal(M)
+    y = sc.base0 + sc.base_slope * a + tau * treated + sc.noise_sd * eps
+    x = None
+    if sc.covariate_rho is not None:  # drawn last: scenarios without it keep their draws
+        r = float(sc.covariate_rho)
+        x = sc.base0 + sc.base_slope * a + sc.noise_sd * (
+            r * eps + np.sqrt(1.0 - r * r) * rng.standard_normal(M))
+        if sc.covariate_missing > 0:
+            x = np.where(rng.random(M) < sc.covariate_missing, np.nan, x)
+    return Population(a, p, arrival, variant, tau, y, sc, x)
 
 
 def cell_stats(pop: Population, day: float, bucket_days: float = 1.0) -> dict[str, np.ndarray]:
@@ -110,8 +127,18 @@ def cell_stats(pop: Population, day: float, bucket_days: float = 1.0) -> dict[st
     edges = np.asarray(sc.strata_edges, float)
     mid = 0.5 * (edges[:-1] + np.minimum(edges[1:], 28))
     activity = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), mid)
-    return {"n": n, "sy": sy, "syy": syy, "arrived": arr, "dsum": dsum, "D": D,
-            "activity": activity}
+    out = {"n": n, "sy": sy, "syy": syy, "arrived": arr, "dsum": dsum, "D": D,
+           "activity": activity}
+    if pop.x is not None:  # the covariate's cell statistics (kernels.data.CovStats)
+        has = arrived & np.isfinite(pop.x)
+        at = (pop.variant[has], s[has])
+        xv, yv = pop.x[has], pop.y[has]
+        for name, w in (("nx", np.ones_like(xv)), ("sx", xv), ("sxx", xv * xv),
+                        ("sxy", xv * yv), ("sy_x", yv)):
+            a = np.zeros((K1, S))
+            np.add.at(a, at, w)
+            out[name] = a
+    return out
 
 
 def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
@@ -131,10 +158,13 @@ def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
     for j, i in enumerate(idx):
         uid = f"u{i}"
         te = int(t_exp[j])
-        out.append((te, {"type": "exposure", "event_id": f"{experiment_id}-x{i}",
-                         "experiment_id": experiment_id, "unit_id": uid,
-                         "variant": sc.variants[pop.variant[i]], "ts": te,
-                         "pre_activity": float(pop.activity[i])}))
+        exp = {"type": "exposure", "event_id": f"{experiment_id}-x{i}",
+               "experiment_id": experiment_id, "unit_id": uid,
+               "variant": sc.variants[pop.variant[i]], "ts": te,
+               "pre_activity": float(pop.activity[i])}
+        if pop.x is not None and np.isfinite(pop.x[i]):
+            exp["pre"] = {metric: float(pop.x[i])}
+        out.append((te, exp))
         parts = int(rng.integers(1, max_parts + 1))
         w = rng.dirichlet(np.ones(parts))
         when = np.sort(te + (rng.random(parts) * window_ms).astype(np.int64))
