@@ -22,16 +22,16 @@ from kernels.gibbs import State
 # which trailing axes of each State array are (variants, strata)
 _STATE_AXES = {
     "mu0": ("S",), "tau": ("K", "S"), "sigma2": ("K1", "S"), "theta": ("K",),
-    "beta": ("K",), "omega2": ("K",), "logit_p": ("S",), "pop": ("S",),
+    "beta": ("K",), "omega2": ("K",), "logit_p": ("S",), "pop": ("S",), "gamma": ("S", "J"),
 }
 _DRAW_AXES = {
     "adj_effect": ("K",), "adj_lift": ("K",), "naive_effect": ("K",), "naive_lift": ("K",),
-    "tau": ("K", "S"), "share": ("S",),
+    "tau": ("K", "S"), "share": ("S",), "slope": (),
 }
 
 
 def _index(axes, K: int, S: int):
-    size = {"K": K, "K1": K + 1, "S": S}
+    size = {"K": K, "K1": K + 1, "S": S, "J": 2}
     return tuple(slice(0, size[a]) for a in axes)
 
 
@@ -61,7 +61,9 @@ def pad_into(state: State, p: int, stored: dict[str, np.ndarray]) -> None:
     xp = array_module(state.mu0)
     state.__dict__.pop("_host_arrays", None)  # the state changes: drop any host copy
     for name in _STATE_AXES:
-        arr = stored[name]
+        arr = stored.get(name)
+        if arr is None:  # chains stored before the array existed keep its initial value
+            continue
         target = getattr(state, name)
         idx = (p, slice(0, arr.shape[0])) + tuple(slice(0, n) for n in arr.shape[1:])
         target[idx] = xp.asarray(arr)
@@ -86,5 +88,14 @@ def unpad_draws(trace: Draws, p: int, K: int, S: int) -> dict[str, np.ndarray]:
 
 def stack_draws(per_problem: list[dict[str, np.ndarray]], xp=np) -> Draws:
     """A trace [P, C, T, …] from per-problem traces of equal C, T, K and S."""
-    return Draws(**{name: xp.asarray(np.stack([d[name] for d in per_problem]))
+    return Draws(**{name: xp.asarray(np.stack([_draw(d, name) for d in per_problem]))
                     for name in _DRAW_AXES})
+
+
+def _draw(d: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A stored window's array; a window stored before ``slope`` existed has none (0)."""
+    if name in d:
+        return d[name]
+    if name == "slope":
+        return np.zeros(d["adj_effect"].shape[:2])
+    raise KeyError(name)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels.backend import Array
+from kernels.covariate import CovStats
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Hyper:
     beta_sd: Array  # β_k ~ N(0, s²) per unit of centred log activity
     omega_nu: float  # ω_k ~ half-t(ν=3, scale A): heavier tails than normal, finite variance
     omega_scale: Array  # A = s / 2
+    #: [P, 2] prior sd of the covariate slopes (kernels.covariate): γ_1 ~ N(0, (3 s / s_x)²),
+    #: a slope of three outcome sd per covariate sd, beyond any correlation's reach
+    #: (|slope| = |ρ| s / s_x within a cell); γ_2 (the missingness shift) ~ N(0, (2 s)²)
+    gamma_sd: Array | None = None
 
 
 @dataclass
@@ -57,6 +62,9 @@ class ModelData:
     smask: Array  # [P, S] stratum exists
     kmask: Array  # [P, K1] variant exists
     target: Array  # [P, S] target population shares, NaN where not configured
+    #: the pre-experiment covariate's sums (kernels.covariate), None when no
+    #: problem of the batch uses one (rows of problems that do not are zero)
+    cov: CovStats | None = None
     hyper: Hyper = field(init=False)
     grid: object = field(init=False, default=None)  # arrival.ArrivalGrid, set by make_data
     #: data-only arrays the kernels derive once per snapshot (not once per sweep)
@@ -111,6 +119,7 @@ def make_data(
     kmask=None,
     target=None,
     hyper: Hyper | None = None,
+    cov: dict | None = None,
     xp=np,
 ) -> ModelData:
     """Build a ModelData from host arrays (padded already), on module ``xp``.
@@ -118,7 +127,8 @@ def make_data(
     ``activity_days`` [P, S]: each stratum's mean active days in the 28 days
     before the experiment; sets the arrival prior and the regressor ``z``.
     ``hyper`` overrides the data-scaled priors (simulation-based calibration
-    needs priors that do not depend on the data).
+    needs priors that do not depend on the data). ``cov``: the covariate's
+    cell sums ``nx, sx, sxx, sxy, sy_x`` [P, K1, S] (``CovStats``), or None.
     """
     from kernels import arrival
 
@@ -151,7 +161,13 @@ def make_data(
         kmask=xp.asarray(kmask),
         target=xp.asarray(tgt),
     )
+    if cov is not None:
+        live = n > 0
+        data.cov = CovStats(**{k: xp.asarray(np.where(live, np.asarray(cov[k], float), 0.0))
+                               for k in ("nx", "sx", "sxx", "sxy", "sy_x")})
     data.hyper = _hyper(data) if hyper is None else hyper
+    if data.hyper.gamma_sd is None:
+        data.hyper.gamma_sd = _gamma_sd(data)
     data.grid = arrival.build_grid(data)
     return data
 
@@ -162,9 +178,26 @@ def scaled_hyper(m: Array, s: Array) -> Hyper:
                  theta_sd=s, beta_sd=s, omega_nu=3.0, omega_scale=0.5 * s)
 
 
-def fixed_hyper(P: int, m: float = 0.0, s: float = 1.0, xp=np) -> Hyper:
+def fixed_hyper(P: int, m: float = 0.0, s: float = 1.0, xp=np, gamma_sd=(1.0, 1.0)) -> Hyper:
     """Data-independent priors (for simulation-based calibration)."""
-    return scaled_hyper(xp.full((P,), float(m)), xp.full((P,), float(s)))
+    h = scaled_hyper(xp.full((P,), float(m)), xp.full((P,), float(s)))
+    h.gamma_sd = xp.asarray(np.broadcast_to(np.asarray(gamma_sd, float), (P, 2)).copy())
+    return h
+
+
+def _gamma_sd(d: ModelData) -> Array:
+    """[P, 2] the slopes' prior sd (``Hyper.gamma_sd``), scaled by the pooled
+    sd of the outcome and of the covariate (1 where it has no spread)."""
+    xp = d.xp
+    s = d.hyper.s
+    if d.cov is None:
+        sx = xp.ones_like(s)
+    else:
+        nx = d.cov.nx.sum(axis=(1, 2))
+        mx = d.cov.sx.sum(axis=(1, 2)) / xp.maximum(nx, 1.0)
+        vx = xp.where(nx > 1, d.cov.sxx.sum(axis=(1, 2)) / xp.maximum(nx, 1.0) - mx * mx, 1.0)
+        sx = xp.sqrt(xp.where(vx > 1e-12 * (1 + mx * mx), vx, 1.0))
+    return xp.stack([3.0 * s / sx, 2.0 * s], axis=-1)
 
 
 def _hyper(d: ModelData) -> Hyper:

@@ -25,6 +25,9 @@ class Draws:
     naive_lift: Array  # [P, C, K]
     tau: Array  # [P, C, K, S]
     share: Array  # [P, C, S] population shares used by the adjusted estimate
+    #: [P, C] the covariate's slope γ_1 averaged over strata, weighted by the
+    #: matured units with a covariate (0 without one; ``kernels.covariate``)
+    slope: Array
 
     def arrays(self) -> dict[str, Array]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -54,6 +57,7 @@ def _derived(data: ModelData) -> dict:
             "adjustable": data.adjustable[:, None, None],
             "fallback": w[:, None, 0, :],  # [P,1,S]
             "matured": w[:, None],  # [P,1,K,S]
+            "slope_w": _slope_weights(data),  # [P,1,S]
         }
         data.cache["estimands"] = c
     return c
@@ -92,7 +96,17 @@ def estimands(state: State, data: ModelData) -> Draws:
         naive_lift=naive / naive_base,
         tau=state.tau,
         share=pi,
+        slope=(c["slope_w"] * state.gamma[..., 0]).sum(-1),
     )
+
+
+def _slope_weights(data: ModelData) -> Array:
+    """[P, 1, S]: each stratum's share of the matured units with a covariate."""
+    xp = data.xp
+    if data.cov is None:
+        return xp.zeros(data.smask.shape)[:, None]
+    nx = data.cov.nx.sum(axis=1)
+    return (nx / xp.maximum(nx.sum(-1, keepdims=True), 1.0))[:, None]
 
 
 def stack(draws: list[Draws]) -> Draws:

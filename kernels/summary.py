@@ -52,6 +52,7 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
     nlift = np.moveaxis(tr["naive_lift"], 3, 1)
     tau = np.moveaxis(tr["tau"], (3, 4), (1, 2))  # [P,K,S,C,T]
     share = np.moveaxis(tr["share"], 3, 1)  # [P,S,C,T]
+    islope = _interval(tr["slope"])  # [P]
 
     ie, il, ine, inl = _interval(eff), _interval(lift), _interval(neff), _interval(nlift)
     itau, ish = _interval(tau), _interval(share)
@@ -88,6 +89,7 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
                              "expected_loss": _f(loss[p, k])},
                 "naive": {"effect": iv(ine), "lift": iv(inl), "p_positive": _f(np_pos[p, k])},
                 "strata": strata,
+                "slope": {key: _f(islope[key][p]) for key in ("mean", "sd", "lo", "hi")},
                 "diagnostics": {"rhat": _f(rhat[p, k]), "ess_bulk": _f(essb[p, k]),
                                 "ess_tail": _f(esst[p, k]), "chains": C, "draws": C * T},
             })

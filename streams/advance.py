@@ -67,9 +67,8 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
     if not snaps:
         return [], {}
     data, problems = build_batch(snaps, xp=xp)
-    its = [int(stored[(p.experiment_id, p.metric)].state["iteration"])
-           if (p.experiment_id, p.metric) in stored else 0 for p in problems]
-    names = [f"{p.experiment_id}/{p.metric}" for p in problems]
+    its = [int(stored[p.key].state["iteration"]) if p.key in stored else 0 for p in problems]
+    names = ["/".join(p.key) for p in problems]
     if default_rng_kind(xp) == "philox":  # GPU: each problem's draws keyed by its name
         rng = Rng(cfg.seed, xp=xp, kind="philox", keys=keys_for(cfg.seed, names))
     else:
@@ -77,7 +76,7 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
     state = init(data, rng, cfg.chains)
     shapes = [(len(p.order) - 1, len(p.strata)) for p in problems]
     for i, p in enumerate(problems):
-        st = stored.get((p.experiment_id, p.metric))
+        st = stored.get(p.key)
         if st is not None and stored_shape(st.state) == (cfg.chains, *shapes[i]):
             pad_into(state, i, st.state)
         else:
@@ -92,7 +91,7 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
         fresh = unpad_draws(trace, i, K, S)
         first_kept = max(0, cfg.warmup - its[i])  # draws at iteration ≤ warmup are dropped
         fresh = {k: v[:, first_kept:] for k, v in fresh.items()}
-        old = stored.get((p.experiment_id, p.metric))
+        old = stored.get(p.key)
         old_window = old.window if old is not None and its[i] > 0 else None
         window = append_window(old_window, fresh, cfg.window) if fresh["tau"].shape[1] or \
             old_window is None else old_window
@@ -102,7 +101,7 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
         same_data = (old is not None and its[i] > 0 and old.fresh_from is not None
                      and old.seq == seq)
         fresh_from = old.fresh_from if same_data else its[i]
-        out[(p.experiment_id, p.metric)] = StoredChains(new_state, window, seq, fresh_from)
+        out[p.key] = StoredChains(new_state, window, seq, fresh_from)
 
     recs = _summaries(problems, out, data, snaps, cfg, computed_at)
     return recs, out
@@ -110,24 +109,24 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
 
 def _summaries(problems: list[Problem], chains: dict[tuple[str, str], StoredChains], data,
                snaps: list[ExperimentSnapshot], cfg: TickConfig, computed_at: int) -> list[dict]:
-    """Summarise each problem's window, batching problems whose windows share a shape."""
+    """Summarise each problem's window, batching problems whose windows share
+    a shape; then the records of all at once (a problem's covariate-free
+    shadow may sit in another group)."""
     adjustable = np.asarray(data.adjustable.get() if hasattr(data.adjustable, "get")
                             else data.adjustable)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(problems):
-        w = chains[(p.experiment_id, p.metric)].window
+        w = chains[p.key].window
         if w is None or w["tau"].shape[1] < cfg.min_draws:
             continue
         groups.setdefault(w["tau"].shape, []).append(i)
-    by_id = {s.experiment_id: s for s in snaps}
-    recs: list[dict] = []
+    rows: list[list[dict] | None] = [None] * len(problems)
     for shape, idx in groups.items():
-        windows = [chains[(problems[i].experiment_id, problems[i].metric)].window for i in idx]
-        trace = stack_draws(windows)
+        trace = stack_draws([chains[problems[i].key].window for i in idx])
         S = shape[-1]
         summary = summarize(trace, adjustable=adjustable[idx], smask=np.ones((len(idx), S), bool),
                             direction=[problems[i].direction for i in idx])
-        its = [int(chains[(problems[i].experiment_id, problems[i].metric)].state["iteration"])
-               for i in idx]
-        recs.extend(records(summary, [problems[i] for i in idx], by_id, its, computed_at))
-    return recs
+        for i, r in zip(idx, summary, strict=True):
+            rows[i] = r
+    its = [int(chains[p.key].state["iteration"]) for p in problems]
+    return records(rows, problems, {s.experiment_id: s for s in snaps}, its, computed_at)

@@ -45,7 +45,7 @@ def decode(blob: bytes) -> tuple[dict[str, np.ndarray], dict]:
 def append_window(old: dict[str, np.ndarray] | None, new: dict[str, np.ndarray],
                   keep: int) -> dict[str, np.ndarray]:
     """Concatenate draw windows [C, T, …] along T and keep the last ``keep``."""
-    if old is None or any(old[k].shape[0] != new[k].shape[0] or
+    if old is None or any(k not in old or old[k].shape[0] != new[k].shape[0] or
                           old[k].shape[2:] != new[k].shape[2:] for k in new):
         merged = new
     else:

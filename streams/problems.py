@@ -23,6 +23,12 @@ from streams.semantics import ExperimentSnapshot
 SCHEMA_VERSION = 1
 
 
+#: The chains of a metric's model *without* its covariate are stored under
+#: ``<metric>#nocov`` ('#' is not allowed in a metric name): they measure what
+#: the covariate bought (``variance_reduction.sd_ratio``), and are never published.
+SHADOW_SUFFIX = "#nocov"
+
+
 @dataclass(frozen=True)
 class Problem:
     """Where a problem's rows live in the batch and what they mean."""
@@ -32,6 +38,39 @@ class Problem:
     direction: int  # +1 higher is better, -1 lower is better
     order: tuple[int, ...]  # snapshot variant index for batch row 0 (control), 1, …
     strata: tuple[int, ...]  # snapshot stratum index for batch column 0, 1, …
+    covariate: bool = False  # the model adjusts for the metric's pre-experiment value
+    #: the same data without the covariate, run beside a problem that has one
+    shadow: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(experiment_id, chain name): the name its chains are stored under."""
+        return self.experiment_id, self.metric + (SHADOW_SUFFIX if self.shadow else "")
+
+
+def chain_names(cfg) -> list[str]:
+    """Every chain name an experiment may have: its metrics, and their
+    covariate-free shadows unless covariates are off."""
+    names = list(cfg.metric_names)
+    if _covariates_on(cfg):
+        names += [m + SHADOW_SUFFIX for m in cfg.metric_names]
+    return names
+
+
+def _covariates_on(cfg) -> bool:
+    return getattr(cfg, "covariates", "auto") != "off"
+
+
+def _cell(c) -> tuple:
+    """A cell as the 8 sums (n, Σy, Σy², n_x, Σx, Σx², Σxy, Σy over units with x)."""
+    return tuple(c) if len(c) >= 8 else (*c[:3], 0, 0.0, 0.0, 0.0, 0.0)
+
+
+def uses_covariate(snap: ExperimentSnapshot, metric: str) -> bool:
+    """The covariate enters the metric's model: covariates not off, and some
+    matured unit has a pre-experiment value of the metric."""
+    return _covariates_on(snap.config) and any(
+        _cell(c)[3] > 0 for row in snap.cells[metric] for c in row)
 
 
 def _strata_in_use(snap: ExperimentSnapshot) -> tuple[int, ...]:
@@ -52,10 +91,15 @@ def problems_of(snap: ExperimentSnapshot) -> list[Problem]:
         i for i, v in enumerate(snap.variants) if v != cfg.control
     )
     strata = _strata_in_use(snap)
-    return [
-        Problem(snap.experiment_id, m.name, -1 if m.direction == "decrease" else 1, order, strata)
-        for m in cfg.metrics
-    ]
+    out = []
+    for m in cfg.metrics:
+        d = -1 if m.direction == "decrease" else 1
+        if uses_covariate(snap, m.name):
+            out.append(Problem(snap.experiment_id, m.name, d, order, strata, covariate=True))
+            out.append(Problem(snap.experiment_id, m.name, d, order, strata, shadow=True))
+        else:
+            out.append(Problem(snap.experiment_id, m.name, d, order, strata))
+    return out
 
 
 def _activity(snap: ExperimentSnapshot, s: int) -> float:
@@ -88,12 +132,18 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
     D = np.zeros(P)
     bucket_days = np.ones(P)
     p_sd = np.full(P, 0.5)
+    any_cov = any(p.covariate for _, p in items)
+    cov = {k: np.zeros((P, K1, S)) for k in ("nx", "sx", "sxx", "sxy", "sy_x")}
     for i, (snap, prob) in enumerate(items):
         cells = snap.cells[prob.metric]
         for r, v in enumerate(prob.order):
             kmask[i, r] = True
             for c, s in enumerate(prob.strata):
-                n[i, r, c], sy[i, r, c], syy[i, r, c] = cells[v][s][:3]
+                cell = _cell(cells[v][s])
+                n[i, r, c], sy[i, r, c], syy[i, r, c] = cell[:3]
+                if prob.covariate:
+                    for j, k in enumerate(("nx", "sx", "sxx", "sxy", "sy_x")):
+                        cov[k][i, r, c] = cell[3 + j]
         for c, s in enumerate(prob.strata):
             smask[i, c] = True
             done = [(d, a) for d, a in snap.arrivals[s].items() if d < snap.D]
@@ -107,15 +157,24 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
         bucket_days[i] = snap.config.bucket_seconds / 86_400
         p_sd[i] = snap.config.prior_sd_logit_p
     data = make_data(n, sy, syy, arrived, dsum, D, act, bucket_days=bucket_days, p_sd=p_sd,
-                     smask=smask, kmask=kmask, target=target, xp=xp)
+                     smask=smask, kmask=kmask, target=target, cov=cov if any_cov else None,
+                     xp=xp)
     return data, [p for _, p in items]
 
 
 def records(summary: list[list[dict]], problems: list[Problem],
             snaps: dict[str, ExperimentSnapshot], iteration, computed_at: int) -> list[dict]:
-    """Estimate records, one per problem × treatment, from ``kernels.summary``."""
+    """Estimate records, one per problem × treatment, from ``kernels.summary``
+    (summary rows may be None for problems with too few draws yet). Shadow
+    problems give their posterior sd to ``variance_reduction`` and are not
+    published."""
     out = []
+    shadow_rows = {(p.experiment_id, p.metric): rows
+                   for p, rows in zip(problems, summary, strict=True)
+                   if p.shadow and rows is not None}
     for i, (prob, rows) in enumerate(zip(problems, summary, strict=True)):
+        if prob.shadow or rows is None:
+            continue
         snap = snaps[prob.experiment_id]
         cfg = snap.config
         cells = snap.cells[prob.metric]
@@ -148,10 +207,33 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "adjusted": row["adjusted"],
                 "naive": row["naive"],
                 "strata": strata,
+                "variance_reduction": _variance_reduction(
+                    prob, row, k, cells, pair, shadow_rows.get((prob.experiment_id, prob.metric))),
                 "units": {"exposed": dict(snap.exposed), "matured": dict(snap.matured)},
                 "diagnostics": {**row["diagnostics"], "iteration": int(it)},
                 "watermark": {"event_time": snap.watermark, "completed_buckets": snap.D},
                 "computed_at": computed_at,
                 "data_quality": data_quality(snap),  # per experiment, in each of its records
             })
+    return out
+
+
+def _variance_reduction(prob: Problem, row: dict, k: int, cells, pair: tuple[int, int],
+                        shadow: list[dict] | None) -> dict:
+    """What the covariate did for one treatment's estimate: whether it was
+    used, the share of the pair's matured units that have it, the fitted
+    slope, and the ratio of the effect's posterior sd with it to the sd of
+    the same data's model without it (the shadow chains; measured, not the
+    √(1−ρ²) it should come near). Ratios are null until the shadow has draws."""
+    tot = [_cell(cells[v][s]) for v in pair for s in prob.strata]
+    n = sum(c[0] for c in tot)
+    nx = sum(c[3] for c in tot)
+    out: dict = {"used": prob.covariate,
+                 "share_with_covariate": nx / n if n else None,
+                 "slope": row["slope"] if prob.covariate else None,
+                 "sd_ratio": {"adjusted": None, "naive": None}}
+    if prob.covariate and shadow is not None:
+        for block in ("adjusted", "naive"):
+            a, b = row[block]["effect"]["sd"], shadow[k][block]["effect"]["sd"]
+            out["sd_ratio"][block] = a / b if a is not None and b else None
     return out

@@ -33,6 +33,7 @@ from schemas.codec import dumps, loads
 from streams.advance import StoredChains, TickConfig, advance
 from streams.chains import decode, encode
 from streams.platform_prior import PlatformPrior
+from streams.problems import chain_names
 from streams.registry import Registry
 from streams.semantics import config_ms, horizons_ms
 from streams.state import experiment_key, read_completeness, read_snapshot
@@ -117,7 +118,7 @@ class SamplerService:
         cfgs = self.registry.get_many(eids)
         c = None if self.events_topic is None else read_completeness(self.r, self.events_topic)
         snaps = [read_snapshot(self.r, cfgs[e], completeness=c) for e in eids if e in cfgs]
-        keys = [(s.experiment_id, m) for s in snaps for m in s.config.metric_names]
+        keys = [(s.experiment_id, m) for s in snaps for m in chain_names(s.config)]
         stored: dict[tuple[str, str], StoredChains] = {}
         if keys:
             blobs = self.r.mget([chain_key(e, m) for e, m in keys])
@@ -276,7 +277,7 @@ def conclude(r: Any, cfg) -> list[dict]:
     drop = [experiment_key(eid, k) for k in ("units", "held", "chainver")]
     drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
              for k in ("pending", "seen", "heldq")]
-    drop += [chain_key(eid, m) for m in cfg.metric_names]
+    drop += [chain_key(eid, m) for m in chain_names(cfg)]
     pipe = r.pipeline(transaction=True)  # one slot: {e:<id>}
     for rec in recs:
         pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
