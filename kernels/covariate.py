@@ -46,13 +46,14 @@ class CovStats:
 
 
 def moments(n: Array, sy: Array, syy: Array, cov: CovStats, xp) -> dict[str, Array]:
-    """The data-only arrays of the block, shapes [P, K1, S] (vectors: [..., 2],
-    matrices [..., 2, 2]):
+    """The data-only arrays of the block, each [P, K1, S], with the two
+    regressors' components written out (2×2 algebra by hand is several
+    times cheaper than broadcasting small matrices):
 
-    ``wbar`` cell means of w; ``syw`` and ``sww`` within-cell (centred at the
-    cell means) cross products with y and of w; ``swy``, ``sww_raw``, ``sw``
-    the raw sums Σ w y, Σ w wᵀ, Σ w the slope's conditional needs; ``xbar``,
-    ``hbar`` [P, S] the centres.
+    ``wb1, wb2`` cell means of w; ``syw1, syw2, s11, s12, s22`` within-cell
+    (centred at the cell means) cross products with y and of w; ``sw*``,
+    ``swy*``, ``r11, r12, r22`` the raw sums Σ w, Σ w y, Σ w wᵀ the slope's
+    conditional needs; ``xbar``, ``hbar`` [P, S] the centres.
     """
     nx, sx, sxx, sxy, sy_x = cov.nx, cov.sx, cov.sxx, cov.sxy, cov.sy_x
     nx_s = nx.sum(axis=1)  # [P,S]
@@ -63,20 +64,19 @@ def moments(n: Array, sy: Array, syy: Array, cov: CovStats, xp) -> dict[str, Arr
     sw2 = nx - n * hbar
     # Σ w1² about x̄_s, from the cell's own centred sum (less cancellation)
     xcell = sx / xp.maximum(nx, 1.0)
-    ssx = xp.where(nx > 0, xp.maximum(sxx - sx * xcell, 0.0) + nx * (xcell - xbar) ** 2, 0.0)
-    sw2w2 = nx * (1.0 - hbar) ** 2 + (n - nx) * hbar**2
-    sw1w2 = (1.0 - hbar) * sw1
-    sw1y = sxy - xbar * sy_x
-    sw2y = sy_x - hbar * sy
-    sw = xp.stack([sw1, sw2], axis=-1)
-    swy = xp.stack([sw1y, sw2y], axis=-1)
-    sww_raw = xp.stack([xp.stack([ssx, sw1w2], -1), xp.stack([sw1w2, sw2w2], -1)], -2)
+    r11 = xp.where(nx > 0, xp.maximum(sxx - sx * xcell, 0.0) + nx * (xcell - xbar) ** 2, 0.0)
+    r22 = nx * (1.0 - hbar) ** 2 + (n - nx) * hbar**2
+    r12 = (1.0 - hbar) * sw1
+    swy1 = sxy - xbar * sy_x
+    swy2 = sy_x - hbar * sy
     inv_n = xp.where(n > 0, 1.0 / xp.maximum(n, 1.0), 0.0)
     ybar = sy * inv_n
-    wbar = sw * inv_n[..., None]
-    syw = swy - sw * ybar[..., None]
-    sww = sww_raw - sw[..., :, None] * wbar[..., None, :]
-    return {"wbar": wbar, "syw": syw, "sww": sww, "sw": sw, "swy": swy, "sww_raw": sww_raw,
+    wb1, wb2 = sw1 * inv_n, sw2 * inv_n
+    return {"wb1": wb1, "wb2": wb2,
+            "syw1": swy1 - sw1 * ybar, "syw2": swy2 - sw2 * ybar,
+            "s11": r11 - sw1 * wb1, "s12": r12 - sw1 * wb2, "s22": r22 - sw2 * wb2,
+            "sw1": sw1, "sw2": sw2, "swy1": swy1, "swy2": swy2,
+            "r11": r11, "r12": r12, "r22": r22,
             "xbar": xbar[:, 0], "hbar": hbar[:, 0]}
 
 
@@ -84,13 +84,13 @@ def adjusted(m: dict[str, Array], ybar: Array, ss: Array, gamma: Array, xp
              ) -> tuple[Array, Array]:
     """Cell mean and within-cell sum of squares of Y − γ·w, per chain.
 
-    ``m`` from ``moments`` with a chain axis added ([P, 1, K1, S, …]); ``ybar``
+    ``m`` from ``moments`` with a chain axis added ([P, 1, K1, S]); ``ybar``
     and ``ss`` [P, 1, K1, S] of Y itself; ``gamma`` [P, C, S, 2].
     Returns ([P, C, K1, S], [P, C, K1, S])."""
-    g = gamma[:, :, None]  # [P,C,1,S,2]
-    yb = ybar - (g * m["wbar"]).sum(-1)
-    quad = (g[..., :, None] * m["sww"] * g[..., None, :]).sum((-1, -2))
-    ssa = ss - 2.0 * (g * m["syw"]).sum(-1) + quad
+    g1, g2 = gamma[:, :, None, :, 0], gamma[:, :, None, :, 1]  # [P,C,1,S]
+    yb = ybar - g1 * m["wb1"] - g2 * m["wb2"]
+    ssa = (ss - 2.0 * (g1 * m["syw1"] + g2 * m["syw2"])
+           + g1 * g1 * m["s11"] + 2.0 * g1 * g2 * m["s12"] + g2 * g2 * m["s22"])
     return yb, xp.maximum(ssa, 0.0)
 
 
@@ -103,13 +103,23 @@ def draw_gamma(m: dict[str, Array], mu: Array, sigma2: Array, prior_prec: Array,
     stratum, with r_i = y_i − μ_ks:
         precision Λ = diag(prior) + Σ_k Σ_i w_i w_iᵀ / σ²_ks
         Λ · mean   = Σ_k Σ_i w_i r_i / σ²_ks = Σ_k (Σ w y − μ_ks Σ w) / σ²_ks
+    drawn as in ``kernels.gibbs._gaussian_draw`` (Λ = L Lᵀ, L y = b,
+    Lᵀ γ = y + ε), with the 2×2 Cholesky written out.
     """
-    from kernels.gibbs import _gaussian_draw
-
     xp = rng.xp
     isig = 1.0 / sigma2  # [P,C,K1,S]
-    A = (m["sww_raw"] * isig[..., None, None]).sum(axis=2)  # [P,C,S,2,2]
-    A = A + prior_prec[..., None, :] * xp.eye(2)
-    b = ((m["swy"] - mu[..., None] * m["sw"]) * isig[..., None]).sum(axis=2)  # [P,C,S,2]
-    P, C, S = b.shape[:3]
-    return _gaussian_draw(A, b, rng.normal((P, C, S, 2)))
+    a11 = (m["r11"] * isig).sum(axis=2) + prior_prec[..., 0]  # [P,C,S]
+    a12 = (m["r12"] * isig).sum(axis=2)
+    a22 = (m["r22"] * isig).sum(axis=2) + prior_prec[..., 1]
+    b1 = ((m["swy1"] - mu * m["sw1"]) * isig).sum(axis=2)
+    b2 = ((m["swy2"] - mu * m["sw2"]) * isig).sum(axis=2)
+    P, C, S = b1.shape
+    eps = rng.normal((P, C, S, 2))
+    l11 = xp.sqrt(a11)
+    l21 = a12 / l11
+    l22 = xp.sqrt(a22 - l21 * l21)
+    y1 = b1 / l11
+    y2 = (b2 - l21 * y1) / l22
+    x2 = (y2 + eps[..., 1]) / l22
+    x1 = (y1 + eps[..., 0] - l21 * x2) / l11
+    return xp.stack([x1, x2], axis=-1)
