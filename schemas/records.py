@@ -22,6 +22,10 @@ class Exposure:
     variant: str
     ts: int  # epoch ms, event time
     pre_activity: float | None = None  # active days in the 28 days before (0..28)
+    #: CUPED covariates (issue 18): metric name -> the unit's value of that
+    #: metric over a pre-experiment period; None (or absent) = none. Names that
+    #: are not metrics of the experiment are ignored by the state
+    pre: dict[str, float] | None = None
     type: str = "exposure"
 
 
@@ -53,6 +57,9 @@ class MetricSpec:
 
 
 PRIORS = ("flat", "platform")
+#: ``ExperimentConfig.covariates``: "auto" = the model uses the units'
+#: pre-experiment values (``Exposure.pre``) where there are any, "off" = never
+COVARIATES = ("auto", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,9 @@ class ExperimentConfig:
     #: "flat": each experiment on its own; "platform": also shrunk towards the
     #: prior learned from all opted-in experiments sharing a metric (issue 7)
     prior: str = "flat"
+    #: CUPED (issue 18): "auto" | "off" (see ``COVARIATES``). The state records
+    #: the units' pre-experiment values either way; only the model reads this
+    covariates: str = "auto"
 
     @property
     def n_strata(self) -> int:

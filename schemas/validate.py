@@ -54,6 +54,7 @@ import msgspec
 import orjson
 
 from schemas.records import (
+    COVARIATES,
     DEFAULT_STRATA_EDGES,
     PRIORS,
     ExperimentConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "MIN_TS_MS",
     "NAME_PATTERN",
     "PRE_ACTIVITY_MAX",
+    "PRE_MAX_ENTRIES",
     "SCHEMA_VERSION",
     "experiment_to_dict",
     "is_valid_id",
@@ -103,6 +105,8 @@ MAX_TS_MS = 2**53 - 1
 DEFAULT_MAX_FUTURE_MS = 300_000
 MAX_ABS_VALUE = 1e12
 PRE_ACTIVITY_MAX = 28
+PRE_MAX_ENTRIES = 64
+"""At most this many entries in an exposure's ``pre`` (as many as a config has metrics)."""
 
 ID_PATTERN = r"[A-Za-z0-9._:@/+=-]{1,128}"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -353,10 +357,10 @@ def parse_event(
     as JSON Schema does. Raises :class:`InvalidRecord`, and only that, for any
     bytes; ``TypeError`` only for a non-bytes-like argument (a caller bug).
     """
-    _, kind, event_id, experiment_id, unit_id, name, ts, num = parse_event_row(
+    _, kind, event_id, experiment_id, unit_id, name, ts, num, pre = parse_event_row(
         raw, 0, now_ms=now_ms, max_future_ms=max_future_ms)
     if kind == "x":
-        return Exposure(event_id, experiment_id, unit_id, name, ts, num)
+        return Exposure(event_id, experiment_id, unit_id, name, ts, num, pre)
     return Metric(event_id, unit_id, name, num, ts, experiment_id)
 
 
@@ -380,6 +384,8 @@ def _name_ok(v: str) -> bool:
 # ---- the msgspec fast path (see the module docstring)
 
 _FastTs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+_FastValue = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+_FastPre = Annotated[dict[str, _FastValue], msgspec.Meta(max_length=PRE_MAX_ENTRIES)]
 
 
 class _FastExposure(msgspec.Struct, tag="exposure", tag_field="type", forbid_unknown_fields=True):
@@ -389,6 +395,7 @@ class _FastExposure(msgspec.Struct, tag="exposure", tag_field="type", forbid_unk
     variant: str
     ts: _FastTs
     pre_activity: Annotated[float, msgspec.Meta(ge=0, le=PRE_ACTIVITY_MAX)] | None = None
+    pre: _FastPre | None = None  # keys: checked after the decode, as names
     schema_version: Literal[1] | None = None  # SCHEMA_VERSION
 
 
@@ -396,7 +403,7 @@ class _FastMetric(msgspec.Struct, tag="metric", tag_field="type", forbid_unknown
     event_id: str
     unit_id: str
     metric: str
-    value: Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+    value: _FastValue
     ts: _FastTs
     experiment_id: str | None = None
     schema_version: Literal[1] | None = None
@@ -419,11 +426,12 @@ def parse_event_row(
 ) -> tuple:
     """:func:`parse_event` without the dataclass, for the ingest hot path:
     the same verdicts, reasons and messages, returning the row
-    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num)`` with
-    kind ``"x"`` (exposure: name = variant, num = pre_activity as a float or
-    None) or ``"m"`` (metric: name = metric, num = value as a float,
-    experiment_id possibly None); ts is an int. ``offset`` is passed through
-    (the source position; see ``streams.state``'s rows).
+    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num, pre)``
+    with kind ``"x"`` (exposure: name = variant, num = pre_activity as a float
+    or None, pre = ``{metric: float}`` or None, an empty object too) or
+    ``"m"`` (metric: name = metric, num = value as a float, experiment_id
+    possibly None, pre None); ts is an int. ``offset`` is passed through (the
+    source position; see ``streams.state``'s rows).
 
     msgspec first; what it rejects (or a ts in the future) goes to
     :func:`parse_event_row_reference`, which raises the reason."""
@@ -441,15 +449,17 @@ def parse_event_row(
                 eid = ev.experiment_id
                 if type(ev) is _FastExposure:
                     v = ev.variant
-                    if (eid in names or _name_ok(eid)) and (v in names or _name_ok(v)):
+                    pre = ev.pre
+                    if (eid in names or _name_ok(eid)) and (v in names or _name_ok(v)) and (
+                            pre is None or all(k in names or _name_ok(k) for k in pre)):
                         return (offset, "x", ev.event_id, eid, ev.unit_id, v, ev.ts,
-                                ev.pre_activity)
+                                ev.pre_activity, pre or None)
                 else:
                     m = ev.metric
                     if (eid is None or eid in names or _name_ok(eid)) and (
                             m in names or _name_ok(m)):
                         return (offset, "m", ev.event_id, eid, ev.unit_id, m, ev.ts,
-                                ev.value)
+                                ev.value, None)
     return parse_event_row_reference(raw, offset, now_ms=now_ms, max_future_ms=max_future_ms)
 
 
@@ -462,11 +472,8 @@ def parse_event_row_reference(
 ) -> tuple:
     """The hand-written validator behind :func:`parse_event_row`: the same
     checks as :func:`parse_event`, reasons and messages, returning the row
-    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num)`` with
-    kind ``"x"`` (exposure: name = variant, num = pre_activity as a float or
-    None) or ``"m"`` (metric: name = metric, num = value as a float,
-    experiment_id possibly None); ts is an int. ``offset`` is passed through
-    (the source position; see ``streams.state``'s rows).
+    ``(offset, kind, event_id, experiment_id, unit_id, name, ts, num, pre)``
+    (see :func:`parse_event_row`).
     """
     obj = _decode_object(raw, MAX_EVENT_BYTES)
     get = obj.get
@@ -550,7 +557,10 @@ def parse_event_row_reference(
                     "pre_activity",
                 )
             pa = float(pa)
-        return (offset, "x", event_id, experiment_id, unit_id, name, ts, pa)
+        pre = get("pre")
+        if pre is not None:
+            pre = _check_pre(pre)
+        return (offset, "x", event_id, experiment_id, unit_id, name, ts, pa, pre)
 
     value = get("value", _MISSING)
     tv = type(value)
@@ -564,7 +574,42 @@ def parse_event_row_reference(
             f"field 'value' = {_short(value)} exceeds {MAX_ABS_VALUE:g} in absolute value",
             "value",
         )
-    return (offset, "m", event_id, experiment_id, unit_id, name, ts, float(value))
+    return (offset, "m", event_id, experiment_id, unit_id, name, ts, float(value), None)
+
+
+def _check_pre(pre: Any) -> dict[str, float] | None:
+    """An exposure's ``pre`` (CUPED covariates, issue 18): an object of at
+    most ``PRE_MAX_ENTRIES`` metric names -> finite numbers within
+    ``MAX_ABS_VALUE``, as floats; an empty object is None. The field to blame
+    is ``pre`` (the dead-letter reason's message names the entry)."""
+    if type(pre) is not dict:
+        _fail("bad_type", "field 'pre' must be an object (metric name -> the unit's value "
+              f"before the experiment), got {_jtype(pre)}", "pre")
+    if len(pre) > PRE_MAX_ENTRIES:
+        _fail("out_of_range", f"field 'pre' has {len(pre)} entries (max {PRE_MAX_ENTRIES})",
+              "pre")
+    out = {}
+    for k, v in pre.items():
+        if k not in _NAMES_OK and not _name_ok(k):
+            if not k:
+                why = "an empty key"
+            elif len(k) > MAX_ID_LENGTH:
+                why = f"a key {len(k)} characters long (max {MAX_ID_LENGTH})"
+            else:
+                why = (f"a key {_short(k)} with characters outside letters, digits and "
+                       ". _ - (starting with a letter or digit)")
+            _fail("bad_id", f"field 'pre' has {why}; its keys are metric names", "pre")
+        tv = type(v)
+        if tv is not float and tv is not int:
+            _fail("bad_type", f"field 'pre.{k}' must be a number, got {_jtype(v)}", "pre")
+        if not -MAX_ABS_VALUE <= v <= MAX_ABS_VALUE:
+            if tv is float and not math.isfinite(v):
+                _fail("not_finite", f"field 'pre.{k}' is {v}", "pre")
+            _fail("out_of_range",
+                  f"field 'pre.{k}' = {_short(v)} exceeds {MAX_ABS_VALUE:g} in absolute value",
+                  "pre")
+        out[k] = float(v)
+    return out or None
 
 
 # --------------------------------------------------------------------------- experiments
@@ -798,6 +843,11 @@ def parse_experiment(
         if v not in PRIORS:
             _cfg(f"'prior' = {_short(v)} must be one of {', '.join(map(repr, PRIORS))}", "prior")
         kw["prior"] = v
+    if (v := opt("covariates")) is not _MISSING:
+        if v not in COVARIATES:
+            _cfg(f"'covariates' = {_short(v)} must be one of "
+                 f"{', '.join(map(repr, COVARIATES))}", "covariates")
+        kw["covariates"] = v
 
     return ExperimentConfig(experiment_id, **kw)
 
@@ -808,8 +858,8 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig) -> str | N
     and arrivals are keyed by stratum and entry bucket, and a unit's outcome
     is defined by its window: so variants and metrics may only be appended
     (same order), and control, window, buckets and strata are fixed once units
-    exist. Everything else (thresholds, priors, end_at, status, ...) may
-    change. Callers reject such a config with code ``incompatible_config``."""
+    exist. Everything else (thresholds, priors, covariates, end_at, status,
+    ...) may change. Callers reject such a config with code ``incompatible_config``."""
     if new.variants[:len(old.variants)] != old.variants:
         return (f"variants may only be appended: {list(old.variants)} -> "
                 f"{list(new.variants)}")
@@ -859,4 +909,5 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "status": cfg.status,
         "prior_sd_logit_p": cfg.prior_sd_logit_p,
         "prior": cfg.prior,
+        "covariates": cfg.covariates,
     }

@@ -124,7 +124,7 @@ class Ingestor:
         unknown = ids - known.keys()
         # the partition clock after each event (dead letters move none)
         crows, clk0 = clocked_batch(self.r, known, topic, partition, rows)
-        clk_of = {crow[0]: crow[8] for crow in crows}
+        clk_of = {crow[0]: crow[9] for crow in crows}
         margins: dict[str, int] = {}
 
         def margin(eid: str) -> int:

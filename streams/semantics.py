@@ -39,14 +39,16 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    state; ingest dead-letters it); ``ts >= end_at`` (config) -> ``after_end``
    (no state: the experiment stopped; not recorded in the routing index
    either); else the unit is created (variant, stratum,
-   entry bucket, exposure ts, zero totals) -> ``exposures``, pending on its
-   source partition, and the metrics held for it are released (rule 4).
+   entry bucket, exposure ts, zero totals, pre-experiment values) ->
+   ``exposures``, pending on its source partition, and the metrics held for
+   it are released (rule 4).
 3. Metric: name not in the config -> ``unknown_metric``; no unit yet -> held
    (rule 4); ``ts < exposure_ts`` -> ``pre_exposure``; ``ts >= close`` ->
    ``outside_window``; ``close + H <= T`` -> ``late`` (dropped); ``close <= T``
    -> ``corrected``: added to the unit's total and, if the unit was already
    folded, to its cell as ``Σy += v, Σy² += (t+v)² - t²`` (t = the total
-   before, n unchanged); else added to the total -> ``metric_applied``.
+   before, n unchanged) and, if the unit has a pre value x of the metric,
+   ``Σxy += x·v, Σy_x += v``; else added to the total -> ``metric_applied``.
 4. Holds: a metric whose unit has no state is ``held`` (at most ``hold_max``
    per unit, beyond that ``expired``). The unit's exposure releases them, in
    arrival order, through rule 3 (``held`` -1, their category +1). A unit's
@@ -59,7 +61,19 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    with ``close <= clk_end - L`` are folded into their cells in (close_ts,
    unit_id bytes) order (Redis ZSET order), at most ``fold_limit`` a call (the
    rest at the next call: one script call does bounded work). ``matured`` in
-   the unit state means folded.
+   the unit state means folded. Folding a unit adds, per metric with y = its
+   total, ``n += 1, Σy += y, Σy² += y·y`` and, if it has a pre value x of the
+   metric, ``nx += 1, Σx += x, Σx² += x·x, Σxy += x·y, Σy_x += y`` (in this
+   order; the cell is ``(n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)``).
+
+Pre-experiment values (CUPED covariates, issue 18): an exposure's ``pre``
+maps metric names to the unit's value of the metric over a pre-experiment
+period. The unit keeps, per config metric, the value its *creating* exposure
+carried (``UnitState.pre``, None where it had none); later exposures change
+nothing, and names that are not metrics of the config are ignored (a metric
+appended to the config later has no pre value for the units created
+before). The state records them whatever ``config.covariates`` says: only
+the model reads that setting.
 
 Entry buckets are counted on a grid anchored at ``config.started_at`` when the
 experiment has one when its first unit is created, else at the epoch, so a
@@ -206,9 +220,11 @@ def _finite(x: float, what: str) -> float:
 
 @dataclass(slots=True)
 class UnitState:
-    """One unit in one experiment. ``totals`` follows ``config.metrics`` order;
-    ``bucket`` is on the experiment's anchor grid (see ``bucket_of``);
-    ``matured`` means folded into the cells."""
+    """One unit in one experiment. ``totals`` and ``pre`` follow
+    ``config.metrics`` order; ``bucket`` is on the experiment's anchor grid
+    (see ``bucket_of``); ``matured`` means folded into the cells; ``pre``:
+    the pre-experiment value of each metric (None: none), fixed at the
+    unit's creation."""
 
     variant: str
     stratum: int
@@ -216,6 +232,7 @@ class UnitState:
     exposure_ts: int
     totals: list[float]
     matured: bool = False
+    pre: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -225,8 +242,10 @@ class ExperimentSnapshot:
     Produced identically by ``ExperimentState.snapshot()`` and
     ``streams.state.read_snapshot``. ``arrivals[s]`` maps every entry bucket
     (relative to ``started_at``) to its count; the model uses d < D.
-    ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2)`` over matured
-    units. ``watermark`` = completeness clock - L (DESIGN §5). ``seq`` is
+    ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2, nx, sum_x,
+    sum_x2, sum_xy, sum_y_x)`` over matured units: y = a unit's total, x its
+    pre-experiment value of the metric, the last five over the units with an
+    x (module docstring, rule 5). ``watermark`` = completeness clock - L (DESIGN §5). ``seq`` is
     Redis's ``dirty_seq`` at read time (None from the reducer) and does not
     take part in equality.
     """
@@ -244,7 +263,7 @@ class ExperimentSnapshot:
     activity_n: tuple[int, ...]
     exposed: dict[str, int]
     matured: dict[str, int]
-    cells: dict[str, list[list[tuple[int, float, float]]]]
+    cells: dict[str, list[list[tuple[int, float, float, int, float, float, float, float]]]]
     counters: dict[str, int]
     seq: int | None = field(default=None, compare=False)
     #: dead letters attributed to this experiment, by reason (the ingest counts
@@ -322,9 +341,10 @@ class ExperimentState:
         self.activity_n: list[int] = [0] * n_tot
         self.exposed: dict[str, int] = {v: 0 for v in self.variants}
         self.matured: dict[str, int] = {v: 0 for v in self.variants}
-        # cells[m][v][s] = [n, sy, syy]
+        # cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x]
         self.cells: dict[str, list[list[list]]] = {
-            m: [[[0, 0.0, 0.0] for _ in range(n_tot)] for _ in self.variants]
+            m: [[[0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] for _ in range(n_tot)]
+                for _ in self.variants]
             for m in self.metrics
         }
         self._vindex = {v: i for i, v in enumerate(self.variants)}
@@ -413,7 +433,11 @@ class ExperimentState:
             self.anchor = self.config.started_at if self.config.started_at is not None else 0
         s = stratum_of(x, self.edges)
         b = bucket_of(ts, self.anchor, self.B)
-        u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics))
+        pre = ev.pre
+        xs: list[float | None] = (
+            [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in self.metrics]
+            if pre else [None] * len(self.metrics))
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics), False, xs)
         self.units[ev.unit_id] = u
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
@@ -447,6 +471,10 @@ class ExperimentState:
             c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
             c[1] = c[1] + v
             c[2] = c[2] + ((t + v) * (t + v) - t * t)
+            x = u.pre[mi]
+            if x is not None:
+                c[6] = c[6] + x * v
+                c[7] = c[7] + v
         return "corrected"
 
     def _hold(self, uid: str, mi: int, ts: int, v: float, source: str) -> str:
@@ -478,6 +506,13 @@ class ExperimentState:
                 c[0] += 1
                 c[1] = c[1] + y
                 c[2] = c[2] + y * y
+                x = u.pre[mi]
+                if x is not None:
+                    c[3] += 1
+                    c[4] = c[4] + x
+                    c[5] = c[5] + x * x
+                    c[6] = c[6] + x * y
+                    c[7] = c[7] + y
             self.matured[u.variant] += 1
             u.matured = True
             n += 1
@@ -534,7 +569,7 @@ class ExperimentState:
             exposed=dict(self.exposed),
             matured=dict(self.matured),
             cells={
-                m: [[(c[0], c[1], c[2]) for c in row] for row in rows]
+                m: [[tuple(c) for c in row] for row in rows]
                 for m, rows in self.cells.items()
             },
             counters=counters,

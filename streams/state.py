@@ -17,7 +17,7 @@ binary (1).
 | `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
 | `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
 | `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts, not matured yet |
-| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> `"n sum_y sum_y2"` |
+| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7) |
 | `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
 | `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
 | `lr:{e:<id>}:seen:<src>` | zset | event_id -> ts of its last counted sighting on `<src>` (4) |
@@ -36,14 +36,21 @@ binary (1).
 
 `<src>` is `<topic>|<partition>`, a source partition.
 
-1. Binary, little-endian (struct `<BHHBdd` then M doubles): version byte 1,
-   variant index, stratum, matured (folded) 0|1, entry bucket (on the anchor
-   grid), exposure ts, total_1 ... total_M; indices and total order follow
+1. Binary, little-endian. Version 1, a unit without pre-experiment values
+   (struct `<BHHBdd` then M doubles): version byte 1, variant index, stratum,
+   matured (folded) 0|1, entry bucket (on the anchor grid), exposure ts,
+   total_1 ... total_M. Version 2, a unit whose exposure carried a `pre`
+   value of at least one config metric (CUPED, issue 18; struct `<BHHBddH`
+   then 2m doubles): version byte 2, the same five fields, m (the number of
+   metrics when written), total_1 ... total_m, pre_1 ... pre_m (NaN: none
+   for that metric). Indices and the order of totals and pre values follow
    the config's `variants` and `metrics`, which must therefore only ever be
-   appended to (a record with fewer totals reads the missing ones as 0). The
-   earlier text form `"<variant_index> <stratum> <bucket> <exposure_ts>
-   <matured 0|1> <total_1> ... <total_M>"` (%.17g) is still read, by the
-   script and ``read_units``, and rewritten in binary when next written.
+   appended to (a record with fewer totals reads the missing ones as 0, the
+   missing pre values as none). A unit's pre values are fixed when it is
+   created (its first counted exposure). The earlier text form
+   `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1>
+   <total_1> ... <total_M>"` (%.17g) is still read, by the script and
+   ``read_units``, and rewritten in binary when next written.
 2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
    `liftstream.events|0`.
 3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
@@ -61,6 +68,11 @@ binary (1).
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
+7. `"n sum_y sum_y2 nx sum_x sum_x2 sum_xy sum_y_x"` over the matured units
+   of the cell (``ExperimentSnapshot.cells``): y = a unit's total, x = its
+   pre-experiment value of the metric; the last five over the units that
+   have an x. Cells written before the covariate sums existed have the first
+   three only; the rest read as 0.
 
 Stratum indices run 0..S-1 for the activity strata and S for "unknown
 activity" (S = len(strata_edges) - 1).
@@ -212,21 +224,24 @@ def _int(x: Any) -> int:
 # ---------------------------------------------------------------- rows
 #
 # The ingest path carries events as plain tuples ("rows"), not dataclasses:
-#   (offset, kind, event_id, experiment_id, unit_id, name, ts, num)
-# kind "x" (exposure: name = variant, num = pre_activity or None) or "m"
-# (metric: name = metric, num = value; experiment_id may be None); ts an int,
-# num a float. ``schemas.validate.parse_event_row`` makes them from bytes;
-# ``event_row`` from an Event.
+#   (offset, kind, event_id, experiment_id, unit_id, name, ts, num, pre)
+# kind "x" (exposure: name = variant, num = pre_activity or None, pre = the
+# CUPED covariates {metric: float} or None) or "m" (metric: name = metric,
+# num = value, pre None; experiment_id may be None); ts an int, num a float.
+# ``schemas.validate.parse_event_row`` makes them from bytes; ``event_row``
+# from an Event. A *clocked* row has the partition clock after the event
+# appended (index 9: ``clocked``).
 
 
 def event_row(offset: int, ev: Event) -> tuple:
     """The row of an Event (``apply_batch``, the tests, the reducer's peers)."""
     if isinstance(ev, Exposure):
         return (int(offset), "x", ev.event_id, ev.experiment_id, ev.unit_id, ev.variant,
-                int(ev.ts), None if ev.pre_activity is None else float(ev.pre_activity))
+                int(ev.ts), None if ev.pre_activity is None else float(ev.pre_activity),
+                {k: float(v) for k, v in ev.pre.items()} if ev.pre else None)
     if isinstance(ev, Metric):
         return (int(offset), "m", ev.event_id, ev.experiment_id, ev.unit_id, ev.metric,
-                int(ev.ts), float(ev.value))
+                int(ev.ts), float(ev.value), None)
     raise TypeError(f"not an event: {type(ev).__name__}")
 
 
@@ -235,14 +250,40 @@ _NAN = math.nan
 _KIND = {"x": b"x", "m": b"m", "h": b"h"}
 
 
-def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes]:
-    """The two packed events arguments of ingest.lua (format in its header):
-    the heads, with each variant or metric as its 1-based index in the
-    config (0: not one of them) and the partition clock after the event, and
-    the ids. ``rows`` are clocked rows (a row plus its clock, see above).
+def _pack_pre(names: tuple[str, ...], rows: Sequence[tuple]) -> bytes:
+    """ingest.lua's third events argument: per exposure row, in order, the
+    pre-experiment value of each config metric (M doubles, NaN = none);
+    names outside the config are left out."""
+    nan, isfinite = _NAN, math.isfinite
+    vals: list[float] = []
+    add = vals.append
+    for row in rows:
+        if row[1] != "x":
+            continue
+        pre = row[8]
+        if not pre:
+            vals.extend([nan] * len(names))
+            continue
+        for m in names:
+            v = pre.get(m)
+            if v is None:
+                add(nan)
+            elif isfinite(v):
+                add(v)
+            else:
+                raise ValueError(f"non-finite pre value of {m!r}: {v!r}")
+    return struct.pack(f"<{len(vals)}d", *vals)
+
+
+def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes, bytes]:
+    """The three packed events arguments of ingest.lua (format in its
+    header): the heads, with each variant or metric as its 1-based index in
+    the config (0: not one of them) and the partition clock after the event;
+    the ids; the exposures' pre-experiment values (``_pack_pre``), or b""
+    when no exposure of the batch has any. ``rows`` are clocked rows.
 
     Checks what the script relies on: every row belongs to the experiment and
-    numbers are finite (NaN stands for "no pre_activity")."""
+    numbers are finite (NaN stands for "no pre_activity", "no pre value")."""
     eid = cfg.experiment_id
     variant_no = {v: i + 1 for i, v in enumerate(cfg.variants)}
     metric_no = {m: i + 1 for i, m in enumerate(cfg.metric_names)}
@@ -250,7 +291,8 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
     head: list = []
     ids: list[bytes] = []
     add_head, add_id = head.extend, ids.append
-    for off, kind, ev_id, exp, uid, name, ts, num, clk in rows:
+    has_pre = False
+    for off, kind, ev_id, exp, uid, name, ts, num, pre, clk in rows:
         if kind == "x":
             if exp != eid:
                 raise ValueError(f"exposure for {exp!r} in a batch for {eid!r}")
@@ -259,6 +301,8 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
                 num = _NAN
             elif not isfinite(num):
                 raise ValueError(f"non-finite pre_activity: {num!r}")
+            if pre:
+                has_pre = True
         else:
             if exp != eid and exp is not None and kind != "h":
                 raise ValueError(f"metric for {exp!r} in a batch for {eid!r}")
@@ -270,9 +314,10 @@ def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, byt
         add_id(e)
         add_id(u)
     try:
-        return struct.pack("<" + _EVENT_HEAD * len(rows), *head), b"".join(ids)
+        heads = struct.pack("<" + _EVENT_HEAD * len(rows), *head)
     except struct.error as err:  # an id longer than 65535 bytes (validated ids: 128)
         raise ValueError(f"event not packable: {err}") from err
+    return heads, b"".join(ids), _pack_pre(cfg.metric_names, rows) if has_pre else b""
 
 
 def _lua_result(raw: list) -> dict[str, Any]:
@@ -500,7 +545,7 @@ def partition_clock(r: Any, topic: str, partition: int) -> int | None:
 
 def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
     """Rows with the partition clock after each appended (running max of ts
-    from ``clk``), and the clock after the last."""
+    from ``clk``; index 9 of a clocked row), and the clock after the last."""
     out = []
     for row in rows:
         ts = row[6]
@@ -723,7 +768,7 @@ def route_rows(
             if vs is not None and row[3] not in margin:
                 margin[row[3]] = too_old_margin(known[row[3]])
             if (vs is not None and row[5] in vs and (row[4], row[3]) not in exposing
-                    and row[6] + margin[row[3]] > row[8]
+                    and row[6] + margin[row[3]] > row[9]
                     and (ends[row[3]] is None or row[6] < ends[row[3]])):
                 exposing[(row[4], row[3])] = row[0]
     # an exposure releases held metrics only if its partition holds any (a
@@ -762,7 +807,7 @@ def route_rows(
                         if _before(f, source_topic, partition, row[0]):
                             ev_id, metric, ts, value = orjson.loads(v)
                             out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
-                                             row[8]))
+                                             None, row[9]))
         elif exp is not None:
             if exp not in known:
                 if rejected is not None:
@@ -902,13 +947,13 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     if started is None:
         started = cfg.started_at
 
-    cells = {m: [[(0, 0.0, 0.0) for _ in range(n_tot)] for _ in variants] for m in metrics}
+    zero = (0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
+    cells = {m: [[zero for _ in range(n_tot)] for _ in variants] for m in metrics}
     for f, v in cells_raw.items():
         m, var, s = _s(f).rsplit("|", 2)
         si = int(s)
         if m in cells and var in vindex and 0 <= si < n_tot:
-            n, sy, syy = _s(v).split(" ")
-            cells[m][vindex[var]][si] = (_int(n), float(sy), float(syy))
+            cells[m][vindex[var]][si] = _cell(_s(v))
 
     counters = {c: 0 for c in COUNTERS}
     for f, v in meta.items():
@@ -936,25 +981,43 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     )
 
 
+def _cell(text: str) -> tuple:
+    """A ``cells`` hash value (note 7): 8 numbers, or 3 (written before the
+    covariate sums existed: those read as zeros)."""
+    f = text.split(" ")
+    n, sy, syy = _int(f[0]), float(f[1]), float(f[2])
+    if len(f) < 8:
+        return (n, sy, syy, 0, 0.0, 0.0, 0.0, 0.0)
+    return (n, sy, syy, _int(f[3]), float(f[4]), float(f[5]), float(f[6]), float(f[7]))
+
+
 _UNIT_HEAD = struct.Struct("<BHHBdd")
+_UNIT2_HEAD = struct.Struct("<BHHBddH")
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
-    """Unpack a ``units`` hash value: binary (format in ingest.lua's header:
-    version byte 1, variant index, stratum, matured, bucket, exposure ts,
-    totals) or the earlier text form (module docstring, note 1)."""
+    """Unpack a ``units`` hash value: binary (note 1 and ingest.lua's header:
+    version 1 without pre-experiment values, version 2 with them) or the
+    earlier text form."""
+    M = len(cfg.metrics)
     if isinstance(packed, bytes) and packed[:1] == b"\x01":
         _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
         nt = (len(packed) - _UNIT_HEAD.size) // 8
         totals = list(struct.unpack_from(f"<{nt}d", packed, _UNIT_HEAD.size))
-        totals += [0.0] * (len(cfg.metrics) - len(totals))
-        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[: len(cfg.metrics)],
-                         m == 1)
+        totals += [0.0] * (M - len(totals))
+        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1,
+                         [None] * M)
+    if isinstance(packed, bytes) and packed[:1] == b"\x02":
+        _, v, s, m, b, ets, nt = _UNIT2_HEAD.unpack_from(packed)
+        vals = struct.unpack_from(f"<{2 * nt}d", packed, _UNIT2_HEAD.size)
+        totals = list(vals[:nt]) + [0.0] * (M - nt)
+        pre = [None if math.isnan(x) else x for x in vals[nt:]] + [None] * (M - nt)
+        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
     f = _s(packed).split(" ")
     totals = [float(x) for x in f[5:]]
-    totals += [0.0] * (len(cfg.metrics) - len(totals))
+    totals += [0.0] * (M - len(totals))
     return UnitState(cfg.variants[_int(f[0])], _int(f[1]), _int(f[2]), _int(f[3]),
-                     totals, _int(f[4]) == 1)
+                     totals, _int(f[4]) == 1, [None] * M)
 
 
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:

@@ -344,6 +344,8 @@ def event_dict(ev: Exposure | Metric | dict) -> dict:
              "unit_id": ev.unit_id, "variant": ev.variant, "ts": ev.ts}
         if ev.pre_activity is not None:
             d["pre_activity"] = ev.pre_activity
+        if ev.pre is not None:
+            d["pre"] = ev.pre
         return d
     d = {"type": "metric", "event_id": ev.event_id, "unit_id": ev.unit_id,
          "metric": ev.metric, "value": ev.value, "ts": ev.ts}

@@ -43,6 +43,7 @@ BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
     (dict(variants=("control", "t1", "t2")), True),           # appended
     (dict(metrics=(MetricSpec("rev"), MetricSpec("clicks"))), True),
     (dict(end_at=T0, status="stopped", alert_thresholds={"rhat_max": 1.1}), True),
+    (dict(covariates="off"), True),  # the state records pre values either way
     (dict(variants=("t1", "control"), control="t1"), False),   # reordered
     (dict(variants=("control",)), False),                      # removed
     (dict(variants=("control", "t2")), False),                 # renamed

@@ -364,7 +364,7 @@ def test_fuzz_parse_event_hypothesis():
     value = hs.recursive(scalar, lambda c: hs.lists(c, max_size=3)
                          | hs.dictionaries(hs.text(max_size=8), c, max_size=3), max_leaves=8)
     field = hs.sampled_from(["type", "event_id", "experiment_id", "unit_id", "variant", "ts",
-                             "metric", "value", "pre_activity", "schema_version"])
+                             "metric", "value", "pre_activity", "pre", "schema_version"])
     good = hs.fixed_dictionaries({
         "type": hs.sampled_from(["exposure", "metric"]), "event_id": hs.just("e1"),
         "experiment_id": hs.just("x"), "unit_id": hs.just("u1"), "variant": hs.just("a"),

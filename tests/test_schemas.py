@@ -114,6 +114,13 @@ def test_metric_parses_to_record() -> None:
         (with_(EXPOSURE, unit_id="a.b_c:d@e/f+g=h-i"), {"unit_id": "a.b_c:d@e/f+g=h-i"}),
         (with_(EXPOSURE, unit_id="x" * 128), {"unit_id": "x" * 128}),
         (with_(EXPOSURE, experiment_id="0exp_A.1-b"), {"experiment_id": "0exp_A.1-b"}),
+        (enc(EXPOSURE), {"pre": None}),
+        (with_(EXPOSURE, pre=None), {"pre": None}),
+        (with_(EXPOSURE, pre={}), {"pre": None}),  # no entries: none
+        (with_(EXPOSURE, pre={"revenue": 3, "clicks.7d": -1.5, "0x": 1e12, "n": -0.0}),
+         {"pre": {"revenue": 3.0, "clicks.7d": -1.5, "0x": 1e12, "n": -0.0}}),
+        (with_(EXPOSURE, pre={f"m{i}": i for i in range(64)}),  # at the limit
+         {"pre": {f"m{i}": float(i) for i in range(64)}}),
     ],
 )
 def test_exposure_variants_accepted(raw: bytes, expected: dict[str, Any]) -> None:
@@ -121,6 +128,8 @@ def test_exposure_variants_accepted(raw: bytes, expected: dict[str, Any]) -> Non
     assert isinstance(r, Exposure)
     for k, v in expected.items():
         assert getattr(r, k) == v and type(getattr(r, k)) is type(v)
+    if r.pre is not None:  # pre values are floats, whatever the JSON number
+        assert all(type(x) is float for x in r.pre.values())
 
 
 @pytest.mark.parametrize(
@@ -239,6 +248,25 @@ BAD_EVENTS: list[tuple[str, bytes, str, str | None]] = [
     ("ts in microseconds", with_(EXPOSURE, ts=NOW * 1000), "ts_in_future", "ts"),
     ("schema_version 2", with_(METRIC, schema_version=2), "unsupported_version",
      "schema_version"),
+    # pre: the exposure's pre-experiment values (CUPED), metric name -> number
+    ("pre array", with_(EXPOSURE, pre=[1.0]), "bad_type", "pre"),
+    ("pre string", with_(EXPOSURE, pre="revenue=1"), "bad_type", "pre"),
+    ("pre number", with_(EXPOSURE, pre=3), "bad_type", "pre"),
+    ("pre value string", with_(EXPOSURE, pre={"revenue": "1.5"}), "bad_type", "pre"),
+    ("pre value bool", with_(EXPOSURE, pre={"revenue": True}), "bad_type", "pre"),
+    ("pre value null", with_(EXPOSURE, pre={"revenue": None}), "bad_type", "pre"),
+    ("pre value object", with_(EXPOSURE, pre={"revenue": {"v": 1}}), "bad_type", "pre"),
+    ("pre value NaN literal", enc({**EXPOSURE, "pre": {"revenue": 1}}).replace(
+        b'"revenue":1', b'"revenue":NaN'), "not_finite", "pre"),
+    ("pre value overflows to inf", enc({**EXPOSURE, "pre": {"revenue": 1}}).replace(
+        b'"revenue":1', b'"revenue":-1e999'), "not_finite", "pre"),
+    ("pre value too big", with_(EXPOSURE, pre={"revenue": 1e12 + 1}), "out_of_range", "pre"),
+    ("pre too many keys", with_(EXPOSURE, pre={f"m{i}": 1 for i in range(65)}),
+     "out_of_range", "pre"),
+    ("pre key with colon", with_(EXPOSURE, pre={"rev:usd": 1}), "bad_id", "pre"),
+    ("pre key empty", with_(EXPOSURE, pre={"": 1}), "bad_id", "pre"),
+    ("pre key leading dot", with_(EXPOSURE, pre={"ok": 1, ".x": 2}), "bad_id", "pre"),
+    ("pre key 129 chars", with_(EXPOSURE, pre={"k" * 129: 1}), "bad_id", "pre"),
 ]
 
 
@@ -256,6 +284,28 @@ def test_bad_event_reason(raw: bytes, code: str, field: str | None) -> None:
 
 def test_every_event_code_has_a_case() -> None:
     assert {c[2] for c in BAD_EVENTS} == CODES - {"bad_config"}
+
+
+def test_pre_messages_name_the_entry() -> None:
+    """A bad ``pre`` is dead-lettered with field ``pre`` and a message that
+    says which entry is wrong, for both validators."""
+    for raw, words in [(with_(EXPOSURE, pre={"revenue": "1"}), ["pre.revenue", "number"]),
+                       (with_(EXPOSURE, pre={"a b": 1}), ["'a b'", "metric names"]),
+                       (with_(EXPOSURE, pre={f"m{i}": 1 for i in range(65)}),
+                        ["65 entries", "max 64"]),
+                       (with_(EXPOSURE, pre={"revenue": -2e12}), ["pre.revenue", "1e+12"])]:
+        for fn in (parse_event_row, parse_event_row_reference):
+            with pytest.raises(InvalidRecord) as ei:
+                fn(raw, 0, now_ms=NOW)
+            assert ei.value.field == "pre" and all(w in ei.value.message for w in words), \
+                ei.value.message
+
+
+def test_pre_is_ignored_on_metrics() -> None:
+    """``pre`` belongs to exposures; on a metric it is an unknown field."""
+    r = parse(with_(METRIC, pre={"revenue": "not even a number"}))
+    assert isinstance(r, Metric)
+    assert parse_event_row(with_(METRIC, pre={"a": 1}), 0, now_ms=NOW)[8] is None
 
 
 def test_hints_for_unit_mistakes() -> None:
@@ -382,12 +432,16 @@ FULL_CONFIG: dict[str, Any] = {
     "status": "running",
     "prior_sd_logit_p": 0.5,
     "prior": "platform",
+    "covariates": "off",
 }
 
 
 def test_minimal_config_takes_defaults() -> None:
     assert parse_experiment({"experiment_id": "e1"}) == ExperimentConfig("e1")
     assert parse_experiment(b'{"experiment_id":"e1","variants":null}') == ExperimentConfig("e1")
+    assert ExperimentConfig("e1").covariates == "auto"
+    assert parse_experiment({"experiment_id": "e1", "covariates": None}).covariates == "auto"
+    assert parse_experiment({"experiment_id": "e1", "covariates": "off"}).covariates == "off"
 
 
 def test_full_config_parses() -> None:
@@ -463,6 +517,7 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
         started_at=draw(st.none() | st.integers(MIN_TS_MS, MAX_TS_MS)),
         target_shares=shares(n_strata, False),
         prior=draw(st.sampled_from(["flat", "platform"])),
+        covariates=draw(st.sampled_from(["auto", "off"])),
         allocation=shares(len(variants), True),
         alert_thresholds=draw(st.dictionaries(_names, st.floats(-1e9, 1e9), max_size=3)),
         status=draw(st.sampled_from(["running", "stopped"])),
@@ -545,6 +600,8 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("prior sd zero", cfg_with(prior_sd_logit_p=0), "prior_sd_logit_p", True),
     ("prior sd huge", cfg_with(prior_sd_logit_p=100), "prior_sd_logit_p", True),
     ("prior unknown", cfg_with(prior="hierarchical"), "prior", True),
+    ("covariates unknown", cfg_with(covariates="on"), "covariates", True),
+    ("covariates bool", cfg_with(covariates=True), "covariates", True),
 ]
 
 
@@ -688,6 +745,15 @@ _numbers = (
 _any = _ids | _numbers | _ts | _json
 
 
+_pres = (
+    st.dictionaries(st.sampled_from(["revenue", "clicks", "0", "a.b-c_d"]) | _ids,
+                    _numbers | st.sampled_from([True, None, "1", [1]]), max_size=4)
+    | st.dictionaries(st.from_regex(NAME_PATTERN, fullmatch=True), st.just(1.0),
+                      min_size=62, max_size=66)
+    | st.sampled_from([{}, None, [], "x", 1])
+)
+
+
 @st.composite
 def near_events(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly-valid events with a few fields replaced, dropped, or retyped."""
@@ -697,6 +763,7 @@ def near_events(draw: st.DrawFn) -> dict[str, Any]:
         "event_id": _ids, "unit_id": _ids, "experiment_id": _ids, "variant": _ids,
         "metric": _ids, "ts": _ts, "value": _numbers, "pre_activity": _numbers,
         "schema_version": st.sampled_from([1, 1.0, 2, None, "1", True, 0]), "extra": _json,
+        "pre": _pres,
     }
     for key in draw(st.lists(st.sampled_from(sorted(per_field) + ["type"]), max_size=3)):
         if draw(st.booleans()) and key != "extra":
@@ -947,7 +1014,15 @@ def test_fast_path_agrees_on_edge_cases() -> None:
                                          with_(EXPOSURE, ts=NOW + 300_000),
                                          with_(EXPOSURE, ts=NOW + 300_001),
                                          with_(METRIC, value=1e30),
-                                         with_(EXPOSURE, extra={"deep": [1, {"x": None}]})]
+                                         with_(EXPOSURE, extra={"deep": [1, {"x": None}]}),
+                                         with_(EXPOSURE, pre={}),
+                                         with_(EXPOSURE, pre=None),
+                                         with_(EXPOSURE, pre={"r": 1, "s": -0.0, "t": 1e12}),
+                                         with_(EXPOSURE, pre={"r": 1e30}),
+                                         with_(EXPOSURE, pre={"r": 2**64 - 1}),
+                                         with_(EXPOSURE, pre={"é": 1}),
+                                         with_(EXPOSURE, pre={f"m{i}": 1 for i in range(64)}),
+                                         with_(EXPOSURE, pre={f"m{i}": 1 for i in range(65)})]
     raws += [b'{"type":"metric","type":"exposure","event_id":"e","unit_id":"u",'
              b'"metric":"m","value":1,"ts":%d}' % TS,
              b'{"type":"metric","event_id":"e","event_id":"f","unit_id":"u",'
@@ -983,3 +1058,8 @@ def test_fast_path_agrees_on_raw_literals(base: dict[str, Any], lit: bytes, fiel
     d = {k: v for k, v in base.items() if k != field}
     raw = enc(d)[:-1] + b',"' + field.encode() + b'":' + lit + b"}"
     _same_verdict(raw)
+    # and as a value (or a key) inside an exposure's pre
+    raw = enc(EXPOSURE)[:-1] + b',"pre":{"' + field.encode() + b'":' + lit + b"}}"
+    _same_verdict(raw)
+    if lit.startswith(b'"'):
+        _same_verdict(enc(EXPOSURE)[:-1] + b',"pre":{' + lit + b":1}}")

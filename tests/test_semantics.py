@@ -43,8 +43,8 @@ def _eid() -> str:
     return f"ev{_n}"
 
 
-def X(unit, variant="control", t=0, pre=1.0, eid=None, exp="e1") -> Exposure:
-    return Exposure(eid or _eid(), exp, unit, variant, T0 + t, pre)
+def X(unit, variant="control", t=0, pre=1.0, eid=None, exp="e1", cov=None) -> Exposure:
+    return Exposure(eid or _eid(), exp, unit, variant, T0 + t, pre, cov)
 
 
 def M(unit, value, t, metric="rev", eid=None, exp="e1") -> Metric:
@@ -170,14 +170,47 @@ def test_maturation_folds_cells_at_watermark():
     snap = st.snapshot()
     assert snap.matured == {"control": 2, "treatment": 1}
     assert snap.exposed == {"control": 2, "treatment": 1}
-    # control, stratum 0: units a (rev 4.5, clicks 2) and b (nothing: Y = 0)
-    assert snap.cells["rev"][0][0] == (2, 4.5, 20.25)
-    assert snap.cells["clicks"][0][0] == (2, 2.0, 4.0)
+    # control, stratum 0: units a (rev 4.5, clicks 2) and b (nothing: Y = 0);
+    # no unit has pre-experiment values: the covariate sums stay 0
+    none = (0, 0.0, 0.0, 0.0, 0.0)
+    assert snap.cells["rev"][0][0] == (2, 4.5, 20.25, *none)
+    assert snap.cells["clicks"][0][0] == (2, 2.0, 4.0, *none)
     # treatment, unknown-activity stratum 3
-    assert snap.cells["rev"][1][3] == (1, -1.0, 1.0)
-    assert snap.cells["clicks"][1][3] == (1, 0.0, 0.0)
-    assert snap.cells["rev"][1][0] == (0, 0.0, 0.0)
+    assert snap.cells["rev"][1][3] == (1, -1.0, 1.0, *none)
+    assert snap.cells["clicks"][1][3] == (1, 0.0, 0.0, *none)
+    assert snap.cells["rev"][1][0] == (0, 0.0, 0.0, *none)
     assert st.pending_units() == []
+
+
+def test_covariates_are_folded_with_their_units():
+    """Rule 5 with pre-experiment values: x of a unit's creating exposure,
+    per config metric (names outside the config ignored, a repeat exposure
+    changes nothing); the cell is (n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)."""
+    st = ExperimentState(cfg())
+    run(st, X("a", t=0, pre=0.5, cov={"rev": 2.0, "other": 5.0}),
+        X("b", t=0, pre=0.2, cov={"rev": -1.0, "clicks": 3.0}),
+        X("c", t=0, pre=0.3),
+        X("a", t=10, pre=0.5, cov={"rev": 100.0, "clicks": 100.0}),  # repeat: ignored
+        M("a", 3.0, 100), M("b", 1.0, 200), M("c", 4.0, 300), M("b", 2.0, 300, "clicks"))
+    assert st.units["a"].pre == [2.0, None] and st.units["b"].pre == [-1.0, 3.0]
+    assert st.units["c"].pre == [None, None]
+    run(st, M("x", 0.0, 11000))
+    cells = st.snapshot().cells
+    # rev: a (x 2, y 3), b (x -1, y 1), c (no x, y 4)
+    assert cells["rev"][0][0] == (3, 8.0, 26.0, 2, 1.0, 5.0, 5.0, 4.0)
+    # clicks: only b has an x (3) and a y (2)
+    assert cells["clicks"][0][0] == (3, 2.0, 4.0, 1, 3.0, 9.0, 6.0, 2.0)
+    # a late metric of a folded unit with an x: Σxy += x·v, Σy_x += v
+    run(st, M("a", 0.5, 9000))
+    assert st.snapshot().cells["rev"][0][0] == (3, 8.5, 29.25, 2, 1.0, 5.0, 6.0, 4.5)
+    run(st, M("c", 1.0, 9500))  # c has no x: the covariate sums stay
+    assert st.snapshot().cells["rev"][0][0][3:] == (2, 1.0, 5.0, 6.0, 4.5)
+
+
+def test_non_finite_pre_value_rejected():
+    st = ExperimentState(cfg())
+    with pytest.raises(ValueError, match="pre value"):
+        st.apply(X("u", cov={"rev": float("inf")}))
 
 
 def test_maturation_order_is_close_ts_then_unit_bytes():

@@ -20,7 +20,7 @@ ARGV:
   src "<topic>|<partition>", epoch (the caller's owner epoch of src, '' = not
   fenced: tests and tools), W, B, L, DD, H, Hh (ms), HM, fold_limit,
   started_at_cfg ('' = none), end_at ('' = none), clk_end, n_edges, edges..., n_variants,
-  variants..., n_metrics, metrics..., then TWO binary strings. The first
+  variants..., n_metrics, metrics..., then THREE binary strings. The first
   holds a fixed-size head per event (struct, little-endian, 39 bytes)
   '<c1HddddHH': kind ('x' exposure | 'm' metric | 'h' a metric held without
   experiment_id, released by the exposure just before it, whose offset it
@@ -28,7 +28,10 @@ ARGV:
   the lists above, 0 when it is not one of them, offset, ts,
   pre_activity|value (NaN = no pre_activity), the partition clock after the
   event, and the byte lengths of event_id and unit_id. The second holds
-  those two strings of every event, in order.
+  those two strings of every event, in order. The third holds the exposures'
+  pre-experiment values (CUPED covariates): n_metrics little-endian doubles
+  per 'x' head, in order (skipped ones included), value k for metric k (NaN
+  = none); or is empty (or absent) when no exposure of the batch has any.
 Fencing: meta field own:<src> keeps the newest epoch that wrote here; a call
 with an older one is refused (error FENCED) before it reads anything.
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
@@ -40,13 +43,18 @@ double). Numbers go to Redis as '%.17g' (round-trips a double) or '%d' for
 integer-valued ones (< 2^53); all arithmetic is Lua doubles, in the same
 order as the Python reducer.
 
-Unit state (hash field = unit id), binary (struct '<BHHBdd' + M x 'd'):
-version 1, variant index, stratum, matured (folded) 0|1, entry bucket (on
-the anchor grid), exposure ts, total_1 ... total_M (indices follow the
-config's variants / metrics, which are append-only; a record with fewer
-totals reads the missing ones as 0). In this script a unit is the array the
-record unpacks to: {1, variant, stratum, matured, bucket, exposure_ts,
-total_1, ...} (fields U_V .. U_ETS, total k at U_ETS + k).
+Unit state (hash field = unit id), binary. Version 1, a unit without
+pre-experiment values (struct '<BHHBdd' + M x 'd'): 1, variant index,
+stratum, matured (folded) 0|1, entry bucket (on the anchor grid), exposure
+ts, total_1 ... total_M. Version 2, a unit created with a pre value of at
+least one metric (struct '<BHHBddH' + 2m x 'd'): 2, the same five fields,
+m (n_metrics when written), total_1 ... total_m, pre_1 ... pre_m (NaN =
+none). Indices follow the config's variants / metrics, which are
+append-only; a record with fewer totals reads the missing ones as 0 and the
+missing pre values as none. In this script a unit is the array
+{1, variant, stratum, matured, bucket, exposure_ts, total_1, ...} (fields
+U_V .. U_ETS, total k at U_ETS + k) and, for a unit with pre values, u.x =
+{pre_1, ..., pre_M} (NaN = none), fixed at creation.
 Held metrics (hash field = unit id): records '<Hdd' (metric index, ts,
 value) in arrival order; heldq:<src> scores each unit by its newest held ts.
 
@@ -98,10 +106,19 @@ local metrics = {}
 for k = 1, n_met do metrics[k] = nextarg() end
 local heads = nextarg()
 local strs = nextarg()
+local pres = nextarg() or ''
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
 local unit_fmts = {[n_met] = UNIT_FMT}   -- by number of stored totals
+local UNIT2_HEAD, UNIT2_HEAD_LEN = '<BHHBddH', 24
+local unit2_fmts = {}                    -- by number of stored metrics
+local function unit2_fmt(m)
+  local f = unit2_fmts[m]
+  if f == nil then f = UNIT2_HEAD .. string.rep('d', 2 * m); unit2_fmts[m] = f end
+  return f
+end
+local PRE_LEN = 8 * n_met                -- bytes of one exposure's pre values
 local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
 local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
 local HELD_FMT, HELD_LEN = '<Hdd', 18
@@ -141,6 +158,7 @@ end
 -- Pass 1: split the packed events into columns, skipping offsets already
 -- applied, and collect the distinct event ids and unit ids to prefetch.
 local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B, E_CLK = {}, {}, {}, {}, {}, {}, {}, {}
+local E_PRE = {}   -- exposure -> position of its pre values in pres (only when pres ~= '')
 local n, skipped = 0, 0
 local eids, uids, want_e, want_u = {}, {}, {}, {}
 do
@@ -149,10 +167,13 @@ do
   local n_ev = #heads / HEAD_LEN
   if n_ev ~= floor(n_ev) then return redis.error_reply('ERR event heads: bad length') end
   local spos = 1
+  local ppos = 1   -- the next exposure's pre values in pres
   for hpos = 1, #heads, HEAD_LEN do
     local kind, ni, off, ts, b, clk, la, lu = sunpack(HEAD_FMT, heads, hpos)
     local q = spos
     spos = q + la + lu
+    local xp = ppos
+    if kind == 'x' then ppos = ppos + PRE_LEN end
     local skip
     if kind == 'h' then skip = last_skipped
     else skip = hi ~= nil and off <= hi; last_skipped = skip end
@@ -169,11 +190,29 @@ do
       if b ~= b then b = nil end  -- NaN: no pre_activity
       E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n], E_CLK[n] =
         off, kind, eid, uid, ts, ni, b, clk
+      if kind == 'x' then E_PRE[n] = xp end
       if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
       if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
     end
   end
   if spos ~= #strs + 1 then return redis.error_reply('ERR event strings: bad length') end
+  if pres ~= '' and ppos ~= #pres + 1 then
+    return redis.error_reply('ERR event pre values: bad length')
+  end
+end
+local has_pres = pres ~= ''
+local PRE_FMT = '<' .. string.rep('d', n_met)
+
+-- The pre values of the exposure at position pos of pres: an array (NaN =
+-- none), or nil when it has none of any metric.
+local function pre_at(pos)
+  local x = {sunpack(PRE_FMT, pres, pos)}
+  x[n_met + 1] = nil   -- the next position
+  for k = 1, n_met do
+    local v = x[k]
+    if v == v then return x end
+  end
+  return nil
 end
 
 -- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
@@ -204,9 +243,29 @@ local function parse_unit_text(raw)
   for j = k + 1, n_met do u[U_ETS + j] = 0.0 end
   return u
 end
+local NAN = 0 / 0
+local function parse_unit2(raw)
+  local m = sunpack('<H', raw, 23)
+  local t = {sunpack(unit2_fmt(m), raw)}
+  local u = {1, t[2], t[3], t[4], t[5], t[6]}
+  local x = {}
+  for k = 1, n_met do
+    if k <= m then
+      u[U_ETS + k] = t[7 + k]
+      x[k] = t[7 + m + k]
+    else
+      u[U_ETS + k] = 0.0
+      x[k] = NAN
+    end
+  end
+  u.x = x
+  return u
+end
 local function parse_unit(raw)
   if not raw then return false end
-  if byte(raw, 1) ~= 1 then return parse_unit_text(raw) end
+  local v = byte(raw, 1)
+  if v == 2 then return parse_unit2(raw) end
+  if v ~= 1 then return parse_unit_text(raw) end
   local nt = (#raw - UNIT_HEAD_LEN) / 8
   local f = unit_fmts[nt]
   if f == nil then f = UNIT_HEAD .. string.rep('d', nt); unit_fmts[nt] = f end
@@ -261,8 +320,9 @@ local exposed, matured = {}, {}          -- by variant index (0-based)
 local act_n, act_sum = {}, {}            -- by stratum
 local arr, arr_order = {}, {}            -- "stratum|bucket" -> new units
 
--- Cells: row_of(v, s) = {cell_1, ..., cell_M}, each {n, sum_y, sum_y2},
--- read from Redis on first use.
+-- Cells: row_of(v, s) = {cell_1, ..., cell_M}, each {n, sum_y, sum_y2, nx,
+-- sum_x, sum_x2, sum_xy, sum_y_x}, read from Redis on first use (a cell
+-- written with 3 fields reads the other five as 0).
 local cells, cells_order, cell_rows = {}, {}, {}
 local function row_of(v, s)
   local rv = cell_rows[v]
@@ -277,10 +337,15 @@ local function row_of(v, s)
     for k = 1, n_met do
       local c
       if raw[k] then
-        local a, b, d = match(raw[k], '^(%S+) (%S+) (%S+)$')
-        c = {tonumber(a), tonumber(b), tonumber(d)}
+        local a, b, d, rest = match(raw[k], '^(%S+) (%S+) (%S+)(.*)$')
+        c = {tonumber(a), tonumber(b), tonumber(d), 0, 0.0, 0.0, 0.0, 0.0}
+        if rest ~= '' then
+          local e, f, g, h, i = match(rest, '^ (%S+) (%S+) (%S+) (%S+) (%S+)$')
+          c[4], c[5], c[6], c[7], c[8] = tonumber(e), tonumber(f), tonumber(g),
+            tonumber(h), tonumber(i)
+        end
       else
-        c = {0, 0.0, 0.0}
+        c = {0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0}
       end
       row[k] = c
       cells[fields[k]] = c
@@ -307,6 +372,14 @@ local function metric_rule(uid, u, mi, ts, v, T)
     local cell = row_of(u[U_V], u[U_S])[mi]
     cell[2] = cell[2] + v
     cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
+    local x = u.x
+    if x then
+      local xk = x[mi]
+      if xk == xk then
+        cell[7] = cell[7] + xk * v
+        cell[8] = cell[8] + v
+      end
+    end
   end
   return 'corrected'
 end
@@ -355,6 +428,7 @@ for i = 1, n do
         end
         u = {1, vi, st, 0, bucket, ts}
         for k = 1, n_met do u[U_ETS + k] = 0.0 end
+        if has_pres then u.x = pre_at(E_PRE[i]) end
         units[uid] = u
         touch_unit(uid)
         local ak = format('%d|%d', st, bucket)
@@ -456,12 +530,23 @@ if settling and clk ~= nil then
         -- marked folded without a cell, rather than stopping ingest
         if variants[u[U_V] + 1] ~= nil then
           local row = row_of(u[U_V], u[U_S])
+          local x = u.x
           for k = 1, n_met do
             local y = u[U_ETS + k]
             local c = row[k]
             c[1] = c[1] + 1
             c[2] = c[2] + y
             c[3] = c[3] + y * y
+            if x then
+              local xk = x[k]
+              if xk == xk then
+                c[4] = c[4] + 1
+                c[5] = c[5] + xk
+                c[6] = c[6] + xk * xk
+                c[7] = c[7] + xk * y
+                c[8] = c[8] + y
+              end
+            end
           end
           matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
         end
@@ -498,13 +583,29 @@ local function push2(cmd, key, x, y)
   buf[nb + 1] = x; buf[nb + 2] = y; nb = nb + 2
   if nb >= CHUNK then flush(cmd, key) end
 end
+local function pack_unit2(u)
+  local x = u.x
+  local a = {2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS], n_met}
+  for k = 1, n_met do
+    a[7 + k] = u[U_ETS + k]
+    a[7 + n_met + k] = x[k]
+  end
+  return spack(unit2_fmt(n_met), unpack(a, 1, 7 + 2 * n_met))
+end
 for _, uid in ipairs(units_order) do
-  push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(units[uid], 1, U_ETS + n_met)))
+  local u = units[uid]
+  if u.x then
+    push2('HSET', K_UNITS, uid, pack_unit2(u))
+  else
+    push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(u, 1, U_ETS + n_met)))
+  end
 end
 flush('HSET', K_UNITS)
 for _, f in ipairs(cells_order) do
   local c = cells[f]
-  push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]))
+  push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]) .. ' ' ..
+        fmti(c[4]) .. ' ' .. fmt(c[5]) .. ' ' .. fmt(c[6]) .. ' ' .. fmt(c[7]) .. ' ' ..
+        fmt(c[8]))
 end
 flush('HSET', K_CELLS)
 for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
