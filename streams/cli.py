@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--chunk-problems", type=int, default=None,
                     help="problems per batch (default: all on the CPU, sized to GPU memory)")
     bs.add_argument("--json", action="store_true")
+    bc = bsub.add_parser("covariate", help="sweep cost with a CUPED covariate vs without")
+    bc.add_argument("--problems", type=int, default=200)
+    bc.add_argument("--chains", type=int, default=8)
+    bc.add_argument("--sweeps", type=int, default=30)
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.add_argument("--rho", type=float, default=0.7)
+    bc.add_argument("--missing", type=float, default=0.1)
+    bc.add_argument("--device", default=_env("DEVICE", "auto"))
+    bc.add_argument("--json", action="store_true")
     # --- bench async (platform prior, exact asynchronous Gibbs; streams.bench_platform) ---
     ba = bsub.add_parser("async", help="platform prior: sync vs exact/uncorrected async Gibbs")
     ba.add_argument("--experiments", type=int, default=200)
@@ -89,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap-servers", default=_env("BOOTSTRAP_SERVERS", None))
     s.add_argument("--topic", default=_env("TOPIC_EVENTS", "liftstream.events"))
     s.add_argument("--rate", type=float, default=0.0, help="events/s when producing (0 = max)")
+    s.add_argument("--covariate-rho", type=float, default=None, metavar="R",
+                   help="exposures carry a pre-experiment value of the metric ('pre', CUPED) "
+                        "whose noise correlates R (-1..1) with the outcome's; default: none")
+    s.add_argument("--covariate-missing", type=float, default=0.0, metavar="Q",
+                   help="share of units without a pre-experiment value (0..1; default 0)")
 
     from streams.settings import add_arguments
 
@@ -152,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         from streams.bench import sampler_main
 
         return sampler_main(args)
+    if args.command == "bench" and args.bench == "covariate":
+        from streams.bench_covariate import main as covariate_main
+
+        return covariate_main(args)
     if args.command == "bench" and args.bench == "async":  # --- bench async ---
         from streams.bench_platform import bench_main as run_async_bench
 

@@ -409,3 +409,15 @@ if __name__ == "__main__":
     print_table(coverage_table(reps=200, seed=1, days=(1, 3, 7, 14)))
     print_table(coverage_table(reps=200, seed=3, days=(1, 3, 7, 14), missing=0.0,
                                effect_slope=0.0))
+
+
+def test_bench_covariate_reports_both_timings():
+    """``liftstream bench covariate`` times the same batch with and without the
+    block (a ratio in one process; no threshold: speed is not a test)."""
+    from streams.bench_covariate import run
+
+    res = run(problems=4, chains=2, sweeps=2, repeats=1, rho=0.5, missing=0.1, device="cpu")
+    ms = res["ms_per_sweep"]
+    assert ms["without"] > 0 and ms["with"] > 0
+    assert res["ratio_with"] == ms["with"] / ms["without"]
+    assert res["ratio_with_and_shadow"] == 1 + res["ratio_with"]
