@@ -58,7 +58,7 @@ def chain_names(cfg) -> list[str]:
 
 
 def _covariates_on(cfg) -> bool:
-    return getattr(cfg, "covariates", "auto") != "off"
+    return cfg.covariates != "off"
 
 
 def _cell(c) -> tuple:

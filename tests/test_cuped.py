@@ -421,3 +421,72 @@ def test_bench_covariate_reports_both_timings():
     assert ms["without"] > 0 and ms["with"] > 0
     assert res["ratio_with"] == ms["with"] / ms["without"]
     assert res["ratio_with_and_shadow"] == 1 + res["ratio_with"]
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_tick_publishes_variance_reduction_from_its_shadow():
+    """Through the sampler's tick (``streams.advance``) on state folded from
+    events with ``pre``: the metric's chains and its covariate-free shadow
+    (``value#nocov``) both continue, only the metric's records are published,
+    and ``variance_reduction`` reports the share with x, the slope, and the sd
+    ratio measured against the shadow: near √(1 − (1−q)ρ²), far below 1."""
+    from jsonschema import Draft202012Validator
+
+    from schemas.codec import dumps
+    from schemas.contracts import load_schema
+    from schemas.validate import parse_event
+    from streams.advance import TickConfig, advance
+    from streams.problems import SHADOW_SUFFIX
+    from streams.semantics import Reducer
+    from streams.simulate import make_traffic
+
+    rho, q = 0.8, 0.2
+    cfg, evs, truth = make_traffic(12_000, 8, "cup", 5, 86_400, 1_767_225_600_000,
+                                   covariate_rho=rho, covariate_missing=q)
+    assert any("pre" in e for e in evs) and any(
+        "pre" not in e for e in evs if e["type"] == "exposure")
+    red = Reducer([cfg]).apply_all(parse_event(dumps(e), now_ms=2**53 - 1) for e in evs)
+    snaps = list(red.snapshots().values())
+    tc = TickConfig(chains=4, sweeps=150, window=400, warmup=100, min_draws=20)
+    stored: dict = {}
+    for tick in range(4):
+        recs, stored = advance(snaps, stored, tc, computed_at=1_767_225_600_000 + tick)
+    assert set(stored) == {("cup", "value"), ("cup", "value" + SHADOW_SUFFIX)}
+    assert {int(s.state["iteration"]) for s in stored.values()} == {600}
+    (rec,) = recs
+    assert rec["metric"] == "value"
+    Draft202012Validator(load_schema("estimate")).validate(rec)
+    vr = rec["variance_reduction"]
+    assert vr["used"] is True
+    assert abs(vr["share_with_covariate"] - (1 - q)) < 0.03, vr
+    # x and Y share base0 + base_slope·a: the within-stratum slope is ≈ ρ
+    assert abs(vr["slope"]["mean"] - rho) < 0.1, vr
+    want = expected_ratio(rho, q)
+    assert abs(vr["sd_ratio"]["naive"] / want - 1) < 0.2, (vr, want)
+    assert vr["sd_ratio"]["adjusted"] < 0.9, vr
+    lo, hi = rec["adjusted"]["effect"]["lo"], rec["adjusted"]["effect"]["hi"]
+    assert lo < truth["effect"] < hi, (rec["adjusted"], truth)
+
+
+def test_covariates_off_ignores_pre():
+    """``covariates: "off"``: the same events give no covariate problem, no
+    shadow, and ``variance_reduction.used`` false (the state still keeps x)."""
+    from dataclasses import replace
+
+    from schemas.codec import dumps
+    from schemas.validate import parse_event
+    from streams.problems import build_batch
+    from streams.semantics import Reducer
+    from streams.simulate import make_traffic
+
+    cfg, evs, _ = make_traffic(3000, 8, "off", 6, 86_400, 1_767_225_600_000,
+                               covariate_rho=0.8)
+    for c, n_problems in ((cfg, 2), (replace(cfg, covariates="off"), 1)):
+        red = Reducer([c]).apply_all(parse_event(dumps(e), now_ms=2**53 - 1) for e in evs)
+        snap = red.snapshots()["off"]
+        assert sum(x[3] for row in snap.cells["value"] for x in row) > 0  # x kept either way
+        data, problems = build_batch([snap])
+        assert len(problems) == n_problems
+        assert (data.cov is None) == (n_problems == 1)
