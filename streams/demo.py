@@ -5,8 +5,11 @@ the topics, registers a demo experiment, runs a worker (role ``all``) and a
 traffic simulator whose event clock runs at ``--speed`` simulated days per
 minute: heavy users arrive first and the effect grows with activity, so the
 naive estimate starts high and drifts down while the adjusted one sits near
-the known population effect. A live table shows both. Ctrl-C or
-``--duration`` stops everything; no process is left behind.
+the known population effect. Units carry a pre-experiment value of the
+metric (``pre``; correlation 0.7 with the outcome's noise, missing for 10%
+of them), which the model uses as a CUPED covariate: the intervals are
+narrower than without it, by the ratio shown. A live table shows both.
+Ctrl-C or ``--duration`` stops everything; no process is left behind.
 
 ``--no-traffic`` starts the same stack without the simulator and prints one
 JSON line with the addresses for external producers.
@@ -34,6 +37,10 @@ from streams.synthetic import Scenario, events, population, truth
 
 DAY_MS = 86_400_000
 DEMO_EXPERIMENT = "demo-checkout"
+#: the demo's pre-experiment covariate: within-cell correlation with the
+#: outcome, and the share of units without one (new users)
+DEMO_COVARIATE_RHO = 0.7
+DEMO_COVARIATE_MISSING = 0.1
 
 
 class Traffic(threading.Thread):
@@ -77,6 +84,21 @@ def _fmt(iv: dict | None) -> str:
     return f"{iv['mean']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]"
 
 
+def _covariate_line(vr: dict | None) -> str:
+    """What the pre-experiment covariate (CUPED) bought, from the estimate's
+    ``variance_reduction``."""
+    if not vr:
+        return "covariate: —"
+    share = vr.get("share_with_covariate")
+    head = "covariate: " + ("used" if vr.get("used") else "not used") + (
+        f", {share:.0%} of matured units have a pre-experiment value" if share is not None
+        else "")
+    ratio = (vr.get("sd_ratio") or {}).get("adjusted")
+    if vr.get("used") and ratio is not None:
+        head += f"; adjusted interval ×{ratio:.2f} of its width without it"
+    return head
+
+
 def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
            http: str = "") -> str:
     head = f"liftstream demo — experiment {DEMO_EXPERIMENT}, event time day {sim_day:5.2f}, " \
@@ -96,6 +118,7 @@ def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
             f"units exposed {sum(u['exposed'].values())}, matured {sum(u['matured'].values())}"
             f" | D={rec['watermark']['completed_buckets']} days | R-hat {d['rhat'] or 0:.3f}, "
             f"ESS {d['ess_bulk'] or 0:.0f}, iteration {d['iteration']}",
+            _covariate_line(rec.get("variance_reduction")),
         ])
     text = head + "\n" + body
     return ("\x1b[H\x1b[J" + text) if tty else text
@@ -149,7 +172,8 @@ def main(args) -> int:
                     time.sleep(0.5)
                 return 0
             rng = np.random.default_rng(args.seed if hasattr(args, "seed") else 0)
-            pop = population(Scenario(n_units=40_000), rng)
+            pop = population(Scenario(n_units=40_000, covariate_rho=DEMO_COVARIATE_RHO,
+                                      covariate_missing=DEMO_COVARIATE_MISSING), rng)
             evs = events(pop, DEMO_EXPERIMENT, start_ms, DAY_MS, 14.0, rng)
             tr = truth(pop)
             from streams.web import truth_key

@@ -3,6 +3,11 @@
 Writes events (to a JSONL file, or produced to Kafka keyed by unit_id with a
 progress bar), the experiment config, and the ground truth. The population
 model is ``streams.synthetic``'s, shared with the tests and the demo.
+
+``--covariate-rho R`` gives each unit a pre-experiment value of the metric
+(the exposure's ``pre``, CUPED, issue 18) whose noise correlates R with the
+in-experiment noise; ``--covariate-missing Q`` leaves it out for a share Q
+of the units (new users).
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ from streams.synthetic import Scenario, events, population, truth
 
 
 def make_traffic(units: int, days: float, experiment: str, seed: int, window_seconds: int,
-                 started_at: int) -> tuple[ExperimentConfig, list[dict], dict]:
+                 started_at: int, covariate_rho: float | None = None,
+                 covariate_missing: float = 0.0) -> tuple[ExperimentConfig, list[dict], dict]:
+    """The config, events and truth of one simulated experiment; with
+    ``covariate_rho`` its exposures carry ``pre`` (``streams.synthetic``)."""
+    if covariate_rho is not None and not -1.0 <= covariate_rho <= 1.0:
+        raise ValueError(f"covariate_rho must be in [-1, 1], got {covariate_rho}")
+    if not 0.0 <= covariate_missing <= 1.0:
+        raise ValueError(f"covariate_missing must be in [0, 1], got {covariate_missing}")
     rng = np.random.default_rng(seed)
-    pop = population(Scenario(n_units=units), rng)
+    pop = population(Scenario(n_units=units, covariate_rho=covariate_rho,
+                              covariate_missing=covariate_missing), rng)
     cfg = ExperimentConfig(experiment_id=experiment, window_seconds=window_seconds,
                            started_at=started_at)
     evs = events(pop, experiment, started_at, window_seconds * 1000, days, rng)
@@ -58,8 +71,13 @@ def produce(evs: list[dict], bootstrap, topic: str, rate: float = 0.0) -> None:
 
 
 def main(args) -> int:
-    cfg, evs, tr = make_traffic(args.units, args.days, args.experiment, args.seed,
-                                args.window_seconds, args.started_at)
+    try:
+        cfg, evs, tr = make_traffic(args.units, args.days, args.experiment, args.seed,
+                                    args.window_seconds, args.started_at,
+                                    getattr(args, "covariate_rho", None),
+                                    getattr(args, "covariate_missing", 0.0))
+    except ValueError as e:
+        raise SystemExit(f"liftstream simulate: {e}") from None
     if args.experiments_out:
         with open(args.experiments_out, "wb") as f:
             f.write(dumps(experiment_to_dict(cfg)) + b"\n")
