@@ -104,8 +104,13 @@ def chain_iterations(r, eid: str, metrics) -> dict[str, int]:
 # --------------------------------------------------------------------------- 1
 
 
-def test_end_to_end(new_stack, workers, r, tmp_path):
+@pytest.mark.parametrize("rho", [None, 0.8], ids=["plain", "covariate"])
+def test_end_to_end(new_stack, workers, r, tmp_path, rho):
     """Simulated traffic -> Kafka -> worker (role all) -> Redis and estimates.
+
+    ``covariate``: the exposures carry ``pre`` (ρ = 0.8, 10% without): the
+    live estimate's CUPED adjustment (its slope and what it bought, measured
+    against the shadow chains) matches analyze's on the same events.
 
     One events partition, so the order the worker applies events in is the
     produced order and the reducer's snapshot must equal Redis's exactly (with
@@ -128,7 +133,8 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
 
     st = new_stack("e2e", partitions=1)
     cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11, window_seconds=86_400,
-                                   started_at=START)
+                                   started_at=START, covariate_rho=rho,
+                                   covariate_missing=0.1 if rho else 0.0)
     cfg = replace(cfg, prior="platform")  # opted in: estimates also carry the shrunk effect
     st.register([cfg])
     w = workers.start(st, "all")
@@ -206,6 +212,17 @@ def test_end_to_end(new_stack, workers, r, tmp_path):
               f"<= {tol:.4f}")
         assert abs(s["mean"] - o["mean"]) <= tol, (part, s, o)
         assert abs(s["sd"] / o["sd"] - 1) < 0.3, (part, s, o)
+    vr, vo = rec["variance_reduction"], off["variance_reduction"]
+    assert vr["used"] is vo["used"] is (rho is not None), (vr, vo)
+    assert vr["share_with_covariate"] == vo["share_with_covariate"]
+    if rho is not None:
+        print(f"[e2e] covariate: slope stream {vr['slope']['mean']:.3f} analyze "
+              f"{vo['slope']['mean']:.3f}; sd ratio stream {vr['sd_ratio']} analyze "
+              f"{vo['sd_ratio']}")
+        assert abs(vr["slope"]["mean"] - vo["slope"]["mean"]) <= 4 * vo["slope"]["sd"]
+        for part in ("adjusted", "naive"):
+            assert abs(vr["sd_ratio"][part] / vo["sd_ratio"][part] - 1) < 0.3, (vr, vo)
+        assert vr["sd_ratio"]["naive"] < 0.8, vr  # √(1 − 0.9·0.64) = 0.65
     assert w.alive()
     assert w.stop() == 0, w.log_tail()
 
