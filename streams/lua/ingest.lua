@@ -52,9 +52,10 @@ m (n_metrics when written), total_1 ... total_m, pre_1 ... pre_m (NaN =
 none). Indices follow the config's variants / metrics, which are
 append-only; a record with fewer totals reads the missing ones as 0 and the
 missing pre values as none. In this script a unit is the array
-{1, variant, stratum, matured, bucket, exposure_ts, total_1, ...} (fields
-U_V .. U_ETS, total k at U_ETS + k) and, for a unit with pre values, u.x =
-{pre_1, ..., pre_M} (NaN = none), fixed at creation.
+{version, variant, stratum, matured, bucket, exposure_ts, total_1, ...,
+total_M} (fields U_V .. U_ETS, total k at U_ETS + k); a unit with pre values
+has version 2 and pre_1 ... pre_M (NaN = none) after its totals (pre k at
+U_PRE + k), fixed at its creation.
 Held metrics (hash field = unit id): records '<Hdd' (metric index, ts,
 value) in arrival order; heldq:<src> scores each unit by its newest held ts.
 
@@ -107,6 +108,7 @@ for k = 1, n_met do metrics[k] = nextarg() end
 local heads = nextarg()
 local strs = nextarg()
 local pres = nextarg() or ''
+local has_pres = pres ~= ''
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
@@ -120,6 +122,7 @@ local function unit2_fmt(m)
 end
 local PRE_LEN = 8 * n_met                -- bytes of one exposure's pre values
 local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
+local U_PRE = U_ETS + n_met                        -- pre values of a version-2 unit
 local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
 local HELD_FMT, HELD_LEN = '<Hdd', 18
 
@@ -173,7 +176,7 @@ do
     local q = spos
     spos = q + la + lu
     local xp = ppos
-    if kind == 'x' then ppos = ppos + PRE_LEN end
+    if has_pres and kind == 'x' then ppos = ppos + PRE_LEN end
     local skip
     if kind == 'h' then skip = last_skipped
     else skip = hi ~= nil and off <= hi; last_skipped = skip end
@@ -190,29 +193,30 @@ do
       if b ~= b then b = nil end  -- NaN: no pre_activity
       E_OFF[n], E_KIND[n], E_EID[n], E_UID[n], E_TS[n], E_A[n], E_B[n], E_CLK[n] =
         off, kind, eid, uid, ts, ni, b, clk
-      if kind == 'x' then E_PRE[n] = xp end
+      if has_pres and kind == 'x' then E_PRE[n] = xp end
       if not want_e[eid] then want_e[eid] = true; eids[#eids + 1] = eid end
       if not want_u[uid] then want_u[uid] = true; uids[#uids + 1] = uid end
     end
   end
   if spos ~= #strs + 1 then return redis.error_reply('ERR event strings: bad length') end
-  if pres ~= '' and ppos ~= #pres + 1 then
+  if has_pres and ppos ~= #pres + 1 then
     return redis.error_reply('ERR event pre values: bad length')
   end
 end
-local has_pres = pres ~= ''
 local PRE_FMT = '<' .. string.rep('d', n_met)
 
--- The pre values of the exposure at position pos of pres: an array (NaN =
--- none), or nil when it has none of any metric.
-local function pre_at(pos)
+-- A new unit u takes the pre values of the exposure at position pos of
+-- pres: version 2 if it has one of any metric, else it stays version 1.
+local function take_pre(u, pos)
   local x = {sunpack(PRE_FMT, pres, pos)}
-  x[n_met + 1] = nil   -- the next position
   for k = 1, n_met do
     local v = x[k]
-    if v == v then return x end
+    if v == v then
+      u[1] = 2
+      for j = 1, n_met do u[U_PRE + j] = x[j] end
+      return
+    end
   end
-  return nil
 end
 
 -- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
@@ -244,21 +248,19 @@ local function parse_unit_text(raw)
   return u
 end
 local NAN = 0 / 0
+local tremove = table.remove
 local function parse_unit2(raw)
   local m = sunpack('<H', raw, 23)
-  local t = {sunpack(unit2_fmt(m), raw)}
-  local u = {1, t[2], t[3], t[4], t[5], t[6]}
-  local x = {}
-  for k = 1, n_met do
-    if k <= m then
-      u[U_ETS + k] = t[7 + k]
-      x[k] = t[7 + m + k]
-    else
-      u[U_ETS + k] = 0.0
-      x[k] = NAN
-    end
+  local u = {sunpack(unit2_fmt(m), raw)}  -- {2, v, s, mat, b, ets, m, totals, pres, next}
+  tremove(u, U_ETS + 1)                   -- m: totals from U_ETS + 1, pres from U_ETS + m + 1
+  if m ~= n_met then                      -- metrics appended since (or a record from a
+    local pre = {}                        -- longer config): pad or cut both
+    for k = 1, n_met do pre[k] = k <= m and u[U_ETS + m + k] or NAN end
+    for k = m + 1, n_met do u[U_ETS + k] = 0.0 end
+    for k = 1, n_met do u[U_PRE + k] = pre[k] end
   end
-  u.x = x
+  u[U_PRE + n_met + 1] = nil              -- the next position (m == n_met), or a leftover
+  for k = U_PRE + n_met + 2, U_ETS + 2 * m + 1 do u[k] = nil end
   return u
 end
 local function parse_unit(raw)
@@ -324,6 +326,7 @@ local arr, arr_order = {}, {}            -- "stratum|bucket" -> new units
 -- sum_x, sum_x2, sum_xy, sum_y_x}, read from Redis on first use (a cell
 -- written with 3 fields reads the other five as 0).
 local cells, cells_order, cell_rows = {}, {}, {}
+local NO_X = ' 0 0 0 0 0'   -- the covariate sums of a cell without a unit with an x
 local function row_of(v, s)
   local rv = cell_rows[v]
   if rv == nil then rv = {}; cell_rows[v] = rv end
@@ -339,10 +342,10 @@ local function row_of(v, s)
       if raw[k] then
         local a, b, d, rest = match(raw[k], '^(%S+) (%S+) (%S+)(.*)$')
         c = {tonumber(a), tonumber(b), tonumber(d), 0, 0.0, 0.0, 0.0, 0.0}
-        if rest ~= '' then
+        if rest ~= NO_X and rest ~= '' then  -- '': written before the covariate sums
           local e, f, g, h, i = match(rest, '^ (%S+) (%S+) (%S+) (%S+) (%S+)$')
-          c[4], c[5], c[6], c[7], c[8] = tonumber(e), tonumber(f), tonumber(g),
-            tonumber(h), tonumber(i)
+          c[4], c[5], c[6], c[7], c[8] = tonumber(e), tonumber(f), tonumber(g), tonumber(h),
+            tonumber(i)
         end
       else
         c = {0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0}
@@ -372,9 +375,8 @@ local function metric_rule(uid, u, mi, ts, v, T)
     local cell = row_of(u[U_V], u[U_S])[mi]
     cell[2] = cell[2] + v
     cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
-    local x = u.x
-    if x then
-      local xk = x[mi]
+    if u[1] == 2 then
+      local xk = u[U_PRE + mi]
       if xk == xk then
         cell[7] = cell[7] + xk * v
         cell[8] = cell[8] + v
@@ -428,7 +430,7 @@ for i = 1, n do
         end
         u = {1, vi, st, 0, bucket, ts}
         for k = 1, n_met do u[U_ETS + k] = 0.0 end
-        if has_pres then u.x = pre_at(E_PRE[i]) end
+        if has_pres then take_pre(u, E_PRE[i]) end
         units[uid] = u
         touch_unit(uid)
         local ak = format('%d|%d', st, bucket)
@@ -530,15 +532,15 @@ if settling and clk ~= nil then
         -- marked folded without a cell, rather than stopping ingest
         if variants[u[U_V] + 1] ~= nil then
           local row = row_of(u[U_V], u[U_S])
-          local x = u.x
+          local has_x = u[1] == 2
           for k = 1, n_met do
             local y = u[U_ETS + k]
             local c = row[k]
             c[1] = c[1] + 1
             c[2] = c[2] + y
             c[3] = c[3] + y * y
-            if x then
-              local xk = x[k]
+            if has_x then
+              local xk = u[U_PRE + k]
               if xk == xk then
                 c[4] = c[4] + 1
                 c[5] = c[5] + xk
@@ -583,19 +585,12 @@ local function push2(cmd, key, x, y)
   buf[nb + 1] = x; buf[nb + 2] = y; nb = nb + 2
   if nb >= CHUNK then flush(cmd, key) end
 end
-local function pack_unit2(u)
-  local x = u.x
-  local a = {2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS], n_met}
-  for k = 1, n_met do
-    a[7 + k] = u[U_ETS + k]
-    a[7 + n_met + k] = x[k]
-  end
-  return spack(unit2_fmt(n_met), unpack(a, 1, 7 + 2 * n_met))
-end
+local UNIT2_FMT = unit2_fmt(n_met)
 for _, uid in ipairs(units_order) do
   local u = units[uid]
-  if u.x then
-    push2('HSET', K_UNITS, uid, pack_unit2(u))
+  if u[1] == 2 then
+    push2('HSET', K_UNITS, uid, spack(UNIT2_FMT, 2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS],
+                                      n_met, unpack(u, U_ETS + 1, U_PRE + n_met)))
   else
     push2('HSET', K_UNITS, uid, spack(UNIT_FMT, unpack(u, 1, U_ETS + n_met)))
   end
@@ -603,9 +598,14 @@ end
 flush('HSET', K_UNITS)
 for _, f in ipairs(cells_order) do
   local c = cells[f]
-  push2('HSET', K_CELLS, f, fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3]) .. ' ' ..
-        fmti(c[4]) .. ' ' .. fmt(c[5]) .. ' ' .. fmt(c[6]) .. ' ' .. fmt(c[7]) .. ' ' ..
-        fmt(c[8]))
+  local head = fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3])
+  if c[4] == 0 then
+    -- no unit with an x: the covariate sums are still their initial zeros
+    push2('HSET', K_CELLS, f, head .. NO_X)
+  else
+    push2('HSET', K_CELLS, f, head .. ' ' .. fmti(c[4]) .. ' ' .. fmt(c[5]) .. ' ' ..
+          fmt(c[6]) .. ' ' .. fmt(c[7]) .. ' ' .. fmt(c[8]))
+  end
 end
 flush('HSET', K_CELLS)
 for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
