@@ -236,7 +236,10 @@ UNITS = ("u0", "u1", "u2", "u10", "Z", "z", "u.1", "a:b")
 def random_case(rng: random.Random, tag: str):
     """Configs and an event stream in the spirit of test_state_differential,
     restricted to what validation accepts (the worker dead-letters the rest).
-    Experiment, unit and event ids carry ``tag``, so cases never interact."""
+    Experiment, unit and event ids carry ``tag``, so cases never interact.
+    Exposures sometimes carry pre-experiment values (``pre``, CUPED), drawn
+    from a generator of their own so the rest of the stream is as before."""
+    prng = random.Random(f"{tag}pre")
     cfgs = []
     for i in range(rng.randint(2, 3)):
         variants = rng.choice([("control", "treatment"), ("c", "t1", "t2")])
@@ -272,10 +275,14 @@ def random_case(rng: random.Random, tag: str):
         if rng.random() < 0.45:
             exp = rng.choice(exp_ids + [f"{tag}ghost"])
             own = next((c.variants for c in cfgs if c.experiment_id == exp), variants)
+            pre_v = [prng.uniform(-1e6, 1e6), prng.choice([-0.0, 1e-300, 1 / 3, 1e9])]
             x = Exposure(eid, exp, rng.choice(units),
                          rng.choice(own if rng.random() < 0.8 else variants), ts,
                          rng.choice([None, 0.0, 0.5, 1.0, 2.5, 3.7, 4.0, 28.0,
-                                     rng.uniform(0, 28)]))
+                                     rng.uniform(0, 28)]),
+                         prng.choice([None, None, {"rev": pre_v[0]},
+                                      {"rev": pre_v[1], "clicks": pre_v[0]},
+                                      {"clicks": pre_v[1], "bogus": pre_v[0]}]))
             exposures.append(x)
             events.append(x)
         else:
