@@ -55,9 +55,11 @@ def dirty_key(eid: str) -> str:
 def backlog_file(tmp_path):
     """(configs, events, truths) written as analyze's input files."""
     cfgs, evs, truths = [], [], {}
-    for eid, units, days, seed in (("bl14", 45_000, 14, 1), ("bl10", 38_000, 10, 2),
-                                   ("bl7", 38_000, 7, 3)):
-        cfg, e, tr = make_traffic(units, days, eid, seed, 7 * 86_400, START)
+    # bl10's exposures carry a pre-experiment value (CUPED): its covariate sums
+    # must equal analyze's too, and its adjusted interval still cover the truth
+    for eid, units, days, seed, rho in (("bl14", 45_000, 14, 1, None),
+                                        ("bl10", 38_000, 10, 2, 0.6), ("bl7", 38_000, 7, 3, None)):
+        cfg, e, tr = make_traffic(units, days, eid, seed, 7 * 86_400, START, rho, 0.2)
         cfgs.append(cfg)
         evs += e
         truths[eid] = tr
