@@ -8,7 +8,10 @@ increments exactly one) and its dead letters (by reason) into that object::
 
     events        every counter + every dead letter
     applied       exposures + metric_applied
-    corrected ... unknown_metric   the counters of the same name
+    corrected ... retired   the counters of the same name
+    retired_units, retired_filter_fpr   units whose records were dropped after
+                  their correction horizon, and the chance that a new unit is
+                  mistaken for one of them (``streams.retired_filter``)
     dead_letters  {reason: n}
     dropped       late + expired + too_old (``semantics.DROPPED``) + dead letters
     dropped_share dropped / events (0.0 without events)
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from streams.retired_filter import false_positive_rate
 from streams.semantics import COUNTERS, DROPPED, ExperimentSnapshot
 
 #: Counters reported under their own name (``exposures`` and ``metric_applied``
@@ -32,7 +36,7 @@ from streams.semantics import COUNTERS, DROPPED, ExperimentSnapshot
 REPORTED: tuple[str, ...] = (
     "corrected", "held", "expired", "late", "too_old", "outside_window", "pre_exposure",
     "duplicate", "conflict", "repeat_exposure", "after_end", "unknown_variant",
-    "unknown_metric",
+    "unknown_metric", "retired",
 )
 
 #: The outcomes that partition ``events`` (what ``/metrics`` exposes per outcome):
@@ -60,7 +64,10 @@ def data_quality_of(counters: Mapping[str, int], dead_letters: Mapping[str, int]
 
 def data_quality(snap: ExperimentSnapshot) -> dict:
     """The ``data_quality`` object of an experiment snapshot (module docstring)."""
-    return data_quality_of(snap.counters, getattr(snap, "dead_letters", None))
+    out = data_quality_of(snap.counters, getattr(snap, "dead_letters", None))
+    out["retired_units"] = snap.retired_units
+    out["retired_filter_fpr"] = false_positive_rate(snap.retired_units)
+    return out
 
 
 def outcomes(dq: Mapping) -> dict[str, int]:

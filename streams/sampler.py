@@ -274,7 +274,7 @@ def conclude(r: Any, cfg) -> list[dict]:
         rec["final"] = True
     srcs = [x.decode() if isinstance(x, bytes) else x
             for x in r.hkeys(experiment_key(eid, "offsets"))]
-    drop = [experiment_key(eid, k) for k in ("units", "held", "chainver")]
+    drop = [experiment_key(eid, k) for k in ("units", "held", "chainver", "retired")]
     drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
              for k in ("pending", "seen", "heldq")]
     drop += [chain_key(eid, m) for m in chain_names(cfg)]

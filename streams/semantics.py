@@ -65,6 +65,19 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    total, ``n += 1, Σy += y, Σy² += y·y`` and, if it has a pre value x of the
    metric, ``nx += 1, Σx += x, Σx² += x·x, Σxy += x·y, Σy_x += y`` (in this
    order; the cell is ``(n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)``).
+6. Retirement (bounded state, DESIGN §5): a folded unit stays pending, with
+   score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
+   metric now would be ``late``) its record is dropped and its id added to
+   the experiment's retired-unit filter (``streams.retired_filter``), in the
+   same ZSET pass as rule 5 (one entry is folded, retired, or both, in (score,
+   unit_id bytes) order; ``fold_limit`` entries a call). The routing index
+   keeps the unit here (Redis lets it expire: ``state.index_ttl_ms``). Later
+   events of a retired
+   unit (and, with probability ≤ ``false_positive_rate``, of a new unit the
+   filter mistakes for one) are not applied: an exposure counts ``retired``
+   (a repeat exposure whose variant can no longer be checked); a metric
+   counts ``outside_window`` if ts > T - H (then ts >= close for sure) and
+   ``late`` otherwise (it may have been in the window: counted lost).
 
 Pre-experiment values (CUPED covariates, issue 18): an exposure's ``pre``
 maps metric names to the unit's value of the metric over a pre-experiment
@@ -104,6 +117,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
+from streams.retired_filter import RetiredFilter
 
 #: Per-experiment counters, one per outcome category of an event.
 COUNTERS: tuple[str, ...] = (
@@ -121,6 +135,7 @@ COUNTERS: tuple[str, ...] = (
     "held",
     "expired",
     "late",
+    "retired",
     "duplicate",
 )
 
@@ -266,6 +281,8 @@ class ExperimentSnapshot:
     cells: dict[str, list[list[tuple[int, float, float, int, float, float, float, float]]]]
     counters: dict[str, int]
     seq: int | None = field(default=None, compare=False)
+    #: units retired (rule 6): their records dropped, their ids in the filter
+    retired_units: int = 0
     #: dead letters attributed to this experiment, by reason (the ingest counts
     #: them in ``lr:{e:<id>}:meta`` ``dl:<reason>``; the reducer has none)
     dead_letters: dict[str, int] = field(default_factory=dict, compare=False)
@@ -349,6 +366,8 @@ class ExperimentState:
         }
         self._vindex = {v: i for i, v in enumerate(self.variants)}
         self.counters: dict[str, int] = {}
+        #: rule 6: units whose record was dropped
+        self.retired = RetiredFilter()
 
     # -- one call ------------------------------------------------------------
 
@@ -413,6 +432,8 @@ class ExperimentState:
             v = _finite(ev.value, "metric value")
             u = self.units.get(ev.unit_id)
             if u is None:
+                if ev.unit_id in self.retired:  # rule 6: its close + H <= T
+                    return "outside_window" if ts > T - self.H else "late"
                 return self._hold(ev.unit_id, mi, ts, v, source)
             return self._metric(u, mi, ts, v, T)
         raise TypeError(f"not an event: {type(ev).__name__}")  # pragma: no cover
@@ -423,6 +444,8 @@ class ExperimentState:
         u = self.units.get(ev.unit_id)
         if u is not None:
             return "repeat_exposure" if u.variant == ev.variant else "conflict"
+        if ev.unit_id in self.retired:
+            return "retired"
         close = ts + self.W
         if close + self.H <= T:
             return "too_old"
@@ -492,31 +515,47 @@ class ExperimentState:
         return "held"
 
     def _fold(self, source: str, T: int) -> bool:
+        """Rules 5 and 6 in one pass over the pending entries with score <= T:
+        fold the unit if it is not yet, then retire it if final, else keep it
+        pending at score close + H."""
         pend = self._pending.get(source)
         n = 0
+        final = self.W + self.H
         while pend and pend[0][0] <= T:
             if n >= self.fold_limit:
                 return True
-            _, _, uid = heapq.heappop(pend)
-            u = self.units[uid]
-            vi = self._vindex[u.variant]
-            for mi, m in enumerate(self.metrics):
-                y = u.totals[mi]
-                c = self.cells[m][vi][u.stratum]
-                c[0] += 1
-                c[1] = c[1] + y
-                c[2] = c[2] + y * y
-                x = u.pre[mi]
-                if x is not None:
-                    c[3] += 1
-                    c[4] = c[4] + x
-                    c[5] = c[5] + x * x
-                    c[6] = c[6] + x * y
-                    c[7] = c[7] + y
-            self.matured[u.variant] += 1
-            u.matured = True
+            _, ub, uid = heapq.heappop(pend)
             n += 1
+            u = self.units.get(uid)
+            if u is None:
+                continue
+            if not u.matured:
+                self._fold_unit(u)
+            fin = u.exposure_ts + final
+            if fin <= T:
+                del self.units[uid]
+                self.retired.add(uid)
+            else:
+                heapq.heappush(pend, (fin, ub, uid))
         return False
+
+    def _fold_unit(self, u: UnitState) -> None:
+        vi = self._vindex[u.variant]
+        for mi, m in enumerate(self.metrics):
+            y = u.totals[mi]
+            c = self.cells[m][vi][u.stratum]
+            c[0] += 1
+            c[1] = c[1] + y
+            c[2] = c[2] + y * y
+            x = u.pre[mi]
+            if x is not None:
+                c[3] += 1
+                c[4] = c[4] + x
+                c[5] = c[5] + x * x
+                c[6] = c[6] + x * y
+                c[7] = c[7] + y
+        self.matured[u.variant] += 1
+        u.matured = True
 
     def _expire(self, source: str, cut: int) -> bool:
         """Drop the held metrics of units whose newest held ts < cut, in
@@ -573,6 +612,7 @@ class ExperimentState:
                 for m, rows in self.cells.items()
             },
             counters=counters,
+            retired_units=self.retired.n,
         )
 
 
@@ -621,6 +661,7 @@ class Reducer:
                for e, items in sorted(per.items())}
         self._expire_unit_holds(source, clk)
         return out
+
 
     def _route(self, ev: Event, clk: int, source: str) -> list[tuple[str, Item]]:
         if isinstance(ev, Exposure):

@@ -16,7 +16,8 @@ binary (1).
 |---|---|---|
 | `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
 | `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
-| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts, not matured yet |
+| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts; once folded, close + H (8) |
+| `lr:{e:<id>}:retired` | string | bitmap: the retired-unit filter (``streams.retired_filter``) |
 | `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7) |
 | `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
 | `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
@@ -57,14 +58,16 @@ binary (1).
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
    a call brought), `own:<src>` (the newest owner epoch that wrote here),
    `exposed:<variant>`, `matured:<variant>`,
-   `act_sum:<stratum>` (float), `act_n:<stratum>`, `c:<counter>`
+   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `c:<counter>`
    (``streams.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
    experiment, at least once).
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
    every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
-   set of experiments the unit was exposed in.
+   set of experiments the unit was exposed in. The key expires
+   ``index_ttl_ms`` (2 × the longest W + H + L) after the unit's last
+   exposure.
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
@@ -73,6 +76,10 @@ binary (1).
    pre-experiment value of the metric; the last five over the units that
    have an x. Cells written before the covariate sums existed have the first
    three only; the rest read as 0.
+8. Rule 6 (``streams.semantics``): a folded unit stays in the zset, scored
+   close + H, until that passes the partition clock - L; then its record is
+   deleted from `units`, its id added to `retired` (a scalable Bloom filter,
+   ``streams.retired_filter``) and `retired_n` in meta counts it.
 
 Stratum indices run 0..S-1 for the activity strata and S for "unknown
 activity" (S = len(strata_edges) - 1).
@@ -133,6 +140,7 @@ class ExperimentKeys(NamedTuple):
     dirty_seq: str
     held: str
     heldq: str
+    retired: str
 
     def for_lua(self, source: str) -> list[str]:
         """KEYS of ingest.lua, in its order, for source partition ``source``
@@ -140,7 +148,7 @@ class ExperimentKeys(NamedTuple):
         hold queue are per source partition, each on its own clock."""
         return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
                 f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held,
-                f"{self.heldq}:{source}"]
+                f"{self.heldq}:{source}", self.retired]
 
 
 def experiment_key(experiment_id: str, kind: str) -> str:
@@ -782,7 +790,7 @@ def route_rows(
     holds: dict[str, dict[str, bytes]] = {u: {} for u in lookup}
     if lookup or exposing:
         res = _index_round_trip(r, lookup, len(metric_units), exposing, source_topic,
-                                partition)
+                                partition, index_ttl_ms(known))
         for u, got in zip(lookup, res, strict=True):
             if got:  # 0: exposed in the batch, nothing held
                 index[u] = {_s(k): _s(v) for k, v in _pairs(got[0])}
@@ -858,9 +866,25 @@ def _is_cluster(r: Any) -> bool:
     return isinstance(r, RedisCluster)
 
 
+def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
+    """How long (wall clock) a unit's routing index outlives its last
+    exposure: twice the longest window + correction horizon + lateness of
+    the registered experiments, so the index is bounded by the units active
+    in that time (DESIGN §5) while a unit's metrics, which come within its
+    window, always find it. The reference Reducer never forgets (it runs
+    over event time): only metrics without experiment_id that arrive more
+    than this after the unit's last exposure count differently
+    (``unrouted`` here, ``retired``/``outside_window`` there)."""
+    longest = 0
+    for c in known.values():
+        W, _, L, _ = config_ms(c)
+        longest = max(longest, W + horizons_ms(c)[0] + L)
+    return 2 * longest
+
+
 def _index_round_trip(r: Any, units: list[str], n_always: int,
                       exposing: dict[tuple[str, str], int], topic: str | None,
-                      partition: int | None) -> list:
+                      partition: int | None, ttl_ms: int = 0) -> list:
     """Record the exposures' positions (HSETNX), then read the index and the
     held metrics of ``units``, in one round trip: one call of
     ``streams/lua/route.lua`` (on a Redis Cluster, whose unit keys lie in many
@@ -870,10 +894,13 @@ def _index_round_trip(r: Any, units: list[str], n_always: int,
         pipe = r.pipeline(transaction=False)
         for (u, e), off in exposing.items():
             pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
+            if ttl_ms > 0:
+                pipe.pexpire(unit_index_key(u), ttl_ms)
+        n_writes = len(pipe)
         for u in units:
             pipe.hgetall(unit_index_key(u))
             pipe.hgetall(unit_hold_key(u))
-        got = pipe.execute()[len(exposing):]
+        got = pipe.execute()[n_writes:]
         return [[h, hd] if i < n_always or hd else 0
                 for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
     keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]
@@ -883,8 +910,8 @@ def _index_round_trip(r: Any, units: list[str], n_always: int,
     if blob.count("\x1f") != len(exposing) or blob.count("\x1e") != len(exposing):
         raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
     with script_errors():
-        return _script(r, ROUTE_LUA_PATH)(keys=keys, args=[len(units), n_always, prefix, blob],
-                                      client=r)
+        return _script(r, ROUTE_LUA_PATH)(
+            keys=keys, args=[len(units), n_always, prefix, blob, int(ttl_ms)], client=r)
 
 
 def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:
@@ -978,6 +1005,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         counters=counters,
         seq=None if seq_raw is None else int(seq_raw),
         dead_letters={f[3:]: int(v) for f, v in meta.items() if f.startswith("dl:")},
+        retired_units=int(meta.get("retired_n", 0)),
     )
 
 

@@ -179,7 +179,8 @@ def test_maturation_folds_cells_at_watermark():
     assert snap.cells["rev"][1][3] == (1, -1.0, 1.0, *none)
     assert snap.cells["clicks"][1][3] == (1, 0.0, 0.0, *none)
     assert snap.cells["rev"][1][0] == (0, 0.0, 0.0, *none)
-    assert st.pending_units() == []
+    # folded units stay pending until their correction horizon (rule 6)
+    assert st.pending_units() == [(u, T0 + 10_000 + st.H) for u in ("a", "b", "c")]
 
 
 def test_covariates_are_folded_with_their_units():
@@ -296,3 +297,56 @@ def test_dedupe_is_per_partition():
     red.apply_batch("p|0", [m, m])
     red.apply_batch("p|1", [m])
     assert red.states["e"].counters == {"held": 2, "duplicate": 1}
+
+
+# ---------------------------------------------------------------- 6. retirement
+
+
+def test_units_retire_after_their_correction_horizon():
+    """Rule 6: a folded unit's record is dropped once close + H <= clk - L; its
+    totals stay in the cells, its id in the retired-unit filter, and its later
+    events count ``retired`` (not a new unit: a repeat exposure must not enter
+    it twice)."""
+    from streams.semantics import Reducer
+
+    c = cfg(correction_seconds=20)  # W = 10 s, L = 1 s: final at close + 20 s
+    red = Reducer([c])
+    red.apply_all([X("a", "control", t=0), M("a", 2.0, 100, exp=None),
+                   X("b", "treatment", t=5000)])
+    st = red.states["e1"]
+    red.apply_all([X("z", "control", t=30_000)])  # clk - L = 29 s < close + H = 30 s
+    assert "a" in st.units  # 10 + 20 = 30 > 29: not yet
+    red.apply_all([X("y", "control", t=31_000)])  # 30 <= 30: a retires; b (35) does not
+    assert "a" not in st.units and "b" in st.units
+    assert st.snapshot().retired_units == 1
+    assert "a" in st.retired and "b" not in st.retired
+    snap = st.snapshot()
+    assert snap.cells["rev"][0][1][:3] == (1, 2.0, 4.0)  # its total stays in the cells
+    # a returning unit is not a new one; its metrics are not applied either
+    assert red.apply(X("a", "control", t=40_000)) == [("e1", "retired")]
+    # a metric after it: outside its window for sure (ts > T - H >= close) ...
+    assert red.apply(M("a", 1.0, 40_100)) == [("e1", "outside_window")]
+    # ... one more than H behind the clock may have been in it: counted lost
+    assert red.apply(M("a", 1.0, 9_000)) == [("e1", "late")]
+    assert st.snapshot().exposed == {"control": 3, "treatment": 1}
+    assert st.snapshot().counters["retired"] == 1
+
+
+def test_retired_filter_layers_and_false_positives():
+    """The filter's layers double, never forget a unit, and its false-positive
+    rate (measured on ids never added) stays below the documented bound."""
+    from streams import retired_filter as rf
+
+    assert rf.layer_of(0) == 0 and rf.layer_of(rf.C0 - 1) == 0 and rf.layer_of(rf.C0) == 1
+    assert rf.layer_of(3 * rf.C0 - 1) == 1 and rf.layer_of(3 * rf.C0) == 2
+    assert rf.layer_span(1) == (rf.C0 * rf.BITS, 2 * rf.C0 * rf.BITS)
+    f = rf.RetiredFilter()
+    n = rf.C0 + 5000  # into the second layer
+    for i in range(n):
+        f.add(f"u{i}")
+    assert all(f"u{i}" in f for i in range(0, n, 97))
+    trials = 200_000
+    fp = sum(f"new{i}" in f for i in range(trials)) / trials
+    bound = f.false_positive_rate()
+    assert 0 < bound < 1e-4
+    assert fp <= bound + 4 * (bound / trials) ** 0.5 + 1e-5, (fp, bound)

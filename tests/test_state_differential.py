@@ -28,8 +28,9 @@ from dataclasses import replace
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.semantics import Reducer
@@ -133,6 +134,14 @@ def raw_streams(draw, cfgs, part: int = 0):
     return events
 
 
+def _note(label: str) -> None:
+    """A hypothesis statistics event; nothing outside a hypothesis test."""
+    try:
+        event(label)
+    except InvalidArgument:
+        pass
+
+
 class Both:
     """Drives Redis and the reducer with the same calls."""
 
@@ -178,6 +187,11 @@ class Both:
             got = read_snapshot(self.r, c, completeness=c_all)
             w = want.snapshot(c_all)
             assert got.counters == w.counters, (c.experiment_id, got.counters, w.counters)
+            assert got.retired_units == w.retired_units, c.experiment_id
+            if w.retired_units:  # rule 6 is exercised (--hypothesis-show-statistics)
+                _note("units retired")
+            if w.counters["retired"]:
+                _note("exposures of retired units")
             assert got.matured == w.matured, (c.experiment_id, got.matured, w.matured)
             assert bits(got) == bits(want.snapshot(c_all)), c.experiment_id
             assert bits(read_units(self.r, c)) == bits(want.units)

@@ -15,7 +15,8 @@ function of the clock, so repeating it changes nothing either.
 
 KEYS (all tagged {e:<id>}, one Redis Cluster slot):
   1 units  2 pending:<src>  3 cells  4 arrivals  5 meta  6 seen:<src>  7 offsets
-  8 dirty_seq  9 held  10 heldq:<src>
+  8 dirty_seq  9 held  10 heldq:<src>  11 retired (the retired-unit filter's
+  bitmap, streams/retired_filter.py; layers, bits and hashes as there)
 ARGV:
   src "<topic>|<partition>", epoch (the caller's owner epoch of src, '' = not
   fenced: tests and tools), W, B, L, DD, H, Hh (ms), HM, fold_limit,
@@ -67,7 +68,7 @@ brought), exposed:<v>, matured:<v>, act_sum:<s>, act_n:<s>, c:<counter>.
 
 local K_UNITS, K_PENDING, K_CELLS, K_ARR = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_META, K_SEEN, K_OFF, K_DIRTY = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_HELD, K_HELDQ = KEYS[9], KEYS[10]
+local K_HELD, K_HELDQ, K_RET = KEYS[9], KEYS[10], KEYS[11]
 
 local call, tonumber, format, match = redis.call, tonumber, string.format, string.match
 local unpack, floor, min, sub, byte = unpack, math.floor, math.min, string.sub, string.byte
@@ -136,10 +137,12 @@ if epoch ~= nil then
   end
   if owner ~= epoch then call('HSET', K_META, own_field, fmti(epoch)) end
 end
-local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD)
+local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n')
 local max_ts = tonumber(mraw[1])
 local anchor = tonumber(mraw[2]) or tonumber(mraw[3])
 local clk_prev = tonumber(mraw[4])
+local retired_n = tonumber(mraw[5]) or 0
+local retired_n0 = retired_n
 local max_ts_dirty, anchor_dirty = false, false
 local stored = tonumber(call('HGET', K_OFF, src))
 
@@ -283,6 +286,56 @@ local function fetch_units(list)
   end
 end
 fetch_units(uids)
+
+-- Rule 6: the retired-unit filter (streams/retired_filter.py, the same bits).
+-- retired[uid] = true when every bit of the unit is set in some layer in
+-- use; looked up once, before the events, for the units without a record
+-- (units retire only in the settle below, after the events).
+local RC0, RBITS, RK = 65536, 20, 14
+local function layer_of(nr)
+  local l = 0
+  while nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
+  return l
+end
+local function ret_positions(uid, l, outp)
+  local h = redis.sha1hex(uid)
+  local h1, h2 = tonumber(sub(h, 1, 8), 16), tonumber(sub(h, 9, 16), 16)
+  if h2 % 2 == 0 then h2 = h2 + 1 end
+  local start, m = RC0 * RBITS * (2 ^ l - 1), RC0 * RBITS * 2 ^ l
+  for i = 0, RK - 1 do outp[#outp + 1] = start + (h1 + i * h2) % m end
+  return outp
+end
+local retired = {}
+if retired_n > 0 then
+  local ask = {}
+  for _, uid in ipairs(uids) do
+    if units[uid] == false then ask[#ask + 1] = uid end
+  end
+  local layers = layer_of(retired_n - 1) + 1
+  local per = RK * layers
+  local step = math.max(1, floor(CHUNK / (3 * per)))  -- units per BITFIELD call
+  for i = 1, #ask, step do
+    local args, j2 = {}, min(i + step - 1, #ask)
+    for j = i, j2 do
+      local pos = {}
+      for l = 0, layers - 1 do ret_positions(ask[j], l, pos) end
+      for _, q in ipairs(pos) do
+        args[#args + 1] = 'GET'; args[#args + 1] = 'u1'; args[#args + 1] = fmti(q)
+      end
+    end
+    local bits = call('BITFIELD', K_RET, unpack(args))
+    for j = i, j2 do
+      local base = (j - i) * per
+      for l = 0, layers - 1 do
+        local all = true
+        for q = 1, RK do
+          if bits[base + l * RK + q] == 0 then all = false; break end
+        end
+        if all then retired[ask[j]] = true; break end
+      end
+    end
+  end
+end
 local function touch_unit(uid)
   if not units_dirty[uid] then units_dirty[uid] = true; units_order[#units_order + 1] = uid end
 end
@@ -407,6 +460,8 @@ for i = 1, n do
         cat = 'unknown_variant'
       elseif u then
         if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
+      elseif retired[uid] then
+        cat = 'retired'
       elseif ts + W + H <= T then
         cat = 'too_old'
       elseif end_at ~= nil and ts >= end_at then
@@ -467,6 +522,8 @@ for i = 1, n do
         cat = 'unknown_metric'
       elseif u then
         cat = metric_rule(uid, u, mi, ts, E_B[i], T)
+      elseif retired[uid] then  -- rule 6: its close + H <= T
+        if ts > T - H then cat = 'outside_window' else cat = 'late' end
       else
         local h = held_of(uid)
         if (h and #h or 0) >= HM then
@@ -514,6 +571,8 @@ end
 
 local more = 0
 local work = false
+-- rule 6: ZREM, ZADD at close + H, units retired, their filter bits
+local gone, rescore, retired_ids, ret_set = {}, {}, {}, {}
 if settling and clk ~= nil then
   local due = call('ZRANGEBYSCORE', K_PENDING, '-inf', fmti(clk - L), 'LIMIT', 0, FOLD_LIMIT + 1)
   if #due > FOLD_LIMIT then more = 1; due[FOLD_LIMIT + 1] = nil end
@@ -555,8 +614,25 @@ if settling and clk ~= nil then
         u[U_M] = 1
         touch_unit(uid)
       end
+      -- rule 6: final (close + H <= T) -> retire; else pending at close + H
+      if u then
+        local fin = u[U_ETS] + W + H
+        if fin <= clk - L then
+          gone[#gone + 1] = uid
+          retired_ids[#retired_ids + 1] = uid
+          ret_positions(uid, layer_of(retired_n), ret_set)
+          retired_n = retired_n + 1
+          units[uid] = false
+        else
+          rescore[#rescore + 1] = fin
+          rescore[#rescore + 1] = uid
+        end
+      else
+        gone[#gone + 1] = uid
+      end
     end
-    chunked('ZREM', K_PENDING, due)
+    chunked('ZREM', K_PENDING, gone)
+    if #rescore > 0 then chunked('ZADD', K_PENDING, rescore) end
   end
 end
 if settling and clk ~= nil then
@@ -588,7 +664,8 @@ end
 local UNIT2_FMT = unit2_fmt(n_met)
 for _, uid in ipairs(units_order) do
   local u = units[uid]
-  if u[1] == 2 then
+  if not u then  -- retired in this call: deleted below
+  elseif u[1] == 2 then
     push2('HSET', K_UNITS, uid, spack(UNIT2_FMT, 2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS],
                                       n_met, unpack(u, U_ETS + 1, U_PRE + n_met)))
   else
@@ -596,6 +673,18 @@ for _, uid in ipairs(units_order) do
   end
 end
 flush('HSET', K_UNITS)
+if retired_n > retired_n0 then
+  chunked('HDEL', K_UNITS, retired_ids)
+  for i = 1, #ret_set, CHUNK do
+    local args = {}
+    for j = i, min(i + CHUNK - 1, #ret_set) do
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u1'; args[#args + 1] = fmti(ret_set[j])
+      args[#args + 1] = 1
+    end
+    call('BITFIELD', K_RET, unpack(args))
+  end
+  call('HSET', K_META, 'retired_n', fmti(retired_n))
+end
 for _, f in ipairs(cells_order) do
   local c = cells[f]
   local head = fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3])
