@@ -5,7 +5,7 @@ rule 6 in ``streams.semantics``): its totals are in the cells and nothing can
 change them any more. But its id must not be forgotten, or its next exposure
 would enter it again as a new unit (heavy users most often: exactly the bias
 liftstream removes). Keeping the ids exactly costs as much memory as the
-records did; a Bloom filter costs ~2.5 bytes per retired unit.
+records did; a Bloom filter costs ~3 bytes per retired unit.
 
 Layout: one bitmap (Redis string ``lr:{e:<id>}:retired``; a ``set`` of bit
 positions in the reference reducer) of layers that double: layer l holds
@@ -18,11 +18,13 @@ in some layer in use. Bits come from SHA-1 of the unit id (``redis.sha1hex``
 in the Lua script): h1, h2 = its first two 32-bit words (h2 made odd),
 position i = (h1 + i · h2) mod layer bits (Kirsch & Mitzenmacher 2006).
 
-False positives: with 20 bits a unit and 14 hashes, (1 − e^{−14/20})^14 =
-6.6·10⁻⁵ per full layer, so a new unit is taken for a retired one with
-probability at most 6.6·10⁻⁵ × layers in use (7 layers at 8M retired units:
-4.6·10⁻⁴). Such a unit's events are counted ``retired``, not applied: a
-uniform random loss (the hash ignores variant and activity), surfaced.
+False positives: with 24 bits a unit and 16 hashes, (1 − e^{−16/24})^16 =
+9.9·10⁻⁶ per full layer, so a new unit is taken for a retired one with
+probability at most 9.9·10⁻⁶ × layers in use (7 layers at 8M retired units:
+7·10⁻⁵). Such a unit's exposure is counted ``retired``, not applied: a
+uniform random loss (the hash ignores variant and activity), surfaced as
+``data_quality.retired_filter_fpr``. (Measured with 20 bits and 14 hashes:
+201 of 1.27M new units lost at 1.14M retired, as that bound predicted.)
 The cap: a Redis string holds 2³² bits, so 11 layers, 134M retired units
 per experiment.
 """
@@ -32,11 +34,11 @@ from __future__ import annotations
 import hashlib
 import math
 
-#: units in layer 0 (160 KiB of bits); layer l holds C0 · 2^l
+#: units in layer 0 (192 KiB of bits); layer l holds C0 · 2^l
 C0 = 65_536
-#: bits per unit and hashes per unit: 6.6e-5 false positives in a full layer
-BITS = 20
-K = 14
+#: bits per unit and hashes per unit: 9.9e-6 false positives in a full layer
+BITS = 24
+K = 16
 
 
 def layer_of(n: int) -> int:

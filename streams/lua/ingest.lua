@@ -291,7 +291,7 @@ fetch_units(uids)
 -- retired[uid] = true when every bit of the unit is set in some layer in
 -- use; looked up once, before the events, for the units without a record
 -- (units retire only in the settle below, after the events).
-local RC0, RBITS, RK = 65536, 20, 14
+local RC0, RBITS, RK = 65536, 24, 16
 local function layer_of(nr)
   local l = 0
   while nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
