@@ -341,11 +341,20 @@ def expected_ratio(rho: float, missing: float) -> float:
     return float(np.sqrt(1 - (1 - missing) * rho * rho))
 
 
-def check_coverage(rows, lo_cov, hi_cov, pooled=(0.93, 0.97)):
+def check_coverage(rows, lo_cov, hi_cov, pooled=(0.93, 0.97), day1_hi=0.99):
+    """Per cell: coverage in [lo_cov, hi_cov]. Day 1 may over-cover up to
+    ``day1_hi``: with one completed bucket the arrival block's posterior is
+    its prior (DESIGN §6), an honest, wide interval with or without the
+    covariate, so there the covariate must only leave calibration as it was
+    (within 0.02 of the same data's coverage without it)."""
     covs = []
     for r in rows:
-        a = r["adjusted_with"]
-        assert lo_cov <= a["coverage"] <= hi_cov, r
+        a, wo = r["adjusted_with"], r["adjusted_without"]
+        if r["day"] <= 1:
+            assert lo_cov <= a["coverage"] <= day1_hi, r
+            assert abs(a["coverage"] - wo["coverage"]) <= 0.02, r
+        else:
+            assert lo_cov <= a["coverage"] <= hi_cov, r
         covs.append(a["coverage"])
         for name in ("adjusted", "naive"):  # the covariate adds no bias
             w, wo = r[f"{name}_with"], r[f"{name}_without"]
@@ -395,11 +404,12 @@ def test_coverage_with_covariate_1000_replicates():
 
 
 def print_table(rows) -> None:
-    print("\n rho day | adjusted cover  bias    width  ratio | naive cover  bias    width  ratio"
-          " | target")
+    print("\n rho day | adjusted cover (w/o)  bias    width  ratio | naive cover  bias    width"
+          "  ratio | target")
     for r in rows:
         a, n = r["adjusted_with"], r["naive_with"]
-        print(f"{r['rho']:>4} {r['day']:>3} | {a['coverage']:>14.3f} {a['bias']:+.4f} "
+        print(f"{r['rho']:>4} {r['day']:>3} | {a['coverage']:>14.3f} "
+              f"({r['adjusted_without']['coverage']:.3f}) {a['bias']:+.4f} "
               f"{a['width']:.4f} {r['adjusted_ratio']:.3f} | {n['coverage']:>11.3f} "
               f"{n['bias']:+.4f} {n['width']:.4f} {r['naive_ratio']:.3f} | "
               f"{expected_ratio(r['rho'], r['missing']):.3f}")
