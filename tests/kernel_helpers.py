@@ -11,6 +11,19 @@ from kernels.sampler import run
 from streams.synthetic import Population, cell_stats
 
 
+class FixedNormals:
+    """An Rng stand-in whose normal draws are given (to read a Gaussian draw's
+    mean and Cholesky factor off a sampler block)."""
+
+    xp = np
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def normal(self, shape):
+        return self.eps.reshape(shape)
+
+
 def data_from_populations(pops: list[Population], day: float, **kw):
     st = [cell_stats(p, day) for p in pops]
 

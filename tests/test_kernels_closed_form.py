@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernels.data import make_data
-from tests.kernel_helpers import one_stratum_conjugate, sample
+from tests.kernel_helpers import FixedNormals, one_stratum_conjugate, sample
 
 
 @pytest.mark.parametrize("n_units", [2_000, 10_000_000])
@@ -23,19 +23,6 @@ def test_one_stratum_matches_conjugate(n_units):
     # naive equals adjusted with one stratum
     np.testing.assert_allclose(tr.naive_effect, tr.adj_effect)
     assert not bool(data.adjustable[0])
-
-
-class _FixedNormals:
-    """An Rng stand-in whose normal draws are given (to read a Gaussian draw's
-    mean and Cholesky factor off the sampler)."""
-
-    xp = np
-
-    def __init__(self, eps):
-        self.eps = eps
-
-    def normal(self, shape):
-        return self.eps.reshape(shape)
 
 
 @pytest.mark.parametrize("K", [1, 2, 3])
@@ -72,7 +59,7 @@ def test_theta_beta_block_is_the_dense_marginal(K):
     e = c["ybar_t"] - (h0 / prec0)[:, :, None]
 
     def draw(eps):  # eps [P, C, 2K] ordered (θ_1..θ_K, β_1..β_K), as the kernel uses them
-        return np.concatenate(gibbs._draw_theta_beta(w, e, prec0, W, gam, c, _FixedNormals(
+        return np.concatenate(gibbs._draw_theta_beta(w, e, prec0, W, gam, c, FixedNormals(
             np.stack([eps[..., :K], eps[..., K:]], axis=2))), -1)
 
     m = 2 * K
