@@ -57,6 +57,9 @@ class MetricSpec:
 
 
 PRIORS = ("flat", "platform")
+#: ``ExperimentConfig.exposure_age_bins`` when unset: the first day since
+#: exposure, days 1-3, then the rest of the window (seconds)
+DEFAULT_EXPOSURE_AGE_BINS = (0, 86_400, 259_200)
 #: ``ExperimentConfig.covariates``: "auto" = the model uses the units'
 #: pre-experiment values (``Exposure.pre``) where there are any, "off" = never
 COVARIATES = ("auto", "off")
@@ -101,6 +104,12 @@ class ExperimentConfig:
     #: CUPED (issue 18): "auto" | "off" (see ``COVARIATES``). The state records
     #: the units' pre-experiment values either way; only the model reads this
     covariates: str = "auto"
+    #: Novelty/primacy (issue 19): edges, in seconds since the unit's own
+    #: exposure, of the age bins its metric totals are also kept by. None =
+    #: the default ``DEFAULT_EXPOSURE_AGE_BINS`` (0, 1 d, 3 d) then the window;
+    #: edges at or beyond the window are dropped and the window closes the
+    #: last bin (``streams.semantics.age_edges_ms``). Fewer than two bins: off
+    exposure_age_bins: tuple[int, ...] | None = None
 
     @property
     def n_strata(self) -> int:

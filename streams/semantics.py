@@ -116,7 +116,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from schemas.records import Event, ExperimentConfig, Exposure, Metric
+from schemas.records import (
+    DEFAULT_EXPOSURE_AGE_BINS,
+    Event,
+    ExperimentConfig,
+    Exposure,
+    Metric,
+)
 from streams.retired_filter import RetiredFilter
 
 #: Per-experiment counters, one per outcome category of an event.
@@ -199,6 +205,67 @@ def stratum_of(pre_activity: float | None, edges: tuple[float, ...]) -> int:
         if x >= float(edges[i]):
             return i
     return 0
+
+
+#: At most this many fine (novelty) strata; beyond, the fine strata are the
+#: activity strata themselves (``fine_edges``).
+MAX_FINE_STRATA = 64
+
+
+def age_edges_ms(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Edges (ms since the unit's exposure) of its exposure-age bins (issue
+    19): the configured edges (default ``DEFAULT_EXPOSURE_AGE_BINS``) below
+    the window W, then W. ``len - 1`` bins; a metric at age t falls in the
+    last bin whose lower edge is <= t (every applied metric has 0 <= t < W).
+    One bin (a window of at most the first edge) means age tracking is off:
+    see ``age_tracking``."""
+    W = int(cfg.window_seconds) * 1000
+    bins = DEFAULT_EXPOSURE_AGE_BINS if cfg.exposure_age_bins is None else cfg.exposure_age_bins
+    inner = sorted({int(e) * 1000 for e in bins if 0 < int(e) * 1000 < W})
+    return (0, *inner, W)
+
+
+def age_tracking(cfg: ExperimentConfig) -> bool:
+    """Units keep totals by exposure age (two bins or more)."""
+    return len(age_edges_ms(cfg)) >= 3
+
+
+def age_bin_of(age_ms: int, edges: tuple[int, ...]) -> int:
+    """Index b with edges[b] <= age < edges[b+1] (0 below the first edge,
+    the last bin at or beyond the window: neither happens to an applied
+    metric)."""
+    for b in range(len(edges) - 2, 0, -1):
+        if age_ms >= edges[b]:
+            return b
+    return 0
+
+
+def fine_edges(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """Edges of the *fine* strata the novelty contrast is computed within
+    (issue 19): the activity strata's edges together with every integer
+    between the first and the last edge (pre_activity is a count of active
+    days: one fine stratum per exact value), so each fine stratum lies in
+    one activity stratum. More than ``MAX_FINE_STRATA`` of them, or fewer
+    than two activity edges: the activity strata's edges."""
+    edges = tuple(float(e) for e in cfg.strata_edges)
+    if len(edges) < 2:
+        return edges
+    lo, hi = edges[0], edges[-1]
+    ints = range(math.ceil(lo), math.floor(hi) + 1)
+    if len(ints) > MAX_FINE_STRATA + 1:
+        return edges
+    out = tuple(sorted(set(edges) | {float(i) for i in ints}))
+    return out if len(out) - 1 <= MAX_FINE_STRATA else edges
+
+
+def fine_parent(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """For each fine stratum f = 0..F (F: unknown activity), the activity
+    stratum it lies in (F maps to S, the unknown stratum)."""
+    fe = fine_edges(cfg)
+    edges = tuple(float(e) for e in cfg.strata_edges)
+    F = max(len(fe) - 1, 0)
+    out = [stratum_of(fe[f], edges) for f in range(F)]
+    return (*out, n_activity_strata(cfg))
 
 
 def bucket_of(ts: int, anchor: int, B: int) -> int:
@@ -286,6 +353,12 @@ class ExperimentSnapshot:
     #: dead letters attributed to this experiment, by reason (the ingest counts
     #: them in ``lr:{e:<id>}:meta`` ``dl:<reason>``; the reducer has none)
     dead_letters: dict[str, int] = field(default_factory=dict, compare=False)
+    #: exposure-age cells (issue 19), empty unless ``age_tracking(config)``:
+    #: ``age_cells[metric][variant_index][fine_stratum] = (n, Σy_0, Σy_0²,
+    #: Σy_1, Σy_1², …, Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1})`` over matured
+    #: units, y_b = the unit's total in age bin b (``age_edges_ms``), fine
+    #: strata by ``fine_edges`` (index F = unknown activity)
+    age_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
 
 
 def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: int
