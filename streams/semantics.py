@@ -79,6 +79,19 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    counts ``outside_window`` if ts > T - H (then ts >= close for sure) and
    ``late`` otherwise (it may have been in the window: counted lost).
 
+Exposure age (novelty, issue 19), only when ``age_tracking(config)`` (B =
+``len(age_edges_ms) - 1`` >= 2 bins; otherwise nothing below exists): a unit
+also keeps, per metric, its totals by exposure age, ``t_b`` for the metrics
+with ``age = ts - exposure_ts`` in bin b (``age_bin_of``), and its fine
+stratum f (``stratum_of(pre_activity, fine_edges)``). Rule 3 adds v to t_b
+besides the total; a correction of a folded unit also adds to the age cell
+of (metric, variant, f): ``Σy_b += v``, ``Σy_b² += (t_b+v)² - t_b²`` and
+``Σy_0·y_{B-1} += v·t_{B-1}`` if b = 0, ``+= t_0·v`` if b = B-1 (in this
+order, t_b the bin total before). Rule 5 adds, per metric, ``n += 1``, then
+for b = 0..B-1 ``Σy_b += y_b, Σy_b² += y_b·y_b``, then ``Σy_0·y_{B-1} +=
+y_0·y_{B-1}`` (``ExperimentSnapshot.age_cells``). The totals and every other
+cell are unchanged by it, bit for bit.
+
 Pre-experiment values (CUPED covariates, issue 18): an exposure's ``pre``
 maps metric names to the unit's value of the metric over a pre-experiment
 period. The unit keeps, per config metric, the value its *creating* exposure
@@ -306,7 +319,12 @@ class UnitState:
     ``config.metrics`` order; ``bucket`` is on the experiment's anchor grid
     (see ``bucket_of``); ``matured`` means folded into the cells; ``pre``:
     the pre-experiment value of each metric (None: none), fixed at the
-    unit's creation."""
+    unit's creation. With ``age_tracking(config)`` (issue 19): ``fine``,
+    its fine stratum (``fine_edges``; F = unknown activity), and ``age[k][b]``,
+    metric k's total over the metrics at exposure age in bin b
+    (``age_edges_ms``); otherwise ``fine`` 0 and ``age`` empty. ``totals``
+    are kept as they are either way (Σ_b age[k][b] = totals[k] up to
+    rounding)."""
 
     variant: str
     stratum: int
@@ -315,6 +333,8 @@ class UnitState:
     totals: list[float]
     matured: bool = False
     pre: list[float | None] = field(default_factory=list)
+    fine: int = 0
+    age: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -438,6 +458,18 @@ class ExperimentState:
             for m in self.metrics
         }
         self._vindex = {v: i for i, v in enumerate(self.variants)}
+        #: exposure age (issue 19): bins, fine strata, age cells
+        #: age_cells[m][v][f] = [n, Σy_0, Σy_0², ..., Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1}]
+        self.age_on = age_tracking(config)
+        self.age_edges = age_edges_ms(config)
+        self.NB = len(self.age_edges) - 1
+        self.fine_edges = fine_edges(config)
+        self.F = max(len(self.fine_edges) - 1, 0)
+        self.age_cells: dict[str, list[list[list]]] = {
+            m: [[[0] + [0.0] * (2 * self.NB + 1) for _ in range(self.F + 1)]
+                for _ in self.variants]
+            for m in self.metrics
+        } if self.age_on else {}
         self.counters: dict[str, int] = {}
         #: rule 6: units whose record was dropped
         self.retired = RetiredFilter()
@@ -534,6 +566,9 @@ class ExperimentState:
             [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in self.metrics]
             if pre else [None] * len(self.metrics))
         u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics), False, xs)
+        if self.age_on:
+            u.fine = stratum_of(x, self.fine_edges)
+            u.age = [[0.0] * self.NB for _ in self.metrics]
         self.units[ev.unit_id] = u
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
@@ -561,6 +596,11 @@ class ExperimentState:
             return "late"
         t = u.totals[mi]
         u.totals[mi] = t + v
+        if u.age:
+            ya = u.age[mi]
+            ab = age_bin_of(ts - u.exposure_ts, self.age_edges)
+            tb = ya[ab]
+            ya[ab] = tb + v
         if close > T:
             return "metric_applied"
         if u.matured:
@@ -571,6 +611,15 @@ class ExperimentState:
             if x is not None:
                 c[6] = c[6] + x * v
                 c[7] = c[7] + v
+            if u.age:
+                a = self.age_cells[self.metrics[mi]][self._vindex[u.variant]][u.fine]
+                a[1 + 2 * ab] = a[1 + 2 * ab] + v
+                a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
+                last = self.NB - 1
+                if ab == 0:
+                    a[-1] = a[-1] + v * ya[last]
+                elif ab == last:
+                    a[-1] = a[-1] + ya[0] * v
         return "corrected"
 
     def _hold(self, uid: str, mi: int, ts: int, v: float, source: str) -> str:
@@ -627,6 +676,15 @@ class ExperimentState:
                 c[5] = c[5] + x * x
                 c[6] = c[6] + x * y
                 c[7] = c[7] + y
+            if u.age:
+                ya = u.age[mi]
+                a = self.age_cells[m][vi][u.fine]
+                a[0] += 1
+                for b in range(self.NB):
+                    yb = ya[b]
+                    a[1 + 2 * b] = a[1 + 2 * b] + yb
+                    a[2 + 2 * b] = a[2 + 2 * b] + yb * yb
+                a[-1] = a[-1] + ya[0] * ya[-1]
         self.matured[u.variant] += 1
         u.matured = True
 
@@ -686,6 +744,10 @@ class ExperimentState:
             },
             counters=counters,
             retired_units=self.retired.n,
+            age_cells={
+                m: [[tuple(c) for c in row] for row in rows]
+                for m, rows in self.age_cells.items()
+            },
         )
 
 

@@ -114,8 +114,11 @@ from streams.semantics import (
     FOLD_LIMIT,
     ExperimentSnapshot,
     UnitState,
+    age_edges_ms,
+    age_tracking,
     completed_buckets,
     config_ms,
+    fine_edges,
     horizons_ms,
     n_activity_strata,
     started_and_arrivals,
@@ -214,6 +217,15 @@ def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
     names = cfg.metric_names
     argv.append(str(len(names)))
     argv += list(names)
+    if age_tracking(cfg):  # exposure-age bins and fine strata (issue 19)
+        ages = age_edges_ms(cfg)
+        argv.append(str(len(ages)))
+        argv += [str(int(e)) for e in ages]
+        fine = fine_edges(cfg)
+        argv.append(str(len(fine)))
+        argv += [_num(e, "fine edge") for e in fine]
+    else:
+        argv.append("0")
     return argv
 
 
@@ -976,8 +988,21 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
 
     zero = (0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
     cells = {m: [[zero for _ in range(n_tot)] for _ in variants] for m in metrics}
+    age_cells: dict[str, list[list[tuple]]] = {}
+    if age_tracking(cfg):
+        nb = len(age_edges_ms(cfg)) - 1
+        n_fine = max(len(fine_edges(cfg)) - 1, 0) + 1
+        azero = (0, *([0.0] * (2 * nb + 1)))
+        age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in metrics}
     for f, v in cells_raw.items():
-        m, var, s = _s(f).rsplit("|", 2)
+        parts = _s(f).split("|")
+        if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
+            _, m, var, s = parts
+            si = int(s)
+            if m in age_cells and var in vindex and 0 <= si < n_fine:
+                age_cells[m][vindex[var]][si] = _age_cell(_s(v), nb)
+            continue
+        m, var, s = parts
         si = int(s)
         if m in cells and var in vindex and 0 <= si < n_tot:
             cells[m][vindex[var]][si] = _cell(_s(v))
@@ -1006,7 +1031,15 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         seq=None if seq_raw is None else int(seq_raw),
         dead_letters={f[3:]: int(v) for f, v in meta.items() if f.startswith("dl:")},
         retired_units=int(meta.get("retired_n", 0)),
+        age_cells=age_cells,
     )
+
+
+def _age_cell(text: str, nb: int) -> tuple:
+    """An age cell (note 7): ``n`` then 2 nb + 1 sums (missing ones read 0)."""
+    f = text.split(" ")
+    sums = [float(x) for x in f[1:2 * nb + 2]]
+    return (_int(f[0]), *sums, *([0.0] * (2 * nb + 1 - len(sums))))
 
 
 def _cell(text: str) -> tuple:
@@ -1021,6 +1054,7 @@ def _cell(text: str) -> tuple:
 
 _UNIT_HEAD = struct.Struct("<BHHBdd")
 _UNIT2_HEAD = struct.Struct("<BHHBddH")
+_UNIT3_HEAD = struct.Struct("<BHHBddHHBH")
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
@@ -1028,6 +1062,20 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     version 1 without pre-experiment values, version 2 with them) or the
     earlier text form."""
     M = len(cfg.metrics)
+    if isinstance(packed, bytes) and packed[:1] == b"\x03":
+        _, v, s, m, b, ets, nt, np, nb, f = _UNIT3_HEAD.unpack_from(packed)
+        vals = struct.unpack_from(f"<{nt + np + nt * nb}d", packed, _UNIT3_HEAD.size)
+        totals = list(vals[:nt]) + [0.0] * (M - nt)
+        pre = [None if math.isnan(x) else x for x in vals[nt:nt + np]]
+        pre += [None] * (M - len(pre))
+        u = UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
+        if age_tracking(cfg):
+            NB = len(age_edges_ms(cfg)) - 1
+            base = nt + np
+            u.fine = f
+            u.age = [[vals[base + k * nb + j] if k < nt and j < nb else 0.0
+                      for j in range(NB)] for k in range(M)]
+        return u
     if isinstance(packed, bytes) and packed[:1] == b"\x01":
         _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
         nt = (len(packed) - _UNIT_HEAD.size) // 8

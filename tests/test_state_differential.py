@@ -18,6 +18,10 @@ Generated exposures sometimes carry pre-experiment values (``pre``, CUPED):
 of some config metrics, of names outside the config, or none; so units with
 version-2 records, their covariate cell sums and late corrections of folded
 units with an x are covered by both.
+
+Configs often track exposure age (issue 19: ``exposure_age_bins`` drawn with
+edges inside the short windows, or a 60 s window with bins 0, 10, 30 s), so
+version-3 records, the age cells and their corrections are covered too.
 """
 
 from __future__ import annotations
@@ -64,17 +68,28 @@ def src(p: int) -> str:
     return f"{TOPIC}|{p}"
 
 
+#: exposure-age bins (seconds): None (the default, whose edges all lie beyond
+#: these short windows: off), one bin (off), or edges inside the window
+age_bins = (st.none() | st.just((0,))
+            | st.lists(st.integers(1, 6), min_size=1, max_size=4, unique=True)
+            .map(lambda xs: (0, *sorted(xs))))
+
+
 @st.composite
 def configs(draw):
     out = []
     for i in range(draw(st.integers(1, 3))):
+        window, bins = draw(st.integers(1, 5)), draw(age_bins)
+        if draw(st.integers(0, 5)) == 0:
+            window, bins = 60, (0, 10, 30)
         out.append(ExperimentConfig(
             experiment_id=f"e{i}",
             variants=draw(st.sampled_from([("control", "treatment"), ("c", "t1", "t2")])),
             metrics=tuple(MetricSpec(m) for m in draw(
                 st.sampled_from([("rev",), ("rev", "clicks")]))),
             strata_edges=draw(st.sampled_from([(0, 1, 4, 29), (0, 2.5), (0,)])),
-            window_seconds=draw(st.integers(1, 5)),
+            window_seconds=window,
+            exposure_age_bins=bins,
             bucket_seconds=draw(st.integers(1, 3)),
             lateness_seconds=draw(st.integers(0, 2)),
             dedupe_seconds=draw(st.integers(0, 4)),
@@ -192,6 +207,12 @@ class Both:
                 _note("units retired")
             if w.counters["retired"]:
                 _note("exposures of retired units")
+            if w.age_cells:
+                _note("exposure age tracked")
+                if any(c[0] for rows in w.age_cells.values() for row in rows for c in row):
+                    _note("age cells folded")
+                if w.counters["corrected"]:
+                    _note("age tracked, corrections")
             assert got.matured == w.matured, (c.experiment_id, got.matured, w.matured)
             assert bits(got) == bits(want.snapshot(c_all)), c.experiment_id
             assert bits(read_units(self.r, c)) == bits(want.units)
@@ -327,6 +348,9 @@ def assert_same_state(got: Reducer, want: Reducer) -> None:
             assert (gu.variant, gu.stratum, gu.bucket, gu.exposure_ts, gu.matured, gu.pre) == \
                 (wu.variant, wu.stratum, wu.bucket, wu.exposure_ts, wu.matured, wu.pre), (e, u)
             assert all(_close(a, b) for a, b in zip(gu.totals, wu.totals, strict=True)), (e, u)
+            assert gu.fine == wu.fine and len(gu.age) == len(wu.age), (e, u)
+            for ga, wa in zip(gu.age, wu.age, strict=True):
+                assert all(_close(a, b) for a, b in zip(ga, wa, strict=True)), (e, u)
         for m, rows in gs.cells.items():
             for gr, wr in zip(rows, ws.cells[m], strict=True):
                 for gc, wc in zip(gr, wr, strict=True):
@@ -341,6 +365,17 @@ def assert_same_state(got: Reducer, want: Reducer) -> None:
                     sxx, syy = max(gc[5], wc[5]), max(abs(gc[2]), abs(wc[2]))
                     for k, scale in ((4, math.sqrt(nx * sxx)), (5, sxx),
                                      (6, math.sqrt(sxx * syy)), (7, math.sqrt(nx * syy))):
+                        assert _near(gc[k], wc[k], scale), (e, m, k, gc, wc)
+        assert sorted(gs.age_cells) == sorted(ws.age_cells), e
+        for m, rows in gs.age_cells.items():
+            for gr, wr in zip(rows, ws.age_cells[m], strict=True):
+                for gc, wc in zip(gr, wr, strict=True):
+                    assert gc[0] == wc[0] and len(gc) == len(wc), (e, m, gc, wc)
+                    # up to the rounding of the fold order and of corrections
+                    # ((t+v)² - t², v·t_{B-1}), on the scale of the terms
+                    sq = max(max(abs(x) for x in gc[2:-1:2]), max(abs(x) for x in wc[2:-1:2]))
+                    scale = sq + math.sqrt((gc[0] + 1) * sq)
+                    for k in range(1, len(gc)):
                         assert _near(gc[k], wc[k], scale), (e, m, k, gc, wc)
         lost = ("late", "expired", "too_old")
         assert all(gs.counters.get(k, 0) == 0 for k in lost), gs.counters
@@ -592,3 +627,112 @@ def test_float_sums_bit_equal_on_long_stream(redis_url):
     for k in range(0, len(evs), 97):
         both.batch(rnd.randrange(2), evs[k:k + 97])
     both.check()
+
+
+# ---------------------------------------------------------------- exposure age (issue 19)
+
+
+def _age_cfg(eid="e1", **kw) -> ExperimentConfig:
+    """W = 60 s, age bins [0, 10), [10, 30), [30, 60) s; matured at clock 61 s."""
+    base = dict(window_seconds=60, exposure_age_bins=(0, 10, 30), correction_seconds=40)
+    base.update(kw)
+    return _cfg(eid, **base)
+
+
+def test_age_bins_fold_and_correct(fresh):
+    """Bin totals by the metric's age since exposure; the fold adds them to
+    the age cell of the unit's fine stratum, corrections add v, the change of
+    y_b² and of y_0·y_2 (hand-computed), the totals' cells are as ever."""
+    both = Both(fresh, [_age_cfg()])
+    both.batch(0, [_x("x", "u", 0, pre=2.5), _m("a", "u", 5_000, 1.0),
+                   _m("b", "u", 15_000, 2.0), _m("c", "u", 40_000, 4.0),
+                   _x("y", "w", 1_000, "treatment", pre=None, cov={"rev": 3.0}),
+                   _m("d", "w", 59_999, 0.5)])
+    st = both.red.states["e1"]
+    assert st.units["u"].age == [[1.0, 2.0, 4.0]] and st.units["u"].fine == 2
+    assert st.units["w"].fine == st.F  # no pre_activity: the unknown fine stratum
+    both.batch(0, [_x("z", "q", 70_000)])  # clock 70 s: u, w fold (close 60, 61 s; L = 1 s)
+    both.batch(0, [_m("e", "u", 2_000, 8.0), _m("f", "u", 50_000, 16.0),
+                   _m("g", "u", 20_000, 0.25)])  # corrections, bins 0, 2, 1
+    both.check()
+    snap = st.snapshot()
+    assert snap.counters["corrected"] == 3
+    y0, y1, y2 = 9.0, 2.25, 20.0
+    assert snap.age_cells["rev"][0][2] == (1, y0, y0 * y0, y1, y1 * y1, y2, y2 * y2, y0 * y2)
+    assert snap.age_cells["rev"][1][st.F] == (1, 0.0, 0.0, 0.0, 0.0, 0.5, 0.25, 0.0)
+    assert snap.cells["rev"][0][2][:3] == (1, y0 + y1 + y2, (y0 + y1 + y2) ** 2)
+    assert len(snap.age_cells["rev"][0]) == st.F + 1 == 30  # fine_edges: 0, 1, ..., 29
+    rec = fresh.hgetall("lr:{e:e1}:units")
+    assert rec[b"u"][:1] == b"\x03" and len(rec[b"u"]) == 29 + 8 * (1 + 3)
+    assert rec[b"w"][:1] == b"\x03" and len(rec[b"w"]) == 29 + 8 * (1 + 1 + 3)
+    cell = fresh.hget("lr:{e:e1}:cells", "a|rev|control|2").decode().split(" ")
+    assert cell == ["1", "9", "81", "2.25", "5.0625", "20", "400", "180"]
+
+
+def test_age_tracking_off_keeps_records_and_cells(fresh):
+    """One age bin (a window within the first edge, or bins [0]): version-1
+    records, no age cells, snapshots without them, exactly as before."""
+    for c in (_cfg(correction_seconds=100), _age_cfg(exposure_age_bins=(0,)),
+              _age_cfg(exposure_age_bins=(0, 60))):
+        fresh.flushall()
+        both = Both(fresh, [c])
+        both.batch(0, [_x("x", "u", 0), _m("a", "u", 5_000, 2.0), _x("y", "v", 65_000)])
+        both.check()
+        assert both.red.states["e1"].snapshot().age_cells == {}
+        assert len(fresh.hget("lr:{e:e1}:units", "u")) == 22 + 8
+        assert not [f for f in fresh.hkeys("lr:{e:e1}:cells") if f.startswith(b"a|")]
+
+
+def test_records_from_before_age_tracking(fresh):
+    """A unit written while the config tracked no age (state from before
+    issue 19 under the default bins) keeps its version and its totals, and
+    enters no age cell; units created since do."""
+    off, on = _age_cfg(exposure_age_bins=(0,)), _age_cfg()
+    apply_batch(fresh, off, TOPIC, 0, [(0, _x("x", "u", 0)), (1, _m("a", "u", 5_000, 2.0))])
+    apply_batch(fresh, on, TOPIC, 0, [(2, _x("y", "v", 1_000)), (3, _m("b", "v", 35_000, 3.0)),
+                                      (4, _m("c", "u", 45_000, 1.0))], clk_end=T0 + 45_000)
+    assert fresh.hget("lr:{e:e1}:units", "u")[:1] == b"\x01"
+    apply_batch(fresh, on, TOPIC, 0, [(5, _x("z", "w", 90_000))])
+    units = read_units(fresh, on)
+    assert units["u"].totals == [3.0] and units["u"].age == []
+    assert units["v"].age == [[0.0, 0.0, 3.0]]
+    snap = read_snapshot(fresh, on)
+    assert snap.cells["rev"][0][1][:3] == (2, 6.0, 18.0)
+    assert snap.age_cells["rev"][0][1] == (1, 0.0, 0.0, 0.0, 0.0, 3.0, 9.0, 0.0)
+    assert sum(c[0] for row in snap.age_cells["rev"] for c in row) == 1
+
+
+def test_age_cells_bit_equal_on_long_stream(redis_url):
+    """Age tracking with two metrics, pre values, corrections (stragglers
+    within H) and retirements on two partitions: Lua == reducer, bit for bit."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    rnd = random.Random(11)
+    c = _age_cfg(metrics=(MetricSpec("rev"), MetricSpec("clicks")), correction_seconds=30,
+                 window_seconds=20, exposure_age_bins=(0, 3, 8, 15))
+    both = Both(r, [c])
+    evs = []
+    for i in range(700):
+        t = i * 300
+        evs.append(_x(f"x{i}", f"u{i % 120}@{i % 2}", t, rnd.choice(["control", "treatment"]),
+                      pre=rnd.choice([None, rnd.random() * 30]),
+                      cov=rnd.choice([None, {"rev": rnd.gauss(0, 5)}])))
+        for k in range(2):
+            u = f"u{rnd.randrange(120)}@{k}"
+            back = rnd.choice([0, 0, 0, 15_000, 40_000])  # some corrections, some late
+            evs.append(Metric(f"m{i}.{k}", u, rnd.choice(["rev", "clicks"]),
+                              rnd.gauss(0, 1e3), T0 + t - back + rnd.randrange(0, 20_000), "e1"))
+    for k in range(0, len(evs), 89):
+        part = {0: [], 1: []}
+        for ev in evs[k:k + 89]:
+            part[int(ev.unit_id[-1])].append(ev)
+        for p, lst in part.items():
+            if lst:
+                both.batch(p, lst)
+    both.advance(0, T0 + 10**6)
+    both.advance(1, T0 + 10**6)
+    both.check()
+    st = both.red.states["e1"]
+    assert st.counters["corrected"] > 20 and st.retired.n > 100
+    assert sum(c[0] for row in st.age_cells["rev"] for c in row) == sum(st.matured.values())
+    r.close()

@@ -21,7 +21,10 @@ ARGV:
   src "<topic>|<partition>", epoch (the caller's owner epoch of src, '' = not
   fenced: tests and tools), W, B, L, DD, H, Hh (ms), HM, fold_limit,
   started_at_cfg ('' = none), end_at ('' = none), clk_end, n_edges, edges..., n_variants,
-  variants..., n_metrics, metrics..., then THREE binary strings. The first
+  variants..., n_metrics, metrics..., n_age_edges (0 = exposure age not
+  tracked), age edges... (ms since exposure, streams.semantics.age_edges_ms),
+  n_fine_edges, fine edges... (fine_edges; only when n_age_edges > 0), then
+  THREE binary strings. The first
   holds a fixed-size head per event (struct, little-endian, 39 bytes)
   '<c1HddddHH': kind ('x' exposure | 'm' metric | 'h' a metric held without
   experiment_id, released by the exposure just before it, whose offset it
@@ -57,6 +60,14 @@ missing pre values as none. In this script a unit is the array
 total_M} (fields U_V .. U_ETS, total k at U_ETS + k); a unit with pre values
 has version 2 and pre_1 ... pre_M (NaN = none) after its totals (pre k at
 U_PRE + k), fixed at its creation.
+Version 3, a unit of a config with exposure-age tracking (issue 19; struct
+'<BHHBddHHBH' + (m + p + m*nb) x 'd'): 3, the same five fields, m, p (0:
+no pre values, else m), nb (age bins), fine stratum, total_1 ... total_m,
+pre_1 ... pre_p, then the bin totals of metric 1 (nb of them), of metric 2,
+... In this script its bins are u.a (metric k bin b at (k-1)*NB + b + 1) and
+its fine stratum u.f; u[1] is 2 if it has pre values, else 1, as for the
+other versions. A unit without u.a (a record written before tracking) keeps
+its version and enters no age cell.
 Held metrics (hash field = unit id): records '<Hdd' (metric index, ts,
 value) in arrival order; heldq:<src> scores each unit by its newest held ts.
 
@@ -106,6 +117,18 @@ for k = 1, n_var do variants[k] = nextarg() end
 local n_met = tonumber(nextarg())
 local metrics = {}
 for k = 1, n_met do metrics[k] = nextarg() end
+local n_age = tonumber(nextarg())                -- exposure-age edges (issue 19)
+local age_edges = {}
+for k = 1, n_age do age_edges[k] = tonumber(nextarg()) end
+local NB = n_age - 1                             -- age bins; < 2: not tracked
+local AGE = NB >= 2
+local fine_edges, NF = {}, 0
+if n_age > 0 then
+  local n_fe = tonumber(nextarg())
+  for k = 1, n_fe do fine_edges[k] = tonumber(nextarg()) end
+  NF = n_fe - 1                                  -- fine strata (NF: unknown activity)
+  if NF < 0 then NF = 0 end
+end
 local heads = nextarg()
 local strs = nextarg()
 local pres = nextarg() or ''
@@ -122,6 +145,14 @@ local function unit2_fmt(m)
   return f
 end
 local PRE_LEN = 8 * n_met                -- bytes of one exposure's pre values
+local UNIT3_HEAD, UNIT3_HEAD_LEN = '<BHHBddHHBH', 29   -- exposure-age units (issue 19)
+local dfmts = {}                         -- '<' .. n x 'd', by n
+local function dfmt(k)
+  local f = dfmts[k]
+  if f == nil then f = '<' .. string.rep('d', k); dfmts[k] = f end
+  return f
+end
+local AC_X = 2 * NB + 2                  -- an age cell: {n, Σy_0, Σy_0², ..., Σy_0·y_{NB-1}}
 local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
 local U_PRE = U_ETS + n_met                        -- pre values of a version-2 unit
 local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
@@ -266,10 +297,36 @@ local function parse_unit2(raw)
   for k = U_PRE + n_met + 2, U_ETS + 2 * m + 1 do u[k] = nil end
   return u
 end
+-- Version 3 (exposure age): pads metrics appended since (total 0, no pre
+-- value, zero bins); bins are kept only while the config tracks age.
+local function parse_unit3(raw)
+  local _, vi, st, mat, bk, ets, m, np, nb, f = sunpack(UNIT3_HEAD, raw)
+  local vals = {sunpack(dfmt(m + np + m * nb), raw, UNIT3_HEAD_LEN + 1)}
+  local u = {np > 0 and 2 or 1, vi, st, mat, bk, ets}
+  for k = 1, n_met do u[U_ETS + k] = k <= m and vals[k] or 0.0 end
+  if np > 0 then
+    for k = 1, n_met do
+      if k <= np then u[U_PRE + k] = vals[m + k] else u[U_PRE + k] = NAN end
+    end
+  end
+  if AGE then
+    local a, base = {}, m + np
+    for k = 1, n_met do
+      for b = 1, NB do
+        local x = 0.0
+        if k <= m and b <= nb then x = vals[base + (k - 1) * nb + b] end
+        a[(k - 1) * NB + b] = x
+      end
+    end
+    u.a, u.f = a, f
+  end
+  return u
+end
 local function parse_unit(raw)
   if not raw then return false end
   local v = byte(raw, 1)
   if v == 2 then return parse_unit2(raw) end
+  if v == 3 then return parse_unit3(raw) end
   if v ~= 1 then return parse_unit_text(raw) end
   local nt = (#raw - UNIT_HEAD_LEN) / 8
   local f = unit_fmts[nt]
@@ -412,6 +469,40 @@ local function row_of(v, s)
   return row
 end
 
+-- Age cells (issue 19), in the cells hash: field a|<metric>|<variant>|<fine>
+-- -> "n Σy_0 Σy_0² ... Σy_{NB-1} Σy_{NB-1}² Σy_0·y_{NB-1}" (AC_X numbers);
+-- age_row_of(v, f) = {age cell of metric 1, ...}, read on first use.
+local age_rows, age_cells, age_order = {}, {}, {}
+local function age_row_of(v, f)
+  local rv = age_rows[v]
+  if rv == nil then rv = {}; age_rows[v] = rv end
+  local row = rv[f]
+  if row == nil then
+    row = {}
+    local sfx = '|' .. variants[v + 1] .. '|' .. fmti(f)
+    local fields = {}
+    for k = 1, n_met do fields[k] = 'a|' .. metrics[k] .. sfx end
+    local raw = call('HMGET', K_CELLS, unpack(fields))
+    for k = 1, n_met do
+      local c = {0}
+      for j = 2, AC_X do c[j] = 0.0 end
+      if raw[k] then
+        local j = 0
+        for tok in string.gmatch(raw[k], '%S+') do
+          j = j + 1
+          if j > AC_X then break end
+          c[j] = tonumber(tok)
+        end
+      end
+      row[k] = c
+      age_cells[fields[k]] = c
+      age_order[#age_order + 1] = fields[k]
+    end
+    rv[f] = row
+  end
+  return row
+end
+
 -- Rule 3 for a unit that exists (also a released held metric).
 local function metric_rule(uid, u, mi, ts, v, T)
   local ets = u[U_ETS]
@@ -422,6 +513,16 @@ local function metric_rule(uid, u, mi, ts, v, T)
   local c = U_ETS + mi
   local t = u[c]
   u[c] = t + v
+  local a, bin, ab, tb = u.a, 0, nil, nil
+  if a then  -- the bin total of the metric's exposure age (age_bin_of)
+    local age = ts - ets
+    for k = NB - 1, 1, -1 do
+      if age >= age_edges[k + 1] then bin = k; break end
+    end
+    ab = (mi - 1) * NB + bin + 1
+    tb = a[ab]
+    a[ab] = tb + v
+  end
   touch_unit(uid)
   if close > T then return 'metric_applied' end
   if u[U_M] == 1 and variants[u[U_V] + 1] ~= nil then
@@ -433,6 +534,17 @@ local function metric_rule(uid, u, mi, ts, v, T)
       if xk == xk then
         cell[7] = cell[7] + xk * v
         cell[8] = cell[8] + v
+      end
+    end
+    if a then
+      local ac = age_row_of(u[U_V], u.f)[mi]
+      local j = 2 + 2 * bin
+      ac[j] = ac[j] + v
+      ac[j + 1] = ac[j + 1] + ((tb + v) * (tb + v) - tb * tb)
+      if bin == 0 then
+        ac[AC_X] = ac[AC_X] + v * a[(mi - 1) * NB + NB]
+      elseif bin == NB - 1 then
+        ac[AC_X] = ac[AC_X] + a[(mi - 1) * NB + 1] * v
       end
     end
   end
@@ -486,6 +598,18 @@ for i = 1, n do
         u = {1, vi, st, 0, bucket, ts}
         for k = 1, n_met do u[U_ETS + k] = 0.0 end
         if has_pres then take_pre(u, E_PRE[i]) end
+        if AGE then  -- exposure-age bins and the fine stratum (stratum_of, fine_edges)
+          local a = {}
+          for j = 1, n_met * NB do a[j] = 0.0 end
+          local fs = NF
+          if x ~= nil and NF > 0 then
+            fs = 0
+            for k = NF, 1, -1 do
+              if x >= fine_edges[k] then fs = k - 1; break end
+            end
+          end
+          u.a, u.f = a, fs
+        end
         units[uid] = u
         touch_unit(uid)
         local ak = format('%d|%d', st, bucket)
@@ -609,6 +733,20 @@ if settling and clk ~= nil then
               end
             end
           end
+          local a = u.a
+          if a then
+            local arow = age_row_of(u[U_V], u.f)
+            for k = 1, n_met do
+              local ac, base = arow[k], (k - 1) * NB
+              ac[1] = ac[1] + 1
+              for b = 0, NB - 1 do
+                local yb = a[base + b + 1]
+                ac[2 + 2 * b] = ac[2 + 2 * b] + yb
+                ac[3 + 2 * b] = ac[3 + 2 * b] + yb * yb
+              end
+              ac[AC_X] = ac[AC_X] + a[base + 1] * a[base + NB]
+            end
+          end
           matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
         end
         u[U_M] = 1
@@ -662,9 +800,28 @@ local function push2(cmd, key, x, y)
   if nb >= CHUNK then flush(cmd, key) end
 end
 local UNIT2_FMT = unit2_fmt(n_met)
+local UNIT3_FMTS = {}   -- by number of pre values (0 or n_met)
+if AGE then
+  for _, np in ipairs({0, n_met}) do
+    UNIT3_FMTS[np] = UNIT3_HEAD .. string.rep('d', n_met + np + n_met * NB)
+  end
+end
 for _, uid in ipairs(units_order) do
   local u = units[uid]
   if not u then  -- retired in this call: deleted below
+  elseif u.a then
+    local np = u[1] == 2 and n_met or 0
+    local args = {3, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS], n_met, np, NB, u.f}
+    local q = 10
+    for k = 1, n_met do args[q + k] = u[U_ETS + k] end
+    q = q + n_met
+    if np > 0 then
+      for k = 1, n_met do args[q + k] = u[U_PRE + k] end
+      q = q + n_met
+    end
+    local a = u.a
+    for j = 1, n_met * NB do args[q + j] = a[j] end
+    push2('HSET', K_UNITS, uid, spack(UNIT3_FMTS[np], unpack(args, 1, q + n_met * NB)))
   elseif u[1] == 2 then
     push2('HSET', K_UNITS, uid, spack(UNIT2_FMT, 2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS],
                                       n_met, unpack(u, U_ETS + 1, U_PRE + n_met)))
@@ -695,6 +852,12 @@ for _, f in ipairs(cells_order) do
     push2('HSET', K_CELLS, f, head .. ' ' .. fmti(c[4]) .. ' ' .. fmt(c[5]) .. ' ' ..
           fmt(c[6]) .. ' ' .. fmt(c[7]) .. ' ' .. fmt(c[8]))
   end
+end
+for _, f in ipairs(age_order) do
+  local c = age_cells[f]
+  local parts = {fmti(c[1])}
+  for j = 2, AC_X do parts[j] = fmt(c[j]) end
+  push2('HSET', K_CELLS, f, table.concat(parts, ' '))
 end
 flush('HSET', K_CELLS)
 for _, f in ipairs(arr_order) do call('HINCRBY', K_ARR, f, arr[f]) end
