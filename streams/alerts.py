@@ -54,6 +54,10 @@ bias_resolve_interval         0.9      (= 0.9 fire) ... resolves when <= this
 data_loss_share               0.005    fire when the window's dropped share > this
 data_loss_resolve_share       0.0025   (= 0.5 fire) resolve when it is <= this
 data_loss_min_events          1000     events a window needs before it is judged
+novelty_prob                  0.99     fire when novelty P(>0) > this or < 1 - this
+novelty_resolve_prob          0.95     (= fire - 0.04) resolve when inside [1-this, this]
+novelty_margin                0.02     ... and |novelty contrast| (lift) > this
+novelty_resolve_margin        0.016    (= 0.8 fire) resolve when |contrast| <= this
 ============================  =======  =======================================
 
 The conditions, per metric and treatment variant unless said otherwise:
@@ -104,6 +108,14 @@ The conditions, per metric and treatment variant unless said otherwise:
   evaluation judges everything counted so far. Held metrics that expire on an
   experiment receiving no events raise ``dropped`` but not ``events``: they
   count in the next window that has enough events.
+- ``novelty_effect`` (records with ``novelty``, issue 19): the treatment's
+  lift on a unit's first days since exposure differs from its lift later,
+  within fine activity strata: ``novelty.p_positive`` (of the
+  precision-weighted ``contrast``) above ``novelty_prob`` (novelty: the
+  first days look better) or below its complement (primacy), and the
+  contrast's |mean| above the practical ``novelty_margin`` (in lift). It is
+  evaluated per tick like the others, so a stream of looks raises its false
+  alarms above the per-look rate (docs/method.md has both).
 
 An alert whose metric, variant or guardrail has been removed from the
 configuration resolves with a message saying so. A (metric, variant) missing
@@ -140,6 +152,7 @@ ALERT_KINDS: tuple[str, ...] = (
     "not_converged",
     "early_adopter_bias",
     "data_loss",
+    "novelty_effect",
 )
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
@@ -165,6 +178,10 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "data_loss_share": 0.005,
     "data_loss_resolve_share": 0.0025,
     "data_loss_min_events": 1000.0,
+    "novelty_prob": 0.99,
+    "novelty_resolve_prob": 0.95,
+    "novelty_margin": 0.02,
+    "novelty_resolve_margin": 0.016,
 }
 
 # Domain of each firing/plain key: (lo, hi, lo_open, hi_open). Out of domain -> default.
@@ -182,6 +199,8 @@ _DOMAIN: dict[str, tuple[float, float, bool, bool]] = {
     "bias_interval": (0.0, math.inf, True, True),
     "data_loss_share": (0.0, 1.0, True, True),
     "data_loss_min_events": (1.0, math.inf, False, True),
+    "novelty_prob": (0.5, 1.0, True, True),
+    "novelty_margin": (0.0, math.inf, False, True),
 }
 
 # resolve key -> (firing key, derived default from the firing level, clamp to non-firing side)
@@ -198,6 +217,8 @@ _RESOLVE: dict[str, tuple[str, Any, Any]] = {
     "bias_resolve_prob": ("bias_prob", lambda f: min(0.5, 2.0 * f), max),
     "bias_resolve_interval": ("bias_interval", lambda f: 0.9 * f, min),
     "data_loss_resolve_share": ("data_loss_share", lambda f: 0.5 * f, min),
+    "novelty_resolve_prob": ("novelty_prob", lambda f: max(0.5, f - 0.04), min),
+    "novelty_resolve_margin": ("novelty_margin", lambda f: 0.8 * f, min),
 }
 
 
@@ -420,6 +441,38 @@ def _bias(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _Decis
     return _Decision(firing, ev, msg)
 
 
+def _novelty(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _Decision:
+    nov = rec.get("novelty")
+    if not nov:
+        return _Decision(False, {}, "")  # no exposure-age bins: nothing to judge
+    c = nov.get("contrast") or {}
+    p, m = _num(nov.get("p_positive")), _num(c.get("mean"))
+    if p is None or m is None:
+        return _Decision(None, {}, "")
+    plim = t["novelty_resolve_prob"] if was else t["novelty_prob"]
+    mlim = t["novelty_resolve_margin"] if was else t["novelty_margin"]
+    sure = (p >= plim or p <= 1.0 - plim) if was else (p > plim or p < 1.0 - plim)
+    big = abs(m) >= mlim if was else abs(m) > mlim
+    firing = sure and big
+    d = nov.get("difference") or {}
+    ev = _evidence(p_positive=p, contrast_mean=m, contrast_sd=c.get("sd"),
+                   contrast_lo=c.get("lo"), contrast_hi=c.get("hi"), prob_limit=plim,
+                   margin=mlim, difference_mean=d.get("mean"), difference_sd=d.get("sd"),
+                   strata_used=c.get("strata_used"))
+    kind = "novelty" if m > 0 else "primacy"
+    if firing:
+        better = "better" if m > 0 else "worse"
+        msg = (f"{kind.capitalize()} effect: {rec['variant']} lifts {rec['metric']} "
+               f"{_fmt(m)} {better} on a unit's first days since exposure than later, "
+               f"within activity strata (95% interval [{_fmt(c.get('lo'))}, "
+               f"{_fmt(c.get('hi'))}], P(novelty) = {p:.3f}); the long-run lift is the "
+               f"later bins' (by_exposure_age).")
+    else:
+        msg = (f"No clear novelty or primacy of {rec['variant']} on {rec['metric']} any more "
+               f"(first-days minus later lift {_fmt(m)}, P(novelty) = {p:.3f}).")
+    return _Decision(firing, ev, msg)
+
+
 _EXPERIMENT_LEVEL = frozenset(("sample_ratio_mismatch", "data_loss"))
 
 _PER_RECORD = (
@@ -427,6 +480,7 @@ _PER_RECORD = (
     ("decision_ready", _decision),
     ("not_converged", _not_converged),
     ("early_adopter_bias", _bias),
+    ("novelty_effect", _novelty),
 )
 
 

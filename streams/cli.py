@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose noise correlates R (-1..1) with the outcome's; default: none")
     s.add_argument("--covariate-missing", type=float, default=0.0, metavar="Q",
                    help="share of units without a pre-experiment value (0..1; default 0)")
+    s.add_argument("--novelty", type=float, default=None, metavar="X",
+                   help="the visits model (a metric event per visit) with an extra lift X on "
+                        "each unit's first day since exposure (novelty X > 0, primacy X < 0, "
+                        "0 none); needs --window-seconds of whole days >= 2; default: off")
+    s.add_argument("--effect-slope", type=float, default=None, metavar="B",
+                   help="how the effect changes per unit of log visit probability "
+                        "(negative: heavy users respond worse; default the scenario's)")
 
     from streams.settings import add_arguments
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels import novelty as novelty_kernel
 from kernels.data import ModelData, make_data
 from streams.data_quality import data_quality
-from streams.semantics import ExperimentSnapshot
+from streams.semantics import ExperimentSnapshot, age_edges_ms, age_tracking, fine_parent
 
 SCHEMA_VERSION = 1
 
@@ -27,6 +28,11 @@ SCHEMA_VERSION = 1
 #: ``<metric>#nocov`` ('#' is not allowed in a metric name): they measure what
 #: the covariate bought (``variance_reduction.sd_ratio``), and are never published.
 SHADOW_SUFFIX = "#nocov"
+
+#: The chains of a metric's model of its totals in exposure-age bin b (issue
+#: 19) are stored under ``<metric>#age<b>``; they give ``by_exposure_age``
+#: and are never published on their own.
+AGE_SUFFIX = "#age"
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,20 @@ class Problem:
     covariate: bool = False  # the model adjusts for the metric's pre-experiment value
     #: the same data without the covariate, run beside a problem that has one
     shadow: bool = False
+    #: the model of the units' totals in this exposure-age bin (issue 19)
+    age_bin: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         """(experiment_id, chain name): the name its chains are stored under."""
+        if self.age_bin is not None:
+            return self.experiment_id, f"{self.metric}{AGE_SUFFIX}{self.age_bin}"
         return self.experiment_id, self.metric + (SHADOW_SUFFIX if self.shadow else "")
+
+    @property
+    def published(self) -> bool:
+        """Its rows become estimate records (shadows and age bins only feed them)."""
+        return not self.shadow and self.age_bin is None
 
 
 def chain_names(cfg) -> list[str]:
@@ -54,6 +69,9 @@ def chain_names(cfg) -> list[str]:
     names = list(cfg.metric_names)
     if _covariates_on(cfg):
         names += [m + SHADOW_SUFFIX for m in cfg.metric_names]
+    if age_tracking(cfg):
+        B = len(age_edges_ms(cfg)) - 1
+        names += [f"{m}{AGE_SUFFIX}{b}" for m in cfg.metric_names for b in range(B)]
     return names
 
 
@@ -99,7 +117,29 @@ def problems_of(snap: ExperimentSnapshot) -> list[Problem]:
             out.append(Problem(snap.experiment_id, m.name, d, order, strata, shadow=True))
         else:
             out.append(Problem(snap.experiment_id, m.name, d, order, strata))
+        if snap.age_cells.get(m.name):
+            B = len(age_edges_ms(cfg)) - 1
+            out += [Problem(snap.experiment_id, m.name, d, order, strata, age_bin=b)
+                    for b in range(B)]
     return out
+
+
+def age_cells_by_stratum(snap: ExperimentSnapshot, metric: str) -> list[list[list[tuple]]]:
+    """[variant][activity stratum][bin] = (n, Σy_b, Σy_b²): the exposure-age
+    cells summed over the fine strata of each activity stratum."""
+    fine = snap.age_cells[metric]
+    parent = fine_parent(snap.config)
+    B = (len(fine[0][0]) - 2) // 2
+    out = [[[[0, 0.0, 0.0] for _ in range(B)] for _ in range(snap.n_strata_total)]
+           for _ in fine]
+    for v, row in enumerate(fine):
+        for f, c in enumerate(row):
+            for b in range(B):
+                acc = out[v][parent[f]][b]
+                acc[0] += c[0]
+                acc[1] += c[1 + 2 * b]
+                acc[2] += c[2 + 2 * b]
+    return [[[tuple(x) for x in s] for s in v] for v in out]
 
 
 def _activity(snap: ExperimentSnapshot, s: int) -> float:
@@ -134,8 +174,14 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
     p_sd = np.full(P, 0.5)
     any_cov = any(p.covariate for _, p in items)
     cov = {k: np.zeros((P, K1, S)) for k in ("nx", "sx", "sxx", "sxy", "sy_x")}
+    age_by = {}
     for i, (snap, prob) in enumerate(items):
         cells = snap.cells[prob.metric]
+        if prob.age_bin is not None:
+            k = (snap.experiment_id, prob.metric)
+            if k not in age_by:
+                age_by[k] = age_cells_by_stratum(snap, prob.metric)
+            cells = [[s[prob.age_bin] for s in v] for v in age_by[k]]
         for r, v in enumerate(prob.order):
             kmask[i, r] = True
             for c, s in enumerate(prob.strata):
@@ -172,8 +218,12 @@ def records(summary: list[list[dict]], problems: list[Problem],
     shadow_rows = {(p.experiment_id, p.metric): rows
                    for p, rows in zip(problems, summary, strict=True)
                    if p.shadow and rows is not None}
+    age_rows: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for p, rows in zip(problems, summary, strict=True):
+        if p.age_bin is not None and rows is not None:
+            age_rows.setdefault((p.experiment_id, p.metric), {})[p.age_bin] = rows
     for i, (prob, rows) in enumerate(zip(problems, summary, strict=True)):
-        if prob.shadow or rows is None:
+        if not prob.published or rows is None:
             continue
         snap = snaps[prob.experiment_id]
         cfg = snap.config
@@ -209,6 +259,8 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "strata": strata,
                 "variance_reduction": _variance_reduction(
                     prob, row, k, cells, pair, shadow_rows.get((prob.experiment_id, prob.metric))),
+                **_exposure_age(snap, prob, row, k, pair,
+                                age_rows.get((prob.experiment_id, prob.metric))),
                 "units": {"exposed": dict(snap.exposed), "matured": dict(snap.matured)},
                 "diagnostics": {**row["diagnostics"], "iteration": int(it)},
                 "watermark": {"event_time": snap.watermark, "completed_buckets": snap.D},
@@ -237,3 +289,63 @@ def _variance_reduction(prob: Problem, row: dict, k: int, cells, pair: tuple[int
             a, b = row[block]["effect"]["sd"], shadow[k][block]["effect"]["sd"]
             out["sd_ratio"][block] = a / b if a is not None and b else None
     return out
+
+
+def _exposure_age(snap: ExperimentSnapshot, prob: Problem, row: dict, k: int,
+                  pair: tuple[int, int], age: dict[int, list[dict]] | None) -> dict:
+    """``by_exposure_age`` and ``novelty`` of one treatment (issue 19; both
+    null when the experiment keeps no exposure-age bins).
+
+    Per bin: the adjusted effect and lift of the bin's own model (the
+    ``#age<b>`` chains: within-stratum, weighted by population shares),
+    null until those chains have draws. ``novelty``: the first bin's lift
+    minus the last's within fine strata (``kernels.novelty``): ``contrast``
+    and ``p_positive`` weight strata by their information (the test),
+    ``difference`` by population shares (the size)."""
+    if not age_tracking(snap.config) or prob.metric not in snap.age_cells:
+        return {"by_exposure_age": None, "novelty": None}
+    edges = age_edges_ms(snap.config)
+    bins = []
+    for b in range(len(edges) - 1):
+        r = age[b][k] if age is not None and b in age else None
+        adj = r["adjusted"] if r is not None else None
+        bins.append({"from_s": edges[b] // 1000, "to_s": edges[b + 1] // 1000,
+                     "lift": _interval(adj["lift"]) if adj else None,
+                     "effect": _interval(adj["effect"]) if adj else None})
+    return {"by_exposure_age": bins, "novelty": novelty_of(snap, prob, row, pair)}
+
+
+def _interval(x: dict) -> dict:
+    return {"mean": x["mean"], "sd": x.get("sd"), "lo": x["lo"], "hi": x["hi"]}
+
+
+def novelty_of(snap: ExperimentSnapshot, prob: Problem, row: dict, pair: tuple[int, int]) -> dict:
+    """The novelty contrast of the (control, treatment) ``pair`` from the
+    snapshot's fine-stratum age cells; population shares from the main
+    model's ``row`` (its strata's posterior mean shares)."""
+    fine = snap.age_cells[prob.metric]
+    cells = [fine[v] for v in pair]  # [2][F+1] tuples
+    B = (len(cells[0][0]) - 2) // 2
+    n = np.array([[c[0] for c in arm] for arm in cells], float)
+    sy = np.array([[[c[1 + 2 * b] for b in range(B)] for c in arm] for arm in cells])
+    syy = np.array([[[c[2 + 2 * b] for b in range(B)] for c in arm] for arm in cells])
+    s0L = np.array([[c[-1] for c in arm] for arm in cells], float)
+    delta, var, ok = novelty_kernel.per_stratum(n, sy, syy, s0L)
+    test = novelty_kernel.combine(delta[0], var[0], ok[0])
+    pi = np.zeros(snap.n_strata_total)
+    for c, s in enumerate(prob.strata):
+        sh = row["strata"][c]["share_population"]
+        pi[s] = sh["mean"] if sh and sh.get("mean") is not None else 0.0
+    w = novelty_kernel.population_weights(n, fine_parent(snap.config), pi)
+    size = novelty_kernel.combine(delta[0], var[0], ok[0], weights=w)
+
+    def num(x) -> float | None:
+        x = float(x)
+        return x if np.isfinite(x) else None
+
+    def block(c: dict) -> dict:
+        return {k: num(c[k]) for k in ("mean", "sd", "lo", "hi")}
+
+    return {"difference": block(size), "p_positive": num(test["p_positive"]),
+            "contrast": {**block(test), "strata_used": int(test["strata_used"])},
+            "strata": int(len(n[0]))}

@@ -7,7 +7,9 @@ model is ``streams.synthetic``'s, shared with the tests and the demo.
 ``--covariate-rho R`` gives each unit a pre-experiment value of the metric
 (the exposure's ``pre``, CUPED, issue 18) whose noise correlates R with the
 in-experiment noise; ``--covariate-missing Q`` leaves it out for a share Q
-of the units (new users).
+of the units (new users). ``--novelty X`` switches to the visits model (one
+metric event per visit, issue 19) with an extra lift X on each unit's first
+day since exposure; the truth then has the lift of each exposure-age bin.
 """
 
 from __future__ import annotations
@@ -20,25 +22,39 @@ import numpy as np
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig
 from schemas.validate import experiment_to_dict
-from streams.synthetic import Scenario, events, population, truth
+from streams.semantics import age_edges_ms
+from streams.synthetic import Scenario, age_truth, events, population, truth
 
 
 def make_traffic(units: int, days: float, experiment: str, seed: int, window_seconds: int,
                  started_at: int, covariate_rho: float | None = None,
-                 covariate_missing: float = 0.0) -> tuple[ExperimentConfig, list[dict], dict]:
+                 covariate_missing: float = 0.0, novelty: float | None = None,
+                 effect_slope: float | None = None
+                 ) -> tuple[ExperimentConfig, list[dict], dict]:
     """The config, events and truth of one simulated experiment; with
-    ``covariate_rho`` its exposures carry ``pre`` (``streams.synthetic``)."""
+    ``covariate_rho`` its exposures carry ``pre``, with ``novelty`` it is the
+    visits model (``streams.synthetic``)."""
+    if novelty is not None and (window_seconds % 86_400 or window_seconds < 2 * 86_400):
+        raise ValueError("--novelty needs a window of whole days, at least 2 "
+                         f"(--window-seconds), got {window_seconds}")
     if covariate_rho is not None and not -1.0 <= covariate_rho <= 1.0:
         raise ValueError(f"covariate_rho must be in [-1, 1], got {covariate_rho}")
     if not 0.0 <= covariate_missing <= 1.0:
         raise ValueError(f"covariate_missing must be in [0, 1], got {covariate_missing}")
     rng = np.random.default_rng(seed)
+    extra = {} if effect_slope is None else {"effect_slope": effect_slope}
+    if novelty is not None:
+        extra.update(novelty=novelty, window_days=window_seconds // 86_400)
     pop = population(Scenario(n_units=units, covariate_rho=covariate_rho,
-                              covariate_missing=covariate_missing), rng)
+                              covariate_missing=covariate_missing, **extra), rng)
     cfg = ExperimentConfig(experiment_id=experiment, window_seconds=window_seconds,
                            started_at=started_at)
     evs = events(pop, experiment, started_at, window_seconds * 1000, days, rng)
-    return cfg, evs, truth(pop)
+    tr = truth(pop)
+    if novelty is not None:
+        tr["novelty"] = novelty
+        tr["by_exposure_age"] = age_truth(pop, tuple(e // 86_400_000 for e in age_edges_ms(cfg)))
+    return cfg, evs, tr
 
 
 def produce(evs: list[dict], bootstrap, topic: str, rate: float = 0.0) -> None:
@@ -75,7 +91,9 @@ def main(args) -> int:
         cfg, evs, tr = make_traffic(args.units, args.days, args.experiment, args.seed,
                                     args.window_seconds, args.started_at,
                                     getattr(args, "covariate_rho", None),
-                                    getattr(args, "covariate_missing", 0.0))
+                                    getattr(args, "covariate_missing", 0.0),
+                                    getattr(args, "novelty", None),
+                                    getattr(args, "effect_slope", None))
     except ValueError as e:
         raise SystemExit(f"liftstream simulate: {e}") from None
     if args.experiments_out:

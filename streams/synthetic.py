@@ -47,6 +47,15 @@ class Scenario:
     #: with the in-experiment noise ε (so corr(x, Y) = ρ within a cell)
     covariate_rho: float | None = None
     covariate_missing: float = 0.0  # share of units without x (new users)
+    #: Novelty (issue 19): None = the outcome model above. A number X = the
+    #: *visits* model: the unit's exposure is a visit (age < 1 h), and on each
+    #: later day k = 1 … window_days−1 it visits with probability p (at age
+    #: k + U(0, 1) days). Each visit's metric is Poisson with mean
+    #: g · (1 + treated · (ℓ + X · [k = 0])), g = base0 + base_slope · a and
+    #: ℓ = effect + effect_slope · (log p − mean log p) a *relative* lift: X is
+    #: an extra lift on the first day only (X > 0 novelty, < 0 primacy, 0 none)
+    novelty: float | None = None
+    window_days: int = 7  # the metric window of the visits model, in days
 
 
 @dataclass
@@ -61,6 +70,11 @@ class Population:
     #: [M] pre-experiment value of the metric, NaN where the unit has none;
     #: None when the scenario has no covariate
     x: np.ndarray | None = None
+    #: visits model only: [M, window_days] each day's metric (0 without a
+    #: visit) and its age in days; [M] the unit's expected control outcome
+    visits: np.ndarray | None = None
+    visit_age: np.ndarray | None = None
+    baseline: np.ndarray | None = None
 
     @property
     def true_effect(self) -> float:
@@ -69,6 +83,8 @@ class Population:
 
     @property
     def true_baseline(self) -> float:
+        if self.baseline is not None:
+            return float(self.baseline.mean())
         s = self.scenario
         return float(np.mean(s.base0 + s.base_slope * self.activity))
 
@@ -82,6 +98,8 @@ class Population:
 
 
 def population(sc: Scenario, rng: np.random.Generator) -> Population:
+    if sc.novelty is not None:
+        return _visits_population(sc, rng)
     M = sc.n_units
     a = np.round(28 * rng.beta(*sc.activity_beta, size=M))
     p = np.maximum(a, 0.5) / 28.0
@@ -103,21 +121,110 @@ def population(sc: Scenario, rng: np.random.Generator) -> Population:
     return Population(a, p, arrival, variant, tau, y, sc, x)
 
 
-def cell_stats(pop: Population, day: float, bucket_days: float = 1.0) -> dict[str, np.ndarray]:
-    """Sufficient statistics at time ``day`` when every unit that arrived is
-    matured (zero-length window): cells [K1, S], arrivals by stratum, D."""
+def _visits_population(sc: Scenario, rng: np.random.Generator) -> Population:
+    """The visits model (``Scenario.novelty``): see the Scenario's comment."""
+    M, Wd = sc.n_units, int(sc.window_days)
+    a = np.round(28 * rng.beta(*sc.activity_beta, size=M))
+    p = np.maximum(a, 0.5) / 28.0
+    day = rng.geometric(sc.exposure_rate * p) - 1
+    arrival = day + rng.random(M)
+    variant = rng.choice(len(sc.variants), size=M, p=np.asarray(sc.allocation))
+    logp = np.log(p)
+    lift = sc.effect + sc.effect_slope * (logp - logp.mean())
+    treated = (variant > 0).astype(float)
+    g = sc.base0 + sc.base_slope * a
+    visit = np.ones((M, Wd), bool)
+    visit[:, 1:] = rng.random((M, Wd - 1)) < p[:, None]
+    age = np.arange(Wd)[None, :] + rng.random((M, Wd))
+    age[:, 0] = rng.random(M) / 24.0  # the exposure visit: within its first hour
+    first = np.zeros(Wd)
+    first[0] = 1.0
+    rate = g[:, None] * (1.0 + treated[:, None] * (lift[:, None] + sc.novelty * first[None, :]))
+    visits = np.where(visit, rng.poisson(rate), 0).astype(float)
+    n_exp = 1.0 + p * (Wd - 1)  # expected visits in the window
+    baseline = g * n_exp
+    tau = g * (lift * n_exp + sc.novelty)  # E[Y | treated] − E[Y | control]
+    return Population(a, p, arrival, variant, tau, visits.sum(1), sc, None,
+                      visits=visits, visit_age=age, baseline=baseline)
+
+
+def age_truth(pop: Population, edges_days: tuple[int, ...]) -> list[dict]:
+    """Visits model: the population's lift and effect in each exposure-age
+    bin [edges[b], edges[b+1]) days (integer edges; the last is the window):
+    Σ_u E[y_b | treated] − E[y_b | control] over Σ_u E[y_b | control], every
+    unit of the population, arrived or not."""
+    sc = pop.scenario
+    Wd = int(sc.window_days)
+    g = sc.base0 + sc.base_slope * pop.activity
+    logp = np.log(pop.p_day)
+    lift = sc.effect + sc.effect_slope * (logp - logp.mean())
+    out = []
+    for lo, hi in zip(edges_days[:-1], edges_days[1:], strict=True):
+        days = [k for k in range(Wd) if lo <= k < hi]
+        pk = np.array([[1.0 if k == 0 else float(q) for k in days] for q in pop.p_day])
+        base = g * pk.sum(1)
+        nov = np.array([sc.novelty if k == 0 else 0.0 for k in days])
+        eff = g * (lift * pk.sum(1) + pk @ nov)
+        out.append({"from_s": int(lo * 86_400), "to_s": int(hi * 86_400),
+                    "effect": float(eff.mean()), "lift": float(eff.sum() / base.sum())})
+    return out
+
+
+def bin_outcomes(pop: Population, edges_days: tuple[int, ...]) -> np.ndarray:
+    """Visits model: [M, B] each unit's metric total in each age bin."""
+    e = np.asarray(edges_days, float)
+    b = np.clip(np.searchsorted(e, pop.visit_age, side="right") - 1, 0, len(e) - 2)
+    out = np.zeros((len(pop.y), len(e) - 1))
+    for j in range(len(e) - 1):
+        out[:, j] = np.where(b == j, pop.visits, 0.0).sum(1)
+    return out
+
+
+def age_cell_stats(pop: Population, day: float, edges_days: tuple[int, ...],
+                   fine_edges) -> dict[str, np.ndarray]:
+    """Visits model: the exposure-age cells of the units matured at ``day``
+    (arrival + window <= day) by variant and fine stratum (the last = none):
+    n [K1, F+1], sy and syy [K1, F+1, B], s0L [K1, F+1] (Σ y_0 · y_{B−1}),
+    what ``ExperimentSnapshot.age_cells`` holds."""
+    sc = pop.scenario
+    K1, B = len(sc.variants), len(edges_days) - 1
+    fe = np.asarray(fine_edges, float)
+    F = len(fe) - 1
+    f = np.clip(np.searchsorted(fe, pop.activity, side="right") - 1, 0, F - 1)
+    yb = bin_outcomes(pop, edges_days)
+    m = pop.arrival + sc.window_days < day
+    at = (pop.variant[m], f[m])
+    n = np.zeros((K1, F + 1))
+    sy = np.zeros((K1, F + 1, B))
+    syy = np.zeros((K1, F + 1, B))
+    s0L = np.zeros((K1, F + 1))
+    np.add.at(n, at, 1.0)
+    np.add.at(sy, at, yb[m])
+    np.add.at(syy, at, yb[m] ** 2)
+    np.add.at(s0L, at, yb[m, 0] * yb[m, -1])
+    return {"n": n, "sy": sy, "syy": syy, "s0L": s0L}
+
+
+def cell_stats(pop: Population, day: float, bucket_days: float = 1.0, y: np.ndarray | None = None,
+               window_days: float = 0.0) -> dict[str, np.ndarray]:
+    """Sufficient statistics at time ``day``: cells [K1, S] of the outcome
+    ``y`` (default the unit's Y) over the units matured by then (arrival +
+    ``window_days`` < day; the default zero-length window: every unit that
+    arrived), arrivals by stratum, D."""
     sc = pop.scenario
     K1 = len(sc.variants)
     S = len(sc.strata_edges) - 1
     s = pop.stratum()
     D = int(np.floor(day / bucket_days))
     arrived = pop.arrival < day
+    y = pop.y if y is None else y
+    m = pop.arrival + window_days < day
     n = np.zeros((K1, S))
     sy = np.zeros((K1, S))
     syy = np.zeros((K1, S))
-    np.add.at(n, (pop.variant[arrived], s[arrived]), 1.0)
-    np.add.at(sy, (pop.variant[arrived], s[arrived]), pop.y[arrived])
-    np.add.at(syy, (pop.variant[arrived], s[arrived]), pop.y[arrived] ** 2)
+    np.add.at(n, (pop.variant[m], s[m]), 1.0)
+    np.add.at(sy, (pop.variant[m], s[m]), y[m])
+    np.add.at(syy, (pop.variant[m], s[m]), y[m] ** 2)
     bucket = np.floor(pop.arrival / bucket_days)
     done = pop.arrival < D * bucket_days
     arr = np.bincount(s[done], minlength=S).astype(float)
@@ -148,7 +255,8 @@ def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
 
     Every unit that arrives before ``until_day`` gets an exposure at its
     arrival and its outcome Y split into 1..``max_parts`` metric events spread
-    over its window; events after ``until_day`` are not emitted.
+    over its window (the visits model: one metric event per visit, at its
+    age); events after ``until_day`` are not emitted.
     """
     sc = pop.scenario
     end = started_at + int(until_day * day_ms)
@@ -165,6 +273,15 @@ def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
         if pop.x is not None and np.isfinite(pop.x[i]):
             exp["pre"] = {metric: float(pop.x[i])}
         out.append((te, exp))
+        if pop.visits is not None:  # the visits model: one metric event per visit
+            for k in np.flatnonzero(pop.visits[i] > 0):
+                ts = te + int(pop.visit_age[i, k] * day_ms)
+                if ts < end and ts < te + window_ms:
+                    out.append((ts, {"type": "metric", "event_id": f"{experiment_id}-m{i}-{k}",
+                                     "experiment_id": experiment_id, "unit_id": uid,
+                                     "metric": metric, "value": float(pop.visits[i, k]),
+                                     "ts": ts}))
+            continue
         parts = int(rng.integers(1, max_parts + 1))
         w = rng.dirichlet(np.ones(parts))
         when = np.sort(te + (rng.random(parts) * window_ms).astype(np.int64))

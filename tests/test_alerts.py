@@ -52,7 +52,8 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
            ess: float | None = 1000.0, iteration: int = 5000,
            exposed: dict | None = None, adjustment: str = "stratified",
            watermark: int = WM, computed_at: int = WM + 1000,
-           experiment_id: str = "exp-1", dq: dict | None = None) -> dict:
+           experiment_id: str = "exp-1", dq: dict | None = None,
+           novelty: tuple[float, float] | None = None) -> dict:
     """An estimate record shaped like ``streams.problems.records`` output."""
     lo = mean - 1.96 * sd if lo is None else lo
     hi = mean + 1.96 * sd if hi is None else hi
@@ -80,6 +81,12 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
     }
     if dq is not None:
         rec["data_quality"] = dq
+    if novelty is not None:  # (contrast mean, its sd): p_positive from the normal posterior
+        m, s = novelty
+        p = 0.5 * math.erfc(-m / s / math.sqrt(2.0))
+        block = {"mean": m, "sd": s, "lo": m - 1.96 * s, "hi": m + 1.96 * s}
+        rec["novelty"] = {"difference": dict(block), "p_positive": p,
+                          "contrast": {**block, "strata_used": 20}, "strata": 30}
     ESTIMATE_SCHEMA.validate(rec)
     return rec
 
@@ -125,7 +132,8 @@ def test_every_kind_fires_and_resolves():
     mon = Monitor(cfg)
     lossy = quality(exposures=2000, metric_applied=7800, late=200)  # 2% dropped
     bad = record(mean=-1.0, sd=0.2, p_positive=0.001, naive_mean=0.5,
-                 exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900, dq=lossy)
+                 exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900, dq=lossy,
+                 novelty=(0.08, 0.02))
     stuck = record(metric="latency", rhat=1.3, ess=40, iteration=3000,
                    exposed={"control": 5600, "treatment": 4400}, dq=lossy)
     fired = mon(bad, stuck)
@@ -135,7 +143,8 @@ def test_every_kind_fires_and_resolves():
     assert not mon(bad, stuck)
     clean = quality(exposures=4000, metric_applied=15_800, late=200)  # no new drops
     good = record(mean=0.0, sd=0.2, p_positive=0.5,
-                  exposed={"control": 50_000, "treatment": 50_000}, dq=clean)
+                  exposed={"control": 50_000, "treatment": 50_000}, dq=clean,
+                  novelty=(0.005, 0.02))
     calm = record(metric="latency", rhat=1.001, exposed={"control": 50_000, "treatment": 50_000},
                   dq=clean)
     resolved = mon(good, calm)
@@ -579,3 +588,23 @@ def test_racing_samplers_fire_a_transition_once(redis_url, monkeypatch):
     assert [(a["kind"], a["state"]) for a in alerting.recent(r, "exp-1")] == \
         [("data_loss", "firing")]
     r.close()
+
+
+# --------------------------------------------------------------------------- novelty
+
+
+def test_novelty_effect_needs_both_certainty_and_margin_and_has_hysteresis():
+    mon = Monitor(config())
+    # sure (p = 0.99997) but small (0.012 <= margin 0.02): nothing
+    assert not [a for a in mon(record(novelty=(0.012, 0.003))) if a["kind"] == "novelty_effect"]
+    # big but unsure (p = 0.977 < 0.99): nothing
+    assert not [a for a in mon(record(novelty=(0.06, 0.03))) if a["kind"] == "novelty_effect"]
+    a = [x for x in mon(record(novelty=(-0.05, 0.01))) if x["kind"] == "novelty_effect"]
+    assert [x["state"] for x in a] == ["firing"] and "Primacy" in a[0]["message"]
+    assert a[0]["evidence"]["contrast_mean"] == -0.05
+    # inside the hysteresis band: p = 0.0228 > 0.01 but < 0.05, |m| 0.02 > 0.016: still firing
+    assert not [x for x in mon(record(novelty=(-0.02, 0.01))) if x["kind"] == "novelty_effect"]
+    a = [x for x in mon(record(novelty=(-0.01, 0.01))) if x["kind"] == "novelty_effect"]
+    assert [x["state"] for x in a] == ["resolved"]
+    # records without exposure-age bins never fire it
+    assert not [x for x in mon(record()) if x["kind"] == "novelty_effect"]
