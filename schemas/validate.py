@@ -55,6 +55,7 @@ import orjson
 
 from schemas.records import (
     COVARIATES,
+    DEFAULT_EXPOSURE_AGE_BINS,
     DEFAULT_STRATA_EDGES,
     PRIORS,
     ExperimentConfig,
@@ -617,6 +618,7 @@ def _check_pre(pre: Any) -> dict[str, float] | None:
 _MAX_VARIANTS = 64
 _MAX_METRICS = 64
 _MAX_STRATA = 64
+_MAX_AGE_EDGES = 8  # exposure_age_bins (issue 19)
 _MAX_DURATION_S = 366 * 86_400
 _SHARE_TOL = 1e-6
 
@@ -726,6 +728,34 @@ def _cfg_edges(v: Any) -> tuple[float, ...]:
             field,
         )
     return edges
+
+
+def _cfg_age_bins(v: Any) -> tuple[int, ...]:
+    """``exposure_age_bins`` (issue 19): 1..8 distinct ascending integers >= 0
+    (seconds since the unit's own exposure), the first 0."""
+    field = "exposure_age_bins"
+    arr = _cfg_array(v, field)
+    if not 1 <= len(arr) <= _MAX_AGE_EDGES:
+        _cfg(f"'{field}' needs 1..{_MAX_AGE_EDGES} edges (seconds since the unit's "
+             f"exposure), got {len(arr)}", field)
+    edges = tuple(_cfg_int(x, f"{field}[{i}]", 0, _MAX_DURATION_S) for i, x in enumerate(arr))
+    if edges[0] != 0:
+        _cfg(f"'{field}' must start at 0 (the unit's exposure), got {edges[0]}", field)
+    if len(set(edges)) != len(edges):
+        dup = sorted({x for x in edges if edges.count(x) > 1})
+        _cfg(f"'{field}' has duplicate edges: {dup}", field)
+    for i in range(1, len(edges)):
+        if edges[i] < edges[i - 1]:
+            _cfg(f"'{field}' must be ascending; edge {i} ({edges[i]}) < edge {i - 1} "
+                 f"({edges[i - 1]})", field)
+    return edges
+
+
+def _age_edges_s(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """The age-bin edges in effect (``streams.semantics.age_edges_ms``, in
+    seconds): the configured ones (None: the default) inside the window."""
+    bins = DEFAULT_EXPOSURE_AGE_BINS if cfg.exposure_age_bins is None else cfg.exposure_age_bins
+    return tuple(sorted({int(e) for e in bins if 0 < int(e) < cfg.window_seconds}))
 
 
 def parse_experiment(
@@ -848,6 +878,8 @@ def parse_experiment(
             _cfg(f"'covariates' = {_short(v)} must be one of "
                  f"{', '.join(map(repr, COVARIATES))}", "covariates")
         kw["covariates"] = v
+    if (v := opt("exposure_age_bins")) is not _MISSING:
+        kw["exposure_age_bins"] = _cfg_age_bins(v)
 
     return ExperimentConfig(experiment_id, **kw)
 
@@ -857,7 +889,8 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig) -> str | N
     state, or None. Unit records store variant and metric *indices*, cells
     and arrivals are keyed by stratum and entry bucket, and a unit's outcome
     is defined by its window: so variants and metrics may only be appended
-    (same order), and control, window, buckets and strata are fixed once units
+    (same order), and control, window, buckets, strata and the exposure-age
+    bins in effect (unit records keep totals per bin) are fixed once units
     exist. Everything else (thresholds, priors, covariates, end_at, status,
     ...) may change. Callers reject such a config with code ``incompatible_config``."""
     if new.variants[:len(old.variants)] != old.variants:
@@ -870,7 +903,14 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig) -> str | N
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             return f"{name} is fixed once the experiment has units: {a!r} -> {b!r}"
+    if _age_edges_s(old) != _age_edges_s(new):
+        return ("exposure_age_bins is fixed once the experiment has units: "
+                f"{_bins_text(old.exposure_age_bins)} -> {_bins_text(new.exposure_age_bins)}")
     return None
+
+
+def _bins_text(bins: tuple[int, ...] | None) -> str:
+    return "None (the default)" if bins is None else repr(list(bins))
 
 
 def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -910,4 +950,6 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "prior_sd_logit_p": cfg.prior_sd_logit_p,
         "prior": cfg.prior,
         "covariates": cfg.covariates,
+        "exposure_age_bins": (None if cfg.exposure_age_bins is None
+                              else list(cfg.exposure_age_bins)),
     }

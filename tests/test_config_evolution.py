@@ -52,9 +52,31 @@ BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
     (dict(window_seconds=7200), False),
     (dict(bucket_seconds=3600), False),
     (dict(strata_edges=(0, 5, 29)), False),
+    # exposure-age bins (issue 19): the bins in effect are fixed (unit records
+    # keep a total per bin); None is the default (0, 1 d, 3 d), edges at or
+    # beyond the window (here 1 h) are dropped
+    (dict(exposure_age_bins=(0, 600)), False),
+    (dict(exposure_age_bins=(0,)), True),  # the default's edges lie beyond 1 h too
+    (dict(exposure_age_bins=(0, 86_400, 259_200)), True),
+    (dict(exposure_age_bins=(0, 3600, 7200)), True),
 ])
 def test_incompatible_change(change, ok):
     assert (incompatible_change(BASE, dataclasses.replace(BASE, **change)) is None) == ok
+
+
+def test_exposure_age_bins_are_fixed():
+    """With a week's window the default bins are in effect: tracking may not
+    be switched off, nor the edges moved; spelling the default out may."""
+    week = dataclasses.replace(BASE, window_seconds=7 * 86_400)
+    assert incompatible_change(week, dataclasses.replace(
+        week, exposure_age_bins=(0, 86_400, 259_200, 10**7))) is None
+    for bins in ((0,), (0, 86_400), (0, 3600, 86_400, 259_200)):
+        why = incompatible_change(week, dataclasses.replace(week, exposure_age_bins=bins))
+        assert why is not None and "exposure_age_bins" in why, bins
+    tracked = dataclasses.replace(week, exposure_age_bins=(0, 3600))
+    why = incompatible_change(tracked, week)
+    assert why == ("exposure_age_bins is fixed once the experiment has units: [0, 3600] -> "
+                   "None (the default)")
 
 
 @pytest.mark.integration

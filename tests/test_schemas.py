@@ -433,6 +433,7 @@ FULL_CONFIG: dict[str, Any] = {
     "prior_sd_logit_p": 0.5,
     "prior": "platform",
     "covariates": "off",
+    "exposure_age_bins": [0, 3600, 21600],
 }
 
 
@@ -442,6 +443,13 @@ def test_minimal_config_takes_defaults() -> None:
     assert ExperimentConfig("e1").covariates == "auto"
     assert parse_experiment({"experiment_id": "e1", "covariates": None}).covariates == "auto"
     assert parse_experiment({"experiment_id": "e1", "covariates": "off"}).covariates == "off"
+    assert ExperimentConfig("e1").exposure_age_bins is None
+    assert parse_experiment({"experiment_id": "e1", "exposure_age_bins": None}) == \
+        ExperimentConfig("e1")
+    assert parse_experiment({"experiment_id": "e1", "exposure_age_bins": [0]}) \
+        .exposure_age_bins == (0,)
+    assert parse_experiment({"experiment_id": "e1", "exposure_age_bins": [0, 60.0, 86_400]}) \
+        .exposure_age_bins == (0, 60, 86_400)
 
 
 def test_full_config_parses() -> None:
@@ -518,6 +526,9 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
         target_shares=shares(n_strata, False),
         prior=draw(st.sampled_from(["flat", "platform"])),
         covariates=draw(st.sampled_from(["auto", "off"])),
+        exposure_age_bins=draw(st.none() | st.lists(
+            st.integers(1, 31_622_400), max_size=7, unique=True).map(
+                lambda xs: (0, *sorted(xs)))),
         allocation=shares(len(variants), True),
         alert_thresholds=draw(st.dictionaries(_names, st.floats(-1e9, 1e9), max_size=3)),
         status=draw(st.sampled_from(["running", "stopped"])),
@@ -602,6 +613,19 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("prior unknown", cfg_with(prior="hierarchical"), "prior", True),
     ("covariates unknown", cfg_with(covariates="on"), "covariates", True),
     ("covariates bool", cfg_with(covariates=True), "covariates", True),
+    ("age bins not array", cfg_with(exposure_age_bins=86_400), "exposure_age_bins", True),
+    ("age bins empty", cfg_with(exposure_age_bins=[]), "exposure_age_bins", True),
+    ("age bins too many", cfg_with(exposure_age_bins=list(range(0, 90, 10))),
+     "exposure_age_bins", True),
+    ("age bins not from 0", cfg_with(exposure_age_bins=[60, 3600]), "exposure_age_bins", True),
+    ("age bins duplicate", cfg_with(exposure_age_bins=[0, 60, 60]), "exposure_age_bins", True),
+    ("age bins descending", cfg_with(exposure_age_bins=[0, 3600, 60]), "exposure_age_bins",
+     False),
+    ("age bin negative", cfg_with(exposure_age_bins=[0, -60]), "exposure_age_bins[1]", True),
+    ("age bin fractional", cfg_with(exposure_age_bins=[0, 1.5]), "exposure_age_bins[1]", True),
+    ("age bin string", cfg_with(exposure_age_bins=[0, "60"]), "exposure_age_bins[1]", True),
+    ("age bin bool", cfg_with(exposure_age_bins=[0, True]), "exposure_age_bins[1]", True),
+    ("age bin absurd", cfg_with(exposure_age_bins=[0, 10**9]), "exposure_age_bins[1]", True),
 ]
 
 
