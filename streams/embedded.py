@@ -495,8 +495,9 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
 
 
 def _wait_apache_ready(bootstrap: str, port: int, proc: subprocess.Popen, cluster_id: str,
-                       timeout: float) -> None:
-    """Port open, then a Metadata request answered with ``cluster_id``.
+                       timeout: float, brokers: int = 1, broker_id: int | None = None) -> None:
+    """Port open, then a Metadata request answered with ``cluster_id``, listing
+    at least ``brokers`` brokers (``broker_id`` among them, if given).
 
     Like ``wait_for_kafka``, but the JVM takes seconds to open its port, so
     the client is only made once it is open, with librdkafka's logging off
@@ -522,13 +523,53 @@ def _wait_apache_ready(bootstrap: str, port: int, proc: subprocess.Popen, cluste
                 last = str(exc)
                 time.sleep(0.1)
                 continue
-            if md.cluster_id == cluster_id and md.brokers:
+            if md.cluster_id == cluster_id and len(md.brokers) >= brokers and (
+                    broker_id is None or broker_id in md.brokers):
                 return
-            last = f"port answered by cluster {md.cluster_id!r}, not {cluster_id!r}"
+            last = (f"port answered by cluster {md.cluster_id!r}, not {cluster_id!r}"
+                    if md.cluster_id != cluster_id else
+                    f"metadata lists brokers {sorted(md.brokers)} (want {brokers}"
+                    + (f", with {broker_id})" if broker_id is not None else ")"))
             time.sleep(0.1)
     finally:
         del admin
     raise TimeoutError(f"no Kafka metadata from {bootstrap} after {timeout:.0f}s: {last}")
+
+
+def _apache_node_args(script: str, wd: str, port: int, cport: int, cluster_id: str,
+                      version: str | None, properties: dict[str, Any] | None,
+                      node_id: int | None = None, voters: str | None = None) -> list[str]:
+    """``run-kafka.sh --exec`` arguments for one node (single or in a cluster)."""
+    args = ["bash", script, "--exec", "--port", str(port), "--controller-port", str(cport),
+            "--data-dir", wd, "--cluster-id", cluster_id]
+    if node_id is not None:
+        args += ["--node-id", str(node_id)]
+    if voters:
+        args += ["--voters", voters]
+    if version:
+        args += ["--version", version]
+    for k, v in (properties or {}).items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _spawn_apache_node(args: list[str], wd: str, heap: str | None = None) -> subprocess.Popen:
+    """Run ``args`` (``_apache_node_args``): the script formats the storage
+    (unless already formatted) and execs the JVM, so the process *is* the
+    broker; output to ``wd/run-kafka.log``. ``heap``: ``KAFKA_HEAP_OPTS``."""
+    env = None
+    if heap:
+        env = dict(os.environ, KAFKA_HEAP_OPTS=heap)
+    with open(os.path.join(wd, "run-kafka.log"), "ab") as log:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=wd, start_new_session=True,
+                                env=env, preexec_fn=dies_with_parent())
+
+
+def _apache_log_tails(wd: str) -> str:
+    return (_log_tail(os.path.join(wd, "run-kafka.log")) + "\n--- server.log ---\n"
+            + _log_tail(os.path.join(wd, "logs", "server.log"))
+            + _log_tail(os.path.join(wd, "logs", "stdout.log")))
 
 
 def start_apache_kafka(port: int | None = None, workdir: str | None = None,
@@ -553,25 +594,16 @@ def start_apache_kafka(port: int | None = None, workdir: str | None = None,
     own_workdir = workdir is None
     attempts = 1 if port else 3
     error = ""
-    log_path = ""
+    tail = ""
     for _ in range(attempts):
         wd = workdir or tempfile.mkdtemp(prefix="liftstream-kafka-")
-        log_path = os.path.join(wd, "run-kafka.log")
         p = port or free_port()
         cport = free_port()
         while cport == p:
             cport = free_port()
         cluster_id = _kafka_cluster_id()
-        args = ["bash", script, "--exec", "--port", str(p), "--controller-port", str(cport),
-                "--data-dir", wd, "--cluster-id", cluster_id]
-        if version:
-            args += ["--version", version]
-        for k, v in (properties or {}).items():
-            args += ["--set", f"{k}={v}"]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=wd, start_new_session=True,
-                                    preexec_fn=dies_with_parent())
+        args = _apache_node_args(script, wd, p, cport, cluster_id, version, properties)
+        proc = _spawn_apache_node(args, wd)
         svc = Service("kafka", f"127.0.0.1:{p}", p, proc, wd, stop_signal=signal.SIGTERM)
         try:
             _wait_apache_ready(svc.url, p, proc, cluster_id, timeout)
@@ -579,9 +611,7 @@ def start_apache_kafka(port: int | None = None, workdir: str | None = None,
         except (TimeoutError, RuntimeError) as exc:
             error = str(exc)
             kill_group(proc)
-            tail = (_log_tail(log_path) + "\n--- server.log ---\n"
-                    + _log_tail(os.path.join(wd, "logs", "server.log"))
-                    + _log_tail(os.path.join(wd, "logs", "stdout.log")))
+            tail = _apache_log_tails(wd)
             if own_workdir:
                 shutil.rmtree(wd, ignore_errors=True)
             else:  # a retry formats afresh
@@ -597,3 +627,147 @@ def apache_kafka(**kw) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop(timeout=30.0)
+
+
+# ------------------------------------------------- Apache Kafka, several nodes
+
+#: JVM heap of each node of a test cluster: three of them share a small machine.
+CLUSTER_HEAP = "-Xms128m -Xmx384m"
+
+
+def cluster_properties(nodes: int) -> dict[str, Any]:
+    """``server.properties`` overrides for a cluster of ``nodes``: internal
+    topics (consumer offsets, transactions, share groups) replicated like the
+    data topics (factor min(3, nodes), min ISR min(2, nodes)), so a group
+    coordinator or a transaction survives the loss of one node; topics
+    created without a factor get min(3, nodes). ``min.insync.replicas`` of
+    data topics is left to the topic (``Settings.topic_min_insync``)."""
+    rf, isr = min(3, nodes), min(2, nodes)
+    return {"offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+            "default.replication.factor": rf}
+
+
+@dataclass
+class KafkaCluster:
+    """Apache Kafka nodes (combined KRaft broker+controllers, static quorum)
+    started by ``start_apache_kafka_cluster``. ``nodes[i]`` has node id
+    ``i + 1``; each ``Service.process`` is that node's JVM, so ``kill`` is a
+    kill -9 of exactly one node."""
+
+    cluster_id: str
+    nodes: list[Service]
+    workdir: str
+    #: node id -> its ``run-kafka.sh`` arguments (``restart`` reuses them)
+    args: dict[int, list[str]]
+    heap: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Bootstrap servers: every node."""
+        return ",".join(n.url for n in self.nodes)
+
+    def node(self, node_id: int) -> Service:
+        return self.nodes[node_id - 1]
+
+    def alive(self) -> list[int]:
+        return [i + 1 for i, n in enumerate(self.nodes) if n.process.poll() is None]
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL node ``node_id`` (its JVM); its log directory is kept."""
+        self.node(node_id).kill()
+
+    def restart(self, node_id: int, timeout: float = 90.0) -> None:
+        """Start a stopped or killed node again on its kept storage (no
+        format) and wait until it answers Metadata as a member of the cluster."""
+        svc = self.node(node_id)
+        if svc.process.poll() is None:
+            raise RuntimeError(f"node {node_id} is still running")
+        svc.process = _spawn_apache_node(self.args[node_id], svc.workdir, self.heap)
+        try:
+            _wait_apache_ready(svc.url, svc.port, svc.process, self.cluster_id, timeout,
+                               broker_id=node_id)
+        except (TimeoutError, RuntimeError) as exc:
+            kill_group(svc.process)
+            raise RuntimeError(f"node {node_id} did not restart: {exc}\n"
+                               f"{_apache_log_tails(svc.workdir)}") from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every node at once (a sequential stop would leave the last
+        ones without a quorum, waiting for their controlled shutdown), wait,
+        SIGKILL stragglers, remove the data."""
+        for n in self.nodes:
+            if n.process.poll() is None:
+                n.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for n in self.nodes:
+            try:
+                n.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                kill_group(n.process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_apache_kafka_cluster(nodes: int = 3, timeout: float = 120.0,
+                               version: str | None = None,
+                               properties: dict[str, Any] | None = None,
+                               heap: str | None = CLUSTER_HEAP) -> KafkaCluster:
+    """Start ``nodes`` Apache Kafka nodes on 127.0.0.1, each a combined KRaft
+    broker+controller (``run-kafka.sh --node-id I --voters ...``: one cluster
+    id, a static quorum of all of them, storage formatted per node under one
+    temp dir), with ``cluster_properties(nodes)`` and ``properties`` on top,
+    JVM heap ``heap`` each. Ready when every node answers Metadata with the
+    cluster id and lists all ``nodes`` brokers. Nodes start together (each
+    waits for a quorum of controllers). Retried once with fresh ports."""
+    if not shutil.which("java"):
+        raise ApacheKafkaUnavailable("no java on PATH (Kafka needs Java 17+)")
+    script = find_kafka_script()
+    resolve_apache_kafka(version)
+    props = {**cluster_properties(nodes), **(properties or {})}
+    error, tails = "", ""
+    for _ in range(2):
+        root = tempfile.mkdtemp(prefix="liftstream-kcluster-")
+        ports: set[int] = set()
+        while len(ports) < 2 * nodes:
+            ports.add(free_port())
+        plist = sorted(ports)
+        client, ctrl = plist[:nodes], plist[nodes:]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ctrl[i]}" for i in range(nodes))
+        cluster_id = _kafka_cluster_id()
+        cl = KafkaCluster(cluster_id, [], root, {}, heap=heap)
+        for i in range(nodes):
+            wd = os.path.join(root, f"node{i + 1}")
+            os.makedirs(wd)
+            cl.args[i + 1] = _apache_node_args(script, wd, client[i], ctrl[i], cluster_id,
+                                                version, props, node_id=i + 1, voters=voters)
+            proc = _spawn_apache_node(cl.args[i + 1], wd, heap)
+            cl.nodes.append(Service(f"kafka-{i + 1}", f"127.0.0.1:{client[i]}", client[i],
+                                    proc, wd, stop_signal=signal.SIGTERM))
+        try:
+            deadline = time.monotonic() + timeout
+            for i, n in enumerate(cl.nodes):
+                _wait_apache_ready(n.url, n.port, n.process, cluster_id,
+                                   max(1.0, deadline - time.monotonic()),
+                                   brokers=nodes, broker_id=i + 1)
+            return cl
+        except (TimeoutError, RuntimeError) as exc:
+            error = str(exc)
+            for n in cl.nodes:
+                kill_group(n.process)
+            tails = "\n".join(f"=== node {i + 1} ===\n{_apache_log_tails(n.workdir)}"
+                              for i, n in enumerate(cl.nodes))
+            shutil.rmtree(root, ignore_errors=True)
+    raise RuntimeError(f"Apache Kafka cluster did not start: {error}\n{tails}")
+
+
+@contextmanager
+def apache_kafka_cluster(**kw) -> Iterator[KafkaCluster]:
+    """A Kafka cluster for the duration of the block (``start_apache_kafka_cluster``)."""
+    cl = start_apache_kafka_cluster(**kw)
+    try:
+        yield cl
+    finally:
+        cl.stop()

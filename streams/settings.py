@@ -57,6 +57,9 @@ class Settings:
     topic_deadletter: str = "liftstream.dead-letter"
     partitions: int = 6
     replication: int = 1
+    # min.insync.replicas of every topic liftstream creates (0: the broker's
+    # default); with replication 3, 2 makes an acks=all write survive one node
+    topic_min_insync: int = 0
     chains: int = 8
     platform_chains: int = 4  # per metric, for experiments with prior "platform"
     sweeps_per_tick: int = 50
@@ -118,6 +121,9 @@ class Settings:
         if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
             raise ValueError(f"kafka_sasl_mechanism must be one of {SASL_MECHANISMS}, "
                              f"not {self.kafka_sasl_mechanism!r}")
+        if self.topic_min_insync > max(1, self.replication):
+            raise ValueError(f"topic_min_insync={self.topic_min_insync} exceeds replication="
+                             f"{self.replication}: no acks=all write could ever succeed")
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
             raise ValueError(f"kafka_security_protocol={self.kafka_security_protocol} needs "
                              "kafka_sasl_username (and kafka_sasl_password)")
@@ -167,14 +173,16 @@ class Settings:
     def topics(self) -> dict[str, dict]:
         """Every topic with its partitions and config (DESIGN §3)."""
         p, r = self.partitions, self.replication
-        compact = {"cleanup.policy": "compact"}
+        isr = {"min.insync.replicas": str(self.topic_min_insync)} \
+            if self.topic_min_insync > 0 else {}
+        compact = {"cleanup.policy": "compact", **isr}
         return {
-            self.topic_events: {"partitions": p, "replication": r},
+            self.topic_events: {"partitions": p, "replication": r, "config": dict(isr)},
             self.topic_experiments: {"partitions": 1, "replication": r, "config": compact},
-            self.topic_dirty: {"partitions": p, "replication": r},
-            self.topic_estimates: {"partitions": p, "replication": r, "config": compact},
-            self.topic_alerts: {"partitions": 1, "replication": r},
-            self.topic_deadletter: {"partitions": 1, "replication": r},
+            self.topic_dirty: {"partitions": p, "replication": r, "config": dict(isr)},
+            self.topic_estimates: {"partitions": p, "replication": r, "config": dict(compact)},
+            self.topic_alerts: {"partitions": 1, "replication": r, "config": dict(isr)},
+            self.topic_deadletter: {"partitions": 1, "replication": r, "config": dict(isr)},
         }
 
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Apache Kafka (KRaft, one combined broker+controller) on loopback, for tests
-# and development. No tarball, no Docker: the broker and its runtime
-# dependencies are resolved from Maven Central with `mvn` (once; cached), the
-# storage is formatted with a random cluster id, and `kafka.Kafka` runs on
-# Java 17+ with a quiet log4j2 config.
+# Apache Kafka (KRaft, combined broker+controller nodes) on loopback, for tests
+# and development: one node by default, or one node of a multi-node cluster
+# (--node-id, --voters; run the script once per node). No tarball, no Docker:
+# the broker and its runtime dependencies are resolved from Maven Central with
+# `mvn` (once; cached), the storage is formatted with a random cluster id, and
+# `kafka.Kafka` runs on Java 17+ with a quiet log4j2 config.
 #
 #   deploy/kafka/run-kafka.sh [--port 9092]            # prints 127.0.0.1:9092 when ready
 #   deploy/kafka/run-kafka.sh --resolve-only           # prints the classpath file
+#   # a 3-node cluster: the same --cluster-id and --voters for every node
+#   V=1@127.0.0.1:19093,2@127.0.0.1:29093,3@127.0.0.1:39093
+#   deploy/kafka/run-kafka.sh --node-id 1 --voters $V --cluster-id $ID --port 19092 --data-dir d1 &
+#   (likewise nodes 2 and 3; each waits for a quorum, so start them together)
 #
 # Options:
 #   --port N              client (PLAINTEXT) port on 127.0.0.1 (default 9092)
@@ -14,6 +19,11 @@
 #   --data-dir DIR        log dirs + server.log (default: a temp dir, removed on exit)
 #   --cluster-id ID       22-char base64url cluster id (default: random)
 #   --set KEY=VALUE       extra server property (repeatable; last one wins)
+#   --node-id N           this node's node.id (default 1)
+#   --voters SPEC         static KRaft quorum, ID@HOST:PORT,... (controller.quorum.voters;
+#                         the storage is formatted without --standalone); this node's
+#                         controller port defaults to its entry. Internal topics keep
+#                         replication factor 1 unless --set overrides it.
 #   --version V           Kafka version (default $LIFTSTREAM_KAFKA_VERSION or 4.4.0)
 #   --exec                replace this shell by the JVM after formatting (the caller
 #                         waits for readiness and stops the JVM itself; needs --data-dir)
@@ -24,7 +34,9 @@
 # JAVA (default: java on PATH), KAFKA_HEAP_OPTS, KAFKA_JVM_OPTS, MVN (default mvn).
 #
 # The process stops on SIGTERM/SIGINT: the JVM gets SIGTERM (Kafka's own
-# controlled shutdown) and the temp data dir is removed.
+# controlled shutdown) and the temp data dir is removed. A --data-dir that was
+# formatted before is not formatted again: the node restarts on its log (a
+# --cluster-id must then match the stored one).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -33,6 +45,8 @@ PORT=9092
 CONTROLLER_PORT=""
 DATA_DIR=""
 CLUSTER_ID=""
+NODE_ID=1
+VOTERS=""
 EXEC=0
 RESOLVE_ONLY=0
 TIMEOUT=120
@@ -46,12 +60,14 @@ while [[ $# -gt 0 ]]; do
     --controller-port) CONTROLLER_PORT="$2"; shift 2 ;;
     --data-dir) DATA_DIR="$2"; shift 2 ;;
     --cluster-id) CLUSTER_ID="$2"; shift 2 ;;
+    --node-id) [[ "$2" =~ ^[0-9]+$ ]] || die "--node-id wants a number, got '$2'"; NODE_ID="$2"; shift 2 ;;
+    --voters) VOTERS="$2"; shift 2 ;;
     --set) [[ "$2" == *=* ]] || die "--set wants KEY=VALUE, got '$2'"; EXTRA+=("$2"); shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
     --exec) EXEC=1; shift ;;
     --resolve-only) RESOLVE_ONLY=1; shift ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (try --help)" ;;
   esac
 done
@@ -140,8 +156,20 @@ random_cluster_id() {
   done
 }
 
+if [[ -n "$VOTERS" ]]; then
+  # ID@HOST:PORT,...; this node must be one of them (combined broker+controller)
+  MINE=""
+  IFS=, read -r -a VLIST <<<"$VOTERS"
+  for v in "${VLIST[@]}"; do
+    [[ "$v" =~ ^([0-9]+)@([^:@,]+):([0-9]+)$ ]] || die "--voters: '$v' is not ID@HOST:PORT"
+    [[ "${BASH_REMATCH[1]}" == "$NODE_ID" ]] && MINE="${BASH_REMATCH[3]}"
+  done
+  [[ -n "$MINE" ]] || die "--voters has no entry for node $NODE_ID"
+  [[ -z "$CONTROLLER_PORT" || "$CONTROLLER_PORT" == "$MINE" ]] || \
+    die "--controller-port $CONTROLLER_PORT differs from node $NODE_ID's voter port $MINE"
+  CONTROLLER_PORT="$MINE"
+fi
 [[ -n "$CONTROLLER_PORT" ]] || CONTROLLER_PORT="$(free_port)"
-[[ -n "$CLUSTER_ID" ]] || CLUSTER_ID="$(random_cluster_id)"
 TEMP_DATA=0
 if [[ -z "$DATA_DIR" ]]; then
   [[ $EXEC == 1 ]] && die "--exec needs --data-dir (nobody would remove a temp dir)"
@@ -150,9 +178,26 @@ if [[ -z "$DATA_DIR" ]]; then
 fi
 mkdir -p "$DATA_DIR/logs" "$DATA_DIR/data"
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+FORMATTED=0
+if [[ -s "$DATA_DIR/data/meta.properties" ]]; then
+  # a restart of this node: keep its log and its cluster id
+  FORMATTED=1
+  STORED_ID="$(sed -n 's/^cluster\.id=//p' "$DATA_DIR/data/meta.properties")"
+  [[ -z "$CLUSTER_ID" || "$CLUSTER_ID" == "$STORED_ID" ]] || \
+    die "$DATA_DIR is formatted for cluster $STORED_ID, not $CLUSTER_ID"
+  CLUSTER_ID="$STORED_ID"
+fi
+[[ -n "$CLUSTER_ID" ]] || CLUSTER_ID="$(random_cluster_id)"
 
 PROPS="$DATA_DIR/server.properties"
-sed -e "s|@PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
+QUORUM=(-e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g")
+FORMAT_MODE=(--standalone)
+if [[ -n "$VOTERS" ]]; then  # static quorum instead of the dynamic single voter
+  QUORUM+=(-e "s|^controller\.quorum\.bootstrap\.servers=.*|controller.quorum.voters=$VOTERS|"
+          -e "s|^# Dynamic quorum.*|# Static quorum (--voters): the storage is formatted without --standalone.|")
+  FORMAT_MODE=()
+fi
+sed -e "s|@PORT@|$PORT|g" "${QUORUM[@]}" -e "s|@NODE_ID@|$NODE_ID|g" \
     -e "s|@LOG_DIRS@|$DATA_DIR/data|g" "$HERE/server.properties.template" >"$PROPS"
 if [[ ${#EXTRA[@]} -gt 0 ]]; then
   printf '%s\n' "# --set overrides" "${EXTRA[@]}" >>"$PROPS"
@@ -166,8 +211,8 @@ read -r -a HEAP <<<"${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
 read -r -a JVM_OPTS <<<"${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:TieredStopAtLevel=1 -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true}"
 
 # Format: a short-lived JVM, so C1 only (starts faster).
-if ! "$JAVA" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx256m "${CDS_OPTS[@]}" "${LOG_OPTS[@]}" -cp "$CLASSPATH_STR" \
-      kafka.tools.StorageTool format --cluster-id "$CLUSTER_ID" --config "$PROPS" --standalone \
+if [[ $FORMATTED == 0 ]] && ! "$JAVA" -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx256m "${CDS_OPTS[@]}" "${LOG_OPTS[@]}" -cp "$CLASSPATH_STR" \
+      kafka.tools.StorageTool format --cluster-id "$CLUSTER_ID" --config "$PROPS" "${FORMAT_MODE[@]}" \
       >"$DATA_DIR/logs/format.log" 2>&1; then
   cat "$DATA_DIR/logs/format.log" >&2
   [[ $TEMP_DATA == 1 ]] && rm -rf "$DATA_DIR"
