@@ -350,3 +350,129 @@ def test_retired_filter_layers_and_false_positives():
     bound = f.false_positive_rate()
     assert 0 < bound < 1e-4
     assert fp <= bound + 4 * (bound / trials) ** 0.5 + 1e-5, (fp, bound)
+
+
+# ---------------------------------------------------------------- exposure age (issue 19)
+
+
+def test_age_bin_edges_and_tracking():
+    from streams.semantics import age_bin_of, age_edges_ms, age_tracking
+
+    c = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30, 60, 90))
+    assert age_edges_ms(c) == (0, 10_000, 30_000, 60_000) and age_tracking(c)
+    edges = age_edges_ms(c)
+    assert [age_bin_of(a, edges) for a in (0, 9_999, 10_000, 29_999, 30_000, 59_999)] == \
+        [0, 0, 1, 1, 2, 2]
+    assert not age_tracking(cfg())  # W = 10 s: the default edges (1 d, 3 d) lie beyond
+    assert not age_tracking(cfg(window_seconds=86_400 * 7, exposure_age_bins=(0,)))
+    assert age_tracking(ExperimentConfig("e"))  # 7 days, bins 0, 1 d, 3 d
+    st = ExperimentState(cfg())
+    run(st, X("u"), M("u", 1.0, 5), M("x", 0.0, 20_000))
+    assert st.units["u"].age == [] and st.snapshot().age_cells == {}
+
+
+def test_age_cells_equal_the_sums_over_matured_units():
+    """Rule 3 and 5 with exposure age: after random metrics (some arriving as
+    corrections of folded units), each age cell equals the sums over its
+    matured units of their per-bin totals recomputed from the applied events
+    (n, Σy_b, Σy_b², Σy_0·y_{B-1}), and each unit's bins sum to its total
+    (up to rounding); every other cell is the same as without age tracking."""
+    import math
+    import random
+
+    from streams.semantics import age_bin_of, fine_edges, fine_parent
+
+    c = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30), correction_seconds=1000)
+    off = cfg(window_seconds=60, exposure_age_bins=(0,), correction_seconds=1000)
+    rnd = random.Random(5)
+    st, st_off = ExperimentState(c), ExperimentState(off)
+    edges = st.age_edges
+    assert st.NB == 3 and fine_parent(c)[st.F] == st.S
+    units = {}
+    events = []
+    for i in range(40):
+        pre = rnd.choice([None, 0, 0.5, 1, 3.5, 12, 28])
+        u = f"u{i}"
+        units[u] = (i * 1000, rnd.choice(["control", "treatment"]), pre)
+        events.append(X(u, units[u][1], t=i * 1000, pre=pre))
+    for _ in range(400):
+        u = f"u{rnd.randrange(40)}"
+        age = rnd.randrange(0, 60_000)
+        events.append(M(u, rnd.choice([1.0, 0.5, rnd.gauss(0, 10)]), units[u][0] + age,
+                        metric=rnd.choice(["rev", "clicks"])))
+    events.sort(key=lambda e: e.ts)
+    # stragglers: some metrics arrive after their unit folded (corrections)
+    late = [e for e in events if isinstance(e, Metric) and rnd.random() < 0.2]
+    events = [e for e in events if e not in late] + late
+    cats = [st.apply(e) for e in events]
+    assert [st_off.apply(e) for e in events] == cats
+    assert cats.count("corrected") > 10
+    run(st, M("clock", 0.0, 200_000, eid="clock"))
+    run(st_off, M("clock", 0.0, 200_000, eid="clock"))
+    mi = {m: k for k, m in enumerate(st.metrics)}
+    y = {u: [[0.0] * 3 for _ in st.metrics] for u in units}
+    for e, cat in zip(events, cats, strict=True):
+        if cat in ("metric_applied", "corrected"):
+            ets = units[e.unit_id][0] + T0
+            y[e.unit_id][mi[e.metric]][age_bin_of(e.ts - ets, edges)] += e.value
+    want: dict = {}
+    for u, (_, v, pre) in units.items():
+        unit = st.units[u]
+        assert unit.matured and unit.fine == stratum_of(pre, fine_edges(c))
+        assert fine_parent(c)[unit.fine] == unit.stratum
+        for k, m in enumerate(st.metrics):
+            assert all(math.isclose(a, b, abs_tol=1e-9) for a, b in
+                       zip(unit.age[k], y[u][k], strict=True))
+            assert math.isclose(sum(unit.age[k]), unit.totals[k], abs_tol=1e-9)
+            w = want.setdefault((m, v, unit.fine), [0] + [0.0] * 7)
+            yk = y[u][k]
+            w[0] += 1
+            for b in range(3):
+                w[1 + 2 * b] += yk[b]
+                w[2 + 2 * b] += yk[b] ** 2
+            w[7] += yk[0] * yk[2]
+    snap, snap_off = st.snapshot(), st_off.snapshot()
+    assert snap.cells == snap_off.cells and snap.counters == snap_off.counters
+    assert snap_off.age_cells == {}
+    for m in st.metrics:
+        assert len(snap.age_cells[m]) == 2
+        for vi, v in enumerate(st.variants):
+            assert len(snap.age_cells[m][vi]) == st.F + 1
+            for f, got in enumerate(snap.age_cells[m][vi]):
+                exp = want.get((m, v, f), [0] + [0.0] * 7)
+                assert got[0] == exp[0], (m, v, f)
+                assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+                           for a, b in zip(got[1:], exp[1:], strict=True)), (m, v, f, got, exp)
+
+
+def test_analyze_fold_gives_age_cells(tmp_path):
+    """``liftstream analyze`` folds with the reducer: its snapshots carry the
+    age cells of experiments that track exposure age, none for the others."""
+    from collections import Counter
+
+    from schemas.codec import dumps
+    from schemas.validate import experiment_to_dict
+    from streams.analyze import fold, read_experiments
+    from streams.semantics import Reducer
+    from tests.streaming_harness import event_dict
+
+    on = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30))
+    off = cfg(experiment_id="e2", window_seconds=60)
+    (tmp_path / "exps.jsonl").write_bytes(
+        b"\n".join(dumps(experiment_to_dict(c)) for c in (on, off)))
+    events = [X("a", t=0, pre=3), X("b", "treatment", t=500, pre=None), M("a", 2.0, 5_000),
+              M("a", 1.0, 40_000), M("b", 4.0, 12_000), X("a", t=0, exp="e2"),
+              M("a", 1.0, 100, exp="e2")]
+    (tmp_path / "events.jsonl").write_bytes(b"\n".join(dumps(event_dict(e)) for e in events))
+    cfgs = read_experiments(tmp_path / "exps.jsonl")
+    assert cfgs == [on, off]
+    red = fold(cfgs, tmp_path / "events.jsonl", Counter(), as_of=T0 + 100_000)
+    snaps = red.snapshots()
+    assert snaps["e2"].age_cells == {}
+    ages = snaps["e1"].age_cells["rev"]
+    assert ages[0][3] == (1, 2.0, 4.0, 0.0, 0.0, 1.0, 1.0, 2.0)
+    assert ages[1][-1] == (1, 0.0, 0.0, 4.0, 16.0, 0.0, 0.0, 0.0)
+    ref = Reducer([on, off]).apply_all(events, batch=500)
+    for s in list(ref.clocks):
+        ref.advance(s, T0 + 100_000)
+    assert ref.snapshots()["e1"].age_cells == snaps["e1"].age_cells
