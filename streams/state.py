@@ -18,7 +18,7 @@ binary (1).
 | `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
 | `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts; once folded, close + H (8) |
 | `lr:{e:<id>}:retired` | string | bitmap: the retired-unit filter (``streams.retired_filter``) |
-| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7) |
+| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7); age cells (9) |
 | `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
 | `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
 | `lr:{e:<id>}:seen:<src>` | zset | event_id -> ts of its last counted sighting on `<src>` (4) |
@@ -51,7 +51,15 @@ binary (1).
    created (its first counted exposure). The earlier text form
    `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1>
    <total_1> ... <total_M>"` (%.17g) is still read, by the script and
-   ``read_units``, and rewritten in binary when next written.
+   ``read_units``, and rewritten in binary when next written. Version 3, a
+   unit of a config that tracks exposure age (issue 19,
+   ``streams.semantics.age_tracking``; struct `<BHHBddHHBH` then
+   m + p + m·nb doubles): version byte 3, the same five fields, m, p (0 or
+   m: whether it has pre values), nb (age bins), its fine stratum, total_1
+   ... total_m, pre_1 ... pre_p (NaN: none), then metric 1's nb bin totals,
+   metric 2's, ... Configs that track no age write versions 1 and 2 as
+   before; a version-1/2 record under a config that does (state from before
+   issue 19) keeps its version and enters no age cell.
 2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
    `liftstream.events|0`.
 3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
@@ -76,6 +84,11 @@ binary (1).
    pre-experiment value of the metric; the last five over the units that
    have an x. Cells written before the covariate sums existed have the first
    three only; the rest read as 0.
+9. Exposure-age cells (issue 19, only when the config tracks age), in the
+   same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
+   name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
+   (2B + 2 numbers, ``ExperimentSnapshot.age_cells``) over the matured units
+   of that fine stratum: y_b = a unit's total in exposure-age bin b.
 8. Rule 6 (``streams.semantics``): a folded unit stays in the zset, scored
    close + H, until that passes the partition clock - L; then its record is
    deleted from `units`, its id added to `retired` (a scalable Bloom filter,
