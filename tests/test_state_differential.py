@@ -736,3 +736,27 @@ def test_age_cells_bit_equal_on_long_stream(redis_url):
     assert st.counters["corrected"] > 20 and st.retired.n > 100
     assert sum(c[0] for row in st.age_cells["rev"] for c in row) == sum(st.matured.values())
     r.close()
+
+
+def test_age_bins_survive_appended_metrics(fresh):
+    """A version-3 record stores its number of metrics: a metric appended to
+    the config reads total 0 and zero bins, and the record is rewritten with
+    both (pre values and fine stratum kept)."""
+    from dataclasses import replace as _replace
+
+    c1 = _age_cfg()
+    apply_batch(fresh, c1, TOPIC, 0, [(0, _x("x", "u", 0, pre=4.2, cov={"rev": 2.0})),
+                                      (1, _m("a", "u", 35_000, 2.0))])
+    c2 = _replace(c1, metrics=(MetricSpec("rev"), MetricSpec("clicks")))
+    u = read_units(fresh, c2)["u"]
+    assert (u.totals, u.pre, u.fine, u.age) == ([2.0, 0.0], [2.0, None], 4,
+                                               [[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    apply_batch(fresh, c2, TOPIC, 0, [(2, Metric("b", "u", "clicks", 4.0, T0 + 12_000, "e1"))],
+                clk_end=T0 + 70_000)
+    u = read_units(fresh, c2)["u"]
+    assert (u.totals, u.pre, u.matured) == ([2.0, 4.0], [2.0, None], True)
+    assert u.age == [[0.0, 0.0, 2.0], [0.0, 4.0, 0.0]]
+    assert len(fresh.hget("lr:{e:e1}:units", "u")) == 29 + 8 * (2 + 2 + 2 * 3)
+    ages = read_snapshot(fresh, c2).age_cells
+    assert ages["rev"][0][4] == (1, 0.0, 0.0, 0.0, 0.0, 2.0, 4.0, 0.0)
+    assert ages["clicks"][0][4] == (1, 0.0, 0.0, 4.0, 16.0, 0.0, 0.0, 0.0)
