@@ -9,7 +9,8 @@ lift of the first bin minus the lift of the last is the novelty itself:
 
     δ_f = ȳ_T,0 / ȳ_C,0 − ȳ_T,L / ȳ_C,L        (bin 0 first, L last)
 
-with its variance by the delta method from the cells' sums (the two bins of
+(each ratio with its first-order bias removed, ×(1 − V(ȳ_C)/ȳ_C²)) with its
+variance by the delta method from the cells' sums (the two bins of
 one arm are correlated through the unit: Σ y_0·y_L gives their covariance;
 the arms are independent). Two combinations over fine strata:
 
@@ -63,12 +64,22 @@ def per_stratum(n, sy, syy, s0L, min_n: int = MIN_N, max_rel_se: float = MAX_REL
     trt = c + (slice(1, None),)
     a0, aL, b0, bL = m0[ctl], mL[ctl], m0[trt], mL[trt]
     with np.errstate(divide="ignore", invalid="ignore"):
-        delta = b0 / a0 - bL / aL
+        # each ratio with its first-order bias removed: E[b/a] ≈ (b/a)(1 + V_a/a²)
+        # for independent arms; it matters in light strata (V_a/a² up to MAX_REL_SE²)
+        delta = b0 / a0 * (1.0 - v0[ctl] / a0**2) - bL / aL * (1.0 - vL[ctl] / aL**2)
         var = (v0[trt] / a0**2 + vL[trt] / aL**2 - 2.0 * c0L[trt] / (a0 * aL)
                + b0**2 * v0[ctl] / a0**4 + bL**2 * vL[ctl] / aL**4
                - 2.0 * b0 * bL * c0L[ctl] / (a0**2 * aL**2))
+        # the gate on both arms pooled, so that whether a stratum takes part
+        # does not depend on which arm happened to be high (that biases δ)
+        n2 = n[ctl] + n[trt]
+        p0 = (sy[ctl][..., 0] + sy[trt][..., 0]) / n2
+        pL = (sy[ctl][..., -1] + sy[trt][..., -1]) / n2
+        q0 = np.maximum((syy[ctl][..., 0] + syy[trt][..., 0]) / n2 - p0 * p0, 0.0) / n2
+        qL = np.maximum((syy[ctl][..., -1] + syy[trt][..., -1]) / n2 - pL * pL, 0.0) / n2
+        # the pooled mean's relative se, scaled to one arm's (half the units)
         ok = ((n[ctl] >= min_n) & (n[trt] >= min_n) & (a0 > 0) & (aL > 0)
-              & (np.sqrt(v0[ctl]) < max_rel_se * a0) & (np.sqrt(vL[ctl]) < max_rel_se * aL)
+              & (np.sqrt(2.0 * q0) < max_rel_se * p0) & (np.sqrt(2.0 * qL) < max_rel_se * pL)
               & np.isfinite(delta) & np.isfinite(var) & (var > 0))
     return np.where(ok, delta, 0.0), np.where(ok, var, 0.0), ok
 
