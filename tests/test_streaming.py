@@ -104,13 +104,17 @@ def chain_iterations(r, eid: str, metrics) -> dict[str, int]:
 # --------------------------------------------------------------------------- 1
 
 
-@pytest.mark.parametrize("rho", [None, 0.8], ids=["plain", "covariate"])
-def test_end_to_end(new_stack, workers, r, tmp_path, rho):
+@pytest.mark.parametrize("rho,novelty", [(None, None), (0.8, None), (None, 0.1)],
+                         ids=["plain", "covariate", "novelty"])
+def test_end_to_end(new_stack, workers, r, tmp_path, rho, novelty):
     """Simulated traffic -> Kafka -> worker (role all) -> Redis and estimates.
 
     ``covariate``: the exposures carry ``pre`` (ρ = 0.8, 10% without): the
     live estimate's CUPED adjustment (its slope and what it bought, measured
     against the shadow chains) matches analyze's on the same events.
+    ``novelty``: the visits model with a 7-day window (three exposure-age
+    bins) and an extra lift of 0.1 on the first day: the live
+    ``by_exposure_age`` and ``novelty`` match analyze's.
 
     One events partition, so the order the worker applies events in is the
     produced order and the reducer's snapshot must equal Redis's exactly (with
@@ -132,9 +136,11 @@ def test_end_to_end(new_stack, workers, r, tmp_path, rho):
     from streams.analyze import analyze
 
     st = new_stack("e2e", partitions=1)
-    cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11, window_seconds=86_400,
+    cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11,
+                                   window_seconds=86_400 if novelty is None else 7 * 86_400,
                                    started_at=START, covariate_rho=rho,
-                                   covariate_missing=0.1 if rho else 0.0)
+                                   covariate_missing=0.1 if rho else 0.0, novelty=novelty,
+                                   effect_slope=None if novelty is None else -0.12)
     cfg = replace(cfg, prior="platform")  # opted in: estimates also carry the shrunk effect
     st.register([cfg])
     w = workers.start(st, "all")
@@ -223,6 +229,26 @@ def test_end_to_end(new_stack, workers, r, tmp_path, rho):
         for part in ("adjusted", "naive"):
             assert abs(vr["sd_ratio"][part] / vo["sd_ratio"][part] - 1) < 0.3, (vr, vo)
         assert vr["sd_ratio"]["naive"] < 0.8, vr  # √(1 − 0.9·0.64) = 0.65
+    if novelty is None:
+        assert rec["by_exposure_age"] is None and rec["novelty"] is None
+    else:
+        bs, bo = rec["by_exposure_age"], off["by_exposure_age"]
+        assert [(b["from_s"], b["to_s"]) for b in bs] == [(0, 86_400), (86_400, 259_200),
+                                                          (259_200, 604_800)]
+        assert [(b["from_s"], b["to_s"]) for b in bo] == [(b["from_s"], b["to_s"]) for b in bs]
+        for b, o in zip(bs, bo, strict=True):
+            print(f"[e2e] age {b['from_s']}-{b['to_s']}s: lift stream {b['lift']['mean']:+.4f} "
+                  f"analyze {o['lift']['mean']:+.4f} (sd {o['lift']['sd']:.4f})")
+            assert abs(b["lift"]["mean"] - o["lift"]["mean"]) <= 0.5 * o["lift"]["sd"], (b, o)
+        ns, no = rec["novelty"], off["novelty"]
+        print(f"[e2e] novelty: contrast {ns['contrast']}, difference {ns['difference']}")
+        # the contrast is a function of the state's age cells alone: equal
+        for k in ("mean", "sd"):
+            assert ns["contrast"][k] == pytest.approx(no["contrast"][k], rel=1e-9)
+        assert ns["contrast"]["strata_used"] == no["contrast"]["strata_used"] > 10
+        assert ns["contrast"]["lo"] < novelty < ns["contrast"]["hi"], ns
+        assert abs(ns["difference"]["mean"] - no["difference"]["mean"]) <= \
+            0.5 * no["difference"]["sd"], (ns, no)
     assert w.alive()
     assert w.stop() == 0, w.log_tail()
 
