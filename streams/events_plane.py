@@ -14,7 +14,7 @@ visible in ``/readyz`` and ``/metrics``).
 Exactly once (DESIGN §5) rests on Redis, not on Kafka's commits:
 
 * **Where to start.** ``on_assign`` starts each new partition at the offset
-  after the one Redis says was applied (``lr:ingest:offsets``), the
+  after the one Redis says was applied (``lr:{ingest}:offsets``), the
   documented "offsets stored outside Kafka" pattern. A Redis that lost its
   last writes (AOF ``everysec``) is refilled from Kafka this way, with no
   separate catch-up consumer; Kafka's committed offsets are only a hint (for
@@ -51,6 +51,7 @@ from streams.state import (
     Fenced,
     check_topic_id,
     claim_partition,
+    migrate_ingest_keys,
     transient,
     transient_reason,
 )
@@ -160,10 +161,15 @@ class EventsPlane:
         # the sampler (Faust, aiokafka's partitioner) computes for its id
         self._producer = Producer({**k, "partitioner": "murmur2_random",
                                    "enable.idempotence": True, "linger.ms": 5})
+        retry_transient(migrate_ingest_keys, self.r, what="key names", stopped=self._stopped,
+                        status=self.status)  # lr:ingest:* of before -> lr:{ingest}:*
         self._check_topic()  # before anything is read: raises TopicMismatch
         self._consumer.subscribe([self.conf.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.status.running = True
+        # the loop starts now: the time spent constructing and checking the
+        # topic above is not a stuck loop (/healthz read it so at start-up)
+        self.status.heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="events-plane", daemon=True)
         self._thread.start()
 

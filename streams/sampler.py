@@ -36,7 +36,7 @@ from streams.platform_prior import PlatformPrior
 from streams.problems import chain_names
 from streams.registry import Registry
 from streams.semantics import config_ms, horizons_ms
-from streams.state import experiment_key, read_completeness, read_snapshot
+from streams.state import _is_cluster, experiment_key, mget, read_completeness, read_snapshot
 
 log = logging.getLogger("liftstream.sampler")
 NOTICE_CHANNEL = "lr:estimates"
@@ -121,7 +121,7 @@ class SamplerService:
         keys = [(s.experiment_id, m) for s in snaps for m in chain_names(s.config)]
         stored: dict[tuple[str, str], StoredChains] = {}
         if keys:
-            blobs = self.r.mget([chain_key(e, m) for e, m in keys])
+            blobs = mget(self.r, [chain_key(e, m) for e, m in keys])
             for key, blob in zip(keys, blobs, strict=True):
                 if blob:
                     try:
@@ -150,17 +150,21 @@ class SamplerService:
         sc = self.r.register_script(STORE_CHAIN) if self._store_chain is None \
             else self._store_chain
         self._store_chain = sc
-        pipe = self.r.pipeline(transaction=False)
+        # redis-py refuses scripts in a cluster pipeline: there, one call each
+        cluster = _is_cluster(self.r)
+        pipe = self.r if cluster else self.r.pipeline(transaction=False)
         order = list(chains)
+        done = []
         for eid, metric in order:
             st = chains[(eid, metric)]
             arrays = {f"s.{k}": v for k, v in st.state.items()}
             if st.window is not None:
                 arrays.update({f"w.{k}": v for k, v in st.window.items()})
-            sc(keys=[chain_key(eid, metric), experiment_key(eid, "chainver")],
-               args=[metric, int(st.state["iteration"]),
-                     encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})], client=pipe)
-        for key, ok in zip(order, pipe.execute(), strict=True):
+            done.append(sc(keys=[chain_key(eid, metric), experiment_key(eid, "chainver")],
+                           args=[metric, int(st.state["iteration"]),
+                                 encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})],
+                           client=pipe))
+        for key, ok in zip(order, done if cluster else pipe.execute(), strict=True):
             if ok:
                 written.add(key)
             else:
@@ -169,16 +173,23 @@ class SamplerService:
                             "(another sampler owns it now)", key[1], key[0])
         recs = [rec for rec in recs if (rec["experiment_id"], rec["metric"]) in written]
         pipe = self.r.pipeline(transaction=False)
+        notices = []
         for rec in recs:
             e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
             pipe.set(estimate_key(e, m, v), dumps(rec))
             pipe.sadd(estimates_index_key(e), f"{m}:{v}")
             pipe.lpush(history_key(e, m, v), dumps(history_point(rec)))
             pipe.ltrim(history_key(e, m, v), 0, HISTORY_LEN - 1)
-            pipe.publish(NOTICE_CHANNEL, dumps({
+            notices.append(dumps({
                 "experiment_id": e, "metric": m, "variant": v,
                 "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]}))
+        if not cluster:  # a cluster pipeline refuses PUBLISH: after it, one each
+            for n in notices:
+                pipe.publish(NOTICE_CHANNEL, n)
         pipe.execute()
+        if cluster:
+            for n in notices:
+                self.r.publish(NOTICE_CHANNEL, n)
         return recs
 
     def due(self) -> list[str]:
@@ -187,8 +198,8 @@ class SamplerService:
         if not self.owned:
             return out
         owned = sorted(self.owned)
-        got = self.r.mget([experiment_key(e, "dirty_seq") for e in owned]
-                          + [lifecycle_key(e) for e in owned])
+        got = mget(self.r, [experiment_key(e, "dirty_seq") for e in owned]
+                   + [lifecycle_key(e) for e in owned])
         seqs, states = got[:len(owned)], got[len(owned):]
         for e, s, lc in zip(owned, seqs, states, strict=True):
             seq = None if s is None else int(s)
@@ -211,7 +222,7 @@ class SamplerService:
         c = read_completeness(self.r, self.events_topic)
         if c is None:
             return []
-        seqs = dict(zip(idle, self.r.mget([experiment_key(e, "dirty_seq") for e in idle]),
+        seqs = dict(zip(idle, mget(self.r, [experiment_key(e, "dirty_seq") for e in idle]),
                         strict=True))
         out: list[dict] = []
         for e, cfg in sorted(self.registry.get_many(idle).items()):

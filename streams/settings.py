@@ -8,7 +8,8 @@ settings and reach every client through exactly one helper per client kind:
 * :func:`kafka_config` -- confluent-kafka (admin, producers, consumers);
 * :func:`faust_broker_settings` -- Faust/aiokafka (``broker_credentials``,
   ``producer_max_request_size``, ``broker`` URL);
-* :func:`redis_client` -- redis-py (``rediss://`` + CA file, password in the URL).
+* :func:`redis_client` -- redis-py (``rediss://`` + CA file, password in the URL;
+  ``redis+cluster://host:port,...`` for a Redis Cluster).
 
 Secrets (``kafka_sasl_password``, the password of ``redis_url``) never appear
 in ``repr(settings)`` (so not in logs or tracebacks that print settings).
@@ -256,21 +257,81 @@ def faust_broker_settings(s: Settings) -> dict[str, Any]:
             "producer_max_request_size": s.max_message_bytes}
 
 
+#: URL schemes of a Redis Cluster (``rediss+cluster``: TLS to every node).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster_url(url: str) -> bool:
+    """``redis+cluster://`` or ``rediss+cluster://``."""
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def cluster_url_parts(url: str) -> tuple[bool, str | None, str | None, list[tuple[str, int]]]:
+    """``(tls, username, password, [(host, port), ...])`` of
+    ``redis[s]+cluster://[user:password@]host:port[,host:port...]`` (seed
+    nodes: the client discovers the rest; port 6379 when left out). A path or
+    database number is refused: a cluster has only database 0."""
+    from urllib.parse import unquote
+
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in CLUSTER_SCHEMES or not rest:
+        raise ValueError(f"not a Redis Cluster URL: {redact_url(url)!r}")
+    user = password = None
+    if "@" in rest:
+        info, _, rest = rest.rpartition("@")
+        u, sep, pw = info.partition(":")
+        user, password = unquote(u) or None, unquote(pw) if sep else None
+    rest = rest.rstrip("/")
+    if "/" in rest or "?" in rest:
+        raise ValueError(f"{redact_url(url)!r}: a Redis Cluster URL takes no database, path "
+                         "or options (cluster mode has database 0 only)")
+    nodes = []
+    for part in rest.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            host, port = part, "6379"
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError(f"{redact_url(url)!r}: no host:port")
+    return scheme.lower().startswith("rediss"), user, password, nodes
+
+
 def redis_client(s: Settings, **kw: Any):
     """A ``redis.Redis`` for ``s``: the URL (``redis://`` or ``rediss://``, may
-    carry ``user:password@``), ``redis_password`` when set, TLS CA/client files."""
+    carry ``user:password@``), ``redis_password`` when set, TLS CA/client files.
+
+    ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with
+    TLS) gives a ``redis.cluster.RedisCluster`` seeded with those nodes, with
+    the same password, timeouts and TLS files: every per-experiment key shares
+    the slot of its ``{e:<id>}`` tag (``streams.state``)."""
     import redis
 
+    cluster = is_cluster_url(s.redis_url)
+    if cluster:
+        tls, user, password, nodes = cluster_url_parts(s.redis_url)
+        if user:
+            kw.setdefault("username", user)
+        if password:
+            kw.setdefault("password", password)
     if s.redis_password:
         kw.setdefault("password", s.redis_password)
     kw.setdefault("socket_timeout", s.redis_socket_timeout or None)
     kw.setdefault("socket_connect_timeout", s.redis_connect_timeout or None)
-    if s.redis_url.lower().startswith("rediss://"):
+    if s.redis_url.lower().startswith("rediss"):
+        if cluster:
+            kw.setdefault("ssl", True)
         if s.redis_tls_ca:
             kw.setdefault("ssl_ca_certs", s.redis_tls_ca)
         if s.redis_tls_certfile:
             kw.setdefault("ssl_certfile", s.redis_tls_certfile)
             kw.setdefault("ssl_keyfile", s.redis_tls_keyfile or None)
+    if cluster:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **kw)
     return redis.Redis.from_url(s.redis_url, **kw)
 
 

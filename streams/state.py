@@ -28,9 +28,9 @@ binary (1).
 | `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every call that changed the state |
 | `lr:{u:<unit_id>}:x` | hash | routing index: experiment_id -> first exposure (5) |
 | `lr:{u:<unit_id>}:held` | hash | `<src>|<offset>` -> a metric without experiment_id held (6) |
-| `lr:ingest:clocks` | hash | `<src>` -> the partition clock |
-| `lr:ingest:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
-| `lr:ingest:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
+| `lr:{ingest}:clocks` | hash | `<src>` -> the partition clock |
+| `lr:{ingest}:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
+| `lr:{ingest}:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
 | `lr:ingest:topic_ids` | hash | topic -> its Kafka topic id (``check_topic_id``) |
 | `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
 | `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.clocks``) |
@@ -466,8 +466,11 @@ def transient_reason(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- owner epochs
 
-#: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim)
-PARTITION_EPOCHS = "lr:ingest:epochs"
+#: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim).
+#: It, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the hash tag
+#: ``{ingest}`` (one Redis Cluster slot): ``record_position`` touches all three
+#: in one script. Before, they were ``lr:ingest:<name>`` (``migrate_ingest_keys``).
+PARTITION_EPOCHS = "lr:{ingest}:epochs"
 #: hash topic -> the Kafka topic id the applied offsets belong to
 TOPIC_IDS = "lr:ingest:topic_ids"
 
@@ -550,9 +553,37 @@ def claim_partition(r: Any, topic: str, partition: int) -> int:
 
 #: hash "<topic>|<partition>" -> the partition clock (ms): max event ts seen on
 #: it, or the wall clock an idle caught-up partition was advanced to
-PARTITION_CLOCKS = "lr:ingest:clocks"
+PARTITION_CLOCKS = "lr:{ingest}:clocks"
 #: hash "<topic>|<partition>" -> last offset fully applied (every experiment)
-INGEST_OFFSETS = "lr:ingest:offsets"
+INGEST_OFFSETS = "lr:{ingest}:offsets"
+#: (old name, new name) of the keys that took the ``{ingest}`` hash tag
+LEGACY_INGEST_KEYS = (("lr:ingest:offsets", INGEST_OFFSETS),
+                      ("lr:ingest:clocks", PARTITION_CLOCKS),
+                      ("lr:ingest:epochs", PARTITION_EPOCHS))
+_MIGRATE = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def migrate_ingest_keys(r: Any) -> int:
+    """Rename the pre-cluster ``lr:ingest:{offsets,clocks,epochs}`` of a single
+    Redis server to their ``lr:{ingest}:`` names (atomically, once: a new key
+    that exists already is left alone); the ingest plane calls it at start.
+    Returns how many were renamed. No-op on a Redis Cluster, where the old
+    names never worked (``record_position`` would have been CROSSSLOT)."""
+    if _is_cluster(r):
+        return 0
+    return int(r.eval(_MIGRATE, 2 * len(LEGACY_INGEST_KEYS),
+                      *[k for pair in LEGACY_INGEST_KEYS for k in pair]))
+
+
 def completeness_key(topic: str) -> str:
     """string: the completeness clock of events topic ``topic`` (min over its
     partitions with a backlog of their clock, KIP-695); an estimate's
@@ -877,9 +908,10 @@ def route_rows(
 
 
 def _pairs(h: Any) -> list[tuple[Any, Any]]:
-    """HGETALL's reply as pairs, whether a dict (pipeline) or a flat list (Lua)."""
+    """HGETALL's reply as (str field, value) pairs, whether a dict (the
+    pipeline of a Redis Cluster) or a flat list (Lua)."""
     if isinstance(h, dict):
-        return list(h.items())
+        return [(_s(k), v) for k, v in h.items()]
     return [(_s(h[i]), h[i + 1]) for i in range(0, len(h), 2)]
 
 
@@ -889,6 +921,15 @@ def _is_cluster(r: Any) -> bool:
     except ImportError:  # pragma: no cover - redis-py always has it
         return False
     return isinstance(r, RedisCluster)
+
+
+def mget(r: Any, keys: Sequence[str]) -> list:
+    """MGET of ``keys``: one command on a single server; on a Redis Cluster,
+    whose keys of several experiments lie in several slots, one MGET per slot
+    (``mget_nonatomic``, pipelined), values in ``keys`` order."""
+    if _is_cluster(r):
+        return r.mget_nonatomic(list(keys))
+    return r.mget(list(keys))
 
 
 def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:

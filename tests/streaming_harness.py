@@ -123,12 +123,11 @@ class Stack:
         """Publish configs to this stack's experiments topic and put them in
         the Redis registry (as ``liftstream experiments create`` does), so
         events produced right after are recognised."""
-        import redis
-
         from streams.admin import publish_experiment
         from streams.registry import Registry
+        from streams.settings import redis_client
 
-        r = redis.Redis.from_url(self.redis_url)
+        r = redis_client(self.config())  # a RedisCluster for redis+cluster://
         try:
             for cfg in cfgs:
                 publish_experiment(self.bootstrap, self.topics["topic_experiments"], cfg)

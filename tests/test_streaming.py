@@ -336,7 +336,7 @@ def test_differential_through_kafka(new_stack, workers, r):
     has its own experiments, units and event ids (a tag prefix), is registered,
     then produced to the SINGLE-partition events topic (so the applied order
     is the produced order); it is done when the worker's ingest watermark
-    (``lr:ingest:offsets``) reaches the case's last offset. Faust cuts the
+    (``lr:{ingest}:offsets``) reaches the case's last offset. Faust cuts the
     stream into micro-batches at arbitrary points, and cases follow each other
     back to back, so batches also straddle cases. A fixed-seed generator
     rather than hypothesis: each case costs a broker round trip and a batch

@@ -1,0 +1,188 @@
+"""Redis Cluster for real (issue 15, item 7): a 3-master cluster started from
+the same redis-server binary (``tests/redis_cluster_support.py``), the worker
+connected by ``redis+cluster://`` URL.
+
+* ``test_cluster_url``: the URL forms ``streams.settings.redis_client`` takes.
+* ``test_keys_spread``: ingest in-process on the cluster (``apply_source_batch``,
+  the worker's path): every key of an experiment lies in one slot, the ingest
+  positions (``lr:{ingest}:*``, one script) in one slot, the units' routing
+  keys on every master; the state equals the reducer's.
+* ``test_end_to_end_on_cluster``: ``tests/test_streaming.py``'s main scenario
+  (``test_end_to_end``, plain) unchanged, with its worker and its Redis reads on
+  the cluster: state equal to the reference fold, estimates matching
+  ``liftstream analyze``. Then the key layout of the keys the worker wrote.
+* ``test_differential_through_kafka_on_cluster``: the random-stream
+  differential (holds, unit-level holds and their expiry, duplicates,
+  late events) through Kafka and a worker on the cluster, bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.registry import Registry
+from streams.semantics import Reducer
+from streams.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
+from streams.state import (
+    INGEST_OFFSETS,
+    PARTITION_CLOCKS,
+    PARTITION_EPOCHS,
+    _is_cluster,
+    advance_partition,
+    apply_source_batch,
+    claim_partition,
+    event_row,
+    experiment_key,
+    migrate_ingest_keys,
+    read_snapshot,
+    unit_index_key,
+)
+from tests import test_streaming
+from tests.redis_cluster_support import (  # noqa: F401 - fixtures
+    cluster_r,
+    cluster_url,
+    master_of,
+    redis_cluster_service,
+)
+from tests.streaming_harness import bits
+from tests.test_streaming import new_stack, workers  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture()
+def redis_url(cluster_url):  # noqa: F811 - the fixture
+    """The harness's Redis is the cluster (overrides conftest's single server)."""
+    return cluster_url
+
+
+@pytest.fixture()
+def r(cluster_r):  # noqa: F811 - the fixture
+    """``tests/test_streaming.py``'s Redis reads go to the cluster."""
+    return cluster_r
+
+
+def test_cluster_url():
+    assert is_cluster_url("redis+cluster://h:1") and is_cluster_url("REDISS+CLUSTER://h:1")
+    assert not is_cluster_url("redis://h:1/0")
+    assert cluster_url_parts("redis+cluster://a:7000,b:7001, c") == (
+        False, None, None, [("a", 7000), ("b", 7001), ("c", 6379)])
+    assert cluster_url_parts("rediss+cluster://u:p%40w@a:7000,b:7001") == (
+        True, "u", "p@w", [("a", 7000), ("b", 7001)])
+    for bad in ("redis+cluster://a:7000/1", "redis+cluster://", "redis://a:1"):
+        with pytest.raises(ValueError):
+            cluster_url_parts(bad)
+    s = Settings(redis_url="redis+cluster://u:secret@a:7000,b:7001")
+    assert "secret" not in repr(s) and "secret" in s.secrets()
+
+
+def slots_of(c, keys) -> set[int]:
+    return {c.keyslot(k) for k in keys}
+
+
+def assert_layout(c, eid: str, units) -> dict[str, int]:
+    """An experiment's keys in one slot, ingest positions in one slot, unit
+    routing keys on every master. Returns unit keys per master."""
+    keys = [k.decode() for k in c.scan_iter(match=experiment_key(eid, "*"))]
+    assert {experiment_key(eid, k) for k in ("cfg", "cells", "meta", "offsets")} \
+        <= set(keys), sorted(keys)
+    assert slots_of(c, keys) == {c.keyslot(experiment_key(eid, "cfg"))}, sorted(keys)
+    assert len(slots_of(c, [INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS])) == 1
+    assert c.exists(INGEST_OFFSETS) and c.exists(PARTITION_CLOCKS)
+    per_master: dict[str, int] = {}
+    for u in units:
+        k = unit_index_key(u)
+        assert c.exists(k), k
+        per_master[master_of(c, k)] = per_master.get(master_of(c, k), 0) + 1
+    masters = {f"{n.host}:{n.port}" for n in c.get_primaries()}
+    assert set(per_master) == masters, (per_master, masters)
+    return per_master
+
+
+def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
+    """The worker's ingest path, in process, on the cluster."""
+    c = cluster_r
+    assert _is_cluster(c) and len(c.get_primaries()) == 3
+    assert migrate_ingest_keys(c) == 0  # nothing to rename on a cluster
+    t0 = (int(time.time() * 1000) // DAY_MS - 10) * DAY_MS
+    cfg = ExperimentConfig(experiment_id="spread", variants=("control", "treatment"),
+                           control="control", metrics=(MetricSpec("rev"),),
+                           window_seconds=60, bucket_seconds=60, started_at=t0)
+    rng = random.Random(5)
+    units = [f"u{i}" for i in range(60)]
+    evs = []
+    for i, u in enumerate(units):
+        if i % 10 == 9:  # a metric before its exposure, without experiment_id: held
+            evs.append(Metric(f"pm{i}", u, "rev", 1.0, t0 + i * 1000))
+        evs.append(Exposure(f"x{i}", "spread", u, rng.choice(cfg.variants), t0 + i * 1000 + 1,
+                            float(rng.randint(0, 28))))
+        evs.append(Metric(f"m{i}", u, "rev", rng.uniform(0, 5), t0 + i * 1000 + 2,
+                          rng.choice([None, "spread"])))
+    topic = "t.events"
+    Registry(c).put(cfg)
+    epoch = claim_partition(c, topic, 0)
+    red = Reducer([cfg])
+    known = {"spread": cfg}
+    for start in range(0, len(evs), 25):  # batches of 25
+        part = evs[start:start + 25]
+        rows = [event_row(start + j, e) for j, e in enumerate(part)]
+        apply_source_batch(c, known, topic, 0, rows, epoch=epoch)
+        red.apply_batch(f"{topic}|0", part)
+    end = t0 + 2 * DAY_MS  # every window closed: cells filled
+    advance_partition(c, [cfg], topic, 0, end, epoch=epoch)
+    red.advance(f"{topic}|0", end)
+    got = read_snapshot(c, cfg)
+    want = red.states["spread"].snapshot()
+    assert bits(got) == bits(want)
+    assert sum(got.exposed.values()) == len(units) == sum(got.matured.values())
+    per_master = assert_layout(c, "spread", units)
+    print(f"\n[cluster] unit routing keys per master: {per_master}")
+
+
+def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):  # noqa: F811
+    t0 = time.monotonic()
+    test_streaming.test_end_to_end(new_stack, workers, r, tmp_path, None)
+    elapsed = time.monotonic() - t0
+    units = {k.decode()[len("lr:{u:"):-len("}:x")] for k in r.scan_iter(match="lr:{u:*}:x")}
+    per_master = assert_layout(r, "e2e", units)
+    print(f"[cluster] end to end on 3 masters: {elapsed:.1f}s; {len(units)} units' routing "
+          f"keys per master: {per_master}")
+
+
+def test_differential_through_kafka_on_cluster(new_stack, workers, r):  # noqa: F811
+    t0 = time.monotonic()
+    test_streaming.test_differential_through_kafka(new_stack, workers, r)
+    print(f"[cluster] differential through Kafka on 3 masters: {time.monotonic() - t0:.1f}s")
+
+
+def test_redis_client_single_server_unchanged():
+    c = redis_client(Settings(redis_url="redis://127.0.0.1:1/0"))
+    assert not _is_cluster(c)
+
+
+def test_migrate_ingest_keys_single_server(redis_service):
+    """A single server's pre-cluster ``lr:ingest:{offsets,clocks,epochs}``
+    take their ``lr:{ingest}:`` names once; a new key already there is kept."""
+    import redis
+
+    c = redis.Redis.from_url(redis_service.url)
+    try:
+        c.flushall()
+        c.hset("lr:ingest:offsets", "t|0", 41)
+        c.hset("lr:ingest:epochs", "t|0", 3)
+        c.hset("lr:ingest:clocks", "t|0", 1000)
+        c.hset(PARTITION_CLOCKS, "t|0", 2000)  # written by a new worker: stays
+        assert migrate_ingest_keys(c) == 2
+        assert c.hget(INGEST_OFFSETS, "t|0") == b"41" and not c.exists("lr:ingest:offsets")
+        assert claim_partition(c, "t", 0) == 4  # the epochs went on, not from 1
+        assert c.hget(PARTITION_CLOCKS, "t|0") == b"2000" and c.exists("lr:ingest:clocks")
+        assert migrate_ingest_keys(c) == 0
+    finally:
+        c.flushall()
+        c.close()
