@@ -9,6 +9,11 @@ the known population effect. Units carry a pre-experiment value of the
 metric (``pre``; correlation 0.7 with the outcome's noise, missing for 10%
 of them), which the model uses as a CUPED covariate: the intervals are
 narrower than without it, by the ratio shown. A live table shows both.
+A second experiment, ``demo-onboarding``, has a 7-day window and a novelty
+effect (an extra lift of 0.15 on each unit's first day since exposure, the
+visits model of ``streams.synthetic``): its estimates carry the lift by days
+since exposure and the novelty contrast (issue 19), and the dashboard plots
+them.
 Ctrl-C or ``--duration`` stops everything; no process is left behind.
 
 ``--no-traffic`` starts the same stack without the simulator and prints one
@@ -33,7 +38,7 @@ from streams.embedded import dies_with_parent, free_port, kafka_broker, redis_se
 from streams.registry import Registry
 from streams.sampler import estimate_key
 from streams.settings import Settings
-from streams.synthetic import Scenario, events, population, truth
+from streams.synthetic import Scenario, age_truth, events, population, truth
 
 DAY_MS = 86_400_000
 DEMO_EXPERIMENT = "demo-checkout"
@@ -41,6 +46,10 @@ DEMO_EXPERIMENT = "demo-checkout"
 #: outcome, and the share of units without one (new users)
 DEMO_COVARIATE_RHO = 0.7
 DEMO_COVARIATE_MISSING = 0.1
+#: the novelty experiment: its extra first-day lift and its units
+DEMO_NOVELTY_EXPERIMENT = "demo-onboarding"
+DEMO_NOVELTY = 0.15
+DEMO_NOVELTY_UNITS = 15_000
 
 
 class Traffic(threading.Thread):
@@ -99,8 +108,23 @@ def _covariate_line(vr: dict | None) -> str:
     return head
 
 
+def _novelty_line(rec: dict | None) -> str:
+    """The novelty experiment's lift by days since exposure and its contrast."""
+    if not rec or not rec.get("by_exposure_age"):
+        return (f"{DEMO_NOVELTY_EXPERIMENT}: waiting (a 7-day window: units mature a week "
+                "after exposure)")
+    bins = " ".join(
+        f"d{b['from_s'] // 86_400}-{b['to_s'] // 86_400} "
+        + (f"{b['lift']['mean']:+.1%}" if b["lift"] and b["lift"]["mean"] is not None else "—")
+        for b in rec["by_exposure_age"])
+    c = (rec.get("novelty") or {}).get("contrast") or {}
+    nov = "—" if c.get("mean") is None else \
+        f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] (truth {DEMO_NOVELTY:+.3f})"
+    return f"{DEMO_NOVELTY_EXPERIMENT}: lift by days since exposure {bins}; novelty {nov}"
+
+
 def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
-           http: str = "") -> str:
+           http: str = "", novelty_rec: dict | None = None) -> str:
     head = f"liftstream demo — experiment {DEMO_EXPERIMENT}, event time day {sim_day:5.2f}, " \
            f"{sent} events sent" + (f" — dashboard {http}" if http else "")
     if rec is None:
@@ -119,6 +143,7 @@ def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
             f" | D={rec['watermark']['completed_buckets']} days | R-hat {d['rhat'] or 0:.3f}, "
             f"ESS {d['ess_bulk'] or 0:.0f}, iteration {d['iteration']}",
             _covariate_line(rec.get("variance_reduction")),
+            _novelty_line(novelty_rec),
         ])
     text = head + "\n" + body
     return ("\x1b[H\x1b[J" + text) if tty else text
@@ -152,8 +177,12 @@ def main(args) -> int:
                                lateness_seconds=3 * 3600, started_at=start_ms)
         from streams.admin import publish_experiment
 
-        publish_experiment(kafka.url, s.topic_experiments, cfg)
-        Registry(redis.Redis.from_url(rds.url)).put(cfg)
+        ncfg = ExperimentConfig(experiment_id=DEMO_NOVELTY_EXPERIMENT,
+                                window_seconds=7 * 86_400, lateness_seconds=3 * 3600,
+                                started_at=start_ms)
+        for c in (cfg, ncfg):
+            publish_experiment(kafka.url, s.topic_experiments, c)
+            Registry(redis.Redis.from_url(rds.url)).put(c)
         logf = open(os.path.join(rds.workdir, "worker.log"), "wb")  # noqa: SIM115
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--role", "all"],
                                   env=env, stdout=logf, stderr=subprocess.STDOUT,
@@ -176,9 +205,16 @@ def main(args) -> int:
                                       covariate_missing=DEMO_COVARIATE_MISSING), rng)
             evs = events(pop, DEMO_EXPERIMENT, start_ms, DAY_MS, 14.0, rng)
             tr = truth(pop)
+            npop = population(Scenario(n_units=DEMO_NOVELTY_UNITS, novelty=DEMO_NOVELTY,
+                                       effect_slope=-0.12), rng)
+            evs = sorted(evs + events(npop, DEMO_NOVELTY_EXPERIMENT, start_ms, 7 * DAY_MS,
+                                      14.0, rng), key=lambda e: e["ts"])
+            ntr = {**truth(npop), "novelty": DEMO_NOVELTY,
+                   "by_exposure_age": age_truth(npop, (0, 1, 3, 7))}
             from streams.web import truth_key
 
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_EXPERIMENT), dumps(tr))
+            redis.Redis.from_url(rds.url).set(truth_key(DEMO_NOVELTY_EXPERIMENT), dumps(ntr))
             traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, args.speed)
             traffic.start()
             r = redis.Redis.from_url(rds.url)
@@ -192,8 +228,10 @@ def main(args) -> int:
                     last = time.monotonic()
                     raw = r.get(estimate_key(DEMO_EXPERIMENT, "value", "treatment"))
                     rec = loads(raw) if raw else None
+                    nraw = r.get(estimate_key(DEMO_NOVELTY_EXPERIMENT, "value", "treatment"))
                     day = (traffic.sim_ms - start_ms) / DAY_MS
-                    print(render(rec, tr, day, traffic.sent, tty, http), flush=True)
+                    print(render(rec, tr, day, traffic.sent, tty, http,
+                                 loads(nraw) if nraw else None), flush=True)
                     if not tty:
                         print()
                 time.sleep(0.1)
