@@ -145,9 +145,19 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
     print(f"\n[cluster] unit routing keys per master: {per_master}")
 
 
+def plain_case(fn) -> dict:
+    """The arguments of ``fn``'s ``plain`` case (its parametrize mark), so
+    this test follows the scenario's parameters as they change."""
+    mark = next(m for m in fn.pytestmark if m.name == "parametrize")
+    names = [n.strip() for n in mark.args[0].split(",")]
+    values = mark.args[1][list(mark.kwargs["ids"]).index("plain")]
+    return dict(zip(names, values if len(names) > 1 else (values,), strict=True))
+
+
 def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):  # noqa: F811
     t0 = time.monotonic()
-    test_streaming.test_end_to_end(new_stack, workers, r, tmp_path, None)
+    test_streaming.test_end_to_end(new_stack=new_stack, workers=workers, r=r,
+                                   tmp_path=tmp_path, **plain_case(test_streaming.test_end_to_end))
     elapsed = time.monotonic() - t0
     units = {k.decode()[len("lr:{u:"):-len("}:x")] for k in r.scan_iter(match="lr:{u:*}:x")}
     per_master = assert_layout(r, "e2e", units)
