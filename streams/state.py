@@ -53,11 +53,12 @@ binary (1).
    <total_1> ... <total_M>"` (%.17g) is still read, by the script and
    ``read_units``, and rewritten in binary when next written. Version 3, a
    unit of a config that tracks exposure age (issue 19,
-   ``streams.semantics.age_tracking``; struct `<BHHBddHHBH` then
-   m + p + m·nb doubles): version byte 3, the same five fields, m, p (0 or
-   m: whether it has pre values), nb (age bins), its fine stratum, total_1
-   ... total_m, pre_1 ... pre_p (NaN: none), then metric 1's nb bin totals,
-   metric 2's, ... Configs that track no age write versions 1 and 2 as
+   ``streams.semantics.age_tracking``; struct `<BHHBdd`, m + p + m·nb
+   doubles, `HHBH`): version byte 3, the same five fields, total_1 ...
+   total_m, pre_1 ... pre_p (NaN: none), metric 1's nb bin totals, metric
+   2's, ..., then m, p (0 or m: whether it has pre values), nb (age bins)
+   and its fine stratum (last, so the script unpacks the usual record in
+   one call). Configs that track no age write versions 1 and 2 as
    before; a version-1/2 record under a config that does (state from before
    issue 19) keeps its version and enters no age cell.
 2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
@@ -1108,7 +1109,7 @@ def _cell(text: str) -> tuple:
 
 _UNIT_HEAD = struct.Struct("<BHHBdd")
 _UNIT2_HEAD = struct.Struct("<BHHBddH")
-_UNIT3_HEAD = struct.Struct("<BHHBddHHBH")
+_UNIT3_TAIL = struct.Struct("<HHBH")
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
@@ -1117,8 +1118,9 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     earlier text form."""
     M = len(cfg.metrics)
     if isinstance(packed, bytes) and packed[:1] == b"\x03":
-        _, v, s, m, b, ets, nt, np, nb, f = _UNIT3_HEAD.unpack_from(packed)
-        vals = struct.unpack_from(f"<{nt + np + nt * nb}d", packed, _UNIT3_HEAD.size)
+        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
+        nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
+        vals = struct.unpack_from(f"<{nt + np + nt * nb}d", packed, _UNIT_HEAD.size)
         totals = list(vals[:nt]) + [0.0] * (M - nt)
         pre = [None if math.isnan(x) else x for x in vals[nt:nt + np]]
         pre += [None] * (M - len(pre))

@@ -61,13 +61,15 @@ total_M} (fields U_V .. U_ETS, total k at U_ETS + k); a unit with pre values
 has version 2 and pre_1 ... pre_M (NaN = none) after its totals (pre k at
 U_PRE + k), fixed at its creation.
 Version 3, a unit of a config with exposure-age tracking (issue 19; struct
-'<BHHBddHHBH' + (m + p + m*nb) x 'd'): 3, the same five fields, m, p (0:
-no pre values, else m), nb (age bins), fine stratum, total_1 ... total_m,
-pre_1 ... pre_p, then the bin totals of metric 1 (nb of them), of metric 2,
-... In this script its bins are u.a (metric k bin b at (k-1)*NB + b + 1) and
-its fine stratum u.f; u[1] is 2 if it has pre values, else 1, as for the
-other versions. A unit without u.a (a record written before tracking) keeps
-its version and enters no age cell.
+'<BHHBdd' + (m + p + m*nb) x 'd' + 'HHBH'): 3, the same five fields,
+total_1 ... total_m, pre_1 ... pre_p, the bin totals of metric 1 (nb of
+them), of metric 2, ..., then a 7-byte trailer: m, p (0: no pre values,
+else m), nb (age bins), fine stratum. The trailer comes last so that the
+usual record (m = n_metrics) unpacks in one call straight into the unit
+array: in this script such a unit has u[1] = 3 (no pre values) or 4 (pre
+values), its bins from U_PRE + p + 1 (age_base), then m, p, nb and its fine
+stratum. A unit of version 1/2 (written before tracking) keeps its version
+and enters no age cell.
 Held metrics (hash field = unit id): records '<Hdd' (metric index, ts,
 value) in arrival order; heldq:<src> scores each unit by its newest held ts.
 
@@ -145,16 +147,23 @@ local function unit2_fmt(m)
   return f
 end
 local PRE_LEN = 8 * n_met                -- bytes of one exposure's pre values
-local UNIT3_HEAD, UNIT3_HEAD_LEN = '<BHHBddHHBH', 29   -- exposure-age units (issue 19)
-local dfmts = {}                         -- '<' .. n x 'd', by n
-local function dfmt(k)
-  local f = dfmts[k]
-  if f == nil then f = '<' .. string.rep('d', k); dfmts[k] = f end
+local UNIT3_TAIL, UNIT3_TAIL_LEN = '<HHBH', 7   -- exposure-age units (issue 19): m p nb fine
+local unit3_fmts = {}                    -- by (m, p, nb)
+local function unit3_fmt(m, np, nb)
+  local key = m .. ' ' .. np .. ' ' .. nb
+  local f = unit3_fmts[key]
+  if f == nil then
+    f = UNIT_HEAD .. string.rep('d', m + np + m * nb) .. 'HHBH'
+    unit3_fmts[key] = f
+  end
   return f
 end
 local AC_X = 2 * NB + 2                  -- an age cell: {n, Σy_0, Σy_0², ..., Σy_0·y_{NB-1}}
+local A_LEN = n_met * NB                 -- bins of a unit
 local U_V, U_S, U_M, U_B, U_ETS = 2, 3, 4, 5, 6   -- unit array fields (totals follow)
 local U_PRE = U_ETS + n_met                        -- pre values of a version-2 unit
+-- first bin index - 1 of an age-tracked unit (u[1] 3: no pre values, 4: pre values)
+local function age_base(u) if u[1] == 4 then return U_PRE + n_met end return U_PRE end
 local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
 local HELD_FMT, HELD_LEN = '<Hdd', 18
 
@@ -297,28 +306,37 @@ local function parse_unit2(raw)
   for k = U_PRE + n_met + 2, U_ETS + 2 * m + 1 do u[k] = nil end
   return u
 end
--- Version 3 (exposure age): pads metrics appended since (total 0, no pre
--- value, zero bins); bins are kept only while the config tracks age.
+-- Version 3 (exposure age). The usual record unpacks as is; one written
+-- with fewer metrics (appended since: total 0, no pre value, zero bins) is
+-- rebuilt; bins are kept only while the config tracks age.
 local function parse_unit3(raw)
-  local _, vi, st, mat, bk, ets, m, np, nb, f = sunpack(UNIT3_HEAD, raw)
-  local vals = {sunpack(dfmt(m + np + m * nb), raw, UNIT3_HEAD_LEN + 1)}
-  local u = {np > 0 and 2 or 1, vi, st, mat, bk, ets}
-  for k = 1, n_met do u[U_ETS + k] = k <= m and vals[k] or 0.0 end
+  local m, np, nb, f = sunpack(UNIT3_TAIL, raw, #raw - UNIT3_TAIL_LEN + 1)
+  if AGE and m == n_met and nb == NB then
+    local u = {sunpack(unit3_fmt(m, np, nb), raw)}  -- ..., m, np, nb, f, next position
+    if np > 0 then u[1] = 4 else u[1] = 3 end
+    u[age_base(u) + A_LEN + 5] = nil
+    return u
+  end
+  local vals = {sunpack(unit3_fmt(m, np, nb), raw)}
+  local u = {np > 0 and 2 or 1, vals[2], vals[3], vals[4], vals[5], vals[6]}
+  for k = 1, n_met do u[U_ETS + k] = k <= m and vals[U_ETS + k] or 0.0 end
   if np > 0 then
     for k = 1, n_met do
-      if k <= np then u[U_PRE + k] = vals[m + k] else u[U_PRE + k] = NAN end
+      if k <= np then u[U_PRE + k] = vals[U_ETS + m + k] else u[U_PRE + k] = NAN end
     end
   end
   if AGE then
-    local a, base = {}, m + np
+    u[1] = u[1] + 2
+    local base, src = age_base(u), U_ETS + m + np
     for k = 1, n_met do
       for b = 1, NB do
         local x = 0.0
-        if k <= m and b <= nb then x = vals[base + (k - 1) * nb + b] end
-        a[(k - 1) * NB + b] = x
+        if k <= m and b <= nb then x = vals[src + (k - 1) * nb + b] end
+        u[base + (k - 1) * NB + b] = x
       end
     end
-    u.a, u.f = a, f
+    base = base + A_LEN
+    u[base + 1], u[base + 2], u[base + 3], u[base + 4] = n_met, np > 0 and n_met or 0, NB, f
   end
   return u
 end
@@ -513,15 +531,16 @@ local function metric_rule(uid, u, mi, ts, v, T)
   local c = U_ETS + mi
   local t = u[c]
   u[c] = t + v
-  local a, bin, ab, tb = u.a, 0, nil, nil
-  if a then  -- the bin total of the metric's exposure age (age_bin_of)
+  local aged, bin, base, tb = u[1] >= 3, 0, 0, nil
+  if aged then  -- the bin total of the metric's exposure age (age_bin_of)
     local age = ts - ets
     for k = NB - 1, 1, -1 do
       if age >= age_edges[k + 1] then bin = k; break end
     end
-    ab = (mi - 1) * NB + bin + 1
-    tb = a[ab]
-    a[ab] = tb + v
+    base = age_base(u) + (mi - 1) * NB
+    local ab = base + bin + 1
+    tb = u[ab]
+    u[ab] = tb + v
   end
   touch_unit(uid)
   if close > T then return 'metric_applied' end
@@ -529,22 +548,22 @@ local function metric_rule(uid, u, mi, ts, v, T)
     local cell = row_of(u[U_V], u[U_S])[mi]
     cell[2] = cell[2] + v
     cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
-    if u[1] == 2 then
+    if u[1] == 2 or u[1] == 4 then
       local xk = u[U_PRE + mi]
       if xk == xk then
         cell[7] = cell[7] + xk * v
         cell[8] = cell[8] + v
       end
     end
-    if a then
-      local ac = age_row_of(u[U_V], u.f)[mi]
+    if aged then
+      local ac = age_row_of(u[U_V], u[age_base(u) + A_LEN + 4])[mi]
       local j = 2 + 2 * bin
       ac[j] = ac[j] + v
       ac[j + 1] = ac[j + 1] + ((tb + v) * (tb + v) - tb * tb)
       if bin == 0 then
-        ac[AC_X] = ac[AC_X] + v * a[(mi - 1) * NB + NB]
+        ac[AC_X] = ac[AC_X] + v * u[base + NB]
       elseif bin == NB - 1 then
-        ac[AC_X] = ac[AC_X] + a[(mi - 1) * NB + 1] * v
+        ac[AC_X] = ac[AC_X] + u[base + 1] * v
       end
     end
   end
@@ -599,8 +618,6 @@ for i = 1, n do
         for k = 1, n_met do u[U_ETS + k] = 0.0 end
         if has_pres then take_pre(u, E_PRE[i]) end
         if AGE then  -- exposure-age bins and the fine stratum (stratum_of, fine_edges)
-          local a = {}
-          for j = 1, n_met * NB do a[j] = 0.0 end
           local fs = NF
           if x ~= nil and NF > 0 then
             fs = 0
@@ -608,7 +625,12 @@ for i = 1, n do
               if x >= fine_edges[k] then fs = k - 1; break end
             end
           end
-          u.a, u.f = a, fs
+          u[1] = u[1] + 2
+          local base = age_base(u)
+          for j = base + 1, base + A_LEN do u[j] = 0.0 end
+          base = base + A_LEN
+          u[base + 1], u[base + 2], u[base + 3], u[base + 4] = n_met,
+            u[1] == 4 and n_met or 0, NB, fs
         end
         units[uid] = u
         touch_unit(uid)
@@ -715,7 +737,7 @@ if settling and clk ~= nil then
         -- marked folded without a cell, rather than stopping ingest
         if variants[u[U_V] + 1] ~= nil then
           local row = row_of(u[U_V], u[U_S])
-          local has_x = u[1] == 2
+          local has_x = u[1] == 2 or u[1] == 4
           for k = 1, n_met do
             local y = u[U_ETS + k]
             local c = row[k]
@@ -733,18 +755,18 @@ if settling and clk ~= nil then
               end
             end
           end
-          local a = u.a
-          if a then
-            local arow = age_row_of(u[U_V], u.f)
+          if u[1] >= 3 then
+            local a0 = age_base(u)
+            local arow = age_row_of(u[U_V], u[a0 + A_LEN + 4])
             for k = 1, n_met do
-              local ac, base = arow[k], (k - 1) * NB
+              local ac, base = arow[k], a0 + (k - 1) * NB
               ac[1] = ac[1] + 1
               for b = 0, NB - 1 do
-                local yb = a[base + b + 1]
+                local yb = u[base + b + 1]
                 ac[2 + 2 * b] = ac[2 + 2 * b] + yb
                 ac[3 + 2 * b] = ac[3 + 2 * b] + yb * yb
               end
-              ac[AC_X] = ac[AC_X] + a[base + 1] * a[base + NB]
+              ac[AC_X] = ac[AC_X] + u[base + 1] * u[base + NB]
             end
           end
           matured[u[U_V]] = (matured[u[U_V]] or 0) + 1
@@ -800,28 +822,15 @@ local function push2(cmd, key, x, y)
   if nb >= CHUNK then flush(cmd, key) end
 end
 local UNIT2_FMT = unit2_fmt(n_met)
-local UNIT3_FMTS = {}   -- by number of pre values (0 or n_met)
-if AGE then
-  for _, np in ipairs({0, n_met}) do
-    UNIT3_FMTS[np] = UNIT3_HEAD .. string.rep('d', n_met + np + n_met * NB)
-  end
-end
 for _, uid in ipairs(units_order) do
   local u = units[uid]
   if not u then  -- retired in this call: deleted below
-  elseif u.a then
-    local np = u[1] == 2 and n_met or 0
-    local args = {3, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS], n_met, np, NB, u.f}
-    local q = 10
-    for k = 1, n_met do args[q + k] = u[U_ETS + k] end
-    q = q + n_met
-    if np > 0 then
-      for k = 1, n_met do args[q + k] = u[U_PRE + k] end
-      q = q + n_met
-    end
-    local a = u.a
-    for j = 1, n_met * NB do args[q + j] = a[j] end
-    push2('HSET', K_UNITS, uid, spack(UNIT3_FMTS[np], unpack(args, 1, q + n_met * NB)))
+  elseif u[1] >= 3 then  -- the array is the record, version byte aside
+    local v3 = u[1]
+    local np, last = v3 == 4 and n_met or 0, age_base(u) + A_LEN + 4
+    u[1] = 3
+    push2('HSET', K_UNITS, uid, spack(unit3_fmt(n_met, np, NB), unpack(u, 1, last)))
+    u[1] = v3
   elseif u[1] == 2 then
     push2('HSET', K_UNITS, uid, spack(UNIT2_FMT, 2, u[U_V], u[U_S], u[U_M], u[U_B], u[U_ETS],
                                       n_met, unpack(u, U_ETS + 1, U_PRE + n_met)))
