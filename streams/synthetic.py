@@ -193,16 +193,17 @@ def age_cell_stats(pop: Population, day: float, edges_days: tuple[int, ...],
     f = np.clip(np.searchsorted(fe, pop.activity, side="right") - 1, 0, F - 1)
     yb = bin_outcomes(pop, edges_days)
     m = pop.arrival + sc.window_days < day
-    at = (pop.variant[m], f[m])
-    n = np.zeros((K1, F + 1))
-    sy = np.zeros((K1, F + 1, B))
-    syy = np.zeros((K1, F + 1, B))
-    s0L = np.zeros((K1, F + 1))
-    np.add.at(n, at, 1.0)
-    np.add.at(sy, at, yb[m])
-    np.add.at(syy, at, yb[m] ** 2)
-    np.add.at(s0L, at, yb[m, 0] * yb[m, -1])
-    return {"n": n, "sy": sy, "syy": syy, "s0L": s0L}
+    cell = pop.variant[m] * (F + 1) + f[m]  # flat (variant, fine stratum)
+    C = K1 * (F + 1)
+
+    def tot(w):
+        return np.bincount(cell, weights=w, minlength=C).reshape(K1, F + 1)
+
+    y = yb[m]
+    return {"n": tot(None).astype(float),
+            "sy": np.stack([tot(y[:, b]) for b in range(B)], -1),
+            "syy": np.stack([tot(y[:, b] ** 2) for b in range(B)], -1),
+            "s0L": tot(y[:, 0] * y[:, -1])}
 
 
 def cell_stats(pop: Population, day: float, bucket_days: float = 1.0, y: np.ndarray | None = None,
