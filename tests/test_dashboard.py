@@ -246,3 +246,54 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
           f"{shown['naive-interval']}, truth {shown['truth']}; "
           f"{len(series_el['adjusted'][1]['points'].split())} chart points; screenshot {shot} "
           f"({len(data)} bytes)")
+
+
+def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_path, workers):
+    """Novelty traffic (7-day window, three exposure-age bins): the page draws
+    one interval per bin and states the novelty contrast the API gives (a
+    function of the settled state alone, so it does not move between ticks)."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; "
+                    ".ci/run does this)")
+    from streams.simulate import make_traffic
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dnov", partitions=1,
+                    tick_seconds=1.0, chains=4)
+    st.create_topics()
+    eid = "dnov"
+    cfg, evs, truth = make_traffic(3000, 14, eid, seed=5, window_seconds=7 * 86_400,
+                                   started_at=START, novelty=0.15, effect_slope=-0.12)
+    st.register([cfg])
+    redis.Redis.from_url(redis_url).set(truth_key(eid), dumps(truth))
+    w = start_web_worker(workers, st, "all")
+    produce(st.bootstrap, st.events_topic, sorted(evs, key=lambda e: e["ts"]))
+
+    def est():
+        raw = w.get(f"/experiments/{eid}/estimates")
+        recs = json.loads(raw)["estimates"] if raw else []
+        rec = recs[0] if recs else None
+        ok = rec and rec["by_exposure_age"] and all(b["lift"] for b in rec["by_exposure_age"]) \
+            and rec["novelty"]["contrast"]["mean"] is not None \
+            and rec["units"]["matured"] == rec["units"]["exposed"]
+        return rec if ok else None
+
+    rec = wait_until(est, 120, "an estimate with every unit matured and every bin drawn",
+                     workers=[w], interval=0.5)
+    res = run_chromium(w.url("/"), "--virtual-time-budget=8000", "--dump-dom")
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    dom = Dom()
+    dom.feed(res.stdout.decode())
+    assert dom.body.get("data-ready") == "1", dom.text.get("status")
+    for b in range(3):
+        tag, a = dom.series.get(f"age-{b}", (None, {}))
+        assert tag == "rect" and float(a["height"]) > 0, (b, dom.series.keys())
+    c = est()["novelty"]["contrast"]  # the settled state's: equal to rec's
+    assert c == rec["novelty"]["contrast"]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    shown = dom.text.get("novelty", "")
+    assert f"first-days minus later lift {pct(c['mean'])} [{pct(c['lo'])}, {pct(c['hi'])}]" \
+        in shown, (shown, c)
+    assert f"{c['strata_used']} of {rec['novelty']['strata']} activity values" in shown
