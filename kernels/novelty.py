@@ -1,7 +1,7 @@
 """The novelty contrast: first-bin lift minus last-bin lift, within fine strata.
 
 Pure array code over the exposure-age cells (issue 19,
-``streams.semantics.ExperimentSnapshot.age_cells``). A unit's later days are
+``streams.state.semantics.ExperimentSnapshot.age_cells``). A unit's later days are
 mostly heavy users' activity, so a lift by days since exposure pooled over
 units falls even when no unit's response changes with time. Inside a fine
 stratum (one exact pre_activity value) the units are alike, so there the

@@ -29,7 +29,7 @@ Gibbs conditionals (vectorised over chains and experiments):
     λ | ψ², φ        ~ N(M, V),   V = 1 / (1 + E/ψ²),   M = V Σφ_e/ψ²
 
 The last two need only the sufficient statistics (E, Σφ, Σφ²), which is what the
-Redis parameter server keeps (``streams.platform_prior``). One *platform
+Redis parameter server keeps (``streams.sampling.platform_prior``). One *platform
 update* draws ψ² | λ then λ | ψ² from them.
 
 Exact asynchronous Gibbs (Terenin, Simpson & Draper, AISTATS 2020). A worker
@@ -308,7 +308,7 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
                 correct: bool = True, proposal: str = "pilot",
                 prior: HyperPrior = PRIOR) -> Draws:
     """(ii)/(iii): asynchronous Gibbs with injected staleness, simulated in
-    one process (the Redis version is ``streams.platform_prior``).
+    one process (the Redis version is ``streams.sampling.platform_prior``).
 
     Experiments are dealt to ``n_workers`` workers; an *event* is one worker
     committing one batch of ``batch`` experiments, then doing a platform update

@@ -108,7 +108,7 @@ class ExperimentConfig:
     #: exposure, of the age bins its metric totals are also kept by. None =
     #: the default ``DEFAULT_EXPOSURE_AGE_BINS`` (0, 1 d, 3 d) then the window;
     #: edges at or beyond the window are dropped and the window closes the
-    #: last bin (``streams.semantics.age_edges_ms``). Fewer than two bins: off
+    #: last bin (``streams.state.semantics.age_edges_ms``). Fewer than two bins: off
     exposure_age_bins: tuple[int, ...] | None = None
 
     @property

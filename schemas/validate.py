@@ -432,7 +432,7 @@ def parse_event_row(
     or None, pre = ``{metric: float}`` or None, an empty object too) or
     ``"m"`` (metric: name = metric, num = value as a float, experiment_id
     possibly None, pre None); ts is an int. ``offset`` is passed through (the
-    source position; see ``streams.state``'s rows).
+    source position; see ``streams.state.store``'s rows).
 
     msgspec first; what it rejects (or a ts in the future) goes to
     :func:`parse_event_row_reference`, which raises the reason."""
@@ -752,7 +752,7 @@ def _cfg_age_bins(v: Any) -> tuple[int, ...]:
 
 
 def _age_edges_s(cfg: ExperimentConfig) -> tuple[int, ...]:
-    """The age-bin edges in effect (``streams.semantics.age_edges_ms``, in
+    """The age-bin edges in effect (``streams.state.semantics.age_edges_ms``, in
     seconds): the configured ones (None: the default) inside the window."""
     bins = DEFAULT_EXPOSURE_AGE_BINS if cfg.exposure_age_bins is None else cfg.exposure_age_bins
     return tuple(sorted({int(e) for e in bins if 0 < int(e) < cfg.window_seconds}))

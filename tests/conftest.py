@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from streams.embedded import (
+from streams.dev.embedded import (
     ApacheKafkaUnavailable,
     kafka_broker,
     redis_server,
@@ -151,7 +151,7 @@ def kafka_service():
         finally:
             svc.stop(timeout=30.0)
     else:
-        from streams.embedded import wait_for_kafka
+        from streams.dev.embedded import wait_for_kafka
 
         wait_for_kafka(choice, timeout=30)
         first = choice.split(",")[0]

@@ -8,7 +8,7 @@ from kernels.backend import Rng
 from kernels.data import make_data
 from kernels.gibbs import init
 from kernels.sampler import run
-from streams.synthetic import Population, cell_stats
+from streams.dev.synthetic import Population, cell_stats
 
 
 class FixedNormals:

@@ -1,6 +1,6 @@
 """A real Redis Cluster for the tests (issue 15, item 7): 3 masters, no
 replicas, started once per session from the same redis-server binary as the
-single server (``streams.embedded.redis_cluster``), every node a child that
+single server (``streams.dev.embedded.redis_cluster``), every node a child that
 dies with the test process.
 
 A module uses it by importing the fixtures it needs::
@@ -8,15 +8,15 @@ A module uses it by importing the fixtures it needs::
     from tests.redis_cluster_support import cluster_r, redis_cluster_service  # noqa: F401
 
 ``cluster_url`` is the ``redis+cluster://`` URL (every master flushed first);
-``cluster_r`` a ``redis.cluster.RedisCluster`` on it (``streams.settings.redis_client``).
+``cluster_r`` a ``redis.cluster.RedisCluster`` on it (``streams.config.settings.redis_client``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from streams.embedded import redis_cluster
-from streams.settings import Settings, redis_client
+from streams.config.settings import Settings, redis_client
+from streams.dev.embedded import redis_cluster
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas.codec import dumps, loads
-from streams.app import partition_for
-from streams.simulate import make_traffic
+from streams.dev.simulate import make_traffic
+from streams.service.app import partition_for
 
 DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
@@ -150,7 +150,7 @@ def as_records(evs) -> list:
 def fed(cfgs, pairs, topic: str = "t"):
     """The reference reducer fed (partition, event) pairs as the worker is:
     each event from its partition, in order."""
-    from streams.semantics import Reducer
+    from streams.state.semantics import Reducer
 
     red = Reducer(cfgs)
     for p, e in zip((p for p, _ in pairs), as_records([e for _, e in pairs]), strict=True):

@@ -39,10 +39,10 @@ from typing import Any
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
-from streams.embedded import dies_with_parent, kill_group, stop_group
-from streams.semantics import Reducer
-from streams.settings import Settings
-from streams.state import advance_partition, read_counters, read_snapshot
+from streams.config.settings import Settings
+from streams.dev.embedded import dies_with_parent, kill_group, stop_group
+from streams.state.semantics import Reducer
+from streams.state.store import advance_partition, read_counters, read_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,8 +114,8 @@ class Stack:
         return env
 
     def create_topics(self) -> None:
-        from streams.topics import ensure_topics
-        from streams.worker import topic_specs
+        from streams.service.topics import ensure_topics
+        from streams.service.worker import topic_specs
 
         ensure_topics(self.bootstrap, topic_specs(self.config()), strict=True)
 
@@ -123,9 +123,9 @@ class Stack:
         """Publish configs to this stack's experiments topic and put them in
         the Redis registry (as ``liftstream experiments create`` does), so
         events produced right after are recognised."""
-        from streams.admin import publish_experiment
-        from streams.registry import Registry
-        from streams.settings import redis_client
+        from streams.cli.admin import publish_experiment
+        from streams.config.settings import redis_client
+        from streams.state.registry import Registry
 
         r = redis_client(self.config())  # a RedisCluster for redis+cluster://
         try:
@@ -279,7 +279,7 @@ class WebWorker(Worker):
 
 
 def start_web_worker(workers: Workers, stack, role: str, **env) -> WebWorker:
-    from streams.embedded import free_port
+    from streams.dev.embedded import free_port
 
     w = WebWorker(stack, role, free_port(), **env)
     workers.all.append(w)  # killed at teardown like every harness worker
@@ -474,7 +474,7 @@ def settle_all(r, red: Reducer, cfgs: Iterable[ExperimentConfig], topic: str,
                partitions: Iterable[int], clock: int | None = None) -> None:
     """Advance every partition to ``clock`` (None: each to the reducer's clock
     of it, i.e. only settle), in Redis as the worker's idle advance does
-    (``streams.state.advance_partition``) and in the reducer, so that both
+    (``streams.state.store.advance_partition``) and in the reducer, so that both
     have matured everything due by then: the worker settles experiments
     without events in a batch at wall-clock moments, the reducer does not."""
     cfgs = list(cfgs)

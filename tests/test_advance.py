@@ -5,11 +5,11 @@ import numpy as np
 
 from schemas.codec import dumps
 from schemas.validate import parse_event
-from streams.advance import TickConfig, advance
-from streams.analyze import estimate
-from streams.chains import decode, encode
-from streams.semantics import Reducer
-from streams.simulate import make_traffic
+from streams.dev.simulate import make_traffic
+from streams.sampling.advance import TickConfig, advance
+from streams.sampling.analyze import estimate
+from streams.sampling.chains import decode, encode
+from streams.state.semantics import Reducer
 
 
 def snapshots_after(cfg, evs, n):

@@ -1,4 +1,4 @@
-"""streams.alerts: edge-triggered alert records from estimate records.
+"""streams.alerts.rules: edge-triggered alert records from estimate records.
 
 Each kind fires on a constructed estimate record and resolves when the
 condition goes away; nothing is re-emitted while a condition stays; the
@@ -18,7 +18,7 @@ import pytest
 
 from schemas.contracts import load_schema
 from schemas.records import ExperimentConfig, MetricSpec
-from streams.alerts import (
+from streams.alerts.rules import (
     ALERT_KINDS,
     DEFAULT_THRESHOLDS,
     alert_id,
@@ -27,8 +27,8 @@ from streams.alerts import (
     thresholds,
     unknown_threshold_keys,
 )
-from streams.data_quality import data_quality_of
-from streams.semantics import COUNTERS
+from streams.state.data_quality import data_quality_of
+from streams.state.semantics import COUNTERS
 
 ALERT_SCHEMA = jsonschema.Draft202012Validator(load_schema("alert"))
 ESTIMATE_SCHEMA = jsonschema.Draft202012Validator(load_schema("estimate"))
@@ -54,7 +54,7 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
            watermark: int = WM, computed_at: int = WM + 1000,
            experiment_id: str = "exp-1", dq: dict | None = None,
            novelty: tuple[float, float] | None = None) -> dict:
-    """An estimate record shaped like ``streams.problems.records`` output."""
+    """An estimate record shaped like ``streams.sampling.problems.records`` output."""
     lo = mean - 1.96 * sd if lo is None else lo
     hi = mean + 1.96 * sd if hi is None else hi
     nm = mean if naive_mean is None else naive_mean
@@ -116,7 +116,7 @@ class Monitor:
 
 
 def quality(dead_letters: dict | None = None, **counters: int) -> dict:
-    """A record's ``data_quality`` from counters (``streams.semantics.COUNTERS``)."""
+    """A record's ``data_quality`` from counters (``streams.state.semantics.COUNTERS``)."""
     return data_quality_of({k: counters.get(k, 0) for k in COUNTERS}, dead_letters)
 
 
@@ -525,8 +525,8 @@ def test_data_loss_through_redis(redis_url):
     """The alerting layer keeps the marks in Redis between ticks (real redis-server)."""
     import redis
 
-    from streams import alerting  # imports the Redis state layer: only here
-    from streams.registry import Registry
+    from streams.alerts import store as alerting  # imports the Redis state layer: only here
+    from streams.state.registry import Registry
 
     r = redis.Redis.from_url(redis_url)
     registry = Registry(r)
@@ -562,8 +562,8 @@ def test_racing_samplers_fire_a_transition_once(redis_url, monkeypatch):
     evaluates again on the new state and fires nothing (WATCH)."""
     import redis
 
-    from streams import alerting
-    from streams.registry import Registry
+    from streams.alerts import store as alerting
+    from streams.state.registry import Registry
 
     r = redis.Redis.from_url(redis_url)
     r.flushall()

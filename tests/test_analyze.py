@@ -9,8 +9,8 @@ import numpy as np
 
 from schemas.codec import dumps, loads
 from schemas.contracts import load_schema
-from streams.analyze import analyze
-from streams.simulate import make_traffic
+from streams.dev.simulate import make_traffic
+from streams.sampling.analyze import analyze
 
 
 def write_files(tmp_path, units=60_000, days=9, seed=4):

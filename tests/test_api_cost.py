@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import redis
 
-from streams.advance import StoredChains, TickConfig
-from streams.registry import Registry
-from streams.sampler import SamplerService, read_estimates, read_history
+from streams.sampling.advance import StoredChains, TickConfig
+from streams.sampling.sampler import SamplerService, read_estimates, read_history
+from streams.state.registry import Registry
 
 pytestmark = pytest.mark.integration
 

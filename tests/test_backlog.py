@@ -25,11 +25,11 @@ import redis
 
 from schemas.codec import dumps, loads
 from schemas.validate import experiment_to_dict
-from streams.analyze import fold, read_experiments
-from streams.chains import decode
-from streams.sampler import chain_key, estimate_key
-from streams.simulate import make_traffic
-from streams.state import experiment_key, read_counters, read_snapshot
+from streams.dev.simulate import make_traffic
+from streams.sampling.analyze import fold, read_experiments
+from streams.sampling.chains import decode
+from streams.sampling.sampler import chain_key, estimate_key
+from streams.state.store import experiment_key, read_counters, read_snapshot
 from tests.streaming_harness import (
     Workers,
     close_diff,
@@ -128,7 +128,7 @@ def test_backlog_equals_analyze(kafka_bootstrap, redis_url, tmp_path, workers, k
 
     def estimates():
         """Each experiment's estimate once its whole window of draws was made
-        on the final data (the chain's ``fresh_from``, streams.advance)."""
+        on the final data (the chain's ``fresh_from``, streams.sampling.advance)."""
         out = {}
         for e in ids:
             raw = r.get(estimate_key(e, "value", "treatment"))

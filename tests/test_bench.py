@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from streams import bench
-from streams.bench_numpyro import import_error
+from streams.bench import sampler as bench
+from streams.bench.numpyro import import_error
 
 LIFTSTREAM_FIELDS = {
     "sweeps_per_s", "chain_sweeps_per_s", "ess_per_s_median", "ess_per_s_min",
@@ -56,7 +56,7 @@ def test_auto_skips_large_problem_sets():
 
 
 def test_unavailable_baseline_or_device_exits_2(capsys, monkeypatch):
-    import streams.bench_numpyro as bn
+    import streams.bench.numpyro as bn
     from kernels.backend import cupy_or_none
 
     monkeypatch.setattr(bn, "import_error", lambda: "ModuleNotFoundError: numpyro")
@@ -89,7 +89,7 @@ def test_arrival_density_port_matches_kernels():
     if import_error() is not None:
         pytest.skip(f"numpyro/jax not installed: {import_error()}")
     from kernels import arrival
-    from streams import bench_numpyro as bn
+    from streams.bench import numpyro as bn
 
     bn._jax()
     x = np.linspace(-8, 2, 41)

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from streams.bench_ingest import PartitionReader, format_report, run, traffic
-from streams.settings import kafka_config
-from streams.simulate import produce
-from streams.topics import TopicSpec, ensure_topics
+from streams.bench.ingest import PartitionReader, format_report, run, traffic
+from streams.config.settings import kafka_config
+from streams.dev.simulate import produce
+from streams.service.topics import TopicSpec, ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -22,9 +22,9 @@ import redis
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig, Exposure, MetricSpec
 from schemas.validate import InvalidRecord, incompatible_change
-from streams.admin import publish_experiment
-from streams.ingest import Ingestor
-from streams.registry import Registry
+from streams.cli.admin import publish_experiment
+from streams.ingest.ingestor import Ingestor
+from streams.state.registry import Registry
 from tests.streaming_harness import (
     Workers,
     consume_all,

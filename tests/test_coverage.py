@@ -1,6 +1,6 @@
 """(d) Coverage and bias on synthetic experiments where heavy users arrive first.
 
-Each replicate is a population (``streams.synthetic``) whose effect grows with
+Each replicate is a population (``streams.dev.synthetic``) whose effect grows with
 activity and whose units arrive by their daily exposure probability, with the
 model's arrival prior deliberately off by the exposure rate. At days
 1, 3, 7 and 14 all replicates are analysed in one batch; we report coverage of
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.synthetic import Scenario, population
+from streams.dev.synthetic import Scenario, population
 from tests.kernel_helpers import data_from_populations, sample
 
 DAYS = (1, 3, 7, 14)

@@ -15,7 +15,7 @@ from kernels import covariate
 from kernels.backend import Rng
 from kernels.data import fixed_hyper, make_data
 from kernels.gibbs import init, sweep
-from streams.synthetic import Scenario, cell_stats, population
+from streams.dev.synthetic import Scenario, cell_stats, population
 from tests.kernel_helpers import FixedNormals, sample
 from tests.test_sbc import ACTIVITY, assert_uniform
 
@@ -411,7 +411,7 @@ if __name__ == "__main__":
 def test_bench_covariate_reports_both_timings():
     """``liftstream bench covariate`` times the same batch with and without the
     block (a ratio in one process; no threshold: speed is not a test)."""
-    from streams.bench_covariate import run
+    from streams.bench.covariate import run
 
     res = run(problems=4, chains=2, sweeps=2, repeats=1, rho=0.5, missing=0.1, device="cpu")
     ms = res["ms_per_sweep"]
@@ -424,7 +424,7 @@ def test_bench_covariate_reports_both_timings():
 
 
 def test_tick_publishes_variance_reduction_from_its_shadow():
-    """Through the sampler's tick (``streams.advance``) on state folded from
+    """Through the sampler's tick (``streams.sampling.advance``) on state folded from
     events with ``pre``: the metric's chains and its covariate-free shadow
     (``value#nocov``) both continue, only the metric's records are published,
     and ``variance_reduction`` reports the share with x, the slope, and the sd
@@ -434,10 +434,10 @@ def test_tick_publishes_variance_reduction_from_its_shadow():
     from schemas.codec import dumps
     from schemas.contracts import load_schema
     from schemas.validate import parse_event
-    from streams.advance import TickConfig, advance
-    from streams.problems import SHADOW_SUFFIX
-    from streams.semantics import Reducer
-    from streams.simulate import make_traffic
+    from streams.dev.simulate import make_traffic
+    from streams.sampling.advance import TickConfig, advance
+    from streams.sampling.problems import SHADOW_SUFFIX
+    from streams.state.semantics import Reducer
 
     rho, q = 0.8, 0.2
     cfg, evs, truth = make_traffic(12_000, 8, "cup", 5, 86_400, 1_767_225_600_000,
@@ -474,9 +474,9 @@ def test_covariates_off_ignores_pre():
 
     from schemas.codec import dumps
     from schemas.validate import parse_event
-    from streams.problems import build_batch
-    from streams.semantics import Reducer
-    from streams.simulate import make_traffic
+    from streams.dev.simulate import make_traffic
+    from streams.sampling.problems import build_batch
+    from streams.state.semantics import Reducer
 
     cfg, evs, _ = make_traffic(3000, 8, "off", 6, 86_400, 1_767_225_600_000,
                                covariate_rho=0.8)

@@ -35,7 +35,7 @@ import pytest
 import redis
 
 from schemas.codec import dumps
-from streams.web import truth_key
+from streams.service.web import truth_key
 from tests.streaming_harness import Workers, make_stack, produce, start_web_worker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -135,7 +135,7 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
     if chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; "
                     ".ci/run does this)")
-    from streams.simulate import make_traffic
+    from streams.dev.simulate import make_traffic
 
     st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dash", partitions=1,
                     tick_seconds=1.0, chains=4)
@@ -255,7 +255,7 @@ def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_pa
     if chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; "
                     ".ci/run does this)")
-    from streams.simulate import make_traffic
+    from streams.dev.simulate import make_traffic
 
     st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dnov", partitions=1,
                     tick_seconds=1.0, chains=4)

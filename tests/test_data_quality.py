@@ -1,5 +1,5 @@
 """``data_quality``: what happened to an experiment's events, in every estimate
-record (``streams.problems.records``), against the JSON Schema, and on /metrics."""
+record (``streams.sampling.problems.records``), against the JSON Schema, and on /metrics."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from schemas.codec import dumps
 from schemas.contracts import load_schema
 from schemas.records import ExperimentConfig, Exposure, Metric
-from streams.data_quality import OUTCOMES, data_quality, data_quality_of, outcomes
-from streams.metrics import Metrics
-from streams.problems import problems_of, records
-from streams.semantics import COUNTERS, Reducer
+from streams.sampling.problems import problems_of, records
+from streams.service.metrics import Metrics
+from streams.state.data_quality import OUTCOMES, data_quality, data_quality_of, outcomes
+from streams.state.semantics import COUNTERS, Reducer
 
 ESTIMATE = jsonschema.Draft202012Validator(load_schema("estimate"))
 T0 = 1_767_225_600_000

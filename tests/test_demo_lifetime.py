@@ -2,7 +2,7 @@
 
 The demo starts a broker, a redis-server and a worker as child processes.
 Killed with -9 (no chance to clean up) its children die with it
-(``PR_SET_PDEATHSIG``, ``streams.embedded.dies_with_parent``); Ctrl-C sent
+(``PR_SET_PDEATHSIG``, ``streams.dev.embedded.dies_with_parent``); Ctrl-C sent
 to the demo process alone stops it, and them, as SIGTERM does.
 """
 

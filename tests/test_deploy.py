@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings
+from streams.config.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (`make test` installs it "
                                           "with kubernetes-validate)")

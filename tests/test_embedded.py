@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.embedded import TansuNotFound, find_tansu, start_broker
-from streams.topics import TopicMismatch, TopicSpec, ensure_topics
+from streams.dev.embedded import TansuNotFound, find_tansu, start_broker
+from streams.service.topics import TopicMismatch, TopicSpec, ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

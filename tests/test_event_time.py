@@ -1,5 +1,5 @@
 """Event time beyond the reducer (DESIGN §5): the completeness watermark and the
-idle advance (``streams.clocks``), bounded maturation, dead letters that move
+idle advance (``streams.state.clocks``), bounded maturation, dead letters that move
 no clock, and the ``data_loss`` alert on a real stream of late metrics."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import redis
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.clocks import ClockService, IdleTracker, completeness
-from streams.data_quality import data_quality
-from streams.ingest import Ingestor
-from streams.registry import Registry
-from streams.semantics import Reducer
-from streams.state import (
+from streams.ingest.ingestor import Ingestor
+from streams.state.clocks import ClockService, IdleTracker, completeness
+from streams.state.data_quality import data_quality
+from streams.state.registry import Registry
+from streams.state.semantics import Reducer
+from streams.state.store import (
     apply_source_batch,
     event_row,
     partition_clock,
@@ -140,7 +140,7 @@ def test_future_and_too_old_events_are_dead_letters_that_move_no_clock(r):
 def test_data_loss_alert_on_a_stream_with_late_metrics(r):
     """2% of the metrics arrive past the correction horizon: data_loss fires
     once; when they stop, it resolves (the alert judges a recent window)."""
-    from streams import alerting
+    from streams.alerts import store as alerting
     from tests.test_alerts import quiet
 
     c = cfg(experiment_id="exp-1", correction_seconds=2, window_seconds=5, lateness_seconds=0)

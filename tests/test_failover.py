@@ -28,10 +28,10 @@ import time
 import pytest
 import redis
 
-from streams.app import partition_for
-from streams.chains import decode
-from streams.sampler import NOTICE_CHANNEL, chain_key
-from streams.semantics import Reducer
+from streams.sampling.chains import decode
+from streams.sampling.sampler import NOTICE_CHANNEL, chain_key
+from streams.service.app import partition_for
+from streams.state.semantics import Reducer
 from tests.scale_helpers import Feeder, NoticeLog, as_records, group_members, pinned_case
 from tests.streaming_harness import (
     Workers,

@@ -23,9 +23,9 @@ import redis
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
-from streams.ingest import Ingestor
-from streams.registry import Registry
-from streams.state import (
+from streams.ingest.ingestor import Ingestor
+from streams.state.registry import Registry
+from streams.state.store import (
     INGEST_OFFSETS,
     PARTITION_CLOCKS,
     Fenced,

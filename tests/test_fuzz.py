@@ -16,7 +16,7 @@ by one real ``role=ingest`` worker (with its web server, to scrape
   (``unknown_experiment`` / ``unknown_variant`` for well-formed events of an
   unregistered experiment / a variant the config lacks), and nothing else is;
 * every valid input is applied: Redis state equals the reference reducer
-  (``streams.semantics.Reducer``) on the valid events in offset order;
+  (``streams.state.semantics.Reducer``) on the valid events in offset order;
 * counters agree: dead letters on the topic == invalid inputs == the sum of
   ``liftstream_dead_letters_total`` on ``/metrics``, per reason too.
 
@@ -51,10 +51,10 @@ import redis
 from schemas.codec import loads
 from schemas.records import Exposure
 from schemas.validate import MAX_EVENT_BYTES, InvalidRecord, parse_event
-from streams.ingest import ingest_offsets
-from streams.semantics import Reducer
-from streams.simulate import make_traffic
-from streams.state import too_old
+from streams.dev.simulate import make_traffic
+from streams.ingest.ingestor import ingest_offsets
+from streams.state.semantics import Reducer
+from streams.state.store import too_old
 from tests.streaming_harness import (
     REPO,
     Workers,

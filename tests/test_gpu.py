@@ -9,7 +9,7 @@ finds a CUDA device.
   device) give the same chain to ~1e-9 over a few sweeps -- the arithmetic of
   every block agrees; (2) independent runs on the same data give posterior
   means of the adjusted effect that agree within Monte Carlo error
-  (``streams.bench.agreement``);
+  (``streams.bench.sampler.agreement``);
 * Philox (``kernels.philox``, the GPU's default RNG): the same counters and
   keys give bit-identical words on cupy and numpy, the same uniforms, and
   normals/gammas/Poissons equal to rounding; whole sweeps on the GPU and the
@@ -161,7 +161,7 @@ class HostRng(Rng):
 
 
 def _bench_data(P: int, S: int, xp):
-    from streams.bench import model_data, synthetic_problems
+    from streams.bench.sampler import model_data, synthetic_problems
 
     return model_data(synthetic_problems(P, S, seed=1), xp)
 
@@ -186,7 +186,7 @@ def test_same_draws_same_chain_on_cpu_and_gpu():
 
 
 def test_posterior_means_agree_cpu_vs_gpu():
-    from streams.bench import agreement
+    from streams.bench.sampler import agreement
 
     P, S = 20, 8
     _, tn = _sample(_bench_data(P, S, np), seed=21, xp=np, chains=8, warmup=150, draws=400)
@@ -277,7 +277,7 @@ def test_philox_sweeps_match_on_cupy_and_numpy():
 
 
 def test_gpu_chunks_do_not_change_the_draws():
-    from streams.bench import bench_gibbs_chunked, chunk_problems, synthetic_problems
+    from streams.bench.sampler import bench_gibbs_chunked, chunk_problems, synthetic_problems
 
     st = synthetic_problems(9, 8, seed=2)
     a = bench_gibbs_chunked(st, cp, 4, 5, 10)

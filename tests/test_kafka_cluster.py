@@ -2,7 +2,7 @@
 an events partition mid-stream; nothing is lost or doubled.
 
 * Three combined KRaft broker+controller nodes on loopback
-  (``streams.embedded.start_apache_kafka_cluster`` = ``deploy/kafka/run-kafka.sh
+  (``streams.dev.embedded.start_apache_kafka_cluster`` = ``deploy/kafka/run-kafka.sh
   --node-id I --voters ...`` three times: one cluster id, a static quorum,
   storage formatted per node, JVM heap 384 MB each); internal topics
   replicated 3 with min ISR 2.
@@ -42,7 +42,7 @@ import pytest
 import redis
 
 from schemas.codec import dumps
-from streams.embedded import apache_kafka_available, start_apache_kafka_cluster
+from streams.dev.embedded import apache_kafka_available, start_apache_kafka_cluster
 from tests.scale_helpers import fed, pinned_case
 from tests.streaming_harness import (
     Workers,

@@ -7,7 +7,7 @@ import pytest
 
 from kernels.data import make_data
 from kernels.summary import summarize
-from streams.synthetic import Scenario, population
+from streams.dev.synthetic import Scenario, population
 from tests.kernel_helpers import data_from_populations, sample
 
 

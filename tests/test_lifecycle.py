@@ -32,9 +32,9 @@ import pytest
 import redis
 
 from schemas.codec import loads
-from streams.registry import Registry
-from streams.sampler import read_estimates, read_history, read_lifecycle
-from streams.state import experiment_key, read_counters
+from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
+from streams.state.registry import Registry
+from streams.state.store import experiment_key, read_counters
 from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     REPO,

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from schemas.codec import loads
-from streams.embedded import start_redis
+from streams.dev.embedded import start_redis
 from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     Workers,

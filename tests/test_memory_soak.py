@@ -27,10 +27,10 @@ import redis
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig
-from streams.ingest import Ingestor
-from streams.registry import Registry
-from streams.retired_filter import false_positive_rate
-from streams.state import read_snapshot
+from streams.ingest.ingestor import Ingestor
+from streams.state.registry import Registry
+from streams.state.retired_filter import false_positive_rate
+from streams.state.store import read_snapshot
 
 pytestmark = pytest.mark.integration
 

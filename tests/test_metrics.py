@@ -2,7 +2,7 @@
 
 import re
 
-from streams.metrics import Metrics
+from streams.service.metrics import Metrics
 
 LINE = re.compile(r'^[a-z_]+(\{([a-z_]+="(?:[^"\\]|\\.)*",?)+\})? -?[0-9.e+]+$')
 
@@ -27,7 +27,7 @@ def test_render_is_valid_exposition():
 
 
 def test_stuck_loops_are_named_after_the_limit():
-    from streams.web import stuck_loops
+    from streams.service.web import stuck_loops
 
     beats = {"ingest": 1000.0, "sampler": 1090.0}
     assert stuck_loops(1100.0, beats, 120) == []

@@ -1,6 +1,6 @@
 """Novelty and primacy by exposure age (issue 19), checked against the truth.
 
-The populations are ``streams.synthetic``'s visits model: heavy users arrive
+The populations are ``streams.dev.synthetic``'s visits model: heavy users arrive
 first, visit on later days, and respond *worse* (``effect_slope`` < 0), so a
 lift by days since exposure pooled over units falls even with no novelty.
 ``X`` is the extra lift on a unit's first day since exposure (0: none).
@@ -23,9 +23,8 @@ import pytest
 from kernels import novelty
 from kernels.data import make_data
 from schemas.records import ExperimentConfig
-from streams.alerts import DEFAULT_THRESHOLDS
-from streams.semantics import fine_edges, fine_parent
-from streams.synthetic import (
+from streams.alerts.rules import DEFAULT_THRESHOLDS
+from streams.dev.synthetic import (
     Scenario,
     age_cell_stats,
     age_truth,
@@ -33,6 +32,7 @@ from streams.synthetic import (
     cell_stats,
     population,
 )
+from streams.state.semantics import fine_edges, fine_parent
 from tests.kernel_helpers import sample
 
 EDGES_DAYS = (0, 1, 3, 7)  # the default bins with a 7-day window

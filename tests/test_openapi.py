@@ -12,7 +12,7 @@ def test_openapi_paths_match_registered_pages():
     spec = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
     assert spec["openapi"].startswith("3.")
     documented = set(spec["paths"])
-    source = (ROOT / "streams" / "web.py").read_text()
+    source = (ROOT / "streams" / "service" / "web.py").read_text()
     registered = set(re.findall(r'@(?:app\.)?page\("([^"]+)"', source))
     assert documented == registered
     for path, item in spec["paths"].items():

@@ -270,7 +270,7 @@ def test_keys_from_names_and_indices():
 
 
 def _bench(P, S=8, seed=1):
-    from streams.bench import synthetic_problems
+    from streams.bench.sampler import synthetic_problems
 
     return synthetic_problems(P, S, seed=seed)
 
@@ -281,7 +281,7 @@ def test_sweeps_of_a_problem_do_not_depend_on_its_batch():
     the same chains up to rounding (searchsorted over row-shifted CDFs)."""
     from kernels.gibbs import init
     from kernels.sampler import run
-    from streams.bench import model_data
+    from streams.bench.sampler import model_data
 
     st = _bench(6)
     sub = [0, 2, 4]
@@ -299,11 +299,11 @@ def test_sweeps_of_a_problem_do_not_depend_on_its_batch():
 
 
 def test_ticks_give_the_same_draws_as_one_run():
-    """Two ticks of 2 sweeps (a fresh Rng each, as ``streams.advance`` makes
+    """Two ticks of 2 sweeps (a fresh Rng each, as ``streams.sampling.advance`` makes
     one per tick) = one run of 4: counters come from the chains' iterations."""
     from kernels.gibbs import init
     from kernels.sampler import run
-    from streams.bench import model_data
+    from streams.bench.sampler import model_data
 
     data = model_data(_bench(3))
     keys = keys_for(9, ["a/x", "b/x", "c/x"])
@@ -317,7 +317,7 @@ def test_ticks_give_the_same_draws_as_one_run():
 
 
 def test_bench_chunks_do_not_change_the_draws():
-    from streams.bench import bench_gibbs_chunked, chunk_bounds
+    from streams.bench.sampler import bench_gibbs_chunked, chunk_bounds
 
     assert chunk_bounds(8, 3) == [(0, 3), (3, 6), (6, 8)]
     st = _bench(8)
@@ -343,7 +343,7 @@ def test_posterior_with_philox_agrees_with_pcg():
     Bonferroni over problems; sds within 20 %)."""
     from kernels.gibbs import init
     from kernels.sampler import run
-    from streams.bench import agreement, model_data
+    from streams.bench.sampler import agreement, model_data
 
     data = model_data(_bench(12, seed=4))
     out = []

@@ -117,8 +117,8 @@ def test_redis_workers_agree_and_keep_sums_consistent(redis_url: str) -> None:
     members."""
     import redis
 
-    from streams.bench_platform import run_async
-    from streams.platform_prior import ParameterServer
+    from streams.bench.platform import run_async
+    from streams.sampling.platform_prior import ParameterServer
 
     d = run_async(redis_url, DATA.z, n_sweeps=300, n_workers=4, batch=50, staleness=4,
                   correct=True, seed=5, metric="t")
@@ -143,7 +143,7 @@ def test_streaming_platform_prior_shrinks_records(redis_url: str) -> None:
     true effects is below the flat one's."""
     import redis
 
-    from streams.platform_prior import PlatformConfig, PlatformPrior
+    from streams.sampling.platform_prior import PlatformConfig, PlatformPrior
 
     r = redis.Redis.from_url(redis_url)
     prior = PlatformPrior(r, PlatformConfig(chains=4, history=64, seed=11))

@@ -2,7 +2,7 @@
 the same redis-server binary (``tests/redis_cluster_support.py``), the worker
 connected by ``redis+cluster://`` URL.
 
-* ``test_cluster_url``: the URL forms ``streams.settings.redis_client`` takes.
+* ``test_cluster_url``: the URL forms ``streams.config.settings.redis_client`` takes.
 * ``test_keys_spread``: ingest in-process on the cluster (``apply_source_batch``,
   the worker's path): every key of an experiment lies in one slot, the ingest
   positions (``lr:{ingest}:*``, one script) in one slot, the units' routing
@@ -24,10 +24,10 @@ import time
 import pytest
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.registry import Registry
-from streams.semantics import Reducer
-from streams.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
-from streams.state import (
+from streams.config.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
+from streams.state.registry import Registry
+from streams.state.semantics import Reducer
+from streams.state.store import (
     INGEST_OFFSETS,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,

@@ -22,7 +22,7 @@ import time
 import pytest
 import redis
 
-from streams.embedded import start_redis
+from streams.dev.embedded import start_redis
 from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     Workers,
@@ -103,8 +103,8 @@ def test_a_stalled_redis_fails_calls_instead_of_hanging_them(tmp_path):
     the batch for ever; once it answers again, calls go through."""
     import threading
 
-    from streams.settings import Settings, redis_client
-    from streams.state import TRANSIENT_REDIS
+    from streams.config.settings import Settings, redis_client
+    from streams.state.store import TRANSIENT_REDIS
 
     svc = start_redis(workdir=str(tmp_path))
     try:
@@ -131,7 +131,7 @@ def test_a_busy_redis_is_waited_out(tmp_path):
     answers again (here: the script is killed)."""
     import threading
 
-    from streams.events_plane import PlaneStatus, retry_transient
+    from streams.ingest.events_plane import PlaneStatus, retry_transient
 
     svc = start_redis(workdir=str(tmp_path))
     try:

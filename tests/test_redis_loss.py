@@ -12,7 +12,7 @@ simulates exactly that, with a redis-server of its own:
    the old snapshot (no AOF: the later writes are gone) and it is restarted on
    the same port; Redis's applied offsets are now behind the committed ones;
 4. the worker is restarted: on partition assignment the events plane
-   (``streams.events_plane``) starts each partition after the offset Redis
+   (``streams.ingest.events_plane``) starts each partition after the offset Redis
    applied, not at Kafka's commit, so the gap is read again; the final state
    equals the reducer's exactly.
 """
@@ -26,8 +26,8 @@ import time
 import pytest
 import redis
 
-from streams.embedded import start_redis
-from streams.ingest import ingest_offsets
+from streams.dev.embedded import start_redis
+from streams.ingest.ingestor import ingest_offsets
 from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.streaming_harness import (
     Workers,

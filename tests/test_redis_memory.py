@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from schemas.codec import dumps
-from streams.ingest import Ingestor
-from streams.registry import Registry
-from streams.simulate import make_traffic
+from streams.dev.simulate import make_traffic
+from streams.ingest.ingestor import Ingestor
+from streams.state.registry import Registry
 from tests.scale_helpers import START
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -18,11 +18,11 @@ import pytest
 import redis
 
 from schemas.codec import dumps, loads
-from streams.advance import TickConfig, advance
-from streams.ingest import Ingestor
-from streams.registry import Registry
-from streams.sampler import SamplerService, chain_key, estimate_key
-from streams.simulate import make_traffic
+from streams.dev.simulate import make_traffic
+from streams.ingest.ingestor import Ingestor
+from streams.sampling.advance import TickConfig, advance
+from streams.sampling.sampler import SamplerService, chain_key, estimate_key
+from streams.state.registry import Registry
 
 pytestmark = pytest.mark.integration
 

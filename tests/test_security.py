@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from streams.settings import (
+from streams.config.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Settings,
     faust_broker_settings,
@@ -30,7 +30,7 @@ def test_defaults_are_safe():
 
 
 def test_web_binds_loopback_by_default():
-    from streams.app import create_app
+    from streams.service.app import create_app
 
     app = create_app(Settings.from_env({}), role="ingest")
     assert app.conf.web_bind == "127.0.0.1" and app.conf.web_host == "127.0.0.1"
@@ -93,7 +93,7 @@ def test_repr_redacts_secrets():
 
 
 def test_redis_client_tls_and_password():
-    from streams.settings import redis_client
+    from streams.config.settings import redis_client
 
     s = Settings.from_env({}, redis_url="rediss://h:6380/0", redis_tls_ca="/etc/ca.pem",
                           redis_password=SECRET)
@@ -111,7 +111,7 @@ def test_worker_log_has_no_secrets(kafka_bootstrap, redis_url, tmp_path):
     ingesting events: its log has neither secret (but has its redacted settings)."""
     import redis
 
-    from streams.simulate import make_traffic
+    from streams.dev.simulate import make_traffic
     from tests.streaming_harness import (
         Workers,
         events_counted,
@@ -156,7 +156,7 @@ def test_api_token_guards_every_route_but_the_probes(kafka_bootstrap, redis_url,
     """With LIFTSTREAM_API_TOKEN set, a real worker's HTTP API answers 401
     without the token, 200 with it as a bearer token or ``?token=``; the
     probes answer without it; the token never reaches the log."""
-    from streams.embedded import free_port
+    from streams.dev.embedded import free_port
     from tests.streaming_harness import WebWorker, Workers, make_stack, wait_until
 
     st = make_stack(kafka_bootstrap, redis_url, tmp_path, "tok", partitions=1)

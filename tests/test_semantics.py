@@ -1,4 +1,4 @@
-"""Unit tests of the reference reducer (streams.semantics), one rule at a time,
+"""Unit tests of the reference reducer (streams.state.semantics), one rule at a time,
 against hand-computed expectations. The Redis/Lua side is held to the same
 reducer by tests/test_state_differential.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.semantics import (
+from streams.state.semantics import (
     COUNTERS,
     ExperimentState,
     bucket_of,
@@ -128,7 +128,7 @@ def test_exposures_from_end_at_are_counted_not_applied():
     """A stopped experiment (config end_at): new units from end_at on are
     ``after_end`` (no state, not routed); units exposed before keep their
     metrics until their windows close; known units still count repeats."""
-    from streams.semantics import Reducer
+    from streams.state.semantics import Reducer
 
     st = ExperimentState(cfg(end_at=T0 + 5000))
     out = run(st, X("u1", t=0), X("u2", t=4999), X("u3", t=5000), X("u1", t=6000),
@@ -270,7 +270,7 @@ def test_started_at_is_order_independent():
     """Without a configured start, started_at is the start of the earliest
     entry bucket (epoch grid), whichever partition is read first."""
     from schemas.records import ExperimentConfig, Exposure
-    from streams.semantics import Reducer
+    from streams.state.semantics import Reducer
 
     cfg = ExperimentConfig("e", bucket_seconds=10)
     a = Exposure("a", "e", "u1", "control", 1_700_000_012_345, 1.0)
@@ -290,7 +290,7 @@ def test_dedupe_is_per_partition():
     """A re-send keeps its key and so its partition: counted once there; the
     same event_id on another partition is another event."""
     from schemas.records import ExperimentConfig, Metric
-    from streams.semantics import Reducer
+    from streams.state.semantics import Reducer
 
     red = Reducer([ExperimentConfig("e")])
     m = Metric("k", "u", "value", 1.0, 1_700_000_000_000, "e")
@@ -307,7 +307,7 @@ def test_units_retire_after_their_correction_horizon():
     totals stay in the cells, its id in the retired-unit filter, and its later
     events count ``retired`` (not a new unit: a repeat exposure must not enter
     it twice)."""
-    from streams.semantics import Reducer
+    from streams.state.semantics import Reducer
 
     c = cfg(correction_seconds=20)  # W = 10 s, L = 1 s: final at close + 20 s
     red = Reducer([c])
@@ -335,7 +335,7 @@ def test_units_retire_after_their_correction_horizon():
 def test_retired_filter_layers_and_false_positives():
     """The filter's layers double, never forget a unit, and its false-positive
     rate (measured on ids never added) stays below the documented bound."""
-    from streams import retired_filter as rf
+    from streams.state import retired_filter as rf
 
     assert rf.layer_of(0) == 0 and rf.layer_of(rf.C0 - 1) == 0 and rf.layer_of(rf.C0) == 1
     assert rf.layer_of(3 * rf.C0 - 1) == 1 and rf.layer_of(3 * rf.C0) == 2
@@ -356,7 +356,7 @@ def test_retired_filter_layers_and_false_positives():
 
 
 def test_age_bin_edges_and_tracking():
-    from streams.semantics import age_bin_of, age_edges_ms, age_tracking
+    from streams.state.semantics import age_bin_of, age_edges_ms, age_tracking
 
     c = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30, 60, 90))
     assert age_edges_ms(c) == (0, 10_000, 30_000, 60_000) and age_tracking(c)
@@ -380,7 +380,7 @@ def test_age_cells_equal_the_sums_over_matured_units():
     import math
     import random
 
-    from streams.semantics import age_bin_of, fine_edges, fine_parent
+    from streams.state.semantics import age_bin_of, fine_edges, fine_parent
 
     c = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30), correction_seconds=1000)
     off = cfg(window_seconds=60, exposure_age_bins=(0,), correction_seconds=1000)
@@ -452,8 +452,8 @@ def test_analyze_fold_gives_age_cells(tmp_path):
 
     from schemas.codec import dumps
     from schemas.validate import experiment_to_dict
-    from streams.analyze import fold, read_experiments
-    from streams.semantics import Reducer
+    from streams.sampling.analyze import fold, read_experiments
+    from streams.state.semantics import Reducer
     from tests.streaming_harness import event_dict
 
     on = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30))

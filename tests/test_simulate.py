@@ -3,7 +3,7 @@
 With ``--covariate-rho`` the exposures carry ``pre`` (the unit's value of the
 metric before the experiment), missing for about ``--covariate-missing`` of
 them; every event passes validation, and the reference reducer's covariate
-cell sums equal the generator's own (``streams.synthetic.cell_stats``).
+cell sums equal the generator's own (``streams.dev.synthetic.cell_stats``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 
 from schemas.records import Exposure
 from schemas.validate import parse_event, parse_experiment
-from streams.cli import main as cli
-from streams.semantics import Reducer
-from streams.simulate import make_traffic
+from streams.cli.main import main as cli
+from streams.dev.simulate import make_traffic
+from streams.state.semantics import Reducer
 
 T0 = 1_767_225_600_000
 

@@ -1,8 +1,8 @@
 """Differential and order-independence tests of the streaming state, against a
 real redis-server.
 
-1. Redis/Lua (``streams.state.apply_source_batch`` / ``advance_partition``)
-   equals the reference reducer (``streams.semantics.Reducer``) bit for bit on
+1. Redis/Lua (``streams.state.store.apply_source_batch`` / ``advance_partition``)
+   equals the reference reducer (``streams.state.semantics.Reducer``) bit for bit on
    the same calls: random events over 1-3 source partitions, cut into random
    batches, partitions interleaved at random, with idle advances, simulated
    crashes (routing written, some experiments applied) and replays, which
@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.semantics import Reducer
-from streams.state import (
+from streams.state.semantics import Reducer
+from streams.state.store import (
     advance_partition,
     apply_batch,
     apply_rows,

@@ -36,12 +36,12 @@ import redis
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from schemas.validate import experiment_to_dict, parse_event, parse_experiment
-from streams.chains import decode
-from streams.ingest import ingest_offsets
-from streams.sampler import chain_key, estimate_key, history_key
-from streams.semantics import Reducer
-from streams.simulate import make_traffic
-from streams.state import read_counters
+from streams.dev.simulate import make_traffic
+from streams.ingest.ingestor import ingest_offsets
+from streams.sampling.chains import decode
+from streams.sampling.sampler import chain_key, estimate_key, history_key
+from streams.state.semantics import Reducer
+from streams.state.store import read_counters
 from tests.streaming_harness import (
     Workers,
     assert_state_close,
@@ -133,7 +133,7 @@ def test_end_to_end(new_stack, workers, r, tmp_path, rho, novelty):
     from jsonschema import Draft202012Validator
 
     from schemas.contracts import load_schema
-    from streams.analyze import analyze
+    from streams.sampling.analyze import analyze
 
     st = new_stack("e2e", partitions=1)
     cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11,
@@ -427,7 +427,7 @@ def finish_and_compare(st, w, r, cfgs, events, clock) -> Reducer:
     every partition past every window (``clock``: the ts after the last
     window's lateness) in Redis and in the reducer, and compare the whole
     state with the reducer's."""
-    from streams.state import read_pending, read_units
+    from streams.state.store import read_pending, read_units
 
     ids = [c.experiment_id for c in cfgs]
     # the reducer gets each event from the partition it came from: a unit's
@@ -678,7 +678,7 @@ def test_chain_continuity(new_stack, workers, r):
 def test_latency(kafka_bootstrap, redis_url, rate):
     """End-to-end latency: produce an event -> an estimate that reflects it.
 
-    The measurement is ``liftstream bench latency`` (``streams.bench_ingest.
+    The measurement is ``liftstream bench latency`` (``streams.bench.ingest.
     run_latency``): ``rate`` events/s for 15 s, event time = wall-clock time,
     one experiment, ONE events partition, lateness 0, a worker of role all
     with the default sampler cadence (tick 1 s, 8 chains, 50 sweeps per tick).
@@ -686,7 +686,7 @@ def test_latency(kafka_bootstrap, redis_url, rate):
     when its Redis pub/sub notice reaches the subscriber. Every produced event
     must be reflected by some estimate.
     """
-    from streams.bench_ingest import run_latency
+    from streams.bench.ingest import run_latency
 
     res = run_latency(rate, 15.0, kafka_bootstrap, redis_url)
     print(f"\n[latency] {res['events']} events at {rate} events/s for 15 s, 1 partition, "

@@ -2,9 +2,9 @@
 
 Three simulated experiments (14, 10, 7 days; ~213k events) keyed to 6
 partitions, each partition read whole before the next (as aiokafka serves a
-backlog), folded by ``streams.semantics.Reducer`` of the checkout given as the
+backlog), folded by ``streams.state.semantics.Reducer`` of the checkout given as the
 first argument, then estimated with that checkout's sampler
-(``streams.analyze.estimate``). Run it on the current tree and on an older
+(``streams.sampling.analyze.estimate``). Run it on the current tree and on an older
 checkout (``git worktree add /tmp/old <rev>``) to compare:
 
     python docs/measurements/backlog_before_after.py .
@@ -19,9 +19,9 @@ sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else ".")
 
 from schemas.codec import dumps  # noqa: E402
 from schemas.validate import parse_event  # noqa: E402
-from streams.analyze import estimate  # noqa: E402
-from streams.semantics import Reducer  # noqa: E402
-from streams.simulate import make_traffic  # noqa: E402
+from streams.dev.simulate import make_traffic  # noqa: E402
+from streams.sampling.analyze import estimate  # noqa: E402
+from streams.state.semantics import Reducer  # noqa: E402
 
 DAY = 86_400_000
 START = (int(time.time() * 1000) // DAY - 40) * DAY

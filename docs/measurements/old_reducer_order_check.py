@@ -16,7 +16,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec  # noqa: E402
-from streams.semantics import Reducer  # noqa: E402
+from streams.state.semantics import Reducer  # noqa: E402
 
 T0 = 1_700_000_000_000
 fails = []

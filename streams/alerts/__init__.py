@@ -1,0 +1,1 @@
+"""Edge-triggered alerts: pure rules and their state in Redis."""

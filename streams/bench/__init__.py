@@ -1,0 +1,1 @@
+"""Benchmarks (``liftstream bench ...``): measured as ratios, never asserted."""

@@ -1,0 +1,1 @@
+"""The ``liftstream`` command line: one module per command."""

@@ -1,0 +1,1 @@
+"""Settings: flags, environment variables, client factories (Kafka, Redis)."""

@@ -1,0 +1,1 @@
+"""Development tools: the embedded broker and Redis, the simulator, the demo."""

@@ -1,0 +1,1 @@
+"""The events data plane: validate, route and apply micro-batches exactly once."""

@@ -1,0 +1,381 @@
+"""The events data plane: a confluent-kafka consumer feeding ``Ingestor``.
+
+DESIGN §3: the events topic is not consumed through Faust. Faust's
+per-message path (a delivery callback, an event object, a stream queue, an
+ack per message) cost ~80-90 µs per event, seven times the ingest work
+itself. Here one ``confluent_kafka.Consumer`` reads batches
+(``consume(n, timeout)``: librdkafka's C fetcher, one Python object per
+message) in a thread of its own, groups them by partition and hands each
+partition's run to ``Ingestor.process``. The registry agent, dirty notices'
+consumer, the sampler, alerts and web stay on Faust; this runs as a service of
+the same Faust app (``EventsPlaneService``: started and stopped with it,
+visible in ``/readyz`` and ``/metrics``).
+
+Exactly once (DESIGN §5) rests on Redis, not on Kafka's commits:
+
+* **Where to start.** ``on_assign`` starts each new partition at the offset
+  after the one Redis says was applied (``lr:{ingest}:offsets``), the
+  documented "offsets stored outside Kafka" pattern. A Redis that lost its
+  last writes (AOF ``everysec``) is refilled from Kafka this way, with no
+  separate catch-up consumer; Kafka's committed offsets are only a hint (for
+  lag tooling), stored after a batch is applied.
+* **Fencing.** On assignment the worker claims the partition: an owner epoch
+  one higher than any before (``streams.state.store.claim_partition``). Every state
+  write of the partition carries it and the Lua scripts refuse an older one
+  (``streams.state.store.Fenced``), so a worker that lost the partition while
+  frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
+  the new owner started.
+* **Delivery before commit.** A batch's dead letters, dirty notices and
+  auto-registered configs are produced and flushed before its offsets are
+  stored; any error other than a transient Redis one stops the process
+  (``on_fatal``) so nothing unapplied is committed.
+
+Cooperative-sticky assignment: a rebalance moves only the partitions that
+change owner; the others keep flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.codec import dumps
+from schemas.validate import experiment_to_dict
+from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets
+from streams.state.store import (
+    Fenced,
+    check_topic_id,
+    claim_partition,
+    migrate_ingest_keys,
+    transient,
+    transient_reason,
+)
+
+log = logging.getLogger("liftstream.events")
+
+def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Event,
+                    status: PlaneStatus | None = None, max_backoff: float = 5.0) -> Any:
+    """``fn(*args)``, retried with backoff while Redis cannot take it
+    (``streams.state.store.TRANSIENT_REDIS``: away, loading, out of memory, read
+    only), forever, until ``stopped`` (then the last error is raised). While
+    it waits, ``status.stalled`` says why (/readyz, /metrics)."""
+    delay = 0.1
+    while True:
+        try:
+            out = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - only the transient ones are retried
+            e = transient(exc)
+            if e is None or stopped.is_set():
+                raise
+            if status is not None:
+                status.stalled = (transient_reason(e), str(e))
+                status.heartbeat = time.monotonic()  # waiting, not stuck
+            log.warning("%s: redis cannot take it (%s); retrying in %.1fs", what, e, delay)
+            stopped.wait(delay)
+            delay = min(max_backoff, delay * 2)
+        else:
+            if status is not None:
+                status.stalled = None
+            return out
+
+
+@dataclass
+class PlaneConfig:
+    """What the plane needs beyond the Ingestor: the Kafka client config (one
+    from ``streams.config.settings.kafka_config``), the group (its id and consumer
+    settings such as the session timeout), topics, batching."""
+
+    kafka: dict[str, Any]
+    group_id: str
+    group_config: dict[str, Any]
+    topic_events: str
+    topic_experiments: str
+    topic_dirty: str
+    topic_deadletter: str
+    batch_size: int = 500
+    batch_seconds: float = 0.2
+
+
+@dataclass
+class PartitionRun:
+    """One partition's owner epoch and the next offset to apply."""
+
+    epoch: int
+    next_offset: int
+
+
+@dataclass
+class PlaneStatus:
+    """What /readyz and /metrics show of the plane (read from other threads)."""
+
+    running: bool = False
+    error: str | None = None
+    owned: dict[int, PartitionRun] = field(default_factory=dict)
+    fenced_batches: int = 0
+    #: (reason, message) while ingest waits for Redis (out of memory, read
+    #: only, away): no batch is taken, nothing is acked or lost
+    stalled: tuple[str, str] | None = None
+    #: time.monotonic() of the loop's last round (a consume, a batch, a retry):
+    #: /healthz fails when it is too old (the thread is stuck)
+    heartbeat: float = field(default_factory=time.monotonic)
+
+
+class EventsPlane:
+    """The consumer thread (see the module docstring). ``state_lock`` is the
+    lock every partition-clock writer holds (``streams.state.clocks.ClockService``
+    runs its idle advance under it too)."""
+
+    def __init__(self, conf: PlaneConfig, r: Any, ingestor: Ingestor, metrics: Any,
+                 state_lock: threading.Lock, on_fatal: Callable[[str, BaseException], None]):
+        self.conf, self.r, self.ingestor, self.metrics = conf, r, ingestor, metrics
+        self.state_lock = state_lock
+        self.on_fatal = on_fatal
+        self.status = PlaneStatus()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._high: dict[int, int] = {}  # partition -> high watermark (fetch responses)
+        #: called in the plane's thread after each batch (the clock service's
+        #: tick: completeness follows the data without waiting for its timer)
+        self.after_batch: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        k = self.conf.kafka
+        self._consumer = Consumer({
+            **k, **self.conf.group_config, "group.id": self.conf.group_id,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.auto.commit": True, "auto.commit.interval.ms": 1000,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest", "enable.partition.eof": False})
+        # murmur2 for keyed records: the partition of a dirty notice is what
+        # the sampler (Faust, aiokafka's partitioner) computes for its id
+        self._producer = Producer({**k, "partitioner": "murmur2_random",
+                                   "enable.idempotence": True, "linger.ms": 5})
+        retry_transient(migrate_ingest_keys, self.r, what="key names", stopped=self._stopped,
+                        status=self.status)  # lr:ingest:* of before -> lr:{ingest}:*
+        self._check_topic()  # before anything is read: raises TopicMismatch
+        self._consumer.subscribe([self.conf.topic_events], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.status.running = True
+        # the loop starts now: the time spent constructing and checking the
+        # topic above is not a stuck loop (/healthz read it so at start-up)
+        self.status.heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="events-plane", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.status.running = False
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _check_topic(self) -> None:
+        """The events topic must be the one Redis's offsets belong to
+        (``streams.state.store.check_topic_id``); a broker that reports no topic id
+        skips the check."""
+        from confluent_kafka import KafkaException, TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        topic = self.conf.topic_events
+        admin = AdminClient(self.conf.kafka)
+        try:
+            desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
+        except KafkaException as e:  # an old broker or a slow one: ingest still starts
+            log.warning("events topic %s: no topic id (%s); not checked", topic, e)
+            return
+        tid = str(desc.topic_id) if desc.topic_id is not None else ""
+        if tid.strip("A=") == "":  # the null id
+            log.warning("events topic %s: the broker reports no topic id; not checked", topic)
+            return
+        retry_transient(check_topic_id, self.r, topic, tid, what="topic id",
+                        stopped=self._stopped, status=self.status)
+
+    # ------------------------------------------------------------ rebalance
+
+    def _on_assign(self, consumer: Any, partitions: list) -> None:
+        """New partitions (cooperative: only the added ones): claim each and
+        start it after the offset Redis applied. Runs in the plane's thread,
+        between batches."""
+        from confluent_kafka import TopicPartition
+
+        topic = self.conf.topic_events
+        mine = [tp for tp in partitions if tp.topic == topic]
+        applied = retry_transient(ingest_offsets, self.r, topic, what="assign",
+                                  stopped=self._stopped, status=self.status)
+        for tp in mine:
+            epoch = retry_transient(claim_partition, self.r, topic, tp.partition,
+                                    what="assign", stopped=self._stopped, status=self.status)
+            nxt = applied.get(tp.partition, -1) + 1
+            tp.offset = nxt  # 0 = the log start (earliest reset if retention took it)
+            self.status.owned[tp.partition] = PartitionRun(epoch, nxt)
+        if mine:
+            log.info("events partitions assigned: %s",
+                     {tp.partition: (tp.offset, self.status.owned[tp.partition].epoch)
+                      for tp in mine})
+        consumer.incremental_assign(partitions)
+        if mine:  # the commit hint catches up with Redis even before a batch arrives
+            consumer.store_offsets(offsets=[TopicPartition(topic, tp.partition, tp.offset)
+                                            for tp in mine])
+
+    def _on_revoke(self, consumer: Any, partitions: list) -> None:
+        for tp in partitions:
+            if tp.topic == self.conf.topic_events:
+                self.status.owned.pop(tp.partition, None)
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Any, partitions: list) -> None:
+        log.warning("events partitions lost: %s", sorted(tp.partition for tp in partitions))
+        self._on_revoke(consumer, partitions)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        c = self._consumer
+        try:
+            while not self._stopped.is_set():
+                msgs = c.consume(self.conf.batch_size, self.conf.batch_seconds)
+                self.status.heartbeat = time.monotonic()
+                if msgs:
+                    self._batch(msgs)
+                self._refresh_highwaters()
+                if msgs and self.after_batch is not None:
+                    self.after_batch()
+        except BaseException as e:  # noqa: BLE001 - stop: nothing unapplied is committed
+            self.status.error = f"{type(e).__name__}: {e}"
+            if not self._stopped.is_set():
+                self.on_fatal("events data plane failed", e)
+        finally:
+            self.status.running = False
+            try:
+                c.close()  # commits the stored offsets, leaves the group
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the events consumer: %s", e)
+
+    def _batch(self, msgs: list) -> None:
+        """Apply one consumed batch per partition, deliver its side records,
+        then store its offsets (the commit hint)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        groups: dict[int, list[tuple[int, bytes | None]]] = defaultdict(list)
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("events consumer: %s", err)
+                continue
+            groups[m.partition()].append((m.offset(), m.value()))
+        topic = self.conf.topic_events
+        now_ms = int(time.time() * 1000)
+        results: list[BatchResult] = []
+        done: list = []
+        for p, lst in groups.items():
+            run = self.status.owned.get(p)
+            if run is None:
+                continue  # revoked or fenced since it was fetched
+            t0 = time.perf_counter()
+            try:
+                with self.state_lock:
+                    res = retry_transient(self.ingestor.process, topic, p, lst, now_ms,
+                                          run.epoch, what="ingest", stopped=self._stopped,
+                                          status=self.status)
+            except Fenced as e:
+                # another worker owns the partition now: drop what we read;
+                # librdkafka reports the loss at the next rebalance callback
+                log.warning("events partition %d fenced (%s): batch dropped", p, e)
+                self.status.owned.pop(p, None)
+                self.status.fenced_batches += 1
+                self.metrics.inc("liftstream_ingest_fenced_batches_total", 1)
+                continue
+            self.metrics.observe("liftstream_ingest_batch_seconds", time.perf_counter() - t0)
+            results.append(res)
+            run.next_offset = lst[-1][0] + 1
+            done.append(TopicPartition(topic, p, run.next_offset))
+        self._deliver(results)
+        if done:
+            self._consumer.store_offsets(offsets=done)
+
+    def _deliver(self, results: list[BatchResult]) -> None:
+        """Produce the batch's configs, dead letters and one dirty notice per
+        touched experiment; flush (they are delivered before the offsets are
+        stored); count."""
+        prod = self._producer
+        touched: set[str] = set()
+        counts: Counter = Counter()
+        failed: list[Any] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failed.append(err)
+
+        n = 0
+        for res in results:
+            for cfg in res.new_experiments:
+                prod.produce(self.conf.topic_experiments, key=cfg.experiment_id.encode(),
+                             value=dumps(experiment_to_dict(cfg)), on_delivery=on_delivery)
+                n += 1
+            for dl in res.dead_letters:
+                prod.produce(self.conf.topic_deadletter, value=dumps(dl),
+                             on_delivery=on_delivery)
+                n += 1
+            touched |= res.touched
+            counts.update(res.counts)
+        for eid in sorted(touched):
+            prod.produce(self.conf.topic_dirty, key=eid.encode(), value=eid.encode(),
+                         on_delivery=on_delivery)
+            n += 1
+        if n:
+            left = prod.flush(30.0)
+            if left or failed:
+                raise RuntimeError(f"could not deliver the batch's side records: {left} "
+                                   f"undelivered, errors {failed[:3]}")
+        for k, v in counts.items():
+            if k.startswith("dead_letter:"):
+                self.metrics.inc("liftstream_dead_letters_total", v, reason=k.split(":", 1)[1])
+            else:
+                self.metrics.inc("liftstream_events_total", v, outcome=k)
+
+    # ------------------------------------------------------------ views
+
+    def owned(self) -> dict[int, int]:
+        """Owned partitions -> owner epoch."""
+        return {p: run.epoch for p, run in list(self.status.owned.items())}
+
+    def highwaters(self) -> dict[int, int]:
+        """High watermarks of the owned partitions, as the last fetch
+        responses gave them (refreshed by the plane's thread after every
+        ``consume``: the consumer is not called from other threads)."""
+        owned = self.status.owned
+        return {p: hi for p, hi in list(self._high.items()) if p in owned}
+
+    def _refresh_highwaters(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        c, topic = self._consumer, self.conf.topic_events
+        for p in list(self.status.owned):
+            try:
+                _lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+            except Exception:  # noqa: BLE001 - not fetched yet
+                continue
+            if hi is not None and hi >= 0:
+                self._high[p] = int(hi)
+
+    def lag(self) -> dict[int, int]:
+        """Owned partition -> high watermark minus the next offset to apply."""
+        high = self.highwaters()
+        return {p: max(0, high[p] - run.next_offset)
+                for p, run in list(self.status.owned.items()) if p in high}

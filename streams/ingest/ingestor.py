@@ -1,0 +1,245 @@
+"""Ingest: one micro-batch of raw messages from one source partition → Redis.
+
+Synchronous and free of Kafka: the Faust agent (``streams.service.app``) hands each
+batch here on a worker thread and acks only after ``process`` returned, so an
+event is acked (and its offset committed) only once it is applied. Order:
+
+1. validate every message (``schemas.validate``); failures become dead-letter
+   records with reason and source position;
+2. look up configs (Redis registry); unknown experiments are auto-registered
+   when configured, else dead-lettered with ``unknown_experiment``; exposures
+   with a variant the config lacks get a dead-letter record ``unknown_variant``
+   (so operators see the mismatch) *and* go on to the experiment, where they
+   count as ``unknown_variant`` and move its event-time clock and dedupe
+   sightings exactly as in the reference semantics (``streams.state.semantics``), so
+   the streaming state stays equal to ``liftstream analyze`` on the same events;
+3. route (unit index) and apply per experiment with one Lua call each
+   (``streams.state.store``): idempotent per source offset, so a replay of the
+   batch after a crash applies nothing twice;
+4. record the partition's ingest watermark (the last offset fully applied);
+   a worker that gets the partition assigned starts after it
+   (``streams.ingest.events_plane``), so Kafka's commit is only a hint and a Redis
+   that lost its last writes is refilled from Kafka.
+
+Returns the dead-letter records to publish, the experiments touched (their
+dirty notices) and counts. Publishing happens in the agent, before the ack.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from schemas.contracts import dead_letter_record
+from schemas.records import ExperimentConfig
+from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
+from streams.state.registry import Registry
+from streams.state.store import (
+    INGEST_OFFSETS,
+    apply_source_batch,
+    clocked_batch,
+    due_to_settle,
+    experiment_key,
+    offsets_field,
+    record_position,
+    settle,
+    too_old_margin,
+)
+
+_ID = re.compile(ID_PATTERN)
+
+#: Lua reply fields that are no event counts: positions, and ``held``, a net
+#: change that can be negative (per-experiment gauges show it: streams.service.metrics)
+_NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "held"))
+
+
+@dataclass
+class BatchResult:
+    dead_letters: list[dict] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    counts: Counter = field(default_factory=Counter)
+    new_experiments: list[ExperimentConfig] = field(default_factory=list)
+
+
+class Ingestor:
+    """Applies micro-batches of one source partition (see the module docstring).
+
+    ``hold_seconds``/``hold_max`` bound the unit-level holds of metrics without
+    experiment_id; ``settle_every_ms`` how often (wall time, per partition)
+    the experiments without events in a batch are matured on its clock."""
+
+    def __init__(self, r: Any, registry: Registry, auto_register: bool = False,
+                 hold_seconds: int = 86_400, hold_max: int = 64,
+                 settle_every_ms: int = 1000, max_future_ms: int = DEFAULT_MAX_FUTURE_MS):
+        self.max_future_ms = max_future_ms
+        self.r = r
+        self.registry = registry
+        self.auto_register = auto_register
+        self.hold_seconds = hold_seconds
+        self.hold_max = hold_max
+        self.settle_every_ms = settle_every_ms
+        self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
+
+    def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
+                now_ms: int, epoch: int | None = None) -> BatchResult:
+        """Apply ``messages`` (offset, value) of one source partition, in offset
+        order. ``epoch``: the caller's owner epoch of the partition; every
+        state write carries it and raises ``streams.state.store.Fenced`` once a
+        newer owner claimed the partition (nothing of this batch after that
+        write is applied)."""
+        res = BatchResult()
+        res.counts["received"] += len(messages)
+        # Events travel as rows (see streams.state.store), not dataclasses: validation
+        # is the same as parse_event's, reasons and messages included.
+        rows: list[tuple] = []
+        append = rows.append
+        for off, raw in messages:
+            try:
+                if raw is None:
+                    raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
+                append(parse_event_row(raw, off, now_ms=now_ms,
+                                       max_future_ms=self.max_future_ms))
+            except InvalidRecord as err:
+                self._dead(res, raw, err, topic, partition, off, now_ms)
+
+        ids = {row[3] for row in rows}
+        ids.discard(None)
+        known = self.registry.get_many(ids)
+        if len(known) < len(ids) and self.auto_register:
+            exposed = {row[3] for row in rows if row[1] == "x"}
+            for eid in sorted(ids - known.keys()):
+                if eid in exposed:
+                    cfg = ExperimentConfig(experiment_id=eid)
+                    self.registry.put(cfg)
+                    known[eid] = cfg
+                    res.new_experiments.append(cfg)
+
+        raw_of = dict(messages)
+        accepted = []
+        unknown = ids - known.keys()
+        # the partition clock after each event (dead letters move none)
+        crows, clk0 = clocked_batch(self.r, known, topic, partition, rows)
+        clk_of = {crow[0]: crow[9] for crow in crows}
+        margins: dict[str, int] = {}
+
+        def margin(eid: str) -> int:
+            m = margins.get(eid)
+            if m is None:
+                m = margins[eid] = too_old_margin(known[eid])
+            return m
+
+        for row in rows:
+            eid = row[3]
+            if eid in unknown:
+                err = InvalidRecord("unknown_experiment",
+                                    f"experiment {eid!r} is not registered "
+                                    "(create it on the experiments topic first)",
+                                    "experiment_id")
+                self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                continue
+            if row[1] == "x":
+                cfg = known[eid]
+                if row[5] not in cfg.variants:
+                    err = InvalidRecord("unknown_variant",
+                                        f"variant {row[5]!r} is not one of experiment "
+                                        f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
+                                        "variant")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                elif row[6] + margin(eid) <= clk_of[row[0]]:  # too_old (streams.state.store)
+                    err = InvalidRecord(
+                        "exposure_too_old",
+                        f"exposure at ts {row[6]}: its window closed more than "
+                        f"correction_seconds ({cfg.correction_seconds}) before the "
+                        f"partition clock {clk_of[row[0]]} minus lateness", "ts")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+            # unknown variants and too-old exposures still go to the experiment,
+            # which counts them (exactly once) as in streams.state.semantics
+            accepted.append(row)
+
+        # metrics without experiment_id may belong to any registered experiment
+        if any(row[3] is None for row in accepted):
+            known.update(self.registry.get_many(self.registry.ids()))
+        rejected: list[tuple[int, str]] = []
+        out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
+                                      self.hold_seconds, self.hold_max, rejected,
+                                      clocked_rows=(crows, clk0),  # accepted = crows' rows
+                                      epoch=epoch)
+        for _, why in rejected:
+            res.counts[why] += 1
+        for eid, lua in out.items():
+            res.touched.add(eid)
+            for k, v in lua.items():
+                if isinstance(v, int) and k not in _NOT_COUNTED:
+                    res.counts[k] += v
+        if messages and len(accepted) < len(messages):
+            # dead letters are read too: the offset covers them
+            record_position(self.r, topic, partition, max(o for o, _ in messages), None, epoch)
+        if clk is not None:
+            res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys(),
+                                             epoch=epoch)
+        return res
+
+    def settle_quiet(self, topic: str, partition: int, clk: int, now_ms: int,
+                     skip: Iterable[str] = (), epoch: int | None = None) -> set[str]:
+        """Mature the experiments that had no events in this source's batch on
+        its clock (a quiet experiment on a busy partition), at most every
+        ``settle_every_ms`` of wall time per partition and only when the clock
+        moved. Returns the experiments whose state changed."""
+        f = offsets_field(topic, partition)
+        last = self._settled.get(f)
+        if last is not None and (now_ms - last[0] < self.settle_every_ms or clk <= last[1]):
+            return set()
+        self._settled[f] = (now_ms, clk)
+        skip = set(skip)
+        cfgs = [cfg for eid, cfg in sorted(self.registry.get_many(self.registry.ids()).items())
+                if eid not in skip]
+        changed = set()
+        for cfg in due_to_settle(self.r, cfgs, topic, partition, clk):
+            if settle(self.r, cfg, topic, partition, clk, epoch=epoch):
+                changed.add(cfg.experiment_id)
+        return changed
+
+    def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
+              now_ms) -> None:
+        res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
+        res.counts[f"dead_letter:{err.code}"] += 1
+        if err.code in _COUNTED_BY_EXPERIMENT:
+            return
+        eid = _experiment_of(raw)
+        if eid is not None and self.registry.get_many({eid}):
+            # per experiment, for data_quality (at least once: a replay of the
+            # batch counts it again)
+            self.r.hincrby(experiment_key(eid, "meta"), f"dl:{err.code}", 1)
+
+
+#: dead-letter reasons whose events also reach the experiment's counters
+_COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
+
+
+def _experiment_of(raw: bytes | None) -> str | None:
+    """The experiment_id of an invalid event, if it has a plausible one."""
+    if not raw:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    eid = obj.get("experiment_id") if isinstance(obj, dict) else None
+    if isinstance(eid, str) and _ID.fullmatch(eid):
+        return eid
+    return None
+
+
+def ingest_offsets(r: Any, topic: str) -> dict[int, int]:
+    """Last fully applied offset per partition of ``topic``, as Redis knows it."""
+    out = {}
+    for k, v in r.hgetall(INGEST_OFFSETS).items():
+        t, _, p = (k.decode() if isinstance(k, bytes) else k).rpartition("|")
+        if t == topic:
+            out[int(p)] = int(v)
+    return out

@@ -1,0 +1,1 @@
+"""Sampler ticks: snapshots to batched problems, chains in Redis, estimate records."""

@@ -1,0 +1,132 @@
+"""One sampler tick's computation, free of I/O: continue every problem's
+chains on the latest snapshots and summarise each one's window of draws.
+
+Chains are never restarted because data grew: a problem whose stored chains
+match its current shape (chains, treatments, strata) continues from them, at
+its stored iteration. Only a change of shape (a new variant or metric in the
+config, the "unknown activity" stratum appearing, a new chain count) starts
+fresh chains for that problem.
+
+The estimate summarises the last ``window`` draws per chain after warm-up.
+Draws made before the latest data arrived stay in the window until pushed out,
+so an estimate may lag the data by up to window/sweeps ticks; it says which
+watermark it reflects and its R-hat shows when the lag matters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.backend import Rng, default_rng_kind
+from kernels.batching import pad_into, stack_draws, stored_shape, unpad_draws, unpad_state
+from kernels.gibbs import init
+from kernels.philox import keys_for
+from kernels.sampler import run
+from kernels.summary import summarize
+from streams.sampling.chains import append_window
+from streams.sampling.problems import Problem, build_batch, records
+from streams.state.semantics import ExperimentSnapshot
+
+
+@dataclass
+class StoredChains:
+    """A problem's persisted chains (see ``streams.sampling.chains`` for the encoding)."""
+
+    state: dict[str, np.ndarray]
+    window: dict[str, np.ndarray] | None
+    seq: int | None = None  # dirty_seq of the data last sampled
+    #: iteration at which the chains began sampling the data of ``seq``: draws
+    #: after it are on that data, draws up to it on older data (None: unknown)
+    fresh_from: int | None = None
+
+    def window_is_fresh(self) -> bool:
+        """Every draw in the window was made on the data of ``seq``."""
+        if self.window is None or self.fresh_from is None:
+            return False
+        return int(self.state["iteration"]) - self.fresh_from >= self.window["tau"].shape[1]
+
+
+@dataclass
+class TickConfig:
+    chains: int = 8
+    sweeps: int = 50  # per tick
+    window: int = 200  # draws per chain kept for summaries
+    warmup: int = 100  # iterations before draws enter the window
+    min_draws: int = 20  # per chain, before a first estimate is published
+    seed: int = 0
+
+
+def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], StoredChains],
+            cfg: TickConfig, computed_at: int, xp=np
+            ) -> tuple[list[dict], dict[tuple[str, str], StoredChains]]:
+    """Advance all problems of ``snaps`` by ``cfg.sweeps`` sweeps in one batch."""
+    snaps = [s for s in snaps if s.started_at is not None]
+    if not snaps:
+        return [], {}
+    data, problems = build_batch(snaps, xp=xp)
+    its = [int(stored[p.key].state["iteration"]) if p.key in stored else 0 for p in problems]
+    names = ["/".join(p.key) for p in problems]
+    if default_rng_kind(xp) == "philox":  # GPU: each problem's draws keyed by its name
+        rng = Rng(cfg.seed, xp=xp, kind="philox", keys=keys_for(cfg.seed, names))
+    else:
+        rng = Rng([cfg.seed, zlib.crc32("|".join(names).encode()), sum(its) % 2**32], xp=xp)
+    state = init(data, rng, cfg.chains)
+    shapes = [(len(p.order) - 1, len(p.strata)) for p in problems]
+    for i, p in enumerate(problems):
+        st = stored.get(p.key)
+        if st is not None and stored_shape(st.state) == (cfg.chains, *shapes[i]):
+            pad_into(state, i, st.state)
+        else:
+            its[i] = 0
+    state, trace = run(state, data, rng, cfg.sweeps)
+    seq_of = {s.experiment_id: s.seq for s in snaps}
+
+    out: dict[tuple[str, str], StoredChains] = {}
+    for i, p in enumerate(problems):
+        K, S = shapes[i]
+        it_end = its[i] + cfg.sweeps
+        fresh = unpad_draws(trace, i, K, S)
+        first_kept = max(0, cfg.warmup - its[i])  # draws at iteration ≤ warmup are dropped
+        fresh = {k: v[:, first_kept:] for k, v in fresh.items()}
+        old = stored.get(p.key)
+        old_window = old.window if old is not None and its[i] > 0 else None
+        window = append_window(old_window, fresh, cfg.window) if fresh["tau"].shape[1] or \
+            old_window is None else old_window
+        new_state = unpad_state(state, i, K, S)
+        assert int(new_state["iteration"]) == it_end
+        seq = seq_of[p.experiment_id]
+        same_data = (old is not None and its[i] > 0 and old.fresh_from is not None
+                     and old.seq == seq)
+        fresh_from = old.fresh_from if same_data else its[i]
+        out[p.key] = StoredChains(new_state, window, seq, fresh_from)
+
+    recs = _summaries(problems, out, data, snaps, cfg, computed_at)
+    return recs, out
+
+
+def _summaries(problems: list[Problem], chains: dict[tuple[str, str], StoredChains], data,
+               snaps: list[ExperimentSnapshot], cfg: TickConfig, computed_at: int) -> list[dict]:
+    """Summarise each problem's window, batching problems whose windows share
+    a shape; then the records of all at once (a problem's covariate-free
+    shadow may sit in another group)."""
+    adjustable = np.asarray(data.adjustable.get() if hasattr(data.adjustable, "get")
+                            else data.adjustable)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(problems):
+        w = chains[p.key].window
+        if w is None or w["tau"].shape[1] < cfg.min_draws:
+            continue
+        groups.setdefault(w["tau"].shape, []).append(i)
+    rows: list[list[dict] | None] = [None] * len(problems)
+    for shape, idx in groups.items():
+        trace = stack_draws([chains[problems[i].key].window for i in idx])
+        S = shape[-1]
+        summary = summarize(trace, adjustable=adjustable[idx], smask=np.ones((len(idx), S), bool),
+                            direction=[problems[i].direction for i in idx])
+        for i, r in zip(idx, summary, strict=True):
+            rows[i] = r
+    its = [int(chains[p.key].state["iteration"]) for p in problems]
+    return records(rows, problems, {s.experiment_id: s for s in snaps}, its, computed_at)

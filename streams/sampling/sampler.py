@@ -1,0 +1,336 @@
+"""Sampler service: owns experiments, advances their chains, publishes.
+
+Ownership comes from Kafka: an experiment is owned by the worker that
+consumes the partition of ``liftstream.dirty`` its id hashes to. Each tick:
+load snapshots and stored chains of the owned experiments that need work
+(new data since their last tick, or chains not yet converged / window not yet
+full) → ``streams.sampling.advance`` (one batched kernel call) → store chains, the
+read model and history in Redis and return the records for the estimates
+topic. Chains are stored *with* the estimate, so a successor after a
+rebalance or crash resumes at the stored iteration.
+
+Redis read model (all per-experiment keys tagged ``{e:<id>}``):
+
+| key | type | contents |
+|---|---|---|
+| ``lr:{e:<id>}:chain:<metric>`` | string | chain blob (``streams.sampling.chains``) |
+| ``lr:{e:<id>}:estimate:<metric>:<variant>`` | string | latest estimate JSON (as on the topic) |
+| ``lr:{e:<id>}:history:<metric>:<variant>`` | list | recent estimates, compact, newest first |
+| ``lr:{e:<id>}:estimates`` | set | ``<metric>:<variant>`` of every estimate (readers use it) |
+| ``lr:{e:<id>}:chainver`` | hash | metric -> iteration of the stored chain (only goes forward) |
+| ``lr:estimates`` | pub/sub | notice per new estimate: ids, computed_at, watermark |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from schemas.codec import dumps, loads
+from streams.sampling.advance import StoredChains, TickConfig, advance
+from streams.sampling.chains import decode, encode
+from streams.sampling.platform_prior import PlatformPrior
+from streams.sampling.problems import chain_names
+from streams.state.registry import Registry
+from streams.state.semantics import config_ms, horizons_ms
+from streams.state.store import _is_cluster, experiment_key, mget, read_completeness, read_snapshot
+
+log = logging.getLogger("liftstream.sampler")
+NOTICE_CHANNEL = "lr:estimates"
+HISTORY_LEN = 2000
+
+
+def chain_key(eid: str, metric: str) -> str:
+    return experiment_key(eid, f"chain:{metric}")
+
+
+def estimate_key(eid: str, metric: str, variant: str) -> str:
+    return experiment_key(eid, f"estimate:{metric}:{variant}")
+
+
+def history_key(eid: str, metric: str, variant: str) -> str:
+    return experiment_key(eid, f"history:{metric}:{variant}")
+
+
+def lifecycle_key(eid: str) -> str:
+    """``lr:{e:<id>}:lifecycle``: ``concluded`` once the final estimates are
+    out (absent while running or stopped: the config's status says which)."""
+    return experiment_key(eid, "lifecycle")
+
+
+def estimates_index_key(eid: str) -> str:
+    """``lr:{e:<id>}:estimates``: set of ``<metric>:<variant>`` with an
+    estimate (and a history), so readers never scan the keyspace."""
+    return experiment_key(eid, "estimates")
+
+
+def history_point(rec: dict) -> dict:
+    a, n = rec["adjusted"]["effect"], rec["naive"]["effect"]
+    return {"t": rec["watermark"]["event_time"], "computed_at": rec["computed_at"],
+            "adjusted": [a["mean"], a["lo"], a["hi"]], "naive": [n["mean"], n["lo"], n["hi"]],
+            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"]}
+
+
+#: Write a chain blob only if its iteration is beyond the stored one.
+#: KEYS: chain key, the experiment's ``chainver`` hash (metric -> iteration);
+#: ARGV: metric, iteration, blob. Returns 1 if written, 0 if stale.
+STORE_CHAIN = """
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
+local it = tonumber(ARGV[2])
+if cur ~= nil and it <= cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class SamplerService:
+    def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
+                 rhat_done: float = 1.01, platform: PlatformPrior | None = None,
+                 events_topic: str | None = None):
+        self.r = r
+        #: whose completeness clock (DESIGN §5) the estimates reflect; None:
+        #: each experiment's own lowest partition clock
+        self.events_topic = events_topic
+        self.platform = platform  # None: ``prior: "platform"`` configs get no shrinkage
+        self.registry = registry
+        self.tick_cfg = tick
+        self.xp = xp
+        self.rhat_done = rhat_done
+        self.owned: set[str] = set()
+        self.idle_at_seq: dict[str, int | None] = {}  # experiments with nothing to do
+        self.bad_chains = 0  # unreadable chain blobs restarted (liftstream_bad_chains_total)
+        self.stale_writes = 0  # chain writes refused: a newer iteration was stored
+        self._store_chain = None
+
+    def own(self, eid: str) -> None:
+        self.owned.add(eid)
+        self.idle_at_seq.pop(eid, None)  # a dirty notice: look again
+
+    def disown_all(self) -> None:
+        self.owned.clear()
+        self.idle_at_seq.clear()
+
+    def load(self, eids: list[str]):
+        cfgs = self.registry.get_many(eids)
+        c = None if self.events_topic is None else read_completeness(self.r, self.events_topic)
+        snaps = [read_snapshot(self.r, cfgs[e], completeness=c) for e in eids if e in cfgs]
+        keys = [(s.experiment_id, m) for s in snaps for m in chain_names(s.config)]
+        stored: dict[tuple[str, str], StoredChains] = {}
+        if keys:
+            blobs = mget(self.r, [chain_key(e, m) for e, m in keys])
+            for key, blob in zip(keys, blobs, strict=True):
+                if blob:
+                    try:
+                        arrays, meta = decode(blob)
+                    except Exception as e:  # noqa: BLE001 - one bad blob must not stop the rest
+                        log.error("chain %s of %s unreadable (%s): restarting that chain",
+                                  key[1], key[0], e)
+                        self.bad_chains += 1
+                        # its iteration restarts at 0: forget the stored one
+                        self.r.hdel(experiment_key(key[0], "chainver"), key[1])
+                        continue
+                    state = {k[2:]: v for k, v in arrays.items() if k.startswith("s.")}
+                    window = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")} or None
+                    stored[key] = StoredChains(state, window, meta.get("seq"),
+                                               meta.get("fresh_from"))
+        return snaps, stored
+
+    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]
+              ) -> list[dict]:
+        """Write the chains, each only if its iteration is beyond the stored
+        one (``STORE_CHAIN``: a sampler that lost the experiment in a
+        rebalance but is still inside a tick cannot write back an older or
+        equal iteration), then the estimates of the chains written. Returns
+        those estimates: the ones to publish."""
+        written: set[tuple[str, str]] = set()
+        sc = self.r.register_script(STORE_CHAIN) if self._store_chain is None \
+            else self._store_chain
+        self._store_chain = sc
+        # redis-py refuses scripts in a cluster pipeline: there, one call each
+        cluster = _is_cluster(self.r)
+        pipe = self.r if cluster else self.r.pipeline(transaction=False)
+        order = list(chains)
+        done = []
+        for eid, metric in order:
+            st = chains[(eid, metric)]
+            arrays = {f"s.{k}": v for k, v in st.state.items()}
+            if st.window is not None:
+                arrays.update({f"w.{k}": v for k, v in st.window.items()})
+            done.append(sc(keys=[chain_key(eid, metric), experiment_key(eid, "chainver")],
+                           args=[metric, int(st.state["iteration"]),
+                                 encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})],
+                           client=pipe))
+        for key, ok in zip(order, done if cluster else pipe.execute(), strict=True):
+            if ok:
+                written.add(key)
+            else:
+                self.stale_writes += 1
+                log.warning("chain %s of %s not written: a newer iteration is stored "
+                            "(another sampler owns it now)", key[1], key[0])
+        recs = [rec for rec in recs if (rec["experiment_id"], rec["metric"]) in written]
+        pipe = self.r.pipeline(transaction=False)
+        notices = []
+        for rec in recs:
+            e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
+            pipe.set(estimate_key(e, m, v), dumps(rec))
+            pipe.sadd(estimates_index_key(e), f"{m}:{v}")
+            pipe.lpush(history_key(e, m, v), dumps(history_point(rec)))
+            pipe.ltrim(history_key(e, m, v), 0, HISTORY_LEN - 1)
+            notices.append(dumps({
+                "experiment_id": e, "metric": m, "variant": v,
+                "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]}))
+        if not cluster:  # a cluster pipeline refuses PUBLISH: after it, one each
+            for n in notices:
+                pipe.publish(NOTICE_CHANNEL, n)
+        pipe.execute()
+        if cluster:
+            for n in notices:
+                self.r.publish(NOTICE_CHANNEL, n)
+        return recs
+
+    def due(self) -> list[str]:
+        """Owned experiments with work to do."""
+        out = []
+        if not self.owned:
+            return out
+        owned = sorted(self.owned)
+        got = mget(self.r, [experiment_key(e, "dirty_seq") for e in owned]
+                   + [lifecycle_key(e) for e in owned])
+        seqs, states = got[:len(owned)], got[len(owned):]
+        for e, s, lc in zip(owned, seqs, states, strict=True):
+            seq = None if s is None else int(s)
+            if lc is not None:  # concluded: its final estimates stand
+                continue
+            if e in self.idle_at_seq and self.idle_at_seq[e] == seq:
+                continue
+            out.append(e)
+        return out
+
+    def conclude_due(self) -> list[dict]:
+        """Conclude the owned stopped experiments that are done: every window
+        closed and the correction horizon passed on every partition (the
+        completeness clock minus L is past end_at + W + H), and their chains
+        converged with a full window drawn on the final data (idle at the
+        current dirty_seq). Returns their final records (``final: true``)."""
+        idle = sorted(e for e in self.owned if e in self.idle_at_seq)
+        if not idle or self.events_topic is None:
+            return []
+        c = read_completeness(self.r, self.events_topic)
+        if c is None:
+            return []
+        seqs = dict(zip(idle, mget(self.r, [experiment_key(e, "dirty_seq") for e in idle]),
+                        strict=True))
+        out: list[dict] = []
+        for e, cfg in sorted(self.registry.get_many(idle).items()):
+            seq = None if seqs[e] is None else int(seqs[e])
+            if cfg.end_at is None or self.idle_at_seq.get(e) != seq:
+                continue
+            W, _, L, _ = config_ms(cfg)
+            if c - L < cfg.end_at + W + horizons_ms(cfg)[0]:
+                continue
+            out += conclude(self.r, cfg)
+            self.owned.discard(e)
+            self.idle_at_seq.pop(e, None)
+        return out
+
+    def tick(self, now_ms: int | None = None) -> list[dict]:
+        """One tick over the due experiments; returns the published records."""
+        eids = self.due()
+        if not eids:
+            return []
+        snaps, stored = self.load(eids)
+        now_ms = now_ms or int(time.time() * 1000)
+        recs, chains = advance(snaps, stored, self.tick_cfg, now_ms, xp=self.xp)
+        if self.platform is not None:
+            opted = {s.experiment_id for s in snaps if s.config.prior == "platform"}
+            if opted:
+                recs = self.platform.apply(recs, opted.__contains__)
+        recs = self.store(chains, recs)
+        self._mark_idle(snaps, chains, recs)
+        return recs
+
+    def _mark_idle(self, snaps, chains, recs) -> None:
+        """Converged, and a full window drawn entirely on the current data: stop
+        until the next dirty notice. (Full alone is not enough: right after new
+        data the window still holds draws made on the old data, and stopping
+        then would leave a stale mixture published at the new watermark.)"""
+        worst: dict[str, float] = {}
+        for rec in recs:
+            rh = rec["diagnostics"]["rhat"]
+            worst[rec["experiment_id"]] = max(worst.get(rec["experiment_id"], 0.0),
+                                              rh if rh is not None else 9.9)
+        for s in snaps:
+            full = all(
+                st.window is not None and st.window["tau"].shape[1] >= self.tick_cfg.window
+                and st.window_is_fresh()
+                for (e, _), st in chains.items() if e == s.experiment_id
+            )
+            if full and worst.get(s.experiment_id, 9.9) < self.rhat_done:
+                self.idle_at_seq[s.experiment_id] = s.seq
+
+
+def conclude(r: Any, cfg) -> list[dict]:
+    """Mark the experiment concluded: its latest estimates rewritten with
+    ``final: true`` (returned, to publish), and its working state deleted in
+    the same transaction: unit records, pending sets, dedupe sightings, held
+    metrics and chains. Cells, arrivals, counters, estimates, history and the
+    config stay. Events that still arrive for it are counted, not estimated."""
+    eid = cfg.experiment_id
+    recs = read_estimates(r, eid)
+    for rec in recs:
+        rec["final"] = True
+    srcs = [x.decode() if isinstance(x, bytes) else x
+            for x in r.hkeys(experiment_key(eid, "offsets"))]
+    drop = [experiment_key(eid, k) for k in ("units", "held", "chainver", "retired")]
+    drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
+             for k in ("pending", "seen", "heldq")]
+    drop += [chain_key(eid, m) for m in chain_names(cfg)]
+    pipe = r.pipeline(transaction=True)  # one slot: {e:<id>}
+    for rec in recs:
+        pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
+    pipe.set(lifecycle_key(eid), "concluded")
+    pipe.unlink(*drop)
+    pipe.execute()
+    return recs
+
+
+def read_lifecycle(r: Any, cfg) -> str:
+    """``running``, ``stopped`` (config status or end_at) or ``concluded``."""
+    if r.get(lifecycle_key(cfg.experiment_id)) is not None:
+        return "concluded"
+    return "stopped" if cfg.status == "stopped" or cfg.end_at is not None else "running"
+
+
+def estimate_names(r: Any, eid: str) -> list[tuple[str, str]]:
+    """(metric, variant) of every estimate of an experiment, sorted: its
+    index set, O(its estimates) whatever else Redis holds."""
+    out = []
+    for x in r.smembers(estimates_index_key(eid)):
+        m, _, v = (x.decode() if isinstance(x, bytes) else x).partition(":")
+        out.append((m, v))
+    return sorted(out)
+
+
+def read_estimates(r: Any, eid: str) -> list[dict]:
+    """Every latest estimate of an experiment from the read model."""
+    names = estimate_names(r, eid)
+    if not names:
+        return []
+    return [loads(v) for v in r.mget([estimate_key(eid, m, v) for m, v in names]) if v]
+
+
+def read_history(r: Any, eid: str, limit: int = 500) -> dict[str, list[dict]]:
+    """``"<metric>:<variant>"`` -> its last ``limit`` history points, oldest
+    first, in one round trip."""
+    names = estimate_names(r, eid)
+    if not names:
+        return {}
+    pipe = r.pipeline(transaction=False)
+    for m, v in names:
+        pipe.lrange(history_key(eid, m, v), 0, limit - 1)
+    return {f"{m}:{v}": [loads(x) for x in pts][::-1]
+            for (m, v), pts in zip(names, pipe.execute(), strict=True)}

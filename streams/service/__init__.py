@@ -1,0 +1,1 @@
+"""The worker process: Faust app, roles, HTTP API and dashboard, metrics, topics."""

@@ -1,0 +1,134 @@
+"""Prometheus metrics of one worker process, in the text exposition format.
+
+Kept in-process (each worker is scraped on its own ``/metrics``) and written
+without a client library: a handful of counters, gauges and one histogram.
+Names follow Prometheus conventions (``_total`` counters, base units).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+
+from streams.state.data_quality import outcomes
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HELP = {
+    "liftstream_events_total": ("counter", "Events by outcome (received, applied categories, "
+                                "dead_letter, late, duplicate, ...)."),
+    "liftstream_dead_letters_total": ("counter", "Dead-lettered messages by reason code."),
+    "liftstream_ingest_batch_seconds": ("histogram", "Wall time to apply one micro-batch."),
+    "liftstream_sampler_sweeps_total": ("counter", "Gibbs sweeps run (each over all chains)."),
+    "liftstream_chain_iterations": ("gauge", "Chain iteration count per experiment and metric."),
+    "liftstream_estimate_age_seconds": ("gauge", "Wall time since the latest estimate "
+                                        "of an experiment/metric/variant was computed."),
+    "liftstream_estimate_lag_seconds": ("gauge", "Event time between the newest event and the "
+                                        "data the latest estimate reflects."),
+    "liftstream_consumer_lag_messages": ("gauge", "High watermark minus next offset to "
+                                         "process, per owned events partition."),
+    "liftstream_ingest_partitions_owned": ("gauge", "Events partitions this worker owns "
+                                           "(its events consumer's assignment)."),
+    "liftstream_sampler_bad_chains_total": ("counter", "Stored chains that could not be "
+                                            "read and were restarted."),
+    "liftstream_sampler_stale_writes_total": ("counter", "Chain writes refused because a "
+                                              "newer iteration was stored (a sampler that "
+                                              "lost the experiment was still in a tick)."),
+    "liftstream_ingest_stalled": ("gauge", "1 while ingest waits for Redis, by reason "
+                                  "(redis_oom: maxmemory reached; redis_readonly: a "
+                                  "replica; ...); batches wait, none is acked or lost."),
+    "liftstream_ingest_fenced_batches_total": ("counter", "Batches dropped because a newer "
+                                               "owner claimed their partition (zombie "
+                                               "fencing)."),
+    "liftstream_experiment_events": ("gauge", "Events of an experiment so far by outcome, from "
+                                     "its latest estimate's data_quality (applied, corrected, "
+                                     "held (now), expired, late, too_old, ..., dead_letter); "
+                                     "the outcomes sum to its events."),
+    "liftstream_experiment_dead_letters": ("gauge", "Dead letters attributed to an experiment "
+                                           "so far, by reason code."),
+    "liftstream_experiment_dropped_share": ("gauge", "Share of an experiment's events dropped "
+                                            "(late, expired, too old, dead-lettered) so far."),
+}
+
+
+def _value(v: float) -> str:
+    """Exact for whole numbers (``:g`` would round a count of 1234567 to 6 digits)."""
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "+Inf" if f > 0 else "-Inf"
+    if f.is_integer() and abs(f) < 2**53:
+        return str(int(f))
+    return repr(f)
+
+
+def _labels(lb: tuple[tuple[str, str], ...]) -> str:
+    if not lb:
+        return ""
+    esc = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in lb)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(lb, esc, strict=True)) + "}"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self.gauges: dict[str, dict[tuple, float]] = defaultdict(dict)
+        self.hist: dict[str, dict] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self.gauges[name][tuple(sorted(labels.items()))] = value
+
+    def set_data_quality(self, rec: dict) -> None:
+        """Set an experiment's data-quality gauges from one of its estimate records
+        (its ``data_quality``, DESIGN §5): ``liftstream_experiment_events{outcome}``
+        (``streams.state.data_quality.OUTCOMES``), ``liftstream_experiment_dead_letters{reason}``,
+        ``liftstream_experiment_dropped_share``. A record without one changes nothing."""
+        dq = rec.get("data_quality")
+        if not isinstance(dq, dict):
+            return
+        e = rec["experiment_id"]
+        for outcome, n in outcomes(dq).items():
+            self.set("liftstream_experiment_events", n, experiment=e, outcome=outcome)
+        for reason, n in (dq.get("dead_letters") or {}).items():
+            self.set("liftstream_experiment_dead_letters", n, experiment=e, reason=reason)
+        self.set("liftstream_experiment_dropped_share", dq.get("dropped_share", 0.0),
+                 experiment=e)
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            h = self.hist.setdefault(name, {"buckets": [0] * len(LATENCY_BUCKETS),
+                                            "sum": 0.0, "count": 0})
+            for i, b in enumerate(LATENCY_BUCKETS):
+                if seconds <= b:
+                    h["buckets"][i] += 1
+            h["sum"] += seconds
+            h["count"] += 1
+
+    def render(self) -> str:
+        out: list[str] = []
+        with self._lock:
+            names = set(self.counters) | set(self.gauges) | set(self.hist)
+            for name in sorted(names):
+                kind, text = HELP.get(name, ("untyped", name))
+                out.append(f"# HELP {name} {text}")
+                out.append(f"# TYPE {name} {kind}")
+                for lb, v in sorted(self.counters.get(name, {}).items()):
+                    out.append(f"{name}{_labels(lb)} {_value(v)}")
+                for lb, v in sorted(self.gauges.get(name, {}).items()):
+                    out.append(f"{name}{_labels(lb)} {_value(v)}")
+                h = self.hist.get(name)
+                if h:
+                    for b, c in zip(LATENCY_BUCKETS, h["buckets"], strict=True):
+                        out.append(f'{name}_bucket{{le="{b:g}"}} {c}')
+                    out.append(f'{name}_bucket{{le="+Inf"}} {h["count"]}')
+                    out.append(f"{name}_sum {h['sum']:g}")
+                    out.append(f"{name}_count {h['count']}")
+        return "\n".join(out) + "\n"

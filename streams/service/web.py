@@ -1,0 +1,174 @@
+"""HTTP API on Faust's web server (bound to loopback by default).
+
+Read-only views of the Redis read model: experiments, their latest
+estimates and history, health. Blocking Redis calls run on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from schemas.codec import loads
+from schemas.validate import experiment_to_dict, is_valid_name
+from streams.alerts.store import recent as recent_alerts
+from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
+from streams.state.store import experiment_key
+
+DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+
+
+def truth_key(eid: str) -> str:
+    """Ground truth a simulator may publish for its experiment (dashboard only)."""
+    return experiment_key(eid, "truth")
+
+
+def authorized(request, token: str) -> bool:
+    """No token configured, or the request carries it: ``Authorization:
+    Bearer <token>``, or ``?token=<token>`` (the dashboard passes its own
+    query's token on to the API). Compared in constant time."""
+    if not token:
+        return True
+    got = ""
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        got = auth[len("Bearer "):].strip()
+    else:
+        got = request.query.get("token", "")
+    return hmac.compare_digest(got.encode(), token.encode())
+
+
+def stuck_loops(now: float, beats: dict[str, float], limit: float) -> list[str]:
+    """The worker's loops (ingest, sampler) whose last round (time.monotonic()
+    in ``beats``) is more than ``limit`` seconds ago; none if ``limit`` is 0."""
+    if not limit:
+        return []
+    return [f"{name} loop: no round for {now - t:.0f} s" for name, t in sorted(beats.items())
+            if now - t > limit]
+
+
+def register_pages(app, r: Any, registry) -> None:
+    # the API's Redis reads run on threads of their own, so a burst of
+    # requests never queues behind (or ahead of) the workers' own Redis calls
+    pool = ThreadPoolExecutor(4, thread_name_prefix="web")
+
+    async def call(fn, *a):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
+
+    token = app.liftstream["settings"].api_token
+
+    def page(path: str, open_: bool = False):
+        """``app.page``, behind the API token unless ``open_`` (health)."""
+        def wrap(handler):
+            if open_:
+                return app.page(path)(handler)
+
+            @functools.wraps(handler)
+            async def guarded(web, request, **kw):
+                if not authorized(request, token):
+                    return web.json({"error": "unauthorized"}, status=401)
+                return await handler(web, request, **kw)
+
+            return app.page(path)(guarded)
+        return wrap
+
+    @page("/")
+    async def dashboard(web, request):
+        return web.html(DASHBOARD.read_text())
+
+    @page("/healthz", open_=True)
+    async def healthz(web, request):
+        beats = {}
+        plane = app.liftstream.get("plane")
+        if plane is not None and plane.alive:
+            beats["ingest"] = plane.status.heartbeat
+        if "sampler_beat" in app.liftstream:
+            beats["sampler"] = app.liftstream["sampler_beat"]
+        stuck = stuck_loops(time.monotonic(), beats, app.liftstream["settings"].liveness_seconds)
+        if stuck:  # a loop has not come round: restart me
+            return web.json({"status": "stuck", "error": "; ".join(stuck)}, status=503)
+        return web.json({"status": "ok"})
+
+    @page("/metrics")
+    async def metrics_page(web, request):
+        m = app.liftstream["metrics"]
+        now = time.time()
+        for (e, met, v), rec in list(app.liftstream["latest"].items()):
+            m.set("liftstream_estimate_age_seconds", now - rec["computed_at"] / 1000,
+                  experiment=e, metric=met, variant=v)
+        plane = app.liftstream.get("plane")
+        if plane is not None:
+            topic = app.liftstream["settings"].topic_events
+            for part, lag in plane.lag().items():
+                m.set("liftstream_consumer_lag_messages", lag, topic=topic, partition=str(part))
+            m.set("liftstream_ingest_partitions_owned", len(plane.owned()))
+            stalled = plane.status.stalled
+            for reason in ("redis_oom", "redis_readonly", "redis_loading", "redis_busy",
+                           "redis_unavailable"):
+                m.set("liftstream_ingest_stalled", 1 if stalled and stalled[0] == reason else 0,
+                      reason=reason)
+        return web.text(m.render(), content_type="text/plain; version=0.0.4")
+
+    @page("/readyz", open_=True)
+    async def readyz(web, request):
+        try:
+            await call(r.ping)
+        except Exception as e:  # noqa: BLE001
+            return web.json({"status": "redis unavailable", "error": str(e)}, status=503)
+        plane = app.liftstream.get("plane")
+        if plane is not None:  # the ingest role: its events consumer must be running
+            if not plane.alive:
+                return web.json({"status": "events consumer not running",
+                                 "error": plane.status.error}, status=503)
+            stalled = plane.status.stalled
+            if stalled is not None:  # e.g. Redis out of memory: batches wait, none is lost
+                return web.json({"status": "ingest stalled", "reason": stalled[0],
+                                 "error": stalled[1]}, status=503)
+            # a worker beyond the partition count owns none and is still ready
+            return web.json({"status": "ready", "events_partitions": sorted(plane.owned())})
+        return web.json({"status": "ready"})
+
+    @page("/experiments")
+    async def experiments(web, request):
+        ids = await call(registry.ids)
+        return web.json({"experiments": ids})
+
+    @page("/experiments/{experiment_id}")
+    async def experiment(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        cfg = await call(registry.get, experiment_id)
+        if cfg is None:
+            return web.json({"error": "unknown experiment"}, status=404)
+        out = experiment_to_dict(cfg)
+        out["lifecycle"] = await call(read_lifecycle, r, cfg)
+        truth = await call(r.get, truth_key(experiment_id))
+        out["truth"] = loads(truth) if truth else None
+        return web.json(out)
+
+    @page("/experiments/{experiment_id}/alerts")
+    async def alerts(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        return web.json({"experiment_id": experiment_id,
+                         "alerts": await call(recent_alerts, r, experiment_id)})
+
+    @page("/experiments/{experiment_id}/estimates")
+    async def estimates(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+        recs = await call(read_estimates, r, experiment_id)
+        return web.json({"experiment_id": experiment_id, "estimates": recs})
+
+    @page("/experiments/{experiment_id}/history")
+    async def history(web, request, experiment_id: str):
+        if not is_valid_name(experiment_id):
+            return web.json({"error": "bad experiment id"}, status=400)
+
+        return web.json({"experiment_id": experiment_id,
+                         "history": await call(read_history, r, experiment_id)})

@@ -1,0 +1,1 @@
+"""Experiment state in Redis: the reference semantics, the Lua scripts, keys, the registry."""

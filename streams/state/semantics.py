@@ -1,0 +1,881 @@
+"""The event semantics of liftstream, as one pure-Python reference reducer.
+
+This module is the *definition* of what an event does to an experiment's state
+(DESIGN §4-§5). Two things use it:
+
+* the offline ``liftstream analyze`` tool, which folds a file of events with it;
+* the tests, where it is the oracle the Redis/Lua implementation
+  (``streams/state/lua/ingest.lua`` via ``streams.state.store``) must equal bit for bit on
+  the same sequence of calls.
+
+So it is deliberately plain: no I/O, no numpy, floats summed in exactly the
+order the Lua script sums them (IEEE doubles on both sides).
+
+**Order independence** (DESIGN §5). Everything an event's fate depends on is
+a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
+events share one, key = unit_id), never of how partitions interleave:
+
+* the partition clock ``clk_p`` = max event ts seen on p (every valid event of
+  p counts, whichever experiment it is for; dead letters such as events of an
+  unregistered experiment do not), or the wall clock once p is
+  caught up and idle (``Reducer.advance``). Each call gets the clock after
+  each of its events (``clk``) and after the whole source batch (``clk_end``);
+* a unit *matures* once ``close = exposure_ts + W <= clk_p - L`` and is *final*
+  once ``close + H <= clk_p - L`` (H = ``correction_seconds``).
+
+So the state after a set of events equals the fold over the time-sorted
+events, whatever the partition interleaving, as long as each partition's own
+disorder stays within the bounds (L, H, the hold bounds): counts exactly,
+float sums up to rounding.
+
+Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
+
+1. Dedupe: an ``event_id`` already sighted in ``e`` *on the same partition*
+   with sighting ts ``>= clk - DD`` is a ``duplicate``; otherwise its sighting
+   ts is recorded. (A re-send keeps its key, so its partition; per-partition
+   sightings make dedupe independent of other partitions' clocks.)
+2. Exposure: variant not in the config -> ``unknown_variant``; unit known ->
+   ``repeat_exposure`` / ``conflict``; ``close + H <= T`` -> ``too_old`` (no
+   state; ingest dead-letters it); ``ts >= end_at`` (config) -> ``after_end``
+   (no state: the experiment stopped; not recorded in the routing index
+   either); else the unit is created (variant, stratum,
+   entry bucket, exposure ts, zero totals, pre-experiment values) ->
+   ``exposures``, pending on its source partition, and the metrics held for
+   it are released (rule 4).
+3. Metric: name not in the config -> ``unknown_metric``; no unit yet -> held
+   (rule 4); ``ts < exposure_ts`` -> ``pre_exposure``; ``ts >= close`` ->
+   ``outside_window``; ``close + H <= T`` -> ``late`` (dropped); ``close <= T``
+   -> ``corrected``: added to the unit's total and, if the unit was already
+   folded, to its cell as ``Σy += v, Σy² += (t+v)² - t²`` (t = the total
+   before, n unchanged) and, if the unit has a pre value x of the metric,
+   ``Σxy += x·v, Σy_x += v``; else added to the total -> ``metric_applied``.
+4. Holds: a metric whose unit has no state is ``held`` (at most ``hold_max``
+   per unit, beyond that ``expired``). The unit's exposure releases them, in
+   arrival order, through rule 3 (``held`` -1, their category +1). A unit's
+   held metrics expire together (``held`` -n, ``expired`` +n) once the newest
+   is older than ``clk - hold_seconds`` of its partition, at the end of a call.
+   Metrics *without* experiment_id that find no exposed experiment are held
+   per unit by the ``Reducer`` (not an experiment) and released to every
+   experiment whose first exposure of the unit arrives within the hold bound.
+5. Maturation: at the end of each call, the source partition's pending units
+   with ``close <= clk_end - L`` are folded into their cells in (close_ts,
+   unit_id bytes) order (Redis ZSET order), at most ``fold_limit`` a call (the
+   rest at the next call: one script call does bounded work). ``matured`` in
+   the unit state means folded. Folding a unit adds, per metric with y = its
+   total, ``n += 1, Σy += y, Σy² += y·y`` and, if it has a pre value x of the
+   metric, ``nx += 1, Σx += x, Σx² += x·x, Σxy += x·y, Σy_x += y`` (in this
+   order; the cell is ``(n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)``).
+6. Retirement (bounded state, DESIGN §5): a folded unit stays pending, with
+   score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
+   metric now would be ``late``) its record is dropped and its id added to
+   the experiment's retired-unit filter (``streams.state.retired_filter``), in the
+   same ZSET pass as rule 5 (one entry is folded, retired, or both, in (score,
+   unit_id bytes) order; ``fold_limit`` entries a call). The routing index
+   keeps the unit here (Redis lets it expire: ``state.index_ttl_ms``). Later
+   events of a retired
+   unit (and, with probability ≤ ``false_positive_rate``, of a new unit the
+   filter mistakes for one) are not applied: an exposure counts ``retired``
+   (a repeat exposure whose variant can no longer be checked); a metric
+   counts ``outside_window`` if ts > T - H (then ts >= close for sure) and
+   ``late`` otherwise (it may have been in the window: counted lost).
+
+Exposure age (novelty, issue 19), only when ``age_tracking(config)`` (B =
+``len(age_edges_ms) - 1`` >= 2 bins; otherwise nothing below exists): a unit
+also keeps, per metric, its totals by exposure age, ``t_b`` for the metrics
+with ``age = ts - exposure_ts`` in bin b (``age_bin_of``), and its fine
+stratum f (``stratum_of(pre_activity, fine_edges)``). Rule 3 adds v to t_b
+besides the total; a correction of a folded unit also adds to the age cell
+of (metric, variant, f): ``Σy_b += v``, ``Σy_b² += (t_b+v)² - t_b²`` and
+``Σy_0·y_{B-1} += v·t_{B-1}`` if b = 0, ``+= t_0·v`` if b = B-1 (in this
+order, t_b the bin total before). Rule 5 adds, per metric, ``n += 1``, then
+for b = 0..B-1 ``Σy_b += y_b, Σy_b² += y_b·y_b``, then ``Σy_0·y_{B-1} +=
+y_0·y_{B-1}`` (``ExperimentSnapshot.age_cells``). The totals and every other
+cell are unchanged by it, bit for bit.
+
+Pre-experiment values (CUPED covariates, issue 18): an exposure's ``pre``
+maps metric names to the unit's value of the metric over a pre-experiment
+period. The unit keeps, per config metric, the value its *creating* exposure
+carried (``UnitState.pre``, None where it had none); later exposures change
+nothing, and names that are not metrics of the config are ignored (a metric
+appended to the config later has no pre value for the units created
+before). The state records them whatever ``config.covariates`` says: only
+the model reads that setting.
+
+Entry buckets are counted on a grid anchored at ``config.started_at`` when the
+experiment has one when its first unit is created, else at the epoch, so a
+bucket never depends on which unit arrived first. Without a configured start
+``started_at`` is the start of the earliest entry bucket (min over units, an
+order-independent value).
+
+Resolutions of points the contract left open (the Lua script does the same):
+
+* An exposure with a variant not in the config is ``unknown_variant`` even if
+  the unit is already known; it creates no state.
+* ``pre_activity`` below the first edge falls in stratum 0; a config with
+  fewer than two edges has no activity strata (single stratum 0 = index S).
+* Routing of metrics without ``experiment_id``: to every experiment for which
+  an exposure of the unit with a variant of that experiment's config arrived
+  earlier on the stream; if there is none, the Reducer holds it (rule 4). A
+  metric without experiment_id that overtook some but not all of its unit's
+  exposures counts only for those that arrived before it (a stated bound).
+* After maturation a unit keeps its totals (they are its final Y) until its
+  correction horizon passed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from schemas.records import (
+    DEFAULT_EXPOSURE_AGE_BINS,
+    Event,
+    ExperimentConfig,
+    Exposure,
+    Metric,
+)
+from streams.state.retired_filter import RetiredFilter
+
+#: Per-experiment counters, one per outcome category of an event.
+COUNTERS: tuple[str, ...] = (
+    "exposures",
+    "repeat_exposure",
+    "conflict",
+    "unknown_variant",
+    "too_old",
+    "after_end",
+    "unknown_metric",
+    "pre_exposure",
+    "outside_window",
+    "metric_applied",
+    "corrected",
+    "held",
+    "expired",
+    "late",
+    "retired",
+    "duplicate",
+)
+
+#: Counters whose events were not applied and are lost to the estimate (the
+#: ``data_loss`` alert's numerator): past the correction horizon, held too
+#: long, exposures too old to store. Dead letters add to it.
+DROPPED: tuple[str, ...] = ("late", "expired", "too_old")
+
+#: Counters kept by the Reducer (events that reach no experiment state).
+REDUCER_COUNTERS: tuple[str, ...] = ("unknown_experiment", "unrouted", "unrouted_expired")
+
+
+def config_ms(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
+    """(W, B, L, DD) in ms, checked: B > 0 (it is a divisor), the rest >= 0.
+
+    Raises ValueError on a config that would make the semantics undefined;
+    schema validation should have rejected it before it got here.
+    """
+    W = int(cfg.window_seconds) * 1000
+    B = int(cfg.bucket_seconds) * 1000
+    L = int(cfg.lateness_seconds) * 1000
+    DD = int(cfg.dedupe_seconds) * 1000
+    if B <= 0 or W < 0 or L < 0 or DD < 0:
+        raise ValueError(
+            f"experiment {cfg.experiment_id!r}: bucket_seconds must be > 0 and "
+            "window/lateness/dedupe seconds >= 0"
+        )
+    return W, B, L, DD
+
+
+def horizons_ms(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """(H, Hh, HM): correction horizon and hold horizon in ms, hold count."""
+    H = int(cfg.correction_seconds) * 1000
+    Hh = int(cfg.hold_seconds) * 1000
+    HM = int(cfg.hold_max)
+    if H < 0 or Hh < 0 or HM < 0:
+        raise ValueError(f"experiment {cfg.experiment_id!r}: correction/hold bounds must be >= 0")
+    return H, Hh, HM
+
+
+#: Units folded (and held units expired) per call at most (rule 5).
+FOLD_LIMIT = 10_000
+
+#: The source of events applied without one (a single partition).
+DEFAULT_SOURCE = "-|0"
+
+
+def n_activity_strata(cfg: ExperimentConfig) -> int:
+    """S: strata defined by the edges (the "unknown activity" stratum has index S)."""
+    return max(len(cfg.strata_edges) - 1, 0)
+
+
+def stratum_of(pre_activity: float | None, edges: tuple[float, ...]) -> int:
+    """Index i with edges[i] <= x < edges[i+1]; x >= last edge -> S-1;
+    x below the first edge -> 0; None (or no activity strata) -> S."""
+    S = max(len(edges) - 1, 0)
+    if pre_activity is None or S == 0:
+        return S
+    x = float(pre_activity)
+    for i in range(S - 1, -1, -1):
+        if x >= float(edges[i]):
+            return i
+    return 0
+
+
+#: At most this many fine (novelty) strata; beyond, the fine strata are the
+#: activity strata themselves (``fine_edges``).
+MAX_FINE_STRATA = 64
+
+
+def age_edges_ms(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Edges (ms since the unit's exposure) of its exposure-age bins (issue
+    19): the configured edges (default ``DEFAULT_EXPOSURE_AGE_BINS``) below
+    the window W, then W. ``len - 1`` bins; a metric at age t falls in the
+    last bin whose lower edge is <= t (every applied metric has 0 <= t < W).
+    One bin (a window of at most the first edge) means age tracking is off:
+    see ``age_tracking``."""
+    W = int(cfg.window_seconds) * 1000
+    bins = DEFAULT_EXPOSURE_AGE_BINS if cfg.exposure_age_bins is None else cfg.exposure_age_bins
+    inner = sorted({int(e) * 1000 for e in bins if 0 < int(e) * 1000 < W})
+    return (0, *inner, W)
+
+
+def age_tracking(cfg: ExperimentConfig) -> bool:
+    """Units keep totals by exposure age (two bins or more)."""
+    return len(age_edges_ms(cfg)) >= 3
+
+
+def age_bin_of(age_ms: int, edges: tuple[int, ...]) -> int:
+    """Index b with edges[b] <= age < edges[b+1] (0 below the first edge,
+    the last bin at or beyond the window: neither happens to an applied
+    metric)."""
+    for b in range(len(edges) - 2, 0, -1):
+        if age_ms >= edges[b]:
+            return b
+    return 0
+
+
+def fine_edges(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """Edges of the *fine* strata the novelty contrast is computed within
+    (issue 19): the activity strata's edges together with every integer
+    between the first and the last edge (pre_activity is a count of active
+    days: one fine stratum per exact value), so each fine stratum lies in
+    one activity stratum. More than ``MAX_FINE_STRATA`` of them, or fewer
+    than two activity edges: the activity strata's edges."""
+    edges = tuple(float(e) for e in cfg.strata_edges)
+    if len(edges) < 2:
+        return edges
+    lo, hi = edges[0], edges[-1]
+    ints = range(math.ceil(lo), math.floor(hi) + 1)
+    if len(ints) > MAX_FINE_STRATA + 1:
+        return edges
+    out = tuple(sorted(set(edges) | {float(i) for i in ints}))
+    return out if len(out) - 1 <= MAX_FINE_STRATA else edges
+
+
+def fine_parent(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """For each fine stratum f = 0..F (F: unknown activity), the activity
+    stratum it lies in (F maps to S, the unknown stratum)."""
+    fe = fine_edges(cfg)
+    edges = tuple(float(e) for e in cfg.strata_edges)
+    F = max(len(fe) - 1, 0)
+    out = [stratum_of(fe[f], edges) for f in range(F)]
+    return (*out, n_activity_strata(cfg))
+
+
+def bucket_of(ts: int, anchor: int, B: int) -> int:
+    """Entry bucket on the grid anchored at ``anchor``: floor((ts - anchor) / B),
+    never negative when the anchor is a configured start (ts before it).
+
+    Integer floor division, which the Lua script reproduces exactly with
+    integer-valued doubles (all operands are < 2**53).
+    """
+    return max(0, (ts - anchor) // B) if anchor else ts // B
+
+
+def completed_buckets(watermark: int | None, started_at: int | None, B: int,
+                      end_at: int | None = None) -> int:
+    """D = max(0, floor((min(watermark, end_at) - started_at) / B)); 0 before
+    any data. A stopped experiment takes no new units from ``end_at`` on, so
+    the buckets after it (and the one it cuts) are no evidence of the
+    arrival rate: they are left out of the arrival model."""
+    if watermark is None or started_at is None:
+        return 0
+    if end_at is not None and end_at < watermark:
+        watermark = end_at
+    return max(0, (watermark - started_at) // B)
+
+
+def _finite(x: float, what: str) -> float:
+    """float(x), rejecting NaN/inf: they would poison sums and have no
+    portable text form; schemas.validate dead-letters them before."""
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError(f"non-finite {what}: {x!r}")
+    return v
+
+
+@dataclass(slots=True)
+class UnitState:
+    """One unit in one experiment. ``totals`` and ``pre`` follow
+    ``config.metrics`` order; ``bucket`` is on the experiment's anchor grid
+    (see ``bucket_of``); ``matured`` means folded into the cells; ``pre``:
+    the pre-experiment value of each metric (None: none), fixed at the
+    unit's creation. With ``age_tracking(config)`` (issue 19): ``fine``,
+    its fine stratum (``fine_edges``; F = unknown activity), and ``age[k][b]``,
+    metric k's total over the metrics at exposure age in bin b
+    (``age_edges_ms``); otherwise ``fine`` 0 and ``age`` empty. ``totals``
+    are kept as they are either way (Σ_b age[k][b] = totals[k] up to
+    rounding)."""
+
+    variant: str
+    stratum: int
+    bucket: int
+    exposure_ts: int
+    totals: list[float]
+    matured: bool = False
+    pre: list[float | None] = field(default_factory=list)
+    fine: int = 0
+    age: list[list[float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExperimentSnapshot:
+    """Everything the sampler and ``analyze`` need about one experiment.
+
+    Produced identically by ``ExperimentState.snapshot()`` and
+    ``streams.state.store.read_snapshot``. ``arrivals[s]`` maps every entry bucket
+    (relative to ``started_at``) to its count; the model uses d < D.
+    ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2, nx, sum_x,
+    sum_x2, sum_xy, sum_y_x)`` over matured units: y = a unit's total, x its
+    pre-experiment value of the metric, the last five over the units with an
+    x (module docstring, rule 5). ``watermark`` = completeness clock - L (DESIGN §5). ``seq`` is
+    Redis's ``dirty_seq`` at read time (None from the reducer) and does not
+    take part in equality.
+    """
+
+    experiment_id: str
+    config: ExperimentConfig
+    variants: tuple[str, ...]
+    n_strata_total: int
+    started_at: int | None
+    max_ts: int | None
+    watermark: int | None
+    D: int
+    arrivals: tuple[dict[int, int], ...]
+    activity_sum: tuple[float, ...]
+    activity_n: tuple[int, ...]
+    exposed: dict[str, int]
+    matured: dict[str, int]
+    cells: dict[str, list[list[tuple[int, float, float, int, float, float, float, float]]]]
+    counters: dict[str, int]
+    seq: int | None = field(default=None, compare=False)
+    #: units retired (rule 6): their records dropped, their ids in the filter
+    retired_units: int = 0
+    #: dead letters attributed to this experiment, by reason (the ingest counts
+    #: them in ``lr:{e:<id>}:meta`` ``dl:<reason>``; the reducer has none)
+    dead_letters: dict[str, int] = field(default_factory=dict, compare=False)
+    #: exposure-age cells (issue 19), empty unless ``age_tracking(config)``:
+    #: ``age_cells[metric][variant_index][fine_stratum] = (n, Σy_0, Σy_0²,
+    #: Σy_1, Σy_1², …, Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1})`` over matured
+    #: units, y_b = the unit's total in age bin b (``age_edges_ms``), fine
+    #: strata by ``fine_edges`` (index F = unknown activity)
+    age_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
+
+
+def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: int
+                         ) -> tuple[int | None, tuple[dict[int, int], ...]]:
+    """(started_at, arrivals relative to it) from anchor-grid arrivals: a
+    configured anchor is the start; the epoch anchor (0) starts at the
+    earliest bucket that has a unit."""
+    if anchor is None:
+        return None, tuple({} for _ in arrivals)
+    if anchor:
+        return anchor, tuple(dict(sorted(a.items())) for a in arrivals)
+    lo = min((b for a in arrivals for b in a), default=0)
+    return lo * B, tuple({b - lo: n for b, n in sorted(a.items())} for a in arrivals)
+
+
+def watermark_of(completeness: int | None, max_ts: int | None, L: int) -> int | None:
+    """What an estimate reflects: the completeness clock, but no later than
+    the experiment's own latest event, minus L. The cap keeps an idle
+    advance (wall clock) from adding empty entry buckets to D after the
+    experiment's traffic ended: D counts the buckets its arrivals were
+    observed over."""
+    if completeness is None:
+        return None
+    c = completeness if max_ts is None else min(completeness, max_ts)
+    return c - L
+
+
+#: One event in a call: (event, its partition clock after it, released?).
+#: ``released`` marks a metric the Reducer held without experiment_id and now
+#: hands to the experiment right after the exposure that released it.
+Item = tuple[Event, int, bool]
+
+
+class ExperimentState:
+    """The state of one experiment, advanced one call at a time.
+
+    ``apply_batch`` is one call of ``streams/state/lua/ingest.lua``: events of one
+    source partition (already routed to this experiment), each with its
+    partition clock, then maturation and hold expiry at ``clk_end``.
+    """
+
+    def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT) -> None:
+        self.config = config
+        self.W, self.B, self.L, self.DD = config_ms(config)
+        self.E = config.end_at  # exposures at or after it: after_end
+        self.H, self.Hh, self.HM = horizons_ms(config)
+        self.fold_limit = fold_limit
+        self.edges = tuple(float(e) for e in config.strata_edges)
+        self.S = n_activity_strata(config)
+        self.variants = tuple(config.variants)
+        self.metrics = config.metric_names
+        self._metric_index = {m: i for i, m in enumerate(self.metrics)}
+        self.units: dict[str, UnitState] = {}
+        #: per source: heap of (close_ts, unit_id utf-8 bytes, unit_id)
+        self._pending: dict[str, list[tuple[int, bytes, str]]] = {}
+        #: per unit: held (metric index, ts, value) in arrival order; per source:
+        #: unit -> newest held ts (the expiry order)
+        self.held: dict[str, list[tuple[int, int, float]]] = {}
+        self._held_q: dict[str, dict[str, int]] = {}
+        #: per source: event_id -> ts of its last counted sighting
+        self._seen: dict[str, dict[str, int]] = {}
+        self._seen_prune_at = 4096
+        self.max_ts: int | None = None
+        #: per source partition, the last clock a call brought
+        self.clk: dict[str, int] = {}
+        self.anchor: int | None = None  # fixed by the first unit creation
+        n_tot = self.S + 1
+        self.arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
+        self.activity_sum: list[float] = [0.0] * n_tot
+        self.activity_n: list[int] = [0] * n_tot
+        self.exposed: dict[str, int] = {v: 0 for v in self.variants}
+        self.matured: dict[str, int] = {v: 0 for v in self.variants}
+        # cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x]
+        self.cells: dict[str, list[list[list]]] = {
+            m: [[[0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] for _ in range(n_tot)]
+                for _ in self.variants]
+            for m in self.metrics
+        }
+        self._vindex = {v: i for i, v in enumerate(self.variants)}
+        #: exposure age (issue 19): bins, fine strata, age cells
+        #: age_cells[m][v][f] = [n, Σy_0, Σy_0², ..., Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1}]
+        self.age_on = age_tracking(config)
+        self.age_edges = age_edges_ms(config)
+        self.NB = len(self.age_edges) - 1
+        self.fine_edges = fine_edges(config)
+        self.F = max(len(self.fine_edges) - 1, 0)
+        self.age_cells: dict[str, list[list[list]]] = {
+            m: [[[0] + [0.0] * (2 * self.NB + 1) for _ in range(self.F + 1)]
+                for _ in self.variants]
+            for m in self.metrics
+        } if self.age_on else {}
+        self.counters: dict[str, int] = {}
+        #: rule 6: units whose record was dropped
+        self.retired = RetiredFilter()
+
+    # -- one call ------------------------------------------------------------
+
+    def apply_batch(self, source: str, items: Iterable[Item], clk_end: int) -> list[str]:
+        """Apply ``items`` from ``source`` in order, then mature and expire
+        holds at ``clk_end`` (>= every item's clock); categories in order
+        (released metrics included, after their exposure)."""
+        out = []
+        for ev, clk, released in items:
+            cat = self._event(ev, int(clk), source, released)
+            if cat is not None:
+                self._count(cat)
+                out.append(cat)
+        self.settle(source, clk_end)
+        return out
+
+    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
+        """One event alone from ``source`` (a call of one): its category."""
+        prev = self.clk.get(source)
+        clk = int(event.ts) if prev is None or int(event.ts) > prev else prev
+        cats = self.apply_batch(source, [(event, clk, False)], clk)
+        return cats[0] if cats else "exposures"
+
+    def settle(self, source: str, clk_end: int) -> bool:
+        """Rule 5 and hold expiry on ``source`` at ``clk_end`` (also a call of
+        its own: a quiet experiment, an idle partition). True if work is
+        left for the next call (more than ``fold_limit`` due)."""
+        prev = self.clk.get(source)
+        if prev is None or clk_end > prev:
+            self.clk[source] = clk_end
+        clk = self.clk[source]
+        more = self._fold(source, clk - self.L)
+        more = self._expire(source, clk - self.Hh) or more
+        seen = self._seen.get(source)
+        if seen is not None and len(seen) > self._seen_prune_at:
+            # sightings below clk - DD can never mark a duplicate again (clk
+            # only grows): forgetting them changes no outcome (Lua: every call)
+            cut = clk - self.DD
+            self._seen[source] = {k: t for k, t in seen.items() if t >= cut}
+            self._seen_prune_at = max(4096, 2 * len(self._seen[source]))
+        return more
+
+    def _count(self, cat: str, n: int = 1) -> None:
+        self.counters[cat] = self.counters.get(cat, 0) + n
+
+    def _event(self, ev: Event, clk: int, source: str, released: bool) -> str | None:
+        ts = int(ev.ts)
+        seen = self._seen.setdefault(source, {})
+        prev = seen.get(ev.event_id)
+        if prev is not None and prev >= clk - self.DD:
+            return "duplicate"
+        seen[ev.event_id] = ts
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts = ts
+        T = clk - self.L
+        if isinstance(ev, Exposure):
+            return self._exposure(ev, ts, T, source)
+        if isinstance(ev, Metric):
+            mi = self._metric_index.get(ev.metric)
+            if mi is None:
+                return "unknown_metric"
+            v = _finite(ev.value, "metric value")
+            u = self.units.get(ev.unit_id)
+            if u is None:
+                if ev.unit_id in self.retired:  # rule 6: its close + H <= T
+                    return "outside_window" if ts > T - self.H else "late"
+                return self._hold(ev.unit_id, mi, ts, v, source)
+            return self._metric(u, mi, ts, v, T)
+        raise TypeError(f"not an event: {type(ev).__name__}")  # pragma: no cover
+
+    def _exposure(self, ev: Exposure, ts: int, T: int, source: str) -> str:
+        if ev.variant not in self._vindex:
+            return "unknown_variant"
+        u = self.units.get(ev.unit_id)
+        if u is not None:
+            return "repeat_exposure" if u.variant == ev.variant else "conflict"
+        if ev.unit_id in self.retired:
+            return "retired"
+        close = ts + self.W
+        if close + self.H <= T:
+            return "too_old"
+        if self.E is not None and ts >= self.E:
+            return "after_end"
+        x = None if ev.pre_activity is None else _finite(ev.pre_activity, "pre_activity")
+        if self.anchor is None:
+            self.anchor = self.config.started_at if self.config.started_at is not None else 0
+        s = stratum_of(x, self.edges)
+        b = bucket_of(ts, self.anchor, self.B)
+        pre = ev.pre
+        xs: list[float | None] = (
+            [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in self.metrics]
+            if pre else [None] * len(self.metrics))
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics), False, xs)
+        if self.age_on:
+            u.fine = stratum_of(x, self.fine_edges)
+            u.age = [[0.0] * self.NB for _ in self.metrics]
+        self.units[ev.unit_id] = u
+        self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
+        if x is not None:
+            self.activity_sum[s] = self.activity_sum[s] + x
+            self.activity_n[s] += 1
+        self.exposed[ev.variant] += 1
+        heapq.heappush(self._pending.setdefault(source, []),
+                       (close, ev.unit_id.encode("utf-8"), ev.unit_id))
+        self._count("exposures")
+        held = self.held.pop(ev.unit_id, None)
+        if held is not None:
+            self._held_q.get(source, {}).pop(ev.unit_id, None)
+            self._count("held", -len(held))
+            for mi, mts, v in held:
+                self._count(self._metric(u, mi, mts, v, T))
+        return None  # counted above, before the released metrics
+
+    def _metric(self, u: UnitState, mi: int, ts: int, v: float, T: int) -> str:
+        close = u.exposure_ts + self.W
+        if ts < u.exposure_ts:
+            return "pre_exposure"
+        if ts >= close:
+            return "outside_window"
+        if close + self.H <= T:
+            return "late"
+        t = u.totals[mi]
+        u.totals[mi] = t + v
+        if u.age:
+            ya = u.age[mi]
+            ab = age_bin_of(ts - u.exposure_ts, self.age_edges)
+            tb = ya[ab]
+            ya[ab] = tb + v
+        if close > T:
+            return "metric_applied"
+        if u.matured:
+            c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
+            c[1] = c[1] + v
+            c[2] = c[2] + ((t + v) * (t + v) - t * t)
+            x = u.pre[mi]
+            if x is not None:
+                c[6] = c[6] + x * v
+                c[7] = c[7] + v
+            if u.age:
+                a = self.age_cells[self.metrics[mi]][self._vindex[u.variant]][u.fine]
+                a[1 + 2 * ab] = a[1 + 2 * ab] + v
+                a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
+                last = self.NB - 1
+                if ab == 0:
+                    a[-1] = a[-1] + v * ya[last]
+                elif ab == last:
+                    a[-1] = a[-1] + ya[0] * v
+        return "corrected"
+
+    def _hold(self, uid: str, mi: int, ts: int, v: float, source: str) -> str:
+        lst = self.held.get(uid)
+        if lst is None:
+            lst = self.held[uid] = []
+        if len(lst) >= self.HM:
+            if not lst:
+                del self.held[uid]
+            return "expired"
+        lst.append((mi, ts, v))
+        q = self._held_q.setdefault(source, {})
+        if uid not in q or ts > q[uid]:
+            q[uid] = ts
+        return "held"
+
+    def _fold(self, source: str, T: int) -> bool:
+        """Rules 5 and 6 in one pass over the pending entries with score <= T:
+        fold the unit if it is not yet, then retire it if final, else keep it
+        pending at score close + H."""
+        pend = self._pending.get(source)
+        n = 0
+        final = self.W + self.H
+        while pend and pend[0][0] <= T:
+            if n >= self.fold_limit:
+                return True
+            _, ub, uid = heapq.heappop(pend)
+            n += 1
+            u = self.units.get(uid)
+            if u is None:
+                continue
+            if not u.matured:
+                self._fold_unit(u)
+            fin = u.exposure_ts + final
+            if fin <= T:
+                del self.units[uid]
+                self.retired.add(uid)
+            else:
+                heapq.heappush(pend, (fin, ub, uid))
+        return False
+
+    def _fold_unit(self, u: UnitState) -> None:
+        vi = self._vindex[u.variant]
+        for mi, m in enumerate(self.metrics):
+            y = u.totals[mi]
+            c = self.cells[m][vi][u.stratum]
+            c[0] += 1
+            c[1] = c[1] + y
+            c[2] = c[2] + y * y
+            x = u.pre[mi]
+            if x is not None:
+                c[3] += 1
+                c[4] = c[4] + x
+                c[5] = c[5] + x * x
+                c[6] = c[6] + x * y
+                c[7] = c[7] + y
+            if u.age:
+                ya = u.age[mi]
+                a = self.age_cells[m][vi][u.fine]
+                a[0] += 1
+                for b in range(self.NB):
+                    yb = ya[b]
+                    a[1 + 2 * b] = a[1 + 2 * b] + yb
+                    a[2 + 2 * b] = a[2 + 2 * b] + yb * yb
+                a[-1] = a[-1] + ya[0] * ya[-1]
+        self.matured[u.variant] += 1
+        u.matured = True
+
+    def _expire(self, source: str, cut: int) -> bool:
+        """Drop the held metrics of units whose newest held ts < cut, in
+        (newest ts, unit_id bytes) order, at most ``fold_limit`` units."""
+        q = self._held_q.get(source)
+        if not q:
+            return False
+        due = sorted((t, u.encode("utf-8"), u) for u, t in q.items() if t < cut)
+        for _t, _, uid in due[: self.fold_limit]:
+            del q[uid]
+            n = len(self.held.pop(uid, ()))  # none: released by an exposure elsewhere
+            self._count("held", -n)
+            self._count("expired", n)
+        return len(due) > self.fold_limit
+
+    # -- views ------------------------------------------------------------
+
+    def pending_units(self, source: str = DEFAULT_SOURCE) -> list[tuple[str, int]]:
+        """Pending (unit_id, close_ts) of ``source`` in Redis ZSET order."""
+        return [(uid, c) for c, _, uid in sorted(self._pending.get(source, []))]
+
+    def completeness(self) -> int | None:
+        """The experiment's own completeness clock: min over the partitions
+        it has seen (``Reducer`` and the live worker know better)."""
+        return min(self.clk.values()) if self.clk else None
+
+    def snapshot(self, completeness: int | None = None) -> ExperimentSnapshot:
+        """An immutable copy of the state the sampler and analyze consume;
+        ``completeness``: the clock the data is complete up to (default:
+        ``self.completeness()``); the watermark is it minus L."""
+        c = self.completeness() if completeness is None else completeness
+        wm = watermark_of(c, self.max_ts, self.L)
+        started, arrivals = started_and_arrivals(self.anchor, self.arrivals, self.B)
+        if started is None:
+            started = self.config.started_at
+        counters = {k: 0 for k in COUNTERS}
+        counters.update(self.counters)
+        return ExperimentSnapshot(
+            experiment_id=self.config.experiment_id,
+            config=self.config,
+            variants=self.variants,
+            n_strata_total=self.S + 1,
+            started_at=started,
+            max_ts=self.max_ts,
+            watermark=wm,
+            D=completed_buckets(wm, started, self.B, self.config.end_at),
+            arrivals=arrivals,
+            activity_sum=tuple(self.activity_sum),
+            activity_n=tuple(self.activity_n),
+            exposed=dict(self.exposed),
+            matured=dict(self.matured),
+            cells={
+                m: [[tuple(c) for c in row] for row in rows]
+                for m, rows in self.cells.items()
+            },
+            counters=counters,
+            retired_units=self.retired.n,
+            age_cells={
+                m: [[tuple(c) for c in row] for row in rows]
+                for m, rows in self.age_cells.items()
+            },
+        )
+
+
+class Reducer:
+    """All experiments, the partition clocks, the unit -> experiments routing
+    index and the holds of metrics without experiment_id.
+
+    ``apply_batch`` is one ``Ingestor.process`` call: events of one source
+    partition, in order. It moves the partition clock over every event,
+    routes exactly as ``streams.state.store.route_rows`` does and applies each
+    experiment's events in one ``ExperimentState.apply_batch`` call.
+    """
+
+    def __init__(self, configs: Iterable[ExperimentConfig], fold_limit: int = FOLD_LIMIT,
+                 hold_seconds: int = 86_400, hold_max: int = 64) -> None:
+        self.configs: dict[str, ExperimentConfig] = {c.experiment_id: c for c in configs}
+        self.states: dict[str, ExperimentState] = {
+            e: ExperimentState(c, fold_limit) for e, c in self.configs.items()
+        }
+        self.index: dict[str, set[str]] = {}
+        self.clocks: dict[str, int] = {}
+        #: unit -> held metrics without experiment_id: (source, ts, event);
+        #: per source, unit -> newest held ts (the expiry order)
+        self.unit_held: dict[str, list[tuple[str, int, Metric]]] = {}
+        self._unit_held_q: dict[str, dict[str, int]] = {}
+        self.hold_ms = int(hold_seconds) * 1000
+        self.hold_max = int(hold_max)
+        self.counters: dict[str, int] = {k: 0 for k in REDUCER_COUNTERS}
+
+    def apply_batch(self, source: str, events: Iterable[Event]) -> dict[str, list[str]]:
+        """Apply one source batch; categories per experiment."""
+        clk = self.clocks.get(source)
+        per: dict[str, list[Item]] = {}
+        for ev in events:
+            if ev.experiment_id is not None and ev.experiment_id not in self.configs:
+                self.counters["unknown_experiment"] += 1  # dead-lettered: moves no clock
+                continue
+            ts = int(ev.ts)
+            clk = ts if clk is None or ts > clk else clk
+            for e, item in self._route(ev, clk, source):
+                per.setdefault(e, []).append(item)
+        if clk is None:
+            return {}
+        self.clocks[source] = clk
+        out = {e: self.states[e].apply_batch(source, items, clk)
+               for e, items in sorted(per.items())}
+        self._expire_unit_holds(source, clk)
+        return out
+
+
+    def _route(self, ev: Event, clk: int, source: str) -> list[tuple[str, Item]]:
+        if isinstance(ev, Exposure):
+            cfg = self.configs[ev.experiment_id]
+            out = [(ev.experiment_id, (ev, clk, False))]
+            if ev.variant in cfg.variants and not self._too_old(ev, clk) \
+                    and (cfg.end_at is None or int(ev.ts) < cfg.end_at):
+                seen = self.index.setdefault(ev.unit_id, set())
+                if ev.experiment_id not in seen:
+                    seen.add(ev.experiment_id)
+                    for _, _, m in self.unit_held.get(ev.unit_id, ()):
+                        out.append((ev.experiment_id, (m, clk, True)))
+            return out
+        if ev.experiment_id is not None:
+            return [(ev.experiment_id, (ev, clk, False))]
+        targets = sorted(self.index.get(ev.unit_id, ()))
+        if not targets:
+            held = self.unit_held.setdefault(ev.unit_id, [])
+            if len(held) >= self.hold_max:
+                self.counters["unrouted_expired"] += 1
+            else:
+                held.append((source, int(ev.ts), ev))
+                q = self._unit_held_q.setdefault(source, {})
+                q[ev.unit_id] = max(q.get(ev.unit_id, int(ev.ts)), int(ev.ts))
+                self.counters["unrouted"] += 1
+        return [(e, (ev, clk, False)) for e in targets]
+
+    def _too_old(self, ev: Exposure, clk: int) -> bool:
+        """Rule 2's too_old, decided before routing (streams.ingest.ingestor does the
+        same): such an exposure is not recorded in the routing index."""
+        st = self.states[ev.experiment_id]
+        return int(ev.ts) + st.W + st.H <= clk - st.L
+
+    def _expire_unit_holds(self, source: str, clk: int) -> None:
+        """Drop unit-level holds of ``source`` whose newest held ts is older
+        than clk - hold; those never released count ``unrouted_expired``."""
+        q = self._unit_held_q.get(source)
+        if not q:
+            return
+        cut = clk - self.hold_ms
+        for uid in [u for u, t in q.items() if t < cut]:
+            del q[uid]
+            lst = self.unit_held.pop(uid, [])
+            if uid not in self.index:
+                self.counters["unrouted_expired"] += len(lst)
+
+    def advance(self, source: str, clock_ms: int) -> None:
+        """The partition is caught up and idle: its clock moves to
+        ``clock_ms`` (wall clock) if that is later, and every experiment
+        matures and expires holds on it, until no work is left."""
+        clk = max(self.clocks.get(source, clock_ms), clock_ms)
+        self.clocks[source] = clk
+        for st in self.states.values():
+            while st.settle(source, clk):
+                pass
+        self._expire_unit_holds(source, clk)
+
+    def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> list[tuple[str, str]]:
+        """A batch of one event; [(experiment_id, category), ...]."""
+        return [(e, c) for e, cats in self.apply_batch(source, [event]).items() for c in cats]
+
+    def apply_all(self, events: Iterable[Event], source: str = DEFAULT_SOURCE,
+                  batch: int = 1) -> Reducer:
+        """Apply events that all came from ``source``, ``batch`` at a time."""
+        buf: list[Event] = []
+        for ev in events:
+            buf.append(ev)
+            if len(buf) >= batch:
+                self.apply_batch(source, buf)
+                buf = []
+        if buf:
+            self.apply_batch(source, buf)
+        return self
+
+    def completeness(self) -> int | None:
+        """Min over the partitions seen of their clock (every one is caught up
+        at the end of a file: DESIGN §5's rule with no backlog anywhere)."""
+        return min(self.clocks.values()) if self.clocks else None
+
+    def snapshots(self, completeness: int | None = None) -> dict[str, ExperimentSnapshot]:
+        c = self.completeness() if completeness is None else completeness
+        return {e: s.snapshot(c) for e, s in sorted(self.states.items())}

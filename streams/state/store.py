@@ -1,0 +1,1212 @@
+"""Per-experiment state in Redis, applied exactly once (DESIGN §5).
+
+Streaming ingest applies each micro-batch of one source partition to each
+experiment it touches with ONE call of ``streams/state/lua/ingest.lua``: one atomic
+step, idempotent per source offset, implementing exactly the rules of the
+reference reducer ``streams.state.semantics`` (a differential test proves them
+equal, float sums bit for bit). This module builds the script's arguments,
+routes events to experiments, and reads snapshots back in the reducer's shape.
+
+Key schema. Every per-experiment key carries the hash tag `{e:<id>}`, so one
+Lua call touches one Redis Cluster slot. Floats are stored as `%.17g` text,
+which round-trips an IEEE double; integers as decimal text; unit records are
+binary (1).
+
+| key | type | contents |
+|---|---|---|
+| `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
+| `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
+| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts; once folded, close + H (8) |
+| `lr:{e:<id>}:retired` | string | bitmap: the retired-unit filter (``retired_filter``) |
+| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7); age cells (9) |
+| `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
+| `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
+| `lr:{e:<id>}:seen:<src>` | zset | event_id -> ts of its last counted sighting on `<src>` (4) |
+| `lr:{e:<id>}:held` | hash | unit_id -> metrics held for the unit's exposure (`<Hdd` records) |
+| `lr:{e:<id>}:heldq:<src>` | zset | unit_id -> newest held ts (expiry order) |
+| `lr:{e:<id>}:offsets` | hash | `topic`, `partition` (2) -> last applied source offset |
+| `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every call that changed the state |
+| `lr:{u:<unit_id>}:x` | hash | routing index: experiment_id -> first exposure (5) |
+| `lr:{u:<unit_id>}:held` | hash | `<src>|<offset>` -> a metric without experiment_id held (6) |
+| `lr:{ingest}:clocks` | hash | `<src>` -> the partition clock |
+| `lr:{ingest}:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
+| `lr:{ingest}:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
+| `lr:ingest:topic_ids` | hash | topic -> its Kafka topic id (``check_topic_id``) |
+| `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
+| `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.state.clocks``) |
+
+`<src>` is `<topic>|<partition>`, a source partition.
+
+1. Binary, little-endian. Version 1, a unit without pre-experiment values
+   (struct `<BHHBdd` then M doubles): version byte 1, variant index, stratum,
+   matured (folded) 0|1, entry bucket (on the anchor grid), exposure ts,
+   total_1 ... total_M. Version 2, a unit whose exposure carried a `pre`
+   value of at least one config metric (CUPED, issue 18; struct `<BHHBddH`
+   then 2m doubles): version byte 2, the same five fields, m (the number of
+   metrics when written), total_1 ... total_m, pre_1 ... pre_m (NaN: none
+   for that metric). Indices and the order of totals and pre values follow
+   the config's `variants` and `metrics`, which must therefore only ever be
+   appended to (a record with fewer totals reads the missing ones as 0, the
+   missing pre values as none). A unit's pre values are fixed when it is
+   created (its first counted exposure). The earlier text form
+   `"<variant_index> <stratum> <bucket> <exposure_ts> <matured 0|1>
+   <total_1> ... <total_M>"` (%.17g) is still read, by the script and
+   ``read_units``, and rewritten in binary when next written. Version 3, a
+   unit of a config that tracks exposure age (issue 19,
+   ``streams.state.semantics.age_tracking``; struct `<BHHBdd`, m + p + m·nb
+   doubles, `HHBH`): version byte 3, the same five fields, total_1 ...
+   total_m, pre_1 ... pre_p (NaN: none), metric 1's nb bin totals, metric
+   2's, ..., then m, p (0 or m: whether it has pre values), nb (age bins)
+   and its fine stratum (last, so the script unpacks the usual record in
+   one call). Configs that track no age write versions 1 and 2 as
+   before; a version-1/2 record under a config that does (state from before
+   issue 19) keeps its version and enters no age cell.
+2. Field names join their parts with `|`: `rev|control|3`, `3|12`,
+   `liftstream.events|0`.
+3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
+   `started_at`, read as the anchor), `clk:<src>` (the last partition clock
+   a call brought), `own:<src>` (the newest owner epoch that wrote here),
+   `exposed:<variant>`, `matured:<variant>`,
+   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `c:<counter>`
+   (``streams.state.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
+   experiment, at least once).
+4. Dedupe per source partition; entries with score < clk - DD are pruned by
+   every call: they can never mark a duplicate again.
+5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
+   experiment (`*` if the position was not given). The field names are the
+   set of experiments the unit was exposed in. The key expires
+   ``index_ttl_ms`` (2 × the longest W + H + L) after the unit's last
+   exposure.
+6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
+   exposure's call) to each experiment whose first exposure of the unit
+   arrives later, dropped after `hold_seconds` (Ingestor setting).
+7. `"n sum_y sum_y2 nx sum_x sum_x2 sum_xy sum_y_x"` over the matured units
+   of the cell (``ExperimentSnapshot.cells``): y = a unit's total, x = its
+   pre-experiment value of the metric; the last five over the units that
+   have an x. Cells written before the covariate sums existed have the first
+   three only; the rest read as 0.
+9. Exposure-age cells (issue 19, only when the config tracks age), in the
+   same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
+   name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
+   (2B + 2 numbers, ``ExperimentSnapshot.age_cells``) over the matured units
+   of that fine stratum: y_b = a unit's total in exposure-age bin b.
+8. Rule 6 (``streams.state.semantics``): a folded unit stays in the zset, scored
+   close + H, until that passes the partition clock - L; then its record is
+   deleted from `units`, its id added to `retired` (a scalable Bloom filter,
+   ``streams.state.retired_filter``) and `retired_n` in meta counts it.
+
+Stratum indices run 0..S-1 for the activity strata and S for "unknown
+activity" (S = len(strata_edges) - 1).
+
+Why the routing index stores the first exposure's position rather than being
+a plain set: it lives in another slot, so it is written (idempotently, HSETNX,
+in a pipeline) *before* the experiment's Lua call. After a crash between
+those two steps, a replay would otherwise see the unit as already exposed and
+route a metric that preceded its exposure in the stream to the experiment.
+With the position, a metric is routed only to experiments whose first
+exposure of the unit came before it, and held metrics are released only by
+that exposure, on the first run and on every replay alike.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+from redis import exceptions as redis_exceptions
+from redis.client import NEVER_DECODE
+from redis.exceptions import ResponseError
+
+from schemas.records import Event, ExperimentConfig, Exposure, Metric
+from streams.state.semantics import (
+    COUNTERS,
+    FOLD_LIMIT,
+    ExperimentSnapshot,
+    UnitState,
+    age_edges_ms,
+    age_tracking,
+    completed_buckets,
+    config_ms,
+    fine_edges,
+    horizons_ms,
+    n_activity_strata,
+    started_and_arrivals,
+    watermark_of,
+)
+
+LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
+ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
+
+
+class ExperimentKeys(NamedTuple):
+    """All keys of one experiment, in one hash slot."""
+
+    cfg: str
+    units: str
+    pending: str
+    cells: str
+    arrivals: str
+    meta: str
+    seen: str
+    offsets: str
+    dirty_seq: str
+    held: str
+    heldq: str
+    retired: str
+
+    def for_lua(self, source: str) -> list[str]:
+        """KEYS of ingest.lua, in its order, for source partition ``source``
+        (``"<topic>|<partition>"``): pending units, dedupe sightings and the
+        hold queue are per source partition, each on its own clock."""
+        return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
+                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held,
+                f"{self.heldq}:{source}", self.retired]
+
+
+def experiment_key(experiment_id: str, kind: str) -> str:
+    """``lr:{e:<id>}:<kind>``."""
+    return f"lr:{{e:{experiment_id}}}:{kind}"
+
+
+def experiment_keys(experiment_id: str) -> ExperimentKeys:
+    return ExperimentKeys(*(experiment_key(experiment_id, k) for k in ExperimentKeys._fields))
+
+
+def unit_index_key(unit_id: str) -> str:
+    """``lr:{u:<unit_id>}:x``: which experiments the unit was exposed in."""
+    return f"lr:{{u:{unit_id}}}:x"
+
+
+def offsets_field(topic: str, partition: int) -> str:
+    return f"{topic}|{int(partition)}"
+
+
+# ---------------------------------------------------------------- the scripts
+
+_scripts: dict[Path | None, Any] = {}
+
+
+def _script(r: Any, path: Path) -> Any:
+    """A registered script (redis-py ``Script``: EVALSHA, and SCRIPT LOAD only
+    when the server does not know the sha yet). One object serves every
+    client: the sha is the same, each call names its client."""
+    sc = _scripts.get(path)
+    if sc is None:
+        sc = _scripts[path] = r.register_script(path.read_text())
+    return sc
+
+
+def ingest_script(r: Any) -> Any:
+    """The registered ingest script (``streams/state/lua/ingest.lua``)."""
+    return _script(r, LUA_PATH)
+
+
+def _num(x: float, what: str) -> str:
+    """A float as text that Lua's tonumber reads back to the same double."""
+    v = float(x)
+    if not math.isfinite(v):
+        raise ValueError(f"non-finite {what}: {x!r}")
+    return repr(v)
+
+
+def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
+                fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> list[str]:
+    """The config part of the script's ARGV (see the header of ingest.lua)."""
+    W, B, L, DD = config_ms(cfg)
+    H, Hh, HM = horizons_ms(cfg)
+    argv = [offsets_field(topic, partition), "" if epoch is None else str(int(epoch)),
+            str(W), str(B), str(L), str(DD), str(H), str(Hh),
+            str(HM), str(int(fold_limit)),
+            "" if cfg.started_at is None else str(int(cfg.started_at)),
+            "" if cfg.end_at is None else str(int(cfg.end_at)), str(int(clk_end)),
+            str(len(cfg.strata_edges))]
+    argv += [_num(e, "strata edge") for e in cfg.strata_edges]
+    argv.append(str(len(cfg.variants)))
+    argv += list(cfg.variants)
+    names = cfg.metric_names
+    argv.append(str(len(names)))
+    argv += list(names)
+    if age_tracking(cfg):  # exposure-age bins and fine strata (issue 19)
+        ages = age_edges_ms(cfg)
+        argv.append(str(len(ages)))
+        argv += [str(int(e)) for e in ages]
+        fine = fine_edges(cfg)
+        argv.append(str(len(fine)))
+        argv += [_num(e, "fine edge") for e in fine]
+    else:
+        argv.append("0")
+    return argv
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _int(x: Any) -> int:
+    s = _s(x)
+    try:
+        return int(s)
+    except ValueError:
+        return int(float(s))
+
+
+# ---------------------------------------------------------------- rows
+#
+# The ingest path carries events as plain tuples ("rows"), not dataclasses:
+#   (offset, kind, event_id, experiment_id, unit_id, name, ts, num, pre)
+# kind "x" (exposure: name = variant, num = pre_activity or None, pre = the
+# CUPED covariates {metric: float} or None) or "m" (metric: name = metric,
+# num = value, pre None; experiment_id may be None); ts an int, num a float.
+# ``schemas.validate.parse_event_row`` makes them from bytes; ``event_row``
+# from an Event. A *clocked* row has the partition clock after the event
+# appended (index 9: ``clocked``).
+
+
+def event_row(offset: int, ev: Event) -> tuple:
+    """The row of an Event (``apply_batch``, the tests, the reducer's peers)."""
+    if isinstance(ev, Exposure):
+        return (int(offset), "x", ev.event_id, ev.experiment_id, ev.unit_id, ev.variant,
+                int(ev.ts), None if ev.pre_activity is None else float(ev.pre_activity),
+                {k: float(v) for k, v in ev.pre.items()} if ev.pre else None)
+    if isinstance(ev, Metric):
+        return (int(offset), "m", ev.event_id, ev.experiment_id, ev.unit_id, ev.metric,
+                int(ev.ts), float(ev.value), None)
+    raise TypeError(f"not an event: {type(ev).__name__}")
+
+
+_EVENT_HEAD = "cHddddHH"  # one event's head in ingest.lua's first blob
+_NAN = math.nan
+_KIND = {"x": b"x", "m": b"m", "h": b"h"}
+
+
+def _pack_pre(names: tuple[str, ...], rows: Sequence[tuple]) -> bytes:
+    """ingest.lua's third events argument: per exposure row, in order, the
+    pre-experiment value of each config metric (M doubles, NaN = none);
+    names outside the config are left out."""
+    nan, isfinite = _NAN, math.isfinite
+    vals: list[float] = []
+    add = vals.append
+    for row in rows:
+        if row[1] != "x":
+            continue
+        pre = row[8]
+        if not pre:
+            vals.extend([nan] * len(names))
+            continue
+        for m in names:
+            v = pre.get(m)
+            if v is None:
+                add(nan)
+            elif isfinite(v):
+                add(v)
+            else:
+                raise ValueError(f"non-finite pre value of {m!r}: {v!r}")
+    return struct.pack(f"<{len(vals)}d", *vals)
+
+
+def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes, bytes]:
+    """The three packed events arguments of ingest.lua (format in its
+    header): the heads, with each variant or metric as its 1-based index in
+    the config (0: not one of them) and the partition clock after the event;
+    the ids; the exposures' pre-experiment values (``_pack_pre``), or b""
+    when no exposure of the batch has any. ``rows`` are clocked rows.
+
+    Checks what the script relies on: every row belongs to the experiment and
+    numbers are finite (NaN stands for "no pre_activity", "no pre value")."""
+    eid = cfg.experiment_id
+    variant_no = {v: i + 1 for i, v in enumerate(cfg.variants)}
+    metric_no = {m: i + 1 for i, m in enumerate(cfg.metric_names)}
+    isfinite = math.isfinite
+    head: list = []
+    ids: list[bytes] = []
+    add_head, add_id = head.extend, ids.append
+    has_pre = False
+    for off, kind, ev_id, exp, uid, name, ts, num, pre, clk in rows:
+        if kind == "x":
+            if exp != eid:
+                raise ValueError(f"exposure for {exp!r} in a batch for {eid!r}")
+            no = variant_no.get(name, 0)
+            if num is None:
+                num = _NAN
+            elif not isfinite(num):
+                raise ValueError(f"non-finite pre_activity: {num!r}")
+            if pre:
+                has_pre = True
+        else:
+            if exp != eid and exp is not None and kind != "h":
+                raise ValueError(f"metric for {exp!r} in a batch for {eid!r}")
+            no = metric_no.get(name, 0)
+            if not isfinite(num):
+                raise ValueError(f"non-finite metric value: {num!r}")
+        e, u = ev_id.encode(), uid.encode()
+        add_head((_KIND[kind], no, off, ts, num, clk, len(e), len(u)))
+        add_id(e)
+        add_id(u)
+    try:
+        heads = struct.pack("<" + _EVENT_HEAD * len(rows), *head)
+    except struct.error as err:  # an id longer than 65535 bytes (validated ids: 128)
+        raise ValueError(f"event not packable: {err}") from err
+    return heads, b"".join(ids), _pack_pre(cfg.metric_names, rows) if has_pre else b""
+
+
+def _lua_result(raw: list) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i in range(0, len(raw), 2):
+        k, v = _s(raw[i]), raw[i + 1]
+        if k in ("offset", "max_ts"):
+            sv = _s(v)
+            out[k] = _int(sv) if sv else None
+        else:
+            out[k] = int(v)
+    return out
+
+
+def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
+               rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
+               epoch: int | None = None) -> dict[str, Any]:
+    """One call of ingest.lua: clocked ``rows`` of one source partition
+    (routed to ``cfg``'s experiment, increasing offsets), then maturation and
+    hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
+
+    Events at or below the offset already stored for (topic, partition) are
+    skipped, so a replay after a crash is a no-op. Returns ``applied``,
+    ``skipped``, ``offset``, ``max_ts``, ``more`` (1: call again to settle
+    the rest), ``dirty_seq`` and the net change of each counter that moved.
+
+    ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
+    the script raises ``Fenced`` when a newer owner wrote the experiment.
+    """
+    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
+    argv += _pack_rows(cfg, rows)
+    keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
+    with script_errors():
+        return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
+
+
+def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
+           fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> bool:
+    """Mature and expire holds of one experiment on one source partition at
+    ``clk``, in bounded calls until none is left (``ExperimentState.settle``
+    until it returns False); True if anything changed."""
+    before = r.get(experiment_key(cfg.experiment_id, "dirty_seq"))
+    while True:
+        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
+        if not out.get("more"):
+            return str(out.get("dirty_seq")) != _s(before or b"0")
+
+
+def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partition: int,
+                  clk: int) -> list[ExperimentConfig]:
+    """The experiments with something for ``settle`` to do on the partition at
+    ``clk``: a pending unit whose window closed (score <= clk - L) or a held
+    unit past the hold horizon (score < clk - Hh), the scripts' own queries,
+    LIMIT 1, in one pipeline. Settling the others would change nothing but
+    their stored clock, so a quiet partition's settle costs two native
+    commands per experiment instead of a script call each."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        return []
+    src = offsets_field(topic, partition)
+    pipe = r.pipeline(transaction=False)
+    for cfg in cfgs:
+        _, _, L, _ = config_ms(cfg)
+        Hh = horizons_ms(cfg)[1]
+        keys = experiment_keys(cfg.experiment_id)
+        pipe.zrangebyscore(f"{keys.pending}:{src}", "-inf", clk - L, start=0, num=1)
+        pipe.zrangebyscore(f"{keys.heldq}:{src}", "-inf", f"({clk - Hh}", start=0, num=1)
+    got = pipe.execute()
+    return [cfg for cfg, due, held in zip(cfgs, got[::2], got[1::2], strict=True)
+            if due or held]
+
+
+# ---------------------------------------------------------------- Redis faults
+
+#: Redis errors that say the server cannot take the request now, not that the
+#: request is wrong: callers retry them with backoff (and report the stall)
+#: rather than stop. OOM: ``maxmemory`` reached under ``noeviction`` (a write
+#: script is refused before its first write, so nothing is half applied);
+#: READONLY: connected to a replica, e.g. right after a failover.
+TRANSIENT_REDIS = (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError,
+                   redis_exceptions.BusyLoadingError, redis_exceptions.TryAgainError,
+                   redis_exceptions.ClusterDownError, redis_exceptions.OutOfMemoryError,
+                   redis_exceptions.ReadOnlyError)
+
+
+class RedisBusy(redis_exceptions.ResponseError):
+    """BUSY: another client's script is past ``lua-time-limit``; the server
+    answers again once it ends or is killed."""
+
+
+def transient(e: BaseException) -> BaseException | None:
+    """``e`` as an error worth retrying, or None: a ``TRANSIENT_REDIS``, or a
+    BUSY reply (which redis-py raises as a plain ResponseError), as RedisBusy."""
+    if isinstance(e, TRANSIENT_REDIS):
+        return e
+    if isinstance(e, redis_exceptions.ResponseError) and str(e).startswith("BUSY"):
+        return RedisBusy(str(e))
+    return None
+
+
+def transient_reason(e: BaseException) -> str:
+    """A short label for a transient Redis error (metrics, /readyz)."""
+    if isinstance(e, redis_exceptions.OutOfMemoryError):
+        return "redis_oom"
+    if isinstance(e, redis_exceptions.ReadOnlyError):
+        return "redis_readonly"
+    if isinstance(e, redis_exceptions.BusyLoadingError):
+        return "redis_loading"
+    if isinstance(e, RedisBusy):
+        return "redis_busy"
+    return "redis_unavailable"
+
+
+# ---------------------------------------------------------------- owner epochs
+
+#: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim).
+#: It, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the hash tag
+#: ``{ingest}`` (one Redis Cluster slot): ``record_position`` touches all three
+#: in one script. Before, they were ``lr:ingest:<name>`` (``migrate_ingest_keys``).
+PARTITION_EPOCHS = "lr:{ingest}:epochs"
+#: hash topic -> the Kafka topic id the applied offsets belong to
+TOPIC_IDS = "lr:ingest:topic_ids"
+
+
+class TopicMismatch(Exception):
+    """The events topic is not the one Redis's applied offsets belong to (it
+    was deleted and created again): its offsets would skip new events."""
+
+
+def check_topic_id(r: Any, topic: str, topic_id: str) -> None:
+    """Record ``topic``'s Kafka id on first sight; raise ``TopicMismatch`` if
+    Redis holds offsets of another topic by that name."""
+    if r.hsetnx(TOPIC_IDS, topic, topic_id):
+        return
+    known = _s(r.hget(TOPIC_IDS, topic))
+    if known != topic_id:
+        raise TopicMismatch(
+            f"events topic {topic!r} has id {topic_id}, but Redis's applied offsets belong "
+            f"to topic id {known}: the topic was deleted and created again, and its new "
+            f"events would be skipped as already applied. Run `liftstream admin "
+            f"reset-offsets --topic {topic}` to forget the old topic's positions (the "
+            "experiments' state stays), or restore the old topic.")
+
+
+def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> int:
+    """Forget every position of ``topic``: its applied offsets, partition
+    clocks, owner epochs, completeness and recorded id, and each experiment's
+    per-partition offsets and clocks of it. The experiments' state (units,
+    cells, ...) stays. Returns the number of fields removed."""
+    prefix = f"{topic}|"
+    n = 0
+    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS):
+        fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
+        if fields:
+            n += r.hdel(h, *fields)
+    n += r.hdel(TOPIC_IDS, topic) + r.delete(completeness_key(topic))
+    for eid in experiment_ids:
+        offs = experiment_key(eid, "offsets")
+        fields = [f for f in (_s(x) for x in r.hkeys(offs)) if f.startswith(prefix)]
+        if fields:
+            n += r.hdel(offs, *fields)
+            n += r.hdel(experiment_key(eid, "meta"),
+                        *[f"{k}:{f}" for f in fields for k in ("clk", "own")])
+    return n
+
+
+class Fenced(Exception):
+    """A state write refused: a newer owner claimed the source partition."""
+
+
+@contextmanager
+def script_errors():
+    """A script's error replies as the exceptions callers handle: ``FENCED``
+    as ``Fenced``; a command the script ran refused for memory (OOM) or on a
+    replica (READONLY) as redis-py's ``OutOfMemoryError`` / ``ReadOnlyError``,
+    which ``TRANSIENT_REDIS`` retries. (Redis wraps those in "Error running
+    script"; it refuses only a script's *first* write for memory, so such a
+    script changed nothing.)"""
+    try:
+        yield
+    except ResponseError as e:
+        msg = str(e)
+        if msg.startswith("FENCED"):
+            raise Fenced(msg) from None
+        if "OOM command not allowed" in msg:
+            raise redis_exceptions.OutOfMemoryError(msg) from None
+        if "READONLY" in msg:
+            raise redis_exceptions.ReadOnlyError(msg) from None
+        raise
+
+
+def claim_partition(r: Any, topic: str, partition: int) -> int:
+    """A new owner epoch for the partition, higher than every earlier one:
+    writes carrying an older epoch are refused from now on (by the scripts,
+    once this owner wrote the experiment; by ``record_position`` at once)."""
+    return int(r.hincrby(PARTITION_EPOCHS, offsets_field(topic, partition), 1))
+
+
+# ---------------------------------------------------------------- partition clocks
+
+#: hash "<topic>|<partition>" -> the partition clock (ms): max event ts seen on
+#: it, or the wall clock an idle caught-up partition was advanced to
+PARTITION_CLOCKS = "lr:{ingest}:clocks"
+#: hash "<topic>|<partition>" -> last offset fully applied (every experiment)
+INGEST_OFFSETS = "lr:{ingest}:offsets"
+#: (old name, new name) of the keys that took the ``{ingest}`` hash tag
+LEGACY_INGEST_KEYS = (("lr:ingest:offsets", INGEST_OFFSETS),
+                      ("lr:ingest:clocks", PARTITION_CLOCKS),
+                      ("lr:ingest:epochs", PARTITION_EPOCHS))
+_MIGRATE = """
+local n = 0
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('RENAME', KEYS[i], KEYS[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def migrate_ingest_keys(r: Any) -> int:
+    """Rename the pre-cluster ``lr:ingest:{offsets,clocks,epochs}`` of a single
+    Redis server to their ``lr:{ingest}:`` names (atomically, once: a new key
+    that exists already is left alone); the ingest plane calls it at start.
+    Returns how many were renamed. No-op on a Redis Cluster, where the old
+    names never worked (``record_position`` would have been CROSSSLOT)."""
+    if _is_cluster(r):
+        return 0
+    return int(r.eval(_MIGRATE, 2 * len(LEGACY_INGEST_KEYS),
+                      *[k for pair in LEGACY_INGEST_KEYS for k in pair]))
+
+
+def completeness_key(topic: str) -> str:
+    """string: the completeness clock of events topic ``topic`` (min over its
+    partitions with a backlog of their clock, KIP-695); an estimate's
+    watermark is it (capped by the experiment's latest event) minus L."""
+    return f"lr:ingest:watermark:{topic}"
+
+
+def unit_hold_key(unit_id: str) -> str:
+    """``lr:{u:<unit_id>}:held``: metrics without experiment_id held for the
+    unit until one of its exposures arrives (field ``<topic>|<p>|<offset>``)."""
+    return f"lr:{{u:{unit_id}}}:held"
+
+
+def unit_hold_queue(topic: str, partition: int) -> str:
+    """zset unit_id -> newest held ts, the expiry order of unit-level holds."""
+    return f"lr:ingest:held:{offsets_field(topic, partition)}"
+
+
+def partition_clock(r: Any, topic: str, partition: int) -> int | None:
+    v = r.hget(PARTITION_CLOCKS, offsets_field(topic, partition))
+    return None if v is None else _int(v)
+
+
+def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
+    """Rows with the partition clock after each appended (running max of ts
+    from ``clk``; index 9 of a clocked row), and the clock after the last."""
+    out = []
+    for row in rows:
+        ts = row[6]
+        if clk is None or ts > clk:
+            clk = ts
+        out.append((*row, clk))
+    return out, clk
+
+
+def too_old_margin(cfg: ExperimentConfig) -> int:
+    """W + H + L (ms): an exposure at ts is too old once ts + this <= clk."""
+    W, _, L, _ = config_ms(cfg)
+    return W + horizons_ms(cfg)[0] + L
+
+
+def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
+    """Rule 2's too_old: the exposure's window closed before the correction
+    horizon of its partition clock (``streams.state.semantics``)."""
+    return ts + too_old_margin(cfg) <= clk
+
+
+def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
+                  rows: Sequence[tuple], rejected: list[tuple[int, str]] | None = None,
+                  ) -> tuple[list[tuple], int | None]:
+    """The rows of a source batch that reach the state, clocked from the
+    stored partition clock, and the clock after them. Rows of unregistered
+    experiments are dead letters: they move no clock (``rejected`` gets them
+    as ``unknown_experiment``)."""
+    kept = []
+    for i, row in enumerate(rows):
+        if row[3] is not None and row[3] not in known:
+            if rejected is not None:
+                rejected.append((i, "unknown_experiment"))
+        else:
+            kept.append(row)
+    return clocked(kept, partition_clock(r, topic, partition))
+
+
+def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
+                       rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
+                       rejected: list[tuple[int, str]] | None = None,
+                       fold_limit: int = FOLD_LIMIT,
+                       clocked_rows: tuple[list[tuple], int | None] | None = None,
+                       epoch: int | None = None,
+                       ) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """One source batch into Redis: ``Reducer.apply_batch``.
+
+    Moves the partition clock over every row of a registered experiment (or
+    without one: dead letters move no clock), routes (``route_rows``), makes
+    one ``apply_rows`` call per experiment at the batch's end clock, expires
+    unit-level holds, then records the partition's clock and last offset
+    (after every experiment applied: a replay starts from a clock that
+    belongs to its first offset). Returns per-experiment Lua results and the
+    clock; ``rejected`` gets (row index, reason) of rows reaching no
+    experiment (``unknown_experiment``, ``unrouted`` = held without
+    experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
+    ``clocked_batch``'s result for ``rows``, when the caller already has it;
+    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale)."""
+    if clocked_rows is None:
+        clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
+    crows, clk = clocked_rows
+    if not crows:
+        return {}, clk
+    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch)
+           for e, lst in routed.items()}
+    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
+                    epoch)
+    return out, clk
+
+
+_RECORD_POSITION = """
+local owner = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+if ARGV[4] ~= '' and owner ~= nil and tonumber(ARGV[4]) < owner then
+  return redis.error_reply('FENCED ' .. ARGV[1] .. ' is owned by epoch ' .. owner)
+end
+for i = 1, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
+  local v = ARGV[i + 1]
+  if v ~= '' and (cur == nil or tonumber(v) > cur) then redis.call('HSET', KEYS[i], ARGV[1], v) end
+end
+"""
+
+
+def record_position(r: Any, topic: str, partition: int, offset: int | None,
+                    clock: int | None, epoch: int | None = None) -> None:
+    """The partition's last fully applied offset and its clock, each only ever
+    moving forward (a replay of older offsets, a racing idle advance), in one
+    atomic step; refused (``Fenced``) when ``epoch`` is older than the
+    partition's current owner's."""
+    sc = _scripts.get(None)
+    if sc is None:
+        sc = _scripts[None] = r.register_script(_RECORD_POSITION)
+    with script_errors():
+        sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
+           args=[offsets_field(topic, partition), "" if offset is None else int(offset),
+                 "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
+
+
+def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
+                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None) -> int:
+    """``Reducer.advance``: an idle, caught-up partition's clock moves to
+    ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
+    record_position(r, topic, partition, None, clock_ms, epoch)
+    clk = partition_clock(r, topic, partition)
+    for cfg in configs:
+        settle(r, cfg, topic, partition, clk, epoch=epoch)
+    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    return clk
+
+
+def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000
+                      ) -> int:
+    """Drop unit-level holds of the partition whose newest held ts < ``cut``;
+    returns how many held metrics of units never exposed were dropped (the
+    ``unrouted_expired`` count)."""
+    q = unit_hold_queue(topic, partition)
+    lost = 0
+    while True:
+        uids = [_s(u) for u in r.zrangebyscore(q, "-inf", f"({cut}", start=0, num=limit)]
+        if not uids:
+            return lost
+        pipe = r.pipeline(transaction=False)
+        for u in uids:
+            pipe.hlen(unit_hold_key(u))
+            pipe.exists(unit_index_key(u))
+        res = pipe.execute()
+        lost += sum(n for n, exposed in zip(res[::2], res[1::2], strict=True) if not exposed)
+        pipe = r.pipeline(transaction=False)
+        for u in uids:
+            pipe.delete(unit_hold_key(u))
+        pipe.zrem(q, *uids)
+        pipe.execute()
+        if len(uids) < limit:
+            return lost
+
+
+def apply_batch(
+    r: Any,
+    cfg: ExperimentConfig,
+    source_topic: str,
+    partition: int,
+    events_with_offsets: Sequence[tuple[int, Event]],
+    clk_end: int | None = None,
+) -> dict[str, Any]:
+    """``apply_rows`` for Events (tests): clocks from the experiment's own
+    events, starting at the partition clock stored for the source."""
+    rows = [event_row(off, ev) for off, ev in events_with_offsets]
+    crows, clk = clocked(rows, None)
+    if clk_end is not None:
+        clk = clk_end if clk is None or clk_end > clk else clk
+    if clk is None:
+        return {"applied": 0, "skipped": 0}
+    return apply_rows(r, cfg, source_topic, partition, crows, clk)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def _marker(topic: str | None, partition: int | None, offset: int) -> str:
+    if topic is None or partition is None:
+        return "*"
+    return f"{topic}|{int(partition)}|{int(offset)}"
+
+
+def _before(marker: str, topic: str | None, partition: int | None, offset: int) -> bool:
+    """Did the event recorded at position ``marker`` come before ``offset``?
+
+    Comparable only within one (topic, partition); a marker from elsewhere (or
+    without a position) was written by an earlier batch, so it counts.
+    """
+    if topic is None or partition is None:
+        return True
+    parts = marker.rsplit("|", 2)
+    if len(parts) != 3 or parts[0] != topic or parts[1] != str(int(partition)):
+        return True
+    try:
+        return int(parts[2]) < offset
+    except ValueError:
+        return True
+
+
+def route_rows(
+    r: Any,
+    rows: Sequence[tuple],
+    known: dict[str, ExperimentConfig],
+    source_topic: str | None = None,
+    partition: int | None = None,
+    rejected: list[tuple[int, str]] | None = None,
+    hold_max: int = 64,
+) -> dict[str, list[tuple]]:
+    """Split clocked rows of one source batch by experiment (``Reducer._route``):
+    experiment id -> its clocked rows, in order, with released held metrics
+    (kind ``h``) right after the exposure that releases them.
+
+    One round trip (``streams/state/lua/route.lua``: idempotent writes, then the
+    reads), plus one more when metrics are held, so a crash between them or a
+    replay routes the same way:
+
+    * exposures (variant in the config, not ``too_old``) record the unit's
+      first exposure position in ``lr:{u:<unit>}:x`` (HSETNX). The exposure
+      whose position is the recorded one releases the unit's held metrics
+      without experiment_id that arrived before it;
+    * metrics without experiment_id go to every experiment whose recorded
+      exposure came before them (or an exposure earlier in the batch); with
+      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
+    """
+    variants_of = {e: c.variants for e, c in known.items()}
+    ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
+    margin: dict[str, int] = {}  # too_old_margin per experiment, once a batch
+    metric_units: dict[str, None] = {}  # units of metrics without experiment_id
+    exposing: dict[tuple[str, str], int] = {}
+    for row in rows:
+        if row[1] == "m":
+            if row[3] is None:
+                metric_units[row[4]] = None
+        else:
+            vs = variants_of.get(row[3])
+            if vs is not None and row[3] not in margin:
+                margin[row[3]] = too_old_margin(known[row[3]])
+            if (vs is not None and row[5] in vs and (row[4], row[3]) not in exposing
+                    and row[6] + margin[row[3]] > row[9]
+                    and (ends[row[3]] is None or row[6] < ends[row[3]])):
+                exposing[(row[4], row[3])] = row[0]
+    # an exposure releases held metrics only if its partition holds any (a
+    # unit's events share its partition): else its unit needs no look-up
+    held_here = (source_topic is not None and partition is not None and exposing
+                 and r.exists(unit_hold_queue(source_topic, partition)))
+    lookup = list(metric_units)
+    if held_here:
+        lookup += list({u: None for u, _ in exposing if u not in metric_units})
+    index: dict[str, dict[str, str]] = {u: {} for u in lookup}
+    holds: dict[str, dict[str, bytes]] = {u: {} for u in lookup}
+    if lookup or exposing:
+        res = _index_round_trip(r, lookup, len(metric_units), exposing, source_topic,
+                                partition, index_ttl_ms(known))
+        for u, got in zip(lookup, res, strict=True):
+            if got:  # 0: exposed in the batch, nothing held
+                index[u] = {_s(k): _s(v) for k, v in _pairs(got[0])}
+                holds[u] = dict(_pairs(got[1]))
+
+    out: dict[str, list[tuple]] = {}
+    in_batch: dict[str, set[str]] = {}
+    new_holds: list[tuple[str, str, bytes, int]] = []  # unit, field, value, ts
+    for i, row in enumerate(rows):
+        exp, uid = row[3], row[4]
+        if row[1] == "x":
+            if exp not in variants_of:
+                if rejected is not None:
+                    rejected.append((i, "unknown_experiment"))
+                continue
+            out.setdefault(exp, []).append(row)
+            if exposing.get((uid, exp)) == row[0]:
+                in_batch.setdefault(uid, set()).add(exp)
+                mk = _marker(source_topic, partition, row[0])
+                if index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
+                    for f, v in sorted(holds.get(uid, {}).items(), key=_hold_order):
+                        if _before(f, source_topic, partition, row[0]):
+                            ev_id, metric, ts, value = orjson.loads(v)
+                            out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
+                                             None, row[9]))
+        elif exp is not None:
+            if exp not in known:
+                if rejected is not None:
+                    rejected.append((i, "unknown_experiment"))
+                continue
+            out.setdefault(exp, []).append(row)
+        else:
+            targets = set(in_batch.get(uid, ()))
+            for e, mk in index.get(uid, {}).items():
+                if e in known and _before(mk, source_topic, partition, row[0]):
+                    targets.add(e)
+            for e in sorted(targets):
+                out.setdefault(e, []).append(row)
+            if not targets:
+                f = _marker(source_topic, partition, row[0])
+                h = holds.setdefault(uid, {})
+                if f not in h and len(h) >= hold_max:
+                    why = "unrouted_expired"
+                else:
+                    why = "unrouted"
+                    v = orjson.dumps([row[2], row[5], row[6], row[7]])
+                    h[f] = v
+                    new_holds.append((uid, f, v, row[6]))
+                if rejected is not None:
+                    rejected.append((i, why))
+    if new_holds and source_topic is not None and partition is not None:  # rare
+        q = unit_hold_queue(source_topic, partition)
+        pipe = r.pipeline(transaction=False)
+        for u, f, v, ts in new_holds:
+            pipe.hset(unit_hold_key(u), f, v)
+            pipe.zadd(q, {u: ts}, gt=True)
+        pipe.execute()
+    return dict(sorted(out.items()))
+
+
+def _pairs(h: Any) -> list[tuple[Any, Any]]:
+    """HGETALL's reply as (str field, value) pairs, whether a dict (the
+    pipeline of a Redis Cluster) or a flat list (Lua)."""
+    if isinstance(h, dict):
+        return [(_s(k), v) for k, v in h.items()]
+    return [(_s(h[i]), h[i + 1]) for i in range(0, len(h), 2)]
+
+
+def _is_cluster(r: Any) -> bool:
+    try:
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis-py always has it
+        return False
+    return isinstance(r, RedisCluster)
+
+
+def mget(r: Any, keys: Sequence[str]) -> list:
+    """MGET of ``keys``: one command on a single server; on a Redis Cluster,
+    whose keys of several experiments lie in several slots, one MGET per slot
+    (``mget_nonatomic``, pipelined), values in ``keys`` order."""
+    if _is_cluster(r):
+        return r.mget_nonatomic(list(keys))
+    return r.mget(list(keys))
+
+
+def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
+    """How long (wall clock) a unit's routing index outlives its last
+    exposure: twice the longest window + correction horizon + lateness of
+    the registered experiments, so the index is bounded by the units active
+    in that time (DESIGN §5) while a unit's metrics, which come within its
+    window, always find it. The reference Reducer never forgets (it runs
+    over event time): only metrics without experiment_id that arrive more
+    than this after the unit's last exposure count differently
+    (``unrouted`` here, ``retired``/``outside_window`` there)."""
+    longest = 0
+    for c in known.values():
+        W, _, L, _ = config_ms(c)
+        longest = max(longest, W + horizons_ms(c)[0] + L)
+    return 2 * longest
+
+
+def _index_round_trip(r: Any, units: list[str], n_always: int,
+                      exposing: dict[tuple[str, str], int], topic: str | None,
+                      partition: int | None, ttl_ms: int = 0) -> list:
+    """Record the exposures' positions (HSETNX), then read the index and the
+    held metrics of ``units``, in one round trip: one call of
+    ``streams/state/lua/route.lua`` (on a Redis Cluster, whose unit keys lie in many
+    slots, a pipeline of the same commands). Returns per unit [index, held],
+    or 0 for one past the first ``n_always`` that has nothing held."""
+    if _is_cluster(r):
+        pipe = r.pipeline(transaction=False)
+        for (u, e), off in exposing.items():
+            pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
+            if ttl_ms > 0:
+                pipe.pexpire(unit_index_key(u), ttl_ms)
+        n_writes = len(pipe)
+        for u in units:
+            pipe.hgetall(unit_index_key(u))
+            pipe.hgetall(unit_hold_key(u))
+        got = pipe.execute()[n_writes:]
+        return [[h, hd] if i < n_always or hd else 0
+                for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
+    keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]
+    keys += [unit_index_key(u) for u, _ in exposing]
+    prefix = "" if topic is None or partition is None else f"{topic}|{int(partition)}|"
+    blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in exposing.items()])
+    if blob.count("\x1f") != len(exposing) or blob.count("\x1e") != len(exposing):
+        raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
+    with script_errors():
+        return _script(r, ROUTE_LUA_PATH)(
+            keys=keys, args=[len(units), n_always, prefix, blob, int(ttl_ms)], client=r)
+
+
+def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:
+    """Held metrics in stream order: by source, then offset."""
+    src, _, off = item[0].rpartition("|")
+    try:
+        return src, int(off)
+    except ValueError:
+        return src, -1
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_completeness(r: Any, topic: str) -> int | None:
+    """The completeness clock the ingest worker published for ``topic``."""
+    v = r.get(completeness_key(topic))
+    return None if v is None else _int(v)
+
+
+def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
+                  ) -> ExperimentSnapshot:
+    """The experiment's snapshot, read atomically (MULTI/EXEC, one round trip),
+    in exactly the shape and values of ``ExperimentState.snapshot()``.
+
+    The watermark is ``completeness`` (the ingest worker publishes it:
+    ``read_completeness``), capped by the experiment's latest event, minus L;
+    by default, like the reducer's, the lowest partition clock the experiment
+    has seen."""
+    k = experiment_keys(cfg.experiment_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.hgetall(k.meta)
+    pipe.hgetall(k.cells)
+    pipe.hgetall(k.arrivals)
+    pipe.get(k.dirty_seq)
+    meta_raw, cells_raw, arr_raw, seq_raw = pipe.execute()
+    meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+
+    _, B, L, _ = config_ms(cfg)
+    S = n_activity_strata(cfg)
+    n_tot = S + 1
+    variants = tuple(cfg.variants)
+    vindex = {v: i for i, v in enumerate(variants)}
+    metrics = cfg.metric_names
+
+    max_ts = _int(meta["max_ts"]) if "max_ts" in meta else None
+    if completeness is None:
+        clocks = [_int(v) for f, v in meta.items() if f.startswith("clk:")]
+        completeness = min(clocks) if clocks else None
+    wm = watermark_of(completeness, max_ts, L)
+
+    arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
+    for f, v in arr_raw.items():
+        s, b = _s(f).split("|")
+        si = int(s)
+        if 0 <= si < n_tot:
+            arrivals[si][int(b)] = int(v)
+    anchor = meta.get("anchor", meta.get("started_at"))  # started_at: state from before
+    started, arr = started_and_arrivals(None if anchor is None else _int(anchor), arrivals, B)
+    if started is None:
+        started = cfg.started_at
+
+    zero = (0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
+    cells = {m: [[zero for _ in range(n_tot)] for _ in variants] for m in metrics}
+    age_cells: dict[str, list[list[tuple]]] = {}
+    if age_tracking(cfg):
+        nb = len(age_edges_ms(cfg)) - 1
+        n_fine = max(len(fine_edges(cfg)) - 1, 0) + 1
+        azero = (0, *([0.0] * (2 * nb + 1)))
+        age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in metrics}
+    for f, v in cells_raw.items():
+        parts = _s(f).split("|")
+        if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
+            _, m, var, s = parts
+            si = int(s)
+            if m in age_cells and var in vindex and 0 <= si < n_fine:
+                age_cells[m][vindex[var]][si] = _age_cell(_s(v), nb)
+            continue
+        m, var, s = parts
+        si = int(s)
+        if m in cells and var in vindex and 0 <= si < n_tot:
+            cells[m][vindex[var]][si] = _cell(_s(v))
+
+    counters = {c: 0 for c in COUNTERS}
+    for f, v in meta.items():
+        if f.startswith("c:"):
+            counters[f[2:]] = int(v)
+
+    return ExperimentSnapshot(
+        experiment_id=cfg.experiment_id,
+        config=cfg,
+        variants=variants,
+        n_strata_total=n_tot,
+        started_at=started,
+        max_ts=max_ts,
+        watermark=wm,
+        D=completed_buckets(wm, started, B, cfg.end_at),
+        arrivals=arr,
+        activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),
+        activity_n=tuple(int(meta.get(f"act_n:{s}", 0)) for s in range(n_tot)),
+        exposed={v: int(meta.get(f"exposed:{v}", 0)) for v in variants},
+        matured={v: int(meta.get(f"matured:{v}", 0)) for v in variants},
+        cells=cells,
+        counters=counters,
+        seq=None if seq_raw is None else int(seq_raw),
+        dead_letters={f[3:]: int(v) for f, v in meta.items() if f.startswith("dl:")},
+        retired_units=int(meta.get("retired_n", 0)),
+        age_cells=age_cells,
+    )
+
+
+def _age_cell(text: str, nb: int) -> tuple:
+    """An age cell (note 7): ``n`` then 2 nb + 1 sums (missing ones read 0)."""
+    f = text.split(" ")
+    sums = [float(x) for x in f[1:2 * nb + 2]]
+    return (_int(f[0]), *sums, *([0.0] * (2 * nb + 1 - len(sums))))
+
+
+def _cell(text: str) -> tuple:
+    """A ``cells`` hash value (note 7): 8 numbers, or 3 (written before the
+    covariate sums existed: those read as zeros)."""
+    f = text.split(" ")
+    n, sy, syy = _int(f[0]), float(f[1]), float(f[2])
+    if len(f) < 8:
+        return (n, sy, syy, 0, 0.0, 0.0, 0.0, 0.0)
+    return (n, sy, syy, _int(f[3]), float(f[4]), float(f[5]), float(f[6]), float(f[7]))
+
+
+_UNIT_HEAD = struct.Struct("<BHHBdd")
+_UNIT2_HEAD = struct.Struct("<BHHBddH")
+_UNIT3_TAIL = struct.Struct("<HHBH")
+
+
+def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
+    """Unpack a ``units`` hash value: binary (note 1 and ingest.lua's header:
+    version 1 without pre-experiment values, version 2 with them) or the
+    earlier text form."""
+    M = len(cfg.metrics)
+    if isinstance(packed, bytes) and packed[:1] == b"\x03":
+        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
+        nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
+        vals = struct.unpack_from(f"<{nt + np + nt * nb}d", packed, _UNIT_HEAD.size)
+        totals = list(vals[:nt]) + [0.0] * (M - nt)
+        pre = [None if math.isnan(x) else x for x in vals[nt:nt + np]]
+        pre += [None] * (M - len(pre))
+        u = UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
+        if age_tracking(cfg):
+            NB = len(age_edges_ms(cfg)) - 1
+            base = nt + np
+            u.fine = f
+            u.age = [[vals[base + k * nb + j] if k < nt and j < nb else 0.0
+                      for j in range(NB)] for k in range(M)]
+        return u
+    if isinstance(packed, bytes) and packed[:1] == b"\x01":
+        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
+        nt = (len(packed) - _UNIT_HEAD.size) // 8
+        totals = list(struct.unpack_from(f"<{nt}d", packed, _UNIT_HEAD.size))
+        totals += [0.0] * (M - len(totals))
+        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1,
+                         [None] * M)
+    if isinstance(packed, bytes) and packed[:1] == b"\x02":
+        _, v, s, m, b, ets, nt = _UNIT2_HEAD.unpack_from(packed)
+        vals = struct.unpack_from(f"<{2 * nt}d", packed, _UNIT2_HEAD.size)
+        totals = list(vals[:nt]) + [0.0] * (M - nt)
+        pre = [None if math.isnan(x) else x for x in vals[nt:]] + [None] * (M - nt)
+        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
+    f = _s(packed).split(" ")
+    totals = [float(x) for x in f[5:]]
+    totals += [0.0] * (M - len(totals))
+    return UnitState(cfg.variants[_int(f[0])], _int(f[1]), _int(f[2]), _int(f[3]),
+                     totals, _int(f[4]) == 1, [None] * M)
+
+
+def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
+    """The experiment's event counters (``c:<name>`` in its meta hash, note 3):
+    every event applied to it increments exactly one of them."""
+    out = {}
+    for k, v in r.hgetall(experiment_key(experiment_id, "meta")).items():
+        k = _s(k)
+        if k.startswith("c:"):
+            out[k[2:]] = int(v)
+    return out
+
+
+def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
+    """All unit states of an experiment (debugging and tests; HGETALL)."""
+    raw = r.execute_command("HGETALL", experiment_key(cfg.experiment_id, "units"),
+                            **{NEVER_DECODE: True})  # binary values, whatever the client
+    if isinstance(raw, list):
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
+    return {_s(u): decode_unit(v, cfg) for u, v in raw.items()}
+
+
+def read_pending(r: Any, experiment_id: str, source: str) -> list[tuple[str, int]]:
+    """Pending (unit_id, close_ts) of source partition ``source``
+    (``"<topic>|<partition>"``), in maturation order."""
+    raw = r.zrange(f"{experiment_key(experiment_id, 'pending')}:{source}", 0, -1,
+                   withscores=True)
+    return [(_s(u), int(s)) for u, s in raw]
+
+
+def applied_offset(r: Any, experiment_id: str, topic: str, partition: int) -> int | None:
+    """Last source offset applied to the experiment from (topic, partition)."""
+    v = r.hget(experiment_key(experiment_id, "offsets"), offsets_field(topic, partition))
+    return None if v is None else _int(v)
+
+
+def min_applied_offsets(r: Any, experiment_ids: Iterable[str], topic: str) -> dict[int, int]:
+    """Per partition of ``topic``, the lowest offset applied over the given
+    experiments that have one (one pipeline round trip).
+
+    On assignment ingest seeks each partition to ``min(committed, this + 1)``:
+    an experiment whose last writes Redis lost (AOF everysec) reports an older
+    offset, and the replay refills it while the others skip what they have.
+    """
+    ids = list(experiment_ids)
+    if not ids:
+        return {}
+    pipe = r.pipeline(transaction=False)
+    for e in ids:
+        pipe.hgetall(experiment_key(e, "offsets"))
+    out: dict[int, int] = {}
+    for h in pipe.execute():
+        for f, v in h.items():
+            t, _, p = _s(f).rpartition("|")
+            if t != topic:
+                continue
+            pi, off = int(p), _int(v)
+            if pi not in out or off < out[pi]:
+                out[pi] = off
+    return out
