@@ -20,18 +20,18 @@ from redis.exceptions import WatchError
 
 from schemas.codec import dumps, loads
 from streams.alerts.rules import evaluate
+from streams.state.keys import alert_log_key, alerts_key
 from streams.state.registry import Registry
-from streams.state.store import experiment_key
 
 ALERT_LOG_LEN = 500
 
 
 def state_key(eid: str) -> str:
-    return experiment_key(eid, "alerts")
+    return alerts_key(eid)
 
 
 def log_key(eid: str) -> str:
-    return experiment_key(eid, "alert-log")
+    return alert_log_key(eid)
 
 
 def process(r: Any, registry: Registry, records: list[dict], now_ms: int) -> list[dict]:

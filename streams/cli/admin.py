@@ -94,7 +94,8 @@ def delete_experiment(s, experiment_id: str) -> int:
 
 def admin(args) -> int:
     """``liftstream admin reset-offsets --topic T [--yes]``."""
-    from streams.state.store import TOPIC_IDS, reset_topic_offsets
+    from streams.state.keys import TOPIC_IDS
+    from streams.state.store import reset_topic_offsets
 
     s = from_args(args)
     r = redis_client(s)

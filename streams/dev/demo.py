@@ -211,7 +211,7 @@ def main(args) -> int:
                                       14.0, rng), key=lambda e: e["ts"])
             ntr = {**truth(npop), "novelty": DEMO_NOVELTY,
                    "by_exposure_age": age_truth(npop, (0, 1, 3, 7))}
-            from streams.service.web import truth_key
+            from streams.state.keys import truth_key
 
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_EXPERIMENT), dumps(tr))
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_NOVELTY_EXPERIMENT), dumps(ntr))

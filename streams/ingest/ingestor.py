@@ -38,13 +38,12 @@ import orjson
 from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
+from streams.state.keys import INGEST_OFFSETS, meta_key
 from streams.state.registry import Registry
 from streams.state.store import (
-    INGEST_OFFSETS,
     apply_source_batch,
     clocked_batch,
     due_to_settle,
-    experiment_key,
     offsets_field,
     record_position,
     settle,
@@ -214,7 +213,7 @@ class Ingestor:
         if eid is not None and self.registry.get_many({eid}):
             # per experiment, for data_quality (at least once: a replay of the
             # batch counts it again)
-            self.r.hincrby(experiment_key(eid, "meta"), f"dl:{err.code}", 1)
+            self.r.hincrby(meta_key(eid), f"dl:{err.code}", 1)
 
 
 #: dead-letter reasons whose events also reach the experiment's counters

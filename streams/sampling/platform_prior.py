@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import platform as kp
+from streams.state.keys import platform_keys, platform_prefix
 
 _COMMIT = """
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'hver') ~= ARGV[1] then return -1 end
@@ -85,8 +86,8 @@ return 1
 """
 
 
-def prefix(metric: str, chain: int | str = 0) -> str:
-    return f"lr:{{p:{metric}:{chain}}}"
+#: ``lr:{p:<metric>:<chain>}`` (``streams.state.keys.platform_prefix``)
+prefix = platform_prefix
 
 
 def _f(x: float) -> str:
@@ -97,9 +98,8 @@ class ParameterServer:
     """The (λ, ψ², sums, contributions, history) of one metric and chain in Redis."""
 
     def __init__(self, r, metric: str, chain: int | str = 0, history: int = 64) -> None:
-        p = prefix(metric, chain)
         self.r = r
-        self.hyper, self.contrib, self.hist = f"{p}:hyper", f"{p}:contrib", f"{p}:history"
+        self.hyper, self.contrib, self.hist = platform_keys(metric, chain)
         self.history = history
         self._commit = r.register_script(_COMMIT)
         self._set = r.register_script(_SET_HYPER)

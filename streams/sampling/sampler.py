@@ -9,16 +9,10 @@ read model and history in Redis and return the records for the estimates
 topic. Chains are stored *with* the estimate, so a successor after a
 rebalance or crash resumes at the stored iteration.
 
-Redis read model (all per-experiment keys tagged ``{e:<id>}``):
-
-| key | type | contents |
-|---|---|---|
-| ``lr:{e:<id>}:chain:<metric>`` | string | chain blob (``streams.sampling.chains``) |
-| ``lr:{e:<id>}:estimate:<metric>:<variant>`` | string | latest estimate JSON (as on the topic) |
-| ``lr:{e:<id>}:history:<metric>:<variant>`` | list | recent estimates, compact, newest first |
-| ``lr:{e:<id>}:estimates`` | set | ``<metric>:<variant>`` of every estimate (readers use it) |
-| ``lr:{e:<id>}:chainver`` | hash | metric -> iteration of the stored chain (only goes forward) |
-| ``lr:estimates`` | pub/sub | notice per new estimate: ids, computed_at, watermark |
+Redis read model: the chains (``lr:{e:<id>}:chain:<metric>``, ``chainver``),
+the latest estimate and history per metric and variant, the ``estimates``
+index and the ``lr:estimates`` notice channel; names from
+``streams.state.keys``, schema in docs/redis-schema.md.
 """
 
 from __future__ import annotations
@@ -34,37 +28,29 @@ from streams.sampling.advance import StoredChains, TickConfig, advance
 from streams.sampling.chains import decode, encode
 from streams.sampling.platform_prior import PlatformPrior
 from streams.sampling.problems import chain_names
+from streams.state.keys import (  # noqa: F401  (re-exported: the CLI, bench and tests name them here)
+    NOTICE_CHANNEL,
+    chain_key,
+    chainver_key,
+    dirty_seq_key,
+    estimate_key,
+    estimates_index_key,
+    held_key,
+    heldq_key,
+    history_key,
+    lifecycle_key,
+    offsets_key,
+    pending_key,
+    retired_key,
+    seen_key,
+    units_key,
+)
 from streams.state.registry import Registry
 from streams.state.semantics import config_ms, horizons_ms
-from streams.state.store import _is_cluster, experiment_key, mget, read_completeness, read_snapshot
+from streams.state.store import _is_cluster, mget, read_completeness, read_snapshot
 
 log = logging.getLogger("liftstream.sampler")
-NOTICE_CHANNEL = "lr:estimates"
 HISTORY_LEN = 2000
-
-
-def chain_key(eid: str, metric: str) -> str:
-    return experiment_key(eid, f"chain:{metric}")
-
-
-def estimate_key(eid: str, metric: str, variant: str) -> str:
-    return experiment_key(eid, f"estimate:{metric}:{variant}")
-
-
-def history_key(eid: str, metric: str, variant: str) -> str:
-    return experiment_key(eid, f"history:{metric}:{variant}")
-
-
-def lifecycle_key(eid: str) -> str:
-    """``lr:{e:<id>}:lifecycle``: ``concluded`` once the final estimates are
-    out (absent while running or stopped: the config's status says which)."""
-    return experiment_key(eid, "lifecycle")
-
-
-def estimates_index_key(eid: str) -> str:
-    """``lr:{e:<id>}:estimates``: set of ``<metric>:<variant>`` with an
-    estimate (and a history), so readers never scan the keyspace."""
-    return experiment_key(eid, "estimates")
 
 
 def history_point(rec: dict) -> dict:
@@ -131,7 +117,7 @@ class SamplerService:
                                   key[1], key[0], e)
                         self.bad_chains += 1
                         # its iteration restarts at 0: forget the stored one
-                        self.r.hdel(experiment_key(key[0], "chainver"), key[1])
+                        self.r.hdel(chainver_key(key[0]), key[1])
                         continue
                     state = {k[2:]: v for k, v in arrays.items() if k.startswith("s.")}
                     window = {k[2:]: v for k, v in arrays.items() if k.startswith("w.")} or None
@@ -160,7 +146,7 @@ class SamplerService:
             arrays = {f"s.{k}": v for k, v in st.state.items()}
             if st.window is not None:
                 arrays.update({f"w.{k}": v for k, v in st.window.items()})
-            done.append(sc(keys=[chain_key(eid, metric), experiment_key(eid, "chainver")],
+            done.append(sc(keys=[chain_key(eid, metric), chainver_key(eid)],
                            args=[metric, int(st.state["iteration"]),
                                  encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})],
                            client=pipe))
@@ -198,7 +184,7 @@ class SamplerService:
         if not self.owned:
             return out
         owned = sorted(self.owned)
-        got = mget(self.r, [experiment_key(e, "dirty_seq") for e in owned]
+        got = mget(self.r, [dirty_seq_key(e) for e in owned]
                    + [lifecycle_key(e) for e in owned])
         seqs, states = got[:len(owned)], got[len(owned):]
         for e, s, lc in zip(owned, seqs, states, strict=True):
@@ -222,7 +208,7 @@ class SamplerService:
         c = read_completeness(self.r, self.events_topic)
         if c is None:
             return []
-        seqs = dict(zip(idle, mget(self.r, [experiment_key(e, "dirty_seq") for e in idle]),
+        seqs = dict(zip(idle, mget(self.r, [dirty_seq_key(e) for e in idle]),
                         strict=True))
         out: list[dict] = []
         for e, cfg in sorted(self.registry.get_many(idle).items()):
@@ -284,10 +270,9 @@ def conclude(r: Any, cfg) -> list[dict]:
     for rec in recs:
         rec["final"] = True
     srcs = [x.decode() if isinstance(x, bytes) else x
-            for x in r.hkeys(experiment_key(eid, "offsets"))]
-    drop = [experiment_key(eid, k) for k in ("units", "held", "chainver", "retired")]
-    drop += [experiment_key(eid, f"{k}:{src}") for src in srcs
-             for k in ("pending", "seen", "heldq")]
+            for x in r.hkeys(offsets_key(eid))]
+    drop = [units_key(eid), held_key(eid), chainver_key(eid), retired_key(eid)]
+    drop += [k(eid, src) for src in srcs for k in (pending_key, seen_key, heldq_key)]
     drop += [chain_key(eid, m) for m in chain_names(cfg)]
     pipe = r.pipeline(transaction=True)  # one slot: {e:<id>}
     for rec in recs:

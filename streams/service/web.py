@@ -18,14 +18,9 @@ from schemas.codec import loads
 from schemas.validate import experiment_to_dict, is_valid_name
 from streams.alerts.store import recent as recent_alerts
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
-from streams.state.store import experiment_key
+from streams.state.keys import truth_key
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
-
-
-def truth_key(eid: str) -> str:
-    """Ground truth a simulator may publish for its experiment (dashboard only)."""
-    return experiment_key(eid, "truth")
 
 
 def authorized(request, token: str) -> bool:

@@ -5,7 +5,7 @@ watermark, and the idle advance of caught-up partitions.
   clock, ignoring partitions with no backlog (the consumer's applied offset is
   at the high watermark): KIP-695's rule. A partition with a backlog and no
   clock yet (never read) makes it unknown. Published at
-  ``streams.state.store.completeness_key(topic)``; an estimate's ``watermark.event_time`` and
+  ``streams.state.keys.completeness_key(topic)``; an estimate's ``watermark.event_time`` and
   the arrival block's D come from it (minus the experiment's lateness).
 * **Idle advance**: a partition that is caught up and whose clock has not
   moved for ``idle_seconds`` of wall time advances its clock to the wall
@@ -27,13 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.state.store import (
-    INGEST_OFFSETS,
-    PARTITION_CLOCKS,
-    advance_partition,
-    completeness_key,
-    offsets_field,
-)
+from streams.state.keys import INGEST_OFFSETS, PARTITION_CLOCKS, completeness_key
+from streams.state.store import advance_partition, offsets_field
 
 log = logging.getLogger("liftstream.clocks")
 

@@ -21,9 +21,8 @@ from schemas.validate import (
     incompatible_change,
     parse_experiment,
 )
-from streams.state.store import experiment_key
+from streams.state.keys import EXPERIMENTS_SET, cells_key, cfg_key, experiment_glob, units_key
 
-EXPERIMENTS_SET = "lr:experiments"
 log = logging.getLogger("liftstream.registry")
 
 
@@ -34,7 +33,7 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     paths never scan). The unit routing index (``lr:{u:<unit>}:x``) keeps
     the experiment's field until the unit's entry expires; routing ignores
     experiments not in the registry."""
-    pattern = experiment_key(experiment_id, "*")  # names hold no glob characters
+    pattern = experiment_glob(experiment_id)
     n = 0
     buf: list = []
     for k in r.scan_iter(match=pattern, count=batch):
@@ -58,15 +57,15 @@ class Registry:
         take (``schemas.validate.incompatible_change``) raises
         ``InvalidRecord("incompatible_config")``; the running config stays."""
         old = self.get(cfg.experiment_id, fresh=True)
-        if old is not None and self.r.exists(experiment_key(cfg.experiment_id, "units"),
-                                              experiment_key(cfg.experiment_id, "cells")):
+        if old is not None and self.r.exists(units_key(cfg.experiment_id),
+                                              cells_key(cfg.experiment_id)):
             why = incompatible_change(old, cfg)
             if why is not None:
                 raise InvalidRecord("incompatible_config",
                                     f"experiment {cfg.experiment_id!r}: {why}; the running "
                                     "config stays", None)
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(experiment_key(cfg.experiment_id, "cfg"), dumps(experiment_to_dict(cfg)))
+        pipe.set(cfg_key(cfg.experiment_id), dumps(experiment_to_dict(cfg)))
         pipe.sadd(EXPERIMENTS_SET, cfg.experiment_id)
         pipe.execute()
         self._cache[cfg.experiment_id] = (time.monotonic(), cfg)
@@ -85,7 +84,7 @@ class Registry:
         hit = self._cache.get(experiment_id)
         if hit is not None and not fresh and time.monotonic() - hit[0] < self.ttl:
             return hit[1]
-        raw = self.r.get(experiment_key(experiment_id, "cfg"))
+        raw = self.r.get(cfg_key(experiment_id))
         try:
             cfg = parse_experiment(loads(raw)) if raw else None
         except (InvalidRecord, ValueError) as e:

@@ -7,33 +7,12 @@ reference reducer ``streams.state.semantics`` (a differential test proves them
 equal, float sums bit for bit). This module builds the script's arguments,
 routes events to experiments, and reads snapshots back in the reducer's shape.
 
-Key schema. Every per-experiment key carries the hash tag `{e:<id>}`, so one
-Lua call touches one Redis Cluster slot. Floats are stored as `%.17g` text,
-which round-trips an IEEE double; integers as decimal text; unit records are
-binary (1).
-
-| key | type | contents |
-|---|---|---|
-| `lr:{e:<id>}:cfg` | string | config JSON (registry; the Lua gets its part as ARGV) |
-| `lr:{e:<id>}:units` | hash | unit_id -> packed unit state (1) |
-| `lr:{e:<id>}:pending:<src>` | zset | unit_id -> window close ts; once folded, close + H (8) |
-| `lr:{e:<id>}:retired` | string | bitmap: the retired-unit filter (``retired_filter``) |
-| `lr:{e:<id>}:cells` | hash | `metric`, `variant`, `stratum` (2) -> 8 numbers (7); age cells (9) |
-| `lr:{e:<id>}:arrivals` | hash | `stratum`, `bucket` (2) -> units first exposed there |
-| `lr:{e:<id>}:meta` | hash | clocks, per-variant and per-stratum totals, counters (3) |
-| `lr:{e:<id>}:seen:<src>` | zset | event_id -> ts of its last counted sighting on `<src>` (4) |
-| `lr:{e:<id>}:held` | hash | unit_id -> metrics held for the unit's exposure (`<Hdd` records) |
-| `lr:{e:<id>}:heldq:<src>` | zset | unit_id -> newest held ts (expiry order) |
-| `lr:{e:<id>}:offsets` | hash | `topic`, `partition` (2) -> last applied source offset |
-| `lr:{e:<id>}:dirty_seq` | string | integer, +1 by every call that changed the state |
-| `lr:{u:<unit_id>}:x` | hash | routing index: experiment_id -> first exposure (5) |
-| `lr:{u:<unit_id>}:held` | hash | `<src>|<offset>` -> a metric without experiment_id held (6) |
-| `lr:{ingest}:clocks` | hash | `<src>` -> the partition clock |
-| `lr:{ingest}:offsets` | hash | `<src>` -> last offset fully applied (every experiment) |
-| `lr:{ingest}:epochs` | hash | `<src>` -> owner epoch of the partition (``claim_partition``) |
-| `lr:ingest:topic_ids` | hash | topic -> its Kafka topic id (``check_topic_id``) |
-| `lr:ingest:held:<src>` | zset | unit_id -> newest unit-level held ts (expiry order) |
-| `lr:ingest:watermark:<topic>` | string | completeness clock (``streams.state.clocks``) |
+Key schema: every key is built by ``streams.state.keys`` and documented,
+with its type, writer and TTL, in docs/redis-schema.md. Every per-experiment
+key carries the hash tag `{e:<id>}`, so one Lua call touches one Redis
+Cluster slot. Floats are stored as `%.17g` text, which round-trips an IEEE
+double; integers as decimal text; unit records are binary (1). The numbered
+notes below give the value formats.
 
 `<src>` is `<topic>|<partition>`, a source partition.
 
@@ -115,7 +94,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 from redis import exceptions as redis_exceptions
@@ -123,6 +102,21 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
+from streams.state import keys as rk
+from streams.state.keys import (  # noqa: F401  (re-exported: callers and tests name them here)
+    INGEST_OFFSETS,
+    LEGACY_INGEST_KEYS,
+    PARTITION_CLOCKS,
+    PARTITION_EPOCHS,
+    TOPIC_IDS,
+    ExperimentKeys,
+    completeness_key,
+    experiment_key,
+    experiment_keys,
+    unit_hold_key,
+    unit_hold_queue,
+    unit_index_key,
+)
 from streams.state.semantics import (
     COUNTERS,
     FOLD_LIMIT,
@@ -143,47 +137,8 @@ LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
 ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
 
 
-class ExperimentKeys(NamedTuple):
-    """All keys of one experiment, in one hash slot."""
-
-    cfg: str
-    units: str
-    pending: str
-    cells: str
-    arrivals: str
-    meta: str
-    seen: str
-    offsets: str
-    dirty_seq: str
-    held: str
-    heldq: str
-    retired: str
-
-    def for_lua(self, source: str) -> list[str]:
-        """KEYS of ingest.lua, in its order, for source partition ``source``
-        (``"<topic>|<partition>"``): pending units, dedupe sightings and the
-        hold queue are per source partition, each on its own clock."""
-        return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
-                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held,
-                f"{self.heldq}:{source}", self.retired]
-
-
-def experiment_key(experiment_id: str, kind: str) -> str:
-    """``lr:{e:<id>}:<kind>``."""
-    return f"lr:{{e:{experiment_id}}}:{kind}"
-
-
-def experiment_keys(experiment_id: str) -> ExperimentKeys:
-    return ExperimentKeys(*(experiment_key(experiment_id, k) for k in ExperimentKeys._fields))
-
-
-def unit_index_key(unit_id: str) -> str:
-    """``lr:{u:<unit_id>}:x``: which experiments the unit was exposed in."""
-    return f"lr:{{u:{unit_id}}}:x"
-
-
 def offsets_field(topic: str, partition: int) -> str:
-    return f"{topic}|{int(partition)}"
+    return rk.source(topic, partition)
 
 
 # ---------------------------------------------------------------- the scripts
@@ -393,7 +348,7 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
     until it returns False); True if anything changed."""
-    before = r.get(experiment_key(cfg.experiment_id, "dirty_seq"))
+    before = r.get(rk.dirty_seq_key(cfg.experiment_id))
     while True:
         out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
         if not out.get("more"):
@@ -416,9 +371,9 @@ def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partitio
     for cfg in cfgs:
         _, _, L, _ = config_ms(cfg)
         Hh = horizons_ms(cfg)[1]
-        keys = experiment_keys(cfg.experiment_id)
-        pipe.zrangebyscore(f"{keys.pending}:{src}", "-inf", clk - L, start=0, num=1)
-        pipe.zrangebyscore(f"{keys.heldq}:{src}", "-inf", f"({clk - Hh}", start=0, num=1)
+        eid = cfg.experiment_id
+        pipe.zrangebyscore(rk.pending_key(eid, src), "-inf", clk - L, start=0, num=1)
+        pipe.zrangebyscore(rk.heldq_key(eid, src), "-inf", f"({clk - Hh}", start=0, num=1)
     got = pipe.execute()
     return [cfg for cfg, due, held in zip(cfgs, got[::2], got[1::2], strict=True)
             if due or held]
@@ -467,13 +422,10 @@ def transient_reason(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- owner epochs
 
-#: hash "<topic>|<partition>" -> the partition's owner epoch (+1 per claim).
-#: It, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the hash tag
-#: ``{ingest}`` (one Redis Cluster slot): ``record_position`` touches all three
-#: in one script. Before, they were ``lr:ingest:<name>`` (``migrate_ingest_keys``).
-PARTITION_EPOCHS = "lr:{ingest}:epochs"
-#: hash topic -> the Kafka topic id the applied offsets belong to
-TOPIC_IDS = "lr:ingest:topic_ids"
+#: ``PARTITION_EPOCHS``, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the
+#: hash tag ``{ingest}`` (one Redis Cluster slot): ``record_position`` touches
+#: all three in one script. Before, they were ``lr:ingest:<name>``
+#: (``migrate_ingest_keys``). The names: ``streams.state.keys``.
 
 
 class TopicMismatch(Exception):
@@ -509,11 +461,11 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
             n += r.hdel(h, *fields)
     n += r.hdel(TOPIC_IDS, topic) + r.delete(completeness_key(topic))
     for eid in experiment_ids:
-        offs = experiment_key(eid, "offsets")
+        offs = rk.offsets_key(eid)
         fields = [f for f in (_s(x) for x in r.hkeys(offs)) if f.startswith(prefix)]
         if fields:
             n += r.hdel(offs, *fields)
-            n += r.hdel(experiment_key(eid, "meta"),
+            n += r.hdel(rk.meta_key(eid),
                         *[f"{k}:{f}" for f in fields for k in ("clk", "own")])
     return n
 
@@ -552,15 +504,9 @@ def claim_partition(r: Any, topic: str, partition: int) -> int:
 
 # ---------------------------------------------------------------- partition clocks
 
-#: hash "<topic>|<partition>" -> the partition clock (ms): max event ts seen on
-#: it, or the wall clock an idle caught-up partition was advanced to
-PARTITION_CLOCKS = "lr:{ingest}:clocks"
-#: hash "<topic>|<partition>" -> last offset fully applied (every experiment)
-INGEST_OFFSETS = "lr:{ingest}:offsets"
-#: (old name, new name) of the keys that took the ``{ingest}`` hash tag
-LEGACY_INGEST_KEYS = (("lr:ingest:offsets", INGEST_OFFSETS),
-                      ("lr:ingest:clocks", PARTITION_CLOCKS),
-                      ("lr:ingest:epochs", PARTITION_EPOCHS))
+#: ``PARTITION_CLOCKS``: hash "<topic>|<partition>" -> the partition clock (ms):
+#: max event ts seen on it, or the wall clock an idle caught-up partition was
+#: advanced to. ``INGEST_OFFSETS``: last offset fully applied (every experiment).
 _MIGRATE = """
 local n = 0
 for i = 1, #KEYS, 2 do
@@ -583,24 +529,6 @@ def migrate_ingest_keys(r: Any) -> int:
         return 0
     return int(r.eval(_MIGRATE, 2 * len(LEGACY_INGEST_KEYS),
                       *[k for pair in LEGACY_INGEST_KEYS for k in pair]))
-
-
-def completeness_key(topic: str) -> str:
-    """string: the completeness clock of events topic ``topic`` (min over its
-    partitions with a backlog of their clock, KIP-695); an estimate's
-    watermark is it (capped by the experiment's latest event) minus L."""
-    return f"lr:ingest:watermark:{topic}"
-
-
-def unit_hold_key(unit_id: str) -> str:
-    """``lr:{u:<unit_id>}:held``: metrics without experiment_id held for the
-    unit until one of its exposures arrives (field ``<topic>|<p>|<offset>``)."""
-    return f"lr:{{u:{unit_id}}}:held"
-
-
-def unit_hold_queue(topic: str, partition: int) -> str:
-    """zset unit_id -> newest held ts, the expiry order of unit-level holds."""
-    return f"lr:ingest:held:{offsets_field(topic, partition)}"
 
 
 def partition_clock(r: Any, topic: str, partition: int) -> int | None:
@@ -1156,7 +1084,7 @@ def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
     """The experiment's event counters (``c:<name>`` in its meta hash, note 3):
     every event applied to it increments exactly one of them."""
     out = {}
-    for k, v in r.hgetall(experiment_key(experiment_id, "meta")).items():
+    for k, v in r.hgetall(rk.meta_key(experiment_id)).items():
         k = _s(k)
         if k.startswith("c:"):
             out[k[2:]] = int(v)
@@ -1165,7 +1093,7 @@ def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
 
 def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
     """All unit states of an experiment (debugging and tests; HGETALL)."""
-    raw = r.execute_command("HGETALL", experiment_key(cfg.experiment_id, "units"),
+    raw = r.execute_command("HGETALL", rk.units_key(cfg.experiment_id),
                             **{NEVER_DECODE: True})  # binary values, whatever the client
     if isinstance(raw, list):
         raw = dict(zip(raw[::2], raw[1::2], strict=True))
@@ -1175,14 +1103,14 @@ def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
 def read_pending(r: Any, experiment_id: str, source: str) -> list[tuple[str, int]]:
     """Pending (unit_id, close_ts) of source partition ``source``
     (``"<topic>|<partition>"``), in maturation order."""
-    raw = r.zrange(f"{experiment_key(experiment_id, 'pending')}:{source}", 0, -1,
+    raw = r.zrange(rk.pending_key(experiment_id, source), 0, -1,
                    withscores=True)
     return [(_s(u), int(s)) for u, s in raw]
 
 
 def applied_offset(r: Any, experiment_id: str, topic: str, partition: int) -> int | None:
     """Last source offset applied to the experiment from (topic, partition)."""
-    v = r.hget(experiment_key(experiment_id, "offsets"), offsets_field(topic, partition))
+    v = r.hget(rk.offsets_key(experiment_id), offsets_field(topic, partition))
     return None if v is None else _int(v)
 
 
@@ -1199,7 +1127,7 @@ def min_applied_offsets(r: Any, experiment_ids: Iterable[str], topic: str) -> di
         return {}
     pipe = r.pipeline(transaction=False)
     for e in ids:
-        pipe.hgetall(experiment_key(e, "offsets"))
+        pipe.hgetall(rk.offsets_key(e))
     out: dict[int, int] = {}
     for h in pipe.execute():
         for f, v in h.items():

@@ -1,0 +1,252 @@
+"""Every Redis key and channel name of liftstream (``lr:*``), built here only.
+
+The schema (type, contents, writer, TTL of each key) is documented in
+docs/redis-schema.md; ``tests/unit/test_redis_schema_doc.py`` checks that the
+document and this module name the same key patterns. Other modules never
+format a key themselves: they call these builders, so a name changes in one
+place. The names are a stored format (a running deployment's Redis holds
+them): changing one is a migration, see ``LEGACY_INGEST_KEYS``.
+
+Hash tags (the part in braces decides the Redis Cluster slot):
+
+* ``{e:<experiment_id>}`` — every key of one experiment, so each Lua call
+  (``lua/ingest.lua``, the sampler's chain write) touches one slot;
+* ``{u:<unit_id>}`` — a unit's routing index and held metrics
+  (``lua/route.lua`` gets one unit's keys per slot group);
+* ``{ingest}`` — the ingest positions that ``record_position`` moves together;
+* ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
+
+The Lua scripts build no key names: they get every key in ``KEYS`` (in the
+orders ``ExperimentKeys.for_lua`` and ``streams.state.store.route_units``
+give). They do derive *field* names inside the hashes (``clk:<src>``,
+``own:<src>``, ``act_sum:<stratum>``, ``<metric>|<variant>|<stratum>``, ...),
+which docs/redis-schema.md lists per key.
+
+``<src>`` (``source``) is a source partition, ``"<topic>|<partition>"``; ids
+and names never contain ``{``, ``}``, ``|``, whitespace or glob characters
+(``schemas.validate``), so a key is unambiguous.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# ---------------------------------------------------------------- globals
+
+#: set: ids of registered experiments (``streams.state.registry``)
+EXPERIMENTS_SET = "lr:experiments"
+#: pub/sub channel: a notice per new estimate (``streams.sampling.sampler``)
+NOTICE_CHANNEL = "lr:estimates"
+
+# ---------------------------------------------------------------- ingest positions
+
+#: hash ``<src>`` -> the partition clock (ms)
+PARTITION_CLOCKS = "lr:{ingest}:clocks"
+#: hash ``<src>`` -> last offset fully applied (every experiment)
+INGEST_OFFSETS = "lr:{ingest}:offsets"
+#: hash ``<src>`` -> the partition's owner epoch (+1 per claim)
+PARTITION_EPOCHS = "lr:{ingest}:epochs"
+#: hash topic -> the Kafka topic id the applied offsets belong to
+TOPIC_IDS = "lr:ingest:topic_ids"
+#: (old name, new name) of the keys that took the ``{ingest}`` hash tag; the
+#: old names are only read by ``streams.state.store.migrate_ingest_keys``
+LEGACY_INGEST_KEYS = (("lr:ingest:offsets", INGEST_OFFSETS),
+                      ("lr:ingest:clocks", PARTITION_CLOCKS),
+                      ("lr:ingest:epochs", PARTITION_EPOCHS))
+
+
+def source(topic: str, partition: int) -> str:
+    """``<topic>|<partition>``: a source partition, as a key suffix and as the
+    field name of the offset, clock and epoch hashes."""
+    return f"{topic}|{int(partition)}"
+
+
+def completeness_key(topic: str) -> str:
+    """string ``lr:ingest:watermark:<topic>``: the completeness clock of
+    events topic ``topic`` (min over its partitions with a backlog of their
+    clock, KIP-695)."""
+    return f"lr:ingest:watermark:{topic}"
+
+
+def unit_hold_queue(topic: str, partition: int) -> str:
+    """zset ``lr:ingest:held:<src>``: unit_id -> newest unit-level held ts,
+    the expiry order of unit-level holds of that source partition."""
+    return f"lr:ingest:held:{source(topic, partition)}"
+
+
+# ---------------------------------------------------------------- units
+
+def unit_index_key(unit_id: str) -> str:
+    """hash ``lr:{u:<unit_id>}:x``: which experiments the unit was exposed in."""
+    return f"lr:{{u:{unit_id}}}:x"
+
+
+def unit_hold_key(unit_id: str) -> str:
+    """hash ``lr:{u:<unit_id>}:held``: metrics without experiment_id held for
+    the unit until one of its exposures arrives."""
+    return f"lr:{{u:{unit_id}}}:held"
+
+
+# ---------------------------------------------------------------- experiments
+
+def experiment_key(experiment_id: str, kind: str) -> str:
+    """``lr:{e:<experiment_id>}:<kind>``: the one place the experiment tag is
+    formatted. Prefer the named builders below; ``kind`` is one of
+    ``EXPERIMENT_KINDS`` or a per-source / per-metric suffix they build."""
+    return f"lr:{{e:{experiment_id}}}:{kind}"
+
+
+def experiment_glob(experiment_id: str) -> str:
+    """SCAN pattern matching every key of the experiment (names hold no glob
+    characters)."""
+    return experiment_key(experiment_id, "*")
+
+
+class ExperimentKeys(NamedTuple):
+    """All keys of one experiment that ``lua/ingest.lua`` touches, in one hash
+    slot. ``pending``, ``seen`` and ``heldq`` are prefixes: their keys are per
+    source partition (``for_lua``, ``pending_key`` ...)."""
+
+    cfg: str
+    units: str
+    pending: str
+    cells: str
+    arrivals: str
+    meta: str
+    seen: str
+    offsets: str
+    dirty_seq: str
+    held: str
+    heldq: str
+    retired: str
+
+    def for_lua(self, source: str) -> list[str]:
+        """KEYS of ingest.lua, in its order, for source partition ``source``
+        (``"<topic>|<partition>"``): pending units, dedupe sightings and the
+        hold queue are per source partition, each on its own clock."""
+        return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
+                f"{self.seen}:{source}", self.offsets, self.dirty_seq, self.held,
+                f"{self.heldq}:{source}", self.retired]
+
+
+#: kinds of an experiment's keys keyed by the source partition: ``<kind>:<src>``
+PER_SOURCE_KINDS = ("pending", "seen", "heldq")
+#: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
+EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
+    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth")
+
+
+def experiment_keys(experiment_id: str) -> ExperimentKeys:
+    return ExperimentKeys(*(experiment_key(experiment_id, k) for k in ExperimentKeys._fields))
+
+
+def cfg_key(experiment_id: str) -> str:
+    """string: the experiment's config JSON (``streams.state.registry``)."""
+    return experiment_key(experiment_id, "cfg")
+
+
+def units_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "units")
+
+
+def cells_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "cells")
+
+
+def meta_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "meta")
+
+
+def offsets_key(experiment_id: str) -> str:
+    """hash ``<src>`` -> the last source offset applied to the experiment."""
+    return experiment_key(experiment_id, "offsets")
+
+
+def dirty_seq_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "dirty_seq")
+
+
+def held_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "held")
+
+
+def retired_key(experiment_id: str) -> str:
+    return experiment_key(experiment_id, "retired")
+
+
+def pending_key(experiment_id: str, src: str) -> str:
+    """zset of the experiment's pending units of source partition ``src``."""
+    return experiment_key(experiment_id, f"pending:{src}")
+
+
+def seen_key(experiment_id: str, src: str) -> str:
+    """zset: dedupe sightings of source partition ``src``."""
+    return experiment_key(experiment_id, f"seen:{src}")
+
+
+def heldq_key(experiment_id: str, src: str) -> str:
+    """zset: hold expiry order of source partition ``src``."""
+    return experiment_key(experiment_id, f"heldq:{src}")
+
+
+def chain_key(experiment_id: str, metric: str) -> str:
+    """string: the chain blob of one metric (or ``<metric>#age<b>``)."""
+    return experiment_key(experiment_id, f"chain:{metric}")
+
+
+def chainver_key(experiment_id: str) -> str:
+    """hash metric -> iteration of the stored chain (only goes forward)."""
+    return experiment_key(experiment_id, "chainver")
+
+
+def estimate_key(experiment_id: str, metric: str, variant: str) -> str:
+    """string: the latest estimate JSON (as on the estimates topic)."""
+    return experiment_key(experiment_id, f"estimate:{metric}:{variant}")
+
+
+def history_key(experiment_id: str, metric: str, variant: str) -> str:
+    """list: recent estimates, compact, newest first."""
+    return experiment_key(experiment_id, f"history:{metric}:{variant}")
+
+
+def estimates_index_key(experiment_id: str) -> str:
+    """set of ``<metric>:<variant>`` with an estimate (and a history), so
+    readers never scan the keyspace."""
+    return experiment_key(experiment_id, "estimates")
+
+
+def lifecycle_key(experiment_id: str) -> str:
+    """string: ``concluded`` once the final estimates are out (absent while
+    running or stopped: the config's status says which)."""
+    return experiment_key(experiment_id, "lifecycle")
+
+
+def alerts_key(experiment_id: str) -> str:
+    """string: the experiment's alert state JSON (``streams.alerts.store``)."""
+    return experiment_key(experiment_id, "alerts")
+
+
+def alert_log_key(experiment_id: str) -> str:
+    """list: alert transitions, newest first, capped."""
+    return experiment_key(experiment_id, "alert-log")
+
+
+def truth_key(experiment_id: str) -> str:
+    """string: ground truth a simulator may publish for its experiment
+    (dashboard only; ``liftstream demo``)."""
+    return experiment_key(experiment_id, "truth")
+
+
+# ---------------------------------------------------------------- platform prior
+
+def platform_prefix(metric: str, chain: int | str = 0) -> str:
+    """``lr:{p:<metric>:<chain>}``: the tag of one platform-prior chain (the
+    pilot of chain c is chain ``<c>p``)."""
+    return f"lr:{{p:{metric}:{chain}}}"
+
+
+def platform_keys(metric: str, chain: int | str = 0) -> tuple[str, str, str]:
+    """(hyper, contrib, history) of one platform-prior chain
+    (``streams.sampling.platform_prior``)."""
+    p = platform_prefix(metric, chain)
+    return f"{p}:hyper", f"{p}:contrib", f"{p}:history"
