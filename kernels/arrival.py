@@ -1,4 +1,4 @@
-"""Arrival block: who has not arrived yet (DESIGN §6).
+"""Arrival block: who has not arrived yet (docs/architecture.md#the-model).
 
 Each unit of stratum s is first exposed in bucket d with probability
 p (1-p)^d. With N_s integrated out under p(N) ∝ 1/N, the posterior of

@@ -1,4 +1,4 @@
-"""Convergence diagnostics for the published estimates (DESIGN.md §6-7).
+"""Convergence diagnostics for the published estimates (docs/architecture.md#the-model, #chains).
 
 Every estimate record carries split R-hat, bulk ESS and tail ESS computed on the
 sampler's window of recent draws. They must mean exactly what the literature

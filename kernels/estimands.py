@@ -1,4 +1,4 @@
-"""What each posterior draw says about the questions people ask (DESIGN §6).
+"""What each posterior draw says about the questions people ask (docs/architecture.md#the-model).
 
 Per draw: population shares π_s (N_s / Σ N_s, or the configured target
 shares), the adjusted effect Σ_s π_s τ_ks and lift (÷ Σ_s π_s μ_0s), and the

@@ -1,4 +1,4 @@
-"""The model's sweep, batched over [problems, chains, …] (DESIGN §6).
+"""The model's sweep, batched over [problems, chains, …] (docs/architecture.md#the-model).
 
 BlackJAX-style: ``init(data, rng, n_chains) -> State`` and
 ``sweep(state, data, rng) -> State``; pure array code on numpy or cupy.

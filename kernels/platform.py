@@ -1,4 +1,5 @@
-"""A platform-wide prior over experiments that share a metric (DESIGN §6, phase 2).
+"""A platform-wide prior over experiments that share a metric (docs/architecture.md#the-model;
+docs/method.md §7).
 
 Model, in *standardised* units (each experiment's effect divided by the sd of
 its flat-prior estimate, so every experiment has unit measurement noise and a

@@ -1,7 +1,7 @@
 """Posterior summaries of a trace: the numeric part of the estimate record.
 
 ``summarize`` turns a trace [P, C, T, …] into, per problem and treatment, a
-dict with every numeric field of DESIGN §6's estimate record; the streaming
+dict with every numeric field of the estimate record (docs/architecture.md#contracts); the streaming
 layer adds names, ids, units and timestamps. Intervals are central 95%.
 """
 

@@ -1,4 +1,5 @@
-"""Contracts shared by every layer (DESIGN §2, §4, §6); imports only stdlib and orjson.
+"""Contracts shared by every layer (docs/architecture.md#layout-and-layers, #contracts, #the-model);
+imports only stdlib and orjson.
 
 - ``schemas.records``: typed records (Exposure, Metric, ExperimentConfig, ...)
 - ``schemas.validate``: bytes -> records, with stable error codes (``InvalidRecord``)

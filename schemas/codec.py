@@ -1,4 +1,5 @@
-"""The one JSON encoding used on every topic and in Redis (DESIGN §4: "Values are JSON (orjson)").
+"""The one JSON encoding used on every topic and in Redis (docs/architecture.md#contracts: "Values
+are JSON (orjson)").
 
 Every layer goes through these two functions so that the bytes a record is
 written as never depend on which module wrote it: the estimate in Kafka and the
@@ -40,7 +41,7 @@ def _default(obj: Any) -> Any:
     """Fallback for types orjson does not serialise natively.
 
     Duck-typed (``tolist``) rather than ``isinstance`` checks, so that
-    ``schemas`` stays free of NumPy/CuPy imports (DESIGN §2).
+    ``schemas`` stays free of NumPy/CuPy imports (docs/architecture.md#layout-and-layers).
     """
     if isinstance(obj, float):  # float subclasses, e.g. numpy.float64 without the option path
         return float(obj)

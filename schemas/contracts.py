@@ -1,7 +1,7 @@
 """Access to the JSON Schema contracts shipped in this package, and builders
 for the records whose shape this package owns (dead letters).
 
-The schema files are the cross-language contract (DESIGN §4, §6); Python code
+The schema files are the cross-language contract (docs/architecture.md#contracts); Python code
 validates with the hand-written checks in :mod:`schemas.validate` and uses the
 files for documentation, tests and the HTTP API. They are read through
 ``importlib.resources`` so they work from a wheel or a zip, not only a checkout.

@@ -1,4 +1,4 @@
-"""Typed records of the event and experiment contracts (DESIGN §4).
+"""Typed records of the event and experiment contracts (docs/architecture.md#contracts).
 
 These are plain frozen dataclasses: what every other layer passes around once
 bytes have been validated (see ``schemas.validate``). Pure stdlib.
@@ -77,7 +77,7 @@ class ExperimentConfig:
     bucket_seconds: int = 86_400
     window_seconds: int = 7 * 86_400
     #: L: a unit matures when its source partition's clock (max event ts seen
-    #: on the partition) minus L passes its window close (DESIGN §5)
+    #: on the partition) minus L passes its window close (docs/architecture.md#state)
     lateness_seconds: int = 300
     dedupe_seconds: int = 86_400
     #: H: an in-window metric arriving after its unit matured corrects the

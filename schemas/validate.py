@@ -1,4 +1,4 @@
-"""Validation of raw bytes into typed records, with stable reasons (DESIGN §4).
+"""Validation of raw bytes into typed records, with stable reasons (docs/architecture.md#contracts).
 
 Ingest runs :func:`parse_event_row` once per Kafka message. Its fast path is
 msgspec: one ``Decoder`` into tagged Structs whose constraints are the

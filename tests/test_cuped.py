@@ -331,7 +331,7 @@ def expected_ratio(rho: float, missing: float) -> float:
 def check_coverage(rows, lo_cov, hi_cov, pooled=(0.93, 0.97), day1_hi=0.99):
     """Per cell: coverage in [lo_cov, hi_cov]. Day 1 may over-cover up to
     ``day1_hi``: with one completed bucket the arrival block's posterior is
-    its prior (DESIGN §6), an honest, wide interval with or without the
+    its prior (docs/architecture.md#the-model), an honest, wide interval with or without the
     covariate, so there the covariate must only leave calibration as it was
     (within 0.02 of the same data's coverage without it)."""
     covs = []

@@ -1,4 +1,4 @@
-"""Edge-triggered alerts from estimate records (DESIGN §3, issue 4 "Alerts").
+"""Edge-triggered alerts from estimate records (docs/architecture.md#data-flow; issue 4 "Alerts").
 
 Pure functions, no I/O. After each sampler tick the caller passes one
 experiment's new estimate records together with the alert state it stored

@@ -27,7 +27,7 @@ Redis server's (``INFO cpu``), since Redis shares the machine's cores. The
 broker's CPU is left out of both (it serves the same fetches).
 
 Against the goal ((b) >= 20% of (a) per core, (c) >= 10%) the report sets the cost floor
-of any ingest that keeps DESIGN §5's state in Redis, measured in the same
+of any ingest that keeps the state of docs/architecture.md#state in Redis, measured in the same
 run (``cost_floor``): (a)'s consume + decode, validation beyond the decode,
 and the Redis server's time in the state commands alone.
 
@@ -268,7 +268,7 @@ def run_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: int,
 
 
 def cost_floor(values: list[bytes], raw: dict, ingest: dict) -> dict:
-    """What any ingest that keeps DESIGN §5's state must spend per event,
+    """What any ingest that keeps the state of docs/architecture.md#state must spend per event,
     in µs of CPU, measured in this run: (a)'s consume + decode, the
     validation beyond the decode (``parse_event_row`` minus ``orjson.loads``,
     timed here over the same values), and the Redis server's time in the

@@ -1,4 +1,4 @@
-"""NumPyro NUTS baseline for ``liftstream bench sampler`` (DESIGN §6).
+"""NumPyro NUTS baseline for ``liftstream bench sampler`` (docs/architecture.md#the-model).
 
 Why a baseline: the batched partially collapsed Gibbs sweep of ``kernels.gibbs``
 is hand-written; the obvious alternative is a general-purpose gradient sampler
@@ -277,7 +277,8 @@ def run_nuts(data: ModelData, chains: int, warmup: int, samples: int, seed: int 
 
 def adjusted_effect(smp: dict[str, Any], data: ModelData, chains: int, samples: int,
                     seed: int, parametrisation: str) -> np.ndarray:
-    """[P, C, T, K] adjusted effect from NUTS draws, N_s drawn per draw (DESIGN §6).
+    """[P, C, T, K] adjusted effect from NUTS draws, N_s drawn per draw
+    (docs/architecture.md#the-model).
 
     The draws (NumPyro's [C, T, P, …]) become [P, C·T, …] "chains" so that
     ``kernels.arrival.draw_population`` and ``kernels.estimands.estimands``, the

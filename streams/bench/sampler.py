@@ -5,7 +5,7 @@ Why these numbers: the streaming sampler advances every chain of every live
 problem once per tick, so its throughput is *sweeps of all P×C chains per
 second*; what a reader gets out of a tick is effective draws of the estimand
 they read, so its efficiency is *bulk ESS per second of the adjusted effect*
-(DESIGN §6), computed with ``kernels.diagnostics.ess_bulk`` over the timed
+(docs/architecture.md#the-model), computed with ``kernels.diagnostics.ess_bulk`` over the timed
 draws only. The same estimand and the same ESS code are applied to the NumPyro
 NUTS baseline (``streams.bench.numpyro``), and the two samplers' posterior
 means are checked against each other, so a speed-up cannot come from sampling

@@ -1,4 +1,4 @@
-"""The ``liftstream`` command line (DESIGN §8).
+"""The ``liftstream`` command line (docs/architecture.md#interfaces).
 
 Subcommands import what they need lazily, so ``liftstream --help`` is fast and
 a missing optional dependency only affects the command that needs it.
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="offline estimates from JSONL experiments and events")
     a.add_argument("--experiments", required=True, help="JSONL file of experiment configs")
-    a.add_argument("events", help="JSONL file of events (DESIGN §4)")
+    a.add_argument("events", help="JSONL file of events (docs/architecture.md#contracts)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--chains", type=int, default=8)
     a.add_argument("--sweeps", type=int, default=1000, help="total sweeps; first half warm-up")

@@ -92,7 +92,7 @@ class Settings:
     # bench run); batch_seconds bounds the wait for a batch to fill
     batch_size: int = 2000
     batch_seconds: float = 0.2
-    # event time (DESIGN §5): a ts more than this ahead of the wall clock is
+    # event time (docs/architecture.md#state): a ts more than this ahead of the wall clock is
     # dead-lettered ts_in_future; a partition caught up and without events for
     # idle_seconds advances its clock to the wall clock; metrics without
     # experiment_id that precede every exposure of their unit are held per unit
@@ -190,7 +190,7 @@ class Settings:
         return cls(**kw)
 
     def topics(self) -> dict[str, dict]:
-        """Every topic with its partitions and config (DESIGN §3)."""
+        """Every topic with its partitions and config (docs/architecture.md#data-flow)."""
         p, r = self.partitions, self.replication
         isr = {"min.insync.replicas": str(self.topic_min_insync)} \
             if self.topic_min_insync > 0 else {}

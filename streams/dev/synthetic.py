@@ -252,7 +252,7 @@ def cell_stats(pop: Population, day: float, bucket_days: float = 1.0, y: np.ndar
 def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
            until_day: float, rng: np.random.Generator, metric: str = "value",
            day_ms: int = 86_400_000, max_parts: int = 3) -> list[dict]:
-    """The population as an event stream (DESIGN §4), sorted by event time.
+    """The population as an event stream (docs/architecture.md#contracts), sorted by event time.
 
     Every unit that arrives before ``until_day`` gets an exposure at its
     arrival and its outcome Y split into 1..``max_parts`` metric events spread

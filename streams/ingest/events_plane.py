@@ -1,6 +1,6 @@
 """The events data plane: a confluent-kafka consumer feeding ``Ingestor``.
 
-DESIGN §3: the events topic is not consumed through Faust. Faust's
+docs/architecture.md#data-flow: the events topic is not consumed through Faust. Faust's
 per-message path (a delivery callback, an event object, a stream queue, an
 ack per message) cost ~80-90 µs per event, seven times the ingest work
 itself. Here one ``confluent_kafka.Consumer`` reads batches
@@ -11,7 +11,7 @@ consumer, the sampler, alerts and web stay on Faust; this runs as a service of
 the same Faust app (``EventsPlaneService``: started and stopped with it,
 visible in ``/readyz`` and ``/metrics``).
 
-Exactly once (DESIGN §5) rests on Redis, not on Kafka's commits:
+Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits:
 
 * **Where to start.** ``on_assign`` starts each new partition at the offset
   after the one Redis says was applied (``lr:{ingest}:offsets``), the

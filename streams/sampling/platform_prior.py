@@ -1,4 +1,5 @@
-"""Redis as the parameter server of the platform prior (issue 7, DESIGN §6 phase 2).
+"""Redis as the parameter server of the platform prior (issue 7, docs/architecture.md#the-model;
+docs/method.md §7).
 
 The math is ``kernels.platform``; this module stores, commits and runs the one
 asynchronous step that both the streaming sampler (``PlatformPrior``) and the

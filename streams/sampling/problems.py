@@ -4,7 +4,7 @@ One *problem* is one (experiment, metric). ``build_batch`` pads every problem
 of a set of snapshots into one ``kernels.data.ModelData`` (control first, then
 the treatments in config order; the activity strata, then the "unknown
 activity" stratum when any unit lacks ``pre_activity``). ``records`` turns the
-kernels' numeric summaries into estimate records (DESIGN §6,
+kernels' numeric summaries into estimate records (docs/architecture.md#the-model,
 ``schemas/estimate.schema.json``), each with its experiment's ``data_quality``
 (``streams.state.data_quality``). ``analyze`` and the streaming sampler both
 go through here, so they publish the same thing for the same state.

@@ -78,7 +78,7 @@ class SamplerService:
                  rhat_done: float = 1.01, platform: PlatformPrior | None = None,
                  events_topic: str | None = None):
         self.r = r
-        #: whose completeness clock (DESIGN §5) the estimates reflect; None:
+        #: whose completeness clock (docs/architecture.md#state) the estimates reflect; None:
         #: each experiment's own lowest partition clock
         self.events_topic = events_topic
         self.platform = platform  # None: ``prior: "platform"`` configs get no shrinkage

@@ -88,7 +88,8 @@ class Metrics:
 
     def set_data_quality(self, rec: dict) -> None:
         """Set an experiment's data-quality gauges from one of its estimate records
-        (its ``data_quality``, DESIGN §5): ``liftstream_experiment_events{outcome}``
+        (its ``data_quality``, docs/architecture.md#state):
+        ``liftstream_experiment_events{outcome}``
         (``streams.state.data_quality.OUTCOMES``), ``liftstream_experiment_dead_letters{reason}``,
         ``liftstream_experiment_dropped_share``. A record without one changes nothing."""
         dq = rec.get("data_quality")

@@ -1,4 +1,4 @@
-"""Partition clocks beyond the events themselves (DESIGN §5): the completeness
+"""Partition clocks beyond the events themselves (docs/architecture.md#state): the completeness
 watermark, and the idle advance of caught-up partitions.
 
 * **Completeness** = min over every partition of the events topic of its

@@ -1,6 +1,6 @@
 """What happened to an experiment's events: the estimate record's ``data_quality``.
 
-DESIGN §5: every count of what was not applied is per experiment in the
+docs/architecture.md#state: every count of what was not applied is per experiment in the
 estimate record, the API, ``/metrics`` and an alert (``data_loss`` in
 ``streams.alerts.rules``). This module turns a snapshot's counters
 (``streams.state.semantics.COUNTERS``: every event routed to the experiment

@@ -1,6 +1,6 @@
 """Which units an experiment has retired: a scalable Bloom filter (pure).
 
-A unit's record is dropped once its correction horizon passed (DESIGN §5,
+A unit's record is dropped once its correction horizon passed (docs/architecture.md#state,
 rule 6 in ``streams.state.semantics``): its totals are in the cells and nothing can
 change them any more. But its id must not be forgotten, or its next exposure
 would enter it again as a new unit (heavy users most often: exactly the bias

@@ -1,7 +1,7 @@
 """The event semantics of liftstream, as one pure-Python reference reducer.
 
 This module is the *definition* of what an event does to an experiment's state
-(DESIGN §4-§5). Two things use it:
+(docs/architecture.md#contracts, #state). Two things use it:
 
 * the offline ``liftstream analyze`` tool, which folds a file of events with it;
 * the tests, where it is the oracle the Redis/Lua implementation
@@ -11,7 +11,7 @@ This module is the *definition* of what an event does to an experiment's state
 So it is deliberately plain: no I/O, no numpy, floats summed in exactly the
 order the Lua script sums them (IEEE doubles on both sides).
 
-**Order independence** (DESIGN §5). Everything an event's fate depends on is
+**Order independence** (docs/architecture.md#state). Everything an event's fate depends on is
 a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
 events share one, key = unit_id), never of how partitions interleave:
 
@@ -65,7 +65,7 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    total, ``n += 1, Σy += y, Σy² += y·y`` and, if it has a pre value x of the
    metric, ``nx += 1, Σx += x, Σx² += x·x, Σxy += x·y, Σy_x += y`` (in this
    order; the cell is ``(n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)``).
-6. Retirement (bounded state, DESIGN §5): a folded unit stays pending, with
+6. Retirement (bounded state, docs/architecture.md#state): a folded unit stays pending, with
    score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
    metric now would be ``late``) its record is dropped and its id added to
    the experiment's retired-unit filter (``streams.state.retired_filter``), in the
@@ -347,7 +347,8 @@ class ExperimentSnapshot:
     ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2, nx, sum_x,
     sum_x2, sum_xy, sum_y_x)`` over matured units: y = a unit's total, x its
     pre-experiment value of the metric, the last five over the units with an
-    x (module docstring, rule 5). ``watermark`` = completeness clock - L (DESIGN §5). ``seq`` is
+    x (module docstring, rule 5). ``watermark`` = completeness clock - L
+    (docs/architecture.md#state). ``seq`` is
     Redis's ``dirty_seq`` at read time (None from the reducer) and does not
     take part in equality.
     """
@@ -873,7 +874,7 @@ class Reducer:
 
     def completeness(self) -> int | None:
         """Min over the partitions seen of their clock (every one is caught up
-        at the end of a file: DESIGN §5's rule with no backlog anywhere)."""
+        at the end of a file: the rule of docs/architecture.md#state with no backlog anywhere)."""
         return min(self.clocks.values()) if self.clocks else None
 
     def snapshots(self, completeness: int | None = None) -> dict[str, ExperimentSnapshot]:

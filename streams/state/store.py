@@ -1,4 +1,4 @@
-"""Per-experiment state in Redis, applied exactly once (DESIGN §5).
+"""Per-experiment state in Redis, applied exactly once (docs/architecture.md#state).
 
 Streaming ingest applies each micro-batch of one source partition to each
 experiment it touches with ONE call of ``streams/state/lua/ingest.lua``: one atomic
@@ -865,7 +865,7 @@ def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
     the registered experiments, so the index is bounded by the units active
-    in that time (DESIGN §5) while a unit's metrics, which come within its
+    in that time (docs/architecture.md#state) while a unit's metrics, which come within its
     window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more
     than this after the unit's last exposure count differently

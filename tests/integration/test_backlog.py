@@ -1,4 +1,4 @@
-"""A worker started on a backlog (issue 12; DESIGN §5 order independence).
+"""A worker started on a backlog (issue 12; docs/architecture.md#state, order independence).
 
 Three simulated experiments (``liftstream simulate``'s generator, 14, 10 and 7
 days of traffic, ~213k events), merged in time order and produced to a

@@ -1,4 +1,4 @@
-"""Event time beyond the reducer (DESIGN §5): the completeness watermark and the
+"""Event time beyond the reducer (docs/architecture.md#state): the completeness watermark and the
 idle advance (``streams.state.clocks``), bounded maturation, dead letters that move
 no clock, and the ``data_loss`` alert on a real stream of late metrics."""
 

@@ -1,4 +1,4 @@
-"""Bad input through the real pipeline (issue 4, "Bad input"; DESIGN §4).
+"""Bad input through the real pipeline (issue 4, "Bad input"; docs/architecture.md#contracts).
 
 ``test_fuzz_pipeline`` produces >= 10,000 random and mutated events (valid
 exposures and metrics of simulated traffic, byte-level mutations of them,
@@ -198,7 +198,7 @@ def corpus(valid: list[dict], n_bad: int, seed: int, now_ms: int):
 def classify(raw: bytes | None, now_ms: int, cfg) -> tuple[str | None, object | None]:
     """What ingest must do with ``raw``: (dead-letter code or None, parsed event or None).
 
-    Mirrors DESIGN §4: validation failure -> its code; a well-formed event of
+    Mirrors docs/architecture.md#contracts: validation failure -> its code; a well-formed event of
     an unregistered experiment -> ``unknown_experiment`` (not applied); an
     exposure with a variant the config lacks -> ``unknown_variant`` *and*
     applied (counted, moves the clock)."""

@@ -1,4 +1,4 @@
-"""Redis losing its last writes (issue 5; DESIGN §5 "Kafka's committed offset
+"""Redis losing its last writes (issue 5; docs/architecture.md#state: "Kafka's committed offset
 is only a hint").
 
 Redis with AOF ``everysec`` can lose up to a second of writes in a crash while

@@ -7,7 +7,7 @@ real redis-server.
    batches, partitions interleaved at random, with idle advances, simulated
    crashes (routing written, some experiments applied) and replays, which
    must be no-ops.
-2. Order independence (DESIGN §5): random event sets whose units are keyed to
+2. Order independence (docs/architecture.md#state): random event sets whose units are keyed to
    1-6 partitions; for any interleaving of the partitions (whole partitions
    first, reversed, random merges), with duplicates and metrics moved before
    their unit's first exposure (within the hold bounds), the final units,

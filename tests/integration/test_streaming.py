@@ -514,7 +514,7 @@ def test_crash_and_replay(new_stack, workers, r, n_kills, units):
     default suite runs ``8kills`` on ~25k events.
 
     The expected state does not depend on how the 3 partitions interleave
-    (DESIGN §5: maturity, dedupe and holds go by each partition's own clock);
+    (docs/architecture.md#state: maturity, dedupe and holds go by each partition's own clock);
     the long lateness (10 days) additionally keeps every unit pending while
     the traffic is ingested, so the unit totals are bit-identical whatever the
     batch boundaries. At the end every partition is settled past every window

@@ -1,4 +1,5 @@
-"""Platform prior fitted by (exact) asynchronous Gibbs (issue 7, DESIGN §6 phase 2).
+"""Platform prior fitted by (exact) asynchronous Gibbs (issue 7, docs/architecture.md#the-model;
+docs/method.md §7).
 
 Ground truth for (λ, ψ²) is the quadrature posterior (φ integrated out), so each
 sampler is judged on its own against the exact answer, with tolerances of a few

@@ -1,4 +1,5 @@
-"""Contracts: event/experiment validation, codec, JSON Schema files (DESIGN §4, §6).
+"""Contracts: event/experiment validation, codec, JSON Schema files
+(docs/architecture.md#contracts).
 
 The JSON Schema files and the hand-written validator describe the same rules;
 the differential tests below keep them from drifting apart.
@@ -851,7 +852,8 @@ def test_generated_configs_validate_against_schema(cfg: ExperimentConfig) -> Non
 
 
 def sample_estimate() -> dict[str, Any]:
-    """An estimate record written by hand from DESIGN §6 (two strata, one treatment)."""
+    """An estimate record written by hand (docs/architecture.md#contracts; two strata, one
+    treatment)."""
 
     def iv(mean: float, sd: float) -> dict[str, float]:
         return {"mean": mean, "sd": sd, "lo": mean - 1.96 * sd, "hi": mean + 1.96 * sd}
