@@ -32,12 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels import fused
-from kernels.backend import Array, Rng
+from kernels import fused, grids
+from kernels.backend import Array, array_module
+from kernels.rng import Rng
 
-GRID_POINTS = 512
 NEWTON_STEPS = 40
-GRID_HALF_WIDTH = 12.0
 
 
 def _softplus(xp, x):
@@ -69,10 +68,7 @@ def grad_log_density(x, n, T, D, m, sd):
     return -(x - m) / sd**2 + g
 
 
-def _xp(x):
-    from kernels.backend import array_module
-
-    return array_module(x)
+_xp = array_module
 
 
 def loglinear_masses(l0: Array, l1: Array) -> Array:
@@ -150,7 +146,16 @@ def _tabulate(xp, lo, hi, n, T, D, m, sd, G):
     return x, lp, cdf
 
 
-def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
+def build_grid(data, G: int | None = None) -> ArrivalGrid:
+    """The arrival block's inverse-CDF tables for a batch (once per data snapshot).
+
+    Args: ``data``: a ``kernels.data.ModelData`` (its ``arrived``, ``dsum``, ``D``,
+    ``logit_p0``, ``p_sd``); ``G``: grid points per row (default
+    ``kernels.grids.ARRIVAL_GRID_POINTS``).
+    Returns: the ``ArrivalGrid`` [P, S, G] that ``draw_logit_p`` samples from.
+    """
+    if G is None:
+        G = grids.ARRIVAL_GRID_POINTS
     xp = data.xp
     n, T = data.arrived, data.dsum
     D = data.D[:, None] + 0.0 * n
@@ -159,7 +164,8 @@ def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
     mode, H = find_mode(n, T, D, m, sd)
     lap = 1.0 / xp.sqrt(xp.maximum(-H, 1.0 / sd**2 * 1e-6))
     lap = xp.minimum(lap, sd * 4.0)
-    lo1, hi1 = mode - GRID_HALF_WIDTH * lap, mode + GRID_HALF_WIDTH * lap
+    hw = grids.ARRIVAL_GRID_HALF_WIDTH
+    lo1, hi1 = mode - hw * lap, mode + hw * lap
     x1, _, cdf1 = _tabulate(xp, lo1, hi1, n, T, D, m, sd, G)
     # moments of the first pass, then a grid centred on them
     mass = xp.diff(cdf1, axis=-1)
@@ -167,8 +173,8 @@ def build_grid(data, G: int = GRID_POINTS) -> ArrivalGrid:
     mean = (mass * mid).sum(-1)
     var = (mass * (mid - mean[..., None]) ** 2).sum(-1)
     gsd = xp.sqrt(xp.maximum(var, (1e-3 * lap) ** 2))
-    lo = xp.maximum(mean - GRID_HALF_WIDTH * gsd, lo1 - sd)
-    hi = xp.minimum(mean + GRID_HALF_WIDTH * gsd, hi1 + sd)
+    lo = xp.maximum(mean - hw * gsd, lo1 - sd)
+    hi = xp.minimum(mean + hw * gsd, hi1 + sd)
     x, logw, cdf = _tabulate(xp, lo, hi, n, T, D, m, sd, G)
     return ArrivalGrid(x=x, cdf=cdf, logw=logw)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import to_numpy
+from kernels.backend import array_module, to_numpy
 from kernels.estimands import Draws
 from kernels.gibbs import State
 
@@ -56,8 +56,6 @@ def unpad_state(state: State, p: int, K: int, S: int) -> dict[str, np.ndarray]:
 
 def pad_into(state: State, p: int, stored: dict[str, np.ndarray]) -> None:
     """Overwrite problem ``p``'s rows of ``state`` with stored chains (in place)."""
-    from kernels.backend import array_module
-
     xp = array_module(state.mu0)
     state.__dict__.pop("_host_arrays", None)  # the state changes: drop any host copy
     for name in _STATE_AXES:

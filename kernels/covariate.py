@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels.backend import Array, Rng
+from kernels.backend import Array
+from kernels.rng import Rng
 
 
 @dataclass

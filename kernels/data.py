@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.backend import Array
+from kernels import arrival
+from kernels.backend import Array, array_module
 from kernels.covariate import CovStats
 
 
@@ -72,8 +73,7 @@ class ModelData:
 
     @property
     def xp(self):
-        from kernels.backend import array_module
-
+        """The array module (numpy or cupy) of the arrays."""
         return array_module(self.n)
 
     @property
@@ -130,8 +130,6 @@ def make_data(
     needs priors that do not depend on the data). ``cov``: the covariate's
     cell sums ``nx, sx, sxx, sxy, sy_x`` [P, K1, S] (``CovStats``), or None.
     """
-    from kernels import arrival
-
     n = np.asarray(n, float)
     P, K1, S = n.shape
     smask = np.ones((P, S), bool) if smask is None else np.asarray(smask, bool)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from kernels.backend import Array
+from kernels.backend import Array, array_module
 from kernels.data import ModelData
 from kernels.gibbs import State
 
@@ -111,8 +111,6 @@ def _slope_weights(data: ModelData) -> Array:
 
 def stack(draws: list[Draws]) -> Draws:
     """Trace [P, C, T, …] from a list of per-sweep draws."""
-    from kernels.backend import array_module
-
     xp = array_module(draws[0].adj_effect)
     return Draws(**{k: xp.stack([getattr(d, k) for d in draws], axis=2)
                     for k in draws[0].arrays()})

@@ -8,7 +8,7 @@ log-linear inverse CDF). Each is one kernel here, one thread per row, its
 table in registers: the block reads its inputs once and writes its output
 once.
 
-The random numbers are inputs, drawn by ``kernels.backend.Rng`` at the same
+The random numbers are inputs, drawn by ``kernels.rng.Rng`` at the same
 draw sites and in the same order as the array code, so the fused and the
 array paths consume identical draws (with Philox: identical on either device)
 and differ only in the last bits of log/exp (the accept and the cell choices
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels import grids
 from kernels.backend import Array, array_module
 
 SOURCE_PATH = Path(__file__).parent / "cuda" / "sweep.cu"
@@ -64,12 +65,6 @@ def _module(omega_grid: int):
     import cupy
 
     return cupy.RawModule(code=source(), options=NVRTC_OPTIONS + defines(omega_grid))
-
-
-def _omega_grid() -> int:
-    from kernels.gibbs import OMEGA_GRID  # here: kernels.gibbs imports this module
-
-    return OMEGA_GRID
 
 
 @functools.cache
@@ -123,5 +118,5 @@ def arrival_draw(u: Array, cdf: Array, x: Array, logw: Array,
     out = xp.empty((P, C, S), dtype=xp.float64)
     args = (_f64(xp, u), _f64(xp, cdf), _f64(xp, x), _f64(xp, logw),
             np.int64(P), np.int64(C), np.int64(S), np.int64(G), out)
-    (launch or cupy_launcher(_omega_grid()))("ls_arrival_draw", P * C * S, args)
+    (launch or cupy_launcher(grids.OMEGA_GRID))("ls_arrival_draw", P * C * S, args)
     return out

@@ -1,7 +1,8 @@
 """The model's sweep, batched over [problems, chains, …] (docs/architecture.md#the-model).
 
 BlackJAX-style: ``init(data, rng, n_chains) -> State`` and
-``sweep(state, data, rng) -> State``; pure array code on numpy or cupy.
+``sweep(state, data, rng) -> (State, SweepInfo)``, the info holding what the
+sweep's Metropolis–Hastings step accepted; pure array code on numpy or cupy.
 
 Effect block, per problem, treatments k = 1..K, strata s = 1..S:
     Y | k, s ~ N(μ_0s + τ_ks, σ²_ks)            (τ_0s = 0)
@@ -38,9 +39,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from kernels import arrival, covariate, fused
-from kernels.backend import Array, Rng
+from kernels import arrival, covariate, fused, grids
+from kernels.backend import Array, array_module
 from kernels.data import ModelData
+from kernels.rng import Rng
 
 
 @dataclass
@@ -59,12 +61,46 @@ class State:
     gamma: Array | None = None  # [P, C, S, 2] covariate slopes (0 without a covariate)
 
     def arrays(self) -> dict[str, Array]:
+        """The fields by name (``gamma`` included, possibly None)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SweepInfo:
+    """What a sweep did, BlackJAX's ``info``: the acceptance of its MH step.
+
+    Only block 2 (ω, an independence Metropolis–Hastings step) can reject;
+    every other block, the arrival block included, is an exact Gibbs draw
+    (acceptance 1 by construction), so it is not reported.
+
+    ``omega``: [P, C, K] float, 1.0 where the ω_k step moved, else 0.0 (a
+    proposal equal to the current value has probability 0, so "moved" is
+    "accepted"); ``kernels.sampler.run`` returns its mean over the run's sweeps,
+    a per-chain rate in [0, 1].
+    """
+
+    omega: Array  # [P, C, K]
+
+    def acceptance(self, data: ModelData) -> dict[str, Array]:
+        """Per-problem acceptance rates by block.
+
+        Args: ``data``: the batch swept (its ``kmask`` marks the real treatments).
+        Returns: ``{"omega": [P]}``, the mean over chains and real treatments.
+        """
+        xp = data.xp
+        w = data.kmask[:, None, 1:].astype(float)  # [P, 1, K]
+        real = xp.maximum(w.sum(axis=(1, 2)) * self.omega.shape[1], 1.0)
+        return {"omega": (self.omega * w).sum(axis=(1, 2)) / real}
 
 
 def init(data: ModelData, rng: Rng, n_chains: int) -> State:
     """Over-dispersed starting points around the pooled scale, so that
-    split R-hat can detect chains that have not yet forgotten where they began."""
+    split R-hat can detect chains that have not yet forgotten where they began.
+
+    Args: ``data``: the batch (P problems); ``rng``: its random stream;
+    ``n_chains``: C, chains per problem.
+    Returns: a ``State`` [P, C, …] at iteration 0.
+    """
     xp = data.xp
     P, K1, S = data.shape
     K = K1 - 1
@@ -87,8 +123,14 @@ def init(data: ModelData, rng: Rng, n_chains: int) -> State:
                  xp.zeros((P,), dtype=xp.int64), xp.zeros((P, C, S, 2)))
 
 
-def sweep(state: State, data: ModelData, rng: Rng) -> State:
-    """One Gibbs sweep over every block, for all problems and chains at once."""
+def sweep(state: State, data: ModelData, rng: Rng) -> tuple[State, SweepInfo]:
+    """One Gibbs sweep over every block, for all problems and chains at once.
+
+    Args: ``state``: the chains [P, C, …]; ``data``: the batch they sample;
+    ``rng``: the random stream (``Rng.begin_sweep`` already told of the iteration
+    when it is a Philox stream, as ``kernels.sampler.run`` does).
+    Returns: (the next ``State``, iteration + 1; its ``SweepInfo``).
+    """
     xp = data.xp
     c = _derived(data)
     P, K1, S = data.shape
@@ -144,8 +186,8 @@ def sweep(state: State, data: ModelData, rng: Rng) -> State:
         mu = xp.concatenate([mu0[:, :, None], mu0[:, :, None] + tau], axis=2)
         gamma = covariate.draw_gamma(cm, mu, sigma2, c["gamma_prec"], rng)
 
-    return State(mu0, tau, sigma2, theta, beta, omega2, logit_p, pop, state.iteration + 1,
-                 gamma)
+    new = State(mu0, tau, sigma2, theta, beta, omega2, logit_p, pop, state.iteration + 1, gamma)
+    return new, SweepInfo(omega=(omega2 != state.omega2).astype(float))
 
 
 def _derived(data: ModelData) -> dict:
@@ -163,8 +205,8 @@ def _derived(data: ModelData) -> dict:
     ss_within = xp.maximum(data.syy - data.sy * ybar, 0.0)
     has = (n[:, 1:] > 0) & data.smask[:, None, :]  # [P,K,S]
     sig_a = h.sig_a[:, None, None, None] + 0.5 * n[:, None]
-    lo, hi = OMEGA_RANGE
-    G = OMEGA_GRID
+    lo, hi = grids.OMEGA_RANGE
+    G = grids.OMEGA_GRID
     step = (hi - lo) / (G - 1)
     log_s = xp.log(h.s)[:, None, None]  # [P,1,1]
     log_A = xp.log(h.omega_scale)[:, None, None]
@@ -272,8 +314,6 @@ def _gaussian_draw(A, b, eps):
     return xp.stack(x, axis=-1)
 
 
-OMEGA_GRID = 16  # log-linear in between: acceptance ≈ 0.9 (0.98 with 32); MH keeps it exact
-OMEGA_RANGE = (-12.0, 2.5)  # log(ω / s): from 6e-6 s to 12 s
 _NO_DATA_V = 1e300  # in the proposal table a stratum without data gets v = 1e300: the
 # same log(1e300) at every grid point (ω² + 1e300 == 1e300), so it cancels on normalising
 
@@ -302,7 +342,7 @@ def _draw_omega2(omega2_cur, resid, v, has, c, rng):
     ratio removes the interpolation error, so the grid only sets the speed)."""
     xp = rng.xp
     P, C, K, S = resid.shape
-    G = OMEGA_GRID
+    G = grids.OMEGA_GRID
     step = c["omega_step"]
     u0 = c["omega_u0"]  # [P,1,1]
     if fused.enabled(xp):  # on cupy: this whole block as one kernel (kernels/cuda/sweep.cu),
@@ -365,7 +405,4 @@ def _rows(c: dict, shape: tuple) -> Array:
     return r
 
 
-def _xp(x):
-    from kernels.backend import array_module
-
-    return array_module(x)
+_xp = array_module

@@ -88,6 +88,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernels.diagnostics import erfc, ess_bulk, ndtri
+
 Array = np.ndarray
 
 
@@ -193,8 +195,6 @@ def shrunk_effects(ybar: Array, sd: Array, lam: Array, psi2: Array,
     Exact given the draws (no Monte Carlo error from φ itself). Returns per
     experiment ``{"effect": {mean, sd, lo, hi}, "p_positive"}``; the interval
     is the mixture's central ``level`` interval (bisection on its CDF)."""
-    from kernels.diagnostics import erfc, ndtri
-
     ybar, sd = np.asarray(ybar, float), np.asarray(sd, float)
     m, v = theta_conditional((ybar / sd)[:, None], np.asarray(lam)[None, :],
                              np.asarray(psi2)[None, :])
@@ -396,8 +396,6 @@ def async_gibbs(z: Array, n_sweeps: int = 2000, n_chains: int = 4, seed: int = 0
 def mcse_mean(x: Array) -> tuple[float, float]:
     """Posterior mean of draws [chains, draws] and its Monte Carlo standard
     error sd/√ESS, ESS from ``kernels.diagnostics.ess_bulk``."""
-    from kernels.diagnostics import ess_bulk
-
     ess = float(ess_bulk(x))
     return float(x.mean()), float(x.std() / np.sqrt(max(ess, 1.0)))
 

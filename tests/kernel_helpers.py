@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.backend import Rng
 from kernels.data import make_data
 from kernels.gibbs import init
+from kernels.rng import Rng
 from kernels.sampler import run
 from streams.dev.synthetic import Population, cell_stats
 
@@ -37,8 +37,9 @@ def data_from_populations(pops: list[Population], day: float, **kw):
 def sample(data, seed: int, chains: int = 4, warmup: int = 300, draws: int = 500, thin: int = 1):
     rng = Rng(seed)
     state = init(data, rng, chains)
-    state, _ = run(state, data, rng, warmup, thin=warmup)
-    return run(state, data, rng, draws, thin=thin)
+    state, _, _ = run(state, data, rng, warmup, thin=warmup)
+    state, trace, _ = run(state, data, rng, draws, thin=thin)
+    return state, trace
 
 
 def one_stratum_conjugate(n_units: int, xp=np):

@@ -12,8 +12,8 @@ import pytest
 from scipy import integrate, optimize, special, stats
 
 from kernels.arrival import draw_logit_p, draw_population
-from kernels.backend import Rng
 from kernels.data import make_data
+from kernels.rng import Rng
 
 DS = [1, 2, 5, 30]
 NS = [10, 1_000, 1_000_000]

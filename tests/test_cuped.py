@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from kernels import covariate
-from kernels.backend import Rng
 from kernels.data import fixed_hyper, make_data
 from kernels.gibbs import init, sweep
+from kernels.rng import Rng
 from streams.dev.synthetic import Scenario, cell_stats, population
 from tests.kernel_helpers import FixedNormals, sample
 from tests.test_sbc import ACTIVITY, assert_uniform
@@ -259,10 +259,10 @@ def test_sbc_slopes():
     rng = Rng(11)
     state = init(data, rng, chains)
     for _ in range(warmup):
-        state = sweep(state, data, rng)
+        state, _ = sweep(state, data, rng)
     draws: dict[str, list] = {k: [] for k in truth}
     for i in range(kept * thin):
-        state = sweep(state, data, rng)
+        state, _ = sweep(state, data, rng)
         if (i + 1) % thin == 0:
             draws["g1_0"].append(state.gamma[:, :, 0, 0])
             draws["g1_3"].append(state.gamma[:, :, 3, 0])

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernels import fused, gibbs
+from kernels import fused, gibbs, grids
 from kernels.arrival import draw_logit_p
 from kernels.data import make_data
 
@@ -48,7 +48,7 @@ def _compiler() -> str | None:
     return None
 
 
-def build_c(out_dir: Path, omega_grid: int = gibbs.OMEGA_GRID) -> ctypes.CDLL:
+def build_c(out_dir: Path, omega_grid: int = grids.OMEGA_GRID) -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler (cc/gcc/clang) on PATH: the fused kernels' C build is "
@@ -138,7 +138,7 @@ def _omega_inputs(data, C: int, seed: int):
     resid = rng.standard_normal((P, C, K, S)) * s * np.exp(rng.uniform(-4, 2, (P, C, K, 1)))
     v = np.where(c["has"], np.exp(rng.uniform(-10, 2, (P, C, K, S))) * s**2, 1.0)
     # current ω²: mostly inside the grid, some below/above it (a foreign start), some 0
-    pos = rng.uniform(-2, gibbs.OMEGA_GRID + 1, (P, C, K))
+    pos = rng.uniform(-2, grids.OMEGA_GRID + 1, (P, C, K))
     omega2 = np.exp(2 * (c["omega_u0"] + c["omega_step"] * pos))
     omega2[rng.random((P, C, K)) < 0.02] = 0.0
     u_x = rng.random((P, C, K))
@@ -180,11 +180,11 @@ def test_omega_kernel_without_data_is_the_prior_table(clib):
 
 
 def test_omega_kernel_other_grid_size(tmp_path, monkeypatch):
-    """LS_OMEGA_G follows kernels.gibbs.OMEGA_GRID (a compile-time size)."""
-    monkeypatch.setattr(gibbs, "OMEGA_GRID", 32)
+    """LS_OMEGA_G follows kernels.grids.OMEGA_GRID (a compile-time size)."""
+    monkeypatch.setattr(grids, "OMEGA_GRID", 32)
     data = _random_data(8, 10, 2, 5)
     data.cache.clear()
-    monkeypatch.setattr(gibbs, "OMEGA_GRID", 32)
+    monkeypatch.setattr(grids, "OMEGA_GRID", 32)
     c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, 2, seed=2)
     assert c["omega_grid_om2"].shape[0] == 32
     lib = build_c(tmp_path, 32)
@@ -227,8 +227,8 @@ def test_arrival_kernel_equals_numpy_block(clib, P, C, S):
 def test_sweeps_fused_equal_unfused_on_cpu(clib, monkeypatch):
     """The dispatch in gibbs/arrival: the C build in place of the GPU, the same
     Philox stream; init + 5 sweeps give the same chains."""
-    from kernels.backend import Rng
     from kernels.philox import keys_for
+    from kernels.rng import Rng
     from kernels.sampler import run
 
     data = _random_data(5, 9, 3, 6)
@@ -239,7 +239,7 @@ def test_sweeps_fused_equal_unfused_on_cpu(clib, monkeypatch):
         monkeypatch.setattr(fused, "cupy_launcher", lambda G: c_launcher(clib))
         rng = Rng(4, kind="philox", keys=keys_for(4, range(P)))
         state = gibbs.init(data, rng, 4)
-        state, _ = run(state, data, rng, 5)
+        state, _, _ = run(state, data, rng, 5)
         return state
 
     a, b = chains(False), chains(True)
@@ -314,7 +314,7 @@ def nvrtc_ptx(src: str, options: tuple[str, ...]) -> tuple[int, str, str]:
     return rc, log.value.decode(errors="replace"), ptx.decode(errors="replace")
 
 
-@pytest.mark.parametrize("omega_grid", [gibbs.OMEGA_GRID, 32])
+@pytest.mark.parametrize("omega_grid", [grids.OMEGA_GRID, 32])
 def test_cuda_source_compiles_with_nvrtc(omega_grid):
     """The options kernels.fused gives cupy, for the H200 (compute_90): no error,
     no warning, both kernels in the PTX with the launch's argument lists."""
@@ -341,10 +341,10 @@ def test_nvrtc_reports_errors():
 def test_bandwidth_model_follows_the_code():
     """tests/gpu/bandwidth.py: the grid sizes are the kernels', and fusing the
     ω step and the arrival draw cuts those blocks' bytes (≥ 3× together)."""
-    from kernels.arrival import GRID_POINTS
+    from kernels.grids import ARRIVAL_GRID_POINTS as GRID_POINTS
     from tests.gpu import bandwidth as bw
 
-    assert (bw.ARRIVAL_GRID, bw.OMEGA_GRID) == (GRID_POINTS, gibbs.OMEGA_GRID)
+    assert (bw.ARRIVAL_GRID, bw.OMEGA_GRID) == (GRID_POINTS, grids.OMEGA_GRID)
     b = bw.sweep_bytes(10_000, 8, 2, 8)
     assert b["minimal"] < b["fused"] < b["unfused"]
     assert b["omega_fused"] + b["arrival_fused"] < (b["omega_unfused"] + b["arrival_unfused"]) / 3

@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.backend import Rng, cupy_or_none, to_numpy
+from kernels.backend import cupy_or_none, to_numpy
+from kernels.rng import Rng
 
 
 def _skip_reason() -> str:
@@ -50,8 +51,9 @@ def _sample(data, seed: int, xp, chains: int = 4, warmup: int = 200, draws: int 
 
     rng = Rng(seed, xp=xp)
     state = init(data, rng, chains)
-    state, _ = run(state, data, rng, warmup, thin=warmup)
-    return run(state, data, rng, draws)
+    state, _, _ = run(state, data, rng, warmup, thin=warmup)
+    state, trace, _ = run(state, data, rng, draws)
+    return state, trace
 
 
 # ------------------------------------------------------------------ (a) closed form
@@ -177,7 +179,7 @@ def test_same_draws_same_chain_on_cpu_and_gpu():
     rn, rc = HostRng(5, np), HostRng(5, cp)
     sn, sc = init(dn, rn, C), init(dc, rc, C)
     for _ in range(3):
-        sn, sc = sweep(sn, dn, rn), sweep(sc, dc, rc)
+        sn, sc = sweep(sn, dn, rn)[0], sweep(sc, dc, rc)[0]
     for name, a in sn.arrays().items():
         np.testing.assert_allclose(to_numpy(getattr(sc, name)), a, rtol=1e-7, atol=1e-9,
                                    err_msg=name)
@@ -267,8 +269,8 @@ def test_philox_sweeps_match_on_cupy_and_numpy():
     rn = Rng(5, xp=np, kind="philox", keys=keys)
     rc = Rng(5, xp=cp, kind="philox", keys=keys)
     sn, sc = init(dn, rn, C), init(dc, rc, C)
-    sn, _ = run(sn, dn, rn, 3)
-    sc, _ = run(sc, dc, rc, 3)
+    sn, _, _ = run(sn, dn, rn, 3)
+    sc, _, _ = run(sc, dc, rc, 3)
     for name, a in sn.arrays().items():
         np.testing.assert_allclose(to_numpy(getattr(sc, name)), a, rtol=1e-7, atol=1e-9,
                                    err_msg=name)
@@ -340,7 +342,7 @@ def test_sweeps_fused_equal_unfused_on_device(monkeypatch):
         data = _bench_data(P, S, xp)
         rng = Rng(5, xp=xp, kind="philox", keys=keys)
         state = init(data, rng, C)
-        out[mode], _ = run(state, data, rng, 5)
+        out[mode], _, _ = run(state, data, rng, 5)
     for name, a in out["cpu"].arrays().items():
         for mode in ("1", "0"):
             np.testing.assert_allclose(to_numpy(getattr(out[mode], name)), a, rtol=1e-7,

@@ -96,10 +96,10 @@ def test_omega_step_leaves_its_conditional_invariant(G, monkeypatch):
     grid makes the proposal poor, so a wrong MH ratio would show."""
     from scipy import stats
 
-    from kernels import gibbs
-    from kernels.backend import Rng
+    from kernels import gibbs, grids
+    from kernels.rng import Rng
 
-    monkeypatch.setattr(gibbs, "OMEGA_GRID", G)
+    monkeypatch.setattr(grids, "OMEGA_GRID", G)
     data = make_data(np.full((1, 2, 4), 5.0), np.zeros((1, 2, 4)), np.full((1, 2, 4), 20.0),
                      np.full((1, 4), 10.0), np.zeros((1, 4)), 2, np.ones((1, 4)) * 5)
     c = gibbs._derived(data)

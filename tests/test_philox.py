@@ -20,8 +20,8 @@ import pytest
 from scipy import special, stats
 
 from kernels import philox
-from kernels.backend import Rng
 from kernels.philox import keys_for, philox4x32, philox4x64
+from kernels.rng import Rng
 
 # Random123 tests/kat_vectors: name rounds ctr[4] key[2] -> out[4]
 KAT_4x32 = """
@@ -290,8 +290,8 @@ def test_sweeps_of_a_problem_do_not_depend_on_its_batch():
     ra = Rng(3, kind="philox", keys=keys_for(3, range(6)))
     rb = Rng(3, kind="philox", keys=keys_for(3, sub))
     sa, sb = init(full, ra, 4), init(part, rb, 4)
-    sa, ta = run(sa, full, ra, 3)
-    sb, tb = run(sb, part, rb, 3)
+    sa, ta, _ = run(sa, full, ra, 3)
+    sb, tb, _ = run(sb, part, rb, 3)
     for name, arr in sa.arrays().items():
         np.testing.assert_allclose(getattr(sb, name), arr[sub], rtol=1e-9, atol=1e-12,
                                    err_msg=name)
@@ -309,9 +309,9 @@ def test_ticks_give_the_same_draws_as_one_run():
     keys = keys_for(9, ["a/x", "b/x", "c/x"])
     r = Rng(9, kind="philox", keys=keys)
     s0 = init(data, r, 2)
-    one, _ = run(s0, data, Rng(9, kind="philox", keys=keys), 4)
-    two, _ = run(s0, data, Rng(9, kind="philox", keys=keys), 2)
-    two, _ = run(two, data, Rng(9, kind="philox", keys=keys), 2)
+    one, _, _ = run(s0, data, Rng(9, kind="philox", keys=keys), 4)
+    two, _, _ = run(s0, data, Rng(9, kind="philox", keys=keys), 2)
+    two, _, _ = run(two, data, Rng(9, kind="philox", keys=keys), 2)
     for name, arr in one.arrays().items():
         np.testing.assert_array_equal(getattr(two, name), arr, err_msg=name)
 
@@ -350,8 +350,8 @@ def test_posterior_with_philox_agrees_with_pcg():
     for kind in ("pcg", "philox"):
         r = Rng([11, 1], kind=kind)
         s = init(data, r, 8)
-        s, _ = run(s, data, r, 100, thin=100)
-        _, tr = run(s, data, r, 300)
+        s, _, _ = run(s, data, r, 100, thin=100)
+        _, tr, _ = run(s, data, r, 300)
         out.append(tr.adj_effect[..., 0])
     ag = agreement(out[0], out[1])
     assert ag["agree"], ag

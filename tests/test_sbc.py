@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kernels.backend import Rng
 from kernels.data import fixed_hyper, make_data
 from kernels.gibbs import init, sweep
+from kernels.rng import Rng
 
 ACTIVITY = np.array([1.0, 4.0, 10.0, 25.0])
 S = len(ACTIVITY)
@@ -85,10 +85,10 @@ def sbc_ranks(reps: int, seed: int, chains=4, warmup=200, kept=50, thin=10, K=1)
     rng = Rng(seed + 1)
     state = init(data, rng, chains)
     for _ in range(warmup):
-        state = sweep(state, data, rng)
+        state, _ = sweep(state, data, rng)
     draws = {k: [] for k in truth}
     for i in range(kept * thin):
-        state = sweep(state, data, rng)
+        state, _ = sweep(state, data, rng)
         if (i + 1) % thin == 0:
             for k, v in traced(state).items():
                 draws[k].append(v)

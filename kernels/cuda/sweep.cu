@@ -6,7 +6,7 @@
  *   - plain C (cc -O2 -shared -fPIC -x c, tests/test_fused.py): a loop over
  *     the rows, so the device code's arithmetic is tested on any machine.
  * Each kernel's body is a function of the row index (ls_*_row); the random
- * numbers are inputs (drawn by kernels.backend.Rng before the launch, at the
+ * numbers are inputs (drawn by kernels.rng.Rng before the launch, at the
  * same draw sites as the array code), so a kernel is a deterministic function
  * of its arrays and the fused path consumes exactly the array path's draws.
  *
@@ -31,7 +31,7 @@
 typedef long long ls_int;
 
 #ifndef LS_OMEGA_G
-#define LS_OMEGA_G 16 /* kernels.gibbs.OMEGA_GRID; kernels/fused.py passes -DLS_OMEGA_G */
+#define LS_OMEGA_G 16 /* kernels.grids.OMEGA_GRID; kernels/fused.py passes -DLS_OMEGA_G */
 #endif
 #define LS_NO_DATA_V 1e300 /* kernels.gibbs._NO_DATA_V */
 #define LS_LG_FLOOR (-1e4) /* the proposal's floor in kernels.gibbs._draw_omega2 */

@@ -43,9 +43,10 @@ from typing import Any
 import numpy as np
 
 from kernels import arrival
-from kernels.backend import Rng, to_numpy
+from kernels.backend import to_numpy
 from kernels.data import ModelData
 from kernels.estimands import estimands
+from kernels.rng import Rng
 
 TARGET_ACCEPT = 0.8  # NumPyro's default; no divergences with the non-centred τ
 MAX_TREE_DEPTH = 10  # NumPyro's default

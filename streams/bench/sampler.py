@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 
 from kernels import fused
-from kernels.arrival import GRID_POINTS
-from kernels.backend import Rng, default_rng_kind, get_xp, to_numpy
+from kernels.backend import get_xp, to_numpy
 from kernels.data import ModelData, make_data
 from kernels.diagnostics import ess_bulk, ndtri, split_rhat
-from kernels.gibbs import OMEGA_GRID, init
+from kernels.gibbs import init
+from kernels.grids import ARRIVAL_GRID_POINTS, OMEGA_GRID
 from kernels.philox import keys_for
+from kernels.rng import Rng, default_rng_kind
 from kernels.sampler import run
 from streams.dev.synthetic import DEFAULT_EDGES, Scenario, cell_stats, population
 
@@ -152,7 +153,7 @@ class GibbsResult:
     rhat: np.ndarray | None = None
 
 
-def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = GRID_POINTS,
+def problem_bytes(chains: int, K1: int, S: int, sweeps: int, G: int = ARRIVAL_GRID_POINTS,
                   fused_kernels: bool = False) -> int:
     """Peak device bytes one problem needs, roughly (float64).
 
@@ -240,7 +241,7 @@ def bench_gibbs(data: ModelData, chains: int, warmup: int, sweeps: int, seed: in
     done = 0
     while done < warmup:
         k = min(CHUNK, warmup - done)
-        state, _ = run(state, data, rng, k, thin=k, progress=tick)
+        state, _, _ = run(state, data, rng, k, thin=k, progress=tick)
         done += k
     _sync(xp)
     warm_s = time.perf_counter() - t0
@@ -250,7 +251,7 @@ def bench_gibbs(data: ModelData, chains: int, warmup: int, sweeps: int, seed: in
     done = 0
     while done < sweeps:
         k = min(CHUNK, sweeps - done)
-        state, trace = run(state, data, rng, k, progress=tick)
+        state, trace, _ = run(state, data, rng, k, progress=tick)
         parts.append(trace.adj_effect[..., 0])  # [P, C, k], first treatment
         done += k
     adj = xp.concatenate(parts, axis=-1)

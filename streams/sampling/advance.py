@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.backend import Rng, default_rng_kind
+from kernels.backend import to_numpy
 from kernels.batching import pad_into, stack_draws, stored_shape, unpad_draws, unpad_state
 from kernels.gibbs import init
 from kernels.philox import keys_for
+from kernels.rng import Rng, default_rng_kind
 from kernels.sampler import run
 from kernels.summary import summarize
 from streams.sampling.chains import append_window
@@ -41,6 +42,9 @@ class StoredChains:
     #: iteration at which the chains began sampling the data of ``seq``: draws
     #: after it are on that data, draws up to it on older data (None: unknown)
     fresh_from: int | None = None
+    #: the MH acceptance rates of the sweeps just run, by block (``SweepInfo``;
+    #: not persisted; None for chains loaded from Redis)
+    acceptance: dict[str, float] | None = None
 
     def window_is_fresh(self) -> bool:
         """Every draw in the window was made on the data of ``seq``."""
@@ -81,7 +85,8 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
             pad_into(state, i, st.state)
         else:
             its[i] = 0
-    state, trace = run(state, data, rng, cfg.sweeps)
+    state, trace, info = run(state, data, rng, cfg.sweeps)
+    acceptance = {b: to_numpy(a) for b, a in info.acceptance(data).items()}  # [P] each
     seq_of = {s.experiment_id: s.seq for s in snaps}
 
     out: dict[tuple[str, str], StoredChains] = {}
@@ -101,7 +106,8 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
         same_data = (old is not None and its[i] > 0 and old.fresh_from is not None
                      and old.seq == seq)
         fresh_from = old.fresh_from if same_data else its[i]
-        out[p.key] = StoredChains(new_state, window, seq, fresh_from)
+        out[p.key] = StoredChains(new_state, window, seq, fresh_from,
+                                  {b: float(a[i]) for b, a in acceptance.items()})
 
     recs = _summaries(problems, out, data, snaps, cfg, computed_at)
     return recs, out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.backend import Rng
 from kernels.gibbs import init
+from kernels.rng import Rng
 from kernels.sampler import run
 from kernels.summary import summarize
 from schemas.records import Event, ExperimentConfig
@@ -61,8 +61,8 @@ def estimate(snaps: list[ExperimentSnapshot], chains: int = 8, sweeps: int = 100
     rng = Rng([seed, len(problems)], xp=xp)
     state = init(data, rng, chains)
     warm = sweeps // 2
-    state, _ = run(state, data, rng, warm, thin=max(warm, 1), progress=progress)
-    state, trace = run(state, data, rng, sweeps - warm, progress=progress)
+    state, _, _ = run(state, data, rng, warm, thin=max(warm, 1), progress=progress)
+    state, trace, _ = run(state, data, rng, sweeps - warm, progress=progress)
     summary = summarize(trace, data, direction=[p.direction for p in problems])
     return records(summary, problems, {s.experiment_id: s for s in snaps},
                    iteration=state.iteration, computed_at=int(time.time() * 1000))

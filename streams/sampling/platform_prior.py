@@ -258,6 +258,9 @@ class PlatformPrior:
         self.cfg = cfg
         self._servers: dict[tuple[str, int], tuple[ParameterServer, ParameterServer]] = {}
         self._rng = np.random.default_rng([cfg.seed, time.time_ns() % 2**32])
+        #: the correction step's acceptance over the last ``apply`` (all its
+        #: metrics and chains), None before one proposed anything
+        self.acceptance: float | None = None
 
     def servers(self, metric: str, c: int) -> tuple[ParameterServer, ParameterServer]:
         key = (metric, c)
@@ -274,6 +277,7 @@ class PlatformPrior:
 
     def apply(self, recs: list[dict], opted_in: Callable[[str], bool]) -> list[dict]:
         by_metric: dict[str, list[dict]] = {}
+        proposed = accepted = 0
         for rec in recs:
             eff = rec["adjusted"]["effect"]
             if opted_in(rec["experiment_id"]) and eff["sd"] and eff["sd"] > 0:
@@ -293,6 +297,8 @@ class PlatformPrior:
             lam_d, psi2_d = np.concatenate(lam), np.concatenate(psi2)
             shrunk = kp.shrunk_effects(ybar, sd, lam_d, psi2_d)
             acc = sum(s.accepted for s in steps) / max(1, sum(s.proposed for s in steps))
+            proposed += sum(s.proposed for s in steps)
+            accepted += sum(s.accepted for s in steps)
             for i, rec in enumerate(group):
                 rec["platform"] = {
                     "effect": shrunk[i]["effect"], "p_positive": shrunk[i]["p_positive"],
@@ -301,4 +307,6 @@ class PlatformPrior:
                     "experiments": n, "chains": self.cfg.chains, "draws": int(lam_d.size),
                     "acceptance": acc,
                 }
+        if proposed:
+            self.acceptance = accepted / proposed
         return recs

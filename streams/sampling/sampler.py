@@ -90,6 +90,9 @@ class SamplerService:
         self.idle_at_seq: dict[str, int | None] = {}  # experiments with nothing to do
         self.bad_chains = 0  # unreadable chain blobs restarted (liftstream_bad_chains_total)
         self.stale_writes = 0  # chain writes refused: a newer iteration was stored
+        #: MH acceptance of the last tick by block, averaged over its problems
+        #: (liftstream_sampler_acceptance; see ``tick_acceptance``)
+        self.acceptance: dict[str, float] = {}
         self._store_chain = None
 
     def own(self, eid: str) -> None:
@@ -231,10 +234,13 @@ class SamplerService:
         snaps, stored = self.load(eids)
         now_ms = now_ms or int(time.time() * 1000)
         recs, chains = advance(snaps, stored, self.tick_cfg, now_ms, xp=self.xp)
+        self.acceptance = tick_acceptance(chains)
         if self.platform is not None:
             opted = {s.experiment_id for s in snaps if s.config.prior == "platform"}
             if opted:
                 recs = self.platform.apply(recs, opted.__contains__)
+                if self.platform.acceptance is not None:
+                    self.acceptance["platform"] = self.platform.acceptance
         recs = self.store(chains, recs)
         self._mark_idle(snaps, chains, recs)
         return recs
@@ -257,6 +263,17 @@ class SamplerService:
             )
             if full and worst.get(s.experiment_id, 9.9) < self.rhat_done:
                 self.idle_at_seq[s.experiment_id] = s.seq
+
+
+def tick_acceptance(chains: dict[tuple[str, str], StoredChains]) -> dict[str, float]:
+    """The tick's MH acceptance rate by block: each problem's rate (``StoredChains.
+    acceptance``, over its chains, treatments and the tick's sweeps) averaged
+    over the problems advanced. Empty when none was."""
+    rates: dict[str, list[float]] = {}
+    for st in chains.values():
+        for block, rate in (st.acceptance or {}).items():
+            rates.setdefault(block, []).append(rate)
+    return {block: sum(v) / len(v) for block, v in rates.items()}
 
 
 def conclude(r: Any, cfg) -> list[dict]:

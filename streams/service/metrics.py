@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 
 from streams.state.data_quality import outcomes
 
@@ -21,6 +22,10 @@ HELP = {
     "liftstream_dead_letters_total": ("counter", "Dead-lettered messages by reason code."),
     "liftstream_ingest_batch_seconds": ("histogram", "Wall time to apply one micro-batch."),
     "liftstream_sampler_sweeps_total": ("counter", "Gibbs sweeps run (each over all chains)."),
+    "liftstream_sampler_acceptance": ("gauge", "Metropolis-Hastings acceptance rate of the "
+                                      "last sampler tick by block (omega: the sweep's omega "
+                                      "step, kernels.gibbs.SweepInfo; platform: the platform "
+                                      "prior's correction step), averaged over its problems."),
     "liftstream_chain_iterations": ("gauge", "Chain iteration count per experiment and metric."),
     "liftstream_estimate_age_seconds": ("gauge", "Wall time since the latest estimate "
                                         "of an experiment/metric/variant was computed."),
@@ -85,6 +90,12 @@ class Metrics:
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
             self.gauges[name][tuple(sorted(labels.items()))] = value
+
+    def set_acceptance(self, rates: Mapping[str, float]) -> None:
+        """Set ``liftstream_sampler_acceptance{block}`` from a tick's rates by block
+        (``SamplerService.acceptance``); blocks absent from ``rates`` keep their value."""
+        for block, rate in rates.items():
+            self.set("liftstream_sampler_acceptance", float(rate), block=block)
 
     def set_data_quality(self, rec: dict) -> None:
         """Set an experiment's data-quality gauges from one of its estimate records

@@ -46,8 +46,8 @@ F8 = 8
 SECTOR = 32
 H200_BYTES_PER_S = 4.8e12
 try:  # the sampler's own grid sizes, so the estimate follows the code
-    from kernels.arrival import GRID_POINTS as ARRIVAL_GRID
-    from kernels.gibbs import OMEGA_GRID
+    from kernels.grids import ARRIVAL_GRID_POINTS as ARRIVAL_GRID
+    from kernels.grids import OMEGA_GRID
 except ImportError:  # pragma: no cover - run from elsewhere
     ARRIVAL_GRID, OMEGA_GRID = 512, 16
 # Philox draw as written: the fused block writes 4 uint64 words and they are
