@@ -30,8 +30,7 @@ from streams.sampling.analyze import fold, read_experiments
 from streams.sampling.chains import decode
 from streams.sampling.sampler import chain_key, estimate_key
 from streams.state.store import experiment_key, read_counters, read_snapshot
-from tests.streaming_harness import (
-    Workers,
+from tests.support.streaming_harness import (
     close_diff,
     events_counted,
     make_stack,
@@ -68,13 +67,6 @@ def backlog_file(tmp_path):
     exp_path.write_bytes(b"".join(dumps(experiment_to_dict(c)) + b"\n" for c in cfgs))
     ev_path.write_bytes(b"".join(dumps(e) + b"\n" for e in evs))
     return cfgs, evs, truths, exp_path, ev_path
-
-
-@pytest.fixture()
-def workers():
-    ws = Workers()
-    yield ws
-    ws.close()
 
 
 @pytest.mark.parametrize("kills", [0, 2], ids=["backlog", "backlog-2kills"])

@@ -36,7 +36,12 @@ import redis
 
 from schemas.codec import dumps
 from streams.service.web import truth_key
-from tests.streaming_harness import Workers, make_stack, produce, start_web_worker, wait_until
+from tests.support.streaming_harness import (
+    make_stack,
+    produce,
+    start_web_worker,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -122,13 +127,6 @@ def shown_numbers(dom: Dom) -> dict[str, str]:
     return {k: dom.text.get(k, "").strip() for k in
             ("adjusted-mean", "adjusted-interval", "naive-mean", "naive-interval", "truth",
              "diag", "platform-mean", "platform-interval")}
-
-
-@pytest.fixture()
-def workers():
-    ws = Workers()
-    yield ws
-    ws.close()
 
 
 def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):

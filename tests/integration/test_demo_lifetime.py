@@ -17,7 +17,7 @@ import sys
 import psutil
 import pytest
 
-from tests.streaming_harness import REPO
+from tests.support.streaming_harness import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240),
               pytest.mark.skipif(not sys.platform.startswith("linux"),

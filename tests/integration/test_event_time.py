@@ -23,7 +23,7 @@ from streams.state.store import (
     read_snapshot,
     settle,
 )
-from tests.streaming_harness import assert_state_close, event_dict
+from tests.support.streaming_harness import assert_state_close, event_dict
 
 T0 = 1_700_000_000_000
 TOPIC = "ev"
@@ -141,7 +141,7 @@ def test_data_loss_alert_on_a_stream_with_late_metrics(r):
     """2% of the metrics arrive past the correction horizon: data_loss fires
     once; when they stop, it resolves (the alert judges a recent window)."""
     from streams.alerts import store as alerting
-    from tests.test_alerts import quiet
+    from tests.support.alert_records import quiet
 
     c = cfg(experiment_id="exp-1", correction_seconds=2, window_seconds=5, lateness_seconds=0)
     reg = Registry(r)

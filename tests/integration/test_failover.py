@@ -32,8 +32,8 @@ from streams.sampling.chains import decode
 from streams.sampling.sampler import NOTICE_CHANNEL, chain_key
 from streams.service.app import partition_for
 from streams.state.semantics import Reducer
-from tests.scale_helpers import Feeder, NoticeLog, as_records, group_members, pinned_case
-from tests.streaming_harness import (
+from tests.support.scale_helpers import Feeder, NoticeLog, as_records, group_members, pinned_case
+from tests.support.streaming_harness import (
     Workers,
     assert_state_close,
     events_counted,

@@ -32,8 +32,14 @@ from streams.state.store import (
     claim_partition,
     experiment_key,
 )
-from tests.scale_helpers import pinned_case, pinned_producer, produce_pinned
-from tests.streaming_harness import Workers, event_dict, events_counted, make_stack, wait_until
+from tests.support.scale_helpers import pinned_case, pinned_producer, produce_pinned
+from tests.support.streaming_harness import (
+    Workers,
+    event_dict,
+    events_counted,
+    make_stack,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -55,9 +55,8 @@ from streams.dev.simulate import make_traffic
 from streams.ingest.ingestor import ingest_offsets
 from streams.state.semantics import Reducer
 from streams.state.store import too_old
-from tests.streaming_harness import (
+from tests.support.streaming_harness import (
     REPO,
-    Workers,
     assert_state_close,
     consume_all,
     make_stack,
@@ -216,13 +215,6 @@ def classify(raw: bytes | None, now_ms: int, cfg) -> tuple[str | None, object | 
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture()
-def workers():
-    ws = Workers()
-    yield ws
-    ws.close()
-
 
 # ------------------------------------------------------------------ the pipeline fuzz
 

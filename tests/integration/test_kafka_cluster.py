@@ -43,8 +43,8 @@ import redis
 
 from schemas.codec import dumps
 from streams.dev.embedded import apache_kafka_available, start_apache_kafka_cluster
-from tests.scale_helpers import fed, pinned_case
-from tests.streaming_harness import (
+from tests.support.scale_helpers import fed, pinned_case
+from tests.support.streaming_harness import (
     Workers,
     assert_state_close,
     committed_offsets,

@@ -35,8 +35,8 @@ from schemas.codec import loads
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
 from streams.state.registry import Registry
 from streams.state.store import experiment_key, read_counters
-from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
-from tests.streaming_harness import (
+from tests.support.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
+from tests.support.streaming_harness import (
     REPO,
     Workers,
     assert_state_close,

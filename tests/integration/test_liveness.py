@@ -24,8 +24,8 @@ import redis
 
 from schemas.codec import loads
 from streams.dev.embedded import start_redis
-from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
-from tests.streaming_harness import (
+from tests.support.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
+from tests.support.streaming_harness import (
     Workers,
     assert_state_close,
     events_counted,

@@ -1,5 +1,5 @@
 """Redis Cluster for real (issue 15, item 7): a 3-master cluster started from
-the same redis-server binary (``tests/redis_cluster_support.py``), the worker
+the same redis-server binary (``tests/support/redis_cluster_support.py``), the worker
 connected by ``redis+cluster://`` URL.
 
 * ``test_cluster_url``: the URL forms ``streams.config.settings.redis_client`` takes.
@@ -7,13 +7,15 @@ connected by ``redis+cluster://`` URL.
   the worker's path): every key of an experiment lies in one slot, the ingest
   positions (``lr:{ingest}:*``, one script) in one slot, the units' routing
   keys on every master; the state equals the reducer's.
-* ``test_end_to_end_on_cluster``: ``tests/test_streaming.py``'s main scenario
-  (``test_end_to_end``, plain) unchanged, with its worker and its Redis reads on
-  the cluster: state equal to the reference fold, estimates matching
-  ``liftstream analyze``. Then the key layout of the keys the worker wrote.
+* ``test_end_to_end_on_cluster``: ``tests/integration/test_streaming.py``'s
+  main scenario (``test_end_to_end``, plain; its body is in
+  ``tests/support/streaming_scenarios.py``) unchanged, with its worker and its
+  Redis reads on the cluster: state equal to the reference fold, estimates
+  matching ``liftstream analyze``. Then the key layout of the keys the worker wrote.
 * ``test_differential_through_kafka_on_cluster``: the random-stream
-  differential (holds, unit-level holds and their expiry, duplicates,
-  late events) through Kafka and a worker on the cluster, bit for bit.
+  differential (``test_differential_through_kafka``'s scenario: holds,
+  unit-level holds and their expiry, duplicates, late events) through Kafka
+  and a worker on the cluster, bit for bit.
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ from streams.state.store import (
     read_snapshot,
     unit_index_key,
 )
-from tests import test_streaming
-from tests.redis_cluster_support import (  # noqa: F401 - fixtures
+from tests.support.redis_cluster_support import (  # noqa: F401 - fixtures
     cluster_r,
     cluster_url,
     master_of,
     redis_cluster_service,
 )
-from tests.streaming_harness import bits
-from tests.test_streaming import new_stack, workers  # noqa: F401 - fixtures
+from tests.support.streaming_harness import bits
+from tests.support.streaming_scenarios import (
+    END_TO_END_CASES,
+    differential_through_kafka,
+    end_to_end,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -64,7 +69,7 @@ def redis_url(cluster_url):  # noqa: F811 - the fixture
 
 @pytest.fixture()
 def r(cluster_r):  # noqa: F811 - the fixture
-    """``tests/test_streaming.py``'s Redis reads go to the cluster."""
+    """The scenarios' Redis reads go to the cluster."""
     return cluster_r
 
 
@@ -145,19 +150,9 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
     print(f"\n[cluster] unit routing keys per master: {per_master}")
 
 
-def plain_case(fn) -> dict:
-    """The arguments of ``fn``'s ``plain`` case (its parametrize mark), so
-    this test follows the scenario's parameters as they change."""
-    mark = next(m for m in fn.pytestmark if m.name == "parametrize")
-    names = [n.strip() for n in mark.args[0].split(",")]
-    values = mark.args[1][list(mark.kwargs["ids"]).index("plain")]
-    return dict(zip(names, values if len(names) > 1 else (values,), strict=True))
-
-
-def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):  # noqa: F811
+def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):
     t0 = time.monotonic()
-    test_streaming.test_end_to_end(new_stack=new_stack, workers=workers, r=r,
-                                   tmp_path=tmp_path, **plain_case(test_streaming.test_end_to_end))
+    end_to_end(new_stack, workers, r, tmp_path, *END_TO_END_CASES["plain"])
     elapsed = time.monotonic() - t0
     units = {k.decode()[len("lr:{u:"):-len("}:x")] for k in r.scan_iter(match="lr:{u:*}:x")}
     per_master = assert_layout(r, "e2e", units)
@@ -165,9 +160,9 @@ def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):  # noqa: F811
           f"keys per master: {per_master}")
 
 
-def test_differential_through_kafka_on_cluster(new_stack, workers, r):  # noqa: F811
+def test_differential_through_kafka_on_cluster(new_stack, workers, r):
     t0 = time.monotonic()
-    test_streaming.test_differential_through_kafka(new_stack, workers, r)
+    differential_through_kafka(new_stack, workers, r)
     print(f"[cluster] differential through Kafka on 3 masters: {time.monotonic() - t0:.1f}s")
 
 

@@ -28,8 +28,8 @@ import redis
 
 from streams.dev.embedded import start_redis
 from streams.ingest.ingestor import ingest_offsets
-from tests.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
-from tests.streaming_harness import (
+from tests.support.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
+from tests.support.streaming_harness import (
     Workers,
     assert_state_close,
     committed_offsets,

@@ -17,7 +17,7 @@ from schemas.codec import dumps
 from streams.dev.simulate import make_traffic
 from streams.ingest.ingestor import Ingestor
 from streams.state.registry import Registry
-from tests.scale_helpers import START
+from tests.support.scale_helpers import START
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

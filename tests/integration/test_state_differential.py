@@ -54,7 +54,7 @@ from streams.state.store import (
     read_units,
     route_rows,
 )
-from tests.streaming_harness import bits
+from tests.support.streaming_harness import bits
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from schemas.records import ExperimentConfig, Exposure
-from tests.streaming_harness import REPO, Workers, make_stack, produce, wait_until
+from tests.support.streaming_harness import REPO, Workers, make_stack, produce, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

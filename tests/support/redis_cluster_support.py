@@ -5,7 +5,7 @@ dies with the test process.
 
 A module uses it by importing the fixtures it needs::
 
-    from tests.redis_cluster_support import cluster_r, redis_cluster_service  # noqa: F401
+    from tests.support.redis_cluster_support import cluster_r, redis_cluster_service  # noqa: F401
 
 ``cluster_url`` is the ``redis+cluster://`` URL (every master flushed first);
 ``cluster_r`` a ``redis.cluster.RedisCluster`` on it (``streams.config.settings.redis_client``).

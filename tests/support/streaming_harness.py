@@ -1,4 +1,4 @@
-"""Helpers for the streaming integration tests (``tests/test_streaming.py``).
+"""Helpers for the streaming integration tests (``tests/integration/``).
 
 Runs real ``liftstream worker`` processes against the session's embedded
 broker and redis-server (``tests/conftest.py``):
@@ -43,8 +43,7 @@ from streams.config.settings import Settings
 from streams.dev.embedded import dies_with_parent, kill_group, stop_group
 from streams.state.semantics import Reducer
 from streams.state.store import advance_partition, read_counters, read_snapshot
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
 
 #: Settings every test worker gets unless overridden: small and quick.
 BASE_SETTINGS: dict[str, Any] = {

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from streams.config.settings import Settings
+from tests.support.paths import REPO as ROOT
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (`make test` installs it "
                                           "with kubernetes-validate)")
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "k8s"
 #: Kubernetes releases the manifests must be valid for (oldest supported, recent).

@@ -112,7 +112,7 @@ def test_worker_log_has_no_secrets(kafka_bootstrap, redis_url, tmp_path):
     import redis
 
     from streams.dev.simulate import make_traffic
-    from tests.streaming_harness import (
+    from tests.support.streaming_harness import (
         Workers,
         events_counted,
         make_stack,
@@ -157,7 +157,7 @@ def test_api_token_guards_every_route_but_the_probes(kafka_bootstrap, redis_url,
     without the token, 200 with it as a bearer token or ``?token=``; the
     probes answer without it; the token never reaches the log."""
     from streams.dev.embedded import free_port
-    from tests.streaming_harness import WebWorker, Workers, make_stack, wait_until
+    from tests.support.streaming_harness import WebWorker, Workers, make_stack, wait_until
 
     st = make_stack(kafka_bootstrap, redis_url, tmp_path, "tok", partitions=1)
     st.create_topics()

@@ -25,7 +25,7 @@ from schemas.validate import InvalidRecord, incompatible_change
 from streams.cli.admin import publish_experiment
 from streams.ingest.ingestor import Ingestor
 from streams.state.registry import Registry
-from tests.streaming_harness import (
+from tests.support.streaming_harness import (
     Workers,
     consume_all,
     event_dict,

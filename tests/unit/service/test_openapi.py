@@ -1,11 +1,10 @@
 """The OpenAPI file documents exactly the routes the web module registers."""
 
 import re
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO as ROOT
 
 
 def test_openapi_paths_match_registered_pages():

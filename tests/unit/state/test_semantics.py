@@ -454,7 +454,7 @@ def test_analyze_fold_gives_age_cells(tmp_path):
     from schemas.validate import experiment_to_dict
     from streams.sampling.analyze import fold, read_experiments
     from streams.state.semantics import Reducer
-    from tests.streaming_harness import event_dict
+    from tests.support.streaming_harness import event_dict
 
     on = cfg(window_seconds=60, exposure_age_bins=(0, 10, 30))
     off = cfg(experiment_id="e2", window_seconds=60)

@@ -1,0 +1,1 @@
+"""Statistical validation against simulated truth: coverage, SBC, calibration."""
