@@ -115,6 +115,9 @@ class Settings:
     api_token: str = ""
     log_level: str = "warning"
     seed: int = 0
+    # Faust's data directory (its per-app state); empty: a directory of the
+    # system temp dir named after the app id and role
+    datadir: str = ""
     # -- security (docs/security.md)
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str = "PLAIN"
@@ -378,6 +381,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             conv = {"int": int, "float": float}.get(t, str)
             p.add_argument(flag, default=None, type=conv,
                            help=f"env LIFTSTREAM_{f.name.upper()} (default {f.default})")
+
+
+def env_default(name: str, default: Any = None) -> Any:
+    """``LIFTSTREAM_<name>`` from the environment, else ``default``: the
+    fallback of the command-line flags that are not settings (``worker
+    --role``, ``simulate --bootstrap-servers/--topic``, ``bench --device``)."""
+    return os.environ.get(f"LIFTSTREAM_{name}", default)
 
 
 def from_args(args: argparse.Namespace, **more) -> Settings:

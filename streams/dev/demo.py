@@ -149,8 +149,12 @@ def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
     return ("\x1b[H\x1b[J" + text) if tty else text
 
 
-def main(args) -> int:
-    duration = args.duration
+def run_demo(duration: float | None = None, no_traffic: bool = False, speed: float = 10.0,
+             seed: int = 0) -> int:
+    """Run the demo (module docstring) for ``duration`` seconds (None: until
+    Ctrl-C or SIGTERM); ``no_traffic``: no simulator, the addresses printed
+    as one JSON line; ``speed``: simulated days per minute; ``seed``: the
+    traffic's. Returns the exit status."""
     stop = threading.Event()
     # Ctrl-C and SIGTERM alike: leave the loop, stop the traffic and the
     # worker, then the broker and Redis (children die with the demo anyway)
@@ -175,7 +179,7 @@ def main(args) -> int:
         # few hundred ms of skew are hours of event time
         cfg = ExperimentConfig(experiment_id=DEMO_EXPERIMENT, window_seconds=86_400,
                                lateness_seconds=3 * 3600, started_at=start_ms)
-        from streams.cli.admin import publish_experiment
+        from streams.service.experiments import publish_experiment
 
         ncfg = ExperimentConfig(experiment_id=DEMO_NOVELTY_EXPERIMENT,
                                 window_seconds=7 * 86_400, lateness_seconds=3 * 3600,
@@ -191,7 +195,7 @@ def main(args) -> int:
         traffic = None
         try:
             http = f"http://127.0.0.1:{port}"
-            if args.no_traffic:
+            if no_traffic:
                 print(dumps({"bootstrap_servers": kafka.url, "redis_url": rds.url,
                              "http": http}).decode(), flush=True)
                 t_end = None if duration is None else time.monotonic() + duration
@@ -200,7 +204,7 @@ def main(args) -> int:
                         raise SystemExit("worker exited; see its log")
                     time.sleep(0.5)
                 return 0
-            rng = np.random.default_rng(args.seed if hasattr(args, "seed") else 0)
+            rng = np.random.default_rng(seed)
             pop = population(Scenario(n_units=40_000, covariate_rho=DEMO_COVARIATE_RHO,
                                       covariate_missing=DEMO_COVARIATE_MISSING), rng)
             evs = events(pop, DEMO_EXPERIMENT, start_ms, DAY_MS, 14.0, rng)
@@ -215,7 +219,7 @@ def main(args) -> int:
 
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_EXPERIMENT), dumps(tr))
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_NOVELTY_EXPERIMENT), dumps(ntr))
-            traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, args.speed)
+            traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, speed)
             traffic.start()
             r = redis.Redis.from_url(rds.url)
             tty = sys.stdout.isatty()

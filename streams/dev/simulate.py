@@ -21,7 +21,6 @@ import numpy as np
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig
-from schemas.validate import experiment_to_dict
 from streams.dev.synthetic import Scenario, age_truth, events, population, truth
 from streams.state.semantics import age_edges_ms
 
@@ -84,35 +83,3 @@ def produce(evs: list[dict], bootstrap, topic: str, rate: float = 0.0) -> None:
     left = prod.flush(60)
     if left:
         raise RuntimeError(f"{left} events not delivered to {bootstrap}")
-
-
-def main(args) -> int:
-    try:
-        cfg, evs, tr = make_traffic(args.units, args.days, args.experiment, args.seed,
-                                    args.window_seconds, args.started_at,
-                                    getattr(args, "covariate_rho", None),
-                                    getattr(args, "covariate_missing", 0.0),
-                                    getattr(args, "novelty", None),
-                                    getattr(args, "effect_slope", None))
-    except ValueError as e:
-        raise SystemExit(f"liftstream simulate: {e}") from None
-    if args.experiments_out:
-        with open(args.experiments_out, "wb") as f:
-            f.write(dumps(experiment_to_dict(cfg)) + b"\n")
-    if args.truth:
-        with open(args.truth, "wb") as f:
-            f.write(dumps(tr) + b"\n")
-    if args.out:
-        with open(args.out, "wb") as f:
-            for e in evs:
-                f.write(dumps(e) + b"\n")
-    elif args.bootstrap_servers:
-        from streams.config.settings import Settings, kafka_config
-
-        # security settings (SASL/TLS) from LIFTSTREAM_* like every client
-        produce(evs, kafka_config(Settings.from_env(bootstrap_servers=args.bootstrap_servers)),
-                args.topic, args.rate)
-    else:
-        raise SystemExit("give --out FILE or --bootstrap-servers HOST:PORT")
-    print(dumps({"events": len(evs), "truth": tr}).decode(), file=sys.stderr)
-    return 0

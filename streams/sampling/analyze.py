@@ -9,7 +9,6 @@ counted by reason on stderr, as the streaming path dead-letters them.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -92,16 +91,3 @@ def analyze(experiments: str | Path, events: str | Path, *, seed: int = 0, chain
     counts = {"rejected": dict(rejected), "reducer": dict(reducer.counters),
               "experiments": {s.experiment_id: s.counters for s in snaps}}
     return recs, counts
-
-
-def main(args) -> int:
-    from schemas.codec import dumps
-
-    recs, counts = analyze(args.experiments, args.events, seed=args.seed, chains=args.chains,
-                           sweeps=args.sweeps, as_of=getattr(args, "as_of", None))
-    out = sys.stdout.buffer
-    for r in recs:
-        out.write(dumps(r) + b"\n")
-    out.flush()
-    print(dumps(counts).decode(), file=sys.stderr)
-    return 0

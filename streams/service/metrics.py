@@ -77,6 +77,10 @@ def _labels(lb: tuple[tuple[str, str], ...]) -> str:
 
 
 class Metrics:
+    """The metrics of one worker process: counters, gauges and histograms by
+    name and labels, thread-safe (the ingest thread, the sampler thread and
+    the web server write and read them); names are documented in ``HELP``."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
@@ -84,10 +88,12 @@ class Metrics:
         self.hist: dict[str, dict] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        """Add ``value`` to the counter ``name`` with ``labels``."""
         with self._lock:
             self.counters[name][tuple(sorted(labels.items()))] += value
 
     def set(self, name: str, value: float, **labels: str) -> None:
+        """Set the gauge ``name`` with ``labels`` to ``value``."""
         with self._lock:
             self.gauges[name][tuple(sorted(labels.items()))] = value
 
@@ -115,6 +121,7 @@ class Metrics:
                  experiment=e)
 
     def observe(self, name: str, seconds: float) -> None:
+        """Count ``seconds`` in the histogram ``name`` (``LATENCY_BUCKETS``)."""
         with self._lock:
             h = self.hist.setdefault(name, {"buckets": [0] * len(LATENCY_BUCKETS),
                                             "sum": 0.0, "count": 0})
@@ -125,6 +132,11 @@ class Metrics:
             h["count"] += 1
 
     def render(self) -> str:
+        """Every metric in the Prometheus text exposition format (0.0.4), by
+        name, with ``# HELP`` and ``# TYPE`` lines (``untyped`` if not in ``HELP``).
+
+        :returns: the text, ending in a newline.
+        """
         out: list[str] = []
         with self._lock:
             names = set(self.counters) | set(self.gauges) | set(self.hist)

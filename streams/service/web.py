@@ -2,6 +2,22 @@
 
 Read-only views of the Redis read model: experiments, their latest
 estimates and history, health. Blocking Redis calls run on a thread.
+
+Routes (``register_pages``; every one but ``/healthz`` and ``/readyz`` needs
+``settings.api_token`` when it is set, see ``authorized``):
+
+* ``GET /`` -- the dashboard (``static/dashboard.html``);
+* ``GET /healthz`` -- liveness: 200 ``{"status": "ok"}``, or 503 ``stuck`` when
+  a loop of this worker has not come round for ``settings.liveness_seconds``;
+* ``GET /readyz`` -- readiness: 503 while Redis does not answer, the events
+  consumer is not running or ingest is stalled; else 200 ``ready`` (with the
+  owned ``events_partitions`` in the ingest role);
+* ``GET /metrics`` -- Prometheus text format (``streams.service.metrics``);
+* ``GET /experiments`` -- ``{"experiments": [id, ...]}``;
+* ``GET /experiments/{id}`` -- the config, its ``lifecycle`` and ``truth``
+  (a simulator's, else null); 404 unknown, 400 a bad id;
+* ``GET /experiments/{id}/estimates``, ``/history``, ``/alerts`` -- the latest
+  estimate records, their history, the recent alerts.
 """
 
 from __future__ import annotations
@@ -12,13 +28,17 @@ import hmac
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from schemas.codec import loads
 from schemas.validate import experiment_to_dict, is_valid_name
 from streams.alerts.store import recent as recent_alerts
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
+from streams.service.context import AppContext
 from streams.state.keys import truth_key
+
+if TYPE_CHECKING:
+    import faust
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 
@@ -47,7 +67,14 @@ def stuck_loops(now: float, beats: dict[str, float], limit: float) -> list[str]:
             if now - t > limit]
 
 
-def register_pages(app, r: Any, registry) -> None:
+def register_pages(app: faust.App, ctx: AppContext) -> None:
+    """Add the HTTP routes (module docstring) to ``app``; they read ``ctx``
+    (settings, Redis, registry, metrics, the events plane, the loops' beats).
+
+    :param app: the worker's Faust app (its web server serves them).
+    :param ctx: the app's context (``create_app``).
+    """
+    r, registry = ctx.redis, ctx.registry
     # the API's Redis reads run on threads of their own, so a burst of
     # requests never queues behind (or ahead of) the workers' own Redis calls
     pool = ThreadPoolExecutor(4, thread_name_prefix="web")
@@ -55,7 +82,7 @@ def register_pages(app, r: Any, registry) -> None:
     async def call(fn, *a):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *a)
 
-    token = app.liftstream["settings"].api_token
+    token = ctx.settings.api_token
 
     def page(path: str, open_: bool = False):
         """``app.page``, behind the API token unless ``open_`` (health)."""
@@ -78,27 +105,21 @@ def register_pages(app, r: Any, registry) -> None:
 
     @page("/healthz", open_=True)
     async def healthz(web, request):
-        beats = {}
-        plane = app.liftstream.get("plane")
-        if plane is not None and plane.alive:
-            beats["ingest"] = plane.status.heartbeat
-        if "sampler_beat" in app.liftstream:
-            beats["sampler"] = app.liftstream["sampler_beat"]
-        stuck = stuck_loops(time.monotonic(), beats, app.liftstream["settings"].liveness_seconds)
+        stuck = stuck_loops(time.monotonic(), ctx.beats(), ctx.settings.liveness_seconds)
         if stuck:  # a loop has not come round: restart me
             return web.json({"status": "stuck", "error": "; ".join(stuck)}, status=503)
         return web.json({"status": "ok"})
 
     @page("/metrics")
     async def metrics_page(web, request):
-        m = app.liftstream["metrics"]
+        m = ctx.metrics
         now = time.time()
-        for (e, met, v), rec in list(app.liftstream["latest"].items()):
+        for (e, met, v), rec in list(ctx.latest.items()):
             m.set("liftstream_estimate_age_seconds", now - rec["computed_at"] / 1000,
                   experiment=e, metric=met, variant=v)
-        plane = app.liftstream.get("plane")
+        plane = ctx.plane
         if plane is not None:
-            topic = app.liftstream["settings"].topic_events
+            topic = ctx.settings.topic_events
             for part, lag in plane.lag().items():
                 m.set("liftstream_consumer_lag_messages", lag, topic=topic, partition=str(part))
             m.set("liftstream_ingest_partitions_owned", len(plane.owned()))
@@ -115,7 +136,7 @@ def register_pages(app, r: Any, registry) -> None:
             await call(r.ping)
         except Exception as e:  # noqa: BLE001
             return web.json({"status": "redis unavailable", "error": str(e)}, status=503)
-        plane = app.liftstream.get("plane")
+        plane = ctx.plane
         if plane is not None:  # the ingest role: its events consumer must be running
             if not plane.alive:
                 return web.json({"status": "events consumer not running",

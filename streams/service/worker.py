@@ -1,4 +1,4 @@
-"""``liftstream worker``: run a Faust worker of one role.
+"""Run a Faust worker of one role (``liftstream worker``, ``streams.cli.worker``).
 
 Creates the topics if missing (Faust's own declaration is off: partition
 counts must be what the settings say, and some brokers auto-create topics
@@ -15,11 +15,24 @@ from streams.service.topics import TopicSpec, ensure_topics
 
 
 def topic_specs(s: Settings) -> list[TopicSpec]:
+    """Every topic of ``s`` (``Settings.topics``) as a ``TopicSpec`` for
+    ``ensure_topics``: partitions, replication, topic config."""
     return [TopicSpec(name, spec["partitions"], spec["replication"], spec.get("config", {}))
             for name, spec in s.topics().items()]
 
 
 def run_worker(settings: Settings, role: str, web: bool = True) -> None:
+    """Run a worker until it is stopped: JSON logging at
+    ``settings.log_level``, the topics created if missing, the registry
+    filled from the experiments topic, then Faust's worker on
+    ``create_app(settings, role)``.
+
+    :param settings: the worker's settings.
+    :param role: ``ingest``, ``sampler`` or ``all``.
+    :param web: serve the HTTP API (``streams.service.web``) on
+        ``settings.web_host:web_port``.
+    :returns: only when Faust's worker returns (it usually exits the process).
+    """
     from streams.service.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(),
@@ -43,11 +56,3 @@ def run_worker(settings: Settings, role: str, web: bool = True) -> None:
         argv += ["--without-web"]
     sys.argv = argv
     app.main()
-
-
-def main(args) -> int:
-    from streams.config.settings import from_args
-
-    s = from_args(args)
-    run_worker(s, args.role, web=not args.without_web)
-    return 0
