@@ -57,6 +57,8 @@ def log_density(x: Array, n: Array, T: Array, D: Array, m: Array, sd: Array) -> 
 
 
 def grad_log_density(x, n, T, D, m, sd):
+    """d/dx of ``log_density``, same (broadcasting) arguments; returns an array
+    of the broadcast shape."""
     xp = _xp(x)
     p = 1.0 / (1.0 + xp.exp(-x))
     sp = _softplus(xp, x)
@@ -93,7 +95,11 @@ def loglinear_position(delta: Array, f: Array) -> Array:
 
 @dataclass
 class ArrivalGrid:
-    """Per (problem, stratum) inverse-CDF tables over x = logit p."""
+    """Per (problem, stratum) inverse-CDF tables over x = logit p (``build_grid``).
+
+    Fields ``x``, ``cdf``, ``logw`` [P, S, G]; ``__post_init__`` derives the flat
+    views that ``draw_logit_p`` gathers from.
+    """
 
     x: Array  # [P, S, G] grid points (equally spaced per row)
     cdf: Array  # [P, S, G] normalised CDF (0 … 1) of the log-linear interpolant

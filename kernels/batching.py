@@ -69,13 +69,18 @@ def pad_into(state: State, p: int, stored: dict[str, np.ndarray]) -> None:
 
 
 def stored_shape(stored: dict[str, np.ndarray]) -> tuple[int, int, int]:
-    """(chains, K, S) of stored chains."""
+    """(chains, K, S) of stored chains (``unpad_state``'s dict of host arrays)."""
     C, K, S = stored["tau"].shape
     return C, K, S
 
 
 def unpad_draws(trace: Draws, p: int, K: int, S: int) -> dict[str, np.ndarray]:
-    """Problem ``p``'s trace [C, T, …] trimmed to its own K and S."""
+    """Problem ``p``'s trace [C, T, …] trimmed to its own K and S.
+
+    Args: ``trace``: a batch's ``Draws`` [P, C, T, …]; ``p``: the problem's row;
+    ``K``, ``S``: its real treatments and strata.
+    Returns: the estimands by name as host arrays.
+    """
     host = _host(trace, _DRAW_AXES)
     out = {}
     for name, axes in _DRAW_AXES.items():

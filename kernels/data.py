@@ -78,6 +78,7 @@ class ModelData:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(P, K1, S): problems, variants (control included), strata."""
         return tuple(self.n.shape)  # type: ignore[return-value]
 
     @property
@@ -177,7 +178,12 @@ def scaled_hyper(m: Array, s: Array) -> Hyper:
 
 
 def fixed_hyper(P: int, m: float = 0.0, s: float = 1.0, xp=np, gamma_sd=(1.0, 1.0)) -> Hyper:
-    """Data-independent priors (for simulation-based calibration)."""
+    """Data-independent priors (for simulation-based calibration).
+
+    Args: ``P`` problems; the location ``m`` and scale ``s`` of every one;
+    ``xp`` the array module; ``gamma_sd`` the covariate slopes' prior sd.
+    Returns: a ``Hyper`` for ``make_data(..., hyper=...)``.
+    """
     h = scaled_hyper(xp.full((P,), float(m)), xp.full((P,), float(s)))
     h.gamma_sd = xp.asarray(np.broadcast_to(np.asarray(gamma_sd, float), (P, 2)).copy())
     return h

@@ -30,6 +30,7 @@ class Draws:
     slope: Array
 
     def arrays(self) -> dict[str, Array]:
+        """The fields by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -78,6 +79,12 @@ def population_shares(state: State, data: ModelData) -> Array:
 
 
 def estimands(state: State, data: ModelData) -> Draws:
+    """The estimands of one draw of every chain: effects and lifts adjusted to
+    the population shares (``population_shares``) and naive (matured weights).
+
+    Args: ``state``: the chains [P, C, …]; ``data``: their batch.
+    Returns: ``Draws`` [P, C, …].
+    """
     xp = data.xp
     c = _derived(data)
     pi = population_shares(state, data)  # [P,C,S]
@@ -110,7 +117,7 @@ def _slope_weights(data: ModelData) -> Array:
 
 
 def stack(draws: list[Draws]) -> Draws:
-    """Trace [P, C, T, …] from a list of per-sweep draws."""
+    """Trace [P, C, T, …] from a non-empty list of per-sweep draws [P, C, …]."""
     xp = array_module(draws[0].adj_effect)
     return Draws(**{k: xp.stack([getattr(d, k) for d in draws], axis=2)
                     for k in draws[0].arrays()})

@@ -47,6 +47,7 @@ Launch = Callable[[str, int, tuple], None]
 
 
 def source() -> str:
+    """The CUDA/C source of the fused kernels (``kernels/cuda/sweep.cu``)."""
     return SOURCE_PATH.read_text()
 
 

@@ -154,7 +154,8 @@ def _fused_philox(rounds: int):
 
 
 def philox4x32_arrays(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
-    """``philox4x32`` in plain array operations (numpy or cupy)."""
+    """``philox4x32`` in plain array operations (numpy or cupy): the same
+    arguments, the same four uint64 arrays of 32-bit words."""
     xp = _module(c0, c1, c2, c3, k0, k1)
     x0, x1, x2, x3 = (_u64(xp, c) for c in (c0, c1, c2, c3))
     k0, k1 = _u64(xp, k0), _u64(xp, k1)
@@ -331,6 +332,7 @@ class PhiloxStream:
         self._site = 0
 
     def end_sweep(self) -> None:
+        """Draws after this are outside a sweep again (counted per call)."""
         self._iter = None
 
     # -- counters
@@ -402,10 +404,12 @@ class PhiloxStream:
     # -- distributions
 
     def uniform(self, shape) -> Array:
+        """Uniforms in [0, 1) of ``shape`` (leading axis: problems), 53 bits each."""
         w = self.block(shape)
         return to_double(w[0], w[1], self.xp)
 
     def normal(self, shape) -> Array:
+        """Standard normals of ``shape`` (leading axis: problems), by Box–Muller."""
         return box_muller(self.block(shape), self.xp)[0]
 
     def gamma(self, a: Array) -> Array:

@@ -109,14 +109,19 @@ PRIOR = HyperPrior()
 # --------------------------------------------------------------------------- conditionals
 
 def theta_conditional(z: Array, lam: Array | float, psi2: Array | float) -> tuple[Array, Array]:
-    """Mean and variance of φ_e | λ, ψ², z_e (broadcasts)."""
+    """Mean and variance of φ_e | λ, ψ², z_e.
+
+    Args: standardised estimates ``z``, ``lam`` = λ, ``psi2`` = ψ² (broadcast).
+    Returns: (mean, variance) arrays.
+    """
     v = 1.0 / (1.0 + 1.0 / np.asarray(psi2))
     return v * (z + np.asarray(lam) / np.asarray(psi2)), v
 
 
 def draw_theta(z: Array, lam: Array | float, psi2: Array | float,
                rng: np.random.Generator) -> Array:
-    """One exact draw of φ | λ, ψ², z (shape of the broadcast)."""
+    """One exact draw of φ | λ, ψ², z (arguments as ``theta_conditional``; ``rng``
+    a numpy Generator). Returns an array of the broadcast shape."""
     m, v = theta_conditional(z, lam, psi2)
     m, v = np.broadcast_arrays(m, v)
     return m + np.sqrt(v) * rng.standard_normal(m.shape)
@@ -246,6 +251,7 @@ class Synthetic:
 
     @property
     def z(self) -> Array:
+        """The standardised estimates ȳ_e / sd_e."""
         return self.ybar / self.sd
 
 
@@ -417,7 +423,11 @@ def shrinkage_report(draws: Draws, data: Synthetic) -> dict[str, float]:
 
 
 def posterior_summary(draws: Draws, sample: Array | None = None) -> dict[str, object]:
-    """Means, sds and MCSEs of λ, ψ² and of the φ_e in ``sample``."""
+    """Means, sds and MCSEs of λ, ψ² and of the φ_e in ``sample``.
+
+    Args: ``draws`` of one sampler run; ``sample``: experiment indices, or None.
+    Returns: a JSON-able dict (``lambda``, ``psi2``, φ summaries, ``acceptance``).
+    """
     out: dict[str, object] = {}
     for name, x in (("lambda", draws.lam), ("psi2", draws.psi2)):
         m, se = mcse_mean(x)

@@ -66,15 +66,18 @@ class Rng:
             self._ph.begin_sweep(iteration)
 
     def end_sweep(self) -> None:
+        """The sweep's draws are done (Philox: later draws count per call again)."""
         if getattr(self, "_ph", None) is not None:
             self._ph.end_sweep()
 
     def normal(self, shape) -> Array:
+        """Standard normal draws of ``shape``."""
         if self._ph is not None:
             return self._ph.normal(shape)
         return self._g.standard_normal(shape)
 
     def uniform(self, shape) -> Array:
+        """Uniform draws in [0, 1) of ``shape``."""
         if self._ph is not None:
             return self._ph.uniform(shape)
         return self._g.random(shape)
@@ -90,6 +93,7 @@ class Rng:
         return b / self.gamma(a)
 
     def poisson(self, lam: Array) -> Array:
+        """Poisson(λ) draws, elementwise in ``lam``."""
         if self._ph is not None:
             return self._ph.poisson(lam)
         return self._g.poisson(lam)

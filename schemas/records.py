@@ -113,12 +113,15 @@ class ExperimentConfig:
 
     @property
     def n_strata(self) -> int:
+        """Activity strata: one fewer than ``strata_edges``."""
         return len(self.strata_edges) - 1
 
     @property
     def metric_names(self) -> tuple[str, ...]:
+        """The metrics' names, in config order."""
         return tuple(m.name for m in self.metrics)
 
     @property
     def treatments(self) -> tuple[str, ...]:
+        """The variants other than ``control``, in config order."""
         return tuple(v for v in self.variants if v != self.control)
