@@ -17,7 +17,7 @@ Hash tags (the part in braces decides the Redis Cluster slot):
 * ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
 
 The Lua scripts build no key names: they get every key in ``KEYS`` (in the
-orders ``ExperimentKeys.for_lua`` and ``streams.state.store.route_units``
+orders ``ExperimentKeys.for_lua`` and ``streams.state.store._index_round_trip``
 give). They do derive *field* names inside the hashes (``clk:<src>``,
 ``own:<src>``, ``act_sum:<stratum>``, ``<metric>|<variant>|<stratum>``, ...),
 which docs/redis-schema.md lists per key.
