@@ -15,12 +15,12 @@
 #          pytest pytest-timeout nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
 #    and they are installed from there with --no-index; without that folder,
 #    from PyPI (`pip install cupy-cuda12x`).
-# 2. `pytest -m gpu` (tests/test_gpu.py): closed form, arrival KS, CPU-vs-GPU,
+# 2. `pytest -m gpu` (tests/gpu/test_gpu.py): closed form, arrival KS, CPU-vs-GPU,
 #    Philox on cupy vs numpy (words bit for bit, draws, whole sweeps), chunk
 #    invariance, the fused kernels (kernels/cuda/sweep.cu) on the device vs
 #    the NumPy blocks and sweeps with LIFTSTREAM_FUSED=1 vs 0; then
-#    tests/test_fused.py (the same source as C, if a C compiler is there, and
-#    through NVRTC; ~5 s) and tests/test_philox.py (the RNG's CPU tests, ~20 s).
+#    tests/unit/kernels/test_fused.py (the same source as C, if a C compiler is there, and
+#    through NVRTC; ~5 s) and tests/unit/kernels/test_philox.py (the RNG's CPU tests, ~20 s).
 # 3. `liftstream bench sampler --device gpu` for P = 100, 1000, 10000, 100000
 #    problems × 8 chains × 8 strata (--numpyro no; the GPU uses Philox and
 #    advances problems in chunks that fit half the free GPU memory) with the
@@ -68,7 +68,7 @@ else
   "${PIP[@]}" --no-deps -e "$REPO" || exit 3
 fi
 export PATH="$VENV/bin:$PATH"
-# the NVRTC / runtime wheels' libraries, for CuPy (and tests/test_fused.py's NVRTC check)
+# the NVRTC / runtime wheels' libraries, for CuPy (and tests/unit/kernels/test_fused.py's NVRTC check)
 NVLIB="$(python - <<'PY'
 import glob, os, site
 print(":".join(sorted(d for p in site.getsitepackages() for d in glob.glob(os.path.join(p, "nvidia", "*", "lib")))))
@@ -90,17 +90,17 @@ PY
 
 say "pytest -m gpu"
 T=$(left 200); [ "$T" = 0 ] && T=1
-timeout "$T" python -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 \
+timeout "$T" python -m pytest -m gpu -p no:cacheprovider -q -rs tests/gpu/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.txt"
 PYTEST_RC=${PIPESTATUS[0]}
-say "pytest tests/test_fused.py (C build, NVRTC)"
+say "pytest tests/unit/kernels/test_fused.py (C build, NVRTC)"
 T=$(left 60); [ "$T" = 0 ] && T=1
-timeout "$T" python -m pytest -p no:cacheprovider -q -rs tests/test_fused.py 2>&1 \
+timeout "$T" python -m pytest -p no:cacheprovider -q -rs tests/unit/kernels/test_fused.py 2>&1 \
   | tail -8 | tee "$OUT/pytest_fused.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || [ "$PYTEST_RC" != 0 ] || PYTEST_RC=1
-say "pytest tests/test_philox.py (CPU)"
+say "pytest tests/unit/kernels/test_philox.py (CPU)"
 T=$(left 60); [ "$T" = 0 ] && T=1
-timeout "$T" python -m pytest -p no:cacheprovider -q tests/test_philox.py 2>&1 \
+timeout "$T" python -m pytest -p no:cacheprovider -q tests/unit/kernels/test_philox.py 2>&1 \
   | tail -3 | tee "$OUT/pytest_philox.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || [ "$PYTEST_RC" != 0 ] || PYTEST_RC=1
 

@@ -2,9 +2,9 @@
 finds a CUDA device.
 
 * closed form: one stratum, large n -- the adjusted effect's posterior is the
-  conjugate normal (as ``tests/test_kernels_closed_form.py``, on the GPU);
+  conjugate normal (as ``tests/unit/kernels/test_kernels_closed_form.py``, on the GPU);
 * arrival block: KS of the GPU's logit-p draws against the quadrature CDF and
-  the population moments (``tests/test_arrival.py``, fewer cases);
+  the population moments (``tests/unit/kernels/test_arrival.py``, fewer cases);
 * CPU vs GPU: (1) the same random numbers (drawn on the host, copied to each
   device) give the same chain to ~1e-9 over a few sweeps -- the arithmetic of
   every block agrees; (2) independent runs on the same data give posterior
@@ -60,7 +60,7 @@ def _sample(data, seed: int, xp, chains: int = 4, warmup: int = 200, draws: int 
 
 @pytest.mark.parametrize("n_units", [2_000, 10_000_000])
 def test_gpu_one_stratum_matches_conjugate(n_units):
-    from tests.kernel_helpers import one_stratum_conjugate
+    from tests.support.kernel_helpers import one_stratum_conjugate
 
     data, want_mean, want_sd = one_stratum_conjugate(n_units, xp=cp)
     assert type(data.n).__module__.startswith("cupy")
@@ -82,7 +82,7 @@ DRAWS = 20_000
 def gpu_arrival_draws():
     from kernels.arrival import draw_logit_p, draw_population
     from kernels.data import make_data
-    from tests.test_arrival import truncated_geometric_sum
+    from tests.support.kernel_helpers import truncated_geometric_sum
 
     rng = np.random.default_rng(7)
     p_true, p_prior = 0.05, 0.08
@@ -104,7 +104,7 @@ def gpu_arrival_draws():
 def test_gpu_logit_p_matches_quadrature(gpu_arrival_draws, i):
     from scipy import integrate, stats
 
-    from tests.test_arrival import numeric_posterior
+    from tests.support.kernel_helpers import numeric_posterior
 
     rows, logit_p0, x, _ = gpu_arrival_draws
     D, n, T = rows[i]
@@ -120,7 +120,7 @@ def test_gpu_logit_p_matches_quadrature(gpu_arrival_draws, i):
 def test_gpu_population_mean_matches_quadrature(gpu_arrival_draws, i):
     from scipy import integrate, special
 
-    from tests.test_arrival import numeric_posterior
+    from tests.support.kernel_helpers import numeric_posterior
 
     rows, logit_p0, _, pop = gpu_arrival_draws
     D, n, T = rows[i]
@@ -295,18 +295,18 @@ def test_gpu_chunks_do_not_change_the_draws():
 
 
 def test_fused_kernels_on_device_equal_numpy_blocks():
-    """``kernels/cuda/sweep.cu`` through cupy.RawModule (tests/test_fused.py checks
+    """``kernels/cuda/sweep.cu`` through cupy.RawModule (tests/unit/kernels/test_fused.py checks
     the same source built as C): the ω step and the arrival draw on the device
     against the NumPy blocks, the same uniforms; the decisions identical, the
     values to the last bits of the device's log/exp."""
     from kernels import fused, gibbs
     from kernels.arrival import draw_logit_p
-    from tests.test_fused import ListRng, _omega_inputs, _random_data, _rel
+    from tests.support.kernel_helpers import ListRng, omega_inputs, random_data, rel
 
     assert fused.enabled(cp)
     for P, C, K1, S in [(40, 4, 2, 1), (25, 3, 3, 7), (20, 8, 2, 8), (10, 2, 3, 17)]:
-        data = _random_data(100 + S, P, K1, S)
-        c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, C, seed=S)
+        data = random_data(100 + S, P, K1, S)
+        c, resid, v, omega2, u_x, u_acc = omega_inputs(data, C, seed=S)
         with np.errstate(divide="ignore", invalid="ignore"):
             want = gibbs._draw_omega2(omega2, resid, v, c["has"], c, ListRng(u_x, u_acc))
         d = cp.asarray
@@ -315,15 +315,15 @@ def test_fused_kernels_on_device_equal_numpy_blocks():
             d(c["omega_grid_prior"]), d(c["omega_u0"]), d(c["omega_log_A"]), c["omega_nu"],
             c["omega_step"]))
         np.testing.assert_array_equal(got == omega2, want == omega2, err_msg=f"S={S}")
-        assert _rel(got, want).max() <= 1e-11, (S, _rel(got, want).max())
+        assert rel(got, want).max() <= 1e-11, (S, rel(got, want).max())
     for P, C, S in [(30, 8, 1), (20, 5, 7), (10, 3, 12)]:
-        data = _random_data(200 + S, P, 2, S)
+        data = random_data(200 + S, P, 2, S)
         u = np.random.default_rng(S).random((P, C, S))
         want = draw_logit_p(data.grid, ListRng(u), C)
         g = data.grid
         got = to_numpy(fused.arrival_draw(cp.asarray(u), cp.asarray(g.cdf), cp.asarray(g.x),
                                           cp.asarray(g.logw)))
-        assert _rel(got, want).max() <= 1e-11, (S, _rel(got, want).max())
+        assert rel(got, want).max() <= 1e-11, (S, rel(got, want).max())
 
 
 def test_sweeps_fused_equal_unfused_on_device(monkeypatch):

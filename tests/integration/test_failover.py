@@ -13,7 +13,7 @@ partitions under continuous load; kill -9 one of each mid-stream.
   moved experiment (kill -> first estimate of the survivor, mostly the group's
   session timeout plus a rebalance) is measured and printed.
 
-Order-independence: ``tests/scale_helpers.pinned_case`` (each experiment's
+Order-independence: ``tests/support/scale_helpers.pinned_case`` (each experiment's
 events on one partition), so the experiments keep their normal event-time
 settings and the samplers publish changing estimates all along.
 

@@ -13,7 +13,7 @@ an events partition mid-stream; nothing is lost or doubled.
   plane (librdkafka, idempotent implies acks=all) and Faust's
   (``producer_acks`` default -1).
 * One ``liftstream worker --role all`` against the cluster and a real
-  redis-server. Events (``tests/scale_helpers.pinned_case``: each experiment
+  redis-server. Events (``tests/support/scale_helpers.pinned_case``: each experiment
   on one partition, so the expected state does not depend on how partitions
   interleave) are produced at a steady pace; once part of them is applied,
   the broker leading the busiest events partition is SIGKILLed. Production
@@ -22,7 +22,7 @@ an events partition mid-stream; nothing is lost or doubled.
 * Afterwards: every partition's log holds exactly the events produced to it
   (log end offsets; the idempotent producer's retries were not written
   twice), the Redis state equals the reference fold (counters exactly, sums
-  within 1e-9: ``tests/streaming_harness.assert_state_close``), and the
+  within 1e-9: ``tests/support/streaming_harness.assert_state_close``), and the
   killed node, restarted on its kept log, rejoins every ISR.
 
 What happened at the kill (election time, producer errors and delivery

@@ -11,7 +11,7 @@ the units ever exposed keep growing. The run also checks that every
 returning unit was recognised (``repeat_exposure`` or ``retired``), never
 counted twice.
 
-``python -m tests.test_memory_soak`` prints the curve; the slow test is the
+``python -m tests.integration.test_memory_soak`` prints the curve; the slow test is the
 run documented in docs/operations.md.
 """
 
@@ -212,7 +212,7 @@ def svg(res: dict, width: int = 640, height: int = 240) -> str:
         f'<text x="{x0}" y="{height - 20}">0 s</text>',
         f'<text x="{x0 + w - 40}" y="{height - 20}">{tmax:.0f} s</text>',
         f'<text x="{x0 + w / 2 - 150}" y="{height - 4}">{res["rate"]:.0f} units/s, '
-        f'W = {res["W"]} s, H = {res["H"]} s (tests/test_memory_soak.py)</text>',
+        f'W = {res["W"]} s, H = {res["H"]} s (tests/integration/test_memory_soak.py)</text>',
         "</svg>",
     ]
     return "\n".join(lines) + "\n"

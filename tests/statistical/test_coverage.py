@@ -5,7 +5,7 @@ activity and whose units arrive by their daily exposure probability, with the
 model's arrival prior deliberately off by the exposure rate. At days
 1, 3, 7 and 14 all replicates are analysed in one batch; we report coverage of
 the population effect by the adjusted and the naive 95% intervals, and their
-bias. Run ``python -m tests.test_coverage`` to print the table.
+bias. Run ``python -m tests.statistical.test_coverage`` to print the table.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from streams.dev.synthetic import Scenario, population
-from tests.kernel_helpers import data_from_populations, sample
+from tests.support.kernel_helpers import data_from_populations, sample
 
 DAYS = (1, 3, 7, 14)
 

@@ -3,7 +3,7 @@ unit-level closed forms, simulation-based calibration of the slopes, and
 coverage / width / bias on synthetic experiments with a known effect and a
 pre-experiment covariate of known correlation ρ.
 
-Run ``python -m tests.test_cuped`` to print the coverage/width table.
+Run ``python -m tests.statistical.test_cuped`` to print the coverage/width table.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from kernels.data import fixed_hyper, make_data
 from kernels.gibbs import init, sweep
 from kernels.rng import Rng
 from streams.dev.synthetic import Scenario, cell_stats, population
-from tests.kernel_helpers import FixedNormals, sample
-from tests.test_sbc import ACTIVITY, assert_uniform
+from tests.support.calibration import ACTIVITY, assert_uniform
+from tests.support.kernel_helpers import FixedNormals, sample
 
 COV = ("nx", "sx", "sxx", "sxy", "sy_x")
 
@@ -206,7 +206,7 @@ def test_no_covariate_leaves_the_sampler_unchanged():
 
 def simulate_sbc(reps: int, rng: np.random.Generator):
     """Small problems drawn from the model's prior (``fixed_hyper``: the same
-    laws as tests/test_sbc.py, plus γ_s ~ N(0, 1) each) with a covariate
+    laws as tests/statistical/test_sbc.py, plus γ_s ~ N(0, 1) each) with a covariate
     x ~ N(0, 1.5²), 30% missing; y from the model given the sample's own
     centres (the model conditions on the covariates)."""
     K1, S = 2, len(ACTIVITY)

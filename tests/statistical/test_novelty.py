@@ -12,7 +12,7 @@ lift by days since exposure pooled over units falls even with no novelty.
 * each age bin's adjusted lift (its own stratified model, the ``#age<b>``
   problems) covers the population's lift in that bin.
 
-``python -m tests.test_novelty`` prints the tables.
+``python -m tests.statistical.test_novelty`` prints the tables.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from streams.dev.synthetic import (
     population,
 )
 from streams.state.semantics import fine_edges, fine_parent
-from tests.kernel_helpers import sample
+from tests.support.kernel_helpers import sample
 
 EDGES_DAYS = (0, 1, 3, 7)  # the default bins with a 7-day window
 DAY = 14  # the look: units exposed in the first week have matured

@@ -10,13 +10,12 @@ among the posterior draws is uniform; a χ² test on binned ranks checks it.
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from kernels.data import fixed_hyper, make_data
 from kernels.gibbs import init, sweep
 from kernels.rng import Rng
+from tests.support.calibration import ACTIVITY, assert_uniform
 
-ACTIVITY = np.array([1.0, 4.0, 10.0, 25.0])
 S = len(ACTIVITY)
 
 
@@ -97,16 +96,6 @@ def sbc_ranks(reps: int, seed: int, chains=4, warmup=200, kept=50, thin=10, K=1)
         d = np.stack(draws[k], axis=-1).reshape(reps, -1)  # [reps, chains·kept]
         ranks[k] = (d < truth[k][:, None]).sum(1)
     return ranks, chains * kept
-
-
-def assert_uniform(ranks, L, bins=10, alpha=1e-3):
-    failures = {}
-    for k, r in ranks.items():
-        counts = np.bincount(np.minimum(r * bins // (L + 1), bins - 1), minlength=bins)
-        p = stats.chisquare(counts).pvalue
-        if p < alpha:
-            failures[k] = (p, counts.tolist())
-    assert not failures, failures
 
 
 def test_sbc_small_problems():

@@ -8,7 +8,7 @@ produced to ONE partition (``partition_for(experiment_id)``), in time order,
 and every metric carries its experiment id: an experiment's state then depends
 only on its own events in produced order, which Kafka preserves per partition,
 whatever the interleaving across partitions and whichever worker applies them.
-(tests/test_streaming.py covers unit-keyed partitioning, where it needs a
+(tests/integration/test_streaming.py covers unit-keyed partitioning, where it needs a
 lateness longer than the traffic to be order-free.) The reference reducer
 folds the same events in produced order.
 """

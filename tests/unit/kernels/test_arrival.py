@@ -9,49 +9,16 @@ integrating the negative-binomial moments over that density.
 
 import numpy as np
 import pytest
-from scipy import integrate, optimize, special, stats
+from scipy import integrate, special, stats
 
 from kernels.arrival import draw_logit_p, draw_population
 from kernels.data import make_data
 from kernels.rng import Rng
+from tests.support.kernel_helpers import numeric_posterior, truncated_geometric_sum
 
 DS = [1, 2, 5, 30]
 NS = [10, 1_000, 1_000_000]
 DRAWS = 20_000
-
-
-def truncated_geometric_sum(n, p, D, rng):
-    """Σ d over n entry buckets from p(1-p)^d truncated to d < D."""
-    d = np.arange(D)
-    w = p * (1 - p) ** d
-    counts = rng.multinomial(n, w / w.sum())
-    return float((counts * d).sum())
-
-
-def log_post(x, n, T, D, m, sd):
-    p = special.expit(x)
-    lq = np.log(-np.expm1(D * np.log1p(-p)))
-    return stats.norm.logpdf(x, m, sd) + n * np.log(p) + T * np.log1p(-p) - n * lq
-
-
-def numeric_posterior(n, T, D, m, sd):
-    """Normalised density on x with its mode and a support that holds the mass."""
-    res = optimize.minimize_scalar(lambda x: -log_post(x, n, T, D, m, sd),
-                                   bounds=(m - 20, m + 20), method="bounded",
-                                   options={"xatol": 1e-12})
-    mode = res.x
-    top = log_post(mode, n, T, D, m, sd)
-    h = 1e-4
-    up, down = log_post(mode + h, n, T, D, m, sd), log_post(mode - h, n, T, D, m, sd)
-    curv = -(up - 2 * top + down) / h**2
-    w = 1 / np.sqrt(max(curv, 1e-12))
-    lo, hi = mode - 40 * w, mode + 40 * w
-
-    def dens(x):
-        return np.exp(log_post(x, n, T, D, m, sd) - top)
-
-    Z = integrate.quad(dens, lo, hi, points=[mode], limit=500, epsabs=0, epsrel=1e-10)[0]
-    return dens, Z, lo, hi, mode
 
 
 CASES = [(D, n) for D in DS for n in NS]

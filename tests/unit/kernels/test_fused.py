@@ -34,7 +34,8 @@ import pytest
 
 from kernels import fused, gibbs, grids
 from kernels.arrival import draw_logit_p
-from kernels.data import make_data
+from tests.support.kernel_helpers import ListRng, omega_inputs, random_data, rel
+from tests.support.paths import REPO
 
 RTOL = 1e-13  # measured: ≤ 4e-15 (ω), ≤ 2e-16 (arrival)
 
@@ -85,73 +86,17 @@ def clib(tmp_path_factory):
     return build_c(tmp_path_factory.mktemp("fused"))
 
 
-class ListRng:
-    """An Rng stand-in handing out prepared uniforms in order."""
-
-    xp = np
-
-    def __init__(self, *uniforms):
-        self._u = list(uniforms)
-
-    def uniform(self, shape):
-        u = self._u.pop(0)
-        assert u.shape == tuple(shape)
-        return u
-
-
-def _random_data(seed: int, P: int, K1: int, S: int):
-    """Padded problems over several scales: some strata masked off, some cells
-    empty, some problems with no completed bucket (an arrival grid that is the
-    prior alone), arrivals from 0 to 10⁶."""
-    rng = np.random.default_rng(seed)
-    n = np.round(np.exp(rng.uniform(0, 12, (P, K1, S)))) * (rng.random((P, K1, S)) > 0.2)
-    scale = np.exp(rng.uniform(-3, 3, (P, 1, 1)))
-    mean = rng.normal(0, 2, (P, K1, S)) * scale
-    sd = np.exp(rng.uniform(-1, 1, (P, K1, S))) * scale
-    sy = n * mean
-    syy = (n - 1).clip(0) * sd**2 + n * mean**2
-    smask = rng.random((P, S)) > 0.15
-    smask[:, 0] = True
-    arrived = np.round(np.exp(rng.uniform(0, 14, (P, S)))) * (rng.random((P, S)) > 0.1)
-    D = rng.integers(0, 30, P).astype(float)
-    dsum = arrived * rng.uniform(0, 1, (P, S)) * np.maximum(D - 1, 0)[:, None]
-    act = rng.uniform(0.5, 27.5, (P, S))
-    return make_data(n, sy, syy, arrived, dsum, D, act, smask=smask)
-
-
-def _rel(a, b):
-    return np.abs(a - b) / np.maximum(np.abs(b), 1e-300)
-
-
 # ------------------------------------------------------------------ block 2: ω
 
 OMEGA_CASES = [(40, 4, 2, 1), (30, 4, 2, 3), (25, 3, 3, 7), (20, 4, 2, 8), (15, 2, 3, 9),
                (10, 2, 2, 17)]
 
 
-def _omega_inputs(data, C: int, seed: int):
-    rng = np.random.default_rng(seed)
-    c = gibbs._derived(data)
-    P, K1, S = data.shape
-    K = K1 - 1
-    s = data.hyper.s[:, None, None, None]
-    resid = rng.standard_normal((P, C, K, S)) * s * np.exp(rng.uniform(-4, 2, (P, C, K, 1)))
-    v = np.where(c["has"], np.exp(rng.uniform(-10, 2, (P, C, K, S))) * s**2, 1.0)
-    # current ω²: mostly inside the grid, some below/above it (a foreign start), some 0
-    pos = rng.uniform(-2, grids.OMEGA_GRID + 1, (P, C, K))
-    omega2 = np.exp(2 * (c["omega_u0"] + c["omega_step"] * pos))
-    omega2[rng.random((P, C, K)) < 0.02] = 0.0
-    u_x = rng.random((P, C, K))
-    u_x.reshape(-1)[:3] = [0.0, 1.0 - 2**-53, 0.5]
-    u_acc = rng.random((P, C, K))
-    return c, resid, v, omega2, u_x, u_acc
-
-
 @pytest.mark.parametrize(("P", "C", "K1", "S"), OMEGA_CASES,
                          ids=[f"P{P}-C{C}-K{K1 - 1}-S{S}" for P, C, K1, S in OMEGA_CASES])
 def test_omega_kernel_equals_numpy_block(clib, P, C, K1, S):
-    data = _random_data(100 + S, P, K1, S)
-    c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, C, seed=S)
+    data = random_data(100 + S, P, K1, S)
+    c, resid, v, omega2, u_x, u_acc = omega_inputs(data, C, seed=S)
     with np.errstate(divide="ignore", invalid="ignore"):
         want = gibbs._draw_omega2(omega2, resid, v, c["has"], c, ListRng(u_x, u_acc))
     got = fused.omega_step(resid, v, c["has"], omega2, u_x, u_acc, c["omega_grid_om2"],
@@ -161,14 +106,14 @@ def test_omega_kernel_equals_numpy_block(clib, P, C, K1, S):
     # the same accept decisions, the same proposals up to the last bits of log/exp
     np.testing.assert_array_equal(got == omega2, want == omega2)
     assert 0.3 < (want != omega2).mean()  # both branches exercised
-    assert _rel(got, want).max() <= RTOL, _rel(got, want).max()
+    assert rel(got, want).max() <= RTOL, rel(got, want).max()
     assert (got == want).mean() > 0.8  # measured 0.90-0.98
 
 
 def test_omega_kernel_without_data_is_the_prior_table(clib):
     """A row with no observed stratum: the table is the prior (plus a constant)."""
-    data = _random_data(7, 12, 2, 4)
-    c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, 3, seed=1)
+    data = random_data(7, 12, 2, 4)
+    c, resid, v, omega2, u_x, u_acc = omega_inputs(data, 3, seed=1)
     has = np.zeros_like(c["has"])
     with np.errstate(divide="ignore", invalid="ignore"):
         want = gibbs._draw_omega2(omega2, resid, v, has, c, ListRng(u_x, u_acc))
@@ -176,16 +121,16 @@ def test_omega_kernel_without_data_is_the_prior_table(clib):
                            c["omega_grid_prior"], c["omega_u0"], c["omega_log_A"],
                            c["omega_nu"], c["omega_step"], launch=c_launcher(clib))
     np.testing.assert_array_equal(got == omega2, want == omega2)
-    assert _rel(got, want).max() <= RTOL
+    assert rel(got, want).max() <= RTOL
 
 
 def test_omega_kernel_other_grid_size(tmp_path, monkeypatch):
     """LS_OMEGA_G follows kernels.grids.OMEGA_GRID (a compile-time size)."""
     monkeypatch.setattr(grids, "OMEGA_GRID", 32)
-    data = _random_data(8, 10, 2, 5)
+    data = random_data(8, 10, 2, 5)
     data.cache.clear()
     monkeypatch.setattr(grids, "OMEGA_GRID", 32)
-    c, resid, v, omega2, u_x, u_acc = _omega_inputs(data, 2, seed=2)
+    c, resid, v, omega2, u_x, u_acc = omega_inputs(data, 2, seed=2)
     assert c["omega_grid_om2"].shape[0] == 32
     lib = build_c(tmp_path, 32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -194,14 +139,14 @@ def test_omega_kernel_other_grid_size(tmp_path, monkeypatch):
                            c["omega_grid_prior"], c["omega_u0"], c["omega_log_A"],
                            c["omega_nu"], c["omega_step"], launch=c_launcher(lib))
     np.testing.assert_array_equal(got == omega2, want == omega2)
-    assert _rel(got, want).max() <= RTOL
+    assert rel(got, want).max() <= RTOL
 
 
 # ------------------------------------------------------------------ block 5: arrival
 
 @pytest.mark.parametrize(("P", "C", "S"), [(30, 8, 1), (20, 5, 7), (10, 3, 12)])
 def test_arrival_kernel_equals_numpy_block(clib, P, C, S):
-    data = _random_data(200 + S, P, 2, S)
+    data = random_data(200 + S, P, 2, S)
     grid = data.grid
     rng = np.random.default_rng(S)
     u = rng.random((P, C, S))
@@ -217,7 +162,7 @@ def test_arrival_kernel_equals_numpy_block(clib, P, C, S):
     want = draw_logit_p(grid, ListRng(u), C)
     got = fused.arrival_draw(u, grid.cdf, grid.x, grid.logw, launch=c_launcher(clib))
     assert np.isfinite(got).all()
-    assert _rel(got, want).max() <= RTOL, _rel(got, want).max()
+    assert rel(got, want).max() <= RTOL, rel(got, want).max()
     # bit for bit but where log1p/expm1 inside a cell round differently (measured ≥ 0.997)
     assert (got == want).mean() > 0.95
 
@@ -231,7 +176,7 @@ def test_sweeps_fused_equal_unfused_on_cpu(clib, monkeypatch):
     from kernels.rng import Rng
     from kernels.sampler import run
 
-    data = _random_data(5, 9, 3, 6)
+    data = random_data(5, 9, 3, 6)
     P = data.shape[0]
 
     def chains(fuse: bool):
@@ -259,7 +204,7 @@ def test_fused_is_off_on_numpy_and_by_env(monkeypatch):
 def test_source_is_packaged():
     import tomllib
 
-    cfg = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "cuda/*.cu" in cfg["tool"]["setuptools"]["package-data"]["kernels"]
     assert fused.SOURCE_PATH.is_file()
 
@@ -359,17 +304,16 @@ def test_device_check_plumbing_on_cpu(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     from tests.gpu import bandwidth as bw
 
-    script = Path(__file__).parent / "gpu" / "device_check.sh"
+    script = REPO / "tests" / "gpu" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     out = subprocess.run(
         [sys.executable, "-m", "streams.cli", "bench", "sampler", "--problems", "3",
          "--chains", "2", "--strata", "8", "--sweeps", "10", "--numpyro", "no",
          "--device", "cpu", "--json"], capture_output=True, text=True, timeout=300,
-        cwd=Path(__file__).resolve().parents[1])
+        cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("gpu_3.json", "gpu0_3.json", "cpu_3.json"):
         (tmp_path / name).write_text(out.stdout)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernels.data import make_data
-from tests.kernel_helpers import FixedNormals, one_stratum_conjugate, sample
+from tests.support.kernel_helpers import FixedNormals, one_stratum_conjugate, sample
 
 
 @pytest.mark.parametrize("n_units", [2_000, 10_000_000])

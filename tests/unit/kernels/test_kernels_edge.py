@@ -8,7 +8,7 @@ import pytest
 from kernels.data import make_data
 from kernels.summary import summarize
 from streams.dev.synthetic import Scenario, population
-from tests.kernel_helpers import data_from_populations, sample
+from tests.support.kernel_helpers import data_from_populations, sample
 
 
 def finite_state(state):

@@ -1,6 +1,6 @@
 """Unit tests of the reference reducer (streams.state.semantics), one rule at a time,
 against hand-computed expectations. The Redis/Lua side is held to the same
-reducer by tests/test_state_differential.py."""
+reducer by tests/integration/test_state_differential.py."""
 
 from __future__ import annotations
 
