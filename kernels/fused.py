@@ -16,7 +16,7 @@ then agree except at exact ties). The NumPy path is the reference and the CPU
 path; the fused kernels run when the arrays are cupy arrays and
 ``LIFTSTREAM_FUSED`` is not ``0``.
 
-The same source compiles as plain C (``tests/test_fused.py`` builds it with
+The same source compiles as plain C (``tests/unit/kernels/test_fused.py`` builds it with
 ``cc`` and checks every kernel against the NumPy blocks on the CPU, and
 compiles the CUDA side to PTX with NVRTC). ``launch`` lets a caller run a
 kernel through another backend (the tests' ctypes build) with exactly the

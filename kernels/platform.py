@@ -58,7 +58,7 @@ the current φ_e (given the rest of the state): then the kernel is a mixture,
 over h_s, of π-invariant kernels. The chain's own (λ, ψ²) of k updates ago
 fail this: they were drawn from sums that contain φ_e, and φ_e has often not
 changed since (it was rejected, or not yet revisited). Measured
-(``liftstream bench async``, ``tests/test_platform_prior.py``): ψ² mean
+(``liftstream bench async``, ``tests/statistical/test_platform_prior.py``): ψ² mean
 0.537 ± 0.002 at k = 16 against 0.579 exact, ~20 Monte Carlo standard errors.
 
 The fix used here: every chain c has a **pilot chain** c′, an uncorrected

@@ -18,7 +18,7 @@ RNG_KINDS = ("pcg", "philox")
 def default_rng_kind(xp) -> str:
     """Philox on a GPU (counter-based: no state, no launch order); PCG64 on the
     CPU, where numpy's compiled generators are several times faster than
-    Philox in array code (``tests/test_philox.py`` measures the ratio)."""
+    Philox in array code (``tests/unit/kernels/test_philox.py`` measures the ratio)."""
     return "pcg" if xp is np else "philox"
 
 

@@ -9,7 +9,7 @@ everything else goes through the hand-written reference validator
 (:func:`parse_event`'s rules), which gives the stable reason codes and
 messages. msgspec is stricter than the reference in places (``1.0`` for an
 int, ``schema_version: 1.0``), never looser: those inputs take the reference
-path and get its verdict (a differential test, ``tests/test_schemas.py``,
+path and get its verdict (a differential test, ``tests/unit/schemas/test_schemas.py``,
 checks both paths agree on valid and mutated events). No jsonschema on the
 hot path (it is ~100x slower); the JSON Schema files in this package describe
 the same rules for other languages and are checked against this module by a

@@ -3,7 +3,7 @@
  * One source, two compilers:
  *   - CUDA (NVRTC, through cupy.RawModule in kernels/fused.py): one thread per
  *     row, a grid-stride loop;
- *   - plain C (cc -O2 -shared -fPIC -x c, tests/test_fused.py): a loop over
+ *   - plain C (cc -O2 -shared -fPIC -x c, tests/unit/kernels/test_fused.py): a loop over
  *     the rows, so the device code's arithmetic is tested on any machine.
  * Each kernel's body is a function of the row index (ls_*_row); the random
  * numbers are inputs (drawn by kernels.rng.Rng before the launch, at the

