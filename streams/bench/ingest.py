@@ -583,10 +583,10 @@ def run_latency(rate: float = 200.0, seconds: float = 15.0, bootstrap: str | Non
     from schemas.codec import dumps, loads
     from schemas.records import ExperimentConfig
     from streams.dev.embedded import kafka_broker, redis_server
-    from streams.sampling.sampler import NOTICE_CHANNEL
     from streams.service.experiments import publish_experiment
     from streams.service.topics import ensure_topics
     from streams.service.worker import topic_specs
+    from streams.state.keys import NOTICE_CHANNEL
     from streams.state.registry import Registry
 
     with ExitStack() as stack:

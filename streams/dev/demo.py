@@ -37,7 +37,7 @@ from schemas.records import ExperimentConfig
 from streams.config.settings import Settings
 from streams.dev.embedded import dies_with_parent, free_port, kafka_broker, redis_server, stop_group
 from streams.dev.synthetic import Scenario, age_truth, events, population, truth
-from streams.sampling.sampler import estimate_key
+from streams.state.keys import estimate_key
 from streams.state.registry import Registry
 
 DAY_MS = 86_400_000

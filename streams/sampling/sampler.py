@@ -28,7 +28,7 @@ from streams.sampling.advance import StoredChains, TickConfig, advance
 from streams.sampling.chains import decode, encode
 from streams.sampling.platform_prior import PlatformPrior
 from streams.sampling.problems import chain_names
-from streams.state.keys import (  # noqa: F401  (re-exported: the CLI, bench and tests name them here)
+from streams.state.keys import (
     NOTICE_CHANNEL,
     chain_key,
     chainver_key,

@@ -103,15 +103,13 @@ from redis.exceptions import ResponseError
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.state import keys as rk
-from streams.state.keys import (  # noqa: F401  (re-exported: callers and tests name them here)
+from streams.state.keys import (
     INGEST_OFFSETS,
     LEGACY_INGEST_KEYS,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
     TOPIC_IDS,
-    ExperimentKeys,
     completeness_key,
-    experiment_key,
     experiment_keys,
     unit_hold_key,
     unit_hold_queue,

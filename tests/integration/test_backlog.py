@@ -28,8 +28,8 @@ from schemas.validate import experiment_to_dict
 from streams.dev.simulate import make_traffic
 from streams.sampling.analyze import fold, read_experiments
 from streams.sampling.chains import decode
-from streams.sampling.sampler import chain_key, estimate_key
-from streams.state.store import experiment_key, read_counters, read_snapshot
+from streams.state.keys import chain_key, estimate_key, experiment_key
+from streams.state.store import read_counters, read_snapshot
 from tests.support.streaming_harness import (
     close_diff,
     events_counted,

@@ -29,8 +29,8 @@ import pytest
 import redis
 
 from streams.sampling.chains import decode
-from streams.sampling.sampler import NOTICE_CHANNEL, chain_key
 from streams.service.app import partition_for
+from streams.state.keys import NOTICE_CHANNEL, chain_key
 from streams.state.semantics import Reducer
 from tests.support.scale_helpers import Feeder, NoticeLog, as_records, group_members, pinned_case
 from tests.support.streaming_harness import (

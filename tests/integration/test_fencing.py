@@ -24,14 +24,9 @@ import redis
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
 from streams.ingest.ingestor import Ingestor
+from streams.state.keys import INGEST_OFFSETS, PARTITION_CLOCKS, experiment_key
 from streams.state.registry import Registry
-from streams.state.store import (
-    INGEST_OFFSETS,
-    PARTITION_CLOCKS,
-    Fenced,
-    claim_partition,
-    experiment_key,
-)
+from streams.state.store import Fenced, claim_partition
 from tests.support.scale_helpers import pinned_case, pinned_producer, produce_pinned
 from tests.support.streaming_harness import (
     Workers,

@@ -33,8 +33,9 @@ import redis
 
 from schemas.codec import loads
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
+from streams.state.keys import experiment_key
 from streams.state.registry import Registry
-from streams.state.store import experiment_key, read_counters
+from streams.state.store import read_counters
 from tests.support.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
 from tests.support.streaming_harness import (
     REPO,

@@ -27,21 +27,23 @@ import pytest
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.config.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
-from streams.state.registry import Registry
-from streams.state.semantics import Reducer
-from streams.state.store import (
+from streams.state.keys import (
     INGEST_OFFSETS,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
+    experiment_key,
+    unit_index_key,
+)
+from streams.state.registry import Registry
+from streams.state.semantics import Reducer
+from streams.state.store import (
     _is_cluster,
     advance_partition,
     apply_source_batch,
     claim_partition,
     event_row,
-    experiment_key,
     migrate_ingest_keys,
     read_snapshot,
-    unit_index_key,
 )
 from tests.support.redis_cluster_support import (  # noqa: F401 - fixtures
     cluster_r,

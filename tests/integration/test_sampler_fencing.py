@@ -21,7 +21,8 @@ from schemas.codec import dumps, loads
 from streams.dev.simulate import make_traffic
 from streams.ingest.ingestor import Ingestor
 from streams.sampling.advance import TickConfig, advance
-from streams.sampling.sampler import SamplerService, chain_key, estimate_key
+from streams.sampling.sampler import SamplerService
+from streams.state.keys import chain_key, estimate_key
 from streams.state.registry import Registry
 
 pytestmark = pytest.mark.integration

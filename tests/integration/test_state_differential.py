@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.state.keys import experiment_keys
 from streams.state.semantics import Reducer
 from streams.state.store import (
     advance_partition,
@@ -46,7 +47,6 @@ from streams.state.store import (
     clocked_batch,
     config_argv,
     event_row,
-    experiment_keys,
     ingest_script,
     min_applied_offsets,
     read_pending,

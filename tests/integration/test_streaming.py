@@ -35,7 +35,7 @@ import redis
 from schemas.codec import loads
 from streams.dev.simulate import make_traffic
 from streams.sampling.chains import decode
-from streams.sampling.sampler import chain_key, estimate_key, history_key
+from streams.state.keys import chain_key, estimate_key, history_key
 from streams.state.semantics import Reducer
 from streams.state.store import read_counters
 from tests.support.scale_helpers import as_records

@@ -25,7 +25,7 @@ from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from schemas.validate import experiment_to_dict, parse_experiment
 from streams.dev.simulate import make_traffic
 from streams.ingest.ingestor import ingest_offsets
-from streams.sampling.sampler import estimate_key
+from streams.state.keys import estimate_key
 from streams.state.store import read_counters
 from tests.support.scale_helpers import as_records
 from tests.support.streaming_harness import (
