@@ -9,17 +9,6 @@ from streams.config.settings import add_arguments
 NAME = "admin"
 
 
-def __getattr__(name: str):
-    """``publish_experiment``, where tests and older callers import it from
-    (``streams.service.experiments`` has it; imported on first use, so
-    ``liftstream --help`` stays fast)."""
-    if name == "publish_experiment":
-        from streams.service.experiments import publish_experiment
-
-        return publish_experiment
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``admin`` and its actions, under ``sub``."""
     ad = sub.add_parser(NAME, help="operator commands on the state in Redis")

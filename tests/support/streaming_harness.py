@@ -122,8 +122,8 @@ class Stack:
         """Publish configs to this stack's experiments topic and put them in
         the Redis registry (as ``liftstream experiments create`` does), so
         events produced right after are recognised."""
-        from streams.cli.admin import publish_experiment
         from streams.config.settings import redis_client
+        from streams.service.experiments import publish_experiment
         from streams.state.registry import Registry
 
         r = redis_client(self.config())  # a RedisCluster for redis+cluster://

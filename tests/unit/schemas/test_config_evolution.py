@@ -22,8 +22,8 @@ import redis
 from schemas.codec import dumps, loads
 from schemas.records import ExperimentConfig, Exposure, MetricSpec
 from schemas.validate import InvalidRecord, incompatible_change
-from streams.cli.admin import publish_experiment
 from streams.ingest.ingestor import Ingestor
+from streams.service.experiments import publish_experiment
 from streams.state.registry import Registry
 from tests.support.streaming_harness import (
     Workers,
