@@ -165,7 +165,7 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
     wait_until(lambda: (api(f"/experiments/{EID}/estimates") or {}).get("estimates"), 60,
                "estimates from the API", workers=[w])
 
-    url = w.url("/")
+    url = w.url(f"/experiment?experiment={EID}")
     for _attempt in range(3):
         before = api(f"/experiments/{EID}/estimates")["estimates"]
         res = run_chromium(url, "--virtual-time-budget=8000", "--dump-dom")
@@ -277,7 +277,7 @@ def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_pa
 
     rec = wait_until(est, 120, "an estimate with every unit matured and every bin drawn",
                      workers=[w], interval=0.5)
-    res = run_chromium(w.url("/"), "--virtual-time-budget=8000", "--dump-dom")
+    res = run_chromium(w.url(f"/experiment?experiment={eid}"), "--virtual-time-budget=8000", "--dump-dom")
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
     dom = Dom()
     dom.feed(res.stdout.decode())
@@ -295,3 +295,47 @@ def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_pa
     assert f"first-days minus later lift {pct(c['mean'])} [{pct(c['lo'])}, {pct(c['hi'])}]" \
         in shown, (shown, c)
     assert f"{c['strata_used']} of {rec['novelty']['strata']} activity values" in shown
+
+
+DIGIT = re.compile(r"\d")
+
+
+def render(w, path: str, *extra: str) -> Dom:
+    """``path`` of worker ``w`` rendered by headless Chromium (its refreshes
+    run in virtual time), parsed; fails unless the page finished a refresh."""
+    res = run_chromium(w.url(path), "--virtual-time-budget=8000", "--dump-dom", *extra)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    dom = Dom()
+    dom.feed(res.stdout.decode())
+    assert dom.body.get("data-ready") == "1", ("the page never finished a refresh",
+                                               dom.text.get("status"))
+    return dom
+
+
+#: the experiment page's cells that hold the estimate's numbers
+NUMBER_CELLS = ("adjusted-mean", "adjusted-interval", "adjusted-lift", "adjusted-ppos",
+                "naive-mean", "naive-interval", "naive-lift", "naive-ppos")
+EXPERIMENT_PAGE = "/experiment?experiment={}"
+
+
+def test_defect_empty_experiment_shows_no_numbers(kafka_bootstrap, redis_url, tmp_path, workers):
+    """Issue 29: an experiment that never received an event has estimates
+    from prior draws alone; the page showed them (a lift of -183%) as if they
+    meant something. It must show no effect, lift or P(>0) number, and say it
+    waits for data."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    from schemas.records import ExperimentConfig
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dempty", partitions=1,
+                    tick_seconds=1.0, chains=4)
+    st.create_topics()
+    st.register([ExperimentConfig(experiment_id="empty", started_at=START)])
+    w = start_web_worker(workers, st, "all")
+    wait_until(lambda: json.loads(w.get("/experiments/empty/estimates") or b'{"estimates": []}'
+                                  )["estimates"], 60, "an estimate of the empty experiment",
+               workers=[w], interval=0.3)
+    dom = render(w, EXPERIMENT_PAGE.format("empty"))
+    shown = {k: dom.text.get(k, "").strip() for k in NUMBER_CELLS}
+    assert not any(DIGIT.search(v) for v in shown.values()), shown
+    assert "waiting for data" in dom.text.get("waiting", ""), dom.text.get("waiting")
