@@ -6,16 +6,21 @@ estimates and history, health. Blocking Redis calls run on a thread.
 Routes (``register_pages``; every one but ``/healthz`` and ``/readyz`` needs
 ``settings.api_token`` when it is set, see ``authorized``):
 
-* ``GET /`` -- the dashboard (``static/dashboard.html``);
+* ``GET /`` -- the overview of every experiment (``static/overview.html``);
+* ``GET /experiment?experiment=<id>`` -- one experiment's page
+  (``static/dashboard.html``; without ``experiment``: the most recently active);
 * ``GET /healthz`` -- liveness: 200 ``{"status": "ok"}``, or 503 ``stuck`` when
   a loop of this worker has not come round for ``settings.liveness_seconds``;
 * ``GET /readyz`` -- readiness: 503 while Redis does not answer, the events
   consumer is not running or ingest is stalled; else 200 ``ready`` (with the
   owned ``events_partitions`` in the ingest role);
 * ``GET /metrics`` -- Prometheus text format (``streams.service.metrics``);
-* ``GET /experiments`` -- ``{"experiments": [id, ...]}``;
+* ``GET /experiments`` -- ``{"experiments": [id, ...], "overview": [...]}``:
+  the ids, and each experiment's summary, most recently active first
+  (``streams.service.overview``);
 * ``GET /experiments/{id}`` -- the config, its ``lifecycle`` and ``truth``
-  (a simulator's, else null); 404 unknown, 400 a bad id;
+  (a simulator's, else null), its ``overview`` entry and the ``readings``
+  of its estimates (what the page may show); 404 unknown, 400 a bad id;
 * ``GET /experiments/{id}/estimates``, ``/history``, ``/alerts`` -- the latest
   estimate records, their history, the recent alerts.
 """
@@ -35,12 +40,14 @@ from schemas.validate import experiment_to_dict, is_valid_name
 from streams.alerts.store import recent as recent_alerts
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
 from streams.service.context import AppContext
+from streams.service.overview import read_overview, reading
 from streams.state.keys import truth_key
 
 if TYPE_CHECKING:
     import faust
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+OVERVIEW = Path(__file__).with_name("static") / "overview.html"
 
 
 def authorized(request, token: str) -> bool:
@@ -100,6 +107,10 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
         return wrap
 
     @page("/")
+    async def overview_page(web, request):
+        return web.html(OVERVIEW.read_text())
+
+    @page("/experiment")
     async def dashboard(web, request):
         return web.html(DASHBOARD.read_text())
 
@@ -152,7 +163,9 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
     @page("/experiments")
     async def experiments(web, request):
         ids = await call(registry.ids)
-        return web.json({"experiments": ids})
+        cfgs = await call(registry.get_many, ids)
+        return web.json({"experiments": ids,
+                         "overview": await call(read_overview, r, list(cfgs.values()))})
 
     @page("/experiments/{experiment_id}")
     async def experiment(web, request, experiment_id: str):
@@ -165,6 +178,9 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
         out["lifecycle"] = await call(read_lifecycle, r, cfg)
         truth = await call(r.get, truth_key(experiment_id))
         out["truth"] = loads(truth) if truth else None
+        out["overview"] = (await call(read_overview, r, [cfg]))[0]
+        out["readings"] = {f"{rec['metric']}:{rec['variant']}": reading(rec)
+                           for rec in await call(read_estimates, r, experiment_id)}
         return web.json(out)
 
     @page("/experiments/{experiment_id}/alerts")
