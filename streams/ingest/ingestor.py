@@ -133,6 +133,7 @@ class Ingestor:
                 m = margins[eid] = too_old_margin(known[eid])
             return m
 
+        concluded = {eid for eid in known if self.registry.concluded(eid)}
         ended: set[int] = set()  # offsets of exposures to concluded experiments
         for row in rows:
             eid = row[3]
@@ -145,7 +146,7 @@ class Ingestor:
                 continue
             if row[1] == "x":
                 cfg = known[eid]
-                if self.registry.concluded(eid):
+                if eid in concluded:
                     err = InvalidRecord(
                         "after_end", f"experiment {eid!r} is concluded: its final estimates "
                         "are out and its units are no longer kept", "experiment_id")
