@@ -63,6 +63,8 @@ class BatchResult:
     touched: set[str] = field(default_factory=set)
     counts: Counter = field(default_factory=Counter)
     new_experiments: list[ExperimentConfig] = field(default_factory=list)
+    #: (experiment id, meta field) -> dead letters to count there (``Ingestor._count_dead``)
+    per_experiment: Counter = field(default_factory=Counter)
 
 
 class Ingestor:
@@ -113,8 +115,7 @@ class Ingestor:
             exposed = {row[3] for row in rows if row[1] == "x"}
             for eid in sorted(ids - known.keys()):
                 if eid in exposed:
-                    cfg = ExperimentConfig(experiment_id=eid)
-                    self.registry.put(cfg)
+                    cfg = self.registry.put(ExperimentConfig(experiment_id=eid), now_ms)
                     known[eid] = cfg
                     res.new_experiments.append(cfg)
 
@@ -132,6 +133,8 @@ class Ingestor:
                 m = margins[eid] = too_old_margin(known[eid])
             return m
 
+        concluded = {eid for eid in known if self.registry.concluded(eid)}
+        ended: set[int] = set()  # offsets of exposures to concluded experiments
         for row in rows:
             eid = row[3]
             if eid in unknown:
@@ -143,6 +146,13 @@ class Ingestor:
                 continue
             if row[1] == "x":
                 cfg = known[eid]
+                if eid in concluded:
+                    err = InvalidRecord(
+                        "after_end", f"experiment {eid!r} is concluded: its final estimates "
+                        "are out and its units are no longer kept", "experiment_id")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                    ended.add(row[0])  # not applied: it would create a unit record again
+                    continue
                 if row[5] not in cfg.variants:
                     err = InvalidRecord("unknown_variant",
                                         f"variant {row[5]!r} is not one of experiment "
@@ -163,6 +173,9 @@ class Ingestor:
         # metrics without experiment_id may belong to any registered experiment
         if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
+        self._count_dead(res)
+        if ended:  # they moved the clock (events of a registered experiment), nothing else
+            crows = [crow for crow in crows if crow[0] not in ended]
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                       self.hold_seconds, self.hold_max, rejected,
@@ -207,17 +220,36 @@ class Ingestor:
               now_ms) -> None:
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
         res.counts[f"dead_letter:{err.code}"] += 1
-        if err.code in _COUNTED_BY_EXPERIMENT:
+        if err.code in _COUNTED_BY_EXPERIMENT or err.code == "unknown_experiment":
             return
         eid = _experiment_of(raw)
-        if eid is not None and self.registry.get_many({eid}):
-            # per experiment, for data_quality (at least once: a replay of the
-            # batch counts it again)
-            self.r.hincrby(meta_key(eid), f"dl:{err.code}", 1)
+        if eid is not None:
+            field_ = f"c:{err.code}" if err.code in _COUNTED_HERE else f"dl:{err.code}"
+            res.per_experiment[(eid, field_)] += 1
+
+    def _count_dead(self, res: BatchResult) -> None:
+        """Add the batch's dead letters to their experiments' counts (for
+        data_quality), registered ones only: one registry lookup and one
+        pipeline for the batch, whatever the number of ids (at least once: a
+        replay of the batch counts them again)."""
+        if not res.per_experiment:
+            return
+        known = self.registry.get_many({eid for eid, _ in res.per_experiment})
+        pipe = self.r.pipeline(transaction=False)
+        for (eid, field_), n in sorted(res.per_experiment.items()):
+            if eid in known:
+                pipe.hincrby(meta_key(eid), field_, n)
+        pipe.execute()
+        res.per_experiment.clear()
 
 
 #: dead-letter reasons whose events also reach the experiment's counters
 _COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
+
+#: dead-letter reasons of events that reach no experiment state but are
+#: counted under the experiment's counter of the same name (so data_quality
+#: counts them once): exposures to a concluded experiment
+_COUNTED_HERE = frozenset(("after_end",))
 
 
 def _experiment_of(raw: bytes | None) -> str | None:

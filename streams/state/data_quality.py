@@ -7,7 +7,10 @@ estimate record, the API, ``/metrics`` and an alert (``data_loss`` in
 increments exactly one) and its dead letters (by reason) into that object::
 
     events        every counter + every dead letter
-    applied       exposures + metric_applied
+    applied       exposures + before_start + metric_applied
+    before_start  exposures before the experiment's start, applied to its
+                  first entry bucket (part of ``applied``: a clock-skew
+                  signal, not a loss)
     corrected ... retired   the counters of the same name
     retired_units, retired_filter_fpr   units whose records were dropped after
                   their correction horizon, and the chance that a new unit is
@@ -39,6 +42,9 @@ REPORTED: tuple[str, ...] = (
     "unknown_metric", "retired",
 )
 
+#: Counters of applied events (``applied``); ``before_start`` is also shown alone.
+APPLIED: tuple[str, ...] = ("exposures", "before_start", "metric_applied")
+
 #: The outcomes that partition ``events`` (what ``/metrics`` exposes per outcome):
 #: ``applied``, the reported counters, and ``dead_letter``.
 OUTCOMES: tuple[str, ...] = ("applied", *REPORTED, "dead_letter")
@@ -53,7 +59,8 @@ def data_quality_of(counters: Mapping[str, int], dead_letters: Mapping[str, int]
     events = sum(c.values()) + extra_dl
     dropped = sum(c.get(k, 0) for k in DROPPED) + extra_dl
     out: dict = {"events": events,
-                 "applied": c.get("exposures", 0) + c.get("metric_applied", 0)}
+                 "applied": sum(c.get(k, 0) for k in APPLIED),
+                 "before_start": c.get("before_start", 0)}
     for k in REPORTED:
         out[k] = c.get(k, 0)
     out["dead_letters"] = dl

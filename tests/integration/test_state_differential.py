@@ -38,6 +38,7 @@ from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.state.keys import experiment_keys
+from streams.state.registry import Registry
 from streams.state.semantics import Reducer
 from streams.state.store import (
     advance_partition,
@@ -96,7 +97,9 @@ def configs(draw):
             correction_seconds=draw(st.integers(0, 6)),
             hold_seconds=draw(st.integers(0, 6)),
             hold_max=draw(st.integers(0, 3)),
-            started_at=draw(st.none() | st.integers(-3000, 3000).map(lambda d: T0 + d)),
+            # a start after some of the events (stragglers, early units): they
+            # are clamped to bucket 0 and counted before_start (issue 24 defect 6)
+            started_at=draw(st.none() | st.integers(-3000, 8000).map(lambda d: T0 + d)),
             end_at=draw(st.none() | st.none() | st.integers(0, 30000).map(lambda d: T0 + d)),
         ))
     return out
@@ -207,6 +210,8 @@ class Both:
                 _note("units retired")
             if w.counters["retired"]:
                 _note("exposures of retired units")
+            if w.counters["before_start"]:
+                _note("exposures before the start")
             if w.age_cells:
                 _note("exposure age tracked")
                 if any(c[0] for rows in w.age_cells.values() for row in rows for c in row):
@@ -551,6 +556,32 @@ def test_too_old_exposure_creates_no_state(fresh):
     assert both.red.states["e1"].counters["too_old"] == 1
     assert "old" not in both.red.states["e1"].units
     both.check()
+
+
+def test_defect6_exposure_11_days_early_does_not_move_D(fresh):
+    """Issue 24 defect 6: a config registered without started_at gets the
+    registration time on its bucket grid; one clock-skewed exposure 11 days
+    before it (accepted: within W + H of the clock) is clamped to entry
+    bucket 0 and counted ``before_start``, and D stays what the registered
+    start gives (2, not 13), in the reducer and the Lua alike."""
+    day = 86_400_000
+    reg = Registry(fresh)
+    stored = reg.put(_cfg(window_seconds=14 * 86_400, bucket_seconds=86_400,
+                          correction_seconds=86_400, lateness_seconds=0), now_ms=T0 + 5)
+    assert stored.started_at == T0 // day * day
+    both = Both(fresh, [stored])
+    both.batch(0, [_x(f"x{i}", f"u{i}", i * 3_600_000) for i in range(48)])
+    both.batch(0, [_x("skewed", "early", -11 * day)])
+    both.batch(0, [_x("last", "v", 2 * day + 60_000)])
+    both.check()
+    c_all = both.red.completeness()
+    got = read_snapshot(fresh, stored, completeness=c_all)
+    want = both.red.states["e1"].snapshot(c_all)
+    assert got.D == want.D == 2
+    assert got.counters["before_start"] == want.counters["before_start"] == 1
+    assert got.started_at == stored.started_at
+    assert sum(n for a in got.arrivals for n in a.values()) == 50  # none lost
+    assert min(b for a in got.arrivals for b in a) == 0
 
 
 def test_quiet_experiment_matures_on_a_busy_partition(fresh):

@@ -224,7 +224,10 @@ def random_case(rng: random.Random, tag: str):
             bucket_seconds=rng.randint(1, 3),
             lateness_seconds=rng.randint(0, 2),
             dedupe_seconds=rng.randint(0, 4),
-            started_at=rng.choice([None, T0 + rng.randint(-3000, 3000)]),
+            # always a start: the registry would stamp a config without one
+            # with the wall clock, after this replayed history (issue 24
+            # defect 6); T0 - 10 s is before nearly all of it (the same draws)
+            started_at=rng.choice([T0 - 10_000, T0 + rng.randint(-3000, 3000)]),
         ))
     cfgs = [parse_experiment(experiment_to_dict(c)) for c in cfgs]  # valid, as registered
     exp_ids = [c.experiment_id for c in cfgs]

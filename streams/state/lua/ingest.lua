@@ -607,10 +607,10 @@ for i = 1, n do
             if x >= edges[k] then st = k - 1; break end
           end
         end
-        local bucket
+        local bucket, outcome = nil, 'exposures'
         if anchor ~= 0 then
           bucket = floordiv(ts - anchor, B)
-          if bucket < 0 then bucket = 0 end
+          if ts < anchor then bucket = 0; outcome = 'before_start' end  -- clamped, applied
         else
           bucket = floordiv(ts, B)
         end
@@ -649,7 +649,7 @@ for i = 1, n do
         exposed[vi] = (exposed[vi] or 0) + 1
         pend_new[#pend_new + 1] = ts + W
         pend_new[#pend_new + 1] = uid
-        count('exposures')
+        count(outcome)
         local h = held_of(uid)
         if h then
           held[uid] = false
