@@ -189,12 +189,12 @@ class Both:
         assert seq == {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
 
     def advance(self, p: int, clock: int) -> None:
-        advance_partition(self.r, self.cfgs, TOPIC, p, clock)
+        advance_partition(self.r, self.cfgs, TOPIC, p, clock, rejected=self.rejected)
         self.red.advance(src(p), clock)
 
     def check(self) -> None:
         reasons = [why for _, why in self.rejected]
-        for k in ("unrouted", "unknown_experiment"):
+        for k in ("unrouted", "unrouted_expired", "unknown_experiment"):
             assert reasons.count(k) == self.red.counters[k], k
         c_all = self.red.completeness()
         for c in self.cfgs:
