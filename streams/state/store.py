@@ -53,9 +53,12 @@ notes below give the value formats.
    every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
-   set of experiments the unit was exposed in. The key expires
-   ``index_ttl_ms`` (2 × the longest W + H + L) after the unit's last
-   exposure.
+   set of experiments the unit was exposed in. Every exposure sets the
+   key's TTL to ``index_ttl_ms`` (2 × the longest W + H + L of the batch's
+   experiments) unless its remaining TTL is longer: the TTL only grows, so
+   the key outlives each of its experiments' horizons after the unit's last
+   exposure to it (issue 24, defect 4). A delete removes the experiment's
+   field (``streams.state.registry.delete_state``).
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
@@ -877,7 +880,8 @@ def mget(r: Any, keys: Sequence[str]) -> list:
 def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
-    the registered experiments, so the index is bounded by the units active
+    the experiments in ``known`` (a batch's; the script never shortens a
+    longer TTL another experiment set), so the index is bounded by the units active
     in that time (docs/architecture.md#state) while a unit's metrics, which come within its
     window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more

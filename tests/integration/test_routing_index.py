@@ -19,22 +19,34 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import redis
 
 from schemas.codec import dumps
 from schemas.records import ExperimentConfig, Exposure, Metric
+from streams.dev.simulate import make_traffic
 from streams.ingest.ingestor import Ingestor
+from streams.sampling.advance import TickConfig, advance
+from streams.sampling.sampler import SamplerService
 from streams.state.clocks import ClockService
-from streams.state.keys import unit_index_key
+from streams.state.keys import chain_key, estimate_key, experiment_glob, unit_index_key
 from streams.state.registry import Registry
 from streams.state.semantics import Reducer
-from streams.state.store import advance_partition, apply_source_batch, event_row, read_units
+from streams.state.store import (
+    advance_partition,
+    apply_source_batch,
+    event_row,
+    read_counters,
+    read_units,
+)
 
 pytestmark = pytest.mark.integration
 
 TOPIC = "liftstream.events"
 DAY_MS = 86_400_000
+START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
+TICK = TickConfig(chains=2, sweeps=30, window=40, warmup=20, min_draws=5, seed=3)
 
 
 @pytest.fixture()
@@ -158,3 +170,75 @@ def test_unrouted_expired_is_counted(r):
     rejected: list = []
     advance_partition(r, [cfg], TOPIC, 2, now, rejected=rejected)
     assert [why for _, why in rejected] == ["unrouted_expired"]
+
+
+# ---------------------------------------------------------------- delete
+
+
+def _sampled(r, eid: str):
+    """An experiment with traffic and a first estimate, and its sampler."""
+    reg = Registry(r)
+    cfg, evs, _ = make_traffic(600, 6, eid, 5, 86_400, START)
+    reg.put(cfg)
+    now = int(time.time() * 1000)
+    ing = Ingestor(r, reg)
+    ing.process("t", 0, [(i, dumps(e)) for i, e in enumerate(evs)], now)
+    ing.settle_quiet("t", 0, now, now)
+    s = SamplerService(r, Registry(r), TICK, xp=np)
+    s.own(eid)
+    assert s.tick(), "a first estimate"
+    return reg, s
+
+
+def test_a_tick_in_flight_across_a_delete_writes_nothing_back(r):
+    """The sampler loaded the experiment (its tick is in flight) when it was
+    deleted (both sweeps); the tick's chains, estimates and history must not
+    recreate the experiment's keys, and it publishes nothing."""
+    reg, s = _sampled(r, "gone")
+    r.incr("lr:{e:gone}:dirty_seq")  # new data: due again
+    snaps, stored = s.load(s.due())  # the tick is in flight ...
+    reg.delete("gone")  # ... across the delete and its second sweep
+    reg.delete("gone")
+    assert not list(r.scan_iter(match=experiment_glob("gone")))
+    recs, chains = advance(snaps, stored, TICK, int(time.time() * 1000))
+    assert recs
+    assert s.store(chains, recs) == []
+    assert sorted(r.scan_iter(match=experiment_glob("gone"))) == []
+
+
+def test_a_tick_in_flight_across_a_recreate_writes_nothing_back(r):
+    """Deleted and re-created under the same id while the tick was in flight:
+    the old experiment's chains and estimates must not land in the new one."""
+    reg, s = _sampled(r, "again")
+    r.incr("lr:{e:again}:dirty_seq")
+    snaps, stored = s.load(s.due())
+    cfg = reg.get("again", fresh=True)
+    reg.delete("again")
+    reg.put(cfg)  # the same id again, no state yet
+    recs, chains = advance(snaps, stored, TICK, int(time.time() * 1000))
+    assert s.store(chains, recs) == []
+    assert r.get(chain_key("again", "value")) is None
+    assert r.get(estimate_key("again", "value", "treatment")) is None
+
+
+def test_a_recreated_experiment_ignores_the_deleted_ones_index(r):
+    """u was exposed to e1, e1 was deleted and registered again (a new
+    experiment under the old id): u's metric without experiment_id is no
+    event of the new e1 (the reducer of the new config holds it unrouted),
+    not a held metric that will count as lost in its data_quality."""
+    cfg = ExperimentConfig(experiment_id="e1", window_seconds=60, correction_seconds=60)
+    reg = Registry(r)
+    reg.put(cfg)
+    ing = Ingestor(r, reg)
+    now = int(time.time() * 1000)
+    t = now - 10_000
+    ing.process(TOPIC, 0, _msgs(0, [Exposure("x1", "e1", "u", "control", t)]), now)
+    reg.delete("e1")
+    reg.put(cfg)
+    m = [Metric("m1", "u", "value", 5.0, t + 1000)]
+    res = ing.process(TOPIC, 0, _msgs(1, m), now)
+    red = Reducer([cfg])
+    red.apply_batch(f"{TOPIC}|0", m)
+    assert red.counters["unrouted"] == 1
+    assert res.counts["unrouted"] == 1
+    assert sum(read_counters(r, "e1").values()) == 0
