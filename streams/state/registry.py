@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -29,7 +30,9 @@ from streams.state.keys import (
     cells_key,
     cfg_key,
     experiment_glob,
+    generation_key,
     lifecycle_key,
+    unit_index_glob,
     units_key,
 )
 from streams.state.store import mget
@@ -39,22 +42,37 @@ log = logging.getLogger("liftstream.registry")
 
 def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``): its
-    config, unit records, cells, chains, estimates, history, alerts. A rare
-    operator action, so a SCAN of the keyspace is acceptable here (request
-    paths never scan). The unit routing index (``lr:{u:<unit>}:x``) keeps
-    the experiment's field until the unit's entry expires; routing ignores
-    experiments not in the registry."""
-    pattern = experiment_glob(experiment_id)
+    config, generation, unit records, cells, chains, estimates, history,
+    alerts; and remove its field from every unit's routing index
+    (``lr:{u:<unit>}:x``), so an experiment registered later under the same
+    id inherits no exposure markers (issue 24: with them, its units' metrics
+    without experiment_id were routed to it before any exposure, held and
+    counted lost). A rare operator action, so a SCAN of the keyspace is
+    acceptable here (request paths never scan). Returns the number of
+    experiment keys removed."""
     n = 0
     buf: list = []
-    for k in r.scan_iter(match=pattern, count=batch):
+    for k in r.scan_iter(match=experiment_glob(experiment_id), count=batch):
         buf.append(k)
         if len(buf) >= batch:
             n += r.unlink(*buf)
             buf = []
     if buf:
         n += r.unlink(*buf)
+    _forget_in_index(r, experiment_id, batch)
     return n
+
+
+def _forget_in_index(r: Any, experiment_id: str, batch: int) -> None:
+    """HDEL the experiment from every unit's routing index, ``batch`` keys a
+    round trip (a hash left empty is gone with its last field)."""
+    pipe = r.pipeline(transaction=False)
+    for k in r.scan_iter(match=unit_index_glob(), count=batch):
+        pipe.hdel(k, experiment_id)
+        if len(pipe) >= batch:
+            pipe.execute()
+    if len(pipe):
+        pipe.execute()
 
 
 class Registry:
@@ -102,6 +120,8 @@ class Registry:
                                     "config stays", None)
         pipe = self.r.pipeline(transaction=False)
         pipe.set(cfg_key(eid), dumps(experiment_to_dict(cfg)))
+        # a new experiment (or one from before generations): its generation
+        pipe.set(generation_key(eid), uuid.uuid4().hex, nx=True)
         pipe.sadd(EXPERIMENTS_SET, eid)
         pipe.execute()
         self._remember(eid, cfg, concluded)

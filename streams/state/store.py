@@ -53,9 +53,12 @@ notes below give the value formats.
    every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
-   set of experiments the unit was exposed in. The key expires
-   ``index_ttl_ms`` (2 × the longest W + H + L) after the unit's last
-   exposure.
+   set of experiments the unit was exposed in. Every exposure sets the
+   key's TTL to ``index_ttl_ms`` (2 × the longest W + H + L of the batch's
+   experiments) unless its remaining TTL is longer: the TTL only grows, so
+   the key outlives each of its experiments' horizons after the unit's last
+   exposure to it (issue 24, defect 4). A delete removes the experiment's
+   field (``streams.state.registry.delete_state``).
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
@@ -577,7 +580,7 @@ def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partit
 
 def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
                        rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
-                       rejected: list[tuple[int, str]] | None = None,
+                       rejected: list[tuple[int | None, str]] | None = None,
                        fold_limit: int = FOLD_LIMIT,
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
@@ -592,7 +595,9 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     belongs to its first offset). Returns per-experiment Lua results and the
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
-    experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
+    experiment, ``unrouted_expired`` = over the hold bound), and (None,
+    ``unrouted_expired``) per held metric of a never-exposed unit that the
+    batch's clock expired (``expire_unit_holds``). ``clocked_rows``:
     ``clocked_batch``'s result for ``rows``, when the caller already has it;
     ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale)."""
     if clocked_rows is None:
@@ -603,7 +608,8 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch)
            for e, lst in routed.items()}
-    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    _count_expired(rejected, expire_unit_holds(r, topic, partition,
+                                               clk - int(hold_seconds) * 1000))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
                     epoch)
     return out, clk
@@ -638,15 +644,27 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
-                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None) -> int:
+                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None,
+                      rejected: list[tuple[int | None, str]] | None = None) -> int:
     """``Reducer.advance``: an idle, caught-up partition's clock moves to
-    ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
+    ``clock_ms`` if later; every experiment settles on it. Returns the clock;
+    ``rejected`` gets (None, ``unrouted_expired``) per held metric of a
+    never-exposed unit that expired, as ``apply_source_batch``'s does."""
     record_position(r, topic, partition, None, clock_ms, epoch)
     clk = partition_clock(r, topic, partition)
     for cfg in configs:
         settle(r, cfg, topic, partition, clk, epoch=epoch)
-    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    _count_expired(rejected, expire_unit_holds(r, topic, partition,
+                                               clk - int(hold_seconds) * 1000))
     return clk
+
+
+def _count_expired(rejected: list[tuple[int | None, str]] | None, lost: int) -> None:
+    """``lost`` expired held metrics as ``rejected`` entries: no row of the
+    batch is theirs (None), their reason is ``unrouted_expired`` (the
+    reducer's counter of the same name counts them the same way)."""
+    if rejected is not None and lost:
+        rejected.extend([(None, "unrouted_expired")] * lost)
 
 
 def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000
@@ -862,7 +880,8 @@ def mget(r: Any, keys: Sequence[str]) -> list:
 def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
-    the registered experiments, so the index is bounded by the units active
+    the experiments in ``known`` (a batch's; the script never shortens a
+    longer TTL another experiment set), so the index is bounded by the units active
     in that time (docs/architecture.md#state) while a unit's metrics, which come within its
     window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more
@@ -887,13 +906,20 @@ def _index_round_trip(r: Any, units: list[str], n_always: int,
         pipe = r.pipeline(transaction=False)
         for (u, e), off in exposing.items():
             pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
-            if ttl_ms > 0:
-                pipe.pexpire(unit_index_key(u), ttl_ms)
+            pipe.pttl(unit_index_key(u))
         n_writes = len(pipe)
         for u in units:
             pipe.hgetall(unit_index_key(u))
             pipe.hgetall(unit_hold_key(u))
-        got = pipe.execute()[n_writes:]
+        res = pipe.execute()
+        got = res[n_writes:]
+        if ttl_ms > 0:  # the TTL only grows (route.lua's rule; a second round trip here)
+            pipe = r.pipeline(transaction=False)
+            for (u, _), left in zip(exposing, res[1:n_writes:2], strict=True):
+                if left < ttl_ms:
+                    pipe.pexpire(unit_index_key(u), ttl_ms)
+            if len(pipe):
+                pipe.execute()
         return [[h, hd] if i < n_always or hd else 0
                 for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
     keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]

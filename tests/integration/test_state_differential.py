@@ -163,10 +163,11 @@ def _note(label: str) -> None:
 class Both:
     """Drives Redis and the reducer with the same calls."""
 
-    def __init__(self, r, cfgs):
+    def __init__(self, r, cfgs, hold_seconds: int = 86_400):
         self.r, self.cfgs = r, cfgs
+        self.hold = hold_seconds  # unit-level holds (metrics without experiment_id)
         self.known = {c.experiment_id: c for c in cfgs}
-        self.red = Reducer(cfgs)
+        self.red = Reducer(cfgs, hold_seconds=hold_seconds)
         self.offsets: dict[int, int] = {}
         self.rejected: list = []
 
@@ -181,24 +182,28 @@ class Both:
                 for e, lst in routed.items():
                     if pick is None or pick():
                         apply_rows(self.r, self.known[e], TOPIC, p, lst, clk)
-        apply_source_batch(self.r, self.known, TOPIC, p, rows, rejected=self.rejected)
+        apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold,
+                           rejected=self.rejected)
         self.red.apply_batch(src(p), events)
         return rows
 
     def replay(self, p: int, rows: list) -> None:
         seq = {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
-        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows)
+        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold)
         assert all(o["applied"] == 0 for o in out.values())
         assert seq == {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
 
     def advance(self, p: int, clock: int) -> None:
-        advance_partition(self.r, self.cfgs, TOPIC, p, clock)
+        advance_partition(self.r, self.cfgs, TOPIC, p, clock, self.hold,
+                          rejected=self.rejected)
         self.red.advance(src(p), clock)
 
     def check(self) -> None:
         reasons = [why for _, why in self.rejected]
-        for k in ("unrouted", "unknown_experiment"):
+        for k in ("unrouted", "unrouted_expired", "unknown_experiment"):
             assert reasons.count(k) == self.red.counters[k], k
+        if self.red.counters["unrouted_expired"]:
+            _note("unit-level holds expired")
         c_all = self.red.completeness()
         for c in self.cfgs:
             want = self.red.states[c.experiment_id]
@@ -233,7 +238,9 @@ def test_lua_equals_reducer(redis_url, data):
     r.flushall()
     cfgs = data.draw(configs(), label="configs")
     n_parts = data.draw(st.integers(1, 3), label="partitions")
-    both = Both(r, cfgs)
+    # unit-level holds of metrics without experiment_id: kept, or expiring
+    # within the stream (``unrouted_expired``, by batches and idle advances)
+    both = Both(r, cfgs, data.draw(st.sampled_from([86_400, 2, 10]), label="unit hold s"))
     per = {p: data.draw(raw_streams(cfgs, p), label=f"events p{p}") for p in range(n_parts)}
     done: list[tuple[int, list]] = []
     while any(per.values()):
