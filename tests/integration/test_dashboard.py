@@ -25,9 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import subprocess
-import tempfile
 import time
 from html.parser import HTMLParser
 
@@ -36,6 +33,7 @@ import redis
 
 from schemas.codec import dumps
 from streams.service.web import truth_key
+from tests.support.browser import chromium, run_chromium
 from tests.support.streaming_harness import (
     make_stack,
     produce,
@@ -48,23 +46,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
 EID = "dash"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
-
-
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-def run_chromium(url: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="liftstream-chromium-") as profile:
-        return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                               *args, url], capture_output=True, timeout=timeout)
 
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
@@ -151,8 +132,11 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
         return None if raw is None else json.loads(raw)
 
     def history_len() -> int:
-        h = api(f"/experiments/{EID}/history") or {"history": {}}
-        return max((len(v) for v in h["history"].values()), default=0)
+        """The longest series' history (the API gives one series per request)."""
+        recs = (api(f"/experiments/{EID}/estimates") or {"estimates": []})["estimates"]
+        hists = [api(f"/experiments/{EID}/history?metric={r['metric']}&variant={r['variant']}")
+                 for r in recs]
+        return max((len(h["history"]) for h in hists if h), default=0)
 
     evs = sorted(evs, key=lambda e: e["ts"])
     chunks = [evs[: len(evs) // 3], evs[len(evs) // 3: 2 * len(evs) // 3],

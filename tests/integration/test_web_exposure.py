@@ -11,7 +11,8 @@ of the Host and Authorization headers:
 * on the loopback bind, a Host other than localhost / 127.0.0.1 / [::1] (DNS
   rebinding) answers 403, even with the token;
 * the dashboard signs in with ``POST /login``: an ``HttpOnly; SameSite=Strict``
-  cookie that is not the token itself opens the API to the page;
+  cookie that is not the token itself opens the API to the page (and the page
+  does so in headless Chromium, when it is installed);
 * ``/history`` reads only the series asked for, at most ``limit`` points.
 
 The refusal to start on an exposed bind without a strong token is in
@@ -20,6 +21,7 @@ The refusal to start on an exposed bind without a strong token is in
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -31,6 +33,7 @@ import redis
 from streams.sampling.advance import StoredChains, TickConfig
 from streams.sampling.sampler import SamplerService
 from streams.state.registry import Registry
+from tests.support.browser import chromium, open_page
 from tests.support.streaming_harness import WebWorker, make_stack, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -46,6 +49,9 @@ def web(kafka_service, redis_service, tmp_path_factory):
     """One worker with the token for the whole module (a start costs seconds)."""
     from streams.dev.embedded import free_port
 
+    r = redis.Redis.from_url(redis_service.url)
+    r.flushall()  # no experiment left by another module: the page says "no experiments yet"
+    r.close()
     st = make_stack(kafka_service.url, redis_service.url, tmp_path_factory.mktemp("web"), "web",
                     partitions=1)
     st.create_topics()
@@ -139,6 +145,31 @@ def test_defect9_dashboard_login_sets_an_httponly_strict_cookie(web):
     # signing out clears it
     status, headers, _ = raw(web, "/logout", cookie_hdr, method=b"POST")
     assert status == 200 and "max-age=0" in headers["Set-Cookie"].lower().replace(" ", "")
+
+
+def test_defect9_dashboard_signs_in_in_chromium(web):
+    """The page as a person uses it: it asks for the token, a wrong one is
+    refused, the right one opens the API; the token is in no URL and the
+    session cookie is out of the page scripts' reach (HttpOnly)."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; "
+                    ".ci/run does this)")
+    status = 'document.getElementById("status").textContent'
+    form = 'document.getElementById("login")'
+
+    async def drive(page):
+        await page.wait_for(f'!{form}.hidden && {status}.includes("sign in")')
+        for token, expect in (("wrong-token-wrong-token", "wrong token"), (TOKEN, None)):
+            await page.evaluate(f'document.getElementById("token").value = {json.dumps(token)};'
+                                f'{form}.requestSubmit(); true')
+            if expect:
+                await page.wait_for(f'!{form}.hidden && {status} === "{expect}"')
+        await page.wait_for(f'{form}.hidden && {status} === "no experiments yet"')
+        return await page.evaluate('({cookie: document.cookie, href: location.href, '
+                                   'field: document.getElementById("token").value})')
+
+    got = asyncio.run(open_page(web.url("/"), drive))
+    assert got == {"cookie": "", "href": web.url("/"), "field": ""}, got
 
 
 def _store_history(url: str, eid: str, names: list[tuple[str, str]], ticks: int) -> None:
