@@ -55,9 +55,12 @@ HISTORY_LEN = 2000
 
 def history_point(rec: dict) -> dict:
     a, n = rec["adjusted"]["effect"], rec["naive"]["effect"]
+    matured = (rec.get("units") or {}).get("matured") or {}
     return {"t": rec["watermark"]["event_time"], "computed_at": rec["computed_at"],
             "adjusted": [a["mean"], a["lo"], a["hi"]], "naive": [n["mean"], n["lo"], n["hi"]],
-            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"]}
+            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"],
+            # units matured in the smaller arm: 0 = the point is the prior's, not the data's
+            "matured": min(matured.get(rec.get("control"), 0), matured.get(rec["variant"], 0))}
 
 
 #: Write a chain blob only if its iteration is beyond the stored one.
@@ -302,7 +305,13 @@ def conclude(r: Any, cfg) -> list[dict]:
 
 def read_lifecycle(r: Any, cfg) -> str:
     """``running``, ``stopped`` (config status or end_at) or ``concluded``."""
-    if r.get(lifecycle_key(cfg.experiment_id)) is not None:
+    return lifecycle_of(cfg, r.get(lifecycle_key(cfg.experiment_id)))
+
+
+def lifecycle_of(cfg, marker: Any) -> str:
+    """``read_lifecycle`` from the value of the lifecycle key already read
+    (``marker``; None when absent), for readers that pipeline it."""
+    if marker is not None:
         return "concluded"
     return "stopped" if cfg.status == "stopped" or cfg.end_at is not None else "running"
 

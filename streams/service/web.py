@@ -5,20 +5,26 @@ estimates and history, health. Blocking Redis calls run on a thread.
 
 Routes (``register_pages``):
 
-* ``GET /`` -- the dashboard (``static/dashboard.html``; the page holds no
-  data, it signs in through ``/login`` when the API asks for the token);
-* ``POST /login`` -- ``{"token": ...}`` (JSON only): sets the dashboard's
-  session cookie (``HttpOnly; SameSite=Strict``, a value derived from the
-  token, never the token); ``POST /logout`` clears it;
+* ``GET /`` -- the overview of every experiment (``static/overview.html``);
+* ``GET /experiment?experiment=<id>`` -- one experiment's page
+  (``static/dashboard.html``; without ``experiment``: the most recently active).
+  Both pages are static and hold no data: they sign in through ``/login``
+  when the API asks for the token (401);
+* ``POST /login`` -- ``{"token": ...}`` (JSON only): sets the pages' session
+  cookie (``HttpOnly; SameSite=Strict``, a value derived from the token,
+  never the token); ``POST /logout`` clears it;
 * ``GET /healthz`` -- liveness: 200 ``{"status": "ok"}``, or 503 ``stuck`` when
   a loop of this worker has not come round for ``settings.liveness_seconds``;
 * ``GET /readyz`` -- readiness: 503 while Redis does not answer, the events
   consumer is not running or ingest is stalled; else 200 ``ready`` (with the
   owned ``events_partitions`` in the ingest role);
 * ``GET /metrics`` -- Prometheus text format (``streams.service.metrics``);
-* ``GET /experiments`` -- ``{"experiments": [id, ...]}``;
+* ``GET /experiments`` -- ``{"experiments": [id, ...], "overview": [...]}``:
+  the ids, and each experiment's summary, most recently active first
+  (``streams.service.overview``);
 * ``GET /experiments/{id}`` -- the config, its ``lifecycle`` and ``truth``
-  (a simulator's, else null); 404 unknown, 400 a bad id;
+  (a simulator's, else null), its ``overview`` entry and the ``readings``
+  of its estimates (what the page may show); 404 unknown, 400 a bad id;
 * ``GET /experiments/{id}/estimates``, ``/alerts`` -- the latest estimate
   records, the recent alerts;
 * ``GET /experiments/{id}/history?metric=&variant=[&limit=]`` -- one series'
@@ -32,7 +38,7 @@ but the probes (``/healthz``, ``/readyz``, open to an orchestrator):
 2. a ``token`` query parameter is refused (400): the token never goes in a URL
    (browser history, proxy logs);
 3. with ``settings.api_token`` set, the data routes need ``Authorization:
-   Bearer <token>`` or the dashboard's session cookie, else 401.
+   Bearer <token>`` or the pages' session cookie, else 401.
 
 ``check_exposure`` (run by ``streams.service.worker.run_worker`` before anything
 else) refuses to serve on a non-loopback address without a strong token.
@@ -56,12 +62,14 @@ from streams.alerts.store import recent as recent_alerts
 from streams.config.settings import Settings
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
 from streams.service.context import AppContext
+from streams.service.overview import read_overview, reading
 from streams.state.keys import truth_key
 
 if TYPE_CHECKING:
     import faust
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
+OVERVIEW = Path(__file__).with_name("static") / "overview.html"
 
 #: Shortest ``api_token`` accepted (bytes): 16 random bytes resist guessing.
 MIN_TOKEN_BYTES = 16
@@ -262,12 +270,17 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
                 method: checked, "__doc__": handler.__doc__, "__module__": __name__}))
         return wrap
 
+    #: the pages are static, no data: they ask for the token (POST /login) when the API does
+    page_headers = {"X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                    "Cache-Control": "no-store"}
+
     @page("/", open_=True)
+    async def overview_page(web, request):
+        return web.html(OVERVIEW.read_text(), headers=page_headers)
+
+    @page("/experiment", open_=True)
     async def dashboard(web, request):
-        # static, no data: it asks for the token (POST /login) when the API does
-        return web.html(DASHBOARD.read_text(),
-                        headers={"X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
-                                 "Cache-Control": "no-store"})
+        return web.html(DASHBOARD.read_text(), headers=page_headers)
 
     @page("/login", open_=True, method="post")
     async def login(web, request):
@@ -346,7 +359,9 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
     @page("/experiments")
     async def experiments(web, request):
         ids = await call(registry.ids)
-        return web.json({"experiments": ids})
+        cfgs = await call(registry.get_many, ids)
+        return web.json({"experiments": ids,
+                         "overview": await call(read_overview, r, list(cfgs.values()))})
 
     @page("/experiments/{experiment_id}")
     async def experiment(web, request, experiment_id: str):
@@ -359,6 +374,9 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
         out["lifecycle"] = await call(read_lifecycle, r, cfg)
         truth = await call(r.get, truth_key(experiment_id))
         out["truth"] = loads(truth) if truth else None
+        out["overview"] = (await call(read_overview, r, [cfg]))[0]
+        out["readings"] = {f"{rec['metric']}:{rec['variant']}": reading(rec)
+                           for rec in await call(read_estimates, r, experiment_id)}
         return web.json(out)
 
     @page("/experiments/{experiment_id}/alerts")

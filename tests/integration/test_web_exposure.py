@@ -10,9 +10,9 @@ of the Host and Authorization headers:
 * a non-UTF-8 ``Authorization`` header answers 401, not 500;
 * on the loopback bind, a Host other than localhost / 127.0.0.1 / [::1] (DNS
   rebinding) answers 403, even with the token;
-* the dashboard signs in with ``POST /login``: an ``HttpOnly; SameSite=Strict``
-  cookie that is not the token itself opens the API to the page (and the page
-  does so in headless Chromium, when it is installed);
+* the pages (the overview ``/``, ``/experiment``) sign in with ``POST /login``:
+  an ``HttpOnly; SameSite=Strict`` cookie that is not the token itself opens
+  the API to them (and each does so in headless Chromium, when installed);
 * ``/history`` reads only the series asked for, at most ``limit`` points.
 
 The refusal to start on an exposed bind without a strong token is in
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import socket
 
 import numpy as np
@@ -92,7 +93,8 @@ def test_defect9_token_only_in_the_authorization_header(web):
         assert b"Authorization" in body, body
         # and not with the header either: the URL is what leaks (history, proxy logs)
         assert raw(web, f"{path}{sep}token={TOKEN}", BEARER)[0] == 400, path
-    assert raw(web, f"/?token={TOKEN}")[0] == 400  # the dashboard's old way in
+    for page in ("/", "/experiment"):  # the pages' old way in
+        assert raw(web, f"{page}?token={TOKEN}")[0] == 400, page
 
 
 def test_defect9_non_utf8_authorization_is_401(web):
@@ -114,14 +116,17 @@ def test_defect9_host_allow_list_on_loopback(web):
         status, _, body = raw(web, "/experiments", BEARER, host=host)
         assert status == 403, (host, status)
         assert b"host" in body.lower(), body
-        assert raw(web, "/", host=host)[0] == 403, host  # the dashboard page too
+        for page in ("/", "/experiment"):  # the pages too
+            assert raw(web, page, host=host)[0] == 403, (host, page)
     # the probes answer whatever the Host (an orchestrator's, on a pod IP)
     assert raw(web, "/healthz", host=b"10.1.2.3:" + p)[0] == 200
 
 
 def test_defect9_dashboard_login_sets_an_httponly_strict_cookie(web):
-    status, _, page = raw(web, "/")  # the page holds no data: it loads without a token
-    assert status == 200 and b'id="login"' in page and b"location.search" not in page
+    for path in ("/", "/experiment"):  # the pages hold no data: they load without a token
+        status, _, page = raw(web, path)
+        assert status == 200 and b'id="login"' in page, path
+        assert re.search(rb'(get|set)\("token"', page) is None, path  # no token from/into a URL
     login = [(b"Content-Type", b"application/json")]
     for bad in (b'{"token": "wrong-wrong-wrong-wrong"}', b"{}", b"not json", b'{"token": 3}'):
         status, headers, _ = raw(web, "/login", login, method=b"POST", body=bad)
@@ -147,13 +152,30 @@ def test_defect9_dashboard_login_sets_an_httponly_strict_cookie(web):
     assert status == 200 and "max-age=0" in headers["Set-Cookie"].lower().replace(" ", "")
 
 
-def test_defect9_dashboard_signs_in_in_chromium(web):
-    """The page as a person uses it: it asks for the token, a wrong one is
-    refused, the right one opens the API; the token is in no URL and the
-    session cookie is out of the page scripts' reach (HttpOnly)."""
+#: what each page shows once signed in: its experiment loaded (the overview's
+#: row; the experiment page's estimate, read with the cookie through
+#: /history?metric=&variant=)
+SIGNED_IN = {"/": 'document.getElementById("ov-signin9") !== null',
+             "/experiment?experiment=signin9":
+                 'document.getElementById("experiment").value === "signin9" && '
+                 'document.getElementById("waiting").textContent.includes("waiting for data")'}
+
+
+@pytest.mark.parametrize("path", sorted(SIGNED_IN))
+def test_defect9_pages_sign_in_in_chromium(web, path):
+    """Each page (the overview, an experiment's) as a person uses it: it asks
+    for the token on the API's 401, a wrong one is refused, the right one
+    loads the page; the token is in no URL and the session cookie is out of
+    the page scripts' reach (HttpOnly)."""
     if chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; "
                     ".ci/run does this)")
+    from schemas.records import ExperimentConfig
+
+    web.stack.register([ExperimentConfig(experiment_id="signin9", started_at=1_700_000_000_000)])
+    # the sampler's first estimate of it (prior draws: the pages say they wait for data)
+    wait_until(lambda: json.loads(raw(web, "/experiments/signin9/estimates", BEARER)[2])
+               ["estimates"], 60, "an estimate of signin9", workers=[web], interval=0.3)
     status = 'document.getElementById("status").textContent'
     form = 'document.getElementById("login")'
 
@@ -164,12 +186,13 @@ def test_defect9_dashboard_signs_in_in_chromium(web):
                                 f'{form}.requestSubmit(); true')
             if expect:
                 await page.wait_for(f'!{form}.hidden && {status} === "{expect}"')
-        await page.wait_for(f'{form}.hidden && {status} === "no experiments yet"')
+        await page.wait_for(f'{form}.hidden && document.body.dataset.ready === "1" && '
+                            f'{status}.startsWith("updated") && ({SIGNED_IN[path]})')
         return await page.evaluate('({cookie: document.cookie, href: location.href, '
                                    'field: document.getElementById("token").value})')
 
-    got = asyncio.run(open_page(web.url("/"), drive))
-    assert got == {"cookie": "", "href": web.url("/"), "field": ""}, got
+    got = asyncio.run(open_page(web.url(path), drive))
+    assert got == {"cookie": "", "href": web.url(path), "field": ""}, got
 
 
 def _store_history(url: str, eid: str, names: list[tuple[str, str]], ticks: int) -> None:

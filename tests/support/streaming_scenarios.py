@@ -76,7 +76,7 @@ def end_to_end(new_stack, workers, r, tmp_path, rho, novelty):
     from jsonschema import Draft202012Validator
 
     from schemas.contracts import load_schema
-    from streams.sampling.analyze import analyze
+    from streams.sampling.analyze import AS_OF_NOW, analyze
 
     st = new_stack("e2e", partitions=1)
     cfg, evs, truth = make_traffic(8000, 8, "e2e", seed=11,
@@ -142,7 +142,9 @@ def end_to_end(new_stack, workers, r, tmp_path, rho, novelty):
     exp_path, ev_path = tmp_path / "experiments.jsonl", tmp_path / "events.jsonl"
     exp_path.write_bytes(dumps(experiment_to_dict(cfg)) + b"\n")
     ev_path.write_bytes(b"".join(dumps(e) + b"\n" for e in evs))
-    offline, counts = analyze(exp_path, ev_path, seed=3, chains=8, sweeps=2000)
+    # advanced to the wall clock, as the worker idle since the events ended
+    offline, counts = analyze(exp_path, ev_path, seed=3, chains=8, sweeps=2000,
+                              as_of=AS_OF_NOW)
     assert counts["experiments"]["e2e"] == want.counters
     (off,) = [x for x in offline if x["metric"] == "value" and x["variant"] == "treatment"]
     assert off["watermark"] == rec["watermark"] and off["units"] == rec["units"]
