@@ -383,10 +383,12 @@ def read_estimates(r: Any, eid: str) -> list[dict]:
     return [loads(v) for v in r.mget([estimate_key(eid, m, v) for m, v in names]) if v]
 
 
-def read_history(r: Any, eid: str, limit: int = 500) -> dict[str, list[dict]]:
+def read_history(r: Any, eid: str, limit: int = 500,
+                 series: list[tuple[str, str]] | None = None) -> dict[str, list[dict]]:
     """``"<metric>:<variant>"`` -> its last ``limit`` history points, oldest
-    first, in one round trip."""
-    names = estimate_names(r, eid)
+    first, in one round trip: of ``series`` (``(metric, variant)`` pairs; the
+    HTTP API reads the one its page shows), else of every series with an estimate."""
+    names = estimate_names(r, eid) if series is None else series
     if not names:
         return {}
     pipe = r.pipeline(transaction=False)
