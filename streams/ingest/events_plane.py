@@ -25,6 +25,14 @@ Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits
   (``streams.state.store.Fenced``), so a worker that lost the partition while
   frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
   the new owner started.
+* **Redis regressions.** Before each batch the plane reads Redis's applied
+  offset of the batch's partitions (one HMGET) and compares it with the last
+  offset this worker applied; every second it also reads Redis's ``run_id`` and
+  ``master_replid`` and, when either changed (a restart, a failover), checks
+  every owned partition. A Redis behind the worker lost acknowledged writes
+  (AOF ``everysec`` crash, async-replica failover, an older snapshot): the
+  partition seeks back to Redis's offset + 1 and is applied again, counted in
+  ``liftstream_ingest_redis_regressions_total`` and logged at WARNING.
 * **Delivery before commit.** A batch's dead letters, dirty notices and
   auto-registered configs are produced and flushed before its offsets are
   stored; any error other than a transient Redis one stops the process
@@ -46,17 +54,22 @@ from typing import Any
 
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
-from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets
+from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_applied
 from streams.state.store import (
     Fenced,
+    check_eviction_policy,
     check_topic_id,
     claim_partition,
     migrate_ingest_keys,
+    redis_identity,
     transient,
     transient_reason,
 )
 
 log = logging.getLogger("liftstream.events")
+
+#: seconds between two reads of Redis's run_id / master_replid
+IDENTITY_EVERY_S = 1.0
 
 def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Event,
                     status: PlaneStatus | None = None, max_backoff: float = 5.0) -> Any:
@@ -123,6 +136,8 @@ class PlaneStatus:
     #: time.monotonic() of the loop's last round (a consume, a batch, a retry):
     #: /healthz fails when it is too old (the thread is stuck)
     heartbeat: float = field(default_factory=time.monotonic)
+    #: times Redis was found behind what this worker had applied (lost writes)
+    redis_regressions: int = 0
 
 
 class EventsPlane:
@@ -144,6 +159,8 @@ class EventsPlane:
         #: called in the plane's thread after each batch (the clock service's
         #: tick: completeness follows the data without waiting for its timer)
         self.after_batch: Callable[[], None] | None = None
+        self._redis_id: tuple[str, ...] | None = None  # redis_identity at the last check
+        self._redis_id_at = 0.0  # time.monotonic() of that check
 
     # ------------------------------------------------------------ lifecycle
 
@@ -161,6 +178,12 @@ class EventsPlane:
         # the sampler (Faust, aiokafka's partitioner) computes for its id
         self._producer = Producer({**k, "partitioner": "murmur2_random",
                                    "enable.idempotence": True, "linger.ms": 5})
+        # an evicting Redis deletes state: refuse it (raises EvictingRedis)
+        retry_transient(check_eviction_policy, self.r, what="eviction policy",
+                        stopped=self._stopped, status=self.status)
+        self._redis_id = retry_transient(redis_identity, self.r, what="redis identity",
+                                         stopped=self._stopped, status=self.status)
+        self._redis_id_at = time.monotonic()
         retry_transient(migrate_ingest_keys, self.r, what="key names", stopped=self._stopped,
                         status=self.status)  # lr:ingest:* of before -> lr:{ingest}:*
         self._check_topic()  # before anything is read: raises TopicMismatch
@@ -249,6 +272,9 @@ class EventsPlane:
             while not self._stopped.is_set():
                 msgs = c.consume(self.conf.batch_size, self.conf.batch_seconds)
                 self.status.heartbeat = time.monotonic()
+                if self.status.owned and (time.monotonic() - self._redis_id_at
+                                          >= IDENTITY_EVERY_S):
+                    self._check_redis_identity()
                 if msgs:
                     self._batch(msgs)
                 self._refresh_highwaters()
@@ -283,10 +309,11 @@ class EventsPlane:
         now_ms = int(time.time() * 1000)
         results: list[BatchResult] = []
         done: list = []
+        behind = self._verify_applied([p for p in groups if p in self.status.owned])
         for p, lst in groups.items():
             run = self.status.owned.get(p)
-            if run is None:
-                continue  # revoked or fenced since it was fetched
+            if run is None or p in behind:
+                continue  # revoked or fenced since it was fetched; or sought back
             t0 = time.perf_counter()
             try:
                 with self.state_lock:
@@ -308,6 +335,55 @@ class EventsPlane:
         self._deliver(results)
         if done:
             self._consumer.store_offsets(offsets=done)
+
+    # ------------------------------------------------------------ redis regressions
+
+    def _verify_applied(self, partitions: list[int]) -> set[int]:
+        """Compare Redis's applied offset of ``partitions`` with the last one
+        this worker applied; seek each partition whose Redis is behind back
+        to Redis's offset + 1 (``_seek_back``). Returns those partitions (their
+        messages in hand are dropped: they come again from Kafka)."""
+        if not partitions:
+            return set()
+        applied = retry_transient(read_applied, self.r, self.conf.topic_events, partitions,
+                                  what="applied offsets", stopped=self._stopped,
+                                  status=self.status)
+        behind = set()
+        for p in partitions:
+            run = self.status.owned.get(p)
+            if run is not None and applied[p] < run.next_offset - 1:
+                self._seek_back(p, run, applied[p])
+                behind.add(p)
+        return behind
+
+    def _seek_back(self, p: int, run: PartitionRun, redis_applied: int) -> None:
+        """Redis lost acknowledged writes of partition ``p``: read it again from
+        Redis's offset + 1, count and log it."""
+        from confluent_kafka import TopicPartition
+
+        nxt = redis_applied + 1
+        log.warning("events partition %d: redis lost acknowledged writes (it has applied up "
+                    "to offset %d, this worker up to %d): seeking back to offset %d",
+                    p, redis_applied, run.next_offset - 1, nxt)
+        self.status.redis_regressions += 1
+        self.metrics.inc("liftstream_ingest_redis_regressions_total", 1, partition=str(p))
+        self._consumer.seek(TopicPartition(self.conf.topic_events, p, nxt))
+        run.next_offset = nxt
+        self.ingestor.forget(self.conf.topic_events, p)
+
+    def _check_redis_identity(self) -> None:
+        """Read Redis's run_id / master_replid; when they changed (a restart,
+        a failover), verify every owned partition's applied offset at once,
+        the idle ones included."""
+        self._redis_id_at = time.monotonic()
+        ident = retry_transient(redis_identity, self.r, what="redis identity",
+                                stopped=self._stopped, status=self.status)
+        if ident == self._redis_id:
+            return
+        log.warning("redis changed identity (run_id/master_replid %s -> %s): checking the "
+                    "applied offsets of every owned partition", self._redis_id, ident)
+        self._redis_id = ident
+        self._verify_applied(sorted(self.status.owned))
 
     def _deliver(self, results: list[BatchResult]) -> None:
         """Produce the batch's configs, dead letters and one dirty notice per

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +203,11 @@ class Ingestor:
                 changed.add(cfg.experiment_id)
         return changed
 
+    def forget(self, topic: str, partition: int) -> None:
+        """Forget what this worker remembers of a partition's applied state
+        (when Redis turned out to have lost it: the batches are applied again)."""
+        self._settled.pop(offsets_field(topic, partition), None)
+
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
               now_ms) -> None:
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
@@ -242,3 +247,12 @@ def ingest_offsets(r: Any, topic: str) -> dict[int, int]:
         if t == topic:
             out[int(p)] = int(v)
     return out
+
+
+def read_applied(r: Any, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    """Last fully applied offset of each of ``partitions`` (-1: none), as
+    Redis knows it: one HMGET, cheap enough to run before every batch."""
+    if not partitions:
+        return {}
+    vals = r.hmget(INGEST_OFFSETS, [offsets_field(topic, p) for p in partitions])
+    return {p: -1 if v is None else int(v) for p, v in zip(partitions, vals, strict=True)}

@@ -418,6 +418,50 @@ def transient_reason(e: BaseException) -> str:
     return "redis_unavailable"
 
 
+class EvictingRedis(Exception):
+    """Redis may evict keys under memory pressure: it would delete state."""
+
+
+def _node_infos(r: Any, section: str) -> list[dict]:
+    """``INFO <section>`` of the server, or of every primary of a Redis
+    Cluster (redis-py keys those replies by node)."""
+    if not _is_cluster(r):
+        return [r.info(section)]
+    from redis.cluster import RedisCluster
+
+    reply = r.info(section, target_nodes=RedisCluster.PRIMARIES)
+    if reply and all(isinstance(v, dict) for v in reply.values()):
+        return [reply[k] for k in sorted(reply)]
+    return [reply]
+
+
+def check_eviction_policy(r: Any) -> None:
+    """Raise ``EvictingRedis`` unless every server's ``maxmemory-policy`` is
+    ``noeviction``. An evicting Redis deletes units, sightings, offsets or
+    chains to make room, silently: a full Redis must refuse writes (ingest
+    waits: ``TRANSIENT_REDIS``) instead. Read from ``INFO memory``, which
+    managed services allow where ``CONFIG GET`` is refused."""
+    bad = sorted({str(i.get("maxmemory_policy")) for i in _node_infos(r, "memory")}
+                 - {"noeviction"})
+    if bad:
+        raise EvictingRedis(
+            f"Redis's maxmemory-policy is {', '.join(bad)}: an evicting Redis deletes "
+            "liftstream's state (units, dedupe sightings, applied offsets) under memory "
+            "pressure, silently. Set maxmemory-policy to noeviction (redis.conf, "
+            "`CONFIG SET maxmemory-policy noeviction`, or the managed service's parameter "
+            "group); at maxmemory ingest then waits instead of losing data.")
+
+
+def redis_identity(r: Any) -> tuple[str, ...]:
+    """The server's ``run_id`` and ``master_replid`` (every primary's, on a
+    Redis Cluster): a restart changes the first, a failover to a replica the
+    second; either may have lost acknowledged writes."""
+    out: list[str] = []
+    for srv, rep in zip(_node_infos(r, "server"), _node_infos(r, "replication"), strict=True):
+        out += [str(srv.get("run_id", "")), str(rep.get("master_replid", ""))]
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- owner epochs
 
 #: ``PARTITION_EPOCHS``, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the
