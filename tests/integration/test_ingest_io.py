@@ -102,3 +102,42 @@ def test_defect3_redis_regression_is_seeked_back(kafka_bootstrap, tmp_path, priv
         assert w.alive()
     finally:
         ws.close()
+
+
+def test_defect3_redis_restart_is_noticed_while_idle(kafka_bootstrap, tmp_path, private_redis):
+    """Redis restarts from an older snapshot while the partition is idle: the
+    changed run_id makes the worker check its owned partitions at once, so the
+    lost events are applied again without waiting for new ones."""
+    import shutil
+
+    svc, r = private_redis
+    rdir = tmp_path / "redis"
+    ws = Workers()
+    try:
+        st = make_stack(kafka_bootstrap, svc.url, tmp_path, "rrst", partitions=1)
+        st.create_topics()
+        st.register([ExperimentConfig(experiment_id=EXP)])
+        topic = st.events_topic
+        w = ws.start(st, "ingest")
+        applied = lambda: ingest_offsets(r, topic).get(0)  # noqa: E731
+        produce_keyed(st.bootstrap, topic, exposures(0, 10))
+        wait_until(lambda: applied() == 9, 90, "0-9 applied", workers=[w])
+        r.save()
+        shutil.copy(rdir / "dump.rdb", tmp_path / "old.rdb")
+        produce_keyed(st.bootstrap, topic, exposures(10, 20))
+        wait_until(lambda: applied() == 19, 60, "10-19 applied", workers=[w])
+        r.close()
+        svc.kill()
+        shutil.copy(tmp_path / "old.rdb", rdir / "dump.rdb")
+        svc2 = start_redis(port=svc.port, workdir=str(rdir), appendonly=False)
+        r2 = redis.Redis.from_url(svc2.url)
+        try:
+            wait_until(lambda: r2.hlen(units_key(EXP)) == 20, 30,
+                       "the lost 10-19 applied again (no new events)", workers=[w],
+                       info=lambda: f"units: {r2.hlen(units_key(EXP))}")
+            assert "redis changed identity" in w.log_tail(20_000)
+        finally:
+            r2.close()
+            svc2.stop()
+    finally:
+        ws.close()
