@@ -58,6 +58,7 @@ from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_
 from streams.state.store import (
     Fenced,
     check_eviction_policy,
+    check_partition_count,
     check_topic_id,
     claim_partition,
     migrate_ingest_keys,
@@ -159,6 +160,8 @@ class EventsPlane:
         #: called in the plane's thread after each batch (the clock service's
         #: tick: completeness follows the data without waiting for its timer)
         self.after_batch: Callable[[], None] | None = None
+        #: the events topic's partition count, checked against Redis's at start
+        self.partitions: int | None = None
         self._redis_id: tuple[str, ...] | None = None  # redis_identity at the last check
         self._redis_id_at = 0.0  # time.monotonic() of that check
 
@@ -208,12 +211,19 @@ class EventsPlane:
 
     def _check_topic(self) -> None:
         """The events topic must be the one Redis's offsets belong to
-        (``streams.state.store.check_topic_id``); a broker that reports no topic id
-        skips the check."""
+        (``streams.state.store.check_topic_id``; a broker that reports no topic
+        id skips that check), with the partition count Redis's state was built
+        with (``check_partition_count``): both raise ``TopicMismatch``."""
         from confluent_kafka import KafkaException, TopicCollection
         from confluent_kafka.admin import AdminClient
 
         topic = self.conf.topic_events
+        md = self._consumer.list_topics(topic, timeout=30).topics[topic]
+        if md.error is not None:
+            raise KafkaException(md.error)
+        self.partitions = len(md.partitions)
+        retry_transient(check_partition_count, self.r, topic, self.partitions,
+                        what="partition count", stopped=self._stopped, status=self.status)
         admin = AdminClient(self.conf.kafka)
         try:
             desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
@@ -227,6 +237,14 @@ class EventsPlane:
         retry_transient(check_topic_id, self.r, topic, tid, what="topic id",
                         stopped=self._stopped, status=self.status)
 
+    def check_partitions(self, n: int) -> None:
+        """The events topic has ``n`` partitions now: raise
+        ``PartitionCountChanged`` unless Redis's state was built with (or an
+        operator accepted) that many."""
+        if n != self.partitions:
+            check_partition_count(self.r, self.conf.topic_events, n)
+            self.partitions = n  # accepted (``liftstream admin accept-partitions``)
+
     # ------------------------------------------------------------ rebalance
 
     def _on_assign(self, consumer: Any, partitions: list) -> None:
@@ -237,6 +255,11 @@ class EventsPlane:
 
         topic = self.conf.topic_events
         mine = [tp for tp in partitions if tp.topic == topic]
+        added = [tp.partition for tp in mine
+                 if self.partitions is not None and tp.partition >= self.partitions]
+        if added:  # the topic grew since start: stop (raised out of consume)
+            n = len(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+            self.check_partitions(max(n, max(added) + 1))
         applied = retry_transient(ingest_offsets, self.r, topic, what="assign",
                                   stopped=self._stopped, status=self.status)
         for tp in mine:
@@ -297,6 +320,7 @@ class EventsPlane:
         from confluent_kafka import KafkaException, TopicPartition
 
         groups: dict[int, list[tuple[int, bytes | None]]] = defaultdict(list)
+        keys: dict[int, list[bytes | None]] = defaultdict(list)
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -304,7 +328,9 @@ class EventsPlane:
                     raise KafkaException(err)
                 log.warning("events consumer: %s", err)
                 continue
-            groups[m.partition()].append((m.offset(), m.value()))
+            p = m.partition()
+            groups[p].append((m.offset(), m.value()))
+            keys[p].append(m.key())
         topic = self.conf.topic_events
         now_ms = int(time.time() * 1000)
         results: list[BatchResult] = []
@@ -318,8 +344,8 @@ class EventsPlane:
             try:
                 with self.state_lock:
                     res = retry_transient(self.ingestor.process, topic, p, lst, now_ms,
-                                          run.epoch, what="ingest", stopped=self._stopped,
-                                          status=self.status)
+                                          run.epoch, keys[p], what="ingest",
+                                          stopped=self._stopped, status=self.status)
             except Fenced as e:
                 # another worker owns the partition now: drop what we read;
                 # librdkafka reports the loss at the next rebalance callback

@@ -109,6 +109,7 @@ from streams.state.keys import (
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
     TOPIC_IDS,
+    TOPIC_PARTITIONS,
     completeness_key,
     experiment_keys,
     unit_hold_key,
@@ -490,10 +491,39 @@ def check_topic_id(r: Any, topic: str, topic_id: str) -> None:
             "experiments' state stays), or restore the old topic.")
 
 
+class PartitionCountChanged(TopicMismatch):
+    """The events topic's partition count is not the one Redis's state was
+    built with: units' keys now pick other partitions."""
+
+
+def check_partition_count(r: Any, topic: str, partitions: int) -> None:
+    """Record ``topic``'s partition count on first sight; raise
+    ``PartitionCountChanged`` if Redis's state was built with another."""
+    if r.hsetnx(TOPIC_PARTITIONS, topic, int(partitions)):
+        return
+    known = int(_s(r.hget(TOPIC_PARTITIONS, topic)))
+    if known != int(partitions):
+        raise PartitionCountChanged(
+            f"events topic {topic!r} has {partitions} partitions, but Redis's state was built "
+            f"with {known}: a unit's events now go to another partition than its state "
+            "belongs to (keys hash differently), so ingest stops here. Let the workers "
+            f"drain, then run `liftstream admin accept-partitions --topic {topic} --yes` "
+            "to record the new count and restart them; units seen on two partitions are "
+            "counted (docs/operations.md, \"Changing the events topic's partitions\").")
+
+
+def accept_partition_count(r: Any, topic: str, partitions: int) -> int | None:
+    """Record ``partitions`` as ``topic``'s partition count (``liftstream
+    admin accept-partitions``); returns the count recorded before, if any."""
+    old = r.hget(TOPIC_PARTITIONS, topic)
+    r.hset(TOPIC_PARTITIONS, topic, int(partitions))
+    return None if old is None else int(_s(old))
+
+
 def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> int:
     """Forget every position of ``topic``: its applied offsets, partition
-    clocks, owner epochs, completeness and recorded id, and each experiment's
-    per-partition offsets and clocks of it. The experiments' state (units,
+    clocks, owner epochs, completeness, recorded id and partition count, and
+    each experiment's per-partition offsets and clocks of it. The experiments' state (units,
     cells, ...) stays. Returns the number of fields removed."""
     prefix = f"{topic}|"
     n = 0
@@ -501,7 +531,8 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
         fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
         if fields:
             n += r.hdel(h, *fields)
-    n += r.hdel(TOPIC_IDS, topic) + r.delete(completeness_key(topic))
+    n += (r.hdel(TOPIC_IDS, topic) + r.hdel(TOPIC_PARTITIONS, topic)
+          + r.delete(completeness_key(topic)))
     for eid in experiment_ids:
         offs = rk.offsets_key(eid)
         fields = [f for f in (_s(x) for x in r.hkeys(offs)) if f.startswith(prefix)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 import redis
 
@@ -53,7 +54,7 @@ def produce_keyed(bootstrap: str, topic: str, evs: list[dict], keys: list[bytes 
     prod = producer(bootstrap)
     for i, e in enumerate(evs):
         key = e["unit_id"].encode() if keys is None else keys[i]
-        prod.produce(topic, key=key, value=__import__("orjson").dumps(e), partition=0)
+        prod.produce(topic, key=key, value=orjson.dumps(e), partition=0)
     assert prod.flush(30) == 0
 
 
@@ -141,3 +142,113 @@ def test_defect3_redis_restart_is_noticed_while_idle(kafka_bootstrap, tmp_path, 
             svc2.stop()
     finally:
         ws.close()
+
+
+def test_defect2_key_mismatch_dead_lettered(kafka_bootstrap, redis_url, tmp_path, workers):
+    """An event whose Kafka key is not its unit_id (another id, or none) is
+    dead-lettered ``key_mismatch``, counted per experiment, and not applied."""
+    from schemas.codec import loads
+    from streams.state.keys import meta_key
+    from tests.support.streaming_harness import consume_all
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        st = make_stack(kafka_bootstrap, redis_url, tmp_path, "kmm", partitions=1)
+        st.create_topics()
+        st.register([ExperimentConfig(experiment_id=EXP)])
+        w = workers.start(st, "ingest")
+        produce_keyed(st.bootstrap, st.events_topic, exposures(0, 3),
+                      keys=[b"u0", b"u0", None])
+        wait_until(lambda: ingest_offsets(r, st.events_topic).get(0) == 2, 90,
+                   "the three events read", workers=[w])
+        assert r.hlen(units_key(EXP)) == 1
+        dls = consume_all(st.bootstrap, st.deadletter_topic, lambda ms: len(ms) >= 2, 30)
+        recs = sorted((loads(m.value()) for m in dls), key=lambda d: d["source"]["offset"])
+        assert [(d["source"]["offset"], d["reason"]["code"]) for d in recs] == [
+            (1, "key_mismatch"), (2, "key_mismatch")]
+        assert int(r.hget(meta_key(EXP), "dl:key_mismatch")) == 2
+    finally:
+        r.close()
+
+
+def _admin(st, *argv: str):
+    import subprocess
+    import sys
+
+    from tests.support.streaming_harness import REPO
+
+    return subprocess.run([sys.executable, "-m", "streams.cli", "admin", *argv,
+                           "--topic", st.events_topic], cwd=REPO, env=st.env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_defect2_partition_count_change_refused_until_accepted(kafka_bootstrap, redis_url,
+                                                              tmp_path, workers):
+    """Redis's state was built with another partition count than the events
+    topic has: the worker refuses to start, naming ``admin accept-partitions``;
+    after it (dry run first), it starts and applies."""
+    from streams.state.keys import TOPIC_PARTITIONS
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        st = make_stack(kafka_bootstrap, redis_url, tmp_path, "pcnt", partitions=1)
+        st.create_topics()
+        st.register([ExperimentConfig(experiment_id=EXP)])
+        r.hset(TOPIC_PARTITIONS, st.events_topic, 2)  # built with 2; the topic has 1
+        produce_keyed(st.bootstrap, st.events_topic, exposures(0, 3))
+        w = workers.start(st, "ingest")
+        wait_until(lambda: not w.alive(), 90, "the worker to refuse the partition count")
+        assert w.returncode != 0
+        assert "accept-partitions" in w.log_tail(20_000)
+        assert r.hlen(units_key(EXP)) == 0
+
+        dry = _admin(st, "accept-partitions")
+        assert dry.returncode == 0 and "would record 1" in dry.stdout, dry
+        assert r.hget(TOPIC_PARTITIONS, st.events_topic) == b"2"
+        out = _admin(st, "accept-partitions", "--yes")
+        assert out.returncode == 0, out.stderr
+        assert r.hget(TOPIC_PARTITIONS, st.events_topic) == b"1"
+        w.start()
+        wait_until(lambda: r.hlen(units_key(EXP)) == 3, 90, "the events applied", workers=[w])
+    finally:
+        r.close()
+
+
+def test_defect2_partitions_added_while_running_stop_ingest(kafka_bootstrap, redis_url,
+                                                           tmp_path, workers):
+    """Partitions added to the events topic while a worker runs: it stops,
+    naming the way out; ``admin accept-partitions --yes`` and a restart
+    resume ingest on every partition."""
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    from streams.state.keys import TOPIC_PARTITIONS
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        st = make_stack(kafka_bootstrap, redis_url, tmp_path, "padd", partitions=1)
+        st.create_topics()
+        st.register([ExperimentConfig(experiment_id=EXP)])
+        w = workers.start(st, "ingest")
+        produce_keyed(st.bootstrap, st.events_topic, exposures(0, 2))
+        wait_until(lambda: r.hlen(units_key(EXP)) == 2, 90, "the first events", workers=[w])
+        assert r.hget(TOPIC_PARTITIONS, st.events_topic) == b"1"
+        admin = AdminClient({"bootstrap.servers": st.bootstrap})
+        try:
+            admin.create_partitions([NewPartitions(st.events_topic, 2)])[
+                st.events_topic].result(30)
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"the broker cannot add partitions: {e}")
+        wait_until(lambda: not w.alive(), 60, "the worker to stop on the new partition count")
+        assert "accept-partitions" in w.log_tail(20_000)
+        assert _admin(st, "accept-partitions", "--yes").returncode == 0
+        assert r.hget(TOPIC_PARTITIONS, st.events_topic) == b"2"
+        w.start()
+        prod = producer(st.bootstrap)
+        e = exposures(5, 6)[0]
+        prod.produce(st.events_topic, key=e["unit_id"].encode(),
+                     value=orjson.dumps(e), partition=1)
+        assert prod.flush(30) == 0
+        wait_until(lambda: r.hlen(units_key(EXP)) == 3, 90, "the new partition's event",
+                   workers=[w])
+    finally:
+        r.close()

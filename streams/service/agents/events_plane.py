@@ -76,6 +76,10 @@ class EventClocks:
         self._others.clear()
         self._others.update(got)
         self._partitions = set(md.topics[s.topic_events].partitions)
+        try:
+            self.plane.check_partitions(len(self._partitions))
+        except TopicMismatch as e:  # the partition count changed: stop, saying why
+            fatal(str(e))
 
     def tick(self, fetch: bool) -> None:
         """One tick; the others' watermarks are refreshed first when ``fetch``
