@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from schemas.records import ExperimentConfig, Exposure
-from streams.dev.embedded import start_redis
+from streams.dev.embedded import redis_server, start_redis
 from streams.ingest.ingestor import ingest_offsets
 from streams.state.keys import units_key
 from tests.support.streaming_harness import (
@@ -252,3 +252,32 @@ def test_defect2_partitions_added_while_running_stop_ingest(kafka_bootstrap, red
                    workers=[w])
     finally:
         r.close()
+
+
+def test_defect3_evicting_redis_refused(kafka_bootstrap, tmp_path, workers):
+    """A Redis whose maxmemory-policy evicts keys would delete state under
+    memory pressure: ingest refuses to start, naming the setting; the
+    embedded redis-server (``start_redis``) runs ``noeviction``."""
+    from streams.state.store import EvictingRedis, check_eviction_policy
+
+    (tmp_path / "r").mkdir()
+    svc = start_redis(workdir=str(tmp_path / "r"), extra=["--maxmemory-policy", "allkeys-lru"])
+    r = redis.Redis.from_url(svc.url)
+    try:
+        with pytest.raises(EvictingRedis, match="maxmemory-policy is allkeys-lru"):
+            check_eviction_policy(r)
+        st = make_stack(kafka_bootstrap, svc.url, tmp_path, "evict", partitions=1)
+        st.create_topics()
+        w = workers.start(st, "ingest")
+        wait_until(lambda: not w.alive(), 90, "the worker to refuse an evicting Redis")
+        assert w.returncode != 0
+        assert "maxmemory-policy" in w.log_tail(20_000) and "noeviction" in w.log_tail(20_000)
+        r.config_set("maxmemory-policy", "noeviction")
+        check_eviction_policy(r)
+    finally:
+        r.close()
+        svc.stop()
+    (tmp_path / "d").mkdir()
+    with redis_server(workdir=str(tmp_path / "d")) as default:  # as tests and the demo run it
+        check_eviction_policy(redis.Redis.from_url(default.url))
+
