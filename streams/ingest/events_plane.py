@@ -25,6 +25,12 @@ Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits
   (``streams.state.store.Fenced``), so a worker that lost the partition while
   frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
   the new owner started.
+* **Retention gaps.** A partition whose applied offset is below its log start
+  (retention deleted events never applied: a worker down longer than the
+  topic's retention) is not silently reset to the earliest offset: the
+  deleted offsets are counted in Redis (``lr:{ingest}:retention_lost``, shown
+  as ``liftstream_ingest_retention_lost_total``), logged at ERROR, and the
+  partition starts explicitly at the log start.
 * **Redis regressions.** Before each batch the plane reads Redis's applied
   offset of the batch's partitions (one HMGET) and compares it with the last
   offset this worker applied; every second it also reads Redis's ``run_id`` and
@@ -57,12 +63,14 @@ from schemas.validate import experiment_to_dict
 from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_applied
 from streams.state.store import (
     Fenced,
+    account_retention_gap,
     check_eviction_policy,
     check_partition_count,
     check_topic_id,
     claim_partition,
     migrate_ingest_keys,
     redis_identity,
+    retention_lost,
     transient,
     transient_reason,
 )
@@ -139,6 +147,8 @@ class PlaneStatus:
     heartbeat: float = field(default_factory=time.monotonic)
     #: times Redis was found behind what this worker had applied (lost writes)
     redis_regressions: int = 0
+    #: partition -> offsets retention deleted before they were applied (Redis's count)
+    retention_lost: dict[int, int] = field(default_factory=dict)
 
 
 class EventsPlane:
@@ -265,9 +275,11 @@ class EventsPlane:
         for tp in mine:
             epoch = retry_transient(claim_partition, self.r, topic, tp.partition,
                                     what="assign", stopped=self._stopped, status=self.status)
-            nxt = applied.get(tp.partition, -1) + 1
-            tp.offset = nxt  # 0 = the log start (earliest reset if retention took it)
+            nxt = self._start_at(consumer, tp.partition, applied.get(tp.partition, -1), epoch)
+            tp.offset = nxt
             self.status.owned[tp.partition] = PartitionRun(epoch, nxt)
+        if mine:
+            self._show_retention_lost()
         if mine:
             log.info("events partitions assigned: %s",
                      {tp.partition: (tp.offset, self.status.owned[tp.partition].epoch)
@@ -276,6 +288,37 @@ class EventsPlane:
         if mine:  # the commit hint catches up with Redis even before a batch arrives
             consumer.store_offsets(offsets=[TopicPartition(topic, tp.partition, tp.offset)
                                             for tp in mine])
+
+    def _start_at(self, consumer: Any, p: int, applied: int, epoch: int) -> int:
+        """Where partition ``p`` starts, Redis having applied up to ``applied``:
+        the next offset, or the log start when retention deleted offsets that
+        were never applied; those are counted (``account_retention_gap``) and
+        logged at ERROR, never skipped silently by an ``earliest`` reset."""
+        from confluent_kafka import TopicPartition
+
+        topic = self.conf.topic_events
+        lo, _hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30,
+                                                 cached=False)
+        if lo is None or applied + 1 >= lo:
+            return applied + 1
+        lost = retry_transient(account_retention_gap, self.r, topic, p, applied, lo, epoch,
+                               what="retention gap", stopped=self._stopped, status=self.status)
+        log.error("events partition %d: DATA LOSS: the log starts at offset %d but Redis has "
+                  "applied only up to %d; retention deleted %d offsets that were never applied "
+                  "(counted in liftstream_ingest_retention_lost_total). Starting at %d.",
+                  p, lo, applied, lo - applied - 1, lo)
+        if not lost:
+            log.error("events partition %d: that gap was already counted", p)
+        return lo
+
+    def _show_retention_lost(self) -> None:
+        """``liftstream_ingest_retention_lost_total{partition}``: the offsets
+        counted lost so far, as Redis records them (they outlive a restart)."""
+        lost = retry_transient(retention_lost, self.r, self.conf.topic_events,
+                               what="retention gaps", stopped=self._stopped, status=self.status)
+        self.status.retention_lost = lost
+        for p, n in lost.items():
+            self.metrics.set("liftstream_ingest_retention_lost_total", n, partition=str(p))
 
     def _on_revoke(self, consumer: Any, partitions: list) -> None:
         for tp in partitions:
@@ -387,7 +430,9 @@ class EventsPlane:
         Redis's offset + 1, count and log it."""
         from confluent_kafka import TopicPartition
 
-        nxt = redis_applied + 1
+        nxt = self._start_at(self._consumer, p, redis_applied, run.epoch)
+        if nxt > redis_applied + 1:
+            self._show_retention_lost()
         log.warning("events partition %d: redis lost acknowledged writes (it has applied up "
                     "to offset %d, this worker up to %d): seeking back to offset %d",
                     p, redis_applied, run.next_offset - 1, nxt)

@@ -46,6 +46,9 @@ PARTITION_CLOCKS = "lr:{ingest}:clocks"
 INGEST_OFFSETS = "lr:{ingest}:offsets"
 #: hash ``<src>`` -> the partition's owner epoch (+1 per claim)
 PARTITION_EPOCHS = "lr:{ingest}:epochs"
+#: hash ``<src>`` -> offsets deleted by retention before ingest applied them
+#: (data loss, counted when a partition is assigned below its log start)
+RETENTION_LOST = "lr:{ingest}:retention_lost"
 #: hash topic -> the Kafka topic id the applied offsets belong to
 TOPIC_IDS = "lr:ingest:topic_ids"
 #: hash topic -> the events topic's partition count the state was built with

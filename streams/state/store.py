@@ -108,6 +108,7 @@ from streams.state.keys import (
     LEGACY_INGEST_KEYS,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
+    RETENTION_LOST,
     TOPIC_IDS,
     TOPIC_PARTITIONS,
     completeness_key,
@@ -142,7 +143,7 @@ def offsets_field(topic: str, partition: int) -> str:
 
 # ---------------------------------------------------------------- the scripts
 
-_scripts: dict[Path | None, Any] = {}
+_scripts: dict[Path | str | None, Any] = {}
 
 
 def _script(r: Any, path: Path) -> Any:
@@ -527,7 +528,7 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
     cells, ...) stays. Returns the number of fields removed."""
     prefix = f"{topic}|"
     n = 0
-    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS):
+    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, RETENTION_LOST):
         fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
         if fields:
             n += r.hdel(h, *fields)
@@ -710,6 +711,48 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
         sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
            args=[offsets_field(topic, partition), "" if offset is None else int(offset),
                  "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
+
+
+_ACCOUNT_GAP = """
+local owner = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+if ARGV[4] ~= '' and owner ~= nil and tonumber(ARGV[4]) < owner then
+  return redis.error_reply('FENCED ' .. ARGV[1] .. ' is owned by epoch ' .. owner)
+end
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or -1
+local last = tonumber(ARGV[3]) - 1
+if cur ~= tonumber(ARGV[2]) or last <= cur then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], last)
+redis.call('HINCRBY', KEYS[2], ARGV[1], last - cur)
+return last - cur
+"""
+
+
+def account_retention_gap(r: Any, topic: str, partition: int, applied: int, log_start: int,
+                          epoch: int | None = None) -> int:
+    """The partition's log starts at ``log_start`` but Redis applied only up
+    to ``applied`` (-1: nothing): retention deleted the offsets between, never
+    applied. Count them in ``RETENTION_LOST`` and move the applied offset to
+    ``log_start - 1``, in one atomic step (so a restart does not count them
+    again; a no-op when the applied offset is no longer ``applied``). Returns
+    the number of offsets lost (0: none, or already counted)."""
+    sc = _scripts.get("gap")
+    if sc is None:
+        sc = _scripts["gap"] = r.register_script(_ACCOUNT_GAP)
+    with script_errors():
+        return int(sc(keys=[INGEST_OFFSETS, RETENTION_LOST, PARTITION_EPOCHS], client=r,
+                      args=[offsets_field(topic, partition), int(applied), int(log_start),
+                            "" if epoch is None else int(epoch)]))
+
+
+def retention_lost(r: Any, topic: str) -> dict[int, int]:
+    """Offsets of ``topic`` deleted by retention before ingest applied them,
+    per partition (``account_retention_gap``)."""
+    out = {}
+    for k, v in r.hgetall(RETENTION_LOST).items():
+        t, _, p = _s(k).rpartition("|")
+        if t == topic:
+            out[int(p)] = int(v)
+    return out
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
