@@ -386,9 +386,9 @@ class EventsPlane:
             t0 = time.perf_counter()
             try:
                 with self.state_lock:
-                    res = retry_transient(self.ingestor.process, topic, p, lst, now_ms,
-                                          run.epoch, keys[p], what="ingest",
-                                          stopped=self._stopped, status=self.status)
+                    res = retry_transient(self._apply, p, run, lst, now_ms, keys[p], [],
+                                          what="ingest", stopped=self._stopped,
+                                          status=self.status)
             except Fenced as e:
                 # another worker owns the partition now: drop what we read;
                 # librdkafka reports the loss at the next rebalance callback
@@ -397,6 +397,8 @@ class EventsPlane:
                 self.status.fenced_batches += 1
                 self.metrics.inc("liftstream_ingest_fenced_batches_total", 1)
                 continue
+            if res is None:
+                continue  # Redis lost writes while the batch waited for it: sought back
             self.metrics.observe("liftstream_ingest_batch_seconds", time.perf_counter() - t0)
             results.append(res)
             run.next_offset = lst[-1][0] + 1
@@ -404,6 +406,17 @@ class EventsPlane:
         self._deliver(results)
         if done:
             self._consumer.store_offsets(offsets=done)
+
+    def _apply(self, p: int, run: PartitionRun, lst: list[tuple[int, bytes | None]],
+               now_ms: int, keys: list[bytes | None], tries: list[int]) -> BatchResult | None:
+        """``Ingestor.process`` of one partition's messages. A retry (after a
+        transient Redis error: Redis may have restarted and lost writes in
+        between) first checks Redis's applied offset again and returns None
+        when the partition had to seek back (``_verify_applied``)."""
+        tries.append(1)
+        if len(tries) > 1 and self._verify_applied([p]):
+            return None
+        return self.ingestor.process(self.conf.topic_events, p, lst, now_ms, run.epoch, keys)
 
     # ------------------------------------------------------------ redis regressions
 
