@@ -198,13 +198,15 @@ class Service:
 
 def start_redis(port: int | None = None, appendonly: bool = True, workdir: str | None = None,
                 extra: list[str] | None = None) -> Service:
-    """Start redis-server on 127.0.0.1 (AOF everysec by default, as in production)."""
+    """Start redis-server on 127.0.0.1 (AOF everysec by default, as in production;
+    ``noeviction``, which ingest requires: an evicting Redis deletes state)."""
     port = port or free_port()
     workdir = workdir or tempfile.mkdtemp(prefix="liftstream-redis-")
     args = [
         find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
         "--dir", workdir, "--save", "", "--daemonize", "no",
         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+        "--maxmemory-policy", "noeviction",
         "--loglevel", "warning", "--logfile", os.path.join(workdir, "redis.log"),
     ] + (extra or [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -25,6 +25,20 @@ Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits
   (``streams.state.store.Fenced``), so a worker that lost the partition while
   frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
   the new owner started.
+* **Retention gaps.** A partition whose applied offset is below its log start
+  (retention deleted events never applied: a worker down longer than the
+  topic's retention) is not silently reset to the earliest offset: the
+  deleted offsets are counted in Redis (``lr:{ingest}:retention_lost``, shown
+  as ``liftstream_ingest_retention_lost_total``), logged at ERROR, and the
+  partition starts explicitly at the log start.
+* **Redis regressions.** Before each batch the plane reads Redis's applied
+  offset of the batch's partitions (one HMGET) and compares it with the last
+  offset this worker applied; every second it also reads Redis's ``run_id`` and
+  ``master_replid`` and, when either changed (a restart, a failover), checks
+  every owned partition. A Redis behind the worker lost acknowledged writes
+  (AOF ``everysec`` crash, async-replica failover, an older snapshot): the
+  partition seeks back to Redis's offset + 1 and is applied again, counted in
+  ``liftstream_ingest_redis_regressions_total`` and logged at WARNING.
 * **Delivery before commit.** A batch's dead letters, dirty notices and
   auto-registered configs are produced and flushed before its offsets are
   stored; any error other than a transient Redis one stops the process
@@ -46,17 +60,25 @@ from typing import Any
 
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
-from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets
+from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_applied
 from streams.state.store import (
     Fenced,
+    account_retention_gap,
+    check_eviction_policy,
+    check_partition_count,
     check_topic_id,
     claim_partition,
     migrate_ingest_keys,
+    redis_identity,
+    retention_lost,
     transient,
     transient_reason,
 )
 
 log = logging.getLogger("liftstream.events")
+
+#: seconds between two reads of Redis's run_id / master_replid
+IDENTITY_EVERY_S = 1.0
 
 def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Event,
                     status: PlaneStatus | None = None, max_backoff: float = 5.0) -> Any:
@@ -123,6 +145,10 @@ class PlaneStatus:
     #: time.monotonic() of the loop's last round (a consume, a batch, a retry):
     #: /healthz fails when it is too old (the thread is stuck)
     heartbeat: float = field(default_factory=time.monotonic)
+    #: times Redis was found behind what this worker had applied (lost writes)
+    redis_regressions: int = 0
+    #: partition -> offsets retention deleted before they were applied (Redis's count)
+    retention_lost: dict[int, int] = field(default_factory=dict)
 
 
 class EventsPlane:
@@ -144,6 +170,10 @@ class EventsPlane:
         #: called in the plane's thread after each batch (the clock service's
         #: tick: completeness follows the data without waiting for its timer)
         self.after_batch: Callable[[], None] | None = None
+        #: the events topic's partition count, checked against Redis's at start
+        self.partitions: int | None = None
+        self._redis_id: tuple[str, ...] | None = None  # redis_identity at the last check
+        self._redis_id_at = 0.0  # time.monotonic() of that check
 
     # ------------------------------------------------------------ lifecycle
 
@@ -161,6 +191,12 @@ class EventsPlane:
         # the sampler (Faust, aiokafka's partitioner) computes for its id
         self._producer = Producer({**k, "partitioner": "murmur2_random",
                                    "enable.idempotence": True, "linger.ms": 5})
+        # an evicting Redis deletes state: refuse it (raises EvictingRedis)
+        retry_transient(check_eviction_policy, self.r, what="eviction policy",
+                        stopped=self._stopped, status=self.status)
+        self._redis_id = retry_transient(redis_identity, self.r, what="redis identity",
+                                         stopped=self._stopped, status=self.status)
+        self._redis_id_at = time.monotonic()
         retry_transient(migrate_ingest_keys, self.r, what="key names", stopped=self._stopped,
                         status=self.status)  # lr:ingest:* of before -> lr:{ingest}:*
         self._check_topic()  # before anything is read: raises TopicMismatch
@@ -185,12 +221,19 @@ class EventsPlane:
 
     def _check_topic(self) -> None:
         """The events topic must be the one Redis's offsets belong to
-        (``streams.state.store.check_topic_id``); a broker that reports no topic id
-        skips the check."""
+        (``streams.state.store.check_topic_id``; a broker that reports no topic
+        id skips that check), with the partition count Redis's state was built
+        with (``check_partition_count``): both raise ``TopicMismatch``."""
         from confluent_kafka import KafkaException, TopicCollection
         from confluent_kafka.admin import AdminClient
 
         topic = self.conf.topic_events
+        md = self._consumer.list_topics(topic, timeout=30).topics[topic]
+        if md.error is not None:
+            raise KafkaException(md.error)
+        self.partitions = len(md.partitions)
+        retry_transient(check_partition_count, self.r, topic, self.partitions,
+                        what="partition count", stopped=self._stopped, status=self.status)
         admin = AdminClient(self.conf.kafka)
         try:
             desc = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout=30)
@@ -204,6 +247,14 @@ class EventsPlane:
         retry_transient(check_topic_id, self.r, topic, tid, what="topic id",
                         stopped=self._stopped, status=self.status)
 
+    def check_partitions(self, n: int) -> None:
+        """The events topic has ``n`` partitions now: raise
+        ``PartitionCountChanged`` unless Redis's state was built with (or an
+        operator accepted) that many."""
+        if n != self.partitions:
+            check_partition_count(self.r, self.conf.topic_events, n)
+            self.partitions = n  # accepted (``liftstream admin accept-partitions``)
+
     # ------------------------------------------------------------ rebalance
 
     def _on_assign(self, consumer: Any, partitions: list) -> None:
@@ -214,14 +265,21 @@ class EventsPlane:
 
         topic = self.conf.topic_events
         mine = [tp for tp in partitions if tp.topic == topic]
+        added = [tp.partition for tp in mine
+                 if self.partitions is not None and tp.partition >= self.partitions]
+        if added:  # the topic grew since start: stop (raised out of consume)
+            n = len(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+            self.check_partitions(max(n, max(added) + 1))
         applied = retry_transient(ingest_offsets, self.r, topic, what="assign",
                                   stopped=self._stopped, status=self.status)
         for tp in mine:
             epoch = retry_transient(claim_partition, self.r, topic, tp.partition,
                                     what="assign", stopped=self._stopped, status=self.status)
-            nxt = applied.get(tp.partition, -1) + 1
-            tp.offset = nxt  # 0 = the log start (earliest reset if retention took it)
+            nxt = self._start_at(consumer, tp.partition, applied.get(tp.partition, -1), epoch)
+            tp.offset = nxt
             self.status.owned[tp.partition] = PartitionRun(epoch, nxt)
+        if mine:
+            self._show_retention_lost()
         if mine:
             log.info("events partitions assigned: %s",
                      {tp.partition: (tp.offset, self.status.owned[tp.partition].epoch)
@@ -230,6 +288,37 @@ class EventsPlane:
         if mine:  # the commit hint catches up with Redis even before a batch arrives
             consumer.store_offsets(offsets=[TopicPartition(topic, tp.partition, tp.offset)
                                             for tp in mine])
+
+    def _start_at(self, consumer: Any, p: int, applied: int, epoch: int) -> int:
+        """Where partition ``p`` starts, Redis having applied up to ``applied``:
+        the next offset, or the log start when retention deleted offsets that
+        were never applied; those are counted (``account_retention_gap``) and
+        logged at ERROR, never skipped silently by an ``earliest`` reset."""
+        from confluent_kafka import TopicPartition
+
+        topic = self.conf.topic_events
+        lo, _hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30,
+                                                 cached=False)
+        if lo is None or applied + 1 >= lo:
+            return applied + 1
+        lost = retry_transient(account_retention_gap, self.r, topic, p, applied, lo, epoch,
+                               what="retention gap", stopped=self._stopped, status=self.status)
+        log.error("events partition %d: DATA LOSS: the log starts at offset %d but Redis has "
+                  "applied only up to %d; retention deleted %d offsets that were never applied "
+                  "(counted in liftstream_ingest_retention_lost_total). Starting at %d.",
+                  p, lo, applied, lo - applied - 1, lo)
+        if not lost:
+            log.error("events partition %d: that gap was already counted", p)
+        return lo
+
+    def _show_retention_lost(self) -> None:
+        """``liftstream_ingest_retention_lost_total{partition}``: the offsets
+        counted lost so far, as Redis records them (they outlive a restart)."""
+        lost = retry_transient(retention_lost, self.r, self.conf.topic_events,
+                               what="retention gaps", stopped=self._stopped, status=self.status)
+        self.status.retention_lost = lost
+        for p, n in lost.items():
+            self.metrics.set("liftstream_ingest_retention_lost_total", n, partition=str(p))
 
     def _on_revoke(self, consumer: Any, partitions: list) -> None:
         for tp in partitions:
@@ -249,6 +338,9 @@ class EventsPlane:
             while not self._stopped.is_set():
                 msgs = c.consume(self.conf.batch_size, self.conf.batch_seconds)
                 self.status.heartbeat = time.monotonic()
+                if self.status.owned and (time.monotonic() - self._redis_id_at
+                                          >= IDENTITY_EVERY_S):
+                    self._check_redis_identity()
                 if msgs:
                     self._batch(msgs)
                 self._refresh_highwaters()
@@ -271,6 +363,7 @@ class EventsPlane:
         from confluent_kafka import KafkaException, TopicPartition
 
         groups: dict[int, list[tuple[int, bytes | None]]] = defaultdict(list)
+        keys: dict[int, list[bytes | None]] = defaultdict(list)
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -278,20 +371,23 @@ class EventsPlane:
                     raise KafkaException(err)
                 log.warning("events consumer: %s", err)
                 continue
-            groups[m.partition()].append((m.offset(), m.value()))
+            p = m.partition()
+            groups[p].append((m.offset(), m.value()))
+            keys[p].append(m.key())
         topic = self.conf.topic_events
         now_ms = int(time.time() * 1000)
         results: list[BatchResult] = []
         done: list = []
+        behind = self._verify_applied([p for p in groups if p in self.status.owned])
         for p, lst in groups.items():
             run = self.status.owned.get(p)
-            if run is None:
-                continue  # revoked or fenced since it was fetched
+            if run is None or p in behind:
+                continue  # revoked or fenced since it was fetched; or sought back
             t0 = time.perf_counter()
             try:
                 with self.state_lock:
-                    res = retry_transient(self.ingestor.process, topic, p, lst, now_ms,
-                                          run.epoch, what="ingest", stopped=self._stopped,
+                    res = retry_transient(self._apply, p, run, lst, now_ms, keys[p], [],
+                                          what="ingest", stopped=self._stopped,
                                           status=self.status)
             except Fenced as e:
                 # another worker owns the partition now: drop what we read;
@@ -301,6 +397,8 @@ class EventsPlane:
                 self.status.fenced_batches += 1
                 self.metrics.inc("liftstream_ingest_fenced_batches_total", 1)
                 continue
+            if res is None:
+                continue  # Redis lost writes while the batch waited for it: sought back
             self.metrics.observe("liftstream_ingest_batch_seconds", time.perf_counter() - t0)
             results.append(res)
             run.next_offset = lst[-1][0] + 1
@@ -308,6 +406,68 @@ class EventsPlane:
         self._deliver(results)
         if done:
             self._consumer.store_offsets(offsets=done)
+
+    def _apply(self, p: int, run: PartitionRun, lst: list[tuple[int, bytes | None]],
+               now_ms: int, keys: list[bytes | None], tries: list[int]) -> BatchResult | None:
+        """``Ingestor.process`` of one partition's messages. A retry (after a
+        transient Redis error: Redis may have restarted and lost writes in
+        between) first checks Redis's applied offset again and returns None
+        when the partition had to seek back (``_verify_applied``)."""
+        tries.append(1)
+        if len(tries) > 1 and self._verify_applied([p]):
+            return None
+        return self.ingestor.process(self.conf.topic_events, p, lst, now_ms, run.epoch, keys)
+
+    # ------------------------------------------------------------ redis regressions
+
+    def _verify_applied(self, partitions: list[int]) -> set[int]:
+        """Compare Redis's applied offset of ``partitions`` with the last one
+        this worker applied; seek each partition whose Redis is behind back
+        to Redis's offset + 1 (``_seek_back``). Returns those partitions (their
+        messages in hand are dropped: they come again from Kafka)."""
+        if not partitions:
+            return set()
+        applied = retry_transient(read_applied, self.r, self.conf.topic_events, partitions,
+                                  what="applied offsets", stopped=self._stopped,
+                                  status=self.status)
+        behind = set()
+        for p in partitions:
+            run = self.status.owned.get(p)
+            if run is not None and applied[p] < run.next_offset - 1:
+                self._seek_back(p, run, applied[p])
+                behind.add(p)
+        return behind
+
+    def _seek_back(self, p: int, run: PartitionRun, redis_applied: int) -> None:
+        """Redis lost acknowledged writes of partition ``p``: read it again from
+        Redis's offset + 1, count and log it."""
+        from confluent_kafka import TopicPartition
+
+        nxt = self._start_at(self._consumer, p, redis_applied, run.epoch)
+        if nxt > redis_applied + 1:
+            self._show_retention_lost()
+        log.warning("events partition %d: redis lost acknowledged writes (it has applied up "
+                    "to offset %d, this worker up to %d): seeking back to offset %d",
+                    p, redis_applied, run.next_offset - 1, nxt)
+        self.status.redis_regressions += 1
+        self.metrics.inc("liftstream_ingest_redis_regressions_total", 1, partition=str(p))
+        self._consumer.seek(TopicPartition(self.conf.topic_events, p, nxt))
+        run.next_offset = nxt
+        self.ingestor.forget(self.conf.topic_events, p)
+
+    def _check_redis_identity(self) -> None:
+        """Read Redis's run_id / master_replid; when they changed (a restart,
+        a failover), verify every owned partition's applied offset at once,
+        the idle ones included."""
+        self._redis_id_at = time.monotonic()
+        ident = retry_transient(redis_identity, self.r, what="redis identity",
+                                stopped=self._stopped, status=self.status)
+        if ident == self._redis_id:
+            return
+        log.warning("redis changed identity (run_id/master_replid %s -> %s): checking the "
+                    "applied offsets of every owned partition", self._redis_id, ident)
+        self._redis_id = ident
+        self._verify_applied(sorted(self.status.owned))
 
     def _deliver(self, results: list[BatchResult]) -> None:
         """Produce the batch's configs, dead letters and one dirty notice per

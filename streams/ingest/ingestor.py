@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,26 +87,33 @@ class Ingestor:
         self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
 
     def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
-                now_ms: int, epoch: int | None = None) -> BatchResult:
+                now_ms: int, epoch: int | None = None,
+                keys: Sequence[bytes | None] | None = None) -> BatchResult:
         """Apply ``messages`` (offset, value) of one source partition, in offset
         order. ``epoch``: the caller's owner epoch of the partition; every
         state write carries it and raises ``streams.state.store.Fenced`` once a
         newer owner claimed the partition (nothing of this batch after that
-        write is applied)."""
+        write is applied). ``keys``: the messages' Kafka keys, in the same
+        order; an event whose key is not its unit_id is dead-lettered
+        ``key_mismatch`` (a unit's state belongs to one partition: the one its
+        key picks). None: not checked (callers without Kafka)."""
         res = BatchResult()
         res.counts["received"] += len(messages)
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
         rows: list[tuple] = []
         append = rows.append
-        for off, raw in messages:
+        for i, (off, raw) in enumerate(messages):
             try:
                 if raw is None:
                     raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
-                append(parse_event_row(raw, off, now_ms=now_ms,
-                                       max_future_ms=self.max_future_ms))
+                row = parse_event_row(raw, off, now_ms=now_ms, max_future_ms=self.max_future_ms)
+                if keys is not None and keys[i] != row[4].encode():
+                    raise _key_mismatch(keys[i], row[4])
+                append(row)
             except InvalidRecord as err:
-                self._dead(res, raw, err, topic, partition, off, now_ms)
+                self._dead(res, raw, err, topic, partition, off, now_ms,
+                           None if keys is None else keys[i])
 
         ids = {row[3] for row in rows}
         ids.discard(None)
@@ -216,9 +223,15 @@ class Ingestor:
                 changed.add(cfg.experiment_id)
         return changed
 
+    def forget(self, topic: str, partition: int) -> None:
+        """Forget what this worker remembers of a partition's applied state
+        (when Redis turned out to have lost it: the batches are applied again)."""
+        self._settled.pop(offsets_field(topic, partition), None)
+
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
-              now_ms) -> None:
-        res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
+              now_ms, key: bytes | None = None) -> None:
+        res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms,
+                                                   key=key))
         res.counts[f"dead_letter:{err.code}"] += 1
         if err.code in _COUNTED_BY_EXPERIMENT or err.code == "unknown_experiment":
             return
@@ -241,6 +254,15 @@ class Ingestor:
                 pipe.hincrby(meta_key(eid), field_, n)
         pipe.execute()
         res.per_experiment.clear()
+
+
+def _key_mismatch(key: bytes | None, unit_id: str) -> InvalidRecord:
+    """The dead-letter reason of an event whose Kafka key is not its unit_id."""
+    shown = "none" if key is None else repr(key[:80])
+    return InvalidRecord("key_mismatch",
+                         f"the message key ({shown}) is not the event's unit_id {unit_id!r}: "
+                         "events must be keyed by unit_id, so that all of a unit's events "
+                         "are on one partition", "unit_id")
 
 
 #: dead-letter reasons whose events also reach the experiment's counters
@@ -274,3 +296,12 @@ def ingest_offsets(r: Any, topic: str) -> dict[int, int]:
         if t == topic:
             out[int(p)] = int(v)
     return out
+
+
+def read_applied(r: Any, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    """Last fully applied offset of each of ``partitions`` (-1: none), as
+    Redis knows it: one HMGET, cheap enough to run before every batch."""
+    if not partitions:
+        return {}
+    vals = r.hmget(INGEST_OFFSETS, [offsets_field(topic, p) for p in partitions])
+    return {p: -1 if v is None else int(v) for p, v in zip(partitions, vals, strict=True)}

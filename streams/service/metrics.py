@@ -46,6 +46,15 @@ HELP = {
     "liftstream_ingest_fenced_batches_total": ("counter", "Batches dropped because a newer "
                                                "owner claimed their partition (zombie "
                                                "fencing)."),
+    "liftstream_ingest_redis_regressions_total": ("counter", "Times Redis was found behind "
+                                                  "what this worker had applied to an events "
+                                                  "partition (it lost acknowledged writes); "
+                                                  "the partition was read again from Redis's "
+                                                  "offset."),
+    "liftstream_ingest_retention_lost_total": ("counter", "Offsets of an events partition "
+                                               "that retention deleted before ingest applied "
+                                               "them (data loss; recorded in Redis, so the "
+                                               "count outlives restarts)."),
     "liftstream_experiment_events": ("gauge", "Events of an experiment so far by outcome, from "
                                      "its latest estimate's data_quality (applied, corrected, "
                                      "held (now), expired, late, too_old, ..., dead_letter); "

@@ -46,8 +46,14 @@ PARTITION_CLOCKS = "lr:{ingest}:clocks"
 INGEST_OFFSETS = "lr:{ingest}:offsets"
 #: hash ``<src>`` -> the partition's owner epoch (+1 per claim)
 PARTITION_EPOCHS = "lr:{ingest}:epochs"
+#: hash ``<src>`` -> offsets deleted by retention before ingest applied them
+#: (data loss, counted when a partition is assigned below its log start)
+RETENTION_LOST = "lr:{ingest}:retention_lost"
 #: hash topic -> the Kafka topic id the applied offsets belong to
 TOPIC_IDS = "lr:ingest:topic_ids"
+#: hash topic -> the events topic's partition count the state was built with
+#: (a unit's state belongs to the partition its key picks: a change moves units)
+TOPIC_PARTITIONS = "lr:ingest:topic_partitions"
 #: (old name, new name) of the keys that took the ``{ingest}`` hash tag; the
 #: old names are only read by ``streams.state.store.migrate_ingest_keys``
 LEGACY_INGEST_KEYS = (("lr:ingest:offsets", INGEST_OFFSETS),

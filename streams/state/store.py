@@ -111,7 +111,9 @@ from streams.state.keys import (
     LEGACY_INGEST_KEYS,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
+    RETENTION_LOST,
     TOPIC_IDS,
+    TOPIC_PARTITIONS,
     completeness_key,
     experiment_keys,
     unit_hold_key,
@@ -144,7 +146,7 @@ def offsets_field(topic: str, partition: int) -> str:
 
 # ---------------------------------------------------------------- the scripts
 
-_scripts: dict[Path | None, Any] = {}
+_scripts: dict[Path | str | None, Any] = {}
 
 
 def _script(r: Any, path: Path) -> Any:
@@ -421,6 +423,50 @@ def transient_reason(e: BaseException) -> str:
     return "redis_unavailable"
 
 
+class EvictingRedis(Exception):
+    """Redis may evict keys under memory pressure: it would delete state."""
+
+
+def _node_infos(r: Any, section: str) -> list[dict]:
+    """``INFO <section>`` of the server, or of every primary of a Redis
+    Cluster (redis-py keys those replies by node)."""
+    if not _is_cluster(r):
+        return [r.info(section)]
+    from redis.cluster import RedisCluster
+
+    reply = r.info(section, target_nodes=RedisCluster.PRIMARIES)
+    if reply and all(isinstance(v, dict) for v in reply.values()):
+        return [reply[k] for k in sorted(reply)]
+    return [reply]
+
+
+def check_eviction_policy(r: Any) -> None:
+    """Raise ``EvictingRedis`` unless every server's ``maxmemory-policy`` is
+    ``noeviction``. An evicting Redis deletes units, sightings, offsets or
+    chains to make room, silently: a full Redis must refuse writes (ingest
+    waits: ``TRANSIENT_REDIS``) instead. Read from ``INFO memory``, which
+    managed services allow where ``CONFIG GET`` is refused."""
+    bad = sorted({str(i.get("maxmemory_policy")) for i in _node_infos(r, "memory")}
+                 - {"noeviction"})
+    if bad:
+        raise EvictingRedis(
+            f"Redis's maxmemory-policy is {', '.join(bad)}: an evicting Redis deletes "
+            "liftstream's state (units, dedupe sightings, applied offsets) under memory "
+            "pressure, silently. Set maxmemory-policy to noeviction (redis.conf, "
+            "`CONFIG SET maxmemory-policy noeviction`, or the managed service's parameter "
+            "group); at maxmemory ingest then waits instead of losing data.")
+
+
+def redis_identity(r: Any) -> tuple[str, ...]:
+    """The server's ``run_id`` and ``master_replid`` (every primary's, on a
+    Redis Cluster): a restart changes the first, a failover to a replica the
+    second; either may have lost acknowledged writes."""
+    out: list[str] = []
+    for srv, rep in zip(_node_infos(r, "server"), _node_infos(r, "replication"), strict=True):
+        out += [str(srv.get("run_id", "")), str(rep.get("master_replid", ""))]
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- owner epochs
 
 #: ``PARTITION_EPOCHS``, ``INGEST_OFFSETS`` and ``PARTITION_CLOCKS`` share the
@@ -449,18 +495,48 @@ def check_topic_id(r: Any, topic: str, topic_id: str) -> None:
             "experiments' state stays), or restore the old topic.")
 
 
+class PartitionCountChanged(TopicMismatch):
+    """The events topic's partition count is not the one Redis's state was
+    built with: units' keys now pick other partitions."""
+
+
+def check_partition_count(r: Any, topic: str, partitions: int) -> None:
+    """Record ``topic``'s partition count on first sight; raise
+    ``PartitionCountChanged`` if Redis's state was built with another."""
+    if r.hsetnx(TOPIC_PARTITIONS, topic, int(partitions)):
+        return
+    known = int(_s(r.hget(TOPIC_PARTITIONS, topic)))
+    if known != int(partitions):
+        raise PartitionCountChanged(
+            f"events topic {topic!r} has {partitions} partitions, but Redis's state was built "
+            f"with {known}: a unit's events now go to another partition than its state "
+            "belongs to (keys hash differently), so ingest stops here. Let the workers "
+            f"drain, then run `liftstream admin accept-partitions --topic {topic} --yes` "
+            "to record the new count and restart them; units seen on two partitions are "
+            "counted (docs/operations.md, \"Changing the events topic's partitions\").")
+
+
+def accept_partition_count(r: Any, topic: str, partitions: int) -> int | None:
+    """Record ``partitions`` as ``topic``'s partition count (``liftstream
+    admin accept-partitions``); returns the count recorded before, if any."""
+    old = r.hget(TOPIC_PARTITIONS, topic)
+    r.hset(TOPIC_PARTITIONS, topic, int(partitions))
+    return None if old is None else int(_s(old))
+
+
 def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> int:
     """Forget every position of ``topic``: its applied offsets, partition
-    clocks, owner epochs, completeness and recorded id, and each experiment's
-    per-partition offsets and clocks of it. The experiments' state (units,
+    clocks, owner epochs, completeness, recorded id and partition count, and
+    each experiment's per-partition offsets and clocks of it. The experiments' state (units,
     cells, ...) stays. Returns the number of fields removed."""
     prefix = f"{topic}|"
     n = 0
-    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS):
+    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, RETENTION_LOST):
         fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
         if fields:
             n += r.hdel(h, *fields)
-    n += r.hdel(TOPIC_IDS, topic) + r.delete(completeness_key(topic))
+    n += (r.hdel(TOPIC_IDS, topic) + r.hdel(TOPIC_PARTITIONS, topic)
+          + r.delete(completeness_key(topic)))
     for eid in experiment_ids:
         offs = rk.offsets_key(eid)
         fields = [f for f in (_s(x) for x in r.hkeys(offs)) if f.startswith(prefix)]
@@ -641,6 +717,48 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
         sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
            args=[offsets_field(topic, partition), "" if offset is None else int(offset),
                  "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
+
+
+_ACCOUNT_GAP = """
+local owner = tonumber(redis.call('HGET', KEYS[3], ARGV[1]))
+if ARGV[4] ~= '' and owner ~= nil and tonumber(ARGV[4]) < owner then
+  return redis.error_reply('FENCED ' .. ARGV[1] .. ' is owned by epoch ' .. owner)
+end
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or -1
+local last = tonumber(ARGV[3]) - 1
+if cur ~= tonumber(ARGV[2]) or last <= cur then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], last)
+redis.call('HINCRBY', KEYS[2], ARGV[1], last - cur)
+return last - cur
+"""
+
+
+def account_retention_gap(r: Any, topic: str, partition: int, applied: int, log_start: int,
+                          epoch: int | None = None) -> int:
+    """The partition's log starts at ``log_start`` but Redis applied only up
+    to ``applied`` (-1: nothing): retention deleted the offsets between, never
+    applied. Count them in ``RETENTION_LOST`` and move the applied offset to
+    ``log_start - 1``, in one atomic step (so a restart does not count them
+    again; a no-op when the applied offset is no longer ``applied``). Returns
+    the number of offsets lost (0: none, or already counted)."""
+    sc = _scripts.get("gap")
+    if sc is None:
+        sc = _scripts["gap"] = r.register_script(_ACCOUNT_GAP)
+    with script_errors():
+        return int(sc(keys=[INGEST_OFFSETS, RETENTION_LOST, PARTITION_EPOCHS], client=r,
+                      args=[offsets_field(topic, partition), int(applied), int(log_start),
+                            "" if epoch is None else int(epoch)]))
+
+
+def retention_lost(r: Any, topic: str) -> dict[int, int]:
+    """Offsets of ``topic`` deleted by retention before ingest applied them,
+    per partition (``account_retention_gap``)."""
+    out = {}
+    for k, v in r.hgetall(RETENTION_LOST).items():
+        t, _, p = _s(k).rpartition("|")
+        if t == topic:
+            out[int(p)] = int(v)
+    return out
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,

@@ -194,10 +194,18 @@ def corpus(valid: list[dict], n_bad: int, seed: int, now_ms: int):
     return out
 
 
-def classify(raw: bytes | None, now_ms: int, cfg) -> tuple[str | None, object | None]:
-    """What ingest must do with ``raw``: (dead-letter code or None, parsed event or None).
+#: ``classify``'s key of a message keyed by its own unit id
+BY_UNIT = object()
 
-    Mirrors docs/architecture.md#contracts: validation failure -> its code; a well-formed event of
+
+def classify(raw: bytes | None, now_ms: int, cfg, key: bytes | None | object = BY_UNIT
+             ) -> tuple[str | None, object | None]:
+    """What ingest must do with ``raw`` keyed ``key``: (dead-letter code or
+    None, parsed event or None).
+
+    Mirrors docs/architecture.md#contracts: validation failure -> its code; a
+    valid event whose Kafka key is not its unit_id -> ``key_mismatch`` (not
+    applied, moves no clock); a well-formed event of
     an unregistered experiment -> ``unknown_experiment`` (not applied); an
     exposure with a variant the config lacks -> ``unknown_variant`` *and*
     applied (counted, moves the clock)."""
@@ -207,6 +215,8 @@ def classify(raw: bytes | None, now_ms: int, cfg) -> tuple[str | None, object | 
         ev = parse_event(raw, now_ms=now_ms)
     except InvalidRecord as e:
         return e.code, None
+    if key is not BY_UNIT and key != ev.unit_id.encode():
+        return "key_mismatch", None
     if ev.experiment_id is not None and ev.experiment_id != cfg.experiment_id:
         return "unknown_experiment", None
     if isinstance(ev, Exposure) and ev.variant not in cfg.variants:
@@ -232,8 +242,17 @@ def test_fuzz_pipeline(kafka_bootstrap, redis_url, tmp_path, workers):
 
     w = start_web_worker(workers, st, "ingest")
 
-    # produce every message raw (keys: a unit id, random bytes or none), in order
+    # produce every message raw, in order; keys: a valid event's unit id (but
+    # one in 20 keyed otherwise: key_mismatch), else a unit id, random bytes or none
     rng = random.Random(SEED + 1)
+    keys: list[bytes | None] = []
+    for _, raw in msgs:
+        key = rng.choice([None, b"u1", bytes(rng.randrange(256) for _ in range(8))])
+        try:
+            uid = parse_event(raw, now_ms=now_ms).unit_id.encode() if raw is not None else None
+        except InvalidRecord:
+            uid = None
+        keys.append(uid if uid is not None and rng.random() >= 0.05 else key)
     prod = producer(st.bootstrap, **{"message.max.bytes": 1_000_000})
     where: list[tuple[int, int] | None] = [None] * len(msgs)
     errors: list = []
@@ -246,8 +265,7 @@ def test_fuzz_pipeline(kafka_bootstrap, redis_url, tmp_path, workers):
                 where[i] = (m.partition(), m.offset())
         return done
 
-    for i, (_, raw) in enumerate(msgs):
-        key = rng.choice([None, b"u1", bytes(rng.randrange(256) for _ in range(8))])
+    for i, ((_, raw), key) in enumerate(zip(msgs, keys, strict=True)):
         while True:
             try:
                 prod.produce(st.events_topic, key=key, value=raw, on_delivery=cb(i))
@@ -266,8 +284,8 @@ def test_fuzz_pipeline(kafka_bootstrap, redis_url, tmp_path, workers):
     applied = []
     cats = Counter()
     clk = None  # the partition clock: max ts of every valid event so far
-    for (cat, raw), off in zip(msgs, offsets, strict=True):
-        code, ev = classify(raw, now_ms, cfg)
+    for (cat, raw), off, key in zip(msgs, offsets, keys, strict=True):
+        code, ev = classify(raw, now_ms, cfg, key)
         if ev is not None or code == "unknown_experiment":
             ts = parse_event(raw, now_ms=now_ms).ts
             clk = ts if clk is None or ts > clk else clk

@@ -96,4 +96,5 @@ def test_hash_tags():
         if k.startswith("lr:{e:"):
             assert k.startswith("lr:{e:<id>}:")
         if k.startswith("lr:{ingest}"):
-            assert k in {keys.INGEST_OFFSETS, keys.PARTITION_CLOCKS, keys.PARTITION_EPOCHS}
+            assert k in {keys.INGEST_OFFSETS, keys.PARTITION_CLOCKS, keys.PARTITION_EPOCHS,
+                         keys.RETENTION_LOST}

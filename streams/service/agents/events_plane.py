@@ -21,7 +21,7 @@ from streams.ingest.ingestor import Ingestor
 from streams.service.context import AppContext
 from streams.service.runtime import fatal, with_retry
 from streams.state.clocks import ClockService
-from streams.state.store import Fenced, TopicMismatch, transient
+from streams.state.store import EvictingRedis, Fenced, TopicMismatch, transient
 
 log = logging.getLogger("liftstream")
 
@@ -37,7 +37,7 @@ class EventsPlaneService(mode.Service):
     async def on_start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.plane.start)
-        except TopicMismatch as e:  # a clear stop, not a crash loop of skipped events
+        except (TopicMismatch, EvictingRedis) as e:  # a clear stop, not silent loss
             fatal(str(e))
 
     async def on_stop(self) -> None:
@@ -77,6 +77,10 @@ class EventClocks:
         self._others.clear()
         self._others.update(got)
         self._partitions = set(md.topics[s.topic_events].partitions)
+        try:
+            self.plane.check_partitions(len(self._partitions))
+        except TopicMismatch as e:  # the partition count changed: stop, saying why
+            fatal(str(e))
 
     def tick(self, fetch: bool) -> None:
         """One tick; the others' watermarks are refreshed first when ``fetch``
