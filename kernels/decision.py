@@ -28,6 +28,7 @@ import numpy as np
 
 from kernels import arrival
 
+
 def log_evalue(m, s, rho):
     """log E of the normal mixture against θ = 0 for estimates (m, s), mixing
     precision ρ (arrays broadcast). s must be > 0."""
