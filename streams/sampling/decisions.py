@@ -78,7 +78,11 @@ def _finite(x: Any) -> float | None:
 
 def _eligible(rec: dict) -> tuple[float, float] | None:
     """(mean, sd) of the adjusted effect when the record may be looked at:
-    both arms have matured units (before that the estimate is the prior's)."""
+    a completed bucket (before it there is no arrival model, and the
+    "adjusted" effect is the early adopters' own) and matured units in both
+    arms (before that the estimate is the prior's)."""
+    if (rec.get("watermark") or {}).get("completed_buckets", 0) < 1:
+        return None
     matured = (rec.get("units") or {}).get("matured") or {}
     if min(matured.get(rec["control"], 0), matured.get(rec["variant"], 0)) < MIN_MATURED:
         return None

@@ -202,7 +202,7 @@ def simulate(st: Setting, progress: bool = False) -> Result:
         rhat = split_rhat(np.moveaxis(draws, 3, 1)).reshape(R, M, K)
         nk = cum["n"][h]  # [R, K1, S]
         matured = nk.sum(-1)  # [R, K1]
-        ok = (np.minimum(matured[:, :1], matured[:, 1:]) >= 2)[:, None, :] & (s > 0)
+        ok = (np.minimum(matured[:, :1], matured[:, 1:]) >= 2)[:, None, :] & (s > 0) & (D >= 1)
         ok = np.broadcast_to(ok, (R, M, K))
         # the mixture's scale: fixed at a pair's first eligible look
         first = ok & np.isnan(rho)
