@@ -13,6 +13,7 @@ import numpy as np
 
 from kernels.backend import to_numpy
 from kernels.data import ModelData
+from kernels.decision import p_best
 from kernels.diagnostics import ess_bulk, ess_tail, split_rhat
 from kernels.estimands import Draws
 
@@ -79,6 +80,8 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
     p_pos = (flat > 0).mean(-1)
     np_pos = (nflat > 0).mean(-1)
     loss = np.maximum(0.0, -sign[:, None, None] * flat).mean(-1)
+    arms = None if data is None else to_numpy(data.kmask)[:, 1:]  # padded arms are never best
+    best = p_best(flat, sign, valid=arms)  # [P, K+1]: control, then the arms
     rhat = split_rhat(eff)
     essb = ess_bulk(eff)
     esst = ess_tail(eff)
@@ -105,6 +108,7 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
                 "adjustment": "stratified" if adjustable[p] else "unavailable",
                 "adjusted": {"effect": iv(ie), "lift": iv(il), "baseline": iv(ib),
                              "p_positive": _f(p_pos[p, k]), "expected_loss": _f(loss[p, k])},
+                "p_best": [_f(x) for x in best[p]],
                 "naive": {"effect": iv(ine), "lift": iv(inl), "baseline": iv(inb),
                           "p_positive": _f(np_pos[p, k])},
                 "strata": strata,

@@ -110,6 +110,25 @@ class ExperimentConfig:
     #: edges at or beyond the window are dropped and the window closes the
     #: last bin (``streams.state.semantics.age_edges_ms``). Fewer than two bins: off
     exposure_age_bins: tuple[int, ...] | None = None
+    #: Decisions (issue 27; docs/method.md §8): the metric the experiment is
+    #: decided on (None = the first); the others are decided only once it is,
+    #: together, by e-BH
+    primary: str | None = None
+    #: the minimal effect of interest, in metric units (``mde``) or as a lift
+    #: (``mde_relative``; at most one): the confidence sequence's mixing scale
+    #: and the forecast's planning effect. None: the model's own prior scale
+    mde: float | None = None
+    mde_relative: float | None = None
+    #: level of the always-valid decisions (false decisions <= alpha, however often looked at)
+    decision_alpha: float = 0.05
+    #: a look per this much data (event) time of the watermark: the decision's
+    #: sequence depends on the data's own time, not on how often a worker ticks
+    look_seconds: int = 3600
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric decided first: ``primary``, else the first metric."""
+        return self.primary if self.primary is not None else self.metrics[0].name
 
     @property
     def n_strata(self) -> int:

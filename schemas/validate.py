@@ -880,8 +880,38 @@ def parse_experiment(
         kw["covariates"] = v
     if (v := opt("exposure_age_bins")) is not _MISSING:
         kw["exposure_age_bins"] = _cfg_age_bins(v)
+    kw.update(_cfg_decision(opt, kw.get("metrics") or ExperimentConfig.__dataclass_fields__[
+        "metrics"].default))
 
     return ExperimentConfig(experiment_id, **kw)
+
+
+def _cfg_decision(opt, metrics) -> dict[str, Any]:
+    """The decision fields (issue 27): ``primary`` one of the metrics,
+    ``mde`` / ``mde_relative`` positive and not both, ``decision_alpha`` in
+    (0, 0.5], ``look_seconds`` 60 s .. a year."""
+    kw: dict[str, Any] = {}
+    if (v := opt("primary")) is not _MISSING:
+        name = _cfg_name(v, "primary")
+        if name not in [m.name for m in metrics]:
+            _cfg(f"primary {name!r} is not among the metrics", "primary")
+        kw["primary"] = name
+    for key in ("mde", "mde_relative"):
+        if (v := opt(key)) is not _MISSING:
+            x = float(_cfg_number(v, key))
+            if not x > 0:
+                _cfg(f"'{key}' = {x!r} must be > 0", key)
+            kw[key] = x
+    if "mde" in kw and "mde_relative" in kw:
+        _cfg("give 'mde' (metric units) or 'mde_relative' (lift), not both", "mde")
+    if (v := opt("decision_alpha")) is not _MISSING:
+        x = float(_cfg_number(v, "decision_alpha"))
+        if not 0 < x <= 0.5:
+            _cfg(f"'decision_alpha' = {x!r} must be in (0, 0.5]", "decision_alpha")
+        kw["decision_alpha"] = x
+    if (v := opt("look_seconds")) is not _MISSING:
+        kw["look_seconds"] = _cfg_int(v, "look_seconds", 60, _MAX_DURATION_S)
+    return kw
 
 
 def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
@@ -964,4 +994,9 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "covariates": cfg.covariates,
         "exposure_age_bins": (None if cfg.exposure_age_bins is None
                               else list(cfg.exposure_age_bins)),
+        "primary": cfg.primary,
+        "mde": cfg.mde,
+        "mde_relative": cfg.mde_relative,
+        "decision_alpha": cfg.decision_alpha,
+        "look_seconds": cfg.look_seconds,
     }

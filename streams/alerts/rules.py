@@ -72,9 +72,14 @@ The conditions, per metric and treatment variant unless said otherwise:
   look even from an unconverged chain (R-hat is in the evidence). Suggested
   contract addition: a ``p_beyond_guardrail`` field in the estimate record,
   computed from the draws by the summary kernel, would make this exact.
-- ``decision_ready``: P(adjusted effect > 0) above ``decision_prob`` or below
-  its complement, with R-hat < ``decision_rhat`` and bulk ESS >=
-  ``decision_ess``. P(effect > 0) is the record's ``p_positive`` (from draws).
+- ``decision_ready``: the record's always-valid ``decision.ready`` (issue 27,
+  docs/method.md §8: a confidence sequence on the adjusted effect, one look
+  per ``look_seconds`` of data time, e-BH over the secondary metrics). Its
+  level is the config's ``decision_alpha``; the message states the rule, α
+  and the sequence. The ``decision_*`` thresholds below belonged to the
+  per-look rule it replaced (P(>0) beyond 0.95 at any tick, which declared
+  a winner in about half of all A/A experiments over 14 days of hourly looks)
+  and are ignored.
 - ``sample_ratio_mismatch`` (experiment-level): exposures per variant
   (``units.exposed``) against ``config.allocation`` (equal if None) with the
   anytime-valid test of ``kernels.srm``; its running max of log BF is kept in
@@ -345,43 +350,33 @@ def _guardrail(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _
 
 
 def _decision(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _Decision:
-    adj = rec["adjusted"]
-    p = _num(adj.get("p_positive"))
-    if p is None:
+    """``decision_ready`` is the record's always-valid ``decision.ready``
+    (issue 27; ``streams.sampling.decisions``): no threshold of its own, and a
+    decision once made stays made, so the alert fires once and does not flap.
+    Records without a ``decision`` (written before it existed) change nothing."""
+    dec = rec.get("decision")
+    if not isinstance(dec, dict) or "ready" not in dec:
         return _Decision(None, {}, "")
-    diag = rec["diagnostics"]
-    rhat, ess = _num(diag.get("rhat")), _num(diag.get("ess_bulk"))
-    if was:
-        lvl, rlim, elim = t["decision_resolve_prob"], t["decision_resolve_rhat"], \
-            t["decision_resolve_ess"]
+    ready = bool(dec["ready"])
+    cs = dec.get("cs") or {}
+    eff = rec["adjusted"]["effect"]
+    ev = _evidence(alpha=dec.get("alpha"), level=dec.get("level"), cs_lo=cs.get("lo"),
+                   cs_hi=cs.get("hi"), e_value=dec.get("evidence"), looks=dec.get("looks"),
+                   since=dec.get("since"), effect_mean=eff.get("mean"), effect_lo=eff.get("lo"),
+                   effect_hi=eff.get("hi"), p_positive=rec["adjusted"].get("p_positive"),
+                   expected_loss=rec["adjusted"].get("expected_loss"))
+    if ready:
+        msg = (f"Decision ready: {rec['variant']} is {dec.get('direction')} than "
+               f"{rec['control']} on {rec['metric']} by {dec.get('rule')} at alpha "
+               f"{_fmt(dec.get('alpha'))} (level {_fmt(dec.get('level'))}): confidence "
+               f"sequence [{_fmt(cs.get('lo'))}, {_fmt(cs.get('hi'))}] after "
+               f"{dec.get('looks')} looks, e-value {_fmt(dec.get('evidence'))} "
+               f"(adjusted effect {_fmt(eff.get('mean'))}, 95% posterior interval "
+               f"[{_fmt(eff.get('lo'))}, {_fmt(eff.get('hi'))}]).")
     else:
-        lvl, rlim, elim = t["decision_prob"], t["decision_rhat"], t["decision_ess"]
-    # firing: strict inequalities for the probability, then the diagnostic gates;
-    # once firing, the looser levels hold it (rhat < resolve_rhat, ess >= resolve_ess).
-    decisive = (p >= lvl or p <= 1.0 - lvl) if was else (p > lvl or p < 1.0 - lvl)
-    trusted = rhat is not None and ess is not None and rhat < rlim and ess >= elim
-    firing = decisive and trusted
-    eff = adj["effect"]
-    good_up = spec.direction != "decrease"
-    p_better = p if good_up else 1.0 - p
-    ev = _evidence(p_positive=p, p_better=p_better, level=lvl, effect_mean=eff.get("mean"),
-                   effect_lo=eff.get("lo"), effect_hi=eff.get("hi"),
-                   expected_loss=adj.get("expected_loss"), rhat=rhat, ess_bulk=ess,
-                   rhat_limit=rlim, ess_limit=elim)
-    if firing:
-        verdict = "better" if p_better > 0.5 else "worse"
-        msg = (f"Decision ready: {rec['variant']} is {verdict} than {rec['control']} on "
-               f"{rec['metric']} with probability {max(p_better, 1 - p_better):.3f} "
-               f"(adjusted effect {_fmt(eff.get('mean'))}, 95% interval "
-               f"[{_fmt(eff.get('lo'))}, {_fmt(eff.get('hi'))}], R-hat {_fmt(rhat)}, "
-               f"bulk ESS {_fmt(ess)}).")
-    elif not decisive:
-        msg = (f"No longer decision ready: P({rec['variant']} effect on {rec['metric']} > 0) "
-               f"= {p:.3f} is back inside [{1 - lvl:.3g}, {lvl:.3g}].")
-    else:
-        msg = (f"No longer decision ready: the {rec['metric']}/{rec['variant']} posterior is "
-               f"not trustworthy enough (R-hat {_fmt(rhat)}, bulk ESS {_fmt(ess)}).")
-    return _Decision(firing, ev, msg)
+        msg = (f"No longer decision ready: {rec['metric']}/{rec['variant']} has no decision "
+               f"(its decision state was reset).")
+    return _Decision(ready, ev, msg)
 
 
 def _not_converged(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _Decision:

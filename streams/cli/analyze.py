@@ -22,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "caught-up worker does, maturing the units whose window closed by "
                         "then (default: the file's own end, its largest event ts; 'now': "
                         "the wall clock, as a worker idle since the file ended)")
+    a.add_argument("--look-sweeps", type=int, default=20, metavar="N",
+                   help="recompute the decisions' looks (one per look_seconds of data time, "
+                        "issue 27) with N sweeps of continuing chains each, as a live worker "
+                        "does, so `decision` is the live worker's (default 20; 0: judge the "
+                        "final estimate alone, one look)")
     return a
 
 
@@ -44,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from streams.sampling.analyze import analyze
 
     recs, counts = analyze(args.experiments, args.events, seed=args.seed, chains=args.chains,
-                           sweeps=args.sweeps, as_of=getattr(args, "as_of", None))
+                           sweeps=args.sweeps, as_of=getattr(args, "as_of", None),
+                           look_sweeps=getattr(args, "look_sweeps", 0))
     out = sys.stdout.buffer
     for r in recs:
         out.write(dumps(r) + b"\n")

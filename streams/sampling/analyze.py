@@ -22,8 +22,10 @@ from kernels.sampler import run
 from kernels.summary import summarize
 from schemas.records import Event, ExperimentConfig
 from schemas.validate import InvalidRecord, parse_event, parse_experiment
+from streams.sampling.advance import StoredChains, TickConfig, advance
+from streams.sampling.decisions import decide, look_step
 from streams.sampling.problems import build_batch, records
-from streams.state.semantics import ExperimentSnapshot, Reducer
+from streams.state.semantics import DEFAULT_SOURCE, ExperimentSnapshot, Reducer
 
 
 def read_experiments(path: str | Path) -> list[ExperimentConfig]:
@@ -109,15 +111,103 @@ def fold(configs: list[ExperimentConfig], events: str | Path, rejected: Counter,
     return reducer
 
 
+#: the chains at each look of ``fold_with_looks``: the live sampler's tick
+#: (``TickConfig``) with this many sweeps a look
+LOOK_SWEEPS = 50
+
+
+def fold_with_looks(configs: list[ExperimentConfig], events: str | Path, rejected: Counter,
+                    as_of: int | str | None = None, look_sweeps: int = LOOK_SWEEPS,
+                    seed: int = 0, chains: int = 8) -> tuple[Reducer, dict[str, dict]]:
+    """``fold``, and the decisions' looks on the way (issue 27): each time an
+    experiment's own event takes its data time (``look_step`` of its
+    snapshot) into a new look step, its chains continue from the previous
+    look by ``look_sweeps`` sweeps on the snapshot then, exactly as a live
+    worker's tick (``streams.sampling.advance``), and ``decide`` takes the
+    look. Returns the reducer (clocks advanced as ``fold`` does) and each
+    experiment's decision state after its last look: the same sequence of
+    looks as a worker that kept up, so the same decision up to Monte Carlo
+    error. Looks are cut at the events' own times: a file should be in
+    event-time order, as a partition roughly is. The look at the end (as of
+    ``as_of``) is the caller's, on its final estimate."""
+    reducer = Reducer(configs)
+    tick = TickConfig(chains=chains, sweeps=look_sweeps, window=4 * look_sweeps,
+                      warmup=2 * look_sweeps, min_draws=look_sweeps // 2 or 1, seed=seed)
+    stored: dict[tuple[str, str], StoredChains] = {}
+    states: dict[str, dict] = {}
+    last_step: dict[str, int | None] = {}
+    checked: dict[str, int] = {}  # the event-time step each experiment was last checked at
+    end: list[int] = []
+    buf: list[Event] = []
+
+    def look(eid: str) -> None:
+        snap = reducer.states[eid].snapshot(reducer.completeness())
+        step = look_step(snap)
+        if step is None or (last_step.get(eid) is not None and step <= last_step[eid]):
+            return
+        last_step[eid] = step
+        recs, chains_now = advance([snap], stored, tick, computed_at=int(snap.watermark or 0))
+        stored.update(chains_now)
+        _, states[eid], _ = decide(snap, recs, states.get(eid))
+
+    for ev in read_events(events, rejected):
+        if not end or ev.ts > end[0]:
+            end[:] = [int(ev.ts)]
+        buf.append(ev)
+        eid = getattr(ev, "experiment_id", None)
+        cfg = reducer.configs.get(eid) if eid else None
+        if cfg is None or look_sweeps <= 0:
+            if len(buf) >= 500:
+                reducer.apply_batch(DEFAULT_SOURCE, buf)
+                buf = []
+            continue
+        anchor = cfg.started_at or 0
+        step = (int(ev.ts) - cfg.lateness_seconds * 1000 - anchor) // (cfg.look_seconds * 1000)
+        if step > checked.get(eid, -1):
+            checked[eid] = step
+            reducer.apply_batch(DEFAULT_SOURCE, buf)
+            buf = []
+            look(eid)
+    if buf:
+        reducer.apply_batch(DEFAULT_SOURCE, buf)
+    clock = _as_of_clock(as_of, end)
+    if clock is not None:
+        for src in list(reducer.clocks):
+            reducer.advance(src, clock)
+    return reducer, states
+
+
+def _as_of_clock(as_of: int | str | None, end: list[int]) -> int | None:
+    """The clock ``fold`` advances to (None: none)."""
+    if as_of == AS_OF_NOW:
+        return int(time.time() * 1000)
+    if as_of is None:
+        return end[0] if end else None
+    if isinstance(as_of, int):
+        return as_of
+    raise ValueError(f"as_of must be epoch ms, None or {AS_OF_NOW!r}, got {as_of!r}")
+
+
 def analyze(experiments: str | Path, events: str | Path, *, seed: int = 0, chains: int = 8,
-            sweeps: int = 1000, as_of: int | str | None = None) -> tuple[list[dict], dict]:
+            sweeps: int = 1000, as_of: int | str | None = None,
+            look_sweeps: int = 0) -> tuple[list[dict], dict]:
     """Estimate records of every experiment in ``experiments`` from the events
-    file, and the counts; ``as_of`` as in ``fold`` (default: the file's end)."""
+    file, and the counts; ``as_of`` as in ``fold`` (default: the file's end).
+    With ``look_sweeps`` > 0 the decisions' looks are recomputed on the way
+    (``fold_with_looks``) and each record's ``decision`` continues them with
+    the final estimate; with 0 the decision is that of one look, the final
+    estimate alone."""
     configs = read_experiments(experiments)
     rejected: Counter = Counter()
-    reducer = fold(configs, events, rejected, as_of)
+    if look_sweeps > 0:
+        reducer, states = fold_with_looks(configs, events, rejected, as_of, look_sweeps,
+                                          seed=seed, chains=chains)
+    else:
+        reducer, states = fold(configs, events, rejected, as_of), {}
     snaps = list(reducer.snapshots().values())
     recs = estimate(snaps, chains=chains, sweeps=sweeps, seed=seed)
+    for snap in snaps:
+        decide(snap, recs, states.get(snap.experiment_id))
     counts = {"rejected": dict(rejected), "reducer": dict(reducer.counters),
               "experiments": {s.experiment_id: s.counters for s in snaps}}
     return recs, counts

@@ -255,6 +255,9 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "control": cfg.control,
                 "adjustment": row["adjustment"],
                 "adjusted": row["adjusted"],
+                # K > 1 treatments: P(each variant is the best), from the adjusted draws
+                "p_best": ({snap.variants[v]: row["p_best"][r] for r, v in enumerate(prob.order)}
+                           if len(prob.order) > 2 and "p_best" in row else None),
                 "naive": row["naive"],
                 "strata": strata,
                 "variance_reduction": _variance_reduction(

@@ -26,6 +26,7 @@ import numpy as np
 from schemas.codec import dumps, loads
 from streams.sampling.advance import StoredChains, TickConfig, advance
 from streams.sampling.chains import decode, encode
+from streams.sampling.decisions import decide
 from streams.sampling.platform_prior import PlatformPrior
 from streams.sampling.problems import chain_names
 from streams.state.keys import (
@@ -33,6 +34,7 @@ from streams.state.keys import (
     cfg_key,
     chain_key,
     chainver_key,
+    decision_key,
     dirty_seq_key,
     estimate_key,
     estimates_index_key,
@@ -62,7 +64,16 @@ def history_point(rec: dict) -> dict:
             "adjusted": [a["mean"], a["lo"], a["hi"]], "naive": [n["mean"], n["lo"], n["hi"]],
             "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"],
             # units matured in the smaller arm: 0 = the point is the prior's, not the data's
-            "matured": min(matured.get(rec.get("control"), 0), matured.get(rec["variant"], 0))}
+            "matured": min(matured.get(rec.get("control"), 0), matured.get(rec["variant"], 0)),
+            **_decision_point(rec.get("decision"))}
+
+
+def _decision_point(dec: dict | None) -> dict:
+    """The decision's confidence sequence and readiness in a history point
+    (none for records without a decision)."""
+    if not dec:
+        return {}
+    return {"cs": [dec["cs"]["lo"], dec["cs"]["hi"]], "ready": bool(dec["ready"])}
 
 
 #: Is the experiment the one the tick loaded? Its config exists (a delete
@@ -106,6 +117,24 @@ return 1
 """
 
 
+#: The decisions' running state (``streams.sampling.decisions``), only into
+#: the experiment the tick loaded and only forward in data time: KEYS config,
+#: generation, decision key; ARGV generation loaded, look step, state JSON.
+#: Returns 1 if written, 0 if a state at this step or later is stored, -1 if
+#: the experiment is gone.
+STORE_DECISION = _SAME_EXPERIMENT + """
+if not same_experiment() then return -1 end
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  local ok, st = pcall(cjson.decode, cur)
+  if ok and type(st) == 'table' and type(st.step) == 'number'
+      and st.step >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+"""
+
+
 class SamplerService:
     def __init__(self, r: Any, registry: Registry, tick: TickConfig, xp=np,
                  rhat_done: float = 1.01, platform: PlatformPrior | None = None,
@@ -132,6 +161,7 @@ class SamplerService:
         self._generations: dict[str, str] = {}
         self._store_chain = None
         self._publish_estimate = None
+        self._store_decision = None
 
     def own(self, eid: str) -> None:
         self.owned.add(eid)
@@ -172,8 +202,27 @@ class SamplerService:
                                                meta.get("fresh_from"))
         return snaps, stored
 
-    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict]
-              ) -> list[dict]:
+    def decide(self, snaps, recs: list[dict]) -> dict[str, dict]:
+        """Attach each record's ``decision`` (``streams.sampling.decisions``),
+        continuing each experiment's stored decision state; returns the
+        states of the experiments that took a look (for ``store``)."""
+        if not snaps:
+            return {}
+        raw = mget(self.r, [decision_key(s.experiment_id) for s in snaps])
+        out: dict[str, dict] = {}
+        for snap, blob in zip(snaps, raw, strict=True):
+            try:
+                state = loads(blob) if blob else None
+            except ValueError:
+                log.error("decision state of %s unreadable: starting it again", snap.experiment_id)
+                state = None
+            _, new, looked = decide(snap, recs, state)
+            if looked:
+                out[snap.experiment_id] = new
+        return out
+
+    def store(self, chains: dict[tuple[str, str], StoredChains], recs: list[dict],
+              decisions: dict[str, dict] | None = None) -> list[dict]:
         """Write the chains, each only if its iteration is beyond the stored
         one (``STORE_CHAIN``: a sampler that lost the experiment in a
         rebalance but is still inside a tick cannot write back an older or
@@ -231,7 +280,20 @@ class SamplerService:
             done = pipe.execute()
         out = [rec for rec, ok in zip(recs, done, strict=True) if ok]
         self.gone_writes += len(recs) - len(out)
+        self._store_decisions(decisions or {}, {e for e, _ in written})
         return out
+
+    def _store_decisions(self, decisions: dict[str, dict], written: set[str]) -> None:
+        """The decision states of the experiments whose chains were written
+        (``STORE_DECISION``: forward in look steps only)."""
+        if self._store_decision is None:
+            self._store_decision = self.r.register_script(STORE_DECISION)
+        for eid, state in sorted(decisions.items()):
+            if eid not in written:
+                continue
+            self._store_decision(keys=[cfg_key(eid), generation_key(eid), decision_key(eid)],
+                                 args=[self._generations.get(eid, ""), int(state["step"]),
+                                       dumps(state)])
 
     def due(self) -> list[str]:
         """Owned experiments with work to do."""
@@ -293,7 +355,8 @@ class SamplerService:
                 recs = self.platform.apply(recs, opted.__contains__)
                 if self.platform.acceptance is not None:
                     self.acceptance["platform"] = self.platform.acceptance
-        recs = self.store(chains, recs)
+        decisions = self.decide(snaps, recs)
+        recs = self.store(chains, recs, decisions)
         self._mark_idle(snaps, chains, recs)
         return recs
 

@@ -145,7 +145,7 @@ class ExperimentKeys(NamedTuple):
 PER_SOURCE_KINDS = ("pending", "seen", "heldq")
 #: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
 EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
-    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen")
+    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision")
 
 
 def experiment_keys(experiment_id: str) -> ExperimentKeys:
@@ -234,6 +234,13 @@ def generation_key(experiment_id: str) -> str:
     tick in flight across a delete (or a delete and re-create under the same
     id) recreates nothing."""
     return experiment_key(experiment_id, "gen")
+
+
+def decision_key(experiment_id: str) -> str:
+    """string: the decisions' running state JSON (``streams.sampling.decisions``):
+    the last look step, and per ``<metric>:<variant>`` the running
+    intersection of its confidence sequence, e-values, looks and verdict."""
+    return experiment_key(experiment_id, "decision")
 
 
 def lifecycle_key(experiment_id: str) -> str:

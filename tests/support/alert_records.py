@@ -21,7 +21,8 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
            exposed: dict | None = None, adjustment: str = "stratified",
            watermark: int = WM, computed_at: int = WM + 1000,
            experiment_id: str = "exp-1", dq: dict | None = None,
-           novelty: tuple[float, float] | None = None) -> dict:
+           novelty: tuple[float, float] | None = None, ready: bool | None = None,
+           direction: str | None = None) -> dict:
     """An estimate record shaped like ``streams.sampling.problems.records`` output."""
     lo = mean - 1.96 * sd if lo is None else lo
     hi = mean + 1.96 * sd if hi is None else hi
@@ -55,6 +56,14 @@ def record(metric: str = "revenue", variant: str = "treatment", *,
         block = {"mean": m, "sd": s, "lo": m - 1.96 * s, "hi": m + 1.96 * s}
         rec["novelty"] = {"difference": dict(block), "p_positive": p,
                           "contrast": {**block, "strata_used": 20}, "strata": 30}
+    if ready is not None:  # the always-valid decision (issue 27)
+        rec["decision"] = {
+            "ready": ready, "direction": (direction or ("better" if mean > 0 else "worse"))
+            if ready else None,
+            "rule": "primary: normal-mixture confidence sequence, running intersection",
+            "alpha": 0.05, "level": 0.05, "primary": True,
+            "cs": {"lo": mean - 3 * sd, "hi": mean + 3 * sd}, "evidence": 25.0 if ready else 1.5,
+            "since": watermark if ready else None, "looks": 40, "mixing_sd": 1.0}
     ESTIMATE_SCHEMA.validate(rec)
     return rec
 

@@ -86,7 +86,7 @@ def test_every_kind_fires_and_resolves():
     lossy = quality(exposures=2000, metric_applied=7800, late=200)  # 2% dropped
     bad = record(mean=-1.0, sd=0.2, p_positive=0.001, naive_mean=0.5,
                  exposed={"control": 5600, "treatment": 4400}, rhat=1.005, ess=900, dq=lossy,
-                 novelty=(0.08, 0.02))
+                 novelty=(0.08, 0.02), ready=True)
     stuck = record(metric="latency", rhat=1.3, ess=40, iteration=3000,
                    exposed={"control": 5600, "treatment": 4400}, dq=lossy)
     fired = mon(bad, stuck)
@@ -97,7 +97,7 @@ def test_every_kind_fires_and_resolves():
     clean = quality(exposures=4000, metric_applied=15_800, late=200)  # no new drops
     good = record(mean=0.0, sd=0.2, p_positive=0.5,
                   exposed={"control": 50_000, "treatment": 50_000}, dq=clean,
-                  novelty=(0.005, 0.02))
+                  novelty=(0.005, 0.02), ready=False)  # a decision resolves only on a reset
     calm = record(metric="latency", rhat=1.001, exposed={"control": 50_000, "treatment": 50_000},
                   dq=clean)
     resolved = mon(good, calm)
@@ -116,7 +116,7 @@ def test_alert_ids_are_deterministic():
         "exp-1|decision_ready|revenue|treatment"
     assert alert_id("exp-1", "sample_ratio_mismatch") == "exp-1|sample_ratio_mismatch||"
     cfg = config()
-    recs = [record(mean=-1.0, sd=0.2, p_positive=0.001)]
+    recs = [record(mean=-1.0, sd=0.2, p_positive=0.001, ready=True)]
     a1, s1 = evaluate(cfg, recs, None, WM + 5)
     a2, s2 = evaluate(cfg, copy.deepcopy(recs), {}, WM + 5)
     assert a1 == a2 and s1 == s2
@@ -164,34 +164,29 @@ def test_guardrail_breach_decrease_metric_and_unguarded_metrics():
 # --------------------------------------------------------------------------- decision ready
 
 
-def test_decision_ready_fires_with_gates_and_hysteresis():
+def test_decision_ready_follows_the_always_valid_decision():
+    """issue 27: decision_ready is ``decision.ready``: no per-look threshold,
+    so a posterior probability beyond 0.95 alone no longer fires it, and a
+    decision once made does not flap as the estimate moves."""
     mon = Monitor(config(metrics=(MetricSpec("revenue"),)))
-    # decisive but not trustworthy yet: R-hat gate, then ESS gate
-    assert not mon(record(p_positive=0.97, rhat=1.02))
-    assert not mon(record(p_positive=0.97, ess=350))
-    a = mon(record(p_positive=0.97, rhat=1.005, ess=800))
+    assert not mon(record(p_positive=0.99))  # no decision object: nothing to say
+    assert not mon(record(p_positive=0.99, ready=False))  # the old rule would have fired
+    a = mon(record(mean=0.3, p_positive=0.999, ready=True))
     assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "firing")]
-    assert a[0]["evidence"]["p_positive"] == 0.97 and a[0]["evidence"]["rhat"] == 1.005
-    assert "better" in a[0]["message"]
-    assert not mon(record(p_positive=0.93, rhat=1.015, ess=350))  # inside the hysteresis band
-    assert not mon(record(p_positive=0.93, rhat=1.03))  # a transient R-hat rise holds it
-    a = [x for x in mon(record(p_positive=0.93, rhat=1.06)) if x["kind"] == "decision_ready"]
-    assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "resolved")]
-    assert "trustworthy" in a[0]["message"]
-    # the other side: clearly worse also supports a decision
-    a = [x for x in mon(record(mean=-0.3, p_positive=0.02)) if x["kind"] == "decision_ready"]
-    assert [(x["kind"], x["state"]) for x in a] == [("decision_ready", "firing")]
-    assert "worse" in a[0]["message"]
-    a = mon(record(mean=0.0, p_positive=0.5))
-    assert [x["state"] for x in a] == ["resolved"]
-    # null diagnostics (too few draws): cannot be trusted
-    assert not mon(record(p_positive=0.99, rhat=None, ess=None))
+    msg, ev = a[0]["message"], a[0]["evidence"]
+    assert "better" in msg and "confidence sequence" in msg and "alpha 0.05" in msg
+    assert "[-0" in msg or "[0" in msg  # the sequence's bounds are stated
+    assert ev["alpha"] == 0.05 and ev["cs_lo"] == pytest.approx(0.0) and ev["e_value"] == 25.0
+    # the estimate drifts back towards 0: the decision stands, nothing new
+    assert not mon(record(mean=0.01, p_positive=0.55, ready=True, direction="better"))
+    a = mon(record(mean=0.01, p_positive=0.55, ready=False))
+    assert [x["state"] for x in a] == ["resolved"] and "reset" in a[0]["message"]
 
 
 def test_decision_ready_respects_metric_direction_in_message():
     mon = Monitor(config(metrics=(MetricSpec("latency", "decrease"),)))
-    a = mon(record("latency", p_positive=0.99))
-    assert "worse" in a[0]["message"] and a[0]["evidence"]["p_better"] == pytest.approx(0.01)
+    a = mon(record("latency", p_positive=0.99, ready=True, direction="worse"))
+    assert "worse" in a[0]["message"]
 
 
 # --------------------------------------------------------------------------- not converged
@@ -322,9 +317,9 @@ def test_missing_records_keep_alerts_and_removed_config_resolves():
 
 def test_other_experiments_ignored_and_latest_record_wins():
     cfg = config(metrics=(MetricSpec("revenue"),))
-    old = record(p_positive=0.99, computed_at=WM + 1)
-    new = record(p_positive=0.5, computed_at=WM + 2)
-    other = record(p_positive=0.99, experiment_id="exp-2")
+    old = record(p_positive=0.99, computed_at=WM + 1, ready=True)
+    new = record(p_positive=0.5, computed_at=WM + 2, ready=False)
+    other = record(p_positive=0.99, experiment_id="exp-2", ready=True)
     a, _ = evaluate(cfg, [new, old, other], None, WM)
     assert not a
     a, _ = evaluate(cfg, [old], initial_state(), WM)
@@ -347,11 +342,6 @@ def test_threshold_overrides_derived_resolve_levels_and_clamping():
 
 
 def test_config_overrides_change_behaviour():
-    cfg = config(metrics=(MetricSpec("revenue"),), alert_thresholds={"decision_prob": 0.99})
-    a, _ = evaluate(cfg, [record(p_positive=0.97)], None, WM)
-    assert not a
-    a, _ = evaluate(cfg, [record(p_positive=0.995)], None, WM)
-    assert kinds(a) == {"decision_ready"}
     cfg = config(metrics=(MetricSpec("revenue"),), alert_thresholds={"srm_floor": 0.2})
     a, _ = evaluate(cfg, [record(exposed={"control": 5600, "treatment": 4400})], None, WM)
     assert not a  # 12% deviation is under a 20% floor

@@ -435,6 +435,11 @@ FULL_CONFIG: dict[str, Any] = {
     "prior": "platform",
     "covariates": "off",
     "exposure_age_bins": [0, 3600, 21600],
+    "primary": "latency_ms",
+    "mde": None,
+    "mde_relative": 0.02,
+    "decision_alpha": 0.1,
+    "look_seconds": 1800,
 }
 
 
@@ -462,6 +467,19 @@ def test_full_config_parses() -> None:
     assert (cfg.correction_seconds, cfg.hold_seconds, cfg.hold_max) == (7200, 600, 8)
     obsolete = {"partition_skew_seconds"}  # accepted on input, not written back
     assert experiment_to_dict(cfg) == {k: v for k, v in FULL_CONFIG.items() if k not in obsolete}
+
+
+def test_decision_fields_issue27() -> None:
+    """primary must name a metric; mde or mde_relative (positive, not both);
+    decision_alpha in (0, 0.5]; look_seconds >= 60."""
+    cfg = parse_experiment({"experiment_id": "e"})
+    assert (cfg.primary_metric, cfg.mde, cfg.decision_alpha, cfg.look_seconds) == \
+        ("value", None, 0.05, 3600)
+    for bad in ({"primary": "nope"}, {"mde": 0}, {"mde_relative": -0.1},
+                {"mde": 0.1, "mde_relative": 0.02}, {"decision_alpha": 0.7},
+                {"look_seconds": 10}):
+        with pytest.raises(InvalidRecord):
+            parse_experiment({"experiment_id": "e", **bad})
 
 
 def test_event_time_bounds_default_and_zero() -> None:
