@@ -50,6 +50,10 @@ HELP = {
                                      "its latest estimate's data_quality (applied, corrected, "
                                      "held (now), expired, late, too_old, ..., dead_letter); "
                                      "the outcomes sum to its events."),
+    "liftstream_experiment_cross_partition_events": (
+        "gauge", "Events of an experiment so far that reached a unit through a partition "
+        "other than the one that created it (data_quality.cross_partition; 0 when every "
+        "producer keys events by unit_id)."),
     "liftstream_experiment_dead_letters": ("gauge", "Dead letters attributed to an experiment "
                                            "so far, by reason code."),
     "liftstream_experiment_dropped_share": ("gauge", "Share of an experiment's events dropped "
@@ -108,7 +112,9 @@ class Metrics:
         (its ``data_quality``, docs/architecture.md#state):
         ``liftstream_experiment_events{outcome}``
         (``streams.state.data_quality.OUTCOMES``), ``liftstream_experiment_dead_letters{reason}``,
-        ``liftstream_experiment_dropped_share``. A record without one changes nothing."""
+        ``liftstream_experiment_dropped_share``,
+        ``liftstream_experiment_cross_partition_events``. A record without one changes
+        nothing."""
         dq = rec.get("data_quality")
         if not isinstance(dq, dict):
             return
@@ -119,6 +125,8 @@ class Metrics:
             self.set("liftstream_experiment_dead_letters", n, experiment=e, reason=reason)
         self.set("liftstream_experiment_dropped_share", dq.get("dropped_share", 0.0),
                  experiment=e)
+        self.set("liftstream_experiment_cross_partition_events",
+                 dq.get("cross_partition", 0), experiment=e)
 
     def observe(self, name: str, seconds: float) -> None:
         """Count ``seconds`` in the histogram ``name`` (``LATENCY_BUCKETS``)."""

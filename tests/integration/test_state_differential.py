@@ -760,3 +760,46 @@ def test_age_bins_survive_appended_metrics(fresh):
     ages = read_snapshot(fresh, c2).age_cells
     assert ages["rev"][0][4] == (1, 0.0, 0.0, 0.0, 0.0, 2.0, 4.0, 0.0)
     assert ages["clicks"][0][4] == (1, 0.0, 0.0, 4.0, 16.0, 0.0, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------- issue 24
+
+DAY = 86_400_000
+
+
+def test_defect1_old_duplicate_counts_once(fresh):
+    """A metric 2 days behind its partition clock, sent twice, counts once
+    (issue 24, defect 1): the dedupe horizon is the partition clock when the
+    event was first seen, not the event's own ts (with the defaults, DD = 1
+    day < the 2 days it lags, H = 7 days: still a correction)."""
+    cfg = ExperimentConfig(experiment_id="e1", metrics=(MetricSpec("rev"),))
+    both = Both(fresh, [cfg])
+    both.batch(0, [_x("x", "u", 0), _x("y", "w", 3 * DAY)])  # clock: 3 days
+    both.batch(0, [_m("late", "u", DAY, 5.0)])
+    both.batch(0, [_m("late", "u", DAY, 5.0)])  # the producer's retry
+    st = both.red.states["e1"]
+    assert st.units["u"].totals == [5.0]
+    assert st.counters.get("duplicate") == 1, st.counters
+    both.check()
+    # the time-sorted fold agrees
+    want = Reducer([cfg]).apply_all([_x("x", "u", 0), _m("late", "u", DAY, 5.0),
+                                     _m("late", "u", DAY, 5.0), _x("y", "w", 3 * DAY)])
+    assert want.states["e1"].units["u"].totals == [5.0]
+
+
+def test_defect2_matured_unit_corrected_through_another_partition(fresh):
+    """A unit folded on its own partition (0) gets an in-window metric through
+    partition 1, whose clock is still before the unit's window close (issue
+    24, defect 2): the metric corrects its cell (counted ``corrected``), not
+    only its total, and the event is counted ``cross_partition``."""
+    both = Both(fresh, [_cfg()])
+    both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0)])
+    both.batch(0, [_x("y", "w", 12_000)])  # partition 0's clock matures u (close 10 s)
+    assert both.red.states["e1"].units["u"].matured
+    both.batch(1, [_m("b", "u", 9_000, 3.0)])  # partition 1's clock: 9 s < close
+    st = both.red.states["e1"]
+    assert st.units["u"].totals == [5.0]
+    assert st.cells["rev"][0][1][:3] == [1, 5.0, 25.0], st.cells["rev"][0][1]
+    assert st.counters.get("corrected") == 1 and st.counters["metric_applied"] == 1  # "a"
+    assert st.counters.get("cross_partition") == 1
+    both.check()

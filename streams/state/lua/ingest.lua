@@ -262,7 +262,8 @@ local function take_pre(u, pos)
   end
 end
 
--- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
+-- Dedupe sightings: seen[eid] = the partition clock at the last counted
+-- sighting (rule 1: not the event's ts), false if none.
 local seen = {}
 for i = 1, #eids, CHUNK do
   local j = min(i + CHUNK - 1, #eids)
@@ -361,6 +362,25 @@ local function fetch_units(list)
   end
 end
 fetch_units(uids)
+
+-- foreign[uid]: the unit has a record but was created on another source
+-- partition (it is in that source's pending zset, not in ours: a unit stays
+-- pending on its creating source until it retires); its events here count
+-- cross_partition (semantics.EVENT_NOTES). Units created in this call are ours.
+local foreign = {}
+do
+  local have = {}
+  for _, uid in ipairs(uids) do
+    if units[uid] then have[#have + 1] = uid end
+  end
+  for i = 1, #have, CHUNK do
+    local j = min(i + CHUNK - 1, #have)
+    local sc = call('ZMSCORE', K_PENDING, unpack(have, i, j))
+    for k = i, j do
+      if not sc[k - i + 1] then foreign[have[k]] = true end
+    end
+  end
+end
 
 -- Rule 6: the retired-unit filter (streams/state/retired_filter.py, the same bits).
 -- retired[uid] = true when every bit of the unit is set in some layer in
@@ -543,8 +563,13 @@ local function metric_rule(uid, u, mi, ts, v, T)
     u[ab] = tb + v
   end
   touch_unit(uid)
-  if close > T then return 'metric_applied' end
-  if u[U_M] == 1 and variants[u[U_V] + 1] ~= nil then
+  if u[U_M] ~= 1 then  -- folded later, with its total
+    if close > T then return 'metric_applied' end
+    return 'corrected'
+  end
+  -- folded: correct the cell whatever T says (T is the clock of the partition
+  -- the metric came through, maybe not its unit's: issue 24, defect 2)
+  if variants[u[U_V] + 1] ~= nil then
     local cell = row_of(u[U_V], u[U_S])[mi]
     cell[2] = cell[2] + v
     cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
@@ -581,7 +606,7 @@ for i = 1, n do
     cat = 'duplicate'
   else
     if not seen_new[eid] then seen_new[eid] = true; seen_order[#seen_order + 1] = eid end
-    seen[eid] = ts
+    seen[eid] = clk
     if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true end
     local T = clk - L
     if E_KIND[i] == 'x' then
@@ -590,6 +615,7 @@ for i = 1, n do
       if vi < 0 then
         cat = 'unknown_variant'
       elseif u then
+        if foreign[uid] then count('cross_partition') end
         if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
       elseif retired[uid] then
         cat = 'retired'
@@ -667,6 +693,7 @@ for i = 1, n do
       if mi == 0 then
         cat = 'unknown_metric'
       elseif u then
+        if foreign[uid] then count('cross_partition') end
         cat = metric_rule(uid, u, mi, ts, E_B[i], T)
       elseif retired[uid] then  -- rule 6: its close + H <= T
         if ts > T - H then cat = 'outside_window' else cat = 'late' end
@@ -889,7 +916,7 @@ if clk ~= clk_prev then push2('HSET', K_META, CLK_FIELD, fmti(clk)) end
 flush('HSET', K_META)
 for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
 flush('ZADD', K_SEEN)
--- A sighting counts while its ts >= clk - DD; clk only grows, so older
+-- A sighting counts while its clock >= clk - DD; clk only grows, so older
 -- sightings of this partition can never mark a duplicate again.
 if clk ~= nil then call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(clk - DD)) end
 if n > 0 then call('HSET', K_OFF, src, fmti(E_OFF[n])) end
