@@ -46,7 +46,8 @@ notes below give the value formats.
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
    a call brought), `own:<src>` (the newest owner epoch that wrote here),
    `exposed:<variant>`, `matured:<variant>`,
-   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `c:<counter>`
+   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `retired_cap`
+   (8), `c:<counter>`
    (``streams.state.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
    experiment, at least once).
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
@@ -73,6 +74,9 @@ notes below give the value formats.
    close + H, until that passes the partition clock - L; then its record is
    deleted from `units`, its id added to `retired` (a scalable Bloom filter,
    ``streams.state.retired_filter``) and `retired_n` in meta counts it.
+   `retired_cap`: the last layer the server's string limit holds, written
+   only where it is below ``retired_filter.MAX_LAYER`` (a small
+   ``proto-max-bulk-len``); beyond the cap units go into the last layer.
 
 Stratum indices run 0..S-1 for the activity strata and S for "unknown
 activity" (S = len(strata_edges) - 1).

@@ -37,7 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.state.keys import experiment_keys
+from streams.state.keys import experiment_keys, meta_key, units_key
+from streams.state.retired_filter import C0
 from streams.state.semantics import Reducer
 from streams.state.store import (
     advance_partition,
@@ -803,3 +804,27 @@ def test_defect2_matured_unit_corrected_through_another_partition(fresh):
     assert st.counters.get("corrected") == 1 and st.counters["metric_applied"] == 1  # "a"
     assert st.counters.get("cross_partition") == 1
     both.check()
+
+
+def test_defect7_retired_filter_at_its_cap(fresh):
+    """At the retired-unit filter's cap (issue 24, defect 7) a unit still
+    retires, into the last layer that fits, and the script writes nothing it
+    cannot finish. The cap is the server's string limit (``proto-max-bulk-len``,
+    512 MB = 2**32 bits by default, 11 layers); here it is made small: 1 MB
+    holds layers 0 and 1, and the next retirement belongs to layer 2."""
+    fresh.config_set("proto-max-bulk-len", "1mb")
+    try:
+        both = Both(fresh, [_cfg(correction_seconds=0)])
+        n0 = C0 * 3  # the first unit of layer 2
+        fresh.hset(meta_key("e1"), "retired_n", n0)
+        flt = both.red.states["e1"].retired
+        flt.n, flt.max_layer = n0, 1  # the reducer's filter, as capped as the server's
+        both.batch(0, [_x("x", "u", 0, pre=None)])
+        both.batch(0, [_x("y", "w", 20_000, pre=None)])  # u final (10 s + H 0 <= 19 s)
+        assert fresh.hget(units_key("e1"), "u") is None
+        assert both.red.states["e1"].retired.n == n0 + 1
+        both.batch(0, [_x("z", "u", 21_000, pre=None)])  # u comes back: known as retired
+        assert both.red.states["e1"].counters.get("retired") == 1
+        both.check()
+    finally:
+        fresh.config_set("proto-max-bulk-len", "512mb")

@@ -168,16 +168,22 @@ local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
 local HELD_FMT, HELD_LEN = '<Hdd', 18
 
 -- ---------------------------------------------------------------- state
+-- Writes: none before every call that can fail has run (issue 24, defect 7:
+-- Lua writes are not rolled back). The checks below answer errors before
+-- the first write; the one command that could fail later, BITFIELD SET past
+-- the string's limit, is kept in range by the retired filter's cap.
 local CLK_FIELD = 'clk:' .. src
+local own_field = 'own:' .. src
+local own_dirty = false          -- epoch written with the state, at the end
 if epoch ~= nil then
-  local own_field = 'own:' .. src
   local owner = tonumber(call('HGET', K_META, own_field))
   if owner ~= nil and epoch < owner then
     return redis.error_reply('FENCED ' .. src .. ' is owned by epoch ' .. fmti(owner))
   end
-  if owner ~= epoch then call('HSET', K_META, own_field, fmti(epoch)) end
+  own_dirty = owner ~= epoch
 end
-local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n')
+local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n',
+                  'retired_cap')
 local max_ts = tonumber(mraw[1])
 local anchor = tonumber(mraw[2]) or tonumber(mraw[3])
 local clk_prev = tonumber(mraw[4])
@@ -387,9 +393,13 @@ end
 -- use; looked up once, before the events, for the units without a record
 -- (units retire only in the settle below, after the events).
 local RC0, RBITS, RK = 65536, 24, 16
+-- the last layer the bitmap holds: MAX_LAYER, or lower where the server's
+-- string limit (proto-max-bulk-len) is (found by ret_layer, kept in meta)
+local ret_cap = tonumber(mraw[6]) or 10
+local ret_cap_dirty = false
 local function layer_of(nr)
   local l = 0
-  while nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
+  while l < ret_cap and nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
   return l
 end
 local function ret_positions(uid, l, outp)
@@ -430,6 +440,25 @@ if retired_n > 0 then
       end
     end
   end
+end
+-- The layer of the nr-th retirement. A layer not used yet is first probed
+-- (a read of its last bit, by pcall: it cannot fail): where the string
+-- cannot hold it, the layer before is the cap (retired_filter.MAX_LAYER's
+-- doc), so the BITFIELD SET below never fails after the first writes.
+local ret_fit = layer_of(retired_n > 0 and retired_n - 1 or 0)  -- in use: it fits
+local function ret_layer(nr)
+  local l = layer_of(nr)
+  while l > ret_fit do
+    local last = RC0 * RBITS * (2 ^ (l + 1) - 1) - 1
+    local got = redis.pcall('BITFIELD', K_RET, 'GET', 'u1', fmti(last))
+    if type(got) == 'table' and got.err then
+      ret_cap, ret_cap_dirty = l - 1, true
+      l = l - 1
+    else
+      ret_fit = l
+    end
+  end
+  return l
 end
 local function touch_unit(uid)
   if not units_dirty[uid] then units_dirty[uid] = true; units_order[#units_order + 1] = uid end
@@ -807,7 +836,7 @@ if settling and clk ~= nil then
         if fin <= clk - L then
           gone[#gone + 1] = uid
           retired_ids[#retired_ids + 1] = uid
-          ret_positions(uid, layer_of(retired_n), ret_set)
+          ret_positions(uid, ret_layer(retired_n), ret_set)
           retired_n = retired_n + 1
           units[uid] = false
         else
@@ -878,6 +907,8 @@ if retired_n > retired_n0 then
   end
   call('HSET', K_META, 'retired_n', fmti(retired_n))
 end
+if ret_cap_dirty then call('HSET', K_META, 'retired_cap', fmti(ret_cap)) end
+if own_dirty then call('HSET', K_META, own_field, fmti(epoch)) end
 for _, f in ipairs(cells_order) do
   local c = cells[f]
   local head = fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3])
