@@ -38,7 +38,7 @@ import orjson
 from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
-from streams.state.keys import INGEST_OFFSETS, meta_key
+from streams.state.keys import INGEST_OFFSETS
 from streams.state.registry import Registry
 from streams.state.store import (
     apply_source_batch,
@@ -93,6 +93,8 @@ class Ingestor:
         write is applied)."""
         res = BatchResult()
         res.counts["received"] += len(messages)
+        #: (experiment_id, offset, reason) of dead letters that name an experiment
+        attributed: list[tuple[str, int, str]] = []
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
         rows: list[tuple] = []
@@ -104,7 +106,7 @@ class Ingestor:
                 append(parse_event_row(raw, off, now_ms=now_ms,
                                        max_future_ms=self.max_future_ms))
             except InvalidRecord as err:
-                self._dead(res, raw, err, topic, partition, off, now_ms)
+                self._dead(res, raw, err, topic, partition, off, now_ms, attributed)
 
         ids = {row[3] for row in rows}
         ids.discard(None)
@@ -163,11 +165,12 @@ class Ingestor:
         # metrics without experiment_id may belong to any registered experiment
         if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
+        dead = self._dead_by_experiment(attributed, known)
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                       self.hold_seconds, self.hold_max, rejected,
                                       clocked_rows=(crows, clk0),  # accepted = crows' rows
-                                      epoch=epoch)
+                                      epoch=epoch, dead=dead)
         for _, why in rejected:
             res.counts[why] += 1
         for eid, lua in out.items():
@@ -204,16 +207,35 @@ class Ingestor:
         return changed
 
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
-              now_ms) -> None:
+              now_ms, attributed: list[tuple[str, int, str]] | None = None) -> None:
+        """A dead-letter record, counted; ``attributed`` gets (experiment_id,
+        offset, reason) when the event names an experiment and the reason is
+        no experiment counter (``_COUNTED_BY_EXPERIMENT``)."""
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
         res.counts[f"dead_letter:{err.code}"] += 1
-        if err.code in _COUNTED_BY_EXPERIMENT:
+        if attributed is None or err.code in _COUNTED_BY_EXPERIMENT:
             return
         eid = _experiment_of(raw)
-        if eid is not None and self.registry.get_many({eid}):
-            # per experiment, for data_quality (at least once: a replay of the
-            # batch counts it again)
-            self.r.hincrby(meta_key(eid), f"dl:{err.code}", 1)
+        if eid is not None:
+            attributed.append((eid, off, err.code))
+
+    def _dead_by_experiment(self, attributed: list[tuple[str, int, str]],
+                            known: dict[str, ExperimentConfig]
+                            ) -> dict[str, list[tuple[int, str]]]:
+        """The dead letters of registered experiments, per experiment, for
+        data_quality: counted in the experiment's own ingest call, under its
+        applied-offset skip, so a retried ``process`` counts none twice
+        (issue 24, defect 5). Adds the configs it looked up to ``known``."""
+        if not attributed:
+            return {}
+        missing = {eid for eid, _, _ in attributed} - known.keys()
+        if missing:
+            known.update(self.registry.get_many(missing))
+        dead: dict[str, list[tuple[int, str]]] = {}
+        for eid, off, reason in attributed:
+            if eid in known:
+                dead.setdefault(eid, []).append((off, reason))
+        return dead
 
 
 #: dead-letter reasons whose events also reach the experiment's counters

@@ -325,7 +325,8 @@ def _lua_result(raw: list) -> dict[str, Any]:
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
                rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
-               epoch: int | None = None) -> dict[str, Any]:
+               epoch: int | None = None, dead: Sequence[tuple[int, str]] = ()
+               ) -> dict[str, Any]:
     """One call of ingest.lua: clocked ``rows`` of one source partition
     (routed to ``cfg``'s experiment, increasing offsets), then maturation and
     hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
@@ -337,9 +338,18 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
 
     ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
     the script raises ``Fenced`` when a newer owner wrote the experiment.
+
+    ``dead``: (offset, reason) of the batch's dead letters attributed to the
+    experiment; each adds 1 to its ``dl:<reason>`` in the same atomic step,
+    skipped like the events when its offset was applied before (a retried
+    batch counts none twice). Dead letters alone do not settle.
     """
     argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
+    if dead:
+        argv.append(str(len(dead)))
+        for off, reason in dead:
+            argv += [str(int(off)), reason]
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
     with script_errors():
         return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
@@ -585,6 +595,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        fold_limit: int = FOLD_LIMIT,
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
+                       dead: dict[str, list[tuple[int, str]]] | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -598,15 +609,23 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     experiment (``unknown_experiment``, ``unrouted`` = held without
     experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
     ``clocked_batch``'s result for ``rows``, when the caller already has it;
-    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale)."""
+    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale);
+    ``dead``: per experiment of ``known``, (offset, reason) of the batch's
+    dead letters attributed to it, counted in its experiment's call (one
+    without events where it has none): exactly once, like the events."""
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
-    if not crows:
-        return {}, clk
-    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
-    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch)
+    dead = dead or {}
+    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max) if crows else {}
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
+                         dead.get(e, ()))
            for e, lst in routed.items()}
+    for e in sorted(dead.keys() - routed.keys()):  # dead letters alone: no settling
+        out[e] = apply_rows(r, known[e], topic, partition, (), 0 if clk is None else clk,
+                            fold_limit, epoch, dead[e])
+    if not crows:
+        return out, clk
     expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
                     epoch)

@@ -36,6 +36,12 @@ ARGV:
   pre-experiment values (CUPED covariates): n_metrics little-endian doubles
   per 'x' head, in order (skipped ones included), value k for metric k (NaN
   = none); or is empty (or absent) when no exposure of the batch has any.
+  Then (optional) n_dead, and n_dead pairs offset, reason: the batch's dead
+  letters attributed to this experiment (issue 24, defect 5). Each one whose
+  offset is above the stored offset adds 1 to meta dl:<reason>, and the
+  stored offset becomes the largest offset applied, event or dead letter: a
+  replay of the batch counts none again. A call with dead letters and no
+  events does not settle.
 Fencing: meta field own:<src> keeps the newest epoch that wrote here; a call
 with an older one is refused (error FENCED) before it reads anything.
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
@@ -135,6 +141,8 @@ local heads = nextarg()
 local strs = nextarg()
 local pres = nextarg() or ''
 local has_pres = pres ~= ''
+-- DL: n (dead letters passed), by (reason -> new ones), order, hi (largest new offset)
+local DL = {n = tonumber(nextarg() or '0') or 0, by = {}, order = {}}
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
@@ -173,14 +181,14 @@ local HELD_FMT, HELD_LEN = '<Hdd', 18
 -- the first write; the one command that could fail later, BITFIELD SET past
 -- the string's limit, is kept in range by the retired filter's cap.
 local CLK_FIELD = 'clk:' .. src
-local own_field = 'own:' .. src
-local own_dirty = false          -- epoch written with the state, at the end
+local own_write = nil           -- the own:<src> field, when the epoch is written (at the end)
 if epoch ~= nil then
+  local own_field = 'own:' .. src
   local owner = tonumber(call('HGET', K_META, own_field))
   if owner ~= nil and epoch < owner then
     return redis.error_reply('FENCED ' .. src .. ' is owned by epoch ' .. fmti(owner))
   end
-  own_dirty = owner ~= epoch
+  if owner ~= epoch then own_write = own_field end
 end
 local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n',
                   'retired_cap')
@@ -207,6 +215,17 @@ local function chunked(cmd, key, list)
 end
 
 -- ---------------------------------------------------------------- events
+-- Dead letters: counted once, under the same offset skip as the events.
+for _ = 1, DL.n do
+  local off, reason = tonumber(nextarg()), nextarg()
+  if off == nil or reason == nil then return redis.error_reply('ERR dead letters: bad args') end
+  if stored == nil or off > stored then
+    if DL.by[reason] == nil then DL.by[reason] = 0; DL.order[#DL.order + 1] = reason end
+    DL.by[reason] = DL.by[reason] + 1
+    if DL.hi == nil or off > DL.hi then DL.hi = off end
+  end
+end
+
 -- Pass 1: split the packed events into columns, skipping offsets already
 -- applied, and collect the distinct event ids and unit ids to prefetch.
 local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B, E_CLK = {}, {}, {}, {}, {}, {}, {}, {}
@@ -395,11 +414,12 @@ end
 local RC0, RBITS, RK = 65536, 24, 16
 -- the last layer the bitmap holds: MAX_LAYER, or lower where the server's
 -- string limit (proto-max-bulk-len) is (found by ret_layer, kept in meta)
-local ret_cap = tonumber(mraw[6]) or 10
-local ret_cap_dirty = false
+-- RET: cap (that layer), dirty (cap found in this call), fit (the last layer
+-- known to fit), layer (ret_layer below)
+local RET = {cap = tonumber(mraw[6]) or 10, dirty = false}
 local function layer_of(nr)
   local l = 0
-  while l < ret_cap and nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
+  while l < RET.cap and nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
   return l
 end
 local function ret_positions(uid, l, outp)
@@ -445,17 +465,17 @@ end
 -- (a read of its last bit, by pcall: it cannot fail): where the string
 -- cannot hold it, the layer before is the cap (retired_filter.MAX_LAYER's
 -- doc), so the BITFIELD SET below never fails after the first writes.
-local ret_fit = layer_of(retired_n > 0 and retired_n - 1 or 0)  -- in use: it fits
-local function ret_layer(nr)
+RET.fit = layer_of(retired_n > 0 and retired_n - 1 or 0)  -- in use: it fits
+function RET.layer(nr)
   local l = layer_of(nr)
-  while l > ret_fit do
+  while l > RET.fit do
     local last = RC0 * RBITS * (2 ^ (l + 1) - 1) - 1
     local got = redis.pcall('BITFIELD', K_RET, 'GET', 'u1', fmti(last))
     if type(got) == 'table' and got.err then
-      ret_cap, ret_cap_dirty = l - 1, true
+      RET.cap, RET.dirty = l - 1, true
       l = l - 1
     else
-      ret_fit = l
+      RET.fit = l
     end
   end
   return l
@@ -751,7 +771,7 @@ end
 -- stored after it), and settling belongs to the calls that bring events or
 -- to explicit settle calls (no events).
 local clk = clk_prev
-local settling = #heads == 0 or n > 0
+local settling = (#heads == 0 and DL.n == 0) or n > 0
 if settling and (clk == nil or clk_end > clk) then clk = clk_end end
 if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new) end
 for _, uid in ipairs(held_order) do
@@ -836,7 +856,7 @@ if settling and clk ~= nil then
         if fin <= clk - L then
           gone[#gone + 1] = uid
           retired_ids[#retired_ids + 1] = uid
-          ret_positions(uid, ret_layer(retired_n), ret_set)
+          ret_positions(uid, RET.layer(retired_n), ret_set)
           retired_n = retired_n + 1
           units[uid] = false
         else
@@ -907,8 +927,8 @@ if retired_n > retired_n0 then
   end
   call('HSET', K_META, 'retired_n', fmti(retired_n))
 end
-if ret_cap_dirty then call('HSET', K_META, 'retired_cap', fmti(ret_cap)) end
-if own_dirty then call('HSET', K_META, own_field, fmti(epoch)) end
+if RET.dirty then call('HSET', K_META, 'retired_cap', fmti(RET.cap)) end
+if own_write then call('HSET', K_META, own_write, fmti(epoch)) end
 for _, f in ipairs(cells_order) do
   local c = cells[f]
   local head = fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3])
@@ -950,15 +970,21 @@ flush('ZADD', K_SEEN)
 -- A sighting counts while its clock >= clk - DD; clk only grows, so older
 -- sightings of this partition can never mark a duplicate again.
 if clk ~= nil then call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(clk - DD)) end
-if n > 0 then call('HSET', K_OFF, src, fmti(E_OFF[n])) end
-if n > 0 or work then seq = call('INCR', K_DIRTY) end
+for _, reason in ipairs(DL.order) do
+  call('HINCRBY', K_META, 'dl:' .. reason, DL.by[reason])
+end
+do  -- the applied offset: the last event's, or a later dead letter's
+  local off = n > 0 and E_OFF[n] or nil
+  if DL.hi ~= nil and (off == nil or DL.hi > off) then off = DL.hi end
+  if off ~= nil then call('HSET', K_OFF, src, fmti(off)); stored = off end
+end
+if n > 0 or work or DL.hi ~= nil then seq = call('INCR', K_DIRTY) end
 
 local out = {'applied', n, 'skipped', skipped,
              'offset', stored and fmt(stored) or '',
              'max_ts', max_ts and fmt(max_ts) or '',
              'more', more,
              'dirty_seq', seq}
-if n > 0 then out[6] = fmti(E_OFF[n]) end
 for _, name in ipairs(count_order) do
   out[#out + 1] = name
   out[#out + 1] = counts[name]
