@@ -159,7 +159,9 @@ class Ingestor:
                         f"partition clock {clk_of[row[0]]} minus lateness", "ts")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
             # unknown variants and too-old exposures still go to the experiment,
-            # which counts them (exactly once) as in streams.state.semantics
+            # which counts them (exactly once) as in streams.state.semantics; it
+            # decides too_old by the same test before any other rule (dedupe
+            # included), so the dead letter and data_quality's too_old agree
             accepted.append(row)
 
         # metrics without experiment_id may belong to any registered experiment

@@ -39,9 +39,11 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    time after the first copy is a duplicate, however old the event. (A
    re-send keeps its key, so its partition; per-partition sightings make
    dedupe independent of other partitions' clocks.)
-2. Exposure: variant not in the config -> ``unknown_variant``; unit known ->
-   ``repeat_exposure`` / ``conflict``; ``close + H <= T`` -> ``too_old`` (no
-   state; ingest dead-letters it); ``ts >= end_at`` (config) -> ``after_end``
+2. Exposure: variant not in the config -> ``unknown_variant``; ``close + H
+   <= T`` -> ``too_old``, decided before anything else, dedupe included (no
+   state, no sighting; ingest dead-letters it ``exposure_too_old``, so the
+   dead-letter topic and ``data_quality`` agree: issue 24); unit known ->
+   ``repeat_exposure`` / ``conflict``; ``ts >= end_at`` (config) -> ``after_end``
    (no state: the experiment stopped; not recorded in the routing index
    either); else the unit is created (variant, stratum,
    entry bucket, exposure ts, zero totals, pre-experiment values) ->
@@ -543,6 +545,9 @@ class ExperimentState:
 
     def _event(self, ev: Event, clk: int, source: str, released: bool) -> str | None:
         ts = int(ev.ts)
+        if isinstance(ev, Exposure) and ev.variant in self._vindex \
+                and ts + self.W + self.H <= clk - self.L:
+            return "too_old"  # rule 2, before anything else: ingest dead-letters it
         seen = self._seen.setdefault(source, {})
         prev = seen.get(ev.event_id)
         if prev is not None and prev >= clk - self.DD:
@@ -577,8 +582,6 @@ class ExperimentState:
         if ev.unit_id in self.retired:
             return "retired"
         close = ts + self.W
-        if close + self.H <= T:
-            return "too_old"
         if self.E is not None and ts >= self.E:
             return "after_end"
         x = None if ev.pre_activity is None else _finite(ev.pre_activity, "pre_activity")

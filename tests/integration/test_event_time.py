@@ -164,6 +164,32 @@ def test_defect5_retried_process_counts_each_dead_letter_once(r):
 
 
 @pytest.mark.integration
+def test_too_old_exposures_dead_letters_agree_with_data_quality(r):
+    """An exposure too old to store is dead-lettered ``exposure_too_old`` by
+    ingest; the experiment must count it ``too_old`` too, whatever else it
+    is (issue 24): a re-exposure of a known unit, a re-sent copy of it. The
+    reducer agrees."""
+    c = cfg()  # W 10 s, H 20 s, L 1 s: too old once ts + 31 s <= the clock
+    reg = Registry(r)
+    reg.put(c)
+    ing = Ingestor(r, reg)
+    now = T0 + 200_000
+    evs = [Exposure("a", "e1", "u", "control", T0 + 90_000, 1.0),
+           Exposure("b", "e1", "w", "control", T0 + 100_000, 1.0),
+           Exposure("o", "e1", "u", "control", T0 + 60_000, 1.0),  # u known, too old
+           Exposure("p", "e1", "u", "treatment", T0 + 61_000, 1.0),  # u known, too old
+           Exposure("o", "e1", "u", "control", T0 + 60_000, 1.0)]  # a re-send of "o"
+    res = ing.process(TOPIC, 0, [(i, dumps(event_dict(e))) for i, e in enumerate(evs)], now)
+    dead = [d["reason"]["code"] for d in res.dead_letters]
+    assert dead == ["exposure_too_old"] * 3
+    counters = read_snapshot(r, c).counters
+    want = Reducer([c]).apply_all(evs, source=f"{TOPIC}|0", batch=len(evs))
+    assert want.states["e1"].snapshot().counters == counters
+    assert counters["too_old"] == 3, counters
+    assert counters["repeat_exposure"] == counters["conflict"] == counters["duplicate"] == 0
+
+
+@pytest.mark.integration
 def test_data_loss_alert_on_a_stream_with_late_metrics(r):
     """2% of the metrics arrive past the correction horizon: data_loss fires
     once; when they stop, it resolves (the alert judges a recent window)."""

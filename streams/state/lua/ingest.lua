@@ -651,7 +651,9 @@ for i = 1, n do
   local eid, ts, clk, uid = E_EID[i], E_TS[i], E_CLK[i], E_UID[i]
   local cat
   local prev = seen[eid]
-  if prev and prev >= clk - DD then
+  if E_KIND[i] == 'x' and E_A[i] > 0 and ts + W + H <= clk - L then
+    cat = 'too_old'  -- rule 2, before anything else (dedupe too): ingest dead-letters it
+  elseif prev and prev >= clk - DD then
     cat = 'duplicate'
   else
     if not seen_new[eid] then seen_new[eid] = true; seen_order[#seen_order + 1] = eid end
@@ -668,8 +670,6 @@ for i = 1, n do
         if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
       elseif retired[uid] then
         cat = 'retired'
-      elseif ts + W + H <= T then
-        cat = 'too_old'
       elseif end_at ~= nil and ts >= end_at then
         cat = 'after_end'
       else
