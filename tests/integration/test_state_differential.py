@@ -113,9 +113,11 @@ pres = st.none() | st.dictionaries(st.sampled_from(["rev", "clicks", "bogus"]), 
 
 
 @st.composite
-def raw_streams(draw, cfgs, part: int = 0):
-    """Adversarial events in arrival order: stragglers, re-sends, unknowns;
-    units keyed to partition ``part`` (their ids end in it)."""
+def raw_streams(draw, cfgs, part: int = 0, n_parts: int = 1):
+    """Adversarial events in arrival order: stragglers (some re-sent while
+    they are far behind the clock: issue 24, defect 1), re-sends, unknowns;
+    units keyed to partition ``part`` (their ids end in it), but some metrics
+    name a unit of another partition (defect 2: it may have matured there)."""
     exp_ids = [c.experiment_id for c in cfgs]
     all_variants = sorted({v for c in cfgs for v in c.variants} | {"zz"})
     t = 0
@@ -127,9 +129,11 @@ def raw_streams(draw, cfgs, part: int = 0):
             continue
         if draw(st.integers(0, 5)) == 0:  # straggler: far behind, clock stays
             ts = T0 + t - draw(st.integers(0, 12000))
+            old = True
         else:
             t += draw(st.integers(-500, 2500))
             ts = T0 + t
+            old = False
         eid = f"k{draw(st.integers(0, 20))}"
         if draw(st.booleans()):
             x = Exposure(eid, draw(st.sampled_from(exp_ids + ["ghost"])),
@@ -140,13 +144,16 @@ def raw_streams(draw, cfgs, part: int = 0):
             events.append(x)
         else:
             exp = draw(st.sampled_from([None, None, None, "ghost", *exp_ids]))
-            unit = draw(st.sampled_from(UNITS)) + f"@{part}"
+            home = part if draw(st.integers(0, 5)) else draw(st.integers(0, n_parts - 1))
+            unit = draw(st.sampled_from(UNITS)) + f"@{home}"
             if exposures and draw(st.integers(0, 2)) > 0:
                 x = draw(st.sampled_from(exposures))
                 unit, ts = x.unit_id, x.ts + draw(st.integers(-300, 6000))
                 exp = draw(st.sampled_from([None, None, x.experiment_id, exp]))
             name = draw(st.sampled_from(["rev", "rev", "clicks", "bogus"]))
             events.append(Metric(eid, unit, name, draw(values), ts, exp))
+        if old and draw(st.booleans()):  # the straggler re-sent at once
+            events.append(events[-1])
     return events
 
 
@@ -161,8 +168,9 @@ def _note(label: str) -> None:
 class Both:
     """Drives Redis and the reducer with the same calls."""
 
-    def __init__(self, r, cfgs):
+    def __init__(self, r, cfgs, hold_seconds: int = 86_400):
         self.r, self.cfgs = r, cfgs
+        self.hold_seconds = hold_seconds  # the unit-level holds' (the Reducer's)
         self.known = {c.experiment_id: c for c in cfgs}
         self.red = Reducer(cfgs)
         self.offsets: dict[int, int] = {}
@@ -179,7 +187,8 @@ class Both:
                 for e, lst in routed.items():
                     if pick is None or pick():
                         apply_rows(self.r, self.known[e], TOPIC, p, lst, clk)
-        apply_source_batch(self.r, self.known, TOPIC, p, rows, rejected=self.rejected)
+        apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold_seconds,
+                           rejected=self.rejected)
         self.red.apply_batch(src(p), events)
         return rows
 
@@ -190,7 +199,7 @@ class Both:
         assert seq == {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
 
     def advance(self, p: int, clock: int) -> None:
-        advance_partition(self.r, self.cfgs, TOPIC, p, clock)
+        advance_partition(self.r, self.cfgs, TOPIC, p, clock, self.hold_seconds)
         self.red.advance(src(p), clock)
 
     def check(self) -> None:
@@ -230,7 +239,8 @@ def test_lua_equals_reducer(redis_url, data):
     cfgs = data.draw(configs(), label="configs")
     n_parts = data.draw(st.integers(1, 3), label="partitions")
     both = Both(r, cfgs)
-    per = {p: data.draw(raw_streams(cfgs, p), label=f"events p{p}") for p in range(n_parts)}
+    per = {p: data.draw(raw_streams(cfgs, p, n_parts), label=f"events p{p}")
+           for p in range(n_parts)}
     done: list[tuple[int, list]] = []
     while any(per.values()):
         p = data.draw(st.sampled_from([q for q in per if per[q]]))
@@ -259,7 +269,15 @@ def keyed_history(draw, cfgs):
     metrics moved just before their unit's first exposure (they overtook it,
     within the hold bounds), some metrics of a named experiment moved later
     (stragglers: after their unit matured they are corrections, within the
-    correction horizon) and some events re-sent (producer retries)."""
+    correction horizon) and some events re-sent (producer retries).
+
+    Issue 24: the history may jump ``JUMP`` ahead (a backfill after an idle
+    advance), so a straggler re-sent at once is more than the dedupe window
+    behind its partition clock (defect 1); and some named metrics arrive on
+    another partition than their unit's (``home``: event_id -> partition),
+    maybe after the unit matured on its own (defect 2). Re-sends are kept
+    within the dedupe window of partition time of their first copy (the
+    stated bound)."""
     exp_ids = [c.experiment_id for c in cfgs]
     n_parts = draw(st.integers(1, 6))
     units = [f"u{i}" for i in range(draw(st.integers(1, 12)))]
@@ -268,8 +286,9 @@ def keyed_history(draw, cfgs):
     t = 0
     k = 0
     exposed: list[Exposure] = []
+    home: dict[str, int] = {}
     for _ in range(draw(st.integers(1, 70))):
-        t += draw(st.integers(0, 1500))
+        t += draw(st.integers(0, 1500)) if draw(st.integers(0, 40)) else JUMP
         k += 1
         if not exposed or draw(st.integers(0, 2)) == 0:
             e = draw(st.sampled_from(exp_ids))
@@ -279,19 +298,24 @@ def keyed_history(draw, cfgs):
                          draw(pres))
             exposed.append(x)
             hist.append(x)
+            home[x.event_id] = part_of[x.unit_id]
         else:
             x = draw(st.sampled_from(exposed))
             exp = x.experiment_id if draw(st.integers(0, 3)) else None
-            hist.append(Metric(f"m{k}", x.unit_id, draw(st.sampled_from(["rev", "clicks"])),
-                               draw(values), T0 + t, exp))
-    arrival = {p: [ev for ev in hist if part_of[ev.unit_id] == p] for p in range(n_parts)}
+            m = Metric(f"m{k}", x.unit_id, draw(st.sampled_from(["rev", "clicks"])),
+                       draw(values), T0 + t, exp)
+            hist.append(m)
+            home[m.event_id] = part_of[x.unit_id]
+            if exp is not None and n_parts > 1 and draw(st.integers(0, 5)) == 0:
+                home[m.event_id] = draw(st.integers(0, n_parts - 1))  # defect 2
+    arrival = {p: [ev for ev in hist if home[ev.event_id] == p] for p in range(n_parts)}
     for evs in arrival.values():
         for i in range(len(evs)):
             ev = evs[i]
             if isinstance(ev, Metric) and draw(st.integers(0, 4)) == 0:
-                first = next(j for j, x in enumerate(evs)
-                             if isinstance(x, Exposure) and x.unit_id == ev.unit_id)
-                if first < i:  # overtake the unit's first exposure
+                first = next((j for j, x in enumerate(evs)
+                              if isinstance(x, Exposure) and x.unit_id == ev.unit_id), None)
+                if first is not None and first < i:  # overtake the unit's first exposure
                     evs.insert(first, evs.pop(i))
         for _ in range(draw(st.integers(0, 3))):
             # a straggler: without experiment_id it could pass another exposure
@@ -300,12 +324,18 @@ def keyed_history(draw, cfgs):
                     if isinstance(ev, Metric) and ev.experiment_id is not None]
             if late:
                 i = draw(st.sampled_from(late))
-                evs.insert(draw(st.integers(i, len(evs) - 1)), evs.pop(i))
+                to = draw(st.integers(i, len(evs) - 1))
+                evs.insert(to, evs.pop(i))
+                if draw(st.booleans()):  # re-sent at once: maybe far behind (defect 1)
+                    evs.insert(to + 1, evs[to])
         for _ in range(draw(st.integers(0, 3))):
             if evs:
                 j = draw(st.integers(0, len(evs) - 1))
-                evs.insert(j + draw(st.integers(0, 2)), evs[j])
-    return hist, part_of, arrival
+                at = j + draw(st.integers(0, 2))
+                clk = max(int(ev.ts) for ev in evs[:j + 1])
+                if all(int(ev.ts) - clk < DEDUPE_MS for ev in evs[j:at]):
+                    evs.insert(at, evs[j])
+    return hist, home, arrival
 
 
 def _orders(arrival: dict[int, list], rnd: random.Random) -> dict[str, list[tuple[int, list]]]:
@@ -382,11 +412,19 @@ def assert_same_state(got: Reducer, want: Reducer) -> None:
         assert all(gs.counters.get(k, 0) == 0 for k in lost), gs.counters
 
 
+#: the dedupe window of ``_lenient`` configs (ms), and a jump in event time
+#: beyond it (keyed_history); H and the hold horizons cover both
+DEDUPE_MS = 10**9
+JUMP = 2 * DEDUPE_MS
+LENIENT_S = 10**8
+
+
 def _lenient(cfgs):
     """Bounds the generated disorder stays within: L covers nothing, H and
-    the hold horizon cover the whole history."""
-    return [replace(c, correction_seconds=10**6, hold_seconds=10**6, hold_max=100,
-                    dedupe_seconds=10**6) for c in cfgs]
+    the hold horizon cover the whole history (jumps included), a re-send
+    comes within the dedupe window of its first copy."""
+    return [replace(c, correction_seconds=LENIENT_S, hold_seconds=LENIENT_S, hold_max=100,
+                    dedupe_seconds=DEDUPE_MS // 1000) for c in cfgs]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=HEALTH)
@@ -394,16 +432,16 @@ def _lenient(cfgs):
 def test_any_interleaving_equals_time_sorted_fold(redis_url, data):
     r = redis.Redis.from_url(redis_url)
     cfgs = _lenient(data.draw(configs(), label="configs"))
-    hist, part_of, arrival = data.draw(keyed_history(cfgs), label="history")
-    want = Reducer(cfgs, hold_seconds=10**6, hold_max=100)
-    for ev in hist:  # the time-sorted fold, each event from its unit's partition
-        want.apply_batch(src(part_of[ev.unit_id]), [ev])
+    hist, home, arrival = data.draw(keyed_history(cfgs), label="history")
+    want = Reducer(cfgs, hold_seconds=LENIENT_S, hold_max=100)
+    for ev in hist:  # the time-sorted fold, each event from its partition
+        want.apply_batch(src(home[ev.event_id]), [ev])
     for p in arrival:
         want.advance(src(p), want.clocks.get(src(p), T0))
     for name, order in _orders(arrival, random.Random(data.draw(st.integers(0, 9)))).items():
         r.flushall()
-        both = Both(r, cfgs)
-        both.red = Reducer(cfgs, hold_seconds=10**6, hold_max=100)
+        both = Both(r, cfgs, hold_seconds=LENIENT_S)
+        both.red = Reducer(cfgs, hold_seconds=LENIENT_S, hold_max=100)
         for p, evs in order:
             both.batch(p, evs)
         for p in arrival:  # the same idle advance as the fold
