@@ -7,6 +7,8 @@ layer adds names, ids, units and timestamps. Intervals are central 95%.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from kernels.backend import to_numpy
@@ -23,6 +25,21 @@ def _interval(x: np.ndarray) -> dict[str, np.ndarray]:
     q = np.quantile(flat, [LO, HI], axis=-1)
     return {"mean": flat.mean(-1), "sd": flat.std(-1, ddof=1) if flat.shape[-1] > 1
             else np.zeros(flat.shape[:-1]), "lo": q[0], "hi": q[1]}
+
+
+def _baseline(eff: np.ndarray, lift: np.ndarray) -> dict[str, np.ndarray]:
+    """The lift's denominator (the control mean the effect is divided by) per
+    draw, recovered as effect / lift, summarised like ``_interval``. A lift is
+    only meaningful where this interval excludes 0 (the dashboard shows "—"
+    otherwise). Draws where it cannot be recovered (a lift of 0 or not finite)
+    are left out; with none left the entries are NaN (null in the record)."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN
+        base = np.where(np.isfinite(lift) & (lift != 0), eff / lift, np.nan)
+        flat = base.reshape(base.shape[:-2] + (-1,))
+        q = np.nanquantile(flat, [LO, HI], axis=-1)
+        return {"mean": np.nanmean(flat, -1), "sd": np.nanstd(flat, -1, ddof=1),
+                "lo": q[0], "hi": q[1]}
 
 
 def _f(x) -> float | None:
@@ -55,6 +72,7 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
     islope = _interval(tr["slope"])  # [P]
 
     ie, il, ine, inl = _interval(eff), _interval(lift), _interval(neff), _interval(nlift)
+    ib, inb = _baseline(eff, lift), _baseline(neff, nlift)
     itau, ish = _interval(tau), _interval(share)
     flat = eff.reshape(P, K, -1)
     nflat = neff.reshape(P, K, -1)
@@ -85,9 +103,10 @@ def summarize(trace: Draws, data: ModelData | None = None, direction=None, *,
             ]
             row.append({
                 "adjustment": "stratified" if adjustable[p] else "unavailable",
-                "adjusted": {"effect": iv(ie), "lift": iv(il), "p_positive": _f(p_pos[p, k]),
-                             "expected_loss": _f(loss[p, k])},
-                "naive": {"effect": iv(ine), "lift": iv(inl), "p_positive": _f(np_pos[p, k])},
+                "adjusted": {"effect": iv(ie), "lift": iv(il), "baseline": iv(ib),
+                             "p_positive": _f(p_pos[p, k]), "expected_loss": _f(loss[p, k])},
+                "naive": {"effect": iv(ine), "lift": iv(inl), "baseline": iv(inb),
+                          "p_positive": _f(np_pos[p, k])},
                 "strata": strata,
                 "slope": {key: _f(islope[key][p]) for key in ("mean", "sd", "lo", "hi")},
                 "diagnostics": {"rhat": _f(rhat[p, k]), "ess_bulk": _f(essb[p, k]),

@@ -884,25 +884,37 @@ def parse_experiment(
     return ExperimentConfig(experiment_id, **kw)
 
 
-def incompatible_change(old: ExperimentConfig, new: ExperimentConfig) -> str | None:
+def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
+                        concluded: bool = False) -> str | None:
     """Why ``new`` cannot replace ``old`` for an experiment that already has
     state, or None. Unit records store variant and metric *indices*, cells
     and arrivals are keyed by stratum and entry bucket, and a unit's outcome
     is defined by its window: so variants and metrics may only be appended
-    (same order), and control, window, buckets, strata and the exposure-age
-    bins in effect (unit records keep totals per bin) are fixed once units
-    exist. Everything else (thresholds, priors, covariates, end_at, status,
-    ...) may change. Callers reject such a config with code ``incompatible_config``."""
+    (same order), and control, window, buckets, strata, the start (the
+    entry-bucket grid's origin) and the exposure-age bins in effect (unit
+    records keep totals per bin) are fixed once units exist. A concluded
+    experiment (``concluded``) has deleted its unit records and final
+    estimates are out: reopening it (another ``end_at`` or ``status``) would
+    fold its returning units a second time, so those are fixed too.
+    Everything else (thresholds, priors, covariates, ...; ``end_at`` and
+    ``status`` until concluded) may change. Callers reject such a config with
+    code ``incompatible_config``."""
     if new.variants[:len(old.variants)] != old.variants:
         return (f"variants may only be appended: {list(old.variants)} -> "
                 f"{list(new.variants)}")
     if new.metric_names[:len(old.metric_names)] != old.metric_names:
         return (f"metrics may only be appended: {list(old.metric_names)} -> "
                 f"{list(new.metric_names)}")
-    for name in ("control", "window_seconds", "bucket_seconds", "strata_edges"):
+    for name in ("control", "window_seconds", "bucket_seconds", "strata_edges", "started_at"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             return f"{name} is fixed once the experiment has units: {a!r} -> {b!r}"
+    if concluded:
+        for name in ("end_at", "status"):
+            a, b = getattr(old, name), getattr(new, name)
+            if a != b:
+                return (f"{name} is fixed once the experiment is concluded (reopening it "
+                        f"would count its units twice): {a!r} -> {b!r}")
     if _age_edges_s(old) != _age_edges_s(new):
         return ("exposure_age_bins is fixed once the experiment has units: "
                 f"{_bins_text(old.exposure_age_bins)} -> {_bins_text(new.exposure_age_bins)}")

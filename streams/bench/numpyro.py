@@ -37,7 +37,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from kernels import arrival
 from kernels.backend import to_numpy
 from kernels.data import ModelData
 from kernels.estimands import estimands
+from kernels.gibbs import State
 from kernels.rng import Rng
 
 TARGET_ACCEPT = 0.8  # NumPyro's default; no divergences with the non-centred τ
@@ -194,6 +194,9 @@ def run_nuts(data: ModelData, chains: int, warmup: int, samples: int, seed: int 
     adapts step size and mass matrix while its iteration count is below
     ``warmup``.
     """
+    if data.cov is not None:
+        raise ValueError("the NumPyro baseline has no covariate block: it would sample "
+                         "another posterior than the Gibbs sweep (build the data without cov)")
     jax = _jax()
     import jax.numpy as jnp
     import numpyro
@@ -300,8 +303,15 @@ def adjusted_effect(smp: dict[str, Any], data: ModelData, chains: int, samples: 
     logit_p = flat(smp["logit_p"])
     host = _host_data(data)
     pop = arrival.draw_population(logit_p, host.arrived, host.D, Rng([seed, 7]))
-    state = SimpleNamespace(mu0=mu0, tau=tau, pop=pop)
-    adj = estimands(state, host).adj_effect  # type: ignore[arg-type]  # [P, CT, K]
+    # a whole ``State`` (not a namespace of the fields used today), so a field
+    # ``estimands`` starts reading fails here at construction, loudly; the
+    # baseline has no covariate block, so its slopes γ are 0 (as ``gibbs.init``
+    # leaves them without a covariate) and so is the reported slope
+    state = State(mu0=mu0, tau=tau, sigma2=flat(smp["sigma2"]), theta=flat(smp["theta"]),
+                  beta=flat(smp["beta"]), omega2=flat(smp["omega"]) ** 2, logit_p=logit_p,
+                  pop=pop, iteration=np.full(mu0.shape[0], samples, np.int64),
+                  gamma=np.zeros(mu0.shape + (2,)))
+    adj = estimands(state, host).adj_effect  # [P, CT, K]
     return adj.reshape(adj.shape[0], chains, samples, adj.shape[-1])
 
 

@@ -17,10 +17,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--chains", type=int, default=8)
     a.add_argument("--sweeps", type=int, default=1000, help="total sweeps; first half warm-up")
-    a.add_argument("--as-of", type=int, default=None,
+    a.add_argument("--as-of", type=_as_of, default=None, metavar="MS|now",
                    help="epoch ms the partitions are idle-advanced to at the end, as a "
-                        "caught-up worker does (default: now)")
+                        "caught-up worker does, maturing the units whose window closed by "
+                        "then (default: the file's own end, its largest event ts; 'now': "
+                        "the wall clock, as a worker idle since the file ended)")
     return a
+
+
+def _as_of(text: str) -> int | str:
+    """``--as-of``: epoch ms, or ``now``."""
+    from streams.sampling.analyze import AS_OF_NOW
+
+    if text.strip().lower() == AS_OF_NOW:
+        return AS_OF_NOW
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epoch ms or 'now', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -108,11 +108,18 @@ class Settings:
     # /healthz fails when the ingest loop has not come round for this long
     # (stuck, not waiting on Redis: that is /readyz's "ingest stalled")
     liveness_seconds: float = 120.0
+    # -- HTTP API exposure (docs/security.md "HTTP API", streams.service.web):
+    # a web_host beyond loopback needs api_token (>= 16 bytes of visible ASCII,
+    # no CHANGE-ME placeholder) or the worker refuses to start; when set, every
+    # route but /healthz and /readyz needs "Authorization: Bearer <token>" (the
+    # dashboard: its sign-in cookie), and ?token= is refused. web_allowed_hosts:
+    # Host names answered besides localhost/127.0.0.1/[::1] (comma separated,
+    # "*" any); empty: a loopback bind answers only those (DNS rebinding), an
+    # exposed bind any
     web_host: str = "127.0.0.1"
     web_port: int = 6066
-    # when set, every HTTP route but /healthz and /readyz needs it:
-    # "Authorization: Bearer <token>" (or ?token=<token>, for the dashboard)
     api_token: str = ""
+    web_allowed_hosts: str = ""
     log_level: str = "warning"
     seed: int = 0
     # Faust's data directory (its per-app state); empty: a directory of the

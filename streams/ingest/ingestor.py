@@ -93,7 +93,7 @@ class Ingestor:
         write is applied)."""
         res = BatchResult()
         res.counts["received"] += len(messages)
-        #: (experiment_id, offset, reason) of dead letters that name an experiment
+        #: (experiment_id, offset, meta field) of dead letters that name an experiment
         attributed: list[tuple[str, int, str]] = []
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
@@ -115,8 +115,7 @@ class Ingestor:
             exposed = {row[3] for row in rows if row[1] == "x"}
             for eid in sorted(ids - known.keys()):
                 if eid in exposed:
-                    cfg = ExperimentConfig(experiment_id=eid)
-                    self.registry.put(cfg)
+                    cfg = self.registry.put(ExperimentConfig(experiment_id=eid), now_ms)
                     known[eid] = cfg
                     res.new_experiments.append(cfg)
 
@@ -134,6 +133,8 @@ class Ingestor:
                 m = margins[eid] = too_old_margin(known[eid])
             return m
 
+        concluded = {eid for eid in known if self.registry.concluded(eid)}
+        ended: set[int] = set()  # offsets of exposures to concluded experiments
         for row in rows:
             eid = row[3]
             if eid in unknown:
@@ -145,6 +146,14 @@ class Ingestor:
                 continue
             if row[1] == "x":
                 cfg = known[eid]
+                if eid in concluded:
+                    err = InvalidRecord(
+                        "after_end", f"experiment {eid!r} is concluded: its final estimates "
+                        "are out and its units are no longer kept", "experiment_id")
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms,
+                               attributed)  # counted c:after_end in its Lua call
+                    ended.add(row[0])  # not applied: it would create a unit record again
+                    continue
                 if row[5] not in cfg.variants:
                     err = InvalidRecord("unknown_variant",
                                         f"variant {row[5]!r} is not one of experiment "
@@ -168,6 +177,8 @@ class Ingestor:
         if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
         dead = self._dead_by_experiment(attributed, known)
+        if ended:  # they moved the clock (events of a registered experiment), nothing else
+            crows = [crow for crow in crows if crow[0] not in ended]
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                       self.hold_seconds, self.hold_max, rejected,
@@ -211,37 +222,47 @@ class Ingestor:
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
               now_ms, attributed: list[tuple[str, int, str]] | None = None) -> None:
         """A dead-letter record, counted; ``attributed`` gets (experiment_id,
-        offset, reason) when the event names an experiment and the reason is
-        no experiment counter (``_COUNTED_BY_EXPERIMENT``)."""
+        offset, meta field) when the event names an experiment and the reason
+        is no experiment counter (``_COUNTED_BY_EXPERIMENT``): ``c:<reason>``
+        for ``_COUNTED_HERE``, else ``dl:<reason>``."""
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms))
         res.counts[f"dead_letter:{err.code}"] += 1
         if attributed is None or err.code in _COUNTED_BY_EXPERIMENT:
             return
         eid = _experiment_of(raw)
         if eid is not None:
-            attributed.append((eid, off, err.code))
+            field_ = f"c:{err.code}" if err.code in _COUNTED_HERE else f"dl:{err.code}"
+            attributed.append((eid, off, field_))
 
     def _dead_by_experiment(self, attributed: list[tuple[str, int, str]],
                             known: dict[str, ExperimentConfig]
                             ) -> dict[str, list[tuple[int, str]]]:
-        """The dead letters of registered experiments, per experiment, for
-        data_quality: counted in the experiment's own ingest call, under its
-        applied-offset skip, so a retried ``process`` counts none twice
-        (issue 24, defect 5). Adds the configs it looked up to ``known``."""
+        """The dead letters of registered experiments, per experiment, as
+        (offset, meta field) for data_quality: counted in the experiment's own
+        ingest call, under its applied-offset skip, so a retried ``process``
+        counts none twice (issue 24). The ids not in ``known`` are looked up
+        with one ``Registry.get_many`` for the batch (one MGET at most, none
+        for cached ids: defect 8); adds the configs found to ``known``."""
         if not attributed:
             return {}
         missing = {eid for eid, _, _ in attributed} - known.keys()
         if missing:
             known.update(self.registry.get_many(missing))
         dead: dict[str, list[tuple[int, str]]] = {}
-        for eid, off, reason in attributed:
+        for eid, off, field_ in attributed:
             if eid in known:
-                dead.setdefault(eid, []).append((off, reason))
+                dead.setdefault(eid, []).append((off, field_))
         return dead
 
 
 #: dead-letter reasons whose events also reach the experiment's counters
 _COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
+
+#: dead-letter reasons of events that reach no experiment state but are
+#: counted under the experiment's counter of the same name (so data_quality
+#: counts them once), in the experiment's Lua call like the others:
+#: exposures to a concluded experiment
+_COUNTED_HERE = frozenset(("after_end",))
 
 
 def _experiment_of(raw: bytes | None) -> str | None:

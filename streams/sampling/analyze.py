@@ -67,22 +67,52 @@ def estimate(snaps: list[ExperimentSnapshot], chains: int = 8, sweeps: int = 100
                    iteration=state.iteration, computed_at=int(time.time() * 1000))
 
 
+#: ``as_of`` that advances to the wall clock, as a worker idle until now does
+AS_OF_NOW = "now"
+
+
 def fold(configs: list[ExperimentConfig], events: str | Path, rejected: Counter,
-         as_of: int | None = None) -> Reducer:
+         as_of: int | str | None = None) -> Reducer:
     """The reference fold of a file: its events in file order as one source
     partition (a live worker's partitions are subsequences of it, and the
     state does not depend on how they interleave), then the idle advance a
-    caught-up worker makes: every clock moves to ``as_of`` (ms; default the
-    wall clock) if later, so the units whose window closed by then mature."""
-    reducer = Reducer(configs).apply_all(read_events(events, rejected), batch=500)
-    now = int(time.time() * 1000) if as_of is None else as_of
+    caught-up worker makes: every clock moves to ``as_of`` if later, so the
+    units whose window closed by then mature.
+
+    ``as_of``: epoch ms; ``None`` (the default) the file's own end, its
+    largest event ``ts``, so a file that ends in the past is read as it stood
+    then (units whose windows run past its last event stay unmatured, as a
+    worker would have them); ``"now"`` (``AS_OF_NOW``) the wall clock, what
+    a worker idle since the file ended would have matured by today.
+    """
+    end: list[int] = []
+
+    def tracked(evs: Iterator[Event]) -> Iterator[Event]:
+        for ev in evs:
+            if not end or ev.ts > end[0]:
+                end[:] = [int(ev.ts)]
+            yield ev
+
+    reducer = Reducer(configs).apply_all(tracked(read_events(events, rejected)), batch=500)
+    if as_of == AS_OF_NOW:
+        clock = int(time.time() * 1000)
+    elif as_of is None:
+        if not end:
+            return reducer  # no event: nothing to advance
+        clock = end[0]
+    elif isinstance(as_of, int):
+        clock = as_of
+    else:
+        raise ValueError(f"as_of must be epoch ms, None or {AS_OF_NOW!r}, got {as_of!r}")
     for src in list(reducer.clocks):
-        reducer.advance(src, now)
+        reducer.advance(src, clock)
     return reducer
 
 
 def analyze(experiments: str | Path, events: str | Path, *, seed: int = 0, chains: int = 8,
-            sweeps: int = 1000, as_of: int | None = None) -> tuple[list[dict], dict]:
+            sweeps: int = 1000, as_of: int | str | None = None) -> tuple[list[dict], dict]:
+    """Estimate records of every experiment in ``experiments`` from the events
+    file, and the counts; ``as_of`` as in ``fold`` (default: the file's end)."""
     configs = read_experiments(experiments)
     rejected: Counter = Counter()
     reducer = fold(configs, events, rejected, as_of)

@@ -30,11 +30,13 @@ from streams.sampling.platform_prior import PlatformPrior
 from streams.sampling.problems import chain_names
 from streams.state.keys import (
     NOTICE_CHANNEL,
+    cfg_key,
     chain_key,
     chainver_key,
     dirty_seq_key,
     estimate_key,
     estimates_index_key,
+    generation_key,
     held_key,
     heldq_key,
     history_key,
@@ -55,20 +57,51 @@ HISTORY_LEN = 2000
 
 def history_point(rec: dict) -> dict:
     a, n = rec["adjusted"]["effect"], rec["naive"]["effect"]
+    matured = (rec.get("units") or {}).get("matured") or {}
     return {"t": rec["watermark"]["event_time"], "computed_at": rec["computed_at"],
             "adjusted": [a["mean"], a["lo"], a["hi"]], "naive": [n["mean"], n["lo"], n["hi"]],
-            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"]}
+            "rhat": rec["diagnostics"]["rhat"], "iteration": rec["diagnostics"]["iteration"],
+            # units matured in the smaller arm: 0 = the point is the prior's, not the data's
+            "matured": min(matured.get(rec.get("control"), 0), matured.get(rec["variant"], 0))}
 
 
-#: Write a chain blob only if its iteration is beyond the stored one.
-#: KEYS: chain key, the experiment's ``chainver`` hash (metric -> iteration);
-#: ARGV: metric, iteration, blob. Returns 1 if written, 0 if stale.
-STORE_CHAIN = """
-local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
-local it = tonumber(ARGV[2])
+#: Is the experiment the one the tick loaded? Its config exists (a delete
+#: removes it) and its generation is the one read at load ('' = none: an
+#: experiment registered before generations). KEYS[1] config, KEYS[2]
+#: generation; ARGV[1] the generation loaded.
+_SAME_EXPERIMENT = """
+local function same_experiment()
+  return redis.call('EXISTS', KEYS[1]) == 1 and (redis.call('GET', KEYS[2]) or '') == ARGV[1]
+end
+"""
+
+#: Write a chain blob only if its iteration is beyond the stored one, and
+#: only into the experiment the tick loaded. KEYS: config, generation, chain
+#: key, the experiment's ``chainver`` hash (metric -> iteration); ARGV:
+#: generation loaded, metric, iteration, blob. Returns 1 if written, 0 if
+#: stale, -1 if the experiment was deleted (or re-created) since the load.
+STORE_CHAIN = _SAME_EXPERIMENT + """
+if not same_experiment() then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[4], ARGV[2]))
+local it = tonumber(ARGV[3])
 if cur ~= nil and it <= cur then return 0 end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+return 1
+"""
+
+#: An estimate into the read model (latest, index, history, notice), only
+#: into the experiment the tick loaded, atomically with that check. KEYS:
+#: config, generation, estimate, estimates index, history; ARGV: generation
+#: loaded, record, index member, history point, history length - 1, notice
+#: channel, notice. Returns 1 if written, 0 if the experiment is gone.
+PUBLISH_ESTIMATE = _SAME_EXPERIMENT + """
+if not same_experiment() then return 0 end
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('LPUSH', KEYS[5], ARGV[4])
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[5]))
+redis.call('PUBLISH', ARGV[6], ARGV[7])
 return 1
 """
 
@@ -93,7 +126,12 @@ class SamplerService:
         #: MH acceptance of the last tick by block, averaged over its problems
         #: (liftstream_sampler_acceptance; see ``tick_acceptance``)
         self.acceptance: dict[str, float] = {}
+        self.gone_writes = 0  # writes refused: the experiment was deleted since the load
+        #: experiment -> its generation at the last load ('' = none): ``store``
+        #: writes only into that experiment (``generation_key``)
+        self._generations: dict[str, str] = {}
         self._store_chain = None
+        self._publish_estimate = None
 
     def own(self, eid: str) -> None:
         self.owned.add(eid)
@@ -104,6 +142,12 @@ class SamplerService:
         self.idle_at_seq.clear()
 
     def load(self, eids: list[str]):
+        # the generations before the snapshots: a delete in between makes the
+        # writes of this tick refused, never accepted into a newer experiment
+        gens = mget(self.r, [generation_key(e) for e in eids]) if eids else []
+        self._generations.update(
+            (e, "" if g is None else g.decode() if isinstance(g, bytes) else g)
+            for e, g in zip(eids, gens, strict=True))
         cfgs = self.registry.get_many(eids)
         c = None if self.events_topic is None else read_completeness(self.r, self.events_topic)
         snaps = [read_snapshot(self.r, cfgs[e], completeness=c) for e in eids if e in cfgs]
@@ -133,12 +177,17 @@ class SamplerService:
         """Write the chains, each only if its iteration is beyond the stored
         one (``STORE_CHAIN``: a sampler that lost the experiment in a
         rebalance but is still inside a tick cannot write back an older or
-        equal iteration), then the estimates of the chains written. Returns
-        those estimates: the ones to publish."""
+        equal iteration), then the estimates of the chains written
+        (``PUBLISH_ESTIMATE``). Both only into the experiment ``load`` read:
+        a tick in flight across the experiment's delete (or a delete and
+        re-create under its id) writes nothing back (issue 24). Returns the
+        estimates written: the ones to publish."""
         written: set[tuple[str, str]] = set()
-        sc = self.r.register_script(STORE_CHAIN) if self._store_chain is None \
-            else self._store_chain
-        self._store_chain = sc
+        if self._store_chain is None:
+            self._store_chain = self.r.register_script(STORE_CHAIN)
+            self._publish_estimate = self.r.register_script(PUBLISH_ESTIMATE)
+        sc, pe = self._store_chain, self._publish_estimate
+        gen = self._generations.get
         # redis-py refuses scripts in a cluster pipeline: there, one call each
         cluster = _is_cluster(self.r)
         pipe = self.r if cluster else self.r.pipeline(transaction=False)
@@ -149,37 +198,40 @@ class SamplerService:
             arrays = {f"s.{k}": v for k, v in st.state.items()}
             if st.window is not None:
                 arrays.update({f"w.{k}": v for k, v in st.window.items()})
-            done.append(sc(keys=[chain_key(eid, metric), chainver_key(eid)],
-                           args=[metric, int(st.state["iteration"]),
+            done.append(sc(keys=[cfg_key(eid), generation_key(eid), chain_key(eid, metric),
+                                 chainver_key(eid)],
+                           args=[gen(eid, ""), metric, int(st.state["iteration"]),
                                  encode(arrays, {"seq": st.seq, "fresh_from": st.fresh_from})],
                            client=pipe))
         for key, ok in zip(order, done if cluster else pipe.execute(), strict=True):
-            if ok:
+            if ok == 1:
                 written.add(key)
+            elif ok == -1:
+                self.gone_writes += 1
+                log.info("chain %s of %s not written: the experiment was deleted since "
+                         "this tick loaded it", key[1], key[0])
             else:
                 self.stale_writes += 1
                 log.warning("chain %s of %s not written: a newer iteration is stored "
                             "(another sampler owns it now)", key[1], key[0])
         recs = [rec for rec in recs if (rec["experiment_id"], rec["metric"]) in written]
-        pipe = self.r.pipeline(transaction=False)
-        notices = []
+        pipe = self.r if cluster else self.r.pipeline(transaction=False)
+        done = []
         for rec in recs:
             e, m, v = rec["experiment_id"], rec["metric"], rec["variant"]
-            pipe.set(estimate_key(e, m, v), dumps(rec))
-            pipe.sadd(estimates_index_key(e), f"{m}:{v}")
-            pipe.lpush(history_key(e, m, v), dumps(history_point(rec)))
-            pipe.ltrim(history_key(e, m, v), 0, HISTORY_LEN - 1)
-            notices.append(dumps({
+            notice = dumps({
                 "experiment_id": e, "metric": m, "variant": v,
-                "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]}))
-        if not cluster:  # a cluster pipeline refuses PUBLISH: after it, one each
-            for n in notices:
-                pipe.publish(NOTICE_CHANNEL, n)
-        pipe.execute()
-        if cluster:
-            for n in notices:
-                self.r.publish(NOTICE_CHANNEL, n)
-        return recs
+                "computed_at": rec["computed_at"], "watermark": rec["watermark"]["event_time"]})
+            done.append(pe(keys=[cfg_key(e), generation_key(e), estimate_key(e, m, v),
+                                 estimates_index_key(e), history_key(e, m, v)],
+                           args=[gen(e, ""), dumps(rec), f"{m}:{v}", dumps(history_point(rec)),
+                                 HISTORY_LEN - 1, NOTICE_CHANNEL, notice],
+                           client=pipe))
+        if not cluster and recs:
+            done = pipe.execute()
+        out = [rec for rec, ok in zip(recs, done, strict=True) if ok]
+        self.gone_writes += len(recs) - len(out)
+        return out
 
     def due(self) -> list[str]:
         """Owned experiments with work to do."""
@@ -302,7 +354,13 @@ def conclude(r: Any, cfg) -> list[dict]:
 
 def read_lifecycle(r: Any, cfg) -> str:
     """``running``, ``stopped`` (config status or end_at) or ``concluded``."""
-    if r.get(lifecycle_key(cfg.experiment_id)) is not None:
+    return lifecycle_of(cfg, r.get(lifecycle_key(cfg.experiment_id)))
+
+
+def lifecycle_of(cfg, marker: Any) -> str:
+    """``read_lifecycle`` from the value of the lifecycle key already read
+    (``marker``; None when absent), for readers that pipeline it."""
+    if marker is not None:
         return "concluded"
     return "stopped" if cfg.status == "stopped" or cfg.end_at is not None else "running"
 
@@ -325,10 +383,12 @@ def read_estimates(r: Any, eid: str) -> list[dict]:
     return [loads(v) for v in r.mget([estimate_key(eid, m, v) for m, v in names]) if v]
 
 
-def read_history(r: Any, eid: str, limit: int = 500) -> dict[str, list[dict]]:
+def read_history(r: Any, eid: str, limit: int = 500,
+                 series: list[tuple[str, str]] | None = None) -> dict[str, list[dict]]:
     """``"<metric>:<variant>"`` -> its last ``limit`` history points, oldest
-    first, in one round trip."""
-    names = estimate_names(r, eid)
+    first, in one round trip: of ``series`` (``(metric, variant)`` pairs; the
+    HTTP API reads the one its page shows), else of every series with an estimate."""
+    names = estimate_names(r, eid) if series is None else series
     if not names:
         return {}
     pipe = r.pipeline(transaction=False)

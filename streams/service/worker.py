@@ -30,11 +30,18 @@ def run_worker(settings: Settings, role: str, web: bool = True) -> None:
     :param settings: the worker's settings.
     :param role: ``ingest``, ``sampler`` or ``all``.
     :param web: serve the HTTP API (``streams.service.web``) on
-        ``settings.web_host:web_port``.
+        ``settings.web_host:web_port``; refused (``SystemExit``) when that would
+        expose it without a strong token (``check_exposure``).
     :returns: only when Faust's worker returns (it usually exits the process).
     """
     from streams.service.app import create_app
+    from streams.service.web import UnsafeWebSettings, check_exposure
 
+    if web:  # before any broker or Redis is contacted
+        try:
+            check_exposure(settings)
+        except UnsafeWebSettings as e:
+            raise SystemExit(f"liftstream worker: {e}") from None
     logging.basicConfig(level=settings.log_level.upper(),
                         format='{"t":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","msg":"%(message)s"}')

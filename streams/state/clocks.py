@@ -23,6 +23,7 @@ the I/O for the ingest worker (``streams.service.app``).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,11 +68,17 @@ class ClockService:
     completeness, advance the idle partitions among ``owned``."""
 
     def __init__(self, r: Any, topic: str, idle_seconds: float, configs: Callable[[], Iterable],
-                 hold_seconds: int = 86_400):
+                 hold_seconds: int = 86_400,
+                 on_count: Callable[[Mapping[str, int]], None] | None = None):
+        """``on_count``: gets the counts of an advance by outcome (held
+        metrics of never-exposed units that expired: ``unrouted_expired``),
+        the ones a batch's expiry reports in ``BatchResult.counts``; the
+        worker adds them to ``liftstream_events_total``."""
         self.r, self.topic = r, topic
         self.idle = IdleTracker(int(idle_seconds * 1000))
         self.configs = configs
         self.hold_seconds = hold_seconds
+        self.on_count = on_count
 
     def _read(self, field_map: str) -> dict[int, int]:
         out = {}
@@ -91,9 +98,12 @@ class ClockService:
             caught_up = applied.get(p, -1) + 1 >= high.get(p, 0)
             if self.idle.idle(p, clocks.get(p), caught_up, now_ms) and clocks.get(p) is not None \
                     and clocks[p] < now_ms:
+                rejected: list[tuple[int | None, str]] = []
                 clocks[p] = advance_partition(self.r, list(self.configs()), self.topic, p,
-                                              now_ms, self.hold_seconds, owned[p])
+                                              now_ms, self.hold_seconds, owned[p], rejected)
                 self.idle.since[p] = (clocks[p], now_ms)
+                if rejected and self.on_count is not None:
+                    self.on_count(Counter(why for _, why in rejected))
         c = completeness({p: clocks.get(p) for p in high}, applied, high)
         if c is None:
             self.r.delete(completeness_key(self.topic))

@@ -8,7 +8,10 @@ increments exactly one outcome; ``EVENT_NOTES`` are counted on top) and its
 dead letters (by reason) into that object::
 
     events        every outcome counter + every dead letter
-    applied       exposures + metric_applied
+    applied       exposures + before_start + metric_applied
+    before_start  exposures before the experiment's start, applied to its
+                  first entry bucket (an outcome, part of ``applied``: a
+                  clock-skew signal, not a loss)
     corrected ... retired   the counters of the same name
     retired_units, retired_filter_fpr   units whose records were dropped after
                   their correction horizon, and the chance that a new unit is
@@ -44,6 +47,9 @@ REPORTED: tuple[str, ...] = (
     "unknown_metric", "retired",
 )
 
+#: Counters of applied events (``applied``); ``before_start`` is also shown alone.
+APPLIED: tuple[str, ...] = ("exposures", "before_start", "metric_applied")
+
 #: The outcomes that partition ``events`` (what ``/metrics`` exposes per outcome):
 #: ``applied``, the reported counters, and ``dead_letter``.
 OUTCOMES: tuple[str, ...] = ("applied", *REPORTED, "dead_letter")
@@ -58,7 +64,8 @@ def data_quality_of(counters: Mapping[str, int], dead_letters: Mapping[str, int]
     events = sum(n for k, n in c.items() if k not in EVENT_NOTES) + extra_dl
     dropped = sum(c.get(k, 0) for k in DROPPED) + extra_dl
     out: dict = {"events": events,
-                 "applied": c.get("exposures", 0) + c.get("metric_applied", 0)}
+                 "applied": sum(c.get(k, 0) for k in APPLIED),
+                 "before_start": c.get("before_start", 0)}
     for k in REPORTED:
         out[k] = c.get(k, 0)
     for k in EVENT_NOTES:

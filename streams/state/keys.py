@@ -81,6 +81,12 @@ def unit_index_key(unit_id: str) -> str:
     return f"lr:{{u:{unit_id}}}:x"
 
 
+def unit_index_glob() -> str:
+    """SCAN pattern matching every unit's routing index (``unit_index_key``):
+    a delete removes the experiment's field from each (``registry.delete_state``)."""
+    return "lr:{u:*}:x"
+
+
 def unit_hold_key(unit_id: str) -> str:
     """hash ``lr:{u:<unit_id>}:held``: metrics without experiment_id held for
     the unit until one of its exposures arrives."""
@@ -133,7 +139,7 @@ class ExperimentKeys(NamedTuple):
 PER_SOURCE_KINDS = ("pending", "seen", "heldq")
 #: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
 EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
-    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth")
+    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen")
 
 
 def experiment_keys(experiment_id: str) -> ExperimentKeys:
@@ -213,6 +219,15 @@ def estimates_index_key(experiment_id: str) -> str:
     """set of ``<metric>:<variant>`` with an estimate (and a history), so
     readers never scan the keyspace."""
     return experiment_key(experiment_id, "estimates")
+
+
+def generation_key(experiment_id: str) -> str:
+    """string: a token set when the experiment's config is first registered
+    (``Registry.put``, SET NX) and deleted with it: the sampler writes back a
+    tick's chains and estimates only while it is the one the tick loaded, so a
+    tick in flight across a delete (or a delete and re-create under the same
+    id) recreates nothing."""
+    return experiment_key(experiment_id, "gen")
 
 
 def lifecycle_key(experiment_id: str) -> str:

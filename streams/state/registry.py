@@ -9,8 +9,12 @@ seconds, re-read on a miss).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from schemas.codec import dumps, loads
@@ -21,54 +25,115 @@ from schemas.validate import (
     incompatible_change,
     parse_experiment,
 )
-from streams.state.keys import EXPERIMENTS_SET, cells_key, cfg_key, experiment_glob, units_key
+from streams.state.keys import (
+    EXPERIMENTS_SET,
+    cells_key,
+    cfg_key,
+    experiment_glob,
+    generation_key,
+    lifecycle_key,
+    unit_index_glob,
+    units_key,
+)
+from streams.state.store import mget
 
 log = logging.getLogger("liftstream.registry")
 
 
 def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``): its
-    config, unit records, cells, chains, estimates, history, alerts. A rare
-    operator action, so a SCAN of the keyspace is acceptable here (request
-    paths never scan). The unit routing index (``lr:{u:<unit>}:x``) keeps
-    the experiment's field until the unit's entry expires; routing ignores
-    experiments not in the registry."""
-    pattern = experiment_glob(experiment_id)
+    config, generation, unit records, cells, chains, estimates, history,
+    alerts; and remove its field from every unit's routing index
+    (``lr:{u:<unit>}:x``), so an experiment registered later under the same
+    id inherits no exposure markers (issue 24: with them, its units' metrics
+    without experiment_id were routed to it before any exposure, held and
+    counted lost). A rare operator action, so a SCAN of the keyspace is
+    acceptable here (request paths never scan). Returns the number of
+    experiment keys removed."""
     n = 0
     buf: list = []
-    for k in r.scan_iter(match=pattern, count=batch):
+    for k in r.scan_iter(match=experiment_glob(experiment_id), count=batch):
         buf.append(k)
         if len(buf) >= batch:
             n += r.unlink(*buf)
             buf = []
     if buf:
         n += r.unlink(*buf)
+    _forget_in_index(r, experiment_id, batch)
     return n
 
 
+def _forget_in_index(r: Any, experiment_id: str, batch: int) -> None:
+    """HDEL the experiment from every unit's routing index, ``batch`` keys a
+    round trip (a hash left empty is gone with its last field)."""
+    pipe = r.pipeline(transaction=False)
+    for k in r.scan_iter(match=unit_index_glob(), count=batch):
+        pipe.hdel(k, experiment_id)
+        if len(pipe) >= batch:
+            pipe.execute()
+    if len(pipe):
+        pipe.execute()
+
+
 class Registry:
-    def __init__(self, r: Any, ttl: float = 5.0):
+    """Configs from Redis, cached per process.
+
+    A registered experiment's config (and whether it is concluded) is cached
+    for ``ttl`` seconds; an id that is not registered for ``negative_ttl``
+    seconds, in a cache of at most ``max_negative`` ids (the oldest forgotten
+    first), so junk experiment ids on the events topic cost neither memory
+    nor a Redis command each: ``get_many`` reads every id it has no fresh
+    entry for with one MGET (issue 24 defect 8). A ``put`` or ``delete``
+    through this object updates its cache at once; another process's is seen
+    within the TTLs."""
+
+    def __init__(self, r: Any, ttl: float = 5.0, negative_ttl: float = 1.0,
+                 max_negative: int = 4096):
         self.r = r
         self.ttl = ttl
-        self._cache: dict[str, tuple[float, ExperimentConfig | None]] = {}
+        self.negative_ttl = negative_ttl
+        self.max_negative = max_negative
+        #: registered ids: (read at, config, concluded); bounded by the registry
+        self._cache: dict[str, tuple[float, ExperimentConfig, bool]] = {}
+        #: ids found unregistered: read at (insertion order = age)
+        self._missing: OrderedDict[str, float] = OrderedDict()
 
-    def put(self, cfg: ExperimentConfig) -> None:
-        """Register ``cfg``. A change that an experiment with state cannot
-        take (``schemas.validate.incompatible_change``) raises
-        ``InvalidRecord("incompatible_config")``; the running config stays."""
-        old = self.get(cfg.experiment_id, fresh=True)
-        if old is not None and self.r.exists(units_key(cfg.experiment_id),
-                                              cells_key(cfg.experiment_id)):
-            why = incompatible_change(old, cfg)
+    def put(self, cfg: ExperimentConfig, now_ms: int | None = None) -> ExperimentConfig:
+        """Register ``cfg``; returns the config as stored. Without
+        ``started_at`` it keeps the registered one, or, for a new experiment,
+        gets the registration time (``now_ms``, default the wall clock) on
+        the bucket grid (``with_start``), so D and the entry buckets never
+        depend on the events' own timestamps (issue 24 defect 6). A change
+        that an experiment with state cannot take
+        (``schemas.validate.incompatible_change``; once concluded, also its
+        end_at and status) raises ``InvalidRecord("incompatible_config")``;
+        the running config stays."""
+        eid = cfg.experiment_id
+        old = self.get(eid, fresh=True)
+        has_state, concluded = self._state_of(eid)
+        cfg = with_start(cfg, old, has_state, now_ms)
+        if old is not None and (has_state or concluded):
+            why = incompatible_change(old, cfg, concluded=concluded)
             if why is not None:
                 raise InvalidRecord("incompatible_config",
-                                    f"experiment {cfg.experiment_id!r}: {why}; the running "
+                                    f"experiment {eid!r}: {why}; the running "
                                     "config stays", None)
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(cfg_key(cfg.experiment_id), dumps(experiment_to_dict(cfg)))
-        pipe.sadd(EXPERIMENTS_SET, cfg.experiment_id)
+        pipe.set(cfg_key(eid), dumps(experiment_to_dict(cfg)))
+        # a new experiment (or one from before generations): its generation
+        pipe.set(generation_key(eid), uuid.uuid4().hex, nx=True)
+        pipe.sadd(EXPERIMENTS_SET, eid)
         pipe.execute()
-        self._cache[cfg.experiment_id] = (time.monotonic(), cfg)
+        self._remember(eid, cfg, concluded)
+        return cfg
+
+    def _state_of(self, eid: str) -> tuple[bool, bool]:
+        """(has units or cells, concluded): what limits a config change."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(units_key(eid), cells_key(eid))
+        pipe.exists(lifecycle_key(eid))
+        n_state, n_lc = pipe.execute()
+        return bool(n_state), bool(n_lc)
 
     def delete(self, experiment_id: str) -> int:
         """A tombstone on the topic deletes the experiment: out of the
@@ -81,32 +146,91 @@ class Registry:
         return delete_state(self.r, experiment_id)
 
     def get(self, experiment_id: str, fresh: bool = False) -> ExperimentConfig | None:
+        """The config of ``experiment_id``, or None if it is not registered;
+        ``fresh``: read Redis whatever the cache holds."""
+        return self._lookup((experiment_id,), fresh).get(experiment_id)
+
+    def get_many(self, ids: Iterable[str]) -> dict[str, ExperimentConfig]:
+        """The registered configs among ``ids`` (one MGET for those without a
+        fresh cache entry, none when all have one)."""
+        return self._lookup(ids, fresh=False)
+
+    def concluded(self, experiment_id: str) -> bool:
+        """Whether the experiment is concluded, as of its cached entry (read
+        by ``get_many`` with its config): no Redis command."""
         hit = self._cache.get(experiment_id)
-        if hit is not None and not fresh and time.monotonic() - hit[0] < self.ttl:
-            return hit[1]
-        raw = self.r.get(cfg_key(experiment_id))
+        return hit is not None and hit[2]
+
+    def cache_size(self) -> int:
+        """Entries held: registered ids plus at most ``max_negative`` others."""
+        return len(self._cache) + len(self._missing)
+
+    def _lookup(self, ids: Iterable[str], fresh: bool) -> dict[str, ExperimentConfig]:
+        now = time.monotonic()
+        out: dict[str, ExperimentConfig] = {}
+        stale: list[str] = []
+        for eid in ids:
+            hit = self._cache.get(eid)
+            if not fresh and hit is not None and now - hit[0] < self.ttl:
+                out[eid] = hit[1]
+                continue
+            seen = self._missing.get(eid)
+            if not fresh and hit is None and seen is not None and now - seen < self.negative_ttl:
+                continue
+            stale.append(eid)
+        if not stale:
+            return out
+        got = mget(self.r, [cfg_key(e) for e in stale] + [lifecycle_key(e) for e in stale])
+        for eid, raw, lc in zip(stale, got[:len(stale)], got[len(stale):], strict=True):
+            cfg = self._parse(eid, raw)
+            if cfg is None:
+                self._forget(eid, now)
+            else:
+                self._remember(eid, cfg, lc is not None, now)
+                out[eid] = cfg
+        return out
+
+    @staticmethod
+    def _parse(eid: str, raw: bytes | None) -> ExperimentConfig | None:
         try:
-            cfg = parse_experiment(loads(raw)) if raw else None
+            return parse_experiment(loads(raw)) if raw else None
         except (InvalidRecord, ValueError) as e:
             # a bad stored config must not stop ingest: treat it as unregistered
-            log.warning("experiment %s: stored config is invalid (%s)", experiment_id, e)
-            cfg = None
-        self._cache[experiment_id] = (time.monotonic(), cfg)
-        return cfg
+            log.warning("experiment %s: stored config is invalid (%s)", eid, e)
+            return None
 
-    def get_many(self, ids) -> dict[str, ExperimentConfig]:
-        out = {}
-        for e in ids:
-            cfg = self.get(e)
-            if cfg is None:
-                cfg = self.get(e, fresh=True)
-            if cfg is not None:
-                out[e] = cfg
-        return out
+    def _remember(self, eid: str, cfg: ExperimentConfig, concluded: bool,
+                  now: float | None = None) -> None:
+        self._missing.pop(eid, None)
+        self._cache[eid] = (time.monotonic() if now is None else now, cfg, concluded)
+
+    def _forget(self, eid: str, now: float) -> None:
+        """``eid`` is not registered: drop its config, remember the miss for
+        ``negative_ttl``, evicting the oldest misses beyond ``max_negative``."""
+        self._cache.pop(eid, None)
+        self._missing.pop(eid, None)
+        self._missing[eid] = now
+        while len(self._missing) > self.max_negative:
+            self._missing.popitem(last=False)
 
     def ids(self) -> list[str]:
         return sorted(x.decode() if isinstance(x, bytes) else x
                       for x in self.r.smembers(EXPERIMENTS_SET))
+
+
+def with_start(cfg: ExperimentConfig, old: ExperimentConfig | None, has_state: bool,
+               now_ms: int | None = None) -> ExperimentConfig:
+    """``cfg`` with the start it is registered with: its own ``started_at``;
+    else the registered config's (a republished config without one keeps
+    it; state from before starts were stamped keeps none, its grid is the
+    epoch's); else ``now_ms`` (the wall clock) floored to the bucket grid."""
+    if cfg.started_at is not None:
+        return cfg
+    if old is not None and (old.started_at is not None or has_state):
+        return dataclasses.replace(cfg, started_at=old.started_at)
+    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    B = int(cfg.bucket_seconds) * 1000
+    return dataclasses.replace(cfg, started_at=now // B * B)
 
 
 def bootstrap_from_topic(bootstrap, topic: str, registry: Registry,

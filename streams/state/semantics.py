@@ -154,6 +154,7 @@ from streams.state.retired_filter import RetiredFilter
 #: ``EVENT_NOTES``, counted on top of an outcome).
 COUNTERS: tuple[str, ...] = (
     "exposures",
+    "before_start",
     "repeat_exposure",
     "conflict",
     "unknown_variant",
@@ -606,7 +607,8 @@ class ExperimentState:
         self.exposed[ev.variant] += 1
         heapq.heappush(self._pending.setdefault(source, []),
                        (close, ev.unit_id.encode("utf-8"), ev.unit_id))
-        self._count("exposures")
+        # before the configured start: applied to entry bucket 0 (bucket_of), counted apart
+        self._count("before_start" if ts < self.anchor else "exposures")
         held = self.held.pop(ev.unit_id, None)
         if held is not None:
             self._held_q.get(source, {}).pop(ev.unit_id, None)

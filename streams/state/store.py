@@ -48,15 +48,20 @@ notes below give the value formats.
    `exposed:<variant>`, `matured:<variant>`,
    `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `retired_cap`
    (8), `c:<counter>`
-   (``streams.state.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
-   experiment, at least once).
+   (``streams.state.semantics.COUNTERS``; `c:after_end` also counts the
+   exposures dead-lettered because the experiment is concluded), `dl:<reason>`
+   (dead letters of the experiment; both counted exactly once, in the
+   experiment's ingest call: ``apply_rows``'s ``dead``).
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
    every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
-   set of experiments the unit was exposed in. The key expires
-   ``index_ttl_ms`` (2 × the longest W + H + L) after the unit's last
-   exposure.
+   set of experiments the unit was exposed in. Every exposure sets the
+   key's TTL to ``index_ttl_ms`` (2 × the longest W + H + L of the batch's
+   experiments) unless its remaining TTL is longer: the TTL only grows, so
+   the key outlives each of its experiments' horizons after the unit's last
+   exposure to it (issue 24, defect 4). A delete removes the experiment's
+   field (``streams.state.registry.delete_state``).
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
@@ -339,17 +344,19 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
     the script raises ``Fenced`` when a newer owner wrote the experiment.
 
-    ``dead``: (offset, reason) of the batch's dead letters attributed to the
-    experiment; each adds 1 to its ``dl:<reason>`` in the same atomic step,
-    skipped like the events when its offset was applied before (a retried
-    batch counts none twice). Dead letters alone do not settle.
+    ``dead``: (offset, meta field) of the batch's dead letters attributed to
+    the experiment, the field ``dl:<reason>`` or, for a dead letter that
+    stands for one of its counters, ``c:<counter>`` (``c:after_end``: an
+    exposure to a concluded experiment); each adds 1 to its field in the same
+    atomic step, skipped like the events when its offset was applied before
+    (a retried batch counts none twice). Dead letters alone do not settle.
     """
     argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
     if dead:
         argv.append(str(len(dead)))
-        for off, reason in dead:
-            argv += [str(int(off)), reason]
+        for off, meta_field in dead:
+            argv += [str(int(off)), meta_field]
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
     with script_errors():
         return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
@@ -591,7 +598,7 @@ def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partit
 
 def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
                        rows: Sequence[tuple], hold_seconds: int = 86_400, hold_max: int = 64,
-                       rejected: list[tuple[int, str]] | None = None,
+                       rejected: list[tuple[int | None, str]] | None = None,
                        fold_limit: int = FOLD_LIMIT,
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
@@ -607,10 +614,12 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     belongs to its first offset). Returns per-experiment Lua results and the
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
-    experiment, ``unrouted_expired`` = over the hold bound). ``clocked_rows``:
+    experiment, ``unrouted_expired`` = over the hold bound), and (None,
+    ``unrouted_expired``) per held metric of a never-exposed unit that the
+    batch's clock expired (``expire_unit_holds``). ``clocked_rows``:
     ``clocked_batch``'s result for ``rows``, when the caller already has it;
     ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale);
-    ``dead``: per experiment of ``known``, (offset, reason) of the batch's
+    ``dead``: per experiment of ``known``, (offset, meta field) of the batch's
     dead letters attributed to it, counted in its experiment's call (one
     without events where it has none): exactly once, like the events."""
     if clocked_rows is None:
@@ -626,7 +635,8 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                             fold_limit, epoch, dead[e])
     if not crows:
         return out, clk
-    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    _count_expired(rejected, expire_unit_holds(r, topic, partition,
+                                               clk - int(hold_seconds) * 1000))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
                     epoch)
     return out, clk
@@ -661,15 +671,27 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
 
 
 def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, partition: int,
-                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None) -> int:
+                      clock_ms: int, hold_seconds: int = 86_400, epoch: int | None = None,
+                      rejected: list[tuple[int | None, str]] | None = None) -> int:
     """``Reducer.advance``: an idle, caught-up partition's clock moves to
-    ``clock_ms`` if later; every experiment settles on it. Returns the clock."""
+    ``clock_ms`` if later; every experiment settles on it. Returns the clock;
+    ``rejected`` gets (None, ``unrouted_expired``) per held metric of a
+    never-exposed unit that expired, as ``apply_source_batch``'s does."""
     record_position(r, topic, partition, None, clock_ms, epoch)
     clk = partition_clock(r, topic, partition)
     for cfg in configs:
         settle(r, cfg, topic, partition, clk, epoch=epoch)
-    expire_unit_holds(r, topic, partition, clk - int(hold_seconds) * 1000)
+    _count_expired(rejected, expire_unit_holds(r, topic, partition,
+                                               clk - int(hold_seconds) * 1000))
     return clk
+
+
+def _count_expired(rejected: list[tuple[int | None, str]] | None, lost: int) -> None:
+    """``lost`` expired held metrics as ``rejected`` entries: no row of the
+    batch is theirs (None), their reason is ``unrouted_expired`` (the
+    reducer's counter of the same name counts them the same way)."""
+    if rejected is not None and lost:
+        rejected.extend([(None, "unrouted_expired")] * lost)
 
 
 def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000
@@ -743,6 +765,21 @@ def _before(marker: str, topic: str | None, partition: int | None, offset: int) 
         return True
 
 
+_UNREAD = object()
+
+
+def _applied_offset(r: Any, topic: str | None, partition: int | None) -> int | None:
+    """The partition's last offset recorded as fully applied
+    (``record_position``), or None. A row at or below it belongs to a replay
+    of a batch whose holds were written, counted and maybe expired already:
+    holding it again would count it ``unrouted_expired`` twice or release it
+    after it was counted lost."""
+    if topic is None or partition is None:
+        return None
+    v = r.hget(INGEST_OFFSETS, offsets_field(topic, partition))
+    return None if v is None else _int(v)
+
+
 def route_rows(
     r: Any,
     rows: Sequence[tuple],
@@ -766,7 +803,9 @@ def route_rows(
       without experiment_id that arrived before it;
     * metrics without experiment_id go to every experiment whose recorded
       exposure came before them (or an exposure earlier in the batch); with
-      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
+      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``),
+      unless the partition recorded their offset as applied already (a replay:
+      one HGET, only in a batch with such a metric).
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -804,6 +843,7 @@ def route_rows(
 
     out: dict[str, list[tuple]] = {}
     in_batch: dict[str, set[str]] = {}
+    applied: Any = _UNREAD  # the partition's recorded offset, read once if needed
     new_holds: list[tuple[str, str, bytes, int]] = []  # unit, field, value, ts
     for i, row in enumerate(rows):
         exp, uid = row[3], row[4]
@@ -836,6 +876,10 @@ def route_rows(
             for e in sorted(targets):
                 out.setdefault(e, []).append(row)
             if not targets:
+                if applied is _UNREAD:
+                    applied = _applied_offset(r, source_topic, partition)
+                if applied is not None and row[0] <= applied:
+                    continue  # a replay of a recorded row: counted (and maybe expired) then
                 f = _marker(source_topic, partition, row[0])
                 h = holds.setdefault(uid, {})
                 if f not in h and len(h) >= hold_max:
@@ -885,7 +929,8 @@ def mget(r: Any, keys: Sequence[str]) -> list:
 def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
-    the registered experiments, so the index is bounded by the units active
+    the experiments in ``known`` (a batch's; the script never shortens a
+    longer TTL another experiment set), so the index is bounded by the units active
     in that time (docs/architecture.md#state) while a unit's metrics, which come within its
     window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more
@@ -910,13 +955,20 @@ def _index_round_trip(r: Any, units: list[str], n_always: int,
         pipe = r.pipeline(transaction=False)
         for (u, e), off in exposing.items():
             pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
-            if ttl_ms > 0:
-                pipe.pexpire(unit_index_key(u), ttl_ms)
+            pipe.pttl(unit_index_key(u))
         n_writes = len(pipe)
         for u in units:
             pipe.hgetall(unit_index_key(u))
             pipe.hgetall(unit_hold_key(u))
-        got = pipe.execute()[n_writes:]
+        res = pipe.execute()
+        got = res[n_writes:]
+        if ttl_ms > 0:  # the TTL only grows (route.lua's rule; a second round trip here)
+            pipe = r.pipeline(transaction=False)
+            for (u, _), left in zip(exposing, res[1:n_writes:2], strict=True):
+                if left < ttl_ms:
+                    pipe.pexpire(unit_index_key(u), ttl_ms)
+            if len(pipe):
+                pipe.execute()
         return [[h, hd] if i < n_always or hd else 0
                 for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
     keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]

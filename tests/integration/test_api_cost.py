@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 
+from schemas.records import ExperimentConfig
 from streams.sampling.advance import StoredChains, TickConfig
 from streams.sampling.sampler import SamplerService, read_estimates, read_history
 from streams.state.registry import Registry
@@ -46,7 +47,10 @@ def _reads(r) -> tuple[list, dict, dict[str, int]]:
 def test_reads_do_not_grow_with_unrelated_keys(redis_url):
     r = redis.Redis.from_url(redis_url)
     r.flushall()
-    svc = SamplerService(r, Registry(r), TickConfig())
+    reg = Registry(r)
+    reg.put(ExperimentConfig(experiment_id="api"))  # the sampler writes only into it
+    svc = SamplerService(r, reg, TickConfig())
+    svc.load(["api"])  # ... as the tick loaded it (its generation)
     names = [("value", "treatment"), ("value", "treatment_b"), ("revenue", "treatment"),
              ("revenue", "treatment_b")]
     for i in range(1, 4):  # three ticks

@@ -26,7 +26,7 @@ import redis
 from schemas.codec import dumps, loads
 from schemas.validate import experiment_to_dict
 from streams.dev.simulate import make_traffic
-from streams.sampling.analyze import fold, read_experiments
+from streams.sampling.analyze import AS_OF_NOW, fold, read_experiments
 from streams.sampling.chains import decode
 from streams.state.keys import chain_key, estimate_key, experiment_key
 from streams.state.store import read_counters, read_snapshot
@@ -95,7 +95,7 @@ def test_backlog_equals_analyze(kafka_bootstrap, redis_url, tmp_path, workers, k
     assert events_counted(r, ids) == len(evs)
 
     # the offline fold of the same file (liftstream analyze's), advanced to now
-    red = fold(read_experiments(exp_path), ev_path, Counter())
+    red = fold(read_experiments(exp_path), ev_path, Counter(), as_of=AS_OF_NOW)
     want = red.snapshots()
     # the live worker matures the rest once its partitions are idle (2 s)
     wait_until(lambda: all(sum(read_snapshot(r, c).matured.values())

@@ -25,17 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import subprocess
 import tempfile
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import redis
 
 from schemas.codec import dumps
 from streams.service.web import truth_key
+from tests.support.browser import chromium, run_chromium
 from tests.support.streaming_harness import (
     make_stack,
     produce,
@@ -48,23 +48,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 DAY_MS = 86_400_000
 START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
 EID = "dash"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
-
-
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-def run_chromium(url: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="liftstream-chromium-") as profile:
-        return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                               *args, url], capture_output=True, timeout=timeout)
 
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
@@ -151,8 +134,11 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
         return None if raw is None else json.loads(raw)
 
     def history_len() -> int:
-        h = api(f"/experiments/{EID}/history") or {"history": {}}
-        return max((len(v) for v in h["history"].values()), default=0)
+        """The longest series' history (the API gives one series per request)."""
+        recs = (api(f"/experiments/{EID}/estimates") or {"estimates": []})["estimates"]
+        hists = [api(f"/experiments/{EID}/history?metric={r['metric']}&variant={r['variant']}")
+                 for r in recs]
+        return max((len(h["history"]) for h in hists if h), default=0)
 
     evs = sorted(evs, key=lambda e: e["ts"])
     chunks = [evs[: len(evs) // 3], evs[len(evs) // 3: 2 * len(evs) // 3],
@@ -165,7 +151,7 @@ def test_dashboard_in_chromium(kafka_bootstrap, redis_url, tmp_path, workers):
     wait_until(lambda: (api(f"/experiments/{EID}/estimates") or {}).get("estimates"), 60,
                "estimates from the API", workers=[w])
 
-    url = w.url("/")
+    url = w.url(f"/experiment?experiment={EID}")
     for _attempt in range(3):
         before = api(f"/experiments/{EID}/estimates")["estimates"]
         res = run_chromium(url, "--virtual-time-budget=8000", "--dump-dom")
@@ -277,7 +263,8 @@ def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_pa
 
     rec = wait_until(est, 120, "an estimate with every unit matured and every bin drawn",
                      workers=[w], interval=0.5)
-    res = run_chromium(w.url("/"), "--virtual-time-budget=8000", "--dump-dom")
+    res = run_chromium(w.url(EXPERIMENT_PAGE.format(eid)), "--virtual-time-budget=8000",
+                       "--dump-dom")
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
     dom = Dom()
     dom.feed(res.stdout.decode())
@@ -295,3 +282,230 @@ def test_dashboard_plots_lift_by_exposure_age(kafka_bootstrap, redis_url, tmp_pa
     assert f"first-days minus later lift {pct(c['mean'])} [{pct(c['lo'])}, {pct(c['hi'])}]" \
         in shown, (shown, c)
     assert f"{c['strata_used']} of {rec['novelty']['strata']} activity values" in shown
+
+
+DIGIT = re.compile(r"\d")
+
+
+def render(w, path: str, *extra: str) -> Dom:
+    """``path`` of worker ``w`` rendered by headless Chromium (its refreshes
+    run in virtual time), parsed; fails unless the page finished a refresh."""
+    res = run_chromium(w.url(path), "--virtual-time-budget=8000", "--dump-dom", *extra)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    dom = Dom()
+    dom.feed(res.stdout.decode())
+    assert dom.body.get("data-ready") == "1", ("the page never finished a refresh",
+                                               dom.text.get("status"))
+    return dom
+
+
+#: the experiment page's cells that hold the estimate's numbers
+NUMBER_CELLS = ("adjusted-mean", "adjusted-interval", "adjusted-lift", "adjusted-ppos",
+                "naive-mean", "naive-interval", "naive-lift", "naive-ppos")
+EXPERIMENT_PAGE = "/experiment?experiment={}"
+
+
+def test_defect_empty_experiment_shows_no_numbers(kafka_bootstrap, redis_url, tmp_path, workers):
+    """Issue 29: an experiment that never received an event has estimates
+    from prior draws alone; the page showed them (a lift of -183%) as if they
+    meant something. It must show no effect, lift or P(>0) number, and say it
+    waits for data."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    from schemas.records import ExperimentConfig
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dempty", partitions=1,
+                    tick_seconds=1.0, chains=4)
+    st.create_topics()
+    st.register([ExperimentConfig(experiment_id="empty", started_at=START)])
+    w = start_web_worker(workers, st, "all")
+    wait_until(lambda: json.loads(w.get("/experiments/empty/estimates") or b'{"estimates": []}'
+                                  )["estimates"], 60, "an estimate of the empty experiment",
+               workers=[w], interval=0.3)
+    dom = render(w, EXPERIMENT_PAGE.format("empty"))
+    shown = {k: dom.text.get(k, "").strip() for k in NUMBER_CELLS}
+    assert not any(DIGIT.search(v) for v in shown.values()), shown
+    assert "waiting for data" in dom.text.get("waiting", ""), dom.text.get("waiting")
+
+
+def _pct(x: float | None) -> str:
+    """The pages' ``pct``: one decimal and a percent sign."""
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _close_pct(shown: str, x: float) -> bool:
+    return abs(float(shown.rstrip("%")) - 100 * x) <= 0.05 + 1e-9
+
+
+def _experiment_page(w, eid: str, shots, name: str) -> tuple[Dom, str, dict, dict]:
+    """The experiment page of ``eid`` rendered and matched to the API's
+    estimate of the same chain iteration (fetched before and after the
+    render; retried when neither matches), and its screenshot under
+    ``shots``. Returns (dom, html, the record shown, its reading)."""
+    for _ in range(3):
+        before = json.loads(w.get(f"/experiments/{eid}/estimates"))["estimates"]
+        res = run_chromium(w.url(EXPERIMENT_PAGE.format(eid)), "--virtual-time-budget=8000",
+                           "--dump-dom")
+        after = json.loads(w.get(f"/experiments/{eid}/estimates"))["estimates"]
+        html = res.stdout.decode()
+        dom = Dom()
+        dom.feed(html)
+        assert dom.body.get("data-ready") == "1", dom.text.get("status")
+        m = re.search(r"iteration (\d+)", dom.text.get("diag", ""))
+        first = (before[0]["metric"], before[0]["variant"])
+        recs = [r for snap in (before, after) for r in snap
+                if m and r["diagnostics"]["iteration"] == int(m.group(1))
+                and (r["metric"], r["variant"]) == first]
+        if recs:
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"{eid}: the page's iteration matched no API snapshot")
+    rec = recs[0]
+    exp = json.loads(w.get(f"/experiments/{eid}"))
+    rd = exp["readings"][f"{rec['metric']}:{rec['variant']}"]
+    shot = shots / f"experiment-{name}.png"
+    res = run_chromium(w.url(EXPERIMENT_PAGE.format(eid)), "--virtual-time-budget=8000",
+                       "--window-size=1400,1000", f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.stat().st_size > 20_000, res.stderr[-2000:]
+    # event-time labels on the chart in every state
+    assert len(re.findall(r'data-axis="time"', html)) >= 2, name
+    return dom, html, rec, rd
+
+
+def _numbers_equal_api(dom: Dom, rec: dict, rd: dict) -> None:
+    """The effect, interval, lift and P(>0) cells are the record's, the lift
+    only where the reading allows it."""
+    for part in ("adjusted", "naive"):
+        e = rec[part]["effect"]
+        assert f3_js_ok(dom.text[f"{part}-mean"].strip(), e["mean"]), (part, dom.text, e)
+        lo, hi = dom.text[f"{part}-interval"].strip().strip("[]").split(", ")
+        assert f3_js_ok(lo, e["lo"]) and f3_js_ok(hi, e["hi"]), (part, e)
+        assert _close_pct(dom.text[f"{part}-ppos"].strip(), rec[part]["p_positive"])
+        lift = dom.text[f"{part}-lift"].strip()
+        if rd["lift_note"][part] is None:
+            assert _close_pct(lift, rec[part]["lift"]["mean"]), (part, lift, rec[part]["lift"])
+        else:
+            assert lift == "—", (part, lift, rd["lift_note"][part])
+
+
+def test_overview_and_experiment_page_states(kafka_bootstrap, redis_url, tmp_path, workers):
+    """Issue 29, in headless Chromium: three experiments in three states (no
+    data, early: some units matured, mature: all of them) on one worker.
+
+    The overview (``/``) lists them most recently active first, as the API
+    does; its numbers are the API's, and the empty one shows none but what it
+    waits for. The experiment page of each state: no number without matured
+    units (and "waiting for data"), the API's numbers otherwise, the lift only
+    where the control mean's interval excludes 0, event-time labels always, a
+    y-range from the data once there is some. Screenshots of all four pages are
+    written to a temporary directory (printed)."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    from schemas.records import ExperimentConfig
+    from streams.dev.simulate import make_traffic
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dstates", partitions=1,
+                    tick_seconds=1.0, chains=4)
+    st.create_topics()
+    mcfg, mevs, mtruth = make_traffic(2500, 8, "mature", seed=3, window_seconds=86_400,
+                                      started_at=START)
+    early_start = START + 10 * DAY_MS
+    ecfg, eevs, _ = make_traffic(2000, 3, "early", seed=4, window_seconds=86_400,
+                                 started_at=early_start)
+    eevs = [e for e in eevs if e["ts"] < early_start + int(1.6 * DAY_MS)]  # a prefix: few matured
+    st.register([mcfg, ecfg, ExperimentConfig(experiment_id="empty", started_at=START)])
+    r = redis.Redis.from_url(redis_url)
+    r.set(truth_key("mature"), dumps(mtruth))
+    w = start_web_worker(workers, st, "all")
+    produce(st.bootstrap, st.events_topic, sorted(mevs, key=lambda e: e["ts"]))
+    produce(st.bootstrap, st.events_topic, sorted(eevs, key=lambda e: e["ts"]))
+
+    def overview() -> list[dict]:
+        return json.loads(w.get("/experiments") or b'{"overview": []}')["overview"]
+
+    def settled():
+        ov = {e["experiment_id"]: e for e in overview()}
+        ok = (len(ov) == 3 and all(e["primary"] for e in ov.values())
+              and ov["mature"]["units"]["matured"] == ov["mature"]["units"]["exposed"] > 0
+              and 0 < ov["early"]["units"]["matured"] < ov["early"]["units"]["exposed"]
+              and all(v["has_data"] for k in ("mature", "early")
+                      for v in ov[k]["primary"]["variants"]))
+        return ov if ok else None
+
+    ov = wait_until(settled, 120, "three experiments in three states", workers=[w], interval=0.5)
+    assert [e["experiment_id"] for e in overview()] == ["early", "mature", "empty"]
+    assert ov["empty"]["units"] == {"exposed": 0, "matured": 0,
+                                    "by_variant": {"exposed": {"control": 0, "treatment": 0},
+                                                   "matured": {"control": 0, "treatment": 0}}}
+    assert ov["empty"]["primary"]["variants"][0]["effect"] is None
+    shots = Path(tempfile.mkdtemp(prefix="liftstream-dashboard-"))
+
+    # the overview: order, numbers and the empty state, as the API says
+    for _ in range(3):
+        api_before = {e["experiment_id"]: e for e in overview()}
+        html = run_chromium(w.url("/"), "--virtual-time-budget=6000", "--dump-dom").stdout.decode()
+        api_after = {e["experiment_id"]: e for e in overview()}
+        dom = Dom()
+        dom.feed(html)
+        assert dom.body.get("data-ready") == "1", dom.text.get("status")
+        rows = re.findall(r'<tr id="ov-([^"]+)"', html)
+        assert rows == ["early", "mature", "empty"], rows
+
+        def shown_as(api: dict, eid: str, dom: Dom = dom) -> bool:
+            v = api[eid]["primary"]["variants"][0]
+            text = {k: dom.text.get(f"ov-{eid}-treatment-{k}", "").strip()
+                    for k in ("effect", "lift", "ppos")}
+            e, lift = v["effect"], v["lift"]
+            return (text["effect"] == f"{f3(e['mean'])} [{f3(e['lo'])}, {f3(e['hi'])}]"
+                    and text["lift"] == ("—" if lift is None else f"{_pct(lift['mean'])} "
+                                         f"[{_pct(lift['lo'])}, {_pct(lift['hi'])}]")
+                    and text["ppos"] == _pct(v["p_positive"]))
+
+        if all(shown_as(api_before, k) or shown_as(api_after, k) for k in ("mature", "early")):
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"overview numbers differ from the API's: {dom.text}")
+    for eid in ("mature", "early"):
+        assert dom.text[f"ov-{eid}-exposed"].strip() == f"{ov[eid]['units']['exposed']:,}"
+    # every row spans the header's columns: the waiting cell takes the place of
+    # the effect, lift and P(>0) cells, it does not push alerts and quality right
+    header = len(re.findall(r"<th[ >]", html.split("</thead>")[0]))
+    for tr in re.findall(r'<tr id="ov-[^"]+">(.*?)</tr>', html, re.S):
+        spans = [int(c or 1) for c in re.findall(r'<td(?: colspan="(\d+)")?[ >]', tr)]
+        assert sum(spans) == header, (header, spans, tr[:300])
+    waiting = dom.text.get("ov-empty-waiting", "")
+    assert waiting.startswith("waiting for data: 0 exposed, 0 matured"), waiting
+    assert not any(k.startswith("ov-empty-treatment") for k in dom.text), "numbers for no data"
+    assert dom.text["ov-mature-status"].strip() == "running"
+    shot = shots / "overview.png"
+    res = run_chromium(w.url("/"), "--virtual-time-budget=6000", "--window-size=1400,500",
+                       f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.stat().st_size > 10_000
+
+    # the experiment page in each state
+    dom, html, rec, rd = _experiment_page(w, "empty", shots, "no-data")
+    assert not rd["has_data"]
+    assert not any(DIGIT.search(dom.text.get(k, "")) for k in NUMBER_CELLS), dom.text
+    assert dom.text["waiting"].startswith("waiting for data: 0 exposed, 0 matured")
+    assert "adjusted" not in dom.series and "truth" not in dom.series, dom.series.keys()
+
+    for eid, name in (("early", "early"), ("mature", "mature")):
+        dom, html, rec, rd = _experiment_page(w, eid, shots, name)
+        assert rd["has_data"] and dom.text.get("waiting", "").strip() == ""
+        _numbers_equal_api(dom, rec, rd)
+        assert "adjusted" in dom.series and "naive" in dom.series
+        assert ("truth" in dom.series) == (eid == "mature"), dom.series.keys()
+        if rec["adjustment"] == "unavailable":
+            assert dom.text["adjustment-note"].strip(), "adjustment unavailable without a reason"
+    # the y-range comes from the data's intervals (points with matured units), not the prior's
+    hist = json.loads(w.get(f"/experiments/mature/history?metric={rec['metric']}"
+                            f"&variant={rec['variant']}"))["history"]
+    pts = [p for p in hist if p["matured"] > 0]
+    reach = max([abs(x) for p in pts for k in ("adjusted", "naive") for x in p[k][1:]]
+                + [abs(mtruth["effect"])])
+    labels = re.findall(r'<text x="4" y="[^"]+">([+-]\d+\.\d{3})</text>', html)
+    assert labels and max(abs(float(x)) for x in labels) <= 1.1 * reach + 1e-3, (labels, reach)
+    r.close()
+    print(f"\n[dashboard] screenshots in {shots}: {sorted(p.name for p in shots.iterdir())}")

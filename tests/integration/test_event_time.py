@@ -169,9 +169,9 @@ def test_too_old_exposures_dead_letters_agree_with_data_quality(r):
     ingest; the experiment must count it ``too_old`` too, whatever else it
     is (issue 24): a re-exposure of a known unit, a re-sent copy of it. The
     reducer agrees."""
-    c = cfg()  # W 10 s, H 20 s, L 1 s: too old once ts + 31 s <= the clock
+    c = cfg(started_at=T0)  # W 10 s, H 20 s, L 1 s: too old once ts + 31 s <= the clock
     reg = Registry(r)
-    reg.put(c)
+    reg.put(c)  # with its start (else the registration time: before_start)
     ing = Ingestor(r, reg)
     now = T0 + 200_000
     evs = [Exposure("a", "e1", "u", "control", T0 + 90_000, 1.0),

@@ -31,9 +31,12 @@ from base64 import b64decode
 import pytest
 import redis
 
-from schemas.codec import loads
-from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
-from streams.state.keys import experiment_key
+from schemas.codec import dumps, loads
+from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from schemas.validate import InvalidRecord
+from streams.ingest.ingestor import Ingestor
+from streams.sampling.sampler import conclude, read_estimates, read_history, read_lifecycle
+from streams.state.keys import experiment_key, units_key
 from streams.state.registry import Registry
 from streams.state.store import read_counters
 from tests.support.scale_helpers import fed, pinned_case, pinned_producer, produce_pinned
@@ -42,6 +45,7 @@ from tests.support.streaming_harness import (
     Workers,
     assert_state_close,
     consume_all,
+    event_dict,
     events_counted,
     make_stack,
     settle_all,
@@ -145,3 +149,68 @@ def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
     finally:
         ws.close()
         r.close()
+
+
+# --- issue 24 defect 5: a concluded experiment stays concluded -------------------------
+
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+STOPPED = ExperimentConfig(experiment_id="cl1", variants=("control", "t1"),
+                           metrics=(MetricSpec("rev"),), window_seconds=3600,
+                           lateness_seconds=0, correction_seconds=0, started_at=T0,
+                           status="stopped", end_at=T0 + HOUR)
+
+
+def _concluded(r) -> Registry:
+    """STOPPED with five units and a metric each, its clock far past end_at +
+    W + H, then concluded (``sampler.conclude``): units deleted, cells kept."""
+    reg = Registry(r)
+    reg.put(STOPPED)
+    evs = [Exposure(f"x{i}", "cl1", f"u{i}", ("control", "t1")[i % 2], T0 + i, 1.0)
+           for i in range(5)]
+    evs += [Metric(f"m{i}", f"u{i}", "rev", 2.0, T0 + 10 + i, "cl1") for i in range(5)]
+    evs.append(Exposure("late", "cl1", "u-new", "t1", T0 + 10 * HOUR, 1.0))  # after_end
+    Ingestor(r, reg).process("t", 0, [(i, dumps(event_dict(e))) for i, e in enumerate(evs)],
+                             T0 + 10 * HOUR)
+    assert read_counters(r, "cl1")["exposures"] == 5
+    conclude(r, STOPPED)
+    assert read_lifecycle(r, STOPPED) == "concluded" and not r.exists(units_key("cl1"))
+    return reg
+
+
+@pytest.mark.timeout(60)
+def test_defect5_reopening_a_concluded_experiment_is_refused(redis_url):
+    """Clearing end_at (or setting status back to running) on a concluded
+    experiment would re-fold its old units a second time: refused
+    ``incompatible_config``, the stopped config stays."""
+    r = redis.Redis.from_url(redis_url)
+    reg = _concluded(r)
+    for change in ({"end_at": None, "status": "running"}, {"end_at": T0 + 2 * HOUR},
+                   {"status": "running"}):
+        with pytest.raises(InvalidRecord) as ei:
+            reg.put(dataclasses.replace(STOPPED, **change))
+        assert ei.value.code == "incompatible_config", change
+        assert Registry(r).get("cl1", fresh=True) == STOPPED
+    reg.put(dataclasses.replace(STOPPED, alert_thresholds={"srm": 0.01}))  # others may change
+
+
+@pytest.mark.timeout(60)
+def test_defect5_exposure_to_concluded_experiment_is_dead_lettered(redis_url):
+    """An exposure to a concluded experiment (an old unit back, or a new one)
+    is dead-lettered ``after_end``, counted ``after_end`` exactly once (in the
+    experiment's ingest call, under its offset skip: a retried ``process``
+    counts none again), and creates no unit record."""
+    r = redis.Redis.from_url(redis_url)
+    _concluded(r)
+    before = read_counters(r, "cl1")
+    evs = [Exposure("again", "cl1", "u0", "control", T0 + 11 * HOUR, 1.0),
+           Exposure("new", "cl1", "u-newer", "t1", T0 + 11 * HOUR, 1.0)]
+    ing = Ingestor(r, Registry(r))
+    for _ in range(2):  # the run, then its retry after a transient error
+        res = ing.process("t", 0, [(100 + i, dumps(event_dict(e))) for i, e in enumerate(evs)],
+                          T0 + 11 * HOUR)
+        assert [d["reason"]["code"] for d in res.dead_letters] == ["after_end", "after_end"]
+    after = read_counters(r, "cl1")
+    assert after["after_end"] == before["after_end"] + 2
+    assert after["exposures"] == before["exposures"]
+    assert not r.exists(units_key("cl1"))

@@ -23,14 +23,19 @@ from __future__ import annotations
 import random
 import time
 
+import numpy as np
 import pytest
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.config.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
+from streams.sampling.advance import StoredChains, TickConfig
+from streams.sampling.sampler import SamplerService
 from streams.state.keys import (
     INGEST_OFFSETS,
+    NOTICE_CHANNEL,
     PARTITION_CLOCKS,
     PARTITION_EPOCHS,
+    estimate_key,
     experiment_key,
     unit_index_key,
 )
@@ -150,6 +155,52 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
     assert sum(got.exposed.values()) == len(units) == sum(got.matured.values())
     per_master = assert_layout(c, "spread", units)
     print(f"\n[cluster] unit routing keys per master: {per_master}")
+
+
+def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F811
+    """Issue 24 on the cluster's code paths (a pipeline instead of route.lua,
+    scripts one call each): the routing index TTL only grows; the sampler's
+    guarded writes (and their notice) land in a registered experiment; a
+    delete removes the experiment's keys and its routing-index fields, and a
+    tick in flight across it writes nothing back."""
+    c = cluster_r
+    now = int(time.time() * 1000)
+    long_ = ExperimentConfig(experiment_id="clong", window_seconds=60, correction_seconds=60,
+                             lateness_seconds=0)
+    short = ExperimentConfig(experiment_id="cshort", window_seconds=1, correction_seconds=0,
+                             lateness_seconds=0)
+    apply_source_batch(c, {"clong": long_}, "t.ttl", 0,
+                       [event_row(0, Exposure("x1", "clong", "cu", "control", now))])
+    apply_source_batch(c, {"cshort": short}, "t.ttl", 0,
+                       [event_row(1, Exposure("x2", "cshort", "cu", "control", now + 1))])
+    assert c.pttl(unit_index_key("cu")) > 200_000
+
+    reg = Registry(c)
+    reg.put(long_)
+    svc = SamplerService(c, reg, TickConfig())
+    eff = {"mean": 0.1, "lo": 0.0, "hi": 0.2}
+    rec = {"experiment_id": "clong", "metric": "value", "variant": "treatment",
+           "computed_at": now, "watermark": {"event_time": now}, "adjusted": {"effect": eff},
+           "naive": {"effect": eff}, "diagnostics": {"rhat": 1.0, "iteration": 50}}
+    chains = {("clong", "value"): StoredChains({"iteration": np.array(50)}, None)}
+    ps = c.pubsub()
+    ps.subscribe(NOTICE_CHANNEL)
+    svc.load(["clong"])
+    assert svc.store(chains, [rec]) == [rec]
+    assert c.get(estimate_key("clong", "value", "treatment"))
+    deadline = time.monotonic() + 5
+    got = None
+    while got is None and time.monotonic() < deadline:
+        m = ps.get_message(timeout=0.5)
+        got = m if m and m["type"] == "message" else None
+    assert got is not None, "the estimate's notice"
+    ps.close()
+
+    chains = {("clong", "value"): StoredChains({"iteration": np.array(100)}, None)}
+    reg.delete("clong")
+    assert svc.store(chains, [dict(rec, diagnostics={"rhat": 1.0, "iteration": 100})]) == []
+    assert not list(c.scan_iter(match=experiment_key("clong", "*")))
+    assert c.hkeys(unit_index_key("cu")) == [b"cshort"]
 
 
 def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):

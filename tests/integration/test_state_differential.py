@@ -37,7 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.state.keys import experiment_keys, meta_key, units_key
+from streams.state.keys import experiment_keys, meta_key, unit_hold_key, units_key
+from streams.state.registry import Registry
 from streams.state.retired_filter import C0
 from streams.state.semantics import Reducer
 from streams.state.store import (
@@ -97,7 +98,9 @@ def configs(draw):
             correction_seconds=draw(st.integers(0, 6)),
             hold_seconds=draw(st.integers(0, 6)),
             hold_max=draw(st.integers(0, 3)),
-            started_at=draw(st.none() | st.integers(-3000, 3000).map(lambda d: T0 + d)),
+            # a start after some of the events (stragglers, early units): they
+            # are clamped to bucket 0 and counted before_start (issue 24 defect 6)
+            started_at=draw(st.none() | st.integers(-3000, 8000).map(lambda d: T0 + d)),
             end_at=draw(st.none() | st.none() | st.integers(0, 30000).map(lambda d: T0 + d)),
         ))
     return out
@@ -117,7 +120,8 @@ def raw_streams(draw, cfgs, part: int = 0, n_parts: int = 1):
     """Adversarial events in arrival order: stragglers (some re-sent while
     they are far behind the clock: issue 24, defect 1), re-sends, unknowns;
     units keyed to partition ``part`` (their ids end in it), but some metrics
-    name a unit of another partition (defect 2: it may have matured there)."""
+    that name their experiment name a unit of another partition (defect 2: it
+    may have matured there)."""
     exp_ids = [c.experiment_id for c in cfgs]
     all_variants = sorted({v for c in cfgs for v in c.variants} | {"zz"})
     t = 0
@@ -150,6 +154,11 @@ def raw_streams(draw, cfgs, part: int = 0, n_parts: int = 1):
                 x = draw(st.sampled_from(exposures))
                 unit, ts = x.unit_id, x.ts + draw(st.integers(-300, 6000))
                 exp = draw(st.sampled_from([None, None, x.experiment_id, exp]))
+            if exp is None:
+                # routed by the unit index and held per partition: only a
+                # metric that names its experiment may come through another
+                # partition (outside that bound a replay re-routes it)
+                unit = unit.rpartition("@")[0] + f"@{part}"
             name = draw(st.sampled_from(["rev", "rev", "clicks", "bogus"]))
             events.append(Metric(eid, unit, name, draw(values), ts, exp))
         if old and draw(st.booleans()):  # the straggler re-sent at once
@@ -170,9 +179,9 @@ class Both:
 
     def __init__(self, r, cfgs, hold_seconds: int = 86_400):
         self.r, self.cfgs = r, cfgs
-        self.hold_seconds = hold_seconds  # the unit-level holds' (the Reducer's)
+        self.hold_seconds = hold_seconds  # unit-level holds (metrics without experiment_id)
         self.known = {c.experiment_id: c for c in cfgs}
-        self.red = Reducer(cfgs)
+        self.red = Reducer(cfgs, hold_seconds=hold_seconds)
         self.offsets: dict[int, int] = {}
         self.rejected: list = []
 
@@ -194,18 +203,21 @@ class Both:
 
     def replay(self, p: int, rows: list) -> None:
         seq = {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
-        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows)
+        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold_seconds)
         assert all(o["applied"] == 0 for o in out.values())
         assert seq == {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
 
     def advance(self, p: int, clock: int) -> None:
-        advance_partition(self.r, self.cfgs, TOPIC, p, clock, self.hold_seconds)
+        advance_partition(self.r, self.cfgs, TOPIC, p, clock, self.hold_seconds,
+                          rejected=self.rejected)
         self.red.advance(src(p), clock)
 
     def check(self) -> None:
         reasons = [why for _, why in self.rejected]
-        for k in ("unrouted", "unknown_experiment"):
+        for k in ("unrouted", "unrouted_expired", "unknown_experiment"):
             assert reasons.count(k) == self.red.counters[k], k
+        if self.red.counters["unrouted_expired"]:
+            _note("unit-level holds expired")
         c_all = self.red.completeness()
         for c in self.cfgs:
             want = self.red.states[c.experiment_id]
@@ -217,6 +229,8 @@ class Both:
                 _note("units retired")
             if w.counters["retired"]:
                 _note("exposures of retired units")
+            if w.counters["before_start"]:
+                _note("exposures before the start")
             if w.age_cells:
                 _note("exposure age tracked")
                 if any(c[0] for rows in w.age_cells.values() for row in rows for c in row):
@@ -238,7 +252,9 @@ def test_lua_equals_reducer(redis_url, data):
     r.flushall()
     cfgs = data.draw(configs(), label="configs")
     n_parts = data.draw(st.integers(1, 3), label="partitions")
-    both = Both(r, cfgs)
+    # unit-level holds of metrics without experiment_id: kept, or expiring
+    # within the stream (``unrouted_expired``, by batches and idle advances)
+    both = Both(r, cfgs, data.draw(st.sampled_from([86_400, 2, 10]), label="unit hold s"))
     per = {p: data.draw(raw_streams(cfgs, p, n_parts), label=f"events p{p}")
            for p in range(n_parts)}
     done: list[tuple[int, list]] = []
@@ -592,6 +608,32 @@ def test_too_old_exposure_creates_no_state(fresh):
     both.check()
 
 
+def test_defect6_exposure_11_days_early_does_not_move_D(fresh):
+    """Issue 24 defect 6: a config registered without started_at gets the
+    registration time on its bucket grid; one clock-skewed exposure 11 days
+    before it (accepted: within W + H of the clock) is clamped to entry
+    bucket 0 and counted ``before_start``, and D stays what the registered
+    start gives (2, not 13), in the reducer and the Lua alike."""
+    day = 86_400_000
+    reg = Registry(fresh)
+    stored = reg.put(_cfg(window_seconds=14 * 86_400, bucket_seconds=86_400,
+                          correction_seconds=86_400, lateness_seconds=0), now_ms=T0 + 5)
+    assert stored.started_at == T0 // day * day
+    both = Both(fresh, [stored])
+    both.batch(0, [_x(f"x{i}", f"u{i}", i * 3_600_000) for i in range(48)])
+    both.batch(0, [_x("skewed", "early", -11 * day)])
+    both.batch(0, [_x("last", "v", 2 * day + 60_000)])
+    both.check()
+    c_all = both.red.completeness()
+    got = read_snapshot(fresh, stored, completeness=c_all)
+    want = both.red.states["e1"].snapshot(c_all)
+    assert got.D == want.D == 2
+    assert got.counters["before_start"] == want.counters["before_start"] == 1
+    assert got.started_at == stored.started_at
+    assert sum(n for a in got.arrivals for n in a.values()) == 50  # none lost
+    assert min(b for a in got.arrivals for b in a) == 0
+
+
 def test_quiet_experiment_matures_on_a_busy_partition(fresh):
     """e1's unit matures when e2's traffic moves the shared partition clock
     and the worker settles e1 there (advance)."""
@@ -866,3 +908,23 @@ def test_defect7_retired_filter_at_its_cap(fresh):
         both.check()
     finally:
         fresh.config_set("proto-max-bulk-len", "512mb")
+
+
+def test_replay_of_a_recorded_batch_holds_no_expired_metric_again(fresh):
+    """A metric without experiment_id held for a unit never exposed expires
+    (``unrouted_expired``); a replay of its batch, already recorded as applied
+    for the partition, must not hold it again: it would be counted
+    ``unrouted_expired`` twice, or released to an exposure that comes later
+    and applied after it was counted lost (the property test's replays found
+    it). The exposure after the replay gets nothing, as in the reducer."""
+    c = _cfg(started_at=T0)
+    both = Both(fresh, [c], hold_seconds=2)
+    held = both.batch(0, [_m("m", "u", 0, exp=None)])
+    both.batch(0, [_x("a", "w", 5_000)])  # the clock passes the hold: m expires
+    both.batch(0, [_m("n", "u", 5_000, exp=None)])  # held, not expired
+    assert fresh.hlen(unit_hold_key("u")) == 1
+    both.replay(0, held)
+    assert fresh.hlen(unit_hold_key("u")) == 1  # m is not held beside n again
+    both.advance(0, T0 + 60_000)  # n expires
+    both.check()
+    assert both.red.counters["unrouted_expired"] == 2

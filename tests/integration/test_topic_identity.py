@@ -37,7 +37,7 @@ def test_recreated_topic_is_refused_until_reset(kafka_bootstrap, redis_url, tmp_
     try:
         st = make_stack(kafka_bootstrap, redis_url, tmp_path, "tid", partitions=1)
         st.create_topics()
-        st.register([ExperimentConfig(experiment_id="tid")])
+        st.register([ExperimentConfig(experiment_id="tid", started_at=T0)])  # events from T0
         count = lambda: int(r.hget("lr:{e:tid}:meta", "c:exposures") or 0)  # noqa: E731
         w = ws.start(st, "ingest")
         produce(st.bootstrap, st.events_topic, exposures("a", 5))

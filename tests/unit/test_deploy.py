@@ -36,6 +36,8 @@ K8S_VERSIONS = ("1.29.0", "1.33.0")
 #: LIFTSTREAM_* variables the code reads: the Settings fields, plus the app's datadir.
 KNOWN_ENV = {f"LIFTSTREAM_{f.name.upper()}" for f in fields(Settings) if f.name != "extra"} | {
     "LIFTSTREAM_DATADIR"}
+#: What the operator sets for compose's LIFTSTREAM_API_TOKEN in these tests.
+TEST_TOKEN = "test-token-0123456789abcdef"
 #: Declared in the Secret as placeholders for a SASL cluster; not read yet.
 PLACEHOLDER_ENV = {"LIFTSTREAM_KAFKA_SECURITY_PROTOCOL", "LIFTSTREAM_KAFKA_SASL_MECHANISM",
                    "LIFTSTREAM_KAFKA_SASL_USERNAME", "LIFTSTREAM_KAFKA_SASL_PASSWORD"}
@@ -62,9 +64,14 @@ def compose():
     return cmd
 
 
-def _compose_config(compose, path: Path, *args: str, quiet: bool = False):
+def _compose_config(compose, path: Path, *args: str, quiet: bool = False,
+                    token: str | None = TEST_TOKEN):
+    """``compose config`` of ``path``; ``token``: the LIFTSTREAM_API_TOKEN the
+    operator exports (None: unset)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("COMPOSE_", "DOCKER_", "KAFKA_", "LIFTSTREAM_"))}
+    if token is not None:
+        env["LIFTSTREAM_API_TOKEN"] = token
     cmd = compose + ["-f", str(path), "--project-directory", str(ROOT), *args, "config"]
     if quiet:
         cmd.append("-q")
@@ -234,7 +241,7 @@ def test_k8s_has_what_a_deployment_needs():
         node_selector = spec["template"]["spec"].get("nodeSelector", {})
         if path.startswith("deploy/k8s/gpu/"):
             assert gpu_limit == 1 and node_selector, "GPU sampler: GPU limit and node selector"
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env["LIFTSTREAM_DEVICE"] == "gpu"
         else:
             assert gpu_limit is None, path
@@ -291,3 +298,74 @@ def test_k8s_validation_rejects_broken_file(tmp_path):
     with pytest.raises(kv.ValidationError):
         for doc in docs:
             validate_manifest(doc)
+
+
+# ------------------------------------------------- issue 24, defect 9: the API token
+
+def _dockerfile_env(text: str) -> dict[str, str]:
+    """The ``ENV`` settings of a Dockerfile (``KEY=value`` pairs, continued lines)."""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"^ENV\s+((?:.*\\\n)*.*)$", text, re.M):
+        for pair in re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", m.group(1)):
+            out[pair[0]] = pair[1]
+    return out
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env({k: v for k, v in env.items() if k in KNOWN_ENV})
+
+
+def test_defect9_deploy_files_take_the_api_token_from_the_operator():
+    """Every deployment listens beyond loopback, so each must get a strong
+    token the operator sets, and ship none: the worker refuses to start
+    without one (``check_exposure``), and a shipped placeholder would either be
+    refused or, worse, accepted by everyone who read the repository."""
+    from streams.service.web import UnsafeWebSettings, check_exposure
+
+    strong = {"LIFTSTREAM_API_TOKEN": TEST_TOKEN}
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (ROOT / "deploy" / name).read_text()
+        env = _dockerfile_env(text)
+        assert env["LIFTSTREAM_WEB_HOST"] == "0.0.0.0", name
+        assert "LIFTSTREAM_API_TOKEN" not in env, f"{name}: a token baked into the image"
+        assert "LIFTSTREAM_API_TOKEN" in text, f"{name}: say how to pass the token"
+        with pytest.raises(UnsafeWebSettings, match="LIFTSTREAM_API_TOKEN"):
+            check_exposure(_settings(env))
+        check_exposure(_settings({**env, **strong}))
+
+    # compose: required from the operator's environment, no default
+    compose_env = yaml.safe_load(COMPOSE_FILE.read_text())["x-liftstream-env"]
+    assert re.fullmatch(r"\$\{LIFTSTREAM_API_TOKEN:\?[^}]+\}",
+                        compose_env["LIFTSTREAM_API_TOKEN"]), compose_env
+    with pytest.raises(UnsafeWebSettings):
+        check_exposure(_settings({**compose_env, "LIFTSTREAM_API_TOKEN": ""}))
+
+    # k8s: from a Secret the operator creates (secretKeyRef, not optional);
+    # the shipped Secret holds no token
+    (_, cm), = _by_kind("ConfigMap")
+    with pytest.raises(UnsafeWebSettings):
+        check_exposure(_settings(cm["data"]))
+    check_exposure(_settings({**cm["data"], **strong}))
+    for _, secret in _by_kind("Secret"):
+        assert "LIFTSTREAM_API_TOKEN" not in secret.get("stringData", {}), secret
+        assert "LIFTSTREAM_API_TOKEN" not in secret.get("data", {}), secret
+        assert secret["metadata"]["name"] != "liftstream-api-token", "shipped: not secret"
+    deployments = _by_kind("Deployment")
+    assert deployments
+    for path, dep in deployments:
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env.get("LIFTSTREAM_API_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        assert ref and ref["name"] == "liftstream-api-token" and ref["key"] == "token", path
+        assert not ref.get("optional"), f"{path}: the pod must wait for the token"
+
+
+def test_defect9_compose_refuses_to_run_without_the_token(compose):
+    for token in (None, ""):
+        out = _compose_config(compose, COMPOSE_FILE, quiet=True, token=token)
+        assert out.returncode != 0, f"token {token!r}: compose accepted it"
+        assert "LIFTSTREAM_API_TOKEN" in out.stderr, out.stderr
+    out = _compose_config(compose, COMPOSE_FILE)
+    assert out.returncode == 0, out.stderr
+    env = yaml.safe_load(out.stdout)["services"]["sampler"]["environment"]
+    assert env["LIFTSTREAM_API_TOKEN"] == TEST_TOKEN

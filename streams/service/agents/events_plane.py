@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 import faust
 import mode
@@ -131,9 +132,16 @@ def install_events_plane(app: faust.App, ctx: AppContext) -> EventsPlane:
         r, ingestor, ctx.metrics, state_lock, fatal)
     ctx.plane = plane
     app.service(EventsPlaneService(plane, loop=app.loop, beacon=app.beacon))
+    def count_outcomes(counts: Mapping[str, int]) -> None:
+        """An idle advance's counts (expired unit-level holds) into
+        ``liftstream_events_total``, as a batch's are (``EventsPlane._deliver``)."""
+        for outcome, n in counts.items():
+            ctx.metrics.inc("liftstream_events_total", n, outcome=outcome)
+
     clocks = EventClocks(settings, plane, ClockService(
         r, settings.topic_events, settings.idle_seconds,
-        lambda: registry.get_many(registry.ids()).values(), settings.hold_seconds), state_lock)
+        lambda: registry.get_many(registry.ids()).values(), settings.hold_seconds,
+        on_count=count_outcomes), state_lock)
     plane.after_batch = clocks.tick_after_batch
 
     @app.timer(1.0)

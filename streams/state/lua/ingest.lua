@@ -36,9 +36,11 @@ ARGV:
   pre-experiment values (CUPED covariates): n_metrics little-endian doubles
   per 'x' head, in order (skipped ones included), value k for metric k (NaN
   = none); or is empty (or absent) when no exposure of the batch has any.
-  Then (optional) n_dead, and n_dead pairs offset, reason: the batch's dead
-  letters attributed to this experiment (issue 24, defect 5). Each one whose
-  offset is above the stored offset adds 1 to meta dl:<reason>, and the
+  Then (optional) n_dead, and n_dead pairs offset, meta field: the batch's
+  dead letters attributed to this experiment (issue 24, defect 5), the field
+  dl:<reason>, or c:<counter> for one that stands for a counter (c:after_end:
+  an exposure to a concluded experiment). Each one whose offset is above the
+  stored offset adds 1 to its meta field, and the
   stored offset becomes the largest offset applied, event or dead letter: a
   replay of the batch counts none again. A call with dead letters and no
   events does not settle.
@@ -141,7 +143,7 @@ local heads = nextarg()
 local strs = nextarg()
 local pres = nextarg() or ''
 local has_pres = pres ~= ''
--- DL: n (dead letters passed), by (reason -> new ones), order, hi (largest new offset)
+-- DL: n (dead letters passed), by (meta field -> new ones), order, hi (largest new offset)
 local DL = {n = tonumber(nextarg() or '0') or 0, by = {}, order = {}}
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
@@ -217,11 +219,13 @@ end
 -- ---------------------------------------------------------------- events
 -- Dead letters: counted once, under the same offset skip as the events.
 for _ = 1, DL.n do
-  local off, reason = tonumber(nextarg()), nextarg()
-  if off == nil or reason == nil then return redis.error_reply('ERR dead letters: bad args') end
+  local off, f = tonumber(nextarg()), nextarg()
+  if off == nil or f == nil or not (f:sub(1, 3) == 'dl:' or f:sub(1, 2) == 'c:') then
+    return redis.error_reply('ERR dead letters: bad args')
+  end
   if stored == nil or off > stored then
-    if DL.by[reason] == nil then DL.by[reason] = 0; DL.order[#DL.order + 1] = reason end
-    DL.by[reason] = DL.by[reason] + 1
+    if DL.by[f] == nil then DL.by[f] = 0; DL.order[#DL.order + 1] = f end
+    DL.by[f] = DL.by[f] + 1
     if DL.hi == nil or off > DL.hi then DL.hi = off end
   end
 end
@@ -682,10 +686,10 @@ for i = 1, n do
             if x >= edges[k] then st = k - 1; break end
           end
         end
-        local bucket
+        local bucket, outcome = nil, 'exposures'
         if anchor ~= 0 then
           bucket = floordiv(ts - anchor, B)
-          if bucket < 0 then bucket = 0 end
+          if ts < anchor then bucket = 0; outcome = 'before_start' end  -- clamped, applied
         else
           bucket = floordiv(ts, B)
         end
@@ -724,7 +728,7 @@ for i = 1, n do
         exposed[vi] = (exposed[vi] or 0) + 1
         pend_new[#pend_new + 1] = ts + W
         pend_new[#pend_new + 1] = uid
-        count('exposures')
+        count(outcome)
         local h = held_of(uid)
         if h then
           held[uid] = false
@@ -970,9 +974,7 @@ flush('ZADD', K_SEEN)
 -- A sighting counts while its clock >= clk - DD; clk only grows, so older
 -- sightings of this partition can never mark a duplicate again.
 if clk ~= nil then call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(clk - DD)) end
-for _, reason in ipairs(DL.order) do
-  call('HINCRBY', K_META, 'dl:' .. reason, DL.by[reason])
-end
+for _, f in ipairs(DL.order) do call('HINCRBY', K_META, f, DL.by[f]) end
 do  -- the applied offset: the last event's, or a later dead letter's
   local off = n > 0 and E_OFF[n] or nil
   if DL.hi ~= nil and (off == nil or DL.hi > off) then off = DL.hi end

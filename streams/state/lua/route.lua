@@ -16,7 +16,10 @@ others (units exposed in the batch) need it only if they have held metrics;
 3 the marker prefix "<topic>|<partition>|" ('' = position unknown: marker
 '*'); 4 one packed string with, per exposure, "<experiment_id>\31<offset>\30";
 5 the index's time to live in ms (streams.state.store.index_ttl_ms; 0 = none),
-renewed by every exposure, so the index holds the units active lately.
+renewed by every exposure, so the index holds the units active lately. The
+TTL only ever grows: a key whose remaining PTTL is longer (a longer
+experiment of the unit set it, in another batch) keeps it; a key without one
+gets it (issue 24, defect 4).
 Returns, per unit looked up, its index then its held metrics (flat lists), or
 0 for a unit of the second kind without held metrics (the common case: one
 reply element instead of two lists).
@@ -31,7 +34,7 @@ for e, off in string.gmatch(ARGV[4], '([^\31]*)\31([^\30]*)\30') do
   local marker = '*'
   if prefix ~= '' then marker = prefix .. off end
   redis.call('HSETNX', KEYS[k], e, marker)
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[k], ttl) end
+  if ttl > 0 and redis.call('PTTL', KEYS[k]) < ttl then redis.call('PEXPIRE', KEYS[k], ttl) end
 end
 local out = {}
 for i = 1, n do

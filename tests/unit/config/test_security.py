@@ -17,6 +17,7 @@ from streams.config.settings import (
 )
 
 SECRET = "s3cret-Pa55word"
+API_TOKEN = "s3cret-api-t0ken-Pa55word"  # >= 16 bytes (streams.service.web.MIN_TOKEN_BYTES)
 
 
 def test_defaults_are_safe():
@@ -154,8 +155,9 @@ def test_worker_log_has_no_secrets(kafka_bootstrap, redis_url, tmp_path):
 @pytest.mark.timeout(180)
 def test_api_token_guards_every_route_but_the_probes(kafka_bootstrap, redis_url, tmp_path):
     """With LIFTSTREAM_API_TOKEN set, a real worker's HTTP API answers 401
-    without the token, 200 with it as a bearer token or ``?token=``; the
-    probes answer without it; the token never reaches the log."""
+    without the token, 200 with it as a bearer token, 400 for ``?token=``
+    (never in a URL: issue 24, defect 9); the probes and the static dashboard
+    page answer without it; the token never reaches the log."""
     from streams.dev.embedded import free_port
     from tests.support.streaming_harness import WebWorker, Workers, make_stack, wait_until
 
@@ -163,17 +165,19 @@ def test_api_token_guards_every_route_but_the_probes(kafka_bootstrap, redis_url,
     st.create_topics()
     ws = Workers()
     try:
-        w = WebWorker(st, "sampler", free_port(), api_token=SECRET)
+        w = WebWorker(st, "sampler", free_port(), api_token=API_TOKEN)
         ws.all.append(w)
         w.start()
         wait_until(lambda: w.request("/healthz")[0] == 200, 90, "the web server", workers=[w])
         assert w.request("/readyz")[0] == 200
-        for path in ("/", "/metrics", "/experiments", "/experiments/x/estimates",
-                     "/experiments/x/history", "/experiments/x/alerts"):
+        assert w.request("/")[0] == 200  # the page is static: it signs in with a form
+        for path in ("/metrics", "/experiments", "/experiments/x/estimates",
+                     "/experiments/x/history?metric=m&variant=v", "/experiments/x/alerts"):
+            sep = "&" if "?" in path else "?"
             assert w.request(path)[0] == 401, path
-            assert w.request(f"{path}?token=wrong")[0] == 401, path
-            assert w.request(f"{path}?token={SECRET}")[0] == 200, path
-            assert w.request(path, headers={"Authorization": f"Bearer {SECRET}"})[0] == 200
-        assert SECRET not in w.log_tail(200_000)
+            assert w.request(path, headers={"Authorization": "Bearer wrong"})[0] == 401, path
+            assert w.request(f"{path}{sep}token={API_TOKEN}")[0] == 400, path
+            assert w.request(path, headers={"Authorization": f"Bearer {API_TOKEN}"})[0] == 200
+        assert API_TOKEN not in w.log_tail(200_000)
     finally:
         ws.close()

@@ -26,18 +26,19 @@ COUNTS = {
     "exposures": 1000, "repeat_exposure": 10, "conflict": 2, "unknown_variant": 3,
     "too_old": 4, "unknown_metric": 5, "pre_exposure": 6, "outside_window": 7,
     "metric_applied": 3000, "corrected": 140, "held": 8, "expired": 9, "late": 12,
-    "duplicate": 20, "after_end": 11, "retired": 13, "cross_partition": 17,
+    "duplicate": 20, "after_end": 11, "retired": 13, "before_start": 15,
+    "cross_partition": 17,
 }
 
 
 def test_data_quality_hand_computed():
     assert set(COUNTS) == set(COUNTERS)
     dq = data_quality_of(COUNTS, {"ts_in_future": 3, "not_json": 2})
-    # 1000+10+2+3+4+5+6+7+3000+140+8+9+12+20+11+13 = 4250 counted, + 5 dead letters
-    assert dq["events"] == 4255
-    assert dq["applied"] == 4000
+    # 1000+15+10+2+3+4+5+6+7+3000+140+8+9+12+20+11+13 = 4265 counted, + 5 dead letters
+    assert dq["events"] == 4270
+    assert dq["applied"] == 4015 and dq["before_start"] == 15  # clamped, applied
     assert dq["dropped"] == 12 + 9 + 4 + 5 == 30
-    assert dq["dropped_share"] == pytest.approx(30 / 4255)
+    assert dq["dropped_share"] == pytest.approx(30 / 4270)
     for k in ("corrected", "held", "expired", "late", "too_old", "outside_window",
               "pre_exposure", "duplicate", "conflict", "repeat_exposure", "after_end",
               "unknown_variant", "unknown_metric", "retired"):
@@ -48,13 +49,13 @@ def test_data_quality_hand_computed():
     # the outcomes partition the events
     out = outcomes(dq)
     assert list(out) == list(OUTCOMES) and sum(out.values()) == dq["events"]
-    assert out["dead_letter"] == 5 and out["applied"] == 4000 and out["late"] == 12
+    assert out["dead_letter"] == 5 and out["applied"] == 4015 and out["late"] == 12
 
 
 def test_dead_letter_that_is_also_a_counter_counts_once():
     # ingest dead-letters a too_old exposure that the state also counted as too_old
     dq = data_quality_of(COUNTS, {"too_old": 4, "ts_in_future": 3})
-    assert dq["events"] == 4250 + 3 and dq["dropped"] == 12 + 9 + 4 + 3
+    assert dq["events"] == 4265 + 3 and dq["dropped"] == 12 + 9 + 4 + 3
     assert dq["dead_letters"] == {"too_old": 4, "ts_in_future": 3}
     assert sum(outcomes(dq).values()) == dq["events"] and outcomes(dq)["dead_letter"] == 3
 
@@ -102,7 +103,7 @@ def test_every_record_carries_data_quality_and_validates():
                    computed_at=T0 + 4 * 86_400_000)
     assert recs
     want = data_quality(snap)
-    assert want["events"] == 4255 and want["dropped"] == 30
+    assert want["events"] == 4270 and want["dropped"] == 30
     for rec in recs:
         assert rec["data_quality"] == want
         ESTIMATE.validate(orjson.loads(dumps(rec)))  # as published (JSON)
@@ -141,12 +142,14 @@ def test_metrics_from_records():
     for line in text.splitlines():
         assert line.startswith("# ") or LINE.match(line), line
     assert 'liftstream_experiment_events{experiment="e1",outcome="late"} 12' in text
-    assert 'liftstream_experiment_events{experiment="e1",outcome="applied"} 4000' in text
+    assert 'liftstream_experiment_events{experiment="e1",outcome="applied"} 4015' in text
     assert 'liftstream_experiment_events{experiment="e1",outcome="dead_letter"} 5' in text
     assert 'liftstream_experiment_dead_letters{experiment="e1",reason="not_json"} 2' in text
     assert 'liftstream_experiment_cross_partition_events{experiment="e1"} 17' in text
+    # part of applied, also shown alone
+    assert 'liftstream_experiment_before_start_events{experiment="e1"} 15' in text
     share = re.search(r'liftstream_experiment_dropped_share\{experiment="e1"\} (\S+)', text)
-    assert share and float(share.group(1)) == pytest.approx(30 / 4255)
+    assert share and float(share.group(1)) == pytest.approx(30 / 4270)
     assert "# TYPE liftstream_experiment_events gauge" in text
     assert 'experiment="e2"' not in text
     total = sum(float(x) for x in re.findall(

@@ -35,8 +35,10 @@ from tests.support.streaming_harness import (
 )
 
 T0 = int(time.time() * 1000) - 3_600_000
+# started at T0 (the registry would stamp the registration time, after the
+# events these tests send: issue 24 defect 6)
 BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
-                        metrics=(MetricSpec("rev"),), window_seconds=3600)
+                        metrics=(MetricSpec("rev"),), window_seconds=3600, started_at=T0)
 
 
 @pytest.mark.parametrize("change, ok", [
@@ -52,6 +54,7 @@ BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
     (dict(window_seconds=7200), False),
     (dict(bucket_seconds=3600), False),
     (dict(strata_edges=(0, 5, 29)), False),
+    (dict(started_at=T0 + 3_600_000), False),  # the entry-bucket grid's origin
     # exposure-age bins (issue 19): the bins in effect are fixed (unit records
     # keep a total per bin); None is the default (0, 1 d, 3 d), edges at or
     # beyond the window (here 1 h) are dropped
@@ -62,6 +65,30 @@ BASE = ExperimentConfig(experiment_id="ev1", variants=("control", "t1"),
 ])
 def test_incompatible_change(change, ok):
     assert (incompatible_change(BASE, dataclasses.replace(BASE, **change)) is None) == ok
+
+
+@pytest.mark.parametrize("change", [dict(end_at=None, status="running"),
+                                    dict(end_at=T0 + 3_600_000), dict(status="running")])
+def test_concluded_end_and_status_are_fixed(change):
+    """Issue 24 defect 5: once concluded, reopening is refused (and only then)."""
+    stopped = dataclasses.replace(BASE, end_at=T0, status="stopped")
+    new = dataclasses.replace(stopped, **change)
+    assert incompatible_change(stopped, new) is None
+    assert "concluded" in incompatible_change(stopped, new, concluded=True)
+
+
+def test_registry_stamps_the_start_at_registration(redis_url):
+    """Issue 24 defect 6: a config without started_at is stored with the
+    registration time on the bucket grid; a republished one keeps it."""
+    r = redis.Redis.from_url(redis_url)
+    reg = Registry(r)
+    bare = dataclasses.replace(BASE, experiment_id="st1", started_at=None)
+    now = T0 + 12_345_678
+    stored = reg.put(bare, now_ms=now)
+    B = bare.bucket_seconds * 1000
+    assert stored.started_at == now // B * B == Registry(r).get("st1", fresh=True).started_at
+    assert reg.put(bare, now_ms=now + 10 * B).started_at == stored.started_at
+    assert reg.put(dataclasses.replace(bare, started_at=T0), now_ms=now).started_at == T0
 
 
 def test_exposure_age_bins_are_fixed():

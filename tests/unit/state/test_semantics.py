@@ -10,6 +10,7 @@ from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.state.semantics import (
     COUNTERS,
     ExperimentState,
+    Reducer,
     bucket_of,
     completed_buckets,
     stratum_of,
@@ -491,3 +492,27 @@ def test_analyze_fold_gives_age_cells(tmp_path):
     for s in list(ref.clocks):
         ref.advance(s, T0 + 100_000)
     assert ref.snapshots()["e1"].age_cells == snaps["e1"].age_cells
+
+
+def test_start_without_config_is_the_earliest_bucket_with_one_clamped():
+    """Issue 24 defect 6, the two start rules side by side. A configured
+    start (the registry stamps one at registration) is fixed: an exposure
+    11 days before it is applied to bucket 0, counted ``before_start``, and
+    D does not move. Without one (``liftstream analyze`` on a hand-written
+    config) the start is the earliest entry bucket on the epoch grid, so
+    the same exposure moves it: the documented reason to analyze with the
+    registered config."""
+    day = 86_400_000
+    start = T0 // day * day
+    evs = [Exposure(f"x{i}", "e", f"u{i}", "control", start + i * 3_600_000)
+           for i in range(48)]
+    evs += [Exposure("early", "e", "skew", "control", start - 11 * day),
+            Exposure("last", "e", "v", "control", start + 2 * day + 60_000)]
+    base = dict(experiment_id="e", window_seconds=14 * 86_400, correction_seconds=86_400,
+                lateness_seconds=0)
+    fixed = Reducer([ExperimentConfig(**base, started_at=start)]).apply_all(evs).snapshots()["e"]
+    assert (fixed.started_at, fixed.D) == (start, 2)
+    assert fixed.counters["before_start"] == 1 and fixed.counters["exposures"] == 49
+    loose = Reducer([ExperimentConfig(**base)]).apply_all(evs).snapshots()["e"]
+    assert (loose.started_at, loose.D) == (start - 11 * day, 13)
+    assert loose.counters["before_start"] == 0 and loose.counters["exposures"] == 50

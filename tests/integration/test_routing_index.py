@@ -1,0 +1,244 @@
+"""The unit -> experiments routing index and unit-level holds (issue 24), on a
+real redis-server, against the reference ``Reducer`` (streams/state/semantics.py).
+
+* defect 4: a unit's index key (``lr:{u:<unit>}:x``) only ever lives longer:
+  an exposure to a short experiment must not cut the TTL that a long one gave
+  it, or the unit's later metrics without experiment_id become ``unrouted``
+  while the reducer routes them;
+* ``unrouted_expired``: held metrics of never-exposed units that expire are
+  counted, by a batch's expiry (the ingestor's counts, which feed
+  ``liftstream_events_total``) and by an idle partition's advance (the clock
+  service's counts), as the reducer counts them;
+* a delete (issue 24, smaller items): a sampler tick in flight across the
+  delete's sweeps writes nothing back, and a re-created experiment id does
+  not inherit the deleted one's routing-index markers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import redis
+
+from schemas.codec import dumps
+from schemas.records import ExperimentConfig, Exposure, Metric
+from streams.dev.simulate import make_traffic
+from streams.ingest.ingestor import Ingestor
+from streams.sampling.advance import TickConfig, advance
+from streams.sampling.sampler import SamplerService
+from streams.state.clocks import ClockService
+from streams.state.keys import chain_key, estimate_key, experiment_glob, unit_index_key
+from streams.state.registry import Registry
+from streams.state.semantics import Reducer
+from streams.state.store import (
+    advance_partition,
+    apply_source_batch,
+    event_row,
+    read_counters,
+    read_units,
+)
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "liftstream.events"
+DAY_MS = 86_400_000
+START = (int(time.time() * 1000) // DAY_MS - 30) * DAY_MS
+TICK = TickConfig(chains=2, sweeps=30, window=40, warmup=20, min_draws=5, seed=3)
+
+
+@pytest.fixture()
+def r(redis_url):
+    """A client of an empty redis-server."""
+    c = redis.Redis.from_url(redis_url)
+    c.flushall()
+    yield c
+    c.close()
+
+
+def _msgs(first: int, events: list) -> list[tuple[int, bytes]]:
+    """Events as the ingestor gets them: (offset, JSON value)."""
+    return [(first + i, dumps(_as_dict(ev))) for i, ev in enumerate(events)]
+
+
+def _as_dict(ev) -> dict:
+    if isinstance(ev, Exposure):
+        return {"type": "exposure", "event_id": ev.event_id, "experiment_id": ev.experiment_id,
+                "unit_id": ev.unit_id, "variant": ev.variant, "ts": ev.ts}
+    d = {"type": "metric", "event_id": ev.event_id, "unit_id": ev.unit_id,
+         "metric": ev.metric, "value": ev.value, "ts": ev.ts}
+    if ev.experiment_id is not None:
+        d["experiment_id"] = ev.experiment_id
+    return d
+
+
+LONG = ExperimentConfig(experiment_id="long", window_seconds=60, correction_seconds=60,
+                        lateness_seconds=0)
+SHORT = ExperimentConfig(experiment_id="short", window_seconds=1, correction_seconds=0,
+                         lateness_seconds=0)
+
+
+def test_defect4_routing_ttl_only_extends(r):
+    """u is exposed to a 60 s experiment, then (another batch, which names
+    only the short one) to a 1 s one: the index key must keep the long
+    experiment's TTL (2 x (W + H + L) = 240 s), not drop to the short one's
+    (2 s). After the short TTL has passed, u's metric without experiment_id
+    still goes to the long experiment, as in the reducer."""
+    reg = Registry(r)
+    for c in (LONG, SHORT):
+        reg.put(c)
+    ing = Ingestor(r, reg)
+    red = Reducer([LONG, SHORT])
+    now = int(time.time() * 1000)
+    t = now - 10_000
+    batches = [[Exposure("x1", "long", "u", "control", t)],
+               [Exposure("x2", "short", "u", "control", t + 10)]]
+    off = 0
+    for evs in batches:
+        ing.process(TOPIC, 0, _msgs(off, evs), now)
+        red.apply_batch(f"{TOPIC}|0", evs)
+        off += len(evs)
+    time.sleep(2.2)  # past the short experiment's TTL
+    m = [Metric("m1", "u", "value", 5.0, t + 500)]
+    res = ing.process(TOPIC, 0, _msgs(off, m), int(time.time() * 1000))
+    red.apply_batch(f"{TOPIC}|0", m)
+    assert red.counters["unrouted"] == 0
+    assert res.counts["unrouted"] == 0, "the long experiment's unit lost its routing"
+    assert read_units(r, LONG)["u"].totals == red.states["long"].units["u"].totals == [5.0]
+    assert r.pttl(unit_index_key("u")) > 200_000
+
+
+def test_defect4_routing_ttl_extends_a_shorter_key(r):
+    """The other direction still works: an exposure to the long experiment
+    lengthens a key that a short one created; a key without a TTL (written
+    with none) gets one."""
+    t = int(time.time() * 1000)
+    apply_source_batch(r, {"short": SHORT}, TOPIC, 0,
+                       [event_row(0, Exposure("x1", "short", "u", "control", t))])
+    assert 0 < r.pttl(unit_index_key("u")) <= 2_000
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(1, Exposure("x2", "long", "u", "control", t + 1))])
+    assert r.pttl(unit_index_key("u")) > 200_000
+    r.hset(unit_index_key("v"), "long", "*")  # no TTL
+    apply_source_batch(r, {"short": SHORT}, TOPIC, 0,
+                       [event_row(2, Exposure("x3", "short", "v", "control", t + 2))])
+    assert 0 < r.pttl(unit_index_key("v")) <= 2_000
+
+
+def test_unrouted_expired_is_counted(r):
+    """Held metrics of a unit never exposed expire after ``hold_seconds`` of
+    event time: the batch that expires them counts them in the ingestor's
+    counts (``liftstream_events_total{outcome="unrouted_expired"}``), an
+    idle advance in the clock service's, both as the reducer counts them."""
+    cfg = ExperimentConfig(experiment_id="e1", window_seconds=60, correction_seconds=60)
+    reg = Registry(r)
+    reg.put(cfg)
+    ing = Ingestor(r, reg)
+    red = Reducer([cfg])
+    now = int(time.time() * 1000)
+    t = now - 3 * DAY_MS
+    evs = [[Metric("m1", "ghost", "value", 1.0, t), Metric("m2", "ghost", "value", 2.0, t + 1)],
+           [Exposure("x1", "e1", "u", "control", t + DAY_MS + 1000)]]  # clock past the hold
+    counts: Counter = Counter()
+    off = 0
+    for batch in evs:
+        counts.update(ing.process(TOPIC, 0, _msgs(off, batch), now).counts)
+        red.apply_batch(f"{TOPIC}|0", batch)
+        off += len(batch)
+    assert red.counters["unrouted_expired"] == 2
+    assert counts["unrouted"] == 2
+    assert counts["unrouted_expired"] == 2
+
+    # an idle advance expires them too: partition 1, through the clock service
+    m = [Metric("m3", "ghost2", "value", 1.0, t)]
+    ing.process(TOPIC, 1, _msgs(0, m), now)
+    red.apply_batch(f"{TOPIC}|1", m)
+    seen: Counter = Counter()
+    svc = ClockService(r, TOPIC, 0, lambda: [cfg], on_count=seen.update)
+    high = {0: off, 1: 1}
+    svc.tick(high, {0: None, 1: None}, now)  # the idle timer starts
+    svc.tick(high, {0: None, 1: None}, now + 1)  # idle: the clock moves to the wall clock
+    red.advance(f"{TOPIC}|1", now + 1)
+    assert red.counters["unrouted_expired"] == 3
+    assert seen["unrouted_expired"] == 1
+
+    # the store's own call reports them the same way as a batch does
+    m = [Metric("m4", "ghost3", "value", 1.0, t)]
+    ing.process(TOPIC, 2, _msgs(0, m), now)
+    rejected: list = []
+    advance_partition(r, [cfg], TOPIC, 2, now, rejected=rejected)
+    assert [why for _, why in rejected] == ["unrouted_expired"]
+
+
+# ---------------------------------------------------------------- delete
+
+
+def _sampled(r, eid: str):
+    """An experiment with traffic and a first estimate, and its sampler."""
+    reg = Registry(r)
+    cfg, evs, _ = make_traffic(600, 6, eid, 5, 86_400, START)
+    reg.put(cfg)
+    now = int(time.time() * 1000)
+    ing = Ingestor(r, reg)
+    ing.process("t", 0, [(i, dumps(e)) for i, e in enumerate(evs)], now)
+    ing.settle_quiet("t", 0, now, now)
+    s = SamplerService(r, Registry(r), TICK, xp=np)
+    s.own(eid)
+    assert s.tick(), "a first estimate"
+    return reg, s
+
+
+def test_a_tick_in_flight_across_a_delete_writes_nothing_back(r):
+    """The sampler loaded the experiment (its tick is in flight) when it was
+    deleted (both sweeps); the tick's chains, estimates and history must not
+    recreate the experiment's keys, and it publishes nothing."""
+    reg, s = _sampled(r, "gone")
+    r.incr("lr:{e:gone}:dirty_seq")  # new data: due again
+    snaps, stored = s.load(s.due())  # the tick is in flight ...
+    reg.delete("gone")  # ... across the delete and its second sweep
+    reg.delete("gone")
+    assert not list(r.scan_iter(match=experiment_glob("gone")))
+    recs, chains = advance(snaps, stored, TICK, int(time.time() * 1000))
+    assert recs
+    assert s.store(chains, recs) == []
+    assert sorted(r.scan_iter(match=experiment_glob("gone"))) == []
+
+
+def test_a_tick_in_flight_across_a_recreate_writes_nothing_back(r):
+    """Deleted and re-created under the same id while the tick was in flight:
+    the old experiment's chains and estimates must not land in the new one."""
+    reg, s = _sampled(r, "again")
+    r.incr("lr:{e:again}:dirty_seq")
+    snaps, stored = s.load(s.due())
+    cfg = reg.get("again", fresh=True)
+    reg.delete("again")
+    reg.put(cfg)  # the same id again, no state yet
+    recs, chains = advance(snaps, stored, TICK, int(time.time() * 1000))
+    assert s.store(chains, recs) == []
+    assert r.get(chain_key("again", "value")) is None
+    assert r.get(estimate_key("again", "value", "treatment")) is None
+
+
+def test_a_recreated_experiment_ignores_the_deleted_ones_index(r):
+    """u was exposed to e1, e1 was deleted and registered again (a new
+    experiment under the old id): u's metric without experiment_id is no
+    event of the new e1 (the reducer of the new config holds it unrouted),
+    not a held metric that will count as lost in its data_quality."""
+    cfg = ExperimentConfig(experiment_id="e1", window_seconds=60, correction_seconds=60)
+    reg = Registry(r)
+    reg.put(cfg)
+    ing = Ingestor(r, reg)
+    now = int(time.time() * 1000)
+    t = now - 10_000
+    ing.process(TOPIC, 0, _msgs(0, [Exposure("x1", "e1", "u", "control", t)]), now)
+    reg.delete("e1")
+    reg.put(cfg)
+    m = [Metric("m1", "u", "value", 5.0, t + 1000)]
+    res = ing.process(TOPIC, 0, _msgs(1, m), now)
+    red = Reducer([cfg])
+    red.apply_batch(f"{TOPIC}|0", m)
+    assert red.counters["unrouted"] == 1
+    assert res.counts["unrouted"] == 1
+    assert sum(read_counters(r, "e1").values()) == 0
