@@ -38,7 +38,7 @@ import orjson
 from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
-from streams.state.keys import INGEST_OFFSETS, meta_key
+from streams.state.keys import INGEST_OFFSETS
 from streams.state.registry import Registry
 from streams.state.store import (
     apply_source_batch,
@@ -63,8 +63,6 @@ class BatchResult:
     touched: set[str] = field(default_factory=set)
     counts: Counter = field(default_factory=Counter)
     new_experiments: list[ExperimentConfig] = field(default_factory=list)
-    #: (experiment id, meta field) -> dead letters to count there (``Ingestor._count_dead``)
-    per_experiment: Counter = field(default_factory=Counter)
 
 
 class Ingestor:
@@ -99,6 +97,8 @@ class Ingestor:
         key picks). None: not checked (callers without Kafka)."""
         res = BatchResult()
         res.counts["received"] += len(messages)
+        #: (experiment_id, offset, meta field) of dead letters that name an experiment
+        attributed: list[tuple[str, int, str]] = []
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
         rows: list[tuple] = []
@@ -112,8 +112,8 @@ class Ingestor:
                     raise _key_mismatch(keys[i], row[4])
                 append(row)
             except InvalidRecord as err:
-                self._dead(res, raw, err, topic, partition, off, now_ms,
-                           None if keys is None else keys[i])
+                self._dead(res, raw, err, topic, partition, off, now_ms, attributed,
+                           key=None if keys is None else keys[i])
 
         ids = {row[3] for row in rows}
         ids.discard(None)
@@ -157,7 +157,8 @@ class Ingestor:
                     err = InvalidRecord(
                         "after_end", f"experiment {eid!r} is concluded: its final estimates "
                         "are out and its units are no longer kept", "experiment_id")
-                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms,
+                               attributed)  # counted c:after_end in its Lua call
                     ended.add(row[0])  # not applied: it would create a unit record again
                     continue
                 if row[5] not in cfg.variants:
@@ -174,20 +175,22 @@ class Ingestor:
                         f"partition clock {clk_of[row[0]]} minus lateness", "ts")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
             # unknown variants and too-old exposures still go to the experiment,
-            # which counts them (exactly once) as in streams.state.semantics
+            # which counts them (exactly once) as in streams.state.semantics; it
+            # decides too_old by the same test before any other rule (dedupe
+            # included), so the dead letter and data_quality's too_old agree
             accepted.append(row)
 
         # metrics without experiment_id may belong to any registered experiment
         if any(row[3] is None for row in accepted):
             known.update(self.registry.get_many(self.registry.ids()))
-        self._count_dead(res)
+        dead = self._dead_by_experiment(attributed, known)
         if ended:  # they moved the clock (events of a registered experiment), nothing else
             crows = [crow for crow in crows if crow[0] not in ended]
         rejected: list[tuple[int, str]] = []
         out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                       self.hold_seconds, self.hold_max, rejected,
                                       clocked_rows=(crows, clk0),  # accepted = crows' rows
-                                      epoch=epoch)
+                                      epoch=epoch, dead=dead)
         for _, why in rejected:
             res.counts[why] += 1
         for eid, lua in out.items():
@@ -229,31 +232,42 @@ class Ingestor:
         self._settled.pop(offsets_field(topic, partition), None)
 
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
-              now_ms, key: bytes | None = None) -> None:
+              now_ms, attributed: list[tuple[str, int, str]] | None = None,
+              key: bytes | None = None) -> None:
+        """A dead-letter record, counted; ``attributed`` gets (experiment_id,
+        offset, meta field) when the event names an experiment and the reason
+        is no experiment counter (``_COUNTED_BY_EXPERIMENT``): ``c:<reason>``
+        for ``_COUNTED_HERE``, else ``dl:<reason>``. ``key``: the message's
+        Kafka key, kept in the record (``key_b64``) for ``key_mismatch``."""
         res.dead_letters.append(dead_letter_record(raw, err, topic, partition, off, now_ms,
                                                    key=key))
         res.counts[f"dead_letter:{err.code}"] += 1
-        if err.code in _COUNTED_BY_EXPERIMENT or err.code == "unknown_experiment":
+        if attributed is None or err.code in _COUNTED_BY_EXPERIMENT:
             return
         eid = _experiment_of(raw)
         if eid is not None:
             field_ = f"c:{err.code}" if err.code in _COUNTED_HERE else f"dl:{err.code}"
-            res.per_experiment[(eid, field_)] += 1
+            attributed.append((eid, off, field_))
 
-    def _count_dead(self, res: BatchResult) -> None:
-        """Add the batch's dead letters to their experiments' counts (for
-        data_quality), registered ones only: one registry lookup and one
-        pipeline for the batch, whatever the number of ids (at least once: a
-        replay of the batch counts them again)."""
-        if not res.per_experiment:
-            return
-        known = self.registry.get_many({eid for eid, _ in res.per_experiment})
-        pipe = self.r.pipeline(transaction=False)
-        for (eid, field_), n in sorted(res.per_experiment.items()):
+    def _dead_by_experiment(self, attributed: list[tuple[str, int, str]],
+                            known: dict[str, ExperimentConfig]
+                            ) -> dict[str, list[tuple[int, str]]]:
+        """The dead letters of registered experiments, per experiment, as
+        (offset, meta field) for data_quality: counted in the experiment's own
+        ingest call, under its applied-offset skip, so a retried ``process``
+        counts none twice (issue 24). The ids not in ``known`` are looked up
+        with one ``Registry.get_many`` for the batch (one MGET at most, none
+        for cached ids: defect 8); adds the configs found to ``known``."""
+        if not attributed:
+            return {}
+        missing = {eid for eid, _, _ in attributed} - known.keys()
+        if missing:
+            known.update(self.registry.get_many(missing))
+        dead: dict[str, list[tuple[int, str]]] = {}
+        for eid, off, field_ in attributed:
             if eid in known:
-                pipe.hincrby(meta_key(eid), field_, n)
-        pipe.execute()
-        res.per_experiment.clear()
+                dead.setdefault(eid, []).append((off, field_))
+        return dead
 
 
 def _key_mismatch(key: bytes | None, unit_id: str) -> InvalidRecord:
@@ -270,7 +284,8 @@ _COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
 
 #: dead-letter reasons of events that reach no experiment state but are
 #: counted under the experiment's counter of the same name (so data_quality
-#: counts them once): exposures to a concluded experiment
+#: counts them once), in the experiment's Lua call like the others:
+#: exposures to a concluded experiment
 _COUNTED_HERE = frozenset(("after_end",))
 
 

@@ -59,6 +59,14 @@ HELP = {
                                      "its latest estimate's data_quality (applied, corrected, "
                                      "held (now), expired, late, too_old, ..., dead_letter); "
                                      "the outcomes sum to its events."),
+    "liftstream_experiment_before_start_events": (
+        "gauge", "Exposures of an experiment so far before its started_at, applied to its "
+        "first entry bucket (data_quality.before_start; part of the applied outcome: a "
+        "clock-skew signal, not a loss)."),
+    "liftstream_experiment_cross_partition_events": (
+        "gauge", "Events of an experiment so far that reached a unit through a partition "
+        "other than the one that created it (data_quality.cross_partition; 0 when every "
+        "producer keys events by unit_id)."),
     "liftstream_experiment_dead_letters": ("gauge", "Dead letters attributed to an experiment "
                                            "so far, by reason code."),
     "liftstream_experiment_dropped_share": ("gauge", "Share of an experiment's events dropped "
@@ -117,7 +125,11 @@ class Metrics:
         (its ``data_quality``, docs/architecture.md#state):
         ``liftstream_experiment_events{outcome}``
         (``streams.state.data_quality.OUTCOMES``), ``liftstream_experiment_dead_letters{reason}``,
-        ``liftstream_experiment_dropped_share``. A record without one changes nothing."""
+        ``liftstream_experiment_dropped_share``,
+        ``liftstream_experiment_before_start_events`` (an outcome inside
+        ``applied``) and ``liftstream_experiment_cross_partition_events`` (a
+        note counted besides the outcomes). A record without one changes
+        nothing."""
         dq = rec.get("data_quality")
         if not isinstance(dq, dict):
             return
@@ -128,6 +140,10 @@ class Metrics:
             self.set("liftstream_experiment_dead_letters", n, experiment=e, reason=reason)
         self.set("liftstream_experiment_dropped_share", dq.get("dropped_share", 0.0),
                  experiment=e)
+        self.set("liftstream_experiment_before_start_events",
+                 dq.get("before_start", 0), experiment=e)
+        self.set("liftstream_experiment_cross_partition_events",
+                 dq.get("cross_partition", 0), experiment=e)
 
     def observe(self, name: str, seconds: float) -> None:
         """Count ``seconds`` in the histogram ``name`` (``LATENCY_BUCKETS``)."""

@@ -4,17 +4,22 @@ docs/architecture.md#state: every count of what was not applied is per experimen
 estimate record, the API, ``/metrics`` and an alert (``data_loss`` in
 ``streams.alerts.rules``). This module turns a snapshot's counters
 (``streams.state.semantics.COUNTERS``: every event routed to the experiment
-increments exactly one) and its dead letters (by reason) into that object::
+increments exactly one outcome; ``EVENT_NOTES`` are counted on top) and its
+dead letters (by reason) into that object::
 
-    events        every counter + every dead letter
+    events        every outcome counter + every dead letter
     applied       exposures + before_start + metric_applied
     before_start  exposures before the experiment's start, applied to its
-                  first entry bucket (part of ``applied``: a clock-skew
-                  signal, not a loss)
+                  first entry bucket (an outcome, part of ``applied``: a
+                  clock-skew signal, not a loss)
     corrected ... retired   the counters of the same name
     retired_units, retired_filter_fpr   units whose records were dropped after
                   their correction horizon, and the chance that a new unit is
                   mistaken for one of them (``streams.state.retired_filter``)
+    cross_partition  events that reached a unit through a partition other than
+                  the one that created it (an ``EVENT_NOTES`` counter: not in
+                  ``events``; nonzero means the events topic's key is not
+                  unit_id for every producer, or its partition count changed)
     dead_letters  {reason: n}
     dropped       late + expired + too_old (``semantics.DROPPED``) + dead letters
     dropped_share dropped / events (0.0 without events)
@@ -32,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from streams.state.retired_filter import false_positive_rate
-from streams.state.semantics import COUNTERS, DROPPED, ExperimentSnapshot
+from streams.state.semantics import COUNTERS, DROPPED, EVENT_NOTES, ExperimentSnapshot
 
 #: Counters reported under their own name (``exposures`` and ``metric_applied``
 #: are reported together as ``applied``).
@@ -56,12 +61,14 @@ def data_quality_of(counters: Mapping[str, int], dead_letters: Mapping[str, int]
     c = {str(k): int(v) for k, v in counters.items()}
     dl = {str(k): int(v) for k, v in sorted((dead_letters or {}).items())}
     extra_dl = sum(n for reason, n in dl.items() if reason not in COUNTERS)
-    events = sum(c.values()) + extra_dl
+    events = sum(n for k, n in c.items() if k not in EVENT_NOTES) + extra_dl
     dropped = sum(c.get(k, 0) for k in DROPPED) + extra_dl
     out: dict = {"events": events,
                  "applied": sum(c.get(k, 0) for k in APPLIED),
                  "before_start": c.get("before_start", 0)}
     for k in REPORTED:
+        out[k] = c.get(k, 0)
+    for k in EVENT_NOTES:
         out[k] = c.get(k, 0)
     out["dead_letters"] = dl
     out["dropped"] = dropped

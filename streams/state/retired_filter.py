@@ -25,8 +25,17 @@ probability at most 9.9·10⁻⁶ × layers in use (7 layers at 8M retired units
 uniform random loss (the hash ignores variant and activity), surfaced as
 ``data_quality.retired_filter_fpr``. (Measured with 20 bits and 14 hashes:
 201 of 1.27M new units lost at 1.14M retired, as that bound predicted.)
-The cap: a Redis string holds 2³² bits, so 11 layers, 134M retired units
-per experiment.
+The cap: a Redis string holds 2³² bits (``proto-max-bulk-len``, 512 MB by
+default), so 11 layers (``MAX_LAYER`` = 10), 134M retired units per
+experiment. Beyond it, every further unit goes into the last layer, whose
+false-positive rate then grows with its fill (``false_positive_rate`` says
+by how much): the filter never stops ingest (issue 24, defect 7: a script
+that set bits past the string's limit failed after it had deleted the unit
+records, and the worker crash-looped). A server with a smaller
+``proto-max-bulk-len`` caps it lower: the Lua script finds the last layer
+that fits before it uses a new one (a read that cannot fail) and records it
+in meta ``retired_cap``; ``RetiredFilter(max_layer=...)`` is the same cap in
+the reference reducer.
 """
 
 from __future__ import annotations
@@ -39,12 +48,16 @@ C0 = 65_536
 #: bits per unit and hashes per unit: 9.9e-6 false positives in a full layer
 BITS = 24
 K = 16
+#: the last layer a 2**32-bit Redis string holds (layers 0..10 end at bit
+#: C0 · BITS · (2^11 - 1) < 2^32; layer 11 would not fit)
+MAX_LAYER = 10
 
 
-def layer_of(n: int) -> int:
-    """The layer of the n-th retired unit (0-based)."""
+def layer_of(n: int, max_layer: int = MAX_LAYER) -> int:
+    """The layer of the n-th retired unit (0-based): the last one from the
+    cap on."""
     lay = 0
-    while n >= C0 * ((2 << lay) - 1):
+    while lay < max_layer and n >= C0 * ((2 << lay) - 1):
         lay += 1
     return lay
 
@@ -65,34 +78,38 @@ def positions(unit_id: str, lay: int) -> list[int]:
 class RetiredFilter:
     """The reference filter: the same bits as the Lua script sets."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_layer: int = MAX_LAYER) -> None:
         self.bits: set[int] = set()
         self.n = 0  # units retired
+        self.max_layer = max_layer  # the last layer the store's bitmap holds
 
     def __contains__(self, unit_id: str) -> bool:
         if self.n == 0:
             return False
         return any(all(p in self.bits for p in positions(unit_id, lay))
-                   for lay in range(layer_of(self.n - 1) + 1))
+                   for lay in range(layer_of(self.n - 1, self.max_layer) + 1))
 
     def add(self, unit_id: str) -> None:
-        self.bits.update(positions(unit_id, layer_of(self.n)))
+        self.bits.update(positions(unit_id, layer_of(self.n, self.max_layer)))
         self.n += 1
 
     def false_positive_rate(self) -> float:
         """The chance that a unit never retired is taken for one, now."""
-        return false_positive_rate(self.n)
+        return false_positive_rate(self.n, self.max_layer)
 
 
-def false_positive_rate(n: int) -> float:
+def false_positive_rate(n: int, max_layer: int = MAX_LAYER) -> float:
     """Upper bound on P(a new unit reads as retired) after n retirements: the
-    sum over the layers in use of (1 − e^{−K·fill/bits})^K."""
+    sum over the layers in use of (1 − e^{−K·fill/bits})^K (the last layer
+    takes every unit beyond the cap: its fill may pass its capacity)."""
     if n <= 0:
         return 0.0
     total = 0.0
-    last = layer_of(n - 1)
+    last = layer_of(n - 1, max_layer)
     for lay in range(last + 1):
         cap = C0 << lay
-        filled = min(cap, n - C0 * ((1 << lay) - 1))
+        filled = n - C0 * ((1 << lay) - 1)
+        if lay < last:
+            filled = min(cap, filled)
         total += (1.0 - math.exp(-K * filled / (cap * BITS))) ** K
     return total

@@ -31,12 +31,19 @@ float sums up to rounding.
 Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
 
 1. Dedupe: an ``event_id`` already sighted in ``e`` *on the same partition*
-   with sighting ts ``>= clk - DD`` is a ``duplicate``; otherwise its sighting
-   ts is recorded. (A re-send keeps its key, so its partition; per-partition
-   sightings make dedupe independent of other partitions' clocks.)
-2. Exposure: variant not in the config -> ``unknown_variant``; unit known ->
-   ``repeat_exposure`` / ``conflict``; ``close + H <= T`` -> ``too_old`` (no
-   state; ingest dead-letters it); ``ts >= end_at`` (config) -> ``after_end``
+   with sighting clock ``>= clk - DD`` is a ``duplicate``; otherwise its
+   sighting is recorded with the partition clock ``clk`` after it (not the
+   event's own ts: an event far behind its partition clock, a late correction
+   or a backfill, would otherwise be forgotten at once and a re-send of it
+   counted twice; issue 24, defect 1). So a re-send within DD of partition
+   time after the first copy is a duplicate, however old the event. (A
+   re-send keeps its key, so its partition; per-partition sightings make
+   dedupe independent of other partitions' clocks.)
+2. Exposure: variant not in the config -> ``unknown_variant``; ``close + H
+   <= T`` -> ``too_old``, decided before anything else, dedupe included (no
+   state, no sighting; ingest dead-letters it ``exposure_too_old``, so the
+   dead-letter topic and ``data_quality`` agree: issue 24); unit known ->
+   ``repeat_exposure`` / ``conflict``; ``ts >= end_at`` (config) -> ``after_end``
    (no state: the experiment stopped; not recorded in the routing index
    either); else the unit is created (variant, stratum,
    entry bucket, exposure ts, zero totals, pre-experiment values) ->
@@ -44,11 +51,16 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    it are released (rule 4).
 3. Metric: name not in the config -> ``unknown_metric``; no unit yet -> held
    (rule 4); ``ts < exposure_ts`` -> ``pre_exposure``; ``ts >= close`` ->
-   ``outside_window``; ``close + H <= T`` -> ``late`` (dropped); ``close <= T``
-   -> ``corrected``: added to the unit's total and, if the unit was already
-   folded, to its cell as ``Σy += v, Σy² += (t+v)² - t²`` (t = the total
-   before, n unchanged) and, if the unit has a pre value x of the metric,
-   ``Σxy += x·v, Σy_x += v``; else added to the total -> ``metric_applied``.
+   ``outside_window``; ``close + H <= T`` -> ``late`` (dropped); else it is
+   added to the unit's total and, if the unit is already folded (whatever T
+   says: T is the clock of the partition the metric came through, which may
+   not be its unit's; issue 24, defect 2), to its cell as ``Σy += v, Σy² +=
+   (t+v)² - t²`` (t = the total before, n unchanged) and, if the unit has a
+   pre value x of the metric, ``Σxy += x·v, Σy_x += v`` -> ``corrected``; a
+   unit not folded yet is folded later with the total: ``corrected`` if
+   ``close <= T``, else ``metric_applied``. An event (exposure or metric)
+   that reaches the record of a unit created on another source also counts
+   ``cross_partition`` (``EVENT_NOTES``: besides its outcome).
 4. Holds: a metric whose unit has no state is ``held`` (at most ``hold_max``
    per unit, beyond that ``expired``). The unit's exposure releases them, in
    arrival order, through rule 3 (``held`` -1, their category +1). A unit's
@@ -138,7 +150,8 @@ from schemas.records import (
 )
 from streams.state.retired_filter import RetiredFilter
 
-#: Per-experiment counters, one per outcome category of an event.
+#: Per-experiment counters, one per outcome category of an event (and the
+#: ``EVENT_NOTES``, counted on top of an outcome).
 COUNTERS: tuple[str, ...] = (
     "exposures",
     "before_start",
@@ -157,7 +170,15 @@ COUNTERS: tuple[str, ...] = (
     "late",
     "retired",
     "duplicate",
+    "cross_partition",
 )
+
+#: Counters that note something about an event *besides* its outcome (it is
+#: also counted in one of the others), so they are not part of ``events``:
+#: ``cross_partition``, an event that reached a unit's record through a
+#: partition other than the one whose exposure created the unit (issue 24,
+#: defect 2; the order-independence bound assumes key = unit_id).
+EVENT_NOTES: tuple[str, ...] = ("cross_partition",)
 
 #: Counters whose events were not applied and are lost to the estimate (the
 #: ``data_loss`` alert's numerator): past the correction horizon, held too
@@ -434,13 +455,16 @@ class ExperimentState:
         self.metrics = config.metric_names
         self._metric_index = {m: i for i, m in enumerate(self.metrics)}
         self.units: dict[str, UnitState] = {}
+        #: per unit with a record: the source whose exposure created it (Lua:
+        #: the source whose pending zset holds the unit)
+        self.unit_source: dict[str, str] = {}
         #: per source: heap of (close_ts, unit_id utf-8 bytes, unit_id)
         self._pending: dict[str, list[tuple[int, bytes, str]]] = {}
         #: per unit: held (metric index, ts, value) in arrival order; per source:
         #: unit -> newest held ts (the expiry order)
         self.held: dict[str, list[tuple[int, int, float]]] = {}
         self._held_q: dict[str, dict[str, int]] = {}
-        #: per source: event_id -> ts of its last counted sighting
+        #: per source: event_id -> partition clock at its last counted sighting
         self._seen: dict[str, dict[str, int]] = {}
         self._seen_prune_at = 4096
         self.max_ts: int | None = None
@@ -522,11 +546,14 @@ class ExperimentState:
 
     def _event(self, ev: Event, clk: int, source: str, released: bool) -> str | None:
         ts = int(ev.ts)
+        if isinstance(ev, Exposure) and ev.variant in self._vindex \
+                and ts + self.W + self.H <= clk - self.L:
+            return "too_old"  # rule 2, before anything else: ingest dead-letters it
         seen = self._seen.setdefault(source, {})
         prev = seen.get(ev.event_id)
         if prev is not None and prev >= clk - self.DD:
             return "duplicate"
-        seen[ev.event_id] = ts
+        seen[ev.event_id] = clk  # rule 1: the sighting lives on partition time
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
         T = clk - self.L
@@ -542,6 +569,7 @@ class ExperimentState:
                 if ev.unit_id in self.retired:  # rule 6: its close + H <= T
                     return "outside_window" if ts > T - self.H else "late"
                 return self._hold(ev.unit_id, mi, ts, v, source)
+            self._note_source(ev.unit_id, source)
             return self._metric(u, mi, ts, v, T)
         raise TypeError(f"not an event: {type(ev).__name__}")  # pragma: no cover
 
@@ -550,12 +578,11 @@ class ExperimentState:
             return "unknown_variant"
         u = self.units.get(ev.unit_id)
         if u is not None:
+            self._note_source(ev.unit_id, source)
             return "repeat_exposure" if u.variant == ev.variant else "conflict"
         if ev.unit_id in self.retired:
             return "retired"
         close = ts + self.W
-        if close + self.H <= T:
-            return "too_old"
         if self.E is not None and ts >= self.E:
             return "after_end"
         x = None if ev.pre_activity is None else _finite(ev.pre_activity, "pre_activity")
@@ -572,6 +599,7 @@ class ExperimentState:
             u.fine = stratum_of(x, self.fine_edges)
             u.age = [[0.0] * self.NB for _ in self.metrics]
         self.units[ev.unit_id] = u
+        self.unit_source[ev.unit_id] = source
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
             self.activity_sum[s] = self.activity_sum[s] + x
@@ -604,26 +632,37 @@ class ExperimentState:
             ab = age_bin_of(ts - u.exposure_ts, self.age_edges)
             tb = ya[ab]
             ya[ab] = tb + v
-        if close > T:
-            return "metric_applied"
-        if u.matured:
-            c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
-            c[1] = c[1] + v
-            c[2] = c[2] + ((t + v) * (t + v) - t * t)
-            x = u.pre[mi]
-            if x is not None:
-                c[6] = c[6] + x * v
-                c[7] = c[7] + v
-            if u.age:
-                a = self.age_cells[self.metrics[mi]][self._vindex[u.variant]][u.fine]
-                a[1 + 2 * ab] = a[1 + 2 * ab] + v
-                a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
-                last = self.NB - 1
-                if ab == 0:
-                    a[-1] = a[-1] + v * ya[last]
-                elif ab == last:
-                    a[-1] = a[-1] + ya[0] * v
+        if not u.matured:
+            # folded later, with the total: in time (close > T), or already
+            # due on its own partition (close <= T) and counted a correction
+            return "metric_applied" if close > T else "corrected"
+        # folded: the metric corrects its cell whatever T says (T is the clock of
+        # the partition it came through, maybe not its unit's: defect 2)
+        c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
+        c[1] = c[1] + v
+        c[2] = c[2] + ((t + v) * (t + v) - t * t)
+        x = u.pre[mi]
+        if x is not None:
+            c[6] = c[6] + x * v
+            c[7] = c[7] + v
+        if u.age:
+            a = self.age_cells[self.metrics[mi]][self._vindex[u.variant]][u.fine]
+            a[1 + 2 * ab] = a[1 + 2 * ab] + v
+            a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
+            last = self.NB - 1
+            if ab == 0:
+                a[-1] = a[-1] + v * ya[last]
+            elif ab == last:
+                a[-1] = a[-1] + ya[0] * v
         return "corrected"
+
+    def _note_source(self, uid: str, source: str) -> None:
+        """Count ``cross_partition`` when an event reaches the record of a
+        unit created on another source (``EVENT_NOTES``): its events are not
+        all on one partition, so T differs between them (the rules hold
+        whatever T, but data_quality shows the key = unit_id bound broken)."""
+        if self.unit_source[uid] != source:
+            self._count("cross_partition")
 
     def _hold(self, uid: str, mi: int, ts: int, v: float, source: str) -> str:
         lst = self.held.get(uid)
@@ -659,6 +698,7 @@ class ExperimentState:
             fin = u.exposure_ts + final
             if fin <= T:
                 del self.units[uid]
+                del self.unit_source[uid]
                 self.retired.add(uid)
             else:
                 heapq.heappush(pend, (fin, ub, uid))

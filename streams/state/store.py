@@ -46,9 +46,12 @@ notes below give the value formats.
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
    a call brought), `own:<src>` (the newest owner epoch that wrote here),
    `exposed:<variant>`, `matured:<variant>`,
-   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `c:<counter>`
-   (``streams.state.semantics.COUNTERS``), `dl:<reason>` (dead letters of the
-   experiment, at least once).
+   `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `retired_cap`
+   (8), `c:<counter>`
+   (``streams.state.semantics.COUNTERS``; `c:after_end` also counts the
+   exposures dead-lettered because the experiment is concluded), `dl:<reason>`
+   (dead letters of the experiment; both counted exactly once, in the
+   experiment's ingest call: ``apply_rows``'s ``dead``).
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
    every call: they can never mark a duplicate again.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
@@ -76,6 +79,9 @@ notes below give the value formats.
    close + H, until that passes the partition clock - L; then its record is
    deleted from `units`, its id added to `retired` (a scalable Bloom filter,
    ``streams.state.retired_filter``) and `retired_n` in meta counts it.
+   `retired_cap`: the last layer the server's string limit holds, written
+   only where it is below ``retired_filter.MAX_LAYER`` (a small
+   ``proto-max-bulk-len``); beyond the cap units go into the last layer.
 
 Stratum indices run 0..S-1 for the activity strata and S for "unknown
 activity" (S = len(strata_edges) - 1).
@@ -326,7 +332,8 @@ def _lua_result(raw: list) -> dict[str, Any]:
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
                rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
-               epoch: int | None = None) -> dict[str, Any]:
+               epoch: int | None = None, dead: Sequence[tuple[int, str]] = ()
+               ) -> dict[str, Any]:
     """One call of ingest.lua: clocked ``rows`` of one source partition
     (routed to ``cfg``'s experiment, increasing offsets), then maturation and
     hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
@@ -338,9 +345,20 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
 
     ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
     the script raises ``Fenced`` when a newer owner wrote the experiment.
+
+    ``dead``: (offset, meta field) of the batch's dead letters attributed to
+    the experiment, the field ``dl:<reason>`` or, for a dead letter that
+    stands for one of its counters, ``c:<counter>`` (``c:after_end``: an
+    exposure to a concluded experiment); each adds 1 to its field in the same
+    atomic step, skipped like the events when its offset was applied before
+    (a retried batch counts none twice). Dead letters alone do not settle.
     """
     argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
+    if dead:
+        argv.append(str(len(dead)))
+        for off, meta_field in dead:
+            argv += [str(int(off)), meta_field]
     keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
     with script_errors():
         return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
@@ -660,6 +678,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        fold_limit: int = FOLD_LIMIT,
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
+                       dead: dict[str, list[tuple[int, str]]] | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -675,15 +694,23 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     ``unrouted_expired``) per held metric of a never-exposed unit that the
     batch's clock expired (``expire_unit_holds``). ``clocked_rows``:
     ``clocked_batch``'s result for ``rows``, when the caller already has it;
-    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale)."""
+    ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale);
+    ``dead``: per experiment of ``known``, (offset, meta field) of the batch's
+    dead letters attributed to it, counted in its experiment's call (one
+    without events where it has none): exactly once, like the events."""
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
-    if not crows:
-        return {}, clk
-    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max)
-    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch)
+    dead = dead or {}
+    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max) if crows else {}
+    out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
+                         dead.get(e, ()))
            for e, lst in routed.items()}
+    for e in sorted(dead.keys() - routed.keys()):  # dead letters alone: no settling
+        out[e] = apply_rows(r, known[e], topic, partition, (), 0 if clk is None else clk,
+                            fold_limit, epoch, dead[e])
+    if not crows:
+        return out, clk
     _count_expired(rejected, expire_unit_holds(r, topic, partition,
                                                clk - int(hold_seconds) * 1000))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
@@ -856,6 +883,21 @@ def _before(marker: str, topic: str | None, partition: int | None, offset: int) 
         return True
 
 
+_UNREAD = object()
+
+
+def _applied_offset(r: Any, topic: str | None, partition: int | None) -> int | None:
+    """The partition's last offset recorded as fully applied
+    (``record_position``), or None. A row at or below it belongs to a replay
+    of a batch whose holds were written, counted and maybe expired already:
+    holding it again would count it ``unrouted_expired`` twice or release it
+    after it was counted lost."""
+    if topic is None or partition is None:
+        return None
+    v = r.hget(INGEST_OFFSETS, offsets_field(topic, partition))
+    return None if v is None else _int(v)
+
+
 def route_rows(
     r: Any,
     rows: Sequence[tuple],
@@ -879,7 +921,9 @@ def route_rows(
       without experiment_id that arrived before it;
     * metrics without experiment_id go to every experiment whose recorded
       exposure came before them (or an exposure earlier in the batch); with
-      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``).
+      none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``),
+      unless the partition recorded their offset as applied already (a replay:
+      one HGET, only in a batch with such a metric).
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -917,6 +961,7 @@ def route_rows(
 
     out: dict[str, list[tuple]] = {}
     in_batch: dict[str, set[str]] = {}
+    applied: Any = _UNREAD  # the partition's recorded offset, read once if needed
     new_holds: list[tuple[str, str, bytes, int]] = []  # unit, field, value, ts
     for i, row in enumerate(rows):
         exp, uid = row[3], row[4]
@@ -949,6 +994,10 @@ def route_rows(
             for e in sorted(targets):
                 out.setdefault(e, []).append(row)
             if not targets:
+                if applied is _UNREAD:
+                    applied = _applied_offset(r, source_topic, partition)
+                if applied is not None and row[0] <= applied:
+                    continue  # a replay of a recorded row: counted (and maybe expired) then
                 f = _marker(source_topic, partition, row[0])
                 h = holds.setdefault(uid, {})
                 if f not in h and len(h) >= hold_max:

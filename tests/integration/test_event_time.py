@@ -4,6 +4,8 @@ no clock, and the ``data_loss`` alert on a real stream of late metrics."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import redis
 
@@ -134,6 +136,57 @@ def test_future_and_too_old_events_are_dead_letters_that_move_no_clock(r):
     snap = read_snapshot(r, c)
     assert snap.counters["too_old"] == 1 and snap.exposed["control"] == 1
     assert snap.dead_letters == {"ts_in_future": 1}
+
+
+@pytest.mark.integration
+def test_defect5_retried_process_counts_each_dead_letter_once(r):
+    """The events plane retries ``process`` whole after a transient Redis
+    error; the experiment's dead-letter counts (``dl:<reason>``, its
+    data_quality) must count each dead letter once (issue 24, defect 5): they
+    are applied with the batch, under the same applied-offset skip. Also when
+    no event of the batch reaches the experiment's state."""
+    c = cfg()
+    reg = Registry(r)
+    reg.put(c)
+    ing = Ingestor(r, reg)
+    now = T0 + 100_000
+    future = Exposure("f", "e1", "v", "control", now + 301_000, 1.0)  # > now + 5 min
+    batch = [(0, dumps(event_dict(Exposure("a", "e1", "u", "control", now - 1000, 1.0)))),
+             (1, dumps(event_dict(future)))]
+    for _ in range(2):  # the run, then its retry
+        res = ing.process(TOPIC, 0, batch, now)
+        assert [d["reason"]["code"] for d in res.dead_letters] == ["ts_in_future"]
+    assert read_snapshot(r, c).dead_letters == {"ts_in_future": 1}
+    only_dead = [(2, dumps(event_dict(replace(future, event_id="g"))))]
+    for _ in range(2):
+        ing.process(TOPIC, 0, only_dead, now)
+    assert read_snapshot(r, c).dead_letters == {"ts_in_future": 2}
+
+
+@pytest.mark.integration
+def test_too_old_exposures_dead_letters_agree_with_data_quality(r):
+    """An exposure too old to store is dead-lettered ``exposure_too_old`` by
+    ingest; the experiment must count it ``too_old`` too, whatever else it
+    is (issue 24): a re-exposure of a known unit, a re-sent copy of it. The
+    reducer agrees."""
+    c = cfg(started_at=T0)  # W 10 s, H 20 s, L 1 s: too old once ts + 31 s <= the clock
+    reg = Registry(r)
+    reg.put(c)  # with its start (else the registration time: before_start)
+    ing = Ingestor(r, reg)
+    now = T0 + 200_000
+    evs = [Exposure("a", "e1", "u", "control", T0 + 90_000, 1.0),
+           Exposure("b", "e1", "w", "control", T0 + 100_000, 1.0),
+           Exposure("o", "e1", "u", "control", T0 + 60_000, 1.0),  # u known, too old
+           Exposure("p", "e1", "u", "treatment", T0 + 61_000, 1.0),  # u known, too old
+           Exposure("o", "e1", "u", "control", T0 + 60_000, 1.0)]  # a re-send of "o"
+    res = ing.process(TOPIC, 0, [(i, dumps(event_dict(e))) for i, e in enumerate(evs)], now)
+    dead = [d["reason"]["code"] for d in res.dead_letters]
+    assert dead == ["exposure_too_old"] * 3
+    counters = read_snapshot(r, c).counters
+    want = Reducer([c]).apply_all(evs, source=f"{TOPIC}|0", batch=len(evs))
+    assert want.states["e1"].snapshot().counters == counters
+    assert counters["too_old"] == 3, counters
+    assert counters["repeat_exposure"] == counters["conflict"] == counters["duplicate"] == 0
 
 
 @pytest.mark.integration

@@ -36,6 +36,14 @@ ARGV:
   pre-experiment values (CUPED covariates): n_metrics little-endian doubles
   per 'x' head, in order (skipped ones included), value k for metric k (NaN
   = none); or is empty (or absent) when no exposure of the batch has any.
+  Then (optional) n_dead, and n_dead pairs offset, meta field: the batch's
+  dead letters attributed to this experiment (issue 24, defect 5), the field
+  dl:<reason>, or c:<counter> for one that stands for a counter (c:after_end:
+  an exposure to a concluded experiment). Each one whose offset is above the
+  stored offset adds 1 to its meta field, and the
+  stored offset becomes the largest offset applied, event or dead letter: a
+  replay of the batch counts none again. A call with dead letters and no
+  events does not settle.
 Fencing: meta field own:<src> keeps the newest epoch that wrote here; a call
 with an older one is refused (error FENCED) before it reads anything.
 Returns a flat [name, value, ...] list: applied, skipped, offset, max_ts,
@@ -135,6 +143,8 @@ local heads = nextarg()
 local strs = nextarg()
 local pres = nextarg() or ''
 local has_pres = pres ~= ''
+-- DL: n (dead letters passed), by (meta field -> new ones), order, hi (largest new offset)
+local DL = {n = tonumber(nextarg() or '0') or 0, by = {}, order = {}}
 
 local UNIT_HEAD, UNIT_HEAD_LEN = '<BHHBdd', 22
 local UNIT_FMT = UNIT_HEAD .. string.rep('d', n_met)
@@ -168,16 +178,22 @@ local HEAD_FMT, HEAD_LEN = '<c1HddddHH', 39
 local HELD_FMT, HELD_LEN = '<Hdd', 18
 
 -- ---------------------------------------------------------------- state
+-- Writes: none before every call that can fail has run (issue 24, defect 7:
+-- Lua writes are not rolled back). The checks below answer errors before
+-- the first write; the one command that could fail later, BITFIELD SET past
+-- the string's limit, is kept in range by the retired filter's cap.
 local CLK_FIELD = 'clk:' .. src
+local own_write = nil           -- the own:<src> field, when the epoch is written (at the end)
 if epoch ~= nil then
   local own_field = 'own:' .. src
   local owner = tonumber(call('HGET', K_META, own_field))
   if owner ~= nil and epoch < owner then
     return redis.error_reply('FENCED ' .. src .. ' is owned by epoch ' .. fmti(owner))
   end
-  if owner ~= epoch then call('HSET', K_META, own_field, fmti(epoch)) end
+  if owner ~= epoch then own_write = own_field end
 end
-local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n')
+local mraw = call('HMGET', K_META, 'max_ts', 'anchor', 'started_at', CLK_FIELD, 'retired_n',
+                  'retired_cap')
 local max_ts = tonumber(mraw[1])
 local anchor = tonumber(mraw[2]) or tonumber(mraw[3])
 local clk_prev = tonumber(mraw[4])
@@ -201,6 +217,19 @@ local function chunked(cmd, key, list)
 end
 
 -- ---------------------------------------------------------------- events
+-- Dead letters: counted once, under the same offset skip as the events.
+for _ = 1, DL.n do
+  local off, f = tonumber(nextarg()), nextarg()
+  if off == nil or f == nil or not (f:sub(1, 3) == 'dl:' or f:sub(1, 2) == 'c:') then
+    return redis.error_reply('ERR dead letters: bad args')
+  end
+  if stored == nil or off > stored then
+    if DL.by[f] == nil then DL.by[f] = 0; DL.order[#DL.order + 1] = f end
+    DL.by[f] = DL.by[f] + 1
+    if DL.hi == nil or off > DL.hi then DL.hi = off end
+  end
+end
+
 -- Pass 1: split the packed events into columns, skipping offsets already
 -- applied, and collect the distinct event ids and unit ids to prefetch.
 local E_OFF, E_KIND, E_EID, E_UID, E_TS, E_A, E_B, E_CLK = {}, {}, {}, {}, {}, {}, {}, {}
@@ -262,7 +291,8 @@ local function take_pre(u, pos)
   end
 end
 
--- Dedupe sightings: seen[eid] = ts of the last counted sighting, false if none.
+-- Dedupe sightings: seen[eid] = the partition clock at the last counted
+-- sighting (rule 1: not the event's ts), false if none.
 local seen = {}
 for i = 1, #eids, CHUNK do
   local j = min(i + CHUNK - 1, #eids)
@@ -362,14 +392,38 @@ local function fetch_units(list)
 end
 fetch_units(uids)
 
+-- foreign[uid]: the unit has a record but was created on another source
+-- partition (it is in that source's pending zset, not in ours: a unit stays
+-- pending on its creating source until it retires); its events here count
+-- cross_partition (semantics.EVENT_NOTES). Units created in this call are ours.
+local foreign = {}
+do
+  local have = {}
+  for _, uid in ipairs(uids) do
+    if units[uid] then have[#have + 1] = uid end
+  end
+  for i = 1, #have, CHUNK do
+    local j = min(i + CHUNK - 1, #have)
+    local sc = call('ZMSCORE', K_PENDING, unpack(have, i, j))
+    for k = i, j do
+      if not sc[k - i + 1] then foreign[have[k]] = true end
+    end
+  end
+end
+
 -- Rule 6: the retired-unit filter (streams/state/retired_filter.py, the same bits).
 -- retired[uid] = true when every bit of the unit is set in some layer in
 -- use; looked up once, before the events, for the units without a record
 -- (units retire only in the settle below, after the events).
 local RC0, RBITS, RK = 65536, 24, 16
+-- the last layer the bitmap holds: MAX_LAYER, or lower where the server's
+-- string limit (proto-max-bulk-len) is (found by ret_layer, kept in meta)
+-- RET: cap (that layer), dirty (cap found in this call), fit (the last layer
+-- known to fit), layer (ret_layer below)
+local RET = {cap = tonumber(mraw[6]) or 10, dirty = false}
 local function layer_of(nr)
   local l = 0
-  while nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
+  while l < RET.cap and nr >= RC0 * (2 ^ (l + 1) - 1) do l = l + 1 end
   return l
 end
 local function ret_positions(uid, l, outp)
@@ -410,6 +464,25 @@ if retired_n > 0 then
       end
     end
   end
+end
+-- The layer of the nr-th retirement. A layer not used yet is first probed
+-- (a read of its last bit, by pcall: it cannot fail): where the string
+-- cannot hold it, the layer before is the cap (retired_filter.MAX_LAYER's
+-- doc), so the BITFIELD SET below never fails after the first writes.
+RET.fit = layer_of(retired_n > 0 and retired_n - 1 or 0)  -- in use: it fits
+function RET.layer(nr)
+  local l = layer_of(nr)
+  while l > RET.fit do
+    local last = RC0 * RBITS * (2 ^ (l + 1) - 1) - 1
+    local got = redis.pcall('BITFIELD', K_RET, 'GET', 'u1', fmti(last))
+    if type(got) == 'table' and got.err then
+      RET.cap, RET.dirty = l - 1, true
+      l = l - 1
+    else
+      RET.fit = l
+    end
+  end
+  return l
 end
 local function touch_unit(uid)
   if not units_dirty[uid] then units_dirty[uid] = true; units_order[#units_order + 1] = uid end
@@ -543,8 +616,13 @@ local function metric_rule(uid, u, mi, ts, v, T)
     u[ab] = tb + v
   end
   touch_unit(uid)
-  if close > T then return 'metric_applied' end
-  if u[U_M] == 1 and variants[u[U_V] + 1] ~= nil then
+  if u[U_M] ~= 1 then  -- folded later, with its total
+    if close > T then return 'metric_applied' end
+    return 'corrected'
+  end
+  -- folded: correct the cell whatever T says (T is the clock of the partition
+  -- the metric came through, maybe not its unit's: issue 24, defect 2)
+  if variants[u[U_V] + 1] ~= nil then
     local cell = row_of(u[U_V], u[U_S])[mi]
     cell[2] = cell[2] + v
     cell[3] = cell[3] + ((t + v) * (t + v) - t * t)
@@ -577,11 +655,13 @@ for i = 1, n do
   local eid, ts, clk, uid = E_EID[i], E_TS[i], E_CLK[i], E_UID[i]
   local cat
   local prev = seen[eid]
-  if prev and prev >= clk - DD then
+  if E_KIND[i] == 'x' and E_A[i] > 0 and ts + W + H <= clk - L then
+    cat = 'too_old'  -- rule 2, before anything else (dedupe too): ingest dead-letters it
+  elseif prev and prev >= clk - DD then
     cat = 'duplicate'
   else
     if not seen_new[eid] then seen_new[eid] = true; seen_order[#seen_order + 1] = eid end
-    seen[eid] = ts
+    seen[eid] = clk
     if max_ts == nil or ts > max_ts then max_ts = ts; max_ts_dirty = true end
     local T = clk - L
     if E_KIND[i] == 'x' then
@@ -590,11 +670,10 @@ for i = 1, n do
       if vi < 0 then
         cat = 'unknown_variant'
       elseif u then
+        if foreign[uid] then count('cross_partition') end
         if u[U_V] == vi then cat = 'repeat_exposure' else cat = 'conflict' end
       elseif retired[uid] then
         cat = 'retired'
-      elseif ts + W + H <= T then
-        cat = 'too_old'
       elseif end_at ~= nil and ts >= end_at then
         cat = 'after_end'
       else
@@ -667,6 +746,7 @@ for i = 1, n do
       if mi == 0 then
         cat = 'unknown_metric'
       elseif u then
+        if foreign[uid] then count('cross_partition') end
         cat = metric_rule(uid, u, mi, ts, E_B[i], T)
       elseif retired[uid] then  -- rule 6: its close + H <= T
         if ts > T - H then cat = 'outside_window' else cat = 'late' end
@@ -695,7 +775,7 @@ end
 -- stored after it), and settling belongs to the calls that bring events or
 -- to explicit settle calls (no events).
 local clk = clk_prev
-local settling = #heads == 0 or n > 0
+local settling = (#heads == 0 and DL.n == 0) or n > 0
 if settling and (clk == nil or clk_end > clk) then clk = clk_end end
 if #pend_new > 0 then chunked('ZADD', K_PENDING, pend_new) end
 for _, uid in ipairs(held_order) do
@@ -780,7 +860,7 @@ if settling and clk ~= nil then
         if fin <= clk - L then
           gone[#gone + 1] = uid
           retired_ids[#retired_ids + 1] = uid
-          ret_positions(uid, layer_of(retired_n), ret_set)
+          ret_positions(uid, RET.layer(retired_n), ret_set)
           retired_n = retired_n + 1
           units[uid] = false
         else
@@ -851,6 +931,8 @@ if retired_n > retired_n0 then
   end
   call('HSET', K_META, 'retired_n', fmti(retired_n))
 end
+if RET.dirty then call('HSET', K_META, 'retired_cap', fmti(RET.cap)) end
+if own_write then call('HSET', K_META, own_write, fmti(epoch)) end
 for _, f in ipairs(cells_order) do
   local c = cells[f]
   local head = fmti(c[1]) .. ' ' .. fmt(c[2]) .. ' ' .. fmt(c[3])
@@ -889,18 +971,22 @@ if clk ~= clk_prev then push2('HSET', K_META, CLK_FIELD, fmti(clk)) end
 flush('HSET', K_META)
 for _, eid in ipairs(seen_order) do push2('ZADD', K_SEEN, seen[eid], eid) end
 flush('ZADD', K_SEEN)
--- A sighting counts while its ts >= clk - DD; clk only grows, so older
+-- A sighting counts while its clock >= clk - DD; clk only grows, so older
 -- sightings of this partition can never mark a duplicate again.
 if clk ~= nil then call('ZREMRANGEBYSCORE', K_SEEN, '-inf', '(' .. fmti(clk - DD)) end
-if n > 0 then call('HSET', K_OFF, src, fmti(E_OFF[n])) end
-if n > 0 or work then seq = call('INCR', K_DIRTY) end
+for _, f in ipairs(DL.order) do call('HINCRBY', K_META, f, DL.by[f]) end
+do  -- the applied offset: the last event's, or a later dead letter's
+  local off = n > 0 and E_OFF[n] or nil
+  if DL.hi ~= nil and (off == nil or DL.hi > off) then off = DL.hi end
+  if off ~= nil then call('HSET', K_OFF, src, fmti(off)); stored = off end
+end
+if n > 0 or work or DL.hi ~= nil then seq = call('INCR', K_DIRTY) end
 
 local out = {'applied', n, 'skipped', skipped,
              'offset', stored and fmt(stored) or '',
              'max_ts', max_ts and fmt(max_ts) or '',
              'more', more,
              'dirty_seq', seq}
-if n > 0 then out[6] = fmti(E_OFF[n]) end
 for _, name in ipairs(count_order) do
   out[#out + 1] = name
   out[#out + 1] = counts[name]

@@ -27,6 +27,7 @@ COUNTS = {
     "too_old": 4, "unknown_metric": 5, "pre_exposure": 6, "outside_window": 7,
     "metric_applied": 3000, "corrected": 140, "held": 8, "expired": 9, "late": 12,
     "duplicate": 20, "after_end": 11, "retired": 13, "before_start": 15,
+    "cross_partition": 17,
 }
 
 
@@ -42,6 +43,7 @@ def test_data_quality_hand_computed():
               "pre_exposure", "duplicate", "conflict", "repeat_exposure", "after_end",
               "unknown_variant", "unknown_metric", "retired"):
         assert dq[k] == COUNTS[k], k
+    assert dq["cross_partition"] == 17  # noted besides the outcome: not in events
     assert dq["dead_letters"] == {"not_json": 2, "ts_in_future": 3}
     assert list(dq["dead_letters"]) == ["not_json", "ts_in_future"]  # sorted: stable JSON
     # the outcomes partition the events
@@ -143,6 +145,9 @@ def test_metrics_from_records():
     assert 'liftstream_experiment_events{experiment="e1",outcome="applied"} 4015' in text
     assert 'liftstream_experiment_events{experiment="e1",outcome="dead_letter"} 5' in text
     assert 'liftstream_experiment_dead_letters{experiment="e1",reason="not_json"} 2' in text
+    assert 'liftstream_experiment_cross_partition_events{experiment="e1"} 17' in text
+    # part of applied, also shown alone
+    assert 'liftstream_experiment_before_start_events{experiment="e1"} 15' in text
     share = re.search(r'liftstream_experiment_dropped_share\{experiment="e1"\} (\S+)', text)
     assert share and float(share.group(1)) == pytest.approx(30 / 4270)
     assert "# TYPE liftstream_experiment_events gauge" in text

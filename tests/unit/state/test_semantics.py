@@ -353,6 +353,21 @@ def test_retired_filter_layers_and_false_positives():
     assert fp <= bound + 4 * (bound / trials) ** 0.5 + 1e-5, (fp, bound)
 
 
+def test_defect7_retired_filter_cap_fits_a_redis_string():
+    """The last layer ends inside a 2**32-bit Redis string; from the cap on,
+    units go into it and the false-positive bound follows its fill (issue
+    24, defect 7; the Lua side: tests/integration/test_state_differential.py)."""
+    from streams.state import retired_filter as rf
+
+    start, span = rf.layer_span(rf.MAX_LAYER)
+    assert start + span <= 2**32 < start + span + rf.layer_span(rf.MAX_LAYER + 1)[1]
+    cap = rf.C0 * ((2 << rf.MAX_LAYER) - 1)  # units the layers hold
+    assert rf.layer_of(cap - 1) == rf.MAX_LAYER == rf.layer_of(10 * cap)
+    assert rf.layer_of(3 * rf.C0, max_layer=1) == 1
+    at_cap, past = rf.false_positive_rate(cap), rf.false_positive_rate(2 * cap)
+    assert at_cap < 2e-4 < past < 1
+
+
 # ---------------------------------------------------------------- exposure age (issue 19)
 
 
