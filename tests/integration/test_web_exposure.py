@@ -197,8 +197,15 @@ def test_defect9_pages_sign_in_in_chromium(web, path):
 
 def _store_history(url: str, eid: str, names: list[tuple[str, str]], ticks: int) -> None:
     """Estimates and history of ``eid`` written the way the sampler writes them."""
+    from schemas.records import ExperimentConfig, MetricSpec
+
     r = redis.Redis.from_url(url)
-    svc = SamplerService(r, Registry(r), TickConfig())
+    reg = Registry(r)
+    metrics = tuple(MetricSpec(m) for m in sorted({m for m, _ in names}))
+    reg.put(ExperimentConfig(experiment_id=eid, metrics=metrics,
+                             variants=("control", "treatment", "treatment_b")))
+    svc = SamplerService(r, reg, TickConfig())
+    svc.load([eid])  # the sampler writes only into a registered experiment it loaded
     for i in range(1, ticks + 1):
         chains = {(eid, m): StoredChains({"iteration": np.array(i)}, None)
                   for m in {m for m, _ in names}}
