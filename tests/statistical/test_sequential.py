@@ -110,7 +110,8 @@ def test_power_and_forecast_against_realised():
 def test_aa_1000_replicates(name, st):
     r = simulate(st)
     ever = r.any_ready().mean()
-    print(f"\n{name}: ever decided {ever:.4f}, today's rule {r.any_before().mean():.3f}")
+    print(f"\n{name}: ever decided {ever:.4f}, today's rule {r.any_before().mean():.3f} "
+          f"({r.seconds:.0f} s)")
     assert ever <= mc_bound(ALPHA, st.reps)
 
 
@@ -119,18 +120,30 @@ def test_decaying_novelty_is_reported_not_bounded():
     """A novelty (+0.10 on units exposed at t, decaying as exp(−t/2 days)):
     the long-run effect is 0 but the early units' is not, so decisions for
     'better' are correct about the units seen and wrong about the ship-to
-    effect. The rate is reported (docs/method.md §8), not bounded by α."""
-    r = simulate(with_(AA, reps=1000, seed=15, novelty=0.10))
-    print(f"\ndecaying novelty: ever decided {r.any_ready().mean():.4f}")
+    effect. That rate is reported (docs/method.md §8), not bounded by α. The
+    effect is never negative, so a 'worse' decision is false under either
+    reading: its share stays within α/2 (one side of the two-sided
+    sequence) + MC error."""
+    st = with_(AA, reps=1000, seed=15, novelty=0.10)
+    r = simulate(st)
+    ever = r.any_ready().mean()
+    worse = (r.direction < 0).reshape(st.reps, -1).any(-1).mean()
+    print(f"\ndecaying novelty: ever decided {ever:.4f} (worse {worse:.4f}), "
+          f"today's rule {r.any_before().mean():.3f} ({r.seconds:.0f} s)")
+    assert worse <= mc_bound(ALPHA / 2, st.reps)
 
 
 @pytest.mark.slow
 def test_four_arms_five_metrics_all_null():
-    st = with_(AA, reps=1000, seed=16, variants=4, metrics=5, mde=None)
+    """4 arms x 5 metrics, all null: the share of experiments with any false
+    decision (primary at α/3 per arm, the rest by gated e-BH) within α + MC
+    error. 400 replicates, not 1000: each is 20 problems of 4 variants
+    (~2.5 s of one core per replicate); the bound is 0.075 instead of 0.066."""
+    st = with_(AA, reps=400, seed=16, variants=4, metrics=5, mde=None)
     r = simulate(st)
     ever = r.any_ready().mean()
     print(f"\n4 arms x 5 metrics: any false decision {ever:.4f}, "
-          f"today's rule {r.any_before().mean():.3f}")
+          f"today's rule {r.any_before().mean():.3f} ({r.seconds:.0f} s)")
     assert ever <= mc_bound(ALPHA, st.reps)
 
 
