@@ -28,6 +28,10 @@ FORECAST = Setting(reps=100, seed=4, n_units=40_000, effect=0.10, effect_slope=0
                    forecast_at=2 * 24)
 
 
+#: the slow runs take 7–25 min each on a busy 2-core machine: past the suite's 900 s
+SLOW_TIMEOUT_S = 3600
+
+
 def mc_bound(p: float, n: int, z: float = 2.33) -> float:
     """p plus z binomial sds at n replicates (one-sided ~1%)."""
     return p + z * np.sqrt(p * (1 - p) / n)
@@ -50,7 +54,9 @@ def _fixed_horizon(r) -> tuple[int | None, float]:
     two-sided z-test at α has 80% power for the true effect (the mean sd over
     replicates at that look), and the share of replicates it rejects there."""
     truth = abs(float(r.truth[:, 0, 0].mean()))
-    sd = np.nanmean(r.sd[:, :, 0, 0], axis=1)
+    sds = r.sd[:, :, 0, 0]  # [L, R]; NaN before a replicate's first eligible look
+    seen = np.isfinite(sds).sum(axis=1)
+    sd = np.where(seen > 0, np.nansum(sds, axis=1) / np.maximum(seen, 1), np.nan)
     z = 1.959964 + 0.841621
     idx = np.flatnonzero(truth / sd >= z)
     if not idx.size:
@@ -101,6 +107,7 @@ def test_power_and_forecast_against_realised():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
 @pytest.mark.parametrize("name,st", [
     ("A/A, mixing sd = pooled outcome sd", with_(AA, reps=1000, seed=11, mde=None)),
     ("A/A, mde 0.05", with_(AA, reps=1000, seed=12)),
@@ -116,6 +123,7 @@ def test_aa_1000_replicates(name, st):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
 def test_decaying_novelty_is_reported_not_bounded():
     """A novelty (+0.10 on units exposed at t, decaying as exp(−t/2 days)):
     the long-run effect is 0 but the early units' is not, so decisions for
@@ -134,12 +142,13 @@ def test_decaying_novelty_is_reported_not_bounded():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
 def test_four_arms_five_metrics_all_null():
     """4 arms x 5 metrics, all null: the share of experiments with any false
     decision (primary at α/3 per arm, the rest by gated e-BH) within α + MC
-    error. 400 replicates, not 1000: each is 20 problems of 4 variants
-    (~2.5 s of one core per replicate); the bound is 0.075 instead of 0.066."""
-    st = with_(AA, reps=400, seed=16, variants=4, metrics=5, mde=None)
+    error. 300 replicates, not 1000: each is 20 problems of 4 variants
+    (~2.7 s of one core per replicate); the bound is 0.079 instead of 0.066."""
+    st = with_(AA, reps=300, seed=16, variants=4, metrics=5, mde=None)
     r = simulate(st)
     ever = r.any_ready().mean()
     print(f"\n4 arms x 5 metrics: any false decision {ever:.4f}, "
@@ -148,10 +157,21 @@ def test_four_arms_five_metrics_all_null():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
 def test_power_1000_replicates():
+    """The simulator's realistic effect: decided in ≥ 65%, never the wrong sign
+    (the two-sided sequence's wrong-sign rate is ≤ α/2 even at effect 0)."""
     t = power_table(with_(POWER, reps=1000, seed=17))
     print(f"\npower: {t}")
     assert t["ready"] >= 0.65
+    assert t["wrong_sign"] <= mc_bound(ALPHA / 2, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
+def test_forecast_1000_replicates():
+    """The day-2 forecast of P(ready by day b), averaged over replicates, within
+    0.10 of the share that were (MC error of the realised share ≈ 0.016)."""
     t = power_table(with_(FORECAST, reps=1000, seed=18))
     print(f"forecast: {t}")
     for row in t["forecast"]["rows"]:
