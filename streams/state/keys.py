@@ -145,7 +145,8 @@ class ExperimentKeys(NamedTuple):
 PER_SOURCE_KINDS = ("pending", "seen", "heldq")
 #: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
 EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
-    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision")
+    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision",
+    "shards")
 
 
 def experiment_keys(experiment_id: str) -> ExperimentKeys:
@@ -199,6 +200,31 @@ def seen_key(experiment_id: str, src: str) -> str:
 def heldq_key(experiment_id: str, src: str) -> str:
     """zset: hold expiry order of source partition ``src``."""
     return experiment_key(experiment_id, f"heldq:{src}")
+
+
+def shard_key(experiment_id: str, src: str) -> str:
+    """hash: source partition ``src``'s shard of the experiment's float
+    aggregates (issue 25, DESIGN §3 "Where the rules run"): the cell and
+    age-cell fields of ``cells``, ``act_sum:<stratum>`` and ``max_ts``, as
+    absolute values written only by the partition's owner. Readers add the
+    shards to the base (``cells`` and ``meta``, the state from before) in
+    sorted source order, so the read model is bit-deterministic whatever the
+    interleaving (``streams.state.store.read_snapshot``)."""
+    return experiment_key(experiment_id, f"shard:{src}")
+
+
+def shards_key(experiment_id: str) -> str:
+    """set of the sources that have a ``shard_key`` (readers never scan)."""
+    return experiment_key(experiment_id, "shards")
+
+
+def fence_key(experiment_id: str, src: str) -> str:
+    """hash ``epoch`` -> the owner epoch of source ``src`` allowed to commit
+    to the experiment, ``seq`` -> its commits so far (issue 25): the key a
+    commit WATCHes (``streams.state.partition_store``). A new owner raises
+    ``epoch`` before it reads, so a zombie's EXEC is refused; ``seq``
+    reveals a Redis that lost acknowledged commits."""
+    return experiment_key(experiment_id, f"fence:{src}")
 
 
 def chain_key(experiment_id: str, metric: str) -> str:

@@ -1127,14 +1127,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     ``read_completeness``), capped by the experiment's latest event, minus L;
     by default, like the reducer's, the lowest partition clock the experiment
     has seen."""
-    k = experiment_keys(cfg.experiment_id)
-    pipe = r.pipeline(transaction=True)
-    pipe.hgetall(k.meta)
-    pipe.hgetall(k.cells)
-    pipe.hgetall(k.arrivals)
-    pipe.get(k.dirty_seq)
-    meta_raw, cells_raw, arr_raw, seq_raw = pipe.execute()
-    meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+    meta, cells_raw, arr_raw, seq_raw = _read_sharded(r, cfg.experiment_id)
 
     _, B, L, _ = config_ms(cfg)
     S = n_activity_strata(cfg)
@@ -1169,17 +1162,17 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         azero = (0, *([0.0] * (2 * nb + 1)))
         age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in metrics}
     for f, v in cells_raw.items():
-        parts = _s(f).split("|")
+        parts = f.split("|")
         if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
             _, m, var, s = parts
             si = int(s)
             if m in age_cells and var in vindex and 0 <= si < n_fine:
-                age_cells[m][vindex[var]][si] = _age_cell(_s(v), nb)
+                age_cells[m][vindex[var]][si] = _age_cell(v, nb)
             continue
         m, var, s = parts
         si = int(s)
         if m in cells and var in vindex and 0 <= si < n_tot:
-            cells[m][vindex[var]][si] = _cell(_s(v))
+            cells[m][vindex[var]][si] = _cell(v)
 
     counters = {c: 0 for c in COUNTERS}
     for f, v in meta.items():
@@ -1196,7 +1189,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         watermark=wm,
         D=completed_buckets(wm, started, B, cfg.end_at),
         arrivals=arr,
-        activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),
+        activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),  # summed
         activity_n=tuple(int(meta.get(f"act_n:{s}", 0)) for s in range(n_tot)),
         exposed={v: int(meta.get(f"exposed:{v}", 0)) for v in variants},
         matured={v: int(meta.get(f"matured:{v}", 0)) for v in variants},
@@ -1207,6 +1200,75 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         retired_units=int(meta.get("retired_n", 0)),
         age_cells=age_cells,
     )
+
+
+#: meta fields that a source's shard (``keys.shard_key``) also holds: float
+#: sums added, ``max_ts`` the max (every other shard field is a cell)
+_SHARD_META_MAX = "max_ts"
+_SHARD_META_SUM = "act_sum:"
+
+
+def _read_sharded(r: Any, experiment_id: str
+                  ) -> tuple[dict[str, str], dict[str, str], dict, Any]:
+    """(meta, cells, arrivals, dirty_seq) of the experiment read atomically,
+    the sources' shards (issue 25, ``keys.shard_key``) folded in: the base
+    (``cells`` and ``meta``: what the Lua path and older state wrote) first,
+    then each shard in sorted source order, so every reader sums the floats
+    in one order, whatever order the owners committed in. Cells and
+    ``act_sum`` are added (``combine_text_cells``), ``max_ts`` is the max.
+
+    Two round trips: the shard set, then one MULTI/EXEC that reads it again
+    with every shard; a set that changed in between (a new source's first
+    commit) is read again."""
+    k = experiment_keys(experiment_id)
+    sk = rk.shards_key(experiment_id)
+    srcs = sorted(_s(x) for x in r.smembers(sk))
+    while True:
+        pipe = r.pipeline(transaction=True)
+        pipe.hgetall(k.meta)
+        pipe.hgetall(k.cells)
+        pipe.hgetall(k.arrivals)
+        pipe.get(k.dirty_seq)
+        pipe.smembers(sk)
+        for src in srcs:
+            pipe.hgetall(rk.shard_key(experiment_id, src))
+        meta_raw, cells_raw, arr_raw, seq_raw, now_raw, *shards = pipe.execute()
+        now = sorted(_s(x) for x in now_raw)
+        if now == srcs:
+            break
+        srcs = now
+    meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+    cells = {_s(a): _s(b) for a, b in cells_raw.items()}
+    for raw in shards:
+        for a, b in raw.items():
+            f, v = _s(a), _s(b)
+            if f == _SHARD_META_MAX:
+                if f not in meta or _int(v) > _int(meta[f]):
+                    meta[f] = v
+            elif f.startswith(_SHARD_META_SUM):
+                meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
+            else:
+                cells[f] = v if f not in cells else combine_text_cells(
+                    cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
+    return meta, cells, arr_raw, seq_raw
+
+
+#: positions of the integer counts in a cell (n, nx) and an age cell (n)
+_CELL_INTS = frozenset((0, 3))
+_AGE_INTS = frozenset((0,))
+
+
+def combine_text_cells(a: str, b: str, ints: frozenset[int] = _CELL_INTS) -> str:
+    """Two cell values of note 7 / 9 (text) added element-wise: the counts
+    at ``ints`` as integers, the sums as IEEE doubles a + b (``%.17g``
+    round-trips them, like ``repr``); a shorter cell (three numbers, from before the
+    covariate sums) reads its missing ones as 0."""
+    fa, fb = a.split(" "), b.split(" ")
+    n = max(len(fa), len(fb))
+    fa += ["0"] * (n - len(fa))
+    fb += ["0"] * (n - len(fb))
+    return " ".join(str(_int(x) + _int(y)) if i in ints else repr(float(x) + float(y))
+                    for i, (x, y) in enumerate(zip(fa, fb, strict=True)))
 
 
 def _age_cell(text: str, nb: int) -> tuple:

@@ -1,0 +1,183 @@
+"""The owner's fenced commit and the sharded read model (issue 25), against a
+real redis-server.
+
+* ``streams.state.partition_store.commit``: one MULTI/EXEC per experiment
+  and batch carries the writes, the applied offset, the source's commit
+  sequence and ``dirty_seq``; a zombie owner (stopped after its WATCH and
+  fence check, resumed after a new owner claimed and committed) has its
+  EXEC refused and nothing doubled; a Redis that lost commits is detected.
+* ``streams.state.store.read_snapshot`` adds the sources' shards
+  (``keys.shard_key``) to the base (``cells``/``meta``: the state the Lua
+  path and older versions wrote) in sorted source order: the read model is
+  the same whatever order the owners committed in, and an older state with
+  only the base reads as before (its shared cells are the base shard).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis
+
+from schemas.records import ExperimentConfig, MetricSpec
+from streams.state import keys as rk
+from streams.state.partition_store import (
+    Commit,
+    LostCommits,
+    WriteSet,
+    claim_fence,
+    commit,
+)
+from streams.state.store import Fenced, claim_partition, combine_text_cells, read_snapshot
+
+SRC0, SRC1 = "liftstream.events|0", "liftstream.events|1"
+
+
+@pytest.fixture()
+def fresh(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    yield r
+    r.close()
+
+
+def _cfg() -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", metrics=(MetricSpec("rev"),),
+                            window_seconds=10, bucket_seconds=2)
+
+
+def _batch(n: int) -> WriteSet:
+    """A stand-in for a batch's state changes: integer increments (which a
+    doubled commit would show) and an absolute shard value."""
+    w = WriteSet()
+    w.add("hincrby", rk.meta_key("e1"), "c:exposures", n)
+    w.add("hincrby", rk.meta_key("e1"), "exposed:control", n)
+    return w
+
+
+def test_commit_carries_offset_sequence_and_dirty_seq(fresh):
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, epoch)
+    assert seq == 0
+    seq = commit(fresh, "e1", SRC0, epoch, seq, _batch(3), offset=41)
+    seq = commit(fresh, "e1", SRC0, epoch, seq, _batch(2), offset=42)
+    assert seq == 2
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"42"
+    assert fresh.hget(rk.fence_key("e1", SRC0), "seq") == b"2"
+    assert fresh.get(rk.dirty_seq_key("e1")) == b"2"
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"
+
+
+def test_zombie_exec_refused_after_new_owner_claimed_and_committed(fresh, redis_url):
+    """Owner A passes its WATCH and fence check, then stalls (SIGSTOP in the
+    worker); B claims the partition and the experiment's fence and commits
+    the same batch; A resumes: its EXEC is refused as a whole (Fenced),
+    nothing is doubled, and A cannot claim back."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq_a = claim_fence(fresh, "e1", SRC0, a)
+    seq_a = commit(fresh, "e1", SRC0, a, seq_a, _batch(1), offset=9)
+    zombie = Commit(fresh, "e1", SRC0, a, seq_a)
+    zombie.prepare()  # WATCH + check passed ... then stopped
+
+    other = redis.Redis.from_url(redis_url)  # the new owner's own connection
+    b = claim_partition(other, "liftstream.events", 0)
+    seq_b = claim_fence(other, "e1", SRC0, b)
+    assert seq_b == 1  # continues A's sequence
+    commit(other, "e1", SRC0, b, seq_b, _batch(4), offset=10)
+
+    with pytest.raises(Fenced):
+        zombie.execute(_batch(4), offset=10)  # resumed: refused
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"  # 1 + 4, not 9
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"10"
+    with pytest.raises(Fenced):
+        commit(fresh, "e1", SRC0, a, seq_a, _batch(4), offset=10)
+    with pytest.raises(Fenced):
+        claim_fence(fresh, "e1", SRC0, a)  # the fence never goes down
+    other.close()
+
+
+def test_one_sources_claim_does_not_fence_another_source(fresh):
+    """Fences are per (experiment, source): a new owner of partition 1 does
+    not abort partition 0's owner's commits to the same experiment."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq_a = claim_fence(fresh, "e1", SRC0, a)
+    c = Commit(fresh, "e1", SRC0, a, seq_a)
+    c.prepare()
+    b = claim_partition(fresh, "liftstream.events", 1)
+    commit(fresh, "e1", SRC1, b, claim_fence(fresh, "e1", SRC1, b), _batch(1), offset=1)
+    assert c.execute(_batch(1), offset=1) == 1
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"2"
+
+
+def test_lost_commits_are_detected(fresh):
+    """A Redis that comes back behind the owner's commits (here: the fence's
+    sequence rolled back, as a restart from an older snapshot does) refuses
+    the next commit with LostCommits, writing nothing."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, a)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=5)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=6)
+    fresh.hset(rk.fence_key("e1", SRC0), "seq", 1)  # the last commit lost
+    fresh.hset(rk.offsets_key("e1"), SRC0, 5)
+    with pytest.raises(LostCommits) as e:
+        commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=7)
+    assert (e.value.expected, e.value.found) == (2, 1)
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"5"
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"2"
+
+
+def _shard_writes(src: str, fields: dict[str, str]) -> WriteSet:
+    w = WriteSet()
+    w.add("hset", rk.shard_key("e1", src), mapping=fields)
+    w.add("sadd", rk.shards_key("e1"), src)
+    return w
+
+
+def test_shards_are_summed_after_the_base_in_source_order(fresh):
+    """Older state (the Lua path's shared cells, act_sum, max_ts) is the base
+    shard; each source's shard is added in sorted source order, whichever
+    owner committed first: the same bits either way."""
+    cfg = _cfg()
+    rng = random.Random(7)
+    vals = {s: [rng.uniform(-1e6, 1e6) for _ in range(5)] for s in (SRC0, SRC1, "b")}
+    base = f"2 {vals['b'][0]!r} {vals['b'][1]!r}"  # a 3-number cell from before covariates
+
+    def shard(s: str, n: int) -> dict[str, str]:
+        v = vals[s]
+        return {"rev|control|7": f"{n} {v[0]!r} {v[1]!r} 1 {v[2]!r} {v[3]!r} {v[4]!r} 0.5",
+                "act_sum:7": repr(v[2]), "max_ts": str(1000 + n)}
+
+    snaps = []
+    for order in ((SRC0, SRC1), (SRC1, SRC0)):
+        fresh.flushall()
+        fresh.hset(rk.cells_key("e1"), "rev|control|7", base)
+        fresh.hset(rk.meta_key("e1"), mapping={"act_sum:7": repr(vals["b"][2]),
+                                                "max_ts": "1500"})
+        for i, s in enumerate(order):
+            e = claim_partition(fresh, "liftstream.events", int(s[-1]))
+            commit(fresh, "e1", s, e, claim_fence(fresh, "e1", s, e),
+                   _shard_writes(s, shard(s, 3 + (s == SRC1))), offset=i)
+        snaps.append(read_snapshot(fresh, cfg))
+    assert snaps[0] == snaps[1]
+    got = snaps[0].cells["rev"][0][7]
+    want = combine_text_cells(combine_text_cells(base, shard(SRC0, 3)["rev|control|7"]),
+                              shard(SRC1, 4)["rev|control|7"])
+    assert got == tuple(float(x) if i not in (0, 3) else int(x)
+                        for i, x in enumerate(want.split(" ")))
+    assert got[0] == 2 + 3 + 4 and got[3] == 2
+    assert got[1] == (vals["b"][0] + vals[SRC0][0]) + vals[SRC1][0]
+    assert snaps[0].activity_sum[7] == (vals["b"][2] + vals[SRC0][2]) + vals[SRC1][2]
+    assert snaps[0].max_ts == 1500
+
+
+def test_state_with_only_the_base_reads_as_before(fresh):
+    """An older Redis state (no shard set) reads exactly as the base, bits
+    included (nothing is added to a value that has no second shard)."""
+    cfg = _cfg()
+    fresh.hset(rk.cells_key("e1"), "rev|control|7", "1 -0.0 0.0")
+    fresh.hset(rk.meta_key("e1"), mapping={"max_ts": "77", "act_sum:7": "-0.0"})
+    snap = read_snapshot(fresh, cfg)
+    assert snap.cells["rev"][0][7] == (1, -0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
+    assert str(snap.cells["rev"][0][7][1]) == "-0.0"
+    assert snap.max_ts == 77
