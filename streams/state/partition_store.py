@@ -35,6 +35,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from streams.state import keys as rk
+from streams.state.semantics import ExperimentState, Shard
 from streams.state.store import Fenced
 
 
@@ -150,3 +151,29 @@ def commit(r: Any, experiment_id: str, src: str, epoch: int, seq: int, writes: W
     c = Commit(r, experiment_id, src, epoch, seq)
     c.prepare()
     return c.execute(writes, offset)
+
+
+def shard_mapping(state: ExperimentState, shard: Shard) -> dict[str, str]:
+    """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
+    (store.py notes 3, 7, 9: cells ``<metric>|<variant>|<stratum>``, age
+    cells ``a|<metric>|<variant>|<fine>``, ``act_sum:<stratum>`` and
+    ``max_ts``; floats as ``repr``, which round-trips a double): what the
+    owner HSETs, as absolute values, for the cells its batch changed."""
+    variants = state.variants
+    out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, c))
+           for (m, vi, s), c in shard.cells.items()}
+    out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, a))
+                for (m, vi, f), a in shard.age_cells.items()})
+    out.update({f"act_sum:{s}": repr(x) for s, x in shard.activity_sum.items()})
+    if shard.max_ts is not None:
+        out["max_ts"] = str(shard.max_ts)
+    return out
+
+
+def put_shard(writes: WriteSet, experiment_id: str, src: str, fields: dict[str, str]) -> WriteSet:
+    """Queue the HSET of ``src``'s shard fields and its entry in the shard
+    set (``keys.shards_key``: readers find the shards without scanning)."""
+    if fields:
+        writes.add("hset", rk.shard_key(experiment_id, src), mapping=fields)
+        writes.add("sadd", rk.shards_key(experiment_id), src)
+    return writes
