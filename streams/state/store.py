@@ -1217,12 +1217,14 @@ def _read_sharded(r: Any, experiment_id: str
     in one order, whatever order the owners committed in. Cells and
     ``act_sum`` are added (``combine_text_cells``), ``max_ts`` is the max.
 
-    Two round trips: the shard set, then one MULTI/EXEC that reads it again
-    with every shard; a set that changed in between (a new source's first
-    commit) is read again."""
+    One MULTI/EXEC reads the base and the shard set; where the set names
+    shards the base did not read, it is read again with them (a second
+    round trip; again if the set grew in between: a new source's first
+    commit). State without shards (the Lua path, older state) costs one
+    round trip, as before."""
     k = experiment_keys(experiment_id)
     sk = rk.shards_key(experiment_id)
-    srcs = sorted(_s(x) for x in r.smembers(sk))
+    srcs: list[str] = []
     while True:
         pipe = r.pipeline(transaction=True)
         pipe.hgetall(k.meta)
@@ -1331,6 +1333,29 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     totals += [0.0] * (M - len(totals))
     return UnitState(cfg.variants[_int(f[0])], _int(f[1]), _int(f[2]), _int(f[3]),
                      totals, _int(f[4]) == 1, [None] * M)
+
+
+def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
+    """A unit as its ``units`` hash value, the inverse of ``decode_unit`` and
+    byte for byte what ingest.lua writes (note 1): version 3 for a unit with
+    exposure-age bins (``u.age``), else version 2 if it has a pre value of
+    any metric, else version 1; totals and pre values for every config
+    metric (NaN: no pre value). The owner's commit (issue 25) writes these,
+    so state written by either path reads the same."""
+    M = len(cfg.metrics)
+    head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
+            float(u.bucket), float(u.exposure_ts))
+    has_pre = any(x is not None for x in u.pre)
+    pre = [math.nan if x is None else x for x in u.pre]
+    if u.age:
+        nb = len(u.age[0]) if u.age else 0
+        np = M if has_pre else 0
+        vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
+        return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
+                + _UNIT3_TAIL.pack(M, np, nb, u.fine))
+    if has_pre:
+        return _UNIT2_HEAD.pack(2, *head, M) + struct.pack(f"<{2 * M}d", *u.totals, *pre)
+    return _UNIT_HEAD.pack(1, *head) + struct.pack(f"<{M}d", *u.totals)
 
 
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:

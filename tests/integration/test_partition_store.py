@@ -32,7 +32,15 @@ from streams.state.partition_store import (
     shard_mapping,
 )
 from streams.state.semantics import Reducer
-from streams.state.store import Fenced, claim_partition, combine_text_cells, read_snapshot
+from streams.state.store import (
+    Fenced,
+    apply_batch,
+    claim_partition,
+    combine_text_cells,
+    decode_unit,
+    encode_unit,
+    read_snapshot,
+)
 from tests.support.streaming_harness import bits
 
 T0 = 1_700_000_000_000
@@ -285,3 +293,33 @@ def test_redis_shards_read_back_equal_the_sharded_fold(fresh, seed):
     got, want = read_snapshot(fresh, _cfg_age()), st.snapshot()
     for f in ("cells", "age_cells", "activity_sum", "max_ts"):
         assert bits(getattr(got, f)) == bits(getattr(want, f)), f
+
+
+# ---------------------------------------------------------------- record formats
+
+@pytest.mark.parametrize("age", [False, True])
+def test_encode_unit_writes_the_lua_records_byte_for_byte(fresh, age):
+    """``encode_unit(decode_unit(record))`` is the record ingest.lua wrote,
+    for versions 1 (no pre), 2 (pre values) and 3 (exposure age), matured
+    or not: the owner's commit keeps the binary formats (store.py note 1)."""
+    cfg = _cfg_age() if age else ExperimentConfig(
+        experiment_id="e1", variants=("control", "t"), metrics=(MetricSpec("rev"),
+                                                               MetricSpec("clicks")),
+        window_seconds=10, bucket_seconds=2, lateness_seconds=1, correction_seconds=20)
+    rng = random.Random(3)
+    evs = []
+    for i in range(30):
+        pre = rng.choice((None, {"rev": 2.5}, {"clicks": -1.0, "nope": 3.0}, {"nope": 1.0}))
+        t0 = rng.randint(0, 15_000)
+        evs.append(Exposure(f"x{i}", "e1", f"u{i}", rng.choice(("control", "t")), T0 + t0,
+                            rng.choice((None, 4.0)), pre))
+        for j in range(rng.randint(0, 3)):
+            evs.append(Metric(f"m{i}_{j}", f"u{i}", rng.choice(cfg.metric_names),
+                              rng.uniform(-2, 9), T0 + t0 + rng.randint(0, 9_000), "e1"))
+    evs.sort(key=lambda e: e.ts)
+    apply_batch(fresh, cfg, "liftstream.events", 0, list(enumerate(evs)))
+    raw = fresh.hgetall(rk.units_key("e1"))
+    assert {r[:1] for r in raw.values()} >= ({b"\x03"} if age else {b"\x01", b"\x02"})
+    assert any(decode_unit(r, cfg).matured for r in raw.values())
+    for uid, rec in raw.items():
+        assert encode_unit(decode_unit(rec, cfg), cfg) == rec, uid
