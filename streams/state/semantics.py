@@ -477,7 +477,7 @@ class ExperimentState:
     """
 
     def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT,
-                 sharded: bool = False) -> None:
+                 sharded: bool = True) -> None:
         self.config = config
         #: float aggregates per source (``Shard``), or in one (``BASE_SHARD``)
         #: the way the Lua path keeps them
@@ -600,14 +600,20 @@ class ExperimentState:
         """Apply ``items`` from ``source`` in order, then mature and expire
         holds at ``clk_end`` (>= every item's clock); categories in order
         (released metrics included, after their exposure)."""
+        return self.apply_call(source, items, clk_end)[0]
+
+    def apply_call(self, source: str, items: Iterable[Item], clk_end: int
+                   ) -> tuple[list[str], bool]:
+        """``apply_batch`` and whether settling left work for the next call
+        (more than ``fold_limit`` due): one call of the partition's owner
+        (``streams.state.partition_store.apply_rows_owned``)."""
         out = []
         for ev, clk, released in items:
             cat = self._event(ev, int(clk), source, released)
             if cat is not None:
                 self._count(cat)
                 out.append(cat)
-        self.settle(source, clk_end)
-        return out
+        return out, self.settle(source, clk_end)
 
     def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
         """One event alone from ``source`` (a call of one): its category."""
@@ -902,7 +908,7 @@ class Reducer:
     """
 
     def __init__(self, configs: Iterable[ExperimentConfig], fold_limit: int = FOLD_LIMIT,
-                 hold_seconds: int = 86_400, hold_max: int = 64, sharded: bool = False) -> None:
+                 hold_seconds: int = 86_400, hold_max: int = 64, sharded: bool = True) -> None:
         self.configs: dict[str, ExperimentConfig] = {c.experiment_id: c for c in configs}
         self.states: dict[str, ExperimentState] = {
             e: ExperimentState(c, fold_limit, sharded) for e, c in self.configs.items()

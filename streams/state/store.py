@@ -353,6 +353,10 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     atomic step, skipped like the events when its offset was applied before
     (a retried batch counts none twice). Dead letters alone do not settle.
     """
+    from streams.state.partition_store import PartitionOwner, apply_rows_owned
+
+    owner = PartitionOwner(r, source_topic, partition, epoch)
+    return apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
     argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
     argv += _pack_rows(cfg, rows)
     if dead:
@@ -369,11 +373,12 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
     until it returns False); True if anything changed."""
-    before = r.get(rk.dirty_seq_key(cfg.experiment_id))
+    changed = False
     while True:
         out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
+        changed = changed or out.get("dirty_seq") is not None
         if not out.get("more"):
-            return str(out.get("dirty_seq")) != _s(before or b"0")
+            return changed
 
 
 def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partition: int,
