@@ -39,6 +39,7 @@ from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
 from streams.state.keys import INGEST_OFFSETS
+from streams.state.partition_store import forget_owner
 from streams.state.registry import Registry
 from streams.state.store import (
     apply_source_batch,
@@ -230,6 +231,7 @@ class Ingestor:
         """Forget what this worker remembers of a partition's applied state
         (when Redis turned out to have lost it: the batches are applied again)."""
         self._settled.pop(offsets_field(topic, partition), None)
+        forget_owner(self.r, topic, partition)
 
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
               now_ms, attributed: list[tuple[str, int, str]] | None = None,

@@ -313,8 +313,30 @@ class PartitionOwner:
         return c.dirty_seq
 
 
-def _ids(xs: Any) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else x for x in xs]
+#: the owners this process holds: (client, topic, partition) -> owner of the
+#: latest epoch seen (a new claim replaces it, so its sequences start again
+#: from Redis's)
+_OWNERS: dict[tuple[int, str, int], PartitionOwner] = {}
+
+
+def owner_for(r: Any, topic: str, partition: int, epoch: int | None) -> PartitionOwner:
+    """The process's owner of (topic, partition) at ``epoch``: one per claim,
+    kept across calls so that its commit sequences catch a Redis that lost
+    commits (``LostCommits``). Callers serialise a partition's writes (the
+    worker's state lock), as they must for any owner."""
+    if epoch is None:
+        return PartitionOwner(r, topic, partition, None)
+    key = (id(r), topic, int(partition))
+    o = _OWNERS.get(key)
+    if o is None or o.r is not r or o.epoch != epoch:
+        o = _OWNERS[key] = PartitionOwner(r, topic, partition, epoch)
+    return o
+
+
+def forget_owner(r: Any, topic: str, partition: int) -> None:
+    """Drop the process's owner of (topic, partition): after a regression or
+    a lost partition, the next call claims the fences and reads again."""
+    _OWNERS.pop((id(r), topic, int(partition)), None)
 
 
 def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],

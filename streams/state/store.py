@@ -353,19 +353,10 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     atomic step, skipped like the events when its offset was applied before
     (a retried batch counts none twice). Dead letters alone do not settle.
     """
-    from streams.state.partition_store import PartitionOwner, apply_rows_owned
+    from streams.state.partition_store import apply_rows_owned, owner_for
 
-    owner = PartitionOwner(r, source_topic, partition, epoch)
+    owner = owner_for(r, source_topic, partition, epoch)
     return apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
-    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
-    argv += _pack_rows(cfg, rows)
-    if dead:
-        argv.append(str(len(dead)))
-        for off, meta_field in dead:
-            argv += [str(int(off)), meta_field]
-    keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
-    with script_errors():
-        return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
 
 
 def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
