@@ -205,8 +205,9 @@ def heldq_key(experiment_id: str, src: str) -> str:
 def shard_key(experiment_id: str, src: str) -> str:
     """hash: source partition ``src``'s shard of the experiment's float
     aggregates (issue 25, DESIGN §3 "Where the rules run"): the cell and
-    age-cell fields of ``cells``, ``act_sum:<stratum>`` and ``max_ts``, as
-    absolute values written only by the partition's owner. Readers add the
+    age-cell fields of ``cells`` and ``act_sum:<stratum>``, as absolute
+    values written only by the partition's owner (its max event ts is meta
+    ``max_ts:<src>``). Readers add the
     shards to the base (``cells`` and ``meta``, the state from before) in
     sorted source order, so the read model is bit-deterministic whatever the
     interleaving (``streams.state.store.read_snapshot``)."""

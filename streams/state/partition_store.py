@@ -170,7 +170,9 @@ def shard_mapping(state: ExperimentState, shard: Shard) -> dict[str, str]:
     """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
     (store.py notes 3, 7, 9: cells ``<metric>|<variant>|<stratum>``, age
     cells ``a|<metric>|<variant>|<fine>``, ``act_sum:<stratum>`` and
-    ``max_ts``; floats as ``repr``, which round-trips a double): what the
+    not ``max_ts``, which goes to meta ``max_ts:<src>`` (an integer the
+    overview reads with the rest of meta); floats as ``repr``, which
+    round-trips a double): what the
     owner HSETs, as absolute values, for the cells its batch changed."""
     variants = state.variants
     out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, c))
@@ -178,8 +180,6 @@ def shard_mapping(state: ExperimentState, shard: Shard) -> dict[str, str]:
     out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, a))
                 for (m, vi, f), a in shard.age_cells.items()})
     out.update({f"act_sum:{s}": repr(x) for s, x in shard.activity_sum.items()})
-    if shard.max_ts is not None:
-        out["max_ts"] = str(shard.max_ts)
     return out
 
 
@@ -361,7 +361,8 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     eids = list(dict.fromkeys(row[2] for row in rows))
 
     p = r.pipeline(transaction=False)
-    p.hmget(k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap")
+    p.hmget(k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
+            f"max_ts:{src}")
     p.hget(k.offsets, src)
     p.hgetall(shard_k)
     if uids:
@@ -372,7 +373,8 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     if eids:
         p.zmscore(seen_k, eids)
     got = p.execute()
-    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw), stored_raw, shard_raw = got[:3]
+    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw, shard_raw = \
+        got[:3]
     rest = got[3:]
     units_raw, pend_sc, held_raw, heldq_sc = (rest[:4] if uids else ([], [], [], []))
     seen_sc = rest[4] if uids and eids else (rest[0] if eids else [])
@@ -388,6 +390,8 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     clk = clk_end if clk0 is None or clk_end > clk0 else clk0
     shard = st._shard(src)
     _load_shard(st, shard, shard_raw)
+    shard.max_ts = None if max_raw is None else int(max_raw)
+    max_ts0 = shard.max_ts
     shard_before = shard_mapping(st, shard)
 
     loaded_units: dict[str, bytes] = {}
@@ -541,6 +545,8 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     for name, n in st.counters.items():
         if n:
             w.add("hincrby", k.meta, f"c:{name}", n)
+    if shard.max_ts != max_ts0:
+        w.add("hset", k.meta, f"max_ts:{src}", shard.max_ts)
     if st.anchor is not None and anchor0 is None:
         w.add("hsetnx", k.meta, "anchor", st.anchor)
     dl: dict[str, int] = {}
@@ -584,9 +590,7 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
     for a, b in raw.items():
         f = a.decode() if isinstance(a, bytes) else a
         v = b.decode() if isinstance(b, bytes) else b
-        if f == "max_ts":
-            shard.max_ts = int(v)
-        elif f.startswith("act_sum:"):
+        if f.startswith("act_sum:"):
             shard.activity_sum[int(f[8:])] = float(v)
         elif f.startswith("a|"):
             _, m, var, fs = f.split("|")

@@ -1198,9 +1198,10 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     )
 
 
-#: meta fields that a source's shard (``keys.shard_key``) also holds: float
-#: sums added, ``max_ts`` the max (every other shard field is a cell)
-_SHARD_META_MAX = "max_ts"
+#: meta fields of the sources: ``max_ts:<src>`` (their max is the max_ts);
+#: shard fields added into meta: ``act_sum:<stratum>`` (every other shard
+#: field is a cell)
+_SHARD_META_MAX = "max_ts:"
 _SHARD_META_SUM = "act_sum:"
 
 
@@ -1211,7 +1212,8 @@ def _read_sharded(r: Any, experiment_id: str
     (``cells`` and ``meta``: what the Lua path and older state wrote) first,
     then each shard in sorted source order, so every reader sums the floats
     in one order, whatever order the owners committed in. Cells and
-    ``act_sum`` are added (``combine_text_cells``), ``max_ts`` is the max.
+    ``act_sum`` are added (``combine_text_cells``); ``max_ts`` is the max of
+    meta's ``max_ts`` (older state) and its ``max_ts:<src>`` (``read_max_ts``).
 
     One MULTI/EXEC reads the base and the shard set; where the set names
     shards the base did not read, it is read again with them (a second
@@ -1236,19 +1238,27 @@ def _read_sharded(r: Any, experiment_id: str
             break
         srcs = now
     meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+    top = read_max_ts(meta)
+    if top is not None:
+        meta["max_ts"] = str(top)
     cells = {_s(a): _s(b) for a, b in cells_raw.items()}
     for raw in shards:
         for a, b in raw.items():
             f, v = _s(a), _s(b)
-            if f == _SHARD_META_MAX:
-                if f not in meta or _int(v) > _int(meta[f]):
-                    meta[f] = v
-            elif f.startswith(_SHARD_META_SUM):
+            if f.startswith(_SHARD_META_SUM):
                 meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
             else:
                 cells[f] = v if f not in cells else combine_text_cells(
                     cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
     return meta, cells, arr_raw, seq_raw
+
+
+def read_max_ts(meta: dict[str, str]) -> int | None:
+    """The experiment's latest event ts from its decoded meta hash: the max
+    of ``max_ts`` (older state) and every source's ``max_ts:<src>``."""
+    vals = [_int(v) for f, v in meta.items()
+            if f == "max_ts" or f.startswith(_SHARD_META_MAX)]
+    return max(vals) if vals else None
 
 
 #: positions of the integer counts in a cell (n, nx) and an age cell (n)
