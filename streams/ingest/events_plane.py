@@ -21,7 +21,8 @@ Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits
   lag tooling), stored after a batch is applied.
 * **Fencing.** On assignment the worker claims the partition: an owner epoch
   one higher than any before (``streams.state.store.claim_partition``). Every state
-  write of the partition carries it and the Lua scripts refuse an older one
+  write of the partition carries it and an older one is refused (the commit
+  WATCHes the experiment's fence, ``streams.state.partition_store``)
   (``streams.state.store.Fenced``), so a worker that lost the partition while
   frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
   the new owner started.

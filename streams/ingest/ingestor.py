@@ -13,7 +13,8 @@ event is acked (and its offset committed) only once it is applied. Order:
    count as ``unknown_variant`` and move its event-time clock and dedupe
    sightings exactly as in the reference semantics (``streams.state.semantics``), so
    the streaming state stays equal to ``liftstream analyze`` on the same events;
-3. route (unit index) and apply per experiment with one Lua call each
+3. route (unit index) and apply per experiment: the rules run here, one
+   fenced MULTI/EXEC commit each (``streams.state.partition_store``)
    (``streams.state.store``): idempotent per source offset, so a replay of the
    batch after a crash applies nothing twice;
 4. record the partition's ingest watermark (the last offset fully applied);
@@ -53,7 +54,7 @@ from streams.state.store import (
 
 _ID = re.compile(ID_PATTERN)
 
-#: Lua reply fields that are no event counts: positions, and ``held``, a net
+#: call result fields that are no event counts: positions, and ``held``, a net
 #: change that can be negative (per-experiment gauges show it: streams.service.metrics)
 _NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "held"))
 
@@ -159,7 +160,7 @@ class Ingestor:
                         "after_end", f"experiment {eid!r} is concluded: its final estimates "
                         "are out and its units are no longer kept", "experiment_id")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms,
-                               attributed)  # counted c:after_end in its Lua call
+                               attributed)  # counted c:after_end in its commit
                     ended.add(row[0])  # not applied: it would create a unit record again
                     continue
                 if row[5] not in cfg.variants:
@@ -286,7 +287,7 @@ _COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
 
 #: dead-letter reasons of events that reach no experiment state but are
 #: counted under the experiment's counter of the same name (so data_quality
-#: counts them once), in the experiment's Lua call like the others:
+#: counts them once), in the experiment's commit like the others:
 #: exposures to a concluded experiment
 _COUNTED_HERE = frozenset(("after_end",))
 

@@ -243,7 +243,7 @@ def _row_item(row: tuple) -> Item:
 
 
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
-    """The rows above the applied offset (ingest.lua's pass 1: a released
+    """The rows above the applied offset (as before issue 25: a released
     metric ``h`` goes with the exposure before it) and how many were skipped."""
     out, skipped, hi, last_skipped = [], 0, stored, False
     for row in rows:

@@ -4,12 +4,17 @@ This module is the *definition* of what an event does to an experiment's state
 (docs/architecture.md#contracts, #state). Two things use it:
 
 * the offline ``liftstream analyze`` tool, which folds a file of events with it;
-* the tests, where it is the oracle the Redis/Lua implementation
-  (``streams/state/lua/ingest.lua`` via ``streams.state.store``) must equal bit for bit on
-  the same sequence of calls.
+* the ingest worker that owns a source partition (DESIGN §3 "Where the rules
+  run", issue 25): ``streams.state.partition_store.apply_rows_owned`` runs
+  ``ExperimentState`` on what a call needs, read from Redis, and commits what
+  it changed in one fenced MULTI/EXEC; the tests check that the state
+  committed to Redis, read back, equals this module folding the same calls,
+  bit for bit.
 
-So it is deliberately plain: no I/O, no numpy, floats summed in exactly the
-order the Lua script sums them (IEEE doubles on both sides).
+So it is deliberately plain: no I/O, no numpy. The float aggregates are kept
+per source partition (``Shard``) and added in sorted source order, in memory
+and by Redis's readers alike, so the read model does not depend on how the
+partitions interleaved.
 
 **Order independence** (docs/architecture.md#state). Everything an event's fate depends on is
 a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
@@ -119,7 +124,7 @@ bucket never depends on which unit arrived first. Without a configured start
 ``started_at`` is the start of the earliest entry bucket (min over units, an
 order-independent value).
 
-Resolutions of points the contract left open (the Lua script does the same):
+Resolutions of points the contract left open:
 
 * An exposure with a variant not in the config is ``unknown_variant`` even if
   the unit is already known; it creates no state.
@@ -307,8 +312,7 @@ def bucket_of(ts: int, anchor: int, B: int) -> int:
     """Entry bucket on the grid anchored at ``anchor``: floor((ts - anchor) / B),
     never negative when the anchor is a configured start (ts before it).
 
-    Integer floor division, which the Lua script reproduces exactly with
-    integer-valued doubles (all operands are < 2**53).
+    Integer floor division (all operands are < 2**53).
     """
     return max(0, (ts - anchor) // B) if anchor else ts // B
 
@@ -436,7 +440,7 @@ Item = tuple[Event, int, bool]
 
 #: The shard of the float aggregates of a state that does not split them by
 #: source (``ExperimentState(sharded=False)``): Redis's ``cells`` and ``meta``
-#: written by the Lua path, and the base an older state becomes.
+#: written before issue 25 (the Lua path): the base an older state becomes.
 BASE_SHARD = ""
 
 
@@ -471,7 +475,7 @@ def combine_cells(acc: list | None, add: list) -> list:
 class ExperimentState:
     """The state of one experiment, advanced one call at a time.
 
-    ``apply_batch`` is one call of ``streams/state/lua/ingest.lua``: events of one
+    ``apply_batch`` is one call of the partition's owner: events of one
     source partition (already routed to this experiment), each with its
     partition clock, then maturation and hold expiry at ``clk_end``.
     """
@@ -480,7 +484,7 @@ class ExperimentState:
                  sharded: bool = True) -> None:
         self.config = config
         #: float aggregates per source (``Shard``), or in one (``BASE_SHARD``)
-        #: the way the Lua path keeps them
+        #: the way the state before issue 25 kept them
         self.sharded = sharded
         self.shards: dict[str, Shard] = {}
         self.W, self.B, self.L, self.DD = config_ms(config)
@@ -493,8 +497,8 @@ class ExperimentState:
         self.metrics = config.metric_names
         self._metric_index = {m: i for i, m in enumerate(self.metrics)}
         self.units: dict[str, UnitState] = {}
-        #: per unit with a record: the source whose exposure created it (Lua:
-        #: the source whose pending zset holds the unit)
+        #: per unit with a record: the source whose exposure created it (in
+        #: Redis: the source whose pending zset holds the unit)
         self.unit_source: dict[str, str] = {}
         #: per source: heap of (close_ts, unit_id utf-8 bytes, unit_id)
         self._pending: dict[str, list[tuple[int, bytes, str]]] = {}
@@ -635,7 +639,8 @@ class ExperimentState:
         seen = self._seen.get(source)
         if seen is not None and len(seen) > self._seen_prune_at:
             # sightings below clk - DD can never mark a duplicate again (clk
-            # only grows): forgetting them changes no outcome (Lua: every call)
+            # only grows): forgetting them changes no outcome (Redis: every call
+            # that moves the clock)
             cut = clk - self.DD
             self._seen[source] = {k: t for k, t in seen.items() if t >= cut}
             self._seen_prune_at = max(4096, 2 * len(self._seen[source]))

@@ -299,29 +299,74 @@ def test_redis_shards_read_back_equal_the_sharded_fold(fresh, seed):
 
 # ---------------------------------------------------------------- record formats
 
-@pytest.mark.parametrize("age", [False, True])
-def test_encode_unit_writes_the_lua_records_byte_for_byte(fresh, age):
+#: unit records ingest.lua wrote (its last version, before issue 25 deleted it):
+#: (config, unit, record hex); versions 1 and 2 (``plain``) and 3 (``age``, with
+#: and without pre values), matured or not
+LUA_RECORDS = (
+    ("plain", "u0",  # version 1, matured 1
+     "01000003000100008040fc54c94100a07357febc7842d9cef753e3a5124085eb"
+     "51b81e052040"),
+    ("plain", "u1",  # version 2, matured 1
+     "02000007000100008041fc54c94100a01658febc784202000000000000000000"
+     "04560e2db29d18400000000000000440000000000000f87f"),
+    ("plain", "u3",  # version 1, matured 0
+     "01010003000000000043fc54c9410050cb59febc78420e2db29defa71c40c3f5"
+     "285c8fc20240"),
+    ("plain", "u9",  # version 2, matured 1
+     "02000007000100000040fc54c94100b0ee56febc78420200022b8716d98e2140"
+     "6891ed7c3fb51a400000000000000440000000000000f87f"),
+    ("age", "u0",  # version 3, matured 1
+     "03000003000100008040fc54c94100a07357febc7842f2d24d62105829400000"
+     "00000000000023dbf97e6a3c104060e5d022db39214001000000030400"),
+    ("age", "u1",  # version 3, matured 1
+     "03000007000100008041fc54c94100a01658febc784204560e2db29d18400000"
+     "00000000044004560e2db29d1840000000000000000000000000000000000100"
+     "0100031d00"),
+    ("age", "u3",  # version 3, matured 0
+     "03010003000000000043fc54c9410050cb59febc7842f853e3a59b04234079e9"
+     "263108ac1e4054e3a59bc420e0bfc3f5285c8fc2024001000000030400"),
+    ("age", "u5",  # version 3, matured 0
+     "03010007000000008042fc54c94100604b59febc7842295c8fc2f528f23f0000"
+     "000000000440295c8fc2f528f23f000000000000000000000000000000000100"
+     "0100031d00"),
+)
+
+
+def _plain_cfg() -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", variants=("control", "t"),
+                            metrics=(MetricSpec("rev"), MetricSpec("clicks")), window_seconds=10,
+                            bucket_seconds=2, lateness_seconds=1, correction_seconds=20)
+
+
+@pytest.mark.parametrize("name,uid,hexrec", LUA_RECORDS)
+def test_encode_unit_writes_the_lua_records_byte_for_byte(name, uid, hexrec):
     """``encode_unit(decode_unit(record))`` is the record ingest.lua wrote,
     for versions 1 (no pre), 2 (pre values) and 3 (exposure age), matured
-    or not: the owner's commit keeps the binary formats (store.py note 1)."""
-    cfg = _cfg_age() if age else ExperimentConfig(
-        experiment_id="e1", variants=("control", "t"), metrics=(MetricSpec("rev"),
-                                                               MetricSpec("clicks")),
-        window_seconds=10, bucket_seconds=2, lateness_seconds=1, correction_seconds=20)
-    rng = random.Random(3)
-    evs = []
-    for i in range(30):
-        pre = rng.choice((None, {"rev": 2.5}, {"clicks": -1.0, "nope": 3.0}, {"nope": 1.0}))
-        t0 = rng.randint(0, 15_000)
-        evs.append(Exposure(f"x{i}", "e1", f"u{i}", rng.choice(("control", "t")), T0 + t0,
-                            rng.choice((None, 4.0)), pre))
-        for j in range(rng.randint(0, 3)):
-            evs.append(Metric(f"m{i}_{j}", f"u{i}", rng.choice(cfg.metric_names),
-                              rng.uniform(-2, 9), T0 + t0 + rng.randint(0, 9_000), "e1"))
-    evs.sort(key=lambda e: e.ts)
-    apply_batch(fresh, cfg, "liftstream.events", 0, list(enumerate(evs)))
-    raw = fresh.hgetall(rk.units_key("e1"))
-    assert {r[:1] for r in raw.values()} >= ({b"\x03"} if age else {b"\x01", b"\x02"})
-    assert any(decode_unit(r, cfg).matured for r in raw.values())
-    for uid, rec in raw.items():
-        assert encode_unit(decode_unit(rec, cfg), cfg) == rec, uid
+    or not: the owner's commit keeps the binary formats (store.py note 1),
+    so state from before issue 25 reads and is rewritten unchanged."""
+    cfg = _cfg_age() if name == "age" else _plain_cfg()
+    rec = bytes.fromhex(hexrec)
+    assert encode_unit(decode_unit(rec, cfg), cfg) == rec, uid
+
+
+def test_owner_writes_records_it_reads_back(fresh):
+    """The owner's own records (every version) decode to the reducer's units."""
+    for cfg in (_cfg_age(), _plain_cfg()):
+        fresh.flushall()
+        rng = random.Random(3)
+        evs = []
+        for i in range(30):
+            pre = rng.choice((None, {"rev": 2.5}, {"clicks": -1.0, "nope": 3.0}, {"nope": 1.0}))
+            t0 = rng.randint(0, 15_000)
+            evs.append(Exposure(f"x{i}", "e1", f"u{i}", rng.choice(("control", "t")), T0 + t0,
+                                rng.choice((None, 4.0)), pre))
+            for j in range(rng.randint(0, 3)):
+                evs.append(Metric(f"m{i}_{j}", f"u{i}", rng.choice(cfg.metric_names),
+                                  rng.uniform(-2, 9), T0 + t0 + rng.randint(0, 9_000), "e1"))
+        evs.sort(key=lambda e: e.ts)
+        apply_batch(fresh, cfg, "liftstream.events", 0, list(enumerate(evs)))
+        red = Reducer([cfg]).apply_all(evs, "liftstream.events|0", batch=len(evs))
+        raw = fresh.hgetall(rk.units_key("e1"))
+        assert any(decode_unit(r, cfg).matured for r in raw.values())
+        assert bits({k.decode(): decode_unit(v, cfg) for k, v in raw.items()}) == \
+            bits(red.states["e1"].units)

@@ -39,7 +39,6 @@ from hypothesis.errors import InvalidArgument
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.state.keys import (
     cells_key,
-    experiment_keys,
     meta_key,
     shard_key,
     shards_key,
@@ -55,9 +54,7 @@ from streams.state.store import (
     apply_rows,
     apply_source_batch,
     clocked_batch,
-    config_argv,
     event_row,
-    ingest_script,
     min_applied_offsets,
     read_pending,
     read_snapshot,
@@ -694,29 +691,6 @@ def test_apply_batch_rejects_foreign_and_non_finite(redis_url):
         apply_batch(r, c, TOPIC, 0, [(0, _m("a", "u", 0, float("inf")))])
     with pytest.raises(ValueError, match="non-finite pre value"):
         apply_batch(r, c, TOPIC, 0, [(0, _x("a", "u", 0, cov={"rev": float("nan")}))])
-
-
-def test_script_rejects_malformed_event_blobs(redis_url):
-    """Heads of the wrong length, name indexes out of range, id blobs and pre
-    value blobs whose lengths do not add up are refused, and nothing is
-    written."""
-    import struct
-
-    r = redis.Redis.from_url(redis_url)
-    r.flushall()
-    c = _cfg()
-    keys = experiment_keys("e1").for_lua(src(0))
-    argv = config_argv(c, TOPIC, 0, T0)
-    head = struct.pack("<cHddddHH", b"x", 1, 0, T0, 1.0, T0, 1, 1)
-    for heads, ids in [(head[:-1], b"au"), (head, b"a"),
-                       (struct.pack("<cHddddHH", b"x", 9, 0, T0, 1.0, T0, 1, 1), b"au"),
-                       (struct.pack("<cHddddHH", b"x", 1, 0, T0, 1.0, T0 + 1, 1, 1), b"au")]:
-        with pytest.raises(redis.ResponseError):
-            ingest_script(r)(keys=keys, args=[*argv, heads, ids], client=r)
-    for pre in (b"\0" * 7, b"\0" * 16):  # one metric: 8 bytes per exposure
-        with pytest.raises(redis.ResponseError, match="pre values"):
-            ingest_script(r)(keys=keys, args=[*argv, head, b"au", pre], client=r)
-    assert r.dbsize() == 0
 
 
 def test_float_sums_bit_equal_on_long_stream(redis_url):
