@@ -46,7 +46,9 @@ notes below give the value formats.
    `liftstream.events|0`.
 3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
-   a call brought), `own:<src>` (the newest owner epoch that wrote here),
+   a call brought), `max_ts:<src>` (the latest event ts the source's owner
+   applied; older state has one `max_ts`), `own:<src>` (older state only:
+   the newest owner epoch that wrote, before the fences of issue 25),
    `exposed:<variant>`, `matured:<variant>`,
    `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `retired_cap`
    (8), `c:<counter>`
@@ -436,6 +438,8 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
             n += r.hdel(offs, *fields)
             n += r.hdel(rk.meta_key(eid),
                         *[f"{k}:{f}" for f in fields for k in ("clk", "own")])
+            # the owner epochs start again from 1: so must the fences
+            n += r.delete(*[rk.fence_key(eid, f) for f in fields])
     return n
 
 
