@@ -119,15 +119,16 @@ class Commit:
         self.dirty_seq: int | None = None
 
     def prepare(self) -> None:
-        """WATCH the fence, then check it: ``Fenced`` if another owner
-        claimed, ``LostCommits`` if Redis is behind this owner's commits."""
+        """WATCH the fence, then check it: ``Fenced`` if a newer owner
+        claimed, ``LostCommits`` if Redis is behind this owner's claim or
+        commits (its fence below this owner's epoch: the claim itself lost)."""
         self.pipe.watch(self.fence)
         cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
-        if _int_or_zero(cur) != self.epoch:
+        if _int_or_zero(cur) > self.epoch:
             self.pipe.reset()
             raise Fenced(f"{self.experiment_id} {self.src} is owned by epoch "
                          f"{_int_or_zero(cur)}, not {self.epoch}")
-        if _int_or_zero(seq) != self.seq:
+        if _int_or_zero(cur) < self.epoch or _int_or_zero(seq) != self.seq:
             self.pipe.reset()
             raise LostCommits(self.experiment_id, self.src, self.seq, _int_or_zero(seq))
 

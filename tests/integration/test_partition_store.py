@@ -370,3 +370,69 @@ def test_owner_writes_records_it_reads_back(fresh):
         assert any(decode_unit(r, cfg).matured for r in raw.values())
         assert bits({k.decode(): decode_unit(v, cfg) for k, v in raw.items()}) == \
             bits(red.states["e1"].units)
+
+
+# ---------------------------------------------------------------- kill points
+
+class _Killed(BaseException):
+    """The process dies here (kill -9): nothing after this point runs."""
+
+
+def _rows_of(evs) -> tuple[list, int]:
+    from streams.state.store import clocked, event_row
+
+    return clocked([event_row(i, e) for i, e in enumerate(evs)], None)
+
+
+def test_kill_before_exec_or_after_exec_replays_to_the_clean_state(fresh, monkeypatch):
+    """A worker killed before its EXEC wrote nothing (the transaction was only
+    queued); one killed after its EXEC (before Kafka stored the offset) has
+    its batch replayed by the next owner, which skips it: both end in the
+    clean run's state, nothing lost or doubled."""
+    from streams.state import partition_store as ps
+    from streams.state.store import apply_rows
+
+    cfg = _cfg_age()
+    streams = _keyed_streams(5, 1)
+    evs = [e for batch in streams[0] for e in batch]
+    crows, clk = _rows_of(evs)
+
+    def run(epoch):
+        return apply_rows(fresh, cfg, "liftstream.events", 0, crows, clk, epoch=epoch)
+
+    run(claim_partition(fresh, "liftstream.events", 0))
+    clean = bits(read_snapshot(fresh, cfg))
+    fresh.flushall()
+    ps.forget_owner(fresh, "liftstream.events", 0)  # a new process
+
+    real = ps.Commit.execute
+
+    def killed(self, *a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(ps.Commit, "execute", killed)
+    with pytest.raises(_Killed):
+        run(claim_partition(fresh, "liftstream.events", 0))
+    assert not fresh.exists(rk.units_key("e1"), rk.meta_key("e1"), rk.offsets_key("e1"))
+    monkeypatch.setattr(ps.Commit, "execute", real)
+    out = run(claim_partition(fresh, "liftstream.events", 0))  # the next owner
+    assert out["applied"] == len(crows)
+    assert bits(read_snapshot(fresh, cfg)) == clean
+    seq = fresh.get(rk.dirty_seq_key("e1"))
+    out = run(claim_partition(fresh, "liftstream.events", 0))  # killed after EXEC: replayed
+    assert out["applied"] == 0 and out["skipped"] == len(crows)
+    assert bits(read_snapshot(fresh, cfg)) == clean
+    assert fresh.get(rk.dirty_seq_key("e1")) == seq
+
+
+def test_a_redis_that_lost_the_claim_is_lost_commits_not_fenced(fresh):
+    """A fence below the owner's epoch means Redis lost the owner's claim
+    (restarted from an older snapshot): LostCommits (seek back, claim
+    again), not Fenced (which would give the partition up)."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, a)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=1)
+    fresh.delete(rk.fence_key("e1", SRC0))
+    with pytest.raises(LostCommits):
+        commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=2)
+    assert claim_fence(fresh, "e1", SRC0, a) == 0  # claimed again: continues
