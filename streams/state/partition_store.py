@@ -484,10 +484,13 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
 
     # ---- the write set: what the rules changed
     w = WriteSet()
+    recs = {}
     for uid, u in st.units.items():
         rec = encode_unit(u, cfg)
         if loaded_units.get(uid) != rec:
-            w.add("hset", k.units, uid, rec)
+            recs[uid] = rec
+    if recs:  # one command for the batch's records (Redis's cost is per command)
+        w.add("hset", k.units, mapping=recs)
     gone = [u for u in loaded_units if u not in st.units]
     if gone:
         w.add("hdel", k.units, *gone)
@@ -498,10 +501,13 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     rem = [u for u in pend0 if u not in pend1]
     if rem:
         w.add("zrem", pend_k, *rem)
+    held_recs = {}
     for uid, lst in st.held.items():
         raw = b"".join(_HELD.pack(mi + 1, ts, v) for mi, ts, v in lst)
         if held_before.get(uid) != raw:
-            w.add("hset", k.held, uid, raw)
+            held_recs[uid] = raw
+    if held_recs:
+        w.add("hset", k.held, mapping=held_recs)
     dropped = [u for u in held_before if u not in st.held]
     if dropped:
         w.add("hdel", k.held, *dropped)
