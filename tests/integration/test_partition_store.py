@@ -436,3 +436,50 @@ def test_a_redis_that_lost_the_claim_is_lost_commits_not_fenced(fresh):
     with pytest.raises(LostCommits):
         commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=2)
     assert claim_fence(fresh, "e1", SRC0, a) == 0  # claimed again: continues
+
+
+_ZOMBIE = """
+import os, signal, sys
+import redis
+from streams.state.partition_store import Commit, WriteSet
+from streams.state.store import Fenced
+url, epoch, seq, meta = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+r = redis.Redis.from_url(url)
+c = Commit(r, "e1", "liftstream.events|0", epoch, seq)
+c.prepare()
+print("watched", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+try:
+    c.execute(WriteSet().add("hincrby", meta, "c:exposures", 4), offset=10)
+except Fenced:
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+def test_zombie_process_stopped_after_watch_is_refused(fresh, redis_url):
+    """A real process: the owner WATCHes and checks its fence, is SIGSTOPped,
+    a new owner claims and commits the same batch, the old one is resumed
+    (SIGCONT): its EXEC is refused (exit 3: Fenced) and nothing is doubled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = commit(fresh, "e1", SRC0, a, claim_fence(fresh, "e1", SRC0, a), _batch(1), offset=9)
+    proc = subprocess.Popen([sys.executable, "-c", _ZOMBIE, redis_url, str(a), str(seq),
+                             rk.meta_key("e1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "watched"
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        b = claim_partition(fresh, "liftstream.events", 0)
+        commit(fresh, "e1", SRC0, b, claim_fence(fresh, "e1", SRC0, b), _batch(4), offset=10)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"  # 1 + 4: not doubled
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"10"
