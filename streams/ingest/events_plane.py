@@ -21,7 +21,8 @@ Exactly once (docs/architecture.md#state) rests on Redis, not on Kafka's commits
   lag tooling), stored after a batch is applied.
 * **Fencing.** On assignment the worker claims the partition: an owner epoch
   one higher than any before (``streams.state.store.claim_partition``). Every state
-  write of the partition carries it and the Lua scripts refuse an older one
+  write of the partition carries it and an older one is refused (the commit
+  WATCHes the experiment's fence, ``streams.state.partition_store``)
   (``streams.state.store.Fenced``), so a worker that lost the partition while
   frozen mid-batch (GC pause, SIGSTOP, a stalled Redis) cannot write it after
   the new owner started.
@@ -61,6 +62,7 @@ from typing import Any
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
 from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_applied
+from streams.state.partition_store import LostCommits
 from streams.state.store import (
     Fenced,
     account_retention_gap,
@@ -416,7 +418,17 @@ class EventsPlane:
         tries.append(1)
         if len(tries) > 1 and self._verify_applied([p]):
             return None
-        return self.ingestor.process(self.conf.topic_events, p, lst, now_ms, run.epoch, keys)
+        try:
+            return self.ingestor.process(self.conf.topic_events, p, lst, now_ms, run.epoch,
+                                         keys)
+        except LostCommits as e:
+            # Redis holds fewer of this owner's commits than it made (issue 25:
+            # a restart from an older snapshot, a lagging replica promoted):
+            # read again from the offset Redis says was applied
+            log.warning("events partition %d: %s", p, e)
+            applied = read_applied(self.r, self.conf.topic_events, [p])[p]
+            self._seek_back(p, run, min(applied, run.next_offset - 1))
+            return None
 
     # ------------------------------------------------------------ redis regressions
 

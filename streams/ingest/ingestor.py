@@ -13,7 +13,8 @@ event is acked (and its offset committed) only once it is applied. Order:
    count as ``unknown_variant`` and move its event-time clock and dedupe
    sightings exactly as in the reference semantics (``streams.state.semantics``), so
    the streaming state stays equal to ``liftstream analyze`` on the same events;
-3. route (unit index) and apply per experiment with one Lua call each
+3. route (unit index) and apply per experiment: the rules run here, one
+   fenced MULTI/EXEC commit each (``streams.state.partition_store``)
    (``streams.state.store``): idempotent per source offset, so a replay of the
    batch after a crash applies nothing twice;
 4. record the partition's ingest watermark (the last offset fully applied);
@@ -39,6 +40,7 @@ from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
 from streams.state.keys import INGEST_OFFSETS
+from streams.state.partition_store import forget_owner
 from streams.state.registry import Registry
 from streams.state.store import (
     apply_source_batch,
@@ -52,7 +54,7 @@ from streams.state.store import (
 
 _ID = re.compile(ID_PATTERN)
 
-#: Lua reply fields that are no event counts: positions, and ``held``, a net
+#: call result fields that are no event counts: positions, and ``held``, a net
 #: change that can be negative (per-experiment gauges show it: streams.service.metrics)
 _NOT_COUNTED = frozenset(("offset", "max_ts", "more", "dirty_seq", "held"))
 
@@ -158,7 +160,7 @@ class Ingestor:
                         "after_end", f"experiment {eid!r} is concluded: its final estimates "
                         "are out and its units are no longer kept", "experiment_id")
                     self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms,
-                               attributed)  # counted c:after_end in its Lua call
+                               attributed)  # counted c:after_end in its commit
                     ended.add(row[0])  # not applied: it would create a unit record again
                     continue
                 if row[5] not in cfg.variants:
@@ -230,6 +232,7 @@ class Ingestor:
         """Forget what this worker remembers of a partition's applied state
         (when Redis turned out to have lost it: the batches are applied again)."""
         self._settled.pop(offsets_field(topic, partition), None)
+        forget_owner(self.r, topic, partition)
 
     def _dead(self, res: BatchResult, raw, err: InvalidRecord, topic, partition, off,
               now_ms, attributed: list[tuple[str, int, str]] | None = None,
@@ -284,7 +287,7 @@ _COUNTED_BY_EXPERIMENT = frozenset(("unknown_variant", "exposure_too_old"))
 
 #: dead-letter reasons of events that reach no experiment state but are
 #: counted under the experiment's counter of the same name (so data_quality
-#: counts them once), in the experiment's Lua call like the others:
+#: counts them once), in the experiment's commit like the others:
 #: exposures to a concluded experiment
 _COUNTED_HERE = frozenset(("after_end",))
 

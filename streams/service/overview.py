@@ -42,6 +42,7 @@ from streams.state.keys import (
     pending_key,
 )
 from streams.state.semantics import config_ms
+from streams.state.store import read_max_ts
 
 
 def _s(x: Any) -> str:
@@ -146,7 +147,7 @@ def _summary(cfg: ExperimentConfig, meta_raw: dict, arrival_fields: list, conclu
     counters = {k[2:]: int(v) for k, v in meta.items() if k.startswith("c:")}
     dead = {k[3:]: int(v) for k, v in meta.items() if k.startswith("dl:")}
     dq = data_quality_of(counters, dead)
-    last = int(float(meta["max_ts"])) if meta.get("max_ts") else None
+    last = read_max_ts(meta)
     started = _started_at(cfg, meta, arrival_fields)
     active = (loads(alert_state).get("active") or {}) if alert_state else {}
     return {

@@ -9,18 +9,19 @@ them): changing one is a migration, see ``LEGACY_INGEST_KEYS``.
 
 Hash tags (the part in braces decides the Redis Cluster slot):
 
-* ``{e:<experiment_id>}`` — every key of one experiment, so each Lua call
-  (``lua/ingest.lua``, the sampler's chain write) touches one slot;
+* ``{e:<experiment_id>}`` — every key of one experiment, so each owner's
+  commit (``streams.state.partition_store``, one MULTI/EXEC) and the
+  sampler's chain write touch one slot;
 * ``{u:<unit_id>}`` — a unit's routing index and held metrics
   (``lua/route.lua`` gets one unit's keys per slot group);
 * ``{ingest}`` — the ingest positions that ``record_position`` moves together;
 * ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
 
 The Lua scripts build no key names: they get every key in ``KEYS`` (in the
-orders ``ExperimentKeys.for_lua`` and ``streams.state.store._index_round_trip``
-give). They do derive *field* names inside the hashes (``clk:<src>``,
-``own:<src>``, ``act_sum:<stratum>``, ``<metric>|<variant>|<stratum>``, ...),
-which docs/redis-schema.md lists per key.
+order ``streams.state.store._index_round_trip`` gives). *Field* names inside
+the hashes (``clk:<src>``, ``max_ts:<src>``, ``act_sum:<stratum>``,
+``<metric>|<variant>|<stratum>``, ...) are listed per key in
+docs/redis-schema.md.
 
 ``<src>`` (``source``) is a source partition, ``"<topic>|<partition>"``; ids
 and names never contain ``{``, ``}``, ``|``, whitespace or glob characters
@@ -115,9 +116,9 @@ def experiment_glob(experiment_id: str) -> str:
 
 
 class ExperimentKeys(NamedTuple):
-    """All keys of one experiment that ``lua/ingest.lua`` touches, in one hash
+    """The keys of one experiment that ingest reads and writes, in one hash
     slot. ``pending``, ``seen`` and ``heldq`` are prefixes: their keys are per
-    source partition (``for_lua``, ``pending_key`` ...)."""
+    source partition (``for_source``, ``pending_key`` ...)."""
 
     cfg: str
     units: str
@@ -132,8 +133,8 @@ class ExperimentKeys(NamedTuple):
     heldq: str
     retired: str
 
-    def for_lua(self, source: str) -> list[str]:
-        """KEYS of ingest.lua, in its order, for source partition ``source``
+    def for_source(self, source: str) -> list[str]:
+        """The keys ingest touches for source partition ``source``
         (``"<topic>|<partition>"``): pending units, dedupe sightings and the
         hold queue are per source partition, each on its own clock."""
         return [self.units, f"{self.pending}:{source}", self.cells, self.arrivals, self.meta,
@@ -145,7 +146,8 @@ class ExperimentKeys(NamedTuple):
 PER_SOURCE_KINDS = ("pending", "seen", "heldq")
 #: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
 EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
-    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision")
+    "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision",
+    "shards")
 
 
 def experiment_keys(experiment_id: str) -> ExperimentKeys:
@@ -199,6 +201,32 @@ def seen_key(experiment_id: str, src: str) -> str:
 def heldq_key(experiment_id: str, src: str) -> str:
     """zset: hold expiry order of source partition ``src``."""
     return experiment_key(experiment_id, f"heldq:{src}")
+
+
+def shard_key(experiment_id: str, src: str) -> str:
+    """hash: source partition ``src``'s shard of the experiment's float
+    aggregates (issue 25, DESIGN §3 "Where the rules run"): the cell and
+    age-cell fields of ``cells`` and ``act_sum:<stratum>``, as absolute
+    values written only by the partition's owner (its max event ts is meta
+    ``max_ts:<src>``). Readers add the
+    shards to the base (``cells`` and ``meta``, the state from before) in
+    sorted source order, so the read model is bit-deterministic whatever the
+    interleaving (``streams.state.store.read_snapshot``)."""
+    return experiment_key(experiment_id, f"shard:{src}")
+
+
+def shards_key(experiment_id: str) -> str:
+    """set of the sources that have a ``shard_key`` (readers never scan)."""
+    return experiment_key(experiment_id, "shards")
+
+
+def fence_key(experiment_id: str, src: str) -> str:
+    """hash ``epoch`` -> the owner epoch of source ``src`` allowed to commit
+    to the experiment, ``seq`` -> its commits so far (issue 25): the key a
+    commit WATCHes (``streams.state.partition_store``). A new owner raises
+    ``epoch`` before it reads, so a zombie's EXEC is refused; ``seq``
+    reveals a Redis that lost acknowledged commits."""
+    return experiment_key(experiment_id, f"fence:{src}")
 
 
 def chain_key(experiment_id: str, metric: str) -> str:

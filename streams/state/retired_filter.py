@@ -14,8 +14,9 @@ positions in the reference reducer) of layers that double: layer l holds
 order, which the order-independence rules fix per partition) goes into the
 layer whose range holds n, so memory grows with the units retired, not with
 a guess made up front. A unit is *retired* when all ``K`` of its bits are set
-in some layer in use. Bits come from SHA-1 of the unit id (``redis.sha1hex``
-in the Lua script): h1, h2 = its first two 32-bit words (h2 made odd),
+in some layer in use. Bits come from SHA-1 of the unit id (the Lua script that
+applied the rules before issue 25 used ``redis.sha1hex``): h1, h2 = its first
+two 32-bit words (h2 made odd),
 position i = (h1 + i · h2) mod layer bits (Kirsch & Mitzenmacher 2006).
 
 False positives: with 24 bits a unit and 16 hashes, (1 − e^{−16/24})^16 =
@@ -32,7 +33,7 @@ false-positive rate then grows with its fill (``false_positive_rate`` says
 by how much): the filter never stops ingest (issue 24, defect 7: a script
 that set bits past the string's limit failed after it had deleted the unit
 records, and the worker crash-looped). A server with a smaller
-``proto-max-bulk-len`` caps it lower: the Lua script finds the last layer
+``proto-max-bulk-len`` caps it lower: the partition's owner finds the last layer
 that fits before it uses a new one (a read that cannot fail) and records it
 in meta ``retired_cap``; ``RetiredFilter(max_layer=...)`` is the same cap in
 the reference reducer.
@@ -76,7 +77,8 @@ def positions(unit_id: str, lay: int) -> list[int]:
 
 
 class RetiredFilter:
-    """The reference filter: the same bits as the Lua script sets."""
+    """The reference filter: the same bits as the owner sets in Redis
+    (``streams.state.partition_store``)."""
 
     def __init__(self, max_layer: int = MAX_LAYER) -> None:
         self.bits: set[int] = set()

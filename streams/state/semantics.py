@@ -4,12 +4,17 @@ This module is the *definition* of what an event does to an experiment's state
 (docs/architecture.md#contracts, #state). Two things use it:
 
 * the offline ``liftstream analyze`` tool, which folds a file of events with it;
-* the tests, where it is the oracle the Redis/Lua implementation
-  (``streams/state/lua/ingest.lua`` via ``streams.state.store``) must equal bit for bit on
-  the same sequence of calls.
+* the ingest worker that owns a source partition (DESIGN §3 "Where the rules
+  run", issue 25): ``streams.state.partition_store.apply_rows_owned`` runs
+  ``ExperimentState`` on what a call needs, read from Redis, and commits what
+  it changed in one fenced MULTI/EXEC; the tests check that the state
+  committed to Redis, read back, equals this module folding the same calls,
+  bit for bit.
 
-So it is deliberately plain: no I/O, no numpy, floats summed in exactly the
-order the Lua script sums them (IEEE doubles on both sides).
+So it is deliberately plain: no I/O, no numpy. The float aggregates are kept
+per source partition (``Shard``) and added in sorted source order, in memory
+and by Redis's readers alike, so the read model does not depend on how the
+partitions interleaved.
 
 **Order independence** (docs/architecture.md#state). Everything an event's fate depends on is
 a function of its own *source partition* (``"<topic>|<partition>"``; a unit's
@@ -119,7 +124,7 @@ bucket never depends on which unit arrived first. Without a configured start
 ``started_at`` is the start of the earliest entry bucket (min over units, an
 order-independent value).
 
-Resolutions of points the contract left open (the Lua script does the same):
+Resolutions of points the contract left open:
 
 * An exposure with a variant not in the config is ``unknown_variant`` even if
   the unit is already known; it creates no state.
@@ -307,8 +312,7 @@ def bucket_of(ts: int, anchor: int, B: int) -> int:
     """Entry bucket on the grid anchored at ``anchor``: floor((ts - anchor) / B),
     never negative when the anchor is a configured start (ts before it).
 
-    Integer floor division, which the Lua script reproduces exactly with
-    integer-valued doubles (all operands are < 2**53).
+    Integer floor division (all operands are < 2**53).
     """
     return max(0, (ts - anchor) // B) if anchor else ts // B
 
@@ -434,17 +438,55 @@ def watermark_of(completeness: int | None, max_ts: int | None, L: int) -> int | 
 #: hands to the experiment right after the exposure that released it.
 Item = tuple[Event, int, bool]
 
+#: The shard of the float aggregates of a state that does not split them by
+#: source (``ExperimentState(sharded=False)``): Redis's ``cells`` and ``meta``
+#: written before issue 25 (the Lua path): the base an older state becomes.
+BASE_SHARD = ""
+
+
+@dataclass(slots=True)
+class Shard:
+    """One source partition's share of an experiment's float aggregates
+    (issue 25, DESIGN §3): the cells and age cells it folded and corrected,
+    its ``act_sum`` per stratum and its max event ts. Sparse, like the
+    ``keys.shard_key`` hash its owner writes: a cell exists once the source
+    touched it. Integer aggregates (counts, arrivals, counters) are plain
+    increments and stay experiment-wide. ``ExperimentState.snapshot`` adds
+    the shards in sorted source order (``combine_cells``), the order
+    ``streams.state.store.read_snapshot`` adds Redis's shards in, so the
+    read model does not depend on how partitions interleaved."""
+
+    cells: dict[tuple[str, int, int], list] = field(default_factory=dict)
+    age_cells: dict[tuple[str, int, int], list] = field(default_factory=dict)
+    activity_sum: dict[int, float] = field(default_factory=dict)
+    max_ts: int | None = None
+
+
+def combine_cells(acc: list | None, add: list) -> list:
+    """``acc + add`` element-wise (a copy of ``add`` when ``acc`` is None:
+    a value with no second shard keeps its bits). Counts are ints, sums
+    IEEE doubles added as ``acc + add``; ``store.combine_text_cells`` is
+    the same on Redis's text form."""
+    if acc is None:
+        return list(add)
+    return [a + b for a, b in zip(acc, add, strict=True)]
+
 
 class ExperimentState:
     """The state of one experiment, advanced one call at a time.
 
-    ``apply_batch`` is one call of ``streams/state/lua/ingest.lua``: events of one
+    ``apply_batch`` is one call of the partition's owner: events of one
     source partition (already routed to this experiment), each with its
     partition clock, then maturation and hold expiry at ``clk_end``.
     """
 
-    def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT) -> None:
+    def __init__(self, config: ExperimentConfig, fold_limit: int = FOLD_LIMIT,
+                 sharded: bool = True) -> None:
         self.config = config
+        #: float aggregates per source (``Shard``), or in one (``BASE_SHARD``)
+        #: the way the state before issue 25 kept them
+        self.sharded = sharded
+        self.shards: dict[str, Shard] = {}
         self.W, self.B, self.L, self.DD = config_ms(config)
         self.E = config.end_at  # exposures at or after it: after_end
         self.H, self.Hh, self.HM = horizons_ms(config)
@@ -455,8 +497,8 @@ class ExperimentState:
         self.metrics = config.metric_names
         self._metric_index = {m: i for i, m in enumerate(self.metrics)}
         self.units: dict[str, UnitState] = {}
-        #: per unit with a record: the source whose exposure created it (Lua:
-        #: the source whose pending zset holds the unit)
+        #: per unit with a record: the source whose exposure created it (in
+        #: Redis: the source whose pending zset holds the unit)
         self.unit_source: dict[str, str] = {}
         #: per source: heap of (close_ts, unit_id utf-8 bytes, unit_id)
         self._pending: dict[str, list[tuple[int, bytes, str]]] = {}
@@ -467,22 +509,14 @@ class ExperimentState:
         #: per source: event_id -> partition clock at its last counted sighting
         self._seen: dict[str, dict[str, int]] = {}
         self._seen_prune_at = 4096
-        self.max_ts: int | None = None
         #: per source partition, the last clock a call brought
         self.clk: dict[str, int] = {}
         self.anchor: int | None = None  # fixed by the first unit creation
         n_tot = self.S + 1
         self.arrivals: list[dict[int, int]] = [{} for _ in range(n_tot)]
-        self.activity_sum: list[float] = [0.0] * n_tot
         self.activity_n: list[int] = [0] * n_tot
         self.exposed: dict[str, int] = {v: 0 for v in self.variants}
         self.matured: dict[str, int] = {v: 0 for v in self.variants}
-        # cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x]
-        self.cells: dict[str, list[list[list]]] = {
-            m: [[[0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] for _ in range(n_tot)]
-                for _ in self.variants]
-            for m in self.metrics
-        }
         self._vindex = {v: i for i, v in enumerate(self.variants)}
         #: exposure age (issue 19): bins, fine strata, age cells
         #: age_cells[m][v][f] = [n, Σy_0, Σy_0², ..., Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1}]
@@ -491,14 +525,78 @@ class ExperimentState:
         self.NB = len(self.age_edges) - 1
         self.fine_edges = fine_edges(config)
         self.F = max(len(self.fine_edges) - 1, 0)
-        self.age_cells: dict[str, list[list[list]]] = {
-            m: [[[0] + [0.0] * (2 * self.NB + 1) for _ in range(self.F + 1)]
-                for _ in self.variants]
-            for m in self.metrics
-        } if self.age_on else {}
         self.counters: dict[str, int] = {}
         #: rule 6: units whose record was dropped
         self.retired = RetiredFilter()
+
+    # -- shards --------------------------------------------------------------
+
+    def _shard(self, source: str) -> Shard:
+        """The shard the call of ``source`` writes its float aggregates to."""
+        key = source if self.sharded else BASE_SHARD
+        sh = self.shards.get(key)
+        if sh is None:
+            sh = self.shards[key] = Shard()
+        return sh
+
+    def _cell(self, source: str, m: str, vi: int, s: int) -> list:
+        """Cell (m, variant index, stratum) of ``source``'s shard, created at zero."""
+        cells = self._shard(source).cells
+        c = cells.get((m, vi, s))
+        if c is None:
+            c = cells[(m, vi, s)] = [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0]
+        return c
+
+    def _age_cell(self, source: str, m: str, vi: int, f: int) -> list:
+        """Age cell (m, variant index, fine stratum) of ``source``'s shard."""
+        cells = self._shard(source).age_cells
+        a = cells.get((m, vi, f))
+        if a is None:
+            a = cells[(m, vi, f)] = [0] + [0.0] * (2 * self.NB + 1)
+        return a
+
+    def _combined(self, which: str) -> dict[tuple[str, int, int], list]:
+        """The shards' ``cells`` or ``age_cells`` added in sorted source order."""
+        out: dict[tuple[str, int, int], list] = {}
+        for src in sorted(self.shards):
+            for k, c in getattr(self.shards[src], which).items():
+                out[k] = combine_cells(out.get(k), c)
+        return out
+
+    @property
+    def max_ts(self) -> int | None:
+        """The experiment's latest event ts (max over the shards)."""
+        return max((sh.max_ts for sh in self.shards.values() if sh.max_ts is not None),
+                   default=None)
+
+    @property
+    def activity_sum(self) -> list[float]:
+        """Σ pre_activity per stratum, the shards added in source order."""
+        acc: dict[int, float] = {}
+        for src in sorted(self.shards):
+            for s, x in self.shards[src].activity_sum.items():
+                acc[s] = x if s not in acc else acc[s] + x
+        return [acc.get(s, 0.0) for s in range(self.S + 1)]
+
+    @property
+    def cells(self) -> dict[str, list[list[list]]]:
+        """cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x], the shards added."""
+        got = self._combined("cells")
+        return {m: [[got.get((m, vi, s), [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0])
+                     for s in range(self.S + 1)] for vi in range(len(self.variants))]
+                for m in self.metrics}
+
+    @property
+    def age_cells(self) -> dict[str, list[list[list]]]:
+        """age_cells[m][v][f] = [n, Σy_0, Σy_0², ..., Σy_0·y_{B-1}], the shards added
+        (empty unless the config tracks exposure age)."""
+        if not self.age_on:
+            return {}
+        got = self._combined("age_cells")
+        zero = [0] + [0.0] * (2 * self.NB + 1)
+        return {m: [[got.get((m, vi, f), zero) for f in range(self.F + 1)]
+                    for vi in range(len(self.variants))]
+                for m in self.metrics}
 
     # -- one call ------------------------------------------------------------
 
@@ -506,14 +604,20 @@ class ExperimentState:
         """Apply ``items`` from ``source`` in order, then mature and expire
         holds at ``clk_end`` (>= every item's clock); categories in order
         (released metrics included, after their exposure)."""
+        return self.apply_call(source, items, clk_end)[0]
+
+    def apply_call(self, source: str, items: Iterable[Item], clk_end: int
+                   ) -> tuple[list[str], bool]:
+        """``apply_batch`` and whether settling left work for the next call
+        (more than ``fold_limit`` due): one call of the partition's owner
+        (``streams.state.partition_store.apply_rows_owned``)."""
         out = []
         for ev, clk, released in items:
             cat = self._event(ev, int(clk), source, released)
             if cat is not None:
                 self._count(cat)
                 out.append(cat)
-        self.settle(source, clk_end)
-        return out
+        return out, self.settle(source, clk_end)
 
     def apply(self, event: Event, source: str = DEFAULT_SOURCE) -> str:
         """One event alone from ``source`` (a call of one): its category."""
@@ -535,7 +639,8 @@ class ExperimentState:
         seen = self._seen.get(source)
         if seen is not None and len(seen) > self._seen_prune_at:
             # sightings below clk - DD can never mark a duplicate again (clk
-            # only grows): forgetting them changes no outcome (Lua: every call)
+            # only grows): forgetting them changes no outcome (Redis: every call
+            # that moves the clock)
             cut = clk - self.DD
             self._seen[source] = {k: t for k, t in seen.items() if t >= cut}
             self._seen_prune_at = max(4096, 2 * len(self._seen[source]))
@@ -554,8 +659,9 @@ class ExperimentState:
         if prev is not None and prev >= clk - self.DD:
             return "duplicate"
         seen[ev.event_id] = clk  # rule 1: the sighting lives on partition time
-        if self.max_ts is None or ts > self.max_ts:
-            self.max_ts = ts
+        sh = self._shard(source)
+        if sh.max_ts is None or ts > sh.max_ts:
+            sh.max_ts = ts
         T = clk - self.L
         if isinstance(ev, Exposure):
             return self._exposure(ev, ts, T, source)
@@ -570,7 +676,7 @@ class ExperimentState:
                     return "outside_window" if ts > T - self.H else "late"
                 return self._hold(ev.unit_id, mi, ts, v, source)
             self._note_source(ev.unit_id, source)
-            return self._metric(u, mi, ts, v, T)
+            return self._metric(u, mi, ts, v, T, source)
         raise TypeError(f"not an event: {type(ev).__name__}")  # pragma: no cover
 
     def _exposure(self, ev: Exposure, ts: int, T: int, source: str) -> str:
@@ -602,7 +708,8 @@ class ExperimentState:
         self.unit_source[ev.unit_id] = source
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
-            self.activity_sum[s] = self.activity_sum[s] + x
+            act = self._shard(source).activity_sum
+            act[s] = act.get(s, 0.0) + x
             self.activity_n[s] += 1
         self.exposed[ev.variant] += 1
         heapq.heappush(self._pending.setdefault(source, []),
@@ -614,10 +721,10 @@ class ExperimentState:
             self._held_q.get(source, {}).pop(ev.unit_id, None)
             self._count("held", -len(held))
             for mi, mts, v in held:
-                self._count(self._metric(u, mi, mts, v, T))
+                self._count(self._metric(u, mi, mts, v, T, source))
         return None  # counted above, before the released metrics
 
-    def _metric(self, u: UnitState, mi: int, ts: int, v: float, T: int) -> str:
+    def _metric(self, u: UnitState, mi: int, ts: int, v: float, T: int, source: str) -> str:
         close = u.exposure_ts + self.W
         if ts < u.exposure_ts:
             return "pre_exposure"
@@ -638,7 +745,8 @@ class ExperimentState:
             return "metric_applied" if close > T else "corrected"
         # folded: the metric corrects its cell whatever T says (T is the clock of
         # the partition it came through, maybe not its unit's: defect 2)
-        c = self.cells[self.metrics[mi]][self._vindex[u.variant]][u.stratum]
+        # into the shard of the source it came through (its owner commits it)
+        c = self._cell(source, self.metrics[mi], self._vindex[u.variant], u.stratum)
         c[1] = c[1] + v
         c[2] = c[2] + ((t + v) * (t + v) - t * t)
         x = u.pre[mi]
@@ -646,7 +754,7 @@ class ExperimentState:
             c[6] = c[6] + x * v
             c[7] = c[7] + v
         if u.age:
-            a = self.age_cells[self.metrics[mi]][self._vindex[u.variant]][u.fine]
+            a = self._age_cell(source, self.metrics[mi], self._vindex[u.variant], u.fine)
             a[1 + 2 * ab] = a[1 + 2 * ab] + v
             a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
             last = self.NB - 1
@@ -694,7 +802,7 @@ class ExperimentState:
             if u is None:
                 continue
             if not u.matured:
-                self._fold_unit(u)
+                self._fold_unit(u, source)
             fin = u.exposure_ts + final
             if fin <= T:
                 del self.units[uid]
@@ -704,11 +812,11 @@ class ExperimentState:
                 heapq.heappush(pend, (fin, ub, uid))
         return False
 
-    def _fold_unit(self, u: UnitState) -> None:
+    def _fold_unit(self, u: UnitState, source: str) -> None:
         vi = self._vindex[u.variant]
         for mi, m in enumerate(self.metrics):
             y = u.totals[mi]
-            c = self.cells[m][vi][u.stratum]
+            c = self._cell(source, m, vi, u.stratum)
             c[0] += 1
             c[1] = c[1] + y
             c[2] = c[2] + y * y
@@ -721,7 +829,7 @@ class ExperimentState:
                 c[7] = c[7] + y
             if u.age:
                 ya = u.age[mi]
-                a = self.age_cells[m][vi][u.fine]
+                a = self._age_cell(source, m, vi, u.fine)
                 a[0] += 1
                 for b in range(self.NB):
                     yb = ya[b]
@@ -805,10 +913,10 @@ class Reducer:
     """
 
     def __init__(self, configs: Iterable[ExperimentConfig], fold_limit: int = FOLD_LIMIT,
-                 hold_seconds: int = 86_400, hold_max: int = 64) -> None:
+                 hold_seconds: int = 86_400, hold_max: int = 64, sharded: bool = True) -> None:
         self.configs: dict[str, ExperimentConfig] = {c.experiment_id: c for c in configs}
         self.states: dict[str, ExperimentState] = {
-            e: ExperimentState(c, fold_limit) for e, c in self.configs.items()
+            e: ExperimentState(c, fold_limit, sharded) for e, c in self.configs.items()
         }
         self.index: dict[str, set[str]] = {}
         self.clocks: dict[str, int] = {}

@@ -1,15 +1,17 @@
 """Per-experiment state in Redis, applied exactly once (docs/architecture.md#state).
 
 Streaming ingest applies each micro-batch of one source partition to each
-experiment it touches with ONE call of ``streams/state/lua/ingest.lua``: one atomic
-step, idempotent per source offset, implementing exactly the rules of the
-reference reducer ``streams.state.semantics`` (a differential test proves them
-equal, float sums bit for bit). This module builds the script's arguments,
-routes events to experiments, and reads snapshots back in the reducer's shape.
+experiment it touches with ONE call of the partition's owner
+(``streams.state.partition_store.apply_rows_owned``, issue 25): the rules of
+``streams.state.semantics`` run in the worker, and what they changed is
+committed in one fenced MULTI/EXEC, idempotent per source offset (a
+differential test proves the committed state equal to the reducer's, float
+sums bit for bit). This module routes events to experiments, keeps the
+positions and clocks, and reads snapshots back in the reducer's shape.
 
 Key schema: every key is built by ``streams.state.keys`` and documented,
 with its type, writer and TTL, in docs/redis-schema.md. Every per-experiment
-key carries the hash tag `{e:<id>}`, so one Lua call touches one Redis
+key carries the hash tag `{e:<id>}`, so one commit touches one Redis
 Cluster slot. Floats are stored as `%.17g` text, which round-trips an IEEE
 double; integers as decimal text; unit records are binary (1). The numbered
 notes below give the value formats.
@@ -44,7 +46,9 @@ notes below give the value formats.
    `liftstream.events|0`.
 3. `max_ts`, `anchor` (the entry-bucket grid's origin; state from before has
    `started_at`, read as the anchor), `clk:<src>` (the last partition clock
-   a call brought), `own:<src>` (the newest owner epoch that wrote here),
+   a call brought), `max_ts:<src>` (the latest event ts the source's owner
+   applied; older state has one `max_ts`), `own:<src>` (older state only:
+   the newest owner epoch that wrote, before the fences of issue 25),
    `exposed:<variant>`, `matured:<variant>`,
    `act_sum:<stratum>` (float), `act_n:<stratum>`, `retired_n` (8), `retired_cap`
    (8), `c:<counter>`
@@ -88,7 +92,7 @@ activity" (S = len(strata_edges) - 1).
 
 Why the routing index stores the first exposure's position rather than being
 a plain set: it lives in another slot, so it is written (idempotently, HSETNX,
-in a pipeline) *before* the experiment's Lua call. After a crash between
+in a pipeline) *before* the experiment's commit. After a crash between
 those two steps, a replay would otherwise see the unit as already exposed and
 route a metric that preceded its exposure in the stream to the experiment.
 With the position, a metric is routed only to experiments whose first
@@ -142,7 +146,6 @@ from streams.state.semantics import (
     watermark_of,
 )
 
-LUA_PATH = Path(__file__).with_name("lua") / "ingest.lua"
 ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
 
 
@@ -163,48 +166,6 @@ def _script(r: Any, path: Path) -> Any:
     if sc is None:
         sc = _scripts[path] = r.register_script(path.read_text())
     return sc
-
-
-def ingest_script(r: Any) -> Any:
-    """The registered ingest script (``streams/state/lua/ingest.lua``)."""
-    return _script(r, LUA_PATH)
-
-
-def _num(x: float, what: str) -> str:
-    """A float as text that Lua's tonumber reads back to the same double."""
-    v = float(x)
-    if not math.isfinite(v):
-        raise ValueError(f"non-finite {what}: {x!r}")
-    return repr(v)
-
-
-def config_argv(cfg: ExperimentConfig, topic: str, partition: int, clk_end: int,
-                fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> list[str]:
-    """The config part of the script's ARGV (see the header of ingest.lua)."""
-    W, B, L, DD = config_ms(cfg)
-    H, Hh, HM = horizons_ms(cfg)
-    argv = [offsets_field(topic, partition), "" if epoch is None else str(int(epoch)),
-            str(W), str(B), str(L), str(DD), str(H), str(Hh),
-            str(HM), str(int(fold_limit)),
-            "" if cfg.started_at is None else str(int(cfg.started_at)),
-            "" if cfg.end_at is None else str(int(cfg.end_at)), str(int(clk_end)),
-            str(len(cfg.strata_edges))]
-    argv += [_num(e, "strata edge") for e in cfg.strata_edges]
-    argv.append(str(len(cfg.variants)))
-    argv += list(cfg.variants)
-    names = cfg.metric_names
-    argv.append(str(len(names)))
-    argv += list(names)
-    if age_tracking(cfg):  # exposure-age bins and fine strata (issue 19)
-        ages = age_edges_ms(cfg)
-        argv.append(str(len(ages)))
-        argv += [str(int(e)) for e in ages]
-        fine = fine_edges(cfg)
-        argv.append(str(len(fine)))
-        argv += [_num(e, "fine edge") for e in fine]
-    else:
-        argv.append("0")
-    return argv
 
 
 def _s(x: Any) -> str:
@@ -243,125 +204,39 @@ def event_row(offset: int, ev: Event) -> tuple:
     raise TypeError(f"not an event: {type(ev).__name__}")
 
 
-_EVENT_HEAD = "cHddddHH"  # one event's head in ingest.lua's first blob
-_NAN = math.nan
-_KIND = {"x": b"x", "m": b"m", "h": b"h"}
-
-
-def _pack_pre(names: tuple[str, ...], rows: Sequence[tuple]) -> bytes:
-    """ingest.lua's third events argument: per exposure row, in order, the
-    pre-experiment value of each config metric (M doubles, NaN = none);
-    names outside the config are left out."""
-    nan, isfinite = _NAN, math.isfinite
-    vals: list[float] = []
-    add = vals.append
-    for row in rows:
-        if row[1] != "x":
-            continue
-        pre = row[8]
-        if not pre:
-            vals.extend([nan] * len(names))
-            continue
-        for m in names:
-            v = pre.get(m)
-            if v is None:
-                add(nan)
-            elif isfinite(v):
-                add(v)
-            else:
-                raise ValueError(f"non-finite pre value of {m!r}: {v!r}")
-    return struct.pack(f"<{len(vals)}d", *vals)
-
-
-def _pack_rows(cfg: ExperimentConfig, rows: Sequence[tuple]) -> tuple[bytes, bytes, bytes]:
-    """The three packed events arguments of ingest.lua (format in its
-    header): the heads, with each variant or metric as its 1-based index in
-    the config (0: not one of them) and the partition clock after the event;
-    the ids; the exposures' pre-experiment values (``_pack_pre``), or b""
-    when no exposure of the batch has any. ``rows`` are clocked rows.
-
-    Checks what the script relies on: every row belongs to the experiment and
-    numbers are finite (NaN stands for "no pre_activity", "no pre value")."""
-    eid = cfg.experiment_id
-    variant_no = {v: i + 1 for i, v in enumerate(cfg.variants)}
-    metric_no = {m: i + 1 for i, m in enumerate(cfg.metric_names)}
-    isfinite = math.isfinite
-    head: list = []
-    ids: list[bytes] = []
-    add_head, add_id = head.extend, ids.append
-    has_pre = False
-    for off, kind, ev_id, exp, uid, name, ts, num, pre, clk in rows:
-        if kind == "x":
-            if exp != eid:
-                raise ValueError(f"exposure for {exp!r} in a batch for {eid!r}")
-            no = variant_no.get(name, 0)
-            if num is None:
-                num = _NAN
-            elif not isfinite(num):
-                raise ValueError(f"non-finite pre_activity: {num!r}")
-            if pre:
-                has_pre = True
-        else:
-            if exp != eid and exp is not None and kind != "h":
-                raise ValueError(f"metric for {exp!r} in a batch for {eid!r}")
-            no = metric_no.get(name, 0)
-            if not isfinite(num):
-                raise ValueError(f"non-finite metric value: {num!r}")
-        e, u = ev_id.encode(), uid.encode()
-        add_head((_KIND[kind], no, off, ts, num, clk, len(e), len(u)))
-        add_id(e)
-        add_id(u)
-    try:
-        heads = struct.pack("<" + _EVENT_HEAD * len(rows), *head)
-    except struct.error as err:  # an id longer than 65535 bytes (validated ids: 128)
-        raise ValueError(f"event not packable: {err}") from err
-    return heads, b"".join(ids), _pack_pre(cfg.metric_names, rows) if has_pre else b""
-
-
-def _lua_result(raw: list) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for i in range(0, len(raw), 2):
-        k, v = _s(raw[i]), raw[i + 1]
-        if k in ("offset", "max_ts"):
-            sv = _s(v)
-            out[k] = _int(sv) if sv else None
-        else:
-            out[k] = int(v)
-    return out
-
-
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
                rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
                epoch: int | None = None, dead: Sequence[tuple[int, str]] = ()
                ) -> dict[str, Any]:
-    """One call of ingest.lua: clocked ``rows`` of one source partition
-    (routed to ``cfg``'s experiment, increasing offsets), then maturation and
-    hold expiry at ``clk_end``; ``ExperimentState.apply_batch`` on Redis.
+    """One call of the partition's owner for one experiment (issue 25,
+    ``streams.state.partition_store.apply_rows_owned``): clocked ``rows`` of
+    one source partition (routed to ``cfg``'s experiment, increasing
+    offsets), then maturation and hold expiry at ``clk_end``;
+    ``ExperimentState.apply_batch`` run in this process and committed to
+    Redis in one fenced MULTI/EXEC.
 
     Events at or below the offset already stored for (topic, partition) are
     skipped, so a replay after a crash is a no-op. Returns ``applied``,
     ``skipped``, ``offset``, ``max_ts``, ``more`` (1: call again to settle
-    the rest), ``dirty_seq`` and the net change of each counter that moved.
+    the rest), ``dirty_seq`` (None: nothing a reader sees changed) and the
+    net change of each counter that moved.
 
     ``epoch``: the caller's owner epoch of the partition (``claim_partition``);
-    the script raises ``Fenced`` when a newer owner wrote the experiment.
+    ``Fenced`` when a newer owner claimed it (the commit WATCHes the
+    experiment's fence of the source), ``LostCommits`` when Redis holds fewer
+    of this owner's commits than it made.
 
     ``dead``: (offset, meta field) of the batch's dead letters attributed to
     the experiment, the field ``dl:<reason>`` or, for a dead letter that
     stands for one of its counters, ``c:<counter>`` (``c:after_end``: an
     exposure to a concluded experiment); each adds 1 to its field in the same
-    atomic step, skipped like the events when its offset was applied before
+    commit, skipped like the events when its offset was applied before
     (a retried batch counts none twice). Dead letters alone do not settle.
     """
-    argv = config_argv(cfg, source_topic, partition, clk_end, fold_limit, epoch)
-    argv += _pack_rows(cfg, rows)
-    if dead:
-        argv.append(str(len(dead)))
-        for off, meta_field in dead:
-            argv += [str(int(off)), meta_field]
-    keys = experiment_keys(cfg.experiment_id).for_lua(offsets_field(source_topic, partition))
-    with script_errors():
-        return _lua_result(ingest_script(r)(keys=keys, args=argv, client=r))
+    from streams.state.partition_store import apply_rows_owned, owner_for
+
+    owner = owner_for(r, source_topic, partition, epoch)
+    return apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
 
 
 def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
@@ -369,11 +244,12 @@ def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
     until it returns False); True if anything changed."""
-    before = r.get(rk.dirty_seq_key(cfg.experiment_id))
+    changed = False
     while True:
         out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
+        changed = changed or out.get("dirty_seq") is not None
         if not out.get("more"):
-            return str(out.get("dirty_seq")) != _s(before or b"0")
+            return changed
 
 
 def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partition: int,
@@ -562,6 +438,8 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
             n += r.hdel(offs, *fields)
             n += r.hdel(rk.meta_key(eid),
                         *[f"{k}:{f}" for f in fields for k in ("clk", "own")])
+            # the owner epochs start again from 1: so must the fences
+            n += r.delete(*[rk.fence_key(eid, f) for f in fields])
     return n
 
 
@@ -687,7 +565,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     one ``apply_rows`` call per experiment at the batch's end clock, expires
     unit-level holds, then records the partition's clock and last offset
     (after every experiment applied: a replay starts from a clock that
-    belongs to its first offset). Returns per-experiment Lua results and the
+    belongs to its first offset). Returns per-experiment call results and the
     clock; ``rejected`` gets (row index, reason) of rows reaching no
     experiment (``unknown_experiment``, ``unrouted`` = held without
     experiment, ``unrouted_expired`` = over the hold bound), and (None,
@@ -1127,14 +1005,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     ``read_completeness``), capped by the experiment's latest event, minus L;
     by default, like the reducer's, the lowest partition clock the experiment
     has seen."""
-    k = experiment_keys(cfg.experiment_id)
-    pipe = r.pipeline(transaction=True)
-    pipe.hgetall(k.meta)
-    pipe.hgetall(k.cells)
-    pipe.hgetall(k.arrivals)
-    pipe.get(k.dirty_seq)
-    meta_raw, cells_raw, arr_raw, seq_raw = pipe.execute()
-    meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+    meta, cells_raw, arr_raw, seq_raw = _read_sharded(r, cfg.experiment_id)
 
     _, B, L, _ = config_ms(cfg)
     S = n_activity_strata(cfg)
@@ -1169,17 +1040,17 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         azero = (0, *([0.0] * (2 * nb + 1)))
         age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in metrics}
     for f, v in cells_raw.items():
-        parts = _s(f).split("|")
+        parts = f.split("|")
         if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
             _, m, var, s = parts
             si = int(s)
             if m in age_cells and var in vindex and 0 <= si < n_fine:
-                age_cells[m][vindex[var]][si] = _age_cell(_s(v), nb)
+                age_cells[m][vindex[var]][si] = _age_cell(v, nb)
             continue
         m, var, s = parts
         si = int(s)
         if m in cells and var in vindex and 0 <= si < n_tot:
-            cells[m][vindex[var]][si] = _cell(_s(v))
+            cells[m][vindex[var]][si] = _cell(v)
 
     counters = {c: 0 for c in COUNTERS}
     for f, v in meta.items():
@@ -1196,7 +1067,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         watermark=wm,
         D=completed_buckets(wm, started, B, cfg.end_at),
         arrivals=arr,
-        activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),
+        activity_sum=tuple(float(meta.get(f"act_sum:{s}", 0.0)) for s in range(n_tot)),  # summed
         activity_n=tuple(int(meta.get(f"act_n:{s}", 0)) for s in range(n_tot)),
         exposed={v: int(meta.get(f"exposed:{v}", 0)) for v in variants},
         matured={v: int(meta.get(f"matured:{v}", 0)) for v in variants},
@@ -1207,6 +1078,87 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         retired_units=int(meta.get("retired_n", 0)),
         age_cells=age_cells,
     )
+
+
+#: meta fields of the sources: ``max_ts:<src>`` (their max is the max_ts);
+#: shard fields added into meta: ``act_sum:<stratum>`` (every other shard
+#: field is a cell)
+_SHARD_META_MAX = "max_ts:"
+_SHARD_META_SUM = "act_sum:"
+
+
+def _read_sharded(r: Any, experiment_id: str
+                  ) -> tuple[dict[str, str], dict[str, str], dict, Any]:
+    """(meta, cells, arrivals, dirty_seq) of the experiment read atomically,
+    the sources' shards (issue 25, ``keys.shard_key``) folded in: the base
+    (``cells`` and ``meta``: what the state before issue 25 wrote) first,
+    then each shard in sorted source order, so every reader sums the floats
+    in one order, whatever order the owners committed in. Cells and
+    ``act_sum`` are added (``combine_text_cells``); ``max_ts`` is the max of
+    meta's ``max_ts`` (older state) and its ``max_ts:<src>`` (``read_max_ts``).
+
+    One MULTI/EXEC reads the base and the shard set; where the set names
+    shards the base did not read, it is read again with them (a second
+    round trip; again if the set grew in between: a new source's first
+    commit). State without shards (older state) costs one
+    round trip, as before."""
+    k = experiment_keys(experiment_id)
+    sk = rk.shards_key(experiment_id)
+    srcs: list[str] = []
+    while True:
+        pipe = r.pipeline(transaction=True)
+        pipe.hgetall(k.meta)
+        pipe.hgetall(k.cells)
+        pipe.hgetall(k.arrivals)
+        pipe.get(k.dirty_seq)
+        pipe.smembers(sk)
+        for src in srcs:
+            pipe.hgetall(rk.shard_key(experiment_id, src))
+        meta_raw, cells_raw, arr_raw, seq_raw, now_raw, *shards = pipe.execute()
+        now = sorted(_s(x) for x in now_raw)
+        if now == srcs:
+            break
+        srcs = now
+    meta = {_s(a): _s(b) for a, b in meta_raw.items()}
+    top = read_max_ts(meta)
+    if top is not None:
+        meta["max_ts"] = str(top)
+    cells = {_s(a): _s(b) for a, b in cells_raw.items()}
+    for raw in shards:
+        for a, b in raw.items():
+            f, v = _s(a), _s(b)
+            if f.startswith(_SHARD_META_SUM):
+                meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
+            else:
+                cells[f] = v if f not in cells else combine_text_cells(
+                    cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
+    return meta, cells, arr_raw, seq_raw
+
+
+def read_max_ts(meta: dict[str, str]) -> int | None:
+    """The experiment's latest event ts from its decoded meta hash: the max
+    of ``max_ts`` (older state) and every source's ``max_ts:<src>``."""
+    vals = [_int(v) for f, v in meta.items()
+            if f == "max_ts" or f.startswith(_SHARD_META_MAX)]
+    return max(vals) if vals else None
+
+
+#: positions of the integer counts in a cell (n, nx) and an age cell (n)
+_CELL_INTS = frozenset((0, 3))
+_AGE_INTS = frozenset((0,))
+
+
+def combine_text_cells(a: str, b: str, ints: frozenset[int] = _CELL_INTS) -> str:
+    """Two cell values of note 7 / 9 (text) added element-wise: the counts
+    at ``ints`` as integers, the sums as IEEE doubles a + b (``%.17g``
+    round-trips them, like ``repr``); a shorter cell (three numbers, from before the
+    covariate sums) reads its missing ones as 0."""
+    fa, fb = a.split(" "), b.split(" ")
+    n = max(len(fa), len(fb))
+    fa += ["0"] * (n - len(fa))
+    fb += ["0"] * (n - len(fb))
+    return " ".join(str(_int(x) + _int(y)) if i in ints else repr(float(x) + float(y))
+                    for i, (x, y) in enumerate(zip(fa, fb, strict=True)))
 
 
 def _age_cell(text: str, nb: int) -> tuple:
@@ -1232,7 +1184,7 @@ _UNIT3_TAIL = struct.Struct("<HHBH")
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
-    """Unpack a ``units`` hash value: binary (note 1 and ingest.lua's header:
+    """Unpack a ``units`` hash value: binary (note 1:
     version 1 without pre-experiment values, version 2 with them) or the
     earlier text form."""
     M = len(cfg.metrics)
@@ -1269,6 +1221,29 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     totals += [0.0] * (M - len(totals))
     return UnitState(cfg.variants[_int(f[0])], _int(f[1]), _int(f[2]), _int(f[3]),
                      totals, _int(f[4]) == 1, [None] * M)
+
+
+def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
+    """A unit as its ``units`` hash value, the inverse of ``decode_unit`` and
+    byte for byte what ingest.lua wrote before issue 25 (note 1): version 3 for a unit with
+    exposure-age bins (``u.age``), else version 2 if it has a pre value of
+    any metric, else version 1; totals and pre values for every config
+    metric (NaN: no pre value). The owner's commit (issue 25) writes these,
+    so state written by either path reads the same."""
+    M = len(cfg.metrics)
+    head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
+            float(u.bucket), float(u.exposure_ts))
+    has_pre = any(x is not None for x in u.pre)
+    pre = [math.nan if x is None else x for x in u.pre]
+    if u.age:
+        nb = len(u.age[0]) if u.age else 0
+        np = M if has_pre else 0
+        vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
+        return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
+                + _UNIT3_TAIL.pack(M, np, nb, u.fine))
+    if has_pre:
+        return _UNIT2_HEAD.pack(2, *head, M) + struct.pack(f"<{2 * M}d", *u.totals, *pre)
+    return _UNIT_HEAD.pack(1, *head) + struct.pack(f"<{M}d", *u.totals)
 
 
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:

@@ -102,7 +102,7 @@ def assert_layout(c, eid: str, units) -> dict[str, int]:
     """An experiment's keys in one slot, ingest positions in one slot, unit
     routing keys on every master. Returns unit keys per master."""
     keys = [k.decode() for k in c.scan_iter(match=experiment_key(eid, "*"))]
-    assert {experiment_key(eid, k) for k in ("cfg", "cells", "meta", "offsets")} \
+    assert {experiment_key(eid, k) for k in ("cfg", "shards", "meta", "offsets")} \
         <= set(keys), sorted(keys)
     assert slots_of(c, keys) == {c.keyslot(experiment_key(eid, "cfg"))}, sorted(keys)
     assert len(slots_of(c, [INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS])) == 1

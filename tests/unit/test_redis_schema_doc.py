@@ -54,9 +54,9 @@ def patterns_of_keys_module() -> set[str]:
             args = {p: (PARTITION if p == "partition" else PLACEHOLDERS[p])
                     for p in inspect.signature(obj).parameters}
             built = obj(**args)
-            if isinstance(built, tuple) and hasattr(built, "for_lua"):  # ExperimentKeys
+            if isinstance(built, tuple) and hasattr(built, "for_source"):  # ExperimentKeys
                 built = [getattr(built, k) for k in keys.EXPERIMENT_KINDS
-                         if k in built._fields] + built.for_lua("<src>")
+                         if k in built._fields] + built.for_source("<src>")
             out.update(_normalise(k) for k in _built(built))
     out.update(keys.experiment_key("<id>", k) for k in keys.EXPERIMENT_KINDS)
     # the pre-cluster names are read only by the one-time migration, which the

@@ -1,0 +1,485 @@
+"""The owner's fenced commit and the sharded read model (issue 25), against a
+real redis-server.
+
+* ``streams.state.partition_store.commit``: one MULTI/EXEC per experiment
+  and batch carries the writes, the applied offset, the source's commit
+  sequence and ``dirty_seq``; a zombie owner (stopped after its WATCH and
+  fence check, resumed after a new owner claimed and committed) has its
+  EXEC refused and nothing doubled; a Redis that lost commits is detected.
+* ``streams.state.store.read_snapshot`` adds the sources' shards
+  (``keys.shard_key``) to the base (``cells``/``meta``: the state the Lua
+  path and older versions wrote) in sorted source order: the read model is
+  the same whatever order the owners committed in, and an older state with
+  only the base reads as before (its shared cells are the base shard).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis
+
+from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.state import keys as rk
+from streams.state.partition_store import (
+    Commit,
+    LostCommits,
+    WriteSet,
+    claim_fence,
+    commit,
+    put_shard,
+    shard_mapping,
+)
+from streams.state.semantics import Reducer
+from streams.state.store import (
+    Fenced,
+    apply_batch,
+    claim_partition,
+    combine_text_cells,
+    decode_unit,
+    encode_unit,
+    read_snapshot,
+)
+from tests.support.streaming_harness import bits
+
+T0 = 1_700_000_000_000
+
+SRC0, SRC1 = "liftstream.events|0", "liftstream.events|1"
+
+
+@pytest.fixture()
+def fresh(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    yield r
+    r.close()
+
+
+def _cfg() -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", metrics=(MetricSpec("rev"),),
+                            window_seconds=10, bucket_seconds=2)
+
+
+def _batch(n: int) -> WriteSet:
+    """A stand-in for a batch's state changes: integer increments (which a
+    doubled commit would show) and an absolute shard value."""
+    w = WriteSet()
+    w.add("hincrby", rk.meta_key("e1"), "c:exposures", n)
+    w.add("hincrby", rk.meta_key("e1"), "exposed:control", n)
+    return w
+
+
+def test_commit_carries_offset_sequence_and_dirty_seq(fresh):
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, epoch)
+    assert seq == 0
+    seq = commit(fresh, "e1", SRC0, epoch, seq, _batch(3), offset=41)
+    seq = commit(fresh, "e1", SRC0, epoch, seq, _batch(2), offset=42)
+    assert seq == 2
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"42"
+    assert fresh.hget(rk.fence_key("e1", SRC0), "seq") == b"2"
+    assert fresh.get(rk.dirty_seq_key("e1")) == b"2"
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"
+
+
+def test_zombie_exec_refused_after_new_owner_claimed_and_committed(fresh, redis_url):
+    """Owner A passes its WATCH and fence check, then stalls (SIGSTOP in the
+    worker); B claims the partition and the experiment's fence and commits
+    the same batch; A resumes: its EXEC is refused as a whole (Fenced),
+    nothing is doubled, and A cannot claim back."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq_a = claim_fence(fresh, "e1", SRC0, a)
+    seq_a = commit(fresh, "e1", SRC0, a, seq_a, _batch(1), offset=9)
+    zombie = Commit(fresh, "e1", SRC0, a, seq_a)
+    zombie.prepare()  # WATCH + check passed ... then stopped
+
+    other = redis.Redis.from_url(redis_url)  # the new owner's own connection
+    b = claim_partition(other, "liftstream.events", 0)
+    seq_b = claim_fence(other, "e1", SRC0, b)
+    assert seq_b == 1  # continues A's sequence
+    commit(other, "e1", SRC0, b, seq_b, _batch(4), offset=10)
+
+    with pytest.raises(Fenced):
+        zombie.execute(_batch(4), offset=10)  # resumed: refused
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"  # 1 + 4, not 9
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"10"
+    with pytest.raises(Fenced):
+        commit(fresh, "e1", SRC0, a, seq_a, _batch(4), offset=10)
+    with pytest.raises(Fenced):
+        claim_fence(fresh, "e1", SRC0, a)  # the fence never goes down
+    other.close()
+
+
+def test_one_sources_claim_does_not_fence_another_source(fresh):
+    """Fences are per (experiment, source): a new owner of partition 1 does
+    not abort partition 0's owner's commits to the same experiment."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq_a = claim_fence(fresh, "e1", SRC0, a)
+    c = Commit(fresh, "e1", SRC0, a, seq_a)
+    c.prepare()
+    b = claim_partition(fresh, "liftstream.events", 1)
+    commit(fresh, "e1", SRC1, b, claim_fence(fresh, "e1", SRC1, b), _batch(1), offset=1)
+    assert c.execute(_batch(1), offset=1) == 1
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"2"
+
+
+def test_lost_commits_are_detected(fresh):
+    """A Redis that comes back behind the owner's commits (here: the fence's
+    sequence rolled back, as a restart from an older snapshot does) refuses
+    the next commit with LostCommits, writing nothing."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, a)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=5)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=6)
+    fresh.hset(rk.fence_key("e1", SRC0), "seq", 1)  # the last commit lost
+    fresh.hset(rk.offsets_key("e1"), SRC0, 5)
+    with pytest.raises(LostCommits) as e:
+        commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=7)
+    assert (e.value.expected, e.value.found) == (2, 1)
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"5"
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"2"
+
+
+def _shard_writes(src: str, fields: dict[str, str]) -> WriteSet:
+    w = WriteSet()
+    w.add("hset", rk.shard_key("e1", src), mapping=fields)
+    w.add("sadd", rk.shards_key("e1"), src)
+    return w
+
+
+def test_shards_are_summed_after_the_base_in_source_order(fresh):
+    """Older state (the Lua path's shared cells, act_sum, max_ts) is the base
+    shard; each source's shard is added in sorted source order, whichever
+    owner committed first: the same bits either way."""
+    cfg = _cfg()
+    rng = random.Random(7)
+    vals = {s: [rng.uniform(-1e6, 1e6) for _ in range(5)] for s in (SRC0, SRC1, "b")}
+    base = f"2 {vals['b'][0]!r} {vals['b'][1]!r}"  # a 3-number cell from before covariates
+
+    def shard(s: str, n: int) -> dict[str, str]:
+        v = vals[s]
+        return {"rev|control|7": f"{n} {v[0]!r} {v[1]!r} 1 {v[2]!r} {v[3]!r} {v[4]!r} 0.5",
+                "act_sum:7": repr(v[2])}
+
+    snaps = []
+    for order in ((SRC0, SRC1), (SRC1, SRC0)):
+        fresh.flushall()
+        fresh.hset(rk.cells_key("e1"), "rev|control|7", base)
+        fresh.hset(rk.meta_key("e1"), mapping={"act_sum:7": repr(vals["b"][2]),
+                                                "max_ts": "1500"})
+        for i, s in enumerate(order):
+            fresh.hset(rk.meta_key("e1"), f"max_ts:{s}", 1000 + i)
+            e = claim_partition(fresh, "liftstream.events", int(s[-1]))
+            commit(fresh, "e1", s, e, claim_fence(fresh, "e1", s, e),
+                   _shard_writes(s, shard(s, 3 + (s == SRC1))), offset=i)
+        snaps.append(read_snapshot(fresh, cfg))
+    assert snaps[0] == snaps[1]
+    got = snaps[0].cells["rev"][0][7]
+    want = combine_text_cells(combine_text_cells(base, shard(SRC0, 3)["rev|control|7"]),
+                              shard(SRC1, 4)["rev|control|7"])
+    assert got == tuple(float(x) if i not in (0, 3) else int(x)
+                        for i, x in enumerate(want.split(" ")))
+    assert got[0] == 2 + 3 + 4 and got[3] == 2
+    assert got[1] == (vals["b"][0] + vals[SRC0][0]) + vals[SRC1][0]
+    assert snaps[0].activity_sum[7] == (vals["b"][2] + vals[SRC0][2]) + vals[SRC1][2]
+    assert snaps[0].max_ts == 1500
+
+
+def test_state_with_only_the_base_reads_as_before(fresh):
+    """An older Redis state (no shard set) reads exactly as the base, bits
+    included (nothing is added to a value that has no second shard)."""
+    cfg = _cfg()
+    fresh.hset(rk.cells_key("e1"), "rev|control|7", "1 -0.0 0.0")
+    fresh.hset(rk.meta_key("e1"), mapping={"max_ts": "77", "act_sum:7": "-0.0"})
+    snap = read_snapshot(fresh, cfg)
+    assert snap.cells["rev"][0][7] == (1, -0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
+    assert str(snap.cells["rev"][0][7][1]) == "-0.0"
+    assert snap.max_ts == 77
+
+
+# ---------------------------------------------------------------- sharded rules
+
+def _keyed_streams(seed: int, n_parts: int) -> dict[int, list[list]]:
+    """Per partition, its events cut into batches: units keyed to one
+    partition (key = unit_id), exposures with and without pre_activity,
+    in-window metrics, stragglers after maturation (corrections), re-sends
+    (duplicates). Each partition's own order and cuts are fixed; only the
+    interleaving of the partitions varies between the folds."""
+    rng = random.Random(seed)
+    out: dict[int, list[list]] = {}
+    for p in range(n_parts):
+        evs = []
+        for i in range(rng.randint(1, 8)):
+            u, t0 = f"u{p}_{i}", rng.randint(0, 20_000)
+            evs.append((t0, Exposure(f"x{p}{i}", "e1", u, rng.choice(("control", "t")),
+                                     T0 + t0, rng.choice((None, 0.0, 3.0, 9.5)))))
+            for j in range(rng.randint(0, 5)):
+                t = t0 + rng.randint(0, 9_999)
+                m = Metric(f"m{p}{i}{j}", u, "rev", rng.uniform(-3, 7), T0 + t, "e1")
+                evs.append((t, m))
+                if rng.random() < 0.3:
+                    evs.append((t + rng.randint(10_000, 25_000), m))  # straggler / re-send
+        evs.sort(key=lambda x: x[0])
+        flat = [e for _, e in evs]
+        cuts, k = [], 0
+        while k < len(flat):
+            n = rng.randint(1, 4)
+            cuts.append(flat[k:k + n])
+            k += n
+        out[p] = cuts
+    return out
+
+
+def _fold(streams: dict[int, list[list]], order: list[int], sharded: bool) -> Reducer:
+    red = Reducer([_cfg_age()], sharded=sharded)
+    pos = dict.fromkeys(streams, 0)
+    for p in order:
+        red.apply_batch(f"liftstream.events|{p}", streams[p][pos[p]])
+        pos[p] += 1
+    for p in streams:
+        red.advance(f"liftstream.events|{p}", T0 + 200_000)
+    return red
+
+
+def _orders(streams: dict[int, list[list]], rng: random.Random) -> list[list[int]]:
+    """Whole partitions first, reversed, and a random merge."""
+    seq = [p for p in sorted(streams) for _ in streams[p]]
+    merged = seq[:]
+    rng.shuffle(merged)
+    return [seq, [p for p in sorted(streams, reverse=True) for _ in streams[p]], merged]
+
+
+def _cfg_age() -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", variants=("control", "t"),
+                            metrics=(MetricSpec("rev"),), window_seconds=10, bucket_seconds=2,
+                            lateness_seconds=1, dedupe_seconds=5, correction_seconds=20,
+                            hold_seconds=30, exposure_age_bins=(0, 3, 6))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sharded_fold_is_bit_identical_for_any_interleaving(seed):
+    """With the float aggregates split by source and added in source order,
+    every interleaving of the same partition batches gives the same
+    snapshot bit for bit (counts and sums alike), not just up to rounding."""
+    streams = _keyed_streams(seed, 1 + seed % 4)
+    snaps = [bits(_fold(streams, o, True).snapshots()) for o in _orders(streams,
+                                                                         random.Random(seed))]
+    assert snaps[0] == snaps[1] == snaps[2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unsharded_fold_is_unchanged(seed):
+    """One partition: the sharded fold equals the unsharded one (the Lua
+    path's layout) bit for bit: a single shard adds nothing."""
+    streams = _keyed_streams(seed, 1)
+    order = [0] * len(streams[0])
+    assert bits(_fold(streams, order, True).snapshots()) == \
+        bits(_fold(streams, order, False).snapshots())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_redis_shards_read_back_equal_the_sharded_fold(fresh, seed):
+    """The shards as the owners write them (``shard_mapping`` through a
+    fenced commit), read back by ``read_snapshot``, give the reducer's
+    float aggregates bit for bit: Redis adds them in the reducer's order."""
+    streams = _keyed_streams(100 + seed, 1 + seed % 3)
+    red = _fold(streams, _orders(streams, random.Random(seed))[2], True)
+    st = red.states["e1"]
+    for src in sorted(st.shards, reverse=True):  # commit order does not matter
+        fresh.hset(rk.meta_key("e1"), f"max_ts:{src}", st.shards[src].max_ts)
+        p = int(src.rsplit("|", 1)[1])
+        e = claim_partition(fresh, "liftstream.events", p)
+        commit(fresh, "e1", src, e, claim_fence(fresh, "e1", src, e),
+               put_shard(WriteSet(), "e1", src, shard_mapping(st, st.shards[src])), offset=1)
+    got, want = read_snapshot(fresh, _cfg_age()), st.snapshot()
+    for f in ("cells", "age_cells", "activity_sum", "max_ts"):
+        assert bits(getattr(got, f)) == bits(getattr(want, f)), f
+
+
+# ---------------------------------------------------------------- record formats
+
+#: unit records ingest.lua wrote (its last version, before issue 25 deleted it):
+#: (config, unit, record hex); versions 1 and 2 (``plain``) and 3 (``age``, with
+#: and without pre values), matured or not
+LUA_RECORDS = (
+    ("plain", "u0",  # version 1, matured 1
+     "01000003000100008040fc54c94100a07357febc7842d9cef753e3a5124085eb"
+     "51b81e052040"),
+    ("plain", "u1",  # version 2, matured 1
+     "02000007000100008041fc54c94100a01658febc784202000000000000000000"
+     "04560e2db29d18400000000000000440000000000000f87f"),
+    ("plain", "u3",  # version 1, matured 0
+     "01010003000000000043fc54c9410050cb59febc78420e2db29defa71c40c3f5"
+     "285c8fc20240"),
+    ("plain", "u9",  # version 2, matured 1
+     "02000007000100000040fc54c94100b0ee56febc78420200022b8716d98e2140"
+     "6891ed7c3fb51a400000000000000440000000000000f87f"),
+    ("age", "u0",  # version 3, matured 1
+     "03000003000100008040fc54c94100a07357febc7842f2d24d62105829400000"
+     "00000000000023dbf97e6a3c104060e5d022db39214001000000030400"),
+    ("age", "u1",  # version 3, matured 1
+     "03000007000100008041fc54c94100a01658febc784204560e2db29d18400000"
+     "00000000044004560e2db29d1840000000000000000000000000000000000100"
+     "0100031d00"),
+    ("age", "u3",  # version 3, matured 0
+     "03010003000000000043fc54c9410050cb59febc7842f853e3a59b04234079e9"
+     "263108ac1e4054e3a59bc420e0bfc3f5285c8fc2024001000000030400"),
+    ("age", "u5",  # version 3, matured 0
+     "03010007000000008042fc54c94100604b59febc7842295c8fc2f528f23f0000"
+     "000000000440295c8fc2f528f23f000000000000000000000000000000000100"
+     "0100031d00"),
+)
+
+
+def _plain_cfg() -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", variants=("control", "t"),
+                            metrics=(MetricSpec("rev"), MetricSpec("clicks")), window_seconds=10,
+                            bucket_seconds=2, lateness_seconds=1, correction_seconds=20)
+
+
+@pytest.mark.parametrize("name,uid,hexrec", LUA_RECORDS)
+def test_encode_unit_writes_the_lua_records_byte_for_byte(name, uid, hexrec):
+    """``encode_unit(decode_unit(record))`` is the record ingest.lua wrote,
+    for versions 1 (no pre), 2 (pre values) and 3 (exposure age), matured
+    or not: the owner's commit keeps the binary formats (store.py note 1),
+    so state from before issue 25 reads and is rewritten unchanged."""
+    cfg = _cfg_age() if name == "age" else _plain_cfg()
+    rec = bytes.fromhex(hexrec)
+    assert encode_unit(decode_unit(rec, cfg), cfg) == rec, uid
+
+
+def test_owner_writes_records_it_reads_back(fresh):
+    """The owner's own records (every version) decode to the reducer's units."""
+    for cfg in (_cfg_age(), _plain_cfg()):
+        fresh.flushall()
+        rng = random.Random(3)
+        evs = []
+        for i in range(30):
+            pre = rng.choice((None, {"rev": 2.5}, {"clicks": -1.0, "nope": 3.0}, {"nope": 1.0}))
+            t0 = rng.randint(0, 15_000)
+            evs.append(Exposure(f"x{i}", "e1", f"u{i}", rng.choice(("control", "t")), T0 + t0,
+                                rng.choice((None, 4.0)), pre))
+            for j in range(rng.randint(0, 3)):
+                evs.append(Metric(f"m{i}_{j}", f"u{i}", rng.choice(cfg.metric_names),
+                                  rng.uniform(-2, 9), T0 + t0 + rng.randint(0, 9_000), "e1"))
+        evs.sort(key=lambda e: e.ts)
+        apply_batch(fresh, cfg, "liftstream.events", 0, list(enumerate(evs)))
+        red = Reducer([cfg]).apply_all(evs, "liftstream.events|0", batch=len(evs))
+        raw = fresh.hgetall(rk.units_key("e1"))
+        assert any(decode_unit(r, cfg).matured for r in raw.values())
+        assert bits({k.decode(): decode_unit(v, cfg) for k, v in raw.items()}) == \
+            bits(red.states["e1"].units)
+
+
+# ---------------------------------------------------------------- kill points
+
+class _Killed(BaseException):
+    """The process dies here (kill -9): nothing after this point runs."""
+
+
+def _rows_of(evs) -> tuple[list, int]:
+    from streams.state.store import clocked, event_row
+
+    return clocked([event_row(i, e) for i, e in enumerate(evs)], None)
+
+
+def test_kill_before_exec_or_after_exec_replays_to_the_clean_state(fresh, monkeypatch):
+    """A worker killed before its EXEC wrote nothing (the transaction was only
+    queued); one killed after its EXEC (before Kafka stored the offset) has
+    its batch replayed by the next owner, which skips it: both end in the
+    clean run's state, nothing lost or doubled."""
+    from streams.state import partition_store as ps
+    from streams.state.store import apply_rows
+
+    cfg = _cfg_age()
+    streams = _keyed_streams(5, 1)
+    evs = [e for batch in streams[0] for e in batch]
+    crows, clk = _rows_of(evs)
+
+    def run(epoch):
+        return apply_rows(fresh, cfg, "liftstream.events", 0, crows, clk, epoch=epoch)
+
+    run(claim_partition(fresh, "liftstream.events", 0))
+    clean = bits(read_snapshot(fresh, cfg))
+    fresh.flushall()
+    ps.forget_owner(fresh, "liftstream.events", 0)  # a new process
+
+    real = ps.Commit.execute
+
+    def killed(self, *a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(ps.Commit, "execute", killed)
+    with pytest.raises(_Killed):
+        run(claim_partition(fresh, "liftstream.events", 0))
+    assert not fresh.exists(rk.units_key("e1"), rk.meta_key("e1"), rk.offsets_key("e1"))
+    monkeypatch.setattr(ps.Commit, "execute", real)
+    out = run(claim_partition(fresh, "liftstream.events", 0))  # the next owner
+    assert out["applied"] == len(crows)
+    assert bits(read_snapshot(fresh, cfg)) == clean
+    seq = fresh.get(rk.dirty_seq_key("e1"))
+    out = run(claim_partition(fresh, "liftstream.events", 0))  # killed after EXEC: replayed
+    assert out["applied"] == 0 and out["skipped"] == len(crows)
+    assert bits(read_snapshot(fresh, cfg)) == clean
+    assert fresh.get(rk.dirty_seq_key("e1")) == seq
+
+
+def test_a_redis_that_lost_the_claim_is_lost_commits_not_fenced(fresh):
+    """A fence below the owner's epoch means Redis lost the owner's claim
+    (restarted from an older snapshot): LostCommits (seek back, claim
+    again), not Fenced (which would give the partition up)."""
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = claim_fence(fresh, "e1", SRC0, a)
+    seq = commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=1)
+    fresh.delete(rk.fence_key("e1", SRC0))
+    with pytest.raises(LostCommits):
+        commit(fresh, "e1", SRC0, a, seq, _batch(1), offset=2)
+    assert claim_fence(fresh, "e1", SRC0, a) == 0  # claimed again: continues
+
+
+_ZOMBIE = """
+import os, signal, sys
+import redis
+from streams.state.partition_store import Commit, WriteSet
+from streams.state.store import Fenced
+url, epoch, seq, meta = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+r = redis.Redis.from_url(url)
+c = Commit(r, "e1", "liftstream.events|0", epoch, seq)
+c.prepare()
+print("watched", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+try:
+    c.execute(WriteSet().add("hincrby", meta, "c:exposures", 4), offset=10)
+except Fenced:
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+def test_zombie_process_stopped_after_watch_is_refused(fresh, redis_url):
+    """A real process: the owner WATCHes and checks its fence, is SIGSTOPped,
+    a new owner claims and commits the same batch, the old one is resumed
+    (SIGCONT): its EXEC is refused (exit 3: Fenced) and nothing is doubled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    a = claim_partition(fresh, "liftstream.events", 0)
+    seq = commit(fresh, "e1", SRC0, a, claim_fence(fresh, "e1", SRC0, a), _batch(1), offset=9)
+    proc = subprocess.Popen([sys.executable, "-c", _ZOMBIE, redis_url, str(a), str(seq),
+                             rk.meta_key("e1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "watched"
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        b = claim_partition(fresh, "liftstream.events", 0)
+        commit(fresh, "e1", SRC0, b, claim_fence(fresh, "e1", SRC0, b), _batch(4), offset=10)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"  # 1 + 4: not doubled
+    assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"10"
