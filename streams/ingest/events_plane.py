@@ -83,11 +83,16 @@ log = logging.getLogger("liftstream.events")
 IDENTITY_EVERY_S = 1.0
 
 def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Event,
-                    status: PlaneStatus | None = None, max_backoff: float = 5.0) -> Any:
+                    status: PlaneStatus | None = None, max_backoff: float = 5.0,
+                    read_only: bool = False) -> Any:
     """``fn(*args)``, retried with backoff while Redis cannot take it
     (``streams.state.store.TRANSIENT_REDIS``: away, loading, out of memory, read
     only), forever, until ``stopped`` (then the last error is raised). While
-    it waits, ``status.stalled`` says why (/readyz, /metrics)."""
+    it waits, ``status.stalled`` says why (/readyz, /metrics). A ``read_only``
+    call that succeeds does not clear the stall: reads work on a replica or
+    a server out of memory, so they say nothing about the writes that
+    stalled (without this /readyz and /metrics flicker between the checks
+    made before each batch and its refused commit)."""
     delay = 0.1
     while True:
         try:
@@ -103,7 +108,7 @@ def retry_transient(fn: Callable, *args: Any, what: str, stopped: threading.Even
             stopped.wait(delay)
             delay = min(max_backoff, delay * 2)
         else:
-            if status is not None:
+            if status is not None and not read_only:
                 status.stalled = None
             return out
 
@@ -317,7 +322,8 @@ class EventsPlane:
         """``liftstream_ingest_retention_lost_total{partition}``: the offsets
         counted lost so far, as Redis records them (they outlive a restart)."""
         lost = retry_transient(retention_lost, self.r, self.conf.topic_events,
-                               what="retention gaps", stopped=self._stopped, status=self.status)
+                               what="retention gaps", stopped=self._stopped, status=self.status,
+                               read_only=True)
         self.status.retention_lost = lost
         for p, n in lost.items():
             self.metrics.set("liftstream_ingest_retention_lost_total", n, partition=str(p))
@@ -441,7 +447,7 @@ class EventsPlane:
             return set()
         applied = retry_transient(read_applied, self.r, self.conf.topic_events, partitions,
                                   what="applied offsets", stopped=self._stopped,
-                                  status=self.status)
+                                  status=self.status, read_only=True)
         behind = set()
         for p in partitions:
             run = self.status.owned.get(p)
@@ -473,7 +479,7 @@ class EventsPlane:
         the idle ones included."""
         self._redis_id_at = time.monotonic()
         ident = retry_transient(redis_identity, self.r, what="redis identity",
-                                stopped=self._stopped, status=self.status)
+                                stopped=self._stopped, status=self.status, read_only=True)
         if ident == self._redis_id:
             return
         log.warning("redis changed identity (run_id/master_replid %s -> %s): checking the "
