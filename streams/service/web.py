@@ -70,6 +70,8 @@ if TYPE_CHECKING:
 
 DASHBOARD = Path(__file__).with_name("static") / "dashboard.html"
 OVERVIEW = Path(__file__).with_name("static") / "overview.html"
+#: the pages' one fetch helper and sign-in form handler (no data: served open)
+SIGNIN_JS = Path(__file__).with_name("static") / "signin.js"
 
 #: Shortest ``api_token`` accepted (bytes): 16 random bytes resist guessing.
 MIN_TOKEN_BYTES = 16
@@ -281,6 +283,11 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
     @page("/experiment", open_=True)
     async def dashboard(web, request):
         return web.html(DASHBOARD.read_text(), headers=page_headers)
+
+    @page("/signin.js", open_=True)
+    async def signin_js(web, request):
+        return web.bytes(SIGNIN_JS.read_bytes(), content_type="text/javascript",
+                         headers=page_headers)
 
     @page("/login", open_=True, method="post")
     async def login(web, request):
