@@ -20,6 +20,8 @@ GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
 _LOG_GAMMA = math.log(GAMMA)
 #: totals below this in absolute value fall in bucket 0 (zero)
 MIN_ABS = 1e-9
+_LOG_MIN = math.log(MIN_ABS)
+_INV_LOG_GAMMA = 1.0 / _LOG_GAMMA
 
 
 def tail_bucket(t: float) -> int:
@@ -29,7 +31,7 @@ def tail_bucket(t: float) -> int:
     a = abs(t)
     if a < MIN_ABS:
         return 0
-    k = 1 + math.ceil(math.log(a / MIN_ABS) / _LOG_GAMMA)
+    k = 1 + math.ceil((math.log(a) - _LOG_MIN) * _INV_LOG_GAMMA)
     return k if t > 0 else -k
 
 

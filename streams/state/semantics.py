@@ -990,6 +990,7 @@ class ExperimentState:
         uncapped total into the tail sketch and its age bins into the age cell."""
         vi = self._vindex[u.variant]
         tot = u.totals
+        tails = self.tails
         for p in self.plans:
             ei = p.e
             if p.code == PLAIN_SUM:
@@ -1012,7 +1013,11 @@ class ExperimentState:
                 c[8 + j] = c[8 + j] + ex[j]
             if not p.tails:
                 continue
-            self._tail_move(m, vi, None, tail_bucket(tot[ei]))
+            d = tails.get((m, vi))  # the tail sketch, inline: once per unit and sum metric
+            if d is None:
+                d = tails[(m, vi)] = {}
+            b = tail_bucket(tot[ei])
+            d[b] = d.get(b, 0) + 1
             if u.age:
                 ya = u.age[ei]
                 a = self._age_cell(source, m, vi, u.fine)
