@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+from redis.commands.core import CoreCommands
 from redis.exceptions import ResponseError, WatchError
 
 from schemas.records import ExperimentConfig, Exposure, Metric
@@ -58,6 +60,109 @@ class LostCommits(Exception):
                          f"the owner made {expected}")
         self.expected = expected
         self.found = found
+
+
+# ---------------------------------------------------------------- the wire
+#
+# Why: redis-py encodes every argument of a command in Python (about 2 µs an
+# argument with its checks), and a batch's commit and reads carry several
+# arguments per event (unit records, sightings, pending scores). On a plain
+# ``redis.Redis`` with the hiredis parser the owner packs each command with
+# ``hiredis.pack_command`` (C) and sends a call's commands at once on one
+# connection; on anything else (Redis Cluster, other clients) the same
+# commands go through redis-py's pipeline. The replies are normalised to one
+# shape either way (``_Reads``).
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - a fresh machine without hiredis
+    hiredis = None
+
+
+def _packs(r: Any) -> bool:
+    """Whether the owner may pack commands itself for client ``r`` (a plain
+    ``redis.Redis`` that does not decode replies, hiredis installed)."""
+    return (hiredis is not None and type(r) is redis.Redis
+            and not r.connection_pool.connection_kwargs.get("decode_responses"))
+
+
+def _send_raw(conn: Any, cmds: Sequence[tuple]) -> list:
+    """Send ``cmds`` on ``conn`` at once and read every reply (an error reply
+    is returned as its exception, so the connection stays in step); any
+    other failure disconnects it (a half-read connection is never reused)."""
+    try:
+        conn.send_packed_command([hiredis.pack_command(c) for c in cmds], check_health=False)
+        out = []
+        for _ in cmds:
+            try:
+                out.append(conn.read_response(disable_decoding=True))
+            except ResponseError as e:
+                out.append(e)
+        return out
+    except BaseException:
+        conn.disconnect()
+        raise
+
+
+class _Recorder(CoreCommands):
+    """Turns redis-py command methods (``WriteSet`` entries) into the
+    argument tuples they would send, without sending or encoding them."""
+
+    def __init__(self) -> None:
+        self.cmds: list[tuple] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.cmds.append(args)
+
+
+def _flat_pairs(x: Any) -> list[tuple[Any, Any]]:
+    """A HGETALL or ZRANGE WITHSCORES reply as pairs, whether redis-py made
+    it a dict / list of pairs or it is the flat RESP2 list."""
+    if isinstance(x, dict):
+        return list(x.items())
+    if x and isinstance(x[0], (list, tuple)):
+        return [tuple(v) for v in x]
+    return list(zip(x[::2], x[1::2], strict=True))
+
+
+class _Reads:
+    """A read pipeline of the owner's call (``_packs``: packed by hiredis,
+    else redis-py's): ``add`` raw commands, ``execute`` returns the replies
+    (HGETALL as a dict, ZRANGE WITHSCORES as (member, score) pairs; scores
+    as Redis sent them, which ``int`` reads); an error reply raises."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.cmds: list[tuple] = []
+
+    def add(self, *args: Any) -> _Reads:
+        self.cmds.append(args)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.cmds)
+
+    def execute(self) -> list:
+        if not self.cmds:
+            return []
+        if _packs(self.r):
+            pool = self.r.connection_pool
+            conn = pool.get_connection()
+            try:
+                got = _send_raw(conn, self.cmds)
+            finally:
+                pool.release(conn)
+        else:
+            p = self.r.pipeline(transaction=False)
+            for c in self.cmds:
+                p.execute_command(*c)
+            got = p.execute(raise_on_error=False)
+        for g in got:
+            if isinstance(g, Exception):
+                raise g
+        return [dict(_flat_pairs(g)) if c[0] == "HGETALL"
+                else _flat_pairs(g) if c[0] == "ZRANGE" else g
+                for c, g in zip(self.cmds, got, strict=True)]
 
 
 def _int_or_zero(x: Any) -> int:
@@ -116,6 +221,7 @@ class Commit:
         self.epoch = epoch
         self.seq = seq
         self.fence = rk.fence_key(experiment_id, src)
+        self._client = r
         self.pipe = r.pipeline(transaction=True)
         #: ``dirty_seq`` after the EXEC (``execute``)
         self.dirty_seq: int | None = None
@@ -140,16 +246,22 @@ class Commit:
         EXEC. Returns the new sequence; ``Fenced`` when the EXEC
         was refused (the fence moved after ``prepare``): nothing was written."""
         p = self.pipe
-        p.multi()
-        for method, args, kwargs in writes.ops:
-            getattr(p, method)(*args, **kwargs)
+        tail: list[tuple] = []
         if offset is not None:
-            p.hset(rk.offsets_key(self.experiment_id), self.src, offset)
-        p.hincrby(self.fence, "seq", 1)
+            tail.append(("HSET", rk.offsets_key(self.experiment_id), self.src, offset))
+        tail.append(("HINCRBY", self.fence, "seq", 1))
         if dirty:
-            p.incr(rk.dirty_seq_key(self.experiment_id))
+            tail.append(("INCR", rk.dirty_seq_key(self.experiment_id)))
         try:
-            res = p.execute()
+            if p.connection is not None and _packs(self._client):
+                res = self._exec_packed(writes, tail)
+            else:
+                p.multi()
+                for method, args, kwargs in writes.ops:
+                    getattr(p, method)(*args, **kwargs)
+                for c in tail:
+                    p.execute_command(*c)
+                res = p.execute()
         except WatchError:
             raise Fenced(f"{self.experiment_id} {self.src}: the fence moved during the "
                          "commit (a newer owner claimed)") from None
@@ -158,6 +270,30 @@ class Commit:
         if dirty:
             self.dirty_seq = int(res[-1])
         return self.seq + 1
+
+    def _exec_packed(self, writes: WriteSet, tail: list[tuple]) -> list:
+        """MULTI, the writes, ``tail``, EXEC packed by hiredis and sent at once
+        on the connection that holds the WATCH (``_packs``). An error reply
+        while queueing makes Redis abort the EXEC (EXECABORT): raised, nothing
+        written. ``WatchError`` when the EXEC was refused (the fence moved)."""
+        rec = _Recorder()
+        for method, args, kwargs in writes.ops:
+            getattr(rec, method)(*args, **kwargs)
+        cmds = [("MULTI",), *rec.cmds, *tail, ("EXEC",)]
+        got = _send_raw(self.pipe.connection, cmds)
+        self.pipe.watching = False  # EXEC ended the WATCH either way
+        for g in got[:-1]:
+            if isinstance(g, Exception):
+                raise g
+        res = got[-1]
+        if isinstance(res, Exception):
+            raise res
+        if res is None:
+            raise WatchError("EXEC refused: a watched key changed")
+        for g in res:
+            if isinstance(g, Exception):
+                raise g
+        return res
 
 
 def commit(r: Any, experiment_id: str, src: str, epoch: int, seq: int, writes: WriteSet,
@@ -445,10 +581,10 @@ def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str, heldq_k: s
                       uids: list[str]) -> None:
     """Queue what the owner reads of ``uids``: records, pending scores,
     held metrics, hold-queue scores (four replies, ``_unit_reads``)."""
-    p.hmget(units_k, uids)
-    p.zmscore(pend_k, uids)
-    p.hmget(held_k, uids)
-    p.zmscore(heldq_k, uids)
+    p.add("HMGET", units_k, *uids)
+    p.add("ZMSCORE", pend_k, *uids)
+    p.add("HMGET", held_k, *uids)
+    p.add("ZMSCORE", heldq_k, *uids)
 
 
 def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
@@ -480,17 +616,17 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     hits = {} if cached is None else {u: e for u in uids if (e := cached.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
-    p = r.pipeline(transaction=False)
-    p.hmget(k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
-            f"max_ts:{src}")
-    p.hget(k.offsets, src)
-    p.hgetall(shard_k)
-    p.get(rk.generation_key(eid))
-    p.exists(rk.lifecycle_key(eid))
+    p = _Reads(r)
+    p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
+          f"max_ts:{src}")
+    p.add("HGET", k.offsets, src)
+    p.add("HGETALL", shard_k)
+    p.add("GET", rk.generation_key(eid))
+    p.add("EXISTS", rk.lifecycle_key(eid))
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
     if eids:
-        p.zmscore(seen_k, eids)
+        p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
     (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw, shard_raw = \
         got[:3]
@@ -499,7 +635,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     seen_sc = got[-1] if eids else []
     cache = owner.cache_of(eid, token)
     if hits and cache is not cached:  # another incarnation: the hits are stale
-        p = r.pipeline(transaction=False)
+        p = _Reads(r)
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
         entries.update(_unit_reads(list(hits), p.execute(), cfg))
     else:
@@ -540,10 +676,10 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
-    p = r.pipeline(transaction=False)
-    p.zrange(pend_k, "-inf", T, byscore=True, offset=0, num=fold_limit + 1, withscores=True)
-    p.zrange(heldq_k, "-inf", f"({cut}", byscore=True, offset=0, num=fold_limit + 1,
-             withscores=True)
+    p = _Reads(r)
+    p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
+    p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
+          "WITHSCORES")
     due_pend, due_held = p.execute()
     pend0: dict[str, int] = {}
     for m, sc in due_pend:
@@ -555,16 +691,16 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
     max_layer = MAX_LAYER if ret_cap_raw is None else int(ret_cap_raw)
-    p = r.pipeline(transaction=False)
+    p = _Reads(r)
     if more_units:
-        p.hmget(k.units, more_units)
+        p.add("HMGET", k.units, *more_units)
     if more_held:
-        p.hmget(k.held, more_held)
+        p.add("HMGET", k.held, *more_held)
     layers = layer_of(ret_n - 1, max_layer) + 1 if ret_n > 0 else 0
     for u in ask:
         args = [x for lay in range(layers) for x in positions(u, lay)]
-        p.execute_command("BITFIELD_RO", k.retired, *[a for x in args for a in ("GET", "u1", x)])
-    got = p.execute() if (more_units or more_held or ask) else []
+        p.add("BITFIELD_RO", k.retired, *[a for x in args for a in ("GET", "u1", x)])
+    got = p.execute()
     i = 0
     if more_units:
         for uid, raw in zip(more_units, got[i], strict=True):
