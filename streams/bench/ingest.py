@@ -204,9 +204,12 @@ def ingest_loop(conf: dict, topic: str, partitions: int, n: int, batch_size: int
     worker's batching: ``batch_size`` records, grouped by partition)."""
     from streams.ingest.ingestor import BatchResult, Ingestor
     from streams.state.registry import Registry
+    from streams.state.store import claim_partition
 
     ing = Ingestor(r, Registry(r))
     c = PartitionReader(conf, topic, partitions)
+    # owner epochs as the worker claims them: the fenced commit, the unit cache
+    epochs = {p: claim_partition(r, topic, p) for p in range(partitions)}
     got = 0
     total = BatchResult()
     try:
@@ -224,7 +227,7 @@ def ingest_loop(conf: dict, topic: str, partitions: int, n: int, batch_size: int
                 groups[m.partition()].append((m.offset(), m.value()))
             now_ms = int(time.time() * 1000)
             for part, batch in groups.items():
-                res = ing.process(topic, part, batch, now_ms)
+                res = ing.process(topic, part, batch, now_ms, epochs[part])
                 total.counts.update(res.counts)
                 total.dead_letters.extend(res.dead_letters[:5])
             got += len(msgs)

@@ -332,6 +332,8 @@ class EventsPlane:
         for tp in partitions:
             if tp.topic == self.conf.topic_events:
                 self.status.owned.pop(tp.partition, None)
+                # the owner's fences, sequences and cached units go with it
+                self.ingestor.forget(tp.topic, tp.partition)
         consumer.incremental_unassign(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list) -> None:
@@ -402,6 +404,7 @@ class EventsPlane:
                 # librdkafka reports the loss at the next rebalance callback
                 log.warning("events partition %d fenced (%s): batch dropped", p, e)
                 self.status.owned.pop(p, None)
+                self.ingestor.forget(topic, p)  # its cached units too
                 self.status.fenced_batches += 1
                 self.metrics.inc("liftstream_ingest_fenced_batches_total", 1)
                 continue

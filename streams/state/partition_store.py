@@ -32,17 +32,21 @@ from __future__ import annotations
 import heapq
 import math
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+from redis.commands.core import CoreCommands
 from redis.exceptions import ResponseError, WatchError
 
 from schemas.records import ExperimentConfig, Exposure, Metric
+from streams.config.settings import env_default
 from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
-from streams.state.semantics import FOLD_LIMIT, ExperimentState, Item, Shard
+from streams.state.semantics import FOLD_LIMIT, ExperimentState, Item, Shard, UnitState
 from streams.state.store import Fenced, decode_unit, encode_unit
 
 
@@ -56,6 +60,109 @@ class LostCommits(Exception):
                          f"the owner made {expected}")
         self.expected = expected
         self.found = found
+
+
+# ---------------------------------------------------------------- the wire
+#
+# Why: redis-py encodes every argument of a command in Python (about 2 µs an
+# argument with its checks), and a batch's commit and reads carry several
+# arguments per event (unit records, sightings, pending scores). On a plain
+# ``redis.Redis`` with the hiredis parser the owner packs each command with
+# ``hiredis.pack_command`` (C) and sends a call's commands at once on one
+# connection; on anything else (Redis Cluster, other clients) the same
+# commands go through redis-py's pipeline. The replies are normalised to one
+# shape either way (``_Reads``).
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - a fresh machine without hiredis
+    hiredis = None
+
+
+def _packs(r: Any) -> bool:
+    """Whether the owner may pack commands itself for client ``r`` (a plain
+    ``redis.Redis`` that does not decode replies, hiredis installed)."""
+    return (hiredis is not None and type(r) is redis.Redis
+            and not r.connection_pool.connection_kwargs.get("decode_responses"))
+
+
+def _send_raw(conn: Any, cmds: Sequence[tuple]) -> list:
+    """Send ``cmds`` on ``conn`` at once and read every reply (an error reply
+    is returned as its exception, so the connection stays in step); any
+    other failure disconnects it (a half-read connection is never reused)."""
+    try:
+        conn.send_packed_command([hiredis.pack_command(c) for c in cmds], check_health=False)
+        out = []
+        for _ in cmds:
+            try:
+                out.append(conn.read_response(disable_decoding=True))
+            except ResponseError as e:
+                out.append(e)
+        return out
+    except BaseException:
+        conn.disconnect()
+        raise
+
+
+class _Recorder(CoreCommands):
+    """Turns redis-py command methods (``WriteSet`` entries) into the
+    argument tuples they would send, without sending or encoding them."""
+
+    def __init__(self) -> None:
+        self.cmds: list[tuple] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.cmds.append(args)
+
+
+def _flat_pairs(x: Any) -> list[tuple[Any, Any]]:
+    """A HGETALL or ZRANGE WITHSCORES reply as pairs, whether redis-py made
+    it a dict / list of pairs or it is the flat RESP2 list."""
+    if isinstance(x, dict):
+        return list(x.items())
+    if x and isinstance(x[0], (list, tuple)):
+        return [tuple(v) for v in x]
+    return list(zip(x[::2], x[1::2], strict=True))
+
+
+class _Reads:
+    """A read pipeline of the owner's call (``_packs``: packed by hiredis,
+    else redis-py's): ``add`` raw commands, ``execute`` returns the replies
+    (HGETALL as a dict, ZRANGE WITHSCORES as (member, score) pairs; scores
+    as Redis sent them, which ``int`` reads); an error reply raises."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.cmds: list[tuple] = []
+
+    def add(self, *args: Any) -> _Reads:
+        self.cmds.append(args)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.cmds)
+
+    def execute(self) -> list:
+        if not self.cmds:
+            return []
+        if _packs(self.r):
+            pool = self.r.connection_pool
+            conn = pool.get_connection()
+            try:
+                got = _send_raw(conn, self.cmds)
+            finally:
+                pool.release(conn)
+        else:
+            p = self.r.pipeline(transaction=False)
+            for c in self.cmds:
+                p.execute_command(*c)
+            got = p.execute(raise_on_error=False)
+        for g in got:
+            if isinstance(g, Exception):
+                raise g
+        return [dict(_flat_pairs(g)) if c[0] == "HGETALL"
+                else _flat_pairs(g) if c[0] == "ZRANGE" else g
+                for c, g in zip(self.cmds, got, strict=True)]
 
 
 def _int_or_zero(x: Any) -> int:
@@ -114,6 +221,7 @@ class Commit:
         self.epoch = epoch
         self.seq = seq
         self.fence = rk.fence_key(experiment_id, src)
+        self._client = r
         self.pipe = r.pipeline(transaction=True)
         #: ``dirty_seq`` after the EXEC (``execute``)
         self.dirty_seq: int | None = None
@@ -138,16 +246,22 @@ class Commit:
         EXEC. Returns the new sequence; ``Fenced`` when the EXEC
         was refused (the fence moved after ``prepare``): nothing was written."""
         p = self.pipe
-        p.multi()
-        for method, args, kwargs in writes.ops:
-            getattr(p, method)(*args, **kwargs)
+        tail: list[tuple] = []
         if offset is not None:
-            p.hset(rk.offsets_key(self.experiment_id), self.src, offset)
-        p.hincrby(self.fence, "seq", 1)
+            tail.append(("HSET", rk.offsets_key(self.experiment_id), self.src, offset))
+        tail.append(("HINCRBY", self.fence, "seq", 1))
         if dirty:
-            p.incr(rk.dirty_seq_key(self.experiment_id))
+            tail.append(("INCR", rk.dirty_seq_key(self.experiment_id)))
         try:
-            res = p.execute()
+            if p.connection is not None and _packs(self._client):
+                res = self._exec_packed(writes, tail)
+            else:
+                p.multi()
+                for method, args, kwargs in writes.ops:
+                    getattr(p, method)(*args, **kwargs)
+                for c in tail:
+                    p.execute_command(*c)
+                res = p.execute()
         except WatchError:
             raise Fenced(f"{self.experiment_id} {self.src}: the fence moved during the "
                          "commit (a newer owner claimed)") from None
@@ -156,6 +270,30 @@ class Commit:
         if dirty:
             self.dirty_seq = int(res[-1])
         return self.seq + 1
+
+    def _exec_packed(self, writes: WriteSet, tail: list[tuple]) -> list:
+        """MULTI, the writes, ``tail``, EXEC packed by hiredis and sent at once
+        on the connection that holds the WATCH (``_packs``). An error reply
+        while queueing makes Redis abort the EXEC (EXECABORT): raised, nothing
+        written. ``WatchError`` when the EXEC was refused (the fence moved)."""
+        rec = _Recorder()
+        for method, args, kwargs in writes.ops:
+            getattr(rec, method)(*args, **kwargs)
+        cmds = [("MULTI",), *rec.cmds, *tail, ("EXEC",)]
+        got = _send_raw(self.pipe.connection, cmds)
+        self.pipe.watching = False  # EXEC ended the WATCH either way
+        for g in got[:-1]:
+            if isinstance(g, Exception):
+                raise g
+        res = got[-1]
+        if isinstance(res, Exception):
+            raise res
+        if res is None:
+            raise WatchError("EXEC refused: a watched key changed")
+        for g in res:
+            if isinstance(g, Exception):
+                raise g
+        return res
 
 
 def commit(r: Any, experiment_id: str, src: str, epoch: int, seq: int, writes: WriteSet,
@@ -275,6 +413,63 @@ def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], 
     return out, skipped
 
 
+#: the units an owner keeps per experiment (``UnitCache``), by default;
+#: ``LIFTSTREAM_OWNER_CACHE_UNITS`` overrides it, 0 turns the cache off
+OWNER_CACHE_UNITS = 100_000
+
+
+def owner_cache_units() -> int:
+    """The cache bound (units per owner and experiment) from the environment."""
+    return max(0, int(env_default("OWNER_CACHE_UNITS", OWNER_CACHE_UNITS)))
+
+
+class CachedUnit:
+    """What Redis holds of one unit of the owner's partition after the
+    owner's last commit: its record (decoded and as stored; both None: no
+    record), its pending score, its held metrics (raw) and hold-queue score
+    (None: none)."""
+
+    __slots__ = ("unit", "rec", "pend", "held", "heldq")
+
+    def __init__(self, unit: UnitState | None, rec: bytes | None, pend: int | None,
+                 held: bytes | None, heldq: int | None) -> None:
+        self.unit, self.rec, self.pend, self.held, self.heldq = unit, rec, pend, held, heldq
+
+
+class UnitCache:
+    """The owner's units of one experiment (issue 25: only the partition's
+    owner writes them, so it may keep them): read-through (a miss is read
+    from Redis with the batch), write-through (entries are replaced after the
+    commit that wrote them succeeded), an LRU bounded by ``limit`` units.
+
+    Valid only for the experiment's incarnation it was filled in: ``token``
+    is the experiment's generation (``keys.generation_key``: a delete and
+    re-create changes it) and whether it is concluded (``keys.lifecycle_key``:
+    conclusion deletes the working state behind the owner's back); a call
+    that reads another token drops it (``apply_rows_owned``). The owner drops
+    it on ``Fenced``, ``LostCommits``, any error during a call (the rules
+    mutate cached records in place, and a failed commit wrote nothing) and
+    with the owner itself (``forget_owner``: a Redis regression, a revoked
+    partition)."""
+
+    def __init__(self, token: tuple, limit: int) -> None:
+        self.token = token
+        self.limit = limit
+        self.units: OrderedDict[str, CachedUnit] = OrderedDict()
+
+    def get(self, unit_id: str) -> CachedUnit | None:
+        e = self.units.get(unit_id)
+        if e is not None:
+            self.units.move_to_end(unit_id)
+        return e
+
+    def put(self, unit_id: str, entry: CachedUnit) -> None:
+        self.units[unit_id] = entry
+        self.units.move_to_end(unit_id)
+        while len(self.units) > self.limit:
+            self.units.popitem(last=False)
+
+
 class PartitionOwner:
     """The owner of one source partition: its epoch and, per experiment it
     wrote, its commit sequence (``claim_fence`` on first touch, before any
@@ -288,6 +483,25 @@ class PartitionOwner:
         self.src = rk.source(topic, partition)
         self.epoch = epoch
         self.seqs: dict[str, int] = {}
+        #: experiment -> its units as this owner last committed them (only
+        #: for a fenced owner: an unfenced one cannot know nobody else wrote)
+        self.caches: dict[str, UnitCache] = {}
+        self.cache_units = owner_cache_units() if epoch is not None else 0
+
+    def cache_of(self, experiment_id: str, token: tuple) -> UnitCache | None:
+        """The experiment's unit cache for the incarnation ``token``
+        (``UnitCache``): an empty one when it had another token (or none);
+        None when caching is off."""
+        if self.cache_units <= 0:
+            return None
+        c = self.caches.get(experiment_id)
+        if c is None or c.token != token:
+            c = self.caches[experiment_id] = UnitCache(token, self.cache_units)
+        return c
+
+    def drop_cache(self, experiment_id: str) -> None:
+        """Forget the cached units of an experiment: Redis is read again."""
+        self.caches.pop(experiment_id, None)
 
     def seq_of(self, experiment_id: str) -> int:
         if experiment_id not in self.seqs:
@@ -300,8 +514,10 @@ class PartitionOwner:
         ``LostCommits`` the next call claims and reads again."""
         if experiment_id is None:
             self.seqs.clear()
+            self.caches.clear()
         else:
             self.seqs.pop(experiment_id, None)
+            self.caches.pop(experiment_id, None)
 
     def commit(self, experiment_id: str, writes: WriteSet, offset: int | None,
                dirty: bool = True) -> int | None:
@@ -358,12 +574,46 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
                      dead: Sequence[tuple[int, str]] = ()) -> dict[str, Any]:
     """``store.apply_rows`` in the partition's owner (issue 25): the rules of
     ``streams.state.semantics`` run here, on a working ``ExperimentState``
-    seeded with what the call needs from Redis (the batch's unit records,
-    holds and sightings, the due pending and hold-queue entries and their
-    records, the retired filter's answer for units without a record, the
-    source's shard); what they changed is committed in ONE fenced MULTI/EXEC
-    with the applied offset (``commit``). Same arguments and result as
-    ``apply_rows``; events at or below the applied offset are skipped."""
+    seeded with what the call needs (the batch's unit records, holds and
+    sightings, from the owner's ``UnitCache`` or Redis; the due pending and
+    hold-queue entries and their records, the retired filter's answer for
+    units without a record, the source's shard, from Redis); what they
+    changed is committed in ONE fenced MULTI/EXEC with the applied offset
+    (``commit``). Same arguments and result as ``apply_rows``; events at or
+    below the applied offset are skipped. Any error drops the experiment's
+    unit cache: the rules changed cached records in place, and the commit
+    (all or nothing) may not have happened."""
+    try:
+        return _apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
+    except BaseException:
+        owner.drop_cache(cfg.experiment_id)
+        raise
+
+
+def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str, heldq_k: str,
+                      uids: list[str]) -> None:
+    """Queue what the owner reads of ``uids``: records, pending scores,
+    held metrics, hold-queue scores (four replies, ``_unit_reads``)."""
+    p.add("HMGET", units_k, *uids)
+    p.add("ZMSCORE", pend_k, *uids)
+    p.add("HMGET", held_k, *uids)
+    p.add("ZMSCORE", heldq_k, *uids)
+
+
+def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
+                ) -> dict[str, CachedUnit]:
+    """The four replies of ``_queue_unit_reads`` as cache entries."""
+    out = {}
+    for uid, raw, pend, held, hq in zip(uids, *got, strict=True):
+        out[uid] = CachedUnit(None if raw is None else decode_unit(raw, cfg),
+                              raw, None if pend is None else int(pend),
+                              held or None, None if hq is None else int(hq))
+    return out
+
+
+def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],
+                      clk_end: int, fold_limit: int, dead: Sequence[tuple[int, str]]
+                      ) -> dict[str, Any]:
     r, src, eid = owner.r, owner.src, cfg.experiment_id
     _check_rows(eid, rows)
     owner.seq_of(eid)  # the fence first, then the reads
@@ -373,25 +623,36 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     shard_k = rk.shard_key(eid, src)
     uids = list(dict.fromkeys(row[4] for row in rows))
     eids = list(dict.fromkeys(row[2] for row in rows))
+    # the units the cache holds are not read (if the token read with the
+    # batch shows the experiment changed incarnation, they are, below)
+    cached = owner.caches.get(eid)
+    hits = {} if cached is None else {u: e for u in uids if (e := cached.get(u)) is not None}
+    miss = [u for u in uids if u not in hits]
 
-    p = r.pipeline(transaction=False)
-    p.hmget(k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
-            f"max_ts:{src}")
-    p.hget(k.offsets, src)
-    p.hgetall(shard_k)
-    if uids:
-        p.hmget(k.units, uids)
-        p.zmscore(pend_k, uids)
-        p.hmget(k.held, uids)
-        p.zmscore(heldq_k, uids)
+    p = _Reads(r)
+    p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
+          f"max_ts:{src}")
+    p.add("HGET", k.offsets, src)
+    p.add("HGETALL", shard_k)
+    p.add("GET", rk.generation_key(eid))
+    p.add("EXISTS", rk.lifecycle_key(eid))
+    if miss:
+        _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
     if eids:
-        p.zmscore(seen_k, eids)
+        p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
     (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw, shard_raw = \
         got[:3]
-    rest = got[3:]
-    units_raw, pend_sc, held_raw, heldq_sc = (rest[:4] if uids else ([], [], [], []))
-    seen_sc = rest[4] if uids and eids else (rest[0] if eids else [])
+    token = (got[3], bool(got[4]))
+    entries = _unit_reads(miss, got[5:9], cfg) if miss else {}
+    seen_sc = got[-1] if eids else []
+    cache = owner.cache_of(eid, token)
+    if hits and cache is not cached:  # another incarnation: the hits are stale
+        p = _Reads(r)
+        _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
+        entries.update(_unit_reads(list(hits), p.execute(), cfg))
+    else:
+        entries.update(hits)
     stored = None if stored_raw is None else int(stored_raw)
     todo, skipped = _unskipped(rows, stored)
 
@@ -409,30 +670,29 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     shard_before = shard_mapping(st, shard)
 
     loaded_units: dict[str, bytes] = {}
-    for uid, raw, sc in zip(uids, units_raw, pend_sc, strict=True):
-        if raw is not None:
-            loaded_units[uid] = raw
-            st.units[uid] = decode_unit(raw, cfg)
-            st.unit_source[uid] = src if sc is not None else ""
     held_before: dict[str, bytes] = {}
-    for uid, raw in zip(uids, held_raw, strict=True):
-        if raw:
-            held_before[uid] = raw
-            st.held[uid] = _decode_held(raw)
     q: dict[str, int] = {}
-    for uid, sc in zip(uids, heldq_sc, strict=True):
-        if sc is not None:
-            q[uid] = int(sc)
+    for uid in uids:
+        e = entries[uid]
+        if e.rec is not None:
+            loaded_units[uid] = e.rec
+            st.units[uid] = e.unit  # type: ignore[assignment]
+            st.unit_source[uid] = src if e.pend is not None else ""
+        if e.held:
+            held_before[uid] = e.held
+            st.held[uid] = _decode_held(e.held)
+        if e.heldq is not None:
+            q[uid] = e.heldq
     seen: dict[str, int] = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True)
                             if sc is not None}
     st._seen[src] = dict(seen)
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
-    p = r.pipeline(transaction=False)
-    p.zrange(pend_k, "-inf", T, byscore=True, offset=0, num=fold_limit + 1, withscores=True)
-    p.zrange(heldq_k, "-inf", f"({cut}", byscore=True, offset=0, num=fold_limit + 1,
-             withscores=True)
+    p = _Reads(r)
+    p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
+    p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
+          "WITHSCORES")
     due_pend, due_held = p.execute()
     pend0: dict[str, int] = {}
     for m, sc in due_pend:
@@ -444,16 +704,16 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
     max_layer = MAX_LAYER if ret_cap_raw is None else int(ret_cap_raw)
-    p = r.pipeline(transaction=False)
+    p = _Reads(r)
     if more_units:
-        p.hmget(k.units, more_units)
+        p.add("HMGET", k.units, *more_units)
     if more_held:
-        p.hmget(k.held, more_held)
+        p.add("HMGET", k.held, *more_held)
     layers = layer_of(ret_n - 1, max_layer) + 1 if ret_n > 0 else 0
     for u in ask:
         args = [x for lay in range(layers) for x in positions(u, lay)]
-        p.execute_command("BITFIELD_RO", k.retired, *[a for x in args for a in ("GET", "u1", x)])
-    got = p.execute() if (more_units or more_held or ask) else []
+        p.add("BITFIELD_RO", k.retired, *[a for x in args for a in ("GET", "u1", x)])
+    got = p.execute()
     i = 0
     if more_units:
         for uid, raw in zip(more_units, got[i], strict=True):
@@ -590,6 +850,18 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
     seq = owner.commit(eid, w, off_new, dirty) if dirty or len(w) else None
+    if cache is not None:  # write-through, after the commit succeeded
+        for uid in uids:
+            u, e = st.units.get(uid), entries[uid]
+            pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
+            cache.put(uid, CachedUnit(
+                u, None if u is None else recs.get(uid, loaded_units.get(uid)), pend,
+                held_recs.get(uid, held_before.get(uid)) if uid in st.held else None,
+                q1.get(uid)))
+        # units the call read beyond the batch's (matured, holds expired): not
+        # fully known here, so not kept
+        for uid in (*more_units, *more_held):
+            cache.units.pop(uid, None)
     return {"applied": len(todo), "skipped": skipped,
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,

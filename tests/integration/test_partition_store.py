@@ -483,3 +483,86 @@ def test_zombie_process_stopped_after_watch_is_refused(fresh, redis_url):
             proc.kill()
     assert fresh.hget(rk.meta_key("e1"), "c:exposures") == b"5"  # 1 + 4: not doubled
     assert fresh.hget(rk.offsets_key("e1"), SRC0) == b"10"
+
+
+# ---------------------------------------------------------------- the owner's unit cache
+
+
+def _owned(r, rows: list, epoch: int) -> dict:
+    from streams.state.store import apply_rows, clocked
+
+    crows, clk = clocked(rows, None)
+    return apply_rows(r, _cfg(), "liftstream.events", 0, crows, clk, epoch=epoch)
+
+
+def _x_row(off: int, t: int) -> tuple:
+    from streams.state.store import event_row
+
+    return event_row(off, Exposure(f"x{off}", "e1", "u", "control", T0 + t, 1.0))
+
+
+def _m_row(off: int, t: int, v: float) -> tuple:
+    from streams.state.store import event_row
+
+    return event_row(off, Metric(f"m{off}", "u", "rev", v, T0 + t, "e1"))
+
+
+def test_owner_cache_dropped_when_redis_lost_its_commits(fresh):
+    """Redis restarted from a snapshot taken before the owner's last commit:
+    the owner's next commit finds fewer commits (LostCommits) and writes
+    nothing; the same owner then applies again from Redis's offset. Its
+    cached record (which held the lost metric) must be gone, or the metric
+    counts twice."""
+    from streams.state import partition_store as ps
+    from streams.state.store import read_units
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0)], epoch)
+    snap = {k: fresh.dump(k) for k in fresh.keys("*")}
+    _owned(fresh, [_m_row(1, 1000, 2.0)], epoch)  # lost below
+    assert ps._OWNERS[(id(fresh), "liftstream.events", 0)].caches["e1"].units["u"].unit
+    fresh.flushall()
+    for k, v in snap.items():
+        fresh.restore(k, 0, v)
+    with pytest.raises(LostCommits):
+        _owned(fresh, [_m_row(2, 2000, 3.0)], epoch)
+    assert read_units(fresh, _cfg())["u"].totals == [0.0]  # nothing written
+    _owned(fresh, [_m_row(1, 1000, 2.0), _m_row(2, 2000, 3.0)], epoch)  # from offset 1
+    assert read_units(fresh, _cfg())["u"].totals == [5.0]
+
+
+def test_owner_cache_dropped_when_the_experiment_was_concluded(fresh):
+    """Conclusion deletes the working state (unit records) from outside the
+    owner, without touching its fence: the owner's cache must not write the
+    record back (its incarnation token, the lifecycle key, changed)."""
+    from streams.sampling.sampler import conclude
+    from streams.state.store import read_units
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0)], epoch)
+    conclude(fresh, _cfg())
+    assert read_units(fresh, _cfg()) == {}
+    _owned(fresh, [_m_row(1, 1000, 2.0)], epoch)
+    assert "u" not in read_units(fresh, _cfg())
+
+
+def test_owner_cache_of_a_zombie_is_not_reused_after_a_new_claim(fresh, redis_url):
+    """Another owner (a second process: its own client) claimed the
+    partition and changed the unit; the first owner's commit from its cache
+    is refused (Fenced), and once it claims again it reads the unit anew:
+    every metric counts once."""
+    from streams.state.store import read_units
+
+    other = redis.Redis.from_url(redis_url)
+    try:
+        a = claim_partition(fresh, "liftstream.events", 0)
+        _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], a)
+        b = claim_partition(other, "liftstream.events", 0)
+        _owned(other, [_m_row(2, 2000, 3.0)], b)
+        with pytest.raises(Fenced):
+            _owned(fresh, [_m_row(3, 3000, 4.0)], a)
+        assert read_units(fresh, _cfg())["u"].totals == [5.0]
+        _owned(fresh, [_m_row(3, 3000, 4.0)], claim_partition(fresh, "liftstream.events", 0))
+        assert read_units(fresh, _cfg())["u"].totals == [9.0]
+    finally:
+        other.close()
