@@ -12,6 +12,8 @@ commits (the transactions that write an experiment's applied offset):
 * ``reply_lost``: Redis runs the EXEC (the proxy saw its reply) but the
   reply never reaches the worker: the commit is applied, the worker does not
   know it.
+* ``watch_lost``: the commit's read of its fence, right after its WATCH,
+  never reaches Redis (the cut comes before the EXEC: nothing applied).
 
 Either way the worker does not know the outcome. It must neither give the
 partition up (nobody else owns it) nor apply the batch twice: the final
@@ -47,11 +49,16 @@ def routed(cfgs, pairs) -> int:
     return sum(sum(s.counters.values()) for s in fed(cfgs, pairs).snapshots().values())
 
 
-@pytest.mark.parametrize("mode", ["exec_lost", "reply_lost"])
+#: what the cut transactions (or, watch_lost, commands) contain: an applied
+#: offset (only the owner's commits write one), a fence key
+MATCH = {"exec_lost": b"}:offsets", "reply_lost": b"}:offsets", "watch_lost": b":fence:"}
+
+
+@pytest.mark.parametrize("mode", ["exec_lost", "reply_lost", "watch_lost"])
 def test_connection_dropped_during_exec_replays_to_the_clean_state(kafka_bootstrap, redis_url,
                                                                     tmp_path, mode):
     t0 = time.monotonic()
-    proxy = CutProxy(redis_url, mode, match=b"}:offsets", cut_at=CUT_AT)
+    proxy = CutProxy(redis_url, mode, match=MATCH[mode], cut_at=CUT_AT)
     ws = Workers()
     r = redis.Redis.from_url(redis_url)  # the test's own view: straight to Redis
     try:

@@ -17,6 +17,10 @@ connection is cut in one of two ways:
   the end) and the client side closed at once: the transaction is applied
   but its reply never reaches the client. What Redis answered is kept in
   ``swallowed`` (the test checks that the EXEC ran).
+* ``"watch_lost"``: not a transaction but a command sent while a key is
+  WATCHed: the chunk carrying an ``HMGET`` that contains ``match`` (the
+  commit's read of its fence, right after its WATCH) is never forwarded and
+  both sockets are closed (redis-py reports that as a WatchError).
 
 Threads, not asyncio: the proxy serves a worker subprocess while the test
 thread blocks in ``wait_until``.
@@ -31,7 +35,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 EXEC = b"*1\r\n$4\r\nEXEC\r\n"
-MODES = ("exec_lost", "reply_lost")
+HMGET = b"$5\r\nHMGET\r\n"
+MODES = ("exec_lost", "reply_lost", "watch_lost")
 
 
 class CutProxy:
@@ -79,7 +84,8 @@ class CutProxy:
             threading.Thread(target=self._server_to_client, args=(conn,), daemon=True).start()
 
     def _decide(self, txn: bytes) -> bool:
-        """Is this completed transaction one to cut? (counts the matching ones)"""
+        """Is this completed transaction (or, "watch_lost", this command) one to
+        cut? (counts the matching ones)"""
         if self.match not in txn:
             return False
         with self._lock:
@@ -96,6 +102,11 @@ class CutProxy:
                 data = conn.client.recv(1 << 16)
                 if not data:
                     break
+                if self.mode == "watch_lost":
+                    if HMGET in data and self._decide(data):
+                        break
+                    conn.server.sendall(data)
+                    continue
                 acc += data
                 start = acc.rfind(MULTI)
                 acc = acc[-len(MULTI):] if start < 0 else acc[start:]
