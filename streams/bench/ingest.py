@@ -11,7 +11,7 @@ produced to a fresh topic first; then, over the same records:
     worker's default, ``streams.config.settings``) grouped by partition as the
     events plane (``streams.ingest.events_plane``) does, each handed to
     ``streams.ingest.ingestor.Ingestor.process``: validation, registry, routing, the
-    Lua apply into Redis and the ingest watermark -- the real path, without
+    owner's rules and fenced commit into Redis and the ingest watermark -- the real path, without
     the worker around it;
 (c) **worker** (optional): a real ``liftstream worker --role ingest`` process
     consuming the topic end to end; the rate is taken from its ``/metrics``
@@ -19,7 +19,7 @@ produced to a fresh topic first; then, over the same records:
     the last event applied, so start-up and the group join are not counted.
 
 Each phase gets its own Redis database (same server), so no phase sees the
-offsets another one applied (the Lua scripts skip what was applied).
+offsets another one applied (the owner's commit skips what was applied).
 
 Rates are given per wall second and per CPU second ("per core"): the client
 process's CPU time (librdkafka threads included) plus, for (b) and (c), the

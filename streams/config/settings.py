@@ -88,8 +88,9 @@ class Settings:
     device: str = "auto"
     auto_register: bool = False
     # events per consume() of the ingest data plane (split by partition): larger
-    # batches amortise each Lua call (500 -> 2000: +20% events per CPU-s, one
-    # bench run); batch_seconds bounds the wait for a batch to fill
+    # batches amortise each owner's call (its reads and one commit per experiment;
+    # 500 -> 2000: +20% events per CPU-s, one bench run of the Lua path);
+    # batch_seconds bounds the wait for a batch to fill
     batch_size: int = 2000
     batch_seconds: float = 0.2
     # event time (docs/architecture.md#state): a ts more than this ahead of the wall clock is

@@ -68,7 +68,7 @@ What does not, or behaves differently from Apache Kafka:
   UNKNOWN_SERVER_ERROR. So aiokafka ``enable_idempotence=True`` and Faust
   ``processing_guarantee="exactly_once"`` (which turns idempotence on) fail at
   start-up; Faust must run ``at_least_once`` (the design needs only that: the
-  Lua scripts skip what was already applied).
+  owner's commit skips offsets already applied).
 * Unknown topics are auto-created with **4 partitions** on any Metadata request
   that allows it (producers, aiokafka): create topics (``streams.service.topics``)
   before any client touches them. ``num_partitions=-1`` gives 3.

@@ -59,9 +59,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
+
 from schemas.codec import dumps
 from schemas.validate import experiment_to_dict
 from streams.ingest.ingestor import BatchResult, Ingestor, ingest_offsets, read_applied
+from streams.state.keys import PARTITION_EPOCHS
 from streams.state.partition_store import LostCommits
 from streams.state.store import (
     Fenced,
@@ -71,6 +75,7 @@ from streams.state.store import (
     check_topic_id,
     claim_partition,
     migrate_ingest_keys,
+    offsets_field,
     redis_identity,
     retention_lost,
     transient,
@@ -430,6 +435,20 @@ class EventsPlane:
         try:
             return self.ingestor.process(self.conf.topic_events, p, lst, now_ms, run.epoch,
                                          keys)
+        except (Fenced, WatchError) as e:
+            if self._fenced(p, run):
+                if isinstance(e, Fenced):
+                    raise
+                raise Fenced(str(e)) from e
+            # nobody claimed the partition since: the connection dropped while
+            # the commit WATCHed its fence (redis-py reports that as a
+            # WatchError, which the commit reports as Fenced), before or during
+            # the EXEC, so whether Redis applied it is unknown. Retried as a
+            # dropped connection: the owner reads the fence and the state again
+            # and skips what Redis applied (issue 25, kill point "connection
+            # dropped during EXEC")
+            raise RedisConnectionError(f"events partition {p}: connection lost during a "
+                                       f"commit ({e})") from e
         except LostCommits as e:
             # Redis holds fewer of this owner's commits than it made (issue 25:
             # a restart from an older snapshot, a lagging replica promoted):
@@ -438,6 +457,12 @@ class EventsPlane:
             applied = read_applied(self.r, self.conf.topic_events, [p])[p]
             self._seek_back(p, run, min(applied, run.next_offset - 1))
             return None
+
+    def _fenced(self, p: int, run: PartitionRun) -> bool:
+        """Did a newer owner claim partition ``p``? (its epoch in Redis above
+        this worker's: every new owner raises it before it raises any fence)"""
+        cur = self.r.hget(PARTITION_EPOCHS, offsets_field(self.conf.topic_events, p))
+        return cur is not None and int(cur) > run.epoch
 
     # ------------------------------------------------------------ redis regressions
 

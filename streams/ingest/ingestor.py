@@ -195,9 +195,9 @@ class Ingestor:
                                       epoch=epoch, dead=dead)
         for _, why in rejected:
             res.counts[why] += 1
-        for eid, lua in out.items():
+        for eid, delta in out.items():
             res.touched.add(eid)
-            for k, v in lua.items():
+            for k, v in delta.items():
                 if isinstance(v, int) and k not in _NOT_COUNTED:
                     res.counts[k] += v
         if messages and len(accepted) < len(messages):

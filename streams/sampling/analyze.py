@@ -1,7 +1,7 @@
 """``liftstream analyze``: the offline backtest of a file of events.
 
 Folds events with the reference semantics (``streams.state.semantics``, the same
-rules the streaming Lua script implements), then runs fresh chains on every
+rules the partition's owner runs live), then runs fresh chains on every
 (experiment, metric) in one batched kernel call and prints one estimate
 record per experiment × metric × treatment. Lines that fail validation are
 counted by reason on stderr, as the streaming path dead-letters them.

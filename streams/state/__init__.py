@@ -1,1 +1,2 @@
-"""Experiment state in Redis: the reference semantics, the Lua scripts, keys, the registry."""
+"""Experiment state in Redis: the rules (``semantics``), the partition owner's fenced commit
+(``partition_store``), keys, the registry."""

@@ -98,3 +98,13 @@ def test_hash_tags():
         if k.startswith("lr:{ingest}"):
             assert k in {keys.INGEST_OFFSETS, keys.PARTITION_CLOCKS, keys.PARTITION_EPOCHS,
                          keys.RETENTION_LOST}
+
+
+def test_named_scripts_exist():
+    """Issue 25 deleted ``ingest.lua`` (the owner's fenced MULTI/EXEC writes
+    the per-experiment state now): a writer the documents name as a script
+    must still be one, so a row cannot keep crediting a deleted script."""
+    lua = DOC.parent.parent / "streams" / "state" / "lua"
+    for doc in (DOC, DOC.parent / "architecture.md"):
+        for name in set(re.findall(r"([a-z_]+\.lua)\b", doc.read_text())):
+            assert (lua / name).is_file(), f"{doc.name} names {name}, which does not exist"
