@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 from redis.commands.core import CoreCommands
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 
 from schemas.records import ExperimentConfig, Exposure, Metric
@@ -165,6 +166,17 @@ class _Reads:
                 for c, g in zip(self.cmds, got, strict=True)]
 
 
+def _dropped_while_watching(e: WatchError) -> RedisConnectionError | None:
+    """redis-py reports a connection lost while a key is WATCHed as a
+    ``WatchError`` ("A ConnectionError occurred while watching ..."): that is
+    an unknown outcome, not a moved fence. Returned as the transient error it
+    is, so the caller's retry re-reads the fence and skips what Redis applied
+    (the applied offset is in the same EXEC); None for a real refusal."""
+    if "ConnectionError" in str(e) or "occurred while watching" in str(e):
+        return RedisConnectionError(str(e))
+    return None
+
+
 def _int_or_zero(x: Any) -> int:
     return 0 if x is None else int(x)
 
@@ -230,8 +242,12 @@ class Commit:
         """WATCH the fence, then check it: ``Fenced`` if a newer owner
         claimed, ``LostCommits`` if Redis is behind this owner's claim or
         commits (its fence below this owner's epoch: the claim itself lost)."""
-        self.pipe.watch(self.fence)
-        cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
+        try:
+            self.pipe.watch(self.fence)
+            cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
+        except WatchError as e:
+            self.pipe.reset()
+            raise (_dropped_while_watching(e) or e) from e
         if _int_or_zero(cur) > self.epoch:
             self.pipe.reset()
             raise Fenced(f"{self.experiment_id} {self.src} is owned by epoch "
@@ -262,7 +278,10 @@ class Commit:
                 for c in tail:
                     p.execute_command(*c)
                 res = p.execute()
-        except WatchError:
+        except WatchError as e:
+            dropped = _dropped_while_watching(e)
+            if dropped is not None:
+                raise dropped from e
             raise Fenced(f"{self.experiment_id} {self.src}: the fence moved during the "
                          "commit (a newer owner claimed)") from None
         finally:
@@ -537,7 +556,10 @@ class PartitionOwner:
         try:
             c.prepare()
             self.seqs[experiment_id] = c.execute(writes, offset, dirty)
-        except (Fenced, LostCommits):
+        except BaseException:
+            # fenced, lost commits, or an unknown outcome (a connection cut
+            # around EXEC): the sequence and the cached units may be stale
+            # either way; the retry reads them from Redis again
             self.forget(experiment_id)
             raise
         return c.dirty_seq
