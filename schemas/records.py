@@ -46,14 +46,47 @@ class Metric:
 Event = Exposure | Metric
 
 
+#: ``MetricSpec.kind`` (issue 26): what a unit's outcome of the metric is
+METRIC_KINDS = ("sum", "conversion", "ratio")
+
+
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
     """A metric of an experiment. ``direction`` is the good direction;
-    a guardrail alerts when the effect is beyond ``guardrail_threshold`` in the bad one."""
+    a guardrail alerts when the effect is beyond ``guardrail_threshold`` in the bad one.
+
+    ``kind`` (issue 26, docs/events.md): ``"sum"``, a unit's window total of
+    the event metric ``name`` (winsorized to [``cap_lower``, ``cap_upper``]
+    when capped); ``"conversion"``, 1 if that total is above ``threshold``
+    else 0; ``"ratio"``, the population ratio of the window totals of the
+    event metrics ``numerator`` and ``denominator`` (the numerator's total
+    capped when a cap is given). Kind, threshold, numerator, denominator and
+    cap are fixed once the experiment has units."""
 
     name: str
     direction: str = "increase"  # "increase" | "decrease"
     guardrail_threshold: float | None = None
+    kind: str = "sum"  # METRIC_KINDS
+    #: conversion: Y = 1.0 if the unit's window total > threshold else 0.0
+    threshold: float = 0.0
+    #: ratio: the event metric names of M and D (required for a ratio, refused otherwise)
+    numerator: str | None = None
+    denominator: str | None = None
+    #: winsorize the unit's WINDOW TOTAL (sum; a ratio's numerator); refused on conversion
+    cap_lower: float | None = None
+    cap_upper: float | None = None
+
+    @property
+    def capped(self) -> bool:
+        """Whether the unit's window total is winsorized."""
+        return self.cap_lower is not None or self.cap_upper is not None
+
+    @property
+    def event_names(self) -> tuple[str, ...]:
+        """The event metrics whose window totals this metric's outcome is made of."""
+        if self.kind == "ratio":
+            return (self.numerator or "", self.denominator or "")
+        return (self.name,)
 
 
 PRIORS = ("flat", "platform")
@@ -139,6 +172,16 @@ class ExperimentConfig:
     def metric_names(self) -> tuple[str, ...]:
         """The metrics' names, in config order."""
         return tuple(m.name for m in self.metrics)
+
+    @property
+    def event_metrics(self) -> tuple[str, ...]:
+        """The event metric names the units keep totals of (issue 26), in
+        config order, de-duplicated (first wins): a sum's or conversion's
+        ``name``, a ratio's ``numerator`` then ``denominator``. For a config
+        of sum metrics only it equals ``metric_names`` (state written before
+        metric kinds reads as is). An event whose ``metric`` is not among
+        them is ``unknown_metric``."""
+        return tuple(dict.fromkeys(e for m in self.metrics for e in m.event_names))
 
     @property
     def treatments(self) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ non-ASCII, so keys built from them never need escaping.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -57,6 +58,7 @@ from schemas.records import (
     COVARIATES,
     DEFAULT_EXPOSURE_AGE_BINS,
     DEFAULT_STRATA_EDGES,
+    METRIC_KINDS,
     PRIORS,
     ExperimentConfig,
     Exposure,
@@ -703,7 +705,76 @@ def _cfg_metric(v: Any, i: int) -> MetricSpec:
     thr = v.get("guardrail_threshold")
     if thr is not None:
         thr = float(_cfg_number(thr, f"{field}.guardrail_threshold"))
-    return MetricSpec(name, direction, thr)
+    return _cfg_metric_kind(v, field, MetricSpec(name, direction, thr))
+
+
+def _cfg_metric_kind(v: Mapping[str, Any], field: str, spec: MetricSpec) -> MetricSpec:
+    """A metric's kind and its fields (issue 26): ``kind`` one of
+    ``METRIC_KINDS``; ``threshold`` on a conversion only; ``numerator`` and
+    ``denominator`` (event metric names, different) required on a ratio and
+    refused on the others; ``cap`` ``{"upper", "lower"}`` (numbers or null,
+    lower <= upper) on a sum or a ratio's numerator, refused on a conversion."""
+    kind = v.get("kind")
+    if kind is None:
+        kind = "sum"
+    elif kind not in METRIC_KINDS:
+        _cfg(f"'{field}.kind' = {_short(kind)} must be one of "
+             f"{', '.join(map(repr, METRIC_KINDS))}", f"{field}.kind")
+    kw: dict[str, Any] = {"kind": kind}
+    thr = v.get("threshold")
+    if thr is not None:
+        thr = float(_cfg_number(thr, f"{field}.threshold"))
+        if kind != "conversion" and thr != 0:
+            _cfg(f"'{field}.threshold' applies to conversion metrics only (kind {kind!r})",
+                 f"{field}.threshold")
+        kw["threshold"] = thr
+    for part in ("numerator", "denominator"):
+        x = v.get(part)
+        if kind == "ratio":
+            if x is None:
+                _cfg(f"'{field}' is a ratio: it needs '{part}' (an event metric name)",
+                     f"{field}.{part}")
+            kw[part] = _cfg_name(x, f"{field}.{part}")
+        elif x is not None:
+            _cfg(f"'{field}.{part}' applies to ratio metrics only (kind {kind!r})",
+                 f"{field}.{part}")
+    if kind == "ratio" and kw["numerator"] == kw["denominator"]:
+        _cfg(f"'{field}': numerator and denominator are both {kw['numerator']!r}",
+             f"{field}.denominator")
+    cap = v.get("cap")
+    if cap is None and (v.get("cap_lower") is not None or v.get("cap_upper") is not None):
+        # the record's own field names (a MetricSpec encoded as it is)
+        cap = {"lower": v.get("cap_lower"), "upper": v.get("cap_upper")}
+    if cap is not None:
+        if not isinstance(cap, Mapping):
+            _cfg(f"'{field}.cap' must be an object {{\"upper\", \"lower\"}}, got "
+                 f"{_jtype(cap)}", f"{field}.cap")
+        if kind == "conversion":
+            _cfg(f"'{field}.cap' applies to sum and ratio metrics (a conversion is 0/1)",
+                 f"{field}.cap")
+        lo, hi = cap.get("lower"), cap.get("upper")
+        if lo is not None:
+            kw["cap_lower"] = lo = float(_cfg_number(lo, f"{field}.cap.lower"))
+        if hi is not None:
+            kw["cap_upper"] = hi = float(_cfg_number(hi, f"{field}.cap.upper"))
+        if lo is not None and hi is not None and lo > hi:
+            _cfg(f"'{field}.cap': lower {lo!r} > upper {hi!r}", f"{field}.cap")
+    return dataclasses.replace(spec, **kw)
+
+
+def _cfg_metric_names(metrics: tuple[MetricSpec, ...]) -> None:
+    """Across the metrics: names unique, and no ratio named like an event
+    metric of the config (its cells and an event metric's would share a name)."""
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        dup = sorted({x for x in names if names.count(x) > 1})
+        _cfg(f"'metrics' has duplicate names: {dup}", "metrics")
+    events = {e for m in metrics for e in m.event_names}
+    for i, m in enumerate(metrics):
+        if m.kind == "ratio" and m.name in events:
+            _cfg(f"ratio metric {m.name!r} has the name of an event metric of the config "
+                 "(a sum's or conversion's name, or a ratio's numerator or denominator)",
+                 f"metrics[{i}].name")
 
 
 def _cfg_edges(v: Any) -> tuple[float, ...]:
@@ -811,10 +882,7 @@ def parse_experiment(
         if not 1 <= len(arr) <= _MAX_METRICS:
             _cfg(f"'metrics' needs 1..{_MAX_METRICS} entries, got {len(arr)}", "metrics")
         metrics = tuple(_cfg_metric(x, i) for i, x in enumerate(arr))
-        names = [m.name for m in metrics]
-        if len(set(names)) != len(names):
-            dup = sorted({x for x in names if names.count(x) > 1})
-            _cfg(f"'metrics' has duplicate names: {dup}", "metrics")
+        _cfg_metric_names(metrics)
         kw["metrics"] = metrics
 
     edges = _cfg_edges(v) if (v := opt("strata_edges")) is not _MISSING else DEFAULT_STRATA_EDGES
@@ -919,9 +987,10 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
     """Why ``new`` cannot replace ``old`` for an experiment that already has
     state, or None. Unit records store variant and metric *indices*, cells
     and arrivals are keyed by stratum and entry bucket, and a unit's outcome
-    is defined by its window: so variants and metrics may only be appended
-    (same order), and control, window, buckets, strata, the start (the
-    entry-bucket grid's origin) and the exposure-age bins in effect (unit
+    is defined by its window and its metric's kind: so variants and metrics
+    may only be appended (same order; metrics of any kind), a metric's kind,
+    threshold, numerator, denominator and cap are fixed (issue 26), and
+    control, window, buckets, strata, the start (the entry-bucket grid's origin) and the exposure-age bins in effect (unit
     records keep totals per bin) are fixed once units exist. A concluded
     experiment (``concluded``) has deleted its unit records and final
     estimates are out: reopening it (another ``end_at`` or ``status``) would
@@ -935,6 +1004,12 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
     if new.metric_names[:len(old.metric_names)] != old.metric_names:
         return (f"metrics may only be appended: {list(old.metric_names)} -> "
                 f"{list(new.metric_names)}")
+    for om, nm in zip(old.metrics, new.metrics, strict=False):
+        for name in _METRIC_FIXED:
+            a, b = getattr(om, name), getattr(nm, name)
+            if a != b:
+                return (f"metric {om.name!r}: {name} is fixed once the experiment has units "
+                        f"(unit totals and cells hold its outcome): {a!r} -> {b!r}")
     for name in ("control", "window_seconds", "bucket_seconds", "strata_edges", "started_at"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
@@ -949,6 +1024,10 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
         return ("exposure_age_bins is fixed once the experiment has units: "
                 f"{_bins_text(old.exposure_age_bins)} -> {_bins_text(new.exposure_age_bins)}")
     return None
+
+
+#: what defines a metric's per-unit outcome (issue 26): fixed once units exist
+_METRIC_FIXED = ("kind", "threshold", "numerator", "denominator", "cap_lower", "cap_upper")
 
 
 def _bins_text(bins: tuple[int, ...] | None) -> str:
@@ -972,6 +1051,11 @@ def experiment_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
                 "name": m.name,
                 "direction": m.direction,
                 "guardrail_threshold": m.guardrail_threshold,
+                "kind": m.kind,
+                "threshold": m.threshold,
+                "numerator": m.numerator,
+                "denominator": m.denominator,
+                "cap": ({"upper": m.cap_upper, "lower": m.cap_lower} if m.capped else None),
             }
             for m in cfg.metrics
         ],

@@ -147,7 +147,7 @@ PER_SOURCE_KINDS = ("pending", "seen", "heldq")
 #: kinds of an experiment's single keys (``lr:{e:<id>}:<kind>``)
 EXPERIMENT_KINDS = tuple(k for k in ExperimentKeys._fields if k not in PER_SOURCE_KINDS) + (
     "chainver", "estimates", "lifecycle", "alerts", "alert-log", "truth", "gen", "decision",
-    "shards")
+    "shards", "tails")
 
 
 def experiment_keys(experiment_id: str) -> ExperimentKeys:
@@ -218,6 +218,15 @@ def shard_key(experiment_id: str, src: str) -> str:
 def shards_key(experiment_id: str) -> str:
     """set of the sources that have a ``shard_key`` (readers never scan)."""
     return experiment_key(experiment_id, "shards")
+
+
+def tails_key(experiment_id: str) -> str:
+    """hash ``<metric>|<variant>|<bucket>`` -> count (issue 26): the tail
+    sketch of every sum metric, the folded units' uncapped window totals
+    counted by ``kernels.tail.tail_bucket``. Integer counts that every owner
+    moves by HINCRBY (a correction moves a unit between buckets), so the sum
+    is exact whatever the interleaving; a field may read 0 (readers skip it)."""
+    return experiment_key(experiment_id, "tails")
 
 
 def fence_key(experiment_id: str, src: str) -> str:

@@ -193,6 +193,19 @@ def put_shard(writes: WriteSet, experiment_id: str, src: str, fields: dict[str, 
     return writes
 
 
+def put_tails(writes: WriteSet, state: ExperimentState) -> WriteSet:
+    """Queue the HINCRBYs of the tail sketch's counts the call moved (issue
+    26, ``keys.tails_key``, store.py note 10): the working state starts
+    with no counts, so what it holds after the call is the change; integer
+    increments, so owners of several sources add up exactly in any order."""
+    key = rk.tails_key(state.config.experiment_id)
+    for (m, vi), counts in state.tails.items():
+        for b, n in counts.items():
+            if n:
+                writes.add("hincrby", key, f"{m}|{state.variants[vi]}|{b}", n)
+    return writes
+
+
 # ---------------------------------------------------------------- the owner's call
 
 #: a held metric in the experiment's ``held`` hash: (1-based metric index, ts, value)
@@ -552,6 +565,7 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     for name, n in st.counters.items():
         if n:
             w.add("hincrby", k.meta, f"c:{name}", n)
+    put_tails(w, st)
     if shard.max_ts != max_ts0:
         w.add("hset", k.meta, f"max_ts:{src}", shard.max_ts)
     if st.anchor is not None and anchor0 is None:
@@ -606,8 +620,9 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
         else:
             m, var, s_ = f.split("|")
             xs = v.split(" ")
+            # the 8 values, then a metric kind's extra ones (issue 26)
             shard.cells[(m, vindex[var], int(s_))] = [int(xs[0]), float(xs[1]), float(xs[2]),
-                                                      int(xs[3]), *map(float, xs[4:8])]
+                                                      int(xs[3]), *map(float, xs[4:])]
 
 
 def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:

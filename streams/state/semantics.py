@@ -82,6 +82,21 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    total, ``n += 1, Σy += y, Σy² += y·y`` and, if it has a pre value x of the
    metric, ``nx += 1, Σx += x, Σx² += x·x, Σxy += x·y, Σy_x += y`` (in this
    order; the cell is ``(n, Σy, Σy², nx, Σx, Σx², Σxy, Σy_x)``).
+   Metric kinds (issue 26; ``metric_plans``, ``outcome``): the units keep
+   totals per *event metric* (``config.event_metrics``) and y in a config
+   metric's cell is its per-unit outcome: a sum's total (winsorized when
+   capped), a conversion's ``1.0 if t > threshold else 0.0``, a ratio's
+   numerator total (capped when capped); x is the pre value of the metric's
+   name (a ratio: its numerator); the cell appends the metric's extra values
+   (``ExperimentSnapshot.extra_cells``). A correction of a folded unit adds,
+   per config metric whose outcome reads the corrected total, its
+   contribution after minus its contribution before (n unchanged; nothing
+   if it did not change: a conversion that stays, a total beyond its cap);
+   a plain (uncapped) sum keeps rule 3's formulas. Sum metrics also count
+   the folded units' uncapped totals in the tail sketch (``tails``:
+   ``kernels.tail.tail_bucket``, integer counts, experiment-wide); a
+   correction moves the unit from its old bucket to its new one. Exposure
+   age cells are kept for sum metrics only.
 6. Retirement (bounded state, docs/architecture.md#state): a folded unit stays pending, with
    score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
    metric now would be ``late``) its record is dropped and its id added to
@@ -146,6 +161,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kernels.tail import tail_bucket
 from schemas.records import (
     DEFAULT_EXPOSURE_AGE_BINS,
     Event,
@@ -339,10 +355,80 @@ def _finite(x: float, what: str) -> float:
     return v
 
 
+#: ``MetricPlan.code``: how a unit's outcome of a config metric is made of its totals
+PLAIN_SUM, CAPPED_SUM, CONVERSION, RATIO = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPlan:
+    """How one config metric's cell follows a unit's event-metric totals
+    (issue 26; precomputed per config by ``metric_plans``). ``e``: the event
+    metric index of y and of x (a sum's or conversion's name, a ratio's
+    numerator), ``d``: a ratio's denominator (-1 otherwise); ``lo``/``hi``:
+    the cap (-inf/inf where none); ``n_extra``: the values appended to the
+    8-value cell (``ExperimentSnapshot.extra_cells``); ``tails``: a sum
+    metric, whose uncapped totals are counted in the tail sketch and whose
+    exposure-age cells are kept."""
+
+    name: str
+    code: int
+    e: int
+    d: int = -1
+    lo: float = -math.inf
+    hi: float = math.inf
+    threshold: float = 0.0
+    capped: bool = False
+    n_extra: int = 0
+    tails: bool = False
+
+
+def metric_plans(cfg: ExperimentConfig) -> tuple[MetricPlan, ...]:
+    """One ``MetricPlan`` per config metric, in config order."""
+    ev = {m: i for i, m in enumerate(cfg.event_metrics)}
+    out = []
+    for m in cfg.metrics:
+        lo = -math.inf if m.cap_lower is None else float(m.cap_lower)
+        hi = math.inf if m.cap_upper is None else float(m.cap_upper)
+        if m.kind == "conversion":
+            out.append(MetricPlan(m.name, CONVERSION, ev[m.name],
+                                  threshold=float(m.threshold)))
+        elif m.kind == "ratio":
+            out.append(MetricPlan(m.name, RATIO, ev[m.numerator], ev[m.denominator], lo, hi,
+                                  capped=m.capped, n_extra=6 if m.capped else 3))
+        elif m.capped:
+            out.append(MetricPlan(m.name, CAPPED_SUM, ev[m.name], -1, lo, hi, capped=True,
+                                  n_extra=2, tails=True))
+        else:
+            out.append(MetricPlan(m.name, PLAIN_SUM, ev[m.name], tails=True))
+    return tuple(out)
+
+
+def outcome(p: MetricPlan, totals: list[float]) -> tuple[float, tuple[float, ...]]:
+    """(y, extra) of a unit with event-metric ``totals`` for metric ``p``:
+    y the cell's outcome (sum: the total, capped; conversion: 1.0 if the
+    total > threshold else 0.0; ratio: the numerator's total M, capped) and
+    the values its cell appends (capped sum: t, t²; ratio: D, D², M·D, and
+    when capped t, t², t·D, t the uncapped numerator)."""
+    t = totals[p.e]
+    code = p.code
+    if code == PLAIN_SUM:
+        return t, ()
+    if code == CONVERSION:
+        return (1.0 if t > p.threshold else 0.0), ()
+    y = p.lo if t < p.lo else (p.hi if t > p.hi else t)
+    if code == CAPPED_SUM:
+        return y, (t, t * t)
+    D = totals[p.d]
+    if not p.capped:
+        return y, (D, D * D, y * D)
+    return y, (D, D * D, y * D, t, t * t, t * D)
+
+
 @dataclass(slots=True)
 class UnitState:
-    """One unit in one experiment. ``totals`` and ``pre`` follow
-    ``config.metrics`` order; ``bucket`` is on the experiment's anchor grid
+    """One unit in one experiment. ``totals``, ``pre`` and ``age`` follow
+    ``config.event_metrics`` (issue 26: the event metrics, not the config
+    metrics; for sum-only configs the same); ``bucket`` is on the experiment's anchor grid
     (see ``bucket_of``); ``matured`` means folded into the cells; ``pre``:
     the pre-experiment value of each metric (None: none), fixed at the
     unit's creation. With ``age_tracking(config)`` (issue 19): ``fine``,
@@ -373,7 +459,16 @@ class ExperimentSnapshot:
     ``cells[metric][variant_index][stratum] = (n, sum_y, sum_y2, nx, sum_x,
     sum_x2, sum_xy, sum_y_x)`` over matured units: y = a unit's total, x its
     pre-experiment value of the metric, the last five over the units with an
-    x (module docstring, rule 5). ``watermark`` = completeness clock - L
+    x (module docstring, rule 5), for every config metric: y its per-unit
+    outcome (issue 26: ``outcome``; a capped sum's winsorized total, a
+    conversion's 0/1, a ratio's numerator total), x the pre value of its
+    ``name`` (a ratio: of its numerator). ``extra_cells[metric]`` (only for
+    the metrics that need it; same layout, n shared with ``cells``): capped
+    sum ``(Σt, Σt²)`` of the uncapped totals; ratio ``(ΣD, ΣD², ΣMD)``, with
+    a capped numerator ``(ΣD, ΣD², ΣMD, Σt, Σt², ΣtD)``. ``tails[metric][vi]``
+    (every sum metric) = ``{bucket: count}`` of the folded units' uncapped
+    totals by ``kernels.tail.tail_bucket`` (non-zero counts, bucket order).
+    ``watermark`` = completeness clock - L
     (docs/architecture.md#state). ``seq`` is
     Redis's ``dirty_seq`` at read time (None from the reducer) and does not
     take part in equality.
@@ -406,6 +501,10 @@ class ExperimentSnapshot:
     #: units, y_b = the unit's total in age bin b (``age_edges_ms``), fine
     #: strata by ``fine_edges`` (index F = unknown activity)
     age_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
+    #: issue 26 (see above): the values appended to a metric's cells
+    extra_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
+    #: issue 26: the tail sketch's counts of every sum metric, per variant
+    tails: dict[str, list[dict[int, int]]] = field(default_factory=dict)
 
 
 def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: int
@@ -494,8 +593,21 @@ class ExperimentState:
         self.edges = tuple(float(e) for e in config.strata_edges)
         self.S = n_activity_strata(config)
         self.variants = tuple(config.variants)
+        #: the config metrics (cells, one per metric) and the event metrics
+        #: (unit totals, what a metric event names; issue 26)
         self.metrics = config.metric_names
-        self._metric_index = {m: i for i, m in enumerate(self.metrics)}
+        self.event_metrics = config.event_metrics
+        self._metric_index = {m: i for i, m in enumerate(self.event_metrics)}
+        self.plans = metric_plans(config)
+        #: per event metric index: the plans whose outcome reads its total
+        self._by_event: tuple[tuple[MetricPlan, ...], ...] = tuple(
+            tuple(p for p in self.plans if i in (p.e, p.d))
+            for i in range(len(self.event_metrics)))
+        self._cell_len = {p.name: 8 + p.n_extra for p in self.plans}
+        self._sum_metrics = tuple(p.name for p in self.plans if p.tails)
+        #: the tail sketch (issue 26): (sum metric, variant index) -> {bucket:
+        #: count}, integer counts experiment-wide (Redis: ``keys.tails_key``, HINCRBY)
+        self.tails: dict[tuple[str, int], dict[int, int]] = {}
         self.units: dict[str, UnitState] = {}
         #: per unit with a record: the source whose exposure created it (in
         #: Redis: the source whose pending zset holds the unit)
@@ -540,12 +652,25 @@ class ExperimentState:
         return sh
 
     def _cell(self, source: str, m: str, vi: int, s: int) -> list:
-        """Cell (m, variant index, stratum) of ``source``'s shard, created at zero."""
+        """Cell (m, variant index, stratum) of ``source``'s shard, created at
+        zero: the 8 values, then the metric's extra ones (issue 26)."""
         cells = self._shard(source).cells
         c = cells.get((m, vi, s))
         if c is None:
-            c = cells[(m, vi, s)] = [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0]
+            c = cells[(m, vi, s)] = [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] + [0.0] * (
+                self._cell_len[m] - 8)
         return c
+
+    def _tail_move(self, m: str, vi: int, old: int | None, new: int | None) -> None:
+        """Move one unit's count in the tail sketch of (m, vi) from bucket
+        ``old`` to ``new`` (None: none), as integer counts."""
+        d = self.tails.get((m, vi))
+        if d is None:
+            d = self.tails[(m, vi)] = {}
+        if old is not None:
+            d[old] = d.get(old, 0) - 1
+        if new is not None:
+            d[new] = d.get(new, 0) + 1
 
     def _age_cell(self, source: str, m: str, vi: int, f: int) -> list:
         """Age cell (m, variant index, fine stratum) of ``source``'s shard."""
@@ -580,11 +705,22 @@ class ExperimentState:
 
     @property
     def cells(self) -> dict[str, list[list[list]]]:
-        """cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x], the shards added."""
+        """cells[m][v][s] = [n, sy, syy, nx, sx, sxx, sxy, sy_x, *extra], the
+        shards added (extra: the metric's values of ``extra_cells``, issue 26)."""
         got = self._combined("cells")
-        return {m: [[got.get((m, vi, s), [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0])
-                     for s in range(self.S + 1)] for vi in range(len(self.variants))]
+        return {m: [[got.get((m, vi, s), [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] + [0.0] * (
+                    self._cell_len[m] - 8)) for s in range(self.S + 1)]
+                    for vi in range(len(self.variants))]
                 for m in self.metrics}
+
+    def tail_counts(self) -> dict[str, list[dict[int, int]]]:
+        """The tail sketch per sum metric and variant index: the non-zero
+        counts in bucket order (``ExperimentSnapshot.tails``)."""
+        out = {}
+        for m in self._sum_metrics:
+            out[m] = [dict(sorted((b, n) for b, n in self.tails.get((m, vi), {}).items() if n))
+                      for vi in range(len(self.variants))]
+        return out
 
     @property
     def age_cells(self) -> dict[str, list[list[list]]]:
@@ -596,7 +732,7 @@ class ExperimentState:
         zero = [0] + [0.0] * (2 * self.NB + 1)
         return {m: [[got.get((m, vi, f), zero) for f in range(self.F + 1)]
                     for vi in range(len(self.variants))]
-                for m in self.metrics}
+                for m in self._sum_metrics}
 
     # -- one call ------------------------------------------------------------
 
@@ -697,13 +833,14 @@ class ExperimentState:
         s = stratum_of(x, self.edges)
         b = bucket_of(ts, self.anchor, self.B)
         pre = ev.pre
+        evm = self.event_metrics
         xs: list[float | None] = (
-            [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in self.metrics]
-            if pre else [None] * len(self.metrics))
-        u = UnitState(ev.variant, s, b, ts, [0.0] * len(self.metrics), False, xs)
+            [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in evm]
+            if pre else [None] * len(evm))
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(evm), False, xs)
         if self.age_on:
             u.fine = stratum_of(x, self.fine_edges)
-            u.age = [[0.0] * self.NB for _ in self.metrics]
+            u.age = [[0.0] * self.NB for _ in evm]
         self.units[ev.unit_id] = u
         self.unit_source[ev.unit_id] = source
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
@@ -743,26 +880,61 @@ class ExperimentState:
             # folded later, with the total: in time (close > T), or already
             # due on its own partition (close <= T) and counted a correction
             return "metric_applied" if close > T else "corrected"
-        # folded: the metric corrects its cell whatever T says (T is the clock of
+        # folded: the metric corrects its cells whatever T says (T is the clock of
         # the partition it came through, maybe not its unit's: defect 2)
         # into the shard of the source it came through (its owner commits it)
-        c = self._cell(source, self.metrics[mi], self._vindex[u.variant], u.stratum)
-        c[1] = c[1] + v
-        c[2] = c[2] + ((t + v) * (t + v) - t * t)
-        x = u.pre[mi]
-        if x is not None:
-            c[6] = c[6] + x * v
-            c[7] = c[7] + v
-        if u.age:
-            a = self._age_cell(source, self.metrics[mi], self._vindex[u.variant], u.fine)
-            a[1 + 2 * ab] = a[1 + 2 * ab] + v
-            a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
-            last = self.NB - 1
-            if ab == 0:
-                a[-1] = a[-1] + v * ya[last]
-            elif ab == last:
-                a[-1] = a[-1] + ya[0] * v
+        vi = self._vindex[u.variant]
+        for p in self._by_event[mi]:
+            if p.code == PLAIN_SUM:
+                c = self._cell(source, p.name, vi, u.stratum)
+                c[1] = c[1] + v
+                c[2] = c[2] + ((t + v) * (t + v) - t * t)
+                x = u.pre[mi]
+                if x is not None:
+                    c[6] = c[6] + x * v
+                    c[7] = c[7] + v
+            else:
+                self._correct(p, u, mi, t, source, vi)
+            if p.tails:
+                b0, b1 = tail_bucket(t), tail_bucket(t + v)
+                if b0 != b1:
+                    self._tail_move(p.name, vi, b0, b1)
+                if u.age:
+                    a = self._age_cell(source, p.name, vi, u.fine)
+                    a[1 + 2 * ab] = a[1 + 2 * ab] + v
+                    a[2 + 2 * ab] = a[2 + 2 * ab] + ((tb + v) * (tb + v) - tb * tb)
+                    last = self.NB - 1
+                    if ab == 0:
+                        a[-1] = a[-1] + v * ya[last]
+                    elif ab == last:
+                        a[-1] = a[-1] + ya[0] * v
         return "corrected"
+
+    def _correct(self, p: MetricPlan, u: UnitState, mi: int, t: float, source: str,
+                 vi: int) -> None:
+        """A folded unit's event-metric total ``mi`` went from ``t`` to its
+        current value: metric ``p``'s cell gets the unit's contribution after
+        minus its contribution before (``outcome``; n and the x sums stay):
+        a conversion flips either way, a capped total moves inside the cap,
+        a ratio's D sums follow. Nothing changes, nothing is written."""
+        tot = u.totals
+        now = tot[mi]
+        tot[mi] = t
+        y0, ex0 = outcome(p, tot)
+        tot[mi] = now
+        y1, ex1 = outcome(p, tot)
+        if y0 == y1 and ex0 == ex1:
+            return
+        c = self._cell(source, p.name, vi, u.stratum)
+        dy = y1 - y0
+        c[1] = c[1] + dy
+        c[2] = c[2] + (y1 * y1 - y0 * y0)
+        x = u.pre[p.e]
+        if x is not None:
+            c[6] = c[6] + x * dy
+            c[7] = c[7] + dy
+        for j in range(len(ex1)):
+            c[8 + j] = c[8 + j] + (ex1[j] - ex0[j])
 
     def _note_source(self, uid: str, source: str) -> None:
         """Count ``cross_partition`` when an event reaches the record of a
@@ -813,22 +985,36 @@ class ExperimentState:
         return False
 
     def _fold_unit(self, u: UnitState, source: str) -> None:
+        """Rule 5 for one unit: per config metric its outcome (``outcome``)
+        into its cell, then the metric's extra values; a sum metric's
+        uncapped total into the tail sketch and its age bins into the age cell."""
         vi = self._vindex[u.variant]
-        for mi, m in enumerate(self.metrics):
-            y = u.totals[mi]
+        tot = u.totals
+        for p in self.plans:
+            ei = p.e
+            if p.code == PLAIN_SUM:
+                y, ex = tot[ei], ()
+            else:
+                y, ex = outcome(p, tot)
+            m = p.name
             c = self._cell(source, m, vi, u.stratum)
             c[0] += 1
             c[1] = c[1] + y
             c[2] = c[2] + y * y
-            x = u.pre[mi]
+            x = u.pre[ei]
             if x is not None:
                 c[3] += 1
                 c[4] = c[4] + x
                 c[5] = c[5] + x * x
                 c[6] = c[6] + x * y
                 c[7] = c[7] + y
+            for j in range(len(ex)):
+                c[8 + j] = c[8 + j] + ex[j]
+            if not p.tails:
+                continue
+            self._tail_move(m, vi, None, tail_bucket(tot[ei]))
             if u.age:
-                ya = u.age[mi]
+                ya = u.age[ei]
                 a = self._age_cell(source, m, vi, u.fine)
                 a[0] += 1
                 for b in range(self.NB):
@@ -875,6 +1061,7 @@ class ExperimentState:
             started = self.config.started_at
         counters = {k: 0 for k in COUNTERS}
         counters.update(self.counters)
+        cells = self.cells
         return ExperimentSnapshot(
             experiment_id=self.config.experiment_id,
             config=self.config,
@@ -890,9 +1077,14 @@ class ExperimentState:
             exposed=dict(self.exposed),
             matured=dict(self.matured),
             cells={
-                m: [[tuple(c) for c in row] for row in rows]
-                for m, rows in self.cells.items()
+                m: [[tuple(c[:8]) for c in row] for row in rows]
+                for m, rows in cells.items()
             },
+            extra_cells={
+                p.name: [[tuple(c[8:]) for c in row] for row in cells[p.name]]
+                for p in self.plans if p.n_extra
+            },
+            tails=self.tail_counts(),
             counters=counters,
             retired_units=self.retired.n,
             age_cells={

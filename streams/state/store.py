@@ -26,7 +26,10 @@ notes below give the value formats.
    then 2m doubles): version byte 2, the same five fields, m (the number of
    metrics when written), total_1 ... total_m, pre_1 ... pre_m (NaN: none
    for that metric). Indices and the order of totals and pre values follow
-   the config's `variants` and `metrics`, which must therefore only ever be
+   the config's `variants` and `event_metrics` (issue 26: the event metrics
+   the units keep totals of, a ratio's numerator and denominator included;
+   for a config of sum metrics only they are its `metrics`, so records
+   written before read as is), which must therefore only ever be
    appended to (a record with fewer totals reads the missing ones as 0, the
    missing pre values as none). A unit's pre values are fixed when it is
    created (its first counted exposure). The earlier text form
@@ -73,7 +76,15 @@ notes below give the value formats.
    of the cell (``ExperimentSnapshot.cells``): y = a unit's total, x = its
    pre-experiment value of the metric; the last five over the units that
    have an x. Cells written before the covariate sums existed have the first
-   three only; the rest read as 0.
+   three only; the rest read as 0. Issue 26: y is the metric's per-unit
+   outcome (``streams.state.semantics.outcome``), and a capped sum or a
+   ratio appends its extra values (``ExperimentSnapshot.extra_cells``:
+   2, 3 or 6 more numbers) to the same text; sum metrics without a cap
+   write the 8 as before.
+10. Tail sketch (issue 26, ``keys.tails_key``): field
+   `<metric>|<variant>|<bucket>` -> count (HINCRBY; ``kernels.tail``'s
+   buckets of the folded units' uncapped totals, sum metrics only); fields
+   at 0 are skipped by readers.
 9. Exposure-age cells (issue 19, only when the config tracks age), in the
    same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
    name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
@@ -141,6 +152,7 @@ from streams.state.semantics import (
     config_ms,
     fine_edges,
     horizons_ms,
+    metric_plans,
     n_activity_strata,
     started_and_arrivals,
     watermark_of,
@@ -1005,7 +1017,7 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     ``read_completeness``), capped by the experiment's latest event, minus L;
     by default, like the reducer's, the lowest partition clock the experiment
     has seen."""
-    meta, cells_raw, arr_raw, seq_raw = _read_sharded(r, cfg.experiment_id)
+    meta, cells_raw, arr_raw, seq_raw, tails_raw = _read_sharded(r, cfg.experiment_id)
 
     _, B, L, _ = config_ms(cfg)
     S = n_activity_strata(cfg)
@@ -1013,6 +1025,8 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     variants = tuple(cfg.variants)
     vindex = {v: i for i, v in enumerate(variants)}
     metrics = cfg.metric_names
+    n_extra = {p.name: p.n_extra for p in metric_plans(cfg)}
+    sums = [p.name for p in metric_plans(cfg) if p.tails]
 
     max_ts = _int(meta["max_ts"]) if "max_ts" in meta else None
     if completeness is None:
@@ -1033,12 +1047,14 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
 
     zero = (0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0)
     cells = {m: [[zero for _ in range(n_tot)] for _ in variants] for m in metrics}
+    extra_cells = {m: [[(0.0,) * k for _ in range(n_tot)] for _ in variants]
+                   for m, k in n_extra.items() if k}
     age_cells: dict[str, list[list[tuple]]] = {}
     if age_tracking(cfg):
         nb = len(age_edges_ms(cfg)) - 1
         n_fine = max(len(fine_edges(cfg)) - 1, 0) + 1
         azero = (0, *([0.0] * (2 * nb + 1)))
-        age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in metrics}
+        age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in sums}
     for f, v in cells_raw.items():
         parts = f.split("|")
         if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
@@ -1051,6 +1067,8 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         si = int(s)
         if m in cells and var in vindex and 0 <= si < n_tot:
             cells[m][vindex[var]][si] = _cell(v)
+            if m in extra_cells:
+                extra_cells[m][vindex[var]][si] = _extra(v, n_extra[m])
 
     counters = {c: 0 for c in COUNTERS}
     for f, v in meta.items():
@@ -1077,7 +1095,21 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
         dead_letters={f[3:]: int(v) for f, v in meta.items() if f.startswith("dl:")},
         retired_units=int(meta.get("retired_n", 0)),
         age_cells=age_cells,
+        extra_cells=extra_cells,
+        tails=_tails(tails_raw, sums, vindex),
     )
+
+
+def _tails(raw: dict, sums: list[str], vindex: dict[str, int]) -> dict[str, list[dict[int, int]]]:
+    """``ExperimentSnapshot.tails`` from the tails hash (note 10): per sum
+    metric and variant index the non-zero counts in bucket order."""
+    acc: dict[str, list[dict[int, int]]] = {m: [{} for _ in vindex] for m in sums}
+    for f, v in raw.items():
+        m, var, b = _s(f).split("|")
+        n = _int(v)
+        if n and m in acc and var in vindex:
+            acc[m][vindex[var]][int(b)] = n
+    return {m: [dict(sorted(d.items())) for d in rows] for m, rows in acc.items()}
 
 
 #: meta fields of the sources: ``max_ts:<src>`` (their max is the max_ts);
@@ -1088,8 +1120,8 @@ _SHARD_META_SUM = "act_sum:"
 
 
 def _read_sharded(r: Any, experiment_id: str
-                  ) -> tuple[dict[str, str], dict[str, str], dict, Any]:
-    """(meta, cells, arrivals, dirty_seq) of the experiment read atomically,
+                  ) -> tuple[dict[str, str], dict[str, str], dict, Any, dict]:
+    """(meta, cells, arrivals, dirty_seq, tails) of the experiment read atomically,
     the sources' shards (issue 25, ``keys.shard_key``) folded in: the base
     (``cells`` and ``meta``: what the state before issue 25 wrote) first,
     then each shard in sorted source order, so every reader sums the floats
@@ -1112,9 +1144,10 @@ def _read_sharded(r: Any, experiment_id: str
         pipe.hgetall(k.arrivals)
         pipe.get(k.dirty_seq)
         pipe.smembers(sk)
+        pipe.hgetall(rk.tails_key(experiment_id))
         for src in srcs:
             pipe.hgetall(rk.shard_key(experiment_id, src))
-        meta_raw, cells_raw, arr_raw, seq_raw, now_raw, *shards = pipe.execute()
+        meta_raw, cells_raw, arr_raw, seq_raw, now_raw, tails_raw, *shards = pipe.execute()
         now = sorted(_s(x) for x in now_raw)
         if now == srcs:
             break
@@ -1132,7 +1165,7 @@ def _read_sharded(r: Any, experiment_id: str
             else:
                 cells[f] = v if f not in cells else combine_text_cells(
                     cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
-    return meta, cells, arr_raw, seq_raw
+    return meta, cells, arr_raw, seq_raw, tails_raw
 
 
 def read_max_ts(meta: dict[str, str]) -> int | None:
@@ -1168,6 +1201,13 @@ def _age_cell(text: str, nb: int) -> tuple:
     return (_int(f[0]), *sums, *([0.0] * (2 * nb + 1 - len(sums))))
 
 
+def _extra(text: str, k: int) -> tuple:
+    """The ``k`` extra values a metric appends to its cell (note 7, issue
+    26), zeros where the text has fewer."""
+    f = text.split(" ")[8:8 + k]
+    return (*map(float, f), *([0.0] * (k - len(f))))
+
+
 def _cell(text: str) -> tuple:
     """A ``cells`` hash value (note 7): 8 numbers, or 3 (written before the
     covariate sums existed: those read as zeros)."""
@@ -1187,7 +1227,7 @@ def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     """Unpack a ``units`` hash value: binary (note 1:
     version 1 without pre-experiment values, version 2 with them) or the
     earlier text form."""
-    M = len(cfg.metrics)
+    M = len(cfg.event_metrics)
     if isinstance(packed, bytes) and packed[:1] == b"\x03":
         _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
         nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
@@ -1229,8 +1269,9 @@ def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
     exposure-age bins (``u.age``), else version 2 if it has a pre value of
     any metric, else version 1; totals and pre values for every config
     metric (NaN: no pre value). The owner's commit (issue 25) writes these,
-    so state written by either path reads the same."""
-    M = len(cfg.metrics)
+    so state written by either path reads the same. Totals and pre values
+    per event metric (``cfg.event_metrics``, issue 26)."""
+    M = len(cfg.event_metrics)
     head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
             float(u.bucket), float(u.exposure_ts))
     has_pre = any(x is not None for x in u.pre)

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from schemas import codec
@@ -413,8 +413,17 @@ FULL_CONFIG: dict[str, Any] = {
     "variants": ["control", "treatment_a", "treatment_b"],
     "control": "control",
     "metrics": [
-        {"name": "revenue", "direction": "increase", "guardrail_threshold": None},
-        {"name": "latency_ms", "direction": "decrease", "guardrail_threshold": 25.0},
+        {"name": "revenue", "direction": "increase", "guardrail_threshold": None,
+         "kind": "sum", "threshold": 0.0, "numerator": None, "denominator": None,
+         "cap": {"upper": 500.0, "lower": 0.0}},
+        {"name": "latency_ms", "direction": "decrease", "guardrail_threshold": 25.0,
+         "kind": "sum", "threshold": 0.0, "numerator": None, "denominator": None, "cap": None},
+        {"name": "purchases", "direction": "increase", "guardrail_threshold": None,
+         "kind": "conversion", "threshold": 0.5, "numerator": None, "denominator": None,
+         "cap": None},
+        {"name": "revenue_per_session", "direction": "increase", "guardrail_threshold": None,
+         "kind": "ratio", "threshold": 0.0, "numerator": "revenue", "denominator": "sessions",
+         "cap": {"upper": 1000.0, "lower": None}},
     ],
     "strata_edges": [0, 1, 8, 29],
     "bucket_seconds": 3600,
@@ -505,6 +514,29 @@ def test_metric_shorthand_and_config_object() -> None:
 _names = st.from_regex(NAME_PATTERN, fullmatch=True)
 
 
+_bounds = st.none() | st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@st.composite
+def metric_kinds(draw: st.DrawFn, name: str) -> dict[str, Any]:
+    """A metric's kind fields (issue 26): sum (maybe capped, one side or
+    both), conversion (a threshold), ratio (numerator, denominator, maybe a
+    capped numerator)."""
+    kind = draw(st.sampled_from(["sum", "conversion", "ratio"]))
+    kw: dict[str, Any] = {"kind": kind}
+    if kind == "conversion":
+        kw["threshold"] = draw(st.floats(-1e3, 1e3, allow_nan=False))
+        return kw
+    if kind == "ratio":
+        num, den = draw(st.lists(_names, min_size=2, max_size=2, unique=True))
+        kw.update(numerator=num, denominator=den)
+    lo, hi = draw(_bounds), draw(_bounds)
+    if lo is not None and hi is not None and lo > hi:
+        lo, hi = hi, lo
+    kw.update(cap_lower=lo, cap_upper=hi)
+    return kw
+
+
 @st.composite
 def configs(draw: st.DrawFn) -> ExperimentConfig:
     variants = tuple(draw(st.lists(_names, min_size=2, max_size=5, unique=True)))
@@ -514,9 +546,12 @@ def configs(draw: st.DrawFn) -> ExperimentConfig:
             n,
             draw(st.sampled_from(["increase", "decrease"])),
             draw(st.none() | st.floats(-1e6, 1e6, allow_nan=False)),
+            **draw(metric_kinds(n)),
         )
         for n in metric_names
     )
+    events = {e for m in metrics for e in m.event_names}
+    assume(not any(m.kind == "ratio" and m.name in events for m in metrics))
     inner = sorted(draw(st.sets(st.floats(0.01, 28.0, allow_nan=False), max_size=8)))
     edges = (0, *inner, draw(st.sampled_from([29, 28.5, 100.0])))
     n_strata = len(edges) - 1
@@ -592,6 +627,39 @@ BAD_CONFIGS: list[tuple[str, Any, str | None, bool]] = [
     ("metric threshold type", cfg_with(metrics=[{"name": "a", "guardrail_threshold": "1"}]),
      "metrics[0].guardrail_threshold", True),
     ("metric not object", cfg_with(metrics=[3]), "metrics[0]", True),
+    # metric kinds (issue 26)
+    ("metric kind", cfg_with(metrics=[{"name": "a", "kind": "mean"}]), "metrics[0].kind", True),
+    ("ratio without denominator", cfg_with(metrics=[{"name": "r", "kind": "ratio",
+                                                     "numerator": "a"}]),
+     "metrics[0].denominator", True),
+    ("ratio without numerator", cfg_with(metrics=[{"name": "r", "kind": "ratio",
+                                                   "denominator": "a"}]),
+     "metrics[0].numerator", True),
+    ("numerator on a sum", cfg_with(metrics=[{"name": "a", "numerator": "b"}]),
+     "metrics[0].numerator", True),
+    ("denominator on a conversion", cfg_with(metrics=[{"name": "a", "kind": "conversion",
+                                                       "denominator": "b"}]),
+     "metrics[0].denominator", True),
+    ("threshold on a sum", cfg_with(metrics=[{"name": "a", "threshold": 1}]),
+     "metrics[0].threshold", True),
+    ("cap on a conversion", cfg_with(metrics=[{"name": "a", "kind": "conversion",
+                                               "cap": {"upper": 1}}]), "metrics[0].cap", True),
+    ("cap not object", cfg_with(metrics=[{"name": "a", "cap": 5}]), "metrics[0].cap", True),
+    ("cap bound string", cfg_with(metrics=[{"name": "a", "cap": {"upper": "5"}}]),
+     "metrics[0].cap.upper", True),
+    ("cap lower above upper", cfg_with(metrics=[{"name": "a", "cap": {"upper": 1, "lower": 2}}]),
+     "metrics[0].cap", False),
+    ("numerator is denominator", cfg_with(metrics=[{"name": "r", "kind": "ratio",
+                                                    "numerator": "a", "denominator": "a"}]),
+     "metrics[0].denominator", False),
+    ("ratio named like an event metric",
+     cfg_with(metrics=["sessions", {"name": "r", "kind": "ratio", "numerator": "rev",
+                                    "denominator": "sessions"},
+                       {"name": "rev", "kind": "ratio", "numerator": "a", "denominator": "b"}]),
+     "metrics[2].name", False),
+    ("ratio named like its own numerator",
+     cfg_with(metrics=[{"name": "r", "kind": "ratio", "numerator": "r", "denominator": "b"}]),
+     "metrics[0].name", False),
     ("edges not from 0", cfg_with(strata_edges=[1, 8, 29]), "strata_edges", True),
     ("edges not increasing", cfg_with(strata_edges=[0, 8, 8, 29]), "strata_edges", False),
     ("edges decreasing", cfg_with(strata_edges=[0, 8, 4, 29]), "strata_edges", False),
@@ -699,7 +767,9 @@ def test_codec_types() -> None:
         "nan": math.nan,
     }
     assert codec.loads(codec.dumps(obj)) == {
-        "rec": {"name": "m", "direction": "increase", "guardrail_threshold": None},
+        "rec": {"name": "m", "direction": "increase", "guardrail_threshold": None,
+                "kind": "sum", "threshold": 0.0, "numerator": None, "denominator": None,
+                "cap_lower": None, "cap_upper": None},
         "tup": [1, 2],
         "set": [1, 2, 3],
         "np_float": 1.5,
