@@ -54,6 +54,13 @@ class MetricSpec:
     name: str
     direction: str = "increase"  # "increase" | "decrease"
     guardrail_threshold: float | None = None
+    # STUB of the kinds-state API (issue 26 contract §1): names and defaults only
+    kind: str = "sum"
+    threshold: float = 0.0
+    numerator: str | None = None
+    denominator: str | None = None
+    cap_lower: float | None = None
+    cap_upper: float | None = None
 
 
 PRIORS = ("flat", "platform")
@@ -139,6 +146,16 @@ class ExperimentConfig:
     def metric_names(self) -> tuple[str, ...]:
         """The metrics' names, in config order."""
         return tuple(m.name for m in self.metrics)
+
+    @property
+    def event_metrics(self) -> tuple[str, ...]:
+        """STUB (issue 26 contract §1): the event metric names units keep totals of."""
+        out: list[str] = []
+        for m in self.metrics:
+            for name in ((m.numerator, m.denominator) if m.kind == "ratio" else (m.name,)):
+                if name is not None and name not in out:
+                    out.append(name)
+        return tuple(out)
 
     @property
     def treatments(self) -> tuple[str, ...]:

@@ -406,6 +406,9 @@ class ExperimentSnapshot:
     #: units, y_b = the unit's total in age bin b (``age_edges_ms``), fine
     #: strata by ``fine_edges`` (index F = unknown activity)
     age_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
+    # STUB of the kinds-state API (issue 26 contract §2): fields with defaults only
+    extra_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
+    tails: dict[str, list[dict[int, int]]] = field(default_factory=dict)
 
 
 def started_and_arrivals(anchor: int | None, arrivals: list[dict[int, int]], B: int
