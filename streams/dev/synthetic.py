@@ -26,9 +26,8 @@ from every unit's expected outcome under each arm (``kind_truth``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -111,6 +110,8 @@ class Population:
     #: treatment's change of it per unit (``y`` stays the uncapped total)
     capped_baseline: np.ndarray | None = None
     capped_tau: np.ndarray | None = None
+    #: [M] ``kernels.tail.tail_bucket`` of each unit's total (``snapshot`` fills it once)
+    tail_buckets: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def true_effect(self) -> float:
@@ -423,6 +424,54 @@ def snapshot_cells(stats: dict[str, np.ndarray], n_strata_total: int | None = No
     extra = [[tuple(get(k, v, s) for k in extra_keys) for s in range(St)]
              for v in range(K1)] if extra_keys else None
     return cells, extra
+
+
+def snapshot(pop: Population, day: float, config, matured_days: float = 0.0):
+    """The ``ExperimentSnapshot`` a worker would hold at ``day`` for ``config``
+    (its ``started_at`` = day 0, daily buckets; every metric of ``config``
+    reads this population's outcome, so give it one metric): cells and
+    ``extra_cells`` from ``cell_stats``, arrivals by entry day, ``tails`` of
+    the matured units' uncapped totals for a ``sum`` metric. Lets the
+    statistical tests run the published path (``streams.sampling.analyze.estimate``)
+    on populations of any size without folding their events."""
+    from kernels.tail import tail_bucket  # noqa: PLC0415 - only this builder needs them
+    from streams.state.semantics import ExperimentSnapshot  # noqa: PLC0415
+
+    sc = pop.scenario
+    S = len(sc.strata_edges) - 1
+    st = cell_stats(pop, day, window_days=matured_days)
+    cells, extra = snapshot_cells(st, S + 1)
+    s = pop.stratum()
+    D = int(st["D"])
+    arrived = pop.arrival < day
+    arrivals = tuple(
+        {int(d): int(c) for d, c in zip(*np.unique(np.floor(pop.arrival[arrived & (s == k)]),
+                                                   return_counts=True), strict=True)}
+        for k in range(S)) + ({},)
+    act_sum = np.bincount(s[arrived], weights=pop.activity[arrived], minlength=S)
+    act_n = np.bincount(s[arrived], minlength=S)
+    matured = pop.arrival + matured_days < day
+    tails = {}
+    if any(m.kind == "sum" for m in config.metrics):
+        if pop.tail_buckets is None:  # a unit's bucket does not change with the day
+            pop.tail_buckets = np.array([tail_bucket(float(t)) for t in pop.y], np.int64)
+        tail = [{int(b): int(c) for b, c in zip(*np.unique(
+            pop.tail_buckets[matured & (pop.variant == v)], return_counts=True), strict=True)}
+            for v in range(len(sc.variants))]
+        tails = {m.name: tail for m in config.metrics if m.kind == "sum"}
+    day_ms = 86_400_000
+    return ExperimentSnapshot(
+        experiment_id=config.experiment_id, config=config, variants=tuple(sc.variants),
+        n_strata_total=S + 1, started_at=0, max_ts=int(day * day_ms),
+        watermark=int(day * day_ms), D=D, arrivals=arrivals,
+        activity_sum=tuple(float(a) for a in act_sum) + (0.0,),
+        activity_n=tuple(int(a) for a in act_n) + (0,),
+        exposed={v: int((arrived & (pop.variant == i)).sum()) for i, v in enumerate(sc.variants)},
+        matured={v: int((matured & (pop.variant == i)).sum()) for i, v in enumerate(sc.variants)},
+        cells={m.name: cells for m in config.metrics},
+        counters={},
+        extra_cells={m.name: extra for m in config.metrics if extra is not None},
+        tails=tails)
 
 
 def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
