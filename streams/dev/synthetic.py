@@ -476,13 +476,16 @@ def snapshot(pop: Population, day: float, config, matured_days: float = 0.0):
 
 def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
            until_day: float, rng: np.random.Generator, metric: str = "value",
-           day_ms: int = 86_400_000, max_parts: int = 3) -> list[dict]:
+           day_ms: int = 86_400_000, max_parts: int = 3, den_metric: str = "sessions"
+           ) -> list[dict]:
     """The population as an event stream (docs/architecture.md#contracts), sorted by event time.
 
     Every unit that arrives before ``until_day`` gets an exposure at its
     arrival and its outcome Y split into 1..``max_parts`` metric events spread
     over its window (the visits model: one metric event per visit, at its
-    age); events after ``until_day`` are not emitted.
+    age; a ratio's numerator M as ``metric`` and one ``den_metric`` event of
+    1 per session of its denominator D; a conversion's 0/1 and revenue's raw
+    total as any Y); events after ``until_day`` are not emitted.
     """
     sc = pop.scenario
     end = started_at + int(until_day * day_ms)
@@ -517,6 +520,14 @@ def events(pop: Population, experiment_id: str, started_at: int, window_ms: int,
                 out.append((ts, {"type": "metric", "event_id": f"{experiment_id}-m{i}-{q}",
                                  "experiment_id": experiment_id, "unit_id": uid,
                                  "metric": metric, "value": float(pop.y[i] * w[q]), "ts": ts}))
+        if pop.den is not None:  # a ratio's denominator: one event of 1 per session
+            for q, ts in enumerate(np.sort(te + (rng.random(int(pop.den[i])) * window_ms
+                                                 ).astype(np.int64))):
+                if ts < end:
+                    out.append((int(ts), {
+                        "type": "metric", "event_id": f"{experiment_id}-d{i}-{q}",
+                        "experiment_id": experiment_id, "unit_id": uid,
+                        "metric": den_metric, "value": 1.0, "ts": int(ts)}))
     out.sort(key=lambda t: t[0])
     return [e for _, e in out]
 
