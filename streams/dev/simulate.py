@@ -116,25 +116,15 @@ class KindOptions:
 def kind_events(pop, opts: KindOptions, experiment: str, started_at: int, window_ms: int,
                 days: float, rng: np.random.Generator) -> list[dict]:
     """The events of a kind population (``streams.dev.synthetic.events``, the one
-    layout): a ratio's numerator and denominator totals each as metric events
-    (the denominator's from the same generator on D, its ids ``-d`` for
-    ``-m``); metric events of value 0 left out (a unit without a purchase
-    sends none)."""
+    layout; a ratio's numerator and its denominator's sessions), without the
+    metric events of value 0 (a unit without a purchase sends none)."""
     metric = opts.metrics()[0]
-    name = metric.numerator if opts.kind == "ratio" else metric.name
-    evs = events(pop, experiment, started_at, window_ms, days, rng, metric=name)
     if opts.kind == "ratio":
-        den = events(dataclasses.replace(pop, y=pop.den), experiment, started_at, window_ms,
-                     days, rng, metric=metric.denominator)
-        evs += [dict(e, event_id=_den_id(e["event_id"])) for e in den if e["type"] == "metric"]
-        evs.sort(key=lambda e: e["ts"])
+        evs = events(pop, experiment, started_at, window_ms, days, rng,
+                     metric=metric.numerator, den_metric=metric.denominator)
+    else:
+        evs = events(pop, experiment, started_at, window_ms, days, rng, metric=metric.name)
     return [e for e in evs if e["type"] != "metric" or e["value"] != 0.0]
-
-
-def _den_id(event_id: str) -> str:
-    """A denominator event's id: the numerator's ``<exp>-m<unit>-<part>`` as ``-d``."""
-    k = event_id.rfind("-m")
-    return event_id[:k] + "-d" + event_id[k + 2:]
 
 
 def make_traffic(units: int, days: float, experiment: str, seed: int, window_seconds: int,
