@@ -94,3 +94,23 @@ def test_arrival_density_port_matches_kernels():
         got = np.asarray(bn.arrival_log_density(x, n, T, D, -2.0, 0.5))
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-9)
 
+
+
+def test_bench_ingest_kinds_spread_the_same_records():
+    """``bench ingest --kinds`` (issue 26): the same events whatever the kinds,
+    metric events spread over value, purchase and sessions; "mixed" is a sum,
+    a conversion and a ratio over exactly the event metrics "sum" has."""
+    from streams.bench.ingest import kinds_metrics, traffic
+
+    cfg0, evs0 = traffic(600, seed=1, experiment="b")
+    cfg, evs = traffic(600, seed=1, experiment="b", kinds="mixed")
+    assert len(evs) == len(evs0) == 600
+    assert [e["event_id"] for e in evs] == [e["event_id"] for e in evs0]
+    assert {e["metric"] for e in evs if e["type"] == "metric"} == {"value", "purchase",
+                                                                    "sessions"}
+    assert [m.kind for m in cfg.metrics] == ["sum", "conversion", "ratio"]
+    import dataclasses
+
+    sums = dataclasses.replace(cfg, metrics=kinds_metrics("sum"))
+    assert cfg.event_metrics == sums.event_metrics == ("value", "purchase", "sessions")
+    assert traffic(600, seed=1, experiment="b", kinds="none")[0].metrics == cfg0.metrics
