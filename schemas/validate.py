@@ -990,8 +990,9 @@ def incompatible_change(old: ExperimentConfig, new: ExperimentConfig,
     is defined by its window and its metric's kind: so variants and metrics
     may only be appended (same order; metrics of any kind), a metric's kind,
     threshold, numerator, denominator and cap are fixed (issue 26), and
-    control, window, buckets, strata, the start (the entry-bucket grid's origin) and the exposure-age bins in effect (unit
-    records keep totals per bin) are fixed once units exist. A concluded
+    control, window, buckets, strata, the start (the entry-bucket grid's
+    origin) and the exposure-age bins in effect (unit records keep totals
+    per bin) are fixed once units exist. A concluded
     experiment (``concluded``) has deleted its unit records and final
     estimates are out: reopening it (another ``end_at`` or ``status``) would
     fold its returning units a second time, so those are fixed too.

@@ -22,6 +22,18 @@ units with an x are covered by both.
 Configs often track exposure age (issue 19: ``exposure_age_bins`` drawn with
 edges inside the short windows, or a 60 s window with bins 0, 10, 30 s), so
 version-3 records, the age cells and their corrections are covered too.
+
+Metric kinds (issue 26): configs often carry a conversion (thresholds 0 or
+0.5; values of both signs, so late metrics flip folded units both ways), a
+ratio (numerator ``rev``, denominator ``clicks``, maybe a capped numerator)
+and a capped sum (caps the generated totals cross and come back from):
+their outcome cells, extra cells and the sum metrics' tail sketch
+(``ExperimentSnapshot.extra_cells``, ``tails``) are held to the reducer bit
+for bit, and to the time-sorted fold. A conversion's 0/1 and a unit's tail
+bucket are functions of its float total, which is order independent only up
+to rounding (a total within rounding of the threshold or of a bucket edge
+may fall either side: the stated bound); so the order-independence histories
+of such configs use values whose sums are exact (``exact_values``).
 """
 
 from __future__ import annotations
@@ -82,6 +94,36 @@ age_bins = (st.none() | st.just((0,))
             .map(lambda xs: (0, *sorted(xs))))
 
 
+def metric_sets(draw) -> tuple[MetricSpec, ...]:
+    """The metrics of a generated config: sums (as before), or the kinds of
+    issue 26 over the event metrics rev and clicks: a capped sum, a
+    conversion, a ratio (capped or not), one event metric feeding several."""
+    plain = st.sampled_from([(MetricSpec("rev"),), (MetricSpec("rev"), MetricSpec("clicks"))])
+    cap = st.sampled_from([(None, 3.0), (-2.0, 2.0), (0.0, None), (-1e5, 1e5)])
+    thr = st.sampled_from([0.0, 0.5, -1.0])
+
+    def kinds(d):
+        lo, hi = d(cap)
+        ratio = MetricSpec("rpc", kind="ratio", numerator="rev", denominator="clicks",
+                           cap_lower=d(st.sampled_from([None, lo])),
+                           cap_upper=d(st.sampled_from([None, hi])))
+        return d(st.sampled_from([
+            (MetricSpec("rev", cap_lower=lo, cap_upper=hi),
+             MetricSpec("clicks", kind="conversion", threshold=d(thr))),
+            (MetricSpec("rev", kind="conversion", threshold=d(thr)), ratio),
+            (MetricSpec("clicks"), ratio),  # event metrics: clicks, rev
+            (ratio, MetricSpec("rev", cap_lower=lo, cap_upper=hi),
+             MetricSpec("clicks", kind="conversion")),
+        ]))
+
+    return draw(plain) if draw(st.booleans()) else kinds(draw)
+
+
+def has_kinds(cfgs) -> bool:
+    """A config with a metric other than an uncapped sum (issue 26)."""
+    return any(m.kind != "sum" or m.capped for c in cfgs for m in c.metrics)
+
+
 @st.composite
 def configs(draw):
     out = []
@@ -92,8 +134,7 @@ def configs(draw):
         out.append(ExperimentConfig(
             experiment_id=f"e{i}",
             variants=draw(st.sampled_from([("control", "treatment"), ("c", "t1", "t2")])),
-            metrics=tuple(MetricSpec(m) for m in draw(
-                st.sampled_from([("rev",), ("rev", "clicks")]))),
+            metrics=metric_sets(draw),
             strata_edges=draw(st.sampled_from([(0, 1, 4, 29), (0, 2.5), (0,)])),
             window_seconds=window,
             exposure_age_bins=bins,
@@ -114,6 +155,10 @@ def configs(draw):
 values = (st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
           | st.sampled_from([0.1, 0.2, 1e-300, 1e15, -0.0, 3.0, 1 / 3]))
 activities = st.none() | st.sampled_from([0, 0.5, 1, 2.5, 3.7, 4, 28, 29, 35]) | st.floats(0, 40)
+#: values whose sums are exact in any order (integers and halves well below
+#: 2**53): the order-independence histories of configs with metric kinds
+exact_values = (st.integers(-40, 40).map(lambda k: k / 2)
+                | st.sampled_from([0.0, 1.0, -1.0, 0.25, -0.75, 3.0, 1e6, -1e6]))
 #: an exposure's pre-experiment values: none, or some of the metrics (and
 #: names no config has, which the state ignores)
 pres = st.none() | st.dictionaries(st.sampled_from(["rev", "clicks", "bogus"]), values,
@@ -242,6 +287,15 @@ class Both:
                     _note("age cells folded")
                 if w.counters["corrected"]:
                     _note("age tracked, corrections")
+            if w.extra_cells and any(x[0] for rows in w.extra_cells.values()
+                                     for row in rows for x in row):
+                _note("kinds: extra cells folded")
+                if w.counters["corrected"]:
+                    _note("kinds: corrected")
+            if any(p.code == 2 for p in want.plans) and w.counters["corrected"]:
+                _note("kinds: conversion corrected")
+            if any(d for rows in w.tails.values() for d in rows):
+                _note("tails counted")
             assert got.matured == w.matured, (c.experiment_id, got.matured, w.matured)
             assert bits(got) == bits(want.snapshot(c_all)), c.experiment_id
             assert bits(read_units(self.r, c)) == bits(want.units)
@@ -300,6 +354,7 @@ def keyed_history(draw, cfgs):
     within the dedupe window of partition time of their first copy (the
     stated bound)."""
     exp_ids = [c.experiment_id for c in cfgs]
+    vals = exact_values if has_kinds(cfgs) else values
     n_parts = draw(st.integers(1, 6))
     units = [f"u{i}" for i in range(draw(st.integers(1, 12)))]
     part_of = {u: draw(st.integers(0, n_parts - 1)) for u in units}
@@ -324,7 +379,7 @@ def keyed_history(draw, cfgs):
             x = draw(st.sampled_from(exposed))
             exp = x.experiment_id if draw(st.integers(0, 3)) else None
             m = Metric(f"m{k}", x.unit_id, draw(st.sampled_from(["rev", "clicks"])),
-                       draw(values), T0 + t, exp)
+                       draw(vals), T0 + t, exp)
             hist.append(m)
             home[m.event_id] = part_of[x.unit_id]
             if exp is not None and n_parts > 1 and draw(st.integers(0, 5)) == 0:
@@ -418,6 +473,15 @@ def assert_same_state(got: Reducer, want: Reducer) -> None:
                     for k, scale in ((4, math.sqrt(nx * sxx)), (5, sxx),
                                      (6, math.sqrt(sxx * syy)), (7, math.sqrt(nx * syy))):
                         assert _near(gc[k], wc[k], scale), (e, m, k, gc, wc)
+                    _same_extra(gc, wc, (e, m))
+        # the tail sketch: exact counts (the units' totals are exact with
+        # exact_values; otherwise only how many units each variant counts)
+        gt, wt = gs.tail_counts(), ws.tail_counts()
+        if has_kinds([gs.config]):
+            assert gt == wt, e
+        else:
+            assert {m: [sum(d.values()) for d in rows] for m, rows in gt.items()} == \
+                {m: [sum(d.values()) for d in rows] for m, rows in wt.items()}, e
         assert sorted(gs.age_cells) == sorted(ws.age_cells), e
         for m, rows in gs.age_cells.items():
             for gr, wr in zip(rows, ws.age_cells[m], strict=True):
@@ -431,6 +495,25 @@ def assert_same_state(got: Reducer, want: Reducer) -> None:
                         assert _near(gc[k], wc[k], scale), (e, m, k, gc, wc)
         lost = ("late", "expired", "too_old")
         assert all(gs.counters.get(k, 0) == 0 for k in lost), gs.counters
+
+
+#: the extra values a kind appends to its cell (issue 26): which are sums of
+#: squares or products (s) and which sums of values (v)
+_EXTRA_SHAPE = {2: "vs", 3: "vss", 6: "vssvss"}
+
+
+def _same_extra(gc: list, wc: list, where) -> None:
+    """A cell's extra values equal up to the rounding of the fold order and
+    of corrections (after minus before), on the scale of their terms."""
+    assert len(gc) == len(wc), where
+    if len(gc) == 8:
+        return
+    shape = _EXTRA_SHAPE[len(gc) - 8]
+    sq = max([abs(x) for x, k in zip(gc[8:] + wc[8:], shape * 2, strict=True) if k == "s"]
+             + [abs(gc[2]), abs(wc[2])])
+    for i, k in enumerate(shape, 8):
+        scale = sq if k == "s" else math.sqrt((gc[0] + 1) * sq)
+        assert _near(gc[i], wc[i], scale), (where, i, gc, wc)
 
 
 #: the dedupe window of ``_lenient`` configs (ms), and a jump in event time
@@ -928,3 +1011,121 @@ def test_replay_of_a_recorded_batch_holds_no_expired_metric_again(fresh):
     both.advance(0, T0 + 60_000)  # n expires
     both.check()
     assert both.red.counters["unrouted_expired"] == 2
+
+
+# ---------------------------------------------------------------- metric kinds (issue 26)
+
+
+def _kinds_cfg(**kw) -> ExperimentConfig:
+    """A capped sum (rev in [-40, 40]), a conversion (clicks > 0.5) and a
+    ratio rev / clicks with its numerator capped at 30, ages tracked."""
+    return _age_cfg(metrics=(MetricSpec("rev", cap_lower=-40.0, cap_upper=40.0),
+                             MetricSpec("clicks", kind="conversion", threshold=0.5),
+                             MetricSpec("rpc", kind="ratio", numerator="rev",
+                                        denominator="clicks", cap_upper=30.0)),
+                    correction_seconds=30, window_seconds=20, exposure_age_bins=(0, 3, 8), **kw)
+
+
+def test_kinds_committed_to_redis_equal_semantics(redis_url):
+    """Every kind on two partitions with corrections (conversions flipping
+    both ways on values of both signs, capped totals crossing the cap and
+    back, ratio numerators and denominators), crashed batches and replays:
+    the state committed to Redis, read back, equals the reducer bit for bit
+    (cells, extra cells, tails, unit records)."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    rnd = random.Random(26)
+    both = Both(r, [_kinds_cfg()])
+    evs = []
+    for i in range(500):
+        t = i * 300
+        evs.append(_x(f"x{i}", f"u{i % 90}@{i % 2}", t, rnd.choice(["control", "treatment"]),
+                      pre=rnd.choice([None, rnd.random() * 30]),
+                      cov=rnd.choice([None, {"rev": rnd.gauss(0, 5), "clicks": 1.0}])))
+        for k in range(2):
+            u = f"u{rnd.randrange(90)}@{k}"
+            back = rnd.choice([0, 0, 15_000, 40_000])
+            evs.append(Metric(f"m{i}.{k}", u, rnd.choice(["rev", "clicks"]),
+                              rnd.choice([rnd.gauss(0, 30), rnd.choice([-1.0, 1.0, 2.0])]),
+                              T0 + t - back + rnd.randrange(0, 20_000), "e1"))
+    done = []
+    for k in range(0, len(evs), 83):
+        part = {0: [], 1: []}
+        for ev in evs[k:k + 83]:
+            part[int(ev.unit_id[-1])].append(ev)
+        for p, lst in part.items():
+            if lst:
+                crash = rnd.choice(["none", "none", "partial"])
+                done.append((p, both.batch(p, lst, crash, pick=lambda: rnd.random() < 0.5)))
+        if rnd.random() < 0.3:
+            both.replay(*rnd.choice(done))
+    both.advance(0, T0 + 10**6)
+    both.advance(1, T0 + 10**6)
+    both.check()
+    st = both.red.states["e1"]
+    snap = read_snapshot(r, _kinds_cfg(), completeness=both.red.completeness())
+    assert st.counters["corrected"] > 20 and st.retired.n > 50
+    n = sum(st.matured.values())
+    assert sum(c[0] for row in snap.cells["rpc"] for c in row) == n
+    assert sum(sum(d.values()) for d in snap.tails["rev"]) == n
+    assert sorted(snap.extra_cells) == ["rev", "rpc"] and sorted(snap.tails) == ["rev"]
+    assert len(snap.extra_cells["rpc"][0][0]) == 6 and len(snap.extra_cells["rev"][0][0]) == 2
+    assert sorted(snap.age_cells) == ["rev"]
+    # the conversion's cell holds 0/1 outcomes, the capped sum's y stays in its cap
+    conv = [c for row in snap.cells["clicks"] for c in row if c[0]]
+    assert conv and all(c[1] == c[2] and float(c[1]).is_integer() for c in conv)
+    rev = [c for row in snap.cells["rev"] for c in row if c[0]]
+    assert all(c[2] <= 40.0 * 40.0 * c[0] + 1e-6 for c in rev)
+    assert any(x[1] > c[2] + 1.0 for row, xr in zip(snap.cells["rev"],  # some were capped
+               snap.extra_cells["rev"], strict=True) for c, x in zip(row, xr, strict=True))
+    r.close()
+
+
+def test_conversion_flips_and_cap_crossings_through_redis(fresh):
+    """Hand-computed through the owner's commit: a conversion folded at 1
+    flips to 0 and back by corrections, a capped total crosses its cap and
+    comes back, a ratio's denominator moves; each committed state read back
+    equals the reducer's, the tails hash holds the moved counts."""
+    c = _cfg(metrics=(MetricSpec("rev", cap_upper=10.0), MetricSpec("buy", kind="conversion"),
+                      MetricSpec("rpb", kind="ratio", numerator="rev", denominator="buy")))
+    both = Both(fresh, [c])
+
+    def m(eid, name, t, v):
+        return Metric(eid, "u", name, v, T0 + t, "e1")
+
+    both.batch(0, [_x("x", "u", 0, cov={"buy": 2.0}), m("a", "rev", 1_000, 4.0),
+                   m("b", "buy", 1_000, 1.0)])
+    both.batch(0, [_x("y", "w", 12_000, "treatment")])  # u folds
+    got = read_snapshot(fresh, c)
+    assert got.cells["buy"][0][1] == (1, 1.0, 1.0, 1, 2.0, 4.0, 2.0, 1.0)
+    assert got.extra_cells["rev"][0][1] == (4.0, 16.0)
+    assert got.extra_cells["rpb"][0][1] == (1.0, 1.0, 4.0)
+    for eid, name, v, y_buy, y_rev, t_rev, d in (
+            ("c", "buy", -2.0, 0.0, 4.0, 4.0, -1.0), ("d", "rev", 8.0, 0.0, 10.0, 12.0, -1.0),
+            ("e", "buy", 3.0, 1.0, 10.0, 12.0, 2.0), ("f", "rev", -9.0, 1.0, 3.0, 3.0, 2.0)):
+        both.batch(0, [m(eid, name, 5_000, v)])
+        both.check()
+        got = read_snapshot(fresh, c)
+        assert got.cells["buy"][0][1][:3] == (1, y_buy, y_buy)
+        assert got.cells["rev"][0][1][:3] == (1, y_rev, y_rev * y_rev)
+        assert got.extra_cells["rev"][0][1] == (t_rev, t_rev * t_rev)
+        assert got.extra_cells["rpb"][0][1] == (d, d * d, t_rev * d)  # rpb: not capped
+    assert both.red.states["e1"].counters["corrected"] == 4
+    from kernels.tail import tail_bucket
+    assert read_snapshot(fresh, c).tails["rev"] == [{tail_bucket(3.0): 1}, {}]
+    raw = {k.decode(): int(v) for k, v in fresh.hgetall("lr:{e:e1}:tails").items()}
+    assert raw[f"rev|control|{tail_bucket(3.0)}"] == 1
+    assert raw[f"rev|control|{tail_bucket(4.0)}"] == 0  # moved away: read as none
+
+
+def test_sum_only_state_is_written_as_before(fresh):
+    """Configs of sum metrics only: unit records (version 1: 22 + 8 bytes a
+    metric) and cells (8 numbers) as before issue 26; the tails are new."""
+    c = _cfg(metrics=(MetricSpec("rev"), MetricSpec("clicks")), correction_seconds=100)
+    both = Both(fresh, [c])
+    both.batch(0, [_x("x", "u", 0), _m("a", "u", 5_000, 2.0), _x("y", "v", 65_000)])
+    both.check()
+    assert len(fresh.hget("lr:{e:e1}:units", "u")) == 22 + 2 * 8
+    cell = fresh.hget(shard_key("e1", src(0)), "rev|control|1").decode().split(" ")
+    assert cell == ["1", "2.0", "4.0", "0", "0.0", "0.0", "0.0", "0.0"]
+    assert read_snapshot(fresh, c).extra_cells == {}

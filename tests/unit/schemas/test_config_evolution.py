@@ -67,6 +67,45 @@ def test_incompatible_change(change, ok):
     assert (incompatible_change(BASE, dataclasses.replace(BASE, **change)) is None) == ok
 
 
+KINDS = ExperimentConfig(
+    experiment_id="ev1", variants=("control", "t1"), window_seconds=3600, started_at=T0,
+    metrics=(MetricSpec("rev", cap_upper=100.0), MetricSpec("buy", kind="conversion"),
+             MetricSpec("rps", kind="ratio", numerator="rev", denominator="sessions")))
+_rev, _buy, _rps = KINDS.metrics
+
+
+@pytest.mark.parametrize("metrics, fixed", [
+    # issue 26: what defines a unit's outcome is fixed once units exist
+    ((dataclasses.replace(_rev, kind="conversion", cap_upper=None), _buy, _rps), "kind"),
+    ((dataclasses.replace(_rev, cap_upper=50.0), _buy, _rps), "cap_upper"),
+    ((dataclasses.replace(_rev, cap_lower=0.0), _buy, _rps), "cap_lower"),
+    ((dataclasses.replace(_rev, cap_upper=None), _buy, _rps), "cap_upper"),
+    ((_rev, dataclasses.replace(_buy, threshold=1.0), _rps), "threshold"),
+    ((_rev, _buy, dataclasses.replace(_rps, denominator="visits")), "denominator"),
+    ((_rev, _buy, dataclasses.replace(_rps, numerator="buy")), "numerator"),
+    ((_rev, _buy, dataclasses.replace(_rps, cap_upper=9.0)), "cap_upper"),
+    ((_rev, _buy, dataclasses.replace(_rps, kind="sum", numerator=None, denominator=None)),
+     "kind"),
+])
+def test_metric_kind_fields_are_fixed(metrics, fixed):
+    why = incompatible_change(KINDS, dataclasses.replace(KINDS, metrics=metrics))
+    assert why is not None and fixed in why and "incompatible" not in why, why
+
+
+def test_metrics_of_any_kind_may_be_appended_and_guardrails_change():
+    """Appending keeps the event metrics a prefix (unit records stay
+    readable); direction and guardrail threshold may change."""
+    more = (dataclasses.replace(_rev, direction="decrease", guardrail_threshold=3.0), _buy, _rps,
+            MetricSpec("ipo", kind="ratio", numerator="items", denominator="buy",
+                       cap_upper=20.0),
+            MetricSpec("clicked", kind="conversion", threshold=2.0),
+            MetricSpec("sessions", cap_lower=0.0))
+    new = dataclasses.replace(KINDS, metrics=more)
+    assert incompatible_change(KINDS, new) is None
+    assert new.event_metrics[:len(KINDS.event_metrics)] == KINDS.event_metrics
+    assert new.event_metrics == ("rev", "buy", "sessions", "items", "clicked")
+
+
 @pytest.mark.parametrize("change", [dict(end_at=None, status="running"),
                                     dict(end_at=T0 + 3_600_000), dict(status="running")])
 def test_concluded_end_and_status_are_fixed(change):
