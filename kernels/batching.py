@@ -26,7 +26,7 @@ _STATE_AXES = {
 }
 _DRAW_AXES = {
     "adj_effect": ("K",), "adj_lift": ("K",), "naive_effect": ("K",), "naive_lift": ("K",),
-    "tau": ("K", "S"), "share": ("S",), "slope": (),
+    "tau": ("K", "S"), "share": ("S",), "slope": (), "mu0": ("S",),
 }
 
 
@@ -96,9 +96,12 @@ def stack_draws(per_problem: list[dict[str, np.ndarray]], xp=np) -> Draws:
 
 
 def _draw(d: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """A stored window's array; a window stored before ``slope`` existed has none (0)."""
+    """A stored window's array; a window stored before ``slope`` existed, or
+    without ``mu0`` (only a ratio's problems keep it), has none (0)."""
     if name in d:
         return d[name]
     if name == "slope":
         return np.zeros(d["adj_effect"].shape[:2])
+    if name == "mu0":  # kept only where a metric kind needs it (a ratio's problems)
+        return np.zeros(d["share"].shape)
     raise KeyError(name)

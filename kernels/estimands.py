@@ -28,6 +28,10 @@ class Draws:
     #: [P, C] the covariate's slope γ_1 averaged over strata, weighted by the
     #: matured units with a covariate (0 without one; ``kernels.covariate``)
     slope: Array
+    #: [P, C, S] the control mean μ_0s of each stratum: a ratio metric's two
+    #: problems (numerator linearized, denominator) are recombined from their
+    #: per-stratum means after sampling (``kernels.ratio``)
+    mu0: Array
 
     def arrays(self) -> dict[str, Array]:
         """The fields by name."""
@@ -104,6 +108,7 @@ def estimands(state: State, data: ModelData) -> Draws:
         tau=state.tau,
         share=pi,
         slope=(c["slope_w"] * state.gamma[..., 0]).sum(-1),
+        mu0=state.mu0,
     )
 
 

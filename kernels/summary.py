@@ -28,6 +28,12 @@ def _interval(x: np.ndarray) -> dict[str, np.ndarray]:
             else np.zeros(flat.shape[:-1]), "lo": q[0], "hi": q[1]}
 
 
+def interval(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, sd and central 95% interval over the last two axes [..., C, T]
+    (draws of chains), as every interval of the estimate record is made."""
+    return _interval(x)
+
+
 def _baseline(eff: np.ndarray, lift: np.ndarray) -> dict[str, np.ndarray]:
     """The lift's denominator (the control mean the effect is divided by) per
     draw, recovered as effect / lift, summarised like ``_interval``. A lift is

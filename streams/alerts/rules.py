@@ -72,6 +72,12 @@ The conditions, per metric and treatment variant unless said otherwise:
   look even from an unconverged chain (R-hat is in the evidence). Suggested
   contract addition: a ``p_beyond_guardrail`` field in the estimate record,
   computed from the draws by the summary kernel, would make this exact.
+  Every metric kind (issue 26) has a guardrail, on its published adjusted
+  effect and so in that effect's units: a ``sum``'s in metric units (the
+  capped effect when the metric has a ``cap``), a ``conversion``'s in
+  probability points (0.01 = one percentage point of conversion rate; the
+  message says "pp"), a ``ratio``'s in ratio units (R_treatment - R_control,
+  e.g. revenue per session). The message names the kind's units.
 - ``decision_ready``: the record's always-valid ``decision.ready`` (issue 27,
   docs/method.md §8: a confidence sequence on the adjusted effect, one look
   per ``look_seconds`` of data time, e-BH over the secondary metrics). Its
@@ -310,6 +316,22 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f}%"
 
 
+def _fmt_effect(x: float | None, kind: str) -> str:
+    """An effect (or a threshold on one) in its kind's units, so a guardrail
+    message reads as the dashboard does: percentage points for a conversion,
+    the plain difference of ratios for a ratio, metric units for a sum."""
+    if x is None:
+        return "n/a"
+    if kind == "conversion":
+        return f"{100.0 * x:.3g} pp"
+    return f"{x:.3g}"
+
+
+#: what a guardrail threshold g means, per metric kind (the message's words)
+_EFFECT_UNITS = {"conversion": "percentage points of conversion rate",
+                 "ratio": "difference of the ratio between arms"}
+
+
 class _Decision:
     """One condition evaluated on one record: firing now (None = no information), why."""
 
@@ -339,13 +361,19 @@ def _guardrail(rec: dict, spec: MetricSpec, was: bool, t: dict[str, float]) -> _
                    effect_lo=eff.get("lo"), effect_hi=eff.get("hi"),
                    rhat=rec["diagnostics"].get("rhat"))
     side = "above" if bad_up else "below"
+    kind = spec.kind
+
+    def fx(x: Any) -> str:
+        return _fmt_effect(_num(x), kind)
+
+    units = f" ({_EFFECT_UNITS[kind]})" if kind in _EFFECT_UNITS else ""
     if firing:
-        msg = (f"Guardrail breach: {rec['variant']} moves {rec['metric']} {side} {_fmt(cut)} "
-               f"with probability {p:.3f} (adjusted effect {_fmt(mean)}, "
-               f"95% interval [{_fmt(eff.get('lo'))}, {_fmt(eff.get('hi'))}]).")
+        msg = (f"Guardrail breach: {rec['variant']} moves {rec['metric']} {side} {fx(cut)}"
+               f"{units} with probability {p:.3f} (adjusted effect {fx(mean)}, "
+               f"95% interval [{fx(eff.get('lo'))}, {fx(eff.get('hi'))}]).")
     else:
         msg = (f"Guardrail on {rec['metric']} for {rec['variant']} is no longer breached: "
-               f"P(effect {side} {_fmt(cut)}) = {p:.3f}, under {level:g}.")
+               f"P(effect {side} {fx(cut)}{units}) = {p:.3f}, under {level:g}.")
     return _Decision(firing, ev, msg)
 
 

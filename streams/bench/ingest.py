@@ -34,6 +34,14 @@ and the Redis server's time in the state commands alone.
 (b) is then run once more under cProfile (on a fourth database), and its time
 split into validation, registry, routing, the Lua apply (client side vs Redis
 server time from ``INFO commandstats``), dead letters and the Kafka consume.
+
+``--kinds mixed`` (issue 26): the experiment has a ``value`` sum, a
+``purchase`` conversion and a ``value_per_session`` ratio (``value`` over
+``sessions``); the metric events are spread over the three event metrics
+(every third one each). (b) runs with that config, and once more (on a fifth
+database, same records) with the three event metrics as three sums
+(``--kinds sum``'s config): the report gives the cost per event of each and
+the kinds' extra. ``--kinds sum`` alone is that baseline by itself.
 """
 
 from __future__ import annotations
@@ -68,9 +76,50 @@ REPO = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------- set-up
 
 
-def traffic(n: int, seed: int = 0, experiment: str | None = None):
+#: ``--kinds``: the bench experiment's metrics (issue 26). "none": today's one
+#: ``value`` sum; "sum": three sums over the event metrics value, purchase,
+#: sessions; "mixed": the same event metrics as a sum, a conversion and a ratio
+BENCH_KINDS = ("none", "sum", "mixed")
+KIND_EVENT_METRICS = ("value", "purchase", "sessions")
+
+
+def kinds_metrics(kinds: str) -> tuple:
+    """The experiment's metrics for ``--kinds`` (``BENCH_KINDS``)."""
+    from schemas.records import MetricSpec
+
+    if kinds == "none":
+        return (MetricSpec("value"),)
+    if kinds == "sum":
+        return tuple(MetricSpec(m) for m in KIND_EVENT_METRICS)
+    if kinds == "mixed":
+        return (MetricSpec("value"), MetricSpec("purchase", kind="conversion"),
+                MetricSpec("value_per_session", kind="ratio", numerator="value",
+                           denominator="sessions"))
+    raise ValueError(f"--kinds must be one of {', '.join(BENCH_KINDS)}, got {kinds!r}")
+
+
+def with_kinds(cfg, evs: list[dict], kinds: str):
+    """``cfg`` with ``kinds``' metrics, and ``evs`` with their metric events
+    spread over its event metrics (the i-th metric event gets the (i mod 3)-th):
+    the same records and event count whatever the kinds."""
+    import dataclasses
+
+    if kinds == "none":
+        return cfg, evs
+    cfg = dataclasses.replace(cfg, metrics=kinds_metrics(kinds))
+    out, i = [], 0
+    for e in evs:
+        if e["type"] == "metric":
+            e = dict(e, metric=KIND_EVENT_METRICS[i % len(KIND_EVENT_METRICS)])
+            i += 1
+        out.append(e)
+    return cfg, out
+
+
+def traffic(n: int, seed: int = 0, experiment: str | None = None, kinds: str = "none"):
     """``n`` simulated events of one experiment, in event-time order; event
-    times a month in the past (workers reject the future)."""
+    times a month in the past (workers reject the future); ``kinds``: its
+    metrics (``with_kinds``)."""
     from streams.dev.simulate import make_traffic
 
     experiment = experiment or f"bench-{uuid.uuid4().hex[:8]}"
@@ -82,7 +131,7 @@ def traffic(n: int, seed: int = 0, experiment: str | None = None):
             break
         units = math.ceil(units * 1.3 * n / max(1, len(evs)))
     evs.sort(key=lambda e: e["ts"])
-    return cfg, evs[:n]
+    return with_kinds(cfg, evs[:n], kinds)
 
 
 def redis_db_url(url: str, db: int) -> str:
@@ -264,7 +313,8 @@ def run_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: int,
     dead = sum(v for k, v in total.counts.items() if k.startswith("dead_letter:"))
     return {"events": got, "applied": sum(cnt.values()), "late_share": late_share(cnt),
             "dead_letters": dead,
-            "counts": dict(total.counts), "wall_s": wall, "cpu_s": cpu, "redis_cpu_s": rcpu,
+            "counts": dict(total.counts), "counters": dict(cnt),
+            "wall_s": wall, "cpu_s": cpu, "redis_cpu_s": rcpu,
             "lua_calls": lua_calls, "lua_server_s": lua_s,
             "command_server_s": sum(u for _, u in state_cmds.values()) / 1e6,
             "rate": got / wall, "rate_per_core": got / (cpu + rcpu)}
@@ -462,7 +512,7 @@ def run_worker(bootstrap: str, topic: str, partitions: int, n: int, batch_size: 
 
 def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = None,
         bootstrap: str | None = None, redis_url: str | None = None, e2e: bool = True,
-        profile: bool = True, seed: int = 0) -> dict:
+        profile: bool = True, seed: int = 0, kinds: str = "none") -> dict:
     from streams.dev.embedded import kafka_broker, redis_server
     from streams.dev.simulate import dumps, produce
     from streams.service.topics import TopicSpec, ensure_topics
@@ -475,7 +525,7 @@ def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = Non
             redis_url = stack.enter_context(redis_server(appendonly=True)).url
         s = Settings.from_env(bootstrap_servers=bootstrap, redis_url=redis_url)
         conf = kafka_config(s)
-        cfg, evs = traffic(events, seed)
+        cfg, evs = traffic(events, seed, kinds=kinds)
         topic = f"bench.ingest.{uuid.uuid4().hex[:8]}.events"
         ensure_topics(conf, [TopicSpec(topic, partitions, 1, {})], strict=True)
         t0 = time.perf_counter()
@@ -487,13 +537,21 @@ def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = Non
         out: dict[str, Any] = {
             "events": n, "partitions": partitions, "batch_size": batch_size,
             "cores": os.cpu_count(), "broker": bootstrap, "produce_s": produce_s,
-            "experiment_id": cfg.experiment_id, "topic": topic}
+            "experiment_id": cfg.experiment_id, "topic": topic, "kinds": kinds,
+            "metrics": [{"name": m.name, "kind": m.kind} for m in cfg.metrics]}
         out["raw"] = run_raw(conf, topic, partitions, n, batch_size)
         out["ingest"] = run_ingest(conf, topic, partitions, n, batch_size,
                                    redis_db_url(redis_url, base), cfg)
         out["ratio"] = out["ingest"]["rate"] / out["raw"]["rate"]
         out["ratio_per_core"] = out["ingest"]["rate_per_core"] / out["raw"]["rate_per_core"]
         out["floor"] = cost_floor([dumps(e) for e in evs], out["raw"], out["ingest"])
+        if kinds == "mixed":  # the same records with three sums: the kinds' extra cost
+            import dataclasses
+
+            sums = dataclasses.replace(cfg, metrics=kinds_metrics("sum"))
+            out["ingest_sums"] = run_ingest(conf, topic, partitions, n, batch_size,
+                                            redis_db_url(redis_url, base + 3), sums)
+            out["kinds_cost"] = kinds_cost(out["ingest"], out["ingest_sums"])
         if e2e:
             try:
                 out["worker"] = run_worker(bootstrap, topic, partitions, n, batch_size,
@@ -508,6 +566,22 @@ def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = Non
             out["profile"] = profile_ingest(conf, topic, partitions, n, batch_size,
                                             redis_db_url(redis_url, base + 2), cfg)
     return out
+
+
+def _cpu_us(b: dict) -> tuple[float, float]:
+    """(client, Redis) CPU µs per event of an ``run_ingest`` result."""
+    n = max(1, b["events"])
+    return 1e6 * b["cpu_s"] / n, 1e6 * b["redis_cpu_s"] / n
+
+
+def kinds_cost(mixed: dict, sums: dict) -> dict:
+    """CPU µs per event of (b) with a conversion and a ratio metric present
+    against the same records folded as sums only (issue 26)."""
+    mc, mr = _cpu_us(mixed)
+    sc, sr = _cpu_us(sums)
+    return {"mixed_client_us": mc, "mixed_redis_us": mr, "mixed_us": mc + mr,
+            "sums_client_us": sc, "sums_redis_us": sr, "sums_us": sc + sr,
+            "extra_share": (mc + mr) / max(1e-12, sc + sr) - 1.0}
 
 
 #: issue 25's goals for the worker end to end: Redis CPU per event, and
@@ -530,9 +604,12 @@ def targets(res: dict) -> dict:
 
 def format_report(res: dict) -> str:
     a, b = res["raw"], res["ingest"]
+    kinds = res.get("kinds", "none")
     lines = [f"bench ingest: {res['events']} events, {res['partitions']} partitions, batch "
              f"{res['batch_size']}, {res['cores']} cores (Redis and the broker share them); "
-             f"broker {res['broker']}",
+             f"broker {res['broker']}"
+             + ("" if kinds == "none" else "; metrics " + ", ".join(
+                 f"{m['name']} ({m['kind']})" for m in res["metrics"])),
              f"{'':34}{'events/s':>12}{'wall s':>9}{'client cpu s':>14}{'redis cpu s':>13}"
              f"{'ev/cpu-s':>11}",
              f"{'(a) raw consume + orjson':34}{a['rate']:12.0f}{a['wall_s']:9.2f}"
@@ -556,6 +633,13 @@ def format_report(res: dict) -> str:
                      f"(no rules, no protocol) is {f['floor_us']:.1f} = consume+decode "
                      f"{f['consume_decode_us']:.1f} + validation {f['validation_us']:.1f} + "
                      f"Redis commands {f['redis_commands_us']:.1f}")
+    k = res.get("kinds_cost")
+    if k:
+        lines.append(f"kinds (b): {k['mixed_us']:.1f} CPU µs per event (client "
+                     f"{k['mixed_client_us']:.1f} + Redis {k['mixed_redis_us']:.1f}) with a "
+                     f"conversion and a ratio against {k['sums_us']:.1f} (client "
+                     f"{k['sums_client_us']:.1f} + Redis {k['sums_redis_us']:.1f}) with the "
+                     f"same event metrics as sums: {k['extra_share']:+.1%}")
     if w and "error" not in w:
         lines.append(f"(c)/(a): {res['worker_ratio']:.1%} wall, "
                      f"{res['worker_ratio_per_core']:.1%} per core (goal: >= 10%), "
@@ -594,7 +678,8 @@ def format_report(res: dict) -> str:
 def ingest_main(args) -> int:
     res = run(events=args.events, partitions=args.partitions, batch_size=args.batch_size,
               bootstrap=args.bootstrap_servers, redis_url=args.redis_url,
-              e2e=not args.no_worker, profile=not args.no_profile, seed=args.seed)
+              e2e=not args.no_worker, profile=not args.no_profile, seed=args.seed,
+              kinds=getattr(args, "kinds", "none"))
     if args.json:
         print(json.dumps(res, indent=1, default=str))
     else:

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="random numbers: default Philox on a GPU, PCG64 on the CPU")
     bs.add_argument("--chunk-problems", type=int, default=None,
                     help="problems per batch (default: all on the CPU, sized to GPU memory)")
+    bs.add_argument("--kind", choices=("sum", "conversion", "capped", "ratio"), default="sum",
+                    help="the metrics' kind (issue 26): --problems metrics of it; a capped "
+                         "sum and a ratio take two problems each")
     bs.add_argument("--json", action="store_true")
     bc = bsub.add_parser("covariate", help="sweep cost with a CUPED covariate vs without")
     bc.add_argument("--problems", type=int, default=200)
@@ -58,6 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bi.add_argument("--no-worker", action="store_true", help="skip (c), the Faust worker")
     bi.add_argument("--no-profile", action="store_true", help="skip the cProfile run of (b)")
     bi.add_argument("--seed", type=int, default=0)
+    bi.add_argument("--kinds", choices=("none", "sum", "mixed"), default="none",
+                    help="the experiment's metrics (issue 26): none = one 'value' sum; sum = "
+                         "three sums (value, purchase, sessions); mixed = a sum, a conversion "
+                         "and a ratio on those event metrics, with (b) also run as sums to "
+                         "give the kinds' extra cost per event")
     bi.add_argument("--json", action="store_true")
     bl = bsub.add_parser("latency", help="p50/p99 from an event's production to an estimate")
     bl.add_argument("--rate", type=float, default=200.0, help="events/s produced")

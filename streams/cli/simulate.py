@@ -38,6 +38,28 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--effect-slope", type=float, default=None, metavar="B",
                    help="how the effect changes per unit of log visit probability "
                         "(negative: heavy users respond worse; default the scenario's)")
+    # metric kinds (issue 26): the experiment's one metric and the truth follow the kind
+    s.add_argument("--kind", choices=("sum", "conversion", "ratio"), default="sum",
+                   help="the metric: sum (default: a normal 'value'; lognormal revenue with "
+                        "--revenue-sigma), conversion ('purchase': did the unit buy), ratio "
+                        "('revenue' per 'sessions')")
+    s.add_argument("--base-rate", type=float, default=None, metavar="P",
+                   help="conversion: the control's conversion rate (0 < P < 1, e.g. 0.01; "
+                        "default 0.05)")
+    s.add_argument("--ratio-corr", type=float, default=None, metavar="R",
+                   help="ratio: correlation of the unit's numerator and denominator totals "
+                        "(0 < R <= 1; default 0.5)")
+    s.add_argument("--revenue-sigma", type=float, default=None, metavar="S",
+                   help="sum: lognormal 'revenue' with sigma S (up to 2 is heavy-tailed; "
+                        "0 < S <= 3) and a point mass at 0")
+    s.add_argument("--zero-share", type=float, default=None, metavar="Q",
+                   help="revenue: share of units with no revenue (0 <= Q < 1; default 0.7)")
+    s.add_argument("--cap-upper", type=float, default=None, metavar="X",
+                   help="revenue: the config caps each unit's window total at X; the truth is "
+                        "the capped population effect, the uncapped one under 'uncapped'")
+    s.add_argument("--effect", type=float, default=None, metavar="E",
+                   help="the population effect (a relative lift for conversion, ratio and "
+                        "revenue; default the scenario's, 0.10)")
     return s
 
 
@@ -46,15 +68,19 @@ def run(args: argparse.Namespace) -> int:
     produce the events to ``--topic``; a summary on stderr."""
     from schemas.codec import dumps
     from schemas.validate import experiment_to_dict
-    from streams.dev.simulate import make_traffic, produce
+    from streams.dev.simulate import KindOptions, make_traffic, produce
 
     try:
+        kinds = KindOptions(kind=args.kind, base_rate=args.base_rate,
+                            ratio_corr=args.ratio_corr, revenue_sigma=args.revenue_sigma,
+                            zero_share=args.zero_share, cap_upper=args.cap_upper,
+                            effect=args.effect)
         cfg, evs, tr = make_traffic(args.units, args.days, args.experiment, args.seed,
                                     args.window_seconds, args.started_at,
                                     getattr(args, "covariate_rho", None),
                                     getattr(args, "covariate_missing", 0.0),
                                     getattr(args, "novelty", None),
-                                    getattr(args, "effect_slope", None))
+                                    getattr(args, "effect_slope", None), kinds)
     except ValueError as e:
         raise SystemExit(f"liftstream simulate: {e}") from None
     if args.experiments_out:

@@ -14,6 +14,13 @@ effect (an extra lift of 0.15 on each unit's first day since exposure, the
 visits model of ``streams.dev.synthetic``): its estimates carry the lift by days
 since exposure and the novelty contrast (issue 19), and the dashboard plots
 them.
+Three more experiments show one metric of each kind (issue 26), each with
+heavy users first and a lift that grows with activity: ``demo-conversion``
+(``purchase``, a conversion at a 5% base rate: effects in percentage
+points), ``demo-ratio`` (``revenue_per_session``: revenue over sessions,
+their unit totals correlated 0.6; per-arm ratios) and ``demo-revenue``
+(lognormal revenue, σ 2, 70% zeros, capped at 50 per unit window: the
+capped estimate, the uncapped one beside it and the tail quantiles).
 Ctrl-C or ``--duration`` stops everything; no process is left behind.
 
 ``--no-traffic`` starts the same stack without the simulator and prints one
@@ -50,6 +57,17 @@ DEMO_COVARIATE_MISSING = 0.1
 DEMO_NOVELTY_EXPERIMENT = "demo-onboarding"
 DEMO_NOVELTY = 0.15
 DEMO_NOVELTY_UNITS = 15_000
+#: issue 26: the cap of the revenue experiment's unit window totals (about
+#: the 99th percentile of a buyer's revenue at σ 2)
+DEMO_REVENUE_CAP = 50.0
+#: issue 26: one experiment per metric kind, (experiment id, units, the
+#: simulator's options; ``streams.dev.simulate.KindOptions`` keyword arguments)
+DEMO_KINDS: tuple[tuple[str, int, dict], ...] = (
+    ("demo-conversion", 30_000, {"kind": "conversion", "base_rate": 0.05}),
+    ("demo-ratio", 15_000, {"kind": "ratio", "ratio_corr": 0.6}),
+    ("demo-revenue", 30_000, {"revenue_sigma": 2.0, "zero_share": 0.7,
+                              "cap_upper": DEMO_REVENUE_CAP}),
+)
 
 
 class Traffic(threading.Thread):
@@ -123,8 +141,68 @@ def _novelty_line(rec: dict | None) -> str:
     return f"{DEMO_NOVELTY_EXPERIMENT}: lift by days since exposure {bins}; novelty {nov}"
 
 
+def kind_experiments(start_ms: int, seed: int = 0, lateness_seconds: int = 3 * 3600,
+                     days: float = 14.0) -> list[tuple[ExperimentConfig, list[dict], dict]]:
+    """The metric-kind experiments of ``DEMO_KINDS`` (issue 26): config (a
+    one-day window, the demo's lateness), events and truth of each, from
+    ``liftstream simulate``'s generator."""
+    import dataclasses
+
+    from streams.dev.simulate import KindOptions, make_traffic
+
+    out = []
+    for i, (eid, units, opts) in enumerate(DEMO_KINDS):
+        cfg, evs, tr = make_traffic(units, days, eid, seed + 1 + i, 86_400, start_ms,
+                                    kinds=KindOptions(**opts))
+        out.append((dataclasses.replace(cfg, lateness_seconds=lateness_seconds), evs, tr))
+    return out
+
+
+def _pp(iv: dict | None) -> str:
+    """A conversion's effect interval in percentage points."""
+    if not iv or iv.get("mean") is None:
+        return "—"
+    return f"{100 * iv['mean']:+.2f} pp [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}]"
+
+
+def _plain(iv: dict | None) -> str:
+    return _fmt(iv).strip()
+
+
+def kind_line(eid: str, rec: dict | None, tr: dict) -> str:
+    """One metric-kind experiment's line of the live table: its adjusted and
+    naive effects in the kind's units against the truth; a ratio's per-arm
+    ratios, a capped sum's uncapped effect and tail."""
+    if rec is None:
+        return f"{eid}: waiting (units mature one day after exposure)"
+    kind = rec.get("kind") or "sum"
+    if kind == "conversion":
+        fmt, truth_text = _pp, f"{100 * tr['effect']:+.2f} pp"
+    else:
+        fmt, truth_text = _plain, f"{tr['effect']:+.3f}"
+    line = (f"{eid} ({rec['metric']}, {kind}{', capped' if rec.get('cap') else ''}): adjusted "
+            f"{fmt(rec['adjusted']['effect'])}, naive {fmt(rec['naive']['effect'])}, "
+            f"truth {truth_text}")
+    ratio = rec.get("ratio") or {}
+    if ratio.get("adjusted"):
+        line += "; ratio per arm " + ", ".join(
+            f"{arm} {iv['mean']:.3f}" for arm, iv in ratio["adjusted"].items()
+            if iv and iv.get("mean") is not None)
+    unc = rec.get("uncapped")
+    if unc and (unc.get("effect") or {}).get("mean") is not None:
+        line += f"; uncapped {fmt(unc['effect'])}"
+        if tr.get("uncapped"):
+            line += f" (truth {tr['uncapped']['effect']:+.3f})"
+    tail = (rec.get("tail") or {}).get("pooled")
+    if tail and tail.get("max") is not None:
+        line += (f"; unit totals p99.9 {tail['p999']:.3g}, max {tail['max']:.3g}, top 0.1% "
+                 f"hold {tail['top_0_1pct_share_sum_y2']:.0%} of Σy²")
+    return line
+
+
 def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
-           http: str = "", novelty_rec: dict | None = None) -> str:
+           http: str = "", novelty_rec: dict | None = None,
+           kind_lines: list[str] | None = None) -> str:
     head = f"liftstream demo — experiment {DEMO_EXPERIMENT}, event time day {sim_day:5.2f}, " \
            f"{sent} events sent" + (f" — dashboard {http}" if http else "")
     if rec is None:
@@ -144,6 +222,7 @@ def render(rec: dict | None, tr: dict, sim_day: float, sent: int, tty: bool,
             f"ESS {d['ess_bulk'] or 0:.0f}, iteration {d['iteration']}",
             _covariate_line(rec.get("variance_reduction")),
             _novelty_line(novelty_rec),
+            *(kind_lines or []),
         ])
     text = head + "\n" + body
     return ("\x1b[H\x1b[J" + text) if tty else text
@@ -219,6 +298,14 @@ def run_demo(duration: float | None = None, no_traffic: bool = False, speed: flo
 
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_EXPERIMENT), dumps(tr))
             redis.Redis.from_url(rds.url).set(truth_key(DEMO_NOVELTY_EXPERIMENT), dumps(ntr))
+            kinds = []  # (experiment, its metric, truth) of each metric kind's experiment
+            for kcfg, kevs, ktr in kind_experiments(start_ms, seed):
+                publish_experiment(kafka.url, s.topic_experiments, kcfg)
+                Registry(redis.Redis.from_url(rds.url)).put(kcfg)
+                redis.Redis.from_url(rds.url).set(truth_key(kcfg.experiment_id), dumps(ktr))
+                kinds.append((kcfg.experiment_id, kcfg.metrics[0].name, ktr))
+                evs += kevs
+            evs.sort(key=lambda e: e["ts"])
             traffic = Traffic(kafka.url, s.topic_events, evs, start_ms, speed)
             traffic.start()
             r = redis.Redis.from_url(rds.url)
@@ -234,8 +321,12 @@ def run_demo(duration: float | None = None, no_traffic: bool = False, speed: flo
                     rec = loads(raw) if raw else None
                     nraw = r.get(estimate_key(DEMO_NOVELTY_EXPERIMENT, "value", "treatment"))
                     day = (traffic.sim_ms - start_ms) / DAY_MS
+                    klines = []
+                    for keid, kmetric, ktr in kinds:
+                        kraw = r.get(estimate_key(keid, kmetric, "treatment"))
+                        klines.append(kind_line(keid, loads(kraw) if kraw else None, ktr))
                     print(render(rec, tr, day, traffic.sent, tty, http,
-                                 loads(nraw) if nraw else None), flush=True)
+                                 loads(nraw) if nraw else None, klines), flush=True)
                     if not tty:
                         print()
                 time.sleep(0.1)

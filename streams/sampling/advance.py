@@ -21,14 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.backend import to_numpy
-from kernels.batching import pad_into, stack_draws, stored_shape, unpad_draws, unpad_state
+from kernels.batching import pad_into, stored_shape, unpad_draws, unpad_state
 from kernels.gibbs import init
 from kernels.philox import keys_for
 from kernels.rng import Rng, default_rng_kind
 from kernels.sampler import run
-from kernels.summary import summarize
 from streams.sampling.chains import append_window
-from streams.sampling.problems import Problem, build_batch, records
+from streams.sampling.problems import Problem, build_batch, summarize_windows, window_of
 from streams.state.semantics import ExperimentSnapshot
 
 
@@ -93,7 +92,7 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
     for i, p in enumerate(problems):
         K, S = shapes[i]
         it_end = its[i] + cfg.sweeps
-        fresh = unpad_draws(trace, i, K, S)
+        fresh = window_of(p, unpad_draws(trace, i, K, S))
         first_kept = max(0, cfg.warmup - its[i])  # draws at iteration ≤ warmup are dropped
         fresh = {k: v[:, first_kept:] for k, v in fresh.items()}
         old = stored.get(p.key)
@@ -115,24 +114,11 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
 
 def _summaries(problems: list[Problem], chains: dict[tuple[str, str], StoredChains], data,
                snaps: list[ExperimentSnapshot], cfg: TickConfig, computed_at: int) -> list[dict]:
-    """Summarise each problem's window, batching problems whose windows share
-    a shape; then the records of all at once (a problem's covariate-free
-    shadow may sit in another group)."""
+    """Summarise each problem's window (``summarize_windows``: a ratio's
+    problems recombined, windows of a shape batched), then the records of
+    all at once (a problem's shadow may sit in another group)."""
     adjustable = np.asarray(data.adjustable.get() if hasattr(data.adjustable, "get")
                             else data.adjustable)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(problems):
-        w = chains[p.key].window
-        if w is None or w["tau"].shape[1] < cfg.min_draws:
-            continue
-        groups.setdefault(w["tau"].shape, []).append(i)
-    rows: list[list[dict] | None] = [None] * len(problems)
-    for shape, idx in groups.items():
-        trace = stack_draws([chains[problems[i].key].window for i in idx])
-        S = shape[-1]
-        summary = summarize(trace, adjustable=adjustable[idx], smask=np.ones((len(idx), S), bool),
-                            direction=[problems[i].direction for i in idx])
-        for i, r in zip(idx, summary, strict=True):
-            rows[i] = r
     its = [int(chains[p.key].state["iteration"]) for p in problems]
-    return records(rows, problems, {s.experiment_id: s for s in snaps}, its, computed_at)
+    return summarize_windows(problems, [chains[p.key].window for p in problems], adjustable,
+                             snaps, its, computed_at, min_draws=cfg.min_draws)

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.backend import to_numpy
+from kernels.batching import unpad_draws
 from kernels.gibbs import init
 from kernels.rng import Rng
 from kernels.sampler import run
-from kernels.summary import summarize
 from schemas.records import Event, ExperimentConfig
 from schemas.validate import InvalidRecord, parse_event, parse_experiment
 from streams.sampling.advance import StoredChains, TickConfig, advance
 from streams.sampling.decisions import decide, look_step
-from streams.sampling.problems import build_batch, records
+from streams.sampling.problems import build_batch, summarize_windows, window_of
 from streams.state.semantics import DEFAULT_SOURCE, ExperimentSnapshot, Reducer
 
 
@@ -64,9 +65,11 @@ def estimate(snaps: list[ExperimentSnapshot], chains: int = 8, sweeps: int = 100
     warm = sweeps // 2
     state, _, _ = run(state, data, rng, warm, thin=max(warm, 1), progress=progress)
     state, trace, _ = run(state, data, rng, sweeps - warm, progress=progress)
-    summary = summarize(trace, data, direction=[p.direction for p in problems])
-    return records(summary, problems, {s.experiment_id: s for s in snaps},
-                   iteration=state.iteration, computed_at=int(time.time() * 1000))
+    windows = [window_of(p, unpad_draws(trace, i, len(p.order) - 1, len(p.strata)))
+               for i, p in enumerate(problems)]
+    return summarize_windows(problems, windows, to_numpy(data.adjustable), snaps,
+                             [int(x) for x in to_numpy(state.iteration)],
+                             computed_at=int(time.time() * 1000))
 
 
 #: ``as_of`` that advances to the wall clock, as a worker idle until now does

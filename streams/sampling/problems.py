@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import novelty as novelty_kernel
+from kernels import ratio as ratio_kernel
+from kernels.batching import stack_draws
 from kernels.data import ModelData, make_data
+from kernels.summary import interval as summary_interval
+from kernels.summary import summarize
+from kernels.tail import merge as merge_tails
+from kernels.tail import tail_summary
 from streams.state.data_quality import data_quality
 from streams.state.semantics import ExperimentSnapshot, age_edges_ms, age_tracking, fine_parent
 
@@ -34,6 +40,19 @@ SHADOW_SUFFIX = "#nocov"
 #: and are never published on their own.
 AGE_SUFFIX = "#age"
 
+#: A capped metric's model of its *uncapped* window totals (issue 26) is
+#: stored under ``<metric>#uncapped``: it gives the estimate's ``uncapped``
+#: block and is never published on its own.
+UNCAPPED_SUFFIX = "#uncapped"
+
+#: A ratio metric's denominator model (issue 26, ``kernels.ratio``) is stored
+#: under ``<metric>#den``; the ratio's own chains (``<metric>``) model the
+#: linearized numerator L = M − R̂·D. Never published on its own.
+DEN_SUFFIX = "#den"
+
+#: the names of the extra problems' parts (``Problem.part``) and their suffixes
+PART_SUFFIX = {"uncapped": UNCAPPED_SUFFIX, "den": DEN_SUFFIX}
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -49,18 +68,34 @@ class Problem:
     shadow: bool = False
     #: the model of the units' totals in this exposure-age bin (issue 19)
     age_bin: int | None = None
+    #: the metric's kind (``MetricSpec.kind``: "sum", "conversion", "ratio")
+    kind: str = "sum"
+    #: an extra problem of the metric (issue 26): "uncapped" (a capped metric's
+    #: uncapped totals) or "den" (a ratio's denominator); None for the metric's own
+    part: str | None = None
+    #: a ratio's linearization constant R̂ (the matured units' pooled ΣM/ΣD)
+    #: for the problems that model L = M − R̂·D (the ratio's own and its uncapped one)
+    rhat: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         """(experiment_id, chain name): the name its chains are stored under."""
         if self.age_bin is not None:
             return self.experiment_id, f"{self.metric}{AGE_SUFFIX}{self.age_bin}"
+        if self.part is not None:
+            return self.experiment_id, self.metric + PART_SUFFIX[self.part]
         return self.experiment_id, self.metric + (SHADOW_SUFFIX if self.shadow else "")
 
     @property
     def published(self) -> bool:
-        """Its rows become estimate records (shadows and age bins only feed them)."""
-        return not self.shadow and self.age_bin is None
+        """Its rows become estimate records (shadows, age bins and the kinds'
+        extra problems only feed them)."""
+        return not self.shadow and self.age_bin is None and self.part is None
+
+    @property
+    def linearized(self) -> bool:
+        """It models a ratio's linearized numerator (recombined with ``#den``)."""
+        return self.kind == "ratio" and self.part != "den"
 
 
 def chain_names(cfg) -> list[str]:
@@ -71,8 +106,38 @@ def chain_names(cfg) -> list[str]:
         names += [m + SHADOW_SUFFIX for m in cfg.metric_names]
     if age_tracking(cfg):
         B = len(age_edges_ms(cfg)) - 1
-        names += [f"{m}{AGE_SUFFIX}{b}" for m in cfg.metric_names for b in range(B)]
+        names += [f"{m.name}{AGE_SUFFIX}{b}" for m in cfg.metrics if _kind(m) == "sum"
+                  for b in range(B)]
+    names += [m.name + UNCAPPED_SUFFIX for m in cfg.metrics if is_capped(m)]
+    names += [m.name + DEN_SUFFIX for m in cfg.metrics if _kind(m) == "ratio"]
     return names
+
+
+def _kind(spec) -> str:
+    return getattr(spec, "kind", "sum") or "sum"
+
+
+def is_capped(spec) -> bool:
+    """The metric winsorizes its window totals (a sum's, or a ratio's numerator)."""
+    bounds = (getattr(spec, "cap_lower", None), getattr(spec, "cap_upper", None))
+    return _kind(spec) in ("sum", "ratio") and any(b is not None for b in bounds)
+
+
+def _spec(cfg, metric: str):
+    return next(m for m in cfg.metrics if m.name == metric)
+
+
+def pooled_ratio(snap: ExperimentSnapshot, metric: str, uncapped: bool = False) -> float:
+    """R̂ = ΣM / ΣD over every matured unit of the ratio metric (all arms and
+    strata; ΣM of the uncapped numerator totals with ``uncapped``); 0 when ΣD = 0."""
+    extra = snap.extra_cells.get(metric) or []
+    sm = sd = 0.0
+    for v, row in enumerate(snap.cells[metric]):
+        for s, c in enumerate(row):
+            e = extra[v][s] if extra else (0.0, 0.0, 0.0)
+            sm += e[3] if uncapped else c[1]
+            sd += e[0]
+    return sm / sd if sd else 0.0
 
 
 def _covariates_on(cfg) -> bool:
@@ -85,8 +150,12 @@ def _cell(c) -> tuple:
 
 
 def uses_covariate(snap: ExperimentSnapshot, metric: str) -> bool:
-    """The covariate enters the metric's model: covariates not off, and some
-    matured unit has a pre-experiment value of the metric."""
+    """The covariate enters the metric's model: covariates not off, the metric
+    is not a ratio (its cells do not carry the denominator's covariate sums
+    that L = M − R̂·D would need), and some matured unit has a
+    pre-experiment value of the metric."""
+    if _kind(_spec(snap.config, metric)) == "ratio":
+        return False
     return _covariates_on(snap.config) and any(
         _cell(c)[3] > 0 for row in snap.cells[metric] for c in row)
 
@@ -112,16 +181,157 @@ def problems_of(snap: ExperimentSnapshot) -> list[Problem]:
     out = []
     for m in cfg.metrics:
         d = -1 if m.direction == "decrease" else 1
+        kind = _kind(m)
+        base = dict(experiment_id=snap.experiment_id, metric=m.name, direction=d, order=order,
+                    strata=strata, kind=kind)
+        if kind == "ratio":
+            out.append(Problem(**base, rhat=pooled_ratio(snap, m.name)))
+            out.append(Problem(**base, part="den"))
+            if is_capped(m):
+                out.append(Problem(**base, part="uncapped",
+                                   rhat=pooled_ratio(snap, m.name, uncapped=True)))
+            continue
         if uses_covariate(snap, m.name):
-            out.append(Problem(snap.experiment_id, m.name, d, order, strata, covariate=True))
-            out.append(Problem(snap.experiment_id, m.name, d, order, strata, shadow=True))
+            out.append(Problem(**base, covariate=True))
+            out.append(Problem(**base, shadow=True))
         else:
-            out.append(Problem(snap.experiment_id, m.name, d, order, strata))
-        if snap.age_cells.get(m.name):
+            out.append(Problem(**base))
+        if is_capped(m):
+            out.append(Problem(**base, part="uncapped"))
+        if kind == "sum" and snap.age_cells.get(m.name):
             B = len(age_edges_ms(cfg)) - 1
-            out += [Problem(snap.experiment_id, m.name, d, order, strata, age_bin=b)
-                    for b in range(B)]
+            out += [Problem(**base, age_bin=b) for b in range(B)]
     return out
+
+
+def problem_cells(snap: ExperimentSnapshot, prob: Problem) -> list[list[tuple]]:
+    """[variant][stratum] 8-sum cells of the outcome the problem models:
+    the snapshot's cells for a sum or a conversion (and a capped sum: its
+    capped totals); a capped metric's ``uncapped`` part: (n, Σt, Σt²) of its
+    uncapped totals; a ratio: L = M − R̂·D (``kernels.ratio.linearized_cell``),
+    its ``den`` part: (n, ΣD, ΣD²). Exposure-age bins are not here
+    (``age_cells_by_stratum``)."""
+    cells = snap.cells[prob.metric]
+    extra = snap.extra_cells.get(prob.metric)
+    zeros = (0, 0.0, 0.0, 0.0, 0.0)
+    if prob.kind == "ratio":
+        out = []
+        for v, row in enumerate(cells):
+            r = []
+            for s, c in enumerate(row):
+                e = extra[v][s] if extra else (0.0,) * 6
+                if prob.part == "den":
+                    r.append((c[0], e[0], e[1], *zeros))
+                elif prob.part == "uncapped":  # (ΣD, ΣD², ΣtD) with t the uncapped M
+                    r.append(ratio_kernel.linearized_cell((c[0], e[3], e[4]), (e[0], e[1], e[5]),
+                                                          prob.rhat or 0.0))
+                else:
+                    r.append(ratio_kernel.linearized_cell(c, e, prob.rhat or 0.0))
+            out.append(r)
+        return out
+    if prob.part == "uncapped":
+        if not extra:  # no uncapped sums kept (yet): the cells are all there is
+            return [[(c[0], c[1], c[2], *zeros) for c in row] for row in cells]
+        return [[(c[0], e[0], e[1], *zeros) for c, e in zip(row, erow, strict=True)]
+                for row, erow in zip(cells, extra, strict=True)]
+    return cells
+
+
+def effect_cells(snap: ExperimentSnapshot, metric: str) -> list[list[tuple]]:
+    """[variant][stratum] (n, Σy, Σy²) of a per-unit outcome whose mean
+    difference is, to first order, the metric's effect (for the decisions'
+    scale and forecast): the modelled cells for a sum or a conversion; for a
+    ratio L / D̄ (L = M − R̂·D, D̄ the pooled mean of D), since
+    R̂_k − R_k ≈ L̄_k / D̄ (the delta method)."""
+    spec = _spec(snap.config, metric)
+    if _kind(spec) != "ratio":
+        return [[tuple(c[:3]) for c in row] for row in snap.cells[metric]]
+    prob = Problem(snap.experiment_id, metric, 1, (), (), kind="ratio",
+                   rhat=pooled_ratio(snap, metric))
+    cells = problem_cells(snap, prob)
+    extra = snap.extra_cells.get(metric) or []
+    n = sum(c[0] for row in cells for c in row)
+    sd = sum(e[0] for row in extra for e in row)
+    dbar = sd / n if n and sd else 1.0
+    return [[(c[0], c[1] / dbar, c[2] / (dbar * dbar)) for c in row] for row in cells]
+
+
+def window_of(prob: Problem, fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a problem keeps of its draws [C, T, …] (``kernels.batching.unpad_draws``):
+    the per-stratum control means ``mu0`` only for a ratio's problems (they
+    are recombined, ``kernels.ratio``), and for the linearized ones the R̂
+    each draw was made with (``rhat`` [C, T])."""
+    out = dict(fresh)
+    if prob.kind != "ratio":
+        out.pop("mu0", None)
+    if prob.linearized:
+        out["rhat"] = np.full(fresh["adj_effect"].shape[:2], float(prob.rhat or 0.0))
+    return out
+
+
+def matured_pair_weights(snap: ExperimentSnapshot, prob: Problem) -> np.ndarray:
+    """[K, S] each (control, treatment k) pair's matured shares of the
+    problem's strata (``kernels.estimands.matured_weights``, from the snapshot)."""
+    cells = snap.cells[prob.metric]
+    n = np.array([[cells[v][s][0] for s in prob.strata] for v in prob.order], float)
+    pair = n[:1] + n[1:]
+    tot = pair.sum(-1, keepdims=True)
+    return np.where(tot > 0, pair / np.maximum(tot, 1.0), 1.0 / len(prob.strata))
+
+
+def summarize_windows(problems: list[Problem], windows: list[dict | None], adjustable,
+                      snaps: list[ExperimentSnapshot], iterations, computed_at: int,
+                      min_draws: int = 1) -> list[dict]:
+    """Estimate records from each problem's window of draws [C, T, …] (None:
+    none yet): a ratio's problem is first recombined with its ``#den``
+    (``kernels.ratio.ratio_window``); problems whose windows share a shape
+    are summarised in one batch (``kernels.summary.summarize``); then
+    ``records``. The streaming sampler and ``analyze`` both come here."""
+    snap_of = {s.experiment_id: s for s in snaps}
+    index = {p.key: i for i, p in enumerate(problems)}
+    adjustable = np.asarray(adjustable, bool)
+    wins: list[dict | None] = list(windows)
+    for i, p in enumerate(problems):
+        if not p.linearized or windows[i] is None:
+            continue
+        j = index.get((p.experiment_id, p.metric + DEN_SUFFIX))
+        if j is None or windows[j] is None:
+            wins[i] = None
+            continue
+        wins[i] = ratio_kernel.ratio_window(windows[i], windows[j],
+                                            matured_pair_weights(snap_of[p.experiment_id], p),
+                                            bool(adjustable[i]))
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(wins):
+        if w is not None and w["tau"].shape[1] >= max(min_draws, 1):
+            groups.setdefault(w["tau"].shape, []).append(i)
+    rows: list[list[dict] | None] = [None] * len(problems)
+    for shape, idx in groups.items():
+        trace = stack_draws([wins[i] for i in idx])
+        summary = summarize(trace, adjustable=adjustable[idx],
+                            smask=np.ones((len(idx), shape[-1]), bool),
+                            direction=[problems[i].direction for i in idx])
+        for i, r in zip(idx, summary, strict=True):
+            rows[i] = r
+            if problems[i].linearized:
+                _attach_ratios(r, wins[i])
+    return records(rows, problems, snap_of, iterations, computed_at)
+
+
+def _attach_ratios(rows: list[dict], win: dict[str, np.ndarray]) -> None:
+    """Each treatment's row gets the pair's arm ratios (adjusted and naive
+    per-draw intervals) under ``ratio_arms``."""
+    def iv(name: str, k: int) -> dict:
+        x = summary_interval(np.moveaxis(win[name], 2, 0)[k])
+        return {key: _num(x[key]) for key in ("mean", "sd", "lo", "hi")}
+
+    for k, row in enumerate(rows):
+        row["ratio_arms"] = {"control": iv("ratio_control", k), "arm": iv("ratio_arm", k)}
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 def age_cells_by_stratum(snap: ExperimentSnapshot, metric: str) -> list[list[list[tuple]]]:
@@ -176,7 +386,7 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
     cov = {k: np.zeros((P, K1, S)) for k in ("nx", "sx", "sxx", "sxy", "sy_x")}
     age_by = {}
     for i, (snap, prob) in enumerate(items):
-        cells = snap.cells[prob.metric]
+        cells = problem_cells(snap, prob)
         if prob.age_bin is not None:
             k = (snap.experiment_id, prob.metric)
             if k not in age_by:
@@ -222,6 +432,9 @@ def records(summary: list[list[dict]], problems: list[Problem],
     for p, rows in zip(problems, summary, strict=True):
         if p.age_bin is not None and rows is not None:
             age_rows.setdefault((p.experiment_id, p.metric), {})[p.age_bin] = rows
+    uncapped_rows = {(p.experiment_id, p.metric): rows
+                     for p, rows in zip(problems, summary, strict=True)
+                     if p.part == "uncapped" and rows is not None}
     for i, (prob, rows) in enumerate(zip(problems, summary, strict=True)):
         if not prob.published or rows is None:
             continue
@@ -264,6 +477,8 @@ def records(summary: list[list[dict]], problems: list[Problem],
                     prob, row, k, cells, pair, shadow_rows.get((prob.experiment_id, prob.metric))),
                 **_exposure_age(snap, prob, row, k, pair,
                                 age_rows.get((prob.experiment_id, prob.metric))),
+                **_kind_fields(snap, prob, row, k, pair,
+                               uncapped_rows.get((prob.experiment_id, prob.metric))),
                 "units": {"exposed": dict(snap.exposed), "matured": dict(snap.matured)},
                 "diagnostics": {**row["diagnostics"], "iteration": int(it)},
                 "watermark": {"event_time": snap.watermark, "completed_buckets": snap.D},
@@ -271,6 +486,70 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "data_quality": data_quality(snap),  # per experiment, in each of its records
             })
     return out
+
+
+def _kind_fields(snap: ExperimentSnapshot, prob: Problem, row: dict, k: int,
+                 pair: tuple[int, int], uncapped: list[dict] | None) -> dict:
+    """What the metric's kind adds to a record (issue 26): ``kind``; ``cap``
+    and ``uncapped`` (the uncapped totals' adjusted effect, from the
+    ``#uncapped`` chains; null until they have draws) for a capped metric;
+    ``tail`` for a sum; ``ratio`` (the pooled R̂ and each arm's ratio) for
+    a ratio. Null where they do not apply."""
+    spec = _spec(snap.config, prob.metric)
+    capped = is_capped(spec)
+    out: dict = {"kind": prob.kind, "cap": None, "uncapped": None, "tail": None, "ratio": None}
+    if capped:
+        out["cap"] = {"lower": spec.cap_lower, "upper": spec.cap_upper}
+        if uncapped is not None:
+            u = uncapped[k]
+            out["uncapped"] = {"effect": _interval(u["adjusted"]["effect"]),
+                               "lift": _interval(u["adjusted"]["lift"]),
+                               "p_positive": u["adjusted"]["p_positive"],
+                               "naive": {"effect": _interval(u["naive"]["effect"]),
+                                         "lift": _interval(u["naive"]["lift"])}}
+    if prob.kind == "sum":
+        out["tail"] = tail_of(snap, prob.metric, pair, capped)
+    if prob.kind == "ratio":
+        names = (snap.variants[pair[0]], snap.variants[pair[1]])
+        arms = row.get("ratio_arms") or {}
+        out["ratio"] = {
+            "pooled": prob.rhat,
+            "adjusted": {names[0]: arms.get("control"), names[1]: arms.get("arm")},
+            "naive": {names[i]: naive_ratio(snap, prob.metric, v) for i, v in enumerate(pair)},
+        }
+    return out
+
+
+def naive_ratio(snap: ExperimentSnapshot, metric: str, v: int) -> float | None:
+    """The matured units' ΣM / ΣD of variant index ``v`` (all strata); None without ΣD."""
+    extra = snap.extra_cells.get(metric)
+    if not extra:
+        return None
+    sm = sum(c[1] for c in snap.cells[metric][v])
+    sd = sum(e[0] for e in extra[v])
+    return sm / sd if sd else None
+
+
+def tail_of(snap: ExperimentSnapshot, metric: str, pair: tuple[int, int], capped: bool
+            ) -> dict | None:
+    """``tail`` of a sum metric's record: the sketch of the matured units'
+    uncapped window totals (``snapshot.tails``, ``kernels.tail``) of the
+    pair's two arms together (``pooled``) and of each (``by_variant``); None
+    when the state keeps no sketch of the metric."""
+    sketches = snap.tails.get(metric)
+    if not sketches:
+        return None
+    extra = snap.extra_cells.get(metric)
+
+    def sum_y2(v: int) -> float:
+        if capped and extra:
+            return float(sum(e[1] for e in extra[v]))
+        return float(sum(c[2] for c in snap.cells[metric][v]))
+
+    by = {snap.variants[v]: tail_summary(sketches[v], sum_y2(v)) for v in pair}
+    pooled = tail_summary(merge_tails(*(sketches[v] for v in pair)),
+                          sum(sum_y2(v) for v in pair))
+    return {"pooled": pooled, "by_variant": by}
 
 
 def _variance_reduction(prob: Problem, row: dict, k: int, cells, pair: tuple[int, int],

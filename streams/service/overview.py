@@ -121,7 +121,8 @@ def _primary(cfg: ExperimentConfig, raws: list) -> dict | None:
             "computed_at": rec.get("computed_at"),
             "iteration": (rec.get("diagnostics") or {}).get("iteration"),
         })
-    return {"metric": metric, "variants": out} if out else None
+    # the kind says how the page formats the effect (a conversion's in pp, issue 26)
+    return {"metric": metric, "kind": cfg.metrics[0].kind, "variants": out} if out else None
 
 
 def _started_at(cfg: ExperimentConfig, meta: dict[str, str], arrival_fields: list) -> int | None:

@@ -9,6 +9,7 @@ row present (not its failure), latencies measured.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -41,6 +42,39 @@ def test_bench_ingest_command_json(capsys, kafka_bootstrap, redis_url):
     assert res["ingest"]["applied"] == 200 and res["raw"]["events"] == 200
     assert "worker" not in res and "profile" not in res
     assert res["floor"]["floor_us"] > 0
+
+
+def _kinds_merged() -> bool:
+    from schemas.records import MetricSpec
+
+    return "kind" in getattr(MetricSpec, "__dataclass_fields__", {})
+
+
+@pytest.mark.skipif(not _kinds_merged(), reason="issue 26: runs once kinds-state "
+                    "(MetricSpec.kind and its state) is merged")
+def test_bench_ingest_kinds_command(capsys, kafka_bootstrap, redis_url):
+    """``--kinds mixed`` (issue 26): a conversion and a ratio beside a sum,
+    every event applied, and (b) once more with the same event metrics as
+    sums, so the report gives the kinds' extra cost per event."""
+    argv = ["bench", "ingest", "--events", "300", "--partitions", "2", "--no-worker",
+            "--no-profile", "--kinds", "mixed", "--bootstrap-servers", kafka_bootstrap,
+            "--redis-url", redis_url, "--json"]
+    assert cli(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kinds"] == "mixed"
+    assert [m["kind"] for m in res["metrics"]] == ["sum", "conversion", "ratio"]
+    for part in ("ingest", "ingest_sums"):
+        assert res[part]["applied"] == 300 and res[part]["dead_letters"] == 0, res[part]
+        assert res[part]["counters"].get("unknown_metric", 0) == 0, res[part]["counters"]
+    k = res["kinds_cost"]
+    assert k["mixed_us"] > 0 and k["sums_us"] > 0 and math.isfinite(k["extra_share"])
+    # and the text report says it
+    argv = [a for a in argv if a != "--json"]
+    argv[argv.index("--events") + 1] = "120"
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "metrics value (sum), purchase (conversion), value_per_session (ratio)" in out
+    assert "with a conversion and a ratio against" in out, out
 
 
 def test_bench_latency_command(capsys, kafka_bootstrap, redis_url):

@@ -161,6 +161,62 @@ def test_guardrail_breach_decrease_metric_and_unguarded_metrics():
         {"guardrail_breach"}
 
 
+KINDS_MERGED = "kind" in getattr(MetricSpec, "__dataclass_fields__", {})
+needs_kinds = pytest.mark.skipif(not KINDS_MERGED, reason="MetricSpec.kind (issue 26, the "
+                                 "config branch kinds-state) not merged yet")
+
+
+@needs_kinds
+def test_guardrail_on_every_kind_in_its_units():
+    """Issue 26: a guardrail on a conversion is in probability points (0.01 = 1
+    pp of conversion rate), on a ratio in ratio units (R_t - R_c), on a capped
+    sum in metric units of the capped effect; each fires and resolves on its
+    published adjusted effect, and its message names the units."""
+    metrics = (MetricSpec("checkout", "increase", 0.01, kind="conversion"),
+               MetricSpec("rev_per_session", "increase", 0.05, kind="ratio",
+                          numerator="revenue", denominator="sessions"),
+               MetricSpec("latency_ratio", "decrease", 0.1, kind="ratio",
+                          numerator="latency_ms", denominator="requests"),
+               MetricSpec("revenue", "increase", 2.0, cap_upper=500.0))
+    mon = Monitor(config(metrics=metrics))
+
+    def rec(metric: str, kind: str, **kw) -> dict:
+        r = record(metric, **kw)
+        r["kind"] = kind
+        return r
+
+    # conversion: -3 pp ± 0.5 pp against a 1 pp guardrail: P(effect < -0.01) ~ 1
+    a = mon(rec("checkout", "conversion", mean=-0.03, sd=0.005),
+            rec("rev_per_session", "ratio", mean=-0.01, sd=0.01),  # P(< -0.05) ~ 0
+            rec("latency_ratio", "ratio", mean=0.3, sd=0.05),  # P(> 0.1) ~ 1
+            rec("revenue", "sum", mean=-1.0, sd=1.0))  # P(< -2) = 0.16
+    by = {x["metric"]: x for x in a}
+    assert set(by) == {"checkout", "latency_ratio"}
+    assert all(x["kind"] == "guardrail_breach" for x in a)
+    conv = by["checkout"]
+    assert conv["evidence"]["threshold"] == -0.01
+    assert conv["evidence"]["p_breach"] == pytest.approx(1.0, abs=1e-4)
+    assert "below -1 pp (percentage points of conversion rate)" in conv["message"]
+    assert "adjusted effect -3 pp" in conv["message"], conv["message"]
+    ratio = by["latency_ratio"]
+    assert ratio["evidence"]["threshold"] == 0.1
+    assert "above 0.1 (difference of the ratio between arms)" in ratio["message"]
+    # the ratio's breach needs P(R_t - R_c < -0.05) > 0.95; the capped sum's, P(< -2)
+    a = mon(rec("checkout", "conversion", mean=-0.03, sd=0.005),
+            rec("rev_per_session", "ratio", mean=-0.09, sd=0.02),
+            rec("latency_ratio", "ratio", mean=0.3, sd=0.05),
+            rec("revenue", "sum", mean=-3.0, sd=0.5))
+    assert {(x["metric"], x["state"]) for x in a} == {("rev_per_session", "firing"),
+                                                      ("revenue", "firing")}
+    # the conversion recovers to -0.2 pp: resolved, in pp
+    a = mon(rec("checkout", "conversion", mean=-0.002, sd=0.005),
+            rec("rev_per_session", "ratio", mean=-0.09, sd=0.02),
+            rec("latency_ratio", "ratio", mean=0.3, sd=0.05),
+            rec("revenue", "sum", mean=-3.0, sd=0.5))
+    assert [(x["metric"], x["state"]) for x in a] == [("checkout", "resolved")]
+    assert "P(effect below -1 pp (percentage points" in a[0]["message"]
+
+
 # --------------------------------------------------------------------------- decision ready
 
 
