@@ -37,7 +37,7 @@ def test_bench_sampler_without_numpyro_says_so(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "numpyro", None)
     assert cli([*TINY_SAMPLER, "--sweeps", "20"]) == 0
     out = capsys.readouterr().out
-    assert "liftstream bench sampler: P=2 problems, C=2 chains, S=7 strata" in out
+    assert "liftstream bench sampler: P=2 problems (2 sum metrics), C=2 chains, S=7 strata" in out
     assert "NumPyro baseline skipped: numpyro/jax not importable" in out
     assert "pip install 'liftstream[bench]'" in out
     # the liftstream column has numbers, the NumPyro one none
