@@ -95,8 +95,11 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    a plain (uncapped) sum keeps rule 3's formulas. Sum metrics also count
    the folded units' uncapped totals in the tail sketch (``tails``:
    ``kernels.tail.tail_bucket``, integer counts, experiment-wide); a
-   correction moves the unit from its old bucket to its new one. Exposure
-   age cells are kept for sum metrics only.
+   correction moves the unit from its old bucket to its new one. A ratio's
+   extra values end with its covariate sums over the units with both pre
+   values (``RATIO_COV_SUMS``). Exposure-age cells are kept for every kind
+   (``age_cell_width``, ``age_contribution``: a conversion's y_b = 1 if its
+   bin total > threshold, a ratio's M_b and D_b sums).
 6. Retirement (bounded state, docs/architecture.md#state): a folded unit stays pending, with
    score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
    metric now would be ``late``) its record is dropped and its id added to
@@ -121,8 +124,10 @@ of (metric, variant, f): ``Σy_b += v``, ``Σy_b² += (t_b+v)² - t_b²`` and
 ``Σy_0·y_{B-1} += v·t_{B-1}`` if b = 0, ``+= t_0·v`` if b = B-1 (in this
 order, t_b the bin total before). Rule 5 adds, per metric, ``n += 1``, then
 for b = 0..B-1 ``Σy_b += y_b, Σy_b² += y_b·y_b``, then ``Σy_0·y_{B-1} +=
-y_0·y_{B-1}`` (``ExperimentSnapshot.age_cells``). The totals and every other
-cell are unchanged by it, bit for bit.
+y_0·y_{B-1}`` (``ExperimentSnapshot.age_cells``). That is a sum metric's
+cell; a conversion's and a ratio's (issue 26) add ``age_contribution``
+(fold: n += 1, then its values; correction: after minus before). The totals
+and every other cell are unchanged by it, bit for bit.
 
 Pre-experiment values (CUPED covariates, issue 18): an exposure's ``pre``
 maps metric names to the unit's value of the metric over a pre-experiment
@@ -367,8 +372,8 @@ class MetricPlan:
     numerator), ``d``: a ratio's denominator (-1 otherwise); ``lo``/``hi``:
     the cap (-inf/inf where none); ``n_extra``: the values appended to the
     8-value cell (``ExperimentSnapshot.extra_cells``); ``tails``: a sum
-    metric, whose uncapped totals are counted in the tail sketch and whose
-    exposure-age cells are kept."""
+    metric, whose uncapped totals are counted in the tail sketch (every
+    kind keeps exposure-age cells: ``age_cell_width``)."""
 
     name: str
     code: int
@@ -394,7 +399,8 @@ def metric_plans(cfg: ExperimentConfig) -> tuple[MetricPlan, ...]:
                                   threshold=float(m.threshold)))
         elif m.kind == "ratio":
             out.append(MetricPlan(m.name, RATIO, ev[m.numerator], ev[m.denominator], lo, hi,
-                                  capped=m.capped, n_extra=6 if m.capped else 3))
+                                  capped=m.capped,
+                                  n_extra=(6 if m.capped else 3) + RATIO_COV_SUMS))
         elif m.capped:
             out.append(MetricPlan(m.name, CAPPED_SUM, ev[m.name], -1, lo, hi, capped=True,
                                   n_extra=2, tails=True))
@@ -403,12 +409,25 @@ def metric_plans(cfg: ExperimentConfig) -> tuple[MetricPlan, ...]:
     return tuple(out)
 
 
-def outcome(p: MetricPlan, totals: list[float]) -> tuple[float, tuple[float, ...]]:
-    """(y, extra) of a unit with event-metric ``totals`` for metric ``p``:
-    y the cell's outcome (sum: the total, capped; conversion: 1.0 if the
-    total > threshold else 0.0; ratio: the numerator's total M, capped) and
-    the values its cell appends (capped sum: t, t²; ratio: D, D², M·D, and
-    when capped t, t², t·D, t the uncapped numerator)."""
+#: A ratio's covariate sums (CUPED for a ratio, issue 26), appended to its
+#: extra values, over the units with BOTH pre values x_M (numerator) and x_D
+#: (denominator): ``(n, Σx_M, Σx_D, Σx_M², Σx_D², Σx_M·x_D, Σx_M·M, Σx_M·D,
+#: Σx_D·M, Σx_D·D, ΣM, ΣD)`` (M the cell's y, i.e. capped when capped). From
+#: them the covariate cells of L = M − R̂·D on x_L = x_M − R̂·x_D and of D on
+#: x_D follow for any R̂ (``streams.sampling.problems``).
+RATIO_COV_SUMS = 12
+_NO_RATIO_COV = (0.0,) * RATIO_COV_SUMS
+
+
+def outcome(p: MetricPlan, totals: list[float], pre: list[float | None] | None = None
+            ) -> tuple[float, tuple[float, ...]]:
+    """(y, extra) of a unit with event-metric ``totals`` (and pre values
+    ``pre``, by event metric) for metric ``p``: y the cell's outcome (sum:
+    the total, capped; conversion: 1.0 if the total > threshold else 0.0;
+    ratio: the numerator's total M, capped) and the values its cell appends
+    (capped sum: t, t²; ratio: D, D², M·D, when capped t, t², t·D with t the
+    uncapped numerator, then the ``RATIO_COV_SUMS`` terms of a unit with
+    both pre values, zeros otherwise)."""
     t = totals[p.e]
     code = p.code
     if code == PLAIN_SUM:
@@ -419,9 +438,41 @@ def outcome(p: MetricPlan, totals: list[float]) -> tuple[float, tuple[float, ...
     if code == CAPPED_SUM:
         return y, (t, t * t)
     D = totals[p.d]
-    if not p.capped:
-        return y, (D, D * D, y * D)
-    return y, (D, D * D, y * D, t, t * t, t * D)
+    base = (D, D * D, y * D) if not p.capped else (D, D * D, y * D, t, t * t, t * D)
+    xm = None if pre is None else pre[p.e]
+    xd = None if pre is None else pre[p.d]
+    if xm is None or xd is None:
+        return y, base + _NO_RATIO_COV
+    return y, base + (1.0, xm, xd, xm * xm, xd * xd, xm * xd, xm * y, xm * D, xd * y, xd * D,
+                      y, D)
+
+
+def age_cell_width(p: MetricPlan, nb: int) -> int:
+    """How many sums follow n in metric ``p``'s exposure-age cell with ``nb``
+    bins: a sum's or conversion's Σy_b, Σy_b² per bin and Σy_0·y_{B-1}
+    (2 nb + 1); a ratio's ΣM_b, ΣM_b², ΣD_b, ΣD_b², ΣM_b·D_b per bin (5 nb;
+    L_b = M_b − R̂·D_b's cells follow for any R̂)."""
+    return 5 * nb if p.code == RATIO else 2 * nb + 1
+
+
+def age_contribution(p: MetricPlan, age: list[list[float]]) -> list[float]:
+    """A unit's addition to metric ``p``'s age cell after its n (conversion
+    and ratio; a sum adds its bin totals inline, ``ExperimentState._fold_unit``):
+    a conversion's y_b = 1.0 if the unit's total in bin b > threshold (y_b,
+    y_b² per bin, then y_0·y_{B-1}); a ratio's (M_b, M_b², D_b, D_b², M_b·D_b)
+    per bin, M_b and D_b the numerator's and denominator's bin totals (not
+    capped: a cap is on the window total)."""
+    if p.code == RATIO:
+        out = []
+        for mb, db in zip(age[p.e], age[p.d], strict=True):
+            out += (mb, mb * mb, db, db * db, mb * db)
+        return out
+    ys = [1.0 if tb > p.threshold else 0.0 for tb in age[p.e]]
+    out = []
+    for yb in ys:
+        out += (yb, yb * yb)
+    out.append(ys[0] * ys[-1])
+    return out
 
 
 @dataclass(slots=True)
@@ -465,7 +516,10 @@ class ExperimentSnapshot:
     ``name`` (a ratio: of its numerator). ``extra_cells[metric]`` (only for
     the metrics that need it; same layout, n shared with ``cells``): capped
     sum ``(Σt, Σt²)`` of the uncapped totals; ratio ``(ΣD, ΣD², ΣMD)``, with
-    a capped numerator ``(ΣD, ΣD², ΣMD, Σt, Σt², ΣtD)``. ``tails[metric][vi]``
+    a capped numerator ``(ΣD, ΣD², ΣMD, Σt, Σt², ΣtD)``, either followed by
+    the 12 covariate sums over its units with both pre values
+    ``(n, Σx_M, Σx_D, Σx_M², Σx_D², Σx_M·x_D, Σx_M·M, Σx_M·D, Σx_D·M, Σx_D·D,
+    ΣM, ΣD)`` (``RATIO_COV_SUMS``). ``tails[metric][vi]``
     (every sum metric) = ``{bucket: count}`` of the folded units' uncapped
     totals by ``kernels.tail.tail_bucket`` (non-zero counts, bucket order).
     ``watermark`` = completeness clock - L
@@ -499,7 +553,9 @@ class ExperimentSnapshot:
     #: ``age_cells[metric][variant_index][fine_stratum] = (n, Σy_0, Σy_0²,
     #: Σy_1, Σy_1², …, Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1})`` over matured
     #: units, y_b = the unit's total in age bin b (``age_edges_ms``), fine
-    #: strata by ``fine_edges`` (index F = unknown activity)
+    #: strata by ``fine_edges`` (index F = unknown activity); every config
+    #: metric: a conversion's y_b = 1.0 if that total > threshold, a ratio's
+    #: cell ``(n, ΣM_0, ΣM_0², ΣD_0, ΣD_0², ΣM_0·D_0, …)`` (``age_cell_width``)
     age_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
     #: issue 26 (see above): the values appended to a metric's cells
     extra_cells: dict[str, list[list[tuple[float, ...]]]] = field(default_factory=dict)
@@ -637,6 +693,8 @@ class ExperimentState:
         self.NB = len(self.age_edges) - 1
         self.fine_edges = fine_edges(config)
         self.F = max(len(self.fine_edges) - 1, 0)
+        #: sums after n in each metric's age cell (``age_cell_width``: every kind)
+        self._age_len = {p.name: age_cell_width(p, self.NB) for p in self.plans}
         self.counters: dict[str, int] = {}
         #: rule 6: units whose record was dropped
         self.retired = RetiredFilter()
@@ -677,7 +735,7 @@ class ExperimentState:
         cells = self._shard(source).age_cells
         a = cells.get((m, vi, f))
         if a is None:
-            a = cells[(m, vi, f)] = [0] + [0.0] * (2 * self.NB + 1)
+            a = cells[(m, vi, f)] = [0] + [0.0] * self._age_len[m]
         return a
 
     def _combined(self, which: str) -> dict[tuple[str, int, int], list]:
@@ -729,10 +787,10 @@ class ExperimentState:
         if not self.age_on:
             return {}
         got = self._combined("age_cells")
-        zero = [0] + [0.0] * (2 * self.NB + 1)
-        return {m: [[got.get((m, vi, f), zero) for f in range(self.F + 1)]
+        return {m: [[got.get((m, vi, f), [0] + [0.0] * self._age_len[m])
+                     for f in range(self.F + 1)]
                     for vi in range(len(self.variants))]
-                for m in self._sum_metrics}
+                for m in self.metrics}
 
     # -- one call ------------------------------------------------------------
 
@@ -908,7 +966,28 @@ class ExperimentState:
                         a[-1] = a[-1] + v * ya[last]
                     elif ab == last:
                         a[-1] = a[-1] + ya[0] * v
+            elif u.age:
+                self._age_correct(p, u, mi, ab, tb, source, vi)
         return "corrected"
+
+    def _age_correct(self, p: MetricPlan, u: UnitState, mi: int, ab: int, tb: float,
+                     source: str, vi: int) -> None:
+        """A folded unit's total of event metric ``mi`` in age bin ``ab`` went
+        from ``tb`` to its current value: a conversion's or ratio's age cell
+        gets the unit's contribution after minus before (``age_contribution``;
+        n stays; nothing if unchanged, e.g. a conversion bin that stays)."""
+        ya = u.age[mi]
+        now = ya[ab]
+        ya[ab] = tb
+        before = age_contribution(p, u.age)
+        ya[ab] = now
+        after = age_contribution(p, u.age)
+        if before == after:
+            return
+        a = self._age_cell(source, p.name, vi, u.fine)
+        for j, (x0, x1) in enumerate(zip(before, after, strict=True)):
+            if x0 != x1:
+                a[1 + j] = a[1 + j] + (x1 - x0)
 
     def _correct(self, p: MetricPlan, u: UnitState, mi: int, t: float, source: str,
                  vi: int) -> None:
@@ -920,9 +999,9 @@ class ExperimentState:
         tot = u.totals
         now = tot[mi]
         tot[mi] = t
-        y0, ex0 = outcome(p, tot)
+        y0, ex0 = outcome(p, tot, u.pre)
         tot[mi] = now
-        y1, ex1 = outcome(p, tot)
+        y1, ex1 = outcome(p, tot, u.pre)
         if y0 == y1 and ex0 == ex1:
             return
         c = self._cell(source, p.name, vi, u.stratum)
@@ -996,7 +1075,7 @@ class ExperimentState:
             if p.code == PLAIN_SUM:
                 y, ex = tot[ei], ()
             else:
-                y, ex = outcome(p, tot)
+                y, ex = outcome(p, tot, u.pre)
             m = p.name
             c = self._cell(source, m, vi, u.stratum)
             c[0] += 1
@@ -1012,6 +1091,11 @@ class ExperimentState:
             for j in range(len(ex)):
                 c[8 + j] = c[8 + j] + ex[j]
             if not p.tails:
+                if u.age:  # a conversion's or ratio's age cell (``age_contribution``)
+                    a = self._age_cell(source, m, vi, u.fine)
+                    a[0] += 1
+                    for j, x in enumerate(age_contribution(p, u.age)):
+                        a[1 + j] = a[1 + j] + x
                 continue
             d = tails.get((m, vi))  # the tail sketch, inline: once per unit and sum metric
             if d is None:

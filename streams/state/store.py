@@ -79,8 +79,9 @@ notes below give the value formats.
    three only; the rest read as 0. Issue 26: y is the metric's per-unit
    outcome (``streams.state.semantics.outcome``), and a capped sum or a
    ratio appends its extra values (``ExperimentSnapshot.extra_cells``:
-   2, 3 or 6 more numbers) to the same text; sum metrics without a cap
-   write the 8 as before.
+   2 more numbers for a capped sum, 3 or 6 then the 12 covariate sums of
+   ``semantics.RATIO_COV_SUMS`` for a ratio) to the same text; sum metrics
+   without a cap write the 8 as before.
 10. Tail sketch (issue 26, ``keys.tails_key``): field
    `<metric>|<variant>|<bucket>` -> count (HINCRBY; ``kernels.tail``'s
    buckets of the folded units' uncapped totals, sum metrics only); fields
@@ -89,7 +90,9 @@ notes below give the value formats.
    same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
    name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
    (2B + 2 numbers, ``ExperimentSnapshot.age_cells``) over the matured units
-   of that fine stratum: y_b = a unit's total in exposure-age bin b.
+   of that fine stratum: y_b = a unit's total in exposure-age bin b (a
+   conversion's: 1 if it is > threshold); a ratio's `"n ΣM_0 ΣM_0² ΣD_0
+   ΣD_0² ΣM_0·D_0 ..."` (1 + 5B numbers, ``semantics.age_cell_width``).
 8. Rule 6 (``streams.state.semantics``): a folded unit stays in the zset, scored
    close + H, until that passes the partition clock - L; then its record is
    deleted from `units`, its id added to `retired` (a scalable Bloom filter,
@@ -146,6 +149,7 @@ from streams.state.semantics import (
     FOLD_LIMIT,
     ExperimentSnapshot,
     UnitState,
+    age_cell_width,
     age_edges_ms,
     age_tracking,
     completed_buckets,
@@ -1053,15 +1057,16 @@ def read_snapshot(r: Any, cfg: ExperimentConfig, completeness: int | None = None
     if age_tracking(cfg):
         nb = len(age_edges_ms(cfg)) - 1
         n_fine = max(len(fine_edges(cfg)) - 1, 0) + 1
-        azero = (0, *([0.0] * (2 * nb + 1)))
-        age_cells = {m: [[azero for _ in range(n_fine)] for _ in variants] for m in sums}
+        widths = {p.name: age_cell_width(p, nb) for p in metric_plans(cfg)}
+        age_cells = {m: [[(0, *([0.0] * k)) for _ in range(n_fine)] for _ in variants]
+                     for m, k in widths.items()}
     for f, v in cells_raw.items():
         parts = f.split("|")
         if len(parts) == 4:  # a|metric|variant|fine: an age cell (names have no "|")
             _, m, var, s = parts
             si = int(s)
             if m in age_cells and var in vindex and 0 <= si < n_fine:
-                age_cells[m][vindex[var]][si] = _age_cell(v, nb)
+                age_cells[m][vindex[var]][si] = _age_cell(v, widths[m])
             continue
         m, var, s = parts
         si = int(s)
@@ -1194,11 +1199,12 @@ def combine_text_cells(a: str, b: str, ints: frozenset[int] = _CELL_INTS) -> str
                     for i, (x, y) in enumerate(zip(fa, fb, strict=True)))
 
 
-def _age_cell(text: str, nb: int) -> tuple:
-    """An age cell (note 7): ``n`` then 2 nb + 1 sums (missing ones read 0)."""
+def _age_cell(text: str, k: int) -> tuple:
+    """An age cell (note 9): ``n`` then ``k`` sums (``semantics.age_cell_width``:
+    2 nb + 1 for a sum or conversion, 5 nb for a ratio; missing ones read 0)."""
     f = text.split(" ")
-    sums = [float(x) for x in f[1:2 * nb + 2]]
-    return (_int(f[0]), *sums, *([0.0] * (2 * nb + 1 - len(sums))))
+    sums = [float(x) for x in f[1:k + 1]]
+    return (_int(f[0]), *sums, *([0.0] * (k - len(sums))))
 
 
 def _extra(text: str, k: int) -> tuple:

@@ -12,7 +12,13 @@ import pytest
 
 from kernels.tail import GAMMA, RELATIVE_ACCURACY, bucket_value, tail_bucket
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from streams.state.semantics import ExperimentState, metric_plans, outcome
+from streams.state.semantics import (
+    RATIO_COV_SUMS,
+    ExperimentState,
+    age_cell_width,
+    metric_plans,
+    outcome,
+)
 
 T0 = 1_700_000_000_000
 
@@ -57,13 +63,18 @@ def extra(st: ExperimentState, m: str, vi: int = 0, s: int = 0) -> tuple:
     return st.snapshot().extra_cells[m][vi][s]
 
 
+def no_cov(*vals: float) -> tuple:
+    """A ratio's extra values of units none of which has both pre values."""
+    return (*vals, *(0.0,) * RATIO_COV_SUMS)
+
+
 def test_event_metrics_and_plans():
     c = cfg(MetricSpec("rev", cap_upper=10.0), MetricSpec("buy", kind="conversion"),
             MetricSpec("rps", kind="ratio", numerator="rev", denominator="sessions"),
             MetricSpec("clicks"))
     assert c.event_metrics == ("rev", "buy", "sessions", "clicks")
     assert c.metric_names == ("rev", "buy", "rps", "clicks")
-    assert [p.n_extra for p in metric_plans(c)] == [2, 0, 3, 0]
+    assert [p.n_extra for p in metric_plans(c)] == [2, 0, 3 + RATIO_COV_SUMS, 0]
     assert [p.tails for p in metric_plans(c)] == [True, False, False, True]
     plain = cfg(MetricSpec("rev"), MetricSpec("clicks"))
     assert plain.event_metrics == plain.metric_names  # existing state reads as is
@@ -150,10 +161,10 @@ def test_ratio_cells_follow_numerator_and_denominator():
     assert st.apply(M("a", "rps", 1.0, 1_000)) == "unknown_metric"
     fold(st)
     assert cell(st, "rps") == (2, 6.0, 36.0, 1, 1.5, 2.25, 9.0, 6.0)
-    assert extra(st, "rps") == (5.0, 13.0, 18.0)
+    assert extra(st, "rps") == no_cov(5.0, 13.0, 18.0)
     assert st.apply(M("a", "sessions", 1.0, 2_000)) == "corrected"
     assert cell(st, "rps") == (2, 6.0, 36.0, 1, 1.5, 2.25, 9.0, 6.0)
-    assert extra(st, "rps") == (6.0, 20.0, 24.0)
+    assert extra(st, "rps") == no_cov(6.0, 20.0, 24.0)
     assert st.units["a"].pre == [1.5, None]  # per event metric: rev, sessions
     assert "rps" not in st.snapshot().tails and st.snapshot().age_cells == {}
 
@@ -169,10 +180,10 @@ def test_ratio_with_capped_numerator():
     st.apply(M("a", "sessions", 2.0, 1_000))
     fold(st)
     assert cell(st, "rps")[:3] == (1, 5.0, 25.0)
-    assert extra(st, "rps") == (2.0, 4.0, 10.0, 6.0, 36.0, 12.0)
+    assert extra(st, "rps") == no_cov(2.0, 4.0, 10.0, 6.0, 36.0, 12.0)
     st.apply(M("a", "rev", -3.0, 2_000))  # t 3: under the cap
     assert cell(st, "rps")[:3] == (1, 3.0, 9.0)
-    assert extra(st, "rps") == (2.0, 4.0, 6.0, 3.0, 9.0, 6.0)
+    assert extra(st, "rps") == no_cov(2.0, 4.0, 6.0, 3.0, 9.0, 6.0)
 
 
 def test_one_event_metric_feeds_several_kinds():
@@ -192,13 +203,13 @@ def test_one_event_metric_feeds_several_kinds():
     assert snap.cells["rev"][0][0][:3] == (1, 15.0, 225.0)
     assert snap.cells["orders"][0][0][:3] == (1, 1.0, 1.0)
     assert snap.cells["aov"][0][0][:3] == (1, 15.0, 225.0)
-    z = (0.0, 0.0, 0.0)  # stratum 1: unknown activity
-    assert snap.extra_cells == {"aov": [[(1.0, 1.0, 15.0), z], [z, z]]}
+    z = no_cov(0.0, 0.0, 0.0)  # stratum 1: unknown activity
+    assert snap.extra_cells == {"aov": [[no_cov(1.0, 1.0, 15.0), z], [z, z]]}
     assert snap.tails["rev"][0] == {tail_bucket(15.0): 1}
     st.apply(M("u", "orders", -1.0, 3_000))
     snap = st.snapshot()
     assert snap.cells["orders"][0][0][:3] == (1, 0.0, 0.0)
-    assert snap.extra_cells["aov"][0][0] == (0.0, 0.0, 0.0)
+    assert snap.extra_cells["aov"][0][0] == no_cov(0.0, 0.0, 0.0)
 
 
 def test_outcome_rules():
@@ -208,7 +219,88 @@ def test_outcome_rules():
     assert outcome(ps, [-3.0, 0.0, 4.0]) == (-1.0, (-3.0, 9.0))
     assert outcome(pc, [0.0, -0.5, 0.0]) == (1.0, ())
     assert outcome(pc, [0.0, -1.0, 0.0]) == (0.0, ())
-    assert outcome(pr, [3.0, 0.0, 4.0]) == (2.0, (4.0, 16.0, 8.0, 3.0, 9.0, 12.0))
+    assert outcome(pr, [3.0, 0.0, 4.0]) == (2.0, no_cov(4.0, 16.0, 8.0, 3.0, 9.0, 12.0))
+    # both pre values (s: 1, d: 2): the covariate sums of y = 2 (capped), D = 4
+    assert outcome(pr, [3.0, 0.0, 4.0], [1.0, None, 2.0]) == (2.0, (
+        4.0, 16.0, 8.0, 3.0, 9.0, 12.0,
+        1.0, 1.0, 2.0, 1.0, 4.0, 2.0, 2.0, 4.0, 4.0, 8.0, 2.0, 4.0))
+    assert outcome(pr, [3.0, 0.0, 4.0], [1.0, None, None])[1] == no_cov(
+        4.0, 16.0, 8.0, 3.0, 9.0, 12.0)
+
+
+def test_ratio_covariate_sums_over_units_with_both_pre_values():
+    """CUPED for a ratio: units a (M 6, D 3; x_M 2, x_D 1), b (M 0, D 2;
+    x_M 1 only) and c (M 1, D 1; x_M 0.5, x_D 4): the covariate sums are
+    a's and c's; a late session of a (D 3 -> 4) moves Σx_M·D by 2,
+    Σx_D·D by 1 and ΣD by 1 (after minus before), n and the x sums stay."""
+    st = ExperimentState(cfg(MetricSpec("rps", kind="ratio", numerator="rev",
+                                        denominator="sessions")))
+    st.apply(X("a", cov={"rev": 2.0, "sessions": 1.0}))
+    st.apply(X("b", cov={"rev": 1.0}))
+    st.apply(X("c", cov={"rev": 0.5, "sessions": 4.0}))
+    for ev in (M("a", "rev", 6.0, 1_000), M("a", "sessions", 3.0, 1_000),
+               M("b", "sessions", 2.0, 1_000), M("c", "rev", 1.0, 1_000),
+               M("c", "sessions", 1.0, 1_000)):
+        st.apply(ev)
+    fold(st)
+    # n, Σx_M, Σx_D, Σx_M², Σx_D², Σx_M·x_D, Σx_M·M, Σx_M·D, Σx_D·M, Σx_D·D, ΣM, ΣD
+    cov = (2.0, 2.5, 5.0, 4.25, 17.0, 4.0, 12.5, 6.5, 10.0, 7.0, 7.0, 4.0)
+    assert extra(st, "rps") == (6.0, 14.0, 19.0, *cov)
+    assert cell(st, "rps")[3:] == (3, 3.5, 5.25, 12.5, 7.0)  # the numerator's own x
+    assert st.apply(M("a", "sessions", 1.0, 2_000)) == "corrected"
+    cov = (2.0, 2.5, 5.0, 4.25, 17.0, 4.0, 12.5, 8.5, 10.0, 8.0, 7.0, 5.0)
+    assert extra(st, "rps") == (7.0, 21.0, 25.0, *cov)
+    assert st.apply(M("a", "rev", -6.0, 2_000)) == "corrected"  # M 6 -> 0
+    cov = (2.0, 2.5, 5.0, 4.25, 17.0, 4.0, 0.5, 8.5, 4.0, 8.0, 1.0, 5.0)
+    assert extra(st, "rps") == (7.0, 21.0, 1.0, *cov)
+
+
+def age_cfg(*metrics: MetricSpec) -> ExperimentConfig:
+    """Exposure-age bins [0, 5 s) and [5 s, 10 s): two bins in the 10 s window."""
+    return cfg(*metrics, exposure_age_bins=(0, 5))
+
+
+def test_conversion_age_cells_threshold_each_bin_and_flip():
+    """buy (threshold 1): unit u has bin totals (2, 0.5): y_b = (1, 0), so
+    the age cell is (n 1, Σy_0 1, Σy_0² 1, Σy_1 0, Σy_1² 0, Σy_0·y_1 0);
+    a correction of +1 in bin 1 (0.5 -> 1.5) flips y_1 and the cross term;
+    one of -1.5 in bin 0 (2 -> 0.5) flips y_0 and the cross term back."""
+    c = age_cfg(MetricSpec("buy", kind="conversion", threshold=1.0))
+    st = ExperimentState(c)
+    assert age_cell_width(metric_plans(c)[0], 2) == 5
+    st.apply(X("u"))
+    st.apply(M("u", "buy", 2.0, 1_000))
+    st.apply(M("u", "buy", 0.5, 6_000))
+    fold(st)
+    a = st.snapshot().age_cells["buy"][0]
+    f = st.units["u"].fine
+    assert a[f] == (1, 1.0, 1.0, 0.0, 0.0, 0.0)
+    assert st.apply(M("u", "buy", 1.0, 7_000)) == "corrected"
+    assert st.snapshot().age_cells["buy"][0][f] == (1, 1.0, 1.0, 1.0, 1.0, 1.0)
+    st.apply(M("u", "buy", -1.5, 2_000))
+    assert st.snapshot().age_cells["buy"][0][f] == (1, 0.0, 0.0, 1.0, 1.0, 0.0)
+    assert cell(st, "buy")[:3] == (1, 1.0, 1.0)  # the window total 2.0 > 1 still
+
+
+def test_ratio_age_cells_keep_numerator_and_denominator_by_bin():
+    """rps = rev / sessions with bins [0, 5 s), [5 s, 10 s): unit u has
+    (M_0, D_0) = (4, 2), (M_1, D_1) = (1, 1): its age cell is (n 1, 4, 16,
+    2, 4, 8, 1, 1, 1, 1, 1); a late session in bin 0 (D_0 2 -> 3) moves
+    ΣD_0 by 1, ΣD_0² by 5 and ΣM_0·D_0 by 4."""
+    c = age_cfg(MetricSpec("rps", kind="ratio", numerator="rev", denominator="sessions"))
+    st = ExperimentState(c)
+    assert age_cell_width(metric_plans(c)[0], 2) == 10
+    st.apply(X("u"))
+    for ev in (M("u", "rev", 4.0, 1_000), M("u", "sessions", 2.0, 1_000),
+               M("u", "rev", 1.0, 6_000), M("u", "sessions", 1.0, 6_000)):
+        st.apply(ev)
+    fold(st)
+    f = st.units["u"].fine
+    assert st.snapshot().age_cells["rps"][0][f] == (1, 4.0, 16.0, 2.0, 4.0, 8.0,
+                                                    1.0, 1.0, 1.0, 1.0, 1.0)
+    st.apply(M("u", "sessions", 1.0, 3_000))
+    assert st.snapshot().age_cells["rps"][0][f] == (1, 4.0, 16.0, 3.0, 9.0, 12.0,
+                                                    1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("t", [1e-9, 2e-9, 0.37, 1.0, 7.5, 123.456, 1e6, 3.3e11])
