@@ -77,7 +77,7 @@ def ratio_window(lin: dict[str, np.ndarray], den: dict[str, np.ndarray], matured
             "adj_effect": rk - r0, "adj_lift": rk / r0 - 1.0,
             "naive_effect": nk - n0, "naive_lift": nk / n0 - 1.0,
             "tau": per_stratum[:, :, 1:] - per_stratum[:, :, :1],
-            "share": lin["share"], "slope": np.zeros(rhat.shape),
+            "share": lin["share"], "slope": lin.get("slope", np.zeros(rhat.shape)),
             "mu0": rhat[..., None] + per_stratum[:, :, 0],
             "ratio_control": r0, "ratio_arm": rk,
             "naive_ratio_control": n0, "naive_ratio_arm": nk,
@@ -92,3 +92,24 @@ def linearized_cell(cell_m: tuple, extra: tuple, rhat: float) -> tuple:
     sd, sdd, smd = extra[0], extra[1], extra[2]
     sll = smm - 2.0 * rhat * smd + rhat * rhat * sdd
     return (n, sm - rhat * sd, max(sll, 0.0), 0, 0.0, 0.0, 0.0, 0.0)
+
+
+def linearized_cov(cov: tuple, rhat: float) -> tuple:
+    """The covariate sums ``(n_x, Σx, Σx², Σx·y, Σy over units with x)`` of
+    L = M − R̂·D on its covariate x_L = x_M − R̂·x_D (CUPED for a ratio),
+    from the ratio's 12 sums over the units with both pre values ``cov`` =
+    (n, Σx_M, Σx_D, Σx_M², Σx_D², Σx_M·x_D, Σx_M·M, Σx_M·D, Σx_D·M, Σx_D·D,
+    ΣM, ΣD) (``streams.state.semantics.RATIO_COV_SUMS``): each is linear or
+    quadratic in R̂, so one state serves every snapshot's R̂."""
+    n, sxm, sxd, sxmm, sxdd, sxmd, sxm_m, sxm_d, sxd_m, sxd_d, sm, sd = cov
+    r = rhat
+    sxx = sxmm - 2.0 * r * sxmd + r * r * sxdd
+    return (n, sxm - r * sxd, max(sxx, 0.0), sxm_m - r * sxm_d - r * sxd_m + r * r * sxd_d,
+            sm - r * sd)
+
+
+def den_cov(cov: tuple) -> tuple:
+    """The covariate sums of the denominator D on x_D, over the same units
+    (both pre values) as ``linearized_cov``."""
+    n, _, sxd, _, sxdd, _, _, _, _, sxd_d, _, sd = cov
+    return (n, sxd, sxdd, sxd_d, sd)

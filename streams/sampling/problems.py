@@ -25,7 +25,13 @@ from kernels.summary import summarize
 from kernels.tail import merge as merge_tails
 from kernels.tail import tail_summary
 from streams.state.data_quality import data_quality
-from streams.state.semantics import ExperimentSnapshot, age_edges_ms, age_tracking, fine_parent
+from streams.state.semantics import (
+    RATIO_COV_SUMS,
+    ExperimentSnapshot,
+    age_edges_ms,
+    age_tracking,
+    fine_parent,
+)
 
 SCHEMA_VERSION = 1
 
@@ -80,8 +86,9 @@ class Problem:
     @property
     def key(self) -> tuple[str, str]:
         """(experiment_id, chain name): the name its chains are stored under."""
-        if self.age_bin is not None:
-            return self.experiment_id, f"{self.metric}{AGE_SUFFIX}{self.age_bin}"
+        if self.age_bin is not None:  # a ratio's bin has its own denominator: #age<b>#den
+            tail = PART_SUFFIX[self.part] if self.part is not None else ""
+            return self.experiment_id, f"{self.metric}{AGE_SUFFIX}{self.age_bin}{tail}"
         if self.part is not None:
             return self.experiment_id, self.metric + PART_SUFFIX[self.part]
         return self.experiment_id, self.metric + (SHADOW_SUFFIX if self.shadow else "")
@@ -106,8 +113,9 @@ def chain_names(cfg) -> list[str]:
         names += [m + SHADOW_SUFFIX for m in cfg.metric_names]
     if age_tracking(cfg):
         B = len(age_edges_ms(cfg)) - 1
-        names += [f"{m.name}{AGE_SUFFIX}{b}" for m in cfg.metrics if _kind(m) == "sum"
-                  for b in range(B)]
+        names += [f"{m.name}{AGE_SUFFIX}{b}" for m in cfg.metrics for b in range(B)]
+        names += [f"{m.name}{AGE_SUFFIX}{b}{DEN_SUFFIX}" for m in cfg.metrics
+                  if _kind(m) == "ratio" for b in range(B)]
     names += [m.name + UNCAPPED_SUFFIX for m in cfg.metrics if is_capped(m)]
     names += [m.name + DEN_SUFFIX for m in cfg.metrics if _kind(m) == "ratio"]
     return names
@@ -140,6 +148,33 @@ def pooled_ratio(snap: ExperimentSnapshot, metric: str, uncapped: bool = False) 
     return sm / sd if sd else 0.0
 
 
+def has_age_bins(snap: ExperimentSnapshot, metric: str) -> bool:
+    """The metric's exposure-age cells are there to model: a sum's whenever
+    the state keeps them (issue 19); a conversion's or ratio's (kept since
+    issue 26's second round) only when they hold every matured unit (per
+    variant, n equal to the cells'): state folded before they existed has
+    its earlier units in no age cell, and bins over the later units alone
+    would describe another population."""
+    age = snap.age_cells.get(metric)
+    if not age:
+        return False
+    if _kind(_spec(snap.config, metric)) == "sum":
+        return True
+    return all(sum(c[0] for c in arow) == sum(c[0] for c in crow)
+               for arow, crow in zip(age, snap.cells[metric], strict=True))
+
+
+def age_pooled_ratio(snap: ExperimentSnapshot, metric: str, b: int) -> float:
+    """R̂_b = ΣM_b / ΣD_b over every matured unit of a ratio's exposure-age
+    bin b (its age cells: ``semantics.age_cell_width``); 0 when ΣD_b = 0."""
+    sm = sd = 0.0
+    for row in snap.age_cells[metric]:
+        for c in row:
+            sm += c[1 + 5 * b]
+            sd += c[3 + 5 * b]
+    return sm / sd if sd else 0.0
+
+
 def _covariates_on(cfg) -> bool:
     return cfg.covariates != "off"
 
@@ -150,14 +185,24 @@ def _cell(c) -> tuple:
 
 
 def uses_covariate(snap: ExperimentSnapshot, metric: str) -> bool:
-    """The covariate enters the metric's model: covariates not off, the metric
-    is not a ratio (its cells do not carry the denominator's covariate sums
-    that L = M − R̂·D would need), and some matured unit has a
-    pre-experiment value of the metric."""
-    if _kind(_spec(snap.config, metric)) == "ratio":
+    """The covariate enters the metric's model: covariates not off and some
+    matured unit has a pre-experiment value of the metric (a ratio: of both
+    its numerator and its denominator, ``ratio_cov``)."""
+    if not _covariates_on(snap.config):
         return False
-    return _covariates_on(snap.config) and any(
-        _cell(c)[3] > 0 for row in snap.cells[metric] for c in row)
+    if _kind(_spec(snap.config, metric)) == "ratio":
+        extra = snap.extra_cells.get(metric) or []
+        return any(ratio_cov(e)[0] > 0 for row in extra for e in row)
+    return any(_cell(c)[3] > 0 for row in snap.cells[metric] for c in row)
+
+
+def ratio_cov(extra: tuple) -> tuple:
+    """A ratio's 12 covariate sums over its units with both pre values: the
+    last ``RATIO_COV_SUMS`` of its extra values (zeros in state written
+    before they existed: ``store._extra`` pads)."""
+    if len(extra) < 3 + RATIO_COV_SUMS:
+        return (0.0,) * RATIO_COV_SUMS
+    return tuple(extra[len(extra) - RATIO_COV_SUMS:])
 
 
 def _strata_in_use(snap: ExperimentSnapshot) -> tuple[int, ...]:
@@ -185,8 +230,19 @@ def problems_of(snap: ExperimentSnapshot) -> list[Problem]:
         base = dict(experiment_id=snap.experiment_id, metric=m.name, direction=d, order=order,
                     strata=strata, kind=kind)
         if kind == "ratio":
-            out.append(Problem(**base, rhat=pooled_ratio(snap, m.name)))
-            out.append(Problem(**base, part="den"))
+            rhat = pooled_ratio(snap, m.name)
+            if uses_covariate(snap, m.name):  # L on x_M − R̂·x_D, D on x_D; the shadow: L alone
+                out.append(Problem(**base, rhat=rhat, covariate=True))
+                out.append(Problem(**base, rhat=rhat, shadow=True))
+                out.append(Problem(**base, part="den", covariate=True))
+            else:
+                out.append(Problem(**base, rhat=rhat))
+                out.append(Problem(**base, part="den"))
+            if has_age_bins(snap, m.name):  # per bin: L_b = M_b − R̂_b·D_b and D_b
+                B = len(age_edges_ms(cfg)) - 1
+                for b in range(B):
+                    out.append(Problem(**base, age_bin=b, rhat=age_pooled_ratio(snap, m.name, b)))
+                    out.append(Problem(**base, age_bin=b, part="den"))
             if is_capped(m):
                 out.append(Problem(**base, part="uncapped",
                                    rhat=pooled_ratio(snap, m.name, uncapped=True)))
@@ -198,7 +254,7 @@ def problems_of(snap: ExperimentSnapshot) -> list[Problem]:
             out.append(Problem(**base))
         if is_capped(m):
             out.append(Problem(**base, part="uncapped"))
-        if kind == "sum" and snap.age_cells.get(m.name):
+        if has_age_bins(snap, m.name):  # a sum's or a conversion's bins
             B = len(age_edges_ms(cfg)) - 1
             out += [Problem(**base, age_bin=b) for b in range(B)]
     return out
@@ -209,8 +265,10 @@ def problem_cells(snap: ExperimentSnapshot, prob: Problem) -> list[list[tuple]]:
     the snapshot's cells for a sum or a conversion (and a capped sum: its
     capped totals); a capped metric's ``uncapped`` part: (n, Σt, Σt²) of its
     uncapped totals; a ratio: L = M − R̂·D (``kernels.ratio.linearized_cell``),
-    its ``den`` part: (n, ΣD, ΣD²). Exposure-age bins are not here
-    (``age_cells_by_stratum``)."""
+    its ``den`` part: (n, ΣD, ΣD²), each with its covariate sums when the
+    problem has one (L on x_M − R̂·x_D, D on x_D, over the units with both
+    pre values: ``kernels.ratio.linearized_cov``, ``den_cov``). Exposure-age
+    bins are not here (``age_cells_by_stratum``)."""
     cells = snap.cells[prob.metric]
     extra = snap.extra_cells.get(prob.metric)
     zeros = (0, 0.0, 0.0, 0.0, 0.0)
@@ -221,12 +279,17 @@ def problem_cells(snap: ExperimentSnapshot, prob: Problem) -> list[list[tuple]]:
             for s, c in enumerate(row):
                 e = extra[v][s] if extra else (0.0,) * 6
                 if prob.part == "den":
-                    r.append((c[0], e[0], e[1], *zeros))
+                    cov = ratio_kernel.den_cov(ratio_cov(e)) if prob.covariate else zeros
+                    r.append((c[0], e[0], e[1], *cov))
                 elif prob.part == "uncapped":  # (ΣD, ΣD², ΣtD) with t the uncapped M
                     r.append(ratio_kernel.linearized_cell((c[0], e[3], e[4]), (e[0], e[1], e[5]),
                                                           prob.rhat or 0.0))
                 else:
-                    r.append(ratio_kernel.linearized_cell(c, e, prob.rhat or 0.0))
+                    lin = ratio_kernel.linearized_cell(c, e, prob.rhat or 0.0)
+                    if prob.covariate:
+                        lin = (*lin[:3], *ratio_kernel.linearized_cov(ratio_cov(e),
+                                                                       prob.rhat or 0.0))
+                    r.append(lin)
             out.append(r)
         return out
     if prob.part == "uncapped":
@@ -294,7 +357,7 @@ def summarize_windows(problems: list[Problem], windows: list[dict | None], adjus
     for i, p in enumerate(problems):
         if not p.linearized or windows[i] is None:
             continue
-        j = index.get((p.experiment_id, p.metric + DEN_SUFFIX))
+        j = index.get((p.experiment_id, _den_key(p)))
         if j is None or windows[j] is None:
             wins[i] = None
             continue
@@ -318,6 +381,14 @@ def summarize_windows(problems: list[Problem], windows: list[dict | None], adjus
     return records(rows, problems, snap_of, iterations, computed_at)
 
 
+def _den_key(p: Problem) -> str:
+    """The chain name of the denominator a linearized problem is recombined
+    with: ``<m>#den`` (the ratio's own and its shadow's), ``<m>#age<b>#den``."""
+    if p.age_bin is not None:
+        return f"{p.metric}{AGE_SUFFIX}{p.age_bin}{DEN_SUFFIX}"
+    return p.metric + DEN_SUFFIX
+
+
 def _attach_ratios(rows: list[dict], win: dict[str, np.ndarray]) -> None:
     """Each treatment's row gets the pair's arm ratios (adjusted and naive
     per-draw intervals) under ``ratio_arms``."""
@@ -336,20 +407,34 @@ def _num(x) -> float | None:
 
 def age_cells_by_stratum(snap: ExperimentSnapshot, metric: str) -> list[list[list[tuple]]]:
     """[variant][activity stratum][bin] = (n, Σy_b, Σy_b²): the exposure-age
-    cells summed over the fine strata of each activity stratum."""
+    cells summed over the fine strata of each activity stratum; a ratio's
+    (n, ΣM_b, ΣM_b², ΣD_b, ΣD_b², ΣM_b·D_b)."""
     fine = snap.age_cells[metric]
     parent = fine_parent(snap.config)
-    B = (len(fine[0][0]) - 2) // 2
-    out = [[[[0, 0.0, 0.0] for _ in range(B)] for _ in range(snap.n_strata_total)]
+    B = len(age_edges_ms(snap.config)) - 1
+    w = 5 if _kind(_spec(snap.config, metric)) == "ratio" else 2  # sums per bin
+    out = [[[[0] + [0.0] * w for _ in range(B)] for _ in range(snap.n_strata_total)]
            for _ in fine]
     for v, row in enumerate(fine):
         for f, c in enumerate(row):
             for b in range(B):
                 acc = out[v][parent[f]][b]
                 acc[0] += c[0]
-                acc[1] += c[1 + 2 * b]
-                acc[2] += c[2 + 2 * b]
+                for j in range(w):
+                    acc[1 + j] += c[1 + w * b + j]
     return [[[tuple(x) for x in s] for s in v] for v in out]
+
+
+def _age_bin_cell(cell: tuple, prob: Problem) -> tuple:
+    """A bin's cell of ``age_cells_by_stratum`` as the problem's outcome: a
+    sum's or conversion's as is; a ratio's L_b = M_b − R̂_b·D_b, or D_b for
+    its ``den`` part."""
+    if prob.kind != "ratio":
+        return cell
+    n, sm, smm, sd, sdd, smd = cell
+    if prob.part == "den":
+        return (n, sd, sdd)
+    return ratio_kernel.linearized_cell((n, sm, smm), (sd, sdd, smd), prob.rhat or 0.0)
 
 
 def _activity(snap: ExperimentSnapshot, s: int) -> float:
@@ -391,7 +476,7 @@ def build_batch(snaps: list[ExperimentSnapshot], xp=np) -> tuple[ModelData, list
             k = (snap.experiment_id, prob.metric)
             if k not in age_by:
                 age_by[k] = age_cells_by_stratum(snap, prob.metric)
-            cells = [[s[prob.age_bin] for s in v] for v in age_by[k]]
+            cells = [[_age_bin_cell(s[prob.age_bin], prob) for s in v] for v in age_by[k]]
         for r, v in enumerate(prob.order):
             kmask[i, r] = True
             for c, s in enumerate(prob.strata):
@@ -430,7 +515,7 @@ def records(summary: list[list[dict]], problems: list[Problem],
                    if p.shadow and rows is not None}
     age_rows: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for p, rows in zip(problems, summary, strict=True):
-        if p.age_bin is not None and rows is not None:
+        if p.age_bin is not None and p.part is None and rows is not None:
             age_rows.setdefault((p.experiment_id, p.metric), {})[p.age_bin] = rows
     uncapped_rows = {(p.experiment_id, p.metric): rows
                      for p, rows in zip(problems, summary, strict=True)
@@ -474,7 +559,8 @@ def records(summary: list[list[dict]], problems: list[Problem],
                 "naive": row["naive"],
                 "strata": strata,
                 "variance_reduction": _variance_reduction(
-                    prob, row, k, cells, pair, shadow_rows.get((prob.experiment_id, prob.metric))),
+                    prob, row, k, problem_cells(snap, prob) if prob.kind == "ratio" else cells,
+                    pair, shadow_rows.get((prob.experiment_id, prob.metric))),
                 **_exposure_age(snap, prob, row, k, pair,
                                 age_rows.get((prob.experiment_id, prob.metric))),
                 **_kind_fields(snap, prob, row, k, pair,
@@ -584,7 +670,7 @@ def _exposure_age(snap: ExperimentSnapshot, prob: Problem, row: dict, k: int,
     minus the last's within fine strata (``kernels.novelty``): ``contrast``
     and ``p_positive`` weight strata by their information (the test),
     ``difference`` by population shares (the size)."""
-    if not age_tracking(snap.config) or prob.metric not in snap.age_cells:
+    if not age_tracking(snap.config) or not has_age_bins(snap, prob.metric):
         return {"by_exposure_age": None, "novelty": None}
     edges = age_edges_ms(snap.config)
     bins = []
@@ -594,7 +680,9 @@ def _exposure_age(snap: ExperimentSnapshot, prob: Problem, row: dict, k: int,
         bins.append({"from_s": edges[b] // 1000, "to_s": edges[b + 1] // 1000,
                      "lift": _interval(adj["lift"]) if adj else None,
                      "effect": _interval(adj["effect"]) if adj else None})
-    return {"by_exposure_age": bins, "novelty": novelty_of(snap, prob, row, pair)}
+    # the novelty contrast is a lift of bin means (kernels.novelty); a ratio's is not built
+    return {"by_exposure_age": bins,
+            "novelty": None if prob.kind == "ratio" else novelty_of(snap, prob, row, pair)}
 
 
 def _interval(x: dict) -> dict:

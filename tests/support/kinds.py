@@ -63,6 +63,14 @@ def snapshot_from_units(cfg: ExperimentConfig, variant: np.ndarray, stratum: np.
             y = _winsorize(t, spec)
             x = pre.get(spec.numerator, np.full(n_units, np.nan))
             ex = [d, d * d, y * d] + ([t, t * t, t * d] if _capped(spec) else [])
+            # CUPED for a ratio: the 12 sums over the units with both pre values
+            xm = pre.get(spec.numerator, np.full(n_units, np.nan))
+            xd = pre.get(spec.denominator, np.full(n_units, np.nan))
+            both = np.isfinite(xm) & np.isfinite(xd)
+            xm0, xd0 = np.where(both, xm, 0.0), np.where(both, xd, 0.0)
+            h = both.astype(float)
+            ex += [h, xm0, xd0, xm0 * xm0, xd0 * xd0, xm0 * xd0, xm0 * y, xm0 * d, xd0 * y,
+                   xd0 * d, h * y, h * d]
             extra[spec.name] = sums(ex)
         else:
             t = totals[spec.name]
