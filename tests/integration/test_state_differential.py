@@ -1106,7 +1106,8 @@ def test_kinds_committed_to_redis_equal_semantics(redis_url):
 def test_conversion_flips_and_cap_crossings_through_redis(fresh):
     """Hand-computed through the owner's commit: a conversion folded at 1
     flips to 0 and back by corrections, a capped total crosses its cap and
-    comes back, a ratio's denominator moves; each committed state read back
+    comes back, a ratio's denominator moves (and its covariate sums: u has
+    both pre values); each committed state read back
     equals the reducer's, the tails hash holds the moved counts."""
     c = _cfg(metrics=(MetricSpec("rev", cap_upper=10.0), MetricSpec("buy", kind="conversion"),
                       MetricSpec("rpb", kind="ratio", numerator="rev", denominator="buy")))
@@ -1115,13 +1116,19 @@ def test_conversion_flips_and_cap_crossings_through_redis(fresh):
     def m(eid, name, t, v):
         return Metric(eid, "u", name, v, T0 + t, "e1")
 
-    both.batch(0, [_x("x", "u", 0, cov={"buy": 2.0}), m("a", "rev", 1_000, 4.0),
+    both.batch(0, [_x("x", "u", 0, cov={"buy": 2.0, "rev": 1.0}), m("a", "rev", 1_000, 4.0),
                    m("b", "buy", 1_000, 1.0)])
     both.batch(0, [_x("y", "w", 12_000, "treatment")])  # u folds
     got = read_snapshot(fresh, c)
     assert got.cells["buy"][0][1] == (1, 1.0, 1.0, 1, 2.0, 4.0, 2.0, 1.0)
     assert got.extra_cells["rev"][0][1] == (4.0, 16.0)
-    assert got.extra_cells["rpb"][0][1] == (1.0, 1.0, 4.0)
+
+    def rpb(d: float, t: float) -> tuple:
+        """rpb's extra values of u (M = t, D = d; pre values x_M 1, x_D 2):
+        ΣD, ΣD², ΣMD, then its covariate sums (both pre values)."""
+        return (d, d * d, t * d, 1.0, 1.0, 2.0, 1.0, 4.0, 2.0, t, d, 2 * t, 2 * d, t, d)
+
+    assert got.extra_cells["rpb"][0][1] == rpb(1.0, 4.0)
     for eid, name, v, y_buy, y_rev, t_rev, d in (
             ("c", "buy", -2.0, 0.0, 4.0, 4.0, -1.0), ("d", "rev", 8.0, 0.0, 10.0, 12.0, -1.0),
             ("e", "buy", 3.0, 1.0, 10.0, 12.0, 2.0), ("f", "rev", -9.0, 1.0, 3.0, 3.0, 2.0)):
@@ -1131,7 +1138,7 @@ def test_conversion_flips_and_cap_crossings_through_redis(fresh):
         assert got.cells["buy"][0][1][:3] == (1, y_buy, y_buy)
         assert got.cells["rev"][0][1][:3] == (1, y_rev, y_rev * y_rev)
         assert got.extra_cells["rev"][0][1] == (t_rev, t_rev * t_rev)
-        assert got.extra_cells["rpb"][0][1] == (d, d * d, t_rev * d)  # rpb: not capped
+        assert got.extra_cells["rpb"][0][1] == rpb(d, t_rev)  # rpb: not capped
     assert both.red.states["e1"].counters["corrected"] == 4
     from kernels.tail import tail_bucket
     assert read_snapshot(fresh, c).tails["rev"] == [{tail_bucket(3.0): 1}, {}]
