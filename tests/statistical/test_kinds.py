@@ -94,6 +94,9 @@ def _stats(est: list[dict], truth: np.ndarray) -> dict:
         # Monte Carlo se of bias_sd: the spread of the errors over √reps
         "bias_sd_se": float(err.std(ddof=1) / math.sqrt(len(err)) / sd.mean()),
         "width": float((hi - lo).mean()),
+        # the posterior sd over the sd of the estimates across replicates (1 = calibrated;
+        # > 1 over-covers: the sd across replicates includes the truth's own spread, tiny here)
+        "sd_ratio": float(sd.mean() / err.std(ddof=1)),
     }
 
 
@@ -169,14 +172,14 @@ def width_ratios(rows: list[dict], case: str = "revenue σ=2") -> dict[int, floa
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\ncase | day | truth | adjusted cover (truth below) bias bias/sd width"
+    print("\ncase | day | truth | adjusted cover (truth below) bias bias/sd width sd-ratio"
           " | naive cover bias bias/sd")
     for r in rows:
         a, n = r["adjusted"], r["naive"]
         nv = f" | {n['coverage']:.3f} {n['bias']:+.4g} {n['bias_sd']:+.2f}"
         print(f"{r['case']} | {r['day']} | {r['truth']:.4g} | {a['coverage']:.3f} "
               f"({a['below']:.3f}) {a['bias']:+.4g} {a['bias_sd']:+.2f}±{a['bias_sd_se']:.2f} "
-              f"{a['width']:.4g}{nv}")
+              f"{a['width']:.4g} {a['sd_ratio']:.2f}{nv}")
     ratios = width_ratios(rows)
     if ratios:
         print("revenue σ=2: uncapped width / capped width by day: "
