@@ -132,6 +132,44 @@ def synthetic_problems(P: int, S: int, seed: int = 0, units: int = UNITS,
     }
 
 
+#: ``--kind``: the metric kinds (issue 26) and how many problems one metric of each is
+KIND_PROBLEMS = {"sum": 1, "conversion": 1, "capped": 2, "ratio": 2}
+
+
+def kind_problems(stats: dict[str, np.ndarray], kind: str, seed: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """The problems of P metrics of ``kind`` from P sum problems' statistics
+    (``synthetic_problems``), as ``streams.sampling.problems`` makes them:
+    a conversion's cells hold 0/1 outcomes (rates 2-32% by the cell's rank of
+    mean); a capped sum is two problems, the capped totals (half the
+    within-cell variance) and the uncapped ones (``#uncapped``); a ratio is
+    two, the linearized numerator L = M − R̂·D (the sums centred) and the
+    denominator D (Poisson sessions, mean 1 + activity/4: ``#den``). The
+    sampler's cost per problem does not depend on the kind; its cost per
+    metric does, by the problems it takes."""
+    if kind == "sum":
+        return stats
+    n, sy, syy = stats["n"], stats["sy"], stats["syy"]
+    safe = np.maximum(n, 1.0)
+    mean = np.where(n > 0, sy / safe, 0.0)
+    if kind == "conversion":
+        lo = mean.min(axis=(1, 2), keepdims=True)
+        hi = mean.max(axis=(1, 2), keepdims=True)
+        p = 0.02 + 0.30 * (mean - lo) / np.maximum(hi - lo, 1e-12)
+        return {**stats, "sy": n * p, "syy": n * p}
+    within = np.maximum(syy - sy * sy / safe, 0.0)
+    if kind == "capped":
+        capped = {**stats, "syy": sy * sy / safe + 0.5 * within}
+        return {k: np.concatenate([capped[k], stats[k]]) for k in stats}
+    if kind != "ratio":
+        raise ValueError(f"--kind {kind!r}: one of {sorted(KIND_PROBLEMS)}")
+    grand = sy.sum(axis=(1, 2), keepdims=True) / np.maximum(n.sum(axis=(1, 2), keepdims=True), 1)
+    lin = {**stats, "sy": sy - n * grand, "syy": within + (sy - n * grand) ** 2 / safe}
+    mu_d = 1.0 + stats["activity"][:, None, :] / 4.0
+    den = {**stats, "sy": n * mu_d, "syy": n * (mu_d + mu_d * mu_d)}
+    return {k: np.concatenate([lin[k], den[k]]) for k in stats}
+
+
 def model_data(stats: dict[str, np.ndarray], xp: Any = np) -> ModelData:
     return make_data(stats["n"], stats["sy"], stats["syy"], stats["arrived"], stats["dsum"],
                      stats["D"], stats["activity"], xp=xp)
@@ -435,18 +473,24 @@ def _clean(x: Any) -> Any:
 def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str = "auto",
               device: str = "auto", seed: int = 0, warmup: int | None = None,
               nuts_warmup: int | None = None, nuts_samples: int | None = None,
-              rng_kind: str | None = None, chunk: int | None = None) -> dict[str, Any]:
+              rng_kind: str | None = None, chunk: int | None = None,
+              kind: str = "sum") -> dict[str, Any]:
     """The whole benchmark as one JSON-able dict (``sampler_main`` prints it).
 
     ``rng_kind``: pcg|philox (default: pcg on the CPU, philox on a GPU);
-    ``chunk``: problems per batch (default: all on the CPU, what fits on a GPU)."""
+    ``chunk``: problems per batch (default: all on the CPU, what fits on a GPU);
+    ``kind``: the metrics' kind (``kind_problems``): ``problems`` metrics of
+    it, so P × KIND_PROBLEMS[kind] problems; the NumPyro baseline runs for
+    ``sum`` only."""
     try:
         xp = get_xp(device)
     except (RuntimeError, ValueError) as e:
         raise BenchUnavailable(str(e)) from e
     warmup = max(sweeps // 2, 10) if warmup is None else warmup
     t0 = time.perf_counter()
-    stats = synthetic_problems(problems, strata, seed)
+    metrics = problems
+    stats = kind_problems(synthetic_problems(problems, strata, seed), kind, seed)
+    problems = stats["n"].shape[0]
     gen_s = time.perf_counter() - t0
 
     chunk = chunk or chunk_problems(problems, chains, 2, strata, sweeps, xp)
@@ -463,8 +507,11 @@ def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str
         "machine": machine_info(xp),
         "config": {"problems": problems, "chains": chains, "strata": strata, "sweeps": sweeps,
                    "warmup": warmup, "units": UNITS, "day": DAY, "seed": seed,
-                   "treatments": 1, "generate_s": gen_s},
+                   "treatments": 1, "generate_s": gen_s, "kind": kind, "metrics": metrics},
         "liftstream": g.stats,
+        "per_sweep_ms": {"problem": 1e3 * g.stats["sample_s"] / sweeps / problems,
+                         "metric": 1e3 * g.stats["sample_s"] / sweeps / metrics,
+                         "all": 1e3 * g.stats["sample_s"] / sweeps},
         "numpyro": None,
         "numpyro_skipped": None,
         "agreement": None,
@@ -472,7 +519,11 @@ def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str
         "ratio_ess_per_s_min": None,
         "ratio_sweeps_per_s": None,
     }
+    if kind == "ratio":
+        out["ratio_recombine_ms"] = _ratio_recombine_ms(metrics, chains, strata, seed)
     go, why = _numpyro_plan(numpyro, problems)
+    if kind != "sum":
+        go, why = False, f"--kind {kind}: the NumPyro baseline models sums only"
     if not go:
         out["numpyro_skipped"] = why
         if numpyro == "yes":
@@ -496,6 +547,28 @@ def run_bench(problems: int, chains: int, strata: int, sweeps: int, numpyro: str
     return out
 
 
+def _ratio_recombine_ms(metrics: int, chains: int, strata: int, seed: int,
+                        window: int = 200) -> float:
+    """Milliseconds to recombine ``metrics`` ratio metrics' two windows of
+    ``window`` draws per chain into the ratio's (``kernels.ratio.ratio_window``,
+    once per published tick)."""
+    from kernels.ratio import ratio_window
+
+    rng = np.random.default_rng(seed)
+    C, T, K, S = chains, window, 1, strata
+
+    def win(offset: float) -> dict[str, np.ndarray]:
+        return {"mu0": offset + rng.random((C, T, S)), "tau": 0.1 * rng.random((C, T, K, S)),
+                "share": np.full((C, T, S), 1.0 / S), "rhat": np.ones((C, T))}
+
+    lin, den = win(0.5), win(2.0)
+    w = np.full((K, S), 1.0 / S)
+    t0 = time.perf_counter()
+    for _ in range(metrics):
+        ratio_window(lin, den, w, True)
+    return 1e3 * (time.perf_counter() - t0)
+
+
 def _fmt(v: Any, nd: int = 1) -> str:
     if v is None:
         return "-"
@@ -510,7 +583,8 @@ def format_table(res: dict[str, Any]) -> str:
     """The human table: one row per figure, liftstream | NumPyro | ratio."""
     c, ls, nu = res["config"], res["liftstream"], res["numpyro"] or {}
     lines = [
-        f"liftstream bench sampler: P={c['problems']} problems, C={c['chains']} chains, "
+        f"liftstream bench sampler: P={c['problems']} problems ({c.get('metrics')} "
+        f"{c.get('kind', 'sum')} metrics), C={c['chains']} chains, "
         f"S={c['strata']} strata, {c['sweeps']} timed sweeps after {c['warmup']} warm-up "
         f"({res['machine']['device']}, {res['machine']['cpus']} CPUs)",
         f"{'':34}{'liftstream':>14}{'NumPyro NUTS':>14}{'ratio':>10}",
@@ -528,6 +602,12 @@ def format_table(res: dict[str, Any]) -> str:
     row("bulk ESS, median", ls["ess_bulk_median"], nu.get("ess_bulk_median"))
     row("bulk ESS, min", ls["ess_bulk_min"], nu.get("ess_bulk_min"))
     row("split R-hat, max", ls["rhat_max"], nu.get("rhat_max"), nd=3)
+    if res.get("per_sweep_ms"):
+        ps = res["per_sweep_ms"]
+        row("ms a sweep: per problem", ps["problem"], None, nd=4)
+        row("ms a sweep: per metric", ps["metric"], None, nd=4)
+    if res.get("ratio_recombine_ms") is not None:
+        row("ratio recombination, all (ms)", res["ratio_recombine_ms"], None, nd=2)
     row("sampling time (s)", ls["sample_s"], nu.get("sample_s"), nd=2)
     row("warm-up time (s)", ls["warmup_s"], nu.get("warmup_s"), nd=2)
     if nu:
@@ -558,7 +638,8 @@ def sampler_main(args: Any) -> int:
                         nuts_warmup=getattr(args, "nuts_warmup", None),
                         nuts_samples=getattr(args, "nuts_samples", None),
                         rng_kind=getattr(args, "rng", None),
-                        chunk=getattr(args, "chunk_problems", None))
+                        chunk=getattr(args, "chunk_problems", None),
+                        kind=getattr(args, "kind", None) or "sum")
     except BenchUnavailable as e:
         print(f"liftstream bench sampler: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="random numbers: default Philox on a GPU, PCG64 on the CPU")
     bs.add_argument("--chunk-problems", type=int, default=None,
                     help="problems per batch (default: all on the CPU, sized to GPU memory)")
+    bs.add_argument("--kind", choices=("sum", "conversion", "capped", "ratio"), default="sum",
+                    help="the metrics' kind (issue 26): --problems metrics of it; a capped "
+                         "sum and a ratio take two problems each")
     bs.add_argument("--json", action="store_true")
     bc = bsub.add_parser("covariate", help="sweep cost with a CUPED covariate vs without")
     bc.add_argument("--problems", type=int, default=200)

@@ -37,7 +37,7 @@ import numpy as np
 
 from kernels import decision as dk
 from kernels.data import per_bucket_prob
-from streams.sampling.problems import _activity
+from streams.sampling.problems import _activity, effect_cells
 from streams.state.semantics import ExperimentSnapshot
 
 STATE_VERSION = 1
@@ -94,8 +94,9 @@ def _eligible(rec: dict) -> tuple[float, float] | None:
 
 
 def _cells(snap: ExperimentSnapshot, metric: str) -> np.ndarray:
-    """[K1, S_total, 3] (n, Σy, Σy²) of the metric's cells."""
-    return np.array([[c[:3] for c in row] for row in snap.cells[metric]], float)
+    """[K1, S_total, 3] (n, Σy, Σy²) of the metric's cells, in the units of
+    its effect (a ratio's linearized L / D̄: ``problems.effect_cells``)."""
+    return np.array(effect_cells(snap, metric), float)
 
 
 def _mixing_sd(cfg, snap: ExperimentSnapshot, rec: dict) -> float:

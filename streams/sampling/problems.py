@@ -237,6 +237,25 @@ def problem_cells(snap: ExperimentSnapshot, prob: Problem) -> list[list[tuple]]:
     return cells
 
 
+def effect_cells(snap: ExperimentSnapshot, metric: str) -> list[list[tuple]]:
+    """[variant][stratum] (n, Σy, Σy²) of a per-unit outcome whose mean
+    difference is, to first order, the metric's effect (for the decisions'
+    scale and forecast): the modelled cells for a sum or a conversion; for a
+    ratio L / D̄ (L = M − R̂·D, D̄ the pooled mean of D), since
+    R̂_k − R_k ≈ L̄_k / D̄ (the delta method)."""
+    spec = _spec(snap.config, metric)
+    if _kind(spec) != "ratio":
+        return [[tuple(c[:3]) for c in row] for row in snap.cells[metric]]
+    prob = Problem(snap.experiment_id, metric, 1, (), (), kind="ratio",
+                   rhat=pooled_ratio(snap, metric))
+    cells = problem_cells(snap, prob)
+    extra = snap.extra_cells.get(metric) or []
+    n = sum(c[0] for row in cells for c in row)
+    sd = sum(e[0] for row in extra for e in row)
+    dbar = sd / n if n and sd else 1.0
+    return [[(c[0], c[1] / dbar, c[2] / (dbar * dbar)) for c in row] for row in cells]
+
+
 def window_of(prob: Problem, fresh: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What a problem keeps of its draws [C, T, …] (``kernels.batching.unpad_draws``):
     the per-stratum control means ``mu0`` only for a ratio's problems (they

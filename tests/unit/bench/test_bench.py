@@ -94,3 +94,20 @@ def test_arrival_density_port_matches_kernels():
         got = np.asarray(bn.arrival_log_density(x, n, T, D, -2.0, 0.5))
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-9)
 
+
+
+@pytest.mark.parametrize("kind", sorted(bench.KIND_PROBLEMS))
+def test_kind_problems_are_valid_data_and_report_per_metric(kind, capsys):
+    """``--kind`` (issue 26): the kind's problems are valid cells, P metrics
+    take P × KIND_PROBLEMS[kind] problems, and the sweep time is reported per
+    problem and per metric."""
+    st = bench.kind_problems(bench.synthetic_problems(6, 5, seed=3, units=4000), kind)
+    n, sy, syy = st["n"], st["sy"], st["syy"]
+    assert n.shape[0] == 6 * bench.KIND_PROBLEMS[kind]
+    assert ((syy - sy**2 / np.maximum(n, 1)) >= -1e-6 * np.maximum(syy, 1)).all()
+    rc, res = _run(capsys, kind=kind, sweeps=20, problems=3)
+    assert rc == 0 and res["config"]["kind"] == kind and res["config"]["metrics"] == 3
+    assert res["config"]["problems"] == 3 * bench.KIND_PROBLEMS[kind]
+    ps = res["per_sweep_ms"]
+    assert ps["metric"] == pytest.approx(ps["problem"] * bench.KIND_PROBLEMS[kind])
+    assert (res.get("ratio_recombine_ms") is not None) == (kind == "ratio")
