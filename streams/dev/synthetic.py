@@ -41,6 +41,14 @@ class Scenario:
     # not every visit exposes the unit: its daily exposure probability is
     # exposure_rate · p, so the arrival prior (which assumes p) is off by this factor
     exposure_rate: float = 0.7
+    #: None: arrivals as above (one fixed exposure rate, the same in every replicate).
+    #: A number d: each population draws, per stratum s, an offset δ_s ~ N(0, d²) and its
+    #: units' daily exposure probability is expit(logit p̂ + δ_s), p̂ = the model's prior
+    #: centre (``kernels.data.per_bucket_prob`` of the unit's activity, one-day buckets;
+    #: ``exposure_rate`` unused): the arrival process drawn from the model's own prior
+    #: (d = ``prior_sd_logit_p``), so replicates carry the share uncertainty the prior
+    #: states (docs/method.md, "Metric kinds: validation")
+    arrival_logit_sd: float | None = None
     base0: float = 1.0
     base_slope: float = 0.15
     noise_sd: float = 2.0
@@ -159,10 +167,26 @@ def _units(sc: Scenario, rng: np.random.Generator):
     M = sc.n_units
     a = np.round(28 * rng.beta(*sc.activity_beta, size=M))
     p = np.maximum(a, 0.5) / 28.0
-    day = rng.geometric(sc.exposure_rate * p) - 1  # first exposure day: 0, 1, 2, …
+    if sc.arrival_logit_sd is None:
+        day = rng.geometric(sc.exposure_rate * p) - 1  # first exposure day: 0, 1, 2, …
+    else:
+        day = _prior_drawn_days(sc, a, rng)
     arrival = day + rng.random(M)
     variant = rng.choice(len(sc.variants), size=M, p=np.asarray(sc.allocation))
     return a, p, arrival, variant
+
+
+def _prior_drawn_days(sc: Scenario, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """First exposure days whose per-stratum logit offset from the arrival prior's
+    centre is drawn from N(0, ``arrival_logit_sd``²) (``Scenario.arrival_logit_sd``)."""
+    from kernels.data import per_bucket_prob  # noqa: PLC0415 - only this option needs it
+
+    e = np.asarray(sc.strata_edges, float)
+    s = np.clip(np.searchsorted(e, a, side="right") - 1, 0, len(e) - 2)
+    delta = sc.arrival_logit_sd * rng.standard_normal(len(e) - 1)
+    p0 = per_bucket_prob(a, 1.0)
+    q = 1.0 / (1.0 + np.exp(-(np.log(p0) - np.log1p(-p0) + delta[s])))
+    return rng.geometric(q) - 1
 
 
 def population(sc: Scenario, rng: np.random.Generator) -> Population:

@@ -100,15 +100,16 @@ def _stats(est: list[dict], truth: np.ndarray) -> dict:
     }
 
 
-def kinds_table(reps: int, seed: int, cases=CASES, days=DAYS, n_units: int = 20_000
-                ) -> list[dict]:
+def kinds_table(reps: int, seed: int, cases=CASES, days=DAYS, n_units: int = 20_000,
+                arrival_logit_sd: float | None = None) -> list[dict]:
     """One row per case × day (× capped/uncapped): the adjusted interval's
     coverage and bias, the naive estimate's beside it. All replicates of a
-    case and day are one batch of ``estimate``."""
+    case and day are one batch of ``estimate``. ``arrival_logit_sd``: arrivals
+    drawn from the model's arrival prior (``Scenario.arrival_logit_sd``)."""
     rows = []
     for ci, case in enumerate(cases):
         rng = np.random.default_rng([seed, ci])
-        sc = replace(case.scenario, n_units=n_units)
+        sc = replace(case.scenario, n_units=n_units, arrival_logit_sd=arrival_logit_sd)
         pops = [population(sc, rng) for _ in range(reps)]
         truths = [kind_truth(p) for p in pops]
         cfgs = [ExperimentConfig(f"e{r}", metrics=(case.metric,), started_at=0)
@@ -202,9 +203,9 @@ def print_table(rows: list[dict]) -> None:
               + ", ".join(f"{d}: {v:.2f}" for d, v in sorted(ratios.items())))
 
 
-def _run(reps: int, seed: int, z: float, bias_z: float) -> list[dict]:
+def _run(reps: int, seed: int, z: float, bias_z: float, **kw) -> list[dict]:
     t0 = time.perf_counter()
-    rows = kinds_table(reps, seed)
+    rows = kinds_table(reps, seed, **kw)
     print_table(rows)
     print(f"{reps} replicates, {time.perf_counter() - t0:.0f} s")
     return rows
@@ -232,4 +233,12 @@ def test_kinds_coverage_and_bias_1000():
 
 
 if __name__ == "__main__":
-    _run(int(sys.argv[1]) if len(sys.argv) > 1 else 200, seed=2, z=2.9, bias_z=3.0)
+    # python -m tests.statistical.test_kinds [reps] [--prior-arrivals [case name ...]]
+    args = sys.argv[1:]
+    n = int(args.pop(0)) if args and args[0].isdigit() else 200
+    kw = {}
+    if args and args[0] == "--prior-arrivals":  # arrivals drawn from the arrival prior
+        names = set(args[1:])
+        kw = {"arrival_logit_sd": 0.5,
+              "cases": tuple(c for c in CASES if not names or c.name in names)}
+    _run(n, seed=2, z=2.9, bias_z=3.0, **kw)
