@@ -269,7 +269,7 @@ class Commit:
         if dirty:
             tail.append(("INCR", rk.dirty_seq_key(self.experiment_id)))
         try:
-            if p.connection is not None and _packs(self._client):
+            if _packs(self._client) and p.connection is not None:
                 res = self._exec_packed(writes, tail)
             else:
                 p.multi()
