@@ -92,7 +92,10 @@ def _send_raw(conn: Any, cmds: Sequence[tuple]) -> list:
     is returned as its exception, so the connection stays in step); any
     other failure disconnects it (a half-read connection is never reused)."""
     try:
-        conn.send_packed_command([hiredis.pack_command(c) for c in cmds], check_health=False)
+        # one buffer, one sendall: a list would be one syscall per command
+        # (redis-py sends its items one by one), and Redis reads as many times
+        conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in cmds])],
+                                 check_health=False)
         out = []
         for _ in cmds:
             try:
