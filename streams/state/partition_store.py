@@ -782,11 +782,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     # ---- the write set: what the rules changed
     w = WriteSet()
-    recs = {}
-    for uid, u in st.units.items():
-        rec = encode_unit(u, cfg)
-        if loaded_units.get(uid) != rec:
-            recs[uid] = rec
+    # the units the rules changed (``UnitState.dirty``), not every unit the
+    # call holds re-encoded to compare (encoding was ~9% of the client)
+    recs = {uid: encode_unit(u, cfg) for uid, u in st.units.items() if u.dirty}
     if recs:  # one command for the batch's records (Redis's cost is per command)
         w.add("hset", k.units, mapping=recs)
     gone = [u for u in loaded_units if u not in st.units]
@@ -875,6 +873,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
     seq = owner.commit(eid, w, off_new, dirty) if dirty or len(w) else None
+    for u in st.units.values():  # committed: Redis holds them as they are now
+        u.dirty = False
     if cache is not None:  # write-through, after the commit succeeded
         for uid in uids:
             u, e = st.units.get(uid), entries[uid]

@@ -436,7 +436,10 @@ class UnitState:
     metric k's total over the metrics at exposure age in bin b
     (``age_edges_ms``); otherwise ``fine`` 0 and ``age`` empty. ``totals``
     are kept as they are either way (Σ_b age[k][b] = totals[k] up to
-    rounding)."""
+    rounding). ``dirty``: the rules changed the unit since it was created
+    or loaded (created, a total moved, folded): what the partition owner's
+    commit writes (``partition_store``) instead of re-encoding every unit
+    to compare; not part of the state (no ``==``, no ``repr``)."""
 
     variant: str
     stratum: int
@@ -447,6 +450,7 @@ class UnitState:
     pre: list[float | None] = field(default_factory=list)
     fine: int = 0
     age: list[list[float]] = field(default_factory=list)
+    dirty: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -837,7 +841,7 @@ class ExperimentState:
         xs: list[float | None] = (
             [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in evm]
             if pre else [None] * len(evm))
-        u = UnitState(ev.variant, s, b, ts, [0.0] * len(evm), False, xs)
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(evm), False, xs, dirty=True)
         if self.age_on:
             u.fine = stratum_of(x, self.fine_edges)
             u.age = [[0.0] * self.NB for _ in evm]
@@ -871,6 +875,7 @@ class ExperimentState:
             return "late"
         t = u.totals[mi]
         u.totals[mi] = t + v
+        u.dirty = True
         if u.age:
             ya = u.age[mi]
             ab = age_bin_of(ts - u.exposure_ts, self.age_edges)
@@ -1029,6 +1034,7 @@ class ExperimentState:
                 a[-1] = a[-1] + ya[0] * ya[-1]
         self.matured[u.variant] += 1
         u.matured = True
+        u.dirty = True
 
     def _expire(self, source: str, cut: int) -> bool:
         """Drop the held metrics of units whose newest held ts < cut, in
