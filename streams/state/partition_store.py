@@ -327,20 +327,31 @@ def commit(r: Any, experiment_id: str, src: str, epoch: int, seq: int, writes: W
     return c.execute(writes, offset)
 
 
-def shard_mapping(state: ExperimentState, shard: Shard) -> dict[str, str]:
+def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
+                  ) -> dict[str, str]:
     """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
-    (store.py notes 3, 7, 9: cells ``<metric>|<variant>|<stratum>``, age
-    cells ``a|<metric>|<variant>|<fine>``, ``act_sum:<stratum>`` and
+    (store.py notes 3, 7, 9, 10: cells ``<metric>|<variant>|<stratum>``, age
+    cells ``a|<metric>|<variant>|<fine>``, tail counts
+    ``t|<metric>|<variant>|<bucket>``, ``act_sum:<stratum>`` and
     not ``max_ts``, which goes to meta ``max_ts:<src>`` (an integer the
     overview reads with the rest of meta); floats as ``repr``, which
-    round-trips a double): what the
-    owner HSETs, as absolute values, for the cells its batch changed."""
+    round-trips a double): what the owner HSETs, as absolute values.
+    ``touched``: only the fields the rules changed since the last commit
+    (``Shard.touched_cells`` and the like), not the whole shard."""
     variants = state.variants
-    out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, c))
-           for (m, vi, s), c in shard.cells.items()}
-    out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, a))
-                for (m, vi, f), a in shard.age_cells.items()})
-    out.update({f"act_sum:{s}": repr(x) for s, x in shard.activity_sum.items()})
+    cells, ages, acts = shard.cells, shard.age_cells, shard.activity_sum
+    ck = shard.touched_cells if touched else cells.keys()
+    ak = shard.touched_age if touched else ages.keys()
+    sk = shard.touched_act if touched else acts.keys()
+    out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, cells[(m, vi, s)]))
+           for (m, vi, s) in ck}
+    out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, ages[(m, vi, f)]))
+                for (m, vi, f) in ak})
+    out.update({f"act_sum:{s}": repr(acts[s]) for s in sk})
+    tails = shard.tails
+    tk = shard.touched_tails if touched else [
+        (m, vi, b) for (m, vi), d in tails.items() for b in d]
+    out.update({f"t|{m}|{variants[vi]}|{b}": str(tails[(m, vi)][b]) for (m, vi, b) in tk})
     return out
 
 
@@ -350,19 +361,6 @@ def put_shard(writes: WriteSet, experiment_id: str, src: str, fields: dict[str, 
     if fields:
         writes.add("hset", rk.shard_key(experiment_id, src), mapping=fields)
         writes.add("sadd", rk.shards_key(experiment_id), src)
-    return writes
-
-
-def put_tails(writes: WriteSet, state: ExperimentState) -> WriteSet:
-    """Queue the HINCRBYs of the tail sketch's counts the call moved (issue
-    26, ``keys.tails_key``, store.py note 10): the working state starts
-    with no counts, so what it holds after the call is the change; integer
-    increments, so owners of several sources add up exactly in any order."""
-    key = rk.tails_key(state.config.experiment_id)
-    for (m, vi), counts in state.tails.items():
-        for b, n in counts.items():
-            if n:
-                writes.add("hincrby", key, f"{m}|{state.variants[vi]}|{b}", n)
     return writes
 
 
@@ -462,7 +460,8 @@ class UnitCache:
     """The owner's units of one experiment (issue 25: only the partition's
     owner writes them, so it may keep them): read-through (a miss is read
     from Redis with the batch), write-through (entries are replaced after the
-    commit that wrote them succeeded), an LRU bounded by ``limit`` units.
+    commit that wrote them succeeded), an LRU bounded by ``limit`` units;
+    and the source's shard (``shard``, written only by the owner too).
 
     Valid only for the experiment's incarnation it was filled in: ``token``
     is the experiment's generation (``keys.generation_key``: a delete and
@@ -470,7 +469,8 @@ class UnitCache:
     conclusion deletes the working state behind the owner's back); a call
     that reads another token drops it (``apply_rows_owned``). The owner drops
     it on ``Fenced``, ``LostCommits``, any error during a call (the rules
-    mutate cached records in place, and a failed commit wrote nothing) and
+    mutate cached records and the shard in place, and a failed commit wrote
+    nothing; tested: ``test_owner_cache_*``, ``test_owner_shard_cache_*``) and
     with the owner itself (``forget_owner``: a Redis regression, a revoked
     partition)."""
 
@@ -478,6 +478,10 @@ class UnitCache:
         self.token = token
         self.limit = limit
         self.units: OrderedDict[str, CachedUnit] = OrderedDict()
+        #: the source's shard (``keys.shard_key``) as the owner last committed
+        #: it (None: read it from Redis): only the owner writes it, and
+        #: reading and parsing it whole every call grew with the tail counts
+        self.shard: Shard | None = None
 
     def get(self, unit_id: str) -> CachedUnit | None:
         e = self.units.get(unit_id)
@@ -658,24 +662,35 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
           f"max_ts:{src}")
     p.add("HGET", k.offsets, src)
-    p.add("HGETALL", shard_k)
     p.add("GET", rk.generation_key(eid))
     p.add("EXISTS", rk.lifecycle_key(eid))
+    cached_shard = None if cached is None else cached.shard
+    if cached_shard is None:
+        p.add("HGETALL", shard_k)
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
     if eids:
         p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
-    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw, shard_raw = \
-        got[:3]
-    token = (got[3], bool(got[4]))
-    entries = _unit_reads(miss, got[5:9], cfg) if miss else {}
+    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw = got[:2]
+    token = (got[2], bool(got[3]))
+    i = 4
+    shard_raw = None
+    if cached_shard is None:
+        shard_raw, i = got[4], 5
+    entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
     seen_sc = got[-1] if eids else []
     cache = owner.cache_of(eid, token)
-    if hits and cache is not cached:  # another incarnation: the hits are stale
+    if cache is not cached and (hits or cached_shard is not None):
+        # another incarnation: the cached units and shard are stale
         p = _Reads(r)
-        _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
-        entries.update(_unit_reads(list(hits), p.execute(), cfg))
+        if hits:
+            _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
+        p.add("HGETALL", shard_k)
+        again = p.execute()
+        if hits:
+            entries.update(_unit_reads(list(hits), again[:4], cfg))
+        shard_raw, cached_shard = again[-1], None
     else:
         entries.update(hits)
     stored = None if stored_raw is None else int(stored_raw)
@@ -688,11 +703,14 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if clk0 is not None:
         st.clk[src] = clk0
     clk = clk_end if clk0 is None or clk_end > clk0 else clk0
-    shard = st._shard(src)
-    _load_shard(st, shard, shard_raw)
+    if cached_shard is not None:  # as the owner's last commit left it
+        shard = st.shards[src] = cached_shard
+    else:
+        shard = st._shard(src)
+        _load_shard(st, shard, shard_raw)
+    shard.untouch()
     shard.max_ts = None if max_raw is None else int(max_raw)
     max_ts0 = shard.max_ts
-    shard_before = shard_mapping(st, shard)
 
     loaded_units: dict[str, bytes] = {}
     held_before: dict[str, bytes] = {}
@@ -826,13 +844,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hincrby", k.meta, "retired_n", ret.added)
     if ret.cap_found is not None:
         w.add("hset", k.meta, "retired_cap", ret.cap_found)
-    fields = shard_mapping(st, shard)
-    changed = {f: v for f, v in fields.items() if shard_before.get(f) != v}
-    if shard_before:
-        if changed:
-            w.add("hset", shard_k, mapping=changed)
-    else:
-        put_shard(w, eid, src, changed)
+    # the shard fields the rules changed, absolute (the tail counts among
+    # them: one HSET instead of one HINCRBY per bucket moved)
+    put_shard(w, eid, src, shard_mapping(st, shard, touched=True))
     for s_, row in enumerate(st.arrivals):
         for b, n in row.items():
             w.add("hincrby", k.arrivals, f"{s_}|{b}", n)
@@ -848,7 +862,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     for name, n in st.counters.items():
         if n:
             w.add("hincrby", k.meta, f"c:{name}", n)
-    put_tails(w, st)
     if shard.max_ts != max_ts0:
         w.add("hset", k.meta, f"max_ts:{src}", shard.max_ts)
     if st.anchor is not None and anchor0 is None:
@@ -875,6 +888,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     seq = owner.commit(eid, w, off_new, dirty) if dirty or len(w) else None
     for u in st.units.values():  # committed: Redis holds them as they are now
         u.dirty = False
+    shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
         for uid in uids:
             u, e = st.units.get(uid), entries[uid]
@@ -887,6 +901,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         # fully known here, so not kept
         for uid in (*more_units, *more_held):
             cache.units.pop(uid, None)
+        cache.shard = shard  # what the commit wrote
     return {"applied": len(todo), "skipped": skipped,
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
@@ -910,6 +925,9 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
         v = b.decode() if isinstance(b, bytes) else b
         if f.startswith("act_sum:"):
             shard.activity_sum[int(f[8:])] = float(v)
+        elif f.startswith("t|"):  # a tail count (store.py note 10)
+            _, m, var, b_ = f.split("|")
+            shard.tails.setdefault((m, vindex[var]), {})[int(b_)] = int(v)
         elif f.startswith("a|"):
             _, m, var, fs = f.split("|")
             xs = v.split(" ")

@@ -81,10 +81,14 @@ notes below give the value formats.
    ratio appends its extra values (``ExperimentSnapshot.extra_cells``:
    2, 3 or 6 more numbers) to the same text; sum metrics without a cap
    write the 8 as before.
-10. Tail sketch (issue 26, ``keys.tails_key``): field
-   `<metric>|<variant>|<bucket>` -> count (HINCRBY; ``kernels.tail``'s
-   buckets of the folded units' uncapped totals, sum metrics only); fields
-   at 0 are skipped by readers.
+10. Tail sketch (issue 26): per source, fields
+   `t|<metric>|<variant>|<bucket>` -> count in its shard
+   (``keys.shard_key``; ``kernels.tail``'s buckets of the folded units'
+   uncapped totals, sum metrics only), absolute values the owner HSETs with
+   its cells; readers add the sources' counts (integers: exact in any
+   order) to the older ``keys.tails_key`` hash (same fields without `t|`,
+   HINCRBY'd before the counts moved into the shards, never written since);
+   counts at 0 are skipped by readers.
 9. Exposure-age cells (issue 19, only when the config tracks age), in the
    same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
    name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
@@ -1117,6 +1121,8 @@ def _tails(raw: dict, sums: list[str], vindex: dict[str, int]) -> dict[str, list
 #: field is a cell)
 _SHARD_META_MAX = "max_ts:"
 _SHARD_META_SUM = "act_sum:"
+#: shard fields of the tail sketch: ``t|<metric>|<variant>|<bucket>`` -> count
+_SHARD_TAIL = "t|"
 
 
 def _read_sharded(r: Any, experiment_id: str
@@ -1157,15 +1163,21 @@ def _read_sharded(r: Any, experiment_id: str
     if top is not None:
         meta["max_ts"] = str(top)
     cells = {_s(a): _s(b) for a, b in cells_raw.items()}
+    # the tail counts: the tails hash (state from before they moved into the
+    # shards), then each shard's ``t|`` fields: integers, added exactly
+    tails = {_s(a): _int(b) for a, b in tails_raw.items()}
     for raw in shards:
         for a, b in raw.items():
             f, v = _s(a), _s(b)
-            if f.startswith(_SHARD_META_SUM):
+            if f.startswith(_SHARD_TAIL):
+                t = f[2:]
+                tails[t] = tails.get(t, 0) + int(v)
+            elif f.startswith(_SHARD_META_SUM):
                 meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
             else:
                 cells[f] = v if f not in cells else combine_text_cells(
                     cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
-    return meta, cells, arr_raw, seq_raw, tails_raw
+    return meta, cells, arr_raw, seq_raw, tails
 
 
 def read_max_ts(meta: dict[str, str]) -> int | None:

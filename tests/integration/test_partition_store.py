@@ -566,3 +566,61 @@ def test_owner_cache_of_a_zombie_is_not_reused_after_a_new_claim(fresh, redis_ur
         assert read_units(fresh, _cfg())["u"].totals == [9.0]
     finally:
         other.close()
+
+
+def _w_row(off: int, t: int) -> tuple:
+    """An exposure of a second unit, late enough to fold ``u`` (its window
+    closes at 10 s, lateness 300 s)."""
+    from streams.state.store import event_row
+
+    return event_row(off, Exposure(f"w{off}", "e1", "w", "control", T0 + t, 1.0))
+
+
+def _folded(r) -> tuple:
+    """(n, Σy) of the control cells, summed over the strata, as readers see them."""
+    from streams.state.store import read_snapshot
+
+    cells = read_snapshot(r, _cfg()).cells["rev"][0]
+    return sum(c[0] for c in cells), sum(c[1] for c in cells)
+
+
+def test_owner_shard_cache_dropped_when_redis_lost_its_commits(fresh):
+    """The owner keeps its shard between calls (only it writes it). Redis
+    restarted from a snapshot taken before the commit that folded ``u``:
+    after LostCommits the owner applies again from Redis's offset; its
+    cached shard (which held the lost fold) must be gone, or ``u`` is
+    folded twice."""
+    from streams.state import partition_store as ps
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    snap = {k: fresh.dump(k) for k in fresh.keys("*")}
+    _owned(fresh, [_w_row(2, 400_000)], epoch)  # folds u: lost below
+    assert ps._OWNERS[(id(fresh), "liftstream.events", 0)].caches["e1"].shard.cells
+    assert _folded(fresh) == (1, 2.0)
+    fresh.flushall()
+    for k, v in snap.items():
+        fresh.restore(k, 0, v)
+    with pytest.raises(LostCommits):
+        _owned(fresh, [_m_row(3, 400_500, 1.0)], epoch)
+    _owned(fresh, [_w_row(2, 400_000), _m_row(3, 400_500, 1.0)], epoch)  # from offset 1
+    assert _folded(fresh) == (1, 2.0)
+
+
+def test_owner_shard_cache_dropped_when_a_commit_failed(fresh):
+    """A commit Redis refused (out of memory: EXECABORT, nothing written)
+    after the rules folded ``u`` into the cached shard in place: the owner
+    drops its cache, and the retry of the batch folds ``u`` once."""
+    from redis.exceptions import ResponseError
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    fresh.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(ResponseError):
+            _owned(fresh, [_w_row(2, 400_000)], epoch)
+    finally:
+        fresh.config_set("maxmemory", 0)
+    assert _folded(fresh) == (0, 0.0)
+    _owned(fresh, [_w_row(2, 400_000)], epoch)
+    assert _folded(fresh) == (1, 2.0)

@@ -447,7 +447,9 @@ def events_counted(r, experiment_ids: Iterable[str]) -> int:
 
 def bits(x: Any) -> Any:
     """Canonical form with floats as hex (equality = bit equality, -0.0 != 0.0);
-    dataclasses as dicts without their ``seq``."""
+    dataclasses as dicts without their ``seq`` and the fields that are not
+    part of their equality (``compare=False``: bookkeeping, such as
+    ``UnitState.dirty``)."""
     if isinstance(x, float):
         return ("f", x.hex())
     if isinstance(x, dict):
@@ -455,7 +457,8 @@ def bits(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [bits(v) for v in x]
     if hasattr(x, "__dataclass_fields__") and not isinstance(x, ExperimentConfig):
-        return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__ if f != "seq"}
+        return {f: bits(getattr(x, f)) for f, d in x.__dataclass_fields__.items()
+                if f != "seq" and d.compare}
     return x
 
 
