@@ -482,6 +482,15 @@ class UnitCache:
         #: it (None: read it from Redis): only the owner writes it, and
         #: reading and parsing it whole every call grew with the tail counts
         self.shard: Shard | None = None
+        #: the source's dedupe sightings (``keys.seen_key``) as the owner last
+        #: committed them, all of them (None: not kept: read the batch's
+        #: with ZMSCORE); kept only while there are at most ``4 * limit``
+        #: (``sightings_off`` once there were more); ``sightings_prune_at``:
+        #: the size that makes the rules prune them next
+        #: (``ExperimentState._seen_prune_at``)
+        self.sightings: dict[str, int] | None = None
+        self.sightings_off = False
+        self.sightings_prune_at = 4096
 
     def get(self, unit_id: str) -> CachedUnit | None:
         e = self.units.get(unit_id)
@@ -669,7 +678,15 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         p.add("HGETALL", shard_k)
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
-    if eids:
+    # the sightings: the owner's (complete) copy, else the batch's from Redis;
+    # with a cache and no copy yet, how many there are (ZCARD: loaded below
+    # when few enough to keep)
+    sight = None if cached is None else cached.sightings
+    probe = owner.cache_units > 0 and sight is None and not (
+        cached is not None and cached.sightings_off)
+    if probe:
+        p.add("ZCARD", seen_k)
+    if sight is None and eids:
         p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
     (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw = got[:2]
@@ -679,20 +696,31 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if cached_shard is None:
         shard_raw, i = got[4], 5
     entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
-    seen_sc = got[-1] if eids else []
+    i += 4 if miss else 0
+    n_seen = int(got[i]) if probe else None
+    seen_sc = got[-1] if sight is None and eids else []
     cache = owner.cache_of(eid, token)
-    if cache is not cached and (hits or cached_shard is not None):
-        # another incarnation: the cached units and shard are stale
+    if cache is not cached and (hits or cached_shard is not None or sight is not None):
+        # another incarnation: the cached units, shard and sightings are stale
         p = _Reads(r)
         if hits:
             _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
         p.add("HGETALL", shard_k)
+        if eids:
+            p.add("ZMSCORE", seen_k, *eids)
         again = p.execute()
         if hits:
             entries.update(_unit_reads(list(hits), again[:4], cfg))
-        shard_raw, cached_shard = again[-1], None
+        shard_raw, cached_shard = again[4 if hits else 0], None
+        if eids:
+            seen_sc = again[-1]
+        sight, n_seen = None, None
     else:
         entries.update(hits)
+    bound = 4 * owner.cache_units
+    load_seen = cache is not None and n_seen is not None and n_seen <= bound
+    if cache is not None and n_seen is not None and not load_seen:
+        cache.sightings_off = True  # too many to keep: ZMSCORE per batch
     stored = None if stored_raw is None else int(stored_raw)
     todo, skipped = _unskipped(rows, stored)
 
@@ -726,9 +754,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             st.held[uid] = _decode_held(e.held)
         if e.heldq is not None:
             q[uid] = e.heldq
-    seen: dict[str, int] = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True)
-                            if sc is not None}
-    st._seen[src] = dict(seen)
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
@@ -736,7 +761,20 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
-    due_pend, due_held = p.execute()
+    if load_seen:  # once per cache: every sighting, kept from now on
+        p.add("ZRANGE", seen_k, 0, -1, "WITHSCORES")
+    due_pend, due_held, *all_seen = p.execute()
+    if load_seen:
+        sight = {(m.decode() if isinstance(m, bytes) else m): int(sc) for m, sc in all_seen[0]}
+    # the batch's sightings before the call (what the commit compares with)
+    seen: dict[str, int]
+    if sight is not None:  # the rules update the owner's copy in place
+        seen = {e: t for e in eids if (t := sight.get(e)) is not None}
+        st._seen[src] = sight
+        st._seen_prune_at = max(cache.sightings_prune_at if cache is not None else 0, 4096)
+    else:
+        seen = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True) if sc is not None}
+        st._seen[src] = dict(seen)
     pend0: dict[str, int] = {}
     for m, sc in due_pend:
         pend0[m.decode() if isinstance(m, bytes) else m] = int(sc)
@@ -832,8 +870,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     qrem = [u for u in heldq0 if u not in q1]
     if qrem:
         w.add("zrem", heldq_k, *qrem)
+    # only the batch's events add sightings (settling only forgets old ones)
     seen1 = st._seen.get(src, {})
-    sadd = {e: t for e, t in seen1.items() if seen.get(e) != t}
+    sadd = {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t}
     if sadd:
         w.add("zadd", seen_k, sadd)
     ret: _LoadedRetired = st.retired  # type: ignore[assignment]
@@ -902,6 +941,11 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         for uid in (*more_units, *more_held):
             cache.units.pop(uid, None)
         cache.shard = shard  # what the commit wrote
+        if sight is not None and not cache.sightings_off:
+            # the owner's copy, maybe pruned by the rules (a new dict then)
+            cache.sightings, cache.sightings_prune_at = seen1, st._seen_prune_at
+            if len(seen1) > bound:
+                cache.sightings, cache.sightings_off = None, True
     return {"applied": len(todo), "skipped": skipped,
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
