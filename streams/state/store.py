@@ -1233,13 +1233,30 @@ def _cell(text: str) -> tuple:
 _UNIT_HEAD = struct.Struct("<BHHBdd")
 _UNIT2_HEAD = struct.Struct("<BHHBddH")
 _UNIT3_TAIL = struct.Struct("<HHBH")
+#: the common records as one Struct each, by number of event metrics: version
+#: 1 (head + totals) and 2 (head + M + totals + pre values)
+_UNIT1: dict[int, struct.Struct] = {}
+_UNIT2: dict[int, struct.Struct] = {}
+#: [(config, its number of event metrics)] of the last ``_n_event_metrics``
+#: call (one tuple, replaced whole: threads see one or the other):
+#: ``ExperimentConfig.event_metrics`` is computed on every access
+_LAST_M: list = [(None, 0)]
+
+
+def _n_event_metrics(cfg: ExperimentConfig) -> int:
+    """len(cfg.event_metrics), remembered for the last config asked about
+    (the owner decodes a batch's units of one config in a row)."""
+    last = _LAST_M[0]
+    if last[0] is not cfg:
+        last = _LAST_M[0] = (cfg, len(cfg.event_metrics))
+    return last[1]
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     """Unpack a ``units`` hash value: binary (note 1:
     version 1 without pre-experiment values, version 2 with them) or the
     earlier text form."""
-    M = len(cfg.event_metrics)
+    M = _n_event_metrics(cfg)
     if isinstance(packed, bytes) and packed[:1] == b"\x03":
         _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
         nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
@@ -1283,20 +1300,27 @@ def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
     metric (NaN: no pre value). The owner's commit (issue 25) writes these,
     so state written by either path reads the same. Totals and pre values
     per event metric (``cfg.event_metrics``, issue 26)."""
-    M = len(cfg.event_metrics)
+    M = len(u.totals)  # one per event metric (``UnitState``)
     head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
             float(u.bucket), float(u.exposure_ts))
-    has_pre = any(x is not None for x in u.pre)
+    has_pre = u.pre.count(None) != len(u.pre)
+    if not u.age:  # the common records: one Struct.pack
+        if not has_pre:
+            st = _UNIT1.get(M)
+            if st is None:
+                st = _UNIT1[M] = struct.Struct(f"<BHHBdd{M}d")
+            return st.pack(1, *head, *u.totals)
+        st = _UNIT2.get(M)
+        if st is None:
+            st = _UNIT2[M] = struct.Struct(f"<BHHBddH{2 * M}d")
+        return st.pack(2, *head, M, *u.totals,
+                       *[math.nan if x is None else x for x in u.pre])
     pre = [math.nan if x is None else x for x in u.pre]
-    if u.age:
-        nb = len(u.age[0]) if u.age else 0
-        np = M if has_pre else 0
-        vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
-        return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
-                + _UNIT3_TAIL.pack(M, np, nb, u.fine))
-    if has_pre:
-        return _UNIT2_HEAD.pack(2, *head, M) + struct.pack(f"<{2 * M}d", *u.totals, *pre)
-    return _UNIT_HEAD.pack(1, *head) + struct.pack(f"<{M}d", *u.totals)
+    nb = len(u.age[0])
+    np = M if has_pre else 0
+    vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
+    return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
+            + _UNIT3_TAIL.pack(M, np, nb, u.fine))
 
 
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
