@@ -781,6 +781,20 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     for m, sc in due_held:
         q.setdefault(m.decode() if isinstance(m, bytes) else m, int(sc))
     more_units = [u for u in pend0 if u not in st.units and u not in loaded_units]
+    # the due units the owner keeps (its cache entry knows their record and
+    # pending score, the same as Redis's): neither read nor decoded again
+    due_cached: dict[str, CachedUnit] = {}
+    if cache is not None and more_units:
+        for uid in more_units:
+            e = cache.units.get(uid)
+            if (e is not None and e.unit is not None and e.rec is not None
+                    and e.pend == pend0[uid]):
+                due_cached[uid] = e
+                loaded_units[uid] = e.rec
+                st.units[uid] = e.unit
+                st.unit_source[uid] = src
+        if due_cached:
+            more_units = [u for u in more_units if u not in due_cached]
     more_held = [u for u in q if u not in held_before and u not in uids]
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
@@ -929,13 +943,17 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         u.dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
-        for uid in uids:
+        for uid in uids:  # the entries updated in place (a miss's is new)
             u, e = st.units.get(uid), entries[uid]
-            pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
-            cache.put(uid, CachedUnit(
-                u, None if u is None else recs.get(uid, loaded_units.get(uid)), pend,
-                held_recs.get(uid, held_before.get(uid)) if uid in st.held else None,
-                q1.get(uid)))
+            e.pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
+            e.unit, e.rec = u, None if u is None else recs.get(uid, loaded_units.get(uid))
+            e.held = held_recs.get(uid, held_before.get(uid)) if uid in st.held else None
+            e.heldq = q1.get(uid)
+            cache.put(uid, e)
+        for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
+            u = e.unit = st.units.get(uid)
+            e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
+            e.pend = pend1.get(uid)
         # units the call read beyond the batch's (matured, holds expired): not
         # fully known here, so not kept
         for uid in (*more_units, *more_held):
