@@ -664,7 +664,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # the units the cache holds are not read (if the token read with the
     # batch shows the experiment changed incarnation, they are, below)
     cached = owner.caches.get(eid)
-    hits = {} if cached is None else {u: e for u in uids if (e := cached.get(u)) is not None}
+    # (plain lookups: the write-through's ``put`` refreshes the LRU order)
+    units_c = {} if cached is None else cached.units
+    hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
     p = _Reads(r)
