@@ -571,11 +571,15 @@ class Shard:
     tails: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
     #: what the rules changed since the owner last wrote the shard (its
     #: commit writes these fields alone, ``partition_store``): cell and age
-    #: cell keys, (metric, variant index, bucket) of tails, act_sum strata
-    touched_cells: set[tuple[str, int, int]] = field(default_factory=set)
-    touched_age: set[tuple[str, int, int]] = field(default_factory=set)
-    touched_tails: set[tuple[str, int, int]] = field(default_factory=set)
-    touched_act: set[int] = field(default_factory=set)
+    #: cell keys, (metric, variant index, bucket) of tails, act_sum strata;
+    #: bookkeeping, not state (no ``==``, no ``repr``)
+    touched_cells: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                     repr=False)
+    touched_age: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                   repr=False)
+    touched_tails: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                     repr=False)
+    touched_act: set[int] = field(default_factory=set, compare=False, repr=False)
 
     def untouch(self) -> None:
         """Forget what changed: the owner committed it."""
