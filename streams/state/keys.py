@@ -206,7 +206,8 @@ def heldq_key(experiment_id: str, src: str) -> str:
 def shard_key(experiment_id: str, src: str) -> str:
     """hash: source partition ``src``'s shard of the experiment's float
     aggregates (issue 25, DESIGN §3 "Where the rules run"): the cell and
-    age-cell fields of ``cells`` and ``act_sum:<stratum>``, as absolute
+    age-cell fields of ``cells``, ``act_sum:<stratum>`` and the tail
+    sketch's counts ``t|<metric>|<variant>|<bucket>`` (integers), as absolute
     values written only by the partition's owner (its max event ts is meta
     ``max_ts:<src>``). Readers add the
     shards to the base (``cells`` and ``meta``, the state from before) in
@@ -223,9 +224,11 @@ def shards_key(experiment_id: str) -> str:
 def tails_key(experiment_id: str) -> str:
     """hash ``<metric>|<variant>|<bucket>`` -> count (issue 26): the tail
     sketch of every sum metric, the folded units' uncapped window totals
-    counted by ``kernels.tail.tail_bucket``. Integer counts that every owner
-    moves by HINCRBY (a correction moves a unit between buckets), so the sum
-    is exact whatever the interleaving; a field may read 0 (readers skip it)."""
+    counted by ``kernels.tail.tail_bucket``, as the owners HINCRBY'd it
+    before the counts moved into the sources' shards (``shard_key``'s
+    ``t|`` fields, one HSET with the cells instead of one HINCRBY per
+    bucket): read as the base the shards' counts add to, never written
+    again; a field may read 0 (readers skip it)."""
     return experiment_key(experiment_id, "tails")
 
 

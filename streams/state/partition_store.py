@@ -92,7 +92,10 @@ def _send_raw(conn: Any, cmds: Sequence[tuple]) -> list:
     is returned as its exception, so the connection stays in step); any
     other failure disconnects it (a half-read connection is never reused)."""
     try:
-        conn.send_packed_command([hiredis.pack_command(c) for c in cmds], check_health=False)
+        # one buffer, one sendall: a list would be one syscall per command
+        # (redis-py sends its items one by one), and Redis reads as many times
+        conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in cmds])],
+                                 check_health=False)
         out = []
         for _ in cmds:
             try:
@@ -324,20 +327,31 @@ def commit(r: Any, experiment_id: str, src: str, epoch: int, seq: int, writes: W
     return c.execute(writes, offset)
 
 
-def shard_mapping(state: ExperimentState, shard: Shard) -> dict[str, str]:
+def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
+                  ) -> dict[str, str]:
     """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
-    (store.py notes 3, 7, 9: cells ``<metric>|<variant>|<stratum>``, age
-    cells ``a|<metric>|<variant>|<fine>``, ``act_sum:<stratum>`` and
+    (store.py notes 3, 7, 9, 10: cells ``<metric>|<variant>|<stratum>``, age
+    cells ``a|<metric>|<variant>|<fine>``, tail counts
+    ``t|<metric>|<variant>|<bucket>``, ``act_sum:<stratum>`` and
     not ``max_ts``, which goes to meta ``max_ts:<src>`` (an integer the
     overview reads with the rest of meta); floats as ``repr``, which
-    round-trips a double): what the
-    owner HSETs, as absolute values, for the cells its batch changed."""
+    round-trips a double): what the owner HSETs, as absolute values.
+    ``touched``: only the fields the rules changed since the last commit
+    (``Shard.touched_cells`` and the like), not the whole shard."""
     variants = state.variants
-    out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, c))
-           for (m, vi, s), c in shard.cells.items()}
-    out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, a))
-                for (m, vi, f), a in shard.age_cells.items()})
-    out.update({f"act_sum:{s}": repr(x) for s, x in shard.activity_sum.items()})
+    cells, ages, acts = shard.cells, shard.age_cells, shard.activity_sum
+    ck = shard.touched_cells if touched else cells.keys()
+    ak = shard.touched_age if touched else ages.keys()
+    sk = shard.touched_act if touched else acts.keys()
+    out = {f"{m}|{variants[vi]}|{s}": " ".join(map(repr, cells[(m, vi, s)]))
+           for (m, vi, s) in ck}
+    out.update({f"a|{m}|{variants[vi]}|{f}": " ".join(map(repr, ages[(m, vi, f)]))
+                for (m, vi, f) in ak})
+    out.update({f"act_sum:{s}": repr(acts[s]) for s in sk})
+    tails = shard.tails
+    tk = shard.touched_tails if touched else [
+        (m, vi, b) for (m, vi), d in tails.items() for b in d]
+    out.update({f"t|{m}|{variants[vi]}|{b}": str(tails[(m, vi)][b]) for (m, vi, b) in tk})
     return out
 
 
@@ -347,19 +361,6 @@ def put_shard(writes: WriteSet, experiment_id: str, src: str, fields: dict[str, 
     if fields:
         writes.add("hset", rk.shard_key(experiment_id, src), mapping=fields)
         writes.add("sadd", rk.shards_key(experiment_id), src)
-    return writes
-
-
-def put_tails(writes: WriteSet, state: ExperimentState) -> WriteSet:
-    """Queue the HINCRBYs of the tail sketch's counts the call moved (issue
-    26, ``keys.tails_key``, store.py note 10): the working state starts
-    with no counts, so what it holds after the call is the change; integer
-    increments, so owners of several sources add up exactly in any order."""
-    key = rk.tails_key(state.config.experiment_id)
-    for (m, vi), counts in state.tails.items():
-        for b, n in counts.items():
-            if n:
-                writes.add("hincrby", key, f"{m}|{state.variants[vi]}|{b}", n)
     return writes
 
 
@@ -459,7 +460,8 @@ class UnitCache:
     """The owner's units of one experiment (issue 25: only the partition's
     owner writes them, so it may keep them): read-through (a miss is read
     from Redis with the batch), write-through (entries are replaced after the
-    commit that wrote them succeeded), an LRU bounded by ``limit`` units.
+    commit that wrote them succeeded), an LRU bounded by ``limit`` units;
+    and the source's shard (``shard``, written only by the owner too).
 
     Valid only for the experiment's incarnation it was filled in: ``token``
     is the experiment's generation (``keys.generation_key``: a delete and
@@ -467,7 +469,8 @@ class UnitCache:
     conclusion deletes the working state behind the owner's back); a call
     that reads another token drops it (``apply_rows_owned``). The owner drops
     it on ``Fenced``, ``LostCommits``, any error during a call (the rules
-    mutate cached records in place, and a failed commit wrote nothing) and
+    mutate cached records and the shard in place, and a failed commit wrote
+    nothing; tested: ``test_owner_cache_*``, ``test_owner_shard_cache_*``) and
     with the owner itself (``forget_owner``: a Redis regression, a revoked
     partition)."""
 
@@ -475,6 +478,19 @@ class UnitCache:
         self.token = token
         self.limit = limit
         self.units: OrderedDict[str, CachedUnit] = OrderedDict()
+        #: the source's shard (``keys.shard_key``) as the owner last committed
+        #: it (None: read it from Redis): only the owner writes it, and
+        #: reading and parsing it whole every call grew with the tail counts
+        self.shard: Shard | None = None
+        #: the source's dedupe sightings (``keys.seen_key``) as the owner last
+        #: committed them, all of them (None: not kept: read the batch's
+        #: with ZMSCORE); kept only while there are at most ``4 * limit``
+        #: (``sightings_off`` once there were more); ``sightings_prune_at``:
+        #: the size that makes the rules prune them next
+        #: (``ExperimentState._seen_prune_at``)
+        self.sightings: dict[str, int] | None = None
+        self.sightings_off = False
+        self.sightings_prune_at = 4096
 
     def get(self, unit_id: str) -> CachedUnit | None:
         e = self.units.get(unit_id)
@@ -648,33 +664,65 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # the units the cache holds are not read (if the token read with the
     # batch shows the experiment changed incarnation, they are, below)
     cached = owner.caches.get(eid)
-    hits = {} if cached is None else {u: e for u in uids if (e := cached.get(u)) is not None}
+    # (plain lookups: the write-through's ``put`` refreshes the LRU order)
+    units_c = {} if cached is None else cached.units
+    hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
     p = _Reads(r)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
           f"max_ts:{src}")
     p.add("HGET", k.offsets, src)
-    p.add("HGETALL", shard_k)
     p.add("GET", rk.generation_key(eid))
     p.add("EXISTS", rk.lifecycle_key(eid))
+    cached_shard = None if cached is None else cached.shard
+    if cached_shard is None:
+        p.add("HGETALL", shard_k)
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
-    if eids:
+    # the sightings: the owner's (complete) copy, else the batch's from Redis;
+    # with a cache and no copy yet, how many there are (ZCARD: loaded below
+    # when few enough to keep)
+    sight = None if cached is None else cached.sightings
+    probe = owner.cache_units > 0 and sight is None and not (
+        cached is not None and cached.sightings_off)
+    if probe:
+        p.add("ZCARD", seen_k)
+    if sight is None and eids:
         p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
-    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw, shard_raw = \
-        got[:3]
-    token = (got[3], bool(got[4]))
-    entries = _unit_reads(miss, got[5:9], cfg) if miss else {}
-    seen_sc = got[-1] if eids else []
+    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw = got[:2]
+    token = (got[2], bool(got[3]))
+    i = 4
+    shard_raw = None
+    if cached_shard is None:
+        shard_raw, i = got[4], 5
+    entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
+    i += 4 if miss else 0
+    n_seen = int(got[i]) if probe else None
+    seen_sc = got[-1] if sight is None and eids else []
     cache = owner.cache_of(eid, token)
-    if hits and cache is not cached:  # another incarnation: the hits are stale
+    if cache is not cached and (hits or cached_shard is not None or sight is not None):
+        # another incarnation: the cached units, shard and sightings are stale
         p = _Reads(r)
-        _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
-        entries.update(_unit_reads(list(hits), p.execute(), cfg))
+        if hits:
+            _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
+        p.add("HGETALL", shard_k)
+        if eids:
+            p.add("ZMSCORE", seen_k, *eids)
+        again = p.execute()
+        if hits:
+            entries.update(_unit_reads(list(hits), again[:4], cfg))
+        shard_raw, cached_shard = again[4 if hits else 0], None
+        if eids:
+            seen_sc = again[-1]
+        sight, n_seen = None, None
     else:
         entries.update(hits)
+    bound = 4 * owner.cache_units
+    load_seen = cache is not None and n_seen is not None and n_seen <= bound
+    if cache is not None and n_seen is not None and not load_seen:
+        cache.sightings_off = True  # too many to keep: ZMSCORE per batch
     stored = None if stored_raw is None else int(stored_raw)
     todo, skipped = _unskipped(rows, stored)
 
@@ -685,11 +733,14 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if clk0 is not None:
         st.clk[src] = clk0
     clk = clk_end if clk0 is None or clk_end > clk0 else clk0
-    shard = st._shard(src)
-    _load_shard(st, shard, shard_raw)
+    if cached_shard is not None:  # as the owner's last commit left it
+        shard = st.shards[src] = cached_shard
+    else:
+        shard = st._shard(src)
+        _load_shard(st, shard, shard_raw)
+    shard.untouch()
     shard.max_ts = None if max_raw is None else int(max_raw)
     max_ts0 = shard.max_ts
-    shard_before = shard_mapping(st, shard)
 
     loaded_units: dict[str, bytes] = {}
     held_before: dict[str, bytes] = {}
@@ -705,9 +756,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             st.held[uid] = _decode_held(e.held)
         if e.heldq is not None:
             q[uid] = e.heldq
-    seen: dict[str, int] = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True)
-                            if sc is not None}
-    st._seen[src] = dict(seen)
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
@@ -715,13 +763,40 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
-    due_pend, due_held = p.execute()
+    if load_seen:  # once per cache: every sighting, kept from now on
+        p.add("ZRANGE", seen_k, 0, -1, "WITHSCORES")
+    due_pend, due_held, *all_seen = p.execute()
+    if load_seen:
+        sight = {(m.decode() if isinstance(m, bytes) else m): int(sc) for m, sc in all_seen[0]}
+    # the batch's sightings before the call (what the commit compares with)
+    seen: dict[str, int]
+    if sight is not None:  # the rules update the owner's copy in place
+        seen = {e: t for e in eids if (t := sight.get(e)) is not None}
+        st._seen[src] = sight
+        st._seen_prune_at = max(cache.sightings_prune_at if cache is not None else 0, 4096)
+    else:
+        seen = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True) if sc is not None}
+        st._seen[src] = dict(seen)
     pend0: dict[str, int] = {}
     for m, sc in due_pend:
         pend0[m.decode() if isinstance(m, bytes) else m] = int(sc)
     for m, sc in due_held:
         q.setdefault(m.decode() if isinstance(m, bytes) else m, int(sc))
     more_units = [u for u in pend0 if u not in st.units and u not in loaded_units]
+    # the due units the owner keeps (its cache entry knows their record and
+    # pending score, the same as Redis's): neither read nor decoded again
+    due_cached: dict[str, CachedUnit] = {}
+    if cache is not None and more_units:
+        for uid in more_units:
+            e = cache.units.get(uid)
+            if (e is not None and e.unit is not None and e.rec is not None
+                    and e.pend == pend0[uid]):
+                due_cached[uid] = e
+                loaded_units[uid] = e.rec
+                st.units[uid] = e.unit
+                st.unit_source[uid] = src
+        if due_cached:
+            more_units = [u for u in more_units if u not in due_cached]
     more_held = [u for u in q if u not in held_before and u not in uids]
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
@@ -779,11 +854,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     # ---- the write set: what the rules changed
     w = WriteSet()
-    recs = {}
-    for uid, u in st.units.items():
-        rec = encode_unit(u, cfg)
-        if loaded_units.get(uid) != rec:
-            recs[uid] = rec
+    # the units the rules changed (``UnitState.dirty``), not every unit the
+    # call holds re-encoded to compare (encoding was ~9% of the client)
+    recs = {uid: encode_unit(u, cfg) for uid, u in st.units.items() if u.dirty}
     if recs:  # one command for the batch's records (Redis's cost is per command)
         w.add("hset", k.units, mapping=recs)
     gone = [u for u in loaded_units if u not in st.units]
@@ -813,8 +886,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     qrem = [u for u in heldq0 if u not in q1]
     if qrem:
         w.add("zrem", heldq_k, *qrem)
+    # only the batch's events add sightings (settling only forgets old ones)
     seen1 = st._seen.get(src, {})
-    sadd = {e: t for e, t in seen1.items() if seen.get(e) != t}
+    sadd = {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t}
     if sadd:
         w.add("zadd", seen_k, sadd)
     ret: _LoadedRetired = st.retired  # type: ignore[assignment]
@@ -825,13 +899,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hincrby", k.meta, "retired_n", ret.added)
     if ret.cap_found is not None:
         w.add("hset", k.meta, "retired_cap", ret.cap_found)
-    fields = shard_mapping(st, shard)
-    changed = {f: v for f, v in fields.items() if shard_before.get(f) != v}
-    if shard_before:
-        if changed:
-            w.add("hset", shard_k, mapping=changed)
-    else:
-        put_shard(w, eid, src, changed)
+    # the shard fields the rules changed, absolute (the tail counts among
+    # them: one HSET instead of one HINCRBY per bucket moved)
+    put_shard(w, eid, src, shard_mapping(st, shard, touched=True))
     for s_, row in enumerate(st.arrivals):
         for b, n in row.items():
             w.add("hincrby", k.arrivals, f"{s_}|{b}", n)
@@ -847,7 +917,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     for name, n in st.counters.items():
         if n:
             w.add("hincrby", k.meta, f"c:{name}", n)
-    put_tails(w, st)
     if shard.max_ts != max_ts0:
         w.add("hset", k.meta, f"max_ts:{src}", shard.max_ts)
     if st.anchor is not None and anchor0 is None:
@@ -872,18 +941,31 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
     seq = owner.commit(eid, w, off_new, dirty) if dirty or len(w) else None
+    for u in st.units.values():  # committed: Redis holds them as they are now
+        u.dirty = False
+    shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
-        for uid in uids:
+        for uid in uids:  # the entries updated in place (a miss's is new)
             u, e = st.units.get(uid), entries[uid]
-            pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
-            cache.put(uid, CachedUnit(
-                u, None if u is None else recs.get(uid, loaded_units.get(uid)), pend,
-                held_recs.get(uid, held_before.get(uid)) if uid in st.held else None,
-                q1.get(uid)))
+            e.pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
+            e.unit, e.rec = u, None if u is None else recs.get(uid, loaded_units.get(uid))
+            e.held = held_recs.get(uid, held_before.get(uid)) if uid in st.held else None
+            e.heldq = q1.get(uid)
+            cache.put(uid, e)
+        for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
+            u = e.unit = st.units.get(uid)
+            e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
+            e.pend = pend1.get(uid)
         # units the call read beyond the batch's (matured, holds expired): not
         # fully known here, so not kept
         for uid in (*more_units, *more_held):
             cache.units.pop(uid, None)
+        cache.shard = shard  # what the commit wrote
+        if sight is not None and not cache.sightings_off:
+            # the owner's copy, maybe pruned by the rules (a new dict then)
+            cache.sightings, cache.sightings_prune_at = seen1, st._seen_prune_at
+            if len(seen1) > bound:
+                cache.sightings, cache.sightings_off = None, True
     return {"applied": len(todo), "skipped": skipped,
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
@@ -907,6 +989,9 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
         v = b.decode() if isinstance(b, bytes) else b
         if f.startswith("act_sum:"):
             shard.activity_sum[int(f[8:])] = float(v)
+        elif f.startswith("t|"):  # a tail count (store.py note 10)
+            _, m, var, b_ = f.split("|")
+            shard.tails.setdefault((m, vindex[var]), {})[int(b_)] = int(v)
         elif f.startswith("a|"):
             _, m, var, fs = f.split("|")
             xs = v.split(" ")

@@ -94,12 +94,13 @@ Rules, per experiment ``e`` (times in ms; T = clk - L of the event's source):
    if it did not change: a conversion that stays, a total beyond its cap);
    a plain (uncapped) sum keeps rule 3's formulas. Sum metrics also count
    the folded units' uncapped totals in the tail sketch (``tails``:
-   ``kernels.tail.tail_bucket``, integer counts, experiment-wide); a
-   correction moves the unit from its old bucket to its new one. A ratio's
-   extra values end with its covariate sums over the units with both pre
-   values (``RATIO_COV_SUMS``). Exposure-age cells are kept for every kind
-   (``age_cell_width``, ``age_contribution``: a conversion's y_b = 1 if its
-   bin total > threshold, a ratio's M_b and D_b sums).
+   ``kernels.tail.tail_bucket``, integer counts per source shard, added
+   up by readers); a correction moves the unit from its old bucket to its
+   new one. A ratio's extra values end with its covariate sums over the
+   units with both pre values (``RATIO_COV_SUMS``). Exposure-age cells are
+   kept for every kind (``age_cell_width``, ``age_contribution``: a
+   conversion's y_b = 1 if its bin total > threshold, a ratio's M_b and D_b
+   sums).
 6. Retirement (bounded state, docs/architecture.md#state): a folded unit stays pending, with
    score ``close + H``; once ``close + H <= clk_end - L`` (it is final: any
    metric now would be ``late``) its record is dropped and its id added to
@@ -487,7 +488,10 @@ class UnitState:
     metric k's total over the metrics at exposure age in bin b
     (``age_edges_ms``); otherwise ``fine`` 0 and ``age`` empty. ``totals``
     are kept as they are either way (Σ_b age[k][b] = totals[k] up to
-    rounding)."""
+    rounding). ``dirty``: the rules changed the unit since it was created
+    or loaded (created, a total moved, folded): what the partition owner's
+    commit writes (``partition_store``) instead of re-encoding every unit
+    to compare; not part of the state (no ``==``, no ``repr``)."""
 
     variant: str
     stratum: int
@@ -498,6 +502,7 @@ class UnitState:
     pre: list[float | None] = field(default_factory=list)
     fine: int = 0
     age: list[list[float]] = field(default_factory=list)
+    dirty: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -615,6 +620,29 @@ class Shard:
     age_cells: dict[tuple[str, int, int], list] = field(default_factory=dict)
     activity_sum: dict[int, float] = field(default_factory=dict)
     max_ts: int | None = None
+    #: the tail sketch's counts this source moved (issue 26): (sum metric,
+    #: variant index) -> {bucket: count}; integers (a correction through
+    #: this source of a unit folded elsewhere makes one negative), so the
+    #: shards add up exactly in any order
+    tails: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
+    #: what the rules changed since the owner last wrote the shard (its
+    #: commit writes these fields alone, ``partition_store``): cell and age
+    #: cell keys, (metric, variant index, bucket) of tails, act_sum strata;
+    #: bookkeeping, not state (no ``==``, no ``repr``)
+    touched_cells: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                     repr=False)
+    touched_age: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                   repr=False)
+    touched_tails: set[tuple[str, int, int]] = field(default_factory=set, compare=False,
+                                                     repr=False)
+    touched_act: set[int] = field(default_factory=set, compare=False, repr=False)
+
+    def untouch(self) -> None:
+        """Forget what changed: the owner committed it."""
+        self.touched_cells.clear()
+        self.touched_age.clear()
+        self.touched_tails.clear()
+        self.touched_act.clear()
 
 
 def combine_cells(acc: list | None, add: list) -> list:
@@ -661,9 +689,6 @@ class ExperimentState:
             for i in range(len(self.event_metrics)))
         self._cell_len = {p.name: 8 + p.n_extra for p in self.plans}
         self._sum_metrics = tuple(p.name for p in self.plans if p.tails)
-        #: the tail sketch (issue 26): (sum metric, variant index) -> {bucket:
-        #: count}, integer counts experiment-wide (Redis: ``keys.tails_key``, HINCRBY)
-        self.tails: dict[tuple[str, int], dict[int, int]] = {}
         self.units: dict[str, UnitState] = {}
         #: per unit with a record: the source whose exposure created it (in
         #: Redis: the source whose pending zset holds the unit)
@@ -712,30 +737,38 @@ class ExperimentState:
     def _cell(self, source: str, m: str, vi: int, s: int) -> list:
         """Cell (m, variant index, stratum) of ``source``'s shard, created at
         zero: the 8 values, then the metric's extra ones (issue 26)."""
-        cells = self._shard(source).cells
-        c = cells.get((m, vi, s))
+        sh = self._shard(source)
+        key = (m, vi, s)
+        sh.touched_cells.add(key)  # every caller changes it
+        c = sh.cells.get(key)
         if c is None:
-            c = cells[(m, vi, s)] = [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] + [0.0] * (
+            c = sh.cells[key] = [0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0] + [0.0] * (
                 self._cell_len[m] - 8)
         return c
 
-    def _tail_move(self, m: str, vi: int, old: int | None, new: int | None) -> None:
+    def _tail_move(self, source: str, m: str, vi: int, old: int | None, new: int | None
+                   ) -> None:
         """Move one unit's count in the tail sketch of (m, vi) from bucket
-        ``old`` to ``new`` (None: none), as integer counts."""
-        d = self.tails.get((m, vi))
+        ``old`` to ``new`` (None: none), as integer counts of ``source``'s shard."""
+        sh = self._shard(source)
+        d = sh.tails.get((m, vi))
         if d is None:
-            d = self.tails[(m, vi)] = {}
+            d = sh.tails[(m, vi)] = {}
         if old is not None:
             d[old] = d.get(old, 0) - 1
+            sh.touched_tails.add((m, vi, old))
         if new is not None:
             d[new] = d.get(new, 0) + 1
+            sh.touched_tails.add((m, vi, new))
 
     def _age_cell(self, source: str, m: str, vi: int, f: int) -> list:
         """Age cell (m, variant index, fine stratum) of ``source``'s shard."""
-        cells = self._shard(source).age_cells
-        a = cells.get((m, vi, f))
+        sh = self._shard(source)
+        key = (m, vi, f)
+        sh.touched_age.add(key)  # every caller changes it
+        a = sh.age_cells.get(key)
         if a is None:
-            a = cells[(m, vi, f)] = [0] + [0.0] * self._age_len[m]
+            a = sh.age_cells[key] = [0] + [0.0] * self._age_len[m]
         return a
 
     def _combined(self, which: str) -> dict[tuple[str, int, int], list]:
@@ -774,9 +807,15 @@ class ExperimentState:
     def tail_counts(self) -> dict[str, list[dict[int, int]]]:
         """The tail sketch per sum metric and variant index: the non-zero
         counts in bucket order (``ExperimentSnapshot.tails``)."""
+        acc: dict[tuple[str, int], dict[int, int]] = {}
+        for sh in self.shards.values():  # integer counts: any order adds up the same
+            for k, d in sh.tails.items():
+                a = acc.setdefault(k, {})
+                for b, n in d.items():
+                    a[b] = a.get(b, 0) + n
         out = {}
         for m in self._sum_metrics:
-            out[m] = [dict(sorted((b, n) for b, n in self.tails.get((m, vi), {}).items() if n))
+            out[m] = [dict(sorted((b, n) for b, n in acc.get((m, vi), {}).items() if n))
                       for vi in range(len(self.variants))]
         return out
 
@@ -895,7 +934,7 @@ class ExperimentState:
         xs: list[float | None] = (
             [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in evm]
             if pre else [None] * len(evm))
-        u = UnitState(ev.variant, s, b, ts, [0.0] * len(evm), False, xs)
+        u = UnitState(ev.variant, s, b, ts, [0.0] * len(evm), False, xs, dirty=True)
         if self.age_on:
             u.fine = stratum_of(x, self.fine_edges)
             u.age = [[0.0] * self.NB for _ in evm]
@@ -903,8 +942,9 @@ class ExperimentState:
         self.unit_source[ev.unit_id] = source
         self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
         if x is not None:
-            act = self._shard(source).activity_sum
-            act[s] = act.get(s, 0.0) + x
+            sh = self._shard(source)
+            sh.activity_sum[s] = sh.activity_sum.get(s, 0.0) + x
+            sh.touched_act.add(s)
             self.activity_n[s] += 1
         self.exposed[ev.variant] += 1
         heapq.heappush(self._pending.setdefault(source, []),
@@ -929,6 +969,7 @@ class ExperimentState:
             return "late"
         t = u.totals[mi]
         u.totals[mi] = t + v
+        u.dirty = True
         if u.age:
             ya = u.age[mi]
             ab = age_bin_of(ts - u.exposure_ts, self.age_edges)
@@ -956,7 +997,7 @@ class ExperimentState:
             if p.tails:
                 b0, b1 = tail_bucket(t), tail_bucket(t + v)
                 if b0 != b1:
-                    self._tail_move(p.name, vi, b0, b1)
+                    self._tail_move(source, p.name, vi, b0, b1)
                 if u.age:
                     a = self._age_cell(source, p.name, vi, u.fine)
                     a[1 + 2 * ab] = a[1 + 2 * ab] + v
@@ -1069,7 +1110,8 @@ class ExperimentState:
         uncapped total into the tail sketch and its age bins into the age cell."""
         vi = self._vindex[u.variant]
         tot = u.totals
-        tails = self.tails
+        sh = self._shard(source)
+        tails, touched_tails = sh.tails, sh.touched_tails
         for p in self.plans:
             ei = p.e
             if p.code == PLAIN_SUM:
@@ -1102,6 +1144,7 @@ class ExperimentState:
                 d = tails[(m, vi)] = {}
             b = tail_bucket(tot[ei])
             d[b] = d.get(b, 0) + 1
+            touched_tails.add((m, vi, b))
             if u.age:
                 ya = u.age[ei]
                 a = self._age_cell(source, m, vi, u.fine)
@@ -1113,6 +1156,7 @@ class ExperimentState:
                 a[-1] = a[-1] + ya[0] * ya[-1]
         self.matured[u.variant] += 1
         u.matured = True
+        u.dirty = True
 
     def _expire(self, source: str, cut: int) -> bool:
         """Drop the held metrics of units whose newest held ts < cut, in

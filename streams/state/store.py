@@ -80,12 +80,16 @@ notes below give the value formats.
    outcome (``streams.state.semantics.outcome``), and a capped sum or a
    ratio appends its extra values (``ExperimentSnapshot.extra_cells``:
    2 more numbers for a capped sum, 3 or 6 then the 12 covariate sums of
-   ``semantics.RATIO_COV_SUMS`` for a ratio) to the same text; sum metrics
-   without a cap write the 8 as before.
-10. Tail sketch (issue 26, ``keys.tails_key``): field
-   `<metric>|<variant>|<bucket>` -> count (HINCRBY; ``kernels.tail``'s
-   buckets of the folded units' uncapped totals, sum metrics only); fields
-   at 0 are skipped by readers.
+   ``semantics.RATIO_COV_SUMS`` for a ratio) to the same text; sum metrics without a cap
+   write the 8 as before.
+10. Tail sketch (issue 26): per source, fields
+   `t|<metric>|<variant>|<bucket>` -> count in its shard
+   (``keys.shard_key``; ``kernels.tail``'s buckets of the folded units'
+   uncapped totals, sum metrics only), absolute values the owner HSETs with
+   its cells; readers add the sources' counts (integers: exact in any
+   order) to the older ``keys.tails_key`` hash (same fields without `t|`,
+   HINCRBY'd before the counts moved into the shards, never written since);
+   counts at 0 are skipped by readers.
 9. Exposure-age cells (issue 19, only when the config tracks age), in the
    same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
    name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
@@ -1122,6 +1126,8 @@ def _tails(raw: dict, sums: list[str], vindex: dict[str, int]) -> dict[str, list
 #: field is a cell)
 _SHARD_META_MAX = "max_ts:"
 _SHARD_META_SUM = "act_sum:"
+#: shard fields of the tail sketch: ``t|<metric>|<variant>|<bucket>`` -> count
+_SHARD_TAIL = "t|"
 
 
 def _read_sharded(r: Any, experiment_id: str
@@ -1162,15 +1168,21 @@ def _read_sharded(r: Any, experiment_id: str
     if top is not None:
         meta["max_ts"] = str(top)
     cells = {_s(a): _s(b) for a, b in cells_raw.items()}
+    # the tail counts: the tails hash (state from before they moved into the
+    # shards), then each shard's ``t|`` fields: integers, added exactly
+    tails = {_s(a): _int(b) for a, b in tails_raw.items()}
     for raw in shards:
         for a, b in raw.items():
             f, v = _s(a), _s(b)
-            if f.startswith(_SHARD_META_SUM):
+            if f.startswith(_SHARD_TAIL):
+                t = f[2:]
+                tails[t] = tails.get(t, 0) + int(v)
+            elif f.startswith(_SHARD_META_SUM):
                 meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
             else:
                 cells[f] = v if f not in cells else combine_text_cells(
                     cells[f], v, _AGE_INTS if f.count("|") == 3 else _CELL_INTS)
-    return meta, cells, arr_raw, seq_raw, tails_raw
+    return meta, cells, arr_raw, seq_raw, tails
 
 
 def read_max_ts(meta: dict[str, str]) -> int | None:
@@ -1227,13 +1239,30 @@ def _cell(text: str) -> tuple:
 _UNIT_HEAD = struct.Struct("<BHHBdd")
 _UNIT2_HEAD = struct.Struct("<BHHBddH")
 _UNIT3_TAIL = struct.Struct("<HHBH")
+#: the common records as one Struct each, by number of event metrics: version
+#: 1 (head + totals) and 2 (head + M + totals + pre values)
+_UNIT1: dict[int, struct.Struct] = {}
+_UNIT2: dict[int, struct.Struct] = {}
+#: [(config, its number of event metrics)] of the last ``_n_event_metrics``
+#: call (one tuple, replaced whole: threads see one or the other):
+#: ``ExperimentConfig.event_metrics`` is computed on every access
+_LAST_M: list = [(None, 0)]
+
+
+def _n_event_metrics(cfg: ExperimentConfig) -> int:
+    """len(cfg.event_metrics), remembered for the last config asked about
+    (the owner decodes a batch's units of one config in a row)."""
+    last = _LAST_M[0]
+    if last[0] is not cfg:
+        last = _LAST_M[0] = (cfg, len(cfg.event_metrics))
+    return last[1]
 
 
 def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
     """Unpack a ``units`` hash value: binary (note 1:
     version 1 without pre-experiment values, version 2 with them) or the
     earlier text form."""
-    M = len(cfg.event_metrics)
+    M = _n_event_metrics(cfg)
     if isinstance(packed, bytes) and packed[:1] == b"\x03":
         _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
         nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
@@ -1277,20 +1306,27 @@ def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
     metric (NaN: no pre value). The owner's commit (issue 25) writes these,
     so state written by either path reads the same. Totals and pre values
     per event metric (``cfg.event_metrics``, issue 26)."""
-    M = len(cfg.event_metrics)
+    M = len(u.totals)  # one per event metric (``UnitState``)
     head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
             float(u.bucket), float(u.exposure_ts))
-    has_pre = any(x is not None for x in u.pre)
+    has_pre = u.pre.count(None) != len(u.pre)
+    if not u.age:  # the common records: one Struct.pack
+        if not has_pre:
+            st = _UNIT1.get(M)
+            if st is None:
+                st = _UNIT1[M] = struct.Struct(f"<BHHBdd{M}d")
+            return st.pack(1, *head, *u.totals)
+        st = _UNIT2.get(M)
+        if st is None:
+            st = _UNIT2[M] = struct.Struct(f"<BHHBddH{2 * M}d")
+        return st.pack(2, *head, M, *u.totals,
+                       *[math.nan if x is None else x for x in u.pre])
     pre = [math.nan if x is None else x for x in u.pre]
-    if u.age:
-        nb = len(u.age[0]) if u.age else 0
-        np = M if has_pre else 0
-        vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
-        return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
-                + _UNIT3_TAIL.pack(M, np, nb, u.fine))
-    if has_pre:
-        return _UNIT2_HEAD.pack(2, *head, M) + struct.pack(f"<{2 * M}d", *u.totals, *pre)
-    return _UNIT_HEAD.pack(1, *head) + struct.pack(f"<{M}d", *u.totals)
+    nb = len(u.age[0])
+    np = M if has_pre else 0
+    vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
+    return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
+            + _UNIT3_TAIL.pack(M, np, nb, u.fine))
 
 
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:

@@ -566,3 +566,153 @@ def test_owner_cache_of_a_zombie_is_not_reused_after_a_new_claim(fresh, redis_ur
         assert read_units(fresh, _cfg())["u"].totals == [9.0]
     finally:
         other.close()
+
+
+def _w_row(off: int, t: int) -> tuple:
+    """An exposure of a second unit, late enough to fold ``u`` (its window
+    closes at 10 s, lateness 300 s)."""
+    from streams.state.store import event_row
+
+    return event_row(off, Exposure(f"w{off}", "e1", "w", "control", T0 + t, 1.0))
+
+
+def _folded(r) -> tuple:
+    """(n, Σy) of the control cells, summed over the strata, as readers see them."""
+    from streams.state.store import read_snapshot
+
+    cells = read_snapshot(r, _cfg()).cells["rev"][0]
+    return sum(c[0] for c in cells), sum(c[1] for c in cells)
+
+
+def test_owner_shard_cache_dropped_when_redis_lost_its_commits(fresh):
+    """The owner keeps its shard between calls (only it writes it). Redis
+    restarted from a snapshot taken before the commit that folded ``u``:
+    after LostCommits the owner applies again from Redis's offset; its
+    cached shard (which held the lost fold) must be gone, or ``u`` is
+    folded twice."""
+    from streams.state import partition_store as ps
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    snap = {k: fresh.dump(k) for k in fresh.keys("*")}
+    _owned(fresh, [_w_row(2, 400_000)], epoch)  # folds u: lost below
+    assert ps._OWNERS[(id(fresh), "liftstream.events", 0)].caches["e1"].shard.cells
+    assert _folded(fresh) == (1, 2.0)
+    fresh.flushall()
+    for k, v in snap.items():
+        fresh.restore(k, 0, v)
+    with pytest.raises(LostCommits):
+        _owned(fresh, [_m_row(3, 400_500, 1.0)], epoch)
+    _owned(fresh, [_w_row(2, 400_000), _m_row(3, 400_500, 1.0)], epoch)  # from offset 1
+    assert _folded(fresh) == (1, 2.0)
+
+
+def test_owner_shard_cache_dropped_when_a_commit_failed(fresh):
+    """A commit Redis refused (out of memory: EXECABORT, nothing written)
+    after the rules folded ``u`` into the cached shard in place: the owner
+    drops its cache, and the retry of the batch folds ``u`` once."""
+    from redis.exceptions import ResponseError
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    fresh.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(ResponseError):
+            _owned(fresh, [_w_row(2, 400_000)], epoch)
+    finally:
+        fresh.config_set("maxmemory", 0)
+    assert _folded(fresh) == (0, 0.0)
+    _owned(fresh, [_w_row(2, 400_000)], epoch)
+    assert _folded(fresh) == (1, 2.0)
+
+
+def _m_row_id(off: int, t: int, v: float, event_id: str) -> tuple:
+    from streams.state.store import event_row
+
+    return event_row(off, Metric(event_id, "u", "rev", v, T0 + t, "e1"))
+
+
+def _owner(r):
+    from streams.state import partition_store as ps
+
+    return ps._OWNERS[(id(r), "liftstream.events", 0)]
+
+
+def test_owner_sightings_cache_finds_duplicates(fresh):
+    """The owner keeps every sighting of its source (loaded with its first
+    call, then kept as it commits them): a duplicate event id in a later batch is found in
+    the copy, without Redis, and counted once as a duplicate."""
+    from streams.state.store import read_counters, read_units
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    _owned(fresh, [_m_row_id(2, 2000, 3.0, "m2")], epoch)
+    assert set(_owner(fresh).caches["e1"].sightings) == {"x0", "m1", "m2"}
+    _owned(fresh, [_m_row_id(3, 3000, 5.0, "m1"), _m_row_id(4, 3000, 7.0, "m3")], epoch)
+    assert read_units(fresh, _cfg())["u"].totals == [12.0]
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert {m.decode() for m in fresh.zrange(rk.seen_key("e1", "liftstream.events|0"), 0, -1)} \
+        == set(_owner(fresh).caches["e1"].sightings)
+
+
+def test_owner_sightings_cache_dropped_when_redis_lost_its_commits(fresh):
+    """Redis restarted from a snapshot taken before the commit that saw
+    ``m2``: after LostCommits the owner applies ``m2`` again from Redis's
+    offset. Its cached sightings (which held ``m2``) must be gone, or the
+    replay counts ``m2`` a duplicate and loses it."""
+    from streams.state.store import read_counters, read_units
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    _owned(fresh, [_m_row_id(2, 1500, 1.0, "m0")], epoch)
+    snap = {k: fresh.dump(k) for k in fresh.keys("*")}
+    _owned(fresh, [_m_row_id(3, 2000, 3.0, "m2")], epoch)  # lost below
+    assert "m2" in _owner(fresh).caches["e1"].sightings
+    fresh.flushall()
+    for k, v in snap.items():
+        fresh.restore(k, 0, v)
+    with pytest.raises(LostCommits):
+        _owned(fresh, [_m_row_id(4, 3000, 4.0, "m4")], epoch)
+    _owned(fresh, [_m_row_id(3, 2000, 3.0, "m2"), _m_row_id(4, 3000, 4.0, "m4")], epoch)
+    assert read_units(fresh, _cfg())["u"].totals == [10.0]
+    assert read_counters(fresh, "e1").get("duplicate", 0) == 0
+
+
+def test_owner_sightings_cache_dropped_when_a_commit_failed(fresh):
+    """A commit Redis refused (out of memory, nothing written) after the
+    rules added ``m2`` to the cached sightings in place: the retry of the
+    batch must apply ``m2``, not count it a duplicate of itself."""
+    from redis.exceptions import ResponseError
+
+    from streams.state.store import read_counters, read_units
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    _owned(fresh, [_m_row_id(2, 1500, 1.0, "m0")], epoch)
+    fresh.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(ResponseError):
+            _owned(fresh, [_m_row_id(3, 2000, 3.0, "m2")], epoch)
+    finally:
+        fresh.config_set("maxmemory", 0)
+    _owned(fresh, [_m_row_id(3, 2000, 3.0, "m2")], epoch)
+    assert read_units(fresh, _cfg())["u"].totals == [6.0]
+    assert read_counters(fresh, "e1").get("duplicate", 0) == 0
+
+
+def test_owner_sightings_beyond_the_bound_are_read_from_redis(fresh, monkeypatch):
+    """More sightings than the owner keeps (4 per cached unit): it stops
+    keeping them and reads the batch's from Redis again; duplicates are
+    still found."""
+    from streams.state.store import read_counters, read_units
+
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", "1")  # at most 4 sightings
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0)] + [_m_row_id(i, 1000 + i, 1.0, f"m{i}") for i in range(1, 6)],
+           epoch)
+    _owned(fresh, [_m_row_id(6, 2000, 1.0, "m6")], epoch)  # ZCARD 6 > 4: not loaded
+    c = _owner(fresh).caches["e1"]
+    assert c.sightings is None and c.sightings_off
+    _owned(fresh, [_m_row_id(7, 3000, 1.0, "m3")], epoch)
+    assert read_units(fresh, _cfg())["u"].totals == [6.0]
+    assert read_counters(fresh, "e1")["duplicate"] == 1

@@ -57,6 +57,7 @@ from streams.state.keys import (
     meta_key,
     shard_key,
     shards_key,
+    tails_key,
     unit_hold_key,
     units_key,
 )
@@ -653,7 +654,9 @@ def _to_older_state(r, eid: str, three: bool = False) -> None:
     base = cells_key(eid)
     for s_ in sorted(r.smembers(shards_key(eid))):
         for f, v in r.hgetall(shard_key(eid, s_.decode())).items():
-            if f == b"max_ts" or f.startswith(b"act_sum:"):
+            if f.startswith(b"t|"):  # the tail counts: the tails hash, HINCRBY'd
+                r.hincrby(tails_key(eid), f[2:], int(v))
+            elif f == b"max_ts" or f.startswith(b"act_sum:"):
                 r.hset(meta_key(eid), f, v)
             else:
                 r.hset(base, f, b" ".join(v.split(b" ")[:3]) if three else v)
@@ -678,8 +681,34 @@ def test_state_from_before_covariates_is_read(fresh):
     both.check()
     assert all(v.count(b" ") == 2 for v in fresh.hvals(key))  # the base is never written
     shard = fresh.hgetall(shard_key("e1", src(0)))
-    assert shard and all(v.count(b" ") == 7 for f, v in shard.items() if b"|" in f)
+    assert shard and all(v.count(b" ") == 7 for f, v in shard.items()
+                         if b"|" in f and not f.startswith(b"t|"))  # cells, not tail counts
     assert both.red.states["e1"].snapshot().cells["rev"][0][1][3:] == (1, 0.5, 0.25, 0.5, 1.0)
+
+
+def test_tail_counts_from_the_tails_hash_continue(fresh):
+    """Migration: the tail counts of a state whose owners HINCRBY'd them
+    into the ``tails`` hash (issue 26 before the counts moved into the
+    shards) are the base the shards' ``t|`` counts add to; a correction
+    moves a unit out of a bucket the old hash holds (a shard count of -1),
+    and the old hash is never written again."""
+    c = _cfg()
+    both = Both(fresh, [c])
+    both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _x("y", "v", 12_000)])  # u folds
+    assert [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    _to_older_state(fresh, "e1")
+    old = fresh.hgetall(tails_key("e1"))
+    assert old and not fresh.exists(shard_key("e1", src(0)))
+    both.check()
+    both.batch(0, [_m("b", "u", 9_000, 1000.0), _x("z", "w", 13_000),
+                   _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
+    both.check()
+    assert fresh.hgetall(tails_key("e1")) == old
+    shard_tails = {f: int(v) for f, v in fresh.hgetall(shard_key("e1", src(0))).items()
+                   if f.startswith(b"t|")}
+    assert -1 in shard_tails.values()
+    got = both.red.states["e1"].snapshot().tails["rev"][0]
+    assert sum(got.values()) == 3 and got == read_snapshot(fresh, c).tails["rev"][0]
 
 
 def test_pre_values_survive_appended_metrics(fresh):
@@ -1142,9 +1171,11 @@ def test_conversion_flips_and_cap_crossings_through_redis(fresh):
     assert both.red.states["e1"].counters["corrected"] == 4
     from kernels.tail import tail_bucket
     assert read_snapshot(fresh, c).tails["rev"] == [{tail_bucket(3.0): 1}, {}]
-    raw = {k.decode(): int(v) for k, v in fresh.hgetall("lr:{e:e1}:tails").items()}
-    assert raw[f"rev|control|{tail_bucket(3.0)}"] == 1
-    assert raw[f"rev|control|{tail_bucket(4.0)}"] == 0  # moved away: read as none
+    raw = {k.decode(): int(v) for k, v in fresh.hgetall(shard_key("e1", src(0))).items()
+           if k.startswith(b"t|")}  # the source's counts, absolute, in its shard
+    assert raw[f"t|rev|control|{tail_bucket(3.0)}"] == 1
+    assert raw[f"t|rev|control|{tail_bucket(4.0)}"] == 0  # moved away: read as none
+    assert not fresh.exists("lr:{e:e1}:tails")  # the older hash is no longer written
 
 
 def test_sum_only_state_is_written_as_before(fresh):

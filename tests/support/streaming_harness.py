@@ -445,9 +445,14 @@ def events_counted(r, experiment_ids: Iterable[str]) -> int:
     return sum(sum(read_counters(r, e).values()) for e in experiment_ids)
 
 
+#: dataclass fields ``bits`` leaves out
+_NOT_STATE = frozenset(("seq", "dirty"))
+
+
 def bits(x: Any) -> Any:
     """Canonical form with floats as hex (equality = bit equality, -0.0 != 0.0);
-    dataclasses as dicts without their ``seq``."""
+    dataclasses as dicts without their ``seq`` and ``UnitState.dirty`` (the
+    owner's bookkeeping of what to write, not state)."""
     if isinstance(x, float):
         return ("f", x.hex())
     if isinstance(x, dict):
@@ -455,7 +460,8 @@ def bits(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [bits(v) for v in x]
     if hasattr(x, "__dataclass_fields__") and not isinstance(x, ExperimentConfig):
-        return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__ if f != "seq"}
+        return {f: bits(getattr(x, f)) for f in x.__dataclass_fields__
+                if f not in _NOT_STATE}
     return x
 
 
