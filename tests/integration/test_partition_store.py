@@ -716,3 +716,70 @@ def test_owner_sightings_beyond_the_bound_are_read_from_redis(fresh, monkeypatch
     _owned(fresh, [_m_row_id(7, 3000, 1.0, "m3")], epoch)
     assert read_units(fresh, _cfg())["u"].totals == [6.0]
     assert read_counters(fresh, "e1")["duplicate"] == 1
+
+
+def _x_row_of(off: int, t: int, unit: str) -> tuple:
+    from streams.state.store import event_row
+
+    return event_row(off, Exposure(f"x{off}", "e1", unit, "control", T0 + t, 1.0))
+
+
+def _frozen(r) -> dict:
+    """What conclusion leaves of an experiment's counts: meta (counters,
+    exposures, clocks), the source's shard (cells), arrivals, the applied
+    offsets; compared after a commit that raced it."""
+    return {k: r.hgetall(k) for k in (rk.meta_key("e1"), rk.shard_key("e1", SRC0),
+                                     rk.experiment_keys("e1").arrivals, rk.offsets_key("e1"))}
+
+
+@pytest.mark.parametrize("when", ["after_reads", "after_watch"])
+def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, redis_url,
+                                                                       monkeypatch, when):
+    """The sampler concludes the experiment (another client) while an owner's
+    call is in flight: after the owner read the units and pending entries,
+    either before its commit WATCHes (``after_reads``) or between the WATCH
+    and the EXEC (``after_watch``). The commit must write nothing: no unit
+    record or pending entry comes back into the concluded experiment, and
+    its counts stay what conclusion froze. The retry reads the experiment
+    concluded and refuses its exposures (the caller dead-letters them,
+    ``after_end``), and writes no unit either."""
+    from redis.exceptions import WatchError
+
+    from streams.sampling.sampler import conclude
+    from streams.state import partition_store as ps
+
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0)], epoch)  # unit u: a record and a pending entry
+    assert fresh.hexists(rk.units_key("e1"), "u") and fresh.zcard(rk.pending_key("e1", SRC0))
+    sampler = redis.Redis.from_url(redis_url)
+    frozen: dict = {}
+    real = ps.Commit.prepare
+
+    def racing(self) -> None:
+        if when == "after_watch":
+            real(self)
+        conclude(sampler, _cfg())
+        frozen.update(_frozen(sampler))
+        if when == "after_reads":
+            real(self)
+
+    monkeypatch.setattr(ps.Commit, "prepare", racing)
+    batch = [_x_row_of(1, 500, "v"), _m_row(2, 1000, 2.0)]
+    refused = None
+    try:
+        _owned(fresh, batch, epoch)
+    except (WatchError, Fenced) as e:
+        refused = e
+    monkeypatch.setattr(ps.Commit, "prepare", real)
+    assert frozen, "the conclusion ran"
+    assert fresh.hgetall(rk.units_key("e1")) == {}, "a unit record came back"
+    assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0, "a pending entry came back"
+    assert _frozen(fresh) == frozen, "counts moved after the conclusion"
+    assert not isinstance(refused, Fenced), "a conclusion is not a newer owner"
+    # the retry (same owner, same epoch): the experiment is concluded now
+    with pytest.raises(ps.Concluded):
+        _owned(fresh, batch, epoch)
+    _owned(fresh, [_m_row(2, 1000, 2.0)], epoch)  # the exposure dead-lettered: as today
+    assert fresh.hgetall(rk.units_key("e1")) == {}
+    assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0
+    sampler.close()
