@@ -443,10 +443,11 @@ class EventsPlane:
             # nobody claimed the partition since: the connection dropped while
             # the commit WATCHed its fence (redis-py reports that as a
             # WatchError, which the commit reports as Fenced), before or during
-            # the EXEC, so whether Redis applied it is unknown. Retried as a
-            # dropped connection: the owner reads the fence and the state again
-            # and skips what Redis applied (issue 25, kill point "connection
-            # dropped during EXEC")
+            # the EXEC, so whether Redis applied it is unknown; or the
+            # experiment was concluded under the commit (``Concluded``: nothing
+            # written). Retried as a dropped connection: the owner reads the
+            # fence and the state again and skips what Redis applied (issue 25,
+            # kill point "connection dropped during EXEC")
             raise RedisConnectionError(f"events partition {p}: connection lost during a "
                                        f"commit ({e})") from e
         except LostCommits as e:

@@ -22,6 +22,15 @@ acknowledged writes (a restart from an older snapshot, a failover to a
 lagging replica): the commit refuses (``LostCommits``), and the owner drops
 what it cached and seeks back to the offset Redis says was applied.
 
+The commit WATCHes the experiment's lifecycle key (``keys.lifecycle_key``)
+with its fence, in the same WATCH, and checks after the WATCH that it is
+still what the call read with its batch: a conclusion (which deletes the
+units and pending entries) between the owner's reads and its EXEC refuses
+the commit (``Concluded``), instead of writing the records it read back
+into a concluded experiment. That is not a fence: the retry reads again and
+sees the experiment concluded (its exposures are then refused, ``Concluded``,
+and dead-lettered ``after_end`` by the caller).
+
 Fences are per (experiment, source), not per experiment: several owners
 (one per source partition) commit to one experiment, and one owner's claim
 must not abort the others' transactions.
@@ -206,6 +215,19 @@ def claim_fence(r: Any, experiment_id: str, src: str, epoch: int) -> int:
                 continue
 
 
+class Concluded(WatchError):
+    """The experiment was concluded (its lifecycle key changed) after the
+    owner read its state, or is concluded and the batch still brings
+    exposures (the caller's view of it was stale): nothing was written. Not
+    a fence: the caller reads again (its registry too) and handles the
+    events as for a concluded experiment. A ``WatchError``, so a caller that
+    handles a refused EXEC by checking its partition's epoch retries it."""
+
+    def __init__(self, experiment_id: str, why: str) -> None:
+        super().__init__(f"{experiment_id}: {why}")
+        self.experiment_id = experiment_id
+
+
 @dataclass
 class WriteSet:
     """The Redis commands of one experiment's commit, in order: what the rules
@@ -225,32 +247,55 @@ class WriteSet:
 
 
 class Commit:
-    """One fenced commit, in its two steps: ``prepare`` (WATCH the fence, read
-    epoch and sequence, check them) and ``execute`` (MULTI, the writes, the
-    applied offset, the sequence, ``dirty_seq``, EXEC). ``commit`` runs both;
-    the steps are separate so a test can stop a zombie between them."""
+    """One fenced commit, in its two steps: ``prepare`` (WATCH the fence and
+    the lifecycle key, read epoch, sequence and lifecycle, check them) and
+    ``execute`` (MULTI, the writes, the applied offset, the sequence,
+    ``dirty_seq``, EXEC). ``commit`` runs both; the steps are separate so a
+    test can stop a zombie between them. ``concluded``: whether the call
+    read the experiment concluded with its batch (module docstring)."""
 
-    def __init__(self, r: Any, experiment_id: str, src: str, epoch: int, seq: int) -> None:
+    def __init__(self, r: Any, experiment_id: str, src: str, epoch: int, seq: int,
+                 concluded: bool = False) -> None:
         self.experiment_id = experiment_id
         self.src = src
         self.epoch = epoch
         self.seq = seq
+        self.concluded = concluded
         self.fence = rk.fence_key(experiment_id, src)
+        self.lifecycle = rk.lifecycle_key(experiment_id)
         self._client = r
         self.pipe = r.pipeline(transaction=True)
         #: ``dirty_seq`` after the EXEC (``execute``)
         self.dirty_seq: int | None = None
 
     def prepare(self) -> None:
-        """WATCH the fence, then check it: ``Fenced`` if a newer owner
-        claimed, ``LostCommits`` if Redis is behind this owner's claim or
-        commits (its fence below this owner's epoch: the claim itself lost)."""
+        """WATCH the fence and the lifecycle key, then check them: ``Fenced``
+        if a newer owner claimed, ``LostCommits`` if Redis is behind this
+        owner's claim or commits (its fence below this owner's epoch: the
+        claim itself lost), ``Concluded`` if the lifecycle changed since the
+        call read it (the state it read may be deleted)."""
         try:
-            self.pipe.watch(self.fence)
-            cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
+            self.pipe.watch(self.fence, self.lifecycle)
+            if _packs(self._client) and self.pipe.connection is not None:
+                # one round trip for both reads, on the WATCHing connection
+                got = _send_raw(self.pipe.connection, [
+                    ("HMGET", self.fence, "epoch", "seq"), ("EXISTS", self.lifecycle)])
+                for g in got:
+                    if isinstance(g, Exception):
+                        raise g
+                (cur, seq), ended = got
+            else:
+                cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
+                ended = self.pipe.exists(self.lifecycle)
         except WatchError as e:
             self.pipe.reset()
             raise (_dropped_while_watching(e) or e) from e
+        except BaseException:
+            self.pipe.reset()
+            raise
+        if bool(ended) != self.concluded:
+            self.pipe.reset()
+            raise Concluded(self.experiment_id, "concluded after the owner read its state")
         if _int_or_zero(cur) > self.epoch:
             self.pipe.reset()
             raise Fenced(f"{self.experiment_id} {self.src} is owned by epoch "
@@ -285,6 +330,8 @@ class Commit:
             dropped = _dropped_while_watching(e)
             if dropped is not None:
                 raise dropped from e
+            if bool(self._client.exists(self.lifecycle)) != self.concluded:
+                raise Concluded(self.experiment_id, "concluded during the commit") from None
             raise Fenced(f"{self.experiment_id} {self.src}: the fence moved during the "
                          "commit (a newer owner claimed)") from None
         finally:
@@ -555,9 +602,11 @@ class PartitionOwner:
             self.caches.pop(experiment_id, None)
 
     def commit(self, experiment_id: str, writes: WriteSet, offset: int | None,
-               dirty: bool = True) -> int | None:
+               dirty: bool = True, concluded: bool = False) -> int | None:
         """The fenced commit (``commit``); returns ``dirty_seq`` after it
-        (None when ``dirty`` is False: nothing a reader sees changed)."""
+        (None when ``dirty`` is False: nothing a reader sees changed).
+        ``concluded``: whether the call read the experiment concluded
+        (``Commit``: refused if that changed before the EXEC)."""
         if self.epoch is None:
             p = self.r.pipeline(transaction=True)
             for method, args, kwargs in writes.ops:
@@ -568,7 +617,8 @@ class PartitionOwner:
                 p.incr(rk.dirty_seq_key(experiment_id))
             res = p.execute()
             return int(res[-1]) if dirty else None
-        c = Commit(self.r, experiment_id, self.src, self.epoch, self.seq_of(experiment_id))
+        c = Commit(self.r, experiment_id, self.src, self.epoch, self.seq_of(experiment_id),
+                   concluded)
         try:
             c.prepare()
             self.seqs[experiment_id] = c.execute(writes, offset, dirty)
@@ -725,6 +775,10 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         cache.sightings_off = True  # too many to keep: ZMSCORE per batch
     stored = None if stored_raw is None else int(stored_raw)
     todo, skipped = _unskipped(rows, stored)
+    if token[1] and any(row[1] == "x" for row in todo):
+        # the caller took it for running (its registry is read every few
+        # seconds): an exposure would create a unit record again
+        raise Concluded(eid, "concluded: its exposures are dead letters (after_end)")
 
     st = ExperimentState(cfg, fold_limit, sharded=True)
     anchor0 = anchor_raw if anchor_raw is not None else started_raw
@@ -940,7 +994,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
-    seq = owner.commit(eid, w, off_new, dirty) if dirty or len(w) else None
+    seq = owner.commit(eid, w, off_new, dirty, token[1]) if dirty or len(w) else None
     for u in st.units.values():  # committed: Redis holds them as they are now
         u.dirty = False
     shard.untouch()

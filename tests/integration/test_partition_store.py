@@ -775,7 +775,7 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
     assert fresh.hgetall(rk.units_key("e1")) == {}, "a unit record came back"
     assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0, "a pending entry came back"
     assert _frozen(fresh) == frozen, "counts moved after the conclusion"
-    assert not isinstance(refused, Fenced), "a conclusion is not a newer owner"
+    assert isinstance(refused, ps.Concluded), f"refused as {refused!r}, not Concluded"
     # the retry (same owner, same epoch): the experiment is concluded now
     with pytest.raises(ps.Concluded):
         _owned(fresh, batch, epoch)
