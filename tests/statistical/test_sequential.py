@@ -24,6 +24,13 @@ AA = Setting(reps=100, seed=1, mde=0.05)
 #: the simulator's realistic effect: +0.10 on the population, heavier users gain more
 POWER = Setting(reps=100, seed=3, n_units=40_000, effect=0.10, effect_slope=0.12, mde=0.10)
 #: one effect for everyone, so readiness is uncertain for days: the forecast's check
+#: the metric kinds (issue 26) through the published path, the config's default mixing
+#: scale (``mde`` unset: the prior's, from ``problems.effect_cells``); the replicate
+#: counts keep each test under a minute on an idle machine
+KINDS_AA = {
+    "conversion": Setting(reps=30, seed=5, kind="conversion", base_rate=0.05),
+    "ratio": Setting(reps=20, seed=6, kind="ratio", ratio_corr=0.5),
+}
 FORECAST = Setting(reps=100, seed=4, n_units=40_000, effect=0.10, effect_slope=0.0, mde=0.10,
                    forecast_at=2 * 24)
 
@@ -47,6 +54,23 @@ def test_aa_every_hour_100_replicates():
           f"{ever:.3f}, today's rule {before:.3f} ({r.seconds:.0f} s)")
     assert ever <= mc_bound(ALPHA, AA.reps)
     assert before > 0.25
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS_AA))
+def test_aa_every_hour_metric_kinds(kind):
+    """A conversion (5%) and a ratio (corr(M, D) 0.5; the treatment moves
+    the denominator by 2% and the numerator with it, so the ratio's effect is
+    0) with no effect, 336 hourly looks, each through the sampler's tick and
+    ``decide``: the share of lives that ever decide stays within α + MC error
+    (docs/method.md §8, "Metric kinds")."""
+    st = KINDS_AA[kind]
+    r = simulate(st)
+    ever = r.any_ready().mean()
+    print(f"\nA/A {kind} {st.reps} replicates: ever decided {ever:.3f}, "
+          f"today's rule {r.any_before().mean():.3f} ({r.seconds:.0f} s)")
+    assert np.abs(r.truth).max() < 1e-12  # a true null of the kind's estimand
+    assert np.isfinite(r.sd[-1]).all()  # every replicate was looked at to the end
+    assert ever <= mc_bound(ALPHA, st.reps)
 
 
 def _fixed_horizon(r) -> tuple[int | None, float]:
@@ -124,6 +148,20 @@ def test_aa_1000_replicates(name, st):
 
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TIMEOUT_S)
+@pytest.mark.parametrize("kind", sorted(KINDS_AA))
+def test_aa_metric_kinds_300_replicates(kind):
+    """The kinds' A/A at 300 replicates (the published path costs ~1.5 s of
+    one core a replicate; docs/method.md §8)."""
+    st = with_(KINDS_AA[kind], reps=300, seed={"conversion": 21, "ratio": 22}[kind])
+    r = simulate(st)
+    ever = r.any_ready().mean()
+    print(f"\nA/A {kind}: ever decided {ever:.4f}, today's rule {r.any_before().mean():.3f} "
+          f"({r.seconds:.0f} s)")
+    assert ever <= mc_bound(ALPHA, st.reps)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT_S)
 def test_decaying_novelty_is_reported_not_bounded():
     """A novelty (+0.10 on units exposed at t, decaying as exp(−t/2 days)):
     the long-run effect is 0 but the early units' is not, so decisions for
@@ -186,7 +224,8 @@ def main(reps: int) -> None:
     for name, st in [("A/A mixing sd = pooled sd", with_(AA, mde=None)), ("A/A mde 0.05", AA),
                      ("A/A mixture arrivals", with_(AA, arrivals="mixture")),
                      ("A/A decaying novelty", with_(AA, novelty=0.10)),
-                     ("4 arms x 5 metrics", with_(AA, variants=4, metrics=5, mde=None))]:
+                     ("4 arms x 5 metrics", with_(AA, variants=4, metrics=5, mde=None)),
+                     *((f"A/A {k}", st) for k, st in sorted(KINDS_AA.items()))]:
         r = simulate(with_(st, reps=reps))
         print(f"{name}: ever {r.any_ready().mean():.4f} before {r.any_before().mean():.3f} "
               f"({r.seconds:.0f} s)", flush=True)

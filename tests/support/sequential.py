@@ -12,12 +12,22 @@ the primary metric's arms by the confidence sequence at α/K, the other
 metrics × arms by e-BH once a primary arm is decided. Today's rule (P(>0)
 above 0.95 or below 0.05 with R-hat < 1.01, at any look) is scored on the
 same looks: the "before".
+
+Metric kinds (issue 26: ``Setting.kind`` "conversion" or "ratio") go
+through the published path instead, since their effect exists only there (a
+ratio's is recombined from two problems, ``kernels.ratio``, and its
+decision's scale reads ``problems.effect_cells``): at each look every
+replicate's snapshot (``streams.dev.synthetic.snapshot``) is advanced by the
+sampler's tick (``streams.sampling.advance``: one batched kernel call for all
+replicates, windows, records) and ``streams.sampling.decisions.decide`` takes
+the look, as a live worker does.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from unittest import mock
 
 import numpy as np
 
@@ -27,7 +37,10 @@ from kernels.diagnostics import split_rhat
 from kernels.gibbs import init
 from kernels.rng import Rng
 from kernels.sampler import run
-from streams.dev.synthetic import Scenario, population
+from schemas.records import ExperimentConfig, MetricSpec
+from streams.dev.synthetic import Scenario, population, snapshot
+from streams.sampling import decisions
+from streams.sampling.advance import TickConfig, advance
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,12 @@ class Setting:
     seed: int = 0
     #: look index (from 1) at which a forecast is made (None: none)
     forecast_at: int | None = None
+    #: the metric's kind (issue 26): "sum" (the kernel-level loop above) or
+    #: "conversion" / "ratio" (the published path: ``_simulate_published``)
+    kind: str = "sum"
+    base_rate: float = 0.05  # conversion: the control's rate
+    ratio_corr: float = 0.5  # ratio: corr(M, D) over the control population
+    mde_relative: float | None = None  # the config's ``mde_relative`` (published path)
 
 
 @dataclass
@@ -163,6 +182,8 @@ def _data_at(st: Setting, cum, h: int):
 
 def simulate(st: Setting, progress: bool = False) -> Result:
     """Run every look of every replicate; see the module docstring."""
+    if st.kind != "sum":
+        return _simulate_published(st)
     t0 = time.perf_counter()
     rng = np.random.default_rng(st.seed)
     pops = _populations(st, rng)
@@ -269,6 +290,75 @@ def _forecast(st, cum, h, D, data, tr, m, s, rho, level, truth, ready_at) -> dic
         out[r] = f["p_ready"]
         sdf[r] = f["sd"]
     return {"look": h, "D": D, "p_ready": out, "sd": sdf}
+
+
+#: the published path's metric of each kind (the names are the config's, any will do)
+KIND_METRICS = {
+    "conversion": MetricSpec("purchase", kind="conversion"),
+    "ratio": MetricSpec("revenue_per_session", kind="ratio", numerator="revenue",
+                        denominator="sessions"),
+}
+
+
+def _simulate_published(st: Setting) -> Result:
+    """A metric kind's looks through the sampler's tick and ``decide`` (one
+    metric, two variants, units known on arrival: ``window_days`` 0). The
+    tick keeps ``st.window`` draws per chain, after a warm-up of two looks'
+    sweeps (``analyze``'s convention for its looks). The forecast, which
+    ``decide`` attaches beside the decision and never reads, is not computed
+    (it costs ~18 ms a pair a look; its check is the sum's,
+    ``test_power_and_forecast_against_realised``)."""
+    if st.metrics != 1 or st.variants != 2 or st.window_days or st.arrivals != "geometric" \
+            or st.novelty or st.forecast_at is not None:
+        raise ValueError("the published path simulates one metric, two arms, known on arrival")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(st.seed)
+    sc = Scenario(kind=st.kind, n_units=st.n_units, effect=st.effect,
+                  effect_slope=st.effect_slope, base_rate=st.base_rate, ratio_corr=st.ratio_corr)
+    pops = [population(sc, rng) for _ in range(st.reps)]
+    look_ms = 86_400_000 // st.looks_per_day
+    cfgs = [ExperimentConfig(f"e{r}", variants=sc.variants, metrics=(KIND_METRICS[st.kind],),
+                             started_at=0, window_seconds=look_ms // 1000, mde=st.mde,
+                             mde_relative=st.mde_relative, decision_alpha=st.alpha,
+                             look_seconds=look_ms // 1000) for r in range(st.reps)]
+    tick = TickConfig(chains=st.chains, sweeps=st.sweeps_per_look, window=st.window,
+                      warmup=2 * st.sweeps_per_look, min_draws=max(st.sweeps_per_look // 2, 1),
+                      seed=st.seed)
+    R, L = st.reps, st.days * st.looks_per_day
+    ready_at = np.zeros((R, 1, 1), int)
+    direction = np.zeros((R, 1, 1), int)
+    before_at = np.zeros((R, 1, 1), int)
+    sds = np.full((L, R, 1, 1), np.nan)
+    means = np.full((L, R, 1, 1), np.nan)
+    truth = np.array([p.true_effect for p in pops]).reshape(R, 1, 1)
+    stored: dict = {}
+    states: list[dict | None] = [None] * R
+    with mock.patch.object(decisions, "forecast_of", lambda *a, **k: None):
+        for h in range(1, L + 1):
+            # the watermark on the look grid exactly (h / looks_per_day days in ms may round down)
+            snaps = [replace(snapshot(p, h / st.looks_per_day, c), watermark=h * look_ms,
+                             max_ts=h * look_ms) for p, c in zip(pops, cfgs, strict=True)]
+            recs, stored = advance(snaps, stored, tick, computed_at=h * look_ms)
+            by_exp = {r["experiment_id"]: r for r in recs}
+            for r in range(R):
+                rec = by_exp.get(cfgs[r].experiment_id)
+                if rec is None:
+                    continue
+                looks = (states[r] or {}).get("pairs", {})
+                _, states[r], looked = decisions.decide(snaps[r], [rec], states[r])
+                dec = rec["decision"]
+                if dec["ready"] and not ready_at[r, 0, 0]:
+                    ready_at[r, 0, 0] = h
+                    direction[r, 0, 0] = 1 if dec["direction"] == "better" else -1
+                eff = rec["adjusted"]["effect"]
+                if looked and dec["looks"] > sum(p["looks"] for p in looks.values()):
+                    means[h - 1, r], sds[h - 1, r] = eff["mean"], eff["sd"]
+                p_pos, rhat = rec["adjusted"]["p_positive"], rec["diagnostics"]["rhat"]
+                if (not before_at[r, 0, 0] and dec["looks"] and p_pos is not None
+                        and rhat is not None and (p_pos > 0.95 or p_pos < 0.05) and rhat < 1.01):
+                    before_at[r, 0, 0] = h
+    return Result(st, ready_at, direction, before_at, sds, means, truth, None,
+                  time.perf_counter() - t0)
 
 
 def with_(st: Setting, **kw) -> Setting:
