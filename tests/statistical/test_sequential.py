@@ -150,8 +150,8 @@ def test_aa_1000_replicates(name, st):
 @pytest.mark.timeout(SLOW_TIMEOUT_S)
 @pytest.mark.parametrize("kind", sorted(KINDS_AA))
 def test_aa_metric_kinds_300_replicates(kind):
-    """The kinds' A/A at 300 replicates (the published path costs ~1.5 s of
-    one core a replicate; docs/method.md §8)."""
+    """The kinds' A/A at 300 replicates (the published path costs 1.7–2.4 s
+    a replicate, niced on a busy 2-core machine; docs/method.md §8)."""
     st = with_(KINDS_AA[kind], reps=300, seed={"conversion": 21, "ratio": 22}[kind])
     r = simulate(st)
     ever = r.any_ready().mean()
