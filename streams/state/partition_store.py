@@ -917,12 +917,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if gone:
         w.add("hdel", k.units, *gone)
     pend1 = {u: sc for sc, _, u in st._pending[src]}
-    add = {u: sc for u, sc in pend1.items() if pend0.get(u) != sc}
-    if add:
-        w.add("zadd", pend_k, add)
-    rem = [u for u in pend0 if u not in pend1]
-    if rem:
-        w.add("zrem", pend_k, *rem)
+    _zset_changes(w, pend_k, pend0, pend1)
     held_recs = {}
     for uid, lst in st.held.items():
         raw = b"".join(_HELD.pack(mi + 1, ts, v) for mi, ts, v in lst)
@@ -934,12 +929,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if dropped:
         w.add("hdel", k.held, *dropped)
     q1 = st._held_q.get(src, {})
-    qadd = {u: t for u, t in q1.items() if heldq0.get(u) != t}
-    if qadd:
-        w.add("zadd", heldq_k, qadd)
-    qrem = [u for u in heldq0 if u not in q1]
-    if qrem:
-        w.add("zrem", heldq_k, *qrem)
+    _zset_changes(w, heldq_k, heldq0, q1)
     # only the batch's events add sightings (settling only forgets old ones)
     seen1 = st._seen.get(src, {})
     sadd = {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t}
@@ -1024,6 +1014,17 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
             **{c: n for c, n in st.counters.items() if n}}
+
+
+def _zset_changes(w: WriteSet, key: str, before: dict, after: dict) -> None:
+    """ZADD the members of ``after`` whose score is new or moved and ZREM
+    those gone since ``before`` (a sorted set the call read, then changed)."""
+    add = {u: sc for u, sc in after.items() if before.get(u) != sc}
+    if add:
+        w.add("zadd", key, add)
+    rem = [u for u in before if u not in after]
+    if rem:
+        w.add("zrem", key, *rem)
 
 
 def _decode_held(raw: bytes) -> list[tuple[int, int, float]]:
