@@ -40,7 +40,7 @@ from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
 from streams.state.keys import INGEST_OFFSETS
-from streams.state.partition_store import Concluded, forget_owner
+from streams.state.partition_store import ExperimentChanged, forget_owner
 from streams.state.registry import Registry
 from streams.state.store import (
     apply_source_batch,
@@ -194,10 +194,11 @@ class Ingestor:
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
                                           epoch=epoch, dead=dead)
-        except Concluded as e:
-            # concluded since the registry read it: read it again, so the
-            # caller's retry dead-letters its exposures (after_end); the
-            # owner wrote nothing of this experiment
+        except ExperimentChanged as e:
+            # concluded (or deleted, re-created) since the registry read it:
+            # read it again, so the caller's retry dead-letters its exposures
+            # (after_end, unknown_experiment) or applies them to the new
+            # experiment; the owner wrote nothing of this experiment
             self.registry.get(e.experiment_id, fresh=True)
             raise
         for _, why in rejected:

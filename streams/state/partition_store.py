@@ -215,17 +215,31 @@ def claim_fence(r: Any, experiment_id: str, src: str, epoch: int) -> int:
                 continue
 
 
-class Concluded(WatchError):
-    """The experiment was concluded (its lifecycle key changed) after the
-    owner read its state, or is concluded and the batch still brings
-    exposures (the caller's view of it was stale): nothing was written. Not
-    a fence: the caller reads again (its registry too) and handles the
-    events as for a concluded experiment. A ``WatchError``, so a caller that
-    handles a refused EXEC by checking its partition's epoch retries it."""
+class ExperimentChanged(WatchError):
+    """The experiment changed incarnation after the owner read its state: it
+    was deleted (``registry.delete_state``; its generation key is gone) and
+    perhaps re-created under the same id (a new generation): nothing was
+    written, so the old incarnation's records and shard never land in the
+    new one. Not a fence (a delete keeps the fences) and no lost commits:
+    the caller reads again (its registry too) and applies the batch to what
+    is registered now. A ``WatchError``, so a caller that handles a refused
+    EXEC by checking its partition's epoch retries it."""
 
     def __init__(self, experiment_id: str, why: str) -> None:
         super().__init__(f"{experiment_id}: {why}")
         self.experiment_id = experiment_id
+
+
+class Concluded(ExperimentChanged):
+    """The experiment was concluded (its lifecycle key changed) after the
+    owner read its state, or is concluded and the batch still brings
+    exposures (the caller's view of it was stale): nothing was written. Not
+    a fence: the caller reads again (its registry too) and handles the
+    events as for a concluded experiment."""
+
+
+#: ``Commit``'s ``generation`` when the caller read none (checks no generation)
+UNCHECKED = b"\0unchecked"
 
 
 @dataclass
@@ -252,17 +266,22 @@ class Commit:
     ``execute`` (MULTI, the writes, the applied offset, the sequence,
     ``dirty_seq``, EXEC). ``commit`` runs both; the steps are separate so a
     test can stop a zombie between them. ``concluded``: whether the call
-    read the experiment concluded with its batch (module docstring)."""
+    read the experiment concluded with its batch (module docstring);
+    ``generation``: the experiment's generation the call read with its batch
+    (``keys.generation_key``; ``UNCHECKED``: none read), WATCHed too: a
+    delete or a re-create since refuses the commit (``ExperimentChanged``)."""
 
     def __init__(self, r: Any, experiment_id: str, src: str, epoch: int, seq: int,
-                 concluded: bool = False) -> None:
+                 concluded: bool = False, generation: bytes | None = UNCHECKED) -> None:
         self.experiment_id = experiment_id
         self.src = src
         self.epoch = epoch
         self.seq = seq
         self.concluded = concluded
+        self.generation = generation
         self.fence = rk.fence_key(experiment_id, src)
         self.lifecycle = rk.lifecycle_key(experiment_id)
+        self.gen_key = rk.generation_key(experiment_id)
         self._client = r
         self.pipe = r.pipeline(transaction=True)
         #: ``dirty_seq`` after the EXEC (``execute``)
@@ -275,24 +294,30 @@ class Commit:
         claim itself lost), ``Concluded`` if the lifecycle changed since the
         call read it (the state it read may be deleted)."""
         try:
-            self.pipe.watch(self.fence, self.lifecycle)
+            self.pipe.watch(self.fence, self.lifecycle, self.gen_key)
             if _packs(self._client) and self.pipe.connection is not None:
-                # one round trip for both reads, on the WATCHing connection
+                # one round trip for the reads, on the WATCHing connection
                 got = _send_raw(self.pipe.connection, [
-                    ("HMGET", self.fence, "epoch", "seq"), ("EXISTS", self.lifecycle)])
+                    ("HMGET", self.fence, "epoch", "seq"), ("EXISTS", self.lifecycle),
+                    ("GET", self.gen_key)])
                 for g in got:
                     if isinstance(g, Exception):
                         raise g
-                (cur, seq), ended = got
+                (cur, seq), ended, gen = got
             else:
                 cur, seq = self.pipe.hmget(self.fence, "epoch", "seq")
                 ended = self.pipe.exists(self.lifecycle)
+                gen = self.pipe.get(self.gen_key)
         except WatchError as e:
             self.pipe.reset()
             raise (_dropped_while_watching(e) or e) from e
         except BaseException:
             self.pipe.reset()
             raise
+        if self._regenerated(gen):
+            self.pipe.reset()
+            raise ExperimentChanged(self.experiment_id,
+                                    "deleted (or re-created) after the owner read its state")
         if bool(ended) != self.concluded:
             self.pipe.reset()
             raise Concluded(self.experiment_id, "concluded after the owner read its state")
@@ -330,6 +355,9 @@ class Commit:
             dropped = _dropped_while_watching(e)
             if dropped is not None:
                 raise dropped from e
+            if self._regenerated(self._client.get(self.gen_key)):
+                raise ExperimentChanged(self.experiment_id,
+                                        "deleted (or re-created) during the commit") from None
             if bool(self._client.exists(self.lifecycle)) != self.concluded:
                 raise Concluded(self.experiment_id, "concluded during the commit") from None
             raise Fenced(f"{self.experiment_id} {self.src}: the fence moved during the "
@@ -339,6 +367,11 @@ class Commit:
         if dirty:
             self.dirty_seq = int(res[-1])
         return self.seq + 1
+
+    def _regenerated(self, gen: Any) -> bool:
+        """Whether ``gen`` (the generation read now) is not the one the call
+        read with its batch (never, when it read none)."""
+        return self.generation is not UNCHECKED and gen != self.generation
 
     def _exec_packed(self, writes: WriteSet, tail: list[tuple]) -> list:
         """MULTI, the writes, ``tail``, EXEC packed by hiredis and sent at once
@@ -602,11 +635,13 @@ class PartitionOwner:
             self.caches.pop(experiment_id, None)
 
     def commit(self, experiment_id: str, writes: WriteSet, offset: int | None,
-               dirty: bool = True, concluded: bool = False) -> int | None:
+               dirty: bool = True, concluded: bool = False,
+               generation: bytes | None = UNCHECKED) -> int | None:
         """The fenced commit (``commit``); returns ``dirty_seq`` after it
         (None when ``dirty`` is False: nothing a reader sees changed).
-        ``concluded``: whether the call read the experiment concluded
-        (``Commit``: refused if that changed before the EXEC)."""
+        ``concluded``, ``generation``: what the call read of the experiment's
+        lifecycle and incarnation (``Commit``: refused if either changed
+        before the EXEC)."""
         if self.epoch is None:
             p = self.r.pipeline(transaction=True)
             for method, args, kwargs in writes.ops:
@@ -618,7 +653,7 @@ class PartitionOwner:
             res = p.execute()
             return int(res[-1]) if dirty else None
         c = Commit(self.r, experiment_id, self.src, self.epoch, self.seq_of(experiment_id),
-                   concluded)
+                   concluded, generation)
         try:
             c.prepare()
             self.seqs[experiment_id] = c.execute(writes, offset, dirty)
@@ -984,7 +1019,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
-    seq = owner.commit(eid, w, off_new, dirty, token[1]) if dirty or len(w) else None
+    seq = owner.commit(eid, w, off_new, dirty, token[1], token[0]) if dirty or len(w) else None
     for u in st.units.values():  # committed: Redis holds them as they are now
         u.dirty = False
     shard.untouch()

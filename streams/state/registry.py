@@ -30,6 +30,7 @@ from streams.state.keys import (
     cells_key,
     cfg_key,
     experiment_glob,
+    experiment_key,
     generation_key,
     lifecycle_key,
     unit_index_glob,
@@ -41,18 +42,26 @@ log = logging.getLogger("liftstream.registry")
 
 
 def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
-    """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``): its
-    config, generation, unit records, cells, chains, estimates, history,
-    alerts; and remove its field from every unit's routing index
-    (``lr:{u:<unit>}:x``), so an experiment registered later under the same
-    id inherits no exposure markers (issue 24: with them, its units' metrics
-    without experiment_id were routed to it before any exposure, held and
-    counted lost). A rare operator action, so a SCAN of the keyspace is
-    acceptable here (request paths never scan). Returns the number of
-    experiment keys removed."""
+    """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``) but
+    its fences: its config, generation, unit records, cells, chains,
+    estimates, history, alerts; and remove its field from every unit's
+    routing index (``lr:{u:<unit>}:x``), so an experiment registered later
+    under the same id inherits no exposure markers (issue 24: with them, its
+    units' metrics without experiment_id were routed to it before any
+    exposure, held and counted lost). The fences (``keys.fence_key``: owner
+    epoch and commit sequence per source) stay: a running owner's next
+    commit is then no ``LostCommits`` (a false Redis regression and a seek
+    back), and no zombie of an older epoch can claim a fence lowered to
+    nothing; the owner sees the generation gone or changed instead and
+    reads the new incarnation from scratch (``partition_store.Commit``).
+    A rare operator action, so a SCAN of the keyspace is acceptable here
+    (request paths never scan). Returns the number of experiment keys
+    removed."""
     n = 0
     buf: list = []
     for k in r.scan_iter(match=experiment_glob(experiment_id), count=batch):
+        if _is_fence(experiment_id, k):
+            continue
         buf.append(k)
         if len(buf) >= batch:
             n += r.unlink(*buf)
@@ -61,6 +70,13 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
         n += r.unlink(*buf)
     _forget_in_index(r, experiment_id, batch)
     return n
+
+
+def _is_fence(experiment_id: str, key: str | bytes) -> bool:
+    """Whether ``key`` is one of the experiment's fences (``keys.fence_key``),
+    which a delete keeps (``delete_state``)."""
+    k = key.decode() if isinstance(key, bytes) else key
+    return k.startswith(experiment_key(experiment_id, "fence:"))
 
 
 def _forget_in_index(r: Any, experiment_id: str, batch: int) -> None:

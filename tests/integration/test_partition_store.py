@@ -783,3 +783,99 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
     assert fresh.hgetall(rk.units_key("e1")) == {}
     assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0
     sampler.close()
+
+
+# ---------------------------------------------------------------- delete vs the owner
+
+
+def _registered(r):
+    """e1 registered as the registry does it (config, generation)."""
+    from streams.state.registry import Registry
+
+    reg = Registry(r)
+    reg.put(_cfg(), now_ms=T0)
+    return reg
+
+
+def _flushed(r) -> None:
+    """An empty Redis with e1 registered, and no owner remembered of it."""
+    from streams.state.partition_store import forget_owner
+
+    r.flushall()
+    forget_owner(r, "liftstream.events", 0)
+    _registered(r)
+
+
+def _counts(r) -> dict:
+    """What a batch leaves of e1's counts: ``_frozen`` less the applied offsets."""
+    return {k: v for k, v in _frozen(r).items() if k != rk.offsets_key("e1")}
+
+
+def test_defect_a_delete_is_no_lost_commits_for_the_running_owner(fresh):
+    """The experiment is deleted (``Registry.delete``) while an owner of a
+    source partition is running: the owner's next commit is no Redis that
+    lost acknowledged writes (``LostCommits`` makes the events plane seek
+    back and count a Redis regression): the delete keeps the fences, and
+    the batch applies to the re-created experiment as to a new one."""
+    reg = _registered(fresh)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    reg.delete("e1")
+    reg.put(_cfg(), now_ms=T0)
+    _owned(fresh, [_x_row_of(2, 2000, "v")], epoch)
+    after = _counts(fresh)
+    assert set(fresh.hkeys(rk.units_key("e1"))) == {b"v"}
+    _flushed(fresh)
+    _owned(fresh, [_x_row_of(2, 2000, "v")], claim_partition(fresh, "liftstream.events", 0))
+    assert after == _counts(fresh), "the re-created experiment is not clean"
+
+
+def test_defect_a_delete_does_not_lower_the_fence(fresh):
+    """The fence never goes down, a delete included: an owner of an older
+    epoch (a zombie) cannot claim the experiment's fence after a delete and
+    commit over the current owner's."""
+    reg = _registered(fresh)
+    a = claim_partition(fresh, "liftstream.events", 0)
+    b = claim_partition(fresh, "liftstream.events", 0)
+    commit(fresh, "e1", SRC0, b, claim_fence(fresh, "e1", SRC0, b), _batch(1), offset=3)
+    reg.delete("e1")
+    with pytest.raises(Fenced):
+        claim_fence(fresh, "e1", SRC0, a)
+
+
+def test_defect_delete_and_recreate_during_a_commit_write_nothing_old(fresh, redis_url,
+                                                                      monkeypatch):
+    """Deleted and re-created under the same id (another client) after the
+    owner read its state (and with its cached shard and units of the old
+    incarnation) but before its commit: the commit writes nothing (the
+    generation changed: ``ExperimentChanged``, not a fence and no lost
+    commits), and the retry applies the batch to the new experiment alone."""
+    from streams.state import partition_store as ps
+
+    reg = _registered(fresh)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
+    other = redis.Redis.from_url(redis_url)
+    real = ps.Commit.prepare
+    raced = []
+
+    def racing(self) -> None:
+        if not raced:
+            raced.append(1)
+            oreg = type(reg)(other)
+            oreg.delete("e1")
+            oreg.put(_cfg(), now_ms=T0)
+        real(self)
+
+    monkeypatch.setattr(ps.Commit, "prepare", racing)
+    batch = [_x_row_of(2, 2000, "v")]
+    with pytest.raises(ps.ExperimentChanged):
+        _owned(fresh, batch, epoch)
+    assert fresh.hgetall(rk.units_key("e1")) == {}, "written into the new experiment"
+    _owned(fresh, batch, epoch)  # the retry
+    after = _counts(fresh)
+    assert set(fresh.hkeys(rk.units_key("e1"))) == {b"v"}
+    other.close()
+    _flushed(fresh)
+    _owned(fresh, batch, claim_partition(fresh, "liftstream.events", 0))
+    assert after == _counts(fresh), "the re-created experiment is not clean"
