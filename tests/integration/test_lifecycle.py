@@ -58,7 +58,11 @@ PARTITIONS = 2
 
 
 def keys_of(r, eid: str) -> int:
-    return sum(1 for _ in r.scan_iter(match=experiment_key(eid, "*"), count=1000))
+    """The experiment's keys but its fences (``fence:<src>``), which a delete
+    keeps (a fence never goes down: ``registry.delete_state``)."""
+    fence = experiment_key(eid, "fence:").encode()
+    return sum(1 for k in r.scan_iter(match=experiment_key(eid, "*"), count=1000)
+               if not k.startswith(fence))
 
 
 def cli(st, *args: str) -> str:
