@@ -55,6 +55,12 @@ HELP = {
                                                "that retention deleted before ingest applied "
                                                "them (data loss; recorded in Redis, so the "
                                                "count outlives restarts)."),
+    "liftstream_ingest_unrouted_lost_total": ("counter", "Metrics without experiment_id of "
+                                              "an events partition dropped because no "
+                                              "exposure of their unit routed them (in no "
+                                              "experiment's data_quality; recorded in Redis "
+                                              "by every worker, so the count outlives "
+                                              "restarts)."),
     "liftstream_experiment_events": ("gauge", "Events of an experiment so far by outcome, from "
                                      "its latest estimate's data_quality (applied, corrected, "
                                      "held (now), expired, late, too_old, ..., dead_letter); "

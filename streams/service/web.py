@@ -17,7 +17,12 @@ Routes (``register_pages``):
   a loop of this worker has not come round for ``settings.liveness_seconds``;
 * ``GET /readyz`` -- readiness: 503 while Redis does not answer, the events
   consumer is not running or ingest is stalled; else 200 ``ready`` (with the
-  owned ``events_partitions`` in the ingest role);
+  owned ``events_partitions`` in the ingest role); every answer after Redis
+  answered carries ``ingest_losses`` (``store.ingest_losses``: what ingest
+  lost outside any experiment, per events partition: ``retention_lost``,
+  ``unrouted_lost``): a loss in the past is no reason to take a worker out
+  of service (it would stay out: the counts are permanent), but whoever
+  looks at the worker's health sees it;
 * ``GET /metrics`` -- Prometheus text format (``streams.service.metrics``);
 * ``GET /experiments`` -- ``{"experiments": [id, ...], "overview": [...]}``:
   the ids, and each experiment's summary, most recently active first
@@ -64,6 +69,7 @@ from streams.sampling.sampler import read_estimates, read_history, read_lifecycl
 from streams.service.context import AppContext
 from streams.service.overview import read_overview, reading
 from streams.state.keys import truth_key
+from streams.state.store import ingest_losses
 
 if TYPE_CHECKING:
     import faust
@@ -328,6 +334,8 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
     async def metrics_page(web, request):
         m = ctx.metrics
         now = time.time()
+        for part, n in (await losses())["unrouted_lost"].items():  # every worker's, from Redis
+            m.set("liftstream_ingest_unrouted_lost_total", n, partition=part)
         for (e, met, v), rec in list(ctx.latest.items()):
             m.set("liftstream_estimate_age_seconds", now - rec["computed_at"] / 1000,
                   experiment=e, metric=met, variant=v)
@@ -344,24 +352,32 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
                       reason=reason)
         return web.text(m.render(), content_type="text/plain; version=0.0.4")
 
+    async def losses() -> dict[str, dict[str, int]]:
+        """``ingest_losses`` of the events topic, partitions as JSON keys."""
+        got = await call(ingest_losses, r, ctx.settings.topic_events)
+        return {k: {str(p): n for p, n in sorted(v.items())} for k, v in got.items()}
+
     @page("/readyz", probe=True)
     async def readyz(web, request):
         try:
             await call(r.ping)
+            lost = await losses()
         except Exception as e:  # noqa: BLE001
             return web.json({"status": "redis unavailable", "error": str(e)}, status=503)
         plane = ctx.plane
         if plane is not None:  # the ingest role: its events consumer must be running
             if not plane.alive:
                 return web.json({"status": "events consumer not running",
-                                 "error": plane.status.error}, status=503)
+                                 "error": plane.status.error, "ingest_losses": lost},
+                                 status=503)
             stalled = plane.status.stalled
             if stalled is not None:  # e.g. Redis out of memory: batches wait, none is lost
                 return web.json({"status": "ingest stalled", "reason": stalled[0],
-                                 "error": stalled[1]}, status=503)
+                                 "error": stalled[1], "ingest_losses": lost}, status=503)
             # a worker beyond the partition count owns none and is still ready
-            return web.json({"status": "ready", "events_partitions": sorted(plane.owned())})
-        return web.json({"status": "ready"})
+            return web.json({"status": "ready", "events_partitions": sorted(plane.owned()),
+                             "ingest_losses": lost})
+        return web.json({"status": "ready", "ingest_losses": lost})
 
     @page("/experiments")
     async def experiments(web, request):

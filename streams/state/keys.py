@@ -14,7 +14,8 @@ Hash tags (the part in braces decides the Redis Cluster slot):
   sampler's chain write touch one slot;
 * ``{u:<unit_id>}`` — a unit's routing index and held metrics
   (``lua/route.lua`` gets one unit's keys per slot group);
-* ``{ingest}`` — the ingest positions that ``record_position`` moves together;
+* ``{ingest}`` — the ingest positions (and the unrouted losses) that
+  ``record_position`` moves together;
 * ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
 
 The Lua scripts build no key names: they get every key in ``KEYS`` (in the
@@ -50,6 +51,10 @@ PARTITION_EPOCHS = "lr:{ingest}:epochs"
 #: hash ``<src>`` -> offsets deleted by retention before ingest applied them
 #: (data loss, counted when a partition is assigned below its log start)
 RETENTION_LOST = "lr:{ingest}:retention_lost"
+#: hash ``<src>`` -> metrics without experiment_id dropped on the partition
+#: because no exposure of their unit routed them (``unrouted_expired``: no
+#: experiment is known for them, so no experiment's data_quality has them)
+UNROUTED_LOST = "lr:{ingest}:unrouted_lost"
 #: hash topic -> the Kafka topic id the applied offsets belong to
 TOPIC_IDS = "lr:ingest:topic_ids"
 #: hash topic -> the events topic's partition count the state was built with

@@ -142,6 +142,7 @@ from streams.state.keys import (
     RETENTION_LOST,
     TOPIC_IDS,
     TOPIC_PARTITIONS,
+    UNROUTED_LOST,
     completeness_key,
     experiment_keys,
     unit_hold_key,
@@ -445,7 +446,7 @@ def reset_topic_offsets(r: Any, topic: str, experiment_ids: Iterable[str]) -> in
     cells, ...) stays. Returns the number of fields removed."""
     prefix = f"{topic}|"
     n = 0
-    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, RETENTION_LOST):
+    for h in (INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, RETENTION_LOST, UNROUTED_LOST):
         fields = [f for f in (_s(x) for x in r.hkeys(h)) if f.startswith(prefix)]
         if fields:
             n += r.hdel(h, *fields)
@@ -600,7 +601,11 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
     dead = dead or {}
+    rejected = [] if rejected is None else rejected
+    n0 = len(rejected)
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max) if crows else {}
+    # metrics over the hold bound, dropped by the routing: kept with the position
+    over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
                          dead.get(e, ()))
            for e, lst in routed.items()}
@@ -612,7 +617,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     _count_expired(rejected, expire_unit_holds(r, topic, partition,
                                                clk - int(hold_seconds) * 1000))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
-                    epoch)
+                    epoch, unrouted_lost=over)
     return out, clk
 
 
@@ -624,24 +629,31 @@ end
 for i = 1, 2 do
   local cur = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
   local v = ARGV[i + 1]
-  if v ~= '' and (cur == nil or tonumber(v) > cur) then redis.call('HSET', KEYS[i], ARGV[1], v) end
+  if v ~= '' and (cur == nil or tonumber(v) > cur) then
+    redis.call('HSET', KEYS[i], ARGV[1], v)
+    if i == 1 and ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[4], ARGV[1], ARGV[5]) end
+  end
 end
 """
 
 
 def record_position(r: Any, topic: str, partition: int, offset: int | None,
-                    clock: int | None, epoch: int | None = None) -> None:
+                    clock: int | None, epoch: int | None = None,
+                    unrouted_lost: int = 0) -> None:
     """The partition's last fully applied offset and its clock, each only ever
     moving forward (a replay of older offsets, a racing idle advance), in one
     atomic step; refused (``Fenced``) when ``epoch`` is older than the
-    partition's current owner's."""
+    partition's current owner's. ``unrouted_lost``: the batch's metrics
+    dropped unrouted (``UNROUTED_LOST``), added only when the offset moves
+    forward, so a retried or replayed batch counts none twice."""
     sc = _scripts.get(None)
     if sc is None:
         sc = _scripts[None] = r.register_script(_RECORD_POSITION)
     with script_errors():
-        sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS], client=r,
+        sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, UNROUTED_LOST], client=r,
            args=[offsets_field(topic, partition), "" if offset is None else int(offset),
-                 "" if clock is None else int(clock), "" if epoch is None else int(epoch)])
+                 "" if clock is None else int(clock), "" if epoch is None else int(epoch),
+                 int(unrouted_lost)])
 
 
 _ACCOUNT_GAP = """
@@ -678,8 +690,36 @@ def account_retention_gap(r: Any, topic: str, partition: int, applied: int, log_
 def retention_lost(r: Any, topic: str) -> dict[int, int]:
     """Offsets of ``topic`` deleted by retention before ingest applied them,
     per partition (``account_retention_gap``)."""
+    return _per_partition(r, RETENTION_LOST, topic)
+
+
+def unrouted_lost(r: Any, topic: str) -> dict[int, int]:
+    """Metrics without experiment_id of ``topic`` dropped because no exposure
+    of their unit routed them (over the hold bound, or expired), per
+    partition: no experiment's data_quality can hold them."""
+    return _per_partition(r, UNROUTED_LOST, topic)
+
+
+def ingest_losses(r: Any, topic: str) -> dict[str, dict[int, int]]:
+    """What ingest lost of ``topic`` outside any experiment, per partition,
+    as Redis has counted it (every worker, every restart): ``retention_lost``
+    and ``unrouted_lost``; shown in ``/readyz`` and ``/metrics``. One
+    round trip."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hgetall(RETENTION_LOST)
+    pipe.hgetall(UNROUTED_LOST)
+    ret, unr = pipe.execute()
+    return {"retention_lost": _of_topic(ret, topic), "unrouted_lost": _of_topic(unr, topic)}
+
+
+def _per_partition(r: Any, key: str, topic: str) -> dict[int, int]:
+    return _of_topic(r.hgetall(key), topic)
+
+
+def _of_topic(h: dict, topic: str) -> dict[int, int]:
+    """A ``<src>`` -> count hash's entries of ``topic``, by partition."""
     out = {}
-    for k, v in r.hgetall(RETENTION_LOST).items():
+    for k, v in h.items():
         t, _, p = _s(k).rpartition("|")
         if t == topic:
             out[int(p)] = int(v)
@@ -714,7 +754,7 @@ def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int =
                       ) -> int:
     """Drop unit-level holds of the partition whose newest held ts < ``cut``;
     returns how many held metrics of units never exposed were dropped (the
-    ``unrouted_expired`` count)."""
+    ``unrouted_expired`` count), which are added to ``UNROUTED_LOST``."""
     q = unit_hold_queue(topic, partition)
     lost = 0
     while True:
@@ -726,11 +766,14 @@ def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int =
             pipe.hlen(unit_hold_key(u))
             pipe.exists(unit_index_key(u))
         res = pipe.execute()
-        lost += sum(n for n, exposed in zip(res[::2], res[1::2], strict=True) if not exposed)
+        n = sum(n for n, exposed in zip(res[::2], res[1::2], strict=True) if not exposed)
+        lost += n
         pipe = r.pipeline(transaction=False)
         for u in uids:
             pipe.delete(unit_hold_key(u))
         pipe.zrem(q, *uids)
+        if n:  # counted with the deletes: a retry finds them gone, counts none again
+            pipe.hincrby(UNROUTED_LOST, offsets_field(topic, partition), n)
         pipe.execute()
         if len(uids) < limit:
             return lost

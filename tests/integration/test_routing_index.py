@@ -172,6 +172,40 @@ def test_unrouted_expired_is_counted(r):
     assert [why for _, why in rejected] == ["unrouted_expired"]
 
 
+def test_defect_unrouted_losses_are_kept_per_partition(r):
+    """Metrics without experiment_id that no exposure ever routed belong to
+    no experiment (no data_quality can show them): Redis counts them per
+    source partition (``ingest_losses``, shown in /readyz and /metrics by
+    every worker, across restarts), each once: over the hold bound (with the
+    batch's position: a replay adds none), expired by a batch's clock (with
+    the deletes) or by an idle advance."""
+    from streams.state.store import ingest_losses, record_position
+
+    cfg = ExperimentConfig(experiment_id="e1", window_seconds=60, correction_seconds=60)
+    reg = Registry(r)
+    reg.put(cfg)
+    ing = Ingestor(r, reg, hold_max=1)
+    now = int(time.time() * 1000)
+    t = now - 3 * DAY_MS
+    over = _msgs(0, [Metric("m1", "ghost", "value", 1.0, t),
+                     Metric("m2", "ghost", "value", 2.0, t + 1)])  # m2: over the bound
+    assert ing.process(TOPIC, 0, over, now).counts["unrouted_expired"] == 1
+    ing.process(TOPIC, 0, over, now)  # a replay
+    assert ingest_losses(r, TOPIC)["unrouted_lost"] == {0: 1}
+    late = _msgs(2, [Exposure("x1", "e1", "u", "control", t + DAY_MS + 1000)])
+    assert ing.process(TOPIC, 0, late, now).counts["unrouted_expired"] == 1  # m1 expired
+    ing.process(TOPIC, 0, late, now)
+    m = _msgs(0, [Metric("m3", "ghost2", "value", 1.0, t)])
+    ing.process(TOPIC, 1, m, now)
+    advance_partition(r, [cfg], TOPIC, 1, now)
+    assert ingest_losses(r, TOPIC) == {"retention_lost": {},
+                                       "unrouted_lost": {0: 2, 1: 1}}
+    # a batch retried before its position was recorded counts its drops once
+    record_position(r, TOPIC, 2, 7, None, unrouted_lost=3)
+    record_position(r, TOPIC, 2, 7, None, unrouted_lost=3)
+    assert ingest_losses(r, TOPIC)["unrouted_lost"][2] == 3
+
+
 # ---------------------------------------------------------------- delete
 
 

@@ -248,3 +248,28 @@ def test_defect9_history_only_the_series_asked_for(web, redis_service):
                   "?metric=value&variant=treatment&limit=x", "?metric=..&variant=treatment"):
         status, _, body = raw(web, base + query, BEARER)
         assert status == 400, (query, status, body[:200])
+
+
+def test_defect_readyz_shows_what_ingest_lost(web):
+    """Offsets that retention deleted before ingest applied them and metrics
+    without experiment_id that no exposure routed are data loss outside any
+    experiment: /readyz (open to the orchestrator and to whoever checks a
+    worker) shows them per events partition, and stays 200 (the loss is past
+    and permanent: taking the worker out would not undo it)."""
+    from streams.state.keys import RETENTION_LOST, UNROUTED_LOST
+
+    r = redis.Redis.from_url(web.stack.redis_url)
+    topic = web.stack.events_topic
+    try:
+        r.hset(RETENTION_LOST, f"{topic}|0", 5)
+        r.hset(UNROUTED_LOST, f"{topic}|0", 2)
+        r.hset(RETENTION_LOST, "another.topic|0", 7)  # not this worker's events topic
+        status, _, body = raw(web, "/readyz")
+        assert status == 200, body
+        assert json.loads(body)["ingest_losses"] == {"retention_lost": {"0": 5},
+                                                      "unrouted_lost": {"0": 2}}, body
+        text = raw(web, "/metrics", BEARER)[2].decode()
+        assert 'liftstream_ingest_unrouted_lost_total{partition="0"} 2' in text
+    finally:
+        r.delete(RETENTION_LOST, UNROUTED_LOST)
+        r.close()

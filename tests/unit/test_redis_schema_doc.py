@@ -97,7 +97,7 @@ def test_hash_tags():
             assert k.startswith("lr:{e:<id>}:")
         if k.startswith("lr:{ingest}"):
             assert k in {keys.INGEST_OFFSETS, keys.PARTITION_CLOCKS, keys.PARTITION_EPOCHS,
-                         keys.RETENTION_LOST}
+                         keys.RETENTION_LOST, keys.UNROUTED_LOST}
 
 
 def test_named_scripts_exist():
