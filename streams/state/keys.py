@@ -93,10 +93,12 @@ def unit_index_key(unit_id: str) -> str:
     return f"lr:{{u:{unit_id}}}:x"
 
 
-def unit_index_glob() -> str:
-    """SCAN pattern matching every unit's routing index (``unit_index_key``):
-    a delete removes the experiment's field from each (``registry.delete_state``)."""
-    return "lr:{u:*}:x"
+def experiment_and_unit_glob() -> str:
+    """SCAN pattern matching every key of every experiment and unit: a
+    delete walks the keyspace once with it (``registry.delete_state``),
+    for the experiment's keys and every unit's routing index
+    (``unit_index_key``)."""
+    return "lr:{[eu]:*"
 
 
 def unit_hold_key(unit_id: str) -> str:

@@ -29,11 +29,10 @@ from streams.state.keys import (
     EXPERIMENTS_SET,
     cells_key,
     cfg_key,
-    experiment_glob,
+    experiment_and_unit_glob,
     experiment_key,
     generation_key,
     lifecycle_key,
-    unit_index_glob,
     units_key,
 )
 from streams.state.store import mget
@@ -55,40 +54,36 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     nothing; the owner sees the generation gone or changed instead and
     reads the new incarnation from scratch (``partition_store.Commit``).
     A rare operator action, so a SCAN of the keyspace is acceptable here
-    (request paths never scan). Returns the number of experiment keys
-    removed."""
+    (request paths never scan); ONE walk finds both kinds of key (SCAN
+    visits every key whatever its MATCH: two patterns were two walks).
+    Returns the number of experiment keys removed."""
+    own = experiment_key(experiment_id, "").encode()
+    fence = experiment_key(experiment_id, "fence:").encode()
     n = 0
-    buf: list = []
-    for k in r.scan_iter(match=experiment_glob(experiment_id), count=batch):
-        if _is_fence(experiment_id, k):
-            continue
-        buf.append(k)
-        if len(buf) >= batch:
-            n += r.unlink(*buf)
-            buf = []
-    if buf:
-        n += r.unlink(*buf)
-    _forget_in_index(r, experiment_id, batch)
+    doomed: list = []
+    index = r.pipeline(transaction=False)
+    for k in r.scan_iter(match=experiment_and_unit_glob(), count=batch):
+        kb = k if isinstance(k, bytes) else k.encode()
+        if kb.startswith(own):
+            if not kb.startswith(fence):
+                doomed.append(k)
+                if len(doomed) >= batch:
+                    n += r.unlink(*doomed)
+                    doomed = []
+        elif _is_unit_index(kb):
+            index.hdel(k, experiment_id)  # a hash left empty is gone with its last field
+            if len(index) >= batch:
+                index.execute()
+    if doomed:
+        n += r.unlink(*doomed)
+    if len(index):
+        index.execute()
     return n
 
 
-def _is_fence(experiment_id: str, key: str | bytes) -> bool:
-    """Whether ``key`` is one of the experiment's fences (``keys.fence_key``),
-    which a delete keeps (``delete_state``)."""
-    k = key.decode() if isinstance(key, bytes) else key
-    return k.startswith(experiment_key(experiment_id, "fence:"))
-
-
-def _forget_in_index(r: Any, experiment_id: str, batch: int) -> None:
-    """HDEL the experiment from every unit's routing index, ``batch`` keys a
-    round trip (a hash left empty is gone with its last field)."""
-    pipe = r.pipeline(transaction=False)
-    for k in r.scan_iter(match=unit_index_glob(), count=batch):
-        pipe.hdel(k, experiment_id)
-        if len(pipe) >= batch:
-            pipe.execute()
-    if len(pipe):
-        pipe.execute()
+def _is_unit_index(key: bytes) -> bool:
+    """Whether ``key`` is a unit's routing index (``keys.unit_index_key``)."""
+    return key.startswith(b"lr:{u:") and key.endswith(b"}:x")
 
 
 class Registry:

@@ -276,3 +276,27 @@ def test_a_recreated_experiment_ignores_the_deleted_ones_index(r):
     assert red.counters["unrouted"] == 1
     assert res.counts["unrouted"] == 1
     assert sum(read_counters(r, "e1").values()) == 0
+
+
+def test_a_delete_walks_the_keyspace_once(r):
+    """``delete_state`` finds the experiment's keys and every unit's routing
+    index in ONE walk of the keyspace (SCAN visits every key whatever its
+    MATCH: one walk per pattern was two), and keeps the fences."""
+    from streams.state.keys import fence_key
+    from streams.state.registry import delete_state
+
+    p = r.pipeline(transaction=False)
+    for u in range(1500):
+        p.hset(unit_index_key(f"u{u}"), mapping={"gone": "*", "kept": "*"})
+        p.set(f"lr:{{e:gone}}:k{u}", 1)
+        p.set(f"lr:{{e:kept}}:k{u}", 1)
+    p.hset(fence_key("gone", "t|0"), mapping={"epoch": 2, "seq": 5})
+    p.execute()
+    walk = -(-r.dbsize() // 100)  # SCAN calls of one walk at COUNT 100, about
+    r.config_resetstat()
+    assert delete_state(r, "gone", batch=100) == 1500
+    calls = r.info("commandstats")["cmdstat_scan"]["calls"]
+    assert calls <= walk + 2, f"{calls} SCAN calls: more than one walk of ~{walk}"
+    assert r.hgetall(unit_index_key("u7")) == {b"kept": b"*"}
+    assert r.exists("lr:{e:kept}:k7") and not r.exists("lr:{e:gone}:k7")
+    assert r.hgetall(fence_key("gone", "t|0")) == {b"epoch": b"2", b"seq": b"5"}

@@ -30,7 +30,8 @@ PLACEHOLDERS = {
 PARTITION = 987654321
 #: builders that make no key of their own: the generic primitive (its kinds are
 #: checked through ``EXPERIMENT_KINDS``), a SCAN pattern, a field/suffix, a prefix
-NOT_KEYS = {"experiment_key", "experiment_glob", "unit_index_glob", "source", "platform_prefix"}
+NOT_KEYS = {"experiment_key", "experiment_glob", "experiment_and_unit_glob", "source",
+            "platform_prefix"}
 
 
 def _normalise(name: str) -> str:
