@@ -879,3 +879,46 @@ def test_defect_delete_and_recreate_during_a_commit_write_nothing_old(fresh, red
     _flushed(fresh)
     _owned(fresh, batch, claim_partition(fresh, "liftstream.events", 0))
     assert after == _counts(fresh), "the re-created experiment is not clean"
+
+
+def test_ingestor_rereads_its_registry_when_the_owner_finds_the_experiment_concluded(
+        fresh, redis_url):
+    """The experiment is concluded (the sampler, another client) while the
+    ingestor's registry still holds it running (its cache is fresh for
+    ``ttl``): the owner refuses the batch's exposure (``Concluded``, nothing
+    written) and the ingestor reads its registry again, so the retry (the
+    events plane retries a refused commit) dead-letters the exposure
+    ``after_end``, counted once; no unit record comes back, and the batch's
+    position is recorded (nothing left behind, nothing lost)."""
+    from schemas.codec import dumps
+    from streams.ingest.ingestor import Ingestor, read_applied
+    from streams.sampling.sampler import conclude
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters
+
+    reg = _registered(fresh)
+    reg.ttl = 3600.0  # the cache stays stale for the whole test
+    ing = Ingestor(fresh, reg)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+
+    def msg(off: int, unit: str, t: int) -> tuple[int, bytes]:
+        return off, dumps({"type": "exposure", "event_id": f"x{off}", "experiment_id": "e1",
+                           "unit_id": unit, "variant": "control", "ts": T0 + t})
+
+    res = ing.process("liftstream.events", 0, [msg(0, "u", 0)], T0 + 1000, epoch)
+    assert res.counts["exposures"] == 1 and not reg.concluded("e1")
+    sampler = redis.Redis.from_url(redis_url)
+    conclude(sampler, _cfg())
+    sampler.close()
+    batch = [msg(1, "v", 500)]
+    with pytest.raises(ps.Concluded):
+        ing.process("liftstream.events", 0, batch, T0 + 1000, epoch)
+    assert reg.concluded("e1"), "the registry was not read again"
+    res = ing.process("liftstream.events", 0, batch, T0 + 1000, epoch)  # the retry
+    assert [d["reason"]["code"] for d in res.dead_letters] == ["after_end"]
+    assert res.counts["exposures"] == 0
+    assert fresh.hgetall(rk.units_key("e1")) == {}, "a unit record came back"
+    assert read_counters(fresh, "e1").get("after_end") == 1
+    assert read_applied(fresh, "liftstream.events", [0]) == {0: 1}
+    ing.process("liftstream.events", 0, batch, T0 + 1000, epoch)  # a replay counts none
+    assert read_counters(fresh, "e1").get("after_end") == 1
