@@ -156,6 +156,16 @@ class Registry:
         self._cache.pop(experiment_id, None)
         return delete_state(self.r, experiment_id)
 
+    def sweep(self, experiment_id: str) -> int | None:
+        """A tombstone's second delete (after every worker's cache expired:
+        what a worker with a stale config wrote after the first one goes),
+        only while the id is still unregistered: an experiment registered
+        again under it since is a new one, not the deleted one's leftovers.
+        Returns the keys removed, None when it was registered again."""
+        if self.get(experiment_id, fresh=True) is not None:
+            return None
+        return self.delete(experiment_id)
+
     def get(self, experiment_id: str, fresh: bool = False) -> ExperimentConfig | None:
         """The config of ``experiment_id``, or None if it is not registered;
         ``fresh``: read Redis whatever the cache holds."""

@@ -300,3 +300,22 @@ def test_a_delete_walks_the_keyspace_once(r):
     assert r.hgetall(unit_index_key("u7")) == {b"kept": b"*"}
     assert r.exists("lr:{e:kept}:k7") and not r.exists("lr:{e:gone}:k7")
     assert r.hgetall(fence_key("gone", "t|0")) == {b"epoch": b"2", b"seq": b"5"}
+
+
+def test_defect_the_second_sweep_spares_a_recreated_experiment(r):
+    """A tombstone deletes an experiment at once and again after every
+    worker's config cache expired (``Registry.sweep``). Registered again
+    under the same id in between, it is a new experiment: the second sweep
+    must not delete it (its config, its generation, its state), as
+    ``Registry.delete`` (what the sweep was) does."""
+    cfg = ExperimentConfig(experiment_id="again", window_seconds=60, correction_seconds=60)
+    reg = Registry(r)
+    reg.put(cfg)
+    reg.delete("again")  # the tombstone
+    reg.put(cfg)  # re-created before the second sweep
+    r.set("lr:{e:again}:dirty_seq", 3)  # its state
+    assert reg.sweep("again") is None
+    assert reg.get("again", fresh=True) is not None and "again" in reg.ids()
+    assert r.exists("lr:{e:again}:gen") and r.get("lr:{e:again}:dirty_seq") == b"3"
+    reg.delete("again")
+    assert reg.sweep("again") == 0  # still gone: swept

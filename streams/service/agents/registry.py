@@ -1,6 +1,7 @@
 """The ``registry`` agent (every role): the experiments topic into the
 registry in Redis; a tombstone deletes every key of the experiment, once at
-once and once more after every worker's config cache expired; a refused
+once and once more after every worker's config cache expired (unless it was
+registered again in between: ``Registry.sweep``); a refused
 config is dead-lettered."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def install_registry_agent(app: faust.App, ctx: AppContext) -> None:
 
                     async def sweep_again(eid=eid):
                         await asyncio.sleep(2 * registry.ttl + 1)
-                        await with_retry(registry.delete, eid, what="registry")
+                        await with_retry(registry.sweep, eid, what="registry")
 
                     ctx.sweeps.add(asyncio.ensure_future(sweep_again()))
                     continue
