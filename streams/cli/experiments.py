@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     xc = xsub.add_parser("create", help="publish a config to the experiments topic")
     xc.add_argument("config", help="JSON file (or - for stdin) with one experiment config")
     add_arguments(xc)
-    xl = xsub.add_parser("list", help="registered experiments (from Redis)")
+    xl = xsub.add_parser("list", help="registered experiments (from Redis), one config a "
+                         "line; then, on stderr, what ingest lost outside any experiment")
     add_arguments(xl)
     xs = xsub.add_parser("stop", help="stop an experiment: exposures from now (or --at) on "
                          "are counted after_end and not applied; exposed units keep "
@@ -80,17 +81,44 @@ def create(s, path: str) -> int:
 
 
 def list_experiments(s) -> int:
-    """One line per registered experiment: its config, or its id alone."""
+    """One line per registered experiment: its config, or its id alone; then
+    what ingest lost outside any experiment (``loss_lines``) on stderr, so
+    stdout stays one JSON config a line."""
     from schemas.codec import dumps
     from schemas.validate import experiment_to_dict
     from streams.config.settings import redis_client
+    from streams.service.overview import read_ingest_losses
     from streams.state.registry import Registry
 
-    reg = Registry(redis_client(s))
+    r = redis_client(s)
+    reg = Registry(r)
     for eid in reg.ids():
         cfg = reg.get(eid)
         print(dumps(experiment_to_dict(cfg)).decode() if cfg else eid)
+    lines = loss_lines(s.topic_events, read_ingest_losses(r, s.topic_events),
+                       color=sys.stderr.isatty())
+    print("\n".join(lines), file=sys.stderr)
     return 0
+
+
+def loss_lines(topic: str, losses: dict[str, dict[str, int]], color: bool = False) -> list[str]:
+    """What ingest lost of ``topic`` outside any experiment, as the overview
+    page shows it: one line when nothing, else one per kind (``INGEST_LOSS_KINDS``),
+    a non-zero one marked (``!``, red on a terminal) with its partitions' counts."""
+    from streams.service.overview import INGEST_LOSS_KINDS
+
+    lost = {k: {p: n for p, n in losses.get(k, {}).items() if n > 0} for k in INGEST_LOSS_KINDS}
+    if not any(lost.values()):
+        return [f"ingest losses of {topic}: none"]
+    out = [f"ingest losses of {topic} (outside any experiment, per events partition):"]
+    for kind, what in INGEST_LOSS_KINDS.items():
+        if not lost[kind]:
+            out.append(f"  {kind}: none ({what})")
+            continue
+        counts = ", ".join(f"partition {p}: {n}" for p, n in lost[kind].items())
+        line = f"! {kind}: {counts} ({what})"
+        out.append(f"\x1b[1;31m{line}\x1b[0m" if color else line)
+    return out
 
 
 def stop_experiment(s, experiment_id: str, at_ms: int | None = None) -> int:

@@ -20,6 +20,12 @@ something, and why the others do not:
   interval (``baseline``) excludes 0; a ratio to a mean that may be 0 is
   noise.
 
+``read_ingest_losses`` gives what ingest lost outside any experiment, per
+events partition (``store.ingest_losses``), with ``INGEST_LOSS_KINDS`` saying
+what each kind counts: ``GET /experiments`` and ``/readyz`` carry it, the
+overview page and ``liftstream experiments list`` show it (no experiment's
+data quality can hold these, so a count nobody sees would be silent loss).
+
 The pages (``static/overview.html``, ``static/dashboard.html``) show what
 these say; they never decide it themselves.
 """
@@ -42,11 +48,26 @@ from streams.state.keys import (
     pending_key,
 )
 from streams.state.semantics import config_ms
-from streams.state.store import read_max_ts
+from streams.state.store import ingest_losses, read_max_ts
+
+#: What each kind of ``read_ingest_losses`` counts, one line each (the pages
+#: and the CLI say it beside the counts).
+INGEST_LOSS_KINDS = {
+    "retention_lost": "events the topic's retention deleted before ingest applied them",
+    "unrouted_lost": "metrics without experiment_id whose unit never got a known exposure "
+                     "(dropped over the hold bound, or expired)",
+}
 
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def read_ingest_losses(r: Any, topic: str) -> dict[str, dict[str, int]]:
+    """``store.ingest_losses`` of the events ``topic``, every kind of
+    ``INGEST_LOSS_KINDS`` present, partitions as (JSON) string keys in order."""
+    got = ingest_losses(r, topic)
+    return {k: {str(p): n for p, n in sorted(got.get(k, {}).items())} for k in INGEST_LOSS_KINDS}
 
 
 def lift_note(part: dict | None, has_data: bool) -> str | None:

@@ -24,8 +24,10 @@ Routes (``register_pages``):
   of service (it would stay out: the counts are permanent), but whoever
   looks at the worker's health sees it;
 * ``GET /metrics`` -- Prometheus text format (``streams.service.metrics``);
-* ``GET /experiments`` -- ``{"experiments": [id, ...], "overview": [...]}``:
-  the ids, and each experiment's summary, most recently active first
+* ``GET /experiments`` -- ``{"experiments": [id, ...], "overview": [...],
+  "ingest_losses": ..., "ingest_loss_kinds": ...}``: the ids, each
+  experiment's summary, most recently active first, and what ingest lost
+  outside any experiment (as in ``/readyz``) with what each kind counts
   (``streams.service.overview``);
 * ``GET /experiments/{id}`` -- the config, its ``lifecycle`` and ``truth``
   (a simulator's, else null), its ``overview`` entry and the ``readings``
@@ -67,9 +69,13 @@ from streams.alerts.store import recent as recent_alerts
 from streams.config.settings import Settings
 from streams.sampling.sampler import read_estimates, read_history, read_lifecycle
 from streams.service.context import AppContext
-from streams.service.overview import read_overview, reading
+from streams.service.overview import (
+    INGEST_LOSS_KINDS,
+    read_ingest_losses,
+    read_overview,
+    reading,
+)
 from streams.state.keys import truth_key
-from streams.state.store import ingest_losses
 
 if TYPE_CHECKING:
     import faust
@@ -354,8 +360,7 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
 
     async def losses() -> dict[str, dict[str, int]]:
         """``ingest_losses`` of the events topic, partitions as JSON keys."""
-        got = await call(ingest_losses, r, ctx.settings.topic_events)
-        return {k: {str(p): n for p, n in sorted(v.items())} for k, v in got.items()}
+        return await call(read_ingest_losses, r, ctx.settings.topic_events)
 
     @page("/readyz", probe=True)
     async def readyz(web, request):
@@ -384,7 +389,9 @@ def register_pages(app: faust.App, ctx: AppContext) -> None:
         ids = await call(registry.ids)
         cfgs = await call(registry.get_many, ids)
         return web.json({"experiments": ids,
-                         "overview": await call(read_overview, r, list(cfgs.values()))})
+                         "overview": await call(read_overview, r, list(cfgs.values())),
+                         "ingest_losses": await losses(),
+                         "ingest_loss_kinds": INGEST_LOSS_KINDS})
 
     @page("/experiments/{experiment_id}")
     async def experiment(web, request, experiment_id: str):

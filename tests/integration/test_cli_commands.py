@@ -75,3 +75,34 @@ def test_experiments_create_list_watch_estimates(new_stack, workers, redis_url, 
         (EID, "treatment")}
     assert all(rec["units"]["matured"]["treatment"] > 0 for rec in latest)
     r.close()
+
+
+def test_experiments_list_shows_ingest_losses(new_stack, redis_url):
+    """``experiments list`` (what an operator runs to see the platform) says
+    what ingest lost outside any experiment, on stderr (stdout stays one JSON
+    config a line): one quiet line while nothing was lost; else each kind with
+    its partitions' counts, a lost kind marked, another topic's not shown."""
+    from streams.state.keys import RETENTION_LOST, UNROUTED_LOST
+
+    st = new_stack("cliloss", partitions=2)
+
+    def listed() -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-m", "streams.cli", "experiments", "list"],
+                             cwd=REPO, env=st.env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout, out.stderr
+
+    assert listed() == ("", f"ingest losses of {st.events_topic}: none\n")
+    r = redis.Redis.from_url(redis_url)
+    r.hset(UNROUTED_LOST, mapping={f"{st.events_topic}|0": 3, f"{st.events_topic}|1": 12,
+                                   "another.topic|0": 9})
+    r.hset(RETENTION_LOST, "another.topic|1", 7)
+    r.close()
+    stdout, stderr = listed()
+    lines = stderr.splitlines()
+    assert stdout == "" and len(lines) == 3, stderr
+    assert lines[0].startswith(f"ingest losses of {st.events_topic} "), lines
+    assert lines[1].startswith("  retention_lost: none ("), lines
+    assert lines[2].startswith("! unrouted_lost: partition 0: 3, partition 1: 12 (metrics "
+                               "without experiment_id"), lines
+    assert "\x1b[" not in stderr  # no terminal: no colour codes

@@ -581,3 +581,53 @@ def test_dashboard_conversion_effect_in_percentage_points(kafka_bootstrap, redis
     ov = render(w, "/")
     cell = ov.text.get(f"ov-{eid}-treatment-effect", "").strip()
     assert re.fullmatch(r"[+-]\d+\.\d\d pp \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", cell), cell
+
+
+def _loss_shown(html: str, dom: Dom, kind: str) -> tuple[str, str]:
+    """The overview's ingest-loss line of ``kind``: its text and its class."""
+    m = re.search(rf'<span id="loss-{kind}" class="([^"]+)"', html)
+    assert m, (kind, html[:3000])
+    return dom.text.get(f"loss-{kind}", "").strip(), m.group(1)
+
+
+def test_overview_shows_ingest_losses(kafka_bootstrap, redis_url, tmp_path, workers):
+    """Losses outside any experiment (``store.ingest_losses``: retention and
+    unrouted metrics, per events partition) are on the overview, where users
+    look: one quiet line per kind with what it counts while nothing was lost;
+    a kind with a loss highlighted with its partitions' counts (another
+    topic's losses not among them)."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    from streams.service.overview import INGEST_LOSS_KINDS
+    from streams.state.keys import RETENTION_LOST, UNROUTED_LOST
+
+    st = make_stack(kafka_bootstrap, redis_url, tmp_path, "dloss", partitions=2)
+    st.create_topics()
+    w = start_web_worker(workers, st, "sampler")
+    wait_until(lambda: w.get("/experiments"), 90, "the web server", workers=[w], interval=0.3)
+    html = run_chromium(w.url("/"), "--virtual-time-budget=6000", "--dump-dom").stdout.decode()
+    dom = Dom()
+    dom.feed(html)
+    assert dom.body.get("data-ready") == "1", dom.text.get("status")
+    for kind in INGEST_LOSS_KINDS:
+        assert _loss_shown(html, dom, kind) == (f"{kind.replace('_', ' ')}: none", "loss muted")
+    assert INGEST_LOSS_KINDS["unrouted_lost"] in dom.text["loss-lines"]
+
+    r = redis.Redis.from_url(redis_url)
+    r.hset(UNROUTED_LOST, mapping={f"{st.events_topic}|0": 3, f"{st.events_topic}|1": 1200,
+                                   "another.topic|0": 9})
+    r.hset(RETENTION_LOST, "another.topic|1", 7)  # not this worker's events topic
+    r.close()
+    html = run_chromium(w.url("/"), "--virtual-time-budget=6000", "--dump-dom").stdout.decode()
+    dom = Dom()
+    dom.feed(html)
+    assert dom.body.get("data-ready") == "1", dom.text.get("status")
+    assert _loss_shown(html, dom, "unrouted_lost") == (
+        "⚠ unrouted lost: partition 0: 3, partition 1: 1,200", "loss lost")
+    assert _loss_shown(html, dom, "retention_lost") == ("retention lost: none", "loss muted")
+    shot = tmp_path / "overview-losses.png"
+    res = run_chromium(w.url("/"), "--virtual-time-budget=6000", "--window-size=1400,400",
+                       f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.stat().st_size > 5_000
+    print(f"\n[dashboard] ingest losses shown: {dom.text['loss-lines'].strip()!r}; "
+          f"screenshot {shot}")

@@ -255,7 +255,8 @@ def test_defect_readyz_shows_what_ingest_lost(web):
     without experiment_id that no exposure routed are data loss outside any
     experiment: /readyz (open to the orchestrator and to whoever checks a
     worker) shows them per events partition, and stays 200 (the loss is past
-    and permanent: taking the worker out would not undo it)."""
+    and permanent: taking the worker out would not undo it); /experiments
+    (the overview page's data) carries them as well."""
     from streams.state.keys import RETENTION_LOST, UNROUTED_LOST
 
     r = redis.Redis.from_url(web.stack.redis_url)
@@ -270,6 +271,12 @@ def test_defect_readyz_shows_what_ingest_lost(web):
                                                       "unrouted_lost": {"0": 2}}, body
         text = raw(web, "/metrics", BEARER)[2].decode()
         assert 'liftstream_ingest_unrouted_lost_total{partition="0"} 2' in text
+        # the overview page's data carries them too, with what each kind counts
+        status, _, body = raw(web, "/experiments", BEARER)
+        out = json.loads(body)
+        assert status == 200 and out["ingest_losses"] == {"retention_lost": {"0": 5},
+                                                          "unrouted_lost": {"0": 2}}, body
+        assert sorted(out["ingest_loss_kinds"]) == ["retention_lost", "unrouted_lost"], body
     finally:
         r.delete(RETENTION_LOST, UNROUTED_LOST)
         r.close()
