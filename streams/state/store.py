@@ -869,9 +869,10 @@ def route_rows(
             out.setdefault(exp, []).append(row)
             if exposing.get((uid, exp)) == row[0]:
                 in_batch.setdefault(uid, set()).add(exp)
-                mk = _marker(source_topic, partition, row[0])
-                if index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
-                    for f, v in sorted(holds.get(uid, {}).items(), key=_hold_order):
+                held = holds.get(uid)  # None: not looked up (its partition holds nothing)
+                mk = _marker(source_topic, partition, row[0]) if held else None
+                if held and index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
+                    for f, v in sorted(held.items(), key=_hold_order):
                         if _before(f, source_topic, partition, row[0]):
                             ev_id, metric, ts, value = orjson.loads(v)
                             out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
@@ -979,8 +980,9 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     from streams.state.partition_store import _Reads  # it imports this module
 
     p = _Reads(r)
+    prefix = None if topic is None or partition is None else f"{topic}|{int(partition)}|"
     for (u, e), off in exposing.items():
-        p.add("HSETNX", unit_index_key(u), e, _marker(topic, partition, off))
+        p.add("HSETNX", unit_index_key(u), e, "*" if prefix is None else f"{prefix}{off}")
     if ttl_ms > 0:
         for u in dict.fromkeys(u for u, _ in exposing):
             p.add("PEXPIRE", unit_index_key(u), int(ttl_ms))
