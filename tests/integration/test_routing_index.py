@@ -153,6 +153,24 @@ def test_index_ttl_covers_every_running_experiment(r):
     assert fresh.index_ttl({"short": SHORT}) == 2_000
 
 
+def test_routing_error_reply_keeps_the_connection_in_step(r):
+    """An error reply among the routing's pipelined commands (read by the
+    connection's hiredis reader straight off the socket): the batch raises
+    Redis's error after every reply was read, the other commands took
+    effect, and the pooled connection answers the next commands with their
+    own replies, not the rest of the failed batch's."""
+    t = int(time.time() * 1000)
+    r.set(unit_index_key("bad"), "not a hash")  # HSETNX answers WRONGTYPE
+    rows = [event_row(0, Exposure("x0", "long", "ok", "control", t)),
+            event_row(1, Exposure("x1", "long", "bad", "control", t)),
+            event_row(2, Exposure("x2", "long", "ok2", "control", t))]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        apply_source_batch(r, {"long": LONG}, TOPIC, 0, rows)
+    assert r.hgetall(unit_index_key("ok2")) == {b"long": f"{TOPIC}|0|2".encode()}
+    assert 200_000 < r.pttl(unit_index_key("ok")) <= 240_000
+    assert r.get(unit_index_key("bad")) == b"not a hash" and r.ping()
+
+
 def test_unrouted_expired_is_counted(r):
     """Held metrics of a unit never exposed expire after ``hold_seconds`` of
     event time: the batch that expires them counts them in the ingestor's
