@@ -360,7 +360,8 @@ PROFILE_PARTS = [
     ("validation (parse_event_row)", ("schemas/validate.py", "parse_event_row")),
     ("  of which: orjson.loads", ("~", "<orjson.loads>")),
     ("registry lookups (Registry.get_many)", ("streams/state/registry.py", "get_many")),
-    ("routing (route_rows: unit index, one script call)", ("streams/state/store.py", "route_rows")),
+    ("routing (route_rows: unit index, one pipelined round trip)",
+     ("streams/state/store.py", "route_rows")),
     ("apply (apply_rows_owned: reads, rules, commit)",
      ("streams/state/partition_store.py", "apply_rows_owned")),
     ("  of which: the rules (ExperimentState.apply_call)",
@@ -408,7 +409,7 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
         ct = sum(v[3] for (f, _, name), v in st.stats.items()  # type: ignore[attr-defined]
                  if name == fname and f.endswith(fsuffix))
         parts.append({"part": label, "seconds": ct, "share": ct / total if total else 0.0})
-    parts.append({"part": "Redis server time in scripts (route.lua; INFO commandstats)",
+    parts.append({"part": "Redis server time in scripts (per batch: positions; INFO commandstats)",
                   "seconds": lua_s, "share": lua_s / total if total else 0.0})
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
     tott = [{"function": f"{os.path.relpath(f, REPO) if f.startswith('/') else f}:{ln}({name})",

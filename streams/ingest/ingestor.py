@@ -29,6 +29,7 @@ dirty notices) and counts. Publishing happens in the agent, before the ack.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from streams.state.store import (
     apply_source_batch,
     clocked_batch,
     due_to_settle,
+    index_ttl_ms,
     offsets_field,
     record_position,
     settle,
@@ -85,6 +87,7 @@ class Ingestor:
         self.hold_max = hold_max
         self.settle_every_ms = settle_every_ms
         self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
+        self._index_ttl: tuple[float, int] | None = None  # (read at, ms): ``index_ttl``
 
     def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
                 now_ms: int, epoch: int | None = None,
@@ -193,7 +196,7 @@ class Ingestor:
             out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
-                                          epoch=epoch, dead=dead)
+                                          epoch=epoch, dead=dead, index_ttl=self.index_ttl(known))
         except ExperimentChanged as e:
             # concluded (or deleted, re-created) since the registry read it:
             # read it again, so the caller's retry dead-letters its exposures
@@ -215,6 +218,33 @@ class Ingestor:
             res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys(),
                                              epoch=epoch)
         return res
+
+    def index_ttl(self, known: dict[str, ExperimentConfig]) -> int:
+        """The routing index's TTL (``store.index_ttl_ms``) over every
+        experiment not concluded: the registry's, read again every
+        ``registry.ttl`` seconds, and the batch's ``known`` (one registered
+        since raises it until then).
+
+        Why all of them and not the batch's: every exposure then sets the
+        same TTL while they are unchanged, so a plain PEXPIRE only moves a
+        key's expiry later, and a unit of a longer experiment keeps its TTL
+        when an exposure to a shorter one renews it (issue 24 defect 4), with
+        no read of the TTL first (route.lua's reason to exist). It shrinks
+        only when the longest one concludes or is deleted: a concluded
+        experiment's windows and correction horizons have all passed
+        (``SamplerService.conclude_due``), so no estimate needs its units'
+        routing any more, and a delete removes its fields from the index."""
+        now = time.monotonic()
+        if self._index_ttl is None or now - self._index_ttl[0] >= self.registry.ttl:
+            every = self.registry.get_many(self.registry.ids())
+            self._index_ttl = (now, index_ttl_ms(self._running(every)))
+        ttl = max(self._index_ttl[1], index_ttl_ms(self._running(known)))
+        self._index_ttl = (self._index_ttl[0], ttl)
+        return ttl
+
+    def _running(self, cfgs: dict[str, ExperimentConfig]) -> list[ExperimentConfig]:
+        """The configs of ``cfgs`` not concluded (as the registry last read them)."""
+        return [c for e, c in cfgs.items() if not self.registry.concluded(e)]
 
     def settle_quiet(self, topic: str, partition: int, clk: int, now_ms: int,
                      skip: Iterable[str] = (), epoch: int | None = None) -> set[str]:

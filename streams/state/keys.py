@@ -12,14 +12,14 @@ Hash tags (the part in braces decides the Redis Cluster slot):
 * ``{e:<experiment_id>}`` — every key of one experiment, so each owner's
   commit (``streams.state.partition_store``, one MULTI/EXEC) and the
   sampler's chain write touch one slot;
-* ``{u:<unit_id>}`` — a unit's routing index and held metrics
-  (``lua/route.lua`` gets one unit's keys per slot group);
+* ``{u:<unit_id>}`` — a unit's routing index and held metrics (plain
+  commands, ``streams.state.store.route_rows``: on a Redis Cluster they lie
+  in every slot);
 * ``{ingest}`` — the ingest positions (and the unrouted losses) that
   ``record_position`` moves together;
 * ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
 
-The Lua scripts build no key names: they get every key in ``KEYS`` (in the
-order ``streams.state.store._index_round_trip`` gives). *Field* names inside
+The Lua scripts build no key names: they get every key in ``KEYS``. *Field* names inside
 the hashes (``clk:<src>``, ``max_ts:<src>``, ``act_sum:<stratum>``,
 ``<metric>|<variant>|<stratum>``, ...) are listed per key in
 docs/redis-schema.md.

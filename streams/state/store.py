@@ -64,10 +64,13 @@ notes below give the value formats.
 5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment (`*` if the position was not given). The field names are the
    set of experiments the unit was exposed in. Every exposure sets the
-   key's TTL to ``index_ttl_ms`` (2 × the longest W + H + L of the batch's
-   experiments) unless its remaining TTL is longer: the TTL only grows, so
+   key's TTL (PEXPIRE) to ``index_ttl_ms`` of every running experiment
+   (2 × the longest W + H + L; ``Ingestor.index_ttl``): the same for every
+   exposure while they are unchanged, so the expiry only moves later and
    the key outlives each of its experiments' horizons after the unit's last
-   exposure to it (issue 24, defect 4). A delete removes the experiment's
+   exposure to it (issue 24, defect 4). It is shorter only once the longest
+   experiment concluded (every window and correction horizon of it passed)
+   or was deleted. A delete removes the experiment's
    field (``streams.state.registry.delete_state``).
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
@@ -124,7 +127,6 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -167,8 +169,6 @@ from streams.state.semantics import (
     watermark_of,
 )
 
-ROUTE_LUA_PATH = Path(__file__).with_name("lua") / "route.lua"
-
 
 def offsets_field(topic: str, partition: int) -> str:
     return rk.source(topic, partition)
@@ -176,17 +176,7 @@ def offsets_field(topic: str, partition: int) -> str:
 
 # ---------------------------------------------------------------- the scripts
 
-_scripts: dict[Path | str | None, Any] = {}
-
-
-def _script(r: Any, path: Path) -> Any:
-    """A registered script (redis-py ``Script``: EVALSHA, and SCRIPT LOAD only
-    when the server does not know the sha yet). One object serves every
-    client: the sha is the same, each call names its client."""
-    sc = _scripts.get(path)
-    if sc is None:
-        sc = _scripts[path] = r.register_script(path.read_text())
-    return sc
+_scripts: dict[str | None, Any] = {}
 
 
 def _s(x: Any) -> str:
@@ -578,6 +568,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
                        dead: dict[str, list[tuple[int, str]]] | None = None,
+                       index_ttl: int | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -596,14 +587,16 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     ``epoch``: the caller's owner epoch of the partition (``Fenced`` if stale);
     ``dead``: per experiment of ``known``, (offset, meta field) of the batch's
     dead letters attributed to it, counted in its experiment's call (one
-    without events where it has none): exactly once, like the events."""
+    without events where it has none): exactly once, like the events;
+    ``index_ttl``: the routing index's TTL (``route_rows``)."""
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
     dead = dead or {}
     rejected = [] if rejected is None else rejected
     n0 = len(rejected)
-    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max) if crows else {}
+    routed = route_rows(r, crows, known, topic, partition, rejected, hold_max,
+                        index_ttl) if crows else {}
     # metrics over the hold bound, dropped by the routing: kept with the position
     over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
@@ -847,14 +840,15 @@ def route_rows(
     partition: int | None = None,
     rejected: list[tuple[int, str]] | None = None,
     hold_max: int = 64,
+    index_ttl: int | None = None,
 ) -> dict[str, list[tuple]]:
     """Split clocked rows of one source batch by experiment (``Reducer._route``):
     experiment id -> its clocked rows, in order, with released held metrics
     (kind ``h``) right after the exposure that releases them.
 
-    One round trip (``streams/state/lua/route.lua``: idempotent writes, then the
-    reads), plus one more when metrics are held, so a crash between them or a
-    replay routes the same way:
+    One round trip of plain commands (``_index_round_trip``: idempotent
+    writes, then the reads), plus one more when metrics are held, so a crash
+    between them or a replay routes the same way:
 
     * exposures (variant in the config, not ``too_old``) record the unit's
       first exposure position in ``lr:{u:<unit>}:x`` (HSETNX). The exposure
@@ -865,6 +859,11 @@ def route_rows(
       none, they are held in ``lr:{u:<unit>}:held`` (at most ``hold_max``),
       unless the partition recorded their offset as applied already (a replay:
       one HGET, only in a batch with such a metric).
+
+    ``index_ttl``: the TTL (ms) every exposure gives its unit's index key,
+    the same for every batch while the running experiments are unchanged
+    (``Ingestor.index_ttl``); None: ``index_ttl_ms(known)``, right only when
+    ``known`` holds every running experiment (tests, the differential run).
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -893,12 +892,11 @@ def route_rows(
     index: dict[str, dict[str, str]] = {u: {} for u in lookup}
     holds: dict[str, dict[str, bytes]] = {u: {} for u in lookup}
     if lookup or exposing:
-        res = _index_round_trip(r, lookup, len(metric_units), exposing, source_topic,
-                                partition, index_ttl_ms(known))
-        for u, got in zip(lookup, res, strict=True):
-            if got:  # 0: exposed in the batch, nothing held
-                index[u] = {_s(k): _s(v) for k, v in _pairs(got[0])}
-                holds[u] = dict(_pairs(got[1]))
+        ttl = index_ttl_ms(known) if index_ttl is None else index_ttl
+        res = _index_round_trip(r, lookup, exposing, source_topic, partition, ttl)
+        for u, (idx, held) in zip(lookup, res, strict=True):
+            index[u] = {_s(k): _s(v) for k, v in idx.items()}
+            holds[u] = {_s(k): v for k, v in held.items()}
 
     out: dict[str, list[tuple]] = {}
     in_batch: dict[str, set[str]] = {}
@@ -914,9 +912,10 @@ def route_rows(
             out.setdefault(exp, []).append(row)
             if exposing.get((uid, exp)) == row[0]:
                 in_batch.setdefault(uid, set()).add(exp)
-                mk = _marker(source_topic, partition, row[0])
-                if index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
-                    for f, v in sorted(holds.get(uid, {}).items(), key=_hold_order):
+                held = holds.get(uid)  # None: not looked up (its partition holds nothing)
+                mk = _marker(source_topic, partition, row[0]) if held else None
+                if held and index.get(uid, {}).get(exp, mk) == mk:  # the first exposure: release
+                    for f, v in sorted(held.items(), key=_hold_order):
                         if _before(f, source_topic, partition, row[0]):
                             ev_id, metric, ts, value = orjson.loads(v)
                             out[exp].append((row[0], "h", ev_id, exp, uid, metric, ts, value,
@@ -960,14 +959,6 @@ def route_rows(
     return dict(sorted(out.items()))
 
 
-def _pairs(h: Any) -> list[tuple[Any, Any]]:
-    """HGETALL's reply as (str field, value) pairs, whether a dict (the
-    pipeline of a Redis Cluster) or a flat list (Lua)."""
-    if isinstance(h, dict):
-        return [(_s(k), v) for k, v in h.items()]
-    return [(_s(h[i]), h[i + 1]) for i in range(0, len(h), 2)]
-
-
 def _is_cluster(r: Any) -> bool:
     try:
         from redis.cluster import RedisCluster
@@ -985,60 +976,65 @@ def mget(r: Any, keys: Sequence[str]) -> list:
     return r.mget(list(keys))
 
 
-def index_ttl_ms(known: dict[str, ExperimentConfig]) -> int:
+def index_ttl_ms(known: Iterable[ExperimentConfig] | dict[str, ExperimentConfig]) -> int:
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
-    the experiments in ``known`` (a batch's; the script never shortens a
-    longer TTL another experiment set), so the index is bounded by the units active
-    in that time (docs/architecture.md#state) while a unit's metrics, which come within its
-    window, always find it. The reference Reducer never forgets (it runs
+    the experiments in ``known`` (every running one: ``Ingestor.index_ttl``;
+    each exposure sets it with a plain PEXPIRE, so a TTL computed from a
+    batch's experiments alone would let a shorter experiment's exposure cut
+    a longer one's, issue 24 defect 4), so the index is bounded by the units
+    active in that time (docs/architecture.md#state) while a unit's metrics,
+    which come within its window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more
     than this after the unit's last exposure count differently
     (``unrouted`` here, ``retired``/``outside_window`` there)."""
     longest = 0
-    for c in known.values():
+    for c in (known.values() if isinstance(known, dict) else known):
         W, _, L, _ = config_ms(c)
         longest = max(longest, W + horizons_ms(c)[0] + L)
     return 2 * longest
 
 
-def _index_round_trip(r: Any, units: list[str], n_always: int,
-                      exposing: dict[tuple[str, str], int], topic: str | None,
-                      partition: int | None, ttl_ms: int = 0) -> list:
-    """Record the exposures' positions (HSETNX), then read the index and the
-    held metrics of ``units``, in one round trip: one call of
-    ``streams/state/lua/route.lua`` (on a Redis Cluster, whose unit keys lie in many
-    slots, a pipeline of the same commands). Returns per unit [index, held],
-    or 0 for one past the first ``n_always`` that has nothing held."""
-    if _is_cluster(r):
-        pipe = r.pipeline(transaction=False)
-        for (u, e), off in exposing.items():
-            pipe.hsetnx(unit_index_key(u), e, _marker(topic, partition, off))
-            pipe.pttl(unit_index_key(u))
-        n_writes = len(pipe)
-        for u in units:
-            pipe.hgetall(unit_index_key(u))
-            pipe.hgetall(unit_hold_key(u))
-        res = pipe.execute()
-        got = res[n_writes:]
-        if ttl_ms > 0:  # the TTL only grows (route.lua's rule; a second round trip here)
-            pipe = r.pipeline(transaction=False)
-            for (u, _), left in zip(exposing, res[1:n_writes:2], strict=True):
-                if left < ttl_ms:
-                    pipe.pexpire(unit_index_key(u), ttl_ms)
-            if len(pipe):
-                pipe.execute()
-        return [[h, hd] if i < n_always or hd else 0
-                for i, (h, hd) in enumerate(zip(got[::2], got[1::2], strict=True))]
-    keys = [unit_index_key(u) for u in units] + [unit_hold_key(u) for u in units]
-    keys += [unit_index_key(u) for u, _ in exposing]
-    prefix = "" if topic is None or partition is None else f"{topic}|{int(partition)}|"
-    blob = "".join([f"{e}\x1f{off}\x1e" for (_, e), off in exposing.items()])
-    if blob.count("\x1f") != len(exposing) or blob.count("\x1e") != len(exposing):
-        raise ValueError("an experiment id contains a separator character (\\x1e or \\x1f)")
-    with script_errors():
-        return _script(r, ROUTE_LUA_PATH)(
-            keys=keys, args=[len(units), n_always, prefix, blob, int(ttl_ms)], client=r)
+def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], int],
+                      topic: str | None, partition: int | None, ttl_ms: int = 0
+                      ) -> list[tuple[dict, dict]]:
+    """Record the exposures' positions, then read the index and the held
+    metrics of ``units``, in one round trip of plain commands (no script):
+    per exposure HSETNX (the first position wins; a replay writes nothing),
+    per exposed unit one ``PEXPIRE ttl_ms`` after its HSETNXs, then per unit
+    HGETALL of its index and of its held metrics. Writes before reads, so the
+    reads show this batch's exposures, on the first run and on a replay alike.
+
+    Why a plain PEXPIRE is enough: ``ttl_ms`` is the same for every exposure
+    while the set of running experiments is unchanged (``index_ttl_ms`` over
+    all of them, ``Ingestor.index_ttl``), so it only ever moves a key's
+    expiry later; the TTL needs no read first (Redis 6.2 has no PEXPIRE GT),
+    which was route.lua's reason to exist. Its Lua interpreter cost ~0.7 µs
+    of Redis CPU per event over the commands it ran (INFO commandstats,
+    ``liftstream bench ingest``).
+
+    The commands go through the owner's read pipeline
+    (``partition_store._Reads``): packed by hiredis and sent at once on a
+    plain client, a redis-py pipeline elsewhere (a Redis Cluster, whose unit
+    keys lie in many slots): one code path for both. A connection lost
+    between an HSETNX and its PEXPIRE leaves a key without TTL only until
+    the batch is replayed (its offset was not recorded), which sends both
+    again. Returns per unit (index, held) as dicts."""
+    from streams.state.partition_store import _Reads  # it imports this module
+
+    p = _Reads(r)
+    prefix = None if topic is None or partition is None else f"{topic}|{int(partition)}|"
+    for (u, e), off in exposing.items():
+        p.add("HSETNX", unit_index_key(u), e, "*" if prefix is None else f"{prefix}{off}")
+    if ttl_ms > 0:
+        for u in dict.fromkeys(u for u, _ in exposing):
+            p.add("PEXPIRE", unit_index_key(u), int(ttl_ms))
+    n_writes = len(p)
+    for u in units:
+        p.add("HGETALL", unit_index_key(u))
+        p.add("HGETALL", unit_hold_key(u))
+    got = p.execute()[n_writes:]
+    return list(zip(got[::2], got[1::2], strict=True))
 
 
 def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:

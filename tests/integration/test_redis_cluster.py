@@ -28,6 +28,7 @@ import pytest
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from streams.config.settings import Settings, cluster_url_parts, is_cluster_url, redis_client
+from streams.ingest.ingestor import Ingestor
 from streams.sampling.advance import StoredChains, TickConfig
 from streams.sampling.sampler import SamplerService
 from streams.state.keys import (
@@ -158,8 +159,11 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
 
 
 def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F811
-    """Issue 24 on the cluster's code paths (a pipeline instead of route.lua,
-    scripts one call each): the routing index TTL only grows; the sampler's
+    """Issue 24 on the cluster's code paths (the routing index's commands as
+    a redis-py pipeline over the units' slots, scripts one call each): the
+    routing index TTL is the worker's over every running experiment
+    (``Ingestor.index_ttl``), so an exposure to the short experiment keeps
+    the long one's; the sampler's
     guarded writes (and their notice) land in a registered experiment; a
     delete removes the experiment's keys and its routing-index fields, and a
     tick in flight across it writes nothing back."""
@@ -169,14 +173,18 @@ def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F
                              lateness_seconds=0)
     short = ExperimentConfig(experiment_id="cshort", window_seconds=1, correction_seconds=0,
                              lateness_seconds=0)
+    reg = Registry(c)
+    for cfg in (long_, short):
+        reg.put(cfg)
+    ttl = Ingestor(c, reg).index_ttl({"cshort": short})  # the registry's, not the batch's
     apply_source_batch(c, {"clong": long_}, "t.ttl", 0,
-                       [event_row(0, Exposure("x1", "clong", "cu", "control", now))])
+                       [event_row(0, Exposure("x1", "clong", "cu", "control", now))],
+                       index_ttl=ttl)
     apply_source_batch(c, {"cshort": short}, "t.ttl", 0,
-                       [event_row(1, Exposure("x2", "cshort", "cu", "control", now + 1))])
+                       [event_row(1, Exposure("x2", "cshort", "cu", "control", now + 1))],
+                       index_ttl=ttl)
     assert c.pttl(unit_index_key("cu")) > 200_000
 
-    reg = Registry(c)
-    reg.put(long_)
     svc = SamplerService(c, reg, TickConfig())
     eff = {"mean": 0.1, "lo": 0.0, "hi": 0.2}
     rec = {"experiment_id": "clong", "metric": "value", "variant": "treatment",

@@ -4,7 +4,8 @@ real redis-server, against the reference ``Reducer`` (streams/state/semantics.py
 * defect 4: a unit's index key (``lr:{u:<unit>}:x``) only ever lives longer:
   an exposure to a short experiment must not cut the TTL that a long one gave
   it, or the unit's later metrics without experiment_id become ``unrouted``
-  while the reducer routes them;
+  while the reducer routes them (the TTL is the worker's over every running
+  experiment, ``Ingestor.index_ttl``, set by a plain PEXPIRE);
 * ``unrouted_expired``: held metrics of never-exposed units that expire are
   counted, by a batch's expiry (the ingestor's counts, which feed
   ``liftstream_events_total``) and by an idle partition's advance (the clock
@@ -30,7 +31,13 @@ from streams.ingest.ingestor import Ingestor
 from streams.sampling.advance import TickConfig, advance
 from streams.sampling.sampler import SamplerService
 from streams.state.clocks import ClockService
-from streams.state.keys import chain_key, estimate_key, experiment_glob, unit_index_key
+from streams.state.keys import (
+    chain_key,
+    estimate_key,
+    experiment_glob,
+    lifecycle_key,
+    unit_index_key,
+)
 from streams.state.registry import Registry
 from streams.state.semantics import Reducer
 from streams.state.store import (
@@ -125,6 +132,43 @@ def test_defect4_routing_ttl_extends_a_shorter_key(r):
     apply_source_batch(r, {"short": SHORT}, TOPIC, 0,
                        [event_row(2, Exposure("x3", "short", "v", "control", t + 2))])
     assert 0 < r.pttl(unit_index_key("v")) <= 2_000
+
+
+def test_index_ttl_covers_every_running_experiment(r):
+    """The TTL every exposure gives its unit's index key (a plain PEXPIRE,
+    no read) is the worker's over every experiment not concluded, whatever
+    the batch names: a longer one registered since the ingestor last read
+    the registry raises it with its first batch, and it stays raised; a
+    concluded one stops counting once the registry reads it concluded."""
+    reg = Registry(r, ttl=60)
+    reg.put(SHORT)
+    ing = Ingestor(r, reg)
+    assert ing.index_ttl({"short": SHORT}) == 2_000  # 2 x (W + H + L) = 2 x 1 s
+    reg.put(LONG)  # within the registry's ttl: the ingestor has not read it yet
+    assert ing.index_ttl({"long": LONG}) == 240_000
+    assert ing.index_ttl({"short": SHORT}) == 240_000, "a batch of the short one only"
+    fresh = Ingestor(r, Registry(r, ttl=0))  # reads the registry every call
+    assert fresh.index_ttl({"short": SHORT}) == 240_000
+    r.set(lifecycle_key("long"), "concluded")
+    assert fresh.index_ttl({"short": SHORT}) == 2_000
+
+
+def test_routing_error_reply_keeps_the_connection_in_step(r):
+    """An error reply among the routing's pipelined commands (read by the
+    connection's hiredis reader straight off the socket): the batch raises
+    Redis's error after every reply was read, the other commands took
+    effect, and the pooled connection answers the next commands with their
+    own replies, not the rest of the failed batch's."""
+    t = int(time.time() * 1000)
+    r.set(unit_index_key("bad"), "not a hash")  # HSETNX answers WRONGTYPE
+    rows = [event_row(0, Exposure("x0", "long", "ok", "control", t)),
+            event_row(1, Exposure("x1", "long", "bad", "control", t)),
+            event_row(2, Exposure("x2", "long", "ok2", "control", t))]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        apply_source_batch(r, {"long": LONG}, TOPIC, 0, rows)
+    assert r.hgetall(unit_index_key("ok2")) == {b"long": f"{TOPIC}|0|2".encode()}
+    assert 200_000 < r.pttl(unit_index_key("ok")) <= 240_000
+    assert r.get(unit_index_key("bad")) == b"not a hash" and r.ping()
 
 
 def test_unrouted_expired_is_counted(r):

@@ -103,7 +103,8 @@ def test_hash_tags():
 
 def test_named_scripts_exist():
     """Issue 25 deleted ``ingest.lua`` (the owner's fenced MULTI/EXEC writes
-    the per-experiment state now): a writer the documents name as a script
+    the per-experiment state now) and ``route.lua`` (the routing index's
+    plain commands): a writer the documents name as a script
     must still be one, so a row cannot keep crediting a deleted script."""
     lua = DOC.parent.parent / "streams" / "state" / "lua"
     for doc in (DOC, DOC.parent / "architecture.md"):
