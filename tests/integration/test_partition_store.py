@@ -836,6 +836,8 @@ def test_sightings_buckets_pruned_whole_and_duplicates_found(fresh, monkeypatch,
     assert listed == [f"{start}:{start + 4999}"]
     assert _seen_keys_in_redis(fresh) == {rk.seen_bucket_key("e1", src, start)}
     assert read_sightings(fresh, "e1", src) == {"c": T0 + 30_000}
+    # a hashtable from the start (``SEEN_PAD``): a ziplist's HSET scans it
+    assert fresh.object("encoding", rk.seen_bucket_key("e1", src, start)) == b"hashtable"
 
 
 def _to_legacy_layout(r, src: str) -> dict[str, int]:
