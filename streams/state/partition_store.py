@@ -1128,16 +1128,27 @@ class SeenBuckets:
                     out[e] = t
         return out
 
+    def _by_bucket(self, add: dict[str, int]) -> dict[int, dict[str, int]]:
+        """``add`` grouped by bucket start; a call's sightings are mostly in
+        one bucket (its clocks span less than DD): then ``add`` itself."""
+        if not add:
+            return {}
+        lo, hi = min(add.values()), max(add.values())
+        if lo - lo % self.w == hi - hi % self.w:
+            return {lo - lo % self.w: add}
+        by: dict[int, dict[str, int]] = {}
+        for e, t in add.items():
+            by.setdefault(t - t % self.w, {})[e] = t
+        return by
+
     def write(self, w: WriteSet, sightings: dict[str, int], clk1: int | None) -> None:
         """Queue the call's new ``sightings`` (event id -> clock; with the
         older layout's, converted, under them), the buckets gone at clock
         ``clk1`` (None: the clock did not move) and the list when it changed."""
         add = {**self._old, **sightings} if self.legacy else sightings
         live = dict(self.live)
-        by: dict[int, dict[str, int]] = {}
-        for e, t in add.items():
-            a = t - t % self.w
-            by.setdefault(a, {})[e] = t
+        by = self._by_bucket(add)
+        for a in by:
             if live.get(a, a - 1) < a + self.w - 1:
                 live[a] = a + self.w - 1
         gone = [] if clk1 is None else [a for a, b in live.items() if b < clk1 - self.DD]
@@ -1145,10 +1156,15 @@ class SeenBuckets:
             del live[a]
             by.pop(a, None)
         for a, m in sorted(by.items()):
-            items = list(m.items()) if a in self.live else [SEEN_PAD, *m.items()]
-            for j in range(0, len(items), 10_000):  # a converted layout may be large
-                w.add("hset", rk.seen_bucket_key(self.eid, self.src, a),
-                      mapping=dict(items[j:j + 10_000]))
+            key = rk.seen_bucket_key(self.eid, self.src, a)
+            if a not in self.live:
+                w.add("hset", key, *SEEN_PAD)  # created a hashtable
+            if len(m) <= 10_000:
+                w.add("hset", key, mapping=m)
+                continue
+            items = list(m.items())  # a converted layout may be large
+            for j in range(0, len(items), 10_000):
+                w.add("hset", key, mapping=dict(items[j:j + 10_000]))
         drop = [rk.seen_bucket_key(self.eid, self.src, a) for a in gone if a in self.live]
         if self.legacy:
             drop.append(rk.seen_key(self.eid, self.src))
