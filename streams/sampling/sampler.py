@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import numpy as np
+from redis.exceptions import WatchError
 
 from schemas.codec import dumps, loads
 from streams.sampling.advance import StoredChains, TickConfig, advance
@@ -43,12 +44,14 @@ from streams.state.keys import (
     heldq_key,
     history_key,
     lifecycle_key,
+    meta_key,
     offsets_key,
     pending_key,
     retired_key,
-    seen_key,
+    seen_index_field,
     units_key,
 )
+from streams.state.partition_store import seen_keys
 from streams.state.registry import Registry
 from streams.state.semantics import config_ms, horizons_ms
 from streams.state.store import _is_cluster, mget, read_completeness, read_snapshot
@@ -404,15 +407,26 @@ def conclude(r: Any, cfg) -> list[dict]:
     srcs = [x.decode() if isinstance(x, bytes) else x
             for x in r.hkeys(offsets_key(eid))]
     drop = [units_key(eid), held_key(eid), chainver_key(eid), retired_key(eid)]
-    drop += [k(eid, src) for src in srcs for k in (pending_key, seen_key, heldq_key)]
+    drop += [k(eid, src) for src in srcs for k in (pending_key, heldq_key)]
     drop += [chain_key(eid, m) for m in chain_names(cfg)]
-    pipe = r.pipeline(transaction=True)  # one slot: {e:<id>}
-    for rec in recs:
-        pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
-    pipe.set(lifecycle_key(eid), "concluded")
-    pipe.unlink(*drop)
-    pipe.execute()
-    return recs
+    with r.pipeline(transaction=True) as pipe:  # one slot: {e:<id>}
+        while True:
+            # the sighting buckets are listed in meta (``SeenBuckets``): an
+            # owner's commit that adds one before the EXEC retries the read
+            pipe.watch(meta_key(eid))
+            seen = seen_keys(pipe, eid, srcs)
+            pipe.multi()
+            for rec in recs:
+                pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
+            pipe.set(lifecycle_key(eid), "concluded")
+            pipe.unlink(*drop, *seen)
+            if srcs:
+                pipe.hdel(meta_key(eid), *[seen_index_field(s) for s in srcs])
+            try:
+                pipe.execute()
+                return recs
+            except WatchError:
+                continue
 
 
 def read_lifecycle(r: Any, cfg) -> str:

@@ -201,8 +201,23 @@ def pending_key(experiment_id: str, src: str) -> str:
 
 
 def seen_key(experiment_id: str, src: str) -> str:
-    """zset: dedupe sightings of source partition ``src``."""
+    """zset: dedupe sightings of source partition ``src`` as versions before
+    the clock buckets kept them (``seen_bucket_key``); only read by the
+    owner's one-time conversion, which deletes it."""
     return experiment_key(experiment_id, f"seen:{src}")
+
+
+def seen_bucket_key(experiment_id: str, src: str, start: int) -> str:
+    """hash event_id -> sighting clock: the dedupe sightings of source
+    partition ``src`` whose clock falls in the bucket starting at ``start``
+    (ms; the buckets that exist are listed in meta ``seen_index_field``)."""
+    return experiment_key(experiment_id, f"seen:{src}:{start}")
+
+
+def seen_index_field(src: str) -> str:
+    """meta field: the live sighting buckets of ``src``, ``start:end`` pairs
+    (``streams.state.partition_store.SeenBuckets``)."""
+    return f"seen:{src}"
 
 
 def heldq_key(experiment_id: str, src: str) -> str:

@@ -599,9 +599,9 @@ class UnitCache:
         #: it (None: read it from Redis): only the owner writes it, and
         #: reading and parsing it whole every call grew with the tail counts
         self.shard: Shard | None = None
-        #: the source's dedupe sightings (``keys.seen_key``) as the owner last
+        #: the source's dedupe sightings (``SeenBuckets``) as the owner last
         #: committed them, all of them (None: not kept: read the batch's
-        #: with ZMSCORE); kept only while there are at most ``4 * limit``
+        #: with HMGET); kept only while there are at most ``4 * limit``
         #: (``sightings_off`` once there were more); ``sightings_prune_at``:
         #: the size that makes the rules prune them next
         #: (``ExperimentState._seen_prune_at``)
@@ -778,8 +778,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     _check_rows(eid, rows)
     owner.seq_of(eid)  # the fence first, then the reads
     k = experiment_keys(eid)
-    pend_k, seen_k, heldq_k = rk.pending_key(eid, src), rk.seen_key(eid, src), \
-        rk.heldq_key(eid, src)
+    pend_k, heldq_k = rk.pending_key(eid, src), rk.heldq_key(eid, src)
     shard_k = rk.shard_key(eid, src)
     uids = list(dict.fromkeys(row[4] for row in rows))
     eids = list(dict.fromkeys(row[2] for row in rows))
@@ -793,7 +792,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     p = _Reads(r)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
-          f"max_ts:{src}")
+          f"max_ts:{src}", rk.seen_index_field(src))
     p.add("HGET", k.offsets, src)
     p.add("GET", rk.generation_key(eid))
     p.add("EXISTS", rk.lifecycle_key(eid))
@@ -802,27 +801,21 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         p.add("HGETALL", shard_k)
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
-    # the sightings: the owner's (complete) copy, else the batch's from Redis;
-    # with a cache and no copy yet, how many there are (ZCARD: loaded below
-    # when few enough to keep)
+    # the sightings: the owner's (complete) copy, else the batch's from Redis
+    # (read with the due work below, once the bucket list is known); with a
+    # cache and no copy yet, loaded whole when few enough to keep
     sight = None if cached is None else cached.sightings
-    probe = owner.cache_units > 0 and sight is None and not (
+    load = owner.cache_units > 0 and sight is None and not (
         cached is not None and cached.sightings_off)
-    if probe:
-        p.add("ZCARD", seen_k)
-    if sight is None and eids:
-        p.add("ZMSCORE", seen_k, *eids)
     got = p.execute()
-    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw), stored_raw = got[:2]
+    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw, buckets_raw), \
+        stored_raw = got[:2]
     token = (got[2], bool(got[3]))
     i = 4
     shard_raw = None
     if cached_shard is None:
         shard_raw, i = got[4], 5
     entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
-    i += 4 if miss else 0
-    n_seen = int(got[i]) if probe else None
-    seen_sc = got[-1] if sight is None and eids else []
     cache = owner.cache_of(eid, token)
     if cache is not cached and (hits or cached_shard is not None or sight is not None):
         # another incarnation: the cached units, shard and sightings are stale
@@ -830,21 +823,13 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         if hits:
             _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
         p.add("HGETALL", shard_k)
-        if eids:
-            p.add("ZMSCORE", seen_k, *eids)
         again = p.execute()
         if hits:
             entries.update(_unit_reads(list(hits), again[:4], cfg))
-        shard_raw, cached_shard = again[4 if hits else 0], None
-        if eids:
-            seen_sc = again[-1]
-        sight, n_seen = None, None
+        shard_raw, cached_shard = again[-1], None
+        sight, load = None, False
     else:
         entries.update(hits)
-    bound = 4 * owner.cache_units
-    load_seen = cache is not None and n_seen is not None and n_seen <= bound
-    if cache is not None and n_seen is not None and not load_seen:
-        cache.sightings_off = True  # too many to keep: ZMSCORE per batch
     stored = None if stored_raw is None else int(stored_raw)
     todo, skipped = _unskipped(rows, stored)
     if token[1] and any(row[1] == "x" for row in todo):
@@ -889,19 +874,24 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
-    if load_seen:  # once per cache: every sighting, kept from now on
-        p.add("ZRANGE", seen_k, 0, -1, "WITHSCORES")
-    due_pend, due_held, *all_seen = p.execute()
-    if load_seen:
-        sight = {(m.decode() if isinstance(m, bytes) else m): int(sc) for m, sc in all_seen[0]}
+    sb = SeenBuckets(eid, src, buckets_raw, clk0, st.DD)
+    n_sight = sb.queue_reads(p, eids if sight is None else [], load)
+    due_pend, due_held, *sight_got = p.execute()
     # the batch's sightings before the call (what the commit compares with)
     seen: dict[str, int]
+    seen, full = sb.replies(sight_got[:n_sight], eids if sight is None else [])
+    bound = 4 * owner.cache_units
+    if full is None and load and sb.count <= bound:  # once per cache: every sighting
+        full = sb.read_all(r)
+    if full is not None and load and cache is not None and len(full) <= bound:
+        sight = full  # kept from now on
+    elif load and cache is not None:
+        cache.sightings_off = True  # too many to keep: HMGET per batch
     if sight is not None:  # the rules update the owner's copy in place
         seen = {e: t for e in eids if (t := sight.get(e)) is not None}
         st._seen[src] = sight
         st._seen_prune_at = max(cache.sightings_prune_at if cache is not None else 0, 4096)
     else:
-        seen = {e: int(sc) for e, sc in zip(eids, seen_sc, strict=True) if sc is not None}
         st._seen[src] = dict(seen)
     pend0: dict[str, int] = {}
     for m, sc in due_pend:
@@ -1002,11 +992,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hdel", k.held, *dropped)
     q1 = st._held_q.get(src, {})
     _zset_changes(w, heldq_k, heldq0, q1)
-    # only the batch's events add sightings (settling only forgets old ones)
     seen1 = st._seen.get(src, {})
-    sadd = {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t}
-    if sadd:
-        w.add("zadd", seen_k, sadd)
     ret: _LoadedRetired = st.retired  # type: ignore[assignment]
     if ret.added:
         for j in range(0, len(ret.new_bits), 300):
@@ -1051,8 +1037,11 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     clk1 = st.clk.get(src)
     if clk1 is not None and clk1 != clk0:
         w.add("hset", k.meta, f"clk:{src}", clk1)
-        # a sighting counts while its clock >= clk - DD; older ones never again
-        w.add("zremrangebyscore", seen_k, "-inf", f"({clk1 - st.DD}")
+    # only the batch's events add sightings (settling only forgets old ones);
+    # buckets whose sightings can no longer mark a duplicate go (after
+    # ``dirty``: forgetting them, or converting an older layout, is no news)
+    sb.write(w, {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t},
+             clk1 if clk1 is not None and clk1 != clk0 else None)
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
@@ -1097,6 +1086,185 @@ def _zset_changes(w: WriteSet, key: str, before: dict, after: dict) -> None:
     rem = [u for u in before if u not in after]
     if rem:
         w.add("zrem", key, *rem)
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+#: the field every sighting bucket is created with (no event id contains
+#: ``#``, ``schemas.validate.ID_PATTERN``): its value is longer than Redis's
+#: ``hash-max-ziplist-value`` (``-listpack-`` in Redis 7; default 64 bytes),
+#: so the hash is a hashtable from its first HSET. Why, measured: a bucket
+#: grows to thousands of sightings, and until ``hash-max-ziplist-entries``
+#: (512) each HSET scans the ziplist: 1.25 µs of Redis a sighting, against
+#: 0.23 µs as a hashtable (and 0.62 for the sorted set's ZADD and pruning)
+SEEN_PAD = ("#", "a hashtable from the start: this value is longer than "
+                 "hash-max-ziplist-value".ljust(256, "."))
+
+
+class SeenBuckets:
+    """The dedupe sightings of one experiment and source partition in Redis,
+    as one call of the owner reads and writes them (rule 1 of
+    ``streams.state.semantics``: an event id sighted at a clock
+    ``>= clk - DD`` is a duplicate).
+
+    Why buckets, measured (docs/performance.md): one sorted set of every
+    sighting cost Redis ~0.6 µs a ZADD member (a skiplist insert) and
+    ~0.15 µs an event to prune (ZREMRANGEBYSCORE). Sightings live in hashes
+    (``keys.seen_bucket_key``) of event id -> sighting clock, one per clock
+    bucket ``[start, start + w)``, ``w = max(DD, 1)``: a sighting that can
+    still mark a duplicate lies in the current or the previous bucket, so a
+    lookup is HMGET on at most two keys (the latest sighting is the largest
+    value), a write is HSET, and pruning UNLINKs a whole bucket once its end
+    is below ``clk - DD`` (no per-member removal; up to 2·DD of sightings
+    are kept, the sorted set kept DD).
+
+    The buckets that exist are listed in the meta hash
+    (``keys.seen_index_field``: ``start:end`` pairs, read with the meta
+    fields every call reads anyway), so nothing scans for them, and a
+    changed dedupe window (another ``w``) strands none: each bucket keeps
+    the end it was created with (an end only grows).
+
+    Older state (a ``keys.seen_key`` sorted set: the source has a clock but
+    no list) is converted by the owner's next call: its live sightings are
+    read with the batch, written to buckets, and the sorted set is UNLINKed
+    in the same fenced MULTI/EXEC (``write``)."""
+
+    def __init__(self, experiment_id: str, src: str, raw: Any, clk0: int | None,
+                 DD: int) -> None:
+        self.eid, self.src, self.DD, self.w = experiment_id, src, DD, max(DD, 1)
+        text = "" if raw is None else _text(raw)
+        self.listed = raw is not None
+        #: bucket start -> end (the last clock it may hold)
+        self.live = {int(a): int(b) for a, b in (x.split(":") for x in text.split())}
+        #: older state: the sorted set, converted by this call's commit
+        self.legacy = raw is None and clk0 is not None
+        self.since = None if clk0 is None else clk0 - DD
+        #: the buckets a sighting that still counts may be in
+        self.keys = [rk.seen_bucket_key(experiment_id, src, a)
+                     for a, b in sorted(self.live.items()) if self.since is None or b >= self.since]
+        self.count = 0  # how many sightings they hold (``queue_reads`` with ``count``)
+        self._counting = False
+        self._old: dict[str, int] = {}
+
+    def queue_reads(self, p: _Reads, eids: list[str], count: bool) -> int:
+        """Queue the reads ``replies`` takes: the older layout's live
+        sightings (all of them), else the buckets' sizes (``count``) and
+        their values of ``eids``. Returns how many replies they make."""
+        if self.legacy:
+            p.add("ZRANGE", rk.seen_key(self.eid, self.src), self.since, "+inf", "BYSCORE",
+                  "WITHSCORES")
+            return 1
+        self._counting = count
+        n = 0
+        for key in self.keys if count else ():
+            p.add("HLEN", key)
+            n += 1
+        for key in self.keys if eids else ():
+            p.add("HMGET", key, *eids)
+            n += 1
+        return n
+
+    def replies(self, got: Sequence[Any], eids: list[str]
+                ) -> tuple[dict[str, int], dict[str, int] | None]:
+        """The sightings of ``eids`` (event id -> latest clock), and every
+        live sighting when the reads had them all (the older layout's)."""
+        if self.legacy:
+            self._old = {_text(m): int(sc) for m, sc in got[0]}
+            self.count = len(self._old)
+            return {e: t for e in eids if (t := self._old.get(e)) is not None}, dict(self._old)
+        i = len(self.keys) if self._counting else 0
+        self.count = sum(max(int(x) - 1, 0) for x in got[:i])  # less ``SEEN_PAD``
+        seen: dict[str, int] = {}
+        for vals in got[i:]:
+            for e, v in zip(eids, vals, strict=True):
+                if v is not None and int(v) > seen.get(e, -(1 << 62)):
+                    seen[e] = int(v)
+        return seen, None
+
+    def read_all(self, r: Any) -> dict[str, int]:
+        """Every sighting of the live buckets (event id -> latest clock): the
+        owner's copy, loaded once per cache."""
+        p = _Reads(r)
+        for key in self.keys:
+            p.add("HGETALL", key)
+        out: dict[str, int] = {}
+        for h in p.execute():
+            for m, v in h.items():
+                e = _text(m)
+                if e == SEEN_PAD[0]:
+                    continue
+                t = int(v)
+                if t > out.get(e, -(1 << 62)):
+                    out[e] = t
+        return out
+
+    def _by_bucket(self, add: dict[str, int]) -> dict[int, dict[str, int]]:
+        """``add`` grouped by bucket start; a call's sightings are mostly in
+        one bucket (its clocks span less than DD): then ``add`` itself."""
+        if not add:
+            return {}
+        lo, hi = min(add.values()), max(add.values())
+        if lo - lo % self.w == hi - hi % self.w:
+            return {lo - lo % self.w: add}
+        by: dict[int, dict[str, int]] = {}
+        for e, t in add.items():
+            by.setdefault(t - t % self.w, {})[e] = t
+        return by
+
+    def write(self, w: WriteSet, sightings: dict[str, int], clk1: int | None) -> None:
+        """Queue the call's new ``sightings`` (event id -> clock; with the
+        older layout's, converted, under them), the buckets gone at clock
+        ``clk1`` (None: the clock did not move) and the list when it changed."""
+        add = {**self._old, **sightings} if self.legacy else sightings
+        live = dict(self.live)
+        by = self._by_bucket(add)
+        for a in by:
+            if live.get(a, a - 1) < a + self.w - 1:
+                live[a] = a + self.w - 1
+        gone = [] if clk1 is None else [a for a, b in live.items() if b < clk1 - self.DD]
+        for a in gone:
+            del live[a]
+            by.pop(a, None)
+        for a, m in sorted(by.items()):
+            key = rk.seen_bucket_key(self.eid, self.src, a)
+            if a not in self.live:
+                w.add("hset", key, *SEEN_PAD)  # created a hashtable
+            if len(m) <= 10_000:
+                w.add("hset", key, mapping=m)
+                continue
+            items = list(m.items())  # a converted layout may be large
+            for j in range(0, len(items), 10_000):
+                w.add("hset", key, mapping=dict(items[j:j + 10_000]))
+        drop = [rk.seen_bucket_key(self.eid, self.src, a) for a in gone if a in self.live]
+        if self.legacy:
+            drop.append(rk.seen_key(self.eid, self.src))
+        if drop:
+            w.add("unlink", *drop)
+        if not self.listed or live != self.live:
+            w.add("hset", rk.meta_key(self.eid), rk.seen_index_field(self.src),
+                  " ".join(f"{a}:{b}" for a, b in sorted(live.items())))
+
+
+def read_sightings(r: Any, experiment_id: str, src: str) -> dict[str, int]:
+    """Every stored dedupe sighting of source ``src`` (event id -> latest
+    clock; debugging and tests)."""
+    raw = r.hget(rk.meta_key(experiment_id), rk.seen_index_field(src))
+    return SeenBuckets(experiment_id, src, raw, None, 0).read_all(r)
+
+
+def seen_keys(r: Any, experiment_id: str, sources: Sequence[str]) -> list[str]:
+    """Every dedupe sightings key of ``sources`` (the buckets their meta
+    lists, and the older layout's sorted set): what conclusion deletes."""
+    raw = r.hmget(rk.meta_key(experiment_id), [rk.seen_index_field(s) for s in sources]) \
+        if sources else []
+    out = []
+    for src, text in zip(sources, raw, strict=True):
+        out.append(rk.seen_key(experiment_id, src))
+        for x in ("" if text is None else _text(text)).split():
+            out.append(rk.seen_bucket_key(experiment_id, src, int(x.split(":")[0])))
+    return out
 
 
 def _decode_held(raw: bytes) -> list[tuple[int, int, float]]:

@@ -120,6 +120,8 @@ def test_stop_then_delete(kafka_bootstrap, redis_url, tmp_path):
         gone = ["units", "held", "chain:value"] + [
             f"{k}:{st.events_topic}|{p}" for k in ("pending", "seen") for p in range(PARTITIONS)]
         assert not any(r.exists(experiment_key(a, k)) for k in gone)
+        # the sighting buckets (seen:<src>:<start>) too
+        assert not [k for k in r.scan_iter(match=experiment_key(a, "seen:*"))]
         for k in ("cfg", "shards", "arrivals", "meta", "estimates"):
             assert r.exists(experiment_key(a, k)), k
         assert read_history(r, a) and read_counters(r, a)["after_end"] > 0

@@ -29,6 +29,7 @@ from streams.state.partition_store import (
     claim_fence,
     commit,
     put_shard,
+    read_sightings,
     shard_mapping,
 )
 from streams.state.semantics import Reducer
@@ -651,8 +652,8 @@ def test_owner_sightings_cache_finds_duplicates(fresh):
     _owned(fresh, [_m_row_id(3, 3000, 5.0, "m1"), _m_row_id(4, 3000, 7.0, "m3")], epoch)
     assert read_units(fresh, _cfg())["u"].totals == [12.0]
     assert read_counters(fresh, "e1")["duplicate"] == 1
-    assert {m.decode() for m in fresh.zrange(rk.seen_key("e1", "liftstream.events|0"), 0, -1)} \
-        == set(_owner(fresh).caches["e1"].sightings)
+    assert read_sightings(fresh, "e1", "liftstream.events|0") \
+        == _owner(fresh).caches["e1"].sightings
 
 
 def test_owner_sightings_cache_dropped_when_redis_lost_its_commits(fresh):
@@ -922,3 +923,141 @@ def test_ingestor_rereads_its_registry_when_the_owner_finds_the_experiment_concl
     assert read_applied(fresh, "liftstream.events", [0]) == {0: 1}
     ing.process("liftstream.events", 0, batch, T0 + 1000, epoch)  # a replay counts none
     assert read_counters(fresh, "e1").get("after_end") == 1
+
+
+# ---- dedupe sightings in clock buckets (SeenBuckets)
+
+def _cfg_dd(dd: int = 5) -> ExperimentConfig:
+    return ExperimentConfig(experiment_id="e1", metrics=(MetricSpec("rev"),),
+                            window_seconds=10, bucket_seconds=2, dedupe_seconds=dd)
+
+
+def _owned_cfg(r, cfg: ExperimentConfig, rows: list, epoch: int) -> dict:
+    from streams.state.store import apply_rows, clocked
+
+    crows, clk = clocked(rows, None)
+    return apply_rows(r, cfg, "liftstream.events", 0, crows, clk, epoch=epoch)
+
+
+def _seen_keys_in_redis(r) -> set[str]:
+    return {k.decode() for k in r.scan_iter(match=rk.experiment_key("e1", "seen*"))}
+
+
+@pytest.mark.parametrize("cache_units", ["0", "100000"])
+def test_sightings_buckets_pruned_whole_and_duplicates_found(fresh, monkeypatch, cache_units):
+    """Sightings go to hashes per clock bucket of width DD (5 s here); a
+    re-send within DD of partition time is a duplicate, one DD + later is
+    not, and once the clock passed a bucket's end + DD the bucket is gone
+    (listed no more in meta): at most the current and previous bucket are
+    kept. With the owner cache off every lookup is HMGET of the buckets."""
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters
+
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", cache_units)
+    cfg, src = _cfg_dd(5), "liftstream.events|0"
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_x_row(0, 0), _m_row_id(1, 1000, 1.0, "a")], epoch)
+    _owned_cfg(fresh, cfg, [_m_row_id(2, 4000, 1.0, "b")], epoch)
+    ps.forget_owner(fresh, "liftstream.events", 0)  # a new owner: no copy
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_m_row_id(3, 5500, 1.0, "a")], epoch)  # 1 s + 5 s >= 5.5 s
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    _owned_cfg(fresh, cfg, [_m_row_id(4, 6500, 1.0, "a")], epoch)  # 1 s < 6.5 - 5
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert read_sightings(fresh, "e1", src)["a"] == T0 + 6500
+    _owned_cfg(fresh, cfg, [_m_row_id(5, 9000, 1.0, "b")], epoch)  # 4 s >= 9 - 5
+    assert read_counters(fresh, "e1")["duplicate"] == 2
+    listed = fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)).decode().split()
+    assert len(listed) <= 2
+    _owned_cfg(fresh, cfg, [_m_row_id(6, 30_000, 1.0, "c")], epoch)
+    listed = fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)).decode().split()
+    start = (T0 + 30_000) // 5000 * 5000
+    assert listed == [f"{start}:{start + 4999}"]
+    assert _seen_keys_in_redis(fresh) == {rk.seen_bucket_key("e1", src, start)}
+    assert read_sightings(fresh, "e1", src) == {"c": T0 + 30_000}
+    # a hashtable from the start (``SEEN_PAD``): a ziplist's HSET scans it
+    assert fresh.object("encoding", rk.seen_bucket_key("e1", src, start)) == b"hashtable"
+
+
+def _to_legacy_layout(r, src: str) -> dict[str, int]:
+    """Rewrite the sightings as versions before the buckets kept them: one
+    sorted set, no list in meta. Returns them."""
+    sight = read_sightings(r, "e1", src)
+    r.unlink(*_seen_keys_in_redis(r))
+    r.hdel(rk.meta_key("e1"), rk.seen_index_field(src))
+    r.zadd(rk.seen_key("e1", src), sight)
+    return sight
+
+
+@pytest.mark.parametrize("cache_units", ["0", "100000"])
+def test_sightings_of_the_older_layout_are_converted_once(fresh, monkeypatch, cache_units):
+    """Issue 25, existing state migrates: a worker of this version on state
+    whose sightings are the older sorted set (``keys.seen_key``) converts it
+    in its first commit (the live sightings to buckets, the sorted set
+    UNLINKed, in the fenced MULTI/EXEC), and duplicates of what the older
+    version sighted are still found, in that batch and later ones."""
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters, read_units
+
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", cache_units)
+    cfg, src = _cfg_dd(5), "liftstream.events|0"
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1"),
+                            _m_row_id(2, 2000, 3.0, "m2")], epoch)
+    old = _to_legacy_layout(fresh, src)
+    assert set(old) == {"x0", "m1", "m2"} and fresh.exists(rk.seen_key("e1", src))
+    ps.forget_owner(fresh, "liftstream.events", 0)  # the new version's worker
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_m_row_id(3, 3000, 5.0, "m1")], epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert not fresh.exists(rk.seen_key("e1", src))
+    assert read_sightings(fresh, "e1", src) == old
+    _owned_cfg(fresh, cfg, [_m_row_id(4, 4000, 7.0, "m2"), _m_row_id(5, 4000, 1.0, "m5")],
+               epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 2
+    assert read_units(fresh, cfg)["u"].totals == [6.0]
+    assert not fresh.exists(rk.seen_key("e1", src))
+
+
+def test_sightings_conversion_refused_with_its_commit(fresh):
+    """The conversion is part of the owner's commit: a commit Redis refuses
+    leaves the older sorted set as it was (and the retry converts it)."""
+    from redis.exceptions import ResponseError
+
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters
+
+    cfg, src = _cfg_dd(5), "liftstream.events|0"
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    old = _to_legacy_layout(fresh, src)
+    ps.forget_owner(fresh, "liftstream.events", 0)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    fresh.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(ResponseError):
+            _owned_cfg(fresh, cfg, [_m_row_id(2, 2000, 5.0, "m1")], epoch)
+    finally:
+        fresh.config_set("maxmemory", 0)
+    assert {m.decode(): int(s) for m, s in fresh.zrange(rk.seen_key("e1", src), 0, -1,
+                                                        withscores=True)} == old
+    assert fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)) is None
+    _owned_cfg(fresh, cfg, [_m_row_id(2, 2000, 5.0, "m1")], epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert not fresh.exists(rk.seen_key("e1", src))
+
+
+def test_conclusion_deletes_every_sightings_bucket(fresh):
+    """Conclusion deletes the working state: every bucket its meta lists
+    (and an older layout's sorted set), and the list itself."""
+    from streams.sampling.sampler import conclude
+
+    cfg, src = _cfg_dd(5), "liftstream.events|0"
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, cfg, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    _owned_cfg(fresh, cfg, [_m_row_id(2, 6000, 2.0, "m2")], epoch)  # a second bucket
+    assert len(_seen_keys_in_redis(fresh)) == 2
+    fresh.zadd(rk.seen_key("e1", src), {"stale": 1})
+    conclude(fresh, cfg)
+    assert _seen_keys_in_redis(fresh) == set()
+    assert fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)) is None

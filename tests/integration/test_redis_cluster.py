@@ -158,6 +158,29 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
     print(f"\n[cluster] unit routing keys per master: {per_master}")
 
 
+def test_conclusion_deletes_sighting_buckets_on_cluster(cluster_r):  # noqa: F811
+    """Conclusion WATCHes meta to read the sighting buckets it deletes
+    (``partition_store.SeenBuckets``): on the cluster's transaction too."""
+    from streams.sampling.sampler import conclude
+
+    c = cluster_r
+    now = int(time.time() * 1000)
+    cfg = ExperimentConfig(experiment_id="cseen", metrics=(MetricSpec("rev"),))
+    Registry(c).put(cfg)
+    epoch = claim_partition(c, "t.seen", 0)
+    apply_source_batch(c, {"cseen": cfg}, "t.seen", 0,
+                       [event_row(0, Exposure("x1", "cseen", "cu", "control", now)),
+                        event_row(1, Metric("m1", "cu", "rev", 1.0, now + 1, "cseen"))],
+                       epoch=epoch)
+
+    def seen():
+        return [k for k in c.scan_iter(match=experiment_key("cseen", "*")) if b":seen:" in k]
+
+    assert seen()
+    conclude(c, cfg)
+    assert seen() == []
+
+
 def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F811
     """Issue 24 on the cluster's code paths (the routing index's commands as
     a redis-py pipeline over the units' slots, scripts one call each): the

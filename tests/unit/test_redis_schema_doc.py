@@ -25,13 +25,14 @@ PLACEHOLDERS = {
     "metric": "<metric>",
     "variant": "<variant>",
     "chain": "<chain>",
+    "start": "<start>",
 }
 #: a partition number no real key would show; replaced by ``<src>`` with its topic
 PARTITION = 987654321
 #: builders that make no key of their own: the generic primitive (its kinds are
 #: checked through ``EXPERIMENT_KINDS``), a SCAN pattern, a field/suffix, a prefix
 NOT_KEYS = {"experiment_key", "experiment_glob", "experiment_and_unit_glob", "source",
-            "platform_prefix"}
+            "platform_prefix", "seen_index_field"}
 
 
 def _normalise(name: str) -> str:
