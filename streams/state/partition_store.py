@@ -51,12 +51,12 @@ from redis.commands.core import CoreCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 
-from schemas.records import ExperimentConfig, Exposure, Metric
+from schemas.records import ExperimentConfig
 from streams.config.settings import env_default
 from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
-from streams.state.semantics import FOLD_LIMIT, ExperimentState, Item, Shard, UnitState
+from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
 from streams.state.store import Fenced, decode_unit, encode_unit
 
 
@@ -451,14 +451,6 @@ class _LoadedRetired(RetiredFilter):
         self.new_bits.extend(positions(unit_id, lay))
         self.n += 1
         self.added += 1
-
-
-def _row_item(row: tuple) -> Item:
-    """A clocked row (``store`` rows) as the reducer's item."""
-    off, kind, eid, exp, uid, name, ts, num, pre, clk = row
-    if kind == "x":
-        return Exposure(eid, exp, uid, name, ts, num, pre), clk, False
-    return Metric(eid, uid, name, num, ts, exp), clk, kind == "h"
 
 
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
@@ -904,7 +896,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # belongs to the calls that bring events or to explicit settle calls
     more = False
     if (not rows and not dead) or todo:
-        more = st.apply_call(src, [_row_item(row) for row in todo], clk_end)[1]
+        more = st.apply_rows(src, todo, clk_end)[1]  # the rows as they are
 
     # ---- the write set: what the rules changed
     w = WriteSet()
