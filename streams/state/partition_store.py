@@ -44,6 +44,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -51,12 +52,12 @@ from redis.commands.core import CoreCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 
-from schemas.records import ExperimentConfig, Exposure, Metric
+from schemas.records import ExperimentConfig
 from streams.config.settings import env_default
 from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
-from streams.state.semantics import FOLD_LIMIT, ExperimentState, Item, Shard, UnitState
+from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
 from streams.state.store import Fenced, decode_unit, encode_unit
 
 
@@ -523,12 +524,8 @@ class _LoadedRetired(RetiredFilter):
         self.added += 1
 
 
-def _row_item(row: tuple) -> Item:
-    """A clocked row (``store`` rows) as the reducer's item."""
-    off, kind, eid, exp, uid, name, ts, num, pre, clk = row
-    if kind == "x":
-        return Exposure(eid, exp, uid, name, ts, num, pre), clk, False
-    return Metric(eid, uid, name, num, ts, exp), clk, kind == "h"
+#: a row's unit_id and event_id (``store`` rows), for ``map``
+_UNIT_ID, _EVENT_ID = itemgetter(4), itemgetter(2)
 
 
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
@@ -620,6 +617,18 @@ class UnitCache:
         self.units.move_to_end(unit_id)
         while len(self.units) > self.limit:
             self.units.popitem(last=False)
+
+    def put_many(self, unit_ids: Sequence[str], entries: dict[str, CachedUnit]) -> None:
+        """``put`` of each of ``unit_ids`` (its entry in ``entries``), in
+        order, the bound enforced once at the end: the same units survive
+        (the last ``limit`` used), for one length check a batch."""
+        units = self.units
+        move = units.move_to_end
+        for uid in unit_ids:
+            units[uid] = entries[uid]
+            move(uid)
+        while len(units) > self.limit:
+            units.popitem(last=False)
 
 
 class PartitionOwner:
@@ -780,8 +789,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     k = experiment_keys(eid)
     pend_k, heldq_k = rk.pending_key(eid, src), rk.heldq_key(eid, src)
     shard_k = rk.shard_key(eid, src)
-    uids = list(dict.fromkeys(row[4] for row in rows))
-    eids = list(dict.fromkeys(row[2] for row in rows))
+    uids = list(dict.fromkeys(map(_UNIT_ID, rows)))
+    eids = list(dict.fromkeys(map(_EVENT_ID, rows)))
     # the units the cache holds are not read (if the token read with the
     # batch shows the experiment changed incarnation, they are, below)
     cached = owner.caches.get(eid)
@@ -966,7 +975,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # belongs to the calls that bring events or to explicit settle calls
     more = False
     if (not rows and not dead) or todo:
-        more = st.apply_call(src, [_row_item(row) for row in todo], clk_end)[1]
+        more = st.apply_rows(src, todo, clk_end)[1]  # the rows as they are
 
     # ---- the write set: what the rules changed
     w = WriteSet()
@@ -1050,13 +1059,30 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         u.dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
-        for uid in uids:  # the entries updated in place (a miss's is new)
-            u, e = st.units.get(uid), entries[uid]
-            e.pend = pend1[uid] if uid in pend1 else (None if uid in pend0 else e.pend)
-            e.unit, e.rec = u, None if u is None else recs.get(uid, loaded_units.get(uid))
-            e.held = held_recs.get(uid, held_before.get(uid)) if uid in st.held else None
-            e.heldq = q1.get(uid)
-            cache.put(uid, e)
+        # the entries updated in place (a miss's is new), then put in one
+        # pass: this runs for every unit of every batch, so each lookup is
+        # made once and the empty held maps (the common case) are skipped
+        units_now, held_now = st.units, st.held
+        for uid in uids:
+            e = entries[uid]
+            u = e.unit = units_now.get(uid)
+            if uid in pend1:
+                e.pend = pend1[uid]
+            elif uid in pend0:
+                e.pend = None
+            rec = None
+            if u is not None:
+                rec = recs.get(uid)
+                if rec is None:
+                    rec = loaded_units.get(uid)
+            e.rec = rec
+            if held_now and uid in held_now:
+                h = held_recs.get(uid)
+                e.held = held_before.get(uid) if h is None else h
+            else:
+                e.held = None
+            e.heldq = q1.get(uid) if q1 else None
+        cache.put_many(uids, entries)
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
             u = e.unit = st.units.get(uid)
             e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
@@ -1302,7 +1328,25 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
 def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:
     """What a call relies on: every row is the experiment's (a metric without
     experiment_id, or released, may be routed to it) and numbers are finite
-    (None stands for "no pre_activity")."""
+    (None stands for "no pre_activity").
+
+    Checked over the batch's distinct (kind, experiment) pairs and the sum
+    of its numbers (a NaN or an infinity makes the sum non-finite), so a
+    valid batch costs two C-speed passes; only a batch that fails either
+    is walked row by row, for the first offending row's message."""
+    pairs = {(row[1], row[3]) for row in rows}
+    try:
+        total = sum([row[7] for row in rows if row[7] is not None])
+        finite = math.isfinite(total)
+    except (OverflowError, TypeError):
+        finite = False
+    if finite and all(
+            exp == experiment_id if kind == "x" else
+            (exp == experiment_id or exp is None or kind == "h") for kind, exp in pairs):
+        for row in rows:
+            if row[8] and not all(math.isfinite(v) for v in row[8].values()):
+                raise ValueError("non-finite pre value")
+        return
     for row in rows:
         kind, exp, num = row[1], row[3], row[7]
         if kind == "x":

@@ -39,7 +39,7 @@ def test_bench_ingest_small(kafka_bootstrap, redis_url):
     assert res["ratio"] == pytest.approx(b["rate"] / res["raw"]["rate"])
     parts = {p["part"]: p["seconds"] for p in res["profile"]["parts"]}
     assert parts["apply (apply_rows_owned: reads, rules, commit)"] > 0
-    assert 0 < parts["  of which: the rules (ExperimentState.apply_call)"] \
+    assert 0 < parts["  of which: the rules (ExperimentState.apply_rows)"] \
         < parts["apply (apply_rows_owned: reads, rules, commit)"]
     assert parts["validation (parse_event_row)"] > 0
     assert "(b)/(a)" in format_report(res)
