@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
+import orjson
 import redis
 from redis.commands.core import CoreCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -1049,8 +1050,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # only the batch's events add sightings (settling only forgets old ones);
     # buckets whose sightings can no longer mark a duplicate go (after
     # ``dirty``: forgetting them, or converting an older layout, is no news)
+    # (packed while the owner keeps the full copy: one field a bucket)
     sb.write(w, {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t},
-             clk1 if clk1 is not None and clk1 != clk0 else None)
+             clk1 if clk1 is not None and clk1 != clk0 else None, packed=sight is not None)
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
@@ -1138,17 +1140,34 @@ class SeenBuckets:
     Why buckets, measured (docs/performance.md): one sorted set of every
     sighting cost Redis ~0.6 µs a ZADD member (a skiplist insert) and
     ~0.15 µs an event to prune (ZREMRANGEBYSCORE). Sightings live in hashes
-    (``keys.seen_bucket_key``) of event id -> sighting clock, one per clock
-    bucket ``[start, start + w)``, ``w = max(DD, 1)``: a sighting that can
-    still mark a duplicate lies in the current or the previous bucket, so a
-    lookup is HMGET on at most two keys (the latest sighting is the largest
-    value), a write is HSET, and pruning UNLINKs a whole bucket once its end
-    is below ``clk - DD`` (no per-member removal; up to 2·DD of sightings
-    are kept, the sorted set kept DD).
+    (``keys.seen_bucket_key``), one per clock bucket ``[start, start + w)``,
+    ``w = max(DD, 1)``: a sighting that can still mark a duplicate lies in
+    the current or the previous bucket, and pruning UNLINKs a whole bucket
+    once its end is below ``clk - DD`` (no per-member removal; up to 2·DD of
+    sightings are kept, the sorted set kept DD).
+
+    A bucket holds sightings in two forms (readers take the largest clock
+    of an id over both; sighting clocks of an id only grow):
+
+    - packed: what an owner with the full copy of the sightings in memory
+      writes (``packed=True`` in ``write``; the common case): the call's
+      sightings of the bucket as ONE field ``#<k>`` (k = 1, 2, ...), its
+      value ``orjson`` of event id -> clock. Why, measured: Redis's cost of
+      a sighting as a field of its own was ~0.6 µs (an argument to parse,
+      queue in MULTI and append to the AOF), packed ~0.1 µs. Nothing looks
+      up a packed sighting by id: the copy is loaded whole (``read_all``).
+    - per id: field event id -> clock, what an owner without the copy
+      writes (``sightings_off``, or no cache): its lookups are HMGET of the
+      batch's ids on at most two buckets. Such a call first converts the
+      packed fields of the buckets it looks in to per-id fields (read with
+      its lookups, written with its commit, in the same fenced
+      MULTI/EXEC), so every packed field of a bucket is newer than its
+      per-id fields.
 
     The buckets that exist are listed in the meta hash
-    (``keys.seen_index_field``: ``start:end`` pairs, read with the meta
-    fields every call reads anyway), so nothing scans for them, and a
+    (``keys.seen_index_field``: ``start:end`` entries, read with the meta
+    fields every call reads anyway; ``start:end:f:n`` when the bucket has
+    f packed fields holding n sightings), so nothing scans for them, and a
     changed dedupe window (another ``w``) strands none: each bucket keeps
     the end it was created with (an end only grows).
 
@@ -1163,21 +1182,33 @@ class SeenBuckets:
         text = "" if raw is None else _text(raw)
         self.listed = raw is not None
         #: bucket start -> end (the last clock it may hold)
-        self.live = {int(a): int(b) for a, b in (x.split(":") for x in text.split())}
+        self.live: dict[int, int] = {}
+        #: bucket start -> (packed fields, sightings in them), for those with any
+        self.packed: dict[int, tuple[int, int]] = {}
+        for x in text.split():
+            a, b, *fn = map(int, x.split(":"))
+            self.live[a] = b
+            if fn and fn[0]:
+                self.packed[a] = (fn[0], fn[1])
         #: older state: the sorted set, converted by this call's commit
         self.legacy = raw is None and clk0 is not None
         self.since = None if clk0 is None else clk0 - DD
         #: the buckets a sighting that still counts may be in
-        self.keys = [rk.seen_bucket_key(experiment_id, src, a)
-                     for a, b in sorted(self.live.items()) if self.since is None or b >= self.since]
+        self.starts = [a for a, b in sorted(self.live.items())
+                       if self.since is None or b >= self.since]
+        self.keys = [rk.seen_bucket_key(experiment_id, src, a) for a in self.starts]
         self.count = 0  # how many sightings they hold (``queue_reads`` with ``count``)
         self._counting = False
         self._old: dict[str, int] = {}
+        #: bucket start -> its packed sightings, read by a call that looks up
+        #: by id: converted to per-id fields by its ``write``
+        self._unpacked: dict[int, dict[str, int]] = {}
 
     def queue_reads(self, p: _Reads, eids: list[str], count: bool) -> int:
         """Queue the reads ``replies`` takes: the older layout's live
-        sightings (all of them), else the buckets' sizes (``count``) and
-        their values of ``eids``. Returns how many replies they make."""
+        sightings (all of them), else the buckets' sizes (``count``), their
+        values of ``eids`` and (with ``eids``) their packed fields. Returns
+        how many replies they make."""
         if self.legacy:
             p.add("ZRANGE", rk.seen_key(self.eid, self.src), self.since, "+inf", "BYSCORE",
                   "WITHSCORES")
@@ -1190,6 +1221,10 @@ class SeenBuckets:
         for key in self.keys if eids else ():
             p.add("HMGET", key, *eids)
             n += 1
+        for a, key in zip(self.starts, self.keys, strict=True) if eids else ():
+            if a in self.packed:
+                p.add("HMGET", key, *_packed_fields(self.packed[a][0]))
+                n += 1
         return n
 
     def replies(self, got: Sequence[Any], eids: list[str]
@@ -1201,29 +1236,47 @@ class SeenBuckets:
             self.count = len(self._old)
             return {e: t for e in eids if (t := self._old.get(e)) is not None}, dict(self._old)
         i = len(self.keys) if self._counting else 0
-        self.count = sum(max(int(x) - 1, 0) for x in got[:i])  # less ``SEEN_PAD``
+        if self._counting:  # less ``SEEN_PAD`` and the packed fields, plus what they hold
+            self.count = sum(max(int(x) - 1 - f, 0) + n for x, (f, n) in zip(
+                got[:i], [self.packed.get(a, (0, 0)) for a in self.starts], strict=True))
         seen: dict[str, int] = {}
-        for vals in got[i:]:
+        if not eids:
+            return seen, None
+        for vals in got[i:i + len(self.keys)]:
             for e, v in zip(eids, vals, strict=True):
                 if v is not None and int(v) > seen.get(e, -(1 << 62)):
                     seen[e] = int(v)
+        j = i + len(self.keys)
+        for a in self.starts:
+            if a in self.packed:
+                m = self._unpacked[a] = {}
+                _unpack_into(m, got[j])
+                j += 1
+                for e in eids:
+                    t = m.get(e)
+                    if t is not None and t > seen.get(e, -(1 << 62)):
+                        seen[e] = t
         return seen, None
 
     def read_all(self, r: Any) -> dict[str, int]:
-        """Every sighting of the live buckets (event id -> latest clock): the
-        owner's copy, loaded once per cache."""
+        """Every sighting of the live buckets (event id -> latest clock), the
+        packed ones unpacked: the owner's copy, loaded once per cache."""
         p = _Reads(r)
         for key in self.keys:
             p.add("HGETALL", key)
         out: dict[str, int] = {}
         for h in p.execute():
+            packed = []
             for m, v in h.items():
                 e = _text(m)
-                if e == SEEN_PAD[0]:
+                if e[0] == "#":  # ``SEEN_PAD``, or packed (no event id has ``#``)
+                    if e != SEEN_PAD[0]:
+                        packed.append(v)
                     continue
                 t = int(v)
                 if t > out.get(e, -(1 << 62)):
                     out[e] = t
+            _unpack_into(out, packed)
         return out
 
     def _by_bucket(self, add: dict[str, int]) -> dict[int, dict[str, int]]:
@@ -1239,12 +1292,15 @@ class SeenBuckets:
             by.setdefault(t - t % self.w, {})[e] = t
         return by
 
-    def write(self, w: WriteSet, sightings: dict[str, int], clk1: int | None) -> None:
+    def write(self, w: WriteSet, sightings: dict[str, int], clk1: int | None,
+              packed: bool = False) -> None:
         """Queue the call's new ``sightings`` (event id -> clock; with the
-        older layout's, converted, under them), the buckets gone at clock
+        older layout's, converted, under them), packed (``packed``: the
+        owner keeps the full copy) or per id (then after the packed
+        sightings this call read, converted), the buckets gone at clock
         ``clk1`` (None: the clock did not move) and the list when it changed."""
         add = {**self._old, **sightings} if self.legacy else sightings
-        live = dict(self.live)
+        live, pk = dict(self.live), dict(self.packed)
         by = self._by_bucket(add)
         for a in by:
             if live.get(a, a - 1) < a + self.w - 1:
@@ -1252,14 +1308,20 @@ class SeenBuckets:
         gone = [] if clk1 is None else [a for a, b in live.items() if b < clk1 - self.DD]
         for a in gone:
             del live[a]
+            pk.pop(a, None)
             by.pop(a, None)
-        for a, m in sorted(by.items()):
+        conv = {} if packed else {a: m for a, m in self._unpacked.items() if a in live}
+        for a in sorted(by.keys() | conv.keys()):
             key = rk.seen_bucket_key(self.eid, self.src, a)
             if a not in self.live:
                 w.add("hset", key, *SEEN_PAD)  # created a hashtable
-            if len(m) <= 10_000:
-                w.add("hset", key, mapping=m)
+            m = by.get(a, {})
+            if packed:
+                self._write_packed(w, key, a, m, pk)
                 continue
+            if a in conv:  # once: the packed sightings as per-id fields, then the new
+                w.add("hdel", key, *_packed_fields(pk.pop(a)[0]))
+                m = {**conv[a], **m}
             items = list(m.items())  # a converted layout may be large
             for j in range(0, len(items), 10_000):
                 w.add("hset", key, mapping=dict(items[j:j + 10_000]))
@@ -1268,9 +1330,40 @@ class SeenBuckets:
             drop.append(rk.seen_key(self.eid, self.src))
         if drop:
             w.add("unlink", *drop)
-        if not self.listed or live != self.live:
+        if not self.listed or live != self.live or pk != self.packed:
             w.add("hset", rk.meta_key(self.eid), rk.seen_index_field(self.src),
-                  " ".join(f"{a}:{b}" for a, b in sorted(live.items())))
+                  " ".join(f"{a}:{b}:{pk[a][0]}:{pk[a][1]}" if a in pk else f"{a}:{b}"
+                           for a, b in sorted(live.items())))
+
+    @staticmethod
+    def _write_packed(w: WriteSet, key: str, a: int, m: dict[str, int],
+                      pk: dict[int, tuple[int, int]]) -> None:
+        """Queue ``m`` as the next packed fields of bucket ``a`` (one, unless
+        a converted layout is large) and count them in ``pk``."""
+        f, n = pk.get(a, (0, 0))
+        items = list(m.items()) if len(m) > 10_000 else None
+        parts = [m] if items is None else [dict(items[j:j + 10_000])
+                                           for j in range(0, len(items), 10_000)]
+        for part in parts:
+            f += 1
+            w.add("hset", key, f"#{f}", orjson.dumps(part))
+        pk[a] = (f, n + len(m))
+
+
+def _packed_fields(f: int) -> list[str]:
+    """The names of a bucket's ``f`` packed fields (``SeenBuckets``)."""
+    return [f"#{k}" for k in range(1, f + 1)]
+
+
+def _unpack_into(out: dict[str, int], values: Sequence[Any]) -> None:
+    """Merge packed sighting values (``orjson`` of event id -> clock; None:
+    absent) into ``out``, the largest clock of an id winning."""
+    for v in values:
+        if v is None:
+            continue
+        for e, t in orjson.loads(v).items():
+            if t > out.get(e, -(1 << 62)):
+                out[e] = t
 
 
 def read_sightings(r: Any, experiment_id: str, src: str) -> dict[str, int]:

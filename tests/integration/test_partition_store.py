@@ -972,7 +972,8 @@ def test_sightings_buckets_pruned_whole_and_duplicates_found(fresh, monkeypatch,
     _owned_cfg(fresh, cfg, [_m_row_id(6, 30_000, 1.0, "c")], epoch)
     listed = fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)).decode().split()
     start = (T0 + 30_000) // 5000 * 5000
-    assert listed == [f"{start}:{start + 4999}"]
+    # (``start:end``, and ``:f:n`` where the bucket has packed sightings)
+    assert [":".join(x.split(":")[:2]) for x in listed] == [f"{start}:{start + 4999}"]
     assert _seen_keys_in_redis(fresh) == {rk.seen_bucket_key("e1", src, start)}
     assert read_sightings(fresh, "e1", src) == {"c": T0 + 30_000}
     # a hashtable from the start (``SEEN_PAD``): a ziplist's HSET scans it
@@ -1045,6 +1046,119 @@ def test_sightings_conversion_refused_with_its_commit(fresh):
     _owned_cfg(fresh, cfg, [_m_row_id(2, 2000, 5.0, "m1")], epoch)
     assert read_counters(fresh, "e1")["duplicate"] == 1
     assert not fresh.exists(rk.seen_key("e1", src))
+
+
+def _bucket_fields(r, src: str) -> dict[str, dict[str, bytes]]:
+    """Every listed sighting bucket's fields (less ``SEEN_PAD``), by key."""
+    from streams.state.partition_store import SEEN_PAD, seen_keys
+
+    return {k: {f.decode(): v for f, v in r.hgetall(k).items() if f.decode() != SEEN_PAD[0]}
+            for k in seen_keys(r, "e1", [src]) if r.exists(k)}
+
+
+def _packed_state(r, src: str) -> dict[str, dict[str, bytes]]:
+    """A sighting layout with packed fields: an owner that keeps the copy
+    writes ``x0``, ``m1`` (one batch) and ``m2`` (another) packed."""
+    cfg = _cfg_dd(5)
+    epoch = claim_partition(r, "liftstream.events", 0)
+    _owned_cfg(r, cfg, [_x_row(0, 0), _m_row_id(1, 1000, 2.0, "m1")], epoch)
+    _owned_cfg(r, cfg, [_m_row_id(2, 2000, 3.0, "m2")], epoch)
+    fields = _bucket_fields(r, src)
+    assert [sorted(f) for f in fields.values()] == [["#1", "#2"]], "one packed field a batch"
+    listed = r.hget(rk.meta_key("e1"), rk.seen_index_field(src)).decode()
+    assert listed.endswith(":2:3"), listed  # 2 packed fields holding 3 sightings
+    return fields
+
+
+def test_cold_owner_reads_packed_sightings(fresh):
+    """A new owner (no copy) that keeps the sightings loads the packed
+    fields whole: duplicates of what the previous owner packed are found,
+    and its own sightings are packed too (one more field)."""
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters, read_units
+
+    src = "liftstream.events|0"
+    _packed_state(fresh, src)
+    assert read_sightings(fresh, "e1", src) == {"x0": T0, "m1": T0 + 1000, "m2": T0 + 2000}
+    ps.forget_owner(fresh, "liftstream.events", 0)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(3, 3000, 5.0, "m1"), _m_row_id(4, 3000, 7.0, "m4")],
+               epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert read_units(fresh, _cfg_dd(5))["u"].totals == [12.0]
+    assert set(_owner(fresh).caches["e1"].sightings) == {"x0", "m1", "m2", "m4"}
+    assert [sorted(f) for f in _bucket_fields(fresh, src).values()] == [["#1", "#2", "#3"]]
+    assert read_sightings(fresh, "e1", src) == _owner(fresh).caches["e1"].sightings
+
+
+@pytest.mark.parametrize("cache_units", ["0", "1"])
+def test_owner_without_copy_converts_packed_sightings(fresh, monkeypatch, cache_units):
+    """An owner that looks sightings up by id (no cache, or more sightings
+    than it keeps: ``sightings_off``) on buckets with packed fields still
+    finds their duplicates, and its commit converts them to per-id fields
+    once (the packed fields deleted, the list without their count); a later
+    owner that keeps the copy reads both forms."""
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters, read_units
+
+    src = "liftstream.events|0"
+    _packed_state(fresh, src)
+    ps.forget_owner(fresh, "liftstream.events", 0)
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", cache_units)  # "1": at most 4
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(3, 3000, 5.0, "m2"), _m_row_id(4, 3000, 1.0, "m4"),
+                                   _m_row_id(5, 3000, 1.0, "m5")], epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    if cache_units == "1":  # loaded (3 sightings), packed its own, then 5 > 4: dropped
+        c = _owner(fresh).caches["e1"]
+        assert c.sightings is None and c.sightings_off
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(6, 3500, 9.0, "m1")], epoch)  # looked up
+    assert read_counters(fresh, "e1")["duplicate"] == 2
+    assert [sorted(f) for f in _bucket_fields(fresh, src).values()] \
+        == [["m1", "m2", "m4", "m5", "x0"]]
+    assert len(fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)).split(b":")) == 2
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", "100000")
+    ps.forget_owner(fresh, "liftstream.events", 0)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(7, 3600, 9.0, "m6")], epoch)  # packed again
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(8, 3700, 9.0, "m5"), _m_row_id(9, 3700, 9.0, "m6")],
+               epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 4
+    assert read_units(fresh, _cfg_dd(5))["u"].totals == [16.0]
+    ps.forget_owner(fresh, "liftstream.events", 0)  # both forms in one bucket, loaded
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(10, 3800, 9.0, "x0")], epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 5
+    assert set(_owner(fresh).caches["e1"].sightings) == {"x0", "m1", "m2", "m4", "m5", "m6"}
+
+
+def test_packed_sightings_conversion_refused_with_its_commit(fresh, monkeypatch):
+    """The conversion of packed sightings is part of the owner's commit: a
+    commit Redis refuses leaves the buckets and their list as they were
+    (no per-id field written, no packed field deleted), and the retry
+    converts them and finds the duplicate."""
+    from redis.exceptions import ResponseError
+
+    from streams.state import partition_store as ps
+    from streams.state.store import read_counters
+
+    src = "liftstream.events|0"
+    before = _packed_state(fresh, src)
+    listed = fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src))
+    ps.forget_owner(fresh, "liftstream.events", 0)
+    monkeypatch.setenv("LIFTSTREAM_OWNER_CACHE_UNITS", "0")
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    fresh.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        with pytest.raises(ResponseError):
+            _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(3, 3000, 5.0, "m1")], epoch)
+    finally:
+        fresh.config_set("maxmemory", 0)
+    assert _bucket_fields(fresh, src) == before
+    assert fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)) == listed
+    _owned_cfg(fresh, _cfg_dd(5), [_m_row_id(3, 3000, 5.0, "m1")], epoch)
+    assert read_counters(fresh, "e1")["duplicate"] == 1
+    assert [sorted(f) for f in _bucket_fields(fresh, src).values()] == [["m1", "m2", "x0"]]
 
 
 def test_conclusion_deletes_every_sightings_bucket(fresh):
