@@ -808,8 +808,15 @@ def _flushed(r) -> None:
 
 
 def _counts(r) -> dict:
-    """What a batch leaves of e1's counts: ``_frozen`` less the applied offsets."""
-    return {k: v for k, v in _frozen(r).items() if k != rk.offsets_key("e1")}
+    """What a batch leaves of e1's counts: ``_frozen`` less the applied
+    offsets, the sightings as what they hold (an owner with the copy packs
+    them, one without writes them per id: ``SeenBuckets``)."""
+    out = {k: v for k, v in _frozen(r).items() if k != rk.offsets_key("e1")}
+    meta, field = out[rk.meta_key("e1")], rk.seen_index_field(SRC0).encode()
+    if field in meta:
+        meta[field] = b" ".join(b":".join(x.split(b":")[:2]) for x in meta[field].split())
+    out["sightings"] = read_sightings(r, "e1", SRC0)
+    return out
 
 
 def test_defect_a_delete_is_no_lost_commits_for_the_running_owner(fresh):
