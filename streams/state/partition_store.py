@@ -48,8 +48,6 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-import redis
-from redis.commands.core import CoreCommands
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 
@@ -60,6 +58,7 @@ from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
 from streams.state.store import Fenced, decode_unit, encode_unit
+from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
 class LostCommits(Exception):
@@ -72,149 +71,6 @@ class LostCommits(Exception):
                          f"the owner made {expected}")
         self.expected = expected
         self.found = found
-
-
-# ---------------------------------------------------------------- the wire
-#
-# Why: redis-py encodes every argument of a command in Python (about 2 µs an
-# argument with its checks), and a batch's commit and reads carry several
-# arguments per event (unit records, sightings, pending scores). On a plain
-# ``redis.Redis`` with the hiredis parser the owner packs each command with
-# ``hiredis.pack_command`` (C) and sends a call's commands at once on one
-# connection; on anything else (Redis Cluster, other clients) the same
-# commands go through redis-py's pipeline. The replies are normalised to one
-# shape either way (``_Reads``).
-
-try:
-    import hiredis
-except ImportError:  # pragma: no cover - a fresh machine without hiredis
-    hiredis = None
-try:  # what redis-py's hiredis reader returns for "no whole reply buffered yet"
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
-except ImportError:  # pragma: no cover - another redis-py: read_response then
-    _MORE = None
-
-
-def _packs(r: Any) -> bool:
-    """Whether the owner may pack commands itself for client ``r`` (a plain
-    ``redis.Redis`` that does not decode replies, hiredis installed)."""
-    return (hiredis is not None and type(r) is redis.Redis
-            and not r.connection_pool.connection_kwargs.get("decode_responses"))
-
-
-def _send_raw(conn: Any, cmds: Sequence[tuple]) -> list:
-    """Send ``cmds`` on ``conn`` at once and read every reply (an error reply
-    is returned as its exception, so the connection stays in step); any
-    other failure disconnects it (a half-read connection is never reused)."""
-    try:
-        # one buffer, one sendall: a list would be one syscall per command
-        # (redis-py sends its items one by one), and Redis reads as many times
-        conn.send_packed_command([b"".join([hiredis.pack_command(c) for c in cmds])],
-                                 check_health=False)
-        parser = conn._parser
-        reader = getattr(parser, "_reader", None)
-        if (_MORE is not None and isinstance(reader, hiredis.Reader)
-                and getattr(parser, "_sock", None) is not None
-                and isinstance(getattr(parser, "_buffer", None), bytearray)):
-            return _read_replies(parser._sock, parser._buffer, reader, len(cmds))
-        out = []
-        for _ in cmds:
-            try:
-                out.append(conn.read_response(disable_decoding=True))
-            except ResponseError as e:
-                out.append(e)
-        return out
-    except BaseException:
-        conn.disconnect()
-        raise
-
-
-def _read_replies(sock: Any, buf: bytearray, reader: Any, n: int) -> list:
-    """``n`` replies parsed by the connection's hiredis reader straight off
-    its socket. Why: redis-py's ``read_response`` spends ~0.6 µs of Python
-    per reply around the C parser, this loop ~0.15 (20k HSETNX replies), and
-    the routing index reads two replies per exposure. Error replies come
-    back as their exception (the reader builds them with redis-py's
-    ``parse_error``, as ``read_response`` would before raising them); a
-    timeout or a closed socket raise redis-py's errors, so callers retry
-    them as before (``store.TRANSIENT_REDIS``)."""
-    out: list = []
-    while len(out) < n:
-        got = reader.gets()
-        if got is _MORE:
-            try:
-                k = sock.recv_into(buf)
-            except TimeoutError as e:  # socket.timeout
-                raise redis.TimeoutError("Timeout reading from socket") from e
-            except OSError as e:
-                raise RedisConnectionError(f"Error while reading from socket: {e.args}") from e
-            if not k:
-                raise RedisConnectionError("Connection closed by server.")
-            reader.feed(buf, 0, k)
-        else:
-            out.append(got)
-    return out
-
-
-class _Recorder(CoreCommands):
-    """Turns redis-py command methods (``WriteSet`` entries) into the
-    argument tuples they would send, without sending or encoding them."""
-
-    def __init__(self) -> None:
-        self.cmds: list[tuple] = []
-
-    def execute_command(self, *args: Any, **options: Any) -> None:
-        self.cmds.append(args)
-
-
-def _flat_pairs(x: Any) -> list[tuple[Any, Any]]:
-    """A HGETALL or ZRANGE WITHSCORES reply as pairs, whether redis-py made
-    it a dict / list of pairs or it is the flat RESP2 list."""
-    if isinstance(x, dict):
-        return list(x.items())
-    if x and isinstance(x[0], (list, tuple)):
-        return [tuple(v) for v in x]
-    return list(zip(x[::2], x[1::2], strict=True))
-
-
-class _Reads:
-    """A read pipeline of the owner's call (``_packs``: packed by hiredis,
-    else redis-py's): ``add`` raw commands, ``execute`` returns the replies
-    (HGETALL as a dict, ZRANGE WITHSCORES as (member, score) pairs; scores
-    as Redis sent them, which ``int`` reads); an error reply raises."""
-
-    def __init__(self, r: Any) -> None:
-        self.r = r
-        self.cmds: list[tuple] = []
-
-    def add(self, *args: Any) -> _Reads:
-        self.cmds.append(args)
-        return self
-
-    def __len__(self) -> int:
-        return len(self.cmds)
-
-    def execute(self) -> list:
-        if not self.cmds:
-            return []
-        if _packs(self.r):
-            pool = self.r.connection_pool
-            conn = pool.get_connection()
-            try:
-                got = _send_raw(conn, self.cmds)
-            finally:
-                pool.release(conn)
-        else:
-            p = self.r.pipeline(transaction=False)
-            for c in self.cmds:
-                p.execute_command(*c)
-            got = p.execute(raise_on_error=False)
-        for g in got:
-            if isinstance(g, Exception):
-                raise g
-        return [dict(_flat_pairs(g)) if c[0] == "HGETALL"
-                else _flat_pairs(g) if c[0] == "ZRANGE" else g
-                for c, g in zip(self.cmds, got, strict=True)]
 
 
 def _dropped_while_watching(e: WatchError) -> RedisConnectionError | None:
@@ -334,9 +190,9 @@ class Commit:
         call read it (the state it read may be deleted)."""
         try:
             self.pipe.watch(self.fence, self.lifecycle, self.gen_key)
-            if _packs(self._client) and self.pipe.connection is not None:
+            if packs(self._client) and self.pipe.connection is not None:
                 # one round trip for the reads, on the WATCHing connection
-                got = _send_raw(self.pipe.connection, [
+                got = send_raw(self.pipe.connection, [
                     ("HMGET", self.fence, "epoch", "seq"), ("EXISTS", self.lifecycle),
                     ("GET", self.gen_key)])
                 for g in got:
@@ -381,7 +237,7 @@ class Commit:
         if dirty:
             tail.append(("INCR", rk.dirty_seq_key(self.experiment_id)))
         try:
-            if _packs(self._client) and p.connection is not None:
+            if packs(self._client) and p.connection is not None:
                 res = self._exec_packed(writes, tail)
             else:
                 p.multi()
@@ -414,14 +270,14 @@ class Commit:
 
     def _exec_packed(self, writes: WriteSet, tail: list[tuple]) -> list:
         """MULTI, the writes, ``tail``, EXEC packed by hiredis and sent at once
-        on the connection that holds the WATCH (``_packs``). An error reply
+        on the connection that holds the WATCH (``packs``). An error reply
         while queueing makes Redis abort the EXEC (EXECABORT): raised, nothing
         written. ``WatchError`` when the EXEC was refused (the fence moved)."""
-        rec = _Recorder()
+        rec = Recorder()
         for method, args, kwargs in writes.ops:
             getattr(rec, method)(*args, **kwargs)
         cmds = [("MULTI",), *rec.cmds, *tail, ("EXEC",)]
-        got = _send_raw(self.pipe.connection, cmds)
+        got = send_raw(self.pipe.connection, cmds)
         self.pipe.watching = False  # EXEC ended the WATCH either way
         for g in got[:-1]:
             if isinstance(g, Exception):
@@ -800,7 +656,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
-    p = _Reads(r)
+    p = Reads(r)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
           f"max_ts:{src}", rk.seen_index_field(src))
     p.add("HGET", k.offsets, src)
@@ -829,7 +685,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     cache = owner.cache_of(eid, token)
     if cache is not cached and (hits or cached_shard is not None or sight is not None):
         # another incarnation: the cached units, shard and sightings are stale
-        p = _Reads(r)
+        p = Reads(r)
         if hits:
             _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
         p.add("HGETALL", shard_k)
@@ -880,7 +736,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
-    p = _Reads(r)
+    p = Reads(r)
     p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
@@ -927,7 +783,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
     max_layer = MAX_LAYER if ret_cap_raw is None else int(ret_cap_raw)
-    p = _Reads(r)
+    p = Reads(r)
     if more_units:
         p.add("HMGET", k.units, *more_units)
     if more_held:
@@ -1204,7 +1060,7 @@ class SeenBuckets:
         #: by id: converted to per-id fields by its ``write``
         self._unpacked: dict[int, dict[str, int]] = {}
 
-    def queue_reads(self, p: _Reads, eids: list[str], count: bool) -> int:
+    def queue_reads(self, p: Reads, eids: list[str], count: bool) -> int:
         """Queue the reads ``replies`` takes: the older layout's live
         sightings (all of them), else the buckets' sizes (``count``), their
         values of ``eids`` and (with ``eids``) their packed fields. Returns
@@ -1261,7 +1117,7 @@ class SeenBuckets:
     def read_all(self, r: Any) -> dict[str, int]:
         """Every sighting of the live buckets (event id -> latest clock), the
         packed ones unpacked: the owner's copy, loaded once per cache."""
-        p = _Reads(r)
+        p = Reads(r)
         for key in self.keys:
             p.add("HGETALL", key)
         out: dict[str, int] = {}

@@ -168,6 +168,7 @@ from streams.state.semantics import (
     started_and_arrivals,
     watermark_of,
 )
+from streams.state.wire import Reads
 
 
 def offsets_field(topic: str, partition: int) -> str:
@@ -1014,15 +1015,13 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     ``liftstream bench ingest``).
 
     The commands go through the owner's read pipeline
-    (``partition_store._Reads``): packed by hiredis and sent at once on a
+    (``streams.state.wire.Reads``): packed by hiredis and sent at once on a
     plain client, a redis-py pipeline elsewhere (a Redis Cluster, whose unit
     keys lie in many slots): one code path for both. A connection lost
     between an HSETNX and its PEXPIRE leaves a key without TTL only until
     the batch is replayed (its offset was not recorded), which sends both
     again. Returns per unit (index, held) as dicts."""
-    from streams.state.partition_store import _Reads  # it imports this module
-
-    p = _Reads(r)
+    p = Reads(r)
     prefix = None if topic is None or partition is None else f"{topic}|{int(partition)}|"
     for (u, e), off in exposing.items():
         p.add("HSETNX", unit_index_key(u), e, "*" if prefix is None else f"{prefix}{off}")
