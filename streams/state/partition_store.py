@@ -209,19 +209,64 @@ class Commit:
         except BaseException:
             self.pipe.reset()
             raise
-        if self._regenerated(gen):
+        try:
+            self._check(cur, seq, ended, gen)
+        except BaseException:
             self.pipe.reset()
+            raise
+
+    def hold(self) -> Any:
+        """The packed path's first step (``packs``; instead of ``prepare``):
+        take the connection this commit will WATCH and EXEC on, for the
+        call's reads too (``streams.state.wire.Reads``'s ``conn``), so the
+        WATCH and the fence read ride on the call's first read round trip
+        (``queue_watch``) and no round trip of their own. Why, measured: the
+        WATCH and the fence reads were two of the ~10 round trips of a
+        batch, each tens of µs of redis-py. ``release`` hands it back."""
+        self.pipe.connection = self._client.connection_pool.get_connection()
+        # (``reset`` UNWATCHes it, or skips a connection that broke)
+        self.pipe.watching = True
+        return self.pipe.connection
+
+    def queue_watch(self, p: Reads) -> None:
+        """WATCH the fence, the lifecycle and the generation key, then read
+        the fence's epoch and sequence: first in ``p`` (on ``hold``'s
+        connection), so every read queued after them is WATCHed too (the
+        generation and lifecycle the call reads with its batch, its state):
+        a change of any before the EXEC refuses it. ``watched`` takes the
+        two replies off."""
+        p.add("WATCH", self.fence, self.lifecycle, self.gen_key)
+        p.add("HMGET", self.fence, "epoch", "seq")
+
+    def watched(self, got: list) -> list:
+        """``got`` (``p``'s replies) without ``queue_watch``'s, once the
+        fence's epoch and sequence are checked (``Fenced``, ``LostCommits``;
+        ``prepare``'s checks: the generation and lifecycle are the ones read
+        after the WATCH, kept with ``generation``/``concluded``)."""
+        self._check_fence(*got[1])
+        return got[2:]
+
+    def release(self) -> None:
+        """UNWATCH (when no EXEC ended the WATCH) and hand the connection
+        back; a no-op after ``execute``."""
+        self.pipe.reset()
+
+    def _check(self, cur: Any, seq: Any, ended: Any, gen: Any) -> None:
+        """``prepare``'s checks of what it read after its WATCH."""
+        if self._regenerated(gen):
             raise ExperimentChanged(self.experiment_id,
                                     "deleted (or re-created) after the owner read its state")
         if bool(ended) != self.concluded:
-            self.pipe.reset()
             raise Concluded(self.experiment_id, "concluded after the owner read its state")
+        self._check_fence(cur, seq)
+
+    def _check_fence(self, cur: Any, seq: Any) -> None:
+        """``Fenced`` if a newer owner claimed, ``LostCommits`` if Redis is
+        behind this owner's claim (``cur``: the fence's epoch) or commits."""
         if _int_or_zero(cur) > self.epoch:
-            self.pipe.reset()
             raise Fenced(f"{self.experiment_id} {self.src} is owned by epoch "
                          f"{_int_or_zero(cur)}, not {self.epoch}")
         if _int_or_zero(cur) < self.epoch or _int_or_zero(seq) != self.seq:
-            self.pipe.reset()
             raise LostCommits(self.experiment_id, self.src, self.seq, _int_or_zero(seq))
 
     def execute(self, writes: WriteSet, offset: int | None, dirty: bool = True) -> int:
@@ -537,14 +582,29 @@ class PartitionOwner:
             self.seqs.pop(experiment_id, None)
             self.caches.pop(experiment_id, None)
 
+    def hold(self, experiment_id: str) -> Commit | None:
+        """Claim the experiment's fence on first touch (``seq_of``: before
+        any read), then, on the packed path of a fenced owner, the call's
+        ``Commit`` holding its connection (``Commit.hold``: the WATCH rides
+        on the call's first reads); None elsewhere (``commit`` then WATCHes
+        at commit time, ``Commit.prepare``). The caller ``release``s it."""
+        seq = self.seq_of(experiment_id)
+        if self.epoch is None or not packs(self.r):
+            return None
+        c = Commit(self.r, experiment_id, self.src, self.epoch, seq)
+        c.hold()
+        return c
+
     def commit(self, experiment_id: str, writes: WriteSet, offset: int | None,
                dirty: bool = True, concluded: bool = False,
-               generation: bytes | None = UNCHECKED) -> int | None:
+               generation: bytes | None = UNCHECKED, held: Commit | None = None
+               ) -> int | None:
         """The fenced commit (``commit``); returns ``dirty_seq`` after it
         (None when ``dirty`` is False: nothing a reader sees changed).
         ``concluded``, ``generation``: what the call read of the experiment's
         lifecycle and incarnation (``Commit``: refused if either changed
-        before the EXEC)."""
+        before the EXEC). ``held``: the call's ``hold``, WATCHing since its
+        first reads (and its fence checked there, ``Commit.watched``)."""
         if self.epoch is None:
             p = self.r.pipeline(transaction=True)
             for method, args, kwargs in writes.ops:
@@ -555,10 +615,15 @@ class PartitionOwner:
                 p.incr(rk.dirty_seq_key(experiment_id))
             res = p.execute()
             return int(res[-1]) if dirty else None
-        c = Commit(self.r, experiment_id, self.src, self.epoch, self.seq_of(experiment_id),
-                   concluded, generation)
+        c = held
+        if c is None:
+            c = Commit(self.r, experiment_id, self.src, self.epoch, self.seq_of(experiment_id),
+                       concluded, generation)
+        else:
+            c.concluded, c.generation = concluded, generation
         try:
-            c.prepare()
+            if held is None:
+                c.prepare()
             self.seqs[experiment_id] = c.execute(writes, offset, dirty)
         except BaseException:
             # fenced, lost commits, or an unknown outcome (a connection cut
@@ -609,11 +674,17 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     below the applied offset are skipped. Any error drops the experiment's
     unit cache: the rules changed cached records in place, and the commit
     (all or nothing) may not have happened."""
+    held = None
     try:
-        return _apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
+        _check_rows(cfg.experiment_id, rows)
+        held = owner.hold(cfg.experiment_id)  # the fence first, then the reads
+        return _apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead, held)
     except BaseException:
         owner.drop_cache(cfg.experiment_id)
         raise
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str, heldq_k: str,
@@ -638,11 +709,10 @@ def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
 
 
 def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],
-                      clk_end: int, fold_limit: int, dead: Sequence[tuple[int, str]]
-                      ) -> dict[str, Any]:
+                      clk_end: int, fold_limit: int, dead: Sequence[tuple[int, str]],
+                      held: Commit | None) -> dict[str, Any]:
     r, src, eid = owner.r, owner.src, cfg.experiment_id
-    _check_rows(eid, rows)
-    owner.seq_of(eid)  # the fence first, then the reads
+    conn = None if held is None else held.pipe.connection  # every read WATCHed (``hold``)
     k = experiment_keys(eid)
     pend_k, heldq_k = rk.pending_key(eid, src), rk.heldq_key(eid, src)
     shard_k = rk.shard_key(eid, src)
@@ -656,7 +726,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
-    p = Reads(r)
+    p = Reads(r, conn)
+    if held is not None:
+        held.queue_watch(p)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
           f"max_ts:{src}", rk.seen_index_field(src))
     p.add("HGET", k.offsets, src)
@@ -674,6 +746,12 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     load = owner.cache_units > 0 and sight is None and not (
         cached is not None and cached.sightings_off)
     got = p.execute()
+    if held is not None:
+        try:
+            got = held.watched(got)
+        except (Fenced, LostCommits):
+            owner.forget(eid)  # as a refused commit does: claim and read again
+            raise
     (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw, buckets_raw), \
         stored_raw = got[:2]
     token = (got[2], bool(got[3]))
@@ -685,7 +763,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     cache = owner.cache_of(eid, token)
     if cache is not cached and (hits or cached_shard is not None or sight is not None):
         # another incarnation: the cached units, shard and sightings are stale
-        p = Reads(r)
+        p = Reads(r, conn)
         if hits:
             _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, list(hits))
         p.add("HGETALL", shard_k)
@@ -736,7 +814,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     T, cut = clk - st.L, clk - st.Hh
-    p = Reads(r)
+    p = Reads(r, conn)
     p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
@@ -783,7 +861,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     ret_n = int(ret_n_raw or 0)
     ask = [u for u in uids if u not in loaded_units] if ret_n > 0 else []
     max_layer = MAX_LAYER if ret_cap_raw is None else int(ret_cap_raw)
-    p = Reads(r)
+    p = Reads(r, conn)
     if more_units:
         p.add("HMGET", k.units, *more_units)
     if more_held:
@@ -912,7 +990,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
         off_new = dl_hi
-    seq = owner.commit(eid, w, off_new, dirty, token[1], token[0]) if dirty or len(w) else None
+    seq = (owner.commit(eid, w, off_new, dirty, token[1], token[0], held)
+           if dirty or len(w) else None)
     for u in st.units.values():  # committed: Redis holds them as they are now
         u.dirty = False
     shard.untouch()

@@ -121,10 +121,14 @@ class Reads:
     """A read pipeline of the owner's call (``packs``: packed by hiredis,
     else redis-py's): ``add`` raw commands, ``execute`` returns the replies
     (HGETALL as a dict, ZRANGE WITHSCORES as (member, score) pairs; scores
-    as Redis sent them, which ``int`` reads); an error reply raises."""
+    as Redis sent them, which ``int`` reads); an error reply raises.
+    ``conn``: a connection of ``r``'s pool the caller holds (packed path
+    only; the owner's WATCHing one, ``partition_store.Commit.hold``): the
+    commands go there, and it is not released."""
 
-    def __init__(self, r: Any) -> None:
+    def __init__(self, r: Any, conn: Any = None) -> None:
         self.r = r
+        self.conn = conn
         self.cmds: list[tuple] = []
 
     def add(self, *args: Any) -> Reads:
@@ -137,7 +141,9 @@ class Reads:
     def execute(self) -> list:
         if not self.cmds:
             return []
-        if packs(self.r):
+        if self.conn is not None:
+            got = send_raw(self.conn, self.cmds)
+        elif packs(self.r):
             pool = self.r.connection_pool
             conn = pool.get_connection()
             try:
