@@ -733,14 +733,50 @@ def _frozen(r) -> dict:
                                      rk.experiment_keys("e1").arrivals, rk.offsets_key("e1"))}
 
 
-@pytest.mark.parametrize("when", ["after_reads", "after_watch"])
+def _race_before_exec(monkeypatch, when: str, race) -> None:
+    """Run ``race()`` while an owner's call is in flight, after it read its
+    state: on the redis-py path (``packs`` off: a Redis Cluster), before its
+    commit WATCHes (``after_reads``) or between the WATCH and the EXEC
+    (``after_watch``); on the packed path (``held``), where the WATCH rides
+    on the call's first reads (``Commit.hold``), just before the EXEC (and
+    ``prepare``, the redis-py path's WATCH, must not run)."""
+    from streams.state import partition_store as ps
+
+    if when == "held":
+        real_exec = ps.Commit.execute
+
+        def racing_exec(self, *a, **kw):
+            race()
+            return real_exec(self, *a, **kw)
+
+        def no_prepare(self) -> None:
+            raise AssertionError("the packed path WATCHes with its reads, not in prepare")
+
+        monkeypatch.setattr(ps.Commit, "execute", racing_exec)
+        monkeypatch.setattr(ps.Commit, "prepare", no_prepare)
+        return
+    real = ps.Commit.prepare
+
+    def racing(self) -> None:
+        if when == "after_watch":
+            real(self)
+        race()
+        if when == "after_reads":
+            real(self)
+
+    monkeypatch.setattr(ps, "packs", lambda r: False)
+    monkeypatch.setattr(ps.Commit, "prepare", racing)
+
+
+@pytest.mark.parametrize("when", ["after_reads", "after_watch", "held"])
 def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, redis_url,
                                                                        monkeypatch, when):
     """The sampler concludes the experiment (another client) while an owner's
     call is in flight: after the owner read the units and pending entries,
     either before its commit WATCHes (``after_reads``) or between the WATCH
-    and the EXEC (``after_watch``). The commit must write nothing: no unit
-    record or pending entry comes back into the concluded experiment, and
+    and the EXEC (``after_watch``, ``held``: ``_race_before_exec``). The
+    commit must write nothing: no unit record or pending entry comes back
+    into the concluded experiment, and
     its counts stay what conclusion froze. The retry reads the experiment
     concluded and refuses its exposures (the caller dead-letters them,
     ``after_end``), and writes no unit either."""
@@ -754,24 +790,20 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
     assert fresh.hexists(rk.units_key("e1"), "u") and fresh.zcard(rk.pending_key("e1", SRC0))
     sampler = redis.Redis.from_url(redis_url)
     frozen: dict = {}
-    real = ps.Commit.prepare
 
-    def racing(self) -> None:
-        if when == "after_watch":
-            real(self)
-        conclude(sampler, _cfg())
-        frozen.update(_frozen(sampler))
-        if when == "after_reads":
-            real(self)
+    def race() -> None:
+        if not frozen:
+            conclude(sampler, _cfg())
+            frozen.update(_frozen(sampler))
 
-    monkeypatch.setattr(ps.Commit, "prepare", racing)
+    _race_before_exec(monkeypatch, when, race)
     batch = [_x_row_of(1, 500, "v"), _m_row(2, 1000, 2.0)]
     refused = None
     try:
         _owned(fresh, batch, epoch)
     except (WatchError, Fenced) as e:
         refused = e
-    monkeypatch.setattr(ps.Commit, "prepare", real)
+    monkeypatch.undo()
     assert frozen, "the conclusion ran"
     assert fresh.hgetall(rk.units_key("e1")) == {}, "a unit record came back"
     assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0, "a pending entry came back"
@@ -851,8 +883,9 @@ def test_defect_a_delete_does_not_lower_the_fence(fresh):
         claim_fence(fresh, "e1", SRC0, a)
 
 
+@pytest.mark.parametrize("when", ["after_reads", "held"])
 def test_defect_delete_and_recreate_during_a_commit_write_nothing_old(fresh, redis_url,
-                                                                      monkeypatch):
+                                                                      monkeypatch, when):
     """Deleted and re-created under the same id (another client) after the
     owner read its state (and with its cached shard and units of the old
     incarnation) but before its commit: the commit writes nothing (the
@@ -864,21 +897,21 @@ def test_defect_delete_and_recreate_during_a_commit_write_nothing_old(fresh, red
     epoch = claim_partition(fresh, "liftstream.events", 0)
     _owned(fresh, [_x_row(0, 0), _m_row(1, 1000, 2.0)], epoch)
     other = redis.Redis.from_url(redis_url)
-    real = ps.Commit.prepare
     raced = []
 
-    def racing(self) -> None:
+    def race() -> None:
         if not raced:
             raced.append(1)
             oreg = type(reg)(other)
             oreg.delete("e1")
             oreg.put(_cfg(), now_ms=T0)
-        real(self)
 
-    monkeypatch.setattr(ps.Commit, "prepare", racing)
+    _race_before_exec(monkeypatch, when, race)
     batch = [_x_row_of(2, 2000, "v")]
     with pytest.raises(ps.ExperimentChanged):
         _owned(fresh, batch, epoch)
+    assert raced
+    monkeypatch.undo()
     assert fresh.hgetall(rk.units_key("e1")) == {}, "written into the new experiment"
     _owned(fresh, batch, epoch)  # the retry
     after = _counts(fresh)
