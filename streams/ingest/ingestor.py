@@ -49,6 +49,7 @@ from streams.state.store import (
     due_to_settle,
     index_ttl_ms,
     offsets_field,
+    partition_start,
     record_position,
     settle,
     too_old_margin,
@@ -135,7 +136,8 @@ class Ingestor:
         accepted = []
         unknown = ids - known.keys()
         # the partition clock after each event (dead letters move none)
-        crows, clk0 = clocked_batch(self.r, known, topic, partition, rows)
+        clk_start, holds = partition_start(self.r, topic, partition)
+        crows, clk0 = clocked_batch(self.r, known, topic, partition, rows, clock=clk_start)
         clk_of = {crow[0]: crow[9] for crow in crows}
         margins: dict[str, int] = {}
 
@@ -196,7 +198,8 @@ class Ingestor:
             out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
-                                          epoch=epoch, dead=dead, index_ttl=self.index_ttl(known))
+                                          epoch=epoch, dead=dead, index_ttl=self.index_ttl(known),
+                                          holds=holds)
         except ExperimentChanged as e:
             # concluded (or deleted, re-created) since the registry read it:
             # read it again, so the caller's retry dead-letters its exposures

@@ -697,6 +697,16 @@ def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str, heldq_k: s
     p.add("ZMSCORE", heldq_k, *uids)
 
 
+def _queue_due(p: Reads, pend_k: str, heldq_k: str, T: int, cut: int, fold_limit: int
+               ) -> None:
+    """Queue the due work at a clock: pending entries whose window closed
+    (score <= ``T``), hold-queue entries past the horizon (< ``cut``), at
+    most ``fold_limit`` + 1 each (two replies: (member, score) pairs)."""
+    p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
+    p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
+          "WITHSCORES")
+
+
 def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
                 ) -> dict[str, CachedUnit]:
     """The four replies of ``_queue_unit_reads`` as cache entries."""
@@ -726,6 +736,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
     miss = [u for u in uids if u not in hits]
 
+    st = ExperimentState(cfg, fold_limit, sharded=True)
     p = Reads(r, conn)
     if held is not None:
         held.queue_watch(p)
@@ -739,6 +750,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         p.add("HGETALL", shard_k)
     if miss:
         _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
+    # the due work at ``clk_end`` (the call's clock unless the experiment's
+    # is later: read again below then), in this round trip, not one more
+    _queue_due(p, pend_k, heldq_k, clk_end - st.L, clk_end - st.Hh, fold_limit)
     # the sightings: the owner's (complete) copy, else the batch's from Redis
     # (read with the due work below, once the bucket list is known); with a
     # cache and no copy yet, loaded whole when few enough to keep
@@ -760,6 +774,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if cached_shard is None:
         shard_raw, i = got[4], 5
     entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
+    due_got = got[-2:]
     cache = owner.cache_of(eid, token)
     if cache is not cached and (hits or cached_shard is not None or sight is not None):
         # another incarnation: the cached units, shard and sightings are stale
@@ -781,7 +796,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         # seconds): an exposure would create a unit record again
         raise Concluded(eid, "concluded: its exposures are dead letters (after_end)")
 
-    st = ExperimentState(cfg, fold_limit, sharded=True)
     anchor0 = anchor_raw if anchor_raw is not None else started_raw
     st.anchor = None if anchor0 is None else int(anchor0)
     clk0 = None if clk_raw is None else int(clk_raw)
@@ -813,14 +827,13 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             q[uid] = e.heldq
 
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
-    T, cut = clk - st.L, clk - st.Hh
     p = Reads(r, conn)
-    p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
-    p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
-          "WITHSCORES")
     sb = SeenBuckets(eid, src, buckets_raw, clk0, st.DD)
     n_sight = sb.queue_reads(p, eids if sight is None else [], load)
-    due_pend, due_held, *sight_got = p.execute()
+    if clk != clk_end:  # the experiment's clock is later than the call's
+        _queue_due(p, pend_k, heldq_k, clk - st.L, clk - st.Hh, fold_limit)
+    sight_got = p.execute()  # (nothing sent when nothing is queued)
+    due_pend, due_held = sight_got[n_sight:] if clk != clk_end else due_got
     # the batch's sightings before the call (what the commit compares with)
     seen: dict[str, int]
     seen, full = sb.replies(sight_got[:n_sight], eids if sight is None else [])

@@ -168,7 +168,7 @@ from streams.state.semantics import (
     started_and_arrivals,
     watermark_of,
 )
-from streams.state.wire import Reads
+from streams.state.wire import Reads, packs, send_raw
 
 
 def offsets_field(topic: str, partition: int) -> str:
@@ -178,6 +178,9 @@ def offsets_field(topic: str, partition: int) -> str:
 # ---------------------------------------------------------------- the scripts
 
 _scripts: dict[str | None, Any] = {}
+
+#: an argument or value not read (yet) from Redis
+_UNREAD = object()
 
 
 def _s(x: Any) -> str:
@@ -521,6 +524,17 @@ def partition_clock(r: Any, topic: str, partition: int) -> int | None:
     return None if v is None else _int(v)
 
 
+def partition_start(r: Any, topic: str, partition: int) -> tuple[int | None, bool]:
+    """What a source batch reads of its partition first, in one round trip:
+    the partition clock (``partition_clock``) and whether its unit-hold
+    queue holds any metric (``unit_hold_queue``; Redis deletes an empty
+    sorted set). Only the partition's owner writes that queue, so the
+    answer holds for the whole batch: ``apply_source_batch``'s ``holds``."""
+    clk, held = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
+        .add("EXISTS", unit_hold_queue(topic, partition)).execute()
+    return (None if clk is None else _int(clk)), bool(held)
+
+
 def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
     """Rows with the partition clock after each appended (running max of ts
     from ``clk``; index 9 of a clocked row), and the clock after the last."""
@@ -547,9 +561,10 @@ def too_old(cfg: ExperimentConfig, ts: int, clk: int) -> bool:
 
 def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
                   rows: Sequence[tuple], rejected: list[tuple[int, str]] | None = None,
-                  ) -> tuple[list[tuple], int | None]:
+                  clock: Any = _UNREAD) -> tuple[list[tuple], int | None]:
     """The rows of a source batch that reach the state, clocked from the
-    stored partition clock, and the clock after them. Rows of unregistered
+    stored partition clock (``clock``, when the caller read it:
+    ``partition_start``), and the clock after them. Rows of unregistered
     experiments are dead letters: they move no clock (``rejected`` gets them
     as ``unknown_experiment``)."""
     kept = []
@@ -559,7 +574,7 @@ def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partit
                 rejected.append((i, "unknown_experiment"))
         else:
             kept.append(row)
-    return clocked(kept, partition_clock(r, topic, partition))
+    return clocked(kept, partition_clock(r, topic, partition) if clock is _UNREAD else clock)
 
 
 def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partition: int,
@@ -569,7 +584,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        clocked_rows: tuple[list[tuple], int | None] | None = None,
                        epoch: int | None = None,
                        dead: dict[str, list[tuple[int, str]]] | None = None,
-                       index_ttl: int | None = None,
+                       index_ttl: int | None = None, holds: bool | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -589,7 +604,11 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     ``dead``: per experiment of ``known``, (offset, meta field) of the batch's
     dead letters attributed to it, counted in its experiment's call (one
     without events where it has none): exactly once, like the events;
-    ``index_ttl``: the routing index's TTL (``route_rows``)."""
+    ``index_ttl``: the routing index's TTL (``route_rows``); ``holds``:
+    whether the partition's unit-hold queue held any metric before the batch
+    (``partition_start``; None: not read). Without any before and none held
+    by the batch, no hold can expire: neither ``route_rows`` nor
+    ``expire_unit_holds`` asks Redis (a round trip each a batch)."""
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
@@ -597,7 +616,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     rejected = [] if rejected is None else rejected
     n0 = len(rejected)
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max,
-                        index_ttl) if crows else {}
+                        index_ttl, holds) if crows else {}
     # metrics over the hold bound, dropped by the routing: kept with the position
     over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
@@ -608,8 +627,10 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                             fold_limit, epoch, dead[e])
     if not crows:
         return out, clk
-    _count_expired(rejected, expire_unit_holds(r, topic, partition,
-                                               clk - int(hold_seconds) * 1000))
+    # (a metric ``route_rows`` rejects as ``unrouted`` is one it held)
+    if holds is not False or any(why == "unrouted" for _, why in rejected[n0:]):
+        _count_expired(rejected, expire_unit_holds(r, topic, partition,
+                                                   clk - int(hold_seconds) * 1000))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
                     epoch, unrouted_lost=over)
     return out, clk
@@ -640,14 +661,39 @@ def record_position(r: Any, topic: str, partition: int, offset: int | None,
     partition's current owner's. ``unrouted_lost``: the batch's metrics
     dropped unrouted (``UNROUTED_LOST``), added only when the offset moves
     forward, so a retried or replayed batch counts none twice."""
-    sc = _scripts.get(None)
+    _call_script(r, None, _RECORD_POSITION,
+                 [INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, UNROUTED_LOST],
+                 [offsets_field(topic, partition), "" if offset is None else int(offset),
+                  "" if clock is None else int(clock), "" if epoch is None else int(epoch),
+                  int(unrouted_lost)])
+
+
+def _call_script(r: Any, name: str | None, source: str, keys: list, args: list) -> Any:
+    """The reply of script ``source`` (cached in ``_scripts`` under ``name``)
+    run on ``keys``/``args``, its errors as ``script_errors`` raises them.
+    On the packed path (``wire.packs``) EVALSHA is packed by hiredis and
+    sent on a pooled connection, and EVAL follows when Redis lacks the
+    script (NOSCRIPT: a restart, a SCRIPT FLUSH; EVAL caches it again);
+    elsewhere redis-py's ``Script`` does the same. Why, measured: redis-py's
+    ``Script``/``evalsha`` machinery was ~1.6% of the ingest client's CPU
+    (py-spy), for one call a batch (``record_position``)."""
+    sc = _scripts.get(name)
     if sc is None:
-        sc = _scripts[None] = r.register_script(_RECORD_POSITION)
+        sc = _scripts[name] = r.register_script(source)
     with script_errors():
-        sc(keys=[INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS, UNROUTED_LOST], client=r,
-           args=[offsets_field(topic, partition), "" if offset is None else int(offset),
-                 "" if clock is None else int(clock), "" if epoch is None else int(epoch),
-                 int(unrouted_lost)])
+        if not packs(r):
+            return sc(keys=keys, args=args, client=r)
+        pool = r.connection_pool
+        conn = pool.get_connection()
+        try:
+            (got,) = send_raw(conn, [("EVALSHA", sc.sha, len(keys), *keys, *args)])
+            if isinstance(got, redis_exceptions.NoScriptError):
+                (got,) = send_raw(conn, [("EVAL", source, len(keys), *keys, *args)])
+        finally:
+            pool.release(conn)
+        if isinstance(got, Exception):
+            raise got
+        return got
 
 
 _ACCOUNT_GAP = """
@@ -672,13 +718,10 @@ def account_retention_gap(r: Any, topic: str, partition: int, applied: int, log_
     ``log_start - 1``, in one atomic step (so a restart does not count them
     again; a no-op when the applied offset is no longer ``applied``). Returns
     the number of offsets lost (0: none, or already counted)."""
-    sc = _scripts.get("gap")
-    if sc is None:
-        sc = _scripts["gap"] = r.register_script(_ACCOUNT_GAP)
-    with script_errors():
-        return int(sc(keys=[INGEST_OFFSETS, RETENTION_LOST, PARTITION_EPOCHS], client=r,
-                      args=[offsets_field(topic, partition), int(applied), int(log_start),
-                            "" if epoch is None else int(epoch)]))
+    return int(_call_script(r, "gap", _ACCOUNT_GAP,
+                            [INGEST_OFFSETS, RETENTION_LOST, PARTITION_EPOCHS],
+                            [offsets_field(topic, partition), int(applied), int(log_start),
+                             "" if epoch is None else int(epoch)]))
 
 
 def retention_lost(r: Any, topic: str) -> dict[int, int]:
@@ -818,8 +861,6 @@ def _before(marker: str, topic: str | None, partition: int | None, offset: int) 
         return True
 
 
-_UNREAD = object()
-
 
 def _applied_offset(r: Any, topic: str | None, partition: int | None) -> int | None:
     """The partition's last offset recorded as fully applied
@@ -842,6 +883,7 @@ def route_rows(
     rejected: list[tuple[int, str]] | None = None,
     hold_max: int = 64,
     index_ttl: int | None = None,
+    holds: bool | None = None,
 ) -> dict[str, list[tuple]]:
     """Split clocked rows of one source batch by experiment (``Reducer._route``):
     experiment id -> its clocked rows, in order, with released held metrics
@@ -865,6 +907,8 @@ def route_rows(
     the same for every batch while the running experiments are unchanged
     (``Ingestor.index_ttl``); None: ``index_ttl_ms(known)``, right only when
     ``known`` holds every running experiment (tests, the differential run).
+    ``holds``: whether the partition's hold queue holds any metric
+    (``partition_start``); None: read here when an exposure needs it.
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -886,7 +930,8 @@ def route_rows(
     # an exposure releases held metrics only if its partition holds any (a
     # unit's events share its partition): else its unit needs no look-up
     held_here = (source_topic is not None and partition is not None and exposing
-                 and r.exists(unit_hold_queue(source_topic, partition)))
+                 and (r.exists(unit_hold_queue(source_topic, partition)) if holds is None
+                      else holds))
     lookup = list(metric_units)
     if held_here:
         lookup += list({u: None for u, _ in exposing if u not in metric_units})
