@@ -314,6 +314,33 @@ def test_defect3_retention_gap_is_counted_once(redis_url):
         r.close()
 
 
+def test_record_position_packed_after_a_script_flush_and_fenced(redis_url):
+    """``record_position`` sends its script packed (EVALSHA): a Redis that
+    lost its script cache (a restart, SCRIPT FLUSH) gets it with EVAL, and
+    a stale owner's call is still refused (``Fenced``), changing nothing."""
+    from streams.state.store import (
+        Fenced,
+        claim_partition,
+        partition_clock,
+        record_position,
+    )
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        record_position(r, "t-flush", 0, 9, 100)
+        r.script_flush()
+        record_position(r, "t-flush", 0, 10, 110)
+        assert ingest_offsets(r, "t-flush") == {0: 10}
+        assert partition_clock(r, "t-flush", 0) == 110
+        old = claim_partition(r, "t-flush", 0)
+        claim_partition(r, "t-flush", 0)
+        with pytest.raises(Fenced):
+            record_position(r, "t-flush", 0, 11, 120, epoch=old)
+        assert ingest_offsets(r, "t-flush") == {0: 10}
+    finally:
+        r.close()
+
+
 def test_defect3_retention_gap_on_a_broker(kafka_bootstrap, redis_url, tmp_path, workers):
     """Retention deleted offsets the worker never applied (``delete_records``
     while it was down): at assignment they are counted in /metrics and Redis

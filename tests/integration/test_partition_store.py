@@ -1215,3 +1215,68 @@ def test_conclusion_deletes_every_sightings_bucket(fresh):
     conclude(fresh, cfg)
     assert _seen_keys_in_redis(fresh) == set()
     assert fresh.hget(rk.meta_key("e1"), rk.seen_index_field(src)) is None
+
+
+# ---------------------------------------------------------------- per-batch cost
+
+
+def test_a_batch_of_one_experiment_costs_five_round_trips(fresh, monkeypatch):
+    """Issue 25 (the per-batch fixed cost): a source batch of one experiment
+    on a warm owner costs five round trips to Redis (main had ten, each tens
+    of µs of redis-py): the partition clock with the hold-queue check
+    (``partition_start``), the routing index, the owner's reads with its
+    WATCH, fence read and due work (``Commit.hold``), the MULTI/EXEC, and
+    ``record_position``. Counted as the sends on redis-py's connections."""
+    from redis.connection import Connection
+
+    from schemas.codec import dumps
+    from streams.ingest.ingestor import Ingestor
+
+    ing = Ingestor(fresh, _registered(fresh))
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+
+    def batch(lo: int) -> list[tuple[int, bytes]]:
+        x = [(o, dumps({"type": "exposure", "event_id": f"x{o}", "experiment_id": "e1",
+                        "unit_id": f"u{o}", "variant": "control", "ts": T0 + o}))
+             for o in range(lo, lo + 5)]
+        m = [(o + 5, dumps({"type": "metric", "event_id": f"m{o}", "experiment_id": "e1",
+                            "unit_id": f"u{o}", "metric": "rev", "value": 1.0,
+                            "ts": T0 + o + 1})) for o in range(lo, lo + 5)]
+        return x + m
+
+    now = T0 + 3_600_000
+    ing.process("liftstream.events", 0, batch(0), now, epoch)  # claims, fills the cache
+    sends: list[bytes] = []
+    real = Connection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        sends.append(command)
+        return real(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting)
+    res = ing.process("liftstream.events", 0, batch(10), now, epoch)
+    monkeypatch.undo()
+    assert res.counts["exposures"] == 5 and res.counts["metric_applied"] == 5, res.counts
+    assert len(sends) == 5, [bytes(b"".join(c) if isinstance(c, list) else c)[:60]
+                             for c in sends]
+
+
+def test_a_metric_held_and_expired_in_one_batch_is_counted_without_holds_before(fresh):
+    """``partition_start`` found no hold on the partition, so the batch asks
+    Redis for no expired hold (``apply_source_batch``'s ``holds``), unless
+    it held a metric itself: one held, and already past the hold horizon of
+    the batch's clock, expires in the same batch (``unrouted_expired``) as
+    when the queue was read, and leaves no hold behind."""
+    from schemas.codec import dumps
+    from streams.ingest.ingestor import Ingestor
+    from streams.state.keys import unit_hold_queue
+
+    ing = Ingestor(fresh, _registered(fresh), hold_seconds=1)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    batch = [(0, dumps({"type": "metric", "event_id": "m0", "unit_id": "w", "metric": "rev",
+                        "value": 1.0, "ts": T0})),
+             (1, dumps({"type": "exposure", "event_id": "x1", "experiment_id": "e1",
+                        "unit_id": "u", "variant": "control", "ts": T0 + 5000}))]
+    res = ing.process("liftstream.events", 0, batch, T0 + 3_600_000, epoch)
+    assert res.counts["unrouted"] == 1 and res.counts["unrouted_expired"] == 1, res.counts
+    assert not fresh.exists(unit_hold_queue("liftstream.events", 0))
