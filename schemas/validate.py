@@ -391,6 +391,9 @@ _FastValue = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 _FastPre = Annotated[dict[str, _FastValue], msgspec.Meta(max_length=PRE_MAX_ENTRIES)]
 
 
+# gc=False: a decoded event lives for one call and holds only str, int,
+# float and a dict of floats, so it can be in no reference cycle; the
+# collector need not track (and, while it is alive, scan) it
 class _FastExposure(msgspec.Struct, tag="exposure", tag_field="type", forbid_unknown_fields=True,
                     gc=False):
     event_id: str  # ids and names: checked after the decode (a msgspec pattern
