@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -108,12 +109,12 @@ class Ingestor:
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
         rows: list[tuple] = []
-        append = rows.append
+        append, max_future_ms = rows.append, self.max_future_ms
         for i, (off, raw) in enumerate(messages):
             try:
                 if raw is None:
                     raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
-                row = parse_event_row(raw, off, now_ms=now_ms, max_future_ms=self.max_future_ms)
+                row = parse_event_row(raw, off, now_ms=now_ms, max_future_ms=max_future_ms)
                 if keys is not None and keys[i] != row[4].encode():
                     raise _key_mismatch(keys[i], row[4])
                 append(row)
@@ -121,7 +122,7 @@ class Ingestor:
                 self._dead(res, raw, err, topic, partition, off, now_ms, attributed,
                            key=None if keys is None else keys[i])
 
-        ids = {row[3] for row in rows}
+        ids = set(map(itemgetter(3), rows))
         ids.discard(None)
         known = self.registry.get_many(ids)
         if len(known) < len(ids) and self.auto_register:
@@ -132,23 +133,26 @@ class Ingestor:
                     known[eid] = cfg
                     res.new_experiments.append(cfg)
 
-        raw_of = dict(messages)
-        accepted = []
+        raw_of: dict[int, bytes | None] = {}
+
+        def raw_at(off: int) -> bytes | None:
+            """A message's value by offset (the dict only once a dead letter needs it)."""
+            if not raw_of:
+                raw_of.update(messages)
+            return raw_of[off]
+
         unknown = ids - known.keys()
-        # the partition clock after each event (dead letters move none)
+        # the partition clock after each event (dead letters move none): crows
+        # are ``rows`` without those of unknown experiments, in order, each
+        # with the clock after it at index 9
         clk_start, holds = partition_start(self.r, topic, partition)
         crows, clk0 = clocked_batch(self.r, known, topic, partition, rows, clock=clk_start)
-        clk_of = {crow[0]: crow[9] for crow in crows}
-        margins: dict[str, int] = {}
-
-        def margin(eid: str) -> int:
-            m = margins.get(eid)
-            if m is None:
-                m = margins[eid] = too_old_margin(known[eid])
-            return m
-
+        margins = {eid: too_old_margin(cfg) for eid, cfg in known.items()}
         concluded = {eid for eid in known if self.registry.concluded(eid)}
         ended: set[int] = set()  # offsets of exposures to concluded experiments
+        accepted = []
+        keep = accepted.append
+        j = 0  # rows[i]'s clocked row is crows[j] (rows of unknown experiments have none)
         for row in rows:
             eid = row[3]
             if eid in unknown:
@@ -156,15 +160,17 @@ class Ingestor:
                                     f"experiment {eid!r} is not registered "
                                     "(create it on the experiments topic first)",
                                     "experiment_id")
-                self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
                 continue
+            clk = crows[j][9]
+            j += 1
             if row[1] == "x":
                 cfg = known[eid]
                 if eid in concluded:
                     err = InvalidRecord(
                         "after_end", f"experiment {eid!r} is concluded: its final estimates "
                         "are out and its units are no longer kept", "experiment_id")
-                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms,
+                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms,
                                attributed)  # counted c:after_end in its commit
                     ended.add(row[0])  # not applied: it would create a unit record again
                     continue
@@ -173,19 +179,19 @@ class Ingestor:
                                         f"variant {row[5]!r} is not one of experiment "
                                         f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
                                         "variant")
-                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
-                elif row[6] + margin(eid) <= clk_of[row[0]]:  # too_old (streams.state.store)
+                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
+                elif row[6] + margins[eid] <= clk:  # too_old (streams.state.store)
                     err = InvalidRecord(
                         "exposure_too_old",
                         f"exposure at ts {row[6]}: its window closed more than "
                         f"correction_seconds ({cfg.correction_seconds}) before the "
-                        f"partition clock {clk_of[row[0]]} minus lateness", "ts")
-                    self._dead(res, raw_of[row[0]], err, topic, partition, row[0], now_ms)
+                        f"partition clock {clk} minus lateness", "ts")
+                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
             # unknown variants and too-old exposures still go to the experiment,
             # which counts them (exactly once) as in streams.state.semantics; it
             # decides too_old by the same test before any other rule (dedupe
             # included), so the dead letter and data_quality's too_old agree
-            accepted.append(row)
+            keep(row)
 
         # metrics without experiment_id may belong to any registered experiment
         if any(row[3] is None for row in accepted):

@@ -4,6 +4,7 @@ no clock, and the ``data_loss`` alert on a real stream of late metrics."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 
 import pytest
@@ -187,6 +188,33 @@ def test_too_old_exposures_dead_letters_agree_with_data_quality(r):
     assert want.states["e1"].snapshot().counters == counters
     assert counters["too_old"] == 3, counters
     assert counters["repeat_exposure"] == counters["conflict"] == counters["duplicate"] == 0
+
+
+@pytest.mark.integration
+def test_too_old_is_judged_on_the_clock_of_registered_rows_only(r):
+    """Dead letters of an unregistered experiment move no clock, whatever
+    their place in the batch: each exposure is judged too old against the
+    clock after it over the registered experiment's rows (``clocked_batch``),
+    and the dead letters come in offset order."""
+    c = cfg(started_at=T0)  # too old once ts + 31 s <= the clock
+    reg = Registry(r)
+    reg.put(c)
+    ing = Ingestor(r, reg)
+    evs = [Exposure("z1", "zz", "u1", "control", T0 + 500_000, 1.0),  # unregistered
+           Exposure("a", "e1", "u", "control", T0 + 100_000, 1.0),
+           Exposure("z2", "zz", "u2", "control", T0 + 500_000, 1.0),  # unregistered
+           Exposure("o", "e1", "w", "control", T0 + 75_000, 1.0),  # 106 s > 100 s: kept
+           Exposure("q", "e1", "x", "control", T0 + 140_000, 1.0),
+           Exposure("s", "e1", "y", "control", T0 + 60_000, 1.0)]  # 91 s <= 140 s: too old
+    msgs = [(i, dumps(event_dict(e))) for i, e in enumerate(evs)]
+    res = ing.process(TOPIC, 0, msgs, T0 + 600_000)
+    assert [(d["reason"]["code"], d["source"]["offset"]) for d in res.dead_letters] == [
+        ("unknown_experiment", 0), ("unknown_experiment", 2), ("exposure_too_old", 5)]
+    assert [base64.b64decode(d["original_b64"]) for d in res.dead_letters] == [
+        msgs[0][1], msgs[2][1], msgs[5][1]]
+    assert "partition clock 1700000140000 " in res.dead_letters[2]["reason"]["message"]
+    assert read_snapshot(r, c).counters["too_old"] == 1
+    assert partition_clock(r, TOPIC, 0) == T0 + 140_000
 
 
 @pytest.mark.integration

@@ -116,6 +116,27 @@ def test_bench_ingest_kinds_spread_the_same_records():
     assert traffic(600, seed=1, experiment="b", kinds="none")[0].metrics == cfg0.metrics
 
 
+def test_bench_ingest_polls_the_worker_rarely_until_near_the_end():
+    """``run_worker`` reads the worker's /metrics (CPU the measurement counts)
+    at most a few dozen times per run, and ``POLL_MIN_S`` apart near the end
+    and before the first event (the span's precision)."""
+    from streams.bench.ingest import POLL_MAX_S, POLL_MIN_S, poll_wait
+
+    assert poll_wait(0, 100_000, 0, None, 5.0) == POLL_MIN_S  # not started
+    assert poll_wait(2000, 100_000, 2000, 5.0, 5.0) == POLL_MIN_S  # no rate yet
+    assert poll_wait(2000, 100_000, 2000, 5.0, 5.02) == POLL_MIN_S  # no progress yet
+    assert poll_wait(12_000, 100_000, 2000, 5.0, 5.5) == POLL_MAX_S  # 2.2 s left
+    assert poll_wait(90_000, 100_000, 2000, 5.0, 9.4) == pytest.approx(0.25)  # 0.5 s left
+    assert poll_wait(99_800, 100_000, 2000, 5.0, 9.89) == POLL_MIN_S  # 10 ms left
+    # a simulated 4 s run at 25,000 events/s: the reads it makes
+    t, got, reads = 5.0, 2000.0, 0
+    while got < 100_000:
+        reads += 1
+        t += poll_wait(got, 100_000, 2000, 5.0, t)
+        got = min(100_000, 2000 + 25_000 * (t - 5.0))
+    assert reads < 40  # 200 at POLL_MIN_S
+
+
 @pytest.mark.parametrize("kind", sorted(bench.KIND_PROBLEMS))
 def test_kind_problems_are_valid_data_and_report_per_metric(kind, capsys):
     """``--kind`` (issue 26): the kind's problems are valid cells, P metrics
