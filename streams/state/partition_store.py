@@ -57,7 +57,7 @@ from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
-from streams.state.store import Fenced, decode_unit, encode_unit
+from streams.state.store import Fenced, decode_unit, encode_units
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
@@ -383,6 +383,8 @@ class _LoadedRetired(RetiredFilter):
 
 #: a row's unit_id and event_id (``store`` rows), for ``map``
 _UNIT_ID, _EVENT_ID = itemgetter(4), itemgetter(2)
+#: a row's (kind, experiment_id) and its pre values (``_check_rows``)
+_KIND_EXP, _PRE = itemgetter(1, 3), itemgetter(8)
 
 
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
@@ -759,9 +761,17 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         st._seen_prune_at = max(cache.sightings_prune_at if cache is not None else 0, 4096)
     else:
         st._seen[src] = dict(seen)
+    # the due pending entries, and the rules' heap of them (built here from
+    # the members as Redis sent them: no unit id decoded and encoded again)
     pend0: dict[str, int] = {}
-    for m, sc in due_pend:
-        pend0[m.decode() if isinstance(m, bytes) else m] = int(sc)
+    heap: list[tuple[int, bytes, str]] = []
+    for m, sc in due_pend:  # a sorted set's members: each once
+        if isinstance(m, bytes):
+            u, mb = m.decode(), m
+        else:
+            u, mb = m, m.encode("utf-8")
+        pend0[u] = sc = int(sc)
+        heap.append((sc, mb, u))
     for m, sc in due_held:
         q.setdefault(m.decode() if isinstance(m, bytes) else m, int(sc))
     more_units = [u for u in pend0 if u not in st.units and u not in loaded_units]
@@ -812,8 +822,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         bits = got[i]
         i += 1
         known[u] = any(all(bits[lay * K + j] for j in range(K)) for lay in range(layers))
-    st._pending[src] = [(sc, u.encode("utf-8"), u) for u, sc in pend0.items()]
-    heapq.heapify(st._pending[src])
+    heapq.heapify(heap)
+    st._pending[src] = heap
     st._held_q[src] = dict(q)
     heldq0 = dict(q)
 
@@ -838,7 +848,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     w = WriteSet()
     # the units the rules changed (``UnitState.dirty``), not every unit the
     # call holds re-encoded to compare (encoding was ~9% of the client)
-    recs = {uid: encode_unit(u, cfg) for uid, u in st.units.items() if u.dirty}
+    recs = encode_units(st.units, cfg)
     if recs:  # one command for the batch's records (Redis's cost is per command)
         w.add("hset", k.units, mapping=recs)
     gone = [u for u in loaded_units if u not in st.units]
@@ -1283,7 +1293,7 @@ def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:
     of its numbers (a NaN or an infinity makes the sum non-finite), so a
     valid batch costs two C-speed passes; only a batch that fails either
     is walked row by row, for the first offending row's message."""
-    pairs = {(row[1], row[3]) for row in rows}
+    pairs = set(map(_KIND_EXP, rows))
     try:
         total = sum([row[7] for row in rows if row[7] is not None])
         finite = math.isfinite(total)
@@ -1292,8 +1302,8 @@ def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:
     if finite and all(
             exp == experiment_id if kind == "x" else
             (exp == experiment_id or exp is None or kind == "h") for kind, exp in pairs):
-        for row in rows:
-            if row[8] and not all(math.isfinite(v) for v in row[8].values()):
+        for pre in filter(None, map(_PRE, rows)):  # the rows with pre values
+            if not all(math.isfinite(v) for v in pre.values()):
                 raise ValueError("non-finite pre value")
         return
     for row in rows:
