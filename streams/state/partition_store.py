@@ -44,7 +44,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import itemgetter, lt
 from typing import Any
 
 import orjson
@@ -382,7 +382,7 @@ class _LoadedRetired(RetiredFilter):
 
 
 #: a row's unit_id and event_id (``store`` rows), for ``map``
-_UNIT_ID, _EVENT_ID = itemgetter(4), itemgetter(2)
+_UNIT_ID, _EVENT_ID, _OFFSET = itemgetter(4), itemgetter(2), itemgetter(0)
 #: a row's (kind, experiment_id) and its pre values (``_check_rows``)
 _KIND_EXP, _PRE = itemgetter(1, 3), itemgetter(8)
 
@@ -390,6 +390,11 @@ _KIND_EXP, _PRE = itemgetter(1, 3), itemgetter(8)
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
     """The rows above the applied offset (as before issue 25: a released
     metric ``h`` goes with the exposure before it) and how many were skipped."""
+    offs = list(map(_OFFSET, rows))
+    if (not offs or stored is None or offs[0] > stored) and all(map(lt, offs, offs[1:])):
+        # the common batch: offsets rising, the first above the applied one:
+        # nothing is skipped (the loop below skips nothing then either)
+        return list(rows), 0
     out, skipped, hi, last_skipped = [], 0, stored, False
     for row in rows:
         if row[1] == "h":
@@ -477,15 +482,11 @@ class UnitCache:
         while len(self.units) > self.limit:
             self.units.popitem(last=False)
 
-    def put_many(self, unit_ids: Sequence[str], entries: dict[str, CachedUnit]) -> None:
-        """``put`` of each of ``unit_ids`` (its entry in ``entries``), in
-        order, the bound enforced once at the end: the same units survive
-        (the last ``limit`` used), for one length check a batch."""
+    def trim(self) -> None:
+        """The bound enforced after a batch's entries were put at the end
+        (the owner's write-through: one length check a batch, and the same
+        units survive as with ``put`` of each: the last ``limit`` used)."""
         units = self.units
-        move = units.move_to_end
-        for uid in unit_ids:
-            units[uid] = entries[uid]
-            move(uid)
         while len(units) > self.limit:
             units.popitem(last=False)
 
@@ -654,9 +655,12 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # batch shows the experiment changed incarnation, they are, below)
     cached = owner.caches.get(eid)
     # (plain lookups: the write-through's ``put`` refreshes the LRU order)
-    units_c = {} if cached is None else cached.units
-    hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
-    miss = [u for u in uids if u not in hits]
+    hits: dict[str, CachedUnit] = {}
+    miss = uids
+    if cached is not None:
+        units_c = cached.units
+        hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
+        miss = [u for u in uids if u not in hits] if len(hits) < len(uids) else []
 
     p = Reads(r)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
@@ -927,30 +931,36 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         u.dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
-        # the entries updated in place (a miss's is new), then put in one
-        # pass: this runs for every unit of every batch, so each lookup is
+        # the entries updated in place (a miss's is new) and put (``UnitCache.put``:
+        # the LRU's end, in the batch's order) in one pass, the bound enforced
+        # after it: this runs for every unit of every batch, so each lookup is
         # made once and the empty held maps (the common case) are skipped
-        units_now, held_now = st.units, st.held
+        held_now = st.held
+        unit_of, pend_of, rec_of, loaded_of = st.units.get, pend1.get, recs.get, loaded_units.get
+        cached_units = cache.units
+        to_end = cached_units.move_to_end
         for uid in uids:
             e = entries[uid]
-            u = e.unit = units_now.get(uid)
-            if uid in pend1:
-                e.pend = pend1[uid]
+            u = e.unit = unit_of(uid)
+            sc = pend_of(uid)
+            if sc is not None:
+                e.pend = sc
             elif uid in pend0:
                 e.pend = None
-            rec = None
-            if u is not None:
-                rec = recs.get(uid)
-                if rec is None:
-                    rec = loaded_units.get(uid)
-            e.rec = rec
+            if u is None:
+                e.rec = None
+            else:
+                rec = rec_of(uid)
+                e.rec = loaded_of(uid) if rec is None else rec
             if held_now and uid in held_now:
                 h = held_recs.get(uid)
                 e.held = held_before.get(uid) if h is None else h
             else:
                 e.held = None
             e.heldq = q1.get(uid) if q1 else None
-        cache.put_many(uids, entries)
+            cached_units[uid] = e
+            to_end(uid)
+        cache.trim()
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
             u = e.unit = st.units.get(uid)
             e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
