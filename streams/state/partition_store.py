@@ -44,7 +44,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import itemgetter, lt
 from typing import Any
 
 import orjson
@@ -57,7 +57,7 @@ from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
-from streams.state.store import Fenced, decode_unit, encode_unit
+from streams.state.store import Fenced, decode_unit, encode_units
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
@@ -427,12 +427,19 @@ class _LoadedRetired(RetiredFilter):
 
 
 #: a row's unit_id and event_id (``store`` rows), for ``map``
-_UNIT_ID, _EVENT_ID = itemgetter(4), itemgetter(2)
+_UNIT_ID, _EVENT_ID, _OFFSET = itemgetter(4), itemgetter(2), itemgetter(0)
+#: a row's (kind, experiment_id) and its pre values (``_check_rows``)
+_KIND_EXP, _PRE = itemgetter(1, 3), itemgetter(8)
 
 
 def _unskipped(rows: Sequence[tuple], stored: int | None) -> tuple[list[tuple], int]:
     """The rows above the applied offset (as before issue 25: a released
     metric ``h`` goes with the exposure before it) and how many were skipped."""
+    offs = list(map(_OFFSET, rows))
+    if (not offs or stored is None or offs[0] > stored) and all(map(lt, offs, offs[1:])):
+        # the common batch: offsets rising, the first above the applied one:
+        # nothing is skipped (the loop below skips nothing then either)
+        return list(rows), 0
     out, skipped, hi, last_skipped = [], 0, stored, False
     for row in rows:
         if row[1] == "h":
@@ -520,15 +527,11 @@ class UnitCache:
         while len(self.units) > self.limit:
             self.units.popitem(last=False)
 
-    def put_many(self, unit_ids: Sequence[str], entries: dict[str, CachedUnit]) -> None:
-        """``put`` of each of ``unit_ids`` (its entry in ``entries``), in
-        order, the bound enforced once at the end: the same units survive
-        (the last ``limit`` used), for one length check a batch."""
+    def trim(self) -> None:
+        """The bound enforced after a batch's entries were put at the end
+        (the owner's write-through: one length check a batch, and the same
+        units survive as with ``put`` of each: the last ``limit`` used)."""
         units = self.units
-        move = units.move_to_end
-        for uid in unit_ids:
-            units[uid] = entries[uid]
-            move(uid)
         while len(units) > self.limit:
             units.popitem(last=False)
 
@@ -732,9 +735,12 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # batch shows the experiment changed incarnation, they are, below)
     cached = owner.caches.get(eid)
     # (plain lookups: the write-through's ``put`` refreshes the LRU order)
-    units_c = {} if cached is None else cached.units
-    hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
-    miss = [u for u in uids if u not in hits]
+    hits: dict[str, CachedUnit] = {}
+    miss = uids
+    if cached is not None:
+        units_c = cached.units
+        hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
+        miss = [u for u in uids if u not in hits] if len(hits) < len(uids) else []
 
     st = ExperimentState(cfg, fold_limit, sharded=True)
     p = Reads(r, conn)
@@ -845,14 +851,24 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     elif load and cache is not None:
         cache.sightings_off = True  # too many to keep: HMGET per batch
     if sight is not None:  # the rules update the owner's copy in place
-        seen = {e: t for e in eids if (t := sight.get(e)) is not None}
+        # (in no particular order: only looked up below; ``&`` walks ``eids``
+        # in C, and the batch's events were rarely seen before)
+        seen = {e: sight[e] for e in sight.keys() & eids}
         st._seen[src] = sight
         st._seen_prune_at = max(cache.sightings_prune_at if cache is not None else 0, 4096)
     else:
         st._seen[src] = dict(seen)
+    # the due pending entries, and the rules' heap of them (built here from
+    # the members as Redis sent them: no unit id decoded and encoded again)
     pend0: dict[str, int] = {}
-    for m, sc in due_pend:
-        pend0[m.decode() if isinstance(m, bytes) else m] = int(sc)
+    heap: list[tuple[int, bytes, str]] = []
+    for m, sc in due_pend:  # a sorted set's members: each once
+        if isinstance(m, bytes):
+            u, mb = m.decode(), m
+        else:
+            u, mb = m, m.encode("utf-8")
+        pend0[u] = sc = int(sc)
+        heap.append((sc, mb, u))
     for m, sc in due_held:
         q.setdefault(m.decode() if isinstance(m, bytes) else m, int(sc))
     more_units = [u for u in pend0 if u not in st.units and u not in loaded_units]
@@ -903,8 +919,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         bits = got[i]
         i += 1
         known[u] = any(all(bits[lay * K + j] for j in range(K)) for lay in range(layers))
-    st._pending[src] = [(sc, u.encode("utf-8"), u) for u, sc in pend0.items()]
-    heapq.heapify(st._pending[src])
+    heapq.heapify(heap)
+    st._pending[src] = heap
     st._held_q[src] = dict(q)
     heldq0 = dict(q)
 
@@ -929,7 +945,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     w = WriteSet()
     # the units the rules changed (``UnitState.dirty``), not every unit the
     # call holds re-encoded to compare (encoding was ~9% of the client)
-    recs = {uid: encode_unit(u, cfg) for uid, u in st.units.items() if u.dirty}
+    recs = encode_units(st.units, cfg)
     if recs:  # one command for the batch's records (Redis's cost is per command)
         w.add("hset", k.units, mapping=recs)
     gone = [u for u in loaded_units if u not in st.units]
@@ -998,7 +1014,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # buckets whose sightings can no longer mark a duplicate go (after
     # ``dirty``: forgetting them, or converting an older layout, is no news)
     # (packed while the owner keeps the full copy: one field a bucket)
-    sb.write(w, {e: t for e in eids if (t := seen1.get(e)) is not None and seen.get(e) != t},
+    sb.write(w, _new_sightings(eids, seen1, seen),
              clk1 if clk1 is not None and clk1 != clk0 else None, packed=sight is not None)
     off_new = todo[-1][0] if todo else None
     if dl_hi is not None and (off_new is None or dl_hi > off_new):
@@ -1009,30 +1025,36 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         u.dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
-        # the entries updated in place (a miss's is new), then put in one
-        # pass: this runs for every unit of every batch, so each lookup is
+        # the entries updated in place (a miss's is new) and put (``UnitCache.put``:
+        # the LRU's end, in the batch's order) in one pass, the bound enforced
+        # after it: this runs for every unit of every batch, so each lookup is
         # made once and the empty held maps (the common case) are skipped
-        units_now, held_now = st.units, st.held
+        held_now = st.held
+        unit_of, pend_of, rec_of, loaded_of = st.units.get, pend1.get, recs.get, loaded_units.get
+        cached_units = cache.units
+        to_end = cached_units.move_to_end
         for uid in uids:
             e = entries[uid]
-            u = e.unit = units_now.get(uid)
-            if uid in pend1:
-                e.pend = pend1[uid]
+            u = e.unit = unit_of(uid)
+            sc = pend_of(uid)
+            if sc is not None:
+                e.pend = sc
             elif uid in pend0:
                 e.pend = None
-            rec = None
-            if u is not None:
-                rec = recs.get(uid)
-                if rec is None:
-                    rec = loaded_units.get(uid)
-            e.rec = rec
+            if u is None:
+                e.rec = None
+            else:
+                rec = rec_of(uid)
+                e.rec = loaded_of(uid) if rec is None else rec
             if held_now and uid in held_now:
                 h = held_recs.get(uid)
                 e.held = held_before.get(uid) if h is None else h
             else:
                 e.held = None
             e.heldq = q1.get(uid) if q1 else None
-        cache.put_many(uids, entries)
+            cached_units[uid] = e
+            to_end(uid)
+        cache.trim()
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
             u = e.unit = st.units.get(uid)
             e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
@@ -1051,6 +1073,18 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
             **{c: n for c, n in st.counters.items() if n}}
+
+
+def _new_sightings(eids: list[str], now: dict[str, int], before: dict[str, int]
+                   ) -> dict[str, int]:
+    """The sightings of the batch's events ``eids`` the call made or moved
+    (in ``now``, not as in ``before``), in ``eids``' order (the packed field's
+    bytes follow it). The common batch (every event sighted, none seen
+    before) is taken whole at C speed."""
+    vals = list(map(now.get, eids))
+    if not before and None not in vals:
+        return dict(zip(eids, vals, strict=True))
+    return {e: t for e, t in zip(eids, vals, strict=True) if t is not None and before.get(e) != t}
 
 
 def _zset_changes(w: WriteSet, key: str, before: dict, after: dict) -> None:
@@ -1375,7 +1409,7 @@ def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:
     of its numbers (a NaN or an infinity makes the sum non-finite), so a
     valid batch costs two C-speed passes; only a batch that fails either
     is walked row by row, for the first offending row's message."""
-    pairs = {(row[1], row[3]) for row in rows}
+    pairs = set(map(_KIND_EXP, rows))
     try:
         total = sum([row[7] for row in rows if row[7] is not None])
         finite = math.isfinite(total)
@@ -1384,8 +1418,8 @@ def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:
     if finite and all(
             exp == experiment_id if kind == "x" else
             (exp == experiment_id or exp is None or kind == "h") for kind, exp in pairs):
-        for row in rows:
-            if row[8] and not all(math.isfinite(v) for v in row[8].values()):
+        for pre in filter(None, map(_PRE, rows)):  # the rows with pre values
+            if not all(math.isfinite(v) for v in pre.values()):
                 raise ValueError("non-finite pre value")
         return
     for row in rows:

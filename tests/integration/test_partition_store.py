@@ -26,13 +26,14 @@ from streams.state.partition_store import (
     Commit,
     LostCommits,
     WriteSet,
+    _unskipped,
     claim_fence,
     commit,
     put_shard,
     read_sightings,
     shard_mapping,
 )
-from streams.state.semantics import Reducer
+from streams.state.semantics import Reducer, UnitState
 from streams.state.store import (
     Fenced,
     apply_batch,
@@ -40,8 +41,10 @@ from streams.state.store import (
     combine_text_cells,
     decode_unit,
     encode_unit,
+    encode_units,
     read_snapshot,
 )
+from streams.state.wire import send_raw
 from tests.support.streaming_harness import bits
 
 T0 = 1_700_000_000_000
@@ -348,6 +351,72 @@ def test_encode_unit_writes_the_lua_records_byte_for_byte(name, uid, hexrec):
     cfg = _cfg_age() if name == "age" else _plain_cfg()
     rec = bytes.fromhex(hexrec)
     assert encode_unit(decode_unit(rec, cfg), cfg) == rec, uid
+
+
+def test_encode_units_is_encode_unit_of_the_dirty_units():
+    """``encode_units`` (the owner's commit: the common record packed with
+    the batch's lookups hoisted) writes ``encode_unit``'s bytes for every
+    version, skips the units the rules did not change, and refuses a
+    variant the config lacks as ``encode_unit`` does."""
+    for name in ("plain", "age"):
+        cfg = _cfg_age() if name == "age" else _plain_cfg()
+        units, want = {}, {}
+        for k, (n, uid, hexrec) in enumerate(LUA_RECORDS):
+            if n != name:
+                continue
+            u = decode_unit(bytes.fromhex(hexrec), cfg)
+            u.dirty = k % 3 != 2
+            units[f"{uid}-{k}"] = u
+            if u.dirty:
+                want[f"{uid}-{k}"] = bytes.fromhex(hexrec)
+        got = encode_units(units, cfg)
+        assert got == want and list(got) == list(want)
+    cfg = _plain_cfg()
+    stray = UnitState("nope", 0, 0, T0, [1.0, 2.0], pre=[None, None], dirty=True)
+    with pytest.raises(ValueError):
+        encode_units({"u": stray}, cfg)
+
+
+def _row(off: int, kind: str = "m") -> tuple:
+    return (off, kind, f"e{off}", "e1", "u1", "rev", T0, 1.0, None)
+
+
+@pytest.mark.parametrize("offs,stored,kept", [
+    ([(1, "x"), (2, "m"), (3, "h"), (5, "m")], None, [1, 2, 3, 5]),
+    ([(4, "x"), (5, "m")], 3, [4, 5]),
+    # a released metric goes with the exposure before it
+    ([(2, "x"), (3, "h"), (4, "m"), (5, "x")], 3, [4, 5]),
+    ([(4, "x"), (4, "m"), (6, "m")], None, [4, 6]),  # an offset again: skipped
+    ([(6, "x"), (5, "m"), (7, "m")], 4, [6, 7]),  # an offset back: skipped
+    ([(6, "x"), (6, "h"), (7, "m")], 5, [6, 6, 7]),  # a held metric released with offset 6
+    ([], 3, []),
+])
+def test_unskipped_rows(offs, stored, kept):
+    """The rows above the applied offset (and above every earlier row's),
+    a released metric with the exposure before it: the common batch (offsets
+    rising above the applied one) and every other through the same answer."""
+    rows = [_row(o, k) for o, k in offs]
+    todo, skipped = _unskipped(rows, stored)
+    assert [r[0] for r in todo] == kept and skipped == len(rows) - len(kept)
+
+
+def test_send_raw_reads_every_reply_as_redis_py(fresh):
+    """``send_raw`` (the owner's packed commands): many replies at once, of
+    every shape, an error reply returned as its exception in its place."""
+    conn = fresh.connection_pool.get_connection()
+    try:
+        cmds = [("HSET", "h", f"f{i}", i) for i in range(3000)]
+        cmds += [("HGET", "h", "f7"), ("HGETALL", "nope"), ("INCR", "h"),
+                 ("HMGET", "h", "f1", "zz"), ("PING",)]
+        got = send_raw(conn, cmds)
+        assert len(got) == len(cmds)
+        assert got[:3000] == [1] * 3000
+        assert got[3000] == b"7" and not got[3001]  # an empty hash (RESP2 or 3)
+        assert isinstance(got[3002], redis.ResponseError)
+        assert got[3003:] == [[b"1", None], b"PONG"]
+        assert send_raw(conn, [("PING",)]) == [b"PONG"]  # the connection in step
+    finally:
+        fresh.connection_pool.release(conn)
 
 
 def test_owner_writes_records_it_reads_back(fresh):
