@@ -1,9 +1,9 @@
 """The optional compiled build of the ingest rules (issue 25): one source, a pure-Python fallback.
 
 ``streams/state/semantics.py`` stays the one source and the importable module. ``make install``
-(``python -m streams.native build``, ``streams/native/__main__.py``) compiles it with mypyc, when a C compiler and mypy are
-there, into ``build/mypyc/<key>/`` -- outside the package, so CPython's import never finds a
-binary next to the ``.py`` -- with ``BUILD.json`` recording the SHA-256 of every source the
+(``python -m streams.native build``: ``__main__.py``) compiles it with mypyc, when a C compiler
+and mypy are there, into ``build/mypyc/<key>/``: outside the package, so CPython's import never
+finds a binary next to the ``.py``. ``BUILD.json`` there records the SHA-256 of every source the
 binary was compiled from (the module and the project modules it imports, whose types and
 constants mypyc may have used). :func:`install`, run by ``streams/__init__.py``, puts a finder
 first on ``sys.meta_path`` that loads the binary only when those hashes match the files on disk
@@ -27,6 +27,7 @@ import sys
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 #: The modules compiled, and the project modules each one imports (hashed with it).
@@ -129,3 +130,16 @@ def status() -> dict[str, str]:
     for m in MODULES:
         importlib.import_module(m)
     return dict(_status)
+
+
+def pure_module(module: str) -> ModuleType:
+    """``module``'s ``.py`` imported as pure Python under ``<module>__pure``, beside whichever
+    implementation ``module`` itself got: the differential test runs the two side by side."""
+    name = module + "__pure"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, source_path(module))
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while it executes
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
