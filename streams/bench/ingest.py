@@ -65,6 +65,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from streams import native
 from streams.config.settings import Settings, kafka_config
 from streams.dev.embedded import stop_group
 from streams.state.store import read_counters
@@ -539,7 +540,9 @@ def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = Non
             "events": n, "partitions": partitions, "batch_size": batch_size,
             "cores": os.cpu_count(), "broker": bootstrap, "produce_s": produce_s,
             "experiment_id": cfg.experiment_id, "topic": topic, "kinds": kinds,
-            "metrics": [{"name": m.name, "kind": m.kind} for m in cfg.metrics]}
+            "metrics": [{"name": m.name, "kind": m.kind} for m in cfg.metrics],
+            # compiled or pure-Python rules: this process's, and the worker's (same env, files)
+            "native": native.status()}
         out["raw"] = run_raw(conf, topic, partitions, n, batch_size)
         out["ingest"] = run_ingest(conf, topic, partitions, n, batch_size,
                                    redis_db_url(redis_url, base), cfg)
@@ -611,6 +614,7 @@ def format_report(res: dict) -> str:
              f"broker {res['broker']}"
              + ("" if kinds == "none" else "; metrics " + ", ".join(
                  f"{m['name']} ({m['kind']})" for m in res["metrics"])),
+             "rules: " + "; ".join(f"{m} {how}" for m, how in res.get("native", {}).items()),
              f"{'':34}{'events/s':>12}{'wall s':>9}{'client cpu s':>14}{'redis cpu s':>13}"
              f"{'ev/cpu-s':>11}",
              f"{'(a) raw consume + orjson':34}{a['rate']:12.0f}{a['wall_s']:9.2f}"

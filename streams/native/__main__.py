@@ -3,10 +3,12 @@ install`` runs it). The loader, which needs none of this, is ``streams/native/__
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from streams.native import (
@@ -53,8 +55,10 @@ def build(module: str, force: bool = False) -> Path:
         cwd = os.getcwd()
         os.chdir(ROOT)  # mypy names the module by its path from here
         try:
-            exts = mypycify([str(source_path(module).relative_to(ROOT))], opt_level="3",
-                            target_dir=str(Path(tmp) / "c"))
+            # errors only in the module compiled: its imports are read for their types
+            exts = mypycify(["--follow-imports=silent", "--cache-dir", str(Path(tmp) / "cache"),
+                             str(source_path(module).relative_to(ROOT))],
+                            opt_level="3", target_dir=str(Path(tmp) / "c"))
             dist = Distribution({"name": "liftstream-native", "ext_modules": exts})
             cmd = dist.get_command_obj("build_ext")
             cmd.build_lib, cmd.build_temp = str(out), str(Path(tmp) / "o")
@@ -71,6 +75,28 @@ def build(module: str, force: bool = False) -> Path:
         if old != out and meta.is_file() and json.loads(meta.read_text()).get("module") == module:
             shutil.rmtree(old, ignore_errors=True)
     return so
+
+
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """stdout and stderr, the compiler's included, into ``log`` (the build's pages of output
+    are for when it fails)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log.open("w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,13 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     if not has_compiler():
         print("native: no C compiler here: the ingest rules run as pure Python")
         return 1 if strict else 0
+    log = BUILD_DIR / "build.log"
     for m in MODULES:
         try:
-            so = build(m, force="--force" in args)
-        except Exception as e:  # noqa: BLE001 - the pure-Python module still works
-            print(f"native: could not compile {m} ({type(e).__name__}: {e}); pure Python")
+            with _output_to(log):
+                so = build(m, force="--force" in args)
+        except BaseException as e:  # noqa: BLE001 - the pure-Python module still works
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            print(f"native: could not compile {m} ({type(e).__name__}: {str(e)[:200]}; "
+                  f"{log.relative_to(ROOT)}): it runs as pure Python")
             return 1 if strict else 0
-        print(f"native: {m} compiled: {so.relative_to(ROOT)}")
+        print(f"native: {m} compiled ({so.parent.relative_to(ROOT)})")
     return 0
 
 
