@@ -355,8 +355,9 @@ def cost_floor(values: list[bytes], raw: dict, ingest: dict) -> dict:
 # ---------------------------------------------------------------- profile
 
 
-#: (label, how to find the function in the profile: (file suffix, function name))
-PROFILE_PARTS = [
+#: (label, how to find the function in the profile: (file suffix, function name), and any
+#: other way it may appear: the compiled rules (``streams.native``) are a C method to cProfile)
+PROFILE_PARTS: list[tuple] = [
     ("kafka consume (librdkafka poll)", ("~", "<method 'consume' of 'cimpl.Consumer' objects>")),
     ("validation (parse_event_row)", ("schemas/validate.py", "parse_event_row")),
     ("  of which: orjson.loads", ("~", "<orjson.loads>")),
@@ -366,7 +367,8 @@ PROFILE_PARTS = [
     ("apply (apply_rows_owned: reads, rules, commit)",
      ("streams/state/partition_store.py", "apply_rows_owned")),
     ("  of which: the rules (ExperimentState.apply_rows)",
-     ("streams/state/semantics.py", "apply_rows")),
+     ("streams/state/semantics.py", "apply_rows"),
+     ("~", "<method 'apply_rows' of 'ExperimentState' objects>")),
     ("  of which: the commit (WATCH, checks, MULTI/EXEC)",
      ("streams/state/partition_store.py", "commit")),
     ("  of which: unit records (encode_unit, decode_unit)",
@@ -406,9 +408,9 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
     st = pstats.Stats(prof)
     total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
     parts = []
-    for label, (fsuffix, fname) in PROFILE_PARTS:
+    for label, *where in PROFILE_PARTS:
         ct = sum(v[3] for (f, _, name), v in st.stats.items()  # type: ignore[attr-defined]
-                 if name == fname and f.endswith(fsuffix))
+                 if any(name == fname and f.endswith(fsuffix) for fsuffix, fname in where))
         parts.append({"part": label, "seconds": ct, "share": ct / total if total else 0.0})
     parts.append({"part": "Redis server time in scripts (per batch: positions; INFO commandstats)",
                   "seconds": lua_s, "share": lua_s / total if total else 0.0})
