@@ -196,3 +196,17 @@ def test_status_says_which_implementation_runs():
     want = "compiled (mypyc" if COMPILED else "pure Python"
     assert native.status()[semantics.__name__].startswith(want)
     assert (semantics.__name__ + native.LIB_SUFFIX in sys.modules) == COMPILED
+
+
+def test_the_hashed_dependencies_are_the_modules_imports():
+    """A build is keyed by its module and the project modules it imports (mypyc may have used
+    their types and constants): a new import in the module must be listed in ``MODULES``."""
+    import ast
+
+    for module, deps in native.MODULES.items():
+        tree = ast.parse(native.source_path(module).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module and n.module.split(".")[0] in ("schemas", "kernels", "streams")}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names if a.name.split(".")[0] in ("schemas", "kernels", "streams")}
+        assert imported == set(deps), (module, imported)
