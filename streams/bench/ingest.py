@@ -65,6 +65,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from streams import native
 from streams.config.settings import Settings, kafka_config
 from streams.dev.embedded import stop_group
 from streams.state.store import read_counters
@@ -354,8 +355,9 @@ def cost_floor(values: list[bytes], raw: dict, ingest: dict) -> dict:
 # ---------------------------------------------------------------- profile
 
 
-#: (label, how to find the function in the profile: (file suffix, function name))
-PROFILE_PARTS = [
+#: (label, how to find the function in the profile: (file suffix, function name), and any
+#: other way it may appear: the compiled rules (``streams.native``) are a C method to cProfile)
+PROFILE_PARTS: list[tuple] = [
     ("kafka consume (librdkafka poll)", ("~", "<method 'consume' of 'cimpl.Consumer' objects>")),
     ("validation (parse_event_row)", ("schemas/validate.py", "parse_event_row")),
     ("  of which: orjson.loads", ("~", "<orjson.loads>")),
@@ -365,7 +367,8 @@ PROFILE_PARTS = [
     ("apply (apply_rows_owned: reads, rules, commit)",
      ("streams/state/partition_store.py", "apply_rows_owned")),
     ("  of which: the rules (ExperimentState.apply_rows)",
-     ("streams/state/semantics.py", "apply_rows")),
+     ("streams/state/semantics.py", "apply_rows"),
+     ("~", "<method 'apply_rows' of 'ExperimentState' objects>")),
     ("  of which: the commit (WATCH, checks, MULTI/EXEC)",
      ("streams/state/partition_store.py", "commit")),
     ("  of which: unit records (encode_units)",
@@ -405,9 +408,9 @@ def profile_ingest(conf: dict, topic: str, partitions: int, n: int, batch_size: 
     st = pstats.Stats(prof)
     total = sum(v[2] for v in st.stats.values())  # type: ignore[attr-defined]
     parts = []
-    for label, (fsuffix, fname) in PROFILE_PARTS:
+    for label, *where in PROFILE_PARTS:
         ct = sum(v[3] for (f, _, name), v in st.stats.items()  # type: ignore[attr-defined]
-                 if name == fname and f.endswith(fsuffix))
+                 if any(name == fname and f.endswith(fsuffix) for fsuffix, fname in where))
         parts.append({"part": label, "seconds": ct, "share": ct / total if total else 0.0})
     parts.append({"part": "Redis server time in scripts (per batch: positions; INFO commandstats)",
                   "seconds": lua_s, "share": lua_s / total if total else 0.0})
@@ -561,7 +564,9 @@ def run(events: int = 100_000, partitions: int = 3, batch_size: int | None = Non
             "events": n, "partitions": partitions, "batch_size": batch_size,
             "cores": os.cpu_count(), "broker": bootstrap, "produce_s": produce_s,
             "experiment_id": cfg.experiment_id, "topic": topic, "kinds": kinds,
-            "metrics": [{"name": m.name, "kind": m.kind} for m in cfg.metrics]}
+            "metrics": [{"name": m.name, "kind": m.kind} for m in cfg.metrics],
+            # compiled or pure-Python rules: this process's, and the worker's (same env, files)
+            "native": native.status()}
         out["raw"] = run_raw(conf, topic, partitions, n, batch_size)
         out["ingest"] = run_ingest(conf, topic, partitions, n, batch_size,
                                    redis_db_url(redis_url, base), cfg)
@@ -633,6 +638,7 @@ def format_report(res: dict) -> str:
              f"broker {res['broker']}"
              + ("" if kinds == "none" else "; metrics " + ", ".join(
                  f"{m['name']} ({m['kind']})" for m in res["metrics"])),
+             "rules: " + "; ".join(f"{m} {how}" for m, how in res.get("native", {}).items()),
              f"{'':34}{'events/s':>12}{'wall s':>9}{'client cpu s':>14}{'redis cpu s':>13}"
              f"{'ev/cpu-s':>11}",
              f"{'(a) raw consume + orjson':34}{a['rate']:12.0f}{a['wall_s']:9.2f}"

@@ -11,6 +11,7 @@ import gc
 import logging
 import sys
 
+from streams import native
 from streams.config.settings import Settings, kafka_config, redis_client
 from streams.service.topics import TopicSpec, ensure_topics
 
@@ -65,6 +66,7 @@ def run_worker(settings: Settings, role: str, web: bool = True) -> None:
                                '"logger":"%(name)s","msg":"%(message)s"}')
     log = logging.getLogger("liftstream")
     log.info("worker role=%s settings %r", role, settings)  # repr redacts secrets
+    log.info("rules: %s", native.status())  # compiled (streams.native) or pure Python
     tune_gc()
     ensure_topics(kafka_config(settings), topic_specs(settings))
     from streams.state.registry import Registry, bootstrap_from_topic

@@ -399,7 +399,8 @@ def metric_plans(cfg: ExperimentConfig) -> tuple[MetricPlan, ...]:
             out.append(MetricPlan(m.name, CONVERSION, ev[m.name],
                                   threshold=float(m.threshold)))
         elif m.kind == "ratio":
-            out.append(MetricPlan(m.name, RATIO, ev[m.numerator], ev[m.denominator], lo, hi,
+            num, den = m.event_names
+            out.append(MetricPlan(m.name, RATIO, ev[num], ev[den], lo, hi,
                                   capped=m.capped,
                                   n_extra=(6 if m.capped else 3) + RATIO_COV_SUMS))
         elif m.capped:
@@ -464,7 +465,7 @@ def age_contribution(p: MetricPlan, age: list[list[float]]) -> list[float]:
     per bin, M_b and D_b the numerator's and denominator's bin totals (not
     capped: a cap is on the window total)."""
     if p.code == RATIO:
-        out = []
+        out: list[float] = []
         for mb, db in zip(age[p.e], age[p.d], strict=True):
             out += (mb, mb * mb, db, db * db, mb * db)
         return out
@@ -892,6 +893,7 @@ class ExperimentState:
         seen = self._seen.get(source)
         sh: Shard | None = None
         inf = math.inf
+        cat: str | None
         for _, kind, event_id, _, uid, name, ts, num, pre, clk in rows:
             if kind == "x" and name in vindex and ts + W + H <= clk - L:
                 cat = "too_old"  # rule 2, before anything else: ingest dead-letters it
@@ -1169,6 +1171,7 @@ class ExperimentState:
         tails, touched_tails = sh.tails, sh.touched_tails
         for p in self.plans:
             ei = p.e
+            ex: tuple[float, ...]
             if p.code == PLAIN_SUM:
                 y, ex = tot[ei], ()
             else:
@@ -1332,7 +1335,7 @@ class Reducer:
     def _route(self, ev: Event, clk: int, source: str) -> list[tuple[str, Item]]:
         if isinstance(ev, Exposure):
             cfg = self.configs[ev.experiment_id]
-            out = [(ev.experiment_id, (ev, clk, False))]
+            out: list[tuple[str, Item]] = [(ev.experiment_id, (ev, clk, False))]
             if ev.variant in cfg.variants and not self._too_old(ev, clk) \
                     and (cfg.end_at is None or int(ev.ts) < cfg.end_at):
                 seen = self.index.setdefault(ev.unit_id, set())
