@@ -22,12 +22,13 @@ from schemas.codec import dumps
 from schemas.records import ExperimentConfig, MetricSpec
 from streams.ingest.ingestor import Ingestor, read_applied
 from streams.state import keys as rk
-from streams.state.partition_store import ExperimentChanged, forget_owner
+from streams.state.partition_store import ExperimentChanged, forget_owner, read_sightings
 from streams.state.registry import Registry
 from streams.state.store import apply_rows, claim_partition, clocked, event_row
 
 T0 = 1_700_000_000_000
 TOPIC = "liftstream.events"
+SRC = rk.source(TOPIC, 0)
 
 
 @pytest.fixture()
@@ -97,10 +98,18 @@ def _value(r: redis.Redis, k: bytes):
 def _state(r: redis.Redis, fences: bool = True) -> dict:
     """Every key of e1 (without its generation, a random token; without the
     fences unless ``fences``: their commit sequences count commits of every
-    incarnation) and e1's field of every unit's routing index."""
+    incarnation; the dedupe sightings as what they hold: an owner with its
+    copy of them packs them, one without writes them per id,
+    ``SeenBuckets``) and e1's field of every unit's routing index."""
     fence = rk.experiment_key("e1", "fence:").encode()
+    seen = rk.experiment_key("e1", "seen:").encode()
     out = {k: _value(r, k) for k in r.scan_iter(match=rk.experiment_glob("e1"))
-           if k != rk.generation_key("e1").encode() and (fences or not k.startswith(fence))}
+           if k != rk.generation_key("e1").encode() and not k.startswith(seen)
+           and (fences or not k.startswith(fence))}
+    meta, field = out.get(rk.meta_key("e1").encode(), {}), rk.seen_index_field(SRC).encode()
+    if field in meta:  # ``start:end`` of each bucket, without its packed fields' count
+        meta[field] = b" ".join(b":".join(x.split(b":")[:2]) for x in meta[field].split())
+    out["sightings"] = read_sightings(r, "e1", SRC)
     for k in r.scan_iter(match=rk.unit_index_key("*")):
         v = r.hget(k, "e1")
         if v is not None:
@@ -119,7 +128,9 @@ def test_a_stale_worker_writes_nothing_of_a_deleted_experiment(fresh, redis_url)
     other.close()
     assert reg.get("e1") is not None, "the test needs a stale cache"
     before = _state(fresh)
-    assert all(b":fence:" in k for k in before), before  # only the fences are left
+    # only the fences are left
+    assert {k for k in before if k != "sightings"} == {rk.fence_key("e1", SRC).encode()}, before
+    assert before["sightings"] == {}
 
     res = ing.process(TOPIC, 0, STALE, T0 + 60_000, epoch)
 
