@@ -157,7 +157,10 @@ class Registry:
         registry (ingest dead-letters its events ``unknown_experiment``, the
         API answers 404) and every key of it removed (``delete_state``).
         Returns the number of keys removed. Workers that cached its config
-        may write for up to ``ttl`` more seconds: call again after that."""
+        (for up to ``ttl`` more seconds) write none of its state: each batch
+        checks the cached config's generation (``Ingestor.process``, the
+        owner's ``apply_rows``); a delete during a batch may leave the
+        batch's routing markers: call again (``sweep``) after ``ttl``."""
         self.r.srem(EXPERIMENTS_SET, experiment_id)
         self._cache.pop(experiment_id, None)
         return delete_state(self.r, experiment_id)

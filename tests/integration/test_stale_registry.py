@@ -216,3 +216,47 @@ def _row_event(unit: str):
     from schemas.records import Exposure
 
     return Exposure(f"x-{unit}", "e1", unit, "control", T0, 1.0)
+
+
+def test_a_delete_between_the_batch_check_and_the_owner_is_refused_and_retried(
+        fresh, redis_url, monkeypatch):
+    """The delete lands after the batch read the generations (its check found
+    the cached config current) and before the owner's reads: the owner
+    refuses (``ExperimentChanged``: nothing of the experiment's state
+    written, the partition's position not moved), the ingestor reads its
+    registry again, and the retry (the events plane retries a refused
+    commit) dead-letters the events ``unknown_experiment`` and records the
+    position. What this window leaves: the routing markers the refused batch
+    set for the batch's exposures (``route_rows`` runs before the owner),
+    which the tombstone's second sweep removes."""
+    from streams.ingest import ingestor as ingest_mod
+
+    reg = Registry(fresh, ttl=3600.0)
+    reg.put(_old(), now_ms=T0)
+    ing = Ingestor(fresh, reg)
+    epoch = claim_partition(fresh, TOPIC, 0)
+    _first(ing, epoch)
+    real = ingest_mod.partition_start
+
+    def then_deleted(*args, **kwargs):
+        got = real(*args, **kwargs)
+        other = redis.Redis.from_url(redis_url)
+        Registry(other).delete("e1")
+        other.close()
+        return got
+
+    monkeypatch.setattr(ingest_mod, "partition_start", then_deleted)
+    with pytest.raises(ExperimentChanged):
+        ing.process(TOPIC, 0, STALE, T0 + 60_000, epoch)
+    monkeypatch.undo()
+    assert reg.get("e1") is None, "the registry was not read again"
+    state = _state(fresh)
+    assert {k for k in state if isinstance(k, bytes) and k.startswith(b"lr:{e:")} == {
+        rk.fence_key("e1", SRC).encode()}, state
+    assert read_applied(fresh, TOPIC, [0]) == {0: 2}, "the position moved"
+    res = ing.process(TOPIC, 0, STALE, T0 + 60_000, epoch)  # the retry
+    assert [d["reason"]["code"] for d in res.dead_letters] == ["unknown_experiment"] * 4
+    assert read_applied(fresh, TOPIC, [0]) == {0: 7}
+    Registry(fresh).sweep("e1")  # the tombstone's second delete
+    assert _state(fresh) == {rk.fence_key("e1", SRC).encode(): fresh.hgetall(
+        rk.fence_key("e1", SRC)), "sightings": {}}
