@@ -6,7 +6,9 @@ event is acked (and its offset committed) only once it is applied. Order:
 
 1. validate every message (``schemas.validate``); failures become dead-letter
    records with reason and source position;
-2. look up configs (Redis registry); unknown experiments are auto-registered
+2. look up configs (Redis registry, cached: read again for an experiment
+   whose generation, read with the batch's first reads, is not the cached
+   config's: deleted, or deleted and re-created); unknown experiments are auto-registered
    when configured, else dead-lettered with ``unknown_experiment``; exposures
    with a variant the config lacks get a dead-letter record ``unknown_variant``
    (so operators see the mismatch) *and* go on to the experiment, where they

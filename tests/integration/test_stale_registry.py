@@ -260,3 +260,24 @@ def test_a_delete_between_the_batch_check_and_the_owner_is_refused_and_retried(
     Registry(fresh).sweep("e1")  # the tombstone's second delete
     assert _state(fresh) == {rk.fence_key("e1", SRC).encode(): fresh.hgetall(
         rk.fence_key("e1", SRC)), "sightings": {}}
+
+
+def test_a_stale_worker_settles_nothing_of_a_recreated_experiment(fresh, redis_url):
+    """Settling (``Ingestor.settle_quiet``: maturing the experiments without
+    events in a batch) with a config cached before a delete and re-create:
+    the owner refuses it, the registry is read again, and the new
+    experiment's state stays as its own worker wrote it."""
+    reg = Registry(fresh, ttl=3600.0)
+    reg.put(_old(), now_ms=T0)
+    stale = Ingestor(fresh, reg)
+    other = redis.Redis.from_url(redis_url)
+    Registry(other).delete("e1")
+    oreg = Registry(other)
+    oreg.put(_new(), now_ms=T0)
+    Ingestor(other, oreg).process(TOPIC, 0, [_x(0, "u0", "control", 0)], T0 + 60_000)
+    other.close()
+    assert fresh.zcard(rk.pending_key("e1", SRC)) == 1
+    before = _state(fresh)
+    assert stale.settle_quiet(TOPIC, 0, T0 + 3_600_000, T0 + 60_000) == set()
+    assert _state(fresh) == before, "settled with the old config"
+    assert reg.get("e1").variants == _new().variants, "the registry was not read again"
