@@ -6,7 +6,9 @@ event is acked (and its offset committed) only once it is applied. Order:
 
 1. validate every message (``schemas.validate``); failures become dead-letter
    records with reason and source position;
-2. look up configs (Redis registry); unknown experiments are auto-registered
+2. look up configs (Redis registry, cached: read again for an experiment
+   whose generation, read with the batch's first reads, is not the cached
+   config's: deleted, or deleted and re-created); unknown experiments are auto-registered
    when configured, else dead-lettered with ``unknown_experiment``; exposures
    with a variant the config lacks get a dead-letter record ``unknown_variant``
    (so operators see the mismatch) *and* go on to the experiment, where they
@@ -28,6 +30,7 @@ dirty notices) and counts. Publishing happens in the agent, before the ack.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import Counter
@@ -55,6 +58,8 @@ from streams.state.store import (
     settle,
     too_old_margin,
 )
+
+log = logging.getLogger("liftstream.ingest")
 
 _ID = re.compile(ID_PATTERN)
 
@@ -125,6 +130,8 @@ class Ingestor:
         ids = set(map(itemgetter(3), rows))
         ids.discard(None)
         known = self.registry.get_many(ids)
+        clk_start, holds, gens = partition_start(self.r, topic, partition, known)
+        known = self._current(known, gens)
         if len(known) < len(ids) and self.auto_register:
             exposed = {row[3] for row in rows if row[1] == "x"}
             for eid in sorted(ids - known.keys()):
@@ -145,7 +152,6 @@ class Ingestor:
         # the partition clock after each event (dead letters move none): crows
         # are ``rows`` without those of unknown experiments, in order, each
         # with the clock after it at index 9
-        clk_start, holds = partition_start(self.r, topic, partition)
         crows, clk0 = clocked_batch(self.r, known, topic, partition, rows, clock=clk_start)
         margins = {eid: too_old_margin(cfg) for eid, cfg in known.items()}
         concluded = {eid for eid in known if self.registry.concluded(eid)}
@@ -205,7 +211,8 @@ class Ingestor:
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
                                           epoch=epoch, dead=dead, index_ttl=self.index_ttl(known),
-                                          holds=holds)
+                                          holds=holds, generations={
+                                              e: self.registry.generation(e) for e in known})
         except ExperimentChanged as e:
             # concluded (or deleted, re-created) since the registry read it:
             # read it again, so the caller's retry dead-letters its exposures
@@ -227,6 +234,26 @@ class Ingestor:
             res.touched |= self.settle_quiet(topic, partition, clk, now_ms, skip=out.keys(),
                                              epoch=epoch)
         return res
+
+    def _current(self, known: dict[str, ExperimentConfig], gens: dict[str, bytes | None]
+                 ) -> dict[str, ExperimentConfig]:
+        """``known`` as the registry says now: the configs whose cached
+        generation is not the one the batch read (``partition_start``; the
+        registry caches configs for ``ttl`` seconds, so a delete or a delete
+        and re-create by another process is not seen before) read again.
+        Why before routing and applying: a config of a deleted experiment
+        would route its exposures (routing markers) and have the owner write
+        a new state for it (its events are dead letters
+        ``unknown_experiment`` instead), a re-created one's old config would
+        run its rules on the new experiment. A change after this read is the
+        owner's to catch (``apply_rows``'s ``generation``)."""
+        changed = [e for e, g in gens.items() if g != self.registry.generation(e)]
+        if not changed:
+            return known
+        log.info("experiments changed since the registry read them: %s", changed)
+        now = self.registry.get_many(changed, fresh=True)
+        return {e: now[e] if e in changed else c for e, c in known.items()
+                if e not in changed or e in now}
 
     def index_ttl(self, known: dict[str, ExperimentConfig]) -> int:
         """The routing index's TTL (``store.index_ttl_ms``) over every
@@ -271,8 +298,13 @@ class Ingestor:
                 if eid not in skip]
         changed = set()
         for cfg in due_to_settle(self.r, cfgs, topic, partition, clk):
-            if settle(self.r, cfg, topic, partition, clk, epoch=epoch):
-                changed.add(cfg.experiment_id)
+            eid = cfg.experiment_id
+            try:
+                if settle(self.r, cfg, topic, partition, clk, epoch=epoch,
+                          generation=self.registry.generation(eid)):
+                    changed.add(eid)
+            except ExperimentChanged:  # deleted or re-created: the next settle, as it is now
+                self.registry.get(eid, fresh=True)
         return changed
 
     def forget(self, topic: str, partition: int) -> None:

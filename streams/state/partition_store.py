@@ -57,7 +57,7 @@ from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
-from streams.state.store import Fenced, decode_unit, encode_units
+from streams.state.store import UNCHECKED, Fenced, as_bytes, decode_unit, encode_units
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
@@ -131,10 +131,6 @@ class Concluded(ExperimentChanged):
     exposures (the caller's view of it was stale): nothing was written. Not
     a fence: the caller reads again (its registry too) and handles the
     events as for a concluded experiment."""
-
-
-#: ``Commit``'s ``generation`` when the caller read none (checks no generation)
-UNCHECKED = b"\0unchecked"
 
 
 @dataclass
@@ -665,7 +661,8 @@ def forget_owner(r: Any, topic: str, partition: int) -> None:
 
 def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],
                      clk_end: int, fold_limit: int = FOLD_LIMIT,
-                     dead: Sequence[tuple[int, str]] = ()) -> dict[str, Any]:
+                     dead: Sequence[tuple[int, str]] = (),
+                     generation: bytes | None = UNCHECKED) -> dict[str, Any]:
     """``store.apply_rows`` in the partition's owner (issue 25): the rules of
     ``streams.state.semantics`` run here, on a working ``ExperimentState``
     seeded with what the call needs (the batch's unit records, holds and
@@ -676,12 +673,23 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
     (``commit``). Same arguments and result as ``apply_rows``; events at or
     below the applied offset are skipped. Any error drops the experiment's
     unit cache: the rules changed cached records in place, and the commit
-    (all or nothing) may not have happened."""
+    (all or nothing) may not have happened.
+
+    ``generation``: the experiment's generation ``cfg`` was read with
+    (``Registry.generation``; ``UNCHECKED``: none). The call reads the
+    generation with its first reads (WATCHed from there to its EXEC); when
+    it is another (the experiment was deleted before the call: none; or
+    deleted and re-created: a new one) the call refuses before it runs the
+    rules: ``ExperimentChanged``, nothing written, its applied offset not
+    moved. Without that check an owner given a config its caller cached
+    before a delete would write a new state for the deleted experiment, or
+    run the old config's rules on the re-created one."""
     held = None
     try:
         _check_rows(cfg.experiment_id, rows)
         held = owner.hold(cfg.experiment_id)  # the fence first, then the reads
-        return _apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead, held)
+        return _apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead, held,
+                                 generation)
     except BaseException:
         owner.drop_cache(cfg.experiment_id)
         raise
@@ -723,7 +731,7 @@ def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
 
 def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],
                       clk_end: int, fold_limit: int, dead: Sequence[tuple[int, str]],
-                      held: Commit | None) -> dict[str, Any]:
+                      held: Commit | None, generation: bytes | None) -> dict[str, Any]:
     r, src, eid = owner.r, owner.src, cfg.experiment_id
     conn = None if held is None else held.pipe.connection  # every read WATCHed (``hold``)
     k = experiment_keys(eid)
@@ -775,6 +783,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw, buckets_raw), \
         stored_raw = got[:2]
     token = (got[2], bool(got[3]))
+    if generation is not UNCHECKED and as_bytes(token[0]) != generation:
+        raise ExperimentChanged(eid, "deleted (or re-created) since the caller read its config")
     i = 4
     shard_raw = None
     if cached_shard is None:

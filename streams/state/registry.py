@@ -35,7 +35,7 @@ from streams.state.keys import (
     lifecycle_key,
     units_key,
 )
-from streams.state.store import mget
+from streams.state.store import as_bytes, mget
 
 log = logging.getLogger("liftstream.registry")
 
@@ -96,7 +96,11 @@ class Registry:
     nor a Redis command each: ``get_many`` reads every id it has no fresh
     entry for with one MGET (issue 24 defect 8). A ``put`` or ``delete``
     through this object updates its cache at once; another process's is seen
-    within the TTLs."""
+    within the TTLs. Each config is cached with the experiment's generation
+    (``keys.generation_key``, read in the same MGET): which incarnation of
+    the id the config belongs to, so a caller that finds another generation
+    in Redis knows its cached config is of a deleted (or deleted and
+    re-created) experiment (``generation``; ``Ingestor.process``)."""
 
     def __init__(self, r: Any, ttl: float = 5.0, negative_ttl: float = 1.0,
                  max_negative: int = 4096):
@@ -104,8 +108,9 @@ class Registry:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_negative = max_negative
-        #: registered ids: (read at, config, concluded); bounded by the registry
-        self._cache: dict[str, tuple[float, ExperimentConfig, bool]] = {}
+        #: registered ids: (read at, config, concluded, generation); bounded by
+        #: the registry
+        self._cache: dict[str, tuple[float, ExperimentConfig, bool, bytes | None]] = {}
         #: ids found unregistered: read at (insertion order = age)
         self._missing: OrderedDict[str, float] = OrderedDict()
 
@@ -133,9 +138,10 @@ class Registry:
         pipe.set(cfg_key(eid), dumps(experiment_to_dict(cfg)))
         # a new experiment (or one from before generations): its generation
         pipe.set(generation_key(eid), uuid.uuid4().hex, nx=True)
+        pipe.get(generation_key(eid))
         pipe.sadd(EXPERIMENTS_SET, eid)
-        pipe.execute()
-        self._remember(eid, cfg, concluded)
+        gen = pipe.execute()[2]
+        self._remember(eid, cfg, concluded, gen)
         return cfg
 
     def _state_of(self, eid: str) -> tuple[bool, bool]:
@@ -151,7 +157,10 @@ class Registry:
         registry (ingest dead-letters its events ``unknown_experiment``, the
         API answers 404) and every key of it removed (``delete_state``).
         Returns the number of keys removed. Workers that cached its config
-        may write for up to ``ttl`` more seconds: call again after that."""
+        (for up to ``ttl`` more seconds) write none of its state: each batch
+        checks the cached config's generation (``Ingestor.process``, the
+        owner's ``apply_rows``); a delete during a batch may leave the
+        batch's routing markers: call again (``sweep``) after ``ttl``."""
         self.r.srem(EXPERIMENTS_SET, experiment_id)
         self._cache.pop(experiment_id, None)
         return delete_state(self.r, experiment_id)
@@ -171,10 +180,17 @@ class Registry:
         ``fresh``: read Redis whatever the cache holds."""
         return self._lookup((experiment_id,), fresh).get(experiment_id)
 
-    def get_many(self, ids: Iterable[str]) -> dict[str, ExperimentConfig]:
+    def get_many(self, ids: Iterable[str], fresh: bool = False) -> dict[str, ExperimentConfig]:
         """The registered configs among ``ids`` (one MGET for those without a
-        fresh cache entry, none when all have one)."""
-        return self._lookup(ids, fresh=False)
+        fresh cache entry, none when all have one; ``fresh``: for all)."""
+        return self._lookup(ids, fresh)
+
+    def generation(self, experiment_id: str) -> bytes | None:
+        """The generation (``keys.generation_key``) the cached config of
+        ``experiment_id`` was read with, no Redis command; None: none stored
+        with it (registered before generations) or nothing cached."""
+        hit = self._cache.get(experiment_id)
+        return None if hit is None else hit[3]
 
     def concluded(self, experiment_id: str) -> bool:
         """Whether the experiment is concluded, as of its cached entry (read
@@ -201,13 +217,15 @@ class Registry:
             stale.append(eid)
         if not stale:
             return out
-        got = mget(self.r, [cfg_key(e) for e in stale] + [lifecycle_key(e) for e in stale])
-        for eid, raw, lc in zip(stale, got[:len(stale)], got[len(stale):], strict=True):
+        n = len(stale)
+        got = mget(self.r, [cfg_key(e) for e in stale] + [lifecycle_key(e) for e in stale]
+                   + [generation_key(e) for e in stale])
+        for eid, raw, lc, gen in zip(stale, got[:n], got[n:2 * n], got[2 * n:], strict=True):
             cfg = self._parse(eid, raw)
             if cfg is None:
                 self._forget(eid, now)
             else:
-                self._remember(eid, cfg, lc is not None, now)
+                self._remember(eid, cfg, lc is not None, gen, now)
                 out[eid] = cfg
         return out
 
@@ -220,10 +238,11 @@ class Registry:
             log.warning("experiment %s: stored config is invalid (%s)", eid, e)
             return None
 
-    def _remember(self, eid: str, cfg: ExperimentConfig, concluded: bool,
+    def _remember(self, eid: str, cfg: ExperimentConfig, concluded: bool, gen: Any,
                   now: float | None = None) -> None:
         self._missing.pop(eid, None)
-        self._cache[eid] = (time.monotonic() if now is None else now, cfg, concluded)
+        self._cache[eid] = (time.monotonic() if now is None else now, cfg, concluded,
+                            as_bytes(gen))
 
     def _forget(self, eid: str, now: float) -> None:
         """``eid`` is not registered: drop its config, remember the miss for

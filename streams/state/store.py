@@ -182,6 +182,16 @@ _scripts: dict[str | None, Any] = {}
 #: an argument or value not read (yet) from Redis
 _UNREAD = object()
 
+#: an owner call's ``generation`` when the caller read none: no generation
+#: is checked (``streams.state.partition_store``: ``Commit``, ``apply_rows_owned``)
+UNCHECKED = b"\0unchecked"
+
+
+def as_bytes(x: bytes | str | None) -> bytes | None:
+    """A reply as bytes (a client that decodes replies gives str): how
+    generations are compared (``Registry.generation``, the owner's check)."""
+    return x.encode() if isinstance(x, str) else x
+
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
@@ -221,8 +231,8 @@ def event_row(offset: int, ev: Event) -> tuple:
 
 def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
                rows: Sequence[tuple], clk_end: int, fold_limit: int = FOLD_LIMIT,
-               epoch: int | None = None, dead: Sequence[tuple[int, str]] = ()
-               ) -> dict[str, Any]:
+               epoch: int | None = None, dead: Sequence[tuple[int, str]] = (),
+               generation: bytes | None = UNCHECKED) -> dict[str, Any]:
     """One call of the partition's owner for one experiment (issue 25,
     ``streams.state.partition_store.apply_rows_owned``): clocked ``rows`` of
     one source partition (routed to ``cfg``'s experiment, increasing
@@ -247,21 +257,29 @@ def apply_rows(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int,
     exposure to a concluded experiment); each adds 1 to its field in the same
     commit, skipped like the events when its offset was applied before
     (a retried batch counts none twice). Dead letters alone do not settle.
+
+    ``generation``: the experiment's generation ``cfg`` was read with
+    (``Registry.generation``; ``UNCHECKED``: none checked):
+    ``ExperimentChanged``, nothing written, when Redis holds another (the
+    experiment was deleted, or deleted and re-created, since).
     """
     from streams.state.partition_store import apply_rows_owned, owner_for
 
     owner = owner_for(r, source_topic, partition, epoch)
-    return apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead)
+    return apply_rows_owned(owner, cfg, rows, clk_end, fold_limit, dead, generation)
 
 
 def settle(r: Any, cfg: ExperimentConfig, source_topic: str, partition: int, clk: int,
-           fold_limit: int = FOLD_LIMIT, epoch: int | None = None) -> bool:
+           fold_limit: int = FOLD_LIMIT, epoch: int | None = None,
+           generation: bytes | None = UNCHECKED) -> bool:
     """Mature and expire holds of one experiment on one source partition at
     ``clk``, in bounded calls until none is left (``ExperimentState.settle``
-    until it returns False); True if anything changed."""
+    until it returns False); True if anything changed. ``generation``: as
+    for ``apply_rows``."""
     changed = False
     while True:
-        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch)
+        out = apply_rows(r, cfg, source_topic, partition, (), clk, fold_limit, epoch,
+                         generation=generation)
         changed = changed or out.get("dirty_seq") is not None
         if not out.get("more"):
             return changed
@@ -524,15 +542,25 @@ def partition_clock(r: Any, topic: str, partition: int) -> int | None:
     return None if v is None else _int(v)
 
 
-def partition_start(r: Any, topic: str, partition: int) -> tuple[int | None, bool]:
+def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[str] = ()
+                    ) -> tuple[int | None, bool, dict[str, bytes | None]]:
     """What a source batch reads of its partition first, in one round trip:
-    the partition clock (``partition_clock``) and whether its unit-hold
+    the partition clock (``partition_clock``), whether its unit-hold
     queue holds any metric (``unit_hold_queue``; Redis deletes an empty
-    sorted set). Only the partition's owner writes that queue, so the
-    answer holds for the whole batch: ``apply_source_batch``'s ``holds``."""
-    clk, held = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
-        .add("EXISTS", unit_hold_queue(topic, partition)).execute()
-    return (None if clk is None else _int(clk)), bool(held)
+    sorted set) and the generation of each of ``experiments``
+    (``keys.generation_key``; None: none, the experiment is deleted): the
+    caller compares them with its cached configs' before it routes or
+    applies anything (``Ingestor.process``). Only the partition's owner
+    writes the hold queue, so the answer holds for the whole batch:
+    ``apply_source_batch``'s ``holds``."""
+    eids = list(experiments)
+    p = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
+        .add("EXISTS", unit_hold_queue(topic, partition))
+    for eid in eids:
+        p.add("GET", rk.generation_key(eid))
+    clk, held, *gens = p.execute()
+    return ((None if clk is None else _int(clk)), bool(held),
+            {e: as_bytes(g) for e, g in zip(eids, gens, strict=True)})
 
 
 def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
@@ -585,6 +613,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        epoch: int | None = None,
                        dead: dict[str, list[tuple[int, str]]] | None = None,
                        index_ttl: int | None = None, holds: bool | None = None,
+                       generations: dict[str, bytes | None] | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -608,7 +637,10 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     whether the partition's unit-hold queue held any metric before the batch
     (``partition_start``; None: not read). Without any before and none held
     by the batch, no hold can expire: neither ``route_rows`` nor
-    ``expire_unit_holds`` asks Redis (a round trip each a batch)."""
+    ``expire_unit_holds`` asks Redis (a round trip each a batch).
+    ``generations``: per experiment of ``known``, the generation its config
+    was read with (``apply_rows``; an experiment without one: unchecked)."""
+    gens = generations or {}
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
     crows, clk = clocked_rows
@@ -620,11 +652,11 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     # metrics over the hold bound, dropped by the routing: kept with the position
     over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
-                         dead.get(e, ()))
+                         dead.get(e, ()), gens.get(e, UNCHECKED))
            for e, lst in routed.items()}
     for e in sorted(dead.keys() - routed.keys()):  # dead letters alone: no settling
         out[e] = apply_rows(r, known[e], topic, partition, (), 0 if clk is None else clk,
-                            fold_limit, epoch, dead[e])
+                            fold_limit, epoch, dead[e], gens.get(e, UNCHECKED))
     if not crows:
         return out, clk
     # (a metric ``route_rows`` rejects as ``unrouted`` is one it held)

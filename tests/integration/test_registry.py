@@ -56,7 +56,10 @@ def test_defect8_junk_experiment_ids_bounded_cache_and_round_trips(redis_url):
     calls.pop("info", None)
     total = sum(calls.values())
     lookups = calls.get("get", 0) + calls.get("mget", 0)
-    assert lookups <= 2 * batches, calls
+    # a few per batch, none per junk id: among them the real experiment's
+    # generation, read with the batch's first reads (``partition_start``: is
+    # the cached config still of the registered incarnation?) and by its owner
+    assert lookups <= 3 * batches, calls
     assert total <= 60 * batches, calls
     assert reg.cache_size() <= reg.max_negative + 1
     assert int(r.hget("lr:{e:real}:meta", "c:exposures")) == batches
