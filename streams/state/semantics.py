@@ -744,9 +744,9 @@ class ConfigPlan:
         self.age_len = {p.name: age_cell_width(p, self.NB) for p in self.plans}
 
 
-#: experiment_id -> (the config, its plan): ``config_plan``'s cache, cleared
-#: when it holds ``_PLANS_MAX`` experiments
-_PLANS: dict[str, tuple[ExperimentConfig, ConfigPlan]] = {}
+#: experiment_id -> (the config, its ``repr``, its plan): ``config_plan``'s
+#: cache, cleared when it holds ``_PLANS_MAX`` experiments
+_PLANS: dict[str, tuple[ExperimentConfig, str, ConfigPlan]] = {}
 _PLANS_MAX = 256
 
 
@@ -758,17 +758,18 @@ def config_plan(config: ExperimentConfig) -> ConfigPlan:
     its type: 0.0 and -0.0, 1 and 1.0 differ there, though ``==`` calls
     them equal); any other config of the experiment builds a new plan, so a
     changed config never runs on a stale one."""
-    hit = _PLANS.get(config.experiment_id)
-    if hit is not None:
-        if hit[0] is config:
-            return hit[1]
-        if repr(hit[0]) == repr(config):
-            _PLANS[config.experiment_id] = (config, hit[1])  # this object from now on
-            return hit[1]
+    eid = config.experiment_id
+    hit = _PLANS.get(eid)
+    if hit is not None and hit[0] is config:
+        return hit[2]
+    key = repr(config)
+    if hit is not None and hit[1] == key:
+        _PLANS[eid] = (config, key, hit[2])  # this object from now on
+        return hit[2]
     plan = ConfigPlan(config)
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.clear()
-    _PLANS[config.experiment_id] = (config, plan)
+    _PLANS[eid] = (config, key, plan)
     return plan
 
 
