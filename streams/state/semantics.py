@@ -162,10 +162,11 @@ Resolutions of points the contract left open:
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
+from typing import Final
 
 from kernels.tail import tail_bucket
 from schemas.records import (
@@ -259,14 +260,16 @@ def n_activity_strata(cfg: ExperimentConfig) -> int:
 def stratum_of(pre_activity: float | None, edges: tuple[float, ...]) -> int:
     """Index i with edges[i] <= x < edges[i+1]; x >= last edge -> S-1;
     x below the first edge -> 0; None (or no activity strata) -> S."""
-    S = max(len(edges) - 1, 0)
-    if pre_activity is None or S == 0:
+    S = len(edges) - 1
+    if S <= 0:
+        return 0
+    if pre_activity is None:
         return S
     x = float(pre_activity)
-    for i in range(S - 1, -1, -1):
-        if x >= float(edges[i]):
-            return i
-    return 0
+    i = S - 1  # the last edge at or below x (a NaN is below every edge: 0)
+    while i > 0 and not x >= float(edges[i]):
+        i -= 1
+    return i
 
 
 #: At most this many fine (novelty) strata; beyond, the fine strata are the
@@ -352,11 +355,14 @@ def completed_buckets(watermark: int | None, started_at: int | None, B: int,
     return max(0, (watermark - started_at) // B)
 
 
+_INF: Final = math.inf
+
+
 def _finite(x: float, what: str) -> float:
     """float(x), rejecting NaN/inf: they would poison sums and have no
     portable text form; schemas.validate dead-letters them before."""
     v = float(x)
-    if not math.isfinite(v):
+    if not -_INF < v < _INF:  # ``math.isfinite``, without a module attribute read a call
         raise ValueError(f"non-finite {what}: {x!r}")
     return v
 
@@ -477,7 +483,7 @@ def age_contribution(p: MetricPlan, age: list[list[float]]) -> list[float]:
     return out
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class UnitState:
     """One unit in one experiment. ``totals``, ``pre`` and ``age`` follow
     ``config.event_metrics`` (issue 26: the event metrics, not the config
@@ -492,7 +498,12 @@ class UnitState:
     rounding). ``dirty``: the rules changed the unit since it was created
     or loaded (created, a total moved, folded): what the partition owner's
     commit writes (``partition_store``) instead of re-encoding every unit
-    to compare; not part of the state (no ``==``, no ``repr``)."""
+    to compare; not part of the state (no ``==``, no ``repr``).
+
+    The ``__init__`` is written out (``init=False``): the one the dataclass
+    generates is interpreted Python even in the compiled build, ~9k
+    instructions a unit, and a unit is built per exposure and per record
+    the owner decodes."""
 
     variant: str
     stratum: int
@@ -504,6 +515,21 @@ class UnitState:
     fine: int = 0
     age: list[list[float]] = field(default_factory=list)
     dirty: bool = field(default=False, compare=False, repr=False)
+
+    def __init__(self, variant: str, stratum: int, bucket: int, exposure_ts: int,
+                 totals: list[float], matured: bool = False,
+                 pre: list[float | None] | None = None, fine: int = 0,
+                 age: list[list[float]] | None = None, dirty: bool = False) -> None:
+        self.variant = variant
+        self.stratum = stratum
+        self.bucket = bucket
+        self.exposure_ts = exposure_ts
+        self.totals = totals
+        self.matured = matured
+        self.pre = [] if pre is None else pre
+        self.fine = fine
+        self.age = [] if age is None else age
+        self.dirty = dirty
 
 
 @dataclass(frozen=True)
@@ -681,6 +707,72 @@ def combine_cells(acc: list | None, add: list) -> list:
     return [a + b for a, b in zip(acc, add, strict=True)]
 
 
+
+class ConfigPlan:
+    """What an ``ExperimentState`` derives from its config alone (bounds in
+    ms, strata and age edges, metric plans, index maps), computed once per
+    config by ``config_plan``: the partition's owner builds a state per
+    call (issue 25), and deriving these again was ~90k instructions a call.
+    Shared by every state of the config, so read-only: nothing changes a
+    plan's tuples and dicts after it is built."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.W, self.B, self.L, self.DD = config_ms(config)
+        self.E = config.end_at
+        self.H, self.Hh, self.HM = horizons_ms(config)
+        self.edges = tuple(float(e) for e in config.strata_edges)
+        self.S = n_activity_strata(config)
+        self.variants = tuple(config.variants)
+        self.vindex = {v: i for i, v in enumerate(self.variants)}
+        self.metrics = config.metric_names
+        self.event_metrics = config.event_metrics
+        self.metric_index = {m: i for i, m in enumerate(self.event_metrics)}
+        self.plans = metric_plans(config)
+        self.by_event: tuple[tuple[MetricPlan, ...], ...] = tuple(
+            tuple(p for p in self.plans if i in (p.e, p.d))
+            for i in range(len(self.event_metrics)))
+        self.cell_len = {p.name: 8 + p.n_extra for p in self.plans}
+        self.sum_metrics = tuple(p.name for p in self.plans if p.tails)
+        #: a new unit's totals and "no pre values", copied (``list(...)``)
+        self.zeros: tuple[float, ...] = (0.0,) * len(self.event_metrics)
+        self.nones: tuple[float | None, ...] = (None,) * len(self.event_metrics)
+        self.age_on = age_tracking(config)
+        self.age_edges = age_edges_ms(config)
+        self.NB = len(self.age_edges) - 1
+        self.fine_edges = fine_edges(config)
+        self.F = max(len(self.fine_edges) - 1, 0)
+        self.age_len = {p.name: age_cell_width(p, self.NB) for p in self.plans}
+
+
+#: experiment_id -> (the config, its ``repr``, its plan): ``config_plan``'s
+#: cache, cleared when it holds ``_PLANS_MAX`` experiments
+_PLANS: dict[str, tuple[ExperimentConfig, str, ConfigPlan]] = {}
+_PLANS_MAX = 256
+
+
+def config_plan(config: ExperimentConfig) -> ConfigPlan:
+    """The ``ConfigPlan`` of ``config``, cached per experiment. A cached
+    plan is used for the very config object it was built from (a frozen
+    value: the registry hands the owner the same object until it reads the
+    config again) or for one whose ``repr`` is the same (every field, with
+    its type: 0.0 and -0.0, 1 and 1.0 differ there, though ``==`` calls
+    them equal); any other config of the experiment builds a new plan, so a
+    changed config never runs on a stale one."""
+    eid = config.experiment_id
+    hit = _PLANS.get(eid)
+    if hit is not None and hit[0] is config:
+        return hit[2]
+    key = repr(config)
+    if hit is not None and hit[1] == key:
+        _PLANS[eid] = (config, key, hit[2])  # this object from now on
+        return hit[2]
+    plan = ConfigPlan(config)
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[eid] = (config, key, plan)
+    return plan
+
+
 class ExperimentState:
     """The state of one experiment, advanced one call at a time.
 
@@ -696,25 +788,28 @@ class ExperimentState:
         #: the way the state before issue 25 kept them
         self.sharded = sharded
         self.shards: dict[str, Shard] = {}
-        self.W, self.B, self.L, self.DD = config_ms(config)
-        self.E = config.end_at  # exposures at or after it: after_end
-        self.H, self.Hh, self.HM = horizons_ms(config)
+        # what depends on the config alone, computed once per config
+        # (``config_plan``: the owner builds a state per call)
+        cp = config_plan(config)
+        self.W, self.B, self.L, self.DD = cp.W, cp.B, cp.L, cp.DD
+        self.E = cp.E  # exposures at or after it: after_end
+        self.H, self.Hh, self.HM = cp.H, cp.Hh, cp.HM
         self.fold_limit = fold_limit
-        self.edges = tuple(float(e) for e in config.strata_edges)
-        self.S = n_activity_strata(config)
-        self.variants = tuple(config.variants)
+        self.edges = cp.edges
+        self.S = cp.S
+        self.variants = cp.variants
         #: the config metrics (cells, one per metric) and the event metrics
         #: (unit totals, what a metric event names; issue 26)
-        self.metrics = config.metric_names
-        self.event_metrics = config.event_metrics
-        self._metric_index = {m: i for i, m in enumerate(self.event_metrics)}
-        self.plans = metric_plans(config)
+        self.metrics = cp.metrics
+        self.event_metrics = cp.event_metrics
+        self._metric_index = cp.metric_index
+        self.plans = cp.plans
         #: per event metric index: the plans whose outcome reads its total
-        self._by_event: tuple[tuple[MetricPlan, ...], ...] = tuple(
-            tuple(p for p in self.plans if i in (p.e, p.d))
-            for i in range(len(self.event_metrics)))
-        self._cell_len = {p.name: 8 + p.n_extra for p in self.plans}
-        self._sum_metrics = tuple(p.name for p in self.plans if p.tails)
+        self._by_event = cp.by_event
+        self._cell_len = cp.cell_len
+        self._sum_metrics = cp.sum_metrics
+        self._zeros = cp.zeros
+        self._nones = cp.nones
         self.units: dict[str, UnitState] = {}
         #: per unit with a record: the source whose exposure created it (in
         #: Redis: the source whose pending zset holds the unit)
@@ -736,16 +831,16 @@ class ExperimentState:
         self.activity_n: list[int] = [0] * n_tot
         self.exposed: dict[str, int] = {v: 0 for v in self.variants}
         self.matured: dict[str, int] = {v: 0 for v in self.variants}
-        self._vindex = {v: i for i, v in enumerate(self.variants)}
+        self._vindex = cp.vindex
         #: exposure age (issue 19): bins, fine strata, age cells
         #: age_cells[m][v][f] = [n, Σy_0, Σy_0², ..., Σy_{B-1}, Σy_{B-1}², Σy_0·y_{B-1}]
-        self.age_on = age_tracking(config)
-        self.age_edges = age_edges_ms(config)
-        self.NB = len(self.age_edges) - 1
-        self.fine_edges = fine_edges(config)
-        self.F = max(len(self.fine_edges) - 1, 0)
+        self.age_on = cp.age_on
+        self.age_edges = cp.age_edges
+        self.NB = cp.NB
+        self.fine_edges = cp.fine_edges
+        self.F = cp.F
         #: sums after n in each metric's age cell (``age_cell_width``: every kind)
-        self._age_len = {p.name: age_cell_width(p, self.NB) for p in self.plans}
+        self._age_len = cp.age_len
         self.counters: dict[str, int] = {}
         #: rule 6: units whose record was dropped
         self.retired = RetiredFilter()
@@ -894,6 +989,11 @@ class ExperimentState:
         sh: Shard | None = None
         inf = math.inf
         cat: str | None
+        # a row's ts and clk are ints, its kind a str (``Row``): declared, the
+        # compiled build compares them as machine ints and C strings, not objects
+        ts: int
+        clk: int
+        kind: str
         for _, kind, event_id, _, uid, name, ts, num, pre, clk in rows:
             if kind == "x" and name in vindex and ts + W + H <= clk - L:
                 cat = "too_old"  # rule 2, before anything else: ingest dead-letters it
@@ -980,34 +1080,39 @@ class ExperimentState:
         if uid in self.retired:
             return "retired"
         close = ts + self.W
-        if self.E is not None and ts >= self.E:
+        E = self.E
+        if E is not None and ts >= E:
             return "after_end"
         x = None if pre_activity is None else _finite(pre_activity, "pre_activity")
-        if self.anchor is None:
-            self.anchor = self.config.started_at if self.config.started_at is not None else 0
+        anchor = self.anchor
+        if anchor is None:
+            start = self.config.started_at
+            anchor = self.anchor = start if start is not None else 0
         s = stratum_of(x, self.edges)
-        b = bucket_of(ts, self.anchor, self.B)
+        b = bucket_of(ts, anchor, self.B)
         evm = self.event_metrics
         xs: list[float | None] = (
             [None if (v := pre.get(m)) is None else _finite(v, "pre value") for m in evm]
-            if pre else [None] * len(evm))
-        u = UnitState(variant, s, b, ts, [0.0] * len(evm), False, xs, dirty=True)
+            if pre else list(self._nones))
+        u = UnitState(variant, s, b, ts, list(self._zeros), False, xs, 0, None, True)
         if self.age_on:
             u.fine = stratum_of(x, self.fine_edges)
             u.age = [[0.0] * self.NB for _ in evm]
         self.units[uid] = u
         self.unit_source[uid] = source
-        self.arrivals[s][b] = self.arrivals[s].get(b, 0) + 1
+        arr = self.arrivals[s]
+        arr[b] = arr.get(b, 0) + 1
         if x is not None:
             sh = self._shard(source)
             sh.activity_sum[s] = sh.activity_sum.get(s, 0.0) + x
             sh.touched_act.add(s)
             self.activity_n[s] += 1
         self.exposed[variant] += 1
-        heapq.heappush(self._pending.setdefault(source, []),
-                       (close, uid.encode("utf-8"), uid))
+        heappush(self._pending.setdefault(source, []), (close, uid.encode("utf-8"), uid))
         # before the configured start: applied to entry bucket 0 (bucket_of), counted apart
-        self._count("before_start" if ts < self.anchor else "exposures")
+        cat = "before_start" if ts < anchor else "exposures"
+        counters = self.counters
+        counters[cat] = counters.get(cat, 0) + 1
         held = self.held.pop(uid, None)
         if held is not None:
             self._held_q.get(source, {}).pop(uid, None)
@@ -1145,7 +1250,7 @@ class ExperimentState:
         while pend and pend[0][0] <= T:
             if n >= self.fold_limit:
                 return True
-            _, ub, uid = heapq.heappop(pend)
+            _, ub, uid = heappop(pend)
             n += 1
             u = self.units.get(uid)
             if u is None:
@@ -1158,7 +1263,7 @@ class ExperimentState:
                 del self.unit_source[uid]
                 self.retired.add(uid)
             else:
-                heapq.heappush(pend, (fin, ub, uid))
+                heappush(pend, (fin, ub, uid))
         return False
 
     def _fold_unit(self, u: UnitState, source: str) -> None:

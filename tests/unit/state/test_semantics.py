@@ -13,6 +13,7 @@ from streams.state.semantics import (
     Reducer,
     bucket_of,
     completed_buckets,
+    config_plan,
     stratum_of,
 )
 
@@ -72,6 +73,11 @@ def test_stratum_edges(x, s):
 def test_stratum_without_activity_strata():
     assert stratum_of(5.0, (0,)) == 0
     assert stratum_of(None, ()) == 0
+
+
+def test_stratum_of_nan_is_below_every_edge():
+    # never reached by the rules (``_finite`` rejects it first): the loop's answer kept
+    assert stratum_of(float("nan"), (0, 1, 4, 29)) == 0
 
 
 def test_bucket_floor_and_clamp():
@@ -516,3 +522,24 @@ def test_start_without_config_is_the_earliest_bucket_with_one_clamped():
     loose = Reducer([ExperimentConfig(**base)]).apply_all(evs).snapshots()["e"]
     assert (loose.started_at, loose.D) == (start - 11 * day, 13)
     assert loose.counters["before_start"] == 0 and loose.counters["exposures"] == 50
+
+
+def test_config_plan_is_reused_for_the_same_config_and_rebuilt_for_a_changed_one():
+    """The owner builds a state per call (issue 25), so what a config alone
+    determines is computed once (``config_plan``); a changed config of the
+    same experiment must never run on the old plan, even one ``==`` calls
+    equal (a cap of -0.0 vs 0.0, an int vs a float)."""
+    a = cfg(experiment_id="plan-e")
+    p = config_plan(a)
+    assert config_plan(a) is p
+    assert config_plan(cfg(experiment_id="plan-e")) is p  # equal value, new object
+    wider = cfg(experiment_id="plan-e", window_seconds=20)
+    assert config_plan(wider) is not p and config_plan(wider).W == 20_000
+    st = ExperimentState(wider)
+    assert st.W == 20_000 and st._metric_index == {"rev": 0, "clicks": 1}
+    capped = cfg(experiment_id="plan-e", metrics=(MetricSpec("rev", cap_lower=0.0),))
+    neg = cfg(experiment_id="plan-e", metrics=(MetricSpec("rev", cap_lower=-0.0),))
+    assert capped == neg  # what a key by == would have confused
+    lo = config_plan(capped).plans[0].lo
+    assert str(lo) == "0.0" and str(config_plan(neg).plans[0].lo) == "-0.0"
+
