@@ -7,10 +7,12 @@ its stored iteration. Only a change of shape (a new variant or metric in the
 config, the "unknown activity" stratum appearing, a new chain count) starts
 fresh chains for that problem.
 
-The estimate summarises the last ``window`` draws per chain after warm-up.
-Draws made before the latest data arrived stay in the window until pushed out,
-so an estimate may lag the data by up to window/sweeps ticks; it says which
-watermark it reflects and its R-hat shows when the lag matters.
+The window keeps the last ``window`` draws per chain after warm-up; the
+estimate summarises only those made on the data it reports
+(``StoredChains.fresh_window``). Right after new data that is one tick's
+sweeps, and the window fills back up while the data stay the same. Draws
+made on older, smaller data are never mixed in: they made the first record
+after a large change up to 2.8× too wide and a posterior sd off (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ class StoredChains:
             return False
         return int(self.state["iteration"]) - self.fresh_from >= self.window["tau"].shape[1]
 
+    def fresh_window(self) -> dict[str, np.ndarray] | None:
+        """The window's draws made on the data of ``seq`` (its last
+        iteration − ``fresh_from`` per chain), what an estimate of that data
+        may summarise; the whole window when ``fresh_from`` is unknown."""
+        if self.window is None or self.fresh_from is None:
+            return self.window
+        T = self.window["tau"].shape[1]
+        n = min(T, max(0, int(self.state["iteration"]) - self.fresh_from))
+        return {k: v[:, T - n:] for k, v in self.window.items()}
+
 
 @dataclass
 class TickConfig:
@@ -58,7 +70,9 @@ class TickConfig:
     sweeps: int = 50  # per tick
     window: int = 200  # draws per chain kept for summaries
     warmup: int = 100  # iterations before draws enter the window
-    min_draws: int = 20  # per chain, before a first estimate is published
+    #: per chain, before an estimate is published (capped at ``sweeps``: after
+    #: each data change only one tick's draws are on the new data)
+    min_draws: int = 20
     seed: int = 0
 
 
@@ -114,11 +128,13 @@ def advance(snaps: list[ExperimentSnapshot], stored: dict[tuple[str, str], Store
 
 def _summaries(problems: list[Problem], chains: dict[tuple[str, str], StoredChains], data,
                snaps: list[ExperimentSnapshot], cfg: TickConfig, computed_at: int) -> list[dict]:
-    """Summarise each problem's window (``summarize_windows``: a ratio's
-    problems recombined, windows of a shape batched), then the records of
-    all at once (a problem's shadow may sit in another group)."""
+    """Summarise each problem's draws on its current data (``fresh_window``;
+    ``summarize_windows``: a ratio's problems recombined, windows of a shape
+    batched), then the records of all at once (a problem's shadow may sit in
+    another group)."""
     adjustable = np.asarray(data.adjustable.get() if hasattr(data.adjustable, "get")
                             else data.adjustable)
     its = [int(chains[p.key].state["iteration"]) for p in problems]
-    return summarize_windows(problems, [chains[p.key].window for p in problems], adjustable,
-                             snaps, its, computed_at, min_draws=cfg.min_draws)
+    windows = [chains[p.key].fresh_window() for p in problems]
+    return summarize_windows(problems, windows, adjustable, snaps, its, computed_at,
+                             min_draws=min(cfg.min_draws, cfg.sweeps))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,10 @@ def fold_with_looks(configs: list[ExperimentConfig], events: str | Path, rejecte
         if step is None or (last_step.get(eid) is not None and step <= last_step[eid]):
             return
         last_step[eid] = step
-        recs, chains_now = advance([snap], stored, tick, computed_at=int(snap.watermark or 0))
+        # the look step as the data's version (a live tick's is Redis's dirty_seq):
+        # each look's estimate summarises the draws made on its own data
+        recs, chains_now = advance([replace(snap, seq=step)], stored, tick,
+                                   computed_at=int(snap.watermark or 0))
         stored.update(chains_now)
         _, states[eid], _ = decide(snap, recs, states.get(eid))
 

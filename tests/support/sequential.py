@@ -64,7 +64,9 @@ class Setting:
     novelty_days: float = 2.0
     chains: int = 8
     sweeps_per_look: int = 10
-    window: int = 40  # draws per chain summarised at a look (spans window/sweeps looks)
+    #: draws per chain kept by the published path's tick; a look summarises only its
+    #: own sweeps' draws, those made on its data (``StoredChains.fresh_window``)
+    window: int = 40
     alpha: float = 0.05
     mde: float | None = None  # None: the pooled outcome sd (the model's prior scale)
     seed: int = 0
@@ -197,7 +199,6 @@ def simulate(st: Setting, progress: bool = False) -> Result:
         truth[:] = 0.0
     krng = Rng(st.seed + 7)
     state = None
-    draws = None
     lo = np.full((R, M, K), -np.inf)
     hi = np.full((R, M, K), np.inf)
     lem = np.full((R, M, K), -np.inf)
@@ -216,7 +217,8 @@ def simulate(st: Setting, progress: bool = False) -> Result:
             state = init(data, krng, st.chains)
         state, tr, _ = run(state, data, krng, st.sweeps_per_look)
         eff = tr.adj_effect  # [P, C, T, K]
-        draws = eff if draws is None else np.concatenate([draws, eff], axis=2)[:, :, -st.window:]
+        # data change at every look: a look summarises its own draws (advance.fresh_window)
+        draws = eff
         flat = np.moveaxis(draws, 3, 1).reshape(R, M, K, -1)
         m, s = flat.mean(-1), flat.std(-1, ddof=1)
         p_pos = (flat > 0).mean(-1)
@@ -336,8 +338,9 @@ def _simulate_published(st: Setting) -> Result:
     with mock.patch.object(decisions, "forecast_of", lambda *a, **k: None):
         for h in range(1, L + 1):
             # the watermark on the look grid exactly (h / looks_per_day days in ms may round down)
+            # seq: the data's version (new at every look), as Redis's dirty_seq is live
             snaps = [replace(snapshot(p, h / st.looks_per_day, c), watermark=h * look_ms,
-                             max_ts=h * look_ms) for p, c in zip(pops, cfgs, strict=True)]
+                             max_ts=h * look_ms, seq=h) for p, c in zip(pops, cfgs, strict=True)]
             recs, stored = advance(snaps, stored, tick, computed_at=h * look_ms)
             by_exp = {r["experiment_id"]: r for r in recs}
             for r in range(R):
