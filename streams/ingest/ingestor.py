@@ -130,7 +130,7 @@ class Ingestor:
         ids = set(map(itemgetter(3), rows))
         ids.discard(None)
         known = self.registry.get_many(ids)
-        clk_start, holds, gens = partition_start(self.r, topic, partition, known)
+        clk_start, holds, gens, index_view = partition_start(self.r, topic, partition, known)
         known = self._current(known, gens)
         if len(known) < len(ids) and self.auto_register:
             exposed = {row[3] for row in rows if row[1] == "x"}
@@ -211,7 +211,7 @@ class Ingestor:
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
                                           epoch=epoch, dead=dead, index_ttl=self.index_ttl(known),
-                                          holds=holds, generations={
+                                          holds=holds, index_view=index_view, generations={
                                               e: self.registry.generation(e) for e in known})
         except ExperimentChanged as e:
             # concluded (or deleted, re-created) since the registry read it:

@@ -12,9 +12,13 @@ Hash tags (the part in braces decides the Redis Cluster slot):
 * ``{e:<experiment_id>}`` — every key of one experiment, so each owner's
   commit (``streams.state.partition_store``, one MULTI/EXEC) and the
   sampler's chain write touch one slot;
-* ``{u:<unit_id>}`` — a unit's routing index and held metrics (plain
-  commands, ``streams.state.store.route_rows``: on a Redis Cluster they lie
-  in every slot);
+* ``{x:<src>}`` — the routing index of the units of source partition
+  ``<src>`` (``streams.state.unit_index``: only that partition's owner
+  writes it, a unit's events all lie in its partition);
+* ``{u:<unit_id>}`` — a unit's held metrics, and its routing index before
+  issue 25 (read as a fallback only, ``unit_index_key``) (plain commands,
+  ``streams.state.store.route_rows``: on a Redis Cluster they lie in every
+  slot);
 * ``{ingest}`` — the ingest positions (and the unrouted losses) that
   ``record_position`` moves together;
 * ``{p:<metric>:<chain>}`` — one platform-prior chain (its Lua scripts).
@@ -89,16 +93,35 @@ def unit_hold_queue(topic: str, partition: int) -> str:
 # ---------------------------------------------------------------- units
 
 def unit_index_key(unit_id: str) -> str:
-    """hash ``lr:{u:<unit_id>}:x``: which experiments the unit was exposed in."""
+    """hash ``lr:{u:<unit_id>}:x``: which experiments the unit was exposed in,
+    as versions before issue 25 wrote it (one key per unit). Never written
+    now; read as a fallback until such keys expired (``streams.state.unit_index``,
+    the ``legacy`` field of ``index_buckets_key``)."""
     return f"lr:{{u:{unit_id}}}:x"
 
 
+def index_bucket_key(topic: str, partition: int, ttl_ms: int, start_ms: int) -> str:
+    """hash ``lr:{x:<src>}:<ttl>:<start>``: ``<unit>|<experiment>`` -> the
+    position of the unit's first exposure to it recorded in this time bucket
+    of the partition's routing index (``streams.state.unit_index``); it
+    expires ``ttl`` after the bucket's end."""
+    return f"lr:{{x:{source(topic, partition)}}}:{int(ttl_ms)}:{int(start_ms)}"
+
+
+def index_buckets_key(topic: str, partition: int) -> str:
+    """hash ``lr:{x:<src>}:buckets``: ``<ttl>:<start>`` -> when that bucket
+    of ``index_bucket_key`` expires (ms), and ``legacy`` -> until when the
+    per-unit keys of ``unit_index_key`` are still read."""
+    return f"lr:{{x:{source(topic, partition)}}}:buckets"
+
+
 def experiment_and_unit_glob() -> str:
-    """SCAN pattern matching every key of every experiment and unit: a
-    delete walks the keyspace once with it (``registry.delete_state``),
-    for the experiment's keys and every unit's routing index
-    (``unit_index_key``)."""
-    return "lr:{[eu]:*"
+    """SCAN pattern matching every key of every experiment, unit and routing
+    index: a delete walks the keyspace once with it
+    (``registry.delete_state``), for the experiment's keys and its entries
+    in the routing index (``index_bucket_key``, and ``unit_index_key`` of
+    state from before issue 25)."""
+    return "lr:{[eux]:*"
 
 
 def unit_hold_key(unit_id: str) -> str:

@@ -25,6 +25,7 @@ from schemas.validate import (
     incompatible_change,
     parse_experiment,
 )
+from streams.state import unit_index
 from streams.state.keys import (
     EXPERIMENTS_SET,
     cells_key,
@@ -44,7 +45,9 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``) but
     its fences: its config, generation, unit records, cells, chains,
     estimates, history, alerts; and remove its field from every unit's
-    routing index (``lr:{u:<unit>}:x``), so an experiment registered later
+    routing index (its fields ``<unit>|<id>`` of every partition's index
+    buckets, ``streams.state.unit_index``; of state from before issue 25,
+    its field of every ``lr:{u:<unit>}:x``), so an experiment registered later
     under the same id inherits no exposure markers (issue 24: with them, its
     units' metrics without experiment_id were routed to it before any
     exposure, held and counted lost). The fences (``keys.fence_key``: owner
@@ -74,6 +77,10 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
             index.hdel(k, experiment_id)  # a hash left empty is gone with its last field
             if len(index) >= batch:
                 index.execute()
+        elif unit_index.is_bucket(kb):  # few keys (a handful per partition), many fields
+            fields = [f for f, _ in r.hscan_iter(k, match=f"*|{experiment_id}", count=batch)]
+            for i in range(0, len(fields), batch):
+                r.hdel(k, *fields[i:i + batch])
     if doomed:
         n += r.unlink(*doomed)
     if len(index):

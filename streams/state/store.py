@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -136,6 +137,7 @@ from redis.exceptions import ResponseError
 
 from schemas.records import Event, ExperimentConfig, Exposure, Metric
 from streams.state import keys as rk
+from streams.state import unit_index
 from streams.state.keys import (
     INGEST_OFFSETS,
     LEGACY_INGEST_KEYS,
@@ -149,7 +151,6 @@ from streams.state.keys import (
     experiment_keys,
     unit_hold_key,
     unit_hold_queue,
-    unit_index_key,
 )
 from streams.state.semantics import (
     COUNTERS,
@@ -543,7 +544,7 @@ def partition_clock(r: Any, topic: str, partition: int) -> int | None:
 
 
 def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[str] = ()
-                    ) -> tuple[int | None, bool, dict[str, bytes | None]]:
+                    ) -> tuple[int | None, bool, dict[str, bytes | None], unit_index.IndexView]:
     """What a source batch reads of its partition first, in one round trip:
     the partition clock (``partition_clock``), whether its unit-hold
     queue holds any metric (``unit_hold_queue``; Redis deletes an empty
@@ -555,12 +556,14 @@ def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[st
     ``apply_source_batch``'s ``holds``."""
     eids = list(experiments)
     p = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
-        .add("EXISTS", unit_hold_queue(topic, partition))
+        .add("EXISTS", unit_hold_queue(topic, partition)) \
+        .add("HGETALL", rk.index_buckets_key(topic, partition))
     for eid in eids:
         p.add("GET", rk.generation_key(eid))
-    clk, held, *gens = p.execute()
+    clk, held, buckets, *gens = p.execute()
+    view = unit_index.view_of(buckets, clk, _now_ms())
     return ((None if clk is None else _int(clk)), bool(held),
-            {e: as_bytes(g) for e, g in zip(eids, gens, strict=True)})
+            {e: as_bytes(g) for e, g in zip(eids, gens, strict=True)}, view)
 
 
 def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
@@ -614,6 +617,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        dead: dict[str, list[tuple[int, str]]] | None = None,
                        index_ttl: int | None = None, holds: bool | None = None,
                        generations: dict[str, bytes | None] | None = None,
+                       index_view: unit_index.IndexView | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -639,7 +643,9 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     by the batch, no hold can expire: neither ``route_rows`` nor
     ``expire_unit_holds`` asks Redis (a round trip each a batch).
     ``generations``: per experiment of ``known``, the generation its config
-    was read with (``apply_rows``; an experiment without one: unchecked)."""
+    was read with (``apply_rows``; an experiment without one: unchecked).
+    ``index_view``: the partition's routing index buckets
+    (``partition_start``; None: read by ``route_rows``)."""
     gens = generations or {}
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
@@ -648,7 +654,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     rejected = [] if rejected is None else rejected
     n0 = len(rejected)
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max,
-                        index_ttl, holds) if crows else {}
+                        index_ttl, holds, index_view) if crows else {}
     # metrics over the hold bound, dropped by the routing: kept with the position
     over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
@@ -662,7 +668,8 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     # (a metric ``route_rows`` rejects as ``unrouted`` is one it held)
     if holds is not False or any(why == "unrouted" for _, why in rejected[n0:]):
         _count_expired(rejected, expire_unit_holds(r, topic, partition,
-                                                   clk - int(hold_seconds) * 1000))
+                                                   clk - int(hold_seconds) * 1000,
+                                                   experiments=known))
     record_position(r, topic, partition, max(row[0] for row in rows), clk,  # dead letters too
                     epoch, unrouted_lost=over)
     return out, clk
@@ -804,10 +811,12 @@ def advance_partition(r: Any, configs: Iterable[ExperimentConfig], topic: str, p
     never-exposed unit that expired, as ``apply_source_batch``'s does."""
     record_position(r, topic, partition, None, clock_ms, epoch)
     clk = partition_clock(r, topic, partition)
+    configs = list(configs)
     for cfg in configs:
         settle(r, cfg, topic, partition, clk, epoch=epoch)
     _count_expired(rejected, expire_unit_holds(r, topic, partition,
-                                               clk - int(hold_seconds) * 1000))
+                                               clk - int(hold_seconds) * 1000,
+                                               experiments=[c.experiment_id for c in configs]))
     return clk
 
 
@@ -819,11 +828,15 @@ def _count_expired(rejected: list[tuple[int | None, str]] | None, lost: int) -> 
         rejected.extend([(None, "unrouted_expired")] * lost)
 
 
-def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000
-                      ) -> int:
+def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int = 10_000,
+                      experiments: Iterable[str] = ()) -> int:
     """Drop unit-level holds of the partition whose newest held ts < ``cut``;
     returns how many held metrics of units never exposed were dropped (the
-    ``unrouted_expired`` count), which are added to ``UNROUTED_LOST``."""
+    ``unrouted_expired`` count), which are added to ``UNROUTED_LOST``. A unit
+    counts as exposed while the routing index has an entry of it for one of
+    ``experiments`` or a registered experiment (``unit_index.read_index``:
+    its entries are per experiment)."""
+    eids = set(experiments)
     q = unit_hold_queue(topic, partition)
     lost = 0
     while True:
@@ -833,9 +846,11 @@ def expire_unit_holds(r: Any, topic: str, partition: int, cut: int, limit: int =
         pipe = r.pipeline(transaction=False)
         for u in uids:
             pipe.hlen(unit_hold_key(u))
-            pipe.exists(unit_index_key(u))
-        res = pipe.execute()
-        n = sum(n for n, exposed in zip(res[::2], res[1::2], strict=True) if not exposed)
+        pipe.smembers(rk.EXPERIMENTS_SET)
+        *res, registered = pipe.execute()
+        index = unit_index.read_index(r, topic, partition, uids,
+                                      sorted(eids | {_s(e) for e in registered}))
+        n = sum(n for u, n in zip(uids, res, strict=True) if not index[u])
         lost += n
         pipe = r.pipeline(transaction=False)
         for u in uids:
@@ -916,6 +931,7 @@ def route_rows(
     hold_max: int = 64,
     index_ttl: int | None = None,
     holds: bool | None = None,
+    index_view: unit_index.IndexView | None = None,
 ) -> dict[str, list[tuple]]:
     """Split clocked rows of one source batch by experiment (``Reducer._route``):
     experiment id -> its clocked rows, in order, with released held metrics
@@ -926,7 +942,8 @@ def route_rows(
     between them or a replay routes the same way:
 
     * exposures (variant in the config, not ``too_old``) record the unit's
-      first exposure position in ``lr:{u:<unit>}:x`` (HSETNX). The exposure
+      first exposure position in the partition's routing index
+      (``streams.state.unit_index``, HSETNX). The exposure
       whose position is the recorded one releases the unit's held metrics
       without experiment_id that arrived before it;
     * metrics without experiment_id go to every experiment whose recorded
@@ -941,6 +958,8 @@ def route_rows(
     ``known`` holds every running experiment (tests, the differential run).
     ``holds``: whether the partition's hold queue holds any metric
     (``partition_start``); None: read here when an exposure needs it.
+    ``index_view``: the partition's index buckets (``partition_start``);
+    None: read here (one more round trip).
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -971,9 +990,10 @@ def route_rows(
     holds: dict[str, dict[str, bytes]] = {u: {} for u in lookup}
     if lookup or exposing:
         ttl = index_ttl_ms(known) if index_ttl is None else index_ttl
-        res = _index_round_trip(r, lookup, exposing, source_topic, partition, ttl)
+        res = _index_round_trip(r, lookup, exposing, source_topic, partition, ttl,
+                                index_view, sorted(known))
         for u, (idx, held) in zip(lookup, res, strict=True):
-            index[u] = {_s(k): _s(v) for k, v in idx.items()}
+            index[u] = idx
             holds[u] = {_s(k): v for k, v in held.items()}
 
     out: dict[str, list[tuple]] = {}
@@ -1073,44 +1093,52 @@ def index_ttl_ms(known: Iterable[ExperimentConfig] | dict[str, ExperimentConfig]
     return 2 * longest
 
 
+def _now_ms() -> int:
+    """Wall clock (ms): the routing index's buckets and TTLs run on it."""
+    return int(time.time() * 1000)
+
+
 def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], int],
-                      topic: str | None, partition: int | None, ttl_ms: int = 0
-                      ) -> list[tuple[dict, dict]]:
+                      topic: str | None, partition: int | None, ttl_ms: int = 0,
+                      view: unit_index.IndexView | None = None, eids: Sequence[str] = ()
+                      ) -> list[tuple[dict[str, str], dict]]:
     """Record the exposures' positions, then read the index and the held
     metrics of ``units``, in one round trip of plain commands (no script):
-    per exposure HSETNX (the first position wins; a replay writes nothing),
-    per exposed unit one ``PEXPIRE ttl_ms`` after its HSETNXs, then per unit
-    HGETALL of its index and of its held metrics. Writes before reads, so the
-    reads show this batch's exposures, on the first run and on a replay alike.
+    per exposure HSETNX into the partition's current index bucket (the first
+    position wins; a replay writes nothing new), one PEXPIREAT for the
+    bucket (``unit_index.add_writes``), then per live bucket one HMGET of
+    ``units`` x ``eids`` and per unit HGETALL of its held metrics. Writes
+    before reads, so the reads show this batch's exposures, on the first run
+    and on a replay alike. ``view``: the partition's buckets
+    (``partition_start``); None: read first, in a round trip of its own.
 
-    Why a plain PEXPIRE is enough: ``ttl_ms`` is the same for every exposure
-    while the set of running experiments is unchanged (``index_ttl_ms`` over
-    all of them, ``Ingestor.index_ttl``), so it only ever moves a key's
-    expiry later; the TTL needs no read first (Redis 6.2 has no PEXPIRE GT),
-    which was route.lua's reason to exist. Its Lua interpreter cost ~0.7 µs
-    of Redis CPU per event over the commands it ran (INFO commandstats,
-    ``liftstream bench ingest``).
+    Why buckets and not a key per unit (before issue 25): the partition's
+    owner is the only writer of its units' entries, so they can share keys;
+    a batch then pays one PEXPIREAT per bucket instead of one per exposed
+    unit and Redis creates no key per unit (docs/performance.md).
 
     The commands go through the owner's read pipeline
     (``streams.state.wire.Reads``): packed by hiredis and sent at once on a
-    plain client, a redis-py pipeline elsewhere (a Redis Cluster, whose unit
-    keys lie in many slots): one code path for both. A connection lost
-    between an HSETNX and its PEXPIRE leaves a key without TTL only until
-    the batch is replayed (its offset was not recorded), which sends both
-    again. Returns per unit (index, held) as dicts."""
+    plain client, a redis-py pipeline elsewhere (a Redis Cluster: a
+    partition's buckets share a slot, the held metrics lie in many). Returns
+    per unit (experiment -> earliest position, held) as dicts."""
+    t, part = ("", 0) if topic is None or partition is None else (topic, int(partition))
+    now = _now_ms()
+    if view is None:
+        view = unit_index.read_view(r, t, part, now)
     p = Reads(r)
-    prefix = None if topic is None or partition is None else f"{topic}|{int(partition)}|"
-    for (u, e), off in exposing.items():
-        p.add("HSETNX", unit_index_key(u), e, "*" if prefix is None else f"{prefix}{off}")
-    if ttl_ms > 0:
-        for u in dict.fromkeys(u for u, _ in exposing):
-            p.add("PEXPIRE", unit_index_key(u), int(ttl_ms))
+    prefix = None if topic is None or partition is None else f"{t}|{part}|"
+    written: tuple[str, ...] = ()
+    if exposing:
+        marks = {k: "*" if prefix is None else f"{prefix}{off}" for k, off in exposing.items()}
+        written = (unit_index.add_writes(p, t, part, marks, ttl_ms, now, view),)
     n_writes = len(p)
+    n_index = unit_index.add_lookups(p, t, part, view, written, units, eids)
     for u in units:
-        p.add("HGETALL", unit_index_key(u))
         p.add("HGETALL", unit_hold_key(u))
     got = p.execute()[n_writes:]
-    return list(zip(got[::2], got[1::2], strict=True))
+    index = unit_index.merge(got[:n_index], units, eids, view.legacy)
+    return [(index[u], held) for u, held in zip(units, got[n_index:], strict=True)]
 
 
 def _hold_order(item: tuple[str, bytes]) -> tuple[str, int]:

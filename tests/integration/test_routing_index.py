@@ -1,11 +1,15 @@
 """The unit -> experiments routing index and unit-level holds (issue 24), on a
 real redis-server, against the reference ``Reducer`` (streams/state/semantics.py).
 
-* defect 4: a unit's index key (``lr:{u:<unit>}:x``) only ever lives longer:
-  an exposure to a short experiment must not cut the TTL that a long one gave
-  it, or the unit's later metrics without experiment_id become ``unrouted``
-  while the reducer routes them (the TTL is the worker's over every running
-  experiment, ``Ingestor.index_ttl``, set by a plain PEXPIRE);
+* defect 4: a unit's index entries only ever live longer: an exposure to a
+  short experiment must not cut the TTL that a long one gave them, or the
+  unit's later metrics without experiment_id become ``unrouted`` while the
+  reducer routes them (the TTL is the worker's over every running
+  experiment, ``Ingestor.index_ttl``; since issue 25 it names the partition's
+  time bucket, ``streams.state.unit_index``, so a bucket's expiry never
+  moves earlier);
+* migration (issue 25): per-unit index keys written by an older version
+  (``lr:{u:<unit>}:x``) still route, until they expired;
 * ``unrouted_expired``: held metrics of never-exposed units that expire are
   counted, by a batch's expiry (the ingestor's counts, which feed
   ``liftstream_events_total``) and by an idle partition's advance (the clock
@@ -35,7 +39,10 @@ from streams.state.keys import (
     chain_key,
     estimate_key,
     experiment_glob,
+    index_bucket_key,
+    index_buckets_key,
     lifecycle_key,
+    unit_hold_key,
     unit_index_key,
 )
 from streams.state.registry import Registry
@@ -46,7 +53,9 @@ from streams.state.store import (
     event_row,
     read_counters,
     read_units,
+    record_position,
 )
+from streams.state.unit_index import bucket_width, index_pttl, read_index, read_view
 
 pytestmark = pytest.mark.integration
 
@@ -114,24 +123,23 @@ def test_defect4_routing_ttl_only_extends(r):
     assert red.counters["unrouted"] == 0
     assert res.counts["unrouted"] == 0, "the long experiment's unit lost its routing"
     assert read_units(r, LONG)["u"].totals == red.states["long"].units["u"].totals == [5.0]
-    assert r.pttl(unit_index_key("u")) > 200_000
+    assert index_pttl(r, TOPIC, 0, "u", "long") > 200_000
 
 
 def test_defect4_routing_ttl_extends_a_shorter_key(r):
     """The other direction still works: an exposure to the long experiment
-    lengthens a key that a short one created; a key without a TTL (written
-    with none) gets one."""
+    gives the unit an entry that lives past the short one's; each entry
+    lives at least the TTL after its exposure and at most one bucket
+    (a quarter of the TTL, at least 1 s) longer."""
     t = int(time.time() * 1000)
     apply_source_batch(r, {"short": SHORT}, TOPIC, 0,
                        [event_row(0, Exposure("x1", "short", "u", "control", t))])
-    assert 0 < r.pttl(unit_index_key("u")) <= 2_000
+    assert 0 < index_pttl(r, TOPIC, 0, "u", "short") <= 2_000 + bucket_width(2_000)
     apply_source_batch(r, {"long": LONG}, TOPIC, 0,
                        [event_row(1, Exposure("x2", "long", "u", "control", t + 1))])
-    assert r.pttl(unit_index_key("u")) > 200_000
-    r.hset(unit_index_key("v"), "long", "*")  # no TTL
-    apply_source_batch(r, {"short": SHORT}, TOPIC, 0,
-                       [event_row(2, Exposure("x3", "short", "v", "control", t + 2))])
-    assert 0 < r.pttl(unit_index_key("v")) <= 2_000
+    assert 200_000 < index_pttl(r, TOPIC, 0, "u", "long") <= 240_000 + bucket_width(240_000)
+    assert read_index(r, TOPIC, 0, ["u"], ["long", "short"])["u"] == {
+        "short": f"{TOPIC}|0|0", "long": f"{TOPIC}|0|1"}
 
 
 def test_index_ttl_covers_every_running_experiment(r):
@@ -160,15 +168,69 @@ def test_routing_error_reply_keeps_the_connection_in_step(r):
     effect, and the pooled connection answers the next commands with their
     own replies, not the rest of the failed batch's."""
     t = int(time.time() * 1000)
-    r.set(unit_index_key("bad"), "not a hash")  # HSETNX answers WRONGTYPE
+    r.set(unit_hold_key("bad"), "not a hash")  # its HGETALL answers WRONGTYPE
     rows = [event_row(0, Exposure("x0", "long", "ok", "control", t)),
-            event_row(1, Exposure("x1", "long", "bad", "control", t)),
+            event_row(1, Metric("m1", "bad", "value", 1.0, t)),
             event_row(2, Exposure("x2", "long", "ok2", "control", t))]
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         apply_source_batch(r, {"long": LONG}, TOPIC, 0, rows)
-    assert r.hgetall(unit_index_key("ok2")) == {b"long": f"{TOPIC}|0|2".encode()}
-    assert 200_000 < r.pttl(unit_index_key("ok")) <= 240_000
-    assert r.get(unit_index_key("bad")) == b"not a hash" and r.ping()
+    assert read_index(r, TOPIC, 0, ["ok", "ok2"], ["long"]) == {
+        "ok": {"long": f"{TOPIC}|0|0"}, "ok2": {"long": f"{TOPIC}|0|2"}}
+    assert 200_000 < index_pttl(r, TOPIC, 0, "ok", "long") <= 240_000 + bucket_width(240_000)
+    assert r.get(unit_hold_key("bad")) == b"not a hash" and r.ping()
+
+
+def _as_legacy(r, units: list[str]) -> None:
+    """Turn the partition's routing index into the per-unit keys a version
+    before issue 25 wrote (``lr:{u:<unit>}:x``, experiment -> position, the
+    TTL its PEXPIRE gave), as a worker of this version finds them."""
+    got = read_index(r, TOPIC, 0, units, ["long", "short"])
+    for k in r.scan_iter(match="lr:{x:*"):
+        r.delete(k)
+    for u, idx in got.items():
+        if idx:
+            r.hset(unit_index_key(u), mapping=idx)
+            r.pexpire(unit_index_key(u), 240_000)
+
+
+def test_migration_routes_by_the_per_unit_keys_of_an_older_version(r):
+    """State written by main before issue 25 (per-unit index keys, a
+    partition clock): this version reads those keys as a fallback for one
+    TTL after its first batch on the partition, so the unit's metric without
+    experiment_id still routes to its experiment, and a later exposure does
+    not displace the recorded first position. Once the fallback window
+    closed the old keys are not read (the same metric would be held)."""
+    t = int(time.time() * 1000)
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(0, Exposure("x0", "long", "u", "control", t))])
+    _as_legacy(r, ["u"])
+    assert r.exists(unit_index_key("u")) and not r.exists(index_buckets_key(TOPIC, 0))
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(1, Metric("m1", "u", "value", 5.0, t + 10))])
+    assert read_units(r, LONG)["u"].totals == [5.0], "the old key did not route"
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(2, Exposure("x2", "long", "u", "control", t + 20))])
+    assert read_view(r, TOPIC, 0, int(time.time() * 1000)).legacy
+    assert read_index(r, TOPIC, 0, ["u"], ["long"])["u"] == {"long": f"{TOPIC}|0|0"}
+    r.hset(index_buckets_key(TOPIC, 0), "legacy", 1)  # the window closed
+    rejected: list = []
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(3, Metric("m3", "v", "value", 1.0, t + 30))], rejected=rejected)
+    r.hset(unit_index_key("v"), "long", f"{TOPIC}|0|0")  # an old key read no more
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(4, Metric("m4", "v", "value", 1.0, t + 40))], rejected=rejected)
+    assert [why for _, why in rejected] == ["unrouted", "unrouted"]
+
+
+def test_a_fresh_partition_reads_no_per_unit_keys(r):
+    """A partition without a clock (no older version wrote its state) never
+    reads per-unit keys: its first batch closes the fallback window."""
+    t = int(time.time() * 1000)
+    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
+                       [event_row(0, Exposure("x0", "long", "u", "control", t))])
+    assert not read_view(r, TOPIC, 0, t).legacy
+    record_position(r, TOPIC, 1, 0, t)  # a partition an older version ran
+    assert read_view(r, TOPIC, 1, t).legacy
 
 
 def test_unrouted_expired_is_counted(r):
@@ -335,6 +397,8 @@ def test_a_delete_walks_the_keyspace_once(r):
         p.set(f"lr:{{e:gone}}:k{u}", 1)
         p.set(f"lr:{{e:kept}}:k{u}", 1)
     p.hset(fence_key("gone", "t|0"), mapping={"epoch": 2, "seq": 5})
+    bucket = index_bucket_key("t", 0, 240_000, 0)
+    p.hset(bucket, mapping={f"u{u}|{e}": "*" for u in range(3) for e in ("gone", "kept")})
     p.execute()
     walk = -(-r.dbsize() // 100)  # SCAN calls of one walk at COUNT 100, about
     r.config_resetstat()
@@ -342,6 +406,7 @@ def test_a_delete_walks_the_keyspace_once(r):
     calls = r.info("commandstats")["cmdstat_scan"]["calls"]
     assert calls <= walk + 2, f"{calls} SCAN calls: more than one walk of ~{walk}"
     assert r.hgetall(unit_index_key("u7")) == {b"kept": b"*"}
+    assert sorted(r.hkeys(bucket)) == [b"u0|kept", b"u1|kept", b"u2|kept"]
     assert r.exists("lr:{e:kept}:k7") and not r.exists("lr:{e:gone}:k7")
     assert r.hgetall(fence_key("gone", "t|0")) == {b"epoch": b"2", b"seq": b"5"}
 

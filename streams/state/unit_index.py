@@ -1,0 +1,238 @@
+"""The units' routing index, kept per source partition in time buckets (issue 25).
+
+What it records: per (unit, experiment), the position ``<topic>|<partition>|<offset>``
+of the unit's first exposure to the experiment (``store.route_rows`` routes
+metrics without experiment_id by it and releases held metrics with it).
+
+Why per partition: a unit's events all lie in one source partition (Kafka
+key = unit id, the ``key_mismatch`` dead letter) and only that partition's
+owner writes its units' entries, so the entries of one partition can share
+keys (one hash tag ``{x:<src>}``, one Redis Cluster slot). Before issue 25
+each unit had its own key (``keys.unit_index_key``) and every exposure cost
+an HSETNX and a PEXPIRE on it: ~2 µs of Redis CPU per exposure, a third of
+the worker's Redis budget in ``liftstream bench ingest``.
+
+Layout: hash ``keys.index_bucket_key(src, ttl, start)``, field
+``<unit>|<experiment>`` -> position, for the exposures recorded while wall
+time was in ``[start, start + width)`` (``bucket_width(ttl)``, a quarter of
+the TTL). A batch sends one HSETNX per new (unit, experiment) and ONE
+PEXPIREAT ``start + width + ttl`` for the bucket. So an entry lives at least
+``ttl`` after the unit's last exposure to the experiment (each exposure
+writes the field into the current bucket), as the per-unit PEXPIRE
+guaranteed, and at most ``width`` longer. The TTL is in the key name: a
+bucket's expiry never moves earlier (another TTL is another bucket).
+
+``keys.index_buckets_key(src)`` lists the live buckets (name -> expiry) so
+a reader knows which to read (``IndexView``); the ingestor reads it with the
+batch's first reads (``store.partition_start``). A reader merges a field's
+values over the buckets keeping the earliest position: the first recorded
+exposure wins for as long as it lives (``ttl`` after it), as before.
+
+Migration: its field ``legacy`` says until when (ms) the per-unit keys that
+versions before issue 25 wrote are read as well (merged the same way). It is
+set once per partition, by the first batch of this version: now + ttl if the
+partition already had a clock (state of an older version: its keys expire
+within ``ttl`` of its last write, the TTL it gave them), else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from streams.state.keys import index_bucket_key, index_buckets_key, unit_index_key
+
+#: a bucket spans this fraction of the TTL: entries outlive it by at most that
+BUCKETS_PER_TTL = 4
+#: the narrowest bucket (ms)
+MIN_WIDTH_MS = 1_000
+#: field of ``index_buckets_key``: until when per-unit keys are read
+LEGACY = "legacy"
+
+
+def bucket_width(ttl_ms: int) -> int:
+    """A bucket's span (ms) for TTL ``ttl_ms``: readers read every live bucket
+    (~``BUCKETS_PER_TTL`` + 1), an entry lives up to this much past ``ttl``."""
+    return max(int(ttl_ms) // BUCKETS_PER_TTL, MIN_WIDTH_MS)
+
+
+class IndexView(NamedTuple):
+    """What a batch knows of its partition's index before it writes:
+    ``buckets`` the live bucket names -> expiry (ms, 0: none), ``expired``
+    the registered names past their expiry (pruned by the next write),
+    ``legacy`` whether per-unit keys are read, ``legacy_set`` whether the
+    partition's ``legacy`` field was written, ``prior`` whether the
+    partition had a clock (state written before)."""
+
+    buckets: dict[str, int]
+    expired: tuple[str, ...]
+    legacy: bool
+    legacy_set: bool
+    prior: bool
+
+
+def view_of(raw: dict | None, clock: Any, now_ms: int) -> IndexView:
+    """The ``IndexView`` from HGETALL ``index_buckets_key`` and the partition
+    clock (HGET, None: the partition has none)."""
+    live: dict[str, int] = {}
+    expired: list[str] = []
+    legacy_until: int | None = None
+    for k, v in (raw or {}).items():
+        name = k.decode() if isinstance(k, bytes) else str(k)
+        at = int(v)
+        if name == LEGACY:
+            legacy_until = at
+        elif at and at <= now_ms:
+            expired.append(name)
+        else:
+            live[name] = at
+    legacy = clock is not None if legacy_until is None else legacy_until > now_ms
+    return IndexView(live, tuple(expired), legacy, legacy_until is not None, clock is not None)
+
+
+def add_view_reads(p: Any, topic: str, partition: int) -> None:
+    """Queue the two reads ``view_of`` takes on the pipeline ``p``
+    (``wire.Reads``)."""
+    from streams.state.keys import PARTITION_CLOCKS, source
+
+    p.add("HGETALL", index_buckets_key(topic, partition))
+    p.add("HGET", PARTITION_CLOCKS, source(topic, partition))
+
+
+def read_view(r: Any, topic: str, partition: int, now_ms: int) -> IndexView:
+    """``IndexView`` in its own round trip (callers without ``partition_start``)."""
+    from streams.state.wire import Reads
+
+    p = Reads(r)
+    add_view_reads(p, topic, partition)
+    raw, clock = p.execute()
+    return view_of(raw, clock, now_ms)
+
+
+def current_bucket(ttl_ms: int, now_ms: int) -> tuple[str, int]:
+    """(name, expiry ms) of the bucket an exposure at wall time ``now_ms`` is
+    recorded in; expiry 0 (none) for a TTL of 0 (no experiment with a window)."""
+    w = bucket_width(ttl_ms)
+    start = int(now_ms) - int(now_ms) % w
+    return f"{int(ttl_ms)}:{start}", (start + w + int(ttl_ms) if ttl_ms > 0 else 0)
+
+
+def _bucket_key(topic: str, partition: int, name: str) -> str:
+    ttl, _, start = name.partition(":")
+    return index_bucket_key(topic, partition, int(ttl), int(start))
+
+
+def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str], str],
+               ttl_ms: int, now_ms: int, view: IndexView) -> str:
+    """Queue the writes recording ``exposing`` ((unit, experiment) -> position)
+    in the current bucket: an HSETNX each (the first position wins; a replay
+    writes nothing), one PEXPIREAT for the bucket, its registry entry when
+    new, expired registry entries' removal and the partition's ``legacy``
+    field when unset (``view``). Returns the bucket's name."""
+    name, at = current_bucket(ttl_ms, now_ms)
+    key = _bucket_key(topic, partition, name)
+    for (u, e), mk in exposing.items():
+        p.add("HSETNX", key, f"{u}|{e}", mk)
+    reg = index_buckets_key(topic, partition)
+    if at:
+        p.add("PEXPIREAT", key, at)
+    if view.buckets.get(name) != at:
+        p.add("HSET", reg, name, at)
+    if view.expired:
+        p.add("HDEL", reg, *view.expired)
+    if not view.legacy_set:
+        p.add("HSETNX", reg, LEGACY, int(now_ms) + int(ttl_ms) if view.prior else 0)
+    return name
+
+
+def _rank(marker: str) -> int:
+    """A position's order for ``first``: its offset; one without a position
+    (``*``) counts as the earliest, as ``store._before`` counts it."""
+    try:
+        return int(marker.rsplit("|", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def first(a: str | None, b: str) -> str:
+    """The earlier of two recorded positions of one (unit, experiment)."""
+    return b if a is None or _rank(b) < _rank(a) else a
+
+
+def add_lookups(p: Any, topic: str, partition: int, view: IndexView, extra: Iterable[str],
+                units: Sequence[str], eids: Sequence[str]) -> int:
+    """Queue the reads of the entries of ``units`` x ``eids``: one HMGET per
+    live bucket (``view`` and the ``extra`` names just written), and per unit
+    HGETALL of its pre-issue-25 key while ``view.legacy``. Returns the
+    number of commands queued (``merge`` reads their replies)."""
+    n = 0
+    fields = [f"{u}|{e}" for u in units for e in eids]
+    if fields:
+        for name in dict.fromkeys([*view.buckets, *extra]):
+            p.add("HMGET", _bucket_key(topic, partition, name), *fields)
+            n += 1
+    if view.legacy:
+        for u in units:
+            p.add("HGETALL", unit_index_key(u))
+            n += 1
+    return n
+
+
+def merge(replies: Sequence[Any], units: Sequence[str], eids: Sequence[str],
+          legacy: bool) -> dict[str, dict[str, str]]:
+    """Per unit, experiment -> its earliest recorded position, from the
+    replies of ``add_lookups`` (same arguments)."""
+    out: dict[str, dict[str, str]] = {u: {} for u in units}
+    nb = len(replies) - (len(units) if legacy else 0)
+    for got in replies[:nb]:
+        i = 0
+        for u in units:
+            idx = out[u]
+            for e in eids:
+                v = got[i]
+                i += 1
+                if v is not None:
+                    idx[e] = first(idx.get(e), v.decode() if isinstance(v, bytes) else v)
+    if legacy:
+        for u, old in zip(units, replies[nb:], strict=True):
+            idx = out[u]
+            for k, v in old.items():
+                e = k.decode() if isinstance(k, bytes) else k
+                idx[e] = first(idx.get(e), v.decode() if isinstance(v, bytes) else v)
+    return out
+
+
+def read_index(r: Any, topic: str, partition: int, units: Sequence[str], eids: Sequence[str],
+               now_ms: int | None = None) -> dict[str, dict[str, str]]:
+    """Per unit, experiment -> earliest recorded position, over ``eids``
+    (and every experiment of a pre-issue-25 key while those are read): two
+    round trips, for callers off the batch path (hold expiry, tests)."""
+    import time
+
+    from streams.state.wire import Reads
+
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    view = read_view(r, topic, partition, now)
+    p = Reads(r)
+    add_lookups(p, topic, partition, view, (), units, eids)
+    return merge(p.execute(), units, eids, view.legacy)
+
+
+def index_pttl(r: Any, topic: str, partition: int, unit: str, eid: str) -> int:
+    """How long (ms) the entry of (``unit``, ``eid``) lives yet: the longest
+    PTTL of the live buckets holding it (-1: one without expiry, -2: none)."""
+    view = read_view(r, topic, partition, 0)
+    best = -2
+    for name in view.buckets:
+        key = _bucket_key(topic, partition, name)
+        if r.hexists(key, f"{unit}|{eid}"):
+            t = r.pttl(key)
+            if t == -1:
+                return -1
+            best = max(best, t)
+    return best
+
+
+def is_bucket(key: bytes) -> bool:
+    """Whether ``key`` is a bucket of ``index_bucket_key`` (not the registry)."""
+    return key.startswith(b"lr:{x:") and not key.endswith(b"}:buckets")
