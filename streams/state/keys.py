@@ -100,12 +100,13 @@ def unit_index_key(unit_id: str) -> str:
     return f"lr:{{u:{unit_id}}}:x"
 
 
-def index_bucket_key(topic: str, partition: int, ttl_ms: int, start_ms: int) -> str:
+def index_bucket_key(topic: str, partition: int, ttl: int, start: int) -> str:
     """hash ``lr:{x:<src>}:<ttl>:<start>``: ``<unit>|<experiment>`` -> the
     position of the unit's first exposure to it recorded in this time bucket
-    of the partition's routing index (``streams.state.unit_index``); it
-    expires ``ttl`` after the bucket's end."""
-    return f"lr:{{x:{source(topic, partition)}}}:{int(ttl_ms)}:{int(start_ms)}"
+    (wall time from ``start`` ms) of the partition's routing index
+    (``streams.state.unit_index``); it expires ``ttl`` ms after the bucket's
+    end."""
+    return f"lr:{{x:{source(topic, partition)}}}:{ttl}:{start}"
 
 
 def index_buckets_key(topic: str, partition: int) -> str:

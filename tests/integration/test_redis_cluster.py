@@ -38,7 +38,6 @@ from streams.state.keys import (
     PARTITION_EPOCHS,
     estimate_key,
     experiment_key,
-    unit_index_key,
 )
 from streams.state.registry import Registry
 from streams.state.semantics import Reducer
@@ -51,6 +50,7 @@ from streams.state.store import (
     migrate_ingest_keys,
     read_snapshot,
 )
+from streams.state.unit_index import index_pttl, is_bucket, read_index
 from tests.support.redis_cluster_support import (  # noqa: F401 - fixtures
     cluster_r,
     cluster_url,
@@ -100,8 +100,9 @@ def slots_of(c, keys) -> set[int]:
 
 
 def assert_layout(c, eid: str, units) -> dict[str, int]:
-    """An experiment's keys in one slot, ingest positions in one slot, unit
-    routing keys on every master. Returns unit keys per master."""
+    """An experiment's keys in one slot, ingest positions in one slot, each
+    source partition's routing index (issue 25: ``lr:{x:<src>}:*``) in one
+    slot holding an entry of every unit. Returns index entries per master."""
     keys = [k.decode() for k in c.scan_iter(match=experiment_key(eid, "*"))]
     assert {experiment_key(eid, k) for k in ("cfg", "shards", "meta", "offsets")} \
         <= set(keys), sorted(keys)
@@ -109,13 +110,28 @@ def assert_layout(c, eid: str, units) -> dict[str, int]:
     assert len(slots_of(c, [INGEST_OFFSETS, PARTITION_CLOCKS, PARTITION_EPOCHS])) == 1
     assert c.exists(INGEST_OFFSETS) and c.exists(PARTITION_CLOCKS)
     per_master: dict[str, int] = {}
-    for u in units:
-        k = unit_index_key(u)
-        assert c.exists(k), k
-        per_master[master_of(c, k)] = per_master.get(master_of(c, k), 0) + 1
-    masters = {f"{n.host}:{n.port}" for n in c.get_primaries()}
-    assert set(per_master) == masters, (per_master, masters)
+    found: set[str] = set()
+    for src in {k.decode().split("}")[0] for k in c.scan_iter(match="lr:{x:*")}:
+        index = [k for k in c.scan_iter(match=src + "}:*")]
+        assert len(slots_of(c, [k.decode() for k in index])) == 1, index
+        for k in index:
+            if is_bucket(k):
+                fields = [f.decode().rpartition("|") for f in c.hkeys(k)]
+                found |= {u for u, _, e in fields if e == eid}
+                m = master_of(c, k.decode())
+                per_master[m] = per_master.get(m, 0) + len(fields)
+    assert set(units) <= found, sorted(set(units) - found)
     return per_master
+
+
+def index_units(c, eid: str) -> set[str]:
+    """The units with an entry of ``eid`` in any partition's routing index."""
+    out: set[str] = set()
+    for k in c.scan_iter(match="lr:{x:*"):
+        if is_bucket(k):
+            out |= {f.decode().rpartition("|")[0] for f in c.hkeys(k)
+                    if f.decode().endswith(f"|{eid}")}
+    return out
 
 
 def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
@@ -155,7 +171,7 @@ def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
     assert bits(got) == bits(want)
     assert sum(got.exposed.values()) == len(units) == sum(got.matured.values())
     per_master = assert_layout(c, "spread", units)
-    print(f"\n[cluster] unit routing keys per master: {per_master}")
+    print(f"\n[cluster] routing index entries per master: {per_master}")
 
 
 def test_conclusion_deletes_sighting_buckets_on_cluster(cluster_r):  # noqa: F811
@@ -206,7 +222,7 @@ def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F
     apply_source_batch(c, {"cshort": short}, "t.ttl", 0,
                        [event_row(1, Exposure("x2", "cshort", "cu", "control", now + 1))],
                        index_ttl=ttl)
-    assert c.pttl(unit_index_key("cu")) > 200_000
+    assert index_pttl(c, "t.ttl", 0, "cu", "clong") > 200_000
 
     svc = SamplerService(c, reg, TickConfig())
     eff = {"mean": 0.1, "lo": 0.0, "hi": 0.2}
@@ -231,17 +247,19 @@ def test_routing_ttl_delete_and_sampler_writes_on_cluster(cluster_r):  # noqa: F
     reg.delete("clong")
     assert svc.store(chains, [dict(rec, diagnostics={"rhat": 1.0, "iteration": 100})]) == []
     assert not list(c.scan_iter(match=experiment_key("clong", "*")))
-    assert c.hkeys(unit_index_key("cu")) == [b"cshort"]
+    assert read_index(c, "t.ttl", 0, ["cu"], ["clong", "cshort"])["cu"] == {
+        "cshort": "t.ttl|0|1"}
 
 
 def test_end_to_end_on_cluster(new_stack, workers, r, tmp_path):
     t0 = time.monotonic()
     end_to_end(new_stack, workers, r, tmp_path, *END_TO_END_CASES["plain"])
     elapsed = time.monotonic() - t0
-    units = {k.decode()[len("lr:{u:"):-len("}:x")] for k in r.scan_iter(match="lr:{u:*}:x")}
+    units = index_units(r, "e2e")
+    assert units
     per_master = assert_layout(r, "e2e", units)
     print(f"[cluster] end to end on 3 masters: {elapsed:.1f}s; {len(units)} units' routing "
-          f"keys per master: {per_master}")
+          f"index entries per master: {per_master}")
 
 
 def test_differential_through_kafka_on_cluster(new_stack, workers, r):

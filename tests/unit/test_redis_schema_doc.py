@@ -26,6 +26,7 @@ PLACEHOLDERS = {
     "variant": "<variant>",
     "chain": "<chain>",
     "start": "<start>",
+    "ttl": "<ttl>",
 }
 #: a partition number no real key would show; replaced by ``<src>`` with its topic
 PARTITION = 987654321
