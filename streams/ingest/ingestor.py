@@ -44,7 +44,6 @@ import orjson
 from schemas.contracts import dead_letter_record
 from schemas.records import ExperimentConfig
 from schemas.validate import DEFAULT_MAX_FUTURE_MS, ID_PATTERN, InvalidRecord, parse_event_row
-from streams.state import unit_index
 from streams.state.keys import INGEST_OFFSETS
 from streams.state.partition_store import ExperimentChanged, forget_owner
 from streams.state.registry import Registry
@@ -96,8 +95,6 @@ class Ingestor:
         self.settle_every_ms = settle_every_ms
         self._settled: dict[str, tuple[int, int]] = {}  # source -> (wall ms, clock)
         self._index_ttl: tuple[float, int] | None = None  # (read at, ms): ``index_ttl``
-        # source -> (owner epoch, its routing index writer): ``index_writer``
-        self._index_writers: dict[str, tuple[int | None, unit_index.Writer]] = {}
 
     def process(self, topic: str, partition: int, messages: list[tuple[int, bytes | None]],
                 now_ms: int, epoch: int | None = None,
@@ -214,9 +211,7 @@ class Ingestor:
                                           self.hold_seconds, self.hold_max, rejected,
                                           clocked_rows=(crows, clk0),  # accepted = crows' rows
                                           epoch=epoch, dead=dead, index_ttl=self.index_ttl(known),
-                                          holds=holds, index_view=index_view,
-                                          index_writer=self.index_writer(topic, partition, epoch),
-                                          generations={
+                                          holds=holds, index_view=index_view, generations={
                                               e: self.registry.generation(e) for e in known})
         except ExperimentChanged as e:
             # concluded (or deleted, re-created) since the registry read it:
@@ -259,16 +254,6 @@ class Ingestor:
         now = self.registry.get_many(changed, fresh=True)
         return {e: now[e] if e in changed else c for e, c in known.items()
                 if e not in changed or e in now}
-
-    def index_writer(self, topic: str, partition: int, epoch: int | None) -> unit_index.Writer:
-        """The partition's ``unit_index.Writer`` of owner epoch ``epoch``: a
-        new one per claim, so what it knows of its bucket was all written by
-        this owner (a partition lost and claimed again may have moved on)."""
-        src = f"{topic}|{int(partition)}"
-        got = self._index_writers.get(src)
-        if got is None or got[0] != epoch:
-            got = self._index_writers[src] = (epoch, unit_index.Writer())
-        return got[1]
 
     def index_ttl(self, known: dict[str, ExperimentConfig]) -> int:
         """The routing index's TTL (``store.index_ttl_ms``) over every

@@ -618,7 +618,6 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
                        index_ttl: int | None = None, holds: bool | None = None,
                        generations: dict[str, bytes | None] | None = None,
                        index_view: unit_index.IndexView | None = None,
-                       index_writer: unit_index.Writer | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], int | None]:
     """One source batch into Redis: ``Reducer.apply_batch``.
 
@@ -646,8 +645,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     ``generations``: per experiment of ``known``, the generation its config
     was read with (``apply_rows``; an experiment without one: unchecked).
     ``index_view``: the partition's routing index buckets
-    (``partition_start``; None: read by ``route_rows``); ``index_writer``:
-    the owner's ``unit_index.Writer`` of the partition."""
+    (``partition_start``; None: read by ``route_rows``)."""
     gens = generations or {}
     if clocked_rows is None:
         clocked_rows = clocked_batch(r, known, topic, partition, rows, rejected)
@@ -656,7 +654,7 @@ def apply_source_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, p
     rejected = [] if rejected is None else rejected
     n0 = len(rejected)
     routed = route_rows(r, crows, known, topic, partition, rejected, hold_max,
-                        index_ttl, holds, index_view, index_writer) if crows else {}
+                        index_ttl, holds, index_view) if crows else {}
     # metrics over the hold bound, dropped by the routing: kept with the position
     over = sum(1 for _, why in rejected[n0:] if why == "unrouted_expired")
     out = {e: apply_rows(r, known[e], topic, partition, lst, clk, fold_limit, epoch,
@@ -934,7 +932,6 @@ def route_rows(
     index_ttl: int | None = None,
     holds: bool | None = None,
     index_view: unit_index.IndexView | None = None,
-    index_writer: unit_index.Writer | None = None,
 ) -> dict[str, list[tuple]]:
     """Split clocked rows of one source batch by experiment (``Reducer._route``):
     experiment id -> its clocked rows, in order, with released held metrics
@@ -962,8 +959,7 @@ def route_rows(
     ``holds``: whether the partition's hold queue holds any metric
     (``partition_start``); None: read here when an exposure needs it.
     ``index_view``: the partition's index buckets (``partition_start``);
-    None: read here (one more round trip). ``index_writer``: the owner's
-    ``unit_index.Writer`` of the partition (None: every exposure HSETNX).
+    None: read here (one more round trip).
     """
     variants_of = {e: c.variants for e, c in known.items()}
     ends = {e: c.end_at for e, c in known.items()}  # exposures from end_at: not routed
@@ -995,7 +991,7 @@ def route_rows(
     if lookup or exposing:
         ttl = index_ttl_ms(known) if index_ttl is None else index_ttl
         res = _index_round_trip(r, lookup, exposing, source_topic, partition, ttl,
-                                index_view, sorted(known), index_writer)
+                                index_view, sorted(known))
         for u, (idx, held) in zip(lookup, res, strict=True):
             index[u] = idx
             holds[u] = {_s(k): v for k, v in held.items()}
@@ -1104,8 +1100,7 @@ def _now_ms() -> int:
 
 def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], int],
                       topic: str | None, partition: int | None, ttl_ms: int = 0,
-                      view: unit_index.IndexView | None = None, eids: Sequence[str] = (),
-                      writer: unit_index.Writer | None = None
+                      view: unit_index.IndexView | None = None, eids: Sequence[str] = ()
                       ) -> list[tuple[dict[str, str], dict]]:
     """Record the exposures' positions, then read the index and the held
     metrics of ``units``, in one round trip of plain commands (no script):
@@ -1116,9 +1111,6 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     before reads, so the reads show this batch's exposures, on the first run
     and on a replay alike. ``view``: the partition's buckets
     (``partition_start``); None: read first, in a round trip of its own.
-    ``writer``: the owner's knowledge of its current bucket
-    (``unit_index.Writer``: fields already there are not sent again, new
-    ones go in one HSET in a bucket it created).
 
     Why buckets and not a key per unit (before issue 25): the partition's
     owner is the only writer of its units' entries, so they can share keys;
@@ -1137,18 +1129,14 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     p = Reads(r)
     prefix = None if topic is None or partition is None else f"{t}|{part}|"
     written: tuple[str, ...] = ()
-    fields: list[str] = []
     if exposing:
         marks = {k: "*" if prefix is None else f"{prefix}{off}" for k, off in exposing.items()}
-        name, fields = unit_index.add_writes(p, t, part, marks, ttl_ms, now, view, writer)
-        written = (name,)
+        written = (unit_index.add_writes(p, t, part, marks, ttl_ms, now, view),)
     n_writes = len(p)
     n_index = unit_index.add_lookups(p, t, part, view, written, units, eids)
     for u in units:
         p.add("HGETALL", unit_hold_key(u))
     got = p.execute()[n_writes:]
-    if writer is not None:
-        writer.recorded(fields)
     index = unit_index.merge(got[:n_index], units, eids, view.legacy)
     return [(index[u], held) for u, held in zip(units, got[n_index:], strict=True)]
 

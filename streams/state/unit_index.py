@@ -122,64 +122,17 @@ def _bucket_key(topic: str, partition: int, name: str) -> str:
     return index_bucket_key(topic, partition, int(ttl), int(start))
 
 
-class Writer:
-    """What the partition's owner knows of the bucket it writes (one per
-    partition and owner epoch, ``Ingestor``): the fields it recorded there,
-    and whether it created the bucket (``complete``: no other field can be
-    in it, only the owner writes the partition's index).
-
-    Why: a field already recorded in the current bucket needs no write at
-    all (its first position stands, it lives ``ttl`` from the bucket's end),
-    and in a bucket the owner created every other field is new, so a batch
-    records them with ONE multi-field HSET instead of an HSETNX each (HSETNX
-    keeps the first position where the bucket's contents are unknown: a
-    bucket an earlier owner started, or past ``cap`` fields). A fenced-out
-    owner still running could only write positions of the same events."""
-
-    def __init__(self, cap: int = 100_000) -> None:
-        self.cap = cap
-        self.name: str | None = None
-        self.fields: set[str] = set()
-        self.complete = False
-
-    def start(self, name: str, view: IndexView) -> None:
-        """Begin bucket ``name`` unless it is the one written last."""
-        if name != self.name:
-            self.name, self.fields = name, set()
-            self.complete = name not in view.buckets
-
-    def recorded(self, fields: Iterable[str]) -> None:
-        """``fields`` are in the bucket now (their writes were answered)."""
-        if len(self.fields) < self.cap:
-            self.fields.update(fields)
-        else:
-            self.complete = False  # a field not remembered may be there
-
-
 def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str], str],
-               ttl_ms: int, now_ms: int, view: IndexView,
-               writer: Writer | None = None) -> tuple[str, list[str]]:
+               ttl_ms: int, now_ms: int, view: IndexView) -> str:
     """Queue the writes recording ``exposing`` ((unit, experiment) -> position)
     in the current bucket: an HSETNX each (the first position wins; a replay
-    writes nothing), or with ``writer`` only the fields it has not recorded
-    there, by one HSET in a bucket it created; one PEXPIREAT for the bucket,
-    its registry entry when new, expired registry entries' removal and the
-    partition's ``legacy`` field when unset (``view``). Returns the bucket's
-    name and the fields written (``Writer.recorded`` once answered)."""
+    writes nothing), one PEXPIREAT for the bucket, its registry entry when
+    new, expired registry entries' removal and the partition's ``legacy``
+    field when unset (``view``). Returns the bucket's name."""
     name, at = current_bucket(ttl_ms, now_ms)
     key = _bucket_key(topic, partition, name)
-    fields = {f"{u}|{e}": mk for (u, e), mk in exposing.items()}
-    if writer is None:
-        for f, mk in fields.items():
-            p.add("HSETNX", key, f, mk)
-    else:
-        writer.start(name, view)
-        fields = {f: mk for f, mk in fields.items() if f not in writer.fields}
-        if writer.complete and fields:
-            p.add("HSET", key, *[x for kv in fields.items() for x in kv])
-        else:
-            for f, mk in fields.items():
-                p.add("HSETNX", key, f, mk)
+    for (u, e), mk in exposing.items():
+        p.add("HSETNX", key, f"{u}|{e}", mk)
     reg = index_buckets_key(topic, partition)
     if at:
         p.add("PEXPIREAT", key, at)
@@ -189,7 +142,7 @@ def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str
         p.add("HDEL", reg, *view.expired)
     if not view.legacy_set:
         p.add("HSETNX", reg, LEGACY, int(now_ms) + int(ttl_ms) if view.prior else 0)
-    return name, list(fields)
+    return name
 
 
 def _rank(marker: str) -> int:

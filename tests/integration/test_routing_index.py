@@ -428,33 +428,3 @@ def test_defect_the_second_sweep_spares_a_recreated_experiment(r):
     assert r.exists("lr:{e:again}:gen") and r.get("lr:{e:again}:dirty_seq") == b"3"
     reg.delete("again")
     assert reg.sweep("again") == 0  # still gone: swept
-
-
-def test_an_owner_writes_its_own_bucket_by_one_hset_and_keeps_first_positions(r):
-    """The owner's ``Writer`` (issue 25): in a bucket it created it sends the
-    batch's new fields in one HSET and nothing for fields it recorded; in a
-    bucket an earlier owner started (a new epoch's writer) it cannot know
-    the fields there, so it sends HSETNX and the first position stays."""
-    from streams.state.unit_index import Writer
-
-    t = int(time.time() * 1000)
-    w = Writer()
-    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
-                       [event_row(0, Exposure("x0", "long", "u", "control", t)),
-                        event_row(1, Exposure("x1", "long", "v", "control", t))], index_writer=w)
-    assert w.complete and w.fields == {"u|long", "v|long"}
-    r.config_resetstat()
-    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
-                       [event_row(2, Exposure("x2", "long", "u", "control", t + 1))],
-                       index_writer=w)
-    stats = r.info("commandstats")
-    assert "cmdstat_hsetnx" not in stats and "cmdstat_hset" in stats  # the rest: the owner's
-    later = Writer()  # the partition claimed again: the bucket is an earlier owner's
-    apply_source_batch(r, {"long": LONG}, TOPIC, 0,
-                       [event_row(3, Exposure("x3", "long", "u", "control", t + 2)),
-                        event_row(4, Exposure("x4", "long", "w", "control", t + 2))],
-                       index_writer=later)
-    assert not later.complete
-    assert read_index(r, TOPIC, 0, ["u", "v", "w"], ["long"]) == {
-        "u": {"long": f"{TOPIC}|0|0"}, "v": {"long": f"{TOPIC}|0|1"},
-        "w": {"long": f"{TOPIC}|0|4"}}
