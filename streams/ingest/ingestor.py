@@ -261,11 +261,11 @@ class Ingestor:
         ``registry.ttl`` seconds, and the batch's ``known`` (one registered
         since raises it until then).
 
-        Why all of them and not the batch's: every exposure then sets the
-        same TTL while they are unchanged, so a plain PEXPIRE only moves a
-        key's expiry later, and a unit of a longer experiment keeps its TTL
-        when an exposure to a shorter one renews it (issue 24 defect 4), with
-        no read of the TTL first (route.lua's reason to exist). It shrinks
+        Why all of them and not the batch's: every exposure then goes into
+        a bucket of the same TTL while they are unchanged
+        (``streams.state.unit_index``), so a unit's entry of a longer
+        experiment lives as long whatever batch renews it (issue 24 defect
+        4), with no read of a TTL first (route.lua's reason to exist). It shrinks
         only when the longest one concludes or is deleted: a concluded
         experiment's windows and correction horizons have all passed
         (``SamplerService.conclude_due``), so no estimate needs its units'

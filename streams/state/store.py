@@ -61,17 +61,19 @@ notes below give the value formats.
    experiment's ingest call: ``apply_rows``'s ``dead``).
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
    every call: they can never mark a duplicate again.
-5. Value `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
-   experiment (`*` if the position was not given). The field names are the
-   set of experiments the unit was exposed in. Every exposure sets the
-   key's TTL (PEXPIRE) to ``index_ttl_ms`` of every running experiment
-   (2 × the longest W + H + L; ``Ingestor.index_ttl``): the same for every
-   exposure while they are unchanged, so the expiry only moves later and
-   the key outlives each of its experiments' horizons after the unit's last
-   exposure to it (issue 24, defect 4). It is shorter only once the longest
-   experiment concluded (every window and correction horizon of it passed)
-   or was deleted. A delete removes the experiment's
-   field (``streams.state.registry.delete_state``).
+5. Routing index (``streams.state.unit_index``, issue 25): per source
+   partition, time-bucketed hashes, field `<unit>|<experiment>` -> value
+   `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
+   experiment recorded in the bucket (`*` if the position was not given); a
+   reader keeps the earliest over the buckets. Each exposure writes its
+   field into the current bucket, which expires ``index_ttl_ms`` of every
+   running experiment (2 × the longest W + H + L; ``Ingestor.index_ttl``)
+   after its end, so an entry outlives each of its experiments' horizons
+   after the unit's last exposure to it (issue 24, defect 4); the TTL is in
+   the bucket's name, so no expiry moves earlier. A delete removes the
+   experiment's fields (``streams.state.registry.delete_state``). Older
+   versions kept a hash per unit (``keys.unit_index_key``), read as a
+   fallback for one TTL after the upgrade.
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
    exposure's call) to each experiment whose first exposure of the unit
    arrives later, dropped after `hold_seconds` (Ingestor setting).
@@ -1078,9 +1080,9 @@ def index_ttl_ms(known: Iterable[ExperimentConfig] | dict[str, ExperimentConfig]
     """How long (wall clock) a unit's routing index outlives its last
     exposure: twice the longest window + correction horizon + lateness of
     the experiments in ``known`` (every running one: ``Ingestor.index_ttl``;
-    each exposure sets it with a plain PEXPIRE, so a TTL computed from a
-    batch's experiments alone would let a shorter experiment's exposure cut
-    a longer one's, issue 24 defect 4), so the index is bounded by the units
+    a TTL computed from a batch's experiments alone would put a unit's
+    exposure to a shorter experiment into a bucket that a longer one's
+    metrics outlive, issue 24 defect 4), so the index is bounded by the units
     active in that time (docs/architecture.md#state) while a unit's metrics,
     which come within its window, always find it. The reference Reducer never forgets (it runs
     over event time): only metrics without experiment_id that arrive more
