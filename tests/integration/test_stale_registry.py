@@ -25,6 +25,7 @@ from streams.state import keys as rk
 from streams.state.partition_store import ExperimentChanged, forget_owner, read_sightings
 from streams.state.registry import Registry
 from streams.state.store import apply_rows, claim_partition, clocked, event_row
+from streams.state.unit_index import is_bucket
 
 T0 = 1_700_000_000_000
 TOPIC = "liftstream.events"
@@ -110,10 +111,10 @@ def _state(r: redis.Redis, fences: bool = True) -> dict:
     if field in meta:  # ``start:end`` of each bucket, without its packed fields' count
         meta[field] = b" ".join(b":".join(x.split(b":")[:2]) for x in meta[field].split())
     out["sightings"] = read_sightings(r, "e1", SRC)
-    for k in r.scan_iter(match=rk.unit_index_key("*")):
-        v = r.hget(k, "e1")
-        if v is not None:
-            out[k] = v
+    for k in r.scan_iter(match="lr:{x:*"):  # the routing index (issue 25)
+        if is_bucket(k):
+            for f, v in r.hscan_iter(k, match="*|e1"):
+                out[(k, f)] = v
     return out
 
 
