@@ -113,8 +113,8 @@ def _state(r: redis.Redis, fences: bool = True) -> dict:
     out["sightings"] = read_sightings(r, "e1", SRC)
     for k in r.scan_iter(match="lr:{x:*"):  # the routing index (issue 25)
         if is_bucket(k):
-            for f, v in r.hscan_iter(k, match="*|e1"):
-                out[(k, f)] = v
+            for f, v in r.hscan_iter(k, match="*|e1"):  # bucket names hold wall time
+                out.setdefault((b"index", f), v)
     return out
 
 
