@@ -130,7 +130,10 @@ class Ingestor:
         ids = set(map(itemgetter(3), rows))
         ids.discard(None)
         known = self.registry.get_many(ids)
-        clk_start, holds, gens, index_view = partition_start(self.r, topic, partition, known)
+        exposed_units = list(dict.fromkeys(row[4] for row in rows if row[1] == "x"))
+        clk_start, holds, gens, index_view = partition_start(
+            self.r, topic, partition, known, exposed_units,
+            self.index_ttl(known) if exposed_units else None)
         known = self._current(known, gens)
         if len(known) < len(ids) and self.auto_register:
             exposed = {row[3] for row in rows if row[1] == "x"}

@@ -45,7 +45,7 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
     """UNLINK every key of the experiment (all share ``lr:{e:<id>}:``) but
     its fences: its config, generation, unit records, cells, chains,
     estimates, history, alerts; and remove its field from every unit's
-    routing index (its fields ``<unit>|<id>`` of every partition's index
+    routing index (its entries in the fields of every partition's index
     buckets, ``streams.state.unit_index``; of state from before issue 25,
     its field of every ``lr:{u:<unit>}:x``), so an experiment registered later
     under the same id inherits no exposure markers (issue 24: with them, its
@@ -78,9 +78,7 @@ def delete_state(r: Any, experiment_id: str, batch: int = 1000) -> int:
             if len(index) >= batch:
                 index.execute()
         elif unit_index.is_bucket(kb):  # few keys (a handful per partition), many fields
-            fields = [f for f, _ in r.hscan_iter(k, match=f"*|{experiment_id}", count=batch)]
-            for i in range(0, len(fields), batch):
-                r.hdel(k, *fields[i:i + batch])
+            unit_index.drop_experiment(r, k, experiment_id, batch)
     if doomed:
         n += r.unlink(*doomed)
     if len(index):

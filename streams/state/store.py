@@ -545,7 +545,8 @@ def partition_clock(r: Any, topic: str, partition: int) -> int | None:
     return None if v is None else _int(v)
 
 
-def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[str] = ()
+def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[str] = (),
+                    exposed: Sequence[str] = (), index_ttl: int | None = None
                     ) -> tuple[int | None, bool, dict[str, bytes | None], unit_index.IndexView]:
     """What a source batch reads of its partition first, in one round trip:
     the partition clock (``partition_clock``), whether its unit-hold
@@ -555,15 +556,21 @@ def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[st
     caller compares them with its cached configs' before it routes or
     applies anything (``Ingestor.process``). Only the partition's owner
     writes the hold queue, so the answer holds for the whole batch:
-    ``apply_source_batch``'s ``holds``."""
+    ``apply_source_batch``'s ``holds``. With ``index_ttl``, also the fields
+    of the ``exposed`` units in the routing index's current bucket (the
+    writes merge into them, ``unit_index.add_current_read``)."""
     eids = list(experiments)
+    now = _now_ms()
     p = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
         .add("EXISTS", unit_hold_queue(topic, partition)) \
         .add("HGETALL", rk.index_buckets_key(topic, partition))
     for eid in eids:
         p.add("GET", rk.generation_key(eid))
+    units = list(exposed) if index_ttl is not None else []
+    name = unit_index.add_current_read(p, topic, partition, index_ttl or 0, now, units)
     clk, held, buckets, *gens = p.execute()
-    view = unit_index.view_of(buckets, clk, _now_ms())
+    cur = gens.pop() if name is not None else None
+    view = unit_index.view_of(buckets, clk, now, unit_index.current_of(name, units, cur))
     return ((None if clk is None else _int(clk)), bool(held),
             {e: as_bytes(g) for e, g in zip(eids, gens, strict=True)}, view)
 
@@ -1106,13 +1113,16 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
                       ) -> list[tuple[dict[str, str], dict]]:
     """Record the exposures' positions, then read the index and the held
     metrics of ``units``, in one round trip of plain commands (no script):
-    per exposure HSETNX into the partition's current index bucket (the first
-    position wins; a replay writes nothing new), one PEXPIREAT for the
-    bucket (``unit_index.add_writes``), then per live bucket one HMGET of
-    ``units`` x ``eids`` and per unit HGETALL of its held metrics. Writes
+    one HSET of the exposed units' fields of the partition's current index
+    bucket that gain an experiment (merged into their values there, which
+    ``partition_start`` read: the first position wins; a replay writes
+    nothing new), one PEXPIREAT for the bucket (``unit_index.add_writes``),
+    then per live bucket one HMGET of ``units``' fields (``eids``: the
+    experiments kept) and per unit HGETALL of its held metrics. Writes
     before reads, so the reads show this batch's exposures, on the first run
     and on a replay alike. ``view``: the partition's buckets
-    (``partition_start``); None: read first, in a round trip of its own.
+    (``partition_start``); None: read first, in a round trip of its own, as
+    the exposed units' current fields when ``view`` lacks them.
 
     Why buckets and not a key per unit (before issue 25): the partition's
     owner is the only writer of its units' entries, so they can share keys;
@@ -1133,7 +1143,9 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     written: tuple[str, ...] = ()
     if exposing:
         marks = {k: "*" if prefix is None else f"{prefix}{off}" for k, off in exposing.items()}
-        written = (unit_index.add_writes(p, t, part, marks, ttl_ms, now, view),)
+        prior = unit_index.prior_fields(r, t, part, ttl_ms, now,
+                                        list(dict.fromkeys(u for u, _ in marks)), view)
+        written = (unit_index.add_writes(p, t, part, marks, ttl_ms, now, view, prior),)
     n_writes = len(p)
     n_index = unit_index.add_lookups(p, t, part, view, written, units, eids)
     for u in units:

@@ -12,11 +12,20 @@ each unit had its own key (``keys.unit_index_key``) and every exposure cost
 an HSETNX and a PEXPIRE on it: ~2 µs of Redis CPU per exposure, a third of
 the worker's Redis budget in ``liftstream bench ingest``.
 
-Layout: hash ``keys.index_bucket_key(src, ttl, start)``, field
-``<unit>|<experiment>`` -> position, for the exposures recorded while wall
-time was in ``[start, start + width)`` (``bucket_width(ttl)``, a quarter of
-the TTL). A batch sends one HSETNX per new (unit, experiment) and ONE
-PEXPIREAT ``start + width + ttl`` for the bucket. So an entry lives at least
+Layout: hash ``keys.index_bucket_key(src, ttl, start)``, field ``<unit>``
+-> ``<experiment> <position>`` pairs, space-separated (``pack``), for the
+exposures recorded while wall time was in ``[start, start + width)``
+(``bucket_width(ttl)``, a quarter of the TTL). Why a field per unit and not
+per (unit, experiment): a metric without experiment_id looks its unit up in
+every live bucket, one field each whatever the number of running
+experiments (a field per pair made it units x experiments x buckets fields,
+~6 us/event of Redis CPU more than a key per unit at 50 experiments). The
+owner, the partition's only writer, merges: it reads the current bucket's
+fields of the batch's exposed units with the batch's first reads
+(``add_current_read``, ``store.partition_start``) and sends one HSET of the
+fields that gain an experiment (an experiment already in the field keeps its
+position: the first one recorded in the bucket wins; a replay writes
+nothing) and ONE PEXPIREAT ``start + width + ttl`` for the bucket. So an entry lives at least
 ``ttl`` after the unit's last exposure to the experiment (each exposure
 writes the field into the current bucket), as the per-unit PEXPIRE
 guaranteed, and at most ``width`` longer. The TTL is in the key name: a
@@ -62,18 +71,22 @@ class IndexView(NamedTuple):
     the registered names past their expiry (pruned by the next write),
     ``legacy`` whether per-unit keys are read, ``legacy_set`` whether the
     partition's ``legacy`` field was written, ``prior`` whether the
-    partition had a clock (state written before)."""
+    partition had a clock (state written before), ``current`` the name of
+    the bucket read by ``add_current_read`` and its fields of the units
+    read (None: none read)."""
 
     buckets: dict[str, int]
     expired: tuple[str, ...]
     legacy: bool
     legacy_set: bool
     prior: bool
+    current: tuple[str, dict[str, str | None]] | None = None
 
 
-def view_of(raw: dict | None, clock: Any, now_ms: int) -> IndexView:
+def view_of(raw: dict | None, clock: Any, now_ms: int,
+            current: tuple[str, dict[str, str | None]] | None = None) -> IndexView:
     """The ``IndexView`` from HGETALL ``index_buckets_key`` and the partition
-    clock (HGET, None: the partition has none)."""
+    clock (HGET, None: the partition has none); ``current``: ``current_of``."""
     live: dict[str, int] = {}
     expired: list[str] = []
     legacy_until: int | None = None
@@ -87,7 +100,64 @@ def view_of(raw: dict | None, clock: Any, now_ms: int) -> IndexView:
         else:
             live[name] = at
     legacy = clock is not None if legacy_until is None else legacy_until > now_ms
-    return IndexView(live, tuple(expired), legacy, legacy_until is not None, clock is not None)
+    return IndexView(live, tuple(expired), legacy, legacy_until is not None, clock is not None,
+                     current)
+
+
+def _str(v: Any) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def add_current_read(p: Any, topic: str, partition: int, ttl_ms: int, now_ms: int,
+                     units: Sequence[str]) -> str | None:
+    """Queue the read of ``units``' fields of the bucket current at
+    ``now_ms`` (HMGET), what ``add_writes`` merges into; returns its name
+    (None: no units, nothing queued)."""
+    if not units:
+        return None
+    name, _ = current_bucket(ttl_ms, now_ms)
+    p.add("HMGET", _bucket_key(topic, partition, name), *units)
+    return name
+
+
+def current_of(name: str | None, units: Sequence[str], reply: Sequence[Any] | None
+               ) -> tuple[str, dict[str, str | None]] | None:
+    """``IndexView.current`` from ``add_current_read``'s name and reply."""
+    if name is None or reply is None:
+        return None
+    return name, {u: _str(v) for u, v in zip(units, reply, strict=True)}
+
+
+def pack(entries: dict[str, str]) -> str:
+    """A bucket field's value: ``<experiment> <position>`` pairs (neither
+    holds a space: ``schemas.validate.ID_PATTERN``, Kafka topic names)."""
+    return " ".join(f"{e} {mk}" for e, mk in entries.items())
+
+
+def unpack(value: str | None) -> dict[str, str]:
+    """``pack``'s inverse (None, a missing field: no entry)."""
+    if not value:
+        return {}
+    xs = value.split(" ")
+    return dict(zip(xs[::2], xs[1::2], strict=True))
+
+
+def prior_fields(r: Any, topic: str, partition: int, ttl_ms: int, now_ms: int,
+                 units: Sequence[str], view: IndexView) -> dict[str, str | None]:
+    """``units``' fields of the current bucket: from ``view.current`` when it
+    read them in that bucket, else read now (one round trip: the TTL or the
+    bucket changed since the batch's first reads, or a caller without them)."""
+    name, _ = current_bucket(ttl_ms, now_ms)
+    if view.current is not None and view.current[0] == name:
+        got = view.current[1]
+        if all(u in got for u in units):
+            return got
+    from streams.state.wire import Reads
+
+    p = Reads(r)
+    add_current_read(p, topic, partition, ttl_ms, now_ms, units)
+    cur = current_of(name, units, p.execute()[0])
+    return cur[1] if cur is not None else {}
 
 
 def add_view_reads(p: Any, topic: str, partition: int) -> None:
@@ -123,16 +193,30 @@ def _bucket_key(topic: str, partition: int, name: str) -> str:
 
 
 def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str], str],
-               ttl_ms: int, now_ms: int, view: IndexView) -> str:
+               ttl_ms: int, now_ms: int, view: IndexView, prior: dict[str, str | None]
+               ) -> str:
     """Queue the writes recording ``exposing`` ((unit, experiment) -> position)
-    in the current bucket: an HSETNX each (the first position wins; a replay
-    writes nothing), one PEXPIREAT for the bucket, its registry entry when
-    new, expired registry entries' removal and the partition's ``legacy``
-    field when unset (``view``). Returns the bucket's name."""
+    in the current bucket: one HSET of the units' fields (``prior``: their
+    values there, ``prior_fields``) that gain an experiment (one already in
+    the field keeps its position; a replay writes nothing), one PEXPIREAT
+    for the bucket, its registry entry when new, expired registry entries'
+    removal and the partition's ``legacy`` field when unset (``view``).
+    Returns the bucket's name."""
     name, at = current_bucket(ttl_ms, now_ms)
     key = _bucket_key(topic, partition, name)
+    merged: dict[str, dict[str, str]] = {}
     for (u, e), mk in exposing.items():
-        p.add("HSETNX", key, f"{u}|{e}", mk)
+        got = merged.get(u)
+        if got is None:
+            got = merged[u] = unpack(prior.get(u))
+        got.setdefault(e, mk)
+    changed: list[str] = []
+    for u, d in merged.items():
+        v = pack(d)
+        if v != (prior.get(u) or ""):
+            changed += [u, v]
+    if changed:
+        p.add("HSET", key, *changed)
     reg = index_buckets_key(topic, partition)
     if at:
         p.add("PEXPIREAT", key, at)
@@ -161,15 +245,15 @@ def first(a: str | None, b: str) -> str:
 
 def add_lookups(p: Any, topic: str, partition: int, view: IndexView, extra: Iterable[str],
                 units: Sequence[str], eids: Sequence[str]) -> int:
-    """Queue the reads of the entries of ``units`` x ``eids``: one HMGET per
-    live bucket (``view`` and the ``extra`` names just written), and per unit
-    HGETALL of its pre-issue-25 key while ``view.legacy``. Returns the
-    number of commands queued (``merge`` reads their replies)."""
+    """Queue the reads of the entries of ``units`` (``eids``: for ``merge``):
+    one HMGET of the units' fields per live bucket (``view`` and the
+    ``extra`` names just written), and per unit HGETALL of its pre-issue-25
+    key while ``view.legacy``. Returns the number of commands queued
+    (``merge`` reads their replies)."""
     n = 0
-    fields = [f"{u}|{e}" for u in units for e in eids]
-    if fields:
+    if units:
         for name in dict.fromkeys([*view.buckets, *extra]):
-            p.add("HMGET", _bucket_key(topic, partition, name), *fields)
+            p.add("HMGET", _bucket_key(topic, partition, name), *units)
             n += 1
     if view.legacy:
         for u in units:
@@ -180,19 +264,20 @@ def add_lookups(p: Any, topic: str, partition: int, view: IndexView, extra: Iter
 
 def merge(replies: Sequence[Any], units: Sequence[str], eids: Sequence[str],
           legacy: bool) -> dict[str, dict[str, str]]:
-    """Per unit, experiment -> its earliest recorded position, from the
-    replies of ``add_lookups`` (same arguments)."""
+    """Per unit, experiment of ``eids`` -> its earliest recorded position,
+    from the replies of ``add_lookups`` (same arguments); every experiment
+    of a pre-issue-25 key while ``legacy``."""
     out: dict[str, dict[str, str]] = {u: {} for u in units}
     nb = len(replies) - (len(units) if legacy else 0)
+    want = set(eids)
     for got in replies[:nb]:
-        i = 0
-        for u in units:
+        for u, v in zip(units, got, strict=True):
+            if v is None:
+                continue
             idx = out[u]
-            for e in eids:
-                v = got[i]
-                i += 1
-                if v is not None:
-                    idx[e] = first(idx.get(e), v.decode() if isinstance(v, bytes) else v)
+            for e, mk in unpack(_str(v)).items():
+                if e in want:
+                    idx[e] = first(idx.get(e), mk)
     if legacy:
         for u, old in zip(units, replies[nb:], strict=True):
             idx = out[u]
@@ -225,12 +310,32 @@ def index_pttl(r: Any, topic: str, partition: int, unit: str, eid: str) -> int:
     best = -2
     for name in view.buckets:
         key = _bucket_key(topic, partition, name)
-        if r.hexists(key, f"{unit}|{eid}"):
+        if eid in unpack(_str(r.hget(key, unit))):
             t = r.pttl(key)
             if t == -1:
                 return -1
             best = max(best, t)
     return best
+
+
+def drop_experiment(r: Any, key: str, experiment_id: str, batch: int = 1000) -> None:
+    """Remove ``experiment_id``'s entries from the bucket ``key`` (a delete,
+    ``registry.delete_state``): its fields rewritten without it, those left
+    empty deleted."""
+    hset: list[str] = []
+    hdel: list[str] = []
+    for f, v in r.hscan_iter(key, count=batch):
+        d = unpack(_str(v))
+        if d.pop(experiment_id, None) is not None:
+            u = _str(f)
+            if d:
+                hset += [u, pack(d)]
+            else:
+                hdel.append(u)
+    for i in range(0, len(hset), 2 * batch):
+        r.execute_command("HSET", key, *hset[i:i + 2 * batch])
+    for i in range(0, len(hdel), batch):
+        r.hdel(key, *hdel[i:i + batch])
 
 
 def is_bucket(key: bytes) -> bool:
