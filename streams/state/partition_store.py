@@ -1112,15 +1112,9 @@ def _text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
-#: the field every sighting bucket is created with (no event id contains
-#: ``#``, ``schemas.validate.ID_PATTERN``): its value is longer than Redis's
-#: ``hash-max-ziplist-value`` (``-listpack-`` in Redis 7; default 64 bytes),
-#: so the hash is a hashtable from its first HSET. Why, measured: a bucket
-#: grows to thousands of sightings, and until ``hash-max-ziplist-entries``
-#: (512) each HSET scans the ziplist: 1.25 µs of Redis a sighting, against
-#: 0.23 µs as a hashtable (and 0.62 for the sorted set's ZADD and pruning)
-SEEN_PAD = ("#", "a hashtable from the start: this value is longer than "
-                 "hash-max-ziplist-value".ljust(256, "."))
+#: the field every sighting bucket is created with (``keys.HASHTABLE_PAD``;
+#: no event id contains ``#``, ``schemas.validate.ID_PATTERN``)
+SEEN_PAD = rk.HASHTABLE_PAD
 
 
 class SeenBuckets:
