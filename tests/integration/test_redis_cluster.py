@@ -50,7 +50,7 @@ from streams.state.store import (
     migrate_ingest_keys,
     read_snapshot,
 )
-from streams.state.unit_index import index_pttl, is_bucket, read_index
+from streams.state.unit_index import PAD, index_pttl, is_bucket, read_index, unpack
 from tests.support.redis_cluster_support import (  # noqa: F401 - fixtures
     cluster_r,
     cluster_url,
@@ -116,10 +116,10 @@ def assert_layout(c, eid: str, units) -> dict[str, int]:
         assert len(slots_of(c, [k.decode() for k in index])) == 1, index
         for k in index:
             if is_bucket(k):
-                fields = [f.decode().rpartition("|") for f in c.hkeys(k)]
-                found |= {u for u, _, e in fields if e == eid}
+                fields = _entries(c, k)
+                found |= {u for u, es in fields.items() if eid in es}
                 m = master_of(c, k.decode())
-                per_master[m] = per_master.get(m, 0) + len(fields)
+                per_master[m] = per_master.get(m, 0) + sum(map(len, fields.values()))
     assert set(units) <= found, sorted(set(units) - found)
     return per_master
 
@@ -129,9 +129,15 @@ def index_units(c, eid: str) -> set[str]:
     out: set[str] = set()
     for k in c.scan_iter(match="lr:{x:*"):
         if is_bucket(k):
-            out |= {f.decode().rpartition("|")[0] for f in c.hkeys(k)
-                    if f.decode().endswith(f"|{eid}")}
+            out |= {u for u, es in _entries(c, k).items() if eid in es}
     return out
+
+
+def _entries(c, bucket) -> dict[str, dict[str, str]]:
+    """A routing index bucket's units -> experiment -> position (its pad
+    field left out)."""
+    return {f.decode(): unpack(v.decode()) for f, v in c.hgetall(bucket).items()
+            if f.decode() != PAD[0]}
 
 
 def test_keys_spread(cluster_r):  # noqa: F811 - the fixture
