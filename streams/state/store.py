@@ -62,7 +62,8 @@ notes below give the value formats.
 4. Dedupe per source partition; entries with score < clk - DD are pruned by
    every call: they can never mark a duplicate again.
 5. Routing index (``streams.state.unit_index``, issue 25): per source
-   partition, time-bucketed hashes, field `<unit>|<experiment>` -> value
+   partition, time-bucketed hashes, field `<unit>` -> `<experiment>
+   <position>` pairs (``unit_index.pack``), the position
    `"<topic>|<partition>|<offset>"` of the unit's first exposure to that
    experiment recorded in the bucket (`*` if the position was not given); a
    reader keeps the earliest over the buckets. Each exposure writes its
@@ -71,7 +72,7 @@ notes below give the value formats.
    after its end, so an entry outlives each of its experiments' horizons
    after the unit's last exposure to it (issue 24, defect 4); the TTL is in
    the bucket's name, so no expiry moves earlier. A delete removes the
-   experiment's fields (``streams.state.registry.delete_state``). Older
+   experiment's entries (``streams.state.registry.delete_state``). Older
    versions kept a hash per unit (``keys.unit_index_key``), read as a
    fallback for one TTL after the upgrade.
 6. JSON `[event_id, metric, ts, value]`; released (as kind `h` rows of the
