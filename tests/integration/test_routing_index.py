@@ -428,3 +428,30 @@ def test_defect_the_second_sweep_spares_a_recreated_experiment(r):
     assert r.exists("lr:{e:again}:gen") and r.get("lr:{e:again}:dirty_seq") == b"3"
     reg.delete("again")
     assert reg.sweep("again") == 0  # still gone: swept
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "redis-py"])
+def test_defect_concurrent_index_writers_never_drop_an_entry(redis_url, packed):
+    """A stale owner (lost the partition at a rebalance, still finishing a
+    batch) and the new owner both merge the same unit's field of the current
+    bucket: writer A reads it (the batch's first reads), writer B reads and
+    writes experiment b, then A writes experiment a. The field is a
+    read-modify-write, so A's HSET computed from its older read overwrote
+    B's merge (b lost: the unit's later metrics without experiment_id no
+    longer route to b). A's write is now refused (WATCH on the bucket) and
+    merged again from a fresh read: both entries stay."""
+    from streams.state.store import _index_round_trip, partition_start
+
+    r = redis.Redis.from_url(redis_url, decode_responses=not packed)
+    r.flushall()
+    ttl = 60_000
+    *_, view_a = partition_start(r, "t", 0, (), ["u"], ttl)
+    *_, view_b = partition_start(r, "t", 0, (), ["u"], ttl)
+    _index_round_trip(r, [], {("u", "b"): 7}, "t", 0, ttl, view_b, ["b"])
+    _index_round_trip(r, [], {("u", "a"): 5}, "t", 0, ttl, view_a, ["a"])
+    got = read_index(r, "t", 0, ["u"], ["a", "b"])
+    assert got == {"u": {"a": "t|0|5", "b": "t|0|7"}}
+    clients = r.execute_command("CLIENT", "LIST")
+    clients = clients if isinstance(clients, str) else clients.decode()
+    assert " watch=" not in clients or clients.count(" watch=0") == clients.count(" watch=")
+    r.close()
