@@ -134,95 +134,102 @@ class Ingestor:
         clk_start, holds, gens, index_view = partition_start(
             self.r, topic, partition, known, exposed_units,
             self.index_ttl(known) if exposed_units else None)
-        known = self._current(known, gens)
-        if len(known) < len(ids) and self.auto_register:
-            exposed = {row[3] for row in rows if row[1] == "x"}
-            for eid in sorted(ids - known.keys()):
-                if eid in exposed:
-                    cfg = self.registry.put(ExperimentConfig(experiment_id=eid), now_ms)
-                    known[eid] = cfg
-                    res.new_experiments.append(cfg)
-
-        raw_of: dict[int, bytes | None] = {}
-
-        def raw_at(off: int) -> bytes | None:
-            """A message's value by offset (the dict only once a dead letter needs it)."""
-            if not raw_of:
-                raw_of.update(messages)
-            return raw_of[off]
-
-        unknown = ids - known.keys()
-        # the partition clock after each event (dead letters move none): crows
-        # are ``rows`` without those of unknown experiments, in order, each
-        # with the clock after it at index 9
-        crows, clk0 = clocked_batch(self.r, known, topic, partition, rows, clock=clk_start)
-        margins = {eid: too_old_margin(cfg) for eid, cfg in known.items()}
-        concluded = {eid for eid in known if self.registry.concluded(eid)}
-        ended: set[int] = set()  # offsets of exposures to concluded experiments
-        accepted = []
-        keep = accepted.append
-        j = 0  # rows[i]'s clocked row is crows[j] (rows of unknown experiments have none)
-        for row in rows:
-            eid = row[3]
-            if eid in unknown:
-                err = InvalidRecord("unknown_experiment",
-                                    f"experiment {eid!r} is not registered "
-                                    "(create it on the experiments topic first)",
-                                    "experiment_id")
-                self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
-                continue
-            clk = crows[j][9]
-            j += 1
-            if row[1] == "x":
-                cfg = known[eid]
-                if eid in concluded:
-                    err = InvalidRecord(
-                        "after_end", f"experiment {eid!r} is concluded: its final estimates "
-                        "are out and its units are no longer kept", "experiment_id")
-                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms,
-                               attributed)  # counted c:after_end in its commit
-                    ended.add(row[0])  # not applied: it would create a unit record again
-                    continue
-                if row[5] not in cfg.variants:
-                    err = InvalidRecord("unknown_variant",
-                                        f"variant {row[5]!r} is not one of experiment "
-                                        f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
-                                        "variant")
-                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
-                elif row[6] + margins[eid] <= clk:  # too_old (streams.state.store)
-                    err = InvalidRecord(
-                        "exposure_too_old",
-                        f"exposure at ts {row[6]}: its window closed more than "
-                        f"correction_seconds ({cfg.correction_seconds}) before the "
-                        f"partition clock {clk} minus lateness", "ts")
-                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
-            # unknown variants and too-old exposures still go to the experiment,
-            # which counts them (exactly once) as in streams.state.semantics; it
-            # decides too_old by the same test before any other rule (dedupe
-            # included), so the dead letter and data_quality's too_old agree
-            keep(row)
-
-        # metrics without experiment_id may belong to any registered experiment
-        if any(row[3] is None for row in accepted):
-            known.update(self.registry.get_many(self.registry.ids()))
-        dead = self._dead_by_experiment(attributed, known)
-        if ended:  # they moved the clock (events of a registered experiment), nothing else
-            crows = [crow for crow in crows if crow[0] not in ended]
-        rejected: list[tuple[int, str]] = []
         try:
-            out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
-                                          self.hold_seconds, self.hold_max, rejected,
-                                          clocked_rows=(crows, clk0),  # accepted = crows' rows
-                                          epoch=epoch, dead=dead, index_ttl=self.index_ttl(known),
-                                          holds=holds, index_view=index_view, generations={
-                                              e: self.registry.generation(e) for e in known})
-        except ExperimentChanged as e:
-            # concluded (or deleted, re-created) since the registry read it:
-            # read it again, so the caller's retry dead-letters its exposures
-            # (after_end, unknown_experiment) or applies them to the new
-            # experiment; the owner wrote nothing of this experiment
-            self.registry.get(e.experiment_id, fresh=True)
-            raise
+            known = self._current(known, gens)
+            if len(known) < len(ids) and self.auto_register:
+                exposed = {row[3] for row in rows if row[1] == "x"}
+                for eid in sorted(ids - known.keys()):
+                    if eid in exposed:
+                        cfg = self.registry.put(ExperimentConfig(experiment_id=eid), now_ms)
+                        known[eid] = cfg
+                        res.new_experiments.append(cfg)
+
+            raw_of: dict[int, bytes | None] = {}
+
+            def raw_at(off: int) -> bytes | None:
+                """A message's value by offset (the dict only once a dead letter needs it)."""
+                if not raw_of:
+                    raw_of.update(messages)
+                return raw_of[off]
+
+            unknown = ids - known.keys()
+            # the partition clock after each event (dead letters move none): crows
+            # are ``rows`` without those of unknown experiments, in order, each
+            # with the clock after it at index 9
+            crows, clk0 = clocked_batch(self.r, known, topic, partition, rows, clock=clk_start)
+            margins = {eid: too_old_margin(cfg) for eid, cfg in known.items()}
+            concluded = {eid for eid in known if self.registry.concluded(eid)}
+            ended: set[int] = set()  # offsets of exposures to concluded experiments
+            accepted = []
+            keep = accepted.append
+            j = 0  # rows[i]'s clocked row is crows[j] (rows of unknown experiments have none)
+            for row in rows:
+                eid = row[3]
+                if eid in unknown:
+                    err = InvalidRecord("unknown_experiment",
+                                        f"experiment {eid!r} is not registered "
+                                        "(create it on the experiments topic first)",
+                                        "experiment_id")
+                    self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
+                    continue
+                clk = crows[j][9]
+                j += 1
+                if row[1] == "x":
+                    cfg = known[eid]
+                    if eid in concluded:
+                        err = InvalidRecord(
+                            "after_end", f"experiment {eid!r} is concluded: its final estimates "
+                            "are out and its units are no longer kept", "experiment_id")
+                        self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms,
+                                   attributed)  # counted c:after_end in its commit
+                        ended.add(row[0])  # not applied: it would create a unit record again
+                        continue
+                    if row[5] not in cfg.variants:
+                        err = InvalidRecord("unknown_variant",
+                                            f"variant {row[5]!r} is not one of experiment "
+                                            f"{cfg.experiment_id!r}'s {list(cfg.variants)}",
+                                            "variant")
+                        self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
+                    elif row[6] + margins[eid] <= clk:  # too_old (streams.state.store)
+                        err = InvalidRecord(
+                            "exposure_too_old",
+                            f"exposure at ts {row[6]}: its window closed more than "
+                            f"correction_seconds ({cfg.correction_seconds}) before the "
+                            f"partition clock {clk} minus lateness", "ts")
+                        self._dead(res, raw_at(row[0]), err, topic, partition, row[0], now_ms)
+                # unknown variants and too-old exposures still go to the experiment,
+                # which counts them (exactly once) as in streams.state.semantics; it
+                # decides too_old by the same test before any other rule (dedupe
+                # included), so the dead letter and data_quality's too_old agree
+                keep(row)
+
+            # metrics without experiment_id may belong to any registered experiment
+            if any(row[3] is None for row in accepted):
+                known.update(self.registry.get_many(self.registry.ids()))
+            dead = self._dead_by_experiment(attributed, known)
+            if ended:  # they moved the clock (events of a registered experiment), nothing else
+                crows = [crow for crow in crows if crow[0] not in ended]
+            rejected: list[tuple[int, str]] = []
+            try:
+                out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
+                                              self.hold_seconds, self.hold_max, rejected,
+                                              clocked_rows=(crows, clk0),  # accepted = crows' rows
+                                              epoch=epoch, dead=dead,
+                                              index_ttl=self.index_ttl(known), holds=holds,
+                                              index_view=index_view, generations={
+                                                  e: self.registry.generation(e) for e in known})
+            except ExperimentChanged as e:
+                # concluded (or deleted, re-created) since the registry read it:
+                # read it again, so the caller's retry dead-letters its exposures
+                # (after_end, unknown_experiment) or applies them to the new
+                # experiment; the owner wrote nothing of this experiment
+                self.registry.get(e.experiment_id, fresh=True)
+                raise
+        finally:
+            # the routing index's WATCH of its bucket, when no merge ended it
+            # (``unit_index.Watch``: held since ``partition_start``)
+            if index_view.watch is not None:
+                index_view.watch.release()
         for _, why in rejected:
             res.counts[why] += 1
         for eid, delta in out.items():

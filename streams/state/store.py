@@ -562,16 +562,30 @@ def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[st
     writes merge into them, ``unit_index.add_current_read``)."""
     eids = list(experiments)
     now = _now_ms()
-    p = Reads(r).add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
+    units = list(exposed) if index_ttl is not None else []
+    # the packed path WATCHes the current bucket on a connection it holds
+    # until the batch's merge (``unit_index.Watch``, ``record``)
+    watch = unit_index.Watch(r) if units and packs(r) else None
+    p = Reads(r, None if watch is None else watch.conn) \
+        .add("HGET", PARTITION_CLOCKS, offsets_field(topic, partition)) \
         .add("EXISTS", unit_hold_queue(topic, partition)) \
         .add("HGETALL", rk.index_buckets_key(topic, partition))
     for eid in eids:
         p.add("GET", rk.generation_key(eid))
-    units = list(exposed) if index_ttl is not None else []
-    name = unit_index.add_current_read(p, topic, partition, index_ttl or 0, now, units)
-    clk, held, buckets, *gens = p.execute()
-    cur = gens.pop() if name is not None else None
-    view = unit_index.view_of(buckets, clk, now, unit_index.current_of(name, units, cur))
+    name = None if watch is None else unit_index.add_current_read(
+        p, topic, partition, index_ttl or 0, now, units)
+    try:
+        clk, held, buckets, *gens = p.execute()
+    except BaseException:
+        if watch is not None:
+            watch.watching = name is not None
+            watch.release()
+        raise
+    if watch is not None and name is not None:
+        cur = gens.pop()
+        gens.pop()  # WATCH's OK
+        watch.read(name, units, cur)
+    view = unit_index.view_of(buckets, clk, now, watch)
     return ((None if clk is None else _int(clk)), bool(held),
             {e: as_bytes(g) for e, g in zip(eids, gens, strict=True)}, view)
 
@@ -1139,19 +1153,24 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
     now = _now_ms()
     if view is None:
         view = unit_index.read_view(r, t, part, now)
-    p = Reads(r)
     prefix = None if topic is None or partition is None else f"{t}|{part}|"
+    n_index = 0
+
+    def reads(p: Any) -> None:
+        nonlocal n_index
+        n_index = unit_index.add_lookups(p, t, part, view, written, units, eids)
+        for u in units:
+            p.add("HGETALL", unit_hold_key(u))
+
     written: tuple[str, ...] = ()
     if exposing:
         marks = {k: "*" if prefix is None else f"{prefix}{off}" for k, off in exposing.items()}
-        prior = unit_index.prior_fields(r, t, part, ttl_ms, now,
-                                        list(dict.fromkeys(u for u, _ in marks)), view)
-        written = (unit_index.add_writes(p, t, part, marks, ttl_ms, now, view, prior),)
-    n_writes = len(p)
-    n_index = unit_index.add_lookups(p, t, part, view, written, units, eids)
-    for u in units:
-        p.add("HGETALL", unit_hold_key(u))
-    got = p.execute()[n_writes:]
+        written = (unit_index.current_bucket(ttl_ms, now)[0],)
+        _, got = unit_index.record(r, t, part, marks, ttl_ms, now, view, reads)
+    else:
+        p = Reads(r)
+        reads(p)
+        got = p.execute()
     index = unit_index.merge(got[:n_index], units, eids, view.legacy)
     return [(index[u], held) for u, held in zip(units, got[n_index:], strict=True)]
 

@@ -46,10 +46,13 @@ within ``ttl`` of its last write, the TTL it gave them), else 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+from redis.exceptions import WatchError
+
 from streams.state.keys import HASHTABLE_PAD, index_bucket_key, index_buckets_key, unit_index_key
+from streams.state.wire import Reads, packs, send_raw
 
 #: a bucket spans this fraction of the TTL: entries outlive it by at most that
 BUCKETS_PER_TTL = 4
@@ -81,22 +84,22 @@ class IndexView(NamedTuple):
     the registered names past their expiry (pruned by the next write),
     ``legacy`` whether per-unit keys are read, ``legacy_set`` whether the
     partition's ``legacy`` field was written, ``prior`` whether the
-    partition had a clock (state written before), ``current`` the name of
-    the bucket read by ``add_current_read`` and its fields of the units
-    read (None: none read)."""
+    partition had a clock (state written before), ``watch`` the connection
+    WATCHing the current bucket since the batch's first reads, with the
+    exposed units' fields it read there (``Watch``; None: none)."""
 
     buckets: dict[str, int]
     expired: tuple[str, ...]
     legacy: bool
     legacy_set: bool
     prior: bool
-    current: tuple[str, dict[str, str | None]] | None = None
+    watch: Watch | None = None
 
 
-def view_of(raw: dict | None, clock: Any, now_ms: int,
-            current: tuple[str, dict[str, str | None]] | None = None) -> IndexView:
+def view_of(raw: dict | None, clock: Any, now_ms: int, watch: Watch | None = None
+            ) -> IndexView:
     """The ``IndexView`` from HGETALL ``index_buckets_key`` and the partition
-    clock (HGET, None: the partition has none); ``current``: ``current_of``."""
+    clock (HGET, None: the partition has none); ``watch``: ``Watch``."""
     live: dict[str, int] = {}
     expired: list[str] = []
     legacy_until: int | None = None
@@ -111,31 +114,83 @@ def view_of(raw: dict | None, clock: Any, now_ms: int,
             live[name] = at
     legacy = clock is not None if legacy_until is None else legacy_until > now_ms
     return IndexView(live, tuple(expired), legacy, legacy_until is not None, clock is not None,
-                     current)
+                     watch)
 
 
 def _str(v: Any) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
 
+#: merges of one batch into the current bucket before ``IndexContention``
+MAX_ATTEMPTS = 8
+
+
+class IndexContention(WatchError):
+    """The current bucket changed under each of ``MAX_ATTEMPTS`` merges of a
+    batch (other writers of the partition's index: a stale owner and the
+    new one, a delete): none of the batch's index writes was applied."""
+
+
+class Watch:
+    """A pooled connection (``wire.packs`` clients) that WATCHes the current
+    bucket from the batch's first reads (``add_current_read``) to the
+    MULTI/EXEC of its merge (``record``), and the exposed units' fields read
+    there. Why: the merge is a read-modify-write of a field per unit, and
+    the index writes are not fenced: a stale owner still finishing a batch
+    and the new owner may both merge one unit's field, and the later HSET,
+    computed from its older read, dropped the other's experiment (the
+    additive HSETNX per (unit, experiment) of older layouts could not).
+    WATCH makes the later EXEC fail instead; ``record`` reads and merges
+    again. Riding on the first reads, it costs no round trip of its own.
+    ``release`` UNWATCHes (when no EXEC did) and hands the connection back."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.conn: Any = r.connection_pool.get_connection()
+        self.watching = False
+        #: the bucket read and its fields of the units read (``read``)
+        self.name: str | None = None
+        self.fields: dict[str, str | None] = {}
+
+    def read(self, name: str, units: Sequence[str], reply: Sequence[Any]) -> None:
+        """Keep ``add_current_read``'s reply (HMGET of ``units`` in ``name``)."""
+        self.watching = True
+        self.name = name
+        self.fields = {u: _str(v) for u, v in zip(units, reply, strict=True)}
+
+    def prior(self, name: str, units: Sequence[str]) -> dict[str, str | None] | None:
+        """``units``' fields of bucket ``name`` read under this WATCH (None:
+        another bucket, units not read, or no WATCH held)."""
+        if self.watching and self.name == name and all(u in self.fields for u in units):
+            return self.fields
+        return None
+
+    def release(self) -> None:
+        """UNWATCH when still WATCHing, and hand the connection back (once)."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            if self.watching:
+                self.watching = False
+                send_raw(conn, [("UNWATCH",)])  # disconnects it on failure
+        finally:
+            self.r.connection_pool.release(conn)
+
+
 def add_current_read(p: Any, topic: str, partition: int, ttl_ms: int, now_ms: int,
                      units: Sequence[str]) -> str | None:
-    """Queue the read of ``units``' fields of the bucket current at
-    ``now_ms`` (HMGET), what ``add_writes`` merges into; returns its name
-    (None: no units, nothing queued)."""
+    """Queue WATCH of the bucket current at ``now_ms`` and the read of
+    ``units``' fields there (HMGET), what ``record`` merges into; returns
+    its name (None: no units, nothing queued). Two replies: ``Watch.read``
+    takes the second."""
     if not units:
         return None
     name, _ = current_bucket(ttl_ms, now_ms)
-    p.add("HMGET", _bucket_key(topic, partition, name), *units)
+    key = _bucket_key(topic, partition, name)
+    p.add("WATCH", key)
+    p.add("HMGET", key, *units)
     return name
-
-
-def current_of(name: str | None, units: Sequence[str], reply: Sequence[Any] | None
-               ) -> tuple[str, dict[str, str | None]] | None:
-    """``IndexView.current`` from ``add_current_read``'s name and reply."""
-    if name is None or reply is None:
-        return None
-    return name, {u: _str(v) for u, v in zip(units, reply, strict=True)}
 
 
 def pack(entries: dict[str, str]) -> str:
@@ -152,24 +207,6 @@ def unpack(value: str | None) -> dict[str, str]:
     return dict(zip(xs[::2], xs[1::2], strict=True))
 
 
-def prior_fields(r: Any, topic: str, partition: int, ttl_ms: int, now_ms: int,
-                 units: Sequence[str], view: IndexView) -> dict[str, str | None]:
-    """``units``' fields of the current bucket: from ``view.current`` when it
-    read them in that bucket, else read now (one round trip: the TTL or the
-    bucket changed since the batch's first reads, or a caller without them)."""
-    name, _ = current_bucket(ttl_ms, now_ms)
-    if view.current is not None and view.current[0] == name:
-        got = view.current[1]
-        if all(u in got for u in units):
-            return got
-    from streams.state.wire import Reads
-
-    p = Reads(r)
-    add_current_read(p, topic, partition, ttl_ms, now_ms, units)
-    cur = current_of(name, units, p.execute()[0])
-    return cur[1] if cur is not None else {}
-
-
 def add_view_reads(p: Any, topic: str, partition: int) -> None:
     """Queue the two reads ``view_of`` takes on the pipeline ``p``
     (``wire.Reads``)."""
@@ -181,8 +218,6 @@ def add_view_reads(p: Any, topic: str, partition: int) -> None:
 
 def read_view(r: Any, topic: str, partition: int, now_ms: int) -> IndexView:
     """``IndexView`` in its own round trip (callers without ``partition_start``)."""
-    from streams.state.wire import Reads
-
     p = Reads(r)
     add_view_reads(p, topic, partition)
     raw, clock = p.execute()
@@ -207,7 +242,7 @@ def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str
                ) -> str:
     """Queue the writes recording ``exposing`` ((unit, experiment) -> position)
     in the current bucket: one HSET of the units' fields (``prior``: their
-    values there, ``prior_fields``) that gain an experiment (one already in
+    values there, read under WATCH: ``record``) that gain an experiment (one already in
     the field keeps its position; a replay writes nothing), one PEXPIREAT
     for the bucket, its registry entry when new, expired registry entries'
     removal and the partition's ``legacy`` field when unset (``view``).
@@ -240,6 +275,90 @@ def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str
     if not view.legacy_set:
         p.add("HSETNX", reg, LEGACY, int(now_ms) + int(ttl_ms) if view.prior else 0)
     return name
+
+
+def record(r: Any, topic: str, partition: int, exposing: dict[tuple[str, str], str],
+           ttl_ms: int, now_ms: int, view: IndexView, reads: Callable[[Any], None]
+           ) -> tuple[str, list]:
+    """Merge ``exposing`` into the current bucket (``add_writes``) in a
+    MULTI/EXEC under WATCH of the bucket, so a writer that merged the same
+    fields since this one read them is never overwritten (``Watch``): a
+    refused EXEC reads the fields again and merges again, at most
+    ``MAX_ATTEMPTS`` times (then ``IndexContention``). ``reads`` queues the
+    batch's reads on the pipeline after the writes (on a ``wire.packs``
+    client in the same round trip, on ``view.watch``'s connection: its
+    WATCH and field reads rode on the batch's first reads). Returns the
+    bucket's name and the replies of ``reads``."""
+    name, _ = current_bucket(ttl_ms, now_ms)
+    key = _bucket_key(topic, partition, name)
+    units = list(dict.fromkeys(u for u, _ in exposing))
+    if not packs(r):
+        return name, _record_pipeline(r, key, topic, partition, exposing, ttl_ms, now_ms, view,
+                                      units, reads)
+    w = view.watch if view.watch is not None and view.watch.conn is not None else Watch(r)
+    try:
+        prior = w.prior(name, units)
+        for _ in range(MAX_ATTEMPTS):
+            if prior is None:  # (re)read under WATCH: a refused EXEC, another bucket
+                got = send_raw(w.conn, [("WATCH", key), ("HMGET", key, *units)])
+                if isinstance(got[1], Exception):
+                    raise got[1]
+                w.read(name, units, got[1])
+                prior = w.fields
+            p = Reads(r, w.conn).add("MULTI")
+            add_writes(p, topic, partition, exposing, ttl_ms, now_ms, view, prior)
+            n = len(p)
+            p.add("EXEC")
+            reads(p)
+            w.watching = False  # the EXEC ends the WATCH, applied or refused
+            got = p.execute()
+            if got[n] is not None:
+                return name, got[n + 1:]
+            prior = None
+        raise IndexContention(f"routing index {key}: changed under {MAX_ATTEMPTS} merges")
+    finally:
+        w.release()
+
+
+class _Queued:
+    """``add`` onto a redis-py pipeline (``add_writes``'s interface)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def add(self, *args: Any) -> _Queued:
+        self.pipe.execute_command(*args)
+        return self
+
+
+def _record_pipeline(r: Any, key: str, topic: str, partition: int,
+                     exposing: dict[tuple[str, str], str], ttl_ms: int, now_ms: int,
+                     view: IndexView, units: list[str], reads: Callable[[Any], None]) -> list:
+    """``record`` through redis-py (a Redis Cluster, a client that decodes):
+    WATCH, HMGET, MULTI/EXEC on the node of the bucket's slot (the bucket
+    and the registry share it, ``{x:<src>}``), then ``reads`` in a round
+    trip of their own (their keys lie in many slots)."""
+    from redis.cluster import RedisCluster
+
+    node = (r.get_redis_connection(r.get_node_from_key(key)) if isinstance(r, RedisCluster)
+            else r)
+    with node.pipeline(transaction=True) as pipe:
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                pipe.watch(key)
+                got = pipe.hmget(key, units)
+                pipe.multi()
+                add_writes(_Queued(pipe), topic, partition, exposing, ttl_ms, now_ms, view,
+                           {u: _str(v) for u, v in zip(units, got, strict=True)})
+                pipe.execute()
+                break
+            except WatchError:
+                continue
+        else:
+            raise IndexContention(f"routing index {key}: changed under {MAX_ATTEMPTS} merges")
+    p = Reads(r)
+    reads(p)
+    return p.execute()
 
 
 def _rank(marker: str) -> int:
@@ -306,8 +425,6 @@ def read_index(r: Any, topic: str, partition: int, units: Sequence[str], eids: S
     (and every experiment of a pre-issue-25 key while those are read): two
     round trips, for callers off the batch path (hold expiry, tests)."""
     import time
-
-    from streams.state.wire import Reads
 
     now = int(time.time() * 1000) if now_ms is None else now_ms
     view = read_view(r, topic, partition, now)
