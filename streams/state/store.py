@@ -71,7 +71,10 @@ notes below give the value formats.
    running experiment (2 × the longest W + H + L; ``Ingestor.index_ttl``)
    after its end, so an entry outlives each of its experiments' horizons
    after the unit's last exposure to it (issue 24, defect 4); the TTL is in
-   the bucket's name, so no expiry moves earlier. A delete removes the
+   the bucket's name, so no expiry moves earlier. Writers merge a unit's
+   field under WATCH of the bucket, in MULTI/EXEC (``unit_index.Watch``,
+   ``record``): index writes are not fenced, and a stale owner's merge
+   must not drop the new owner's entries. A delete removes the
    experiment's entries (``streams.state.registry.delete_state``). Older
    versions kept a hash per unit (``keys.unit_index_key``), read as a
    fallback for one TTL after the upgrade.
@@ -967,7 +970,7 @@ def route_rows(
 
     * exposures (variant in the config, not ``too_old``) record the unit's
       first exposure position in the partition's routing index
-      (``streams.state.unit_index``, HSETNX). The exposure
+      (``streams.state.unit_index``, merged under WATCH). The exposure
       whose position is the recorded one releases the unit's held metrics
       without experiment_id that arrived before it;
     * metrics without experiment_id go to every experiment whose recorded
@@ -1128,19 +1131,25 @@ def _index_round_trip(r: Any, units: list[str], exposing: dict[tuple[str, str], 
                       ) -> list[tuple[dict[str, str], dict]]:
     """Record the exposures' positions, then read the index and the held
     metrics of ``units``, in one round trip of plain commands (no script):
-    one HSET of the exposed units' fields of the partition's current index
-    bucket that gain an experiment (merged into their values there, which
-    ``partition_start`` read: the first position wins; a replay writes
-    nothing new), one PEXPIREAT for the bucket (``unit_index.add_writes``),
+    in MULTI/EXEC under WATCH of the partition's current index bucket
+    (``unit_index.record``: a merge another writer overtook is refused and
+    done again), one HSET of the exposed units' fields there that gain an
+    experiment (merged into their values there, which ``partition_start``
+    read: the first position wins; a replay writes nothing new), one
+    PEXPIREAT for the bucket (``unit_index.add_writes``),
     then per live bucket one HMGET of ``units``' fields (``eids``: the
     experiments kept) and per unit HGETALL of its held metrics. Writes
     before reads, so the reads show this batch's exposures, on the first run
     and on a replay alike. ``view``: the partition's buckets
-    (``partition_start``); None: read first, in a round trip of its own, as
-    the exposed units' current fields when ``view`` lacks them.
+    (``partition_start``, which WATCHed the current bucket and read the
+    exposed units' fields there on a packed client); None: read first, in a
+    round trip of its own, as the exposed units' fields (under WATCH) when
+    ``view`` holds no ``Watch`` of the current bucket. On a redis-py client
+    the reads follow the EXEC in a round trip of their own.
 
     Why buckets and not a key per unit (before issue 25): the partition's
-    owner is the only writer of its units' entries, so they can share keys;
+    owner writes its units' entries (a stale owner's merge is refused by the
+    WATCH, not fenced), so they can share keys;
     a batch then pays one PEXPIREAT per bucket instead of one per exposed
     unit and Redis creates no key per unit (docs/performance.md).
 

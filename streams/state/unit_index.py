@@ -20,10 +20,13 @@ per (unit, experiment): a metric without experiment_id looks its unit up in
 every live bucket, one field each whatever the number of running
 experiments (a field per pair made it units x experiments x buckets fields,
 ~6 us/event of Redis CPU more than a key per unit at 50 experiments). The
-owner, the partition's only writer, merges: it reads the current bucket's
+owner, the partition's writer (but for a stale owner finishing a batch
+after a rebalance, and a delete), merges: it reads the current bucket's
 fields of the batch's exposed units with the batch's first reads
-(``add_current_read``, ``store.partition_start``) and sends one HSET of the
-fields that gain an experiment (an experiment already in the field keeps its
+(``add_current_read``, ``store.partition_start``), WATCHing the bucket there,
+and sends in MULTI/EXEC on the same connection (``record``, ``Watch``: the
+index writes are not fenced, and a stale owner's merge must not overwrite
+the new owner's) one HSET of the fields that gain an experiment (an experiment already in the field keeps its
 position: the first one recorded in the bucket wins; a replay writes
 nothing) and ONE PEXPIREAT ``start + width + ttl`` for the bucket. So an entry lives at least
 ``ttl`` after the unit's last exposure to the experiment (each exposure
