@@ -26,9 +26,10 @@ fields of the batch's exposed units with the batch's first reads
 (``add_current_read``, ``store.partition_start``), WATCHing the bucket there,
 and sends in MULTI/EXEC on the same connection (``record``, ``Watch``: the
 index writes are not fenced, and a stale owner's merge must not overwrite
-the new owner's) one HSET of the fields that gain an experiment (an experiment already in the field keeps its
-position: the first one recorded in the bucket wins; a replay writes
-nothing) and ONE PEXPIREAT ``start + width + ttl`` for the bucket. So an entry lives at least
+the new owner's) one HSET of the fields that gain an experiment (an
+experiment already in the field keeps its position: the first one recorded
+in the bucket wins; a replay writes nothing) and ONE PEXPIREAT
+``start + width + ttl`` for the bucket. So an entry lives at least
 ``ttl`` after the unit's last exposure to the experiment (each exposure
 writes the field into the current bucket), as the per-unit PEXPIRE
 guaranteed, and at most ``width`` longer. The TTL is in the key name: a
