@@ -455,3 +455,30 @@ def test_defect_concurrent_index_writers_never_drop_an_entry(redis_url, packed):
     clients = clients if isinstance(clients, str) else clients.decode()
     assert " watch=" not in clients or clients.count(" watch=0") == clients.count(" watch=")
     r.close()
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "redis-py"])
+def test_a_merge_overtaken_every_time_gives_up_with_a_clear_error(redis_url, packed,
+                                                                   monkeypatch):
+    """Another writer changes the bucket between every read and EXEC: the
+    merge is tried ``MAX_ATTEMPTS`` times, then ``IndexContention``, and
+    nothing of it was written."""
+    from streams.state import unit_index
+    from streams.state.store import _index_round_trip
+
+    r = redis.Redis.from_url(redis_url, decode_responses=not packed)
+    r.flushall()
+    real, tries = unit_index.add_writes, []
+
+    def overtaken(p, topic, partition, *args):
+        name = real(p, topic, partition, *args)
+        r.hset(unit_index._bucket_key(topic, partition, name), "other", "x t|0|1")
+        tries.append(name)
+        return name
+
+    monkeypatch.setattr(unit_index, "add_writes", overtaken)
+    with pytest.raises(unit_index.IndexContention):
+        _index_round_trip(r, [], {("u", "a"): 5}, "t", 0, 60_000, None, ["a"])
+    assert len(tries) == unit_index.MAX_ATTEMPTS
+    assert r.hget(unit_index._bucket_key("t", 0, tries[0]), "u") is None
+    r.close()
