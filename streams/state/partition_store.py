@@ -57,7 +57,15 @@ from streams.state import keys as rk
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
-from streams.state.store import UNCHECKED, Fenced, as_bytes, decode_unit, encode_units
+from streams.state.store import (
+    UNCHECKED,
+    Fenced,
+    as_bytes,
+    decode_unit,
+    encode_units,
+    pack_tails,
+    tail_counts,
+)
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
@@ -348,7 +356,7 @@ def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
     """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
     (store.py notes 3, 7, 9, 10: cells ``<metric>|<variant>|<stratum>``, age
     cells ``a|<metric>|<variant>|<fine>``, tail counts
-    ``t|<metric>|<variant>|<bucket>``, ``act_sum:<stratum>`` and
+    ``t|<metric>|<variant>`` (packed: ``store.pack_tails``), ``act_sum:<stratum>`` and
     not ``max_ts``, which goes to meta ``max_ts:<src>`` (an integer the
     overview reads with the rest of meta); floats as ``repr``, which
     round-trips a double): what the owner HSETs, as absolute values.
@@ -365,9 +373,8 @@ def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
                 for (m, vi, f) in ak})
     out.update({f"act_sum:{s}": repr(acts[s]) for s in sk})
     tails = shard.tails
-    tk = shard.touched_tails if touched else [
-        (m, vi, b) for (m, vi), d in tails.items() for b in d]
-    out.update({f"t|{m}|{variants[vi]}|{b}": str(tails[(m, vi)][b]) for (m, vi, b) in tk})
+    tk = {(m, vi) for (m, vi, _) in shard.touched_tails} if touched else tails.keys()
+    out.update({f"t|{m}|{variants[vi]}": pack_tails(tails[(m, vi)]) for (m, vi) in tk})
     return out
 
 
@@ -818,12 +825,16 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if clk0 is not None:
         st.clk[src] = clk0
     clk = clk_end if clk0 is None or clk_end > clk0 else clk0
+    legacy_tails: list[str] = []
     if cached_shard is not None:  # as the owner's last commit left it
         shard = st.shards[src] = cached_shard
     else:
         shard = st._shard(src)
-        _load_shard(st, shard, shard_raw)
+        legacy_tails = _load_shard(st, shard, shard_raw)
     shard.untouch()
+    for f in legacy_tails:  # the older layout: rewritten packed (below), deleted
+        _, m, var, b_ = f.split("|")
+        shard.touched_tails.add((m, st.variants.index(var), int(b_)))
     shard.max_ts = None if max_raw is None else int(max_raw)
     max_ts0 = shard.max_ts
 
@@ -986,6 +997,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hset", k.meta, "retired_cap", ret.cap_found)
     # the shard fields the rules changed, absolute (the tail counts among
     # them: one HSET instead of one HINCRBY per bucket moved)
+    if legacy_tails:
+        w.add("hdel", shard_k, *legacy_tails)
     put_shard(w, eid, src, shard_mapping(st, shard, touched=True))
     for s_, row in enumerate(st.arrivals):
         for b, n in row.items():
@@ -1387,17 +1400,22 @@ def _decode_held(raw: bytes) -> list[tuple[int, int, float]]:
     return out
 
 
-def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
-    """Fill a working shard from its Redis hash (``shard_mapping``'s inverse)."""
+def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> list[str]:
+    """Fill a working shard from its Redis hash (``shard_mapping``'s inverse);
+    returns the tail fields of the older layout (a field per bucket, store.py
+    note 10) it read, which the next commit packs and deletes."""
     vindex = {v: i for i, v in enumerate(st.variants)}
+    legacy = []
     for a, b in raw.items():
         f = a.decode() if isinstance(a, bytes) else a
         v = b.decode() if isinstance(b, bytes) else b
         if f.startswith("act_sum:"):
             shard.activity_sum[int(f[8:])] = float(v)
-        elif f.startswith("t|"):  # a tail count (store.py note 10)
-            _, m, var, b_ = f.split("|")
-            shard.tails.setdefault((m, vindex[var]), {})[int(b_)] = int(v)
+        elif f.startswith("t|"):  # tail counts (store.py note 10)
+            for m, var, b_, n in tail_counts(f, v):
+                shard.tails.setdefault((m, vindex[var]), {})[b_] = n
+            if f.count("|") == 3:
+                legacy.append(f)
         elif f.startswith("a|"):
             _, m, var, fs = f.split("|")
             xs = v.split(" ")
@@ -1408,6 +1426,7 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
             # the 8 values, then a metric kind's extra ones (issue 26)
             shard.cells[(m, vindex[var], int(s_))] = [int(xs[0]), float(xs[1]), float(xs[2]),
                                                       int(xs[3]), *map(float, xs[4:])]
+    return legacy
 
 
 def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:

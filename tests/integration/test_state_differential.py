@@ -76,6 +76,7 @@ from streams.state.store import (
     read_snapshot,
     read_units,
     route_rows,
+    tail_counts,
 )
 from tests.support.streaming_harness import bits
 
@@ -689,13 +690,56 @@ def _to_older_state(r, eid: str, three: bool = False) -> None:
     for s_ in sorted(r.smembers(shards_key(eid))):
         for f, v in r.hgetall(shard_key(eid, s_.decode())).items():
             if f.startswith(b"t|"):  # the tail counts: the tails hash, HINCRBY'd
-                r.hincrby(tails_key(eid), f[2:], int(v))
+                for m, var, b, n in tail_counts(f.decode(), v.decode()):
+                    r.hincrby(tails_key(eid), f"{m}|{var}|{b}", n)
             elif f == b"max_ts" or f.startswith(b"act_sum:"):
                 r.hset(meta_key(eid), f, v)
             else:
                 r.hset(base, f, b" ".join(v.split(b" ")[:3]) if three else v)
         r.delete(shard_key(eid, s_.decode()))
     r.delete(shards_key(eid))
+
+
+def _shard_tails(r, eid: str, source: str) -> dict[tuple[str, str, int], int]:
+    """A shard's tail counts, (metric, variant, bucket) -> count, whatever
+    the layout of its ``t|`` fields (store.py note 10)."""
+    return {(m, var, b): n for f, v in r.hgetall(shard_key(eid, source)).items()
+            if f.startswith(b"t|") for m, var, b, n in tail_counts(f.decode(), v.decode())}
+
+
+def _to_tail_field_per_bucket(r, eid: str) -> None:
+    """Turn the shards' packed tail counts into the layout owners wrote
+    before the packing: a field ``t|<metric>|<variant>|<bucket>`` per count."""
+    for s_ in r.smembers(shards_key(eid)):
+        key = shard_key(eid, s_.decode())
+        for f, v in r.hgetall(key).items():
+            if f.startswith(b"t|") and f.count(b"|") == 2:
+                r.hdel(key, f)
+                for m, var, b, n in tail_counts(f.decode(), v.decode()):
+                    r.hset(key, f"t|{m}|{var}|{b}", n)
+
+
+def test_tail_field_per_bucket_is_read_and_packed(fresh):
+    """Migration: shards whose tail counts are a field per bucket (owners
+    before the packing) read as before, and the owner's next commit writes
+    them packed (``t|<metric>|<variant>``) and deletes the older fields, a
+    bucket whose count moves included (a correction) and one that does not."""
+    c = _cfg()
+    both = Both(fresh, [c])
+    both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _x("y", "v", 12_000)])  # u folds
+    before = read_snapshot(fresh, c).tails
+    _to_tail_field_per_bucket(fresh, "e1")
+    old = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert old and all(f.count(b"|") == 3 for f in old)
+    assert read_snapshot(fresh, c).tails == before
+    both.check()
+    both.batch(0, [_m("b", "u", 9_000, 1000.0), _x("z", "w", 13_000),
+                   _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
+    both.check()
+    fields = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert fields and all(f.count(b"|") == 2 for f in fields)
+    got = both.red.states["e1"].snapshot().tails["rev"][0]
+    assert sum(got.values()) == 3 and got == read_snapshot(fresh, c).tails["rev"][0]
 
 
 def test_state_from_before_covariates_is_read(fresh):
@@ -738,8 +782,7 @@ def test_tail_counts_from_the_tails_hash_continue(fresh):
                    _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
     both.check()
     assert fresh.hgetall(tails_key("e1")) == old
-    shard_tails = {f: int(v) for f, v in fresh.hgetall(shard_key("e1", src(0))).items()
-                   if f.startswith(b"t|")}
+    shard_tails = _shard_tails(fresh, "e1", src(0))
     assert -1 in shard_tails.values()
     got = both.red.states["e1"].snapshot().tails["rev"][0]
     assert sum(got.values()) == 3 and got == read_snapshot(fresh, c).tails["rev"][0]
@@ -1227,10 +1270,9 @@ def test_conversion_flips_and_cap_crossings_through_redis(fresh):
     assert both.red.states["e1"].counters["corrected"] == 4
     from kernels.tail import tail_bucket
     assert read_snapshot(fresh, c).tails["rev"] == [{tail_bucket(3.0): 1}, {}]
-    raw = {k.decode(): int(v) for k, v in fresh.hgetall(shard_key("e1", src(0))).items()
-           if k.startswith(b"t|")}  # the source's counts, absolute, in its shard
-    assert raw[f"t|rev|control|{tail_bucket(3.0)}"] == 1
-    assert raw[f"t|rev|control|{tail_bucket(4.0)}"] == 0  # moved away: read as none
+    raw = _shard_tails(fresh, "e1", src(0))  # the source's counts, absolute, in its shard
+    assert raw[("rev", "control", tail_bucket(3.0))] == 1
+    assert raw[("rev", "control", tail_bucket(4.0))] == 0  # moved away: read as none
     assert not fresh.exists("lr:{e:e1}:tails")  # the older hash is no longer written
 
 
