@@ -832,9 +832,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         shard = st._shard(src)
         legacy_tails = _load_shard(st, shard, shard_raw)
     shard.untouch()
-    for f in legacy_tails:  # the older layout: rewritten packed (below), deleted
-        _, m, var, b_ = f.split("|")
-        shard.touched_tails.add((m, st.variants.index(var), int(b_)))
     shard.max_ts = None if max_raw is None else int(max_raw)
     max_ts0 = shard.max_ts
 
@@ -997,8 +994,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hset", k.meta, "retired_cap", ret.cap_found)
     # the shard fields the rules changed, absolute (the tail counts among
     # them: one HSET instead of one HINCRBY per bucket moved)
-    if legacy_tails:
-        w.add("hdel", shard_k, *legacy_tails)
     put_shard(w, eid, src, shard_mapping(st, shard, touched=True))
     for s_, row in enumerate(st.arrivals):
         for b, n in row.items():
@@ -1030,6 +1025,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # readers see a change (dirty_seq) when events or dead letters were
     # applied or settling did work; a clock that moved alone is no news
     dirty = bool(todo) or dl_hi is not None or len(w) > 0
+    if legacy_tails:  # after ``dirty``: converting an older layout is no news
+        _pack_legacy_tails(w, st, shard, shard_k, legacy_tails)
     clk1 = st.clk.get(src)
     if clk1 is not None and clk1 != clk0:
         w.add("hset", k.meta, f"clk:{src}", clk1)
@@ -1398,6 +1395,21 @@ def _decode_held(raw: bytes) -> list[tuple[int, int, float]]:
         mi, ts, v = _HELD.unpack_from(raw, j)
         out.append((mi - 1, int(ts), v))
     return out
+
+
+def _pack_legacy_tails(w: WriteSet, st: ExperimentState, shard: Shard, key: str,
+                       legacy: list[str]) -> None:
+    """Queue the deletion of a shard's tail fields of the older layout (a
+    field per bucket, store.py note 10) and the packed fields of their
+    (metric, variant)s that ``shard_mapping`` did not write this call (it
+    wrote those the rules touched, whole)."""
+    w.add("hdel", key, *legacy)
+    done = {(m, vi) for m, vi, _ in shard.touched_tails}
+    pairs = {(m, st.variants.index(var)) for _, m, var, _ in (f.split("|") for f in legacy)}
+    rest = sorted(pairs - done)
+    if rest:
+        w.add("hset", key, mapping={f"t|{m}|{st.variants[vi]}": pack_tails(shard.tails[(m, vi)])
+                                    for m, vi in rest})
 
 
 def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> list[str]:

@@ -726,13 +726,18 @@ def test_tail_field_per_bucket_is_read_and_packed(fresh):
     bucket whose count moves included (a correction) and one that does not."""
     c = _cfg()
     both = Both(fresh, [c])
-    both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _x("y", "v", 12_000)])  # u folds
-    before = read_snapshot(fresh, c).tails
+    rows = both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _x("y", "v", 12_000)])
+    before = read_snapshot(fresh, c).tails  # u folded
     _to_tail_field_per_bucket(fresh, "e1")
     old = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
     assert old and all(f.count(b"|") == 3 for f in old)
     assert read_snapshot(fresh, c).tails == before
     both.check()
+    both.replay(0, rows)  # packs them, and that is no news: dirty_seq stays
+    fields = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert fields and all(f.count(b"|") == 2 for f in fields)
+    assert read_snapshot(fresh, c).tails == before
+    _to_tail_field_per_bucket(fresh, "e1")
     both.batch(0, [_m("b", "u", 9_000, 1000.0), _x("z", "w", 13_000),
                    _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
     both.check()
