@@ -13,18 +13,23 @@ depends on this file alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
-#: ``$<n>\r\n`` for the lengths that repeat (ids, keys, records)
-_HEADS: Final[list[bytes]] = [b"$%d\r\n" % n for n in range(4096)]
-#: ``*<n>\r\n`` for the commands' argument counts
-_STARS: Final[list[bytes]] = [b"*%d\r\n" % n for n in range(4096)]
+#: ``\r\n$<n>\r\n``: an argument's header, with the CRLF that ends the
+#: argument before it (two pieces an argument to join, not three)
+_HEADS: Final[list[bytes]] = [b"\r\n$%d\r\n" % n for n in range(4096)]
+#: ``*<n>``, a command's first piece (its CRLF comes with its first argument)
+_STARS: Final[list[bytes]] = [b"*%d" % n for n in range(64)]
+#: ... after another command's last argument
+_NEXT_STARS: Final[list[bytes]] = [b"\r\n*%d" % n for n in range(64)]
 _CRLF: Final = b"\r\n"
 
 
-def _head(n: int) -> bytes:
-    """``$<n>\\r\\n``, cached below 4096."""
-    return _HEADS[n] if n < 4096 else b"$%d\r\n" % n
+def _star(n: int, after: bool) -> bytes:
+    """A command's ``*<n>``, after a command whose last argument it ends."""
+    if n < 64:
+        return _NEXT_STARS[n] if after else _STARS[n]
+    return b"\r\n*%d" % n if after else b"*%d" % n
 
 
 def pack(cmds: Sequence[tuple], other: Callable[[tuple], bytes]) -> bytes:
@@ -33,24 +38,32 @@ def pack(cmds: Sequence[tuple], other: Callable[[tuple], bytes]) -> bytes:
     other type (a float, a bool) by ``other`` (``hiredis.pack_command``,
     which packs floats as it always did and refuses the rest)."""
     parts: list[bytes] = []
+    owed = False  # whether the last piece is an argument, its CRLF not yet there
     for c in cmds:
         mark = len(parts)
-        n = len(c)
-        parts.append(_STARS[n] if n < 4096 else b"*%d\r\n" % n)
+        parts.append(_star(len(c), owed))
         for a in c:
             if isinstance(a, str):
                 b = a.encode()
             elif isinstance(a, bytes):
                 b = a
-            elif type(a) is int:
-                b = str(a).encode()
+            elif type(a) is int:  # not a bool (hiredis refuses those)
+                b = b"%d" % cast(int, a)
             else:
                 del parts[mark:]
+                if owed:
+                    parts.append(_CRLF)
                 parts.append(other(c))
                 break
-            parts.append(_head(len(b)))
+            n = len(b)
+            parts.append(_HEADS[n] if n < 4096 else b"\r\n$%d\r\n" % n)
             parts.append(b)
-            parts.append(_CRLF)
+        else:
+            owed = True
+            continue
+        owed = False
+    if owed:
+        parts.append(_CRLF)
     return b"".join(parts)
 
 
