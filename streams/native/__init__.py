@@ -33,6 +33,8 @@ from typing import Any
 #: The modules compiled, and the project modules each one imports (hashed with it).
 MODULES: dict[str, tuple[str, ...]] = {
     "streams.state.semantics": ("schemas.records", "kernels.tail", "streams.state.retired_filter"),
+    "schemas.validate": ("schemas.records",),
+    "kernels.tail": (),
 }
 
 #: Set to ``1`` to run every module of ``MODULES`` as pure Python.
