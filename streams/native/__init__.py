@@ -35,6 +35,9 @@ MODULES: dict[str, tuple[str, ...]] = {
     "streams.state.semantics": ("schemas.records", "kernels.tail", "streams.state.retired_filter"),
     "schemas.validate": ("schemas.records",),
     "kernels.tail": (),
+    "streams.ingest.ingestor": ("schemas.contracts", "schemas.records", "schemas.validate",
+                                "streams.state.keys", "streams.state.partition_store",
+                                "streams.state.registry", "streams.state.store"),
 }
 
 #: Set to ``1`` to run every module of ``MODULES`` as pure Python.
