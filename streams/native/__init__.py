@@ -38,6 +38,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "streams.ingest.ingestor": ("schemas.contracts", "schemas.records", "schemas.validate",
                                 "streams.state.keys", "streams.state.partition_store",
                                 "streams.state.registry", "streams.state.store"),
+    "streams.state.unit_records": ("schemas.records", "streams.state.semantics"),
 }
 
 #: Set to ``1`` to run every module of ``MODULES`` as pure Python.
