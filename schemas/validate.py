@@ -48,7 +48,7 @@ import math
 import numbers
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
@@ -393,38 +393,35 @@ _FastPre = Annotated[dict[str, _FastValue], msgspec.Meta(max_length=PRE_MAX_ENTR
 
 # gc=False: a decoded event lives for one call and holds only str, int,
 # float and a dict of floats, so it can be in no reference cycle; the
-# collector need not track (and, while it is alive, scan) it. Made with
-# ``defstruct``, not class statements: mypyc (``streams.native`` compiles this
-# module) drops a class statement's keywords (python/mypy#21938), the tags with them.
-_STRUCT_OPTIONS: dict[str, Any] = {"tag_field": "type", "forbid_unknown_fields": True,
-                                   "gc": False}
-_FastExposure: Any = msgspec.defstruct("_FastExposure", [
-    ("event_id", str),  # ids and names: checked after the decode (a msgspec pattern
-    ("experiment_id", str),  # runs Python's re on every string, ~0.5 µs each)
-    ("unit_id", str),
-    ("variant", str),
-    ("ts", _FastTs),
-    ("pre_activity", Annotated[float, msgspec.Meta(ge=0, le=PRE_ACTIVITY_MAX)] | None, None),
-    ("pre", _FastPre | None, None),  # keys: checked after the decode, as names
-    ("schema_version", Literal[1] | None, None),  # SCHEMA_VERSION
-], tag="exposure", module=__name__, **_STRUCT_OPTIONS)
-_FastMetric: Any = msgspec.defstruct("_FastMetric", [
-    ("event_id", str),
-    ("unit_id", str),
-    ("metric", str),
-    ("value", _FastValue),
-    ("ts", _FastTs),
-    ("experiment_id", str | None, None),
-    ("schema_version", Literal[1] | None, None),
-], tag="metric", module=__name__, **_STRUCT_OPTIONS)
+# collector need not track (and, while it is alive, scan) it
+class _FastExposure(msgspec.Struct, tag="exposure", tag_field="type", forbid_unknown_fields=True,
+                    gc=False):
+    event_id: str  # ids and names: checked after the decode (a msgspec pattern
+    experiment_id: str  # runs Python's re on every string, ~0.5 µs each)
+    unit_id: str
+    variant: str
+    ts: _FastTs
+    pre_activity: Annotated[float, msgspec.Meta(ge=0, le=PRE_ACTIVITY_MAX)] | None = None
+    pre: _FastPre | None = None  # keys: checked after the decode, as names
+    schema_version: Literal[1] | None = None  # SCHEMA_VERSION
+
+
+class _FastMetric(msgspec.Struct, tag="metric", tag_field="type", forbid_unknown_fields=True,
+                  gc=False):
+    event_id: str
+    unit_id: str
+    metric: str
+    value: _FastValue
+    ts: _FastTs
+    experiment_id: str | None = None
+    schema_version: Literal[1] | None = None
 
 
 #: Unknown fields are allowed by the contract but refused here: msgspec skips
 #: an unknown field's value without the checks orjson makes (a number literal
 #: that overflows a double, an int beyond 64 bits), so an event with extra
 #: fields takes the reference path and gets its verdict.
-_FAST_DECODE: Callable[[bytes], Any] = msgspec.json.Decoder(
-    _FastExposure | _FastMetric).decode
+_FAST_DECODE = msgspec.json.Decoder(_FastExposure | _FastMetric).decode
 _FAST_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
@@ -837,11 +834,6 @@ def _age_edges_s(cfg: ExperimentConfig) -> tuple[int, ...]:
     return tuple(sorted({int(e) for e in bins if 0 < int(e) < cfg.window_seconds}))
 
 
-_CONFIG_FIELDS: Any = ExperimentConfig.__dataclass_fields__
-_DEFAULT_VARIANTS: tuple[str, ...] = _CONFIG_FIELDS["variants"].default
-_DEFAULT_CONTROL: str = _CONFIG_FIELDS["control"].default
-
-
 def parse_experiment(
     raw_or_dict: bytes | bytearray | memoryview | str | Mapping[str, Any] | ExperimentConfig,
 ) -> ExperimentConfig:
@@ -882,11 +874,11 @@ def parse_experiment(
             _cfg(f"'variants' has duplicates: {dup}", "variants")
         kw["variants"] = variants
     else:
-        variants = _DEFAULT_VARIANTS
+        variants = ExperimentConfig.__dataclass_fields__["variants"].default
     if (v := opt("control")) is not _MISSING:
         kw["control"] = control = _cfg_name(v, "control")
     else:
-        control = _DEFAULT_CONTROL
+        control = ExperimentConfig.__dataclass_fields__["control"].default
     if control not in variants:
         _cfg(f"control {control!r} is not among variants {list(variants)}", "control")
 

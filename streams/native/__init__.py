@@ -33,7 +33,6 @@ from typing import Any
 #: The modules compiled, and the project modules each one imports (hashed with it).
 MODULES: dict[str, tuple[str, ...]] = {
     "streams.state.semantics": ("schemas.records", "kernels.tail", "streams.state.retired_filter"),
-    "schemas.validate": ("schemas.records",),
     "kernels.tail": (),
     "streams.ingest.ingestor": ("schemas.contracts", "schemas.records", "schemas.validate",
                                 "streams.state.keys", "streams.state.partition_store",
