@@ -850,6 +850,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # due work at this call's clock: pending entries (rule 5/6), hold expiry
     bound = 4 * owner.cache_units
     idx = pq.PendingIndex.parse(pidx_raw)
+    if pc is not None and (idx is None or idx.text() != pc.text):
+        pc = None  # not what this owner committed last: read them again
     want = cache is not None and not cache.pending_off
     # every pending entry read: to load the owner's copy, or to convert the
     # layout (an owner without the copy writes the sorted set)

@@ -100,7 +100,8 @@ def _state(r: redis.Redis, fences: bool = True) -> dict:
     fences unless ``fences``: their commit sequences count commits of every
     incarnation; the dedupe sightings as what they hold: an owner with its
     copy of them packs them, one without writes them per id,
-    ``SeenBuckets``; the pending entries as what they are) and e1's field of every unit's routing index."""
+    ``SeenBuckets``; the pending entries as what they are) and e1's field of every
+    unit's routing index."""
     fence = rk.experiment_key("e1", "fence:").encode()
     seen = rk.experiment_key("e1", "seen:").encode()
     # the pending buckets as what they hold too (their fields are named by
