@@ -872,7 +872,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         for uid, e in entries.items():  # the scores Redis holds
             e.pend = everything.get(uid)
         if want and len(everything) <= bound:
-            pc = PendingCopy(everything, idx.w if idx is not None else max(st.W, 1), idx)
+            pc = PendingCopy(everything, idx.w if idx is not None else _pending_width(st), idx)
             everything = None
         elif cache is not None:
             cache.pending_off = True  # too many to keep: the sorted set
@@ -1139,6 +1139,14 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
             **{c: n for c, n in st.counters.items() if n}}
+
+
+def _pending_width(st: ExperimentState) -> int:
+    """The bucket width of a source's pending entries (chosen once, kept in
+    its index): scores lie within about W + H of the clock (a close up to
+    W ahead, a folded unit's close + H), so about four to six buckets live
+    and the index stays short, while a bucket left empty goes whole."""
+    return max((st.W + st.H) // 4, 1)
 
 
 def _queue_entries(p: Reads, pend_k: str, eid: str, src: str,
