@@ -195,8 +195,9 @@ def test_conversion_refused_with_its_commit(fresh):
 
 
 def test_readers_and_conclusion_find_the_buckets(fresh):
-    """``due_to_settle`` sees a due entry in the buckets (the index's
-    smallest score), and conclusion deletes every bucket and the index."""
+    """``due_to_settle`` and the overview's first maturity see the entries
+    in the buckets (the index's smallest score), and conclusion deletes every
+    bucket and the index."""
     from streams.sampling.sampler import conclude
 
     run = _Run(fresh, 10_000)
@@ -207,6 +208,9 @@ def test_readers_and_conclusion_find_the_buckets(fresh):
     L = 1000
     assert due_to_settle(fresh, [run.cfg], TOPIC, 0, T0 + 10_000 + L) == [run.cfg]
     assert due_to_settle(fresh, [run.cfg], TOPIC, 0, T0 + 9_999 + L) == []
+    from streams.service.overview import _first_maturity
+
+    assert _first_maturity(fresh, [run.cfg], [[SRC]]) == [T0 + 10_000 + L]
     assert fresh.keys(rk.pending_key("e1", SRC) + ":*")
     conclude(fresh, run.cfg)
     assert fresh.keys(rk.pending_key("e1", SRC) + "*") == []
