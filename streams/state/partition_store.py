@@ -868,11 +868,12 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     due_held = due_got[-1]
     everything: dict[str, int] | None = None
     if full_pend:
-        everything = _entries(sight_got[n_sight:n_sight + n_ent], idx)
+        everything, logged = _entries(sight_got[n_sight:n_sight + n_ent], idx)
         for uid, e in entries.items():  # the scores Redis holds
             e.pend = everything.get(uid)
         if want and len(everything) <= bound:
-            pc = PendingCopy(everything, idx.w if idx is not None else _pending_width(st), idx)
+            pc = PendingCopy(everything, idx.w if idx is not None else _pending_width(st), idx,
+                             logged)
             everything = None
         elif cache is not None:
             cache.pending_off = True  # too many to keep: the sorted set
@@ -1161,16 +1162,16 @@ def _queue_entries(p: Reads, pend_k: str, eid: str, src: str,
     return len(idx.starts)
 
 
-def _entries(got: Sequence[Any], idx: pq.PendingIndex | None) -> dict[str, int]:
-    """``_queue_entries``'s replies as unit id -> score."""
+def _entries(got: Sequence[Any], idx: pq.PendingIndex | None
+             ) -> tuple[dict[str, int], dict[int, int]]:
+    """``_queue_entries``'s replies as unit id -> score, and each bucket's
+    log records (bucket start -> records; none for the sorted set)."""
     out: dict[str, int] = {}
     if idx is None:
         for m, sc in got[0]:
             out[_text(m)] = int(sc)
-        return out
-    for h in got:
-        pq.replay(h, out)
-    return out
+        return out, {}
+    return out, {a: pq.replay(h, out) for a, h in zip(idx.starts, got, strict=True)}
 
 
 def _to_zset(w: WriteSet, eid: str, src: str, idx: pq.PendingIndex,
@@ -1221,23 +1222,27 @@ class PendingCopy:
     """The owner's copy of every pending entry of its source partition
     (``streams.state.pending``: the bucket layout), so that no call reads
     the due entries or a unit's score from Redis, and each commit writes
-    per bucket one packed field of the entries added and one of those gone.
+    per bucket one packed field of the entries added and one of those gone
+    (or, past ``pending.compact_at``, the bucket's live entries as one).
 
     ``d``: unit id -> score (the truth); ``heap``: (score, unit id bytes,
     unit id), the rules' order, with stale entries (skipped) where ``d``
-    moved on; ``counts``: entries per bucket start; ``listed``: the buckets
-    Redis holds; ``fresh``: Redis holds none of it yet (the older layout,
-    the sorted set, is converted by this call's commit)."""
+    moved on; ``members``: bucket start -> its entries (what a compaction
+    writes); ``logged``: bucket start -> the records its log in Redis holds;
+    ``listed``: the buckets Redis holds; ``fresh``: Redis holds none of it
+    yet (the older layout, the sorted set, is converted by this call's
+    commit)."""
 
-    def __init__(self, entries: dict[str, int], w: int, idx: pq.PendingIndex | None) -> None:
+    def __init__(self, entries: dict[str, int], w: int, idx: pq.PendingIndex | None,
+                 logged: dict[int, int]) -> None:
         self.d = entries
         self.w = w
         self.heap = [(sc, u.encode("utf-8"), u) for u, sc in entries.items()]
         heapq.heapify(self.heap)
-        self.counts: dict[int, int] = {}
-        for sc in entries.values():
-            a = sc - sc % w
-            self.counts[a] = self.counts.get(a, 0) + 1
+        self.members: dict[int, dict[str, int]] = {}
+        for u, sc in entries.items():
+            self.members.setdefault(sc - sc % w, {})[u] = sc
+        self.logged = logged
         self.fresh = idx is None
         self.listed: set[int] = set() if idx is None else set(idx.starts)
         self.text: str | None = None if idx is None else idx.text()
@@ -1258,57 +1263,77 @@ class PendingCopy:
         """Apply the call's changes (``before``: the due entries it took;
         ``after``: the rules' pending heap after it) to the copy and queue
         them: per bucket a ``+<seq>`` field (entries added or moved there)
-        and a ``-<seq>`` field (unit ids gone from it); buckets left empty
-        UNLINKed; the index when it changed."""
-        d, counts, wd, heap = self.d, self.counts, self.w, self.heap
+        and a ``-<seq>`` field (unit ids gone from it), or the bucket
+        rewritten whole when its log would pass ``pending.compact_at``;
+        buckets left empty UNLINKed; the index when it changed."""
+        d, members, wd, heap = self.d, self.members, self.w, self.heap
         rem: dict[int, list[str]] = {}
         add: dict[int, dict[str, int]] = {}
         for u in before:
             if u not in after and (old := d.pop(u, None)) is not None:
                 a = old - old % wd
                 rem.setdefault(a, []).append(u)
-                counts[a] -= 1
+                del members[a][u]
         for u, sc in after.items():
             old = d.get(u)
             if old != sc:
                 if old is not None:
                     a = old - old % wd
                     rem.setdefault(a, []).append(u)
-                    counts[a] -= 1
+                    del members[a][u]
                 d[u] = sc
                 a = sc - sc % wd
                 add.setdefault(a, {})[u] = sc
-                counts[a] = counts.get(a, 0) + 1
+                members.setdefault(a, {})[u] = sc
             heapq.heappush(heap, (sc, u.encode("utf-8"), u))
         if self.fresh:  # every entry, in the buckets it falls in
-            add = {}
-            for u, sc in d.items():
-                add.setdefault(sc - sc % wd, {})[u] = sc
+            add = {a: dict(m) for a, m in members.items() if m}
             rem = {}
             w.add("unlink", rk.pending_key(eid, src))
             self.fresh = False
-        gone = [a for a, n in counts.items() if n <= 0]
+        gone = [a for a, m in members.items() if not m]
         for a in gone:
-            del counts[a]
-        for a in sorted(rem.keys() | add.keys()):
-            if a not in counts:
-                continue
-            key = rk.pending_bucket_key(eid, src, a)
-            if a in rem and a in self.listed:
-                w.add("hset", key, f"-{seq}", orjson.dumps(rem[a]))
-            if a in add:
-                w.add("hset", key, f"+{seq}", orjson.dumps(add[a]))
+            del members[a]
+            self.logged.pop(a, None)
+        self._queue_buckets(w, eid, src, seq, rem, add)
         drop = [rk.pending_bucket_key(eid, src, a) for a in gone if a in self.listed]
         if drop:
             w.add("unlink", *drop)
-        self.listed = set(counts)
+        self.listed = set(members)
         while heap and d.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)
         text = pq.PendingIndex(wd, len(d), heap[0][0] if heap else None,
-                               sorted(counts)).text()
+                               sorted(members)).text()
         if text != self.text:
             w.add("hset", rk.meta_key(eid), rk.pending_index_field(src), text)
             self.text = text
+
+    def _queue_buckets(self, w: WriteSet, eid: str, src: str, seq: int,
+                       rem: dict[int, list[str]], add: dict[int, dict[str, int]]) -> None:
+        """Queue each live touched bucket's fields of commit ``seq``; a
+        bucket whose log would pass ``pending.compact_at`` is replaced by its
+        live entries as the one field ``+<seq>`` (UNLINK, then HSET: in the
+        same MULTI/EXEC, so a reader replays either the old log or the new
+        one)."""
+        members, logged = self.members, self.logged
+        for a in sorted(rem.keys() | add.keys()):
+            m = members.get(a)
+            if m is None:
+                continue  # left empty: UNLINKed
+            key = rk.pending_bucket_key(eid, src, a)
+            listed = a in self.listed
+            n = logged.get(a, 0) + len(add.get(a, ())) + (len(rem.get(a, ())) if listed else 0)
+            if n > pq.compact_at(len(m)):
+                if listed:
+                    w.add("unlink", key)
+                w.add("hset", key, f"+{seq}", orjson.dumps(m))
+                logged[a] = len(m)
+                continue
+            if a in rem and listed:
+                w.add("hset", key, f"-{seq}", orjson.dumps(rem[a]))
+            if a in add:
+                w.add("hset", key, f"+{seq}", orjson.dumps(add[a]))
+            logged[a] = n
 
 
 #: the field every sighting bucket is created with (no event id contains

@@ -19,7 +19,12 @@ Two layouts, one at a time per (experiment, source):
   of the unit ids whose entry in the bucket is gone); ``seq`` is the
   commit's sequence (``partition_store.Commit``), so replaying a bucket's
   fields in sequence order, a sequence's ``-`` before its ``+``, gives its
-  entries. A bucket is UNLINKed once the owner knows it empty.
+  entries. A bucket is UNLINKed once the owner knows it empty, and
+  compacted (rewritten as the one field ``+<seq>`` of its live entries, in
+  the same commit) once its log would hold more than ``COMPACT_FACTOR`` x
+  its live entries + ``COMPACT_SLACK`` records: a bucket lives about
+  (W + H) / 4 of event time, and an owner that commits every few hundred
+  ms would otherwise leave thousands of fields to keep and replay.
 
 The layout is the meta field ``keys.pending_index_field``: absent, the
 sorted set; present, ``<w> <n> <min> <start> ...``: the bucket width
@@ -38,6 +43,13 @@ from typing import Any
 import orjson
 
 from streams.state import keys as rk
+
+#: A bucket's log holds at most ``COMPACT_FACTOR`` x its live entries +
+#: ``COMPACT_SLACK`` records (a ``+`` field's entries, a ``-`` field's unit
+#: ids; so at most as many fields): the commit that would pass it rewrites
+#: the bucket as one ``+`` field (``partition_store.PendingCopy.write``).
+COMPACT_FACTOR = 2
+COMPACT_SLACK = 16
 
 
 @dataclass
@@ -75,20 +87,32 @@ def bucket_keys(experiment_id: str, src: str, idx: PendingIndex | None) -> list[
                                    for a in idx.starts]
 
 
-def replay(fields: dict, out: dict[str, int]) -> None:
+def replay(fields: dict, out: dict[str, int]) -> int:
     """Apply one bucket's log (its HGETALL: ``+<seq>``/``-<seq>`` fields) to
-    ``out`` (unit id -> score): in sequence order, ``-`` before ``+``."""
+    ``out`` (unit id -> score): in sequence order, ``-`` before ``+``.
+    Returns the log's records (entries and unit ids: what ``COMPACT_FACTOR``
+    bounds), so that an owner loading the bucket knows when to compact it."""
     log = []
     for f, v in fields.items():
         name = f.decode() if isinstance(f, bytes) else f
         log.append((int(name[1:]), name[0] == "+", v))
     log.sort(key=lambda x: (x[0], x[1]))
+    records = 0
     for _, add, v in log:
+        xs = orjson.loads(v)
+        records += len(xs)
         if add:
-            out.update(orjson.loads(v))
+            out.update(xs)
         else:
-            for u in orjson.loads(v):
+            for u in xs:
                 out.pop(u, None)
+    return records
+
+
+def compact_at(live: int) -> int:
+    """The most records a bucket's log with ``live`` entries may hold (see
+    ``COMPACT_FACTOR``)."""
+    return COMPACT_FACTOR * live + COMPACT_SLACK
 
 
 def read_entries(r: Any, experiment_id: str, src: str, idx: PendingIndex | None
