@@ -48,8 +48,14 @@ from streams.state import keys as rk
 #: ``COMPACT_SLACK`` records (a ``+`` field's entries, a ``-`` field's unit
 #: ids; so at most as many fields): the commit that would pass it rewrites
 #: the bucket as one ``+`` field (``partition_store.PendingCopy.write``).
-COMPACT_FACTOR = 2
-COMPACT_SLACK = 16
+#: Why 4 and 64, measured (docs/performance.md): the bench traffic in
+#: 20-event commits wrote 17.8 bytes of bucket fields per event with no
+#: compaction (one bucket's log grew to 4,229 records), 21.9 with 4 / 64,
+#: 30.7 with 2 / 16 (a factor f rewrites about 2N / (f - 1) records over a
+#: bucket of N entries as it drains); a log of 4x its entries is still about
+#: a sorted set's memory (a record ~25 bytes, a member ~70).
+COMPACT_FACTOR = 4
+COMPACT_SLACK = 64
 
 
 @dataclass
