@@ -154,6 +154,7 @@ from streams.state.keys import (
     unit_hold_queue,
     unit_index_key,
 )
+from streams.state.pending import PendingIndex, in_order, read_entries
 from streams.state.semantics import (
     COUNTERS,
     FOLD_LIMIT,
@@ -302,9 +303,17 @@ def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partitio
         eid = cfg.experiment_id
         pipe.zrangebyscore(rk.pending_key(eid, src), "-inf", clk - L, start=0, num=1)
         pipe.zrangebyscore(rk.heldq_key(eid, src), "-inf", f"({clk - Hh}", start=0, num=1)
+        # the bucket layout's smallest score (``streams.state.pending``)
+        pipe.hget(rk.meta_key(eid), rk.pending_index_field(src))
     got = pipe.execute()
-    return [cfg for cfg, due, held in zip(cfgs, got[::2], got[1::2], strict=True)
-            if due or held]
+    out = []
+    for j, cfg in enumerate(cfgs):
+        due, held, raw = got[3 * j:3 * j + 3]
+        idx = PendingIndex.parse(raw)
+        lo = None if idx is None else idx.min
+        if due or held or (lo is not None and lo <= clk - config_ms(cfg)[2]):
+            out.append(cfg)
+    return out
 
 
 # ---------------------------------------------------------------- Redis faults
@@ -1397,10 +1406,10 @@ def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
 
 def read_pending(r: Any, experiment_id: str, source: str) -> list[tuple[str, int]]:
     """Pending (unit_id, close_ts) of source partition ``source``
-    (``"<topic>|<partition>"``), in maturation order."""
-    raw = r.zrange(rk.pending_key(experiment_id, source), 0, -1,
-                   withscores=True)
-    return [(_s(u), int(s)) for u, s in raw]
+    (``"<topic>|<partition>"``), in maturation order, in either layout
+    (``streams.state.pending``)."""
+    idx = PendingIndex.parse(r.hget(rk.meta_key(experiment_id), rk.pending_index_field(source)))
+    return in_order(read_entries(r, experiment_id, source, idx))
 
 
 def applied_offset(r: Any, experiment_id: str, topic: str, partition: int) -> int | None:
