@@ -387,7 +387,7 @@ PROFILE_PARTS: list[tuple] = [
     ("  of which: the commit (WATCH, checks, MULTI/EXEC)",
      ("streams/state/partition_store.py", "commit")),
     ("  of which: unit records (encode_units)",
-     ("streams/state/store.py", "encode_units")),
+     ("streams/state/unit_records.py", "encode_units")),
     ("all redis-py pipelines (Pipeline.execute)", ("redis/client.py", "execute")),
     ("dead-letter records", ("schemas/contracts.py", "dead_letter_record")),
     ("ingest watermark (HSET)", ("redis/commands/core.py", "hset")),

@@ -123,8 +123,8 @@ class Ingestor:
                 if keys is not None and keys[i] != row[4].encode():
                     raise _key_mismatch(keys[i], row[4])
                 append(row)
-            except InvalidRecord as err:
-                self._dead(res, raw, err, topic, partition, off, now_ms, attributed,
+            except InvalidRecord as bad:
+                self._dead(res, raw, bad, topic, partition, off, now_ms, attributed,
                            key=None if keys is None else keys[i])
 
         ids = set(map(itemgetter(3), rows))
@@ -160,7 +160,7 @@ class Ingestor:
             margins = {eid: too_old_margin(cfg) for eid, cfg in known.items()}
             concluded = {eid for eid in known if self.registry.concluded(eid)}
             ended: set[int] = set()  # offsets of exposures to concluded experiments
-            accepted = []
+            accepted: list[tuple] = []
             keep = accepted.append
             j = 0  # rows[i]'s clocked row is crows[j] (rows of unknown experiments have none)
             for row in rows:
@@ -209,7 +209,7 @@ class Ingestor:
             dead = self._dead_by_experiment(attributed, known)
             if ended:  # they moved the clock (events of a registered experiment), nothing else
                 crows = [crow for crow in crows if crow[0] not in ended]
-            rejected: list[tuple[int, str]] = []
+            rejected: list[tuple[int | None, str]] = []
             try:
                 out, clk = apply_source_batch(self.r, known, topic, partition, accepted,
                                               self.hold_seconds, self.hold_max, rejected,

@@ -46,12 +46,14 @@ from streams.state.keys import (
     lifecycle_key,
     meta_key,
     offsets_key,
+    pending_index_field,
     pending_key,
     retired_key,
     seen_index_field,
     units_key,
 )
 from streams.state.partition_store import seen_keys
+from streams.state.pending import pending_bucket_keys
 from streams.state.registry import Registry
 from streams.state.semantics import config_ms, horizons_ms
 from streams.state.store import _is_cluster, mget, read_completeness, read_snapshot
@@ -415,13 +417,15 @@ def conclude(r: Any, cfg) -> list[dict]:
             # owner's commit that adds one before the EXEC retries the read
             pipe.watch(meta_key(eid))
             seen = seen_keys(pipe, eid, srcs)
+            seen += pending_bucket_keys(pipe, eid, srcs)
             pipe.multi()
             for rec in recs:
                 pipe.set(estimate_key(eid, rec["metric"], rec["variant"]), dumps(rec))
             pipe.set(lifecycle_key(eid), "concluded")
             pipe.unlink(*drop, *seen)
             if srcs:
-                pipe.hdel(meta_key(eid), *[seen_index_field(s) for s in srcs])
+                pipe.hdel(meta_key(eid), *[seen_index_field(s) for s in srcs],
+                          *[pending_index_field(s) for s in srcs])
             try:
                 pipe.execute()
                 return recs

@@ -45,8 +45,10 @@ from streams.state.keys import (
     lifecycle_key,
     meta_key,
     offsets_key,
+    pending_index_field,
     pending_key,
 )
+from streams.state.pending import PendingIndex
 from streams.state.semantics import config_ms
 from streams.state.store import ingest_losses, read_max_ts
 
@@ -199,10 +201,17 @@ def _first_maturity(r: Any, cfgs: list[ExperimentConfig], sources: list[list]) -
     for cfg, srcs in zip(cfgs, sources, strict=True):
         for src in srcs:
             pipe.zrange(pending_key(cfg.experiment_id, _s(src)), 0, 0, withscores=True)
+            # the bucket layout's smallest score (``streams.state.pending``)
+            pipe.hget(meta_key(cfg.experiment_id), pending_index_field(_s(src)))
     res = iter(pipe.execute()) if any(sources) else iter(())
     out = []
     for cfg, srcs in zip(cfgs, sources, strict=True):
-        closes = [int(score) for src in srcs for _, score in next(res)]
+        closes = []
+        for _src in srcs:
+            closes += [int(score) for _, score in next(res)]
+            idx = PendingIndex.parse(next(res))
+            if idx is not None and idx.min is not None:
+                closes.append(idx.min)
         _, _, L, _ = config_ms(cfg)
         out.append(min(closes) + L if closes else None)
     return out

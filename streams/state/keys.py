@@ -231,8 +231,24 @@ def retired_key(experiment_id: str) -> str:
 
 
 def pending_key(experiment_id: str, src: str) -> str:
-    """zset of the experiment's pending units of source partition ``src``."""
+    """zset of the experiment's pending units of source partition ``src``
+    (the layout of an owner without the full copy, and of older versions;
+    ``streams.state.pending``)."""
     return experiment_key(experiment_id, f"pending:{src}")
+
+
+def pending_bucket_key(experiment_id: str, src: str, start: int) -> str:
+    """hash ``+<seq>``/``-<seq>`` -> packed entries: the log of source
+    partition ``src``'s pending entries whose score falls in the bucket
+    starting at ``start`` (ms; listed in meta ``pending_index_field``;
+    ``streams.state.pending``)."""
+    return experiment_key(experiment_id, f"pending:{src}:{start}")
+
+
+def pending_index_field(src: str) -> str:
+    """meta field: ``src``'s pending layout (absent: the ``pending_key``
+    zset), ``<w> <n> <min> <start> ...`` (``streams.state.pending``)."""
+    return f"pend:{src}"
 
 
 def seen_key(experiment_id: str, src: str) -> str:

@@ -54,10 +54,19 @@ from redis.exceptions import ResponseError, WatchError
 from schemas.records import ExperimentConfig
 from streams.config.settings import env_default
 from streams.state import keys as rk
+from streams.state import pending as pq
 from streams.state.keys import experiment_keys
 from streams.state.retired_filter import BITS, C0, MAX_LAYER, K, RetiredFilter, layer_of, positions
 from streams.state.semantics import FOLD_LIMIT, ExperimentState, Shard, UnitState
-from streams.state.store import UNCHECKED, Fenced, as_bytes, decode_unit, encode_units
+from streams.state.store import (
+    UNCHECKED,
+    Fenced,
+    as_bytes,
+    decode_unit,
+    encode_units,
+    pack_tails,
+    tail_counts,
+)
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
 
@@ -348,7 +357,7 @@ def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
     """A source's ``Shard`` as the fields of its ``keys.shard_key`` hash
     (store.py notes 3, 7, 9, 10: cells ``<metric>|<variant>|<stratum>``, age
     cells ``a|<metric>|<variant>|<fine>``, tail counts
-    ``t|<metric>|<variant>|<bucket>``, ``act_sum:<stratum>`` and
+    ``t|<metric>|<variant>`` (packed: ``store.pack_tails``), ``act_sum:<stratum>`` and
     not ``max_ts``, which goes to meta ``max_ts:<src>`` (an integer the
     overview reads with the rest of meta); floats as ``repr``, which
     round-trips a double): what the owner HSETs, as absolute values.
@@ -365,9 +374,8 @@ def shard_mapping(state: ExperimentState, shard: Shard, touched: bool = False
                 for (m, vi, f) in ak})
     out.update({f"act_sum:{s}": repr(acts[s]) for s in sk})
     tails = shard.tails
-    tk = shard.touched_tails if touched else [
-        (m, vi, b) for (m, vi), d in tails.items() for b in d]
-    out.update({f"t|{m}|{variants[vi]}|{b}": str(tails[(m, vi)][b]) for (m, vi, b) in tk})
+    tk = {(m, vi) for (m, vi, _) in shard.touched_tails} if touched else tails.keys()
+    out.update({f"t|{m}|{variants[vi]}": pack_tails(tails[(m, vi)]) for (m, vi) in tk})
     return out
 
 
@@ -510,6 +518,11 @@ class UnitCache:
         self.sightings: dict[str, int] | None = None
         self.sightings_off = False
         self.sightings_prune_at = 4096
+        #: the source's pending entries (``PendingCopy``), all of them, as
+        #: the owner last committed them (None: not loaded yet, or not kept:
+        #: ``pending_off`` once there were more than ``4 * limit``)
+        self.pending: PendingCopy | None = None
+        self.pending_off = False
 
     def get(self, unit_id: str) -> CachedUnit | None:
         e = self.units.get(unit_id)
@@ -698,30 +711,40 @@ def apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequenc
             held.release()
 
 
-def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str, heldq_k: str,
-                      uids: list[str]) -> None:
-    """Queue what the owner reads of ``uids``: records, pending scores,
-    held metrics, hold-queue scores (four replies, ``_unit_reads``)."""
+def _queue_unit_reads(p: Any, units_k: str, held_k: str, pend_k: str | None, heldq_k: str,
+                      uids: list[str]) -> int:
+    """Queue what the owner reads of ``uids``: records, pending scores
+    (``pend_k`` None: not read, the owner's ``PendingCopy`` has them), held
+    metrics, hold-queue scores (``_unit_reads``). Returns how many replies."""
     p.add("HMGET", units_k, *uids)
-    p.add("ZMSCORE", pend_k, *uids)
+    if pend_k is not None:
+        p.add("ZMSCORE", pend_k, *uids)
     p.add("HMGET", held_k, *uids)
     p.add("ZMSCORE", heldq_k, *uids)
+    return 3 if pend_k is None else 4
 
 
-def _queue_due(p: Reads, pend_k: str, heldq_k: str, T: int, cut: int, fold_limit: int
-               ) -> None:
+def _queue_due(p: Reads, pend_k: str | None, heldq_k: str, T: int, cut: int,
+               fold_limit: int) -> int:
     """Queue the due work at a clock: pending entries whose window closed
-    (score <= ``T``), hold-queue entries past the horizon (< ``cut``), at
-    most ``fold_limit`` + 1 each (two replies: (member, score) pairs)."""
-    p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1, "WITHSCORES")
+    (score <= ``T``; ``pend_k`` None: not read, the owner's copy has them),
+    hold-queue entries past the horizon (< ``cut``), at most ``fold_limit``
+    + 1 each ((member, score) pairs). Returns how many replies."""
+    if pend_k is not None:
+        p.add("ZRANGE", pend_k, "-inf", T, "BYSCORE", "LIMIT", 0, fold_limit + 1,
+              "WITHSCORES")
     p.add("ZRANGE", heldq_k, "-inf", f"({cut}", "BYSCORE", "LIMIT", 0, fold_limit + 1,
           "WITHSCORES")
+    return 1 if pend_k is None else 2
 
 
 def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
                 ) -> dict[str, CachedUnit]:
-    """The four replies of ``_queue_unit_reads`` as cache entries."""
+    """The replies of ``_queue_unit_reads`` as cache entries (three: no
+    pending scores, None until the caller sets them)."""
     out = {}
+    if len(got) == 3:
+        got = [got[0], [None] * len(uids), got[1], got[2]]
     for uid, raw, pend, held, hq in zip(uids, *got, strict=True):
         out[uid] = CachedUnit(None if raw is None else decode_unit(raw, cfg),
                               raw, None if pend is None else int(pend),
@@ -750,23 +773,25 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         hits = {u: e for u in uids if (e := units_c.get(u)) is not None}
         miss = [u for u in uids if u not in hits] if len(hits) < len(uids) else []
 
+    # the owner's copy of the pending entries: none of them read from Redis
+    pc = None if cached is None else cached.pending
+    pz = pend_k if pc is None else None
     st = ExperimentState(cfg, fold_limit, sharded=True)
     p = Reads(r, conn)
     if held is not None:
         held.queue_watch(p)
     p.add("HMGET", k.meta, "anchor", "started_at", f"clk:{src}", "retired_n", "retired_cap",
-          f"max_ts:{src}", rk.seen_index_field(src))
+          f"max_ts:{src}", rk.seen_index_field(src), rk.pending_index_field(src))
     p.add("HGET", k.offsets, src)
     p.add("GET", rk.generation_key(eid))
     p.add("EXISTS", rk.lifecycle_key(eid))
     cached_shard = None if cached is None else cached.shard
     if cached_shard is None:
         p.add("HGETALL", shard_k)
-    if miss:
-        _queue_unit_reads(p, k.units, k.held, pend_k, heldq_k, miss)
+    n_unit = _queue_unit_reads(p, k.units, k.held, pz, heldq_k, miss) if miss else 0
     # the due work at ``clk_end`` (the call's clock unless the experiment's
     # is later: read again below then), in this round trip, not one more
-    _queue_due(p, pend_k, heldq_k, clk_end - st.L, clk_end - st.Hh, fold_limit)
+    n_due = _queue_due(p, pz, heldq_k, clk_end - st.L, clk_end - st.Hh, fold_limit)
     # the sightings: the owner's (complete) copy, else the batch's from Redis
     # (read with the due work below, once the bucket list is known); with a
     # cache and no copy yet, loaded whole when few enough to keep
@@ -780,8 +805,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         except (Fenced, LostCommits):
             owner.forget(eid)  # as a refused commit does: claim and read again
             raise
-    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw, buckets_raw), \
-        stored_raw = got[:2]
+    (anchor_raw, started_raw, clk_raw, ret_n_raw, ret_cap_raw, max_raw, buckets_raw,
+     pidx_raw), stored_raw = got[:2]
     token = (got[2], bool(got[3]))
     if generation is not UNCHECKED and as_bytes(token[0]) != generation:
         raise ExperimentChanged(eid, "deleted (or re-created) since the caller read its config")
@@ -789,10 +814,11 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     shard_raw = None
     if cached_shard is None:
         shard_raw, i = got[4], 5
-    entries = _unit_reads(miss, got[i:i + 4], cfg) if miss else {}
-    due_got = got[-2:]
+    entries = _unit_reads(miss, got[i:i + n_unit], cfg) if miss else {}
+    due_got = got[-n_due:]
     cache = owner.cache_of(eid, token)
-    if cache is not cached and (hits or cached_shard is not None or sight is not None):
+    if cache is not cached and (hits or cached_shard is not None or sight is not None
+                                or pc is not None):
         # another incarnation: the cached units, shard and sightings are stale
         p = Reads(r, conn)
         if hits:
@@ -803,6 +829,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             entries.update(_unit_reads(list(hits), again[:4], cfg))
         shard_raw, cached_shard = again[-1], None
         sight, load = None, False
+        pc = None  # (loaded again below: the due entries were not read)
     else:
         entries.update(hits)
     stored = None if stored_raw is None else int(stored_raw)
@@ -818,15 +845,54 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if clk0 is not None:
         st.clk[src] = clk0
     clk = clk_end if clk0 is None or clk_end > clk0 else clk0
+    legacy_tails: list[str] = []
     if cached_shard is not None:  # as the owner's last commit left it
         shard = st.shards[src] = cached_shard
     else:
         shard = st._shard(src)
-        _load_shard(st, shard, shard_raw)
+        legacy_tails = _load_shard(st, shard, shard_raw)
     shard.untouch()
     shard.max_ts = None if max_raw is None else int(max_raw)
     max_ts0 = shard.max_ts
 
+    # due work at this call's clock: pending entries (rule 5/6), hold expiry
+    bound = 4 * owner.cache_units
+    idx = pq.PendingIndex.parse(pidx_raw)
+    if pc is not None and (idx is None or idx.text() != pc.text):
+        pc = None  # not what this owner committed last: read them again
+    want = cache is not None and not cache.pending_off
+    # every pending entry read: to load the owner's copy, or to convert the
+    # layout (an owner without the copy writes the sorted set)
+    full_pend = pc is None and (want or idx is not None)
+    p = Reads(r, conn)
+    sb = SeenBuckets(eid, src, buckets_raw, clk0, st.DD)
+    n_sight = sb.queue_reads(p, eids if sight is None else [], load)
+    n_ent = _queue_entries(p, pend_k, eid, src, idx) if full_pend else 0
+    if clk != clk_end:  # the experiment's clock is later than the call's
+        _queue_due(p, None if full_pend else pz, heldq_k, clk - st.L, clk - st.Hh, fold_limit)
+    sight_got = p.execute()  # (nothing sent when nothing is queued)
+    if clk != clk_end:
+        due_got = sight_got[n_sight + n_ent:]
+    due_held = due_got[-1]
+    everything: dict[str, int] | None = None
+    if full_pend:
+        everything, logged = _entries(sight_got[n_sight:n_sight + n_ent], idx)
+        for uid, e in entries.items():  # the scores Redis holds
+            e.pend = everything.get(uid)
+        if want and len(everything) <= bound:
+            pc = PendingCopy(everything, idx.w if idx is not None else _pending_width(st), idx,
+                             logged)
+            everything = None
+        elif cache is not None:
+            cache.pending_off = True  # too many to keep: the sorted set
+    if pc is not None:
+        due_pend = pc.take_due(clk - st.L, fold_limit + 1)
+        for uid in miss:
+            entries[uid].pend = pc.d.get(uid)
+    elif everything is not None:
+        due_pend = pq.due(everything.items(), clk - st.L, fold_limit + 1)
+    else:
+        due_pend = due_got[0]
     loaded_units: dict[str, bytes] = {}
     held_before: dict[str, bytes] = {}
     q: dict[str, int] = {}
@@ -841,19 +907,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             st.held[uid] = _decode_held(e.held)
         if e.heldq is not None:
             q[uid] = e.heldq
-
-    # due work at this call's clock: pending entries (rule 5/6), hold expiry
-    p = Reads(r, conn)
-    sb = SeenBuckets(eid, src, buckets_raw, clk0, st.DD)
-    n_sight = sb.queue_reads(p, eids if sight is None else [], load)
-    if clk != clk_end:  # the experiment's clock is later than the call's
-        _queue_due(p, pend_k, heldq_k, clk - st.L, clk - st.Hh, fold_limit)
-    sight_got = p.execute()  # (nothing sent when nothing is queued)
-    due_pend, due_held = sight_got[n_sight:] if clk != clk_end else due_got
     # the batch's sightings before the call (what the commit compares with)
     seen: dict[str, int]
     seen, full = sb.replies(sight_got[:n_sight], eids if sight is None else [])
-    bound = 4 * owner.cache_units
     if full is None and load and sb.count <= bound:  # once per cache: every sighting
         full = sb.read_all(r)
     if full is not None and load and cache is not None and len(full) <= bound:
@@ -962,7 +1018,6 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if gone:
         w.add("hdel", k.units, *gone)
     pend1 = {u: sc for sc, _, u in st._pending[src]}
-    _zset_changes(w, pend_k, pend0, pend1)
     held_recs = {}
     for uid, lst in st.held.items():
         raw = b"".join(_HELD.pack(mi + 1, ts, v) for mi, ts, v in lst)
@@ -1016,7 +1071,16 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         w.add("hincrby", k.meta, f, n)
     # readers see a change (dirty_seq) when events or dead letters were
     # applied or settling did work; a clock that moved alone is no news
-    dirty = bool(todo) or dl_hi is not None or len(w) > 0
+    dirty = bool(todo) or dl_hi is not None or len(w) > 0 or pend1 != pend0
+    if legacy_tails:  # after ``dirty``: converting an older layout is no news
+        _pack_legacy_tails(w, st, shard, shard_k, legacy_tails)
+    # the pending entries (after ``dirty``: converting a layout is no news)
+    if pc is not None:
+        pc.write(w, eid, src, pend0, pend1, owner.seqs[eid])
+    elif everything is not None and idx is not None:  # the buckets to the sorted set
+        _to_zset(w, eid, src, idx, everything, pend0, pend1)
+    else:
+        _zset_changes(w, pend_k, pend0, pend1)
     clk1 = st.clk.get(src)
     if clk1 is not None and clk1 != clk0:
         w.add("hset", k.meta, f"clk:{src}", clk1)
@@ -1074,6 +1138,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         for uid in (*more_units, *more_held):
             cache.units.pop(uid, None)
         cache.shard = shard  # what the commit wrote
+        cache.pending = pc
+        if pc is not None and len(pc.d) > bound:  # too many to keep: the sorted set
+            cache.pending, cache.pending_off = None, True
         if sight is not None and not cache.sightings_off:
             # the owner's copy, maybe pruned by the rules (a new dict then)
             cache.sightings, cache.sightings_prune_at = seen1, st._seen_prune_at
@@ -1083,6 +1150,55 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             "offset": off_new if off_new is not None else stored,
             "max_ts": shard.max_ts, "more": int(more), "dirty_seq": seq,
             **{c: n for c, n in st.counters.items() if n}}
+
+
+def _pending_width(st: ExperimentState) -> int:
+    """The bucket width of a source's pending entries (chosen once, kept in
+    its index): scores lie within about W + H of the clock (a close up to
+    W ahead, a folded unit's close + H), so about four to six buckets live
+    and the index stays short, while a bucket left empty goes whole."""
+    return max((st.W + st.H) // 4, 1)
+
+
+def _queue_entries(p: Reads, pend_k: str, eid: str, src: str,
+                   idx: pq.PendingIndex | None) -> int:
+    """Queue the read of every pending entry of ``src`` in its layout
+    (``_entries`` takes the replies); returns how many replies."""
+    if idx is None:
+        p.add("ZRANGE", pend_k, 0, -1, "WITHSCORES")
+        return 1
+    for key in pq.bucket_keys(eid, src, idx):
+        p.add("HGETALL", key)
+    return len(idx.starts)
+
+
+def _entries(got: Sequence[Any], idx: pq.PendingIndex | None
+             ) -> tuple[dict[str, int], dict[int, int]]:
+    """``_queue_entries``'s replies as unit id -> score, and each bucket's
+    log records (bucket start -> records; none for the sorted set)."""
+    out: dict[str, int] = {}
+    if idx is None:
+        for m, sc in got[0]:
+            out[_text(m)] = int(sc)
+        return out, {}
+    return out, {a: pq.replay(h, out) for a, h in zip(idx.starts, got, strict=True)}
+
+
+def _to_zset(w: WriteSet, eid: str, src: str, idx: pq.PendingIndex,
+             everything: dict[str, int], before: dict[str, int], after: dict[str, int]
+             ) -> None:
+    """Queue the bucket layout's conversion to the sorted set (an owner
+    without the copy): every entry after the call's changes, the buckets
+    and the index gone."""
+    now = {u: sc for u, sc in everything.items() if u not in before}
+    now.update(after)
+    items = list(now.items())
+    for j in range(0, len(items), 10_000):
+        w.add("zadd", rk.pending_key(eid, src), dict(items[j:j + 10_000]))
+    keys = pq.bucket_keys(eid, src, idx)
+    if keys:
+        w.add("unlink", *keys)
+    w.add("hdel", rk.meta_key(eid), rk.pending_index_field(src))
 
 
 def _new_sightings(eids: list[str], now: dict[str, int], before: dict[str, int]
@@ -1110,6 +1226,124 @@ def _zset_changes(w: WriteSet, key: str, before: dict, after: dict) -> None:
 
 def _text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else x
+
+
+class PendingCopy:
+    """The owner's copy of every pending entry of its source partition
+    (``streams.state.pending``: the bucket layout), so that no call reads
+    the due entries or a unit's score from Redis, and each commit writes
+    per bucket one packed field of the entries added and one of those gone
+    (or, past ``pending.compact_at``, the bucket's live entries as one).
+
+    ``d``: unit id -> score (the truth); ``heap``: (score, unit id bytes,
+    unit id), the rules' order, with stale entries (skipped) where ``d``
+    moved on; ``members``: bucket start -> its entries (what a compaction
+    writes); ``logged``: bucket start -> the records its log in Redis holds;
+    ``listed``: the buckets Redis holds; ``fresh``: Redis holds none of it
+    yet (the older layout, the sorted set, is converted by this call's
+    commit)."""
+
+    def __init__(self, entries: dict[str, int], w: int, idx: pq.PendingIndex | None,
+                 logged: dict[int, int]) -> None:
+        self.d = entries
+        self.w = w
+        self.heap = [(sc, u.encode("utf-8"), u) for u, sc in entries.items()]
+        heapq.heapify(self.heap)
+        self.members: dict[int, dict[str, int]] = {}
+        for u, sc in entries.items():
+            self.members.setdefault(sc - sc % w, {})[u] = sc
+        self.logged = logged
+        self.fresh = idx is None
+        self.listed: set[int] = set() if idx is None else set(idx.starts)
+        self.text: str | None = None if idx is None else idx.text()
+
+    def take_due(self, T: int, limit: int) -> list[tuple[str, int]]:
+        """The first ``limit`` entries with score <= ``T`` in the rules'
+        order (the sorted set's ``ZRANGE BYSCORE ... LIMIT``), taken off the
+        heap: ``write`` puts back what the call leaves pending."""
+        heap, d, out = self.heap, self.d, []
+        while heap and heap[0][0] <= T and len(out) < limit:
+            sc, _, u = heapq.heappop(heap)
+            if d.get(u) == sc:
+                out.append((u, sc))
+        return out
+
+    def write(self, w: WriteSet, eid: str, src: str, before: dict[str, int],
+              after: dict[str, int], seq: int) -> None:
+        """Apply the call's changes (``before``: the due entries it took;
+        ``after``: the rules' pending heap after it) to the copy and queue
+        them: per bucket a ``+<seq>`` field (entries added or moved there)
+        and a ``-<seq>`` field (unit ids gone from it), or the bucket
+        rewritten whole when its log would pass ``pending.compact_at``;
+        buckets left empty UNLINKed; the index when it changed."""
+        d, members, wd, heap = self.d, self.members, self.w, self.heap
+        rem: dict[int, list[str]] = {}
+        add: dict[int, dict[str, int]] = {}
+        for u in before:
+            if u not in after and (old := d.pop(u, None)) is not None:
+                a = old - old % wd
+                rem.setdefault(a, []).append(u)
+                del members[a][u]
+        for u, sc in after.items():
+            old = d.get(u)
+            if old != sc:
+                if old is not None:
+                    a = old - old % wd
+                    rem.setdefault(a, []).append(u)
+                    del members[a][u]
+                d[u] = sc
+                a = sc - sc % wd
+                add.setdefault(a, {})[u] = sc
+                members.setdefault(a, {})[u] = sc
+            heapq.heappush(heap, (sc, u.encode("utf-8"), u))
+        if self.fresh:  # every entry, in the buckets it falls in
+            add = {a: dict(m) for a, m in members.items() if m}
+            rem = {}
+            w.add("unlink", rk.pending_key(eid, src))
+            self.fresh = False
+        gone = [a for a, m in members.items() if not m]
+        for a in gone:
+            del members[a]
+            self.logged.pop(a, None)
+        self._queue_buckets(w, eid, src, seq, rem, add)
+        drop = [rk.pending_bucket_key(eid, src, a) for a in gone if a in self.listed]
+        if drop:
+            w.add("unlink", *drop)
+        self.listed = set(members)
+        while heap and d.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        text = pq.PendingIndex(wd, len(d), heap[0][0] if heap else None,
+                               sorted(members)).text()
+        if text != self.text:
+            w.add("hset", rk.meta_key(eid), rk.pending_index_field(src), text)
+            self.text = text
+
+    def _queue_buckets(self, w: WriteSet, eid: str, src: str, seq: int,
+                       rem: dict[int, list[str]], add: dict[int, dict[str, int]]) -> None:
+        """Queue each live touched bucket's fields of commit ``seq``; a
+        bucket whose log would pass ``pending.compact_at`` is replaced by its
+        live entries as the one field ``+<seq>`` (UNLINK, then HSET: in the
+        same MULTI/EXEC, so a reader replays either the old log or the new
+        one)."""
+        members, logged = self.members, self.logged
+        for a in sorted(rem.keys() | add.keys()):
+            m = members.get(a)
+            if m is None:
+                continue  # left empty: UNLINKed
+            key = rk.pending_bucket_key(eid, src, a)
+            listed = a in self.listed
+            n = logged.get(a, 0) + len(add.get(a, ())) + (len(rem.get(a, ())) if listed else 0)
+            if n > pq.compact_at(len(m)):
+                if listed:
+                    w.add("unlink", key)
+                w.add("hset", key, f"+{seq}", orjson.dumps(m))
+                logged[a] = len(m)
+                continue
+            if a in rem and listed:
+                w.add("hset", key, f"-{seq}", orjson.dumps(rem[a]))
+            if a in add:
+                w.add("hset", key, f"+{seq}", orjson.dumps(add[a]))
+            logged[a] = n
 
 
 #: the field every sighting bucket is created with (``keys.HASHTABLE_PAD``;
@@ -1381,17 +1615,37 @@ def _decode_held(raw: bytes) -> list[tuple[int, int, float]]:
     return out
 
 
-def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
-    """Fill a working shard from its Redis hash (``shard_mapping``'s inverse)."""
+def _pack_legacy_tails(w: WriteSet, st: ExperimentState, shard: Shard, key: str,
+                       legacy: list[str]) -> None:
+    """Queue the deletion of a shard's tail fields of the older layout (a
+    field per bucket, store.py note 10) and the packed fields of their
+    (metric, variant)s that ``shard_mapping`` did not write this call (it
+    wrote those the rules touched, whole)."""
+    w.add("hdel", key, *legacy)
+    done = {(m, vi) for m, vi, _ in shard.touched_tails}
+    pairs = {(m, st.variants.index(var)) for _, m, var, _ in (f.split("|") for f in legacy)}
+    rest = sorted(pairs - done)
+    if rest:
+        w.add("hset", key, mapping={f"t|{m}|{st.variants[vi]}": pack_tails(shard.tails[(m, vi)])
+                                    for m, vi in rest})
+
+
+def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> list[str]:
+    """Fill a working shard from its Redis hash (``shard_mapping``'s inverse);
+    returns the tail fields of the older layout (a field per bucket, store.py
+    note 10) it read, which the next commit packs and deletes."""
     vindex = {v: i for i, v in enumerate(st.variants)}
+    legacy = []
     for a, b in raw.items():
         f = a.decode() if isinstance(a, bytes) else a
         v = b.decode() if isinstance(b, bytes) else b
         if f.startswith("act_sum:"):
             shard.activity_sum[int(f[8:])] = float(v)
-        elif f.startswith("t|"):  # a tail count (store.py note 10)
-            _, m, var, b_ = f.split("|")
-            shard.tails.setdefault((m, vindex[var]), {})[int(b_)] = int(v)
+        elif f.startswith("t|"):  # tail counts (store.py note 10)
+            for m, var, b_, n in tail_counts(f, v):
+                shard.tails.setdefault((m, vindex[var]), {})[b_] = n
+            if f.count("|") == 3:
+                legacy.append(f)
         elif f.startswith("a|"):
             _, m, var, fs = f.split("|")
             xs = v.split(" ")
@@ -1402,6 +1656,7 @@ def _load_shard(st: ExperimentState, shard: Shard, raw: dict) -> None:
             # the 8 values, then a metric kind's extra ones (issue 26)
             shard.cells[(m, vindex[var], int(s_))] = [int(xs[0]), float(xs[1]), float(xs[2]),
                                                       int(xs[3]), *map(float, xs[4:])]
+    return legacy
 
 
 def _check_rows(experiment_id: str, rows: Sequence[tuple]) -> None:

@@ -91,14 +91,19 @@ notes below give the value formats.
    2 more numbers for a capped sum, 3 or 6 then the 12 covariate sums of
    ``semantics.RATIO_COV_SUMS`` for a ratio) to the same text; sum metrics without a cap
    write the 8 as before.
-10. Tail sketch (issue 26): per source, fields
-   `t|<metric>|<variant>|<bucket>` -> count in its shard
-   (``keys.shard_key``; ``kernels.tail``'s buckets of the folded units'
+10. Tail sketch (issue 26): per source, a field `t|<metric>|<variant>` ->
+   `"<bucket>:<count> ..."` (``pack_tails``: bucket order, zeros kept) in its
+   shard (``keys.shard_key``; ``kernels.tail``'s buckets of the folded units'
    uncapped totals, sum metrics only), absolute values the owner HSETs with
-   its cells; readers add the sources' counts (integers: exact in any
-   order) to the older ``keys.tails_key`` hash (same fields without `t|`,
-   HINCRBY'd before the counts moved into the shards, never written since);
-   counts at 0 are skipped by readers.
+   its cells, the whole (metric, variant) when any of its counts moved.
+   Owners before that wrote a field per bucket,
+   `t|<metric>|<variant>|<bucket>` -> count; readers read both
+   (``tail_counts``), and an owner that loads a shard holding them writes
+   them packed and deletes them in its next commit. Readers add the
+   sources' counts (integers: exact in any order) to the older
+   ``keys.tails_key`` hash (fields `<metric>|<variant>|<bucket>`, HINCRBY'd
+   before the counts moved into the shards, never written since); counts at
+   0 are skipped by readers.
 9. Exposure-age cells (issue 19, only when the config tracks age), in the
    same hash: field `a|<metric>|<variant>|<fine stratum>` (four parts; a
    name has no `|`) -> `"n Σy_0 Σy_0² ... Σy_{B-1} Σy_{B-1}² Σy_0·y_{B-1}"`
@@ -129,8 +134,6 @@ that exposure, on the first run and on every replay alike.
 
 from __future__ import annotations
 
-import math
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -158,6 +161,7 @@ from streams.state.keys import (
     unit_hold_key,
     unit_hold_queue,
 )
+from streams.state.pending import PendingIndex, in_order, read_entries
 from streams.state.semantics import (
     COUNTERS,
     FOLD_LIMIT,
@@ -174,6 +178,13 @@ from streams.state.semantics import (
     n_activity_strata,
     started_and_arrivals,
     watermark_of,
+)
+from streams.state.unit_records import (  # noqa: F401 - encode_unit(s): re-exported
+    _int,
+    _s,
+    decode_unit,
+    encode_unit,
+    encode_units,
 )
 from streams.state.wire import Reads, packs, send_raw
 
@@ -198,18 +209,6 @@ def as_bytes(x: bytes | str | None) -> bytes | None:
     """A reply as bytes (a client that decodes replies gives str): how
     generations are compared (``Registry.generation``, the owner's check)."""
     return x.encode() if isinstance(x, str) else x
-
-
-def _s(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _int(x: Any) -> int:
-    s = _s(x)
-    try:
-        return int(s)
-    except ValueError:
-        return int(float(s))
 
 
 # ---------------------------------------------------------------- rows
@@ -311,9 +310,17 @@ def due_to_settle(r: Any, cfgs: Iterable[ExperimentConfig], topic: str, partitio
         eid = cfg.experiment_id
         pipe.zrangebyscore(rk.pending_key(eid, src), "-inf", clk - L, start=0, num=1)
         pipe.zrangebyscore(rk.heldq_key(eid, src), "-inf", f"({clk - Hh}", start=0, num=1)
+        # the bucket layout's smallest score (``streams.state.pending``)
+        pipe.hget(rk.meta_key(eid), rk.pending_index_field(src))
     got = pipe.execute()
-    return [cfg for cfg, due, held in zip(cfgs, got[::2], got[1::2], strict=True)
-            if due or held]
+    out = []
+    for j, cfg in enumerate(cfgs):
+        due, held, raw = got[3 * j:3 * j + 3]
+        idx = PendingIndex.parse(raw)
+        lo = None if idx is None else idx.min
+        if due or held or (lo is not None and lo <= clk - config_ms(cfg)[2]):
+            out.append(cfg)
+    return out
 
 
 # ---------------------------------------------------------------- Redis faults
@@ -1312,8 +1319,33 @@ def _tails(raw: dict, sums: list[str], vindex: dict[str, int]) -> dict[str, list
 #: field is a cell)
 _SHARD_META_MAX = "max_ts:"
 _SHARD_META_SUM = "act_sum:"
-#: shard fields of the tail sketch: ``t|<metric>|<variant>|<bucket>`` -> count
+#: shard fields of the tail sketch: ``t|<metric>|<variant>`` -> packed counts
+#: (``pack_tails``), or, as owners before the packing wrote them,
+#: ``t|<metric>|<variant>|<bucket>`` -> count (note 10)
 _SHARD_TAIL = "t|"
+
+
+def pack_tails(counts: dict[int, int]) -> str:
+    """One (metric, variant)'s tail counts of a shard as its packed field's
+    value: ``<bucket>:<count>`` in bucket order, space-separated, zeros kept
+    (note 10). Why packed: one field per bucket made the owner's HSET set
+    ~140 fields a batch, and Redis pays per field (a linear scan each while
+    the shard is a small-hash ziplist), ~0.4 us/event of its CPU."""
+    return " ".join([f"{b}:{n}" for b, n in sorted(counts.items())])
+
+
+def tail_counts(field: str, value: str) -> list[tuple[str, str, int, int]]:
+    """The (metric, variant, bucket, count) of a shard's ``t|`` field,
+    either layout (note 10): the packed one (three parts) or the older
+    field per bucket (four)."""
+    parts = field.split("|")
+    if len(parts) == 4:
+        return [(parts[1], parts[2], int(parts[3]), int(value))]
+    out = []
+    for x in value.split():
+        b, n = x.split(":")
+        out.append((parts[1], parts[2], int(b), int(n)))
+    return out
 
 
 def _read_sharded(r: Any, experiment_id: str
@@ -1361,8 +1393,9 @@ def _read_sharded(r: Any, experiment_id: str
         for a, b in raw.items():
             f, v = _s(a), _s(b)
             if f.startswith(_SHARD_TAIL):
-                t = f[2:]
-                tails[t] = tails.get(t, 0) + int(v)
+                for m, var, b, n in tail_counts(f, v):
+                    t = f"{m}|{var}|{b}"
+                    tails[t] = tails.get(t, 0) + n
             elif f.startswith(_SHARD_META_SUM):
                 meta[f] = v if f not in meta else repr(float(meta[f]) + float(v))
             else:
@@ -1422,127 +1455,6 @@ def _cell(text: str) -> tuple:
     return (n, sy, syy, _int(f[3]), float(f[4]), float(f[5]), float(f[6]), float(f[7]))
 
 
-_UNIT_HEAD = struct.Struct("<BHHBdd")
-_UNIT2_HEAD = struct.Struct("<BHHBddH")
-_UNIT3_TAIL = struct.Struct("<HHBH")
-#: the common records as one Struct each, by number of event metrics: version
-#: 1 (head + totals) and 2 (head + M + totals + pre values)
-_UNIT1: dict[int, struct.Struct] = {}
-_UNIT2: dict[int, struct.Struct] = {}
-#: [(config, its number of event metrics)] of the last ``_n_event_metrics``
-#: call (one tuple, replaced whole: threads see one or the other):
-#: ``ExperimentConfig.event_metrics`` is computed on every access
-_LAST_M: list = [(None, 0)]
-
-
-def _n_event_metrics(cfg: ExperimentConfig) -> int:
-    """len(cfg.event_metrics), remembered for the last config asked about
-    (the owner decodes a batch's units of one config in a row)."""
-    last = _LAST_M[0]
-    if last[0] is not cfg:
-        last = _LAST_M[0] = (cfg, len(cfg.event_metrics))
-    return last[1]
-
-
-def decode_unit(packed: str | bytes, cfg: ExperimentConfig) -> UnitState:
-    """Unpack a ``units`` hash value: binary (note 1:
-    version 1 without pre-experiment values, version 2 with them) or the
-    earlier text form."""
-    M = _n_event_metrics(cfg)
-    if isinstance(packed, bytes) and packed[:1] == b"\x03":
-        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
-        nt, np, nb, f = _UNIT3_TAIL.unpack_from(packed, len(packed) - _UNIT3_TAIL.size)
-        vals = struct.unpack_from(f"<{nt + np + nt * nb}d", packed, _UNIT_HEAD.size)
-        totals = list(vals[:nt]) + [0.0] * (M - nt)
-        pre = [None if math.isnan(x) else x for x in vals[nt:nt + np]]
-        pre += [None] * (M - len(pre))
-        u = UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
-        if age_tracking(cfg):
-            NB = len(age_edges_ms(cfg)) - 1
-            base = nt + np
-            u.fine = f
-            u.age = [[vals[base + k * nb + j] if k < nt and j < nb else 0.0
-                      for j in range(NB)] for k in range(M)]
-        return u
-    if isinstance(packed, bytes) and packed[:1] == b"\x01":
-        _, v, s, m, b, ets = _UNIT_HEAD.unpack_from(packed)
-        nt = (len(packed) - _UNIT_HEAD.size) // 8
-        totals = list(struct.unpack_from(f"<{nt}d", packed, _UNIT_HEAD.size))
-        totals += [0.0] * (M - len(totals))
-        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1,
-                         [None] * M)
-    if isinstance(packed, bytes) and packed[:1] == b"\x02":
-        _, v, s, m, b, ets, nt = _UNIT2_HEAD.unpack_from(packed)
-        vals = struct.unpack_from(f"<{2 * nt}d", packed, _UNIT2_HEAD.size)
-        totals = list(vals[:nt]) + [0.0] * (M - nt)
-        pre = [None if math.isnan(x) else x for x in vals[nt:]] + [None] * (M - nt)
-        return UnitState(cfg.variants[v], s, int(b), int(ets), totals[:M], m == 1, pre[:M])
-    f = _s(packed).split(" ")
-    totals = [float(x) for x in f[5:]]
-    totals += [0.0] * (M - len(totals))
-    return UnitState(cfg.variants[_int(f[0])], _int(f[1]), _int(f[2]), _int(f[3]),
-                     totals, _int(f[4]) == 1, [None] * M)
-
-
-def encode_unit(u: UnitState, cfg: ExperimentConfig) -> bytes:
-    """A unit as its ``units`` hash value, the inverse of ``decode_unit`` and
-    byte for byte what ingest.lua wrote before issue 25 (note 1): version 3 for a unit with
-    exposure-age bins (``u.age``), else version 2 if it has a pre value of
-    any metric, else version 1; totals and pre values for every config
-    metric (NaN: no pre value). The owner's commit (issue 25) writes these,
-    so state written by either path reads the same. Totals and pre values
-    per event metric (``cfg.event_metrics``, issue 26)."""
-    M = len(u.totals)  # one per event metric (``UnitState``)
-    head = (cfg.variants.index(u.variant), u.stratum, 1 if u.matured else 0,
-            float(u.bucket), float(u.exposure_ts))
-    has_pre = u.pre.count(None) != len(u.pre)
-    if not u.age:  # the common records: one Struct.pack
-        if not has_pre:
-            st = _UNIT1.get(M)
-            if st is None:
-                st = _UNIT1[M] = struct.Struct(f"<BHHBdd{M}d")
-            return st.pack(1, *head, *u.totals)
-        st = _UNIT2.get(M)
-        if st is None:
-            st = _UNIT2[M] = struct.Struct(f"<BHHBddH{2 * M}d")
-        return st.pack(2, *head, M, *u.totals,
-                       *[math.nan if x is None else x for x in u.pre])
-    pre = [math.nan if x is None else x for x in u.pre]
-    nb = len(u.age[0])
-    np = M if has_pre else 0
-    vals = [*u.totals, *(pre if has_pre else ()), *(b for row in u.age for b in row)]
-    return (_UNIT_HEAD.pack(3, *head) + struct.pack(f"<{len(vals)}d", *vals)
-            + _UNIT3_TAIL.pack(M, np, nb, u.fine))
-
-
-def encode_units(units: dict[str, UnitState], cfg: ExperimentConfig) -> dict[str, bytes]:
-    """``encode_unit`` of each unit of ``units`` the rules changed
-    (``UnitState.dirty``), by unit id, in ``units``' order: the partition
-    owner's commit encodes about one record per event. Why not a
-    comprehension over ``encode_unit``: the common record (version 1, no
-    pre value, no exposure age) is packed here with the variant's index,
-    the record's ``Struct`` and the call looked up once a batch (measured:
-    0.70 -> 0.55 µs a unit); every other record, and a variant the config
-    lacks (its ``ValueError``), goes through ``encode_unit``."""
-    vix: dict[str, int] = {}
-    for i, v in enumerate(cfg.variants):
-        vix.setdefault(v, i)  # the first, as ``list.index``
-    one = _UNIT1
-    out: dict[str, bytes] = {}
-    for uid, u in units.items():
-        if not u.dirty:
-            continue
-        pre, tot = u.pre, u.totals
-        vi = vix.get(u.variant)
-        st = one.get(len(tot))
-        if u.age or vi is None or st is None or pre.count(None) != len(pre):
-            out[uid] = encode_unit(u, cfg)
-        else:  # ``encode_unit``'s version 1, byte for byte (a "d" packs an int as float() would)
-            out[uid] = st.pack(1, vi, u.stratum, 1 if u.matured else 0, u.bucket,
-                               u.exposure_ts, *tot)
-    return out
-
-
 def read_counters(r: Any, experiment_id: str) -> dict[str, int]:
     """The experiment's event counters (``c:<name>`` in its meta hash, note 3):
     every event applied to it increments exactly one of them."""
@@ -1565,10 +1477,10 @@ def read_units(r: Any, cfg: ExperimentConfig) -> dict[str, UnitState]:
 
 def read_pending(r: Any, experiment_id: str, source: str) -> list[tuple[str, int]]:
     """Pending (unit_id, close_ts) of source partition ``source``
-    (``"<topic>|<partition>"``), in maturation order."""
-    raw = r.zrange(rk.pending_key(experiment_id, source), 0, -1,
-                   withscores=True)
-    return [(_s(u), int(s)) for u, s in raw]
+    (``"<topic>|<partition>"``), in maturation order, in either layout
+    (``streams.state.pending``)."""
+    idx = PendingIndex.parse(r.hget(rk.meta_key(experiment_id), rk.pending_index_field(source)))
+    return in_order(read_entries(r, experiment_id, source, idx))
 
 
 def applied_offset(r: Any, experiment_id: str, topic: str, partition: int) -> int | None:

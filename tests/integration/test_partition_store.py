@@ -42,6 +42,7 @@ from streams.state.store import (
     decode_unit,
     encode_unit,
     encode_units,
+    read_pending,
     read_snapshot,
 )
 from streams.state.wire import send_raw
@@ -856,7 +857,7 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
 
     epoch = claim_partition(fresh, "liftstream.events", 0)
     _owned(fresh, [_x_row(0, 0)], epoch)  # unit u: a record and a pending entry
-    assert fresh.hexists(rk.units_key("e1"), "u") and fresh.zcard(rk.pending_key("e1", SRC0))
+    assert fresh.hexists(rk.units_key("e1"), "u") and len(read_pending(fresh, "e1", SRC0))
     sampler = redis.Redis.from_url(redis_url)
     frozen: dict = {}
 
@@ -875,7 +876,7 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
     monkeypatch.undo()
     assert frozen, "the conclusion ran"
     assert fresh.hgetall(rk.units_key("e1")) == {}, "a unit record came back"
-    assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0, "a pending entry came back"
+    assert len(read_pending(fresh, "e1", SRC0)) == 0, "a pending entry came back"
     assert _frozen(fresh) == frozen, "counts moved after the conclusion"
     assert isinstance(refused, ps.Concluded), f"refused as {refused!r}, not Concluded"
     # the retry (same owner, same epoch): the experiment is concluded now
@@ -883,7 +884,7 @@ def test_defect_conclusion_during_a_commit_resurrects_no_working_state(fresh, re
         _owned(fresh, batch, epoch)
     _owned(fresh, [_m_row(2, 1000, 2.0)], epoch)  # the exposure dead-lettered: as today
     assert fresh.hgetall(rk.units_key("e1")) == {}
-    assert fresh.zcard(rk.pending_key("e1", SRC0)) == 0
+    assert len(read_pending(fresh, "e1", SRC0)) == 0
     sampler.close()
 
 

@@ -24,7 +24,13 @@ from streams.ingest.ingestor import Ingestor, read_applied
 from streams.state import keys as rk
 from streams.state.partition_store import ExperimentChanged, forget_owner, read_sightings
 from streams.state.registry import Registry
-from streams.state.store import apply_rows, claim_partition, clocked, event_row
+from streams.state.store import (
+    apply_rows,
+    claim_partition,
+    clocked,
+    event_row,
+    read_pending,
+)
 from streams.state.unit_index import is_bucket
 
 T0 = 1_700_000_000_000
@@ -101,12 +107,17 @@ def _state(r: redis.Redis, fences: bool = True) -> dict:
     fences unless ``fences``: their commit sequences count commits of every
     incarnation; the dedupe sightings as what they hold: an owner with its
     copy of them packs them, one without writes them per id,
-    ``SeenBuckets``) and e1's field of every unit's routing index."""
+    ``SeenBuckets``; the pending entries as what they are) and e1's field of every
+    unit's routing index."""
     fence = rk.experiment_key("e1", "fence:").encode()
     seen = rk.experiment_key("e1", "seen:").encode()
+    # the pending buckets as what they hold too (their fields are named by
+    # the commit sequence, ``streams.state.pending``)
+    pend = (rk.pending_key("e1", SRC) + ":").encode()
     out = {k: _value(r, k) for k in r.scan_iter(match=rk.experiment_glob("e1"))
            if k != rk.generation_key("e1").encode() and not k.startswith(seen)
-           and (fences or not k.startswith(fence))}
+           and not k.startswith(pend) and (fences or not k.startswith(fence))}
+    out["pending"] = read_pending(r, "e1", SRC)
     meta, field = out.get(rk.meta_key("e1").encode(), {}), rk.seen_index_field(SRC).encode()
     if field in meta:  # ``start:end`` of each bucket, without its packed fields' count
         meta[field] = b" ".join(b":".join(x.split(b":")[:2]) for x in meta[field].split())
@@ -130,8 +141,9 @@ def test_a_stale_worker_writes_nothing_of_a_deleted_experiment(fresh, redis_url)
     assert reg.get("e1") is not None, "the test needs a stale cache"
     before = _state(fresh)
     # only the fences are left
-    assert {k for k in before if k != "sightings"} == {rk.fence_key("e1", SRC).encode()}, before
-    assert before["sightings"] == {}
+    assert {k for k in before if k not in ("sightings", "pending")} == {
+        rk.fence_key("e1", SRC).encode()}, before
+    assert before["sightings"] == {} and before["pending"] == []
 
     res = ing.process(TOPIC, 0, STALE, T0 + 60_000, epoch)
 
@@ -260,7 +272,7 @@ def test_a_delete_between_the_batch_check_and_the_owner_is_refused_and_retried(
     assert read_applied(fresh, TOPIC, [0]) == {0: 7}
     Registry(fresh).sweep("e1")  # the tombstone's second delete
     assert _state(fresh) == {rk.fence_key("e1", SRC).encode(): fresh.hgetall(
-        rk.fence_key("e1", SRC)), "sightings": {}}
+        rk.fence_key("e1", SRC)), "sightings": {}, "pending": []}
 
 
 def test_a_stale_worker_settles_nothing_of_a_recreated_experiment(fresh, redis_url):
@@ -277,7 +289,7 @@ def test_a_stale_worker_settles_nothing_of_a_recreated_experiment(fresh, redis_u
     oreg.put(_new(), now_ms=T0)
     Ingestor(other, oreg).process(TOPIC, 0, [_x(0, "u0", "control", 0)], T0 + 60_000)
     other.close()
-    assert fresh.zcard(rk.pending_key("e1", SRC)) == 1
+    assert len(read_pending(fresh, "e1", SRC)) == 1
     before = _state(fresh)
     assert stale.settle_quiet(TOPIC, 0, T0 + 3_600_000, T0 + 60_000) == set()
     assert _state(fresh) == before, "settled with the old config"

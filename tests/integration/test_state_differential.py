@@ -52,6 +52,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
+from streams.state import keys as rk
 from streams.state.keys import (
     cells_key,
     meta_key,
@@ -69,6 +70,7 @@ from streams.state.store import (
     apply_batch,
     apply_rows,
     apply_source_batch,
+    claim_partition,
     clocked_batch,
     event_row,
     min_applied_offsets,
@@ -76,6 +78,7 @@ from streams.state.store import (
     read_snapshot,
     read_units,
     route_rows,
+    tail_counts,
 )
 from tests.support.streaming_harness import bits
 
@@ -231,13 +234,23 @@ def _note(label: str) -> None:
 class Both:
     """Drives Redis and the reducer with the same calls."""
 
-    def __init__(self, r, cfgs, hold_seconds: int = 86_400):
+    def __init__(self, r, cfgs, hold_seconds: int = 86_400, fenced: bool = False):
         self.r, self.cfgs = r, cfgs
+        #: fenced owners keep their units, sightings and pending entries
+        #: (``partition_store.UnitCache``: the pending entries' bucket
+        #: layout); unfenced calls read and write the sorted set
+        self.fenced = fenced
+        self.epochs: dict[int, int] = {}
         self.hold_seconds = hold_seconds  # unit-level holds (metrics without experiment_id)
         self.known = {c.experiment_id: c for c in cfgs}
         self.red = Reducer(cfgs, hold_seconds=hold_seconds)
         self.offsets: dict[int, int] = {}
         self.rejected: list = []
+
+    def epoch(self, p: int) -> int | None:
+        if self.fenced and p not in self.epochs:
+            self.epochs[p] = claim_partition(self.r, TOPIC, p)
+        return self.epochs.get(p)
 
     def batch(self, p: int, events: list, crash: str = "none", pick=None) -> list:
         first = self.offsets.get(p, 0)
@@ -249,21 +262,23 @@ class Both:
             if crash == "partial":
                 for e, lst in routed.items():
                     if pick is None or pick():
-                        apply_rows(self.r, self.known[e], TOPIC, p, lst, clk)
+                        apply_rows(self.r, self.known[e], TOPIC, p, lst, clk,
+                                   epoch=self.epoch(p))
         apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold_seconds,
-                           rejected=self.rejected)
+                           rejected=self.rejected, epoch=self.epoch(p))
         self.red.apply_batch(src(p), events)
         return rows
 
     def replay(self, p: int, rows: list) -> None:
         seq = {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
-        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold_seconds)
+        out, _ = apply_source_batch(self.r, self.known, TOPIC, p, rows, self.hold_seconds,
+                                    epoch=self.epoch(p))
         assert all(o["applied"] == 0 for o in out.values())
         assert seq == {e: self.r.get(f"lr:{{e:{e}}}:dirty_seq") for e in self.known}
 
     def advance(self, p: int, clock: int) -> None:
         advance_partition(self.r, self.cfgs, TOPIC, p, clock, self.hold_seconds,
-                          rejected=self.rejected)
+                          epoch=self.epoch(p), rejected=self.rejected)
         self.red.advance(src(p), clock)
 
     def check(self) -> None:
@@ -314,6 +329,8 @@ class Both:
             for p in self.offsets:
                 assert read_pending(self.r, c.experiment_id, src(p)) == \
                     want.pending_units(src(p))
+                if self.r.hexists(rk.meta_key(c.experiment_id), rk.pending_index_field(src(p))):
+                    _note("pending entries in buckets (the owner's copy)")
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=HEALTH)
@@ -325,7 +342,8 @@ def test_lua_equals_reducer(redis_url, data):
     n_parts = data.draw(st.integers(1, 3), label="partitions")
     # unit-level holds of metrics without experiment_id: kept, or expiring
     # within the stream (``unrouted_expired``, by batches and idle advances)
-    both = Both(r, cfgs, data.draw(st.sampled_from([86_400, 2, 10]), label="unit hold s"))
+    both = Both(r, cfgs, data.draw(st.sampled_from([86_400, 2, 10]), label="unit hold s"),
+                fenced=data.draw(st.booleans(), label="fenced owners"))
     per = {p: data.draw(raw_streams(cfgs, p, n_parts), label=f"events p{p}")
            for p in range(n_parts)}
     done: list[tuple[int, list]] = []
@@ -689,13 +707,61 @@ def _to_older_state(r, eid: str, three: bool = False) -> None:
     for s_ in sorted(r.smembers(shards_key(eid))):
         for f, v in r.hgetall(shard_key(eid, s_.decode())).items():
             if f.startswith(b"t|"):  # the tail counts: the tails hash, HINCRBY'd
-                r.hincrby(tails_key(eid), f[2:], int(v))
+                for m, var, b, n in tail_counts(f.decode(), v.decode()):
+                    r.hincrby(tails_key(eid), f"{m}|{var}|{b}", n)
             elif f == b"max_ts" or f.startswith(b"act_sum:"):
                 r.hset(meta_key(eid), f, v)
             else:
                 r.hset(base, f, b" ".join(v.split(b" ")[:3]) if three else v)
         r.delete(shard_key(eid, s_.decode()))
     r.delete(shards_key(eid))
+
+
+def _shard_tails(r, eid: str, source: str) -> dict[tuple[str, str, int], int]:
+    """A shard's tail counts, (metric, variant, bucket) -> count, whatever
+    the layout of its ``t|`` fields (store.py note 10)."""
+    return {(m, var, b): n for f, v in r.hgetall(shard_key(eid, source)).items()
+            if f.startswith(b"t|") for m, var, b, n in tail_counts(f.decode(), v.decode())}
+
+
+def _to_tail_field_per_bucket(r, eid: str) -> None:
+    """Turn the shards' packed tail counts into the layout owners wrote
+    before the packing: a field ``t|<metric>|<variant>|<bucket>`` per count."""
+    for s_ in r.smembers(shards_key(eid)):
+        key = shard_key(eid, s_.decode())
+        for f, v in r.hgetall(key).items():
+            if f.startswith(b"t|") and f.count(b"|") == 2:
+                r.hdel(key, f)
+                for m, var, b, n in tail_counts(f.decode(), v.decode()):
+                    r.hset(key, f"t|{m}|{var}|{b}", n)
+
+
+def test_tail_field_per_bucket_is_read_and_packed(fresh):
+    """Migration: shards whose tail counts are a field per bucket (owners
+    before the packing) read as before, and the owner's next commit writes
+    them packed (``t|<metric>|<variant>``) and deletes the older fields, a
+    bucket whose count moves included (a correction) and one that does not."""
+    c = _cfg()
+    both = Both(fresh, [c])
+    rows = both.batch(0, [_x("x", "u", 0), _m("a", "u", 5, 2.0), _x("y", "v", 12_000)])
+    before = read_snapshot(fresh, c).tails  # u folded
+    _to_tail_field_per_bucket(fresh, "e1")
+    old = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert old and all(f.count(b"|") == 3 for f in old)
+    assert read_snapshot(fresh, c).tails == before
+    both.check()
+    both.replay(0, rows)  # packs them, and that is no news: dirty_seq stays
+    fields = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert fields and all(f.count(b"|") == 2 for f in fields)
+    assert read_snapshot(fresh, c).tails == before
+    _to_tail_field_per_bucket(fresh, "e1")
+    both.batch(0, [_m("b", "u", 9_000, 1000.0), _x("z", "w", 13_000),
+                   _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
+    both.check()
+    fields = [f for f in fresh.hkeys(shard_key("e1", src(0))) if f.startswith(b"t|")]
+    assert fields and all(f.count(b"|") == 2 for f in fields)
+    got = both.red.states["e1"].snapshot().tails["rev"][0]
+    assert sum(got.values()) == 3 and got == read_snapshot(fresh, c).tails["rev"][0]
 
 
 def test_state_from_before_covariates_is_read(fresh):
@@ -738,8 +804,7 @@ def test_tail_counts_from_the_tails_hash_continue(fresh):
                    _m("c", "w", 14_000, 3.0), _x("q", "q", 40_000)])  # u corrected, w folds
     both.check()
     assert fresh.hgetall(tails_key("e1")) == old
-    shard_tails = {f: int(v) for f, v in fresh.hgetall(shard_key("e1", src(0))).items()
-                   if f.startswith(b"t|")}
+    shard_tails = _shard_tails(fresh, "e1", src(0))
     assert -1 in shard_tails.values()
     got = both.red.states["e1"].snapshot().tails["rev"][0]
     assert sum(got.values()) == 3 and got == read_snapshot(fresh, c).tails["rev"][0]
@@ -1227,10 +1292,9 @@ def test_conversion_flips_and_cap_crossings_through_redis(fresh):
     assert both.red.states["e1"].counters["corrected"] == 4
     from kernels.tail import tail_bucket
     assert read_snapshot(fresh, c).tails["rev"] == [{tail_bucket(3.0): 1}, {}]
-    raw = {k.decode(): int(v) for k, v in fresh.hgetall(shard_key("e1", src(0))).items()
-           if k.startswith(b"t|")}  # the source's counts, absolute, in its shard
-    assert raw[f"t|rev|control|{tail_bucket(3.0)}"] == 1
-    assert raw[f"t|rev|control|{tail_bucket(4.0)}"] == 0  # moved away: read as none
+    raw = _shard_tails(fresh, "e1", src(0))  # the source's counts, absolute, in its shard
+    assert raw[("rev", "control", tail_bucket(3.0))] == 1
+    assert raw[("rev", "control", tail_bucket(4.0))] == 0  # moved away: read as none
     assert not fresh.exists("lr:{e:e1}:tails")  # the older hash is no longer written
 
 

@@ -33,7 +33,7 @@ PARTITION = 987654321
 #: builders that make no key of their own: the generic primitive (its kinds are
 #: checked through ``EXPERIMENT_KINDS``), a SCAN pattern, a field/suffix, a prefix
 NOT_KEYS = {"experiment_key", "experiment_glob", "experiment_and_unit_glob", "source",
-            "platform_prefix", "seen_index_field"}
+            "platform_prefix", "seen_index_field", "pending_index_field"}
 
 
 def _normalise(name: str) -> str:

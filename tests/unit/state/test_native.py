@@ -1,6 +1,9 @@
-"""The optional compiled rules (``streams.native``, issue 25): the compiled build of
-``streams.state.semantics`` gives exactly what its pure-Python source gives, and the loader runs a
-binary only when it was built from the sources on disk.
+"""The optional compiled build (``streams.native``, issue 25): the compiled build of each module
+of ``MODULES`` (the rules ``streams.state.semantics``, the tail sketch ``kernels.tail``, unit
+records ``streams.state.unit_records``, the RESP packer ``streams.state.resp``: tested against
+hiredis in test_resp.py) gives exactly
+what its pure-Python source gives, and the loader runs a binary only when it was built from the
+sources on disk.
 
 The suite itself runs on whichever implementation the import got (the compiled one after
 ``make install`` with a C compiler, as on CI); the differential test below runs the ``.py`` beside
@@ -21,23 +24,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kernels.tail as tail
 import streams.native as native
+import streams.state.resp as resp
 import streams.state.semantics as semantics
+import streams.state.unit_records as unit_records
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from tests.integration.test_state_differential import T0, configs, raw_streams, src
 
-COMPILED = not semantics.__file__.endswith(".py")
 REQUIRED = os.environ.get("LIFTSTREAM_REQUIRE_NATIVE", "") not in ("", "0")
-needs_compiled = pytest.mark.skipif(
-    not COMPILED and not REQUIRED,
-    reason=f"streams.state.semantics is {native.status()['streams.state.semantics']}")
+
+
+def compiled(mod) -> bool:
+    """Whether the import got the compiled build of ``mod`` (a module of ``MODULES``)."""
+    return not mod.__file__.endswith(".py")
+
+
+COMPILED = compiled(semantics)
+
+
+def needs_compiled(mod):
+    """Skip where ``mod`` runs as pure Python, unless CI requires the build (then it fails)."""
+    return pytest.mark.skipif(not compiled(mod) and not REQUIRED,
+                              reason=f"{mod.__name__} is {native.status()[mod.__name__]}")
 
 
 def test_compiled_build_in_use_where_required():
-    """Where CI requires it, the suite really ran on the compiled build."""
+    """Where CI requires it, the suite really ran on the compiled build of every module."""
     if not REQUIRED:
         pytest.skip("LIFTSTREAM_REQUIRE_NATIVE is not set")
-    assert COMPILED, native.status()
+    assert all(why.startswith("compiled") for why in native.status().values()), native.status()
 
 
 def _same(a, b, path: str = "") -> None:
@@ -55,7 +71,7 @@ def _same(a, b, path: str = "") -> None:
             _same(x, y, f"{path}[{i}]")
     elif isinstance(a, (set, frozenset)):
         assert sorted(a) == sorted(b), (path, a, b)
-    elif type(a).__module__ == semantics.__name__ + "__pure":  # a class of the rules
+    elif type(a).__module__.endswith("__pure"):  # a class of a compiled module
         assert type(b).__name__ == type(a).__name__, (path, a, b)
         names = ([f.name for f in dataclasses.fields(a)] if dataclasses.is_dataclass(a)
                  else list(vars(a)))
@@ -71,11 +87,11 @@ def _outcome(f):
     """What calling ``f`` gives: its value, or its exception's type and message."""
     try:
         return f()
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
         return (type(e).__name__, str(e))
 
 
-@needs_compiled
+@needs_compiled(semantics)
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
@@ -109,7 +125,7 @@ def test_compiled_rules_equal_pure_python(data):
     _same(want.snapshots(), got.snapshots(), "snapshots")
 
 
-@needs_compiled
+@needs_compiled(semantics)
 def test_compiled_rules_raise_as_pure_python():
     """A non-finite value is refused the same way by both (the ``_finite`` checks)."""
     pure = native.pure_module(semantics.__name__)
@@ -122,6 +138,88 @@ def test_compiled_rules_raise_as_pure_python():
         r.apply_batch(src(0), [x])
         outs.append(_outcome(lambda r=r: r.apply_batch(src(0), [ev])))
     assert outs[0] == outs[1] and outs[0][0] == "ValueError", outs
+
+
+# ---------------------------------------------------------------- the tail sketch (kernels.tail)
+
+
+@needs_compiled(tail)
+@settings(max_examples=300, deadline=None)
+@given(totals=st.lists(st.floats(allow_nan=True, allow_infinity=True)
+                       | st.floats(-1e-8, 1e-8) | st.integers(-10**6, 10**6), max_size=40),
+       q=st.floats(0, 1), share=st.floats(0, 1))
+def test_compiled_tail_sketch_equals_pure_python(totals, q, share):
+    """Buckets, bucket values, quantiles, shares, summaries: the same, floats bit for bit."""
+    pure = native.pure_module(tail.__name__)
+    counts: dict[int, int] = {}
+    for t in totals:
+        b = _outcome(lambda t=t: pure.tail_bucket(t))  # an infinite total: OverflowError
+        _same(b, _outcome(lambda t=t: tail.tail_bucket(t)), f"tail_bucket({t!r})")
+        if isinstance(b, int):
+            _same(_outcome(lambda b=b: pure.bucket_value(b)),
+                  _outcome(lambda b=b: tail.bucket_value(b)), f"bucket_value({b})")
+            counts[b] = counts.get(b, 0) + 1
+    sum_y2 = math.fsum(float(t) ** 2 for t in totals if math.isfinite(t) and abs(t) < 1e150)
+    _same(pure.merge(counts, {1: -1}), tail.merge(counts, {1: -1}), "merge")
+    _same(pure.quantile(counts, q), tail.quantile(counts, q), "quantile")
+    _same(_outcome(lambda: pure.top_share(counts, sum_y2, share)),
+          _outcome(lambda: tail.top_share(counts, sum_y2, share)), "top_share")
+    _same(_outcome(lambda: pure.tail_summary(counts, sum_y2)),
+          _outcome(lambda: tail.tail_summary(counts, sum_y2)), "tail_summary")
+
+
+# ---------------------------------------------------------------- unit records
+
+
+@st.composite
+def units_of(draw, cfg: ExperimentConfig) -> dict:
+    """Units as the rules leave them: every record version (1, 2 with pre values, 3 with
+    exposure-age bins), clean and dirty, and now and then a variant the config lacks."""
+    m = len(cfg.event_metrics)
+    nb = draw(st.integers(1, 3))
+    floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
+    out = {}
+    for i in range(draw(st.integers(0, 8))):
+        variant = draw(st.sampled_from([*cfg.variants, *cfg.variants, "zz"]))
+        u = semantics.UnitState(variant, draw(st.integers(0, 5)), draw(st.integers(-5, 10**6)),
+                                draw(st.integers(T0 - 10**6, T0 + 10**9)),
+                                draw(st.lists(floats, min_size=m, max_size=m)),
+                                draw(st.booleans()),
+                                draw(st.lists(st.none() | floats, min_size=m, max_size=m)),
+                                draw(st.integers(0, 4)),
+                                draw(st.sampled_from([[], [[0.0] * nb] * m]))
+                                if draw(st.booleans()) else
+                                draw(st.lists(st.lists(floats, min_size=nb, max_size=nb),
+                                              min_size=m, max_size=m)) if m else [],
+                                draw(st.booleans()))
+        out[f"u{i}"] = u
+    return out
+
+
+@needs_compiled(unit_records)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_compiled_unit_records_equal_pure_python(data):
+    """``encode_units`` / ``encode_unit`` (the owner's commit) and ``decode_unit`` (its reads):
+    the same bytes, the same error, the same decoded units."""
+    pure = native.pure_module(unit_records.__name__)
+    cfg = data.draw(configs(), label="configs")[0]
+    units = data.draw(units_of(cfg), label="units")
+    want = _outcome(lambda: pure.encode_units(units, cfg))
+    got = _outcome(lambda: unit_records.encode_units(units, cfg))
+    _same(want, got, "encode_units")
+    for uid, u in units.items():
+        rec = _outcome(lambda u=u: pure.encode_unit(u, cfg))
+        _same(rec, _outcome(lambda u=u: unit_records.encode_unit(u, cfg)), f"encode_unit {uid}")
+        if isinstance(rec, bytes):
+            _same(vars_of(pure.decode_unit(rec, cfg)),
+                  vars_of(unit_records.decode_unit(rec, cfg)), f"decode_unit {uid}")
+
+
+def vars_of(u) -> dict:
+    """A unit's fields (``UnitState`` is a compiled class: no ``__dict__``)."""
+    return {f.name: getattr(u, f.name) for f in dataclasses.fields(u)}
 
 
 # ---------------------------------------------------------------- the loader (no compiler needed)
@@ -192,10 +290,18 @@ def test_the_finder_picks_the_py_over_a_binary_beside_it(fake_root, monkeypatch)
     assert native._Finder().find_spec("streams.state.store") is None  # not ours: the usual way
 
 
-def test_status_says_which_implementation_runs():
-    want = "compiled (mypyc" if COMPILED else "pure Python"
-    assert native.status()[semantics.__name__].startswith(want)
-    assert (semantics.__name__ + native.LIB_SUFFIX in sys.modules) == COMPILED
+@pytest.mark.parametrize("mod", [semantics, tail, unit_records, resp],
+                         ids=lambda m: m.__name__)
+def test_status_says_which_implementation_runs(mod):
+    want = "compiled (mypyc" if compiled(mod) else "pure Python"
+    assert native.status()[mod.__name__].startswith(want)
+    assert (mod.__name__ + native.LIB_SUFFIX in sys.modules) == compiled(mod)
+
+
+def test_every_compiled_module_is_tested_here():
+    """A module added to ``MODULES`` gets its differential test in this file."""
+    # (the packer's differential test, against hiredis itself, is test_resp.py's)
+    assert set(native.MODULES) == {m.__name__ for m in (semantics, tail, unit_records, resp)}
 
 
 def test_the_hashed_dependencies_are_the_modules_imports():
