@@ -455,23 +455,46 @@ def index_pttl(r: Any, topic: str, partition: int, unit: str, eid: str) -> int:
 def drop_experiment(r: Any, key: str, experiment_id: str, batch: int = 1000) -> None:
     """Remove ``experiment_id``'s entries from the bucket ``key`` (a delete,
     ``registry.delete_state``): its fields rewritten without it, those left
-    empty deleted."""
-    hset: list[str] = []
-    hdel: list[str] = []
-    for f, v in r.hscan_iter(key, count=batch):
-        if _str(f) == PAD[0]:
-            continue
-        d = unpack(_str(v))
-        if d.pop(experiment_id, None) is not None:
-            u = _str(f)
-            if d:
-                hset += [u, pack(d)]
-            else:
-                hdel.append(u)
-    for i in range(0, len(hset), 2 * batch):
-        r.execute_command("HSET", key, *hset[i:i + 2 * batch])
-    for i in range(0, len(hdel), batch):
-        r.hdel(key, *hdel[i:i + batch])
+    empty deleted. The fields naming it are found by a scan, then rewritten
+    ``batch`` at a time by ``_drop_from``: read again and written under WATCH
+    of the bucket, because a field is a read-modify-write and the partition's
+    owner may merge another experiment into it meanwhile (a write computed
+    from the scan's values lost that entry)."""
+    named = [u for f, v in r.hscan_iter(key, count=batch)
+             if (u := _str(f)) != PAD[0] and experiment_id in unpack(_str(v))]
+    for i in range(0, len(named), batch):
+        _drop_from(r, key, experiment_id, named[i:i + batch])
+
+
+def _drop_from(r: Any, key: str, experiment_id: str, units: list[str]) -> None:
+    """``drop_experiment`` for the fields ``units`` of ``key``: WATCH, read,
+    MULTI/EXEC; a refused EXEC (the bucket changed) reads again, at most
+    ``MAX_ATTEMPTS`` times, then ``IndexContention`` (nothing written)."""
+    for _ in range(MAX_ATTEMPTS):
+        with r.pipeline() as p:
+            try:
+                p.watch(key)
+                hset: list[str] = []
+                hdel: list[str] = []
+                for u, v in zip(units, p.hmget(key, units), strict=True):
+                    d = unpack(_str(v))
+                    if d.pop(experiment_id, None) is None:
+                        continue
+                    if d:
+                        hset += [u, pack(d)]
+                    else:
+                        hdel.append(u)
+                p.multi()
+                if hset:
+                    p.execute_command("HSET", key, *hset)
+                if hdel:
+                    p.hdel(key, *hdel)
+                p.execute()
+                return
+            except WatchError:
+                continue
+    raise IndexContention(f"{key}: changed under each of {MAX_ATTEMPTS} rewrites "
+                          f"dropping experiment {experiment_id!r}")
 
 
 def is_bucket(key: bytes) -> bool:

@@ -482,3 +482,52 @@ def test_a_merge_overtaken_every_time_gives_up_with_a_clear_error(redis_url, pac
     assert len(tries) == unit_index.MAX_ATTEMPTS
     assert r.hget(unit_index._bucket_key("t", 0, tries[0]), "u") is None
     r.close()
+
+
+@pytest.mark.parametrize("when", ["after_scan", "after_read"])
+@pytest.mark.parametrize("decode", [False, True], ids=["bytes", "str"])
+def test_defect_a_delete_never_drops_another_experiments_entry(redis_url, decode, when,
+                                                                monkeypatch):
+    """A delete of experiment a rewrites each index field that names a
+    (``unit_index.drop_experiment``). An owner merging experiment b into the
+    same unit's field between the delete's read and its write lost b: the
+    delete wrote the field as it had read it, less a (here: deleted it, a
+    being all it had read), and the unit's later metrics without
+    experiment_id no longer routed to b. The delete now reads the fields
+    again under WATCH of the bucket and rewrites them in MULTI/EXEC, read
+    again if refused: b stays whether the merge lands after the scan or
+    after that read."""
+    from streams.state import unit_index
+
+    r = redis.Redis.from_url(redis_url, decode_responses=decode)
+    r.flushall()
+    key = unit_index._bucket_key("t", 0, "60000:0")
+    r.hset(key, mapping={"u": unit_index.pack({"a": "t|0|5"}),
+                         "w": unit_index.pack({"a": "t|0|6", "c": "t|0|9"})})
+    other = redis.Redis.from_url(redis_url)
+    real_scan, real_unpack, scanned, merges = r.hscan_iter, unit_index.unpack, [], []
+
+    def merge() -> None:  # an owner's merge of b into u's field
+        merges.append(1)
+        other.hset(key, "u", unit_index.pack({"a": "t|0|5", "b": "t|0|7"}))
+
+    def scan(*args, **kw):
+        yield from list(real_scan(*args, **kw))
+        scanned.append(1)
+        if when == "after_scan":
+            merge()
+
+    def unpack(value):
+        if when == "after_read" and scanned and not merges:
+            merge()
+        return real_unpack(value)
+
+    monkeypatch.setattr(r, "hscan_iter", scan)
+    monkeypatch.setattr(unit_index, "unpack", unpack)
+    unit_index.drop_experiment(r, key, "a")
+    assert merges
+    got = {unit_index._str(f): real_unpack(unit_index._str(v))
+           for f, v in other.hgetall(key).items()}
+    assert got == {"u": {"b": "t|0|7"}, "w": {"c": "t|0|9"}}
+    other.close()
+    r.close()
