@@ -447,7 +447,6 @@ _FAST_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError,
 def parse_event_row(
     raw: bytes | bytearray | memoryview | str,
     offset: int,
-    *,
     now_ms: int | None = None,
     max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
 ) -> tuple:
