@@ -114,18 +114,21 @@ class Ingestor:
         # Events travel as rows (see streams.state.store), not dataclasses: validation
         # is the same as parse_event's, reasons and messages included.
         rows: list[tuple] = []
-        append, max_future_ms = rows.append, self.max_future_ms
-        for i, (off, raw) in enumerate(messages):
+        append, max_future_ms, parse = rows.append, self.max_future_ms, parse_event_row
+        # zip, and parse_event_row's arguments by position: ~0.3k instructions
+        # per event less than enumerate, keys[i] and keywords (callgrind)
+        check = keys is not None
+        for (off, raw), key in zip(messages, keys if check else [None] * len(messages),
+                                   strict=True):
             try:
                 if raw is None:
                     raise InvalidRecord("not_json", "tombstone (null value) on the events topic")
-                row = parse_event_row(raw, off, now_ms=now_ms, max_future_ms=max_future_ms)
-                if keys is not None and keys[i] != row[4].encode():
-                    raise _key_mismatch(keys[i], row[4])
+                row = parse(raw, off, now_ms, max_future_ms)
+                if check and key != row[4].encode():
+                    raise _key_mismatch(key, row[4])
                 append(row)
             except InvalidRecord as bad:
-                self._dead(res, raw, bad, topic, partition, off, now_ms, attributed,
-                           key=None if keys is None else keys[i])
+                self._dead(res, raw, bad, topic, partition, off, now_ms, attributed, key=key)
 
         ids = set(map(itemgetter(3), rows))
         ids.discard(None)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import json
 import math
 import pickle
+import re
 import time
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -29,9 +32,11 @@ from schemas.contracts import (
 )
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
 from schemas.validate import (
+    _ID_TABLE,  # the fast path's id check
     CODES,
     ID_PATTERN,
     MAX_EVENT_BYTES,
+    MAX_ID_LENGTH,
     MAX_TS_MS,
     MIN_TS_MS,
     NAME_PATTERN,
@@ -1177,3 +1182,66 @@ def test_fast_path_agrees_on_raw_literals(base: dict[str, Any], lit: bytes, fiel
     _same_verdict(raw)
     if lit.startswith(b'"'):
         _same_verdict(enc(EXPOSURE)[:-1] + b',"pre":{' + lit + b":1}}")
+
+
+# ---------------------------------------------------------------- opaque ids without the regex
+
+_ID_FULLMATCH = functools.partial(re.fullmatch, ID_PATTERN)
+# every ASCII character, the edges of the length rule, line ends (``$``-like
+# pitfalls), non-ASCII letters and digits that str.isalnum would take
+_ID_EDGES = ([chr(i) for i in range(128)] + [f"a{chr(i)}b" for i in range(128)]
+             + ["", "a" * 127, "a" * 128, "a" * 129, "-" * 128, "=" * 129, "a\n", "\na",
+                "a\r\n", "é", "aé", "٣", "ａ", "ß", "\x80", "\xff", "\u0100", "😀", "a\x00"])
+_id_text = (st.text(st.characters(exclude_categories=()), max_size=140)
+            | st.text(st.sampled_from(ID_PATTERN + "\n \x00é٣"), max_size=140)
+            | st.from_regex(ID_PATTERN, fullmatch=True)
+            | st.sampled_from(_ID_EDGES))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_id_text)
+def test_is_valid_id_is_the_regex(s: str) -> None:
+    """is_valid_id (a translate table, no regex) accepts exactly what
+    ``re.fullmatch(ID_PATTERN, s)`` does, for any text: lone surrogates too."""
+    assert is_valid_id(s) == (_ID_FULLMATCH(s) is not None), repr(s)
+
+
+def test_is_valid_id_edges() -> None:
+    for s in _ID_EDGES:
+        assert is_valid_id(s) == (_ID_FULLMATCH(s) is not None), repr(s)
+    assert not is_valid_id(None) and not is_valid_id(b"a") and not is_valid_id(1)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_id_text.filter(lambda s: 1 <= len(s) <= MAX_ID_LENGTH),
+       _id_text.filter(lambda s: 1 <= len(s) <= MAX_ID_LENGTH))
+def test_fast_path_id_pair_check_is_the_regex(a: str, b: str) -> None:
+    """parse_event_row's check of event_id and unit_id together (each 1..128
+    long, msgspec's _FastId) == the regex on each."""
+    assume(not any("\ud800" <= c <= "\udfff" for c in a + b))  # msgspec never decodes those
+    fast = (a + b).encode().translate(_ID_TABLE).isalpha()
+    assert fast == (_ID_FULLMATCH(a) is not None and _ID_FULLMATCH(b) is not None), (a, b)
+
+
+def test_msgspec_never_decodes_a_lone_surrogate() -> None:
+    """What lets the fast path encode ids without a surrogate check (it
+    catches UnicodeEncodeError all the same)."""
+    for lit in (b'"\\ud800"', b'"\\udc00"', b'"a\\ud800b"', b'"\\udc00\\ud800"'):
+        with pytest.raises(msgspec.DecodeError):
+            msgspec.json.decode(lit, type=str)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([EXPOSURE, METRIC]), _id_text, _id_text)
+def test_fast_path_agrees_on_any_ids(base: dict[str, Any], event_id: str, unit_id: str) -> None:
+    """Arbitrary event_id/unit_id text, \\u-escaped (json.dumps' ASCII
+    output: the fast path's input), and as orjson writes it (UTF-8)."""
+    d = {**base, "event_id": event_id, "unit_id": unit_id}
+    _same_verdict(json.dumps(d).encode())
+    try:
+        raw = orjson.dumps(d)
+    except orjson.JSONEncodeError:  # a lone surrogate
+        return
+    _same_verdict(raw)
+    verdict = _row_or_reason(parse_event_row, json.dumps(d).encode(), NOW)
+    assert (verdict[0] == "row") == (is_valid_id(event_id) and is_valid_id(unit_id))
