@@ -160,9 +160,7 @@ class Watch:
         """Keep ``add_current_read``'s reply (HMGET of ``units`` in ``name``)."""
         self.watching = True
         self.name = name
-        # (``_str`` inline: no call per unit)
-        self.fields = {u: v.decode() if isinstance(v, bytes) else v
-                       for u, v in zip(units, reply, strict=True)}
+        self.fields = {u: _str(v) for u, v in zip(units, reply, strict=True)}
 
     def prior(self, name: str, units: Sequence[str]) -> dict[str, str | None] | None:
         """``units``' fields of bucket ``name`` read under this WATCH (None:
@@ -202,9 +200,7 @@ def add_current_read(p: Any, topic: str, partition: int, ttl_ms: int, now_ms: in
 def pack(entries: dict[str, str]) -> str:
     """A bucket field's value: ``<experiment> <position>`` pairs (neither
     holds a space: ``schemas.validate.ID_PATTERN``, Kafka topic names)."""
-    # ``map`` of ``str.join`` over the (experiment, position) pairs: the
-    # same string as joining f"{e} {mk}", without a generator frame
-    return " ".join(map(" ".join, entries.items()))
+    return " ".join(f"{e} {mk}" for e, mk in entries.items())
 
 
 def unpack(value: str | None) -> dict[str, str]:
@@ -257,18 +253,15 @@ def add_writes(p: Any, topic: str, partition: int, exposing: dict[tuple[str, str
     Returns the bucket's name."""
     name, at = current_bucket(ttl_ms, now_ms)
     key = _bucket_key(topic, partition, name)
-    # (``unpack`` and ``pack`` inline: a field per exposed unit, no calls)
     merged: dict[str, dict[str, str]] = {}
     for (u, e), mk in exposing.items():
         got = merged.get(u)
         if got is None:
-            old = prior.get(u)
-            got = merged[u] = unpack(old) if old else {}
+            got = merged[u] = unpack(prior.get(u))
         got.setdefault(e, mk)
     changed: list[str] = []
-    join = " ".join
     for u, d in merged.items():
-        v = join(map(join, d.items()))
+        v = pack(d)
         if v != (prior.get(u) or ""):
             changed += [u, v]
     new = view.buckets.get(name) != at
