@@ -214,7 +214,8 @@ class Ingestor:
                 # Why a path of its own: every row is clocked (crows[i] is rows[i]
                 # with its clock), so only exposures are looked at, and the rows
                 # are kept as they are unless a concluded experiment's ended
-                # (bench batches: no row copied, ~0.4k instr/event less)
+                # (no row copied; with ``store.clocked``'s and
+                # ``route_rows``' own: 71.0k -> 68.0k instr/event, bench batches)
                 for crow in crows:
                     if crow[1] == "x":
                         exposure(crow, crow[9])
