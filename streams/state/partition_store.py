@@ -1344,8 +1344,15 @@ class PendingCopy:
                     del members[a][u]
                 d[u] = sc
                 a = sc - sc % wd
-                add.setdefault(a, {})[u] = sc
-                members.setdefault(a, {})[u] = sc
+                # (not ``setdefault(a, {})``: that builds a dict per entry)
+                ma = add.get(a)
+                if ma is None:
+                    ma = add[a] = {}
+                ma[u] = sc
+                ma = members.get(a)
+                if ma is None:
+                    ma = members[a] = {}
+                ma[u] = sc
             push(heap, t)
         if self.fresh:  # every entry, in the buckets it falls in
             add = {a: dict(m) for a, m in members.items() if m}
