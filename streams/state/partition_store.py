@@ -1139,7 +1139,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         # read beyond the batch's is not kept, below); a pending score where
         # the unit is in the heap after the call or was due; the held
         # metrics and hold-queue score only when the call held or read some
-        # (an entry holds them only if they were read: ``held_before``, ``q``)
+        # (an entry holds them only if they were read: ``held_before``, ``q``).
+        # Measured with the column-wise ``_unit_reads`` and the heap entries
+        # reused for the pending copy: ~70.7k -> ~70.2k instr/event (callgrind)
         rec_of = recs.get
         for uid, e, u in zip(uids, ents, map(st.units.get, uids), strict=True):
             e.unit = u
@@ -1344,7 +1346,8 @@ class PendingCopy:
                     del members[a][u]
                 d[u] = sc
                 a = sc - sc % wd
-                # (not ``setdefault(a, {})``: that builds a dict per entry)
+                # (not ``setdefault(a, {})``: that builds a dict per entry;
+                # measured ~70.2k -> ~69.7k instr/event, callgrind)
                 ma = add.get(a)
                 if ma is None:
                     ma = add[a] = {}
