@@ -41,7 +41,7 @@ from __future__ import annotations
 import heapq
 import math
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter, lt
@@ -432,6 +432,8 @@ class _LoadedRetired(RetiredFilter):
 
 #: a row's unit_id and event_id (``store`` rows), for ``map``
 _UNIT_ID, _EVENT_ID, _OFFSET = itemgetter(4), itemgetter(2), itemgetter(0)
+#: a pending heap entry's (score, unit id bytes, unit id) parts
+_HEAP_SCORE, _HEAP_UID = itemgetter(0), itemgetter(2)
 #: a row's (kind, experiment_id) and its pre values (``_check_rows``)
 _KIND_EXP, _PRE = itemgetter(1, 3), itemgetter(8)
 
@@ -742,14 +744,25 @@ def _unit_reads(uids: list[str], got: Sequence[Any], cfg: ExperimentConfig
                 ) -> dict[str, CachedUnit]:
     """The replies of ``_queue_unit_reads`` as cache entries (three: no
     pending scores, None until the caller sets them)."""
-    out = {}
+    # (columns converted whole, the entries built by ``map``: the common
+    # miss is a new unit, every reply None, each column then kept as it is)
+    n = len(uids)
     if len(got) == 3:
-        got = [got[0], [None] * len(uids), got[1], got[2]]
-    for uid, raw, pend, held, hq in zip(uids, *got, strict=True):
-        out[uid] = CachedUnit(None if raw is None else decode_unit(raw, cfg),
-                              raw, None if pend is None else int(pend),
-                              held or None, None if hq is None else int(hq))
-    return out
+        raws, helds, hqs = got
+        pends: Sequence[Any] = [None] * n
+    else:
+        raws, pends, helds, hqs = got
+    if len(raws) != n or len(pends) != n or len(helds) != n or len(hqs) != n:
+        raise ValueError("_unit_reads: a reply's length is not the unit count")
+    units = raws if raws.count(None) == n else [
+        None if raw is None else decode_unit(raw, cfg) for raw in raws]
+    if pends.count(None) != n:
+        pends = [None if pend is None else int(pend) for pend in pends]
+    if helds.count(None) != n:
+        helds = [held or None for held in helds]
+    if hqs.count(None) != n:
+        hqs = [None if hq is None else int(hq) for hq in hqs]
+    return dict(zip(uids, map(CachedUnit, units, raws, pends, helds, hqs), strict=True))
 
 
 def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequence[tuple],
@@ -885,10 +898,17 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             everything = None
         elif cache is not None:
             cache.pending_off = True  # too many to keep: the sorted set
+    due_pend: Sequence[Any] = ()
+    due_heap: list[tuple[int, bytes, str]] | None = None
     if pc is not None:
-        due_pend = pc.take_due(clk - st.L, fold_limit + 1)
-        for uid in miss:
-            entries[uid].pend = pc.d.get(uid)
+        due_heap = pc.take_due(clk - st.L, fold_limit + 1)
+        if not full_pend:
+            # a miss was read without its score (None): the copy's, where it
+            # has one (a miss is mostly a new unit: none), in C; with
+            # ``full_pend`` every entry got its score from the same entries
+            pd = pc.d
+            for uid in pd.keys() & miss:
+                entries[uid].pend = pd[uid]
     elif everything is not None:
         due_pend = pq.due(everything.items(), clk - st.L, fold_limit + 1)
     else:
@@ -896,12 +916,14 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     loaded_units: dict[str, bytes] = {}
     held_before: dict[str, bytes] = {}
     q: dict[str, int] = {}
-    for uid in uids:
-        e = entries[uid]
-        if e.rec is not None:
-            loaded_units[uid] = e.rec
-            st.units[uid] = e.unit  # type: ignore[assignment]
-            st.unit_source[uid] = src if e.pend is not None else ""
+    ents = list(map(entries.__getitem__, uids))  # the batch's, in its order
+    units_st, source_st = st.units, st.unit_source
+    for uid, e in zip(uids, ents, strict=True):
+        rec = e.rec
+        if rec is not None:
+            loaded_units[uid] = rec
+            units_st[uid] = e.unit  # type: ignore[assignment]
+            source_st[uid] = src if e.pend is not None else ""
         if e.held:
             held_before[uid] = e.held
             st.held[uid] = _decode_held(e.held)
@@ -928,6 +950,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     # the members as Redis sent them: no unit id decoded and encoded again)
     pend0: dict[str, int] = {}
     heap: list[tuple[int, bytes, str]] = []
+    if due_heap is not None:  # the owner's copy's entries (each unit once)
+        heap = due_heap
+        pend0 = dict(zip(map(_HEAP_UID, heap), map(_HEAP_SCORE, heap), strict=True))
     for m, sc in due_pend:  # a sorted set's members: each once
         if isinstance(m, bytes):
             u, mb = m.decode(), m
@@ -1017,7 +1042,10 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     gone = [u for u in loaded_units if u not in st.units]
     if gone:
         w.add("hdel", k.units, *gone)
-    pend1 = {u: sc for sc, _, u in st._pending[src]}
+    # unit id -> score of the rules' heap after the call (as a dictcomp over
+    # it would, at C speed); its tuples go to the owner's copy as they are
+    heap1 = st._pending[src]
+    pend1 = dict(zip(map(_HEAP_UID, heap1), map(_HEAP_SCORE, heap1), strict=True))
     held_recs = {}
     for uid, lst in st.held.items():
         raw = b"".join(_HELD.pack(mi + 1, ts, v) for mi, ts, v in lst)
@@ -1076,7 +1104,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         _pack_legacy_tails(w, st, shard, shard_k, legacy_tails)
     # the pending entries (after ``dirty``: converting a layout is no news)
     if pc is not None:
-        pc.write(w, eid, src, pend0, pend1, owner.seqs[eid])
+        pc.write(w, eid, src, pend0, pend1, owner.seqs[eid],
+                 heap1 if len(heap1) == len(pend1) else None)
     elif everything is not None and idx is not None:  # the buckets to the sorted set
         _to_zset(w, eid, src, idx, everything, pend0, pend1)
     else:
@@ -1095,39 +1124,50 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         off_new = dl_hi
     seq = (owner.commit(eid, w, off_new, dirty, token[1], token[0], held)
            if dirty or len(w) else None)
-    for u in st.units.values():  # committed: Redis holds them as they are now
-        u.dirty = False
+    # committed: Redis holds them as they are now (the units the rules
+    # changed are those ``encode_units`` encoded, ``recs``)
+    units_now = st.units
+    for uid in recs:
+        units_now[uid].dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
         # the entries updated in place (a miss's is new) and put (``UnitCache.put``:
-        # the LRU's end, in the batch's order) in one pass, the bound enforced
-        # after it: this runs for every unit of every batch, so each lookup is
-        # made once and the empty held maps (the common case) are skipped
-        held_now = st.held
-        unit_of, pend_of, rec_of, loaded_of = st.units.get, pend1.get, recs.get, loaded_units.get
-        cached_units = cache.units
-        to_end = cached_units.move_to_end
-        for uid in uids:
-            e = entries[uid]
-            u = e.unit = unit_of(uid)
-            sc = pend_of(uid)
-            if sc is not None:
-                e.pend = sc
-            elif uid in pend0:
-                e.pend = None
+        # the LRU's end, in the batch's order), the bound enforced after it.
+        # This runs for every unit of every batch, so only what can have
+        # changed is set: a record is the encoded one when the rules changed
+        # the unit, else the one read (``e.rec`` already: a unit the call
+        # read beyond the batch's is not kept, below); a pending score where
+        # the unit is in the heap after the call or was due; the held
+        # metrics and hold-queue score only when the call held or read some
+        # (an entry holds them only if they were read: ``held_before``, ``q``).
+        # Measured with the column-wise ``_unit_reads`` and the heap entries
+        # reused for the pending copy: ~70.7k -> ~70.2k instr/event (callgrind)
+        rec_of = recs.get
+        for uid, e, u in zip(uids, ents, map(st.units.get, uids), strict=True):
+            e.unit = u
             if u is None:
                 e.rec = None
-            else:
-                rec = rec_of(uid)
-                e.rec = loaded_of(uid) if rec is None else rec
-            if held_now and uid in held_now:
-                h = held_recs.get(uid)
-                e.held = held_before.get(uid) if h is None else h
-            else:
-                e.held = None
-            e.heldq = q1.get(uid) if q1 else None
-            cached_units[uid] = e
-            to_end(uid)
+            elif (rec := rec_of(uid)) is not None:
+                e.rec = rec
+        for uid in pend1.keys() & uids:
+            entries[uid].pend = pend1[uid]
+        for uid in pend0.keys() & uids:
+            if uid not in pend1:
+                entries[uid].pend = None
+        held_now = st.held
+        if held_now or held_before:
+            for uid, e in zip(uids, ents, strict=True):
+                if uid in held_now:
+                    h = held_recs.get(uid)
+                    e.held = held_before.get(uid) if h is None else h
+                else:
+                    e.held = None
+        if q1 or heldq0:
+            for uid, e in zip(uids, ents, strict=True):
+                e.heldq = q1.get(uid)
+        cached_units = cache.units
+        cached_units.update(zip(uids, ents, strict=True))
+        deque(map(cached_units.move_to_end, uids), maxlen=0)  # each, in C
         cache.trim()
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
             u = e.unit = st.units.get(uid)
@@ -1257,25 +1297,34 @@ class PendingCopy:
         self.listed: set[int] = set() if idx is None else set(idx.starts)
         self.text: str | None = None if idx is None else idx.text()
 
-    def take_due(self, T: int, limit: int) -> list[tuple[str, int]]:
+    def take_due(self, T: int, limit: int) -> list[tuple[int, bytes, str]]:
         """The first ``limit`` entries with score <= ``T`` in the rules'
         order (the sorted set's ``ZRANGE BYSCORE ... LIMIT``), taken off the
-        heap: ``write`` puts back what the call leaves pending."""
-        heap, d, out = self.heap, self.d, []
+        heap as its entries (score, unit id bytes, unit id): the rules' heap
+        is made of them as they are; ``write`` puts back what the call
+        leaves pending."""
+        heap, dget, out = self.heap, self.d.get, []
+        pop = heapq.heappop
         while heap and heap[0][0] <= T and len(out) < limit:
-            sc, _, u = heapq.heappop(heap)
-            if d.get(u) == sc:
-                out.append((u, sc))
+            t = pop(heap)
+            if dget(t[2]) == t[0]:
+                out.append(t)
         return out
 
     def write(self, w: WriteSet, eid: str, src: str, before: dict[str, int],
-              after: dict[str, int], seq: int) -> None:
+              after: dict[str, int], seq: int,
+              items: list[tuple[int, bytes, str]] | None = None) -> None:
         """Apply the call's changes (``before``: the due entries it took;
         ``after``: the rules' pending heap after it) to the copy and queue
         them: per bucket a ``+<seq>`` field (entries added or moved there)
         and a ``-<seq>`` field (unit ids gone from it), or the bucket
         rewritten whole when its log would pass ``pending.compact_at``;
-        buckets left empty UNLINKed; the index when it changed."""
+        buckets left empty UNLINKed; the index when it changed.
+
+        ``items``: ``after`` as the rules' heap entries (score, unit id
+        bytes, unit id), each unit once and in ``after``'s order, pushed
+        onto the copy's heap as they are (no tuple built, no id encoded
+        again: this runs for every exposure)."""
         d, members, wd, heap = self.d, self.members, self.w, self.heap
         rem: dict[int, list[str]] = {}
         add: dict[int, dict[str, int]] = {}
@@ -1284,8 +1333,12 @@ class PendingCopy:
                 a = old - old % wd
                 rem.setdefault(a, []).append(u)
                 del members[a][u]
-        for u, sc in after.items():
-            old = d.get(u)
+        if items is None:
+            items = [(sc, u.encode("utf-8"), u) for u, sc in after.items()]
+        dget, push = d.get, heapq.heappush
+        for t in items:
+            sc, _, u = t
+            old = dget(u)
             if old != sc:
                 if old is not None:
                     a = old - old % wd
@@ -1293,9 +1346,17 @@ class PendingCopy:
                     del members[a][u]
                 d[u] = sc
                 a = sc - sc % wd
-                add.setdefault(a, {})[u] = sc
-                members.setdefault(a, {})[u] = sc
-            heapq.heappush(heap, (sc, u.encode("utf-8"), u))
+                # (not ``setdefault(a, {})``: that builds a dict per entry;
+                # measured ~70.2k -> ~69.7k instr/event, callgrind)
+                ma = add.get(a)
+                if ma is None:
+                    ma = add[a] = {}
+                ma[u] = sc
+                ma = members.get(a)
+                if ma is None:
+                    ma = members[a] = {}
+                ma[u] = sc
+            push(heap, t)
         if self.fresh:  # every entry, in the buckets it falls in
             add = {a: dict(m) for a, m in members.items() if m}
             rem = {}

@@ -1350,3 +1350,50 @@ def test_a_metric_held_and_expired_in_one_batch_is_counted_without_holds_before(
     res = ing.process("liftstream.events", 0, batch, T0 + 3_600_000, epoch)
     assert res.counts["unrouted"] == 1 and res.counts["unrouted_expired"] == 1, res.counts
     assert not fresh.exists(unit_hold_queue("liftstream.events", 0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_owner_cache_is_what_redis_holds_after_every_call(fresh, seed):
+    """The write-through (``_apply_rows_owned``) updates only the cache
+    fields that can have changed: after every call, each cached unit's
+    record, pending score, held metrics and hold-queue score, and the
+    owner's pending copy, are exactly what Redis holds (exposures, metrics
+    held before their exposure, folds and retirements mixed)."""
+    from streams.state import partition_store as ps
+    from streams.state.store import apply_rows, clocked, event_row
+
+    rng = random.Random(seed)
+    cfg = ExperimentConfig(experiment_id="e1", metrics=(MetricSpec("rev"),),
+                           window_seconds=10, bucket_seconds=2, hold_seconds=30)
+    epoch = claim_partition(fresh, "liftstream.events", 0)
+    k = rk.experiment_keys("e1")
+    heldq_k = rk.heldq_key("e1", SRC0)
+    off, t = 0, 0
+    for _ in range(25):
+        rows = []
+        for _ in range(rng.randint(1, 12)):
+            u = f"u{rng.randint(0, 15)}"
+            t += rng.randint(0, 900)
+            if rng.random() < 0.4:
+                ev = Exposure(f"x{off}", "e1", u, "control", T0 + t, 1.0)
+            else:
+                ev = Metric(f"m{off}", u, "rev", float(rng.randint(1, 5)),
+                            T0 + t - rng.randint(0, 3000), "e1")
+            rows.append(event_row(off, ev))
+            off += 1
+        crows, clk = clocked(rows, None)
+        apply_rows(fresh, cfg, "liftstream.events", 0, crows, clk, epoch=epoch)
+        cache = ps._OWNERS[(id(fresh), "liftstream.events", 0)].caches["e1"]
+        pend = dict(read_pending(fresh, "e1", SRC0))
+        if cache.pending is not None:
+            assert cache.pending.d == pend
+        for uid, e in cache.units.items():
+            rec = fresh.hget(k.units, uid)
+            assert e.rec == rec, uid
+            assert (e.unit is None) == (rec is None), uid
+            if rec is not None:
+                assert e.unit == decode_unit(rec, cfg), uid
+            assert e.pend == pend.get(uid), uid
+            assert e.held == (fresh.hget(k.held, uid) or None), uid
+            hq = fresh.zscore(heldq_k, uid)
+            assert e.heldq == (None if hq is None else int(hq)), uid
