@@ -41,6 +41,10 @@ MODULES: dict[str, tuple[str, ...]] = {
     "streams.state.resp": (),
     "kernels.tail": (),
     "streams.state.unit_records": ("schemas.records", "streams.state.semantics"),
+    "streams.state.partition_store": (
+        "schemas.records", "streams.config.settings", "streams.state.keys", "streams.state.pending",
+        "streams.state.retired_filter", "streams.state.semantics", "streams.state.store",
+        "streams.state.wire"),
 }
 
 #: Set to ``1`` to run every module of ``MODULES`` as pure Python.

@@ -323,7 +323,7 @@ class Commit:
         on the connection that holds the WATCH (``packs``). An error reply
         while queueing makes Redis abort the EXEC (EXECABORT): raised, nothing
         written. ``WatchError`` when the EXEC was refused (the fence moved)."""
-        rec = Recorder()
+        rec = Recorder()  # type: ignore[abstract]  # (mypy: CoreCommands' abstract members)
         for method, args, kwargs in writes.ops:
             getattr(rec, method)(*args, **kwargs)
         cmds = [("MULTI",), *rec.cmds, *tail, ("EXEC",)]
@@ -402,6 +402,9 @@ class _LoadedRetired(RetiredFilter):
     layer not used yet are placed only after ``probe`` said the server's
     string limit holds it (else the layer before is the cap, as
     ``retired_filter.MAX_LAYER`` explains)."""
+
+    n: int  # (declared for mypyc: the base's attributes, set in its ``__init__``)
+    max_layer: int
 
     def __init__(self, n: int, max_layer: int, known: dict[str, bool],
                  probe: Any) -> None:
@@ -811,7 +814,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if generation is not UNCHECKED and as_bytes(token[0]) != generation:
         raise ExperimentChanged(eid, "deleted (or re-created) since the caller read its config")
     i = 4
-    shard_raw = None
+    shard_raw: Any = None
     if cached_shard is None:
         shard_raw, i = got[4], 5
     entries = _unit_reads(miss, got[i:i + n_unit], cfg) if miss else {}
@@ -885,6 +888,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             everything = None
         elif cache is not None:
             cache.pending_off = True  # too many to keep: the sorted set
+    due_pend: Sequence[Any]  # (mypyc: str members from the copy, bytes from Redis)
     if pc is not None:
         due_pend = pc.take_due(clk - st.L, fold_limit + 1)
         for uid in miss:
@@ -1095,8 +1099,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         off_new = dl_hi
     seq = (owner.commit(eid, w, off_new, dirty, token[1], token[0], held)
            if dirty or len(w) else None)
-    for u in st.units.values():  # committed: Redis holds them as they are now
-        u.dirty = False
+    for written in st.units.values():  # committed: Redis holds them as they are now
+        written.dirty = False
     shard.untouch()
     if cache is not None:  # write-through, after the commit succeeded
         # the entries updated in place (a miss's is new) and put (``UnitCache.put``:
@@ -1109,13 +1113,13 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         to_end = cached_units.move_to_end
         for uid in uids:
             e = entries[uid]
-            u = e.unit = unit_of(uid)
-            sc = pend_of(uid)
-            if sc is not None:
-                e.pend = sc
+            unit = e.unit = unit_of(uid)
+            score = pend_of(uid)
+            if score is not None:
+                e.pend = score
             elif uid in pend0:
                 e.pend = None
-            if u is None:
+            if unit is None:
                 e.rec = None
             else:
                 rec = rec_of(uid)
@@ -1130,8 +1134,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
             to_end(uid)
         cache.trim()
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
-            u = e.unit = st.units.get(uid)
-            e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
+            unit = e.unit = st.units.get(uid)
+            e.rec = None if unit is None else recs.get(uid, loaded_units.get(uid))
             e.pend = pend1.get(uid)
         # units the call read beyond the batch's (matured, holds expired): not
         # fully known here, so not kept
@@ -1209,7 +1213,7 @@ def _new_sightings(eids: list[str], now: dict[str, int], before: dict[str, int]
     before) is taken whole at C speed."""
     vals = list(map(now.get, eids))
     if not before and None not in vals:
-        return dict(zip(eids, vals, strict=True))
+        return dict(zip(eids, vals, strict=True))  # type: ignore[arg-type]  # (no None in vals)
     return {e: t for e, t in zip(eids, vals, strict=True) if t is not None and before.get(e) != t}
 
 
@@ -1261,7 +1265,8 @@ class PendingCopy:
         """The first ``limit`` entries with score <= ``T`` in the rules'
         order (the sorted set's ``ZRANGE BYSCORE ... LIMIT``), taken off the
         heap: ``write`` puts back what the call leaves pending."""
-        heap, d, out = self.heap, self.d, []
+        heap, d = self.heap, self.d
+        out: list[tuple[str, int]] = []
         while heap and heap[0][0] <= T and len(out) < limit:
             sc, _, u = heapq.heappop(heap)
             if d.get(u) == sc:
