@@ -69,6 +69,12 @@ from streams.state.store import (
 )
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
+try:  # mypyc's class options (mypy's package; the decorator does nothing at runtime)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - an install without mypy: never compiled
+    def mypyc_attr(*_a: Any, **_k: Any) -> Any:  # type: ignore[misc]
+        return lambda c: c
+
 
 class LostCommits(Exception):
     """Redis holds fewer commits of (experiment, source) than the owner made:
@@ -160,6 +166,7 @@ class WriteSet:
         return len(self.ops)
 
 
+@mypyc_attr(native_class=False)  # a Python class when compiled: tests inject faults into it
 class Commit:
     """One fenced commit, in its two steps: ``prepare`` (WATCH the fence and
     the lifecycle key, read epoch, sequence and lifecycle, check them) and
