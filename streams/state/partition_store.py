@@ -69,6 +69,12 @@ from streams.state.store import (
 )
 from streams.state.wire import Reads, Recorder, packs, send_raw
 
+try:  # mypyc's class options (mypy's package; the decorator does nothing at runtime)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - an install without mypy: never compiled
+    def mypyc_attr(*_a: Any, **_k: Any) -> Any:  # type: ignore[misc]
+        return lambda c: c
+
 
 class LostCommits(Exception):
     """Redis holds fewer commits of (experiment, source) than the owner made:
@@ -160,6 +166,7 @@ class WriteSet:
         return len(self.ops)
 
 
+@mypyc_attr(native_class=False)  # a Python class when compiled: tests inject faults into it
 class Commit:
     """One fenced commit, in its two steps: ``prepare`` (WATCH the fence and
     the lifecycle key, read epoch, sequence and lifecycle, check them) and
@@ -323,7 +330,7 @@ class Commit:
         on the connection that holds the WATCH (``packs``). An error reply
         while queueing makes Redis abort the EXEC (EXECABORT): raised, nothing
         written. ``WatchError`` when the EXEC was refused (the fence moved)."""
-        rec = Recorder()
+        rec = Recorder()  # type: ignore[abstract]  # (mypy: CoreCommands' abstract members)
         for method, args, kwargs in writes.ops:
             getattr(rec, method)(*args, **kwargs)
         cmds = [("MULTI",), *rec.cmds, *tail, ("EXEC",)]
@@ -402,6 +409,9 @@ class _LoadedRetired(RetiredFilter):
     layer not used yet are placed only after ``probe`` said the server's
     string limit holds it (else the layer before is the cap, as
     ``retired_filter.MAX_LAYER`` explains)."""
+
+    n: int  # (declared for mypyc: the base's attributes, set in its ``__init__``)
+    max_layer: int
 
     def __init__(self, n: int, max_layer: int, known: dict[str, bool],
                  probe: Any) -> None:
@@ -824,7 +834,7 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
     if generation is not UNCHECKED and as_bytes(token[0]) != generation:
         raise ExperimentChanged(eid, "deleted (or re-created) since the caller read its config")
     i = 4
-    shard_raw = None
+    shard_raw: Any = None
     if cached_shard is None:
         shard_raw, i = got[4], 5
     entries = _unit_reads(miss, got[i:i + n_unit], cfg) if miss else {}
@@ -1143,9 +1153,9 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         # Measured with the column-wise ``_unit_reads`` and the heap entries
         # reused for the pending copy: ~70.7k -> ~70.2k instr/event (callgrind)
         rec_of = recs.get
-        for uid, e, u in zip(uids, ents, map(st.units.get, uids), strict=True):
-            e.unit = u
-            if u is None:
+        for uid, e, unit in zip(uids, ents, map(st.units.get, uids), strict=True):
+            e.unit = unit
+            if unit is None:
                 e.rec = None
             elif (rec := rec_of(uid)) is not None:
                 e.rec = rec
@@ -1170,8 +1180,8 @@ def _apply_rows_owned(owner: PartitionOwner, cfg: ExperimentConfig, rows: Sequen
         deque(map(cached_units.move_to_end, uids), maxlen=0)  # each, in C
         cache.trim()
         for uid, e in due_cached.items():  # folded, or retired (no record, not pending)
-            u = e.unit = st.units.get(uid)
-            e.rec = None if u is None else recs.get(uid, loaded_units.get(uid))
+            unit = e.unit = st.units.get(uid)
+            e.rec = None if unit is None else recs.get(uid, loaded_units.get(uid))
             e.pend = pend1.get(uid)
         # units the call read beyond the batch's (matured, holds expired): not
         # fully known here, so not kept
@@ -1249,7 +1259,7 @@ def _new_sightings(eids: list[str], now: dict[str, int], before: dict[str, int]
     before) is taken whole at C speed."""
     vals = list(map(now.get, eids))
     if not before and None not in vals:
-        return dict(zip(eids, vals, strict=True))
+        return dict(zip(eids, vals, strict=True))  # type: ignore[arg-type]  # (no None in vals)
     return {e: t for e, t in zip(eids, vals, strict=True) if t is not None and before.get(e) != t}
 
 
@@ -1303,7 +1313,8 @@ class PendingCopy:
         heap as its entries (score, unit id bytes, unit id): the rules' heap
         is made of them as they are; ``write`` puts back what the call
         leaves pending."""
-        heap, dget, out = self.heap, self.d.get, []
+        heap, dget = self.heap, self.d.get
+        out: list[tuple[int, bytes, str]] = []
         pop = heapq.heappop
         while heap and heap[0][0] <= T and len(out) < limit:
             t = pop(heap)

@@ -12,6 +12,7 @@ failure, so CI cannot pass on the fallback alone without saying so."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,16 +22,19 @@ import struct
 import sys
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels.tail as tail
 import streams.native as native
+import streams.state.partition_store as partition_store
 import streams.state.resp as resp
 import streams.state.semantics as semantics
 import streams.state.unit_records as unit_records
 from schemas.records import ExperimentConfig, Exposure, Metric, MetricSpec
-from tests.integration.test_state_differential import T0, configs, raw_streams, src
+from streams.state.store import advance_partition, apply_source_batch, claim_partition, event_row
+from tests.integration.test_state_differential import T0, TOPIC, configs, raw_streams, src
 
 REQUIRED = os.environ.get("LIFTSTREAM_REQUIRE_NATIVE", "") not in ("", "0")
 
@@ -251,6 +255,85 @@ def vars_of(u) -> dict:
     return {f.name: getattr(u, f.name) for f in dataclasses.fields(u)}
 
 
+# ------------------------------------------------- the owner's commit (partition_store)
+
+
+@contextlib.contextmanager
+def _owner_module(mod):
+    """``store``'s calls into the owner (imported where they run) get ``mod`` meanwhile."""
+    name = partition_store.__name__
+    saved = sys.modules[name]
+    sys.modules[name] = mod
+    try:
+        yield
+    finally:
+        sys.modules[name] = saved
+
+
+def _redis_state(r) -> dict:
+    """Every key of ``r`` but the routing index's (``lr:{x:``, written by ``store`` with
+    wall-clock bucket names, not by the owner): its serialized value (``DUMP``: type,
+    encoding and contents) and whether it expires."""
+    return {k: (r.dump(k), r.pttl(k) > 0) for k in sorted(r.keys())
+            if not k.startswith(b"lr:{x:")}
+
+
+@needs_compiled(partition_store)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_compiled_owner_commit_equals_pure_python(redis_url, data):
+    """The fenced owner's batches (``apply_rows_owned``: its unit cache, pending copy,
+    sightings, commit), run by the pure ``.py`` on one Redis database and by the compiled
+    build on another, on the same adversarial streams (``test_state_differential``'s
+    generators, partitions interleaved, idle advances): the same results, the same dead
+    letters and the same Redis contents, key by key, after every call."""
+    pure = native.pure_module(partition_store.__name__)
+    cfgs = data.draw(configs(), label="configs")
+    known = {c.experiment_id: c for c in cfgs}
+    n_parts = data.draw(st.integers(1, 3), label="partitions")
+    per = {p: data.draw(raw_streams(cfgs, p, n_parts), label=f"events p{p}")
+           for p in range(n_parts)}
+    hold = data.draw(st.sampled_from([86_400, 2, 10]), label="unit hold s")
+    base = redis_url.rsplit("/", 1)[0]  # (the URL's database wins over ``db=``)
+    runs = [(mod, redis.Redis.from_url(f"{base}/{db}"), []) for mod, db in
+            ((pure, 1), (partition_store, 2))]
+    for _, r, _ in runs:
+        r.flushdb()
+    epochs = [{p: claim_partition(r, TOPIC, p) for p in per} for _, r, _ in runs]
+    offsets = dict.fromkeys(per, 0)
+    try:
+        while any(per.values()):
+            p = data.draw(st.sampled_from([q for q in per if per[q]]))
+            k = data.draw(st.integers(1, len(per[p])))
+            evs, per[p] = per[p][:k], per[p][k:]
+            rows = [event_row(offsets[p] + i, ev) for i, ev in enumerate(evs)]
+            offsets[p] += len(evs)
+            clock = (T0 + data.draw(st.integers(0, 60_000))
+                     if data.draw(st.integers(0, 5)) == 0 else None)
+            outs = []
+            for (mod, r, rejected), ep in zip(runs, epochs, strict=True):
+                with _owner_module(mod):
+                    out = _outcome(lambda r=r, rejected=rejected, ep=ep: apply_source_batch(
+                        r, known, TOPIC, p, rows, hold, rejected=rejected,  # noqa: B023
+                        epoch=ep[p]))  # noqa: B023
+                    if clock is not None:
+                        out = (out, advance_partition(r, cfgs, TOPIC, p, clock, hold,
+                                                      epoch=ep[p], rejected=rejected))
+                outs.append((out, list(rejected), _redis_state(r)))
+            (want, want_dl, want_r), (got, got_dl, got_r) = outs
+            assert want == got and want_dl == got_dl, (want, got, want_dl, got_dl)
+            assert list(want_r) == list(got_r), (list(want_r), list(got_r))
+            for key, v in want_r.items():
+                assert v == got_r[key], (key, v, got_r[key])
+    finally:
+        for mod, r, _ in runs:
+            for p in offsets:
+                mod.forget_owner(r, TOPIC, p)
+            r.close()
+
+
 # ---------------------------------------------------------------- the loader (no compiler needed)
 
 
@@ -319,7 +402,7 @@ def test_the_finder_picks_the_py_over_a_binary_beside_it(fake_root, monkeypatch)
     assert native._Finder().find_spec("streams.state.store") is None  # not ours: the usual way
 
 
-@pytest.mark.parametrize("mod", [semantics, tail, unit_records, resp],
+@pytest.mark.parametrize("mod", [semantics, tail, unit_records, resp, partition_store],
                          ids=lambda m: m.__name__)
 def test_status_says_which_implementation_runs(mod):
     want = "compiled (mypyc" if compiled(mod) else "pure Python"
@@ -330,7 +413,8 @@ def test_status_says_which_implementation_runs(mod):
 def test_every_compiled_module_is_tested_here():
     """A module added to ``MODULES`` gets its differential test in this file."""
     # (the packer's differential test, against hiredis itself, is test_resp.py's)
-    assert set(native.MODULES) == {m.__name__ for m in (semantics, tail, unit_records, resp)}
+    assert set(native.MODULES) == {m.__name__ for m in (semantics, tail, unit_records, resp,
+                                                        partition_store)}
 
 
 def test_the_hashed_dependencies_are_the_modules_imports():
@@ -342,6 +426,11 @@ def test_the_hashed_dependencies_are_the_modules_imports():
         tree = ast.parse(native.source_path(module).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                     and n.module and n.module.split(".")[0] in ("schemas", "kernels", "streams")}
+        # ``from streams.state import keys``: the module imported is ``streams.state.keys``
+        pkgs = {m for m in imported if not native.source_path(m).is_file()}
+        imported = (imported - pkgs) | {f"{n.module}.{a.name}" for n in ast.walk(tree)
+                                        if isinstance(n, ast.ImportFrom) and n.module in pkgs
+                                        for a in n.names}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
                      for a in n.names if a.name.split(".")[0] in ("schemas", "kernels", "streams")}
         assert imported == set(deps), (module, imported)
