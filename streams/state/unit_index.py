@@ -335,6 +335,14 @@ class _Queued:
         return self
 
 
+def _node_of(r: Any, key: str) -> Any:
+    """The client to WATCH ``key`` on: on a Redis Cluster the node of its slot
+    (a cluster client's pipeline has no WATCH), else ``r``."""
+    from redis.cluster import RedisCluster
+
+    return r.get_redis_connection(r.get_node_from_key(key)) if isinstance(r, RedisCluster) else r
+
+
 def _record_pipeline(r: Any, key: str, topic: str, partition: int,
                      exposing: dict[tuple[str, str], str], ttl_ms: int, now_ms: int,
                      view: IndexView, units: list[str], reads: Callable[[Any], None]) -> list:
@@ -342,11 +350,7 @@ def _record_pipeline(r: Any, key: str, topic: str, partition: int,
     WATCH, HMGET, MULTI/EXEC on the node of the bucket's slot (the bucket
     and the registry share it, ``{x:<src>}``), then ``reads`` in a round
     trip of their own (their keys lie in many slots)."""
-    from redis.cluster import RedisCluster
-
-    node = (r.get_redis_connection(r.get_node_from_key(key)) if isinstance(r, RedisCluster)
-            else r)
-    with node.pipeline(transaction=True) as pipe:
+    with _node_of(r, key).pipeline(transaction=True) as pipe:
         for _ in range(MAX_ATTEMPTS):
             try:
                 pipe.watch(key)
@@ -470,8 +474,9 @@ def _drop_from(r: Any, key: str, experiment_id: str, units: list[str]) -> None:
     """``drop_experiment`` for the fields ``units`` of ``key``: WATCH, read,
     MULTI/EXEC; a refused EXEC (the bucket changed) reads again, at most
     ``MAX_ATTEMPTS`` times, then ``IndexContention`` (nothing written)."""
+    node = _node_of(r, key)
     for _ in range(MAX_ATTEMPTS):
-        with r.pipeline() as p:
+        with node.pipeline(transaction=True) as p:
             try:
                 p.watch(key)
                 hset: list[str] = []
